@@ -1,0 +1,35 @@
+"""User-facing errors.
+
+Every exception that a user can cause (a missing weight, an unknown name, an empty folder) is a
+:class:`RaebenchError` whose message is one sentence saying what to do. The CLI prints the message
+without a traceback; library callers can catch the class.
+"""
+
+from __future__ import annotations
+
+
+class RaebenchError(Exception):
+    """An error whose message is meant for the user, not a traceback."""
+
+
+class UnknownNameError(RaebenchError, KeyError):
+    """A registry lookup failed; the message carries close-name suggestions."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingWeightsError(RaebenchError, FileNotFoundError):
+    """Pretrained weights are not available locally and could not be downloaded."""
+
+
+class DataError(RaebenchError, ValueError):
+    """A dataset cannot be used (empty folder, no readable image, bad npz)."""
+
+
+class CheckpointError(RaebenchError, ValueError):
+    """A checkpoint does not match the model it is loaded into, or is unsafe to load."""
+
+
+class NonFiniteError(RaebenchError, FloatingPointError):
+    """A tokenizer produced NaN or Inf in its latents or images."""

@@ -1,0 +1,20 @@
+"""Tokenizer registry. Importing this package registers every built-in tokenizer."""
+
+from raebench.tokenizers.base import (
+    TOKENIZERS,
+    Tokenizer,
+    TokenizerSpec,
+    build_tokenizer,
+    get_tokenizer_spec,
+    register_tokenizer,
+)
+from raebench.tokenizers import reference  # noqa: F401  (registers pixels, bicubic-f8/16)
+
+__all__ = [
+    "TOKENIZERS",
+    "Tokenizer",
+    "TokenizerSpec",
+    "build_tokenizer",
+    "get_tokenizer_spec",
+    "register_tokenizer",
+]

@@ -1,0 +1,141 @@
+"""Weights resolution shared by every model raebench loads.
+
+Order: an explicit local path (file or directory) > the Hugging Face cache (``HF_HOME`` /
+``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` means "cache only") > a download. When none works, the
+error is one sentence naming the repository/file and the flag or cache path that supplies it.
+
+A :class:`WeightsSource` is metadata: declaring one never touches the network, so registries can
+list sources without loading anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from raebench.errors import MissingWeightsError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a set of weights lives on the Hugging Face Hub.
+
+    ``filename`` set: one file (``subfolder/filename`` in the repo). ``filename`` None: a snapshot of
+    the repo, restricted to ``allow_patterns`` (and to ``subfolder`` if given).
+    """
+
+    repo_id: str
+    filename: str | None = None
+    subfolder: str | None = None
+    revision: str | None = None
+    allow_patterns: tuple[str, ...] = ()
+    gated: bool = False
+    description: str = ""
+
+    @property
+    def path_in_repo(self) -> str:
+        parts = [p for p in (self.subfolder, self.filename) if p]
+        return "/".join(parts) if parts else "."
+
+    def __str__(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        where = "" if self.path_in_repo == "." else f":{self.path_in_repo}"
+        return f"hf://{self.repo_id}{rev}{where}"
+
+    def download_hint(self) -> str:
+        cmd = f"hf download {self.repo_id}"
+        if self.filename:
+            cmd += f" {self.path_in_repo}"
+        elif self.allow_patterns:
+            cmd += " " + " ".join(f"--include '{p}'" for p in self.allow_patterns)
+        elif self.subfolder:
+            cmd += f" --include '{self.subfolder}/*'"
+        if self.revision:
+            cmd += f" --revision {self.revision}"
+        return cmd
+
+
+def hf_offline() -> bool:
+    """True when the user asked the Hub libraries not to touch the network (read at call time)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    return home / "hub"
+
+
+def resolve(
+    source: WeightsSource | None,
+    local: str | os.PathLike | None = None,
+    *,
+    what: str = "weights",
+    flag: str = "--weights",
+) -> Path:
+    """Return a local path (file or directory) holding ``source``.
+
+    Args:
+        source: the hub location; may be None when only ``local`` can supply the weights.
+        local: an explicit file or directory given by the user; wins over everything else.
+        what: a few words naming the model, for the error message.
+        flag: the CLI flag that supplies a local path, for the error message.
+    Raises:
+        MissingWeightsError: one sentence saying what to fetch and where to put it.
+    """
+    if local is not None:
+        p = Path(local).expanduser()
+        if not p.exists():
+            raise MissingWeightsError(f"{what}: the local path {str(p)!r} given with {flag} does not exist.")
+        if p.is_dir() and source is not None and source.filename:
+            cand = p / source.path_in_repo
+            if cand.exists():
+                return cand
+            cand = p / source.filename
+            if cand.exists():
+                return cand
+        return p
+    if source is None:
+        raise MissingWeightsError(f"{what} has no download source; pass a local file or directory with {flag}.")
+
+    offline = hf_offline()
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        if source.filename:
+            path = hf_hub_download(
+                source.repo_id,
+                source.filename,
+                subfolder=source.subfolder,
+                revision=source.revision,
+                local_files_only=offline,
+            )
+        else:
+            patterns = list(source.allow_patterns) or (
+                [f"{source.subfolder}/*"] if source.subfolder else None
+            )
+            path = snapshot_download(
+                source.repo_id,
+                revision=source.revision,
+                allow_patterns=patterns,
+                local_files_only=offline,
+            )
+            if source.subfolder:
+                path = os.path.join(path, source.subfolder)
+        return Path(path)
+    except Exception as exc:  # every hub failure becomes one actionable sentence
+        log.debug("weights resolution failed for %s", source, exc_info=True)
+        reason = "HF_HUB_OFFLINE=1 and they are not in the cache" if offline else (
+            f"the download failed ({type(exc).__name__})"
+        )
+        gated = " The repository is gated: accept its licence on the Hub and log in with `hf auth login`." if source.gated else ""
+        raise MissingWeightsError(
+            f"{what} not found: {reason}; fetch file {source.path_in_repo!r} from Hugging Face repo "
+            f"{source.repo_id!r} (`{source.download_hint()}`) into the cache at {hf_cache_dir()} "
+            f"(set HF_HOME to move it), or pass a local copy with {flag}.{gated}"
+        ) from None
