@@ -1,1 +1,72 @@
-def main(): pass
+"""The ``raebench`` command line (typer + rich). Library code logs; only the CLI prints.
+
+Each command module defines ``register(app)``; ``MODULES`` lists them. User errors
+(:class:`raebench.errors.RaebenchError`) print one red sentence and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from raebench.errors import RaebenchError
+
+app = typer.Typer(
+    name="raebench",
+    help="Representation Autoencoders and a benchmark for image tokenizers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+train_app = typer.Typer(help="Train RAE stage 1 (decoder) or stage 2 (DiT-DH).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+#: command modules under raebench.cli, each with register(app)
+MODULES = ("core",)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+for _m in MODULES:
+    importlib.import_module(f"raebench.cli.{_m}").register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: user errors become one sentence, not a traceback."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except RaebenchError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click's usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise

@@ -1,0 +1,108 @@
+"""Metric specs, the stateful accumulator interface, and feature-extractor specs.
+
+Design (after torchmetrics / torch-fidelity): each metric is a pure function on arrays plus a thin
+accumulator with ``update`` / ``compute`` / ``reset``. Expensive per-image features come from
+*extractors* (Inception, DINOv2, CLIP, ...) that the evaluator runs once per image and shares among
+every metric that names them in ``MetricSpec.extractors``.
+
+Inputs at this boundary are uint8 NCHW RGB tensors (what a PNG holds); a metric that wants floats
+converts with :func:`raebench.data.to_float`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from raebench.registry import Registry
+
+
+@dataclass
+class MetricBatch:
+    """One batch seen by every metric.
+
+    ``reference`` and ``candidate`` are (N, 3, H, W) uint8; for paired metrics row i of one matches
+    row i of the other. ``features[name] = (ref_feats, cand_feats)`` holds the shared extractor
+    outputs; either side may be None when it is not computed (e.g. reference stats from a cache).
+    """
+
+    reference: torch.Tensor | None
+    candidate: torch.Tensor
+    features: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
+
+
+class Metric(abc.ABC):
+    """Accumulates over batches; ``compute`` returns ``{metric_name: value, ...}``.
+
+    A metric may return more than one named value (``kid`` also returns ``kid-std``); each becomes a
+    result row. ``notes`` collects warnings recorded with the result (e.g. "N < d").
+    """
+
+    def __init__(self, spec: "MetricSpec") -> None:
+        self.spec = spec
+        self.notes: list[str] = []
+
+    @abc.abstractmethod
+    def update(self, batch: MetricBatch) -> None: ...
+
+    @abc.abstractmethod
+    def compute(self) -> dict[str, float]: ...
+
+    @abc.abstractmethod
+    def reset(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """Metadata of a metric; ``builder(spec, **options)`` makes the accumulator lazily."""
+
+    name: str
+    higher_is_better: bool
+    kind: str  # "paired" (reconstruction vs original) or "distribution" (two sets)
+    version: str  # bump when anything that changes the value changes
+    description: str
+    builder: Callable[..., Metric]
+    extractors: tuple[str, ...] = ()
+    unit: str = ""
+    aliases: tuple[str, ...] = ()
+    #: other result names this metric emits (``kid`` -> ``kid-std``), with their higher_is_better
+    outputs: tuple[tuple[str, bool], ...] = ()
+
+    def build(self, **options) -> Metric:
+        return self.builder(self, **options)
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """A feature extractor: uint8 (N, 3, H, W) -> features; built lazily, run once per image."""
+
+    name: str
+    version: str  # part of every cache key; includes the weights identity and resize mode
+    description: str
+    builder: Callable[..., Callable[[torch.Tensor], torch.Tensor | dict[str, torch.Tensor]]]
+
+
+METRICS: Registry[MetricSpec] = Registry("metric")
+EXTRACTORS: Registry[ExtractorSpec] = Registry("extractor")
+
+
+def register_metric(spec: MetricSpec) -> MetricSpec:
+    return METRICS.register(spec.name, spec, aliases=spec.aliases)
+
+
+def register_extractor(spec: ExtractorSpec) -> ExtractorSpec:
+    return EXTRACTORS.register(spec.name, spec)
+
+
+def higher_is_better(name: str) -> bool | None:
+    """higher_is_better of a result name, including secondary outputs like ``kid-std``."""
+    for spec in METRICS:
+        if spec.name == name:
+            return spec.higher_is_better
+        for out, hib in spec.outputs:
+            if out == name:
+                return hib
+    return None

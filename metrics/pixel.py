@@ -1,0 +1,123 @@
+"""PSNR and SSIM on 8-bit images, the definitions RAE and torchmetrics use.
+
+PSNR: per image over all pixels and channels of [0, 1] data, 10·log10(1 / MSE), then the mean over
+images (the RAE definition; not the PSNR of the pooled MSE). Identical images give +inf for that
+image; we cap each image at 100 dB so one perfect image cannot make the mean infinite (recorded in
+the metric version).
+
+SSIM: Gaussian window 11x11, σ = 1.5 (truncated at 3.5σ, as scikit-image), K1 = 0.01, K2 = 0.03,
+data range 1, population covariances, mean over the valid region (the border a window would leave
+the image is cropped, as scikit-image and torchmetrics do), mean over channels, then over images.
+Computed in float64 with a separable convolution: equal to
+``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
+use_sample_covariance=False, data_range=1, channel_axis=...)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from raebench.data import to_float
+from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
+
+PSNR_CAP_DB = 100.0
+
+
+def psnr_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] -> (N,) float64 PSNR in dB (capped at 100)."""
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    out = 10.0 * torch.log10(1.0 / mse.clamp_min(1e-300))
+    return out.clamp(max=PSNR_CAP_DB)
+
+
+def _gaussian_window(sigma: float = 1.5, truncate: float = 3.5, dtype=torch.float64) -> torch.Tensor:
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=dtype)
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim_per_image(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, sigma: float = 1.5) -> torch.Tensor:
+    """(N, C, H, W) floats -> (N,) float64 SSIM (mean over the valid region and channels)."""
+    a = a.double()
+    b = b.double()
+    n, c, h, w = a.shape
+    g = _gaussian_window(sigma).to(a.device)
+    k = g.numel()
+    if h < k or w < k:
+        raise ValueError(f"SSIM needs images of at least {k}x{k} pixels, got {h}x{w}")
+    gx = g.view(1, 1, 1, k).expand(c, 1, 1, k)
+    gy = g.view(1, 1, k, 1).expand(c, 1, k, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:  # separable valid convolution, per channel
+        return F.conv2d(F.conv2d(t, gx, groups=c), gy, groups=c)
+
+    # one conv pass over the five moment images stacked on the batch axis
+    stack = torch.cat([a, b, a * a, b * b, a * b], 0)  # (5N, C, H, W)
+    mu_a, mu_b, e_aa, e_bb, e_ab = blur(stack).split(n, 0)  # each (N, C, H-k+1, W-k+1)
+    var_a = e_aa - mu_a * mu_a
+    var_b = e_bb - mu_b * mu_b
+    cov = e_ab - mu_a * mu_b
+    c1 = (0.01 * data_range) ** 2
+    c2 = (0.03 * data_range) ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.mean(dim=(2, 3)).mean(1)
+
+
+class _PerImageMean(Metric):
+    """Mean over images of a per-image score, in float64 (constant memory)."""
+
+    fn = staticmethod(psnr_per_image)
+
+    def __init__(self, spec: MetricSpec) -> None:
+        super().__init__(spec)
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, batch: MetricBatch) -> None:
+        if batch.reference is None:
+            raise ValueError(f"{self.spec.name} is a paired metric and needs reference images")
+        v = self.fn(to_float(batch.reference), to_float(batch.candidate))
+        self.total += float(v.sum())
+        self.count += v.numel()
+
+    def compute(self) -> dict[str, float]:
+        return {self.spec.name: self.total / self.count if self.count else math.nan}
+
+    # exact merging across ranks / shards
+    def state(self) -> dict[str, float]:
+        return {"total": self.total, "count": self.count}
+
+    def merge_state(self, st: dict[str, float]) -> None:
+        self.total += st["total"]
+        self.count += int(st["count"])
+
+
+class PSNR(_PerImageMean):
+    fn = staticmethod(psnr_per_image)
+
+
+class SSIM(_PerImageMean):
+    fn = staticmethod(ssim_per_image)
+
+
+register_metric(
+    MetricSpec(
+        name="psnr", higher_is_better=True, kind="paired", version="psnr-u8-per-image-cap100-v1",
+        description="PSNR in dB per 8-bit image in [0,1], mean over images (RAE definition)",
+        builder=lambda spec: PSNR(spec), unit="dB",
+    )
+)
+register_metric(
+    MetricSpec(
+        name="ssim", higher_is_better=True, kind="paired", version="ssim-gauss11-1.5-u8-v1",
+        description="SSIM, Gaussian 11/1.5, data range 1, mean over channels then images",
+        builder=lambda spec: SSIM(spec),
+    )
+)

@@ -1,0 +1,226 @@
+"""Core commands: ``eval``, ``compare``, ``leaderboard``, ``ls``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from raebench.errors import RaebenchError
+
+DEFAULT_METRICS = "psnr,ssim"
+
+
+def _progress() -> Progress:
+    from raebench.cli import err_console
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
+    )
+
+
+def _split_metrics(metrics: str) -> tuple[str, ...]:
+    from raebench.metrics import METRICS
+
+    names = tuple(m.strip() for m in metrics.split(",") if m.strip())
+    if not names:
+        raise RaebenchError("--metrics is empty; give a comma-separated list such as psnr,ssim.")
+    return tuple(METRICS.canonical(n) for n in names)
+
+
+def _fmt(v) -> str:
+    from raebench.leaderboard import _fmt as f
+
+    return f(v)
+
+
+def run_eval_with_progress(cfg, label: str):
+    from raebench.evaluate import evaluate
+
+    with _progress() as prog:
+        task = prog.add_task(label, total=None)
+
+        def cb(done: int, total: int) -> None:
+            prog.update(task, completed=done, total=total)
+
+        return evaluate(cfg, on_progress=cb)
+
+
+def _report_outcome(out) -> None:
+    from raebench.cli import console, err_console
+
+    r0 = out.rows[0]
+    t = Table(title=f"{r0.tokenizer} on {r0.dataset} ({r0.domain}) · {r0.resolution}px · n={out.n_images}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("better", justify="center")
+    for r in out.rows:
+        t.add_row(r.metric, _fmt(r.value), {True: "↑", False: "↓"}.get(r.higher_is_better, ""))
+    console.print(t)
+    if out.skipped:
+        err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record):")
+        for s in out.skipped[:10]:
+            err_console.print(f"  {s.path}: {s.reason}", highlight=False)
+        if len(out.skipped) > 10:
+            err_console.print(f"  … and {len(out.skipped) - 10} more")
+    if out.upscaled:
+        err_console.print(f"[yellow]{len(out.upscaled)} image(s) smaller than {r0.resolution}px were upscaled by the crop.[/]")
+    if out.nonfinite:
+        err_console.print(f"[red]{len(out.nonfinite)} image(s) gave NaN/Inf and were excluded from every metric.[/]")
+    err_console.print(f"{out.seconds:.1f} s · run {r0.run_id}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_cmd(
+        tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Registered tokenizer name (raebench ls tokenizers)."),
+        tokenizer_config: Optional[Path] = typer.Option(None, "--tokenizer-config", help="Official RAE YAML instead of a name."),
+        data: Optional[str] = typer.Option(None, "--data", help="Image folder (recursive)."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Named dataset (raebench ls datasets); default: the embedded photos."),
+        domain: Optional[str] = typer.Option(None, "--domain", help="Domain tag for --data: in-domain or open-domain."),
+        metrics: str = typer.Option(DEFAULT_METRICS, "--metrics", "-m", help="Comma-separated metric names."),
+        resolution: int = typer.Option(256, "--resolution", "-r"),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate a seeded random subset of N images."),
+        seed: int = typer.Option(0, "--seed"),
+        batch_size: int = typer.Option(16, "--batch-size", "-b"),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+        precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (tokenizer forward only)."),
+        num_workers: int = typer.Option(0, "--num-workers", help="Data-loading worker processes."),
+        results: Path = typer.Option(Path("results"), "--results", help="Results folder."),
+        weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file/folder for the tokenizer."),
+        decoder: Optional[str] = typer.Option(None, "--decoder", help="RAE: a decoder checkpoint to use instead of the released one."),
+        stats: Optional[str] = typer.Option(None, "--stats", help="RAE: latent statistics file (stat.pt)."),
+    ) -> None:
+        """Reconstruct a dataset with a tokenizer and score it (one pass, all metrics)."""
+        from raebench.evaluate import EvalConfig
+
+        if not tokenizer and not tokenizer_config:
+            raise RaebenchError("Give --tokenizer NAME (see `raebench ls tokenizers`) or --tokenizer-config official.yaml.")
+        if tokenizer:
+            from raebench.tokenizers import get_tokenizer_spec
+
+            tokenizer = get_tokenizer_spec(tokenizer).name  # unknown names fail here, with suggestions
+        cfg = EvalConfig(
+            tokenizer=tokenizer or "official-config", metrics=_split_metrics(metrics), data=data, dataset=dataset,
+            domain=domain, resolution=resolution, limit=limit, seed=seed, batch_size=batch_size, device=device,
+            precision=precision, num_workers=num_workers, results_dir=str(results), weights=weights, decoder=decoder,
+            stats=stats, tokenizer_config=str(tokenizer_config) if tokenizer_config else None,
+        )
+        out = run_eval_with_progress(cfg, f"eval {tokenizer or tokenizer_config}")
+        _report_outcome(out)
+
+    @app.command("compare")
+    def compare_cmd(
+        tokenizer: list[str] = typer.Option(..., "--tokenizer", "-t", help="Repeat for each tokenizer."),
+        data: Optional[str] = typer.Option(None, "--data"),
+        dataset: Optional[str] = typer.Option(None, "--dataset"),
+        metrics: str = typer.Option(DEFAULT_METRICS, "--metrics", "-m"),
+        resolution: int = typer.Option(256, "--resolution", "-r"),
+        limit: Optional[int] = typer.Option(None, "--limit"),
+        seed: int = typer.Option(0, "--seed"),
+        batch_size: int = typer.Option(16, "--batch-size", "-b"),
+        device: str = typer.Option("auto", "--device"),
+        num_workers: int = typer.Option(0, "--num-workers"),
+        results: Path = typer.Option(Path("results"), "--results"),
+    ) -> None:
+        """Side-by-side table of tokenizers; computes only the rows that are missing."""
+        from raebench.cli import console
+        from raebench.compare import compare
+
+        names = _split_metrics(metrics)
+        with _progress() as prog:
+            task = prog.add_task("compare", total=None)
+
+            def cb(label: str, done: int, total: int) -> None:
+                prog.update(task, description=label, completed=done, total=total)
+
+            table, computed = compare(
+                tokenizer, names, data=data, dataset=dataset, resolution=resolution, limit=limit, seed=seed,
+                batch_size=batch_size, device=device, num_workers=num_workers, results_dir=str(results), on_progress=cb,
+            )
+        t = Table(title=f"compare · {resolution}px · computed now: {', '.join(computed) or 'nothing (all reused)'}")
+        for c in ["dataset", "metric", *map(str, table.columns)]:
+            t.add_column(c, justify="left" if c in ("dataset", "metric", "best") else "right")
+        for (ds, metric), row in table.iterrows():
+            cells = []
+            for c in table.columns:
+                v = row[c]
+                s = _fmt(v) if isinstance(v, float) else str(v)
+                if c == row.get("best"):
+                    s = f"[bold green]{s}[/]"
+                cells.append(s)
+            t.add_row(str(ds), str(metric), *cells)
+        console.print(t)
+
+    @app.command("leaderboard")
+    def leaderboard_cmd(
+        format: str = typer.Option("md", "--format", "-f", help="csv | md | latex"),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to this file (default: print)."),
+        results: Path = typer.Option(Path("results"), "--results"),
+    ) -> None:
+        """Export all results as a leaderboard (tokenizers x dataset/metric)."""
+        from raebench.cli import console
+        from raebench.leaderboard import pivot, render
+        from raebench.metrics import higher_is_better
+        from raebench.results import atomic_write_bytes, load
+
+        if format not in ("csv", "md", "latex"):
+            raise RaebenchError(f"Unknown --format {format!r}; use csv, md or latex.")
+        df = load(results)
+        if df.empty:
+            raise RaebenchError(f"No results under {str(results)!r}; run `raebench eval` first.")
+        table = pivot(df)
+        hib = {m: higher_is_better(m) for m in df["metric"].unique()}
+        text = render(table, format, hib)
+        if out:
+            atomic_write_bytes(out, text.encode())
+            console.print(f"wrote {out}")
+        else:
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    @app.command("ls")
+    def ls_cmd(what: str = typer.Argument(..., help="tokenizers | metrics | datasets")) -> None:
+        """List registered tokenizers, metrics or datasets (no weights are loaded)."""
+        from raebench.cli import console
+
+        what = what.lower().rstrip("s")
+        if what == "tokenizer":
+            from raebench.tokenizers import TOKENIZERS
+
+            t = Table(title="tokenizers")
+            for c in ("name", "family", "latent @256", "dims", "params", "resolutions", "weights"):
+                t.add_column(c)
+            for s in TOKENIZERS:
+                shape = s.latent_shape(256)
+                aliases = TOKENIZERS.aliases_of(s.name)
+                params = "–" if s.params is None else (f"{s.params / 1e6:.1f}M" if s.params else "0")
+                t.add_row(
+                    s.name + (f" ({', '.join(aliases)})" if aliases else ""), s.family, "×".join(map(str, shape)),
+                    str(math.prod(shape)), params, ",".join(map(str, s.native_resolutions)),
+                    "\n".join(str(w) for w in s.weights) or "none",
+                )
+        elif what == "metric":
+            from raebench.metrics import METRICS
+
+            t = Table(title="metrics")
+            for c in ("name", "kind", "better", "version", "description"):
+                t.add_column(c)
+            for s in METRICS:
+                t.add_row(s.name, s.kind, "↑" if s.higher_is_better else "↓", s.version, s.description)
+        elif what == "dataset":
+            from raebench.data import DATASETS
+
+            t = Table(title="datasets")
+            for c in ("name", "domain", "split", "description", "how to supply"):
+                t.add_column(c)
+            for s in DATASETS:
+                how = "bundled" if s.resolve_root else f"--data DIR or ${s.env_var}: {s.layout}"
+                t.add_row(s.name, s.domain, s.split, s.description, how)
+        else:
+            raise RaebenchError(f"Unknown list {what!r}; use tokenizers, metrics or datasets.")
+        console.print(t)

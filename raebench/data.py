@@ -1,0 +1,430 @@
+"""Image data: folders, the ADM center crop, named dataset specs and the embedded default set.
+
+Contract: datasets yield uint8 NCHW RGB tensors at the requested resolution (the boundary format;
+metrics and tokenizers convert from it with :func:`to_float`). Bad files never stop a run: they are
+skipped, counted and listed with a reason (``Skip``), and an empty result is a clear error.
+
+Order is deterministic: files are sorted by their path relative to the root (``--limit N`` takes a
+seeded random subset, then keeps sorted order), so the same folder gives the same images on every
+machine and every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from raebench.errors import DataError
+from raebench.registry import Registry
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".jfif"})
+#: Images above this many pixels are refused from their header, before any decoding (a 20k x 20k
+#: PNG would otherwise take gigabytes). Override with RAEBENCH_MAX_PIXELS.
+MAX_PIXELS = int(os.environ.get("RAEBENCH_MAX_PIXELS", 16384 * 16384))
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to count, never half an image
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversions at the boundary
+# ---------------------------------------------------------------------------------------------
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]."""
+    return x.to(torch.float32) / 255.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [0, 1] -> uint8, clamped and *rounded* (not truncated), as PNG writers do."""
+    return (x.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one image robustly
+# ---------------------------------------------------------------------------------------------
+
+
+class ImageSkip(Exception):
+    """A file that cannot be used as an image; the message is the reason recorded in the run."""
+
+
+def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open ``path`` as an 8-bit RGB PIL image, applying EXIF orientation.
+
+    Grayscale, palette, RGBA (alpha dropped, as ADM/torchvision do), CMYK and 16-bit images are
+    converted to 8-bit RGB; 16-bit values are scaled by 255/65535 rather than clipped.
+    Raises ImageSkip with a short reason for anything unreadable.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageSkip("missing file or broken symlink")
+    if p.is_dir():
+        raise ImageSkip("is a directory")
+    if p.stat().st_size == 0:
+        raise ImageSkip("zero-byte file")
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageSkip(f"{w}x{h} exceeds the pixel limit of {max_pixels} (RAEBENCH_MAX_PIXELS)")
+            if w < 1 or h < 1:
+                raise ImageSkip("empty image")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb8(im)
+    except ImageSkip:
+        raise
+    except UnidentifiedImageError:
+        raise ImageSkip("not an image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageSkip(f"unreadable ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def _to_rgb8(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float64)
+        hi = 65535.0 if a.max() > 255 or im.mode.startswith("I;16") else 255.0
+        a = np.clip(np.round(a * (255.0 / hi)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        scale = 255.0 if a.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.round(a * scale), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops
+# ---------------------------------------------------------------------------------------------
+
+
+def adm_center_crop(im: Image.Image, size: int) -> np.ndarray:
+    """The ADM/RAE evaluation crop: (size, size, 3) uint8.
+
+    Halve with a box filter while the short side is at least 2x the target (anti-aliasing that a
+    single bicubic resize lacks), bicubic-resize the short side to ``size``, center crop.
+    """
+    while min(im.size) >= 2 * size:
+        im = im.resize(tuple(s // 2 for s in im.size), resample=Image.BOX)
+    scale = size / min(im.size)
+    im = im.resize(tuple(round(s * scale) for s in im.size), resample=Image.BICUBIC)
+    a = np.asarray(im)
+    top = (a.shape[0] - size) // 2
+    left = (a.shape[1] - size) // 2
+    return np.array(a[top : top + size, left : left + size], copy=True)  # writable, contiguous
+
+
+def random_resized_crop_train(im: Image.Image, size: int, rng: random.Random, scale: float = 1.5) -> np.ndarray:
+    """The official stage-1 train transform: bicubic-resize the short side to ``scale * size``,
+    then a uniformly random ``size`` x ``size`` crop. Returns (size, size, 3) uint8."""
+    target = int(round(scale * size))
+    f = target / min(im.size)
+    im = im.resize((max(size, round(im.size[0] * f)), max(size, round(im.size[1] * f))), resample=Image.BICUBIC)
+    a = np.asarray(im)
+    top = rng.randint(0, a.shape[0] - size)
+    left = rng.randint(0, a.shape[1] - size)
+    return np.array(a[top : top + size, left : left + size], copy=True)  # writable, contiguous
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Skip:
+    path: str
+    reason: str
+
+
+@dataclass
+class ImageList:
+    """A resolved, ordered list of image files with labels and what was skipped while scanning."""
+
+    root: str
+    paths: list[str]
+    labels: list[int]
+    classes: list[str]
+    skipped: list[Skip] = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        """Hash of the relative paths and byte sizes: changes when the data does, not when the
+        folder moves. (Content hashing 50k JPEGs would cost more than extracting features.)"""
+        h = hashlib.sha256()
+        for p in self.paths:
+            try:
+                size = os.path.getsize(p)
+            except OSError:
+                size = -1
+            h.update(f"{os.path.relpath(p, self.root)}\0{size}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def scan_folder(root: str | os.PathLike, paths: Sequence[str] | None = None) -> ImageList:
+    """List image files below ``root`` recursively (extensions case-insensitive), sorted.
+
+    Class labels come from the first-level subfolders when every image lives in one; otherwise all
+    labels are -1. Broken symlinks and directories named like images are recorded as skipped.
+    """
+    rootp = Path(root).expanduser()
+    if not rootp.is_dir():
+        raise DataError(f"Data folder {str(rootp)!r} does not exist or is not a directory.")
+    found: list[str] = []
+    skipped: list[Skip] = []
+    if paths is None:
+        for dirpath, dirnames, filenames in os.walk(rootp, followlinks=False):
+            dirnames.sort()
+            for d in dirnames:
+                if Path(d).suffix.lower() in IMAGE_EXTENSIONS:
+                    skipped.append(Skip(os.path.join(dirpath, d), "is a directory"))
+            for f in filenames:
+                if Path(f).suffix.lower() in IMAGE_EXTENSIONS:
+                    full = os.path.join(dirpath, f)
+                    if not os.path.exists(full):
+                        skipped.append(Skip(full, "missing file or broken symlink"))
+                    else:
+                        found.append(full)
+    else:
+        found = [str(rootp / p) for p in paths]
+    found.sort(key=lambda p: os.path.relpath(p, rootp))
+    rel_parts = [Path(os.path.relpath(p, rootp)).parts for p in found]
+    if found and all(len(parts) >= 2 for parts in rel_parts):
+        classes = sorted({parts[0] for parts in rel_parts})
+        index = {c: i for i, c in enumerate(classes)}
+        labels = [index[parts[0]] for parts in rel_parts]
+    else:
+        classes, labels = [], [-1] * len(found)
+    return ImageList(str(rootp), found, labels, classes, sorted(skipped, key=lambda s: s.path))
+
+
+def subset(images: ImageList, limit: int | None, seed: int = 0) -> ImageList:
+    """A seeded random subset of ``limit`` images, kept in sorted order (None: all)."""
+    if limit is None or limit >= len(images.paths):
+        return images
+    if limit <= 0:
+        raise DataError(f"--limit must be positive, got {limit}.")
+    idx = sorted(random.Random(seed).sample(range(len(images.paths)), limit))
+    return ImageList(
+        images.root, [images.paths[i] for i in idx], [images.labels[i] for i in idx], images.classes, images.skipped
+    )
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Map-style dataset over an ImageList; an unreadable file yields ``None`` (see ``collate``)."""
+
+    def __init__(self, images: ImageList, resolution: int, transform: Callable[[Image.Image, int], np.ndarray] = adm_center_crop):
+        self.images = images
+        self.resolution = resolution
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        path = self.images.paths[i]
+        try:
+            im = load_rgb(path)
+        except ImageSkip as e:
+            return {"index": i, "path": path, "skip": str(e)}
+        small = min(im.size) < self.resolution
+        arr = self.transform(im, self.resolution)
+        return {
+            "index": i,
+            "path": path,
+            "image": torch.from_numpy(arr).permute(2, 0, 1).contiguous(),  # (3, R, R) uint8
+            "label": self.images.labels[i],
+            "upscaled": small,
+        }
+
+
+def collate(items: list[dict]) -> dict:
+    """Batch the readable items; keep the skipped ones as (path, reason) records."""
+    good = [it for it in items if "image" in it]
+    out = {
+        "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+        "path": [it["path"] for it in good],
+        "label": torch.tensor([it["label"] for it in good], dtype=torch.long),
+        "upscaled": [it["path"] for it in good if it["upscaled"]],
+        "skipped": [Skip(it["path"], it["skip"]) for it in items if "skip" in it],
+    }
+    out["image"] = torch.stack([it["image"] for it in good]) if good else torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    return out
+
+
+def make_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    indices: Sequence[int] | None = None,
+) -> torch.utils.data.DataLoader:
+    """Ordered loader (no shuffling) with worker processes for decoding and cropping."""
+    ds = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Named datasets
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A named dataset: where it lives, its layout and domain tag. Nothing is read at import."""
+
+    name: str
+    domain: str  # "in-domain" (ImageNet, what the tokenizers were trained on) or "open-domain"
+    description: str
+    split: str = "val"
+    layout: str = ""  # what the user's folder should look like
+    expected_n: int | None = None
+    env_var: str | None = None  # where users point to their copy
+    resolve_root: Callable[[], tuple[str, list[str] | None]] | None = None  # embedded sets
+    aliases: tuple[str, ...] = ()
+
+    def root(self, override: str | None = None) -> tuple[str, list[str] | None]:
+        if override:
+            return override, None
+        if self.resolve_root is not None:
+            return self.resolve_root()
+        if self.env_var and os.environ.get(self.env_var):
+            return os.environ[self.env_var], None
+        raise DataError(
+            f"Dataset {self.name!r} is not bundled: download it ({self.layout}) and pass its folder "
+            f"with --data DIR" + (f" or set {self.env_var}." if self.env_var else ".")
+        )
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+#: Real photographs bundled with scikit-image (public domain / CC0 per scikit-image's data
+#: documentation), chosen to span portraits, animals, food, astronomy, microscopy, medical, text and
+#: textures: a small open-domain default that runs offline.
+SKIMAGE_IMAGES = (
+    "astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png", "coins.png", "color.png",
+    "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png", "motorcycle_left.png",
+    "page.png", "retina.jpg", "rocket.jpg", "text.png",
+)
+
+
+def _skimage_root() -> tuple[str, list[str]]:
+    import skimage
+
+    root = os.path.join(os.path.dirname(skimage.__file__), "data")
+    present = [f for f in SKIMAGE_IMAGES if os.path.exists(os.path.join(root, f))]
+    if not present:
+        raise DataError("The embedded default images were not found in scikit-image's data folder; reinstall scikit-image.")
+    return root, present
+
+
+DEFAULT_DATASET = "skimage-photos"
+
+for _spec in (
+    DatasetSpec(
+        DEFAULT_DATASET, "open-domain",
+        f"{len(SKIMAGE_IMAGES)} real photographs bundled with scikit-image (the embedded default)",
+        split="all", resolve_root=_skimage_root, aliases=("default",),
+    ),
+    DatasetSpec(
+        "imagenet-val", "in-domain", "ImageNet-1k validation, 50,000 images, ADM center crop",
+        layout="ILSVRC2012 val as class subfolders (n01440764/ILSVRC2012_val_00000293.JPEG, ...)",
+        expected_n=50_000, env_var="RAEBENCH_IMAGENET_VAL",
+    ),
+    DatasetSpec(
+        "coco-val2017", "open-domain", "COCO val2017, 5,000 images (the SD-VAE card's protocol)",
+        layout="the val2017/ folder of flat JPEGs", expected_n=5_000, env_var="RAEBENCH_COCO_VAL2017",
+    ),
+    DatasetSpec(
+        "div2k-val", "open-domain", "DIV2K validation HR, 100 high-resolution photographs",
+        layout="DIV2K_valid_HR/ with 0801.png ... 0900.png", expected_n=100, env_var="RAEBENCH_DIV2K_VAL",
+    ),
+    DatasetSpec(
+        "ffhq-val", "open-domain", "faces: any FFHQ/CelebA-HQ subset, flat folder of PNG/JPEG",
+        layout="a flat folder of face images", env_var="RAEBENCH_FACES",
+    ),
+    DatasetSpec(
+        "text-images", "open-domain", "text-rich images (documents, signs, screenshots)",
+        layout="a flat folder of images containing text", env_var="RAEBENCH_TEXT_IMAGES",
+    ),
+):
+    DATASETS.register(_spec.name, _spec, aliases=_spec.aliases)
+
+
+@dataclass
+class ResolvedData:
+    """What an evaluation runs on: the image list plus the identity recorded in results."""
+
+    name: str
+    domain: str
+    split: str
+    images: ImageList
+
+    @property
+    def n(self) -> int:
+        return len(self.images.paths)
+
+
+def resolve_data(
+    data: str | None = None,
+    dataset: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    domain: str | None = None,
+) -> ResolvedData:
+    """Turn ``--data DIR`` / ``--dataset NAME`` (neither: the embedded default) into images.
+
+    A folder given with --data is named after its last path component and tagged open-domain
+    unless ``domain`` says otherwise; with --dataset NAME plus --data DIR the folder is that
+    named dataset's copy (e.g. ``--dataset imagenet-val --data /data/imagenet/val``).
+    """
+    if dataset is None and data is None:
+        dataset = DEFAULT_DATASET
+    if dataset is not None:
+        spec = DATASETS.get(dataset)
+        root, paths = spec.root(data)
+        name, dom, split = spec.name, domain or spec.domain, spec.split
+    else:
+        root, paths = str(data), None
+        name = Path(str(data)).expanduser().resolve().name or "data"
+        name = "".join(c if c.isalnum() or c in "-._" else "-" for c in name.lower())
+        dom, split = domain or "open-domain", "all"
+    images = subset(scan_folder(root, paths), limit, seed)
+    if not images.paths:
+        raise DataError(f"No image files (by extension: {', '.join(sorted(IMAGE_EXTENSIONS))}) under {root!r}.")
+    return ResolvedData(name, dom, split, images)
+
+
+def iter_batches(loader: Iterable[dict]) -> Iterable[dict]:
+    """Yield only non-empty batches (a batch whose files were all skipped is dropped)."""
+    for b in loader:
+        if b["image"].shape[0]:
+            yield b
+
+
+def count_batches(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)

@@ -1,0 +1,192 @@
+"""Results: rows with provenance, stored append-only and atomically, read back as pandas.
+
+Storage: ``<results>/runs/<run_id>.jsonl``, one file per run, written to a temporary name, fsynced
+and renamed, so a crash leaves either the whole file or nothing, and two evaluations writing to the
+same directory never touch the same file (rows are merged on read). Files that fail to parse (a
+half-written file from a filesystem without atomic rename) are skipped with a warning.
+
+One row per (tokenizer, weights_id, dataset, split, resolution, n_images, metric); the full column
+list is ``COLUMNS``. ``SCHEMA_VERSION`` is stored in every row from day one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import uuid
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DEFAULT_RESULTS_DIR = "results"
+
+#: the identity of a measurement: rows equal on these describe the same number
+KEY_COLUMNS = (
+    "tokenizer", "weights_id", "dataset", "split", "resolution", "n_images", "seed", "metric", "metric_version",
+)
+
+
+@dataclass
+class ResultRow:
+    tokenizer: str
+    weights_id: str
+    dataset: str
+    split: str
+    domain: str
+    resolution: int
+    n_images: int
+    metric: str
+    value: float
+    higher_is_better: bool | None
+    metric_version: str
+    seed: int = 0
+    data_fingerprint: str = ""  # see ImageList.fingerprint: relative paths + sizes of the images used
+    skipped: int = 0
+    nonfinite: int = 0
+    seconds: float = 0.0
+    device: str = "cpu"
+    source: str = "measured"  # or "reported" (a number from a paper or model card)
+    notes: str = ""
+    run_id: str = ""
+    date: str = ""
+    raebench_version: str = ""
+    torch_version: str = ""
+    git_hash: str = ""
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+COLUMNS = tuple(ResultRow.__dataclass_fields__)
+
+
+@lru_cache(maxsize=1)
+def git_hash() -> str:
+    """The raebench source tree's commit (``+dirty`` if modified), or '' outside a checkout."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        h = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+                           capture_output=True, text=True, timeout=5)
+        if h.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return h.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def provenance() -> dict[str, str]:
+    import torch
+
+    import raebench
+
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "raebench_version": raebench.__version__,
+        "torch_version": torch.__version__,
+        "git_hash": git_hash(),
+    }
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def check_writable(results_dir: str | os.PathLike, need_bytes: int = 1 << 20) -> None:
+    """Fail before heavy work if the results folder cannot be written or the disk is full."""
+    from raebench.errors import RaebenchError
+
+    d = Path(results_dir) / "runs"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".probe.", dir=d)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise RaebenchError(f"Results folder {str(d)!r} is not writable ({e.strerror}); pass another with --results.") from None
+    free = os_free_bytes(d)
+    if free is not None and free < need_bytes:
+        raise RaebenchError(f"Only {free} bytes free under {str(d)!r}; free some space or pass another --results folder.")
+
+
+def os_free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+    except (OSError, AttributeError):
+        return None
+
+
+def write_rows(rows: Iterable[ResultRow], results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, run_id: str | None = None) -> Path:
+    """Append rows as one new run file (atomic). Returns its path."""
+    rows = list(rows)
+    run_id = run_id or (rows[0].run_id if rows and rows[0].run_id else new_run_id())
+    prov = provenance()
+    lines = []
+    for r in rows:
+        d = asdict(r)
+        d["run_id"] = run_id
+        for k, v in prov.items():
+            if not d.get(k):
+                d[k] = v
+        lines.append(json.dumps(d, sort_keys=True, allow_nan=True))
+    path = Path(results_dir) / "runs" / f"{run_id}.jsonl"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
+def load(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, latest: bool = True) -> pd.DataFrame:
+    """All result rows under ``results_dir`` as a DataFrame (columns ``COLUMNS``).
+
+    ``latest=True`` keeps, for each measurement key (``KEY_COLUMNS``), only the newest row.
+    """
+    d = Path(results_dir) / "runs"
+    records: list[dict] = []
+    if d.is_dir():
+        for f in sorted(d.glob("*.jsonl")):
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    recs = [json.loads(line) for line in fh if line.strip()]
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                log.warning("ignoring unreadable results file %s (%s)", f, e)
+                continue
+            records.extend(recs)
+    df = pd.DataFrame.from_records(records, columns=list(COLUMNS)) if records else pd.DataFrame(columns=list(COLUMNS))
+    if records and latest:
+        df = df.sort_values(["date", "run_id"], kind="stable")
+        df = df.drop_duplicates(subset=list(KEY_COLUMNS), keep="last")
+    return df.reset_index(drop=True)
+
+
+def machine() -> str:
+    return f"{platform.node()} {platform.machine()}"

@@ -1,0 +1,555 @@
+"""Stage-2 denoisers in the RAE latent space: DiT-DH and LightningDiT.
+
+DiT-DH ("DiT with a DDT head", Zheng et al. 2025, *Diffusion Transformers with Representation
+Autoencoders*, arXiv:2510.11690) is a LightningDiT backbone (adaLN-Zero blocks with RMSNorm,
+SwiGLU, 2-D RoPE plus fixed sin-cos positions, patch size 1, Gaussian-Fourier time embedding, a
+label table with a null class) followed by a shallow, wide head whose blocks are conditioned *per
+token* on the backbone output. LightningDiT (Yao et al. 2025, arXiv:2501.01423) is the same block
+stack without the head.
+
+Parameter and buffer names follow the official RAE implementation so that its released checkpoints
+load strictly (:func:`load_stage2_state`). The networks only predict: ``model(x, t, y)`` returns
+the velocity for latents ``x`` (N, C, H, W) at times ``t`` (N,) with labels ``y`` (N,); the path,
+loss and samplers live in :mod:`raebench.stage2.transport` and :mod:`raebench.stage2.samplers`.
+
+The official width rule: a denoiser narrower than the latent token (C * p * p channels) cannot fit
+the data; the constructors warn (:class:`WidthWarning`) when the backbone is that narrow.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raebench.errors import CheckpointError
+from raebench.registry import Registry
+
+
+class WidthWarning(UserWarning):
+    """The backbone is narrower than a latent token: the model cannot represent the data well."""
+
+
+def _check_width(width: int, token_dim: int, what: str) -> None:
+    if width < token_dim:
+        warnings.warn(
+            f"{what} width {width} is below the latent token dimension {token_dim}; RAE's width rule "
+            f"asks for width >= token dimension (use a wider preset or a smaller latent).",
+            WidthWarning,
+            stacklevel=3,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Positions: fixed 2-D sin-cos table and 2-D rotary embedding
+# ----------------------------------------------------------------------------------------------
+
+
+def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
+    """(grid*grid, dim) float32 table; first half encodes the column (w), second the row (h).
+
+    Computed in float64 like the MAE/DiT reference so that freshly built models match checkpoints.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))  # (D/4,)
+    ww, hh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
+    parts = []
+    for pos in (ww.reshape(-1), hh.reshape(-1)):
+        out = np.einsum("m,d->md", pos.astype(np.float64), omega)  # (M, D/4)
+        parts += [np.sin(out), np.cos(out)]
+    return torch.from_numpy(np.concatenate(parts, axis=1)).float()  # (M, D)
+
+
+class Rope2D(nn.Module):
+    """2-D rotary embedding on (N, heads, L, head_dim) queries/keys, tokens in row-major order.
+
+    The first half of each head rotates with the row index, the second half with the column index;
+    rotation pairs are adjacent channels (2i, 2i+1). Buffers ``freqs_cos``/``freqs_sin`` (L, head_dim)
+    are saved in checkpoints, as in the official code.
+    """
+
+    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
+        half = head_dim // 2
+        inv = 1.0 / (theta ** (torch.arange(0, half, 2)[: half // 2].float() / half))  # (half/2,)
+        pos = torch.arange(grid) / grid * grid  # (grid,)
+        f = (pos[:, None] * inv[None, :]).repeat_interleave(2, dim=-1)  # (grid, half)
+        f = torch.cat([f[:, None, :].expand(grid, grid, half), f[None, :, :].expand(grid, grid, half)], -1)
+        f = f.reshape(grid * grid, head_dim)  # (L, head_dim)
+        self.register_buffer("freqs_cos", f.cos())
+        self.register_buffer("freqs_sin", f.sin())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # rotate_half on adjacent pairs: (x0, x1) -> (-x1, x0)
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (N, H, L, hd/2) each
+        rot = torch.stack((-x2, x1), dim=-1).flatten(-2)  # (N, H, L, hd)
+        return x * self.freqs_cos + rot * self.freqs_sin
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in float32, with a learned gain."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+def _norm(dim: int, rms: bool) -> nn.Module:
+    return RMSNorm(dim) if rms else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, H/p * W/p, D) tokens; a Conv2d named ``proj`` as in timm's PatchEmbed."""
+
+    def __init__(self, grid_in: int, patch: int, in_ch: int, dim: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.num_patches = (grid_in // patch) ** 2
+        self.proj = nn.Conv2d(in_ch, dim, kernel_size=patch, stride=patch, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.patch == 1:  # a per-token linear map: skip the convolution machinery
+            w = self.proj.weight.flatten(1)  # (D, C)
+            return F.linear(x.flatten(2).transpose(1, 2), w, self.proj.bias)  # (N, L, D)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, L, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``, optional QK-norm/RoPE."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False, rms: bool = True) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim) if rms else nn.LayerNorm(self.head_dim)
+            self.k_norm = RMSNorm(self.head_dim) if rms else nn.LayerNorm(self.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, rope: Rope2D | None = None) -> torch.Tensor:
+        n, l, d = x.shape
+        q, k, v = self.qkv(x).view(n, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (N, H, L, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q).to(v.dtype), rope(k).to(v.dtype)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, L, hd)
+        return self.proj(x.transpose(1, 2).reshape(n, l, d))  # (N, L, D)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward: w3(silu(a) * b) with [a, b] = w12(x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w12(x).chunk(2, dim=-1)  # (..., hidden) each
+        return self.w3(F.silu(a) * b)
+
+
+class GeluMlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2 (timm ``Mlp`` names)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def _expand_tokens(m: torch.Tensor, length: int) -> torch.Tensor:
+    """Broadcast a modulation (N, D) or (N, L, D) to ``length`` tokens (segment-repeated)."""
+    if m.dim() == 2:
+        return m.unsqueeze(1)  # (N, 1, D)
+    if m.shape[1] != length:
+        if length % m.shape[1]:
+            raise ValueError(f"{length} tokens cannot be conditioned on {m.shape[1]} tokens")
+        m = m.repeat_interleave(length // m.shape[1], dim=1)  # (N, L, D)
+    return m
+
+
+class Block(nn.Module):
+    """adaLN-Zero transformer block; the condition ``c`` is per sample (N, D) or per token (N, L, D)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        use_qknorm: bool = False,
+        use_swiglu: bool = True,
+        use_rmsnorm: bool = True,
+        wo_shift: bool = False,
+    ) -> None:
+        super().__init__()
+        self.norm1 = _norm(dim, use_rmsnorm)
+        self.norm2 = _norm(dim, use_rmsnorm)
+        self.attn = Attention(dim, heads, qk_norm=use_qknorm, rms=use_rmsnorm)
+        hidden = int(dim * mlp_ratio)
+        # int(2/3 * hidden) (not hidden * 2 // 3): the float rounding fixes the checkpoint shapes
+        self.mlp = SwiGLU(dim, int(2 / 3 * hidden)) if use_swiglu else GeluMlp(dim, hidden)
+        self.wo_shift = wo_shift
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (4 if wo_shift else 6) * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: Rope2D | None = None) -> torch.Tensor:
+        mods = _expand_tokens(self.adaLN_modulation(c), x.shape[1]).chunk(4 if self.wo_shift else 6, dim=-1)
+        if self.wo_shift:
+            scale1, gate1, scale2, gate2 = mods  # (N, 1 or L, D) each
+            h = self.norm1(x) * (1 + scale1)
+            x = x + gate1 * self.attn(h, rope)
+            return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2))
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods  # (N, 1 or L, D) each
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, rope)  # (N, L, D)
+        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)  # (N, L, D)
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale; no gate) + linear to p*p*C channels per token."""
+
+    def __init__(self, dim: int, out_dim: int, use_rmsnorm: bool) -> None:
+        super().__init__()
+        self.norm_final = _norm(dim, use_rmsnorm)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = _expand_tokens(self.adaLN_modulation(c), x.shape[1]).chunk(2, dim=-1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)  # (N, L, p*p*C)
+
+
+class GaussianFourierEmbedding(nn.Module):
+    """Continuous time t (N,) -> (N, D): MLP of [sin, cos](2*pi*t*W) with fixed random W (256,)."""
+
+    def __init__(self, dim: int, size: int = 256, scale: float = 1.0) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.normal(0, scale, (size,)), requires_grad=False)
+        self.mlp = nn.Sequential(nn.Linear(2 * size, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        f = t[:, None] * self.W[None, :].detach() * 2 * math.pi  # (N, 256)
+        return self.mlp(torch.cat([torch.sin(f), torch.cos(f)], dim=-1))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> (N, D); row ``num_classes`` is the null class used for CFG label dropout."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, y: torch.Tensor, train: bool) -> torch.Tensor:
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.embedding_table(y)
+
+
+def _unpatchify(x: torch.Tensor, p: int, c: int) -> torch.Tensor:
+    n, l, _ = x.shape
+    h = math.isqrt(l)
+    if p == 1:
+        return x.transpose(1, 2).reshape(n, c, h, h)  # (N, C, H, W)
+    x = x.reshape(n, h, h, p, p, c)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, h * p, h * p)  # (N, C, H, W)
+
+
+def _init_common(model: nn.Module) -> None:
+    """adaLN-Zero initialisation shared by both architectures (called after xavier if any)."""
+    for emb in [m for m in model.modules() if isinstance(m, PatchEmbed)]:
+        nn.init.xavier_uniform_(emb.proj.weight.view(emb.proj.weight.shape[0], -1))
+        nn.init.zeros_(emb.proj.bias)
+    nn.init.normal_(model.y_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for block in model.blocks:
+        nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    for w in (model.final_layer.adaLN_modulation[-1], model.final_layer.linear):
+        nn.init.zeros_(w.weight)
+        nn.init.zeros_(w.bias)
+    if getattr(model, "pos_embed", None) is not None:
+        grid = math.isqrt(model.pos_embed.shape[1])
+        model.pos_embed.data.copy_(sincos_pos_embed_2d(model.pos_embed.shape[-1], grid).unsqueeze(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+class DiTDH(nn.Module):
+    """DiT backbone (``hidden_size[0]``, ``depth[0]``) + DDT head (``hidden_size[1]``, ``depth[1]``).
+
+    Keyword names are those of the official ``DiTwDDTHead`` so the official YAML ``params`` map
+    one-to-one. ``patch_size`` may be an int or [backbone, head] patch sizes.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 16,
+        patch_size: int | Sequence[int] = 1,
+        in_channels: int = 768,
+        hidden_size: Sequence[int] = (1152, 2048),
+        depth: Sequence[int] = (28, 2),
+        num_heads: int | Sequence[int] = (16, 16),
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        use_qknorm: bool = False,
+        use_swiglu: bool = True,
+        use_rope: bool = True,
+        use_rmsnorm: bool = True,
+        wo_shift: bool = False,
+        use_pos_embed: bool = True,
+    ) -> None:
+        super().__init__()
+        ps, px = (patch_size, patch_size) if isinstance(patch_size, (int, float)) else tuple(patch_size)
+        ps, px = int(ps), int(px)
+        heads = (num_heads, num_heads) if isinstance(num_heads, int) else tuple(num_heads)
+        d_enc, d_dec = int(hidden_size[0]), int(hidden_size[1])
+        self.in_channels = self.out_channels = in_channels
+        self.num_classes = num_classes
+        self.input_size = input_size
+        self.x_patch = px
+        self.num_encoder_blocks, self.num_decoder_blocks = int(depth[0]), int(depth[1])
+        _check_width(d_enc, in_channels * ps * ps, "DiT-DH backbone")
+
+        self.x_embedder = PatchEmbed(input_size, px, in_channels, d_dec)
+        self.s_embedder = PatchEmbed(input_size, ps, in_channels, d_enc)
+        self.s_projector = nn.Linear(d_enc, d_dec) if d_enc != d_dec else nn.Identity()
+        self.t_embedder = GaussianFourierEmbedding(d_enc)
+        self.y_embedder = LabelEmbedder(num_classes, d_enc, class_dropout_prob)
+        self.final_layer = FinalLayer(d_dec, px * px * in_channels, use_rmsnorm)
+        if use_pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.s_embedder.num_patches, d_enc), requires_grad=False)
+        else:
+            self.pos_embed = None
+        if use_rope:
+            self.enc_feat_rope = Rope2D(d_enc // heads[0], math.isqrt(self.s_embedder.num_patches))
+            self.dec_feat_rope = Rope2D(d_dec // heads[1], math.isqrt(self.x_embedder.num_patches))
+        else:
+            self.enc_feat_rope = self.dec_feat_rope = None
+        opts = dict(mlp_ratio=mlp_ratio, use_qknorm=use_qknorm, use_swiglu=use_swiglu,
+                    use_rmsnorm=use_rmsnorm, wo_shift=wo_shift)
+        self.blocks = nn.ModuleList(
+            [Block(d_enc, heads[0], **opts) for _ in range(self.num_encoder_blocks)]
+            + [Block(d_dec, heads[1], **opts) for _ in range(self.num_decoder_blocks)]
+        )
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        _init_common(self)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W), t (N,), y (N,) -> velocity (N, C, H, W)."""
+        t_emb = self.t_embedder(t)  # (N, Ds)
+        c = F.silu(t_emb + self.y_embedder(y, self.training))  # (N, Ds)
+        s = self.s_embedder(x)  # (N, L, Ds)
+        if self.pos_embed is not None:
+            s = s + self.pos_embed
+        for block in self.blocks[: self.num_encoder_blocks]:
+            s = block(s, c, self.enc_feat_rope)  # (N, L, Ds)
+        s = self.s_projector(F.silu(t_emb.unsqueeze(1) + s))  # (N, L, Dx): per-token condition
+        h = self.x_embedder(x)  # (N, Lx, Dx)
+        for block in self.blocks[self.num_encoder_blocks :]:
+            h = block(h, s, self.dec_feat_rope)  # (N, Lx, Dx)
+        return _unpatchify(self.final_layer(h, s), self.x_patch, self.out_channels)  # (N, C, H, W)
+
+
+class LightningDiT(nn.Module):
+    """LightningDiT: the plain DiT with the same block as DiT-DH (official ``LightningDiT`` names)."""
+
+    def __init__(
+        self,
+        input_size: int = 16,
+        patch_size: int = 1,
+        in_channels: int = 768,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = False,
+        use_qknorm: bool = False,
+        use_swiglu: bool = True,
+        use_rope: bool = True,
+        use_rmsnorm: bool = True,
+        wo_shift: bool = False,
+        use_gembed: bool = True,
+    ) -> None:
+        super().__init__()
+        del use_gembed  # accepted for config compatibility; the Gaussian-Fourier embedding is always used
+        self.in_channels = in_channels
+        self.out_channels = in_channels * (2 if learn_sigma else 1)
+        self.learn_sigma = learn_sigma
+        self.num_classes = num_classes
+        self.input_size = input_size
+        self.patch = patch_size
+        _check_width(hidden_size, in_channels * patch_size * patch_size, "LightningDiT")
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = GaussianFourierEmbedding(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
+        self.feat_rope = Rope2D(hidden_size // num_heads, input_size // patch_size) if use_rope else None
+        self.blocks = nn.ModuleList(
+            [Block(hidden_size, num_heads, mlp_ratio, use_qknorm, use_swiglu, use_rmsnorm, wo_shift)
+             for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels, use_rmsnorm)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        _init_common(self)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W), t (N,), y (N,) -> velocity (N, C, H, W)."""
+        h = self.x_embedder(x) + self.pos_embed  # (N, L, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        for block in self.blocks:
+            h = block(h, c, self.feat_rope)  # (N, L, D)
+        out = _unpatchify(self.final_layer(h, c), self.patch, self.out_channels)  # (N, C', H, W)
+        return out[:, : self.in_channels] if self.learn_sigma else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A stage-2 architecture preset; ``build`` takes the latent geometry and optional overrides."""
+
+    name: str
+    arch: str  # "ditdh" or "lightningdit"
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    def build(self, in_channels: int = 768, input_size: int = 16, num_classes: int = 1000, **overrides: Any) -> nn.Module:
+        cls = ARCHITECTURES[self.arch]
+        return cls(in_channels=in_channels, input_size=input_size, num_classes=num_classes,
+                   **{**self.kwargs, **overrides})
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"ditdh": DiTDH, "lightningdit": LightningDiT}
+MODELS: Registry[ModelSpec] = Registry("stage2 model")
+
+_HEAD = dict(width=2048, depth=2, heads=16)
+for _size, (_w, _d, _h) in {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}.items():
+    MODELS.register(
+        f"ditdh-{_size}",
+        ModelSpec(f"ditdh-{_size}", "ditdh",
+                  dict(hidden_size=(_w, _HEAD["width"]), depth=(_d, _HEAD["depth"]), num_heads=(_h, _HEAD["heads"])),
+                  f"DiT-DH-{_size.upper()}: backbone {_w}/{_d}/{_h}, head 2048/2/16"),
+        aliases=(f"dit-dh-{_size}",),
+    )
+    MODELS.register(
+        f"lightningdit-{_size}",
+        ModelSpec(f"lightningdit-{_size}", "lightningdit", dict(hidden_size=_w, depth=_d, num_heads=_h),
+                  f"LightningDiT-{_size.upper()}: {_w}/{_d}/{_h}, patch 1"),
+    )
+MODELS.register(
+    "ditdh-tiny",
+    ModelSpec("ditdh-tiny", "ditdh", dict(hidden_size=(64, 96), depth=(2, 1), num_heads=(4, 4)),
+              "DiT-DH for tests: backbone 64/2/4, head 96/1/4"),
+)
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a preset by name: ``build_model("ditdh-xl", in_channels=768, input_size=16)``."""
+    return MODELS.get(name).build(**kwargs)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a state dict safely (safetensors, or ``torch.load(weights_only=True)``).
+
+    Training checkpoints are dicts holding ``ema`` / ``model``; ``key`` picks one, otherwise ``ema``
+    is preferred (what the official release and samplers use), then ``model``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist; pass the path of a .pt or .safetensors file.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle with arbitrary objects is refused by weights_only
+        raise CheckpointError(f"Checkpoint {path} cannot be read safely ({e}); re-save it as a plain state dict.") from e
+    if isinstance(obj, dict) and (key or "ema" in obj or "model" in obj):
+        k = key or ("ema" if "ema" in obj else "model")
+        if k not in obj:
+            raise CheckpointError(f"Checkpoint {path} has no {k!r} entry (it has {sorted(obj)[:8]}).")
+        obj = obj[k]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"Checkpoint {path} does not hold a state dict.")
+    return dict(obj)
+
+
+def load_stage2_state(model: nn.Module, state: Mapping[str, torch.Tensor] | str | Path, key: str | None = None) -> nn.Module:
+    """Load strictly: any missing, unexpected or mis-shaped entry raises :class:`CheckpointError`."""
+    if not isinstance(state, Mapping):
+        state = read_state_dict(state, key)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if items:
+                more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
+                parts.append(f"{label}: {', '.join(items[:10])}{more}")
+        raise CheckpointError(
+            f"Checkpoint does not match {type(model).__name__} ({'; '.join(parts)}); "
+            "check the preset / YAML parameters the checkpoint was trained with."
+        )
+    model.load_state_dict(state, strict=True)
+    return model
