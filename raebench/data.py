@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -47,8 +48,9 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [0, 1] -> uint8, clamped and *rounded* (not truncated), as PNG writers do."""
-    return (x.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    """float [0, 1] -> uint8, clamped and rounded half up (not truncated), as torchvision's
+    ``save_image`` does: x * 255 + 0.5, floored."""
+    return (x.detach().float().clamp(0.0, 1.0) * 255.0 + 0.5).floor().clamp(0, 255).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,13 +62,14 @@ class ImageSkip(Exception):
     """A file that cannot be used as an image; the message is the reason recorded in the run."""
 
 
-def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
     """Open ``path`` as an 8-bit RGB PIL image, applying EXIF orientation.
 
     Grayscale, palette, RGBA (alpha dropped, as ADM/torchvision do), CMYK and 16-bit images are
     converted to 8-bit RGB; 16-bit values are scaled by 255/65535 rather than clipped.
     Raises ImageSkip with a short reason for anything unreadable.
     """
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     p = Path(path)
     if not p.exists():
         raise ImageSkip("missing file or broken symlink")
@@ -75,7 +78,10 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Ima
     if p.stat().st_size == 0:
         raise ImageSkip("zero-byte file")
     try:
-        with Image.open(p) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            im = Image.open(p)
+        with im:
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageSkip(f"{w}x{h} exceeds the pixel limit of {max_pixels} (RAEBENCH_MAX_PIXELS)")

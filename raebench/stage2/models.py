@@ -250,7 +250,7 @@ class GaussianFourierEmbedding(nn.Module):
 
     def __init__(self, dim: int, size: int = 256, scale: float = 1.0) -> None:
         super().__init__()
-        self.W = nn.Parameter(torch.normal(0, scale, (size,)), requires_grad=False)
+        self.W = nn.Parameter(torch.randn(size) * scale, requires_grad=False)
         self.mlp = nn.Sequential(nn.Linear(2 * size, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

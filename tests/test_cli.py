@@ -1,0 +1,72 @@
+"""CLI end to end on tiny data: eval -> compare -> leaderboard; user errors are one sentence."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from raebench.cli import main
+from raebench.results import load
+
+
+def run(argv, capsys):
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_eval_compare_leaderboard(image_folder: Path, tmp_path: Path, capsys):
+    res = tmp_path / "res"
+    code, out, err = run(["eval", "-t", "bicubic-f8", "--data", str(image_folder), "-r", "64", "--results", str(res), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "psnr" in out and "ssim" in out
+    df = load(res)
+    assert set(df["metric"]) == {"psnr", "ssim"} and (df["n_images"] == 8).all() and (df["dataset"] == "images").all()
+
+    code, out, err = run(["compare", "-t", "bicubic-f8", "-t", "bicubic-f16", "-t", "pixels", "--data", str(image_folder),
+                          "-r", "64", "--results", str(res), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "computed now: bicubic-f16, pixels" in out  # bicubic-f8 was reused, not recomputed
+    assert len(load(res, latest=False)) == 6
+
+    md = tmp_path / "lb.md"
+    csv = tmp_path / "lb.csv"
+    assert run(["leaderboard", "--format", "md", "--out", str(md), "--results", str(res)], capsys)[0] == 0
+    assert run(["leaderboard", "--format", "csv", "--out", str(csv), "--results", str(res)], capsys)[0] == 0
+    table = pd.read_csv(csv, index_col=0)
+    assert set(table.index) == {"bicubic-f8", "bicubic-f16", "pixels"}
+    assert table.loc["bicubic-f8", "images/psnr"] > table.loc["bicubic-f16", "images/psnr"]
+    text = md.read_text()
+    assert text.startswith("| tokenizer |") and "**100.00**" in text  # pixels is best on PSNR
+
+
+def test_eval_default_dataset_runs_offline(tmp_path: Path, capsys):
+    code, out, err = run(["eval", "-t", "bicubic-f16", "-r", "64", "--limit", "4", "--results", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "skimage-photos" in out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["eval", "-t", "bicubic-f9"], "Did you mean 'bicubic-f8'"),
+        (["eval", "-t", "pixels", "-m", "psnr,fidd"], "Unknown metric"),
+        (["eval", "-t", "pixels", "--data", "/nonexistent/folder"], "does not exist"),
+        (["eval", "-t", "pixels", "--decoder", "x.pt"], "takes no --decoder"),
+        (["ls", "widgets"], "Unknown list"),
+    ],
+)
+def test_user_errors_are_one_sentence(argv, needle, tmp_path, capsys):
+    code, out, err = run([*argv, *(["--results", str(tmp_path)] if argv[0] == "eval" else [])], capsys)
+    assert code == 2
+    assert needle in err and "Traceback" not in err
+
+
+def test_ls_lists_registries(capsys):
+    for what in ("tokenizers", "metrics", "datasets"):
+        code, out, _ = run(["ls", what], capsys)
+        assert code == 0 and out.strip()

@@ -1,0 +1,171 @@
+"""Image folders, the ADM crop rule, named datasets, and hostile inputs."""
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raebench.data import (
+    DATASETS,
+    ImageDataset,
+    adm_center_crop,
+    collate,
+    load_rgb,
+    resolve_data,
+    scan_folder,
+    subset,
+    to_uint8,
+)
+from raebench.errors import DataError, UnknownNameError
+
+
+def test_adm_crop_rule_matches_its_definition():
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (700, 1000, 3), dtype=np.uint8)
+    im = Image.fromarray(arr)
+    out = adm_center_crop(im, 128)
+    # independent restatement: 700 >= 256 -> box halve to 350x500 -> 350 >= 256 -> 175x250; then bicubic
+    ref = im.resize((500, 350), Image.BOX).resize((250, 175), Image.BOX)
+    ref = ref.resize((round(250 * 128 / 175), 128), Image.BICUBIC)
+    ref = np.asarray(ref)
+    left = (ref.shape[1] - 128) // 2
+    assert out.shape == (128, 128, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, ref[:, left : left + 128])
+
+
+def test_adm_crop_upscales_small_images():
+    out = adm_center_crop(Image.new("RGB", (10, 20), (10, 200, 30)), 64)
+    assert out.shape == (64, 64, 3)
+    assert (out == np.array([10, 200, 30], dtype=np.uint8)).all()
+
+
+def test_to_uint8_rounds_not_truncates():
+    x = torch.tensor([0.0, 0.5 / 255, 0.4 / 255, 254.6 / 255, 1.2, -0.1])
+    assert to_uint8(x).tolist() == [0, 1, 0, 255, 255, 0]
+
+
+def test_scan_sorted_recursive_case_insensitive_with_labels(image_folder: Path):
+    imgs = scan_folder(image_folder)
+    rel = [os.path.relpath(p, image_folder) for p in imgs.paths]
+    assert rel == sorted(rel) and len(rel) == 8
+    assert any(r.endswith(".JPG") for r in rel)
+    assert imgs.classes == ["cls_a", "cls_b"]
+    assert imgs.labels == [0 if r.startswith("cls_a") else 1 for r in rel]
+
+
+def test_limit_is_seeded_sorted_subset(image_folder: Path):
+    imgs = scan_folder(image_folder)
+    a, b, c = subset(imgs, 3, seed=0), subset(imgs, 3, seed=0), subset(imgs, 3, seed=1)
+    assert a.paths == b.paths and a.paths == sorted(a.paths, key=lambda p: os.path.relpath(p, image_folder))
+    assert a.paths != c.paths
+    assert a.fingerprint() != imgs.fingerprint()
+
+
+def test_default_dataset_is_real_photographs():
+    d = resolve_data()
+    assert d.name == "skimage-photos" and d.domain == "open-domain" and d.n >= 12
+    item = ImageDataset(d.images, 64)[0]
+    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.uint8
+
+
+def test_unknown_dataset_suggests():
+    with pytest.raises(UnknownNameError, match="imagenet-val"):
+        DATASETS.get("imagenet")
+
+
+def test_unbundled_dataset_says_how_to_supply(monkeypatch):
+    monkeypatch.delenv("RAEBENCH_IMAGENET_VAL", raising=False)
+    with pytest.raises(DataError, match="--data DIR"):
+        resolve_data(dataset="imagenet-val")
+
+
+def test_empty_folder_is_a_clear_error(tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="No image files"):
+        resolve_data(data=str(tmp_path))
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_data(data=str(tmp_path / "nope"))
+
+
+# --- hostile corpus ---------------------------------------------------------------------------
+
+
+def _png(arr, mode=None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_hostile_corpus(root: Path) -> dict[str, str | None]:
+    """Writes the corpus; returns file name -> expected skip reason substring (None: usable)."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    root.mkdir(parents=True, exist_ok=True)
+    expect: dict[str, str | None] = {}
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2]); expect["truncated.jpg"] = "unreadable"
+    (root / "zero.png").write_bytes(b""); expect["zero.png"] = "zero-byte"
+    (root / "text.png").write_text("this is not an image"); expect["text.png"] = "not an image"
+    a16 = (rng.integers(0, 65536, (40, 48))).astype(np.uint16)
+    Image.fromarray(a16).save(root / "sixteen.png"); expect["sixteen.png"] = None
+    Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg"); expect["cmyk.jpg"] = None
+    pal = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE)
+    pal.info["transparency"] = 0
+    pal.save(root / "palette.png", transparency=0); expect["palette.png"] = None
+    Image.fromarray(rgb[..., 0]).save(root / "gray.png"); expect["gray.png"] = None
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(root / "rgba.png"); expect["rgba.png"] = None
+    Image.fromarray(rgb[:1, :1]).save(root / "one.png"); expect["one.png"] = None
+    Image.new("L", (30000, 30000 // 8)).save(root / "huge.png")  # 112 Mpx, compresses to ~100 KB
+    expect["huge.png"] = "pixel limit"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    Image.fromarray(rgb).save(root / "rotated.jpg", exif=exif.tobytes()); expect["rotated.jpg"] = None
+    Image.fromarray(rgb).save(root / "UPPER.PNG"); expect["UPPER.PNG"] = None
+    os.symlink(root / "does-not-exist.png", root / "dangling.png"); expect["dangling.png"] = "broken symlink"
+    (root / "folder.jpg").mkdir(); expect["folder.jpg"] = "is a directory"
+    return expect
+
+
+def test_hostile_inputs_each_get_documented_handling(tmp_path: Path, monkeypatch):
+    import raebench.data as data_mod
+
+    monkeypatch.setattr(data_mod, "MAX_PIXELS", 50_000_000)
+    root = tmp_path / "hostile"
+    expect = make_hostile_corpus(root)
+    imgs = scan_folder(root)
+    ds = ImageDataset(imgs, 32)
+    batch = collate([ds[i] for i in range(len(ds))])
+    skipped = {Path(s.path).name: s.reason for s in [*imgs.skipped, *batch["skipped"]]}
+    used = {Path(p).name for p in batch["path"]}
+    for name, reason in expect.items():
+        if reason is None:
+            assert name in used, f"{name} should be usable"
+        else:
+            assert name in skipped and reason in skipped[name], (name, skipped.get(name))
+    assert batch["image"].shape == (len(used), 3, 32, 32)
+    assert "one.png" in {Path(p).name for p in batch["upscaled"]}
+
+
+def test_exif_orientation_applied(tmp_path: Path):
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)
+    arr[:, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
+    im = load_rgb(tmp_path / "r.jpg")
+    assert im.size == (20, 40)  # width and height swapped by the rotation
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path):
+    a = np.full((8, 8), 65535, dtype=np.uint16)
+    a[:4] = 32768
+    Image.fromarray(a).save(tmp_path / "s.png")
+    out = np.asarray(load_rgb(tmp_path / "s.png"))
+    assert out.shape == (8, 8, 3) and out[0, 0, 0] == 128 and out[-1, -1, 0] == 255

@@ -1,0 +1,76 @@
+"""PSNR and SSIM equal scikit-image on real and distorted images."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+from skimage import data as skdata
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from raebench.data import adm_center_crop
+from raebench.metrics import METRICS, MetricBatch
+from raebench.metrics.pixel import psnr_per_image, ssim_per_image
+
+
+def _real_pairs():
+    """(original, distorted) uint8 HWC pairs from real photographs, several distortions."""
+    rng = np.random.default_rng(0)
+    pairs = []
+    for name in ("astronaut", "coffee", "chelsea", "camera"):
+        im = getattr(skdata, name)()
+        im = np.stack([im] * 3, -1) if im.ndim == 2 else im
+        a = adm_center_crop(Image.fromarray(im), 96)
+        noisy = np.clip(a + rng.normal(0, 12, a.shape), 0, 255).round().astype(np.uint8)
+        blur = np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(1.5)))
+        import io
+
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=20)
+        jpeg = np.asarray(Image.open(buf).convert("RGB"))
+        pairs += [(a, noisy), (a, blur), (a, jpeg)]
+    return pairs
+
+
+PAIRS = _real_pairs()
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a).permute(2, 0, 1)[None].double() / 255.0
+
+
+@pytest.mark.parametrize("i", range(len(PAIRS)))
+def test_psnr_ssim_equal_skimage(i):
+    a, b = PAIRS[i]
+    ref_psnr = peak_signal_noise_ratio(a / 255.0, b / 255.0, data_range=1.0)
+    ref_ssim = structural_similarity(
+        a / 255.0, b / 255.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0, channel_axis=2
+    )
+    assert psnr_per_image(_t(a), _t(b)).item() == pytest.approx(ref_psnr, rel=1e-5)
+    assert ssim_per_image(_t(a), _t(b)).item() == pytest.approx(ref_ssim, rel=1e-5)
+
+
+def test_metric_classes_mean_over_images_and_batch_independence():
+    refs = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a, _ in PAIRS])
+    cands = torch.stack([torch.from_numpy(b).permute(2, 0, 1) for _, b in PAIRS])
+    expected_psnr = np.mean([peak_signal_noise_ratio(a / 255.0, b / 255.0, data_range=1.0) for a, b in PAIRS])
+    expected_ssim = np.mean([
+        structural_similarity(a / 255.0, b / 255.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                              data_range=1.0, channel_axis=2)
+        for a, b in PAIRS
+    ])
+    for bs in (1, 5, len(PAIRS)):
+        for name, expected in (("psnr", expected_psnr), ("ssim", expected_ssim)):
+            m = METRICS.get(name).build()
+            for s in range(0, len(PAIRS), bs):
+                m.update(MetricBatch(refs[s : s + bs], cands[s : s + bs]))
+            assert m.compute()[name] == pytest.approx(expected, rel=1e-6)
+
+
+def test_psnr_identical_is_capped_not_infinite():
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    assert psnr_per_image(x, x).tolist() == [100.0, 100.0]
+
+
+def test_ssim_rejects_too_small_images():
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim_per_image(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))

@@ -1,0 +1,67 @@
+"""Results: atomic append-only storage, round trip, concurrent writers, half-written files."""
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from raebench.results import COLUMNS, SCHEMA_VERSION, ResultRow, check_writable, load, write_rows
+
+
+def _row(metric="psnr", value=1.0, tok="pixels", **kw) -> ResultRow:
+    return ResultRow(tokenizer=tok, weights_id="none", dataset="d", split="all", domain="open-domain", resolution=64,
+                     n_images=3, metric=metric, value=value, higher_is_better=True, metric_version="v1", **kw)
+
+
+def test_round_trip_with_provenance(tmp_path: Path):
+    write_rows([_row("psnr", 30.5), _row("ssim", 0.9)], tmp_path)
+    df = load(tmp_path)
+    assert list(df.columns) == list(COLUMNS)
+    assert sorted(df["metric"]) == ["psnr", "ssim"]
+    r = df.set_index("metric").loc["psnr"]
+    assert r["value"] == 30.5 and r["schema_version"] == SCHEMA_VERSION
+    assert r["torch_version"] and r["raebench_version"] and r["date"] and r["run_id"]
+
+
+def test_latest_row_wins_and_full_history_kept(tmp_path: Path):
+    write_rows([_row(value=1.0, date="2026-01-01T00:00:00+00:00")], tmp_path)
+    write_rows([_row(value=2.0, date="2026-01-02T00:00:00+00:00")], tmp_path)
+    assert load(tmp_path)["value"].tolist() == [2.0]
+    assert sorted(load(tmp_path, latest=False)["value"].tolist()) == [1.0, 2.0]
+
+
+def test_half_written_and_temp_files_are_ignored(tmp_path: Path):
+    write_rows([_row()], tmp_path)
+    (tmp_path / "runs" / "broken.jsonl").write_text('{"tokenizer": "x", "val')
+    (tmp_path / "runs" / ".x.jsonl.abc.tmp").write_text("garbage")
+    df = load(tmp_path)
+    assert len(df) == 1
+
+
+def _writer(args):
+    d, i = args
+    write_rows([_row(tok=f"t{i}", metric=f"m{j}") for j in range(20)], d)
+
+
+def test_concurrent_writers_lose_no_rows(tmp_path: Path):
+    with mp.get_context("spawn").Pool(4) as pool:
+        pool.map(_writer, [(str(tmp_path), i) for i in range(8)])
+    assert len(load(tmp_path)) == 8 * 20
+
+
+def test_unwritable_results_dir_fails_before_work(tmp_path: Path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    from raebench.errors import RaebenchError
+
+    with pytest.raises(RaebenchError, match="not writable"):
+        check_writable(f)
+
+
+def test_rows_are_plain_json(tmp_path: Path):
+    p = write_rows([_row()], tmp_path)
+    rec = json.loads(p.read_text().splitlines()[0])
+    assert rec["metric"] == "psnr"
+    assert isinstance(pd.read_json(p, lines=True), pd.DataFrame)
