@@ -69,6 +69,7 @@ def test_cfg_interval_and_doubling():
     v = velocity_fn(m, y, 2.0, (0.3, 0.6))
     t_in, t_out = torch.full((4,), 0.5), torch.full((4,), 0.9)
     cond, uncond = m(x, t_in, y), m(x, t_in, torch.full_like(y, 3))
+    m.batches.clear()
     torch.testing.assert_close(v(x, t_in), uncond + 2.0 * (cond - uncond))
     torch.testing.assert_close(v(x, t_out), cond)
     assert m.batches[0] == 8  # CFG doubles the batch
