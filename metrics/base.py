@@ -54,6 +54,39 @@ class Metric(abc.ABC):
     @abc.abstractmethod
     def reset(self) -> None: ...
 
+    # -- exact merging across shards, ranks and resumed runs ------------------------------------
+    # Convention: accumulator attributes are numbers or tensors that *add* (float64 sums, counts)
+    # or lists that *concatenate* (per-image features kept whole, in data order). Anything else
+    # (configuration, ``spec``, ``notes``) is not state. A metric whose state does not fit overrides
+    # both methods. Merging states in shard order reproduces the single-process accumulation (up to
+    # float summation order), because shards are contiguous slices of the ordered dataset.
+
+    _NOT_STATE = frozenset({"spec", "notes"})
+
+    def state(self) -> dict:
+        """The accumulator's state: plain numbers, tensors and lists of tensors (torch.save-able
+        with ``weights_only=True``)."""
+        out = {}
+        for k, v in vars(self).items():
+            if k in self._NOT_STATE or k.startswith("_"):
+                continue
+            if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool):
+                out[k] = v.detach().cpu() if isinstance(v, torch.Tensor) else v
+            elif isinstance(v, list) and all(isinstance(t, torch.Tensor) for t in v):
+                out[k] = [t.detach().cpu() for t in v]
+        return out
+
+    def merge(self, state: dict) -> None:
+        """Add another shard's ``state()`` into this accumulator (a fresh one + merge = restore)."""
+        for k, v in state.items():
+            cur = getattr(self, k)
+            if isinstance(cur, list):
+                cur.extend(t.to(cur[0].device) if cur and isinstance(t, torch.Tensor) else t for t in v)
+            elif isinstance(cur, torch.Tensor):
+                setattr(self, k, cur + v.to(cur.device))
+            else:
+                setattr(self, k, type(cur)(cur + v))
+
 
 @dataclass(frozen=True)
 class MetricSpec:

@@ -90,14 +90,6 @@ class _PerImageMean(Metric):
     def compute(self) -> dict[str, float]:
         return {self.spec.name: self.total / self.count if self.count else math.nan}
 
-    # exact merging across ranks / shards
-    def state(self) -> dict[str, float]:
-        return {"total": self.total, "count": self.count}
-
-    def merge_state(self, st: dict[str, float]) -> None:
-        self.total += st["total"]
-        self.count += int(st["count"])
-
 
 class PSNR(_PerImageMean):
     fn = staticmethod(psnr_per_image)

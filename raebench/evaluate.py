@@ -142,19 +142,117 @@ class Evaluator:
         return values, versions, notes
 
 
+def _shard(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous slice of rank ``rank``: concatenating shards in rank order gives data order,
+    so metrics that keep per-image features see them in the single-process order."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def _run_key(cfg: EvalConfig, data: ResolvedData, tok, metric_versions: list[str]) -> str:
+    """Identity of an evaluation for resuming: everything that changes a number, nothing that
+    doesn't (batch size, workers and device may change between the crash and the re-run)."""
+    import hashlib
+    import json
+
+    ident = {
+        "tokenizer": tok.name, "weights": getattr(tok, "weights_id", "none"), "config": cfg.tokenizer_config,
+        "data": data.images.fingerprint(), "dataset": data.name, "resolution": cfg.resolution, "seed": cfg.seed,
+        "metrics": sorted(metric_versions), "precision": cfg.precision,
+        "opts": [cfg.weights, cfg.decoder, cfg.stats],
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class _WorkState:
+    """Per-rank progress of an evaluation, saved atomically under ``<results>/.work/<key>/``.
+
+    Holds the number of this shard's images consumed, every metric's ``state()`` and the skip
+    lists. A file that fails to load (half-written by an older crash on a filesystem without atomic
+    rename, or from an incompatible version) is ignored and the shard restarts from zero.
+    """
+
+    VERSION = 1
+
+    def __init__(self, root, key: str, rank: int):
+        from pathlib import Path
+
+        self.dir = Path(root) / ".work" / key
+        self.path = self.dir / f"rank{rank}.pt"
+        self._lock = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path.with_suffix(".lock"), "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RaebenchError(
+                f"Another evaluation with the same configuration is running on {str(self.dir)!r}; wait for it or "
+                "use another --results folder."
+            ) from None
+
+    def load(self) -> dict | None:
+        from raebench.checkpoint import load_state
+        from raebench.errors import CheckpointError
+
+        if not self.path.exists():
+            return None
+        try:
+            st = load_state(self.path)
+        except CheckpointError as e:
+            log.warning("ignoring unreadable resume state %s (%s); this shard restarts", self.path, e)
+            return None
+        if not isinstance(st, dict) or st.get("version") != self.VERSION:
+            return None
+        return st
+
+    def save(self, st: dict) -> None:
+        from raebench.checkpoint import save_atomic
+
+        save_atomic({**st, "version": self.VERSION}, self.path)
+
+    def release(self, remove: bool) -> None:
+        import shutil
+
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        if remove:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _dist():
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        return td.get_rank(), td.get_world_size()
+    return 0, 1
+
+
 def evaluate(
     cfg: EvalConfig,
     tokenizer=None,
     on_progress: Callable[[int, int], None] | None = None,
     data: ResolvedData | None = None,
+    save_every: int = 20,
 ) -> EvalOutcome:
     """Run one evaluation; writes rows to ``cfg.results_dir`` when ``cfg.write``.
 
-    ``on_progress(done_images, total_images)`` is called after each batch (the CLI draws a bar).
+    Under torchrun (an initialised process group) each rank takes a contiguous shard and the
+    metric states are merged exactly on rank 0, which alone writes rows. Progress is saved every
+    ``save_every`` batches; re-running the same evaluation after a crash continues from there and
+    gives the same numbers. ``on_progress(done_images, total_images)`` is called after each batch
+    (this rank's shard).
     """
+    import torch.distributed as td
+
     from raebench.metrics import higher_is_better
 
     t0 = time.perf_counter()
+    rank, world = _dist()
     if cfg.write:
         check_writable(cfg.results_dir)
     data = data or resolve_data(cfg.data, cfg.dataset, cfg.limit, cfg.seed, cfg.domain)
@@ -162,16 +260,36 @@ def evaluate(
     tok = tokenizer if tokenizer is not None else build_tokenizer_from_config(cfg, device)
     ev = Evaluator(tuple(cfg.metrics), device)
 
-    ds = ImageDataset(data.images, cfg.resolution)
-    loader = make_loader(ds, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
-    skipped = list(data.images.skipped)
+    lo, hi = _shard(data.n, rank, world)
+    work = _WorkState(cfg.results_dir, _run_key(cfg, data, tok, [s.version for s in ev.specs]), rank) if cfg.write else None
+    skipped: list[Skip] = list(data.images.skipped) if rank == 0 else []
     upscaled: list[str] = []
     nonfinite: list[str] = []
     done = n_used = 0
-    for batch in loader:
+    if work is not None:
+        work.acquire()
+        st = work.load()
+        if st is not None and st.get("shard") == [lo, hi] and len(st["metrics"]) == len(ev.metrics):
+            for m, ms in zip(ev.metrics, st["metrics"]):
+                m.merge(ms)
+            done, n_used = st["done"], st["n_used"]
+            skipped = [Skip(p, r) for p, r in st["skipped"]]
+            upscaled, nonfinite = list(st["upscaled"]), list(st["nonfinite"])
+            log.info("resuming %s on %s: %d of %d images already evaluated", tok.name, data.name, done, hi - lo)
+
+    def checkpoint() -> None:
+        if work is not None:
+            work.save({
+                "shard": [lo, hi], "done": done, "n_used": n_used, "metrics": [m.state() for m in ev.metrics],
+                "skipped": [(s.path, s.reason) for s in skipped], "upscaled": upscaled, "nonfinite": nonfinite,
+            })
+
+    ds = ImageDataset(data.images, cfg.resolution)
+    loader = make_loader(ds, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda",
+                         indices=range(lo + done, hi))
+    for i, batch in enumerate(loader):
         skipped.extend(batch["skipped"])
         upscaled.extend(batch["upscaled"])
-        done += len(batch["skipped"]) + batch["image"].shape[0]
         if batch["image"].shape[0]:
             ref = batch["image"].to(device, non_blocking=True)  # (N, 3, R, R) uint8
             with torch.no_grad(), _autocast(device, cfg.precision):
@@ -181,17 +299,39 @@ def evaluate(
             ok = torch.isfinite(z.flatten(1)).all(1) & torch.isfinite(rec.flatten(1)).all(1)  # (N,)
             if not bool(ok.all()):
                 bad = (~ok).nonzero().flatten().tolist()
-                nonfinite.extend(batch["path"][i] for i in bad)
+                nonfinite.extend(batch["path"][j] for j in bad)
                 log.warning("%s: %d image(s) with NaN/Inf latents or reconstructions excluded", tok.name, len(bad))
             if bool(ok.any()):
                 ev.update(ref[ok], to_uint8(rec[ok]))
                 n_used += int(ok.sum())
+        done += len(batch["skipped"]) + batch["image"].shape[0]
         if on_progress:
-            on_progress(done, data.n)
+            on_progress(done, hi - lo)
+        if (i + 1) % save_every == 0:
+            checkpoint()
+
+    if world > 1:  # gather every rank's state, merge in rank order on every rank
+        checkpoint()
+        mine = {"metrics": [m.state() for m in ev.metrics], "n_used": n_used, "skipped": [(s.path, s.reason) for s in skipped],
+                "upscaled": upscaled, "nonfinite": nonfinite}
+        gathered: list = [None] * world
+        td.all_gather_object(gathered, mine)
+        ev = Evaluator(tuple(cfg.metrics), device)
+        n_used, skipped, upscaled, nonfinite = 0, [], [], []
+        for g in gathered:
+            for m, ms in zip(ev.metrics, g["metrics"]):
+                m.merge(ms)
+            n_used += g["n_used"]
+            skipped += [Skip(p, r) for p, r in g["skipped"]]
+            upscaled += g["upscaled"]
+            nonfinite += g["nonfinite"]
+
     if n_used == 0:
+        if work is not None:
+            work.release(remove=True)
         reason = "no image was readable" if not nonfinite else "every reconstruction contained NaN/Inf"
         raise RaebenchError(f"Nothing to evaluate for {tok.name!r} on {data.name!r}: {reason} ({len(skipped)} skipped).")
-    if upscaled:
+    if upscaled and rank == 0:
         log.warning("%d image(s) were smaller than %d px and were upscaled by the crop", len(upscaled), cfg.resolution)
     values, versions, notes = ev.compute()
     seconds = time.perf_counter() - t0
@@ -214,7 +354,7 @@ def evaluate(
             skipped=len(skipped),
             nonfinite=len(nonfinite),
             seconds=round(seconds, 3),
-            device=str(device),
+            device=str(device) + (f" x{world}" if world > 1 else ""),
             notes=notes[name],
             run_id=run_id,
             extra={
@@ -223,12 +363,17 @@ def evaluate(
                 "nonfinite_files": nonfinite[:1000],
                 "precision": cfg.precision,
                 "limit": cfg.limit,
+                "world_size": world,
             },
         )
         for name, value in values.items()
     ]
-    if cfg.write:
+    if cfg.write and rank == 0:
         write_rows(rows, cfg.results_dir, run_id)
+    if world > 1:
+        td.barrier()  # rows are written before any rank removes its resume state
+    if work is not None:
+        work.release(remove=True)
     return EvalOutcome(rows, skipped, upscaled, nonfinite, seconds, n_used)
 
 

@@ -74,3 +74,18 @@ def test_psnr_identical_is_capped_not_infinite():
 def test_ssim_rejects_too_small_images():
     with pytest.raises(ValueError, match="at least 11x11"):
         ssim_per_image(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
+
+
+def test_state_merge_reproduces_single_pass():
+    refs = torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a, _ in PAIRS])
+    cands = torch.stack([torch.from_numpy(b).permute(2, 0, 1) for _, b in PAIRS])
+    for name in ("psnr", "ssim"):
+        whole = METRICS.get(name).build()
+        whole.update(MetricBatch(refs, cands))
+        a, b = METRICS.get(name).build(), METRICS.get(name).build()
+        a.update(MetricBatch(refs[:5], cands[:5]))
+        b.update(MetricBatch(refs[5:], cands[5:]))
+        merged = METRICS.get(name).build()
+        merged.merge(a.state())
+        merged.merge(b.state())
+        assert merged.compute()[name] == pytest.approx(whole.compute()[name], rel=1e-12)

@@ -40,8 +40,11 @@ def _fmt(v) -> str:
 
 
 def run_eval_with_progress(cfg, label: str):
+    from raebench import distributed
     from raebench.evaluate import evaluate
 
+    if not distributed.is_main():
+        return evaluate(cfg)
     with _progress() as prog:
         task = prog.add_task(label, total=None)
 
@@ -97,8 +100,11 @@ def register(app: typer.Typer) -> None:
         stats: Optional[str] = typer.Option(None, "--stats", help="RAE: latent statistics file (stat.pt)."),
     ) -> None:
         """Reconstruct a dataset with a tokenizer and score it (one pass, all metrics)."""
+        from raebench import distributed
         from raebench.evaluate import EvalConfig
 
+        distributed.init()
+        device = distributed.local_device(device)
         if not tokenizer and not tokenizer_config:
             raise RaebenchError("Give --tokenizer NAME (see `raebench ls tokenizers`) or --tokenizer-config official.yaml.")
         if tokenizer:
@@ -112,7 +118,9 @@ def register(app: typer.Typer) -> None:
             stats=stats, tokenizer_config=str(tokenizer_config) if tokenizer_config else None,
         )
         out = run_eval_with_progress(cfg, f"eval {tokenizer or tokenizer_config}")
-        _report_outcome(out)
+        if distributed.is_main():
+            _report_outcome(out)
+        distributed.finish()
 
     @app.command("compare")
     def compare_cmd(

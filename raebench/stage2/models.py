@@ -511,24 +511,16 @@ def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch
     Training checkpoints are dicts holding ``ema`` / ``model``; ``key`` picks one, otherwise ``ema``
     is preferred (what the official release and samplers use), then ``model``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} does not exist; pass the path of a .pt or .safetensors file.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from raebench.checkpoint import load_state
 
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle with arbitrary objects is refused by weights_only
-        raise CheckpointError(f"Checkpoint {path} cannot be read safely ({e}); re-save it as a plain state dict.") from e
+    obj = load_state(path)  # safetensors or weights_only unpickling; CheckpointError otherwise
     if isinstance(obj, dict) and (key or "ema" in obj or "model" in obj):
         k = key or ("ema" if "ema" in obj else "model")
         if k not in obj:
-            raise CheckpointError(f"Checkpoint {path} has no {k!r} entry (it has {sorted(obj)[:8]}).")
+            raise CheckpointError(f"Checkpoint {str(path)!r} has no {k!r} entry (it has {sorted(obj)[:8]}).")
         obj = obj[k]
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"Checkpoint {path} does not hold a state dict.")
+        raise CheckpointError(f"Checkpoint {str(path)!r} does not hold a state dict.")
     return dict(obj)
 
 

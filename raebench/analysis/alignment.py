@@ -1,0 +1,261 @@
+"""Semantic alignment of latents: linear probe, kNN accuracy, mutual-kNN, CKNNA and linear CKA.
+
+Every function is pure: float tensors in, a Python float out, computed in float64 on the device of
+the inputs. Rows of two feature matrices describe the same images in the same order.
+
+Definitions (stated once, here):
+
+* **Pooling** (:func:`pool_tokens`): a latent (N, C, H, W) becomes (N, C) by the mean over its
+  H·W tokens ("token-mean pooled"); (N, L, C) by the mean over L; (N, C) is kept.
+* **Linear probe** (:func:`linear_probe`): optional BatchNorm without affine (standardise each
+  feature with the *training* mean and variance, eps 1e-6; as MAE's probe), then one fixed recipe:
+  ``"lbfgs"`` (default) is multinomial logistic regression with bias, mean cross-entropy plus
+  ``l2 / 2 · ||W||²`` (l2 = 1e-4, bias not decayed), full batch, L-BFGS with strong-Wolfe line
+  search, at most 500 iterations, tolerance 1e-9, zero initialisation (so it is deterministic);
+  ``"ridge"`` is closed-form ridge regression onto one-hot targets with bias (λ = 1e-3 · trace of
+  the Gram matrix / dims), prediction by argmax. Top-1 accuracy on the test split.
+* **kNN accuracy** (:func:`knn_accuracy`), as DINO's ``eval_knn``: L2-normalised features, cosine
+  similarity to every training feature, the k = 20 most similar vote for their class with weight
+  ``exp(sim / 0.07)``, the class with the largest summed weight wins (ties: the lower class index).
+* **Mutual kNN** (:func:`mutual_knn`), as "The Platonic Representation Hypothesis" (Huh et al. 2024,
+  arXiv:2405.07987, the platonic-rep code): features L2-normalised, the k = 10 nearest neighbours of
+  each sample by inner product, itself excluded; the score is the mean over samples of
+  ``|N_A(i) ∩ N_B(i)| / k``. Independent features give k / (N − 1) in expectation, not 0.
+* **CKNNA** (:func:`cknna`), same paper: kernels ``K = A Aᵀ``, ``L = B Bᵀ`` of L2-normalised
+  features; ``M_K[i, j] = 1`` when j is among the k nearest neighbours of i under K (self excluded);
+  ``CKNNA = HSIC_u(M_K∘M_L∘K, M_K∘M_L∘L) / sqrt(HSIC_u(M_K∘K, M_K∘K) · HSIC_u(M_L∘L, M_L∘L))`` with
+  the unbiased HSIC of Song et al. (2012) (:func:`hsic_unbiased`). No ε in the denominator (the
+  paper's code adds 1e-6); a zero denominator gives NaN.
+* **Linear CKA** (:func:`linear_cka`), Kornblith et al. (2019) on the raw (not normalised) features:
+  biased ``||B_cᵀ A_c||²_F / (||A_cᵀ A_c||_F ||B_cᵀ B_c||_F)`` with column-centred features
+  (computed in feature space, no N×N matrix); ``debiased=True`` replaces the biased HSIC by the
+  unbiased one on linear kernels (N×N; meant for N up to a few thousand).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+KNN_K = 20
+KNN_TEMPERATURE = 0.07
+MUTUAL_K = 10
+PROBE_L2 = 1e-4
+PROBE_MAX_ITER = 500
+RIDGE_REL_LAMBDA = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Features
+# ---------------------------------------------------------------------------------------------
+
+
+def pool_tokens(z: torch.Tensor) -> torch.Tensor:
+    """Token-mean pooling: (N, C, H, W) -> (N, C); (N, L, C) -> (N, C); (N, C) unchanged."""
+    if z.ndim == 4:
+        return z.mean(dim=(2, 3))
+    if z.ndim == 3:
+        return z.mean(dim=1)
+    if z.ndim == 2:
+        return z
+    raise ValueError(f"cannot pool latents of shape {tuple(z.shape)}; expected 2, 3 or 4 dimensions")
+
+
+def batchnorm_no_affine(train: torch.Tensor, test: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardise both splits with the training split's per-feature mean and (biased) variance."""
+    mu = train.mean(0, keepdim=True)
+    sd = (train.var(0, unbiased=False, keepdim=True) + eps).sqrt()
+    return (train - mu) / sd, (test - mu) / sd
+
+
+def stratified_split(labels: torch.Tensor, test_fraction: float = 0.5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic per-class split -> (train indices, test indices), each sorted.
+
+    Within each class a seeded permutation puts ``floor(n_c · test_fraction)`` images in the test
+    split; a class with a single image goes to training only.
+    """
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        n_test = int(math.floor(idx.numel() * test_fraction))
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification probes
+# ---------------------------------------------------------------------------------------------
+
+
+def _fit_logistic_lbfgs(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.zeros(x.shape[1], n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1.0, max_iter=PROBE_MAX_ITER, tolerance_grad=1e-9, tolerance_change=1e-12,
+        history_size=20, line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def _fit_ridge(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mu = x.mean(0)
+    xc = x - mu  # centring absorbs the bias, which is then not penalised
+    t = F.one_hot(y, n_classes).to(x.dtype)
+    gram = xc.T @ xc  # (D, D)
+    lam = RIDGE_REL_LAMBDA * gram.diagonal().sum() / gram.shape[0] + 1e-12
+    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=x.dtype, device=x.device), xc.T @ t)
+    b = t.mean(0) - mu @ w
+    return w, b
+
+
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    method: str = "lbfgs",
+    batchnorm: bool = True,
+    l2: float = PROBE_L2,
+) -> float:
+    """Top-1 accuracy in [0, 1] of a linear classifier fit on (train_x, train_y); see module doc.
+
+    Labels are integers in [0, n_classes); classes absent from training can never be predicted.
+    """
+    if train_x.shape[0] == 0 or test_x.shape[0] == 0:
+        raise ValueError("the linear probe needs at least one training and one test sample")
+    xtr, xte = train_x.double(), test_x.double()
+    if batchnorm:
+        xtr, xte = batchnorm_no_affine(xtr, xte)
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    ytr = train_y.long().to(xtr.device)
+    if method == "lbfgs":
+        w, b = _fit_logistic_lbfgs(xtr, ytr, n_classes, l2)
+    elif method == "ridge":
+        w, b = _fit_ridge(xtr, ytr, n_classes)
+    else:
+        raise ValueError(f"unknown probe method {method!r}; use 'lbfgs' or 'ridge'")
+    pred = (xte @ w + b).argmax(1)
+    return float((pred.cpu() == test_y.long().cpu()).double().mean())
+
+
+def knn_accuracy(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+    chunk: int = 1024,
+) -> float:
+    """Temperature-weighted cosine kNN top-1 accuracy in [0, 1] (DINO's recipe; see module doc)."""
+    tr = F.normalize(train_x.double(), dim=1)
+    te = F.normalize(test_x.double(), dim=1)
+    ytr = train_y.long().to(tr.device)
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    k = min(k, tr.shape[0])
+    correct = 0
+    for s in range(0, te.shape[0], chunk):
+        sim = te[s : s + chunk] @ tr.T  # (B, Ntr)
+        top, idx = sim.topk(k, dim=1)  # (B, k)
+        votes = torch.zeros(sim.shape[0], n_classes, dtype=tr.dtype, device=tr.device)
+        votes.scatter_add_(1, ytr[idx], (top / temperature).exp())
+        correct += int((votes.argmax(1).cpu() == test_y[s : s + chunk].long().cpu()).sum())
+    return correct / te.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Representation alignment
+# ---------------------------------------------------------------------------------------------
+
+
+def knn_indices(feats: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, D) -> (N, k) indices of each row's k largest inner products, the row itself excluded."""
+    sim = feats @ feats.T
+    sim.fill_diagonal_(-math.inf)
+    return sim.topk(k, dim=1).indices
+
+
+def _knn_mask(kernel: torch.Tensor, k: int) -> torch.Tensor:
+    sim = kernel.clone().fill_diagonal_(-math.inf)
+    idx = sim.topk(k, dim=1).indices
+    return torch.zeros_like(kernel).scatter_(1, idx, 1.0)
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, k: int | None = None) -> None:
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"expected two (N, D) feature matrices over the same N samples, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if k is not None and not 1 <= k < a.shape[0]:
+        raise ValueError(f"k = {k} needs at least k + 1 = {k + 1} samples, got {a.shape[0]}")
+
+
+def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = MUTUAL_K) -> float:
+    """Mutual k-nearest-neighbour alignment in [0, 1] of two (N, D_a), (N, D_b) feature sets."""
+    _check_pair(a, b, k)
+    na = knn_indices(F.normalize(a.double(), dim=1), k)
+    nb = knn_indices(F.normalize(b.double(), dim=1), k)
+    ma = torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64, device=a.device).scatter_(1, na, 1.0)
+    mb = torch.zeros_like(ma).scatter_(1, nb.to(ma.device), 1.0)
+    return float(((ma * mb).sum(1) / k).mean())
+
+
+def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Unbiased HSIC estimator (Song et al. 2012, eq. 5) of two (m, m) kernels, m >= 4.
+
+    ``[tr(K̃L̃) + 1ᵀK̃1 · 1ᵀL̃1 / ((m-1)(m-2)) - 2 · 1ᵀK̃L̃1 / (m-2)] / (m(m-3))`` with zeroed diagonals.
+    """
+    m = k.shape[0]
+    if m < 4:
+        raise ValueError(f"the unbiased HSIC needs at least 4 samples, got {m}")
+    kt = k.clone().fill_diagonal_(0)
+    lt = l.clone().fill_diagonal_(0)
+    value = (
+        (kt * lt.T).sum()
+        + kt.sum() * lt.sum() / ((m - 1) * (m - 2))
+        - 2.0 * (kt.sum(0) @ lt.sum(1)) / (m - 2)
+    )
+    return value / (m * (m - 3))
+
+
+def cknna(a: torch.Tensor, b: torch.Tensor, k: int = MUTUAL_K) -> float:
+    """Centered kernel nearest-neighbour alignment (CKNNA) of two feature sets; see module doc."""
+    _check_pair(a, b, k)
+    an = F.normalize(a.double(), dim=1)
+    bn = F.normalize(b.double().to(a.device), dim=1)
+    kk, ll = an @ an.T, bn @ bn.T  # (N, N) cosine kernels
+    mk, ml = _knn_mask(kk, k), _knn_mask(ll, k)
+    mkl = mk * ml
+    num = hsic_unbiased(mkl * kk, mkl * ll)
+    den = (hsic_unbiased(mk * kk, mk * kk) * hsic_unbiased(ml * ll, ml * ll)).sqrt()
+    return float(num / den) if float(den) > 0 else math.nan
+
+
+def linear_cka(a: torch.Tensor, b: torch.Tensor, debiased: bool = False) -> float:
+    """Linear CKA in [0, 1] (biased, or debiased with the unbiased HSIC); see module doc."""
+    _check_pair(a, b)
+    ac = a.double() - a.double().mean(0)
+    bc = b.double().to(a.device)
+    bc = bc - bc.mean(0)
+    if debiased:
+        kk, ll = ac @ ac.T, bc @ bc.T
+        num = hsic_unbiased(kk, ll)
+        den = (hsic_unbiased(kk, kk) * hsic_unbiased(ll, ll)).sqrt()
+    else:
+        num = (bc.T @ ac).pow(2).sum()
+        den = (ac.T @ ac).norm() * (bc.T @ bc).norm()
+    return float(num / den) if float(den) > 0 else math.nan

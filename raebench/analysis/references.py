@@ -1,0 +1,157 @@
+"""Reference encoders that latents are aligned against (``--reference dinov2-b,clip-l``).
+
+A reference maps uint8 (N, 3, H, W) images to (N, D) float32 features of the whole image. The
+timm-backed ones resize to their input size (bicubic, antialiased; the images are already square
+ADM crops), normalise with their own mean/std (which travel with the spec, as timm's pretrained
+config has them) and return timm's pooled pre-logits feature (the final-norm CLS token for DINOv2 and
+for CLIP's image tower, before CLIP's projection). Weights resolve through
+:func:`raebench.weights.resolve` (a local file given with ``--reference-weights NAME=PATH`` > the
+Hugging Face cache > a download), so offline failures are one sentence.
+
+``random-proj`` needs no weights: a seeded Gaussian projection of the 32×32 area-downsampled
+pixels to 256 dimensions. It is the "how aligned is this with raw pixels" floor and a test fixture.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raebench.data import to_float
+from raebench.errors import RaebenchError
+from raebench.registry import Registry
+from raebench.weights import WeightsSource, resolve
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """A reference encoder; nothing here loads weights. ``version`` enters every metric version."""
+
+    name: str
+    description: str
+    version: str
+    arch: str | None = None  # timm architecture (None: a weightless builtin)
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    weights: WeightsSource | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, weights: str | None = None, device: torch.device | str = "cpu") -> "ReferenceEncoder":
+        if self.arch is None:
+            return RandomProjection().to(device).eval()
+        path = resolve(self.weights, weights, what=f"Reference encoder {self.name!r}", flag=f"--reference-weights {self.name}=PATH")
+        model = _timm_from_file(self.arch, str(path), self.input_size, self.model_kwargs)
+        return TimmReference(model, self).to(device).eval()
+
+
+class ReferenceEncoder(nn.Module):
+    """uint8 (N, 3, H, W) -> (N, D) float32 features."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _timm_from_file(arch: str, path: str, input_size: int, model_kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(
+            arch, pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=0,
+            img_size=input_size, **model_kwargs,
+        )
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise RaebenchError(f"The weights in {path!r} do not fit timm's {arch!r} ({type(e).__name__}: {str(e)[:120]}); pass the matching file with --reference-weights.") from None
+
+
+class TimmReference(ReferenceEncoder):
+    def __init__(self, model: nn.Module, spec: ReferenceSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.size = spec.input_size
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_float(images.to(self.mean.device))
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True)
+        x = (x - self.mean) / self.std
+        f = self.model.forward_features(x)
+        return self.model.forward_head(f, pre_logits=True).float()  # (N, D)
+
+
+class RandomProjection(ReferenceEncoder):
+    """Seeded Gaussian projection of 32×32 area-downsampled pixels to 256 dimensions."""
+
+    side, dim, seed = 32, 256, 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(self.seed)
+        d_in = 3 * self.side * self.side
+        self.register_buffer("proj", torch.randn(d_in, self.dim, generator=g) / d_in**0.5, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_float(images.to(self.proj.device))
+        x = F.interpolate(x, size=(self.side, self.side), mode="area")
+        return x.flatten(1) @ self.proj  # (N, 256)
+
+
+REFERENCES: Registry[ReferenceSpec] = Registry("reference")
+
+
+def register_reference(spec: ReferenceSpec) -> ReferenceSpec:
+    return REFERENCES.register(spec.name, spec)
+
+
+def _timm_source(tag: str) -> WeightsSource:
+    return WeightsSource(f"timm/{tag}", "model.safetensors", description=f"timm's {tag}")
+
+
+for _spec in (
+    ReferenceSpec(
+        "dinov2-b", "DINOv2 ViT-B/14 (LVD-142M) at 224 px, final-norm CLS token (768-d)",
+        "dinov2-b-timm-lvd142m-224-cls-v1", arch="vit_base_patch14_dinov2.lvd142m",
+        weights=_timm_source("vit_base_patch14_dinov2.lvd142m"),
+    ),
+    ReferenceSpec(
+        "dinov2-l", "DINOv2 ViT-L/14 (LVD-142M) at 224 px, final-norm CLS token (1024-d)",
+        "dinov2-l-timm-lvd142m-224-cls-v1", arch="vit_large_patch14_dinov2.lvd142m",
+        weights=_timm_source("vit_large_patch14_dinov2.lvd142m"),
+    ),
+    ReferenceSpec(
+        "clip-l", "OpenAI CLIP ViT-L/14 image tower at 224 px, final-norm CLS before projection (1024-d)",
+        "clip-l-timm-openai-224-cls-v1", arch="vit_large_patch14_clip_224.openai", mean=CLIP_MEAN, std=CLIP_STD,
+        weights=_timm_source("vit_large_patch14_clip_224.openai"),
+    ),
+    ReferenceSpec(
+        "clip-b", "OpenAI CLIP ViT-B/16 image tower at 224 px, final-norm CLS before projection (768-d)",
+        "clip-b-timm-openai-224-cls-v1", arch="vit_base_patch16_clip_224.openai", mean=CLIP_MEAN, std=CLIP_STD,
+        weights=_timm_source("vit_base_patch16_clip_224.openai"),
+    ),
+    ReferenceSpec(
+        "random-proj", "Seeded Gaussian projection of 32x32 pixels to 256-d (weightless floor and test fixture)",
+        "random-proj-32px-256d-seed0-v1",
+    ),
+):
+    register_reference(_spec)
+
+
+def build_reference(name: str, weights: str | None = None, device: torch.device | str = "cpu") -> tuple[ReferenceSpec, ReferenceEncoder]:
+    spec = REFERENCES.get(name)
+    return spec, spec.build(weights=weights, device=device)

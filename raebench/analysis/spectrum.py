@@ -1,0 +1,165 @@
+"""Spectrum and sparsity of a latent space, accumulated in one streaming pass in float64.
+
+A latent (N, C, H, W) is read as N·H·W *tokens* of C channels ((N, L, C) as N·L tokens, (N, C) as
+N tokens). :class:`LatentStats` keeps float64 sums whose memory is O(C²), never O(N); every
+quantity below is a function of those sums:
+
+* token covariance Σ (C×C, population normalisation) and its eigenvalues λ₁ ≥ … ≥ λ_C ≥ 0;
+* effective rank (Roy & Vetterli 2007) ``exp(-Σ pᵢ log pᵢ)`` with ``pᵢ = λᵢ / Σλ`` — C for a flat
+  spectrum, 1 for a rank-one one;
+* participation ratio ``(Σλ)² / Σλ²``;
+* top-k PCA energy fraction ``Σ_{i≤k} λᵢ / Σλ`` (1 when k ≥ C);
+* per-channel excess kurtosis ``m₄ / m₂² − 3`` over tokens (0 for a Gaussian; heavy tails and a few
+  "massive activations" make it large);
+* Hoyer sparsity of each token vector ``(√C − ‖x‖₁/‖x‖₂) / (√C − 1)`` averaged over tokens (0 for
+  a constant-magnitude vector, 1 for a one-hot one; scale invariant; needs C ≥ 2);
+* near-zero fraction: elements with ``|x| < 0.05 · latent_std``, where ``latent_std`` is the root of
+  the mean per-channel variance (the "per-element std" that the robustness σ grid is relative to);
+* token L2 norms (mean and std over tokens).
+
+Numerics: sums are taken of ``x − shift`` where ``shift`` is the first batch's channel mean, which
+keeps the one-pass variance and the higher moments free of cancellation when latents are offset.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+NEAR_ZERO_REL = 0.05
+TOPK_ENERGY = (1, 8, 32)
+
+
+def tokens_of(z: torch.Tensor) -> torch.Tensor:
+    """Latents -> (T, C) tokens: NCHW by spatial position, (N, L, C) by position, (N, C) as is."""
+    if z.ndim == 4:
+        return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    if z.ndim == 3:
+        return z.reshape(-1, z.shape[2])
+    if z.ndim == 2:
+        return z
+    raise ValueError(f"cannot read latents of shape {tuple(z.shape)} as tokens")
+
+
+def effective_rank(eigvals: torch.Tensor) -> float:
+    """exp(entropy) of the normalised non-negative spectrum (Roy & Vetterli 2007)."""
+    lam = eigvals.double().clamp_min(0)
+    total = lam.sum()
+    if total <= 0:
+        return math.nan
+    p = lam / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def participation_ratio(eigvals: torch.Tensor) -> float:
+    """(Σλ)² / Σλ² of the non-negative spectrum."""
+    lam = eigvals.double().clamp_min(0)
+    den = lam.pow(2).sum()
+    return float(lam.sum() ** 2 / den) if den > 0 else math.nan
+
+
+def topk_energy(eigvals: torch.Tensor, k: int) -> float:
+    """Fraction of the total variance in the k largest eigenvalues."""
+    lam = eigvals.double().clamp_min(0).sort(descending=True).values
+    total = lam.sum()
+    return float(lam[:k].sum() / total) if total > 0 else math.nan
+
+
+@dataclass
+class SpectrumSummary:
+    """What :meth:`LatentStats.summary` returns; ``eigvals`` (descending) and ``kurtosis`` are
+    per-component / per-channel arrays for the plots, the rest are scalars for result rows."""
+
+    channels: int
+    tokens: int
+    eigvals: torch.Tensor  # (C,) float64, descending
+    kurtosis: torch.Tensor  # (C,) float64 excess kurtosis per channel
+    latent_std: float
+    effective_rank: float
+    participation_ratio: float
+    topk_energy: dict[int, float]
+    kurtosis_mean: float
+    kurtosis_max: float
+    hoyer_sparsity: float
+    near_zero_frac: float
+    token_norm_mean: float
+    token_norm_std: float
+
+
+class LatentStats:
+    """Streaming float64 moments of latent tokens (``update`` per batch, ``summary`` at the end).
+
+    ``near_zero_scale`` is the threshold unit for the near-zero fraction; it is unknown until the
+    pass ends, so the fraction is counted against the first batch's per-element std (documented in
+    the metric version as ``nz-firstbatch``).
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: torch.Tensor | None = None
+        self.near_zero_thr: float | None = None
+
+    def update(self, z: torch.Tensor) -> None:
+        x = tokens_of(z.detach()).double()  # (T, C)
+        if self.shift is None:
+            c = x.shape[1]
+            self.shift = x.mean(0)
+            self.near_zero_thr = NEAR_ZERO_REL * float(x.var(0, unbiased=False).mean().sqrt())
+            zeros = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
+            self.s1, self.s3, self.s4 = zeros(c), zeros(c), zeros(c)
+            self.s2 = zeros(c, c)  # Σ y yᵀ
+            self.hoyer = self.near_zero = self.norm1 = self.norm2 = 0.0
+        elif x.shape[1] != self.shift.numel():
+            raise ValueError(f"latent channels changed from {self.shift.numel()} to {x.shape[1]} between batches")
+        y = x - self.shift
+        self.n += y.shape[0]
+        self.s1 += y.sum(0)
+        self.s2 += y.T @ y
+        y2 = y * y
+        self.s3 += (y2 * y).sum(0)
+        self.s4 += (y2 * y2).sum(0)
+        l2 = x.norm(dim=1)  # (T,)
+        self.norm1 += float(l2.sum())
+        self.norm2 += float(l2.pow(2).sum())
+        c = x.shape[1]
+        if c >= 2:
+            l1 = x.abs().sum(1)
+            ratio = torch.where(l2 > 0, l1 / l2.clamp_min(1e-300), torch.full_like(l1, math.sqrt(c)))
+            self.hoyer += float(((math.sqrt(c) - ratio) / (math.sqrt(c) - 1)).sum())
+        self.near_zero += float((x.abs() < self.near_zero_thr).sum())
+
+    def summary(self) -> SpectrumSummary:
+        if self.n == 0 or self.shift is None:
+            raise ValueError("no latents were accumulated")
+        n, c = self.n, self.shift.numel()
+        mu = self.s1 / n  # mean of the shifted tokens
+        cov = self.s2 / n - torch.outer(mu, mu)  # (C, C)
+        cov = 0.5 * (cov + cov.T)
+        eig = torch.linalg.eigvalsh(cov).flip(0).clamp_min(0)
+        # central moments per channel from raw moments of the shifted data
+        e2, e3, e4 = self.s2.diagonal() / n, self.s3 / n, self.s4 / n
+        m2 = e2 - mu**2
+        m4 = e4 - 4 * mu * e3 + 6 * mu**2 * e2 - 3 * mu**4
+        kurt = torch.where(m2 > 0, m4 / m2.clamp_min(1e-300) ** 2 - 3.0, torch.full_like(m2, math.nan))
+        finite = kurt[torch.isfinite(kurt)]
+        std = float(m2.clamp_min(0).mean().sqrt())
+        norm_mean = self.norm1 / n
+        return SpectrumSummary(
+            channels=c,
+            tokens=n,
+            eigvals=eig.cpu(),
+            kurtosis=kurt.cpu(),
+            latent_std=std,
+            effective_rank=effective_rank(eig),
+            participation_ratio=participation_ratio(eig),
+            topk_energy={k: topk_energy(eig, k) for k in TOPK_ENERGY},
+            kurtosis_mean=float(finite.mean()) if finite.numel() else math.nan,
+            kurtosis_max=float(finite.max()) if finite.numel() else math.nan,
+            hoyer_sparsity=self.hoyer / n if c >= 2 else math.nan,
+            near_zero_frac=self.near_zero / (n * c),
+            token_norm_mean=norm_mean,
+            token_norm_std=math.sqrt(max(self.norm2 / n - norm_mean**2, 0.0)),
+        )

@@ -1,0 +1,53 @@
+"""torch.distributed helpers for commands launched with ``torchrun``.
+
+``torchrun --nproc_per_node N -m raebench eval ...`` sets WORLD_SIZE/RANK/LOCAL_RANK; ``init()``
+then starts a process group (NCCL on CUDA, gloo on CPU) and pins each rank to its GPU. Without
+torchrun everything runs as one process and these helpers are no-ops.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as td
+
+
+def launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> tuple[int, int]:
+    """Initialise the default process group if torchrun launched us; returns (rank, world)."""
+    if not launched():
+        return 0, 1
+    if not td.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        td.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return td.get_rank(), td.get_world_size()
+
+
+def rank() -> int:
+    return td.get_rank() if td.is_available() and td.is_initialized() else 0
+
+
+def world_size() -> int:
+    return td.get_world_size() if td.is_available() and td.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_device(device: str) -> str:
+    """Under torchrun on GPUs, 'auto'/'cuda' means this rank's GPU."""
+    if launched() and torch.cuda.is_available() and device in ("auto", "cuda"):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def finish() -> None:
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()

@@ -1,0 +1,413 @@
+"""Train a stage-2 denoiser (DiT-DH / LightningDiT) on RAE latents.
+
+One frozen :class:`TrainConfig` per run; presets follow the official RAE recipe (AdamW 2e-4, betas
+(0.9, 0.95), no weight decay, constant LR for 40 epochs then linear to 2e-5 at epoch 800, global
+batch 1024, gradient clipping 1.0, EMA 0.9995, logit-normal(0, 1) times with the dimension shift).
+
+Latents come from a latent cache written once by :func:`cache_latents` (``raebench cache-latents``;
+each image stored with its horizontal flip, one variant drawn per step) or are computed on the fly
+by a frozen tokenizer from an image folder (with random flips).
+
+Runs are resumable: everything lives in ``cfg.out`` (``config.json``, ``checkpoints/last.pt``), and
+re-running the same command continues from the last checkpoint. A checkpoint holds
+``{model, ema, opt, sched, step, rng, config}`` and is written to a temporary file then renamed.
+The data order is a function of (seed, epoch) and the per-rank RNG states are saved, so a resumed run
+reproduces an uninterrupted one. Multi-process runs use ``torchrun`` (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raebench.errors import DataError, RaebenchError
+from raebench.stage2.models import MODELS, count_params
+from raebench.stage2.transport import Transport, shift_from_dims
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a stage-2 run (written to ``out/config.json``)."""
+
+    model: str = "ditdh-xl"
+    out: str = "runs/stage2"
+    latents: str | None = None  # a latent cache directory (raebench cache-latents)
+    tokenizer: str | None = None  # ... or a tokenizer name plus an image folder, encoded on the fly
+    data: str | None = None
+    resolution: int = 256
+    num_classes: int = 1000
+    class_dropout: float = 0.1
+    epochs: int = 1400
+    global_batch: int = 1024
+    grad_accum: int = 1
+    lr: float = 2e-4
+    final_lr: float = 2e-5
+    constant_epochs: float = 40  # constant LR, then linear decay ...
+    decay_end_epoch: float = 800  # ... reaching final_lr here
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    ema_decay: float = 0.9995
+    time_dist: str = "logit-normal"
+    time_mu: float = 0.0
+    time_sigma: float = 1.0
+    shift_base: float = 4096
+    precision: str = "bf16"  # bf16 autocast or fp32
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 5000  # optimizer steps
+    max_steps: int | None = None  # stop early (the schedule still follows `epochs`)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp32"):
+            raise RaebenchError(f"precision must be bf16 or fp32, got {self.precision!r}.")
+        if self.grad_accum < 1 or self.global_batch < 1:
+            raise RaebenchError("global_batch and grad_accum must be positive.")
+
+
+#: the official recipe for each DiT-DH size, plus a tiny preset for tests and smoke runs
+PRESETS: dict[str, TrainConfig] = {
+    **{f"ditdh-{s}": TrainConfig(model=f"ditdh-{s}") for s in ("s", "b", "l", "xl")},
+    "tiny": TrainConfig(
+        model="ditdh-tiny", num_classes=10, epochs=50, global_batch=64, lr=1e-3, final_lr=1e-4,
+        constant_epochs=10, decay_end_epoch=50, ema_decay=0.99, precision="fp32", log_every=10, ckpt_every=50,
+        resolution=64,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    if name not in PRESETS:
+        raise RaebenchError(f"Unknown stage-2 training preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent sources
+# ----------------------------------------------------------------------------------------------
+
+
+class LatentCache:
+    """A directory with ``latents.npy`` (N, V, C, H, W) (V variants: image, flipped image),
+    ``labels.npy`` (N,) and ``meta.json``; memory-mapped, so caches larger than RAM work."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        meta_path = self.root / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{str(self.root)!r} is not a latent cache (no meta.json); write one with `raebench cache-latents`.")
+        self.meta = json.loads(meta_path.read_text())
+        if not self.meta.get("complete", False):
+            raise DataError(f"Latent cache {str(self.root)!r} is incomplete; re-run `raebench cache-latents` to finish it.")
+        self.latents = np.load(self.root / "latents.npy", mmap_mode="r")
+        self.labels = torch.from_numpy(np.load(self.root / "labels.npy")).long()
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.latents.shape[2:])
+
+    def get(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        var = torch.randint(self.latents.shape[1], (len(idx),), generator=gen)
+        order = np.argsort(idx.numpy())  # sorted reads are kinder to a memory map
+        x = np.empty((len(idx), *self.latents.shape[2:]), dtype=np.float32)
+        for j in order:
+            x[j] = self.latents[int(idx[j]), int(var[j])]
+        return torch.from_numpy(x), self.labels[idx]
+
+
+class OnTheFly:
+    """Encodes images of a folder with a frozen tokenizer at every step (random horizontal flips)."""
+
+    def __init__(self, tokenizer: nn.Module, data: str, resolution: int, device: torch.device) -> None:
+        from raebench.data import ImageDataset, resolve_data
+
+        self.images = resolve_data(data=data).images
+        if min(self.images.labels) < 0:
+            raise DataError(f"{data!r} has no class subfolders; stage-2 training needs labelled images.")
+        self.dataset = ImageDataset(self.images, resolution)
+        self.tokenizer, self.device = tokenizer.eval().requires_grad_(False), device
+        self.labels = torch.tensor(self.images.labels)
+        with torch.no_grad():
+            self._shape = tuple(tokenizer.encode(torch.zeros(1, 3, resolution, resolution, device=device)).shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self._shape
+
+    @torch.no_grad()
+    def get(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        from raebench.data import to_float
+
+        items = [self.dataset[int(i)] for i in idx]
+        bad = [it["path"] for it in items if "image" not in it]
+        if bad:
+            raise DataError(f"Unreadable training images: {bad[:3]}; remove them or cache latents first.")
+        img = to_float(torch.stack([it["image"] for it in items]))  # (B, 3, R, R) in [0, 1]
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        img = torch.where(flip.view(-1, 1, 1, 1), img.flip(-1), img)
+        return self.tokenizer.encode(img.to(self.device)).float().cpu(), self.labels[idx]
+
+
+def open_source(cfg: TrainConfig, device: torch.device):
+    if cfg.latents:
+        return LatentCache(cfg.latents)
+    if cfg.tokenizer and cfg.data:
+        from raebench.tokenizers.base import build_tokenizer
+
+        return OnTheFly(build_tokenizer(cfg.tokenizer).to(device), cfg.data, cfg.resolution, device)
+    raise RaebenchError("Give --latents DIR (from `raebench cache-latents`) or --tokenizer NAME with --data DIR.")
+
+
+@torch.no_grad()
+def cache_latents(
+    tokenizer: nn.Module, data: str, out: str | os.PathLike, resolution: int = 256, batch_size: int = 32,
+    flip: bool = True, dtype: str = "float16", progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Encode every image of ``data`` (and its horizontal flip) once into a :class:`LatentCache`.
+
+    Resumable: chunks are flushed and counted in ``meta.json``; a re-run continues where it stopped.
+    The cache is marked complete only at the end.
+    """
+    from raebench.data import ImageDataset, collate, make_loader, resolve_data, to_float
+
+    images = resolve_data(data=data).images
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = next(iter(tokenizer.parameters()), torch.zeros(())).device
+    shape = tuple(tokenizer.encode(torch.zeros(1, 3, resolution, resolution, device=dev)).shape[1:])
+    n, variants = len(images.paths), 2 if flip else 1
+    meta_path = out / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    want = {"n": n, "variants": variants, "shape": list(shape), "resolution": resolution, "dtype": dtype,
+            "fingerprint": images.fingerprint(), "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__)}
+    if any(meta.get(k) != v for k, v in want.items()):
+        meta = {**want, "done": 0, "complete": False}
+    mode = "r+" if meta["done"] > 0 and (out / "latents.npy").is_file() else "w+"
+    lat = np.lib.format.open_memmap(out / "latents.npy", mode=mode, dtype=np.dtype(dtype), shape=(n, variants, *shape))
+    np.save(out / "labels.npy", np.asarray(images.labels, dtype=np.int64))
+    loader = make_loader(ImageDataset(images, resolution), batch_size, indices=range(meta["done"], n))
+    for batch in loader:
+        if batch["skipped"]:
+            raise DataError(f"Unreadable images while caching latents: {[s.path for s in batch['skipped']][:3]}.")
+        x = to_float(batch["image"]).to(dev)  # (B, 3, R, R)
+        z = [tokenizer.encode(x)] + ([tokenizer.encode(x.flip(-1))] if flip else [])
+        lat[batch["index"].numpy()] = torch.stack(z, 1).float().cpu().numpy().astype(dtype)  # (B, V, C, H, W)
+        lat.flush()
+        meta["done"] = int(batch["index"].max()) + 1
+        _write_json(meta_path, meta)
+        if progress:
+            progress(meta["done"], n)
+    meta["complete"] = True
+    _write_json(meta_path, meta)
+    return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Official schedule: 1 until ``constant_epochs``, then linear to final_lr/lr at ``decay_end_epoch``."""
+    start = int(cfg.constant_epochs * steps_per_epoch)
+    end = max(int(cfg.decay_end_epoch * steps_per_epoch), start)
+    final = cfg.final_lr / cfg.lr
+    if step < start:
+        return 1.0
+    if step >= end:
+        return final
+    return 1.0 - (1.0 - final) * (step - start) / max(end - start, 1)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    e, m = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(e, m, 1 - decay)
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _setup_dist(device: torch.device) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def _batches(n: int, cfg: TrainConfig, start_step: int, rank: int, world: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(step, this rank's indices for the whole step) for every optimizer step from ``start_step``."""
+    spe = n // cfg.global_batch
+    per_rank = cfg.global_batch // world
+    step = start_step
+    while True:
+        epoch, k = divmod(step, spe)
+        order = _epoch_order(n, cfg.seed, epoch)
+        for j in range(k, spe):
+            idx = order[j * cfg.global_batch:(j + 1) * cfg.global_batch]
+            yield step, idx[rank * per_rank:(rank + 1) * per_rank]
+            step += 1
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def build_for_training(cfg: TrainConfig, latent_shape: tuple[int, int, int]) -> nn.Module:
+    c, h, w = latent_shape
+    if h != w:
+        raise RaebenchError(f"stage-2 models need square latents, got {h}x{w}.")
+    return MODELS.get(cfg.model).build(in_channels=c, input_size=h, num_classes=cfg.num_classes,
+                                       class_dropout_prob=cfg.class_dropout)
+
+
+def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> dict:
+    """Run (or resume) training; returns {'step', 'losses', 'out'}. ``source`` overrides cfg data."""
+    device = torch.device(device)
+    _setup_dist(device)
+    rank, world = _dist_info()
+    if cfg.global_batch % (world * cfg.grad_accum):
+        raise RaebenchError(f"global_batch {cfg.global_batch} must divide by world size x grad_accum = {world * cfg.grad_accum}.")
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    source = source if source is not None else open_source(cfg, device)
+    n = len(source)
+    spe = n // cfg.global_batch
+    if spe < 1:
+        raise DataError(f"{n} training examples are fewer than one global batch ({cfg.global_batch}).")
+    total = cfg.epochs * spe
+    stop = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+
+    torch.manual_seed(cfg.seed * world + rank)
+    model = build_for_training(cfg, source.latent_shape).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
+                            weight_decay=cfg.weight_decay, eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spe, cfg))
+    shift = shift_from_dims(math.prod(source.latent_shape), cfg.shift_base)
+    transport = Transport(cfg.time_dist, cfg.time_mu, cfg.time_sigma, shift)
+
+    step = 0
+    if ckpt_path.is_file():
+        from raebench.checkpoint import load_state
+
+        ck = load_state(ckpt_path)
+        saved = ck.get("config", {})
+        changed = {k: (saved.get(k), v) for k, v in _jsonable(cfg).items() if k != "max_steps" and saved.get(k) != v}
+        if changed:
+            log.warning("resuming %s with changed settings: %s", out, changed)
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        step = int(ck["step"])
+        rngs = ck["rng"]
+        _set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        log.info("resumed %s at step %d", out, step)
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", _jsonable(cfg))
+    if rank == 0:
+        log.info("%s: %.2fM parameters, %d examples, %d steps/epoch, %d steps, shift %.3f", cfg.model,
+                 count_params(model) / 1e6, n, spe, total, shift)
+
+    ddp = model
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    micro = cfg.global_batch // (world * cfg.grad_accum)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    batches = _batches(n, cfg, step, rank, world)
+    while step < stop:
+        step, idx = next(batches)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)  # data-side draws
+        x, y = source.get(idx, gen)
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        for a in range(cfg.grad_accum):
+            xs, ys = x[a * micro:(a + 1) * micro], y[a * micro:(a + 1) * micro]
+            sync = contextlib.nullcontext() if (a == cfg.grad_accum - 1 or world == 1) else ddp.no_sync()
+            with sync:
+                with autocast:
+                    loss = transport.loss(ddp, xs, ys).mean() / cfg.grad_accum  # mean over the global batch
+                loss.backward()
+            total_loss += float(loss.detach())
+        if cfg.clip_grad and cfg.clip_grad > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        sched.step()
+        update_ema(ema, model, cfg.ema_decay)
+        losses.append(total_loss)
+        step += 1
+        if rank == 0 and (step % cfg.log_every == 0 or step == stop):
+            dt = time.perf_counter() - t0
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.2f steps/s", step, total,
+                     float(np.mean(losses[-cfg.log_every:])), sched.get_last_lr()[0], len(losses) / max(dt, 1e-9))
+        if step % cfg.ckpt_every == 0 or step == stop:
+            _save(ckpt_path, model, ema, opt, sched, step, cfg, rank, world)
+    return {"step": step, "losses": losses, "out": str(out)}
+
+
+def _jsonable(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _save(path: Path, model, ema, opt, sched, step: int, cfg: TrainConfig, rank: int, world: int) -> None:
+    rng = _rng_state()
+    if world > 1:
+        rngs: list = [None] * world
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if rank == 0:
+        from raebench.checkpoint import save_atomic
+
+        save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "step": step, "rng": rngs, "config": _jsonable(cfg)}, path)
+    if world > 1:
+        dist.barrier()

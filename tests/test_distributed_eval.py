@@ -1,0 +1,86 @@
+"""torchrun with 2 gloo processes gives the single-process numbers; crashes resume exactly."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raebench.evaluate import EvalConfig, evaluate
+from raebench.results import load
+
+
+def _values(res: Path) -> dict[str, float]:
+    df = load(res)
+    return dict(zip(df["metric"], df["value"]))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equals_one(image_folder: Path, tmp_path: Path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["eval", "-t", "bicubic-f8", "--data", str(image_folder), "-r", "32", "-b", "3", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "raebench", *common, "--results", str(one)], check=True, env=env, capture_output=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m", "raebench",
+         *common, "--results", str(two)], env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _values(one), _values(two)
+    assert a.keys() == b.keys() == {"psnr", "ssim"}
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-9)
+    df = load(two, latest=False)
+    assert len(df) == 2 and (df["n_images"] == 8).all() and df["device"].str.endswith("x2").all()
+    assert not (two / ".work").exists() or not any((two / ".work").iterdir())
+
+
+class _CrashAfter:
+    """Wraps a tokenizer; raises on the k-th encode call (a crash in the middle of a run)."""
+
+    def __init__(self, tok, k: int):
+        self.tok, self.k, self.calls = tok, k, 0
+        self.name, self.weights_id = tok.name, tok.weights_id
+
+    def encode(self, x):
+        self.calls += 1
+        if self.calls == self.k:
+            raise RuntimeError("simulated crash")
+        return self.tok.encode(x)
+
+    def decode(self, z):
+        return self.tok.decode(z)
+
+
+def test_crash_then_rerun_gives_uninterrupted_numbers(image_folder: Path, tmp_path: Path):
+    from raebench.tokenizers import build_tokenizer
+
+    base = dict(tokenizer="bicubic-f8", data=str(image_folder), resolution=32, batch_size=2, device="cpu")
+    ref = evaluate(EvalConfig(**base, results_dir=str(tmp_path / "ref")))
+    res = tmp_path / "crash"
+    cfg = EvalConfig(**base, results_dir=str(res))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate(cfg, tokenizer=_CrashAfter(build_tokenizer("bicubic-f8"), 3), save_every=1)
+    assert load(res).empty  # no partial rows
+    work = list((res / ".work").glob("*/rank0.pt"))
+    assert len(work) == 1
+    resumed = _CrashAfter(build_tokenizer("bicubic-f8"), 10**9)
+    out = evaluate(cfg, tokenizer=resumed, save_every=1)
+    assert resumed.calls == 2  # only the two batches not yet done (4 batches of 2, crash in the 3rd)
+    assert {r.metric: r.value for r in out.rows} == pytest.approx({r.metric: r.value for r in ref.rows}, rel=1e-12)
+    assert len(load(res, latest=False)) == 2
+    assert not work[0].exists()
+
+
+def test_corrupt_resume_state_is_ignored(image_folder: Path, tmp_path: Path):
+    from raebench.tokenizers import build_tokenizer
+
+    cfg = EvalConfig(tokenizer="pixels", data=str(image_folder), resolution=32, batch_size=4, device="cpu",
+                     results_dir=str(tmp_path))
+    with pytest.raises(RuntimeError):
+        evaluate(cfg, tokenizer=_CrashAfter(build_tokenizer("pixels"), 2), save_every=1)
+    (state,) = list((tmp_path / ".work").glob("*/rank0.pt"))
+    state.write_bytes(b"\x80\x02garbage")
+    out = evaluate(cfg)
+    assert out.n_images == 8

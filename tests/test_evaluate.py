@@ -1,0 +1,71 @@
+"""The one-pass evaluator: NaN handling, batch-size independence, provenance of rows."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from raebench.errors import RaebenchError
+from raebench.evaluate import EvalConfig, evaluate
+from raebench.tokenizers import build_tokenizer
+from raebench.tokenizers.reference import BicubicTokenizer
+
+
+class _NaNOnBright(BicubicTokenizer):
+    """Returns NaN reconstructions for images brighter than a threshold."""
+
+    def decode(self, z):
+        x = super().decode(z)
+        bright = x.flatten(1).mean(1) > self.threshold
+        x[bright] = float("nan")
+        return x
+
+
+def _cfg(folder: Path, tmp: Path, **kw) -> EvalConfig:
+    return EvalConfig(**{"tokenizer": "bicubic-f8", "data": str(folder), "resolution": 32, "device": "cpu",
+                         "results_dir": str(tmp), **kw})
+
+
+def test_nonfinite_images_are_excluded_and_counted(image_folder: Path, tmp_path: Path):
+    tok = _NaNOnBright(8)
+    tok.name, tok.threshold = "nan-tok", -1.0  # every image NaN
+    with pytest.raises(RaebenchError, match="NaN/Inf"):
+        evaluate(_cfg(image_folder, tmp_path), tokenizer=tok)
+    clean = evaluate(_cfg(image_folder, tmp_path / "clean"))
+    # threshold at the median brightness: about half the images are NaN
+    means = sorted(clean_means(image_folder))
+    tok.threshold = means[len(means) // 2] - 1e-9
+    out = evaluate(_cfg(image_folder, tmp_path / "half"), tokenizer=tok)
+    assert 0 < len(out.nonfinite) < 8 and out.n_images == 8 - len(out.nonfinite)
+    assert all(r.nonfinite == len(out.nonfinite) for r in out.rows)
+    assert all(torch.isfinite(torch.tensor(r.value)) for r in out.rows)
+    assert clean.n_images == 8
+
+
+def clean_means(folder: Path):
+    from raebench.data import ImageDataset, scan_folder, to_float
+
+    ds = ImageDataset(scan_folder(folder), 32)
+    tok = BicubicTokenizer(8)
+    return [float(tok.reconstruct(to_float(ds[i]["image"][None])).mean()) for i in range(len(ds))]
+
+
+def test_batch_size_does_not_change_numbers(image_folder: Path, tmp_path: Path):
+    a = evaluate(_cfg(image_folder, tmp_path / "a", batch_size=1))
+    b = evaluate(_cfg(image_folder, tmp_path / "b", batch_size=16))
+    assert {r.metric: r.value for r in a.rows} == pytest.approx({r.metric: r.value for r in b.rows}, rel=1e-12)
+
+
+def test_rows_carry_provenance(image_folder: Path, tmp_path: Path):
+    out = evaluate(_cfg(image_folder, tmp_path, limit=5, seed=3))
+    r = out.rows[0]
+    assert (r.tokenizer, r.dataset, r.resolution, r.n_images, r.seed) == ("bicubic-f8", "images", 32, 5, 3)
+    assert r.data_fingerprint and r.metric_version and r.run_id and r.device == "cpu"
+    assert r.extra["limit"] == 5
+
+
+def test_bf16_runs_and_stays_close(image_folder: Path, tmp_path: Path):
+    a = evaluate(_cfg(image_folder, tmp_path / "a"))
+    b = evaluate(_cfg(image_folder, tmp_path / "b", precision="bf16"))
+    va, vb = ({r.metric: r.value for r in o.rows} for o in (a, b))
+    assert vb["psnr"] == pytest.approx(va["psnr"], abs=0.5)

@@ -1,0 +1,105 @@
+"""Official RAE YAML -> (model, sampler), checked against the official samples."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from raebench.errors import CheckpointError, RaebenchError
+from raebench.stage2.official import build_from_official
+
+from conftest import ORACLE
+from test_stage2_models import needs_oracle, oracle_io
+
+pytestmark = needs_oracle
+
+
+def official_yaml(tmp_path, **guidance) -> dict:
+    """An official-format config (as in configs/stage2/sampling/...) for the tiny oracle model."""
+    meta = json.loads((ORACLE / "meta.json").read_text())
+    (tmp_path / "models").mkdir(exist_ok=True)
+    link = tmp_path / "models" / "stage2_model.pt"
+    if not link.exists():
+        link.symlink_to(ORACLE / "ditdh_ema.pt")
+    cfg = {
+        "stage_1": {"target": "stage1.RAE", "params": {"encoder_cls": "Dinov2withNorm"}},
+        "stage_2": {"target": "stage2.models.DDT.DiTwDDTHead", "params": meta["ditdh_params"],
+                    "ckpt": "models/stage2_model.pt"},
+        "transport": {"params": {"path_type": "Linear", "prediction": "velocity", "time_dist_type": "uniform"}},
+        "sampler": {"mode": "ODE", "params": {"sampling_method": "euler", "num_steps": 12, "atol": 1e-6,
+                                               "rtol": 1e-3, "reverse": False}},
+        "guidance": {"method": "cfg", "scale": 1.0, "t-min": 0.0, "t-max": 1.0, **guidance},
+        "misc": {"latent_size": meta["latent_shape"], "num_classes": 10,
+                 "time_dist_shift_dim": meta["time_shift"]["dim"], "time_dist_shift_base": meta["time_shift"]["base"]},
+    }
+    (tmp_path / "official.yaml").write_text(yaml.safe_dump(cfg))
+    return cfg
+
+
+def test_yaml_defaults_and_overrides(tmp_path):
+    cfg = official_yaml(tmp_path)
+    io = oracle_io()
+    model, sample_fn = build_from_official(cfg, base_dir=tmp_path)
+    with torch.no_grad():
+        assert (model(io["dit_x"], io["dit_t"], io["dit_y"]) - io["dit_v"]).abs().max() < 1e-5
+    z, y = io["sample_noise"], io["dit_y"]
+    assert (sample_fn(z, y) - io["sample_euler_12"]).abs().max() < 1e-4  # all from the YAML
+    out = sample_fn(z, y, num_steps=6, method="heun", cfg_scale=3.0, cfg_interval=(0.1, 0.8))
+    assert (out - io["sample_heun2_6_cfg3_interval_0.1_0.8"]).abs().max() < 1e-4
+
+
+def test_yaml_guidance_block_dashed_keys(tmp_path):
+    """The official sampling configs spell the interval t-min/t-max; the guidance comes from the YAML."""
+    from omegaconf import OmegaConf
+
+    official_yaml(tmp_path, scale=3.0, **{"t-min": 0.1, "t-max": 0.8})
+    cfg = OmegaConf.load(tmp_path / "official.yaml")
+    _, sample_fn = build_from_official(cfg, base_dir=tmp_path)
+    io = oracle_io()
+    assert sample_fn.cfg_interval == (0.1, 0.8) and sample_fn.cfg_scale == 3.0
+    assert (sample_fn(io["sample_noise"], io["dit_y"]) - io["sample_euler_12_cfg3_interval_0.1_0.8"]).abs().max() < 1e-4
+
+
+def test_yaml_errors(tmp_path):
+    cfg = official_yaml(tmp_path)
+    cfg["stage_2"]["params"] = {**cfg["stage_2"]["params"], "hidden_size": [64, 128]}
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        build_from_official(cfg, base_dir=tmp_path)
+    cfg = official_yaml(tmp_path)
+    cfg["stage_2"]["params"] = {**cfg["stage_2"]["params"], "hiden_size": 3}
+    with pytest.raises(RaebenchError, match="hiden_size"):
+        build_from_official(cfg, base_dir=tmp_path)
+    cfg = official_yaml(tmp_path)
+    cfg["stage_2"]["ckpt"] = "models/nope.pt"
+    with pytest.raises(CheckpointError, match="not found"):
+        build_from_official(cfg, base_dir=tmp_path)
+
+
+def test_autoguidance_from_yaml(tmp_path):
+    """A guide identical to the main model leaves the velocity unguided: v_g + s (v - v_g) = v."""
+    cfg = official_yaml(tmp_path)
+    cfg["guidance"] = {"method": "autoguidance", "scale": 1.5, "t_min": 0.0, "t_max": 1.0,
+                       "guidance_model": dict(cfg["stage_2"])}
+    _, sample_fn = build_from_official(cfg, base_dir=tmp_path)
+    assert sample_fn.guide is not None
+    io = oracle_io()
+    assert (sample_fn(io["sample_noise"], io["dit_y"]) - io["sample_euler_12"]).abs().max() < 1e-4
+
+
+def test_through_from_official_config(tmp_path):
+    """The public entry point raebench.from_official_config(path).model / .sample (tokenizer owner's file)."""
+    raebench = pytest.importorskip("raebench")
+    if not hasattr(raebench, "from_official_config"):
+        pytest.skip("raebench.from_official_config not available yet")
+    official_yaml(tmp_path, scale=3.0, t_min=0.1, t_max=0.8)
+    try:
+        obj = raebench.from_official_config(tmp_path / "official.yaml")
+    except Exception as e:  # the stage-1 block of this YAML points at no real encoder
+        pytest.skip(f"from_official_config needs a loadable stage_1 block here: {e}")
+    io = oracle_io()
+    z, y = io["sample_noise"], io["dit_y"]
+    with torch.no_grad():
+        assert (obj.model(io["dit_x"], io["dit_t"], y) - io["dit_v"]).abs().max() < 1e-5
+    assert (obj.sample(z, y) - io["sample_euler_12_cfg3_interval_0.1_0.8"]).abs().max() < 1e-4
+    assert (obj.sample(z, y, num_steps=6, method="heun", cfg_scale=1.0) - io["sample_heun2_6"]).abs().max() < 1e-4
