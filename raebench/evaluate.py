@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -43,7 +44,7 @@ class EvalConfig:
     batch_size: int = 16
     device: str = "auto"
     precision: str = "fp32"  # or "bf16" (autocast around the tokenizer only; metrics stay fp32/64)
-    num_workers: int = 0
+    num_workers: int | None = None  # None: 0 on CPU (workers would compete with the model), else min(8, cores)
     results_dir: str = "results"
     write: bool = True
     # tokenizer options, passed to its builder only when set
@@ -285,7 +286,8 @@ def evaluate(
             })
 
     ds = ImageDataset(data.images, cfg.resolution)
-    loader = make_loader(ds, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda",
+    workers = cfg.num_workers if cfg.num_workers is not None else (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+    loader = make_loader(ds, cfg.batch_size, workers, pin_memory=device.type == "cuda",
                          indices=range(lo + done, hi))
     for i, batch in enumerate(loader):
         skipped.extend(batch["skipped"])

@@ -235,8 +235,8 @@ class OfficialRAE:
     def stage2(self) -> Any:
         """``raebench.stage2.official.build_from_official(config, base_dir)``, built on first use.
 
-        Expected to return an object with ``.model`` (the network, ``model(x, t, y)``) and
-        ``.sample(noise, labels, num_steps=None, method=None, cfg_scale=None, cfg_interval=None)``.
+        It returns ``(model, sampler)`` (or an object with ``.model`` and ``.sample``); :attr:`model`
+        and :meth:`sample` expose them.
         """
         if self.config.get("stage_2") is None:
             raise RaebenchError(f"The config {str(self.path or '')!r} has no stage_2 block, so it describes no diffusion model.")
@@ -250,13 +250,15 @@ class OfficialRAE:
 
     @property
     def model(self) -> Any:
-        """The stage-2 network (see :attr:`stage2`)."""
+        """The stage-2 network, callable as ``model(x, t, y)``."""
         s = self.stage2
-        return getattr(s, "model", s)
+        return s[0] if isinstance(s, tuple) else s.model
 
     def sample(self, *args: Any, **kwargs: Any) -> Any:
-        """Stage-2 sampling, returning normalised latents (see :attr:`stage2`)."""
-        return self.stage2.sample(*args, **kwargs)
+        """Stage-2 sampling ``sample(noise, labels, num_steps=None, method=None, cfg_scale=None,
+        cfg_interval=None)`` -> normalised latents; None means "as the YAML says"."""
+        s = self.stage2
+        return s[1](*args, **kwargs) if isinstance(s, tuple) else s.sample(*args, **kwargs)
 
 
 def load_official_yaml(path: str | os.PathLike) -> Any:

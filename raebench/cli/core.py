@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size", "-b"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
         precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (tokenizer forward only)."),
-        num_workers: int = typer.Option(0, "--num-workers", help="Data-loading worker processes."),
+        num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data-loading worker processes (default: 0 on CPU, min(8, cores) on GPU)."),
         results: Path = typer.Option(Path("results"), "--results", help="Results folder."),
         weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file/folder for the tokenizer."),
         decoder: Optional[str] = typer.Option(None, "--decoder", help="RAE: a decoder checkpoint to use instead of the released one."),

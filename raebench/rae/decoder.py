@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raebench.checkpoint import load_state, save_atomic
 from raebench.errors import CheckpointError, MissingWeightsError
 
 # ---------------------------------------------------------------------------------------------
@@ -301,26 +301,10 @@ def count_parameters(cfg: DecoderConfig) -> int:
 
 
 def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    """Read a ``.safetensors`` file or a ``torch.save`` file with ``weights_only=True`` onto the CPU."""
-    p = Path(path)
-    if not p.is_file():
-        raise MissingWeightsError(f"The {what} file {str(p)!r} does not exist.")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(p), device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"The {what} {str(p)!r} is not a readable safetensors file ({type(e).__name__}).") from None
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"The {what} {str(p)!r} holds objects other than tensors, which raebench does not unpickle; "
-            "re-save it as a plain state dict or as safetensors."
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"The {what} {str(p)!r} is not a readable torch file ({str(e).splitlines()[0][:80]}).") from None
+    """Read a ``.safetensors`` file, or a ``torch.save`` file with ``weights_only=True``, onto the CPU."""
+    if not Path(path).is_file():
+        raise MissingWeightsError(f"The {what} file {str(path)!r} does not exist.")
+    return load_state(path)
 
 
 def extract_decoder_state(obj: Any) -> dict[str, torch.Tensor]:
@@ -388,7 +372,7 @@ def save_official(decoder: RAEDecoder, directory: str | os.PathLike) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(decoder.config.to_official(), indent=2))
-    torch.save({k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}, d / "model.pt")
+    save_atomic({k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}, d / "model.pt")
     return d
 
 

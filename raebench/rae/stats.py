@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raebench.checkpoint import save_atomic
 from raebench.errors import CheckpointError
 from raebench.rae.decoder import load_checkpoint
 
@@ -66,12 +67,7 @@ class LatentStats(nn.Module):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the official format atomically: ``{'mean': float32 (C,H,W), 'var': float32 (C,H,W)}``."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-        torch.save({"mean": self.mean.detach().cpu().float().clone(), "var": self.var.detach().cpu().float().clone()}, tmp)
-        os.replace(tmp, p)
-        return p
+        return save_atomic({"mean": self.mean.detach().cpu().float().clone(), "var": self.var.detach().cpu().float().clone()}, path)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, eps={self.eps}"

@@ -87,7 +87,7 @@ PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(
         model="ditdh-tiny", num_classes=10, epochs=50, global_batch=64, lr=1e-3, final_lr=1e-4,
         constant_epochs=10, decay_end_epoch=50, ema_decay=0.99, precision="fp32", log_every=10, ckpt_every=50,
-        resolution=64,
+        resolution=64, shift_base=64,
     ),
 }
 
@@ -178,6 +178,17 @@ def open_source(cfg: TrainConfig, device: torch.device):
 
         return OnTheFly(build_tokenizer(cfg.tokenizer).to(device), cfg.data, cfg.resolution, device)
     raise RaebenchError("Give --latents DIR (from `raebench cache-latents`) or --tokenizer NAME with --data DIR.")
+
+
+def write_latent_cache(out: str | os.PathLike, latents: torch.Tensor, labels: torch.Tensor, **meta: Any) -> Path:
+    """Write in-memory latents (N, V, C, H, W) and labels (N,) as a complete :class:`LatentCache`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "latents.npy", latents.float().numpy())
+    np.save(out / "labels.npy", labels.long().numpy())
+    _write_json(out / "meta.json", {"n": len(labels), "variants": latents.shape[1], "shape": list(latents.shape[2:]),
+                                    "done": len(labels), "complete": True, **meta})
+    return out
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from raebench.tokenizers.base import (
     register_tokenizer,
 )
 from raebench.tokenizers import reference  # noqa: F401  (registers pixels, bicubic-f8/16)
+from raebench.tokenizers import vae  # noqa: F401  (registers the diffusers VAE baselines)
 from raebench.tokenizers import rae  # noqa: F401  (registers the released RAEs)
 
 __all__ = [

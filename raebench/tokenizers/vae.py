@@ -1,0 +1,520 @@
+"""VAE baselines through diffusers: SD-VAE, SDXL, SD3.5, FLUX.1/.2, DC-AE, VA-VAE, E2E-VA-VAE.
+
+Each preset owns its latent normalisation (stated once, here, with where it was checked; the baseline
+cards in ``raebench.baselines`` repeat the sources):
+
+    normalised = (raw - shift) * scale          raw = posterior mode (deterministic encode)
+
+with ``shift``/``scale`` scalars (SD, SDXL, SD3.5, FLUX.1, DC-AE) or per-channel tensors built from
+statistics (VA-VAE's ``latents_stats.pt``, E2E-VA-VAE's ``latents_mean``/``latents_std`` config
+entries: shift = mean, scale = 1/std; FLUX.2's BatchNorm running statistics applied to the 2x2
+patchified latent, as diffusers' Flux2Pipeline does). Images enter diffusers in [-1, 1] and leave
+it in [-1, 1]; :meth:`DiffusersVAE.decode` maps back to [0, 1] without clamping (the tokenizer
+contract in ``base.py``).
+
+Weights: ``--weights DIR`` (a diffusers folder holding ``config.json``; for VA-VAE a folder with the
+LDM checkpoint and ``latents_stats.pt``) > the Hugging Face cache > a download, all through
+:func:`raebench.weights.resolve`. Only safetensors are read for diffusers folders, the LDM checkpoint
+is read with ``torch.load(weights_only=True)``, and no remote code is ever executed. Registering and
+listing the presets imports neither diffusers nor any weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from raebench.errors import CheckpointError, MissingWeightsError
+from raebench.tokenizers.base import Tokenizer, TokenizerSpec, register_tokenizer
+from raebench.weights import WeightsSource, resolve
+
+log = logging.getLogger(__name__)
+
+#: only these files of a diffusers VAE folder are fetched and read (never pickled .bin weights)
+DIFFUSERS_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: metadata only (registering them loads nothing)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VAEPreset:
+    """One released VAE: where it lives, how to load it and how its latents are normalised.
+
+    ``kind``: ``kl`` (diffusers AutoencoderKL), ``kl-flux2`` (AutoencoderKLFlux2), ``dc``
+    (AutoencoderDC) or ``kl-ldm`` (an LDM-format AutoencoderKL checkpoint converted on load).
+    ``norm``: ``scale`` (scalar ``shift``/``scale``), ``config-stats`` (``latents_mean``/``latents_std``
+    in the model config), ``stats-file`` (a ``latents_stats.pt`` next to the checkpoint) or
+    ``batchnorm`` (FLUX.2's BatchNorm running statistics).
+    """
+
+    name: str
+    kind: str
+    weights: tuple[WeightsSource, ...]
+    latent_channels: int
+    downsample: int  # spatial factor from pixels to the normalised latent grid
+    description: str
+    norm: str = "scale"
+    scale: float = 1.0
+    shift: float = 0.0
+    params: int | None = None
+    citation: str = ""
+    aliases: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        s = resolution // self.downsample
+        return (self.latent_channels, s, s)
+
+
+def _hub(repo: str, subfolder: str | None = None, gated: bool = False, description: str = "") -> WeightsSource:
+    prefix = f"{subfolder}/" if subfolder else ""
+    return WeightsSource(
+        repo, subfolder=subfolder, allow_patterns=tuple(prefix + f for f in DIFFUSERS_FILES), gated=gated,
+        description=description,
+    )
+
+
+_SD_PARAMS = 83_653_863  # AutoencoderKL (128, 256, 512, 512) x2 layers, 4 latent channels, with quant convs
+_SD3_PARAMS = 83_819_683  # same blocks, 16 latent channels, no quant convs (SD3.5, FLUX.1)
+_VAVAE_PARAMS = 69_836_067  # LDM ch=128, ch_mult (1, 1, 2, 2, 4), attention at 16x16, 32 latent channels
+
+_LDM_CITATION = "Rombach et al., High-Resolution Image Synthesis with Latent Diffusion Models, CVPR 2022 (arXiv:2112.10752)"
+
+PRESETS: tuple[VAEPreset, ...] = (
+    VAEPreset(
+        "sd-vae-ft-mse", "kl", (_hub("stabilityai/sd-vae-ft-mse"),), 4, 8,
+        "Stable Diffusion kl-f8 VAE, decoder fine-tuned with MSE emphasis (ft-MSE); 4x32x32 at 256 px.",
+        scale=0.18215, params=_SD_PARAMS, citation=_LDM_CITATION,
+    ),
+    VAEPreset(
+        "sd-vae-ft-ema", "kl", (_hub("stabilityai/sd-vae-ft-ema"),), 4, 8,
+        "Stable Diffusion kl-f8 VAE, decoder fine-tuned, EMA weights (ft-EMA; the VAE of DiT/SiT/REPA).",
+        scale=0.18215, params=_SD_PARAMS, citation=_LDM_CITATION,
+    ),
+    VAEPreset(
+        "sdxl-vae", "kl", (_hub("stabilityai/sdxl-vae"),), 4, 8,
+        "SDXL VAE (kl-f8, retrained); run it in fp32 or bf16, it overflows in fp16.",
+        scale=0.13025, params=_SD_PARAMS,
+        citation="Podell et al., SDXL, arXiv:2307.01952",
+    ),
+    VAEPreset(
+        "sdxl-vae-fp16-fix", "kl", (_hub("madebyollin/sdxl-vae-fp16-fix"),), 4, 8,
+        "SDXL VAE fine-tuned by madebyollin so that fp16 activations stay finite (same latent space).",
+        scale=0.13025, params=_SD_PARAMS,
+        citation="Podell et al., SDXL, arXiv:2307.01952; fp16 fix by madebyollin",
+    ),
+    VAEPreset(
+        "sd3.5-vae", "kl", (_hub("stabilityai/stable-diffusion-3.5-large", "vae", gated=True),), 16, 8,
+        "Stable Diffusion 3.5 VAE (16 channels, f8); gated repository.",
+        scale=1.5305, shift=0.0609, params=_SD3_PARAMS,
+        citation="Esser et al., Scaling Rectified Flow Transformers for High-Resolution Image Synthesis, ICML 2024",
+    ),
+    VAEPreset(
+        "flux1-vae", "kl", (_hub("black-forest-labs/FLUX.1-schnell", "vae"),), 16, 8,
+        "FLUX.1 VAE (16 channels, f8), from FLUX.1-schnell (Apache-2.0).",
+        scale=0.3611, shift=0.1159, params=_SD3_PARAMS,
+        citation="Black Forest Labs, FLUX.1 (2024)",
+    ),
+    VAEPreset(
+        "flux2-vae", "kl-flux2", (_hub("black-forest-labs/FLUX.2-dev", "vae", gated=True),), 128, 16,
+        "FLUX.2 VAE: 32x32x32 at 256 px, 2x2-patchified to 128x16x16 and normalised by its BatchNorm "
+        "running statistics; gated repository.",
+        norm="batchnorm",
+        citation="Black Forest Labs, FLUX.2 (2025)",
+    ),
+    VAEPreset(
+        "dc-ae-f32c32", "dc", (_hub("mit-han-lab/dc-ae-f32c32-in-1.0-diffusers"),), 32, 32,
+        "Deep Compression Autoencoder f32c32 trained on ImageNet (in-1.0); 32x8x8 at 256 px.",
+        scale=0.3189,
+        citation="Chen et al., Deep Compression Autoencoder for Efficient High-Resolution Diffusion Models, ICLR 2025 (arXiv:2410.10733)",
+    ),
+    VAEPreset(
+        "va-vae-f16d32", "kl-ldm",
+        (
+            WeightsSource("hustvl/vavae-imagenet256-f16d32-dinov2", filename="vavae-imagenet256-f16d32-dinov2.pt",
+                          description="LDM-format checkpoint"),
+            WeightsSource("hustvl/vavae-imagenet256-f16d32-dinov2", filename="latents_stats.pt",
+                          description="per-channel latent mean/std"),
+        ),
+        32, 16,
+        "VA-VAE f16d32 (LDM KL autoencoder aligned to DINOv2, LightningDiT); converted from the LDM "
+        "checkpoint on load; per-channel statistics from latents_stats.pt.",
+        norm="stats-file", params=_VAVAE_PARAMS,
+        citation="Yao et al., Reconstruction vs. Generation: Taming Optimization Dilemma in Latent Diffusion Models, CVPR 2025 (arXiv:2501.01423)",
+    ),
+    VAEPreset(
+        "e2e-vavae", "kl", (_hub("REPA-E/e2e-vavae-hf"),), 32, 16,
+        "VA-VAE after end-to-end REPA-E tuning, diffusers format; per-channel latents_mean/std from its config.",
+        norm="config-stats", params=_VAVAE_PARAMS,
+        citation="Leng et al., REPA-E: Unlocking VAE for End-to-End Tuning with Latent Diffusion Transformers, ICCV 2025 (arXiv:2504.10483)",
+    ),
+)
+
+
+def diffusers_has(module: str) -> bool:
+    """Whether the installed diffusers ships ``models/autoencoders/<module>.py`` (imports nothing)."""
+    spec = importlib.util.find_spec("diffusers")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any((Path(p) / "models" / "autoencoders" / f"{module}.py").exists() for p in spec.submodule_search_locations)
+
+
+def get_preset(name: str) -> VAEPreset:
+    for p in PRESETS:
+        if p.name == name:
+            return p
+    raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------
+
+
+class DiffusersVAE(Tokenizer):
+    """A diffusers KL autoencoder behind the raebench contract.
+
+    ``shift``/``scale`` are buffers of shape (1, C, 1, 1) or (1, 1, 1, 1):
+    normalised = (mode - shift) * scale; decode inverts it exactly.
+    """
+
+    def __init__(self, vae: nn.Module, shift: torch.Tensor, scale: torch.Tensor, weights_id: str) -> None:
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.register_buffer("shift", _as_channels(shift))
+        self.register_buffer("scale", _as_channels(scale))
+        self.weights_id = weights_id
+
+    def _encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(x).latent_dist.mode()  # deterministic: the posterior mean
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raw = self._encode_raw(x * 2.0 - 1.0)  # (N, C, H/f, W/f)
+        return (raw - self.shift) * self.scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        raw = z / self.scale + self.shift
+        return (self._decode_raw(raw) + 1.0) / 2.0  # [-1, 1] -> [0, 1], unclamped
+
+
+class DCAEVAE(DiffusersVAE):
+    """AutoencoderDC: deterministic encoder (no posterior), ``.latent`` is the code."""
+
+    def _encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(x).latent
+
+
+class Flux2VAE(DiffusersVAE):
+    """AutoencoderKLFlux2: the posterior mode is patchified 2x2 before its BatchNorm statistics apply,
+    as in diffusers' Flux2Pipeline (``_patchify_latents`` then ``(z - bn_mean) / sqrt(bn_var + eps)``)."""
+
+    def _encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode(x).latent_dist.mode()  # (N, C, h, w)
+        n, c, h, w = z.shape
+        z = z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return z.reshape(n, c * 4, h // 2, w // 2)  # (N, 4C, h/2, w/2)
+
+    def _decode_raw(self, z: torch.Tensor) -> torch.Tensor:
+        n, c4, h, w = z.shape
+        z = z.reshape(n, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c4 // 4, h * 2, w * 2)
+        return self.vae.decode(z).sample
+
+
+def _as_channels(v: torch.Tensor | float) -> torch.Tensor:
+    t = torch.as_tensor(v, dtype=torch.float32).flatten()
+    return t.view(1, -1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _diffusers_dir(preset: VAEPreset, weights: str | None) -> Path:
+    """A folder with config.json + safetensors: ``weights`` (or its ``subfolder``), else the hub copy."""
+    src = preset.weights[0]
+    path = resolve(src, weights, what=f"{preset.name} weights", flag="--weights")
+    if path.is_file():
+        raise MissingWeightsError(
+            f"{preset.name}: --weights must be a diffusers folder holding config.json and "
+            f"diffusion_pytorch_model.safetensors, not the file {str(path)!r}."
+        )
+    for cand in (path, path / (src.subfolder or "")):
+        if (cand / "config.json").is_file():
+            return cand
+    raise MissingWeightsError(
+        f"{preset.name}: no config.json in {str(path)!r}; give --weights a diffusers folder "
+        f"(a download of {src.repo_id!r}{'/' + src.subfolder if src.subfolder else ''})."
+    )
+
+
+def _diffusers_class(kind: str):
+    import diffusers  # noqa: PLC0415 (heavy; only when a VAE is built)
+
+    name = {"kl": "AutoencoderKL", "kl-ldm": "AutoencoderKL", "kl-flux2": "AutoencoderKLFlux2", "dc": "AutoencoderDC"}[kind]
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise CheckpointError(f"The installed diffusers {diffusers.__version__} has no {name}; upgrade diffusers.")
+    return cls
+
+
+def load_diffusers_vae(kind: str, folder: str | Path) -> nn.Module:
+    """``from_pretrained`` on a local folder: safetensors only, no network, no remote code."""
+    cls = _diffusers_class(kind)
+    folder = Path(folder)
+    if not (folder / DIFFUSERS_FILES[1]).is_file():
+        raise MissingWeightsError(f"{str(folder)!r} has config.json but no {DIFFUSERS_FILES[1]} (only safetensors are read).")
+    return cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True, torch_dtype=torch.float32)
+
+
+def _weights_id(preset: VAEPreset, folder: Path) -> str:
+    """``repo@<snapshot hash>`` for hub copies, ``local:<path>`` for --weights folders."""
+    src = preset.weights[0]
+    parts = folder.resolve().parts
+    if "snapshots" in parts:
+        i = parts.index("snapshots")
+        if i + 1 < len(parts):
+            return f"{src.repo_id}@{parts[i + 1][:12]}"
+    return f"local:{folder.resolve()}"
+
+
+def build_vae(preset: VAEPreset, weights: str | None = None, stats: str | None = None) -> DiffusersVAE:
+    """Load ``preset``'s weights (``weights``: a local folder or file) and wrap them."""
+    if preset.kind == "kl-ldm":
+        return _build_ldm(preset, weights, stats)
+    if stats is not None:
+        raise MissingWeightsError(f"{preset.name} takes its latent statistics from its weights; --stats is not used.")
+    folder = _diffusers_dir(preset, weights)
+    vae = load_diffusers_vae(preset.kind, folder)
+    wid = _weights_id(preset, folder)
+    if preset.norm == "scale":
+        shift, scale = torch.tensor(preset.shift), torch.tensor(preset.scale)
+        cfg_scale = getattr(vae.config, "scaling_factor", None)
+        if cfg_scale is not None and abs(cfg_scale - preset.scale) > 1e-6:
+            log.debug("%s: config scaling_factor %s differs from the preset's %s (the preset wins)",
+                      preset.name, cfg_scale, preset.scale)
+    elif preset.norm == "config-stats":
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is None or std is None:
+            raise CheckpointError(f"{preset.name}: {str(folder)!r}/config.json lacks latents_mean/latents_std.")
+        shift, scale = torch.tensor(mean), 1.0 / torch.tensor(std)
+    elif preset.norm == "batchnorm":
+        bn = vae.bn
+        shift = bn.running_mean.detach().clone()
+        scale = 1.0 / torch.sqrt(bn.running_var.detach() + vae.config.batch_norm_eps)
+    else:
+        raise ValueError(f"unknown normalisation {preset.norm!r}")
+    cls = {"kl": DiffusersVAE, "kl-flux2": Flux2VAE, "dc": DCAEVAE}[preset.kind]
+    return cls(vae, shift, scale, wid)
+
+
+# ---------------------------------------------------------------------------------------------
+# LDM-format AutoencoderKL checkpoints (VA-VAE): convert to diffusers on load
+# ---------------------------------------------------------------------------------------------
+
+_LDM_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+_ATTN_RENAMES = (("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0."))
+
+
+def ldm_vae_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Infer the diffusers AutoencoderKL config of an LDM KL checkpoint from its tensor shapes.
+
+    Levels with ``down.{i}.attn`` / ``up.{i}.attn`` weights become Attn*Block2D (LDM's
+    ``attn_resolutions``); GroupNorm uses 32 groups as in LDM's ``Normalize``.
+    """
+    levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    if not levels:
+        raise CheckpointError("not an LDM AutoencoderKL state dict: no encoder.down.* weights")
+    block_out = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels]
+    layers = len({m.group(1) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+    attn_down = [any(k.startswith(f"encoder.down.{i}.attn.") for k in sd) for i in levels]
+    attn_up = [any(k.startswith(f"decoder.up.{i}.attn.") for k in sd) for i in levels]
+    latent = sd["quant_conv.weight"].shape[0] // 2 if "quant_conv.weight" in sd else sd["decoder.conv_in.weight"].shape[1]
+    return {
+        "in_channels": sd["encoder.conv_in.weight"].shape[1],
+        "out_channels": sd["decoder.conv_out.weight"].shape[0],
+        "block_out_channels": block_out,
+        "layers_per_block": layers,
+        "latent_channels": latent,
+        "down_block_types": ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn_down],
+        # diffusers lists decoder blocks from the lowest resolution up; LDM indexes them from the top
+        "up_block_types": ["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn_up)],
+        "use_quant_conv": "quant_conv.weight" in sd,
+        "use_post_quant_conv": "post_quant_conv.weight" in sd,
+        "norm_num_groups": 32,
+    }
+
+
+def _ldm_key_to_diffusers(key: str, num_levels: int) -> str:
+    k = key
+    k = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", k)
+    k = re.sub(r"^encoder\.down\.(\d+)\.attn\.", r"encoder.down_blocks.\1.attentions.", k)
+    k = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", k)
+    up = lambda m, what: f"decoder.up_blocks.{num_levels - 1 - int(m.group(1))}.{what}"  # noqa: E731
+    k = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: up(m, "resnets."), k)
+    k = re.sub(r"^decoder\.up\.(\d+)\.attn\.", lambda m: up(m, "attentions."), k)
+    k = re.sub(r"^decoder\.up\.(\d+)\.upsample\.", lambda m: up(m, "upsamplers.0."), k)
+    k = re.sub(r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}.", k)
+    k = re.sub(r"^(encoder|decoder)\.mid\.attn_1\.", r"\1.mid_block.attentions.0.", k)
+    k = k.replace(".norm_out.", ".conv_norm_out.").replace(".nin_shortcut.", ".conv_shortcut.")
+    if ".attentions." in k:
+        head, leaf = k.rsplit(".attentions.", 1)
+        idx, rest = leaf.split(".", 1)
+        for old, new in _ATTN_RENAMES:
+            if rest.startswith(old):
+                rest = new + rest[len(old):]
+                break
+        k = f"{head}.attentions.{idx}.{rest}"
+    return k
+
+
+def convert_ldm_vae_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """LDM AutoencoderKL weights -> (diffusers config, diffusers state dict).
+
+    Keys outside the autoencoder (``loss.*``, VA-VAE's foundation-model alignment heads) are dropped;
+    attention 1x1 convolutions become linear weights.
+    """
+    sd = {k: v for k, v in sd.items() if k.startswith(_LDM_PREFIXES)}
+    config = ldm_vae_config(sd)
+    n = len(config["block_out_channels"])
+    out = {}
+    for k, v in sd.items():
+        nk = _ldm_key_to_diffusers(k, n)
+        if ".attentions." in nk and nk.endswith(".weight") and v.ndim == 4:
+            v = v[:, :, 0, 0]  # (C, C, 1, 1) conv -> (C, C) linear
+        out[nk] = v
+    return config, out
+
+
+def _load_tensor_file(path: Path, what: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle with arbitrary objects: refuse rather than execute it
+        raise CheckpointError(
+            f"{what} {str(path)!r} cannot be read safely with torch.load(weights_only=True) "
+            f"({type(e).__name__}); re-save its tensors (state_dict) with torch.save or safetensors."
+        ) from None
+
+
+def load_ldm_vae(ckpt: str | Path) -> nn.Module:
+    """An LDM-format KL checkpoint (``{"state_dict": ...}`` or a bare state dict) as a diffusers AutoencoderKL.
+
+    The converted tensors must match the model exactly (same key set, same shapes), as in nanoGPT's
+    checkpoint import, so a wrong layout fails loudly instead of loading half a model.
+    """
+    obj = _load_tensor_file(Path(ckpt), "checkpoint")
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{str(ckpt)!r} holds no state dict.")
+    config, converted = convert_ldm_vae_state_dict(sd)
+    cls = _diffusers_class("kl-ldm")
+    vae = cls(**config)
+    expected = vae.state_dict()
+    missing, unexpected = sorted(set(expected) - set(converted)), sorted(set(converted) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{str(ckpt)!r} does not convert to a diffusers AutoencoderKL: {len(missing)} missing "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}) keys."
+        )
+    bad = [k for k in expected if expected[k].shape != converted[k].shape]
+    if bad:
+        raise CheckpointError(f"{str(ckpt)!r}: shape mismatch for {bad[:3]} after conversion.")
+    vae.load_state_dict(converted, strict=True)
+    return vae.float().eval()
+
+
+def _load_stats(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    obj = _load_tensor_file(path, "latent statistics")
+    if not (isinstance(obj, dict) and "mean" in obj and "std" in obj):
+        raise CheckpointError(f"{str(path)!r} should hold a dict with 'mean' and 'std' tensors (LightningDiT's latents_stats.pt).")
+    return torch.as_tensor(obj["mean"]).float().flatten(), torch.as_tensor(obj["std"]).float().flatten()
+
+
+def _build_ldm(preset: VAEPreset, weights: str | None, stats: str | None) -> DiffusersVAE:
+    ckpt_src, stats_src = preset.weights
+    ckpt = resolve(ckpt_src, weights, what=f"{preset.name} checkpoint", flag="--weights")
+    if ckpt.is_dir():
+        pts = sorted(p for p in ckpt.glob("*.pt") if p.name != stats_src.filename)
+        if len(pts) != 1:
+            raise MissingWeightsError(
+                f"{preset.name}: expected {ckpt_src.filename!r} in {str(ckpt)!r}; pass the checkpoint file with --weights."
+            )
+        ckpt = pts[0]
+    if stats is None and weights is not None:  # a local checkpoint: its statistics sit beside it
+        stats = str(Path(weights) if Path(weights).is_dir() else Path(weights).parent)
+    stats_path = resolve(stats_src, stats, what=f"{preset.name} latent statistics", flag="--stats")
+    if stats_path.is_dir():
+        stats_path = stats_path / stats_src.filename
+    if not stats_path.is_file():
+        raise MissingWeightsError(f"{preset.name}: no {stats_src.filename!r} found; pass it with --stats FILE.")
+    vae = load_ldm_vae(ckpt)
+    mean, std = _load_stats(stats_path)
+    if mean.numel() != vae.config.latent_channels or std.numel() != vae.config.latent_channels:
+        raise CheckpointError(
+            f"{str(stats_path)!r} has {mean.numel()} channels, the checkpoint {vae.config.latent_channels}."
+        )
+    wid = f"{ckpt_src.repo_id}:{ckpt.name}" if "snapshots" in ckpt.parts else f"local:{ckpt.resolve()}"
+    return DiffusersVAE(vae, mean, 1.0 / std, wid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------
+
+
+def _register(preset: VAEPreset) -> None:
+    if preset.kind == "kl-ldm":
+        def builder(weights: str | None = None, stats: str | None = None, _p: VAEPreset = preset) -> Tokenizer:
+            return build_vae(_p, weights, stats)
+    else:
+        def builder(weights: str | None = None, _p: VAEPreset = preset) -> Tokenizer:  # type: ignore[misc]
+            return build_vae(_p, weights)
+    register_tokenizer(
+        TokenizerSpec(
+            name=preset.name,
+            family="vae",
+            description=preset.description,
+            latent_shape_fn=preset.latent_shape,
+            builder=builder,
+            native_resolutions=(256, 512),
+            params=preset.params,
+            weights=preset.weights,
+            aliases=preset.aliases,
+            citation=preset.citation,
+            extra={"preset": preset},
+        )
+    )
+
+
+for _preset in PRESETS:
+    if _preset.kind == "kl-flux2" and not diffusers_has("autoencoder_kl_flux2"):
+        log.debug("diffusers without AutoencoderKLFlux2: %s not registered", _preset.name)
+        continue
+    _register(_preset)
+
+
+def describe(preset: VAEPreset) -> str:
+    """One line for logs: the normalisation in words."""
+    if preset.norm == "scale":
+        return f"(z - {preset.shift}) * {preset.scale}"
+    return {"config-stats": "(z - latents_mean) / latents_std (config)", "stats-file": "(z - mean) / std (latents_stats.pt)",
+            "batchnorm": "patchify 2x2, then (z - bn.running_mean) / sqrt(bn.running_var + eps)"}[preset.norm]
+
+
+__all__ = [
+    "PRESETS", "VAEPreset", "DiffusersVAE", "DCAEVAE", "Flux2VAE", "build_vae", "convert_ldm_vae_state_dict",
+    "ldm_vae_config", "load_ldm_vae", "load_diffusers_vae", "get_preset", "describe",
+]

@@ -1,0 +1,107 @@
+"""Stage-2 training on a toy latent distribution: learning, exact resume, the latent cache."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from raebench.stage2.samplers import sample
+from raebench.stage2.train import (
+    LatentCache, PRESETS, TrainConfig, build_for_training, cache_latents, lr_factor, preset, train,
+    write_latent_cache,
+)
+from raebench.stage2.models import load_stage2_state
+
+
+def toy_cache(root, n=512, classes=4, seed=0):
+    """Four classes, each a tight Gaussian around its own random mean in an 8x4x4 latent space."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes, 8, 4, 4, generator=g)
+    y = torch.arange(n) % classes
+    x = means[y] + 0.2 * torch.randn(n, 8, 4, 4, generator=g)
+    return write_latent_cache(root, torch.stack([x, x.flip(-1)], 1), y), means
+
+
+def mmd(a: torch.Tensor, b: torch.Tensor) -> float:
+    """RBF-kernel MMD^2 between two sample sets (flattened), median-heuristic bandwidth."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    z = torch.cat([a, b])
+    d = torch.cdist(z, z).pow(2)
+    k = torch.exp(-d / d[d > 0].median())
+    n = len(a)
+    return float(k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean())
+
+
+def tiny_cfg(tmp_path, **kw) -> TrainConfig:
+    return preset("tiny", out=str(tmp_path / "run"), latents=str(tmp_path / "cache"), num_classes=4, **kw)
+
+
+def test_loss_falls_and_samples_approach_data(tmp_path):
+    cache_dir, means = toy_cache(tmp_path / "cache")
+    cfg = tiny_cfg(tmp_path, epochs=25, ckpt_every=1000)  # 8 steps/epoch -> 200 steps
+    torch.manual_seed(0)
+    init = build_for_training(cfg, (8, 4, 4)).eval()
+    res = train(cfg)
+    losses = res["losses"]
+    assert res["step"] == 200 and np.mean(losses[-20:]) < 0.6 * np.mean(losses[:20])
+
+    trained = build_for_training(cfg, (8, 4, 4)).eval()
+    load_stage2_state(trained, tmp_path / "run" / "checkpoints" / "last.pt")  # the EMA weights
+    data = LatentCache(cache_dir)
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(128) % 4
+    noise = torch.randn(128, 8, 4, 4, generator=g)
+    ref = torch.from_numpy(np.asarray(data.latents[:128, 0]))  # same label layout (i % 4)
+    d_init = mmd(sample(init, noise, y, num_steps=20, method="euler"), ref)
+    d_trained = mmd(sample(trained, noise, y, num_steps=20, method="euler"), ref)
+    assert d_trained < 0.5 * d_init
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    toy_cache(tmp_path / "cache", n=128)
+    base = dict(global_batch=32, epochs=10, ckpt_every=3, grad_accum=2)
+    full = train(tiny_cfg(tmp_path / "a", max_steps=12, **base) if False else
+                 dataclasses.replace(tiny_cfg(tmp_path, **base), out=str(tmp_path / "a"), max_steps=12))
+    part = dataclasses.replace(tiny_cfg(tmp_path, **base), out=str(tmp_path / "b"), max_steps=7)
+    assert train(part)["step"] == 7  # "killed" after the checkpoint at step 7 (and 6)
+    again = train(dataclasses.replace(part, max_steps=12))  # the same command, re-run
+    assert again["step"] == 12 and full["step"] == 12
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
+    for k in ("model", "ema"):
+        for name, t in a[k].items():
+            torch.testing.assert_close(t, b[k][name], atol=1e-6, rtol=0, msg=f"{k}.{name}")
+    assert set(a) >= {"model", "ema", "opt", "sched", "step", "rng", "config"}
+    assert (tmp_path / "b" / "config.json").is_file()
+    assert not list((tmp_path / "b" / "checkpoints").glob("*.tmp"))
+
+
+def test_official_schedule_and_presets():
+    cfg = PRESETS["ditdh-xl"]
+    assert (cfg.lr, cfg.betas, cfg.global_batch, cfg.clip_grad, cfg.ema_decay) == (2e-4, (0.9, 0.95), 1024, 1.0, 0.9995)
+    spe = 1251
+    assert lr_factor(0, spe, cfg) == 1.0 and lr_factor(40 * spe - 1, spe, cfg) == 1.0
+    assert lr_factor(800 * spe, spe, cfg) == pytest.approx(0.1) and lr_factor(1000 * spe, spe, cfg) == pytest.approx(0.1)
+    assert lr_factor(420 * spe, spe, cfg) == pytest.approx(0.55)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+
+
+def test_cache_latents_with_flips(tmp_path, image_folder):
+    class MeanPool(torch.nn.Module):
+        name = "meanpool"
+
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+        def encode(self, x):  # (N, 3, 32, 32) -> (N, 3, 4, 4)
+            return torch.nn.functional.avg_pool2d(x, 8)
+
+    out = cache_latents(MeanPool(), str(image_folder), tmp_path / "lat", resolution=32, batch_size=3)
+    cache = LatentCache(out)
+    assert len(cache) == 8 and cache.latent_shape == (3, 4, 4) and cache.latents.shape[1] == 2
+    torch.testing.assert_close(torch.from_numpy(np.asarray(cache.latents[:, 1], dtype=np.float32)),
+                               torch.from_numpy(np.asarray(cache.latents[:, 0], dtype=np.float32)).flip(-1), atol=1e-3, rtol=0)
+    assert sorted(cache.labels.tolist()) == [0] * 4 + [1] * 4
