@@ -142,15 +142,22 @@ def get_card(name: str) -> Card:
     raise RaebenchError(f"No baseline card for {name!r}; cards exist for {', '.join(c.name for c in load_cards())}.")
 
 
-def _hib(r: Reported) -> bool | None:
-    if r.higher_is_better is not None:
-        return r.higher_is_better
+def _hib(r: Reported, where: str) -> bool | None:
+    """The metric registry decides; a card's own ``higher_is_better`` is used only for metrics the
+    registry does not know yet, and must agree with the registry once it does."""
     from raebench.metrics import higher_is_better
 
     h = higher_is_better(r.metric)
-    if h is None:  # a metric the registry does not know yet: fall back on what the card says
-        log.debug("reported metric %r is not registered and states no higher_is_better", r.metric)
+    if h is None:
+        return r.higher_is_better
+    if r.higher_is_better is not None and r.higher_is_better != h:
+        raise CardError(f"{where}: {r.metric} is higher_is_better={h} in the metrics registry, the card says {r.higher_is_better}.")
     return h
+
+
+def rank(r: Reported) -> int:
+    """Preference among several numbers for the same protocol: authors' verified > secondary > unverified."""
+    return (0 if r.verified else 2) + (1 if r.secondary else 0)
 
 
 def reported_rows(tokenizers: list[str] | None = None, include_variants: bool = False) -> list:
@@ -173,32 +180,35 @@ def reported_rows(tokenizers: list[str] | None = None, include_variants: bool = 
             out.append(ResultRow(
                 tokenizer=card.tokenizer, weights_id=card.weights_id, dataset=r.dataset, split=r.split, domain=domain,
                 resolution=r.resolution, n_images=r.n_images if r.n_images is not None else -1, metric=r.metric,
-                value=r.value, higher_is_better=_hib(r), metric_version=REPORTED_VERSION, source="reported",
+                value=r.value, higher_is_better=_hib(r, card.name), metric_version=REPORTED_VERSION, source="reported",
                 notes=r.notes, run_id=f"card:{card.name}",
                 extra={"reference": r.reference, "citation": r.source, "label": r.label or r.metric,
                        "secondary": r.secondary, "verified": r.verified, "weights_match": r.weights_match,
-                       "card": card.name},
+                       "card": card.name, "rank": rank(r)},
             ))
     return out
 
 
 def reported_frame(tokenizers: list[str] | None = None, include_variants: bool = False):
-    """:func:`reported_rows` as a DataFrame with the results columns (plus ``reference``, ``citation``, ...)."""
-    import pandas as pd
+    """:func:`reported_rows` as a DataFrame: the results columns plus ``reference``, ``citation``,
+    ``secondary``, ``verified``, ``weights_match`` and ``rank`` (also kept in ``extra``)."""
     from dataclasses import asdict
+
+    import pandas as pd
 
     from raebench.results import COLUMNS
 
+    keys = ("reference", "citation", "secondary", "verified", "weights_match", "rank")
     rows = reported_rows(tokenizers, include_variants)
     if not rows:
-        return pd.DataFrame(columns=[*COLUMNS, "reference", "citation", "secondary"])
+        return pd.DataFrame(columns=[*COLUMNS, *keys])
     recs = []
     for r in rows:
         d = asdict(r)
-        d.update(reference=r.extra["reference"], citation=r.extra["citation"], secondary=r.extra["secondary"])
+        d.update({k: r.extra[k] for k in keys})
         recs.append(d)
     return pd.DataFrame.from_records(recs)
 
 
-__all__ = ["Card", "CardError", "Fact", "Reported", "get_card", "load_cards", "parse_card", "reported_frame",
+__all__ = ["Card", "CardError", "Fact", "Reported", "get_card", "load_cards", "parse_card", "rank", "reported_frame",
            "reported_rows", "REPORTED_VERSION"]

@@ -12,6 +12,8 @@ from raebench.metrics.base import (
     register_metric,
 )
 from raebench.metrics import pixel  # noqa: F401  (psnr, ssim)
+from raebench.metrics import extractors  # noqa: F401  (inception, dinov2-l14, clip-l14-336)
+from raebench.metrics import frechet, inception_score, kernel, manifold, msssim, perceptual  # noqa: F401, E402
 
 __all__ = [
     "EXTRACTORS",

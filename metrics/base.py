@@ -26,11 +26,17 @@ class MetricBatch:
 
     ``reference`` and ``candidate`` are (N, 3, H, W) uint8; for paired metrics row i of one matches
     row i of the other. ``features[name] = (ref_feats, cand_feats)`` holds the shared extractor
-    outputs; either side may be None when it is not computed (e.g. reference stats from a cache).
+    outputs (each a dict ``{output: (N, D) float32}``, e.g. ``{"pool": ..., "logits": ...}``);
+    either side may be None when it is not computed (e.g. reference features from the cache come
+    without images).
+
+    Distribution metrics also receive one-sided batches (``score`` with unpaired sets, or a
+    reference batch read from an ``.npz``): then ``candidate`` or ``reference`` is None and only
+    that side's features are present. Paired metrics never receive one-sided batches.
     """
 
     reference: torch.Tensor | None
-    candidate: torch.Tensor
+    candidate: torch.Tensor | None
     features: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -41,9 +47,18 @@ class Metric(abc.ABC):
     result row. ``notes`` collects warnings recorded with the result (e.g. "N < d").
     """
 
+    #: keys of an ADM reference batch ``.npz`` (``("mu", "sigma")``) this metric can use instead of
+    #: reference features; see :meth:`set_reference_stats`
+    reference_stats_keys: tuple[str, ...] = ()
+
     def __init__(self, spec: "MetricSpec") -> None:
         self.spec = spec
         self.notes: list[str] = []
+
+    def set_reference_stats(self, stats: dict) -> None:
+        """Use stored reference statistics (arrays named by ``reference_stats_keys``) instead of
+        accumulating reference features."""
+        raise NotImplementedError(f"{self.spec.name} cannot use stored reference statistics")
 
     @abc.abstractmethod
     def update(self, batch: MetricBatch) -> None: ...
@@ -61,7 +76,7 @@ class Metric(abc.ABC):
     # both methods. Merging states in shard order reproduces the single-process accumulation (up to
     # float summation order), because shards are contiguous slices of the ordered dataset.
 
-    _NOT_STATE = frozenset({"spec", "notes"})
+    _NOT_STATE = frozenset({"spec", "notes", "reference_stats_keys"})
 
     def state(self) -> dict:
         """The accumulator's state: plain numbers, tensors and lists of tensors (torch.save-able
@@ -103,6 +118,12 @@ class MetricSpec:
     aliases: tuple[str, ...] = ()
     #: other result names this metric emits (``kid`` -> ``kid-std``), with their higher_is_better
     outputs: tuple[tuple[str, bool], ...] = ()
+    #: extractor outputs read from each side, as ``"extractor/output"`` (``"inception/pool"``); the
+    #: evaluator runs (or reads from its cache) only what some metric reads
+    reference_inputs: tuple[str, ...] = ()
+    candidate_inputs: tuple[str, ...] = ()
+    #: option names ``build`` accepts (``weights`` for LPIPS, ``variant`` for DreamSim)
+    options: tuple[str, ...] = ()
 
     def build(self, **options) -> Metric:
         return self.builder(self, **options)
@@ -110,12 +131,21 @@ class MetricSpec:
 
 @dataclass(frozen=True)
 class ExtractorSpec:
-    """A feature extractor: uint8 (N, 3, H, W) -> features; built lazily, run once per image."""
+    """A feature extractor: uint8 (N, 3, H, W) -> features; built lazily, run once per image.
+
+    ``builder(device=..., outputs=..., **options)`` returns a callable mapping uint8 images to
+    ``{output: (N, D) float32}`` with attributes ``identity`` (version + weights fingerprint +
+    options; part of every cache key) and ``variant`` (non-default options that change values,
+    appended to the version of every metric that reads it; "" by default).
+    """
 
     name: str
-    version: str  # part of every cache key; includes the weights identity and resize mode
+    version: str  # the definition: network, layer, resize; bump when any changes
     description: str
     builder: Callable[..., Callable[[torch.Tensor], torch.Tensor | dict[str, torch.Tensor]]]
+    outputs: tuple[str, ...] = ()
+    #: option names the builder accepts (besides device and outputs); unknown options are errors
+    options: tuple[str, ...] = ()
 
 
 METRICS: Registry[MetricSpec] = Registry("metric")

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import numpy as np
 import torch
 
 from raebench.data import ImageDataset, ResolvedData, Skip, iter_batches, make_loader, resolve_data, to_float, to_uint8
@@ -111,25 +112,229 @@ def _autocast(device: torch.device, precision: str):
     raise RaebenchError(f"Unknown precision {precision!r}; use fp32 or bf16.")
 
 
+@dataclass(frozen=True)
+class ReferenceSet:
+    """Identity of the reference images, for the feature cache: ``id`` covers the image list, the
+    crop and the resolution (``<fingerprint>|adm-center-crop@256``); rows are indexed 0..n-1."""
+
+    id: str
+    n: int
+
+
+def parse_options(items: list[str] | tuple[str, ...] | str | None) -> dict[str, dict[str, str]]:
+    """``["inception.dtype=float64", "lpips-vgg.weights=/w/vgg16.pth"]`` (or one comma-separated
+    string) -> ``{"inception": {"dtype": "float64"}, "lpips-vgg": {"weights": ...}}``."""
+    if not items:
+        return {}
+    if isinstance(items, str):
+        items = [s for s in items.split(",") if s.strip()]
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        target, _, key = name.strip().rpartition(".")
+        if not target or not key or not _:
+            raise RaebenchError(f"Metric option {item!r} is not NAME.KEY=VALUE (e.g. inception.dtype=float64).")
+        out.setdefault(target, {})[key] = value.strip()
+    return out
+
+
 class Evaluator:
-    """Builds metrics and shared extractors once; ``run`` streams a dataset through them."""
+    """Builds the metrics and the extractors they share; streams batches through them.
 
-    def __init__(self, metric_names: tuple[str, ...], device: torch.device):
+    Each extractor runs once per image and side; its outputs feed every metric that reads them.
+    Reference-side features come from the on-disk cache when ``reference`` identifies the set and
+    a cached copy exists (then the reference images are not run through the extractor), and are
+    written to it at :meth:`finish` when this run saw every reference image.
+
+    ``options`` (``{"inception": {"dtype": "float64"}, "lpips-vgg": {"weights": PATH}}``, default:
+    ``$RAEBENCH_METRIC_OPTIONS``) go to extractor and metric builders; unknown keys are errors.
+    """
+
+    def __init__(
+        self,
+        metric_names: tuple[str, ...],
+        device: torch.device,
+        *,
+        options: dict[str, dict[str, str]] | None = None,
+        reference: ReferenceSet | None = None,
+        cache=None,
+    ):
         from raebench.metrics import EXTRACTORS, METRICS
+        from raebench.metrics.cache import FeatureCache
 
-        self.device = device
-        self.specs = [METRICS.get(m) for m in metric_names]
-        self.metrics = [s.build() for s in self.specs]
-        names = sorted({e for s in self.specs for e in s.extractors})
-        self.extractors = {n: EXTRACTORS.get(n).builder(device=device) for n in names}
+        self.device = torch.device(device)
+        self.options = parse_options(os.environ.get("RAEBENCH_METRIC_OPTIONS")) if options is None else options
+        self.specs = [METRICS.get(m) for m in dict.fromkeys(metric_names)]
+        known = {s.name for s in self.specs} | {e for s in self.specs for e in s.extractors}
+        for target, opts in self.options.items():
+            spec = METRICS.get(target) if target in METRICS else EXTRACTORS.get(target)  # unknown names: suggestions
+            if spec.name not in known:
+                continue  # options for metrics not requested now are ignored (one env var serves many runs)
+            allowed = spec.options
+            bad = sorted(set(opts) - set(allowed) - {"device"})
+            if bad:
+                raise RaebenchError(f"{target} takes no option {', '.join(bad)}; it takes {', '.join(allowed) or 'none'}.")
+        self.metrics = [self._build_metric(s) for s in self.specs]
+        # which outputs of which extractor each side needs
+        self.ref_needs: dict[str, set[str]] = {}
+        self.cand_needs: dict[str, set[str]] = {}
+        for s in self.specs:
+            for side, inputs in ((self.ref_needs, s.reference_inputs), (self.cand_needs, s.candidate_inputs)):
+                for item in inputs:
+                    ext, out = item.split("/")
+                    side.setdefault(ext, set()).add(out)
+        self._extractors: dict = {}
+        self.reference = reference
+        self.cache = (FeatureCache() if cache is None else cache) if reference is not None else None
+        self._ref_cached: dict[str, dict[str, np.ndarray]] = {}
+        self._ref_collected: dict[str, dict[str, list[torch.Tensor]]] = {}
+        self._ref_index: list[torch.Tensor] = []
+        self._stats_given = False
 
-    def update(self, ref_u8: torch.Tensor, rec_u8: torch.Tensor) -> None:
+    # -- building ---------------------------------------------------------------------------------
+
+    def _build_metric(self, spec):
+        opts = dict(self.options.get(spec.name, {}))
+        if "device" in spec.options:
+            opts.setdefault("device", self.device)
+        return spec.build(**opts)
+
+    def extractor(self, name: str):
+        """The extractor ``name``, built on first use with every output some metric reads."""
+        from raebench.metrics import EXTRACTORS
+
+        if name not in self._extractors:
+            outputs = tuple(sorted(self.ref_needs.get(name, set()) | self.cand_needs.get(name, set())))
+            self._extractors[name] = EXTRACTORS.get(name).builder(device=self.device, outputs=outputs,
+                                                                  **self.options.get(name, {}))
+        return self._extractors[name]
+
+    def set_reference_stats(self, stats: dict) -> None:
+        """Use stored reference statistics (an ADM reference batch's ``mu``/``sigma``,
+        ``mu_s``/``sigma_s``) for every metric that can; the others keep needing reference features."""
+        for spec, m in zip(self.specs, self.metrics):
+            keys = m.reference_stats_keys
+            if keys and all(k in stats for k in keys):
+                m.set_reference_stats({k: stats[k] for k in keys})
+                for item in spec.reference_inputs:
+                    ext, out = item.split("/")
+                    self.ref_needs.get(ext, set()).discard(out)
+        self.ref_needs = {k: v for k, v in self.ref_needs.items() if v}
+        self._stats_given = True
+
+    @property
+    def needs_reference_features(self) -> bool:
+        """False when every reference-side input comes from stored statistics or the cache."""
+        self._load_cache()
+        return any(e not in self._ref_cached for e in self.ref_needs)
+
+    def _load_cache(self) -> None:
+        if self.cache is None or getattr(self, "_cache_checked", False):
+            return
+        self._cache_checked = True
+        for ext, outs in self.ref_needs.items():
+            arrs = {o: self.cache.load(self._cache_key(ext, o), self.reference.n) for o in outs}
+            if all(a is not None for a in arrs.values()):
+                self._ref_cached[ext] = arrs
+                log.info("reference %s features read from the cache", ext)
+
+    def _cache_key(self, ext: str, output: str) -> str:
+        return self.cache.key(self.reference.id, self.extractor(ext).identity, output)
+
+    # -- streaming --------------------------------------------------------------------------------
+
+    def _reference_features(self, ref_u8, index, keep) -> dict:
+        """{extractor: {output: (n_kept, D)}} for the reference rows, from the cache or extracted."""
+        self._load_cache()
+        feats = {}
+        for ext, outs in self.ref_needs.items():
+            if ext in self._ref_cached and index is not None:
+                idx = (index if keep is None else index[keep.cpu()]).cpu().numpy()
+                feats[ext] = {o: torch.from_numpy(np.asarray(self._ref_cached[ext][o][idx])) for o in outs}
+                continue
+            if ref_u8 is None:
+                continue
+            f = self.extractor(ext)(ref_u8)
+            if self.cache is not None and index is not None:  # all rows, for the cache
+                col = self._ref_collected.setdefault(ext, {o: [] for o in outs})
+                for o in outs:
+                    col[o].append(f[o].cpu())
+            feats[ext] = f if keep is None else {o: v[keep.to(v.device)] for o, v in f.items()}
+        if self.cache is not None and index is not None and any(e not in self._ref_cached for e in self.ref_needs):
+            self._ref_index.append(index.cpu())
+        return feats
+
+    def _dispatch(self, ref_u8, cand_u8, ref_feats: dict, cand_feats: dict) -> None:
         from raebench.metrics import MetricBatch
 
-        feats = {n: (ex(ref_u8), ex(rec_u8)) for n, ex in self.extractors.items()}
-        batch = MetricBatch(reference=ref_u8, candidate=rec_u8, features=feats)
-        for m in self.metrics:
+        names = set(ref_feats) | set(cand_feats)
+        feats = {n: (ref_feats.get(n), cand_feats.get(n)) for n in names}
+        batch = MetricBatch(reference=ref_u8, candidate=cand_u8, features=feats)
+        for spec, m in zip(self.specs, self.metrics):
+            if spec.kind == "paired" and (ref_u8 is None or cand_u8 is None):
+                raise RaebenchError(f"{spec.name} is a paired metric: it needs references and candidates image by image.")
             m.update(batch)
+
+    def _candidate_features(self, cand_u8) -> dict:
+        return {ext: self.extractor(ext)(cand_u8) for ext in self.cand_needs}
+
+    def update(self, ref_u8: torch.Tensor, cand_u8: torch.Tensor, index: torch.Tensor | None = None,
+               keep: torch.Tensor | None = None) -> None:
+        """A paired batch: uint8 (N, 3, H, W) references and their candidates, row by row.
+
+        ``index``: the references' positions in the reference set (for the feature cache).
+        ``keep``: (N,) bool; rows that are False are left out of every metric (e.g. NaN
+        reconstructions) and ``cand_u8`` holds only the kept rows, in order. The reference
+        extractor still sees all N rows, so the cache stays complete.
+        """
+        if keep is not None and bool(keep.all()):
+            keep = None
+        ref_feats = self._reference_features(ref_u8, index, keep)
+        ref_kept = ref_u8 if keep is None else ref_u8[keep.to(ref_u8.device)]
+        if ref_kept.shape[0] == 0:
+            return
+        self._dispatch(ref_kept, cand_u8, ref_feats, self._candidate_features(cand_u8))
+
+    def update_reference(self, ref_u8: torch.Tensor | None, index: torch.Tensor | None = None) -> None:
+        """An unpaired batch of references (distribution metrics only)."""
+        feats = self._reference_features(ref_u8, index, None)
+        if feats:
+            self._dispatch(None, None, feats, {})
+
+    def update_candidates(self, cand_u8: torch.Tensor) -> None:
+        """An unpaired batch of candidates (distribution metrics only)."""
+        self._dispatch(None, cand_u8, {}, self._candidate_features(cand_u8))
+
+    def finish(self) -> None:
+        """Write the reference features to the cache if this run extracted all of them."""
+        if self.cache is None or not self._ref_collected:
+            return
+        index = torch.cat(self._ref_index) if self._ref_index else torch.empty(0, dtype=torch.long)
+        if index.numel() != self.reference.n or not torch.equal(index.sort().values, torch.arange(self.reference.n)):
+            log.debug("reference features not cached: this run saw %d of %d images", index.numel(), self.reference.n)
+            return
+        order = index.argsort()
+        for ext, outs in self._ref_collected.items():
+            for o, parts in outs.items():
+                arr = torch.cat(parts)[order].numpy()
+                ident = self.extractor(ext).identity
+                self.cache.save(self._cache_key(ext, o), arr, {"reference": self.reference.id, "extractor": ident, "output": o})
+        self._ref_collected.clear()
+
+    # -- results ----------------------------------------------------------------------------------
+
+    def version_of(self, spec) -> str:
+        """The metric's version plus the non-default variants of the extractors it reads."""
+        variants = [self._extractors[e].variant for e in spec.extractors if e in self._extractors and self._extractors[e].variant]
+        return "+".join([spec.version, *variants])
+
+    def weights_ids(self) -> dict[str, str]:
+        """Identity of every network's weights used by the metrics, for the result rows."""
+        out = {n: ex.identity for n, ex in self._extractors.items()}
+        for spec, m in zip(self.specs, self.metrics):
+            if getattr(m, "weights_id", None):
+                out[spec.name] = m.weights_id
+        return out
 
     def compute(self) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
         """-> (values by result name, metric version by result name, notes by result name)."""
@@ -138,7 +343,7 @@ class Evaluator:
             out = m.compute()
             for k, v in out.items():
                 values[k] = float(v)
-                versions[k] = spec.version
+                versions[k] = self.version_of(spec)
                 notes[k] = "; ".join(m.notes)
         return values, versions, notes
 
@@ -259,7 +464,8 @@ def evaluate(
     data = data or resolve_data(cfg.data, cfg.dataset, cfg.limit, cfg.seed, cfg.domain)
     device = resolve_device(cfg.device)
     tok = tokenizer if tokenizer is not None else build_tokenizer_from_config(cfg, device)
-    ev = Evaluator(tuple(cfg.metrics), device)
+    reference = ReferenceSet(f"{data.images.fingerprint()}|adm-center-crop@{cfg.resolution}", data.n)
+    ev = Evaluator(tuple(cfg.metrics), device, reference=reference)
 
     lo, hi = _shard(data.n, rank, world)
     work = _WorkState(cfg.results_dir, _run_key(cfg, data, tok, [s.version for s in ev.specs]), rank) if cfg.write else None
@@ -303,9 +509,10 @@ def evaluate(
                 bad = (~ok).nonzero().flatten().tolist()
                 nonfinite.extend(batch["path"][j] for j in bad)
                 log.warning("%s: %d image(s) with NaN/Inf latents or reconstructions excluded", tok.name, len(bad))
-            if bool(ok.any()):
-                ev.update(ref[ok], to_uint8(rec[ok]))
-                n_used += int(ok.sum())
+            # every original goes to the reference extractors (for the feature cache); only the
+            # finite reconstructions and their originals reach the metrics
+            ev.update(ref, to_uint8(rec[ok]), index=batch["index"], keep=ok)
+            n_used += int(ok.sum())
         done += len(batch["skipped"]) + batch["image"].shape[0]
         if on_progress:
             on_progress(done, hi - lo)
@@ -318,7 +525,7 @@ def evaluate(
                 "upscaled": upscaled, "nonfinite": nonfinite}
         gathered: list = [None] * world
         td.all_gather_object(gathered, mine)
-        ev = Evaluator(tuple(cfg.metrics), device)
+        ev = Evaluator(tuple(cfg.metrics), device, reference=reference)
         n_used, skipped, upscaled, nonfinite = 0, [], [], []
         for g in gathered:
             for m, ms in zip(ev.metrics, g["metrics"]):
@@ -335,6 +542,8 @@ def evaluate(
         raise RaebenchError(f"Nothing to evaluate for {tok.name!r} on {data.name!r}: {reason} ({len(skipped)} skipped).")
     if upscaled and rank == 0:
         log.warning("%d image(s) were smaller than %d px and were upscaled by the crop", len(upscaled), cfg.resolution)
+    if world == 1:
+        ev.finish()  # cache the reference features if this run extracted all of them
     values, versions, notes = ev.compute()
     seconds = time.perf_counter() - t0
     run_id = new_run_id()
@@ -366,6 +575,7 @@ def evaluate(
                 "precision": cfg.precision,
                 "limit": cfg.limit,
                 "world_size": world,
+                "metric_weights": ev.weights_ids(),
             },
         )
         for name, value in values.items()

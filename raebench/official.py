@@ -130,8 +130,13 @@ def _plain(x: Any) -> Any:
     return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
 
 
-def build_stage1(stage1: Mapping[str, Any], base_dir: str | os.PathLike | None = None, device: str | torch.device | None = None):
-    """An :class:`RAETokenizer` from the ``stage_1`` block of an official config."""
+def build_stage1(
+    stage1: Mapping[str, Any],
+    base_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    name: str = "rae-official",
+):
+    """An :class:`RAETokenizer` (named ``name`` in results) from the ``stage_1`` block of an official config."""
     from raebench.rae.decoder import build_decoder, load_decoder_weights, official_config, preset_config
     from raebench.rae.encoders import load_hf_encoder
     from raebench.rae.stats import LatentStats
@@ -144,7 +149,9 @@ def build_stage1(stage1: Mapping[str, Any], base_dir: str | os.PathLike | None =
     params = dict(stage1.get("params") or {})
     unknown = sorted(set(params) - set(STAGE1_DEFAULTS))
     if unknown:
-        raise RaebenchError(f"stage_1.params has unknown key(s) {', '.join(unknown)}; the official RAE takes {', '.join(STAGE1_DEFAULTS)}.")
+        raise RaebenchError(
+            f"stage_1.params has unknown key(s) {', '.join(unknown)}; the official RAE takes {', '.join(STAGE1_DEFAULTS)}."
+        )
     p = {**STAGE1_DEFAULTS, **params}
     if not p["reshape_to_2d"]:
         raise RaebenchError("stage_1.params.reshape_to_2d is false; raebench's RAE latents are always (C, H, W).")
@@ -152,12 +159,17 @@ def build_stage1(stage1: Mapping[str, Any], base_dir: str | os.PathLike | None =
     # encoder
     cls = str(p["encoder_cls"])
     if cls not in ENCODER_CLASSES:
-        raise RaebenchError(f"stage_1.params.encoder_cls {cls!r} is unknown; the official classes are {', '.join(ENCODER_CLASSES)}.")
+        raise RaebenchError(
+            f"stage_1.params.encoder_cls {cls!r} is unknown; the official classes are {', '.join(ENCODER_CLASSES)}."
+        )
     weight_key, allowed = ENCODER_CLASSES[cls]
     enc_params = dict(p["encoder_params"] or {})
     bad = sorted(set(enc_params) - allowed)
     if bad:
-        raise RaebenchError(f"stage_1.params.encoder_params has unknown key(s) {', '.join(bad)} for {cls}; allowed: {', '.join(sorted(allowed))}.")
+        raise RaebenchError(
+            f"stage_1.params.encoder_params has unknown key(s) {', '.join(bad)} for {cls}; "
+            f"allowed: {', '.join(sorted(allowed))}."
+        )
     config_path = str(p["encoder_config_path"])
     weights_path = str(enc_params.get(weight_key, config_path))
     enc_dir = resolve_official_path(weights_path, base_dir, what=f"encoder ({weight_key})", kind="repo")
@@ -182,25 +194,30 @@ def build_stage1(stage1: Mapping[str, Any], base_dir: str | os.PathLike | None =
             raise
         dcfg = preset_config(preset.group(1), latent_dim=encoder.hidden_size, patch_size=patch, grid_size=grid)
     decoder = build_decoder(dcfg)
-    dec_path = p["pretrained_decoder_path"]
-    if dec_path is not None:
-        load_decoder_weights(decoder, resolve_official_path(str(dec_path), base_dir, what="decoder weights (pretrained_decoder_path)"))
-    ckpt = stage1.get("ckpt")
-    if ckpt is not None:  # a stage-1 training checkpoint: its EMA decoder wins, as in the official loader
-        load_decoder_weights(decoder, resolve_official_path(str(ckpt), base_dir, what="stage-1 checkpoint (stage_1.ckpt)"))
-    elif dec_path is None:
+    weights_file = None  # the last file loaded into the decoder, for provenance
+    if p["pretrained_decoder_path"] is not None:
+        weights_file = resolve_official_path(
+            str(p["pretrained_decoder_path"]), base_dir, what="decoder weights (pretrained_decoder_path)"
+        )
+        load_decoder_weights(decoder, weights_file)
+    if stage1.get("ckpt") is not None:  # a stage-1 training checkpoint: its EMA decoder wins, as officially
+        weights_file = resolve_official_path(str(stage1["ckpt"]), base_dir, what="stage-1 checkpoint (stage_1.ckpt)")
+        load_decoder_weights(decoder, weights_file)
+    if weights_file is None:
         log.warning("stage_1 names no decoder weights (pretrained_decoder_path or ckpt): the decoder is randomly initialised")
 
     # statistics
     stats = None
     if p["normalization_stat_path"] is not None:
+        what = "latent statistics (normalization_stat_path)"
         stats = LatentStats.load(
-            resolve_official_path(str(p["normalization_stat_path"]), base_dir, what="latent statistics (normalization_stat_path)"),
-            eps=float(p["eps"]),
+            resolve_official_path(str(p["normalization_stat_path"]), base_dir, what=what), eps=float(p["eps"])
         )
-    weights_id = f"official:{Path(str(ckpt or dec_path)).name}" if (ckpt or dec_path) else "random"
+    from raebench.tokenizers.rae import fingerprint
+
+    weights_id = f"official:{weights_file.name}@{fingerprint(weights_file)}" if weights_file is not None else "random"
     tok = RAETokenizer(encoder, decoder, stats, noise_tau=float(p["noise_tau"]), weights_id=weights_id)
-    tok.name = "rae-official"
+    tok.name = name
     tok = tok.eval()
     return tok.to(device) if device is not None else tok
 
@@ -270,7 +287,8 @@ def load_official_yaml(path: str | os.PathLike) -> Any:
     try:
         return OmegaConf.load(p)
     except Exception as e:
-        raise RaebenchError(f"The config {str(p)!r} is not valid YAML ({type(e).__name__}: {str(e).splitlines()[0][:100]}).") from None
+        first = str(e).splitlines()[0][:100] if str(e) else ""
+        raise RaebenchError(f"The config {str(p)!r} is not valid YAML ({type(e).__name__}: {first}).") from None
 
 
 def from_official_config(
@@ -296,7 +314,8 @@ def from_official_config(
         base = Path(base_dir) if base_dir is not None else Path.cwd()
     if cfg.get("stage_1") is None:
         raise RaebenchError(f"The config {str(path or '<mapping>')!r} has no stage_1 block; it is not an RAE config.")
-    tok = build_stage1(cfg.stage_1, base, device=device)
+    name = "rae-official" + (f"-{re.sub(r'[^a-z0-9.]+', '-', path.stem.lower()).strip('-')}" if path is not None else "")
+    tok = build_stage1(cfg.stage_1, base, device=device, name=name)
     out = OfficialRAE(cfg, base.resolve(), tok, path)
     misc = cfg.get("misc") or {}
     if misc.get("latent_size") is not None and tuple(misc["latent_size"]) != tuple(tok.latent_shape()):

@@ -134,8 +134,10 @@ def resolve(
             f"the download failed ({type(exc).__name__})"
         )
         gated = " The repository is gated: accept its licence on the Hub and log in with `hf auth login`." if source.gated else ""
+        item = f"file {source.path_in_repo!r} from" if source.filename else (
+            f"folder {source.subfolder!r} of" if source.subfolder else "the files of")
         raise MissingWeightsError(
-            f"{what} not found: {reason}; fetch file {source.path_in_repo!r} from Hugging Face repo "
+            f"{what} not found: {reason}; fetch {item} Hugging Face repo "
             f"{source.repo_id!r} (`{source.download_hint()}`) into the cache at {hf_cache_dir()} "
             f"(set HF_HOME to move it), or pass a local copy with {flag}.{gated}"
         ) from None

@@ -16,15 +16,17 @@ distance is any ``(uint8 (N,3,H,W), uint8 (N,3,H,W)) -> (N,)`` callable (LPIPS w
 * **Interpolation smoothness** (:func:`interpolation_smoothness`): for pairs (a, b), decode
   ``z_t = (1 − t) z_a + t z_b`` at ``t = 0, 1/S, …, 1``; ``d_k`` is the distance between consecutive
   decodes. Path-length style, each step is normalised by its length: ``v_k = d_k · S`` (distance per
-  unit t). Reported: the mean of ``v_k`` over pairs and steps, its variance (population, over pairs
-  and steps; a smooth, evenly parametrised space has a small one), and the path ratio
-  ``Σ_k d_k / d(decode(z_a), decode(z_b))`` averaged over pairs (1 for a straight path).
+  unit t). Reported: the mean of ``v_k`` over pairs and steps (the path length), its relative
+  variance along each path ``Var_k(v_k) / Mean_k(v_k)²`` averaged over pairs (0 when every step
+  changes the image equally: a smooth, evenly parametrised space; large when the decode jumps
+  between regimes), and the path ratio ``Σ_k d_k / d(decode(z_a), decode(z_b))`` averaged over pairs
+  (1 for a straight path).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -61,6 +63,8 @@ class RobustnessCurve:
     distance_name: str | None = None
     dist_vs_decode: list[float] | None = None
     dist_vs_image: list[float] | None = None
+    #: a few uint8 images for a figure: "original", "reconstruction" and the σ nearest to 0.5
+    examples: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def decoder_robustness(
@@ -74,12 +78,15 @@ def decoder_robustness(
     distance_name: str | None = None,
     seed: int = 0,
     batch_size: int = 16,
+    keep: int = 0,
 ) -> RobustnessCurve:
     """PSNR (and a perceptual distance) of decode(z + σ·s·ε) vs decode(z) and vs the image.
 
     ``images``: uint8 (N, 3, H, W) originals; ``latents``: their encodings (N, ...), on the
-    tokenizer's device.
+    tokenizer's device. ``keep``: how many images to keep in ``examples`` for a figure.
     """
+    if any(s <= 0 for s in sigmas):
+        raise ValueError(f"noise levels must be positive, got {tuple(sigmas)}")
     g = torch.Generator(device="cpu").manual_seed(seed)
     eps = torch.randn(latents.shape, generator=g, dtype=torch.float32).to(latents.device, latents.dtype)
     clean = _decode_u8(tokenizer, latents, batch_size)
@@ -92,8 +99,13 @@ def decoder_robustness(
         dist_vs_decode=[] if distance is not None else None,
         dist_vs_image=[] if distance is not None else None,
     )
+    if keep:
+        curve.examples = {"original": ref[:keep], "reconstruction": clean[:keep]}
+    shown = min(curve.sigmas, key=lambda s: abs(math.log(s / 0.5))) if curve.sigmas else None
     for s in curve.sigmas:
         noisy = _decode_u8(tokenizer, latents + (s * latent_std) * eps, batch_size)
+        if keep and s == shown:
+            curve.examples[f"noise σ={s:g}·std"] = noisy[:keep]
         curve.psnr_vs_decode.append(float(psnr_per_image(to_float(noisy), to_float(clean)).mean()))
         curve.psnr_vs_image.append(float(psnr_per_image(to_float(noisy), to_float(ref)).mean()))
         if distance is not None:
@@ -119,8 +131,13 @@ class InterpolationResult:
         return float(self.speed.mean())
 
     @property
-    def step_var(self) -> float:
-        return float(self.speed.var(unbiased=False))
+    def step_relvar(self) -> float:
+        v = self.speed
+        mean = v.mean(1)
+        ok = mean > 0
+        if not bool(ok.any()):
+            return math.nan
+        return float((v[ok].var(1, unbiased=False) / mean[ok] ** 2).mean())
 
     @property
     def path_ratio(self) -> float:

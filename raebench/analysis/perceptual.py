@@ -1,16 +1,18 @@
 """Per-pair image distances for the diagnostics: LPIPS from the metrics package, or pixel RMSE.
 
-A distance is ``(uint8 (N, 3, H, W), uint8 (N, 3, H, W)) -> (N,)``. LPIPS comes from the metrics
-package's extractor registry (``raebench.metrics.EXTRACTORS``) so that its weights, their offline
-resolution and its version are those of ``raebench eval``; this module never builds its own copy.
-``auto`` uses LPIPS-AlexNet when it can be built (41 pairs/s on CPU, against 1.5 for VGG) and
-otherwise leaves LPIPS out with a logged reason, and the interpolation distance falls back to RMSE.
-The distance's name is part of every metric name, so rows made with different distances never mix.
+A distance is ``(uint8 (N, 3, H, W), uint8 (N, 3, H, W)) -> (N,)``. LPIPS is the metrics package's
+``lpips-alex`` / ``lpips-vgg`` metric (its per-image ``distances``), so its weights, their offline
+resolution (``RAEBENCH_LPIPS_ALEX_WEIGHTS`` or ``$TORCH_HOME/hub/checkpoints``) and its version are
+those of ``raebench eval``; this module builds no copy of its own. ``auto`` uses LPIPS-AlexNet when
+it can be built (41 pairs/s on CPU, against 1.5 for VGG) and otherwise leaves LPIPS out with a
+logged reason, and the interpolation distance falls back to RMSE. The distance's name is part of
+every metric name, so rows made with different distances never mix.
 """
 
 from __future__ import annotations
 
 import logging
+
 import torch
 
 from raebench.analysis.diagnostics import Distance, rmse_distance
@@ -22,21 +24,12 @@ PERCEPTUAL_CHOICES = ("auto", "lpips-alex", "lpips-vgg", "rmse", "none")
 
 
 def _lpips_from_metrics(net: str, device: torch.device) -> tuple[Distance, str]:
-    """LPIPS through the metrics package; RaebenchError with the reason when it is unavailable."""
-    from raebench.metrics import EXTRACTORS
+    """LPIPS through the metrics package; RaebenchError (MissingWeightsError) when unavailable."""
+    from raebench.metrics import METRICS
 
-    name = f"lpips-{net}"
-    if name not in EXTRACTORS:
-        raise RaebenchError(
-            f"LPIPS ({name}) is not available: raebench.metrics registers no {name!r} extractor; "
-            "use --perceptual rmse or --perceptual none."
-        )
-    spec = EXTRACTORS.get(name)
-    fn = spec.builder(device=device)
-    pair = getattr(fn, "distance", None)
-    if not callable(pair):
-        raise RaebenchError(f"The {name!r} extractor has no per-pair distance(); use --perceptual rmse or none.")
-    return (lambda a, b: pair(a.to(device), b.to(device)).double().cpu()), spec.version
+    spec = METRICS.get(f"lpips-{net}")
+    metric = spec.build(device=device)
+    return (lambda a, b: metric.distances(a, b).double().cpu()), spec.version
 
 
 def build_distance(choice: str, device: torch.device) -> tuple[Distance | None, str | None, str | None, str | None]:

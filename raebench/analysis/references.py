@@ -1,15 +1,21 @@
 """Reference encoders that latents are aligned against (``--reference dinov2-b,clip-l``).
 
-A reference maps uint8 (N, 3, H, W) images to (N, D) float32 features of the whole image. The
-timm-backed ones resize to their input size (bicubic, antialiased; the images are already square
-ADM crops), normalise with their own mean/std (which travel with the spec, as timm's pretrained
-config has them) and return timm's pooled pre-logits feature (the final-norm CLS token for DINOv2 and
-for CLIP's image tower, before CLIP's projection). Weights resolve through
-:func:`raebench.weights.resolve` (a local file given with ``--reference-weights NAME=PATH`` > the
-Hugging Face cache > a download), so offline failures are one sentence.
+A reference maps uint8 (N, 3, H, W) images to (N, D) float32 features of the whole image. Three
+kinds, one registry (:data:`REFERENCES`):
 
-``random-proj`` needs no weights: a seeded Gaussian projection of the 32×32 area-downsampled
-pixels to 256 dimensions. It is the "how aligned is this with raw pixels" floor and a test fixture.
+* **metrics-package extractors** — ``dinov2-l`` is the ``dinov2-l14`` extractor of FD-DINOv2 (CLS
+  after the final norm, 224 px) and ``clip-l`` the ``clip-l14-336`` extractor of CMMD (projected,
+  L2-normalised embedding at 336 px): the very networks, preprocessing and weights resolution that
+  ``raebench eval`` uses, not copies.
+* **timm models** for the sizes the metrics package does not carry — ``dinov2-b``, ``clip-b``: resized
+  to their input size (bicubic, antialiased; the images are already square ADM crops), normalised
+  with their own mean/std, timm's pooled pre-logits feature (final-norm CLS token; for CLIP before
+  the projection). Weights resolve through :func:`raebench.weights.resolve`: a local file given
+  with ``--reference-weights NAME=PATH`` > the Hugging Face cache > a download.
+* ``random-proj`` needs no weights: a seeded Gaussian projection of the 32×32 area-downsampled
+  pixels to 256 dimensions — the "how aligned is this with raw pixels" floor and a test fixture.
+
+Every offline failure is one sentence naming the file and the flag that supplies it.
 """
 
 from __future__ import annotations
@@ -48,8 +54,15 @@ class ReferenceSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     weights: WeightsSource | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    extractor: str | None = None  # a raebench.metrics extractor, and the output used
+    output: str = ""
 
     def build(self, weights: str | None = None, device: torch.device | str = "cpu") -> "ReferenceEncoder":
+        if self.extractor is not None:
+            from raebench.metrics import EXTRACTORS
+
+            ex = EXTRACTORS.get(self.extractor).builder(device=torch.device(device), outputs=(self.output,), weights=weights)
+            return ExtractorReference(ex, self.output)
         if self.arch is None:
             return RandomProjection().to(device).eval()
         path = resolve(self.weights, weights, what=f"Reference encoder {self.name!r}", flag=f"--reference-weights {self.name}=PATH")
@@ -94,6 +107,18 @@ class TimmReference(ReferenceEncoder):
         return self.model.forward_head(f, pre_logits=True).float()  # (N, D)
 
 
+class ExtractorReference(ReferenceEncoder):
+    """One output of a metrics-package extractor (which owns its device and weights)."""
+
+    def __init__(self, extractor, output: str) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.output = output
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extractor(images)[self.output].float()
+
+
 class RandomProjection(ReferenceEncoder):
     """Seeded Gaussian projection of 32×32 area-downsampled pixels to 256 dimensions."""
 
@@ -119,25 +144,29 @@ def register_reference(spec: ReferenceSpec) -> ReferenceSpec:
     return REFERENCES.register(spec.name, spec)
 
 
+def _extractor_version(name: str) -> str:
+    from raebench.metrics import EXTRACTORS
+
+    return f"extractor:{EXTRACTORS.get(name).version}"
+
+
 def _timm_source(tag: str) -> WeightsSource:
     return WeightsSource(f"timm/{tag}", "model.safetensors", description=f"timm's {tag}")
 
 
 for _spec in (
     ReferenceSpec(
-        "dinov2-b", "DINOv2 ViT-B/14 (LVD-142M) at 224 px, final-norm CLS token (768-d)",
+        "dinov2-b", "DINOv2 ViT-B/14 (LVD-142M, timm) at 224 px, final-norm CLS token (768-d)",
         "dinov2-b-timm-lvd142m-224-cls-v1", arch="vit_base_patch14_dinov2.lvd142m",
         weights=_timm_source("vit_base_patch14_dinov2.lvd142m"),
     ),
     ReferenceSpec(
-        "dinov2-l", "DINOv2 ViT-L/14 (LVD-142M) at 224 px, final-norm CLS token (1024-d)",
-        "dinov2-l-timm-lvd142m-224-cls-v1", arch="vit_large_patch14_dinov2.lvd142m",
-        weights=_timm_source("vit_large_patch14_dinov2.lvd142m"),
+        "dinov2-l", "DINOv2 ViT-L/14 at 224 px, final-norm CLS (1024-d): the FD-DINOv2 extractor dinov2-l14",
+        _extractor_version("dinov2-l14"), extractor="dinov2-l14", output="cls",
     ),
     ReferenceSpec(
-        "clip-l", "OpenAI CLIP ViT-L/14 image tower at 224 px, final-norm CLS before projection (1024-d)",
-        "clip-l-timm-openai-224-cls-v1", arch="vit_large_patch14_clip_224.openai", mean=CLIP_MEAN, std=CLIP_STD,
-        weights=_timm_source("vit_large_patch14_clip_224.openai"),
+        "clip-l", "CLIP ViT-L/14@336 projected embedding, L2-normalised (768-d): the CMMD extractor clip-l14-336",
+        _extractor_version("clip-l14-336"), extractor="clip-l14-336", output="embed",
     ),
     ReferenceSpec(
         "clip-b", "OpenAI CLIP ViT-B/16 image tower at 224 px, final-norm CLS before projection (768-d)",

@@ -41,17 +41,19 @@ def _fmt(v) -> str:
 
 def run_eval_with_progress(cfg, label: str):
     from raebench import distributed
-    from raebench.evaluate import evaluate
+    from raebench.evaluate import build_tokenizer_from_config, evaluate, resolve_device
 
+    # build first: a missing weight is one sentence, without a half-drawn progress bar
+    tok = build_tokenizer_from_config(cfg, resolve_device(cfg.device))
     if not distributed.is_main():
-        return evaluate(cfg)
+        return evaluate(cfg, tokenizer=tok)
     with _progress() as prog:
         task = prog.add_task(label, total=None)
 
         def cb(done: int, total: int) -> None:
             prog.update(task, completed=done, total=total)
 
-        return evaluate(cfg, on_progress=cb)
+        return evaluate(cfg, tokenizer=tok, on_progress=cb)
 
 
 def _report_outcome(out) -> None:
@@ -76,6 +78,47 @@ def _report_outcome(out) -> None:
     if out.nonfinite:
         err_console.print(f"[red]{len(out.nonfinite)} image(s) gave NaN/Inf and were excluded from every metric.[/]")
     err_console.print(f"{out.seconds:.1f} s · run {r0.run_id}", highlight=False)
+
+
+def _hib(table, *frames) -> dict:
+    """higher_is_better for the metric of every column (registry first, then the rows' own flag)."""
+    from raebench.metrics import higher_is_better
+
+    out = {}
+    for col in table.columns:
+        m = str(col).split("/")[-1]
+        h = higher_is_better(m)
+        for f in frames:
+            if h is None and f is not None and not f.empty:
+                v = f.loc[f["metric"] == m, "higher_is_better"].dropna()
+                h = bool(v.iloc[0]) if len(v) else None
+        out[m] = h
+    return out
+
+
+def _hib_metrics(metrics) -> dict:
+    from raebench.metrics import higher_is_better
+
+    return {m: higher_is_better(m) for m in set(metrics)}
+
+
+def _rich_table(table, title: str, bold: set):
+    t = Table(title=title, show_lines=False)
+    names = [n or "" for n in table.index.names]
+    for c in [*names, *map(str, table.columns)]:
+        t.add_column(c, justify="left" if c in (*names, "best", "best (reported)", "protocol") else "right",
+                     overflow="fold")
+    for label, row in table.iterrows():
+        labs = list(label) if isinstance(label, tuple) else [label]
+        cells = []
+        for c in table.columns:
+            v = row[c]
+            s = _fmt(v) if isinstance(v, float) else str(v)
+            if (label, c) in bold:
+                s = f"[bold green]{s}[/]"
+            cells.append(s)
+        t.add_row(*map(str, labs), *cells)
+    return t
 
 
 def register(app: typer.Typer) -> None:
@@ -133,58 +176,88 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         batch_size: int = typer.Option(16, "--batch-size", "-b"),
         device: str = typer.Option("auto", "--device"),
-        num_workers: int = typer.Option(0, "--num-workers"),
+        num_workers: Optional[int] = typer.Option(None, "--num-workers"),
         results: Path = typer.Option(Path("results"), "--results"),
+        reported: str = typer.Option("weights", "--reported", help="Published numbers to show: weights (for the weights loaded) | all (variants too) | none."),
+        format: Optional[str] = typer.Option(None, "--format", "-f", help="Export instead of the terminal table: csv | md | latex."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the export to this file."),
+        weights: list[str] = typer.Option([], "--weights", help="NAME=PATH: local weights for one tokenizer (repeatable)."),
     ) -> None:
-        """Side-by-side table of tokenizers; computes only the rows that are missing."""
+        """Measured values beside published ones (with their protocol), plus the open/in-domain gap."""
         from raebench.cli import console
         from raebench.compare import compare
+        from raebench.leaderboard import compare_bold, gap_table, render, row_best
+        from raebench.results import atomic_write_bytes
 
+        if format not in (None, "csv", "md", "latex"):
+            raise RaebenchError(f"Unknown --format {format!r}; use csv, md or latex.")
         names = _split_metrics(metrics)
+        local = {}
+        for w in weights:
+            name, sep, path = w.partition("=")
+            if not sep or not name or not path:
+                raise RaebenchError(f"--weights {w!r} should read NAME=PATH, e.g. --weights sd-vae-ft-ema=/models/sd-vae-ft-ema.")
+            local[name.strip()] = path.strip()
         with _progress() as prog:
             task = prog.add_task("compare", total=None)
 
             def cb(label: str, done: int, total: int) -> None:
                 prog.update(task, description=label, completed=done, total=total)
 
-            table, computed = compare(
+            res = compare(
                 tokenizer, names, data=data, dataset=dataset, resolution=resolution, limit=limit, seed=seed,
-                batch_size=batch_size, device=device, num_workers=num_workers, results_dir=str(results), on_progress=cb,
+                batch_size=batch_size, device=device, num_workers=num_workers, results_dir=str(results),
+                reported=reported, weights=local, on_progress=cb,
             )
-        t = Table(title=f"compare · {resolution}px · computed now: {', '.join(computed) or 'nothing (all reused)'}")
-        for c in ["dataset", "metric", *map(str, table.columns)]:
-            t.add_column(c, justify="left" if c in ("dataset", "metric", "best") else "right")
-        for (ds, metric), row in table.iterrows():
-            cells = []
-            for c in table.columns:
-                v = row[c]
-                s = _fmt(v) if isinstance(v, float) else str(v)
-                if c == row.get("best"):
-                    s = f"[bold green]{s}[/]"
-                cells.append(s)
-            t.add_row(str(ds), str(metric), *cells)
-        console.print(t)
+        table, computed, gap = res.table, res.computed, res.gap
+        if table.empty:
+            raise RaebenchError("Nothing to compare: no measured or reported values for these tokenizers and metrics.")
+        title = (f"compare on {res.dataset} (n={res.n_images}) · {resolution}px · computed now: "
+                 f"{', '.join(computed) or 'nothing (all reused)'}")
+        gtable = gap_table(gap)
+        gbold = row_best(gtable, _hib_metrics(gtable.index.get_level_values("metric")) if not gtable.empty else {})
+        if format:
+            text = render(table, format, bold=compare_bold(table), caption=title)
+            if not gtable.empty:
+                text += "\n" + render(gtable, format, bold=gbold, caption="open-domain minus in-domain (measured)")
+            if out:
+                atomic_write_bytes(out, text.encode())
+                console.print(f"wrote {out}")
+            else:
+                console.print(text, markup=False, highlight=False, soft_wrap=True)
+            return
+        console.print(_rich_table(table, title, compare_bold(table)))
+        if not gtable.empty:
+            console.print(_rich_table(gtable, "domain gap: open-domain minus in-domain (measured; largest n of each)",
+                                      gbold))
 
     @app.command("leaderboard")
     def leaderboard_cmd(
         format: str = typer.Option("md", "--format", "-f", help="csv | md | latex"),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to this file (default: print)."),
         results: Path = typer.Option(Path("results"), "--results"),
+        reported: str = typer.Option("weights", "--reported", help="Published numbers as extra columns: weights | all | none."),
+        gaps: bool = typer.Option(True, "--gaps/--no-gaps", help="Add open-minus-in-domain gap columns."),
     ) -> None:
-        """Export all results as a leaderboard (tokenizers x dataset/metric)."""
+        """Export results as a leaderboard: tokenizers x (dataset, n, source)/metric, best in bold."""
         from raebench.cli import console
         from raebench.leaderboard import pivot, render
-        from raebench.metrics import higher_is_better
         from raebench.results import atomic_write_bytes, load
 
         if format not in ("csv", "md", "latex"):
             raise RaebenchError(f"Unknown --format {format!r}; use csv, md or latex.")
+        if reported not in ("weights", "all", "none"):
+            raise RaebenchError(f"--reported must be weights, all or none, not {reported!r}.")
         df = load(results)
-        if df.empty:
+        rep = None
+        if reported != "none":
+            from raebench.baselines import reported_frame
+
+            rep = reported_frame(sorted(df["tokenizer"].unique()) if not df.empty else [], include_variants=reported == "all")
+        if df.empty and (rep is None or rep.empty):
             raise RaebenchError(f"No results under {str(results)!r}; run `raebench eval` first.")
-        table = pivot(df)
-        hib = {m: higher_is_better(m) for m in df["metric"].unique()}
-        text = render(table, format, hib)
+        table = pivot(df, reported=rep, gaps=gaps)
+        text = render(table, format, _hib(table, df, rep))
         if out:
             atomic_write_bytes(out, text.encode())
             console.print(f"wrote {out}")

@@ -344,7 +344,10 @@ def load_decoder_weights(decoder: RAEDecoder, source: str | os.PathLike | Mappin
     )
     if missing or unexpected or mismatched:
         parts = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (checkpoint vs model)", mismatched)):
+        problems = (
+            ("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches (checkpoint vs model)", mismatched)
+        )
+        for label, items in problems:
             if items:
                 more = f" and {len(items) - 4} more" if len(items) > 4 else ""
                 parts.append(f"{len(items)} {label}: {', '.join(items[:4])}{more}")

@@ -333,7 +333,7 @@ def load_hf_encoder(
         transformers.logging.set_verbosity(verbosity)
         if bar:
             transformers.utils.logging.enable_progress_bar()
-    missing = [k for k in info.get("missing_keys", ())]
+    missing = list(info.get("missing_keys", ()))
     mismatched = [str(k) for k in info.get("mismatched_keys", ())]
     if missing or mismatched:
         parts = []
@@ -433,15 +433,11 @@ def build_encoder(
     repo = KNOWN_ENCODERS.get(name.lower(), name)
     if local is None and Path(repo).expanduser().is_dir():
         local = repo
-    path = resolve(
-        None if local is not None and not _looks_like_repo(repo) else encoder_source(repo),
-        local,
-        what=f"encoder {repo!r}",
-        flag="--encoder",
-    )
+    is_repo = _looks_like_repo(repo)
+    path = resolve(encoder_source(repo) if is_repo else None, local, what=f"encoder {repo!r}", flag="--encoder")
     return load_hf_encoder(
         path, input_size=input_size, config_dir=config_dir, affine_final_norm=affine_final_norm,
-        source=repo if _looks_like_repo(repo) else str(path),
+        source=repo if is_repo else str(path),
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -67,7 +68,8 @@ class LatentStats(nn.Module):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the official format atomically: ``{'mean': float32 (C,H,W), 'var': float32 (C,H,W)}``."""
-        return save_atomic({"mean": self.mean.detach().cpu().float().clone(), "var": self.var.detach().cpu().float().clone()}, path)
+        state = {"mean": self.mean.detach().cpu().float().clone(), "var": self.var.detach().cpu().float().clone()}
+        return save_atomic(state, path)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, eps={self.eps}"
@@ -80,12 +82,12 @@ class StatsAccumulator:
     statistics (divisor N, as the official estimator uses).
     """
 
-    def __init__(self, shape: tuple[int, ...] | None = None) -> None:
+    def __init__(self, shape: tuple[int, ...] | None = None, device: str | torch.device = "cpu") -> None:
         self.count = 0
         self.sum: torch.Tensor | None = None
         self.sumsq: torch.Tensor | None = None
         if shape is not None:
-            self._init(tuple(shape), torch.device("cpu"))
+            self._init(tuple(shape), torch.device(device))
 
     def _init(self, shape: tuple[int, ...], device: torch.device) -> None:
         self.sum = torch.zeros(shape, dtype=torch.float64, device=device)
@@ -152,3 +154,25 @@ class StatsAccumulator:
 
     def load_state_dict(self, state: dict) -> None:
         self.count, self.sum, self.sumsq = int(state["count"]), state["sum"], state["sumsq"]
+
+
+def accumulate_stats(
+    features: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[torch.Tensor],
+    *,
+    hflip: bool = False,
+    accumulator: StatsAccumulator | None = None,
+) -> StatsAccumulator:
+    """Feed ``features(x)`` of every batch of [0, 1] images (N, 3, H, W) into an accumulator.
+
+    ``hflip`` also adds each image's mirror: the exact expectation of the official estimator's
+    random horizontal flip, without its randomness. Under torch.distributed, call
+    :meth:`StatsAccumulator.all_reduce` afterwards.
+    """
+    acc = accumulator if accumulator is not None else StatsAccumulator()
+    with torch.no_grad():
+        for x in batches:
+            acc.update(features(x).float())
+            if hflip:
+                acc.update(features(x.flip(-1)).float())
+    return acc

@@ -71,7 +71,8 @@ class RAETokenizer(Tokenizer):
                 f"at input size {encoder.input_size}; use the statistics computed for this encoder and resolution."
             )
         if g != decoder.config.grid_size:
-            log.info("decoder resamples %dx%d latent tokens to its %dx%d grid", g, g, decoder.config.grid_size, decoder.config.grid_size)
+            d = decoder.config.grid_size
+            log.info("the decoder resamples %dx%d latent tokens to its %dx%d grid", g, g, d, d)
         if noise_rule not in NOISE_RULES:
             raise ValueError(f"unknown noise rule {noise_rule!r}; use one of {NOISE_RULES}")
         self.encoder = encoder

@@ -168,7 +168,10 @@ def euler_maruyama(
         drift = vel + diffusion_norm * (x + (1 - t0) * vel)  # v - w * score
         x = x - drift * (t0 - t1)
         if i < n - 1:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            if generator is None:
+                noise = torch.randn_like(x)
+            else:
+                noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
             x = x + torch.sqrt(2 * diffusion_norm * t0 * (t0 - t1)) * noise
     return x
 

@@ -201,7 +201,7 @@ def cache_latents(
     Resumable: chunks are flushed and counted in ``meta.json``; a re-run continues where it stopped.
     The cache is marked complete only at the end.
     """
-    from raebench.data import ImageDataset, collate, make_loader, resolve_data, to_float
+    from raebench.data import ImageDataset, make_loader, resolve_data, to_float
 
     images = resolve_data(data=data).images
     out = Path(out)
@@ -262,6 +262,30 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     e, m = list(ema.parameters()), list(model.parameters())
     torch._foreach_lerp_(e, m, 1 - decay)
+
+
+def accumulate_gradients(
+    model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, accum: int,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> float:
+    """Backward of the mean loss over the batch in ``accum`` equal micro-batches; returns that loss.
+
+    Each micro-batch contributes mean/accum, so the gradient equals that of one big batch; DDP only
+    all-reduces on the last micro-batch.
+    """
+    if len(x) % accum:
+        raise RaebenchError(f"the per-rank batch {len(x)} does not split into {accum} equal micro-batches.")
+    micro, total = len(x) // accum, 0.0
+    for a in range(accum):
+        xs, ys = x[a * micro:(a + 1) * micro], y[a * micro:(a + 1) * micro]
+        last = a == accum - 1
+        sync = model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with sync:
+            with autocast or contextlib.nullcontext():
+                loss = loss_fn(model, xs, ys).mean() / accum  # (N_micro,) -> scalar share of the batch mean
+            loss.backward()
+        total += float(loss.detach())
+    return total
 
 
 def _dist_info() -> tuple[int, int]:
@@ -347,6 +371,8 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
         ck = load_state(ckpt_path)
         saved = ck.get("config", {})
         changed = {k: (saved.get(k), v) for k, v in _jsonable(cfg).items() if k != "max_steps" and saved.get(k) != v}
+        if "model" in changed or "num_classes" in changed:
+            raise RaebenchError(f"{out} holds a run of another model ({changed}); choose another --out to start afresh.")
         if changed:
             log.warning("resuming %s with changed settings: %s", out, changed)
         model.load_state_dict(ck["model"])
@@ -369,7 +395,6 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    micro = cfg.global_batch // (world * cfg.grad_accum)
     losses: list[float] = []
     t0 = time.perf_counter()
     batches = _batches(n, cfg, step, rank, world)
@@ -379,15 +404,7 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
         x, y = source.get(idx, gen)
         x, y = x.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
-        total_loss = 0.0
-        for a in range(cfg.grad_accum):
-            xs, ys = x[a * micro:(a + 1) * micro], y[a * micro:(a + 1) * micro]
-            sync = contextlib.nullcontext() if (a == cfg.grad_accum - 1 or world == 1) else ddp.no_sync()
-            with sync:
-                with autocast:
-                    loss = transport.loss(ddp, xs, ys).mean() / cfg.grad_accum  # mean over the global batch
-                loss.backward()
-            total_loss += float(loss.detach())
+        total_loss = accumulate_gradients(ddp, transport.loss, x, y, cfg.grad_accum, autocast)
         if cfg.clip_grad and cfg.clip_grad > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         opt.step()
@@ -400,7 +417,7 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
             log.info("step %d/%d  loss %.4f  lr %.2e  %.2f steps/s", step, total,
                      float(np.mean(losses[-cfg.log_every:])), sched.get_last_lr()[0], len(losses) / max(dt, 1e-9))
         if step % cfg.ckpt_every == 0 or step == stop:
-            _save(ckpt_path, model, ema, opt, sched, step, cfg, rank, world)
+            _save(ckpt_path, model, ema, opt, sched, step, cfg, rank, world, source.latent_shape)
     return {"step": step, "losses": losses, "out": str(out)}
 
 
@@ -408,7 +425,8 @@ def _jsonable(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _save(path: Path, model, ema, opt, sched, step: int, cfg: TrainConfig, rank: int, world: int) -> None:
+def _save(path: Path, model, ema, opt, sched, step: int, cfg: TrainConfig, rank: int, world: int,
+          latent_shape: tuple[int, ...]) -> None:
     rng = _rng_state()
     if world > 1:
         rngs: list = [None] * world
@@ -419,6 +437,7 @@ def _save(path: Path, model, ema, opt, sched, step: int, cfg: TrainConfig, rank:
         from raebench.checkpoint import save_atomic
 
         save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "sched": sched.state_dict(), "step": step, "rng": rngs, "config": _jsonable(cfg)}, path)
+                     "sched": sched.state_dict(), "step": step, "rng": rngs, "config": _jsonable(cfg),
+                     "latent_shape": list(latent_shape)}, path)
     if world > 1:
         dist.barrier()

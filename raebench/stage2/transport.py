@@ -107,7 +107,11 @@ class Transport:
     ) -> torch.Tensor:
         """Per-sample unweighted MSE (N,) between model(x_t, t, y) and the velocity."""
         t = self.sample_t(x0.shape[0], x0.device, generator)
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)
+        if generator is None:
+            noise = torch.randn(x0.shape, device=x0.device, dtype=torch.float32)  # (N, C, H, W)
+        else:
+            noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x0.device)
+        x0 = x0.float()
         xt, target = self.interpolate(x0, noise, t)
         pred = model(xt, t, y)
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1)

@@ -22,7 +22,7 @@ import torch
 
 from raebench.errors import MissingWeightsError, RaebenchError
 from raebench.tokenizers.base import TokenizerSpec, register_tokenizer
-from raebench.weights import WeightsSource, hf_cache_dir, resolve
+from raebench.weights import WeightsSource, hf_cache_dir, hf_offline, resolve
 
 RAE_REPO = "nyu-visionx/RAE-collections"
 RAE_CITATION = (
@@ -141,7 +141,7 @@ def _release_params(r: RAERelease) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fingerprint(path: Path) -> str:
+def fingerprint(path: Path) -> str:
     """Cheap identity of a local file for result provenance: size + SHA-256 of its ends."""
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
@@ -199,6 +199,7 @@ def build_rae(
     # resolve everything first, so a missing set of files is reported in one sentence
     found: dict[str, Path] = {}
     missing: list[tuple[WeightsSource, MissingWeightsError]] = []
+
     def in_weights_dir(src: WeightsSource) -> Path | None:
         cand = wdir / src.path_in_repo if wdir is not None else None
         return cand if cand is not None and cand.is_file() else None
@@ -218,7 +219,7 @@ def build_rae(
         files = "; ".join(f"{s} (`{s.download_hint()}`)" for s, _ in missing)
         raise MissingWeightsError(
             f"{release.name} needs {len(missing)} files that are not available "
-            f"{'offline (HF_HUB_OFFLINE=1)' if os.environ.get('HF_HUB_OFFLINE') else 'locally or by download'}: "
+            f"{'offline (HF_HUB_OFFLINE=1)' if hf_offline() else 'locally or by download'}: "
             f"{files}; put them in the cache at {hf_cache_dir()} or pass a local copy with --weights DIR."
         )
 
@@ -228,13 +229,17 @@ def build_rae(
     if decoder is not None and cfg_json.is_file():  # a user's decoder with its own architecture
         dcfg = official_config(cfg_json, latent_dim=enc.hidden_size, patch_size=release.decoder_patch, grid_size=grid)
     else:
-        dcfg = preset_config(release.decoder_preset, latent_dim=enc.hidden_size, patch_size=release.decoder_patch, grid_size=grid)
+        dcfg = preset_config(
+            release.decoder_preset, latent_dim=enc.hidden_size, patch_size=release.decoder_patch, grid_size=grid
+        )
     dec = build_decoder(dcfg, dec_path)
     st = LatentStats.load(found["stats"])
-    if decoder is None and weights is None:
-        weights_id = f"{RAE_REPO}:{release.decoder_file}"
-    else:
-        weights_id = f"local:{dec_path.name}@{_fingerprint(dec_path)}"
+    # provenance: the released decoder by its repo path, local files by a fingerprint
+    weights_id = f"{RAE_REPO}:{release.decoder_file}" if decoder is None and weights is None else (
+        f"local:{dec_path.name}@{fingerprint(dec_path)}"
+    )
+    if stats is not None:
+        weights_id += f"+stats:{fingerprint(found['stats'])}"
     tok = RAETokenizer(enc, dec, st, weights_id=weights_id)
     if device is not None:
         tok = tok.to(device)
@@ -274,3 +279,24 @@ def _register(r: RAERelease) -> None:
 
 for _r in RELEASES.values():
     _register(_r)
+
+
+def build_release_encoder(
+    release: RAERelease,
+    *,
+    encoder: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
+    resolution: int | None = None,
+):
+    """Only the frozen encoder of ``release`` (what latent statistics need), at ``resolution``."""
+    from raebench.rae.encoders import load_hf_encoder
+
+    res = release.resolution if resolution is None else int(resolution)
+    if res % release.decoder_patch:
+        raise RaebenchError(f"The resolution {res} is not a multiple of the decoder patch size {release.decoder_patch}.")
+    if encoder is None and weights is not None and (Path(weights) / release.encoder_repo).is_dir():
+        encoder = Path(weights) / release.encoder_repo
+    path = resolve(release.sources()[0], encoder, what=f"{release.name} encoder", flag="--encoder")
+    return load_hf_encoder(
+        path, input_size=res // release.decoder_patch * release.encoder_patch, source=release.encoder_repo
+    )

@@ -466,7 +466,8 @@ def _build_ldm(preset: VAEPreset, weights: str | None, stats: str | None) -> Dif
         raise CheckpointError(
             f"{str(stats_path)!r} has {mean.numel()} channels, the checkpoint {vae.config.latent_channels}."
         )
-    wid = f"{ckpt_src.repo_id}:{ckpt.name}" if "snapshots" in ckpt.parts else f"local:{ckpt.resolve()}"
+    wid = _weights_id(preset, ckpt.parent)
+    wid = f"{wid}:{ckpt.name}" if not wid.startswith("local:") else f"local:{ckpt.resolve()}"
     return DiffusersVAE(vae, mean, 1.0 / std, wid)
 
 
@@ -506,15 +507,7 @@ for _preset in PRESETS:
     _register(_preset)
 
 
-def describe(preset: VAEPreset) -> str:
-    """One line for logs: the normalisation in words."""
-    if preset.norm == "scale":
-        return f"(z - {preset.shift}) * {preset.scale}"
-    return {"config-stats": "(z - latents_mean) / latents_std (config)", "stats-file": "(z - mean) / std (latents_stats.pt)",
-            "batchnorm": "patchify 2x2, then (z - bn.running_mean) / sqrt(bn.running_var + eps)"}[preset.norm]
-
-
 __all__ = [
     "PRESETS", "VAEPreset", "DiffusersVAE", "DCAEVAE", "Flux2VAE", "build_vae", "convert_ldm_vae_state_dict",
-    "ldm_vae_config", "load_ldm_vae", "load_diffusers_vae", "get_preset", "describe",
+    "ldm_vae_config", "load_ldm_vae", "load_diffusers_vae", "get_preset",
 ]

@@ -1,0 +1,75 @@
+"""On-disk cache of reference features, so that comparing five tokenizers extracts them once.
+
+A cached array is the (N, D) float32 output of one extractor (``inception/pool``) on one reference
+set, rows in data order. Its key hashes everything that changes it:
+
+* the reference set's identity: the image list's fingerprint (``ImageList.fingerprint``: relative
+  paths and sizes) plus the crop and resolution (``adm-center-crop@256``), or an ``.npz``'s
+  fingerprint;
+* the extractor's identity: its definition version, non-default options (dtype, resize) and the
+  fingerprint of the weights file actually loaded;
+* ``CACHE_VERSION`` (bump when the file format or the meaning of a key changes).
+
+Files: ``<root>/<key>.npy`` plus ``<key>.json`` describing it, both written atomically
+(:func:`raebench.results.atomic_write_bytes`), so a crash never leaves a half file under a valid
+name. The root is ``$RAEBENCH_CACHE/features`` (default ``~/.cache/raebench/features``). A file that
+fails to load is ignored (and recomputed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from raebench.results import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def cache_root() -> Path:
+    base = os.environ.get("RAEBENCH_CACHE") or Path.home() / ".cache" / "raebench"
+    return Path(base).expanduser() / "features"
+
+
+class FeatureCache:
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root) if root is not None else cache_root()
+
+    @staticmethod
+    def key(reference_id: str, extractor_identity: str, output: str) -> str:
+        ident = {"reference": reference_id, "extractor": extractor_identity, "output": output, "v": CACHE_VERSION}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.npy"
+
+    def load(self, key: str, n: int | None = None) -> np.ndarray | None:
+        """The cached (N, D) array (memory-mapped), or None if absent, unreadable or not N rows."""
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            arr = np.load(p, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable feature cache %s (%s)", p, e)
+            return None
+        if arr.ndim != 2 or (n is not None and arr.shape[0] != n):
+            log.warning("ignoring feature cache %s: shape %s, expected %s rows", p, arr.shape, n)
+            return None
+        return arr
+
+    def save(self, key: str, arr: np.ndarray, meta: dict) -> Path:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr, dtype=np.float32))
+        p = self.path(key)
+        atomic_write_bytes(p, buf.getvalue())
+        atomic_write_bytes(p.with_suffix(".json"), json.dumps({**meta, "shape": list(arr.shape)}, indent=1).encode())
+        return p

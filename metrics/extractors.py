@@ -1,0 +1,306 @@
+"""Feature extractors shared by the distribution metrics, and how their weights are found.
+
+Contract: an extractor maps uint8 (N, 3, H, W) RGB images to ``{output: (N, D) float32}``; the
+evaluator runs each one once per image and hands the outputs to every metric that reads them.
+
+* ``inception``: torch-fidelity's port of the TF Inception-v3 graph of the FID/ADM evaluators (TF1
+  bilinear resize to 299, (x − 128) / 128). Outputs ``pool`` (pool_3, 2048-d; FID, KID, PR,
+  density/coverage), ``logits`` (the 1008 logits without bias, torch-fidelity's IS input) and
+  ``spatial`` (ADM's sFID features: ``mixed_6/conv`` = ``Mixed_6d.branch1x1`` after BN+ReLU, its
+  first 7 channels flattened in TF's HWC order, 17·17·7 = 2023-d). Option ``dtype="float64"`` runs
+  the network in float64 (torch-fidelity's ``feature_extractor_internal_dtype``).
+* ``dinov2-l14``: DINOv2 ViT-L/14 CLS token after the final norm, at 224 px (FD-DINOv2 of EDM2 and
+  dgm-eval). Loaded with transformers; the positional embedding is interpolated exactly as the
+  torch.hub model that EDM2 loads does (bicubic by scale factor (16 + 0.1)/37, no antialias), not
+  as transformers does (by size). Resize: ``torch`` (EDM2's default: bicubic with antialias on
+  float 0..255) or ``pil`` (dgm-eval: PIL bicubic on uint8).
+* ``clip-l14-336``: CLIP ViT-L/14@336 projected image embedding, L2-normalised (CMMD). Resize to
+  336 bicubic with antialias (Keys a = −0.5 with support scaling, as ``jax.image.resize`` in the
+  official CMMD code), CLIP mean/std, no clamping.
+
+Weights resolve like the tokenizers' (``raebench.weights``): an explicit path (the ``weights``
+option, or ``RAEBENCH_<NAME>_WEIGHTS``) > the torch-hub or Hugging Face cache > a download; when
+none works the error is one sentence naming the file and where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from raebench.errors import MissingWeightsError
+from raebench.metrics.base import ExtractorSpec, register_extractor
+from raebench.weights import WeightsSource, hf_offline, resolve
+
+log = logging.getLogger(__name__)
+
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+
+def weights_env(name: str) -> str:
+    """The environment variable that points at local weights for extractor/metric ``name``."""
+    return "RAEBENCH_" + name.upper().replace("-", "_").replace(".", "_") + "_WEIGHTS"
+
+
+def local_weights(name: str, given: str | os.PathLike | None) -> str | None:
+    """The explicit weights path: the option if given, else the environment variable, else None."""
+    return str(given) if given else os.environ.get(weights_env(name)) or None
+
+
+def torch_hub_checkpoints() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def resolve_url_file(url: str, local: str | None, *, what: str, env: str) -> Path:
+    """A weights file published at ``url``: local path > ``$TORCH_HOME/hub/checkpoints`` > download.
+
+    ``HF_HUB_OFFLINE=1`` also means "no download" here (one switch for every loader).
+    """
+    if local:
+        p = Path(local).expanduser()
+        if not p.is_file():
+            raise MissingWeightsError(f"{what}: the weights file {str(p)!r} given with {env} does not exist.")
+        return p
+    name = url.rsplit("/", 1)[-1]
+    cache = torch_hub_checkpoints()
+    if (cache / name).is_file():
+        return cache / name
+    reason = "HF_HUB_OFFLINE=1 forbids downloads"
+    if not hf_offline():
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(cache / name), progress=False)  # writes a temp file, then renames
+            return cache / name
+        except Exception as e:  # every download failure becomes one sentence
+            reason = f"the download failed ({type(e).__name__})"
+    raise MissingWeightsError(
+        f"{what} weights not found: {name!r} is not in {cache} and {reason}; download {url} into that folder "
+        f"(set TORCH_HOME to move it) or pass a local copy with {env}=FILE."
+    )
+
+
+def fingerprint_path(path: str | os.PathLike) -> str:
+    """A cheap identity of a weights file or folder: names, sizes and the first/last MiB of each
+    file (hashing a 1.2 GB checkpoint on every run would cost seconds)."""
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}\0{size}\n".encode())
+        if f.suffix in (".lock", ".md") or f.name.startswith("."):
+            continue
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+class Extractor:
+    """Base of the extractors: ``__call__(uint8 NCHW) -> {output: (N, D) float32}`` (no grad)."""
+
+    spec: ExtractorSpec
+    variant: str = ""
+
+    def __init__(self, spec: ExtractorSpec, device: torch.device, outputs: tuple[str, ...], weights_path: Path):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.outputs = tuple(outputs) or spec.outputs
+        bad = set(self.outputs) - set(spec.outputs)
+        if bad:
+            raise ValueError(f"extractor {spec.name!r} has no output(s) {sorted(bad)}; it has {spec.outputs}")
+        self.weights_path = Path(weights_path)
+        self.weights_id = fingerprint_path(weights_path)
+
+    @property
+    def identity(self) -> str:
+        return f"{self.spec.version}|{self.variant}|weights={self.weights_id}"
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"{self.spec.name} expects uint8 (N, 3, H, W) images, got {x.dtype} {tuple(x.shape)}")
+        with torch.no_grad():
+            out = self.forward(x.to(self.device))
+        return {k: v.to(torch.float32) for k, v in out.items()}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception (torch-fidelity)
+# ---------------------------------------------------------------------------------------------
+
+
+class InceptionExtractor(Extractor):
+    def __init__(self, spec, device, outputs=(), weights: str | None = None, dtype: str = "float32"):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"inception dtype must be float32 or float64, got {dtype!r}")
+        path = resolve_url_file(INCEPTION_URL, local_weights("inception", weights),
+                                what="Inception-v3 (FID/KID/IS)", env=weights_env("inception"))
+        super().__init__(spec, device, outputs, path)
+        self.variant = "" if dtype == "float32" else f"dtype={dtype}"
+        layers = ["2048"] + (["logits_unbiased"] if "logits" in self.outputs else [])
+        self.net = FeatureExtractorInceptionV3(
+            "inception-v3-compat", layers, feature_extractor_weights_path=str(path),
+            feature_extractor_internal_dtype=dtype,
+        ).to(self.device)
+        self._spatial: list[torch.Tensor] = []
+        if "spatial" in self.outputs:  # ADM's mixed_6/conv:0 is the output of Mixed_6d's 1x1 branch (conv+BN+ReLU)
+            self.net.Mixed_6d.branch1x1.register_forward_hook(lambda mod, inp, out: self._spatial.append(out))
+
+    def forward(self, x):
+        self._spatial.clear()
+        feats = self.net(x)  # tuple in the order of ``layers``
+        out = {"pool": feats[0]}  # (N, 2048)
+        if "logits" in self.outputs:
+            out["logits"] = feats[1]  # (N, 1008)
+        if "spatial" in self.outputs:
+            s = self._spatial.pop()  # (N, 192, 17, 17)
+            out["spatial"] = s[:, :7].permute(0, 2, 3, 1).reshape(s.shape[0], -1)  # (N, 17*17*7) in HWC order
+        return {k: v for k, v in out.items() if k in self.outputs}
+
+
+# ---------------------------------------------------------------------------------------------
+# DINOv2 ViT-L/14 (transformers)
+# ---------------------------------------------------------------------------------------------
+
+
+def _hub_interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """DINOv2's torch.hub interpolation (scale factor (n + 0.1) / M, bicubic, no antialias), bound
+    to a transformers ``Dinov2Embeddings``; transformers resizes by size, which differs slightly."""
+    import math
+
+    pos = self.position_embeddings
+    num_patches, num_positions = embeddings.shape[1] - 1, pos.shape[1] - 1
+    if num_patches == num_positions and height == width:
+        return pos
+    pos = pos.float()
+    cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    dim = embeddings.shape[-1]
+    p = self.patch_embeddings.patch_size
+    p = p[0] if isinstance(p, (tuple, list)) else p
+    h0, w0 = height // p + 0.1, width // p + 0.1
+    m = int(math.sqrt(num_positions))
+    patch_pos = F.interpolate(
+        patch_pos.reshape(1, m, m, dim).permute(0, 3, 1, 2),  # (1, D, M, M)
+        scale_factor=(float(h0 / m), float(w0 / m)), mode="bicubic",
+    )
+    assert patch_pos.shape[-2:] == (int(h0), int(w0))
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat((cls_pos, patch_pos), dim=1).to(embeddings.dtype)
+
+
+class DinoV2Extractor(Extractor):
+    SIZE = 224
+
+    def __init__(self, spec, device, outputs=(), weights: str | None = None, resize: str = "torch"):
+        import types
+
+        from transformers import Dinov2Model
+
+        if resize not in ("torch", "pil"):
+            raise ValueError(f"dinov2 resize must be 'torch' (EDM2) or 'pil' (dgm-eval), got {resize!r}")
+        src = WeightsSource("facebook/dinov2-large", allow_patterns=("config.json", "model.safetensors"))
+        path = resolve(src, local_weights("dinov2-l14", weights), what="DINOv2 ViT-L/14 (FD-DINOv2)",
+                       flag=weights_env("dinov2-l14"))
+        super().__init__(spec, device, outputs, path)
+        self.resize = resize
+        self.variant = "" if resize == "torch" else f"resize={resize}"
+        self.model = Dinov2Model.from_pretrained(str(path)).eval().requires_grad_(False).to(self.device)
+        emb = self.model.embeddings
+        emb.interpolate_pos_encoding = types.MethodType(_hub_interpolate_pos_encoding, emb)
+
+    def forward(self, x):
+        x = resize_images(x, self.SIZE, self.resize)  # (N, 3, 224, 224) float 0..255
+        x = x / 255.0
+        x = (x - _const(IMAGENET_MEAN, x)) / _const(IMAGENET_STD, x)
+        return {"cls": self.model(pixel_values=x).pooler_output}  # (N, 1024): CLS after the final norm
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP ViT-L/14@336 (transformers)
+# ---------------------------------------------------------------------------------------------
+
+
+class ClipExtractor(Extractor):
+    def __init__(self, spec, device, outputs=(), weights: str | None = None):
+        from transformers import CLIPVisionModelWithProjection
+
+        src = WeightsSource("openai/clip-vit-large-patch14-336",
+                            allow_patterns=("config.json", "model.safetensors", "pytorch_model.bin"))
+        path = resolve(src, local_weights("clip-l14-336", weights), what="CLIP ViT-L/14@336 (CMMD)",
+                       flag=weights_env("clip-l14-336"))
+        super().__init__(spec, device, outputs, path)
+        self.model = CLIPVisionModelWithProjection.from_pretrained(str(path)).eval().requires_grad_(False)
+        self.model.to(self.device)
+        self.size = int(self.model.config.image_size)
+
+    def forward(self, x):
+        x = resize_images(x, self.size, "torch") / 255.0  # (N, 3, S, S), not clamped
+        x = (x - _const(CLIP_MEAN, x)) / _const(CLIP_STD, x)
+        e = self.model(pixel_values=x).image_embeds.double()  # (N, 768)
+        return {"embed": e / e.norm(dim=-1, keepdim=True)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers and registration
+# ---------------------------------------------------------------------------------------------
+
+
+def _const(v: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(v, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+
+
+def resize_images(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 (N, 3, size, size) in 0..255.
+
+    ``torch``: bicubic with antialias on floats (Keys a = −0.5, PIL-like support scaling; EDM2's
+    fast path). ``pil``: PIL bicubic on each uint8 image, rounded to uint8 as PIL returns it.
+    """
+    if mode == "pil":
+        import numpy as np
+        from PIL import Image
+
+        arr = x.permute(0, 2, 3, 1).cpu().numpy()
+        out = np.stack([np.asarray(Image.fromarray(a, "RGB").resize((size, size), Image.Resampling.BICUBIC)) for a in arr])
+        return torch.from_numpy(out).permute(0, 3, 1, 2).to(x.device, torch.float32)
+    return F.interpolate(x.to(torch.float32), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+
+
+def _register(cls, **fields) -> None:
+    spec = ExtractorSpec(builder=None, **fields)
+    build = lambda device, outputs=(), **options: cls(spec, device, outputs, **options)  # noqa: E731
+    register_extractor(replace(spec, builder=build))
+
+
+_register(InceptionExtractor, name="inception", version="tfinception-torchfidelity-v1",
+          description="TF Inception-v3 (torch-fidelity port): pool3, logits, mixed_6/conv",
+          outputs=("pool", "logits", "spatial"), options=("weights", "dtype"))
+_register(DinoV2Extractor, name="dinov2-l14", version="dinov2-vitl14-cls-224-hubpos-v1",
+          description="DINOv2 ViT-L/14 CLS token at 224 px (torch.hub positional interpolation)",
+          outputs=("cls",), options=("weights", "resize"))
+_register(ClipExtractor, name="clip-l14-336", version="clip-vitl14-336-embed-l2-bicubicaa-v1",
+          description="CLIP ViT-L/14@336 projected image embedding, L2-normalised",
+          outputs=("embed",), options=("weights",))

@@ -1,0 +1,108 @@
+"""Kernel two-sample distances: KID (Bińkowski et al. 2018) and CMMD (Jayasumana et al. 2024).
+
+KID, torch-fidelity's definition: Inception pool3 features, cubic polynomial kernel
+k(x, y) = (x·y / d + 1)³, unbiased MMD² on 100 random subsets of 1000 images per side, drawn
+without replacement by ``numpy.random.RandomState(2020)`` in torch-fidelity's order (candidates,
+then references, for each subset), so the subsets and hence the values are torch-fidelity's.
+Reports the mean (``kid``) and the population std over subsets (``kid-std``). With fewer than
+1000 images on a side the subset size shrinks to the smaller set (recorded in the notes), as
+clean-fid does (torch-fidelity refuses). Computed in float64 (torch-fidelity: float32).
+
+CMMD, the official definition: CLIP ViT-L/14@336 L2-normalised image embeddings, Gaussian RBF
+kernel exp(−|x − y|² / (2σ²)) with σ = 10, the biased (V-statistic) MMD² with diagonals included,
+times 1000. Computed in float64 blocks, never an N × N matrix at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from raebench.metrics import neighbours as nb
+from raebench.metrics.base import MetricSpec, register_metric
+from raebench.metrics.manifold import _TwoSetFeatures
+
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+KID_SEED = 2020  # torch-fidelity's default rng_seed
+CMMD_SIGMA = 10.0
+CMMD_SCALE = 1000.0
+
+
+def poly_mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Unbiased MMD² of (m, d) samples under the cubic kernel (x·y/d + 1)³ (float64)."""
+    x, y = x.double(), y.double()
+    m, d = x.shape
+    k_xx = (x @ x.T / d + 1.0) ** 3
+    k_yy = (y @ y.T / d + 1.0) ** 3
+    k_xy = (x @ y.T / d + 1.0) ** 3
+    sum_xx = k_xx.sum() - k_xx.diagonal().sum()
+    sum_yy = k_yy.sum() - k_yy.diagonal().sum()
+    return float((sum_xx + sum_yy) / (m * (m - 1)) - 2.0 * k_xy.sum() / (m * m))
+
+
+def kid(cand: torch.Tensor, ref: torch.Tensor, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE,
+        seed: int = KID_SEED) -> tuple[float, float]:
+    """(mean, std) of the unbiased polynomial MMD² over random subsets, torch-fidelity's sampling."""
+    rng = np.random.RandomState(seed)
+    n1, n2 = cand.shape[0], ref.shape[0]
+    mmds = np.zeros(subsets)
+    for i in range(subsets):
+        f1 = cand[torch.from_numpy(rng.choice(n1, subset_size, replace=False))]
+        f2 = ref[torch.from_numpy(rng.choice(n2, subset_size, replace=False))]
+        mmds[i] = poly_mmd2_unbiased(f1, f2)
+    return float(np.mean(mmds)), float(np.std(mmds))
+
+
+def rbf_mmd2_biased(x: torch.Tensor, y: torch.Tensor, sigma: float = CMMD_SIGMA, chunk: int = nb.CHUNK) -> float:
+    """Biased MMD² (diagonals included) under exp(−|a − b|² / (2σ²)), in float64 blocks."""
+    gamma = 1.0 / (2.0 * sigma**2)
+
+    def mean_kernel(a: torch.Tensor, b: torch.Tensor) -> float:
+        total = 0.0
+        for rows in nb.blocks(a.shape[0], chunk):
+            for cols in nb.blocks(b.shape[0], chunk):
+                total += float(torch.exp(-gamma * nb.sq_dists(a[rows], b[cols])).sum())
+        return total / (a.shape[0] * b.shape[0])
+
+    return mean_kernel(x, x) + mean_kernel(y, y) - 2.0 * mean_kernel(x, y)
+
+
+class KID(_TwoSetFeatures):
+    feature = "inception/pool"
+
+    def compute(self) -> dict[str, float]:
+        self.notes = []
+        ref, cand = self._both(1)
+        m = min(KID_SUBSET_SIZE, ref.shape[0], cand.shape[0])
+        if m < KID_SUBSET_SIZE:
+            self.notes.append(f"KID subset size {m} < {KID_SUBSET_SIZE} (only {cand.shape[0]} candidates, "
+                              f"{ref.shape[0]} references)")
+        mean, std = kid(cand, ref, KID_SUBSETS, m, KID_SEED)
+        return {"kid": mean, "kid-std": std}
+
+
+class CMMD(_TwoSetFeatures):
+    feature = "clip-l14-336/embed"
+
+    def compute(self) -> dict[str, float]:
+        ref, cand = self._both(0)
+        return {"cmmd": CMMD_SCALE * rbf_mmd2_biased(cand, ref)}
+
+
+register_metric(
+    MetricSpec(
+        name="kid", higher_is_better=False, kind="distribution", version="kid-inception2048-poly3-100x1000-seed2020-v1",
+        description="Kernel Inception Distance: cubic kernel, 100 subsets of 1000, torch-fidelity's sampling",
+        builder=lambda spec: KID(spec), extractors=("inception",), outputs=(("kid-std", False),),
+        reference_inputs=("inception/pool",), candidate_inputs=("inception/pool",),
+    )
+)
+register_metric(
+    MetricSpec(
+        name="cmmd", higher_is_better=False, kind="distribution", version="cmmd-clipl14-336-rbf10-x1000-v1",
+        description="CMMD: RBF-kernel MMD (σ = 10, ×1000) of CLIP ViT-L/14@336 embeddings",
+        builder=lambda spec: CMMD(spec), extractors=("clip-l14-336",),
+        reference_inputs=("clip-l14-336/embed",), candidate_inputs=("clip-l14-336/embed",),
+    )
+)

@@ -1,0 +1,89 @@
+"""k-NN manifold metrics on Inception pool3 features: precision/recall and density/coverage.
+
+Precision/recall (Kynkäänniemi et al. 2019, torch-fidelity's definition, k = 3): each sample's
+ball has radius = distance to its k-th nearest neighbour within its own set.
+    precision = fraction of candidates inside at least one reference ball   (d ≤ r)
+    recall    = fraction of references inside at least one candidate ball   (d ≤ r)
+
+Density/coverage (Naeem et al. 2020, the prdc package's definition, k = 5), reference balls only:
+    density  = 1/(k·M) Σ_j Σ_i 1[d(cand_j, ref_i) < r_i]
+    coverage = 1/N Σ_i 1[min_j d(ref_i, cand_j) < r_i]
+
+Features are kept whole (float32, CPU); distances are computed in float64 blocks
+(:mod:`raebench.metrics.neighbours`), never as an N × N matrix.
+"""
+
+from __future__ import annotations
+
+from raebench.metrics import neighbours as nb
+from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
+
+
+class _TwoSetFeatures(Metric):
+    """Keeps one extractor output of both sides whole (lists of (n, d) float32 CPU tensors)."""
+
+    feature = "inception/pool"
+
+    def __init__(self, spec: MetricSpec) -> None:
+        super().__init__(spec)
+        self.extractor, self.output = self.feature.split("/")
+        self.reset()
+
+    def reset(self) -> None:
+        self.notes = []
+        self.ref: list = []
+        self.cand: list = []
+
+    def update(self, batch: MetricBatch) -> None:
+        ref, cand = batch.features.get(self.extractor, (None, None))
+        if ref is not None:
+            self.ref.append(ref[self.output].detach().to("cpu", copy=True))
+        if cand is not None:
+            self.cand.append(cand[self.output].detach().to("cpu", copy=True))
+
+    def _both(self, k: int):
+        ref, cand = nb.cat(self.ref), nb.cat(self.cand)
+        if ref.shape[0] <= k or cand.shape[0] <= k:
+            raise ValueError(f"{self.spec.name} needs more than k = {k} images on each side "
+                             f"(got {cand.shape[0]} candidates, {ref.shape[0]} references)")
+        return ref, cand
+
+
+class PrecisionRecall(_TwoSetFeatures):
+    k = 3
+
+    def compute(self) -> dict[str, float]:
+        ref, cand = self._both(self.k)
+        r_ref, r_cand = nb.kth_neighbour_sq(ref, self.k), nb.kth_neighbour_sq(cand, self.k)
+        precision = nb.any_within(cand, ref, r_ref).double().mean().item()
+        recall = nb.any_within(ref, cand, r_cand).double().mean().item()
+        return {"precision": precision, "recall": recall}
+
+
+class DensityCoverage(_TwoSetFeatures):
+    k = 5
+
+    def compute(self) -> dict[str, float]:
+        ref, cand = self._both(self.k)
+        r_ref = nb.kth_neighbour_sq(ref, self.k)
+        density = nb.count_within(cand, ref, r_ref).double().sum().item() / (self.k * cand.shape[0])
+        coverage = (nb.nearest_sq(ref, cand) < r_ref).double().mean().item()
+        return {"density": density, "coverage": coverage}
+
+
+register_metric(
+    MetricSpec(
+        name="precision", higher_is_better=True, kind="distribution", version="pr-inception2048-k3-tf-v1",
+        description="Precision (and recall), Kynkäänniemi k = 3 on Inception pool3 (torch-fidelity)",
+        builder=lambda spec: PrecisionRecall(spec), extractors=("inception",), aliases=("pr", "recall"),
+        outputs=(("recall", True),), reference_inputs=("inception/pool",), candidate_inputs=("inception/pool",),
+    )
+)
+register_metric(
+    MetricSpec(
+        name="density", higher_is_better=True, kind="distribution", version="dc-inception2048-k5-prdc-v1",
+        description="Density (and coverage), Naeem et al. k = 5 on Inception pool3 (prdc definition)",
+        builder=lambda spec: DensityCoverage(spec), extractors=("inception",), aliases=("coverage", "prdc"),
+        outputs=(("coverage", True),), reference_inputs=("inception/pool",), candidate_inputs=("inception/pool",),
+    )
+)

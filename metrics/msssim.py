@@ -1,0 +1,83 @@
+"""MS-SSIM (Wang, Simoncelli & Bovik 2003) on 8-bit images, pytorch-msssim's definition.
+
+Five scales with weights (0.0448, 0.2856, 0.3001, 0.2363, 0.1333); at each scale the SSIM
+contrast-structure term cs (scales 1–4) or the full SSIM (scale 5) with the same Gaussian window as
+SSIM (11 taps, σ = 1.5, valid region), K1 = 0.01, K2 = 0.03, data range 1; negative terms are set
+to 0 before the fractional powers (as pytorch-msssim 1.0 does, which avoids NaN); between scales a
+2×2 average pool (zero-padded on odd sides, padding counted). Per channel, then the mean over
+channels, then over images. Float64. Needs images larger than 160 px on the short side.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from raebench.data import to_float
+from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
+from raebench.metrics.pixel import _gaussian_window
+
+MS_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def _ssim_cs(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ssim, cs), each (N, C): means over the valid region of one scale."""
+    n, c = a.shape[:2]
+    k = g.numel()
+    gx, gy = g.view(1, 1, 1, k).expand(c, 1, 1, k), g.view(1, 1, k, 1).expand(c, 1, k, 1)
+    stack = torch.cat([a, b, a * a, b * b, a * b], 0)  # (5N, C, H, W)
+    mu_a, mu_b, e_aa, e_bb, e_ab = F.conv2d(F.conv2d(stack, gx, groups=c), gy, groups=c).split(n, 0)
+    c1, c2 = 0.01**2, 0.03**2
+    cs = (2 * (e_ab - mu_a * mu_b) + c2) / ((e_aa - mu_a**2) + (e_bb - mu_b**2) + c2)
+    ssim = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1) * cs
+    return ssim.flatten(2).mean(-1), cs.flatten(2).mean(-1)
+
+
+def ms_ssim_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] -> (N,) float64 MS-SSIM."""
+    a, b = a.double(), b.double()
+    g = _gaussian_window(1.5).to(a.device)
+    need = (g.numel() - 1) * 2 ** (len(MS_WEIGHTS) - 1)
+    if min(a.shape[-2:]) <= need:
+        raise ValueError(f"MS-SSIM needs images larger than {need} px on the short side, got {tuple(a.shape[-2:])}")
+    terms = []
+    for i in range(len(MS_WEIGHTS)):
+        ssim, cs = _ssim_cs(a, b, g)
+        if i < len(MS_WEIGHTS) - 1:
+            terms.append(cs.relu())
+            pad = [s % 2 for s in a.shape[2:]]
+            a, b = F.avg_pool2d(a, 2, padding=pad), F.avg_pool2d(b, 2, padding=pad)
+    terms.append(ssim.relu())
+    w = torch.tensor(MS_WEIGHTS, dtype=torch.float64, device=a.device).view(-1, 1, 1)
+    return torch.prod(torch.stack(terms) ** w, 0).mean(1)  # (levels, N, C) -> (N, C) -> (N,)
+
+
+class MSSSIM(Metric):
+    def __init__(self, spec: MetricSpec) -> None:
+        super().__init__(spec)
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, batch: MetricBatch) -> None:
+        if batch.reference is None or batch.candidate is None:
+            raise ValueError("ms-ssim is a paired metric and needs reference and candidate images")
+        v = ms_ssim_per_image(to_float(batch.reference), to_float(batch.candidate))
+        self.total += float(v.sum())
+        self.count += v.numel()
+
+    def compute(self) -> dict[str, float]:
+        return {"ms-ssim": self.total / self.count if self.count else math.nan}
+
+
+register_metric(
+    MetricSpec(
+        name="ms-ssim", higher_is_better=True, kind="paired", version="msssim-gauss11-1.5-5scale-relu-u8-v1",
+        description="MS-SSIM, 5 scales, Gaussian 11/1.5, data range 1 (pytorch-msssim)",
+        builder=lambda spec: MSSSIM(spec), aliases=("msssim",),
+    )
+)

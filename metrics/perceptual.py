@@ -1,0 +1,193 @@
+"""Learned paired distances: LPIPS (Zhang et al. 2018) and DreamSim (Fu et al. 2023).
+
+LPIPS: the ``lpips`` package's model, version 0.1, on 8-bit images mapped to [-1, 1]; the per-image
+spatial average, then the mean over images. ``lpips-vgg`` (what RAE reports) and ``lpips-alex``.
+The learned linear heads ship in the lpips wheel; the ImageNet backbone is torchvision's file
+(``vgg16-397923af.pth``, ``alexnet-owt-7be5be79.pth``), resolved like every weight: the
+``weights`` option or ``RAEBENCH_LPIPS_{VGG,ALEX}_WEIGHTS`` > ``$TORCH_HOME/hub/checkpoints`` > a
+download. (The lpips package would fetch it through torchvision itself; we load it into the
+package's random-backbone model so that offline runs fail with one sentence instead.)
+
+DreamSim: the ``dreamsim`` package's model (``normalize_embeds=True``), images resized to 224
+with PIL bicubic as the package's own preprocessing, distance 1 − cos of the embeddings, mean over
+images. ``dreamsim`` is the default ensemble (DINO ViT-B/16 + CLIP ViT-B/16 + OpenCLIP ViT-B/16);
+``dreamsim-<backbone>`` are the single-backbone models. Weights: the folder given by the
+``weights`` option or ``RAEBENCH_DREAMSIM_WEIGHTS``, else ``$TORCH_HOME/hub/dreamsim``; the
+package downloads there when online. Building the ensemble calls ``torch.hub.set_dir`` globally;
+we restore the previous hub directory afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from raebench.errors import MissingWeightsError
+from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
+from raebench.metrics.extractors import fingerprint_path, local_weights, resize_images, resolve_url_file, weights_env
+from raebench.weights import hf_offline
+
+TORCHVISION_BACKBONES = {
+    "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
+    "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+}
+
+
+class _PairedMean(Metric):
+    """Mean over images of a per-image distance computed by a network on ``device``."""
+
+    def __init__(self, spec: MetricSpec) -> None:
+        super().__init__(spec)
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def distances(self, ref_u8: torch.Tensor, cand_u8: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, batch: MetricBatch) -> None:
+        if batch.reference is None or batch.candidate is None:
+            raise ValueError(f"{self.spec.name} is a paired metric and needs reference and candidate images")
+        with torch.no_grad():
+            d = self.distances(batch.reference, batch.candidate).double()
+        self.total += float(d.sum())
+        self.count += d.numel()
+
+    def compute(self) -> dict[str, float]:
+        return {self.spec.name: self.total / self.count if self.count else math.nan}
+
+
+# ---------------------------------------------------------------------------------------------
+# LPIPS
+# ---------------------------------------------------------------------------------------------
+
+
+def load_lpips(net: str, backbone_file: str | os.PathLike) -> torch.nn.Module:
+    """The lpips package's LPIPS(net) with its shipped linear heads and the torchvision backbone
+    weights from ``backbone_file`` (a torchvision state dict: ``features.<i>.weight``)."""
+    import lpips
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+    sd = torch.load(backbone_file, map_location="cpu", weights_only=True)
+    own = model.net.state_dict()
+    # the package splits torchvision's ``features`` Sequential into slices: slice<k>.<i>.<p> = features.<i>.<p>
+    new = {k: sd[f"features.{k.split('.', 1)[1]}"] for k in own if f"features.{k.split('.', 1)[1]}" in sd}
+    if set(new) != set(own):
+        missing = sorted(set(own) - set(new))[:3]
+        raise MissingWeightsError(f"LPIPS-{net}: {str(backbone_file)!r} is not a torchvision {net} state dict "
+                                  f"(missing {missing}); pass the file {TORCHVISION_BACKBONES[net].rsplit('/', 1)[-1]}.")
+    model.net.load_state_dict(new)
+    return model.eval().requires_grad_(False)
+
+
+class LPIPS(_PairedMean):
+    def __init__(self, spec: MetricSpec, net: str, device: str | torch.device = "cpu", weights: str | None = None):
+        super().__init__(spec)
+        path = resolve_url_file(TORCHVISION_BACKBONES[net], local_weights(spec.name, weights),
+                                what=f"LPIPS-{net} backbone (torchvision ImageNet)", env=weights_env(spec.name))
+        self.weights_id = fingerprint_path(path)
+        self.device = torch.device(device)
+        self.model = load_lpips(net, path).to(self.device)
+
+    def distances(self, ref_u8, cand_u8):
+        a = ref_u8.to(self.device).float() / 127.5 - 1.0  # [-1, 1], what lpips expects
+        b = cand_u8.to(self.device).float() / 127.5 - 1.0
+        return self.model(a, b).flatten().cpu()  # (N,)
+
+
+# ---------------------------------------------------------------------------------------------
+# DreamSim
+# ---------------------------------------------------------------------------------------------
+
+#: registry name -> dreamsim_type, and the files its folder must hold (dreamsim.model.download_weights)
+DREAMSIM_VARIANTS = {
+    "dreamsim": ("ensemble", ("dino_vitb16_pretrain.pth", "open_clip_vitb16_pretrain.pth.tar",
+                              "clip_vitb16_pretrain.pth.tar", "ensemble_lora")),
+    "dreamsim-dino-b16": ("dino_vitb16", ("dino_vitb16_pretrain.pth", "dino_vitb16_single_lora")),
+    "dreamsim-dinov2-b14": ("dinov2_vitb14", ("dinov2_vitb14_pretrain.pth", "dinov2_vitb14_single_lora")),
+    "dreamsim-clip-b32": ("clip_vitb32", ("clip_vitb32_pretrain.pth.tar", "clip_vitb32_single_lora")),
+    "dreamsim-openclip-b32": ("open_clip_vitb32", ("open_clip_vitb32_pretrain.pth.tar", "open_clip_vitb32_single_lora")),
+    "dreamsim-synclr-b16": ("synclr_vitb16", ("synclr_vit_b_16.pth", "synclr_vitb16_single_lora")),
+}
+DREAMSIM_SIZE = 224
+
+
+@contextlib.contextmanager
+def torch_hub_dir_restored():
+    """Undo any ``torch.hub.set_dir`` made inside (DreamSim sets it to its model folder)."""
+    prev = getattr(torch.hub, "_hub_dir", None)
+    try:
+        yield
+    finally:
+        torch.hub._hub_dir = prev
+
+
+def dreamsim_dir(weights: str | None = None) -> Path:
+    return Path(local_weights("dreamsim", weights) or Path(torch.hub.get_dir()) / "dreamsim").expanduser()
+
+
+def load_dreamsim(dreamsim_type: str, folder: Path, device: torch.device) -> torch.nn.Module:
+    """The dreamsim package's model from ``folder`` (it downloads there when files are missing)."""
+    from dreamsim import dreamsim
+
+    with torch_hub_dir_restored(), contextlib.redirect_stdout(sys.stderr):
+        model, _ = dreamsim(pretrained=True, device=str(device), cache_dir=str(folder), dreamsim_type=dreamsim_type)
+    return model.eval().requires_grad_(False)
+
+
+class DreamSim(_PairedMean):
+    def __init__(self, spec: MetricSpec, device: str | torch.device = "cpu", weights: str | None = None):
+        super().__init__(spec)
+        dreamsim_type, required = DREAMSIM_VARIANTS[spec.name]
+        folder = dreamsim_dir(weights)
+        missing = [f for f in required if not (folder / f).exists()]
+        if missing and (hf_offline() or local_weights("dreamsim", weights)):
+            from dreamsim.config import dreamsim_weights
+
+            raise MissingWeightsError(
+                f"DreamSim ({dreamsim_type}) weights not found: {missing[0]!r} is not in {folder}; unzip "
+                f"{dreamsim_weights[dreamsim_type]} there or pass another folder with {weights_env('dreamsim')}=DIR."
+            )
+        self.device = torch.device(device)
+        try:
+            self.model = load_dreamsim(dreamsim_type, folder, self.device)
+        except (OSError, RuntimeError) as e:  # download or torch.hub failures
+            raise MissingWeightsError(
+                f"DreamSim ({dreamsim_type}) could not be loaded from {folder} ({type(e).__name__}: {str(e)[:120]}); "
+                f"the ensemble also needs the facebookresearch/dino torch.hub code, so use a single-backbone "
+                f"variant such as dreamsim-clip-b32 offline."
+            ) from None
+        self.weights_id = fingerprint_path(folder)
+
+    def distances(self, ref_u8, cand_u8):
+        a = resize_images(ref_u8, DREAMSIM_SIZE, "pil").to(self.device) / 255.0  # the package's PIL bicubic
+        b = resize_images(cand_u8, DREAMSIM_SIZE, "pil").to(self.device) / 255.0
+        return self.model(a, b).flatten().cpu()  # (N,) 1 - cos
+
+
+for _net in ("vgg", "alex"):
+    register_metric(
+        MetricSpec(
+            name=f"lpips-{_net}", higher_is_better=False, kind="paired", version=f"lpips-{_net}-v0.1-u8-v1",
+            description=f"LPIPS v0.1 with the {'VGG-16' if _net == 'vgg' else 'AlexNet'} backbone (lpips package)",
+            builder=lambda spec, net=_net, **o: LPIPS(spec, net, **o), options=("device", "weights"),
+            aliases=("lpips",) if _net == "vgg" else (),
+        )
+    )
+for _name, (_type, _) in DREAMSIM_VARIANTS.items():
+    register_metric(
+        MetricSpec(
+            name=_name, higher_is_better=False, kind="paired", version=f"dreamsim-0.2-{_type}-pil224-v1",
+            description=f"DreamSim distance (dreamsim package, {_type})",
+            builder=lambda spec, **o: DreamSim(spec, **o), options=("device", "weights"),
+        )
+    )

@@ -1,0 +1,130 @@
+"""``raebench analyze``: semantic alignment and latent diagnostics of one or more tokenizers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from raebench.errors import RaebenchError
+
+
+def _csv(values: list[str]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def _parse_reference_weights(items: list[str]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise RaebenchError(f"--reference-weights takes NAME=PATH (e.g. dinov2-b=/models/dinov2.safetensors), got {item!r}.")
+        out.append((name.strip().lower(), path.strip()))
+    return tuple(out)
+
+
+def _parse_sigmas(text: str) -> tuple[float, ...]:
+    try:
+        sig = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise RaebenchError(f"--sigmas takes comma-separated positive numbers such as 0.1,0.25,0.5,1; got {text!r}.") from None
+    if not sig or any(s <= 0 for s in sig):
+        raise RaebenchError(f"--sigmas takes comma-separated positive numbers such as 0.1,0.25,0.5,1; got {text!r}.")
+    return sig
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("analyze")
+    def analyze_cmd(
+        tokenizer: list[str] = typer.Option(..., "--tokenizer", "-t", help="Tokenizer to analyse; repeat or comma-separate."),
+        reference: str = typer.Option("dinov2-b", "--reference", help="Comma-separated reference encoders (dinov2-b, dinov2-l, clip-b, clip-l, random-proj) or 'none'."),
+        reference_weights: list[str] = typer.Option([], "--reference-weights", help="NAME=PATH: a local weights file for a reference; repeatable."),
+        data: Optional[str] = typer.Option(None, "--data", help="Image folder (recursive; class subfolders enable the probes)."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Named dataset (raebench ls datasets); default: the embedded photos."),
+        domain: Optional[str] = typer.Option(None, "--domain", help="Domain tag for --data: in-domain or open-domain."),
+        resolution: int = typer.Option(256, "--resolution", "-r"),
+        limit: Optional[int] = typer.Option(None, "--limit", help="Analyse a seeded random subset of N images."),
+        seed: int = typer.Option(0, "--seed"),
+        batch_size: int = typer.Option(16, "--batch-size", "-b"),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+        num_workers: int = typer.Option(0, "--num-workers"),
+        results: Path = typer.Option(Path("results"), "--results", help="Results folder (rows, and figures under analysis/)."),
+        probe_method: str = typer.Option("lbfgs", "--probe-method", help="Linear probe recipe: lbfgs (logistic) or ridge (closed form)."),
+        batchnorm: bool = typer.Option(True, "--batchnorm/--no-batchnorm", help="Standardise pooled latents before the probe (BatchNorm without affine)."),
+        knn_k: int = typer.Option(20, "--knn-k", help="Neighbours of the kNN classifier."),
+        mutual_k: int = typer.Option(10, "--mutual-k", help="Neighbours of mutual-kNN and CKNNA."),
+        cka_debiased: bool = typer.Option(False, "--cka-debiased", help="Debiased linear CKA (unbiased HSIC; N x N)."),
+        sigmas: str = typer.Option("0.1,0.25,0.5,1", "--sigmas", help="Latent noise levels, relative to the latent's per-element std."),
+        n_diag: int = typer.Option(16, "--n-diag", help="Images used by the decoder diagnostics."),
+        interp_pairs: int = typer.Option(4, "--interp-pairs", help="Image pairs interpolated."),
+        interp_steps: int = typer.Option(8, "--interp-steps", help="Steps per interpolation."),
+        perceptual: str = typer.Option("auto", "--perceptual", help="auto | lpips-alex | lpips-vgg | rmse | none"),
+        diffusability: bool = typer.Option(False, "--diffusability", help="Also train the stage-2 diffusability probe (slow on CPU)."),
+        probe_preset: str = typer.Option("ditdh-s", "--probe-preset", help="Stage-2 preset of the diffusability probe."),
+        probe_steps: int = typer.Option(2000, "--probe-steps", help="Training steps of the diffusability probe."),
+        probe_batch_size: int = typer.Option(32, "--probe-batch-size"),
+        probe_samples: int = typer.Option(256, "--probe-samples", help="Samples drawn to score the probe."),
+        probe_images: int = typer.Option(512, "--probe-images", help="Images whose latents the probe trains on."),
+        plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG figures."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved configuration and exit."),
+    ) -> None:
+        """Alignment with DINOv2/CLIP, probes, spectrum, robustness, smoothness (rows + PNG figures)."""
+        from raebench.analysis.diffusability import ProbeConfig
+        from raebench.analysis.references import REFERENCES
+        from raebench.analysis.run import AnalyzeConfig, analyze
+        from raebench.cli import console, err_console
+        from raebench.cli.core import _fmt, _progress
+        from raebench.tokenizers import get_tokenizer_spec
+
+        names = [get_tokenizer_spec(t).name for t in _csv(tokenizer)]  # unknown names fail here, with suggestions
+        refs = [] if reference.strip().lower() == "none" else [REFERENCES.canonical(r) for r in _csv([reference])]
+        if probe_method not in ("lbfgs", "ridge"):
+            raise RaebenchError(f"Unknown --probe-method {probe_method!r}; use lbfgs or ridge.")
+        cfg = AnalyzeConfig(
+            tokenizers=tuple(names), references=tuple(refs), reference_weights=_parse_reference_weights(reference_weights),
+            data=data, dataset=dataset, domain=domain, resolution=resolution, limit=limit, seed=seed,
+            batch_size=batch_size, device=device, num_workers=num_workers, results_dir=str(results),
+            probe_method=probe_method, probe_batchnorm=batchnorm, knn_k=knn_k, mutual_k=mutual_k,
+            cka_debiased=cka_debiased, sigmas=_parse_sigmas(sigmas), n_diag=n_diag, interp_pairs=interp_pairs,
+            interp_steps=interp_steps, perceptual=perceptual, diffusability=diffusability, probe_images=probe_images,
+            probe=ProbeConfig(preset=probe_preset, steps=probe_steps, batch_size=probe_batch_size,
+                              n_samples=probe_samples, seed=seed),
+            plots=plots,
+        )
+        if dry_run:
+            console.print_json(json.dumps(asdict(cfg), default=str))
+            return
+        with _progress() as prog:
+            task = prog.add_task("analyze", total=None)
+
+            def cb(label: str, done: int, total: int) -> None:
+                prog.update(task, description=label, completed=done, total=total)
+
+            out = analyze(cfg, on_progress=cb)
+
+        metrics = list(dict.fromkeys(r.metric for rep in out.reports for r in rep.rows))
+        t = Table(title=f"analyze · {out.reports[0].rows[0].dataset if out.reports[0].rows else ''} · {resolution}px · n={out.n_images}")
+        t.add_column("metric")
+        for rep in out.reports:
+            t.add_column(rep.name, justify="right")
+        t.add_column("better", justify="center")
+        for m in metrics:
+            cells, hib = [], None
+            for rep in out.reports:
+                row = next((r for r in rep.rows if r.metric == m), None)
+                cells.append(_fmt(row.value) if row else "–")
+                hib = row.higher_is_better if row else hib
+            t.add_row(m, *cells, {True: "↑", False: "↓"}.get(hib, ""))
+        console.print(t)
+        for rep in out.reports:
+            for note in rep.notes:
+                err_console.print(f"[yellow]{rep.name}:[/] {note}", highlight=False)
+        if out.out_dir:
+            err_console.print(f"figures and config: {out.out_dir}", highlight=False)
+            for p in out.plots:
+                err_console.print(f"  {p.name}", highlight=False)
+        err_console.print(f"{out.seconds:.1f} s", highlight=False)

@@ -1,0 +1,260 @@
+"""RAE commands: ``stats`` (exact latent statistics) and ``reconstruct`` (PNGs + ADM npz).
+
+Both read images like ``raebench eval`` (``--data DIR`` / ``--dataset NAME``, ADM center crop at
+``--resolution``) and shard them over ``torchrun`` ranks (contiguous slices, data order kept).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import typer
+
+from raebench.errors import RaebenchError
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Library functions behind the commands
+# ---------------------------------------------------------------------------------------------
+
+
+def _batches(data, resolution: int, batch_size: int, num_workers: int, device: torch.device, on_progress=None):
+    """(indices, uint8 (N, 3, R, R) on ``device``, paths) for this rank's contiguous shard."""
+    from raebench import distributed
+    from raebench.data import ImageDataset, make_loader
+    from raebench.evaluate import _shard
+
+    lo, hi = _shard(data.n, distributed.rank(), distributed.world_size())
+    loader = make_loader(ImageDataset(data.images, resolution), batch_size, num_workers, indices=range(lo, hi))
+    done = 0
+    for b in loader:
+        done += b["image"].shape[0] + len(b["skipped"])
+        for s in b["skipped"]:
+            log.warning("skipped %s: %s", s.path, s.reason)
+        if b["image"].shape[0]:
+            yield b["index"], b["image"].to(device), b["path"]
+        if on_progress:
+            on_progress(done, hi - lo)
+
+
+def feature_extractor(
+    *,
+    tokenizer: str | None = None,
+    tokenizer_config: str | None = None,
+    encoder: str | None = None,
+    weights: str | None = None,
+    resolution: int = 256,
+    encoder_input_size: int | None = None,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """The raw-feature function whose statistics ``raebench stats`` computes, and a label for it."""
+    if tokenizer_config:
+        from raebench.official import from_official_config
+
+        tok = from_official_config(tokenizer_config).tokenizer
+        return tok.encode_features, Path(tokenizer_config).stem
+    if tokenizer:
+        from raebench.tokenizers import get_tokenizer_spec
+        from raebench.tokenizers.rae import RELEASES, build_release_encoder
+
+        spec = get_tokenizer_spec(tokenizer)
+        if spec.name not in RELEASES:
+            raise RaebenchError(f"{spec.name!r} is not an RAE tokenizer; latent statistics are computed for RAE encoders.")
+        enc = build_release_encoder(RELEASES[spec.name], encoder=encoder, weights=weights, resolution=resolution)
+        return enc, spec.name
+    if encoder:
+        from raebench.rae.encoders import build_encoder
+
+        enc = build_encoder(encoder, input_size=encoder_input_size or resolution)
+        return enc, encoder
+    raise RaebenchError("Give --tokenizer NAME, --tokenizer-config official.yaml or --encoder NAME to compute statistics for.")
+
+
+def write_reconstructions(
+    tok,
+    data,
+    out: str | os.PathLike,
+    *,
+    resolution: int,
+    batch_size: int = 16,
+    device: torch.device = torch.device("cpu"),
+    num_workers: int = 0,
+    png: bool = True,
+    references: bool = False,
+    precision: str = "fp32",
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Reconstruct ``data`` with ``tok``; write PNGs, ``reconstructions.npz`` (ADM: ``arr_0`` uint8 NHWC)
+    and optionally ``references.npz`` (the cropped originals). Returns a summary dict."""
+    import torch.distributed as td
+    from PIL import Image
+
+    from raebench import distributed
+    from raebench.data import to_float, to_uint8
+    from raebench.evaluate import _autocast
+    from raebench.results import atomic_write_bytes
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    recs, refs, rows, nonfinite = [], [], [], []
+    for idx, ref, paths in _batches(data, resolution, batch_size, num_workers, device, on_progress):
+        with torch.no_grad(), _autocast(device, precision):
+            rec = tok.decode(tok.encode(to_float(ref))).float()
+        bad = ~torch.isfinite(rec.flatten(1)).all(1)
+        nonfinite += [p for p, b in zip(paths, bad.tolist()) if b]
+        u8 = to_uint8(torch.nan_to_num(rec)).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+        recs.append(u8)
+        if references:
+            refs.append(ref.permute(0, 2, 3, 1).cpu().numpy())
+        for i, a, p in zip(idx.tolist(), u8, paths):
+            if png:
+                Image.fromarray(a).save(out / "images" / f"{i:06d}.png")
+            rows.append((i, p))
+    rank, world = distributed.rank(), distributed.world_size()
+    part = out / f".part-{rank}"
+    empty = np.zeros((0, resolution, resolution, 3), np.uint8)
+    np.savez(part.with_suffix(".npz"), rec=np.concatenate(recs) if recs else empty, ref=np.concatenate(refs) if refs else empty)
+    part.with_suffix(".json").write_text(json.dumps({"rows": rows, "nonfinite": nonfinite}))
+    if world > 1:
+        td.barrier()
+    summary = {}
+    if rank == 0:
+        shards = [out / f".part-{r}" for r in range(world)]
+        arrays = [np.load(p.with_suffix(".npz")) for p in shards]
+        meta = [json.loads(p.with_suffix(".json").read_text()) for p in shards]
+        rec_all = np.concatenate([a["rec"] for a in arrays])
+        np.savez(out / "reconstructions.npz", arr_0=rec_all)
+        if references:
+            np.savez(out / "references.npz", arr_0=np.concatenate([a["ref"] for a in arrays]))
+        lines = ["index,source"] + [f"{i},{src}" for m in meta for i, src in m["rows"]]
+        atomic_write_bytes(out / "files.csv", ("\n".join(lines) + "\n").encode())
+        summary = {"n": int(rec_all.shape[0]), "nonfinite": [p for m in meta for p in m["nonfinite"]], "out": str(out)}
+    if world > 1:
+        td.barrier()
+    for suffix in (".npz", ".json"):
+        part.with_suffix(suffix).unlink(missing_ok=True)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("stats")
+    def stats_cmd(
+        tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="A registered RAE (its encoder is used)."),
+        tokenizer_config: Optional[Path] = typer.Option(None, "--tokenizer-config", help="Official RAE YAML instead of a name."),
+        encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder name/folder/hub id/timm:<name>; with --tokenizer, a local copy of its encoder."),
+        encoder_input_size: Optional[int] = typer.Option(None, "--encoder-input-size", help="With --encoder alone (default: --resolution)."),
+        data: Optional[str] = typer.Option(None, "--data", help="Image folder (recursive)."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Named dataset; default: the embedded photos."),
+        out: Path = typer.Option(Path("stat.pt"), "--out", "-o", help="Where to write {'mean','var'} (official stat.pt)."),
+        resolution: int = typer.Option(256, "--resolution", "-r"),
+        hflip: bool = typer.Option(False, "--hflip", help="Also use each image's mirror (the official estimator flips at random)."),
+        limit: Optional[int] = typer.Option(None, "--limit"),
+        seed: int = typer.Option(0, "--seed"),
+        batch_size: int = typer.Option(32, "--batch-size", "-b"),
+        device: str = typer.Option("auto", "--device"),
+        num_workers: int = typer.Option(0, "--num-workers"),
+        weights: Optional[str] = typer.Option(None, "--weights", help="Local RAE-collections-style folder (for the encoder copy)."),
+    ) -> None:
+        """Exact per-element latent mean/var of an RAE encoder over a dataset (float64, deterministic)."""
+        from raebench import distributed
+        from raebench.cli import console
+        from raebench.cli.core import _progress
+        from raebench.data import resolve_data, to_float
+        from raebench.evaluate import resolve_device
+        from raebench.rae.stats import StatsAccumulator
+
+        distributed.init()
+        dev = resolve_device(distributed.local_device(device))
+        fn, label = feature_extractor(
+            tokenizer=tokenizer, tokenizer_config=str(tokenizer_config) if tokenizer_config else None,
+            encoder=encoder, weights=weights, resolution=resolution, encoder_input_size=encoder_input_size,
+        )
+        if isinstance(fn, torch.nn.Module):
+            fn = fn.to(dev)
+        rd = resolve_data(data, dataset, limit, seed)
+        with torch.no_grad():  # the latent shape, so that a rank with an empty shard still reduces
+            acc = StatsAccumulator(tuple(fn(torch.zeros(1, 3, resolution, resolution, device=dev)).shape[1:]), dev)
+        with _progress() as prog:
+            task = prog.add_task(f"stats {label}", total=None)
+            for _, x, _ in _batches(rd, resolution, batch_size, num_workers, dev,
+                                    lambda d, t: prog.update(task, completed=d, total=t)):
+                with torch.no_grad():
+                    xf = to_float(x)
+                    acc.update(fn(xf).float())
+                    if hflip:
+                        acc.update(fn(xf.flip(-1)).float())
+        acc.all_reduce()
+        if acc.count == 0:
+            raise RaebenchError(f"No readable image in {rd.name!r}; nothing to compute statistics from.")
+        if distributed.is_main():
+            st = acc.to_stats()
+            st.save(out)
+            v = st.var
+            console.print(
+                f"wrote {out}: mean/var of shape {tuple(st.shape)} over {acc.count} latents of {rd.name} "
+                f"(mean |mean| {st.mean.abs().mean():.4g}, mean var {v.mean():.4g})"
+            )
+        distributed.finish()
+
+    @app.command("reconstruct")
+    def reconstruct_cmd(
+        tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Registered tokenizer name."),
+        tokenizer_config: Optional[Path] = typer.Option(None, "--tokenizer-config", help="Official RAE YAML instead of a name."),
+        data: Optional[str] = typer.Option(None, "--data", help="Image folder (recursive)."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Named dataset; default: the embedded photos."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output folder: images/*.png, reconstructions.npz, files.csv."),
+        resolution: int = typer.Option(256, "--resolution", "-r"),
+        references: bool = typer.Option(False, "--references", help="Also write references.npz (the cropped originals)."),
+        png: bool = typer.Option(True, "--png/--no-png", help="Write one PNG per image."),
+        limit: Optional[int] = typer.Option(None, "--limit"),
+        seed: int = typer.Option(0, "--seed"),
+        batch_size: int = typer.Option(16, "--batch-size", "-b"),
+        device: str = typer.Option("auto", "--device"),
+        precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (tokenizer forward only)."),
+        num_workers: int = typer.Option(0, "--num-workers"),
+        weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file/folder for the tokenizer."),
+        decoder: Optional[str] = typer.Option(None, "--decoder", help="RAE: a decoder checkpoint instead of the released one."),
+        stats: Optional[str] = typer.Option(None, "--stats", help="RAE: latent statistics file (stat.pt)."),
+    ) -> None:
+        """Reconstructions to disk: PNGs and an ADM-style npz (arr_0, uint8 NHWC) for external evaluators."""
+        from raebench import distributed
+        from raebench.cli import console, err_console
+        from raebench.cli.core import _progress
+        from raebench.data import resolve_data
+        from raebench.evaluate import EvalConfig, build_tokenizer_from_config, resolve_device
+
+        distributed.init()
+        if not tokenizer and not tokenizer_config:
+            raise RaebenchError("Give --tokenizer NAME (see `raebench ls tokenizers`) or --tokenizer-config official.yaml.")
+        dev = resolve_device(distributed.local_device(device))
+        cfg = EvalConfig(
+            tokenizer=tokenizer or "official-config", resolution=resolution, weights=weights, decoder=decoder,
+            stats=stats, tokenizer_config=str(tokenizer_config) if tokenizer_config else None,
+        )
+        tok = build_tokenizer_from_config(cfg, dev)
+        rd = resolve_data(data, dataset, limit, seed)
+        with _progress() as prog:
+            task = prog.add_task(f"reconstruct {tok.name}", total=None)
+            summary = write_reconstructions(
+                tok, rd, out, resolution=resolution, batch_size=batch_size, device=dev, num_workers=num_workers,
+                png=png, references=references, precision=precision,
+                on_progress=lambda d, t: prog.update(task, completed=d, total=t),
+            )
+        if distributed.is_main():
+            console.print(f"wrote {summary['n']} reconstructions of {rd.name} to {summary['out']}")
+            if summary["nonfinite"]:
+                err_console.print(f"[red]{len(summary['nonfinite'])} reconstruction(s) contained NaN/Inf (written as 0).[/]")
+        distributed.finish()
+

@@ -1,0 +1,602 @@
+"""Train an RAE decoder on a frozen encoder (stage 1): ``raebench train stage1``.
+
+One linear loop (:func:`train`) per optimizer step:
+
+1. for each micro-batch of this rank: encode (frozen, no grad), add noise (sigma ~ tau * U[0, 1) per
+   sample), decode, L1 + LPIPS (+ adaptive-weighted GAN once it is on), backward of loss / grad_accum,
+   with DDP gradient sync only on the last micro-batch (``no_sync`` before);
+2. clip (optional), AdamW step, LR schedule, EMA update;
+3. once the discriminator is on: fresh reconstructions of the *clean* latents by the updated decoder
+   (the official trainer's choice), 8-bit quantised, DiffAugment on fakes and reals, hinge loss,
+   gradients accumulated over the micro-batches and averaged over ranks, one AdamW step;
+4. log (CSV, TensorBoard if installed, W&B if asked), sample grid, online PSNR/SSIM, checkpoint.
+
+Fixes against the official stage-1 trainer: gradients are accumulated, not zeroed per micro-batch;
+checkpoints carry everything needed to continue (RNG states, both schedulers, the step) and are
+written atomically; a resumed run reproduces the uninterrupted one, because every random draw of a
+step (sample order, crops, latent noise, augmentations) is derived from (seed, step, position in
+the global batch) and the spectral norms iterate once per step; the exported decoder is a plain
+official-format state dict that loads strictly (a stage-1 checkpoint loaded non-strictly into the
+decoder gave the official repo's users pure-noise reconstructions).
+
+Steps: ``steps_per_epoch = n_images // global_batch`` (the last partial batch of an epoch is dropped
+so every step sees a full global batch); epochs in the config become steps by that factor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from raebench.data import ImageSkip, adm_center_crop, load_rgb, random_resized_crop_train, scan_folder, to_float, to_uint8
+from raebench.errors import DataError, RaebenchError
+from raebench.results import atomic_write_bytes, provenance
+from raebench.stage1.config import RUN_ONLY_FIELDS, Stage1Config
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "raebench-stage1-v1"
+LOG_COLUMNS = (
+    "step", "epoch", "images", "lr", "disc_lr", "l1", "lpips", "gan", "adaptive_weight", "gan_weight_eff", "total",
+    "disc_loss", "logits_real", "logits_fake", "disc_acc", "sec_per_step",
+)
+# streams of per-sample random draws
+_CROP, _NOISE, _AUG_G, _AUG_FAKE, _AUG_REAL = 1, 2, 3, 4, 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic data order and per-sample randomness
+# ---------------------------------------------------------------------------------------------
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integers (SeedSequence hashing: nearby keys give unrelated streams)."""
+    hi, lo = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return ((int(hi) << 32) | int(lo)) >> 1
+
+
+def sample_generators(seed: int, stream: int, step: int, positions: list[int], device: torch.device) -> list[torch.Generator]:
+    """One generator per sample, keyed by (seed, stream, step, position in the global batch)."""
+    return [torch.Generator(device=device).manual_seed(derive_seed(seed, stream, step, j)) for j in positions]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, 0, epoch)))
+
+
+class StepBatches:
+    """This rank's micro-batches for every step from ``start_step`` to ``stop``.
+
+    Yields lists of (image index, crop seed, position in the global batch). A step's global batch is
+    a slice of the epoch's permutation; rank r takes positions [r * B/world, (r+1) * B/world), split
+    into ``grad_accum`` consecutive micro-batches.
+    """
+
+    def __init__(self, n: int, cfg: Stage1Config, start_step: int, stop: int, rank: int, world: int) -> None:
+        self.n, self.cfg, self.start, self.stop, self.rank, self.world = n, cfg, start_step, stop, rank, world
+        self.spe = n // cfg.global_batch
+        self.micro = cfg.global_batch // (world * cfg.grad_accum)
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0) * self.cfg.grad_accum
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        cfg, order, order_epoch = self.cfg, None, -1
+        for step in range(self.start, self.stop):
+            epoch, k = divmod(step, self.spe)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(self.n, cfg.seed, epoch), epoch
+            batch = order[k * cfg.global_batch:(k + 1) * cfg.global_batch]
+            for a in range(cfg.grad_accum):
+                first = self.rank * (cfg.global_batch // self.world) + a * self.micro
+                yield [(int(batch[j]), derive_seed(cfg.seed, _CROP, step, j), j) for j in range(first, first + self.micro)]
+
+
+class TrainCrops(Dataset):
+    """Official train transform of image ``index`` with a given crop seed; an unreadable file is
+    replaced by the next readable one (deterministically), so a bad file never stops a run."""
+
+    def __init__(self, paths: list[str], resolution: int, scale: float) -> None:
+        self.paths, self.resolution, self.scale = paths, resolution, scale
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int, int]) -> dict:
+        index, seed, pos = item
+        for k in range(len(self.paths)):
+            path = self.paths[(index + k) % len(self.paths)]
+            try:
+                im = load_rgb(path)
+            except ImageSkip as e:
+                log.warning("skipping unreadable training image %s (%s)", path, e)
+                continue
+            arr = random_resized_crop_train(im, self.resolution, random.Random(seed), self.scale)
+            return {"image": torch.from_numpy(arr).permute(2, 0, 1).contiguous(), "pos": pos}  # (3, R, R) uint8
+        raise DataError("No training image could be read.")
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"image": torch.stack([it["image"] for it in items]), "pos": [it["pos"] for it in items]}
+
+
+def load_eval_images(paths: list[str], resolution: int) -> torch.Tensor:
+    """ADM center crops of readable images among ``paths``: (N, 3, R, R) uint8."""
+    out = []
+    for p in paths:
+        try:
+            out.append(torch.from_numpy(adm_center_crop(load_rgb(p), resolution)).permute(2, 0, 1))
+        except ImageSkip:
+            continue
+    if not out:
+        raise DataError("None of the validation images could be read.")
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(cfg: Stage1Config):
+    """Frozen encoder + trainable decoder as an :class:`RAETokenizer` without statistics (the
+    decoder learns on raw encoder features, as in the official recipe; statistics only rescale
+    latents for stage 2 and cancel in encode/decode)."""
+    from raebench.rae.decoder import DecoderConfig, build_decoder
+    from raebench.rae.encoders import build_encoder
+    from raebench.rae.tokenizer import RAETokenizer
+
+    if not cfg.encoder:
+        raise RaebenchError("This preset names no encoder; pass one with --set encoder=DIR_OR_REPO.")
+    enc = build_encoder(cfg.encoder, input_size=cfg.encoder_input_size)
+    if enc.grid_size != cfg.grid:
+        raise RaebenchError(
+            f"The encoder gives {enc.grid_size}x{enc.grid_size} tokens at input {cfg.encoder_input_size}, but the "
+            f"decoder needs {cfg.grid}x{cfg.grid} for {cfg.resolution} px with patch {cfg.decoder_patch}; set "
+            f"encoder_input_size to {cfg.grid * enc.patch_size}."
+        )
+    dcfg = DecoderConfig(
+        latent_dim=enc.hidden_size, hidden_size=cfg.decoder_hidden, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads,
+        mlp_dim=cfg.decoder_mlp, patch_size=cfg.decoder_patch, grid_size=cfg.grid, layer_norm_eps=cfg.decoder_layer_norm_eps,
+    )
+    dec = build_decoder(dcfg, cfg.init_decoder)
+    return RAETokenizer(enc, dec, None, noise_tau=cfg.noise_tau, noise_rule=cfg.noise_rule)
+
+
+class PixelDecoder(nn.Module):
+    """What DDP wraps: the tokenizer's ``decode`` (decoder + un-normalisation); the frozen encoder
+    inside it has no trainable parameters, so DDP synchronises the decoder's gradients only."""
+
+    def __init__(self, tokenizer: nn.Module) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.decode(z)  # (N, 3, R, R), nominally [0, 1]
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, final_ratio: float):
+    """Official schedule: linear warmup from zero ((t+1)/warmup), cosine to ``final_ratio`` at ``total_steps``."""
+
+    def f(t: int) -> float:
+        if t < warmup_steps:
+            return (t + 1) / warmup_steps
+        if t >= total_steps:
+            return final_ratio
+        progress = (t - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers, RNG states, checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _all_reduce_mean_(tensors: list[torch.Tensor], world: int) -> None:
+    """Average tensors over ranks in place (one flat all-reduce)."""
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def rng_state() -> dict:
+    st = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [st[0], torch.from_numpy(st[1].astype(np.int64)), int(st[2]), int(st[3]), float(st[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    v, keys, pos = state["python"]
+    random.setstate((v, tuple(keys), pos))
+    name, arr, p, g, c = state["numpy"]
+    np.random.set_state((name, arr.numpy().astype(np.uint32), p, g, c))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def compare_configs(saved: dict, cfg: Stage1Config) -> list[str]:
+    """Trajectory-changing differences between a saved run config and ``cfg``."""
+    now = cfg.to_dict()
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RUN_ONLY_FIELDS and saved.get(k) != v]
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging, samples, validation
+# ---------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """``log.csv`` (rank 0; rows past the resumed step are dropped), TensorBoard if installed, W&B if asked."""
+
+    def __init__(self, run_dir: Path, start_step: int, cfg: Stage1Config) -> None:
+        self.path = run_dir / "log.csv"
+        keep: list[dict] = []
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                keep = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, LOG_COLUMNS)
+        w.writeheader()
+        w.writerows(keep)
+        atomic_write_bytes(self.path, buf.getvalue().encode())
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
+        except ImportError:  # tensorboard is optional
+            pass
+        self.wandb = None
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise RaebenchError("wandb=true needs the wandb package: pip install wandb (or raebench[wandb]).") from None
+            self.wandb = wandb.init(project="raebench-stage1", name=run_dir.name, dir=str(run_dir), config=cfg.to_dict(),
+                                    resume="allow", id=run_dir.name)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+        scalars = {k: v for k, v in row.items() if isinstance(v, float) and k not in ("step", "epoch")}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+@torch.no_grad()
+def reconstruct(tokenizer: nn.Module, images: torch.Tensor, device: torch.device, batch: int, autocast) -> torch.Tensor:
+    """uint8 (N, 3, R, R) -> uint8 reconstructions through ``tokenizer`` without noise."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = to_float(images[i:i + batch]).to(device)
+        with autocast:
+            y = tokenizer.decode(tokenizer.encode_features(x))
+        out.append(to_uint8(y.float()).cpu())
+    return torch.cat(out)
+
+
+def save_grid(path: Path, images: torch.Tensor, recons: torch.Tensor) -> None:
+    """Inputs on the top row, reconstructions below, as a PNG written atomically."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(torch.cat([images, recons]), nrow=len(images), padding=2)  # (3, H, W) uint8
+    buf = io.BytesIO()
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def append_val(run_dir: Path, row: dict) -> None:
+    path = run_dir / "val.csv"
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, ("step", "n", "psnr", "ssim"))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def plan(cfg: Stage1Config, n_images: int, world: int = 1) -> dict[str, int]:
+    """Epochs -> optimizer steps for ``n_images`` (what --dry-run prints)."""
+    spe = n_images // cfg.global_batch
+    if spe < 1:
+        raise DataError(f"{n_images} training images are fewer than one global batch ({cfg.global_batch}); "
+                        "lower global_batch or add images.")
+    if cfg.global_batch % (world * cfg.grad_accum):
+        raise RaebenchError(f"global_batch {cfg.global_batch} is not divisible by world size x grad_accum = "
+                            f"{world} x {cfg.grad_accum}.")
+    return {
+        "images": n_images, "steps_per_epoch": spe, "total_steps": cfg.epochs * spe,
+        "micro_batch": cfg.global_batch // (world * cfg.grad_accum),
+        "warmup_steps": int(cfg.warmup_epochs * spe), "lpips_start_step": int(cfg.lpips_start_epoch * spe),
+        "disc_start_step": int(cfg.disc_start_epoch * spe), "gan_start_step": int(cfg.gan_start_epoch * spe),
+    }
+
+
+def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -> dict[str, Any]:
+    """Run or resume the stage-1 run in ``run_dir``; returns {'step', 'run_dir', 'decoder'}."""
+    from raebench.checkpoint import load_state, save_atomic
+    from raebench.rae.tokenizer import add_noise
+    from raebench.stage1.discriminator import build_discriminator, diff_augment, quantize_8bit
+    from raebench.stage1.export import export_decoder
+    from raebench.stage1.losses import LastLayerTap, adaptive_gan_backward, build_lpips, generator_loss, hinge_d_loss
+
+    device = _pick_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank, world = _dist_info()
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    if not cfg.data:
+        raise RaebenchError("Give the training images with --data DIR.")
+    images = scan_folder(cfg.data)
+    if not images.paths:
+        raise DataError(f"No image files under {cfg.data!r}.")
+    p = plan(cfg, len(images.paths), world)
+    spe, total, accum, micro = p["steps_per_epoch"], p["total_steps"], cfg.grad_accum, p["micro_batch"]
+    stop = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+
+    # models: the same seed on every rank, so the discriminator heads (no DDP) start equal
+    torch.manual_seed(cfg.seed)
+    tok = build_tokenizer(cfg).to(device)
+    decoder = tok.decoder.train()
+    ema = copy.deepcopy(decoder).requires_grad_(False).eval()
+    lpips = build_lpips(cfg.lpips_weights).to(device) if cfg.lpips_weight > 0 else None
+    disc = build_discriminator(cfg).to(device).eval() if cfg.gan_weight > 0 else None
+    if disc is not None:
+        disc.heads.requires_grad_(False)  # switched on for the discriminator's own update only
+    params = [q for q in decoder.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p["warmup_steps"], total, cfg.final_lr / cfg.lr))
+    disc_params = list(disc.heads.parameters()) if disc is not None else []
+    dopt = dsched = None
+    if disc is not None:
+        dopt = torch.optim.AdamW(disc_params, lr=cfg.disc_lr, betas=cfg.disc_betas, weight_decay=cfg.disc_weight_decay, eps=1e-8)
+        # counted in discriminator updates, as the official trainer does
+        dsched = torch.optim.lr_scheduler.LambdaLR(dopt, lr_lambda(int(cfg.disc_warmup_epochs * spe), total, cfg.disc_final_lr / cfg.disc_lr))
+
+    step, disc_updates = 0, 0
+    if ckpt_path.is_file():
+        ck = load_state(ckpt_path, map_location="cpu")
+        diff = compare_configs(ck.get("config", {}), cfg)
+        if diff:
+            raise RaebenchError(f"{str(run_dir)!r} holds a run with other settings ({'; '.join(diff[:4])}); "
+                                "re-run with its settings, or start a new run with --name.")
+        decoder.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        if disc is not None:
+            disc.heads.load_state_dict(ck["disc"])
+            dopt.load_state_dict(ck["disc_opt"])
+            dsched.load_state_dict(ck["disc_sched"])
+        step, disc_updates = int(ck["step"]), int(ck["disc_updates"])
+        rngs = ck["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        if rank == 0:
+            log.info("resumed %s at step %d/%d", run_dir, step, total)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        meta = {"config": cfg.to_dict(), "plan": p, "world_size": world, "device": str(device), **provenance()}
+        atomic_write_bytes(run_dir / "config.json", json.dumps(meta, indent=2).encode())
+        log.info("stage 1: %d images, %d steps/epoch, %d steps (%d epochs), micro-batch %d x %d accum x %d ranks",
+                 p["images"], spe, total, cfg.epochs, micro, accum, world)
+    runlog = RunLog(run_dir, step, cfg) if rank == 0 else None
+
+    ddp = PixelDecoder(tok)
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(
+            ddp, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+    tap = LastLayerTap(decoder.decoder_pred)  # the adaptive GAN weight is measured on the last layer
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    loader = DataLoader(
+        TrainCrops(images.paths, cfg.resolution, cfg.crop_scale), batch_sampler=StepBatches(len(images.paths), cfg, step, stop, rank, world),
+        num_workers=cfg.num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        prefetch_factor=2 if cfg.num_workers > 0 else None,
+    )
+    val_images = None
+    if rank == 0 and (cfg.sample_every > 0 or cfg.val_every > 0):
+        val_list = scan_folder(cfg.val_data) if cfg.val_data else images
+        val_images = load_eval_images(val_list.paths[: max(cfg.val_n, 8)], cfg.resolution)
+    ema_tok = type(tok)(tok.encoder, ema, None)  # shares the frozen encoder; decodes with the EMA weights
+
+    batches = iter(loader)
+    t_last, logged_step = time.perf_counter(), step
+    while step < stop:
+        epoch = step // spe
+        use_lpips = lpips is not None and step >= p["lpips_start_step"]
+        use_gan = disc is not None and step >= p["gan_start_step"]
+        train_disc = disc is not None and step >= p["disc_start_step"]
+
+        # -- decoder update ------------------------------------------------------------------
+        opt.zero_grad(set_to_none=True)
+        sums = torch.zeros(9, dtype=torch.float64)  # l1, lpips, gan, lambda, total | d_loss, real, fake, acc
+        stash = []  # (clean latents, real images, positions) for the discriminator phase
+        for a in range(accum):
+            mb = next(batches)
+            x = to_float(mb["image"]).to(device, non_blocking=True)  # (B, 3, R, R) in [0, 1]
+            with torch.no_grad(), autocast:
+                z = tok.encode_features(x).float()  # (B, C, h, w) raw features
+            gens = sample_generators(cfg.seed, _NOISE, step, mb["pos"], device)
+            zn = torch.cat([add_noise(z[i:i + 1], cfg.noise_tau, cfg.noise_rule, g) for i, g in enumerate(gens)])
+            stash.append((z, x, mb["pos"]))
+            sync = contextlib.nullcontext() if (a == accum - 1 or world == 1) else ddp.no_sync()
+            with sync:
+                with autocast:
+                    rec = ddp(zn).float()
+                    l1 = (rec - x).abs().mean()
+                    lp = lpips(rec * 2 - 1, x * 2 - 1).mean() if use_lpips else l1.new_zeros(())
+                rec_loss = l1 + cfg.lpips_weight * lp
+                if use_gan:
+                    fake = quantize_8bit(rec * 2 - 1, straight_through=True)
+                    fake = diff_augment(fake, sample_generators(cfg.seed, _AUG_G, step, mb["pos"], device),
+                                        cfg.diffaug_translation, cfg.diffaug_color, cfg.diffaug_cutout)
+                    with autocast:
+                        g_loss = generator_loss(disc(fake).float())
+                    lam = adaptive_gan_backward(rec_loss, g_loss, tap, cfg.gan_weight, cfg.max_adaptive_weight, 1.0 / accum)
+                    loss = rec_loss + cfg.gan_weight * lam * g_loss
+                else:
+                    g_loss = lam = l1.new_zeros(())
+                    loss = rec_loss
+                    (loss / accum).backward()
+            sums[:5] += torch.stack([l1, lp, g_loss, lam, loss]).detach().double().cpu()
+        if cfg.clip_grad > 0:
+            nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        lr_now = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        update_ema(ema, decoder, cfg.ema_decay)
+
+        # -- discriminator update --------------------------------------------------------------
+        dlr_now = float("nan")
+        if train_disc:
+            dopt.zero_grad(set_to_none=True)
+            disc.heads.requires_grad_(True)
+            for a, (z, x, pos) in enumerate(stash):
+                disc.train(a == 0)  # one power iteration per step, however the batch is split
+                with torch.no_grad(), autocast:
+                    fake = quantize_8bit(tok.decode(z).float() * 2 - 1, straight_through=False)
+                fake = diff_augment(fake, sample_generators(cfg.seed, _AUG_FAKE, step, pos, device),
+                                    cfg.diffaug_translation, cfg.diffaug_color, cfg.diffaug_cutout)
+                real = diff_augment(x * 2 - 1, sample_generators(cfg.seed, _AUG_REAL, step, pos, device),
+                                    cfg.diffaug_translation, cfg.diffaug_color, cfg.diffaug_cutout)
+                with autocast:
+                    logits_fake, logits_real = disc(torch.cat([fake, real])).float().chunk(2)
+                d_loss = hinge_d_loss(logits_real, logits_fake)
+                (d_loss / accum).backward()
+                acc = (logits_real > logits_fake).float().mean()
+                sums[5:9] += torch.stack([d_loss, logits_real.mean(), logits_fake.mean(), acc]).detach().double().cpu()
+            disc.eval()
+            disc.heads.requires_grad_(False)  # the decoder's GAN term only needs gradients to the image
+            _all_reduce_mean_([q.grad for q in disc_params if q.grad is not None], world)
+            dlr_now = dopt.param_groups[0]["lr"]
+            dopt.step()
+            dsched.step()
+            disc_updates += 1
+        step += 1
+
+        # -- bookkeeping -----------------------------------------------------------------------
+        if world > 1:
+            dist.all_reduce(sums)
+        m = (sums / (accum * world)).tolist()
+        if rank == 0 and (step % cfg.log_every == 0 or step == stop):
+            now = time.perf_counter()
+            row = {
+                "step": step, "epoch": epoch, "images": step * cfg.global_batch, "lr": lr_now,
+                "disc_lr": dlr_now if train_disc else "", "l1": m[0], "lpips": m[1] if use_lpips else "",
+                "gan": m[2] if use_gan else "", "adaptive_weight": m[3] if use_gan else "",
+                "gan_weight_eff": cfg.gan_weight * m[3] if use_gan else 0.0, "total": m[4],
+                "disc_loss": m[5] if train_disc else "", "logits_real": m[6] if train_disc else "",
+                "logits_fake": m[7] if train_disc else "", "disc_acc": m[8] if train_disc else "",
+                "sec_per_step": (now - t_last) / (step - logged_step),
+            }
+            t_last, logged_step = now, step
+            runlog.write(row)
+            log.info("step %d/%d  l1 %.4f  lpips %s  gan %s  lr %.2e", step, total, m[0],
+                     f"{m[1]:.4f}" if use_lpips else "-", f"{m[2]:.4f} (x{m[3]:.3g})" if use_gan else "-", lr_now)
+            if not all(math.isfinite(v) for v in m[:5]):
+                raise RaebenchError(f"The decoder loss became non-finite at step {step}; lower lr or use fp32.")
+        if rank == 0 and val_images is not None:
+            if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == stop):
+                shown = val_images[:8]
+                save_grid(run_dir / "samples" / f"step-{step:07d}.png", shown, reconstruct(ema_tok, shown, device, micro, autocast))
+            if cfg.val_every > 0 and (step % cfg.val_every == 0 or step == stop):
+                from raebench.metrics.pixel import psnr_per_image, ssim_per_image
+
+                ref = val_images[: cfg.val_n]
+                rec_u8 = reconstruct(ema_tok, ref, device, micro, autocast)
+                append_val(run_dir, {"step": step, "n": len(ref), "psnr": float(psnr_per_image(to_float(ref), to_float(rec_u8)).mean()),
+                                     "ssim": float(ssim_per_image(to_float(ref), to_float(rec_u8)).mean())})
+        if step % cfg.ckpt_every == 0 or step == stop:
+            rngs: list = [rng_state()]
+            if world > 1:
+                rngs = [None] * world
+                dist.all_gather_object(rngs, rng_state())
+            if rank == 0:
+                save_atomic({
+                    "format": CHECKPOINT_FORMAT, "step": step, "disc_updates": disc_updates,
+                    "model": decoder.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "disc": disc.heads.state_dict() if disc is not None else {},
+                    "disc_opt": dopt.state_dict() if dopt is not None else {},
+                    "disc_sched": dsched.state_dict() if dsched is not None else {},
+                    "rng": rngs, "config": cfg.to_dict(),
+                }, ckpt_path)
+            if world > 1:
+                dist.barrier()
+
+    exported = None
+    if rank == 0:
+        runlog.close()
+        if step >= total:
+            exported = export_decoder(ckpt_path, run_dir / "decoder")
+            log.info("done: EMA decoder exported to %s", exported)
+    if world > 1:
+        dist.barrier()
+    return {"step": step, "total_steps": total, "run_dir": str(run_dir), "decoder": str(exported) if exported else None}

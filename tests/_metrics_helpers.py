@@ -1,0 +1,59 @@
+"""Helpers for the metric tests: random-weight networks saved to files, real test images.
+
+Pretrained weights cannot be downloaded here, so every network is initialised randomly, saved to
+a temporary file and given to *both* raebench and the reference implementation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def random_inception_weights(path: Path, seed: int = 0) -> Path:
+    """A torch-fidelity Inception state dict with kaiming-normal convolutions (PyTorch's default
+    init makes pool3 features nearly vanish, and FID ~1e-15), saved to ``path``."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    torch.manual_seed(seed)
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
+            mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}):
+        net = FeatureExtractorInceptionV3("init", ["2048"], feature_extractor_weights_path="unused")
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def photo_crops(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """(n, 3, size, size) uint8 random crops of scikit-image's bundled photographs."""
+    from skimage import data as skdata
+
+    rng = np.random.default_rng(seed)
+    photos = [skdata.astronaut(), skdata.coffee(), skdata.chelsea(), skdata.rocket(), skdata.hubble_deep_field()]
+    out = []
+    for i in range(n):
+        im = photos[i % len(photos)]
+        s = int(rng.integers(size, min(im.shape[:2])))
+        y, x = rng.integers(0, im.shape[0] - s + 1), rng.integers(0, im.shape[1] - s + 1)
+        crop = Image.fromarray(im[y:y + s, x:x + s]).resize((size, size), Image.BICUBIC)
+        out.append(np.asarray(crop))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    """uint8 images as torch-fidelity wants its inputs (a Dataset of (3, H, W) uint8 tensors)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]

@@ -1,0 +1,267 @@
+"""Alignment metrics and probes against brute-force definitions written here, and their properties."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from raebench.analysis import alignment as al
+
+
+def _feats(n, d, seed):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _orthogonal(d, seed):
+    q, _ = torch.linalg.qr(_feats(d, d, seed))
+    return q
+
+
+# --------------------------------------------------------------------------------------------
+# Brute-force definitions (loops over samples; numpy; no shared code with the library)
+# --------------------------------------------------------------------------------------------
+
+
+def _unit_rows(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _neighbours(x, k):
+    """Per sample, the set of its k most similar other samples (inner product of unit rows)."""
+    u = _unit_rows(x)
+    out = []
+    for i in range(len(u)):
+        sims = [(float(u[i] @ u[j]), j) for j in range(len(u)) if j != i]
+        sims.sort(key=lambda s: -s[0])
+        out.append({j for _, j in sims[:k]})
+    return out
+
+
+def brute_mutual_knn(a, b, k):
+    na, nb = _neighbours(a, k), _neighbours(b, k)
+    return sum(len(na[i] & nb[i]) / k for i in range(len(na))) / len(na)
+
+
+def brute_hsic_u_statistic(K, L):
+    """Song et al. (2012): the U-statistic over ordered 4-tuples of distinct indices."""
+    m = len(K)
+    total, count = 0.0, 0
+    for i, j, q, r in itertools.permutations(range(m), 4):
+        total += K[i][j] * L[i][j] + K[i][j] * L[q][r] - 2 * K[i][j] * L[i][q]
+        count += 1
+    return total / count
+
+
+def brute_hsic_eq5(K, L):
+    """Eq. 5 of Song et al. written with explicit sums over off-diagonal entries."""
+    m = len(K)
+    off = [(i, j) for i in range(m) for j in range(m) if i != j]
+    tr = sum(K[i][j] * L[j][i] for i, j in off)
+    sk = sum(K[i][j] for i, j in off)
+    sl = sum(L[i][j] for i, j in off)
+    ones_kl_ones = sum(K[i][j] * L[j][q] for i, j in off for q in range(m) if q != j)
+    return (tr + sk * sl / ((m - 1) * (m - 2)) - 2 * ones_kl_ones / (m - 2)) / (m * (m - 3))
+
+
+def brute_cknna(a, b, k):
+    ua, ub = _unit_rows(a), _unit_rows(b)
+    m = len(ua)
+    K = [[float(ua[i] @ ua[j]) for j in range(m)] for i in range(m)]
+    L = [[float(ub[i] @ ub[j]) for j in range(m)] for i in range(m)]
+    na, nb = _neighbours(a, k), _neighbours(b, k)
+    mk = [[1.0 if j in na[i] else 0.0 for j in range(m)] for i in range(m)]
+    ml = [[1.0 if j in nb[i] else 0.0 for j in range(m)] for i in range(m)]
+
+    def masked(mask, X):
+        return [[mask[i][j] * X[i][j] for j in range(m)] for i in range(m)]
+
+    both = [[mk[i][j] * ml[i][j] for j in range(m)] for i in range(m)]
+    num = brute_hsic_eq5(masked(both, K), masked(both, L))
+    den = math.sqrt(brute_hsic_eq5(masked(mk, K), masked(mk, K)) * brute_hsic_eq5(masked(ml, L), masked(ml, L)))
+    return num / den
+
+
+def brute_cka(a, b, debiased=False):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    K, L = a @ a.T, b @ b.T
+    if debiased:
+        h = brute_hsic_u_statistic
+        return h(K, L) / math.sqrt(h(K, K) * h(L, L))
+    m = len(K)
+    H = np.eye(m) - np.ones((m, m)) / m
+    hs = lambda X, Y: np.trace(X @ H @ Y @ H)  # noqa: E731
+    return hs(K, L) / math.sqrt(hs(K, K) * hs(L, L))
+
+
+def brute_knn_accuracy(tr_x, tr_y, te_x, te_y, k, temperature):
+    tr, te = _unit_rows(tr_x), _unit_rows(te_x)
+    correct = 0
+    for i in range(len(te)):
+        sims = sorted(((float(te[i] @ tr[j]), int(tr_y[j])) for j in range(len(tr))), key=lambda s: -s[0])[:k]
+        votes = {}
+        for s, c in sims:
+            votes[c] = votes.get(c, 0.0) + math.exp(s / temperature)
+        best = max(sorted(votes), key=lambda c: votes[c])
+        correct += best == int(te_y[i])
+    return correct / len(te)
+
+
+# --------------------------------------------------------------------------------------------
+# Equality with the brute-force definitions
+# --------------------------------------------------------------------------------------------
+
+
+def test_hsic_unbiased_equals_u_statistic():
+    a, b = _feats(7, 3, 0), _feats(7, 5, 1)
+    K, L = (a @ a.T), (b @ b.T)
+    got = float(al.hsic_unbiased(K, L))
+    assert got == pytest.approx(brute_hsic_u_statistic(K.tolist(), L.tolist()), rel=1e-10, abs=1e-12)
+    assert got == pytest.approx(brute_hsic_eq5(K.tolist(), L.tolist()), rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mutual_knn_and_cknna_equal_brute_force(seed):
+    a = _feats(24, 6, seed)
+    b = a[:, :4] + 0.7 * _feats(24, 4, seed + 10)  # partly aligned
+    assert al.mutual_knn(a, b, 5) == pytest.approx(brute_mutual_knn(a, b, 5), abs=1e-12)
+    assert al.cknna(a, b, 5) == pytest.approx(brute_cknna(a, b, 5), rel=1e-9)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_linear_cka_equals_brute_force(debiased):
+    a, b = _feats(9, 4, 3), _feats(9, 6, 4)
+    b[:, :4] += 2 * a
+    assert al.linear_cka(a, b, debiased=debiased) == pytest.approx(brute_cka(a, b, debiased), rel=1e-9)
+
+
+def test_knn_accuracy_equals_brute_force():
+    tr_x, te_x = _feats(40, 5, 5), _feats(15, 5, 6)
+    tr_y = torch.arange(40) % 3
+    te_y = torch.arange(15) % 3
+    for k in (1, 7, 20):
+        got = al.knn_accuracy(tr_x, tr_y, te_x, te_y, k=k)
+        assert got == brute_knn_accuracy(tr_x, tr_y, te_x, te_y, k, al.KNN_TEMPERATURE)
+
+
+# --------------------------------------------------------------------------------------------
+# Properties
+# --------------------------------------------------------------------------------------------
+
+
+def test_identical_features_score_one():
+    a = _feats(60, 8, 7)
+    assert al.mutual_knn(a, a) == pytest.approx(1.0)
+    assert al.cknna(a, a) == pytest.approx(1.0, abs=1e-12)
+    assert al.linear_cka(a, a) == pytest.approx(1.0, abs=1e-12)
+    assert al.linear_cka(a, a, debiased=True) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_independent_features_score_near_zero():
+    """N = 500 independent Gaussian samples, d = 32 and 48, k = 10. Stated bounds:
+    mutual-kNN is k/(N-1) = 0.02 in expectation (a random k-subset overlap), its standard error
+    here ~0.002: |value - 0.02| < 0.01. CKNNA < 0.05 (observed 0.012-0.017 over 5 seeds).
+    Biased linear CKA ~ sqrt(d1 d2) / N = 0.078 for independent data: < 0.12. Debiased CKA
+    is 0 in expectation: |value| < 0.01 (observed |.| <= 0.003)."""
+    a, b = _feats(500, 32, 11), _feats(500, 48, 12)
+    n, k = 500, 10
+    assert abs(al.mutual_knn(a, b, k) - k / (n - 1)) < 0.01
+    assert abs(al.cknna(a, b, k)) < 0.05
+    assert 0 < al.linear_cka(a, b) < 0.12
+    assert abs(al.linear_cka(a, b, debiased=True)) < 0.01
+
+
+def test_invariance_to_orthogonal_transforms_and_isotropic_scaling():
+    a = _feats(50, 8, 13)
+    b = a @ _feats(8, 6, 14) + 0.5 * _feats(50, 6, 15)
+    q = _orthogonal(8, 16)
+    a2 = 3.7 * (a @ q)
+    for debiased in (False, True):
+        assert al.linear_cka(a2, b, debiased) == pytest.approx(al.linear_cka(a, b, debiased), rel=1e-10)
+        assert al.linear_cka(a, 0.01 * b, debiased) == pytest.approx(al.linear_cka(a, b, debiased), rel=1e-10)
+    # the kNN metrics see only inner products of unit rows: rotations and scaling leave them unchanged
+    assert al.mutual_knn(a2, b, 5) == al.mutual_knn(a, b, 5)
+    assert al.cknna(a2, b, 5) == pytest.approx(al.cknna(a, b, 5), rel=1e-9)
+
+
+def test_cka_is_not_invariant_to_anisotropic_scaling():
+    a = _feats(50, 8, 17)
+    b = a + 0.3 * _feats(50, 8, 18)
+    s = torch.diag(torch.tensor([10.0, 1, 1, 1, 1, 1, 1, 0.1], dtype=torch.float64))
+    assert abs(al.linear_cka(a @ s, b) - al.linear_cka(a, b)) > 1e-3
+
+
+def test_metrics_reject_too_few_samples():
+    with pytest.raises(ValueError, match="k = 10 needs"):
+        al.mutual_knn(_feats(10, 3, 0), _feats(10, 3, 1), 10)
+    with pytest.raises(ValueError, match="same N"):
+        al.linear_cka(_feats(10, 3, 0), _feats(9, 3, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Linear probe and kNN classifier
+# --------------------------------------------------------------------------------------------
+
+
+def _separable(n_per_class, n_classes, d, seed, margin=4.0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_classes, d, generator=g, dtype=torch.float64) * margin
+    y = torch.arange(n_classes).repeat_interleave(n_per_class)
+    x = centers[y] + torch.randn(len(y), d, generator=g, dtype=torch.float64) * 0.3
+    return x, y
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "ridge"])
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_linear_probe_separable_and_shuffled(method, batchnorm):
+    x, y = _separable(40, 5, 16, 0)
+    tr, te = al.stratified_split(y, 0.5, seed=0)
+    assert al.linear_probe(x[tr], y[tr], x[te], y[te], method=method, batchnorm=batchnorm) == 1.0
+    # shuffled labels: nothing to learn, test accuracy is chance (1/5) within binomial noise
+    xs, ys = _separable(200, 5, 16, 1, margin=0.0)  # one blob: labels carry no information
+    ys = ys[torch.randperm(len(ys), generator=torch.Generator().manual_seed(2))]
+    tr, te = al.stratified_split(ys, 0.5, seed=0)
+    acc = al.linear_probe(xs[tr], ys[tr], xs[te], ys[te], method=method, batchnorm=batchnorm)
+    assert abs(acc - 0.2) < 0.07  # 500 test samples: binomial sd 0.018, bound ~4 sd
+
+
+def test_linear_probe_is_linear_not_memorising():
+    """XOR is not linearly separable: a linear probe cannot exceed ~75% on it, kNN can."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(400, 2, generator=g, dtype=torch.float64) * 2 - 1
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).long()
+    tr, te = al.stratified_split(y, 0.5, seed=0)
+    assert al.linear_probe(x[tr], y[tr], x[te], y[te]) < 0.8
+    assert al.knn_accuracy(x[tr], y[tr], x[te], y[te], k=5) > 0.9
+
+
+def test_ridge_probe_matches_closed_form():
+    x, y = _separable(10, 3, 4, 4, margin=1.0)
+    a = x.numpy()
+    t = np.eye(3)[y.numpy()]
+    ac = a - a.mean(0)
+    gram = ac.T @ ac
+    lam = al.RIDGE_REL_LAMBDA * np.trace(gram) / gram.shape[0] + 1e-12
+    w = np.linalg.solve(gram + lam * np.eye(4), ac.T @ t)
+    pred = ((a - a.mean(0)) @ w + t.mean(0)).argmax(1)
+    expected = float((pred == y.numpy()).mean())
+    assert al.linear_probe(x, y, x, y, method="ridge", batchnorm=False) == expected
+
+
+def test_stratified_split_is_deterministic_and_per_class():
+    y = torch.tensor([0] * 5 + [1] * 4 + [2])
+    tr, te = al.stratified_split(y, 0.5, seed=3)
+    tr2, te2 = al.stratified_split(y, 0.5, seed=3)
+    assert torch.equal(tr, tr2) and torch.equal(te, te2)
+    assert sorted(tr.tolist() + te.tolist()) == list(range(10))
+    assert [int((y[te] == c).sum()) for c in range(3)] == [2, 2, 0]
+
+
+def test_pool_tokens_shapes():
+    z = torch.randn(2, 5, 3, 4)
+    assert torch.allclose(al.pool_tokens(z), z.mean((2, 3)))
+    assert torch.allclose(al.pool_tokens(z.flatten(2).transpose(1, 2)), z.mean((2, 3)), atol=1e-6)
+    with pytest.raises(ValueError):
+        al.pool_tokens(torch.randn(2, 2, 2, 2, 2))

@@ -1,0 +1,156 @@
+"""``raebench analyze`` end to end on tiny images: rows in the results tables, readable PNGs, a
+reference encoder with random weights through the same code path as DINOv2, one-sentence errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from raebench.analysis.references import REFERENCES, ReferenceSpec, register_reference
+from raebench.cli import main
+from raebench.results import load
+
+TINY_VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
+
+
+def run(argv, capsys):
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_weights(tmp_path_factory) -> Path:
+    """A random-weight 1-block ViT registered as the reference ``test-tiny-vit``: built and loaded
+    by exactly the timm + weights.resolve path that serves dinov2-b / clip-l."""
+    import safetensors.torch
+    import timm
+
+    arch = "vit_small_patch16_224.augreg_in21k"
+    if "test-tiny-vit" not in REFERENCES:
+        register_reference(ReferenceSpec("test-tiny-vit", "1-block ViT, random weights (tests)", "test-tiny-vit-v1",
+                                         arch=arch, input_size=32, model_kwargs=TINY_VIT))
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, img_size=32, **TINY_VIT)
+    path = tmp_path_factory.mktemp("ref") / "tiny_vit.safetensors"
+    safetensors.torch.save_file(model.state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2_dir(tmp_path_factory) -> Path:
+    """A random-weight 1-layer DINOv2 in transformers' format: ``dinov2-l`` loads it through the
+    metrics package's ``dinov2-l14`` extractor, the FD-DINOv2 code path."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       patch_size=14, image_size=518)
+    path = tmp_path_factory.mktemp("dinov2")
+    Dinov2Model(cfg).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_alexnet_file(tmp_path_factory) -> Path:
+    """Random torchvision AlexNet convolutions (``features.*``), the file LPIPS-alex loads."""
+    import torchvision
+
+    torch.manual_seed(0)
+    feats = torchvision.models.alexnet(weights=None).features.state_dict()
+    path = tmp_path_factory.mktemp("lpips") / "alexnet.pth"
+    torch.save({f"features.{k}": v for k, v in feats.items()}, path)
+    return path
+
+
+def test_analyze_end_to_end(image_folder: Path, tmp_path: Path, tiny_vit_weights: Path, tiny_dinov2_dir: Path,
+                            random_alexnet_file: Path, monkeypatch, capsys):
+    monkeypatch.setenv("RAEBENCH_LPIPS_ALEX_WEIGHTS", str(random_alexnet_file))
+    res = tmp_path / "res"
+    code, out, err = run([
+        "analyze", "-t", "pixels", "-t", "bicubic-f8", "--data", str(image_folder), "-r", "32",
+        "--reference", "random-proj,test-tiny-vit,dinov2-l", "--reference-weights", f"test-tiny-vit={tiny_vit_weights}",
+        "--reference-weights", f"dinov2-l={tiny_dinov2_dir}",
+        "--mutual-k", "3", "--n-diag", "4", "--interp-pairs", "2", "--interp-steps", "3", "--sigmas", "0.25,1",
+        "--results", str(res), "--device", "cpu",
+    ], capsys)
+    assert code == 0, err
+    df = load(res)
+    assert set(df["tokenizer"]) == {"pixels", "bicubic-f8"}
+    assert (df["source"] == "measured").all() and df["metric_version"].str.len().gt(0).all()
+    per_tok = df[df["tokenizer"] == "bicubic-f8"].set_index("metric")
+    expected = {
+        "probe-linear-top1", "probe-knn-top1", "latent-erank", "latent-participation-ratio", "latent-kurtosis-mean",
+        "latent-hoyer-sparsity", "latent-std", "robust-psnr-vs-decode-s0.25", "robust-psnr-vs-image-s1",
+        "robust-lpips-alex-vs-decode-s1", "robust-lpips-alex-vs-image-s0.25", "interp-lpips-alex-step-mean",
+        "interp-lpips-alex-step-relvar", "interp-lpips-alex-path-ratio",
+        "align-mutual-knn-random-proj", "align-cknna-random-proj", "align-cka-random-proj",
+        "align-mutual-knn-test-tiny-vit", "align-cknna-test-tiny-vit", "align-cka-test-tiny-vit",
+        "align-mutual-knn-dinov2-l", "align-cknna-dinov2-l", "align-cka-dinov2-l",
+    }
+    assert expected <= set(per_tok.index)
+    assert per_tok.loc["latent-erank", "value"] <= 3.0 + 1e-9  # 3 channels
+    assert 0.0 <= per_tok.loc["probe-linear-top1", "value"] <= 1.0
+    assert per_tok.loc["align-cka-random-proj", "metric_version"].endswith("ref:random-proj-32px-256d-seed0-v1")
+    assert (per_tok["n_images"].loc["latent-erank"] == 8) and per_tok.loc["robust-psnr-vs-image-s1", "n_images"] == 4
+    assert bool(per_tok.loc["probe-linear-top1", "higher_is_better"]) is True
+    # pixels keeps the image exactly: decode(z) vs image is perfect, so the two robustness curves coincide
+    px = df[df["tokenizer"] == "pixels"].set_index("metric")["value"]
+    assert px["robust-psnr-vs-decode-s0.25"] == pytest.approx(px["robust-psnr-vs-image-s0.25"])
+    assert px["robust-lpips-alex-vs-decode-s0.25"] == pytest.approx(px["robust-lpips-alex-vs-image-s0.25"])
+    assert per_tok.loc["robust-lpips-alex-vs-decode-s1", "metric_version"].endswith("lpips-alex-v0.1-u8-v1")
+    assert per_tok.loc["align-cka-dinov2-l", "metric_version"].endswith("ref:extractor:dinov2-vitl14-cls-224-hubpos-v1")
+    assert "probe-linear-top1" in out and "bicubic-f8" in out
+
+    # figures: every kind is written, and each is a real PNG of a sensible size
+    out_dirs = list((res / "analysis").iterdir())
+    assert len(out_dirs) == 1 and (out_dirs[0] / "config.json").exists()
+    names = {p.name for p in out_dirs[0].glob("*.png")}
+    assert names == {"robustness.png", "spectra.png", "alignment.png", "interpolation.png", "reconstructions.png"}
+    for p in out_dirs[0].glob("*.png"):
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+
+    # the rows are ordinary results: the leaderboard pivots them with the eval metrics
+    csv = tmp_path / "lb.csv"
+    assert run(["leaderboard", "--format", "csv", "--out", str(csv), "--results", str(res)], capsys)[0] == 0
+    assert "images/align-cka-test-tiny-vit" in csv.read_text().splitlines()[0]
+
+
+def test_analyze_default_data_without_labels_or_reference_with_diffusability(tmp_path: Path, capsys):
+    code, out, err = run(["analyze", "-t", "bicubic-f16", "-r", "32", "--limit", "4", "--reference", "none",
+                          "--perceptual", "none", "--no-plots", "--n-diag", "2", "--interp-pairs", "1",
+                          "--diffusability", "--probe-preset", "ditdh-tiny", "--probe-steps", "2",
+                          "--probe-batch-size", "2", "--probe-samples", "4",
+                          "--results", str(tmp_path), "--device", "cpu"], capsys)
+    assert code == 0, err
+    df = load(tmp_path).set_index("metric")
+    assert {"latent-erank", "interp-rmse-path-ratio", "diffuse-latent-fd"} <= set(df.index)
+    assert not any(m.startswith(("probe-", "align-", "robust-rmse")) for m in df.index)
+    assert df.loc["diffuse-latent-fd", "metric_version"].startswith("diffuse-ditdh-tiny-steps2-bs2-")
+    assert len(list((tmp_path / "analysis" / "probes").glob("bicubic-f16-*/checkpoints/last.pt"))) == 1
+    assert "no class subfolders" in err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--reference", "dinov2-b"], "--reference-weights dinov2-b=PATH"),
+        (["--reference", "dinov3"], "Unknown reference"),
+        (["--reference", "random-proj", "--reference-weights", "clip-l=/x.pt"], "not among --reference"),
+        (["--reference-weights", "nonsense"], "NAME=PATH"),
+        (["--sigmas", "0,1"], "positive numbers"),
+        (["--perceptual", "ssim"], "Unknown --perceptual"),
+        (["-t", "bicubic-f9"], "Did you mean 'bicubic-f8'"),
+    ],
+)
+def test_analyze_user_errors_are_one_sentence(argv, needle, tmp_path: Path, capsys):
+    base = ["analyze", "-t", "pixels", "-r", "32", "--limit", "2", "--results", str(tmp_path), "--device", "cpu"]
+    code, out, err = run(base + argv, capsys)
+    assert code == 2, (out, err)
+    assert needle in " ".join(err.split()) and "Traceback" not in err

@@ -1,0 +1,183 @@
+"""Latent diagnostics: spectrum statistics against closed forms and scipy, the decoder robustness of
+``pixels`` against the analytic PSNR of additive noise, interpolation, the diffusability probe."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from raebench.analysis import diagnostics as dg
+from raebench.analysis import spectrum as sp
+from raebench.tokenizers import Tokenizer, build_tokenizer
+
+
+def _tokens_with_covariance(eigvals, n=400, seed=0):
+    """(n, d) tokens whose population covariance is exactly V diag(eigvals) Vᵀ for a random V."""
+    d = len(eigvals)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x -= x.mean(0)
+    q, _ = torch.linalg.qr(x)  # (n, d) orthonormal columns, each orthogonal to the ones vector
+    v, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return math.sqrt(n) * q @ torch.diag(torch.tensor(eigvals, dtype=torch.float64).sqrt()) @ v.T + 5.0
+
+
+def _stats(tokens, batches=3):
+    """Feed (T, C) tokens as NCHW latents (T = N·H·W with H = W = 1) in several batches."""
+    st = sp.LatentStats()
+    for chunk in tokens.float().chunk(batches):
+        st.update(chunk.double()[:, :, None, None])
+    return st.summary()
+
+
+def test_effective_rank_of_known_spectra():
+    # flat spectrum on r of d directions: erank = PR = r, top-r energy = 1
+    s = _stats(_tokens_with_covariance([2.0] * 6 + [0.0] * 4))
+    assert s.effective_rank == pytest.approx(6.0, rel=1e-6)
+    assert s.participation_ratio == pytest.approx(6.0, rel=1e-6)
+    # a power law: closed forms from the eigenvalues themselves
+    lam = np.array([1.0 / (i + 1) ** 1.5 for i in range(12)])
+    p = lam / lam.sum()
+    s = _stats(_tokens_with_covariance(lam.tolist(), seed=1))
+    assert s.eigvals.numpy() == pytest.approx(np.sort(lam)[::-1], rel=1e-6, abs=1e-9)
+    assert s.effective_rank == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    assert s.participation_ratio == pytest.approx(lam.sum() ** 2 / (lam**2).sum(), rel=1e-6)
+    assert s.topk_energy[1] == pytest.approx(p[0], rel=1e-6)
+    assert s.topk_energy[8] == pytest.approx(p[:8].sum(), rel=1e-6)
+    assert s.topk_energy[32] == pytest.approx(1.0)
+    assert sp.effective_rank(torch.tensor([3.0, 0.0, 0.0])) == pytest.approx(1.0)
+
+
+def test_streaming_moments_match_scipy():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 5, 4, 4, generator=g) ** 3 + 2.0  # heavy tails, offset (N, C, H, W)
+    st = sp.LatentStats()
+    for chunk in z.chunk(3):
+        st.update(chunk)
+    s = st.summary()
+    tok = z.permute(0, 2, 3, 1).reshape(-1, 5).double().numpy()
+    assert s.kurtosis.numpy() == pytest.approx(scipy.stats.kurtosis(tok, axis=0, fisher=True, bias=True), rel=1e-8)
+    cov = np.cov(tok, rowvar=False, bias=True)
+    assert s.eigvals.numpy() == pytest.approx(np.sort(np.linalg.eigvalsh(cov))[::-1], rel=1e-8)
+    assert s.latent_std == pytest.approx(math.sqrt(np.diag(cov).mean()), rel=1e-10)
+    norms = np.linalg.norm(tok, axis=1)
+    assert s.token_norm_mean == pytest.approx(norms.mean(), rel=1e-10)
+    assert s.token_norm_std == pytest.approx(norms.std(), rel=1e-6)
+    hoyer = (math.sqrt(5) - np.abs(tok).sum(1) / norms) / (math.sqrt(5) - 1)
+    assert s.hoyer_sparsity == pytest.approx(hoyer.mean(), rel=1e-10)
+
+
+def test_hoyer_sparsity_extremes():
+    one_hot = torch.eye(4)[:, :, None, None]  # 4 tokens, each one-hot over 4 channels
+    st = sp.LatentStats()
+    st.update(one_hot)
+    assert st.summary().hoyer_sparsity == pytest.approx(1.0)
+    st = sp.LatentStats()
+    st.update(torch.tensor([[1.0, -1.0, 1.0, -1.0], [2.0, 2.0, -2.0, 2.0]])[:, :, None, None])
+    assert st.summary().hoyer_sparsity == pytest.approx(0.0, abs=1e-12)
+
+
+def _rounded_gaussian_mse(sigma_lsb: float) -> float:
+    """E[round(n)²] for n ~ N(0, σ²), in squared 8-bit steps (exact, summed over the integers)."""
+    ks = np.arange(-int(12 * sigma_lsb) - 3, int(12 * sigma_lsb) + 4)
+    p = scipy.stats.norm.cdf((ks + 0.5) / sigma_lsb) - scipy.stats.norm.cdf((ks - 0.5) / sigma_lsb)
+    return float((ks.astype(np.float64) ** 2 * p).sum())
+
+
+def test_pixels_robustness_equals_analytic_psnr(make_images):
+    """``pixels``: z = 2x - 1, so decode(z + σ·s·ε) = x + n with n ~ N(0, (σ·s/2)²). The original x is
+    on the 8-bit grid, so the rounded noisy image differs from it by exactly round(n) steps of 1/255:
+    the analytic 8-bit PSNR is 10·log10(255² / E[round(n)²]) (:func:`_rounded_gaussian_mse`; about
+    σ² + 1/12 steps², Sheppard's correction). Images are kept inside [0.3, 0.7], 76 steps from the
+    clamp bounds, more than 5 sd of the largest noise, so clamping never acts. Bound: each image has
+    M = 3·48·48 noise samples, its MSE a relative sd of sqrt(2/M) = 1.7%, and the mean PSNR over 8
+    images an sd of 0.026 dB; we allow 0.1 dB."""
+    tok = build_tokenizer("pixels")
+    x = make_images(8, 48, 48).float() / 255 * 0.4 + 0.3
+    imgs = (x * 255).round().to(torch.uint8)
+    z = tok.encode(imgs.float() / 255)
+    sigmas = (0.1, 0.25, 0.5)
+    s = float(z.std())
+    curve = dg.decoder_robustness(tok, imgs, z, sigmas, s, seed=0)
+    for sig, got_dec, got_img in zip(sigmas, curve.psnr_vs_decode, curve.psnr_vs_image):
+        sigma_lsb = sig * s / 2 * 255
+        assert 0.5 < sigma_lsb < 76 / 5
+        expected = 10 * math.log10(255**2 / _rounded_gaussian_mse(sigma_lsb))
+        assert got_dec == pytest.approx(expected, abs=0.1)
+        assert got_img == pytest.approx(got_dec, abs=1e-9)  # pixels reconstructs exactly
+    assert curve.psnr_clean == 100.0  # identical 8-bit images: PSNR capped at 100 dB
+    assert curve.psnr_vs_decode == sorted(curve.psnr_vs_decode, reverse=True)
+
+
+def test_robustness_with_a_perceptual_distance_and_examples(make_images):
+    tok = build_tokenizer("bicubic-f8")
+    imgs = make_images(4, 32, 32)
+    z = tok.encode(imgs.float() / 255)
+    curve = dg.decoder_robustness(tok, imgs, z, (0.5, 1.0), 0.3, distance=dg.rmse_distance, distance_name="rmse", keep=2)
+    assert curve.dist_vs_decode[0] < curve.dist_vs_decode[1]
+    assert set(curve.examples) == {"original", "reconstruction", "noise σ=0.5·std"}
+    assert curve.examples["reconstruction"].shape == (2, 3, 32, 32) and curve.examples["original"].dtype == torch.uint8
+    with pytest.raises(ValueError, match="positive"):
+        dg.decoder_robustness(tok, imgs, z, (0.0,), 0.3)
+
+
+def test_pixels_interpolation_is_a_straight_path(make_images):
+    """Linear interpolation in pixel space is a straight line in RMSE: every step has the same
+    length (up to 8-bit rounding), the path ratio is 1."""
+    tok = build_tokenizer("pixels")
+    imgs = make_images(6, 32, 32)
+    z = tok.encode(imgs.float() / 255)
+    pairs = dg.interpolation_pairs(6, 3, seed=0)
+    assert len(pairs) == 3 and len({i for p in pairs for i in p}) == 6
+    res = dg.interpolation_smoothness(tok, z, pairs, steps=4)
+    assert res.step_dist.shape == (3, 4)
+    assert res.path_ratio == pytest.approx(1.0, abs=0.01)
+    per_pair = res.speed / res.endpoint_dist[:, None]  # each step's speed equals the endpoint distance
+    assert per_pair.numpy() == pytest.approx(np.ones((3, 4)), abs=0.02)
+    assert res.step_mean == pytest.approx(float(res.endpoint_dist.mean()), rel=0.02)
+    assert 0 <= res.step_relvar < 1e-3
+
+
+class _SharpDecoder(Tokenizer):
+    """decode(z) = (tanh(1000 z) + 1) / 2: nearly binary images, so interpolation jumps mid-way."""
+
+    def encode(self, x):
+        return x * 2 - 1
+
+    def decode(self, z):
+        return (torch.tanh(1000 * z) + 1) / 2
+
+
+def test_uneven_interpolation_has_a_large_relative_variance():
+    """Between flat images of 73/255 and 153/255 every pixel of the sharp decoder flips at t ≈ 0.68:
+    one step carries the whole change, so Var/Mean² = S - 1 = 7; the identity decoder changes by
+    exactly 10 steps of 1/255 per step."""
+    imgs = torch.stack([torch.full((3, 8, 8), 73.0), torch.full((3, 8, 8), 153.0)])
+    even = dg.interpolation_smoothness(build_tokenizer("pixels"), build_tokenizer("pixels").encode(imgs / 255), [(0, 1)], steps=8)
+    sharp_tok = _SharpDecoder()
+    sharp = dg.interpolation_smoothness(sharp_tok, sharp_tok.encode(imgs / 255), [(0, 1)], steps=8)
+    assert even.step_relvar < 1e-3
+    assert sharp.step_relvar == pytest.approx(7.0, rel=0.05)
+
+
+def test_diffusability_probe_trains_with_the_stage2_trainer_and_resumes(make_images, tmp_path):
+    from raebench.analysis.diffusability import ProbeConfig, diffusability_probe
+    from raebench.analysis.references import build_reference
+
+    tok = build_tokenizer("bicubic-f8")
+    imgs = make_images(8, 64, 64)
+    z = tok.encode(imgs.float() / 255)  # (8, 3, 8, 8)
+    _, enc = build_reference("random-proj")
+    cfg = ProbeConfig(preset="ditdh-tiny", steps=3, batch_size=4, n_samples=6, sample_steps=3)
+    refs = {"random-proj": (enc, enc(imgs).double())}
+    res = diffusability_probe(tok, z, cfg, tmp_path / "probe", refs)
+    assert math.isfinite(res.latent_fd) and res.latent_fd >= 0 and math.isfinite(res.final_loss)
+    assert math.isfinite(res.reference_fd["random-proj"])
+    assert (tmp_path / "probe" / "checkpoints" / "last.pt").is_file()
+    assert "ditdh-tiny-steps3" in cfg.version
+    again = diffusability_probe(tok, z, cfg, tmp_path / "probe", refs)  # the finished run is reused, not retrained
+    assert again.latent_fd == res.latent_fd and math.isnan(again.final_loss)
+    with pytest.raises(ValueError, match="tokens"):
+        diffusability_probe(tok, torch.zeros(8, 3, 80, 80), cfg, tmp_path / "big")

@@ -1,0 +1,427 @@
+"""Baselines: diffusers VAE adapters, LDM conversion, baseline cards, compare/leaderboard.
+
+Every adapter is checked with a tiny random-weight model of its own diffusers class, saved with
+``save_pretrained`` and loaded through the same code that loads the hub id (``build_tokenizer``);
+its latents and images must equal diffusers called directly with the published normalisation
+(and, for FLUX.2, with diffusers' own Flux2Pipeline patchify helpers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from raebench.baselines import CardError, load_cards, parse_card, reported_frame, reported_rows
+from raebench.cli import main
+from raebench.errors import CheckpointError
+from raebench.leaderboard import compare_table, domain_gap, pivot, render
+from raebench.results import ResultRow
+from raebench.tokenizers import TOKENIZERS, build_tokenizer
+from raebench.tokenizers.vae import PRESETS, convert_ldm_vae_state_dict, get_preset, ldm_vae_config
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run 30x slower with 2 threads on a shared 2-core machine than with 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+D2, U2 = ("DownEncoderBlock2D",) * 2, ("UpDecoderBlock2D",) * 2
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _kl(latent: int = 4, **cfg):
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=D2, up_block_types=U2,
+                                   layers_per_block=1, latent_channels=latent, **cfg)
+
+
+def _tiny(preset):
+    """A random-weight model of the preset's class with the preset's latent channel count."""
+    c = preset.latent_channels // 4 if preset.kind == "kl-flux2" else preset.latent_channels
+    if preset.kind == "kl":
+        extra = {}
+        if preset.norm == "config-stats":
+            g = torch.Generator().manual_seed(1)
+            extra = dict(latents_mean=torch.randn(c, generator=g).tolist(), latents_std=(torch.rand(c, generator=g) + 0.5).tolist())
+        return _kl(c, **extra)
+    if preset.kind == "kl-flux2":
+        torch.manual_seed(0)
+        m = diffusers.AutoencoderKLFlux2(block_out_channels=(32, 64), down_block_types=D2, up_block_types=U2,
+                                         layers_per_block=1, latent_channels=c)
+        with torch.no_grad():  # non-trivial BatchNorm statistics, as trained weights have
+            m.bn.running_mean.normal_()
+            m.bn.running_var.uniform_(0.5, 2.0)
+        return m
+    if preset.kind == "dc":
+        torch.manual_seed(0)
+        return diffusers.AutoencoderDC(
+            latent_channels=c, attention_head_dim=8, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+            decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(16, 32),
+            decoder_block_out_channels=(16, 32), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+            encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)))
+    raise AssertionError(preset.kind)
+
+
+def _direct(preset, m, x):
+    """Normalised latents and reconstructions computed straight from diffusers (independent of vae.py)."""
+    xm = x * 2 - 1
+    if preset.kind == "dc":
+        raw = m.encode(xm).latent
+        z = raw * preset.scale
+        return z, (m.decode(z / preset.scale).sample + 1) / 2
+    raw = m.encode(xm).latent_dist.mode()
+    if preset.kind == "kl-flux2":
+        from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+
+        mean = m.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(m.bn.running_var.view(1, -1, 1, 1) + m.config.batch_norm_eps)
+        z = (Flux2Pipeline._patchify_latents(raw) - mean) / std
+        return z, (m.decode(Flux2Pipeline._unpatchify_latents(z * std + mean)).sample + 1) / 2
+    if preset.norm == "config-stats":
+        mean = torch.tensor(m.config.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(m.config.latents_std).view(1, -1, 1, 1)
+        z = (raw - mean) / std
+        return z, (m.decode(z * std + mean).sample + 1) / 2
+    z = (raw - preset.shift) * preset.scale  # the SD3/FLUX pipelines' convention
+    return z, (m.decode(z / preset.scale + preset.shift).sample + 1) / 2
+
+
+HUB_PRESETS = [p for p in PRESETS if p.kind != "kl-ldm" and p.name in TOKENIZERS]
+
+
+@pytest.mark.parametrize("preset", HUB_PRESETS, ids=lambda p: p.name)
+@torch.no_grad()
+def test_adapter_matches_diffusers(preset, tmp_path):
+    m = _tiny(preset).eval()
+    sub = preset.weights[0].subfolder
+    m.save_pretrained(tmp_path / sub if sub else tmp_path)  # a repo-shaped folder: subfolder/ as on the hub
+    tok = build_tokenizer(preset.name, weights=str(tmp_path))
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    z = tok.encode(x)
+    z_ref, rec_ref = _direct(preset, m, x)
+    f = 32 // z.shape[-1]
+    assert z.shape == (2, preset.latent_channels, 32 // f, 32 // f)
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tok.decode(z), rec_ref, rtol=1e-5, atol=1e-5)
+    # the normalisation inverts exactly: decode sees the raw latents encode produced
+    torch.testing.assert_close(tok.decode(z_ref), tok.reconstruct(x), rtol=1e-5, atol=1e-5)
+    assert tok.weights_id.startswith("local:") and tok.name == preset.name
+
+
+def test_ls_metadata_needs_no_weights_or_diffusers():
+    code = ("import sys, raebench.tokenizers as t; "
+            "shapes = {s.name: s.latent_shape(256) for s in t.TOKENIZERS if s.family == 'vae'}; "
+            "print(shapes['sd-vae-ft-ema'], shapes['dc-ae-f32c32'], shapes['va-vae-f16d32'], 'diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["(4,", "32,", "32)", "(32,", "8,", "8)", "(32,", "16,", "16)", "False"]
+    assert get_preset("flux2-vae").latent_shape(256) == (128, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: offline error, HF cache route, --weights route (CLI)
+# ---------------------------------------------------------------------------------------------
+
+
+def _png_folder(root: Path, n: int = 2) -> Path:
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        arr = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(root / f"im{i}.png")
+    return root
+
+
+def _run(argv, capsys):
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _use_hf_home(monkeypatch, home: Path) -> None:
+    """Point the Hub cache at ``home`` (huggingface_hub reads HF_HOME at import; its functions read
+    ``constants.HF_HUB_CACHE`` at call time)."""
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(home / "hub"))
+
+
+def test_eval_offline_fails_in_one_sentence_then_runs_from_the_hf_cache(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = _png_folder(tmp_path / "imgs")
+    args = ["eval", "-t", "sd-vae-ft-ema", "--data", str(data), "-r", "32", "--results", str(tmp_path / "res"), "--device", "cpu"]
+    _use_hf_home(monkeypatch, tmp_path / "empty-hf")
+    code, out, err = _run(args, capsys)
+    assert code == 2, err
+    msg = " ".join(err.split())
+    assert "Traceback" not in err and "'stabilityai/sd-vae-ft-ema'" in msg and "--weights" in msg
+    assert msg.rstrip(".").count(". ") == 0  # one sentence
+
+    # a Hugging Face cache laid out as `hf download` leaves it: refs/main -> snapshots/<hash>/
+    snap_hash = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--stabilityai--sd-vae-ft-ema"
+    _kl().save_pretrained(repo / "snapshots" / snap_hash)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(snap_hash)
+    _use_hf_home(monkeypatch, tmp_path / "hf")
+    code, out, err = _run(args, capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for f in (tmp_path / "res" / "runs").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert {row["weights_id"] for row in rows} == {f"stabilityai/sd-vae-ft-ema@{snap_hash[:12]}"}
+
+
+def test_eval_and_compare_with_local_weights(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")
+    data = _png_folder(tmp_path / "imgs")
+    _kl().save_pretrained(tmp_path / "w")
+    res = str(tmp_path / "res")
+    code, out, err = _run(["eval", "-t", "sd-vae-ft-ema", "--weights", str(tmp_path / "w"), "--data", str(data),
+                           "-r", "256", "--results", res, "--device", "cpu"], capsys)
+    assert code == 0, err
+    code, out, err = _run(["compare", "-t", "sd-vae-ft-ema", "-t", "bicubic-f8", "--data", str(data), "-r", "256",
+                           "--results", res, "--device", "cpu", "--weights", f"sd-vae-ft-ema={tmp_path / 'w'}"], capsys)
+    assert code == 0, err
+    assert "computed now: bicubic-f8" in out  # sd-vae-ft-ema's rows were reused
+    assert "sd-vae-ft-ema (reported)" in out and "23.80" in out and "n=5000" in out and "coco-val2017" in out
+    assert "measured: same images, n=2" in out
+
+    lb = tmp_path / "lb.tex"
+    assert _run(["leaderboard", "-f", "latex", "-o", str(lb), "--results", res], capsys)[0] == 0
+    tex = lb.read_text()
+    assert r"\toprule" in tex and r"\textbf{" in tex and "coco-val2017 n=5000 reported/psnr" in tex
+    assert "imgs n=2/psnr" in tex  # measured column shows its n beside the reported one
+
+
+# ---------------------------------------------------------------------------------------------
+# LDM-format checkpoints (VA-VAE)
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_ldm(sd: dict, num_levels: int) -> dict:
+    """diffusers AutoencoderKL keys -> LDM keys, written independently of vae.py's mapping."""
+    out = {}
+    for k, v in sd.items():
+        p = k.split(".")
+        if p[1] == "down_blocks":
+            kind = {"resnets": "block", "attentions": "attn", "downsamplers": "downsample"}[p[3]]
+            rest = p[5:] if kind == "downsample" else [p[4], *p[5:]]
+            p = [p[0], "down", p[2], kind, *rest]
+        elif p[1] == "up_blocks":
+            kind = {"resnets": "block", "attentions": "attn", "upsamplers": "upsample"}[p[3]]
+            rest = p[5:] if kind == "upsample" else [p[4], *p[5:]]
+            p = [p[0], "up", str(num_levels - 1 - int(p[2])), kind, *rest]
+        elif p[1] == "mid_block":
+            p = [p[0], "mid", f"block_{int(p[3]) + 1}" if p[2] == "resnets" else "attn_1", *p[4:]]
+        elif p[1] == "conv_norm_out":
+            p = [p[0], "norm_out", *p[2:]]
+        p = ["nin_shortcut" if x == "conv_shortcut" else x for x in p]
+        if "attn" in p or "attn_1" in p:
+            ren = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+            i = p.index("attn") + 2 if "attn" in p else p.index("attn_1") + 1
+            p = [*p[:i], ren[p[i]], *[x for x in p[i + 1:] if x != "0"]]
+            if p[-1] == "weight" and v.ndim == 2:
+                v = v[:, :, None, None]  # linear -> 1x1 conv
+        out[".".join(p)] = v
+    return out
+
+
+def test_ldm_conversion_equals_diffusers_converter():
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    m = _kl()
+    sd = m.state_dict()
+    ldm = _to_ldm(sd, 2)
+    assert set(ldm) != set(sd)
+    ref = convert_ldm_vae_checkpoint(ldm, dict(m.config))  # diffusers' own single-file converter
+    config, mine = convert_ldm_vae_state_dict({**ldm, "loss.logvar": torch.zeros(())})
+    assert set(mine) == set(ref) == set(sd)
+    for k in sd:
+        torch.testing.assert_close(mine[k], ref[k].reshape(mine[k].shape), rtol=0, atol=0)
+        torch.testing.assert_close(mine[k], sd[k], rtol=0, atol=0)
+    assert config["block_out_channels"] == [32, 64] and config["latent_channels"] == 4 and config["layers_per_block"] == 1
+
+
+def _vavae_like():
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 2 + ("AttnDownEncoderBlock2D",),
+        up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=8)
+
+
+def test_ldm_attention_levels_follow_ldm_attention():
+    """The one part diffusers' converter lacks: attention inside a resolution level (LDM's
+    attn_resolutions). Checked against LDM's AttnBlock formula written out here."""
+    m = _vavae_like()
+    ldm = _to_ldm(m.state_dict(), 3)
+    config, conv = convert_ldm_vae_state_dict(ldm)
+    assert config["down_block_types"][-1] == "AttnDownEncoderBlock2D" and config["up_block_types"][0] == "AttnUpDecoderBlock2D"
+    m2 = diffusers.AutoencoderKL(**config)
+    m2.load_state_dict(conv, strict=True)
+    h = torch.randn(2, 64, 4, 4)
+    pre = "encoder.down.2.attn.0."
+    w = {k[len(pre):]: v for k, v in ldm.items() if k.startswith(pre)}
+    hn = torch.nn.functional.group_norm(h, 32, w["norm.weight"], w["norm.bias"], eps=1e-6)
+    q, k, v = (torch.nn.functional.conv2d(hn, w[f"{n}.weight"], w[f"{n}.bias"]).flatten(2) for n in "qkv")  # (B, C, HW)
+    att = torch.softmax(q.transpose(1, 2) @ k * 64**-0.5, dim=-1)  # (B, HW_q, HW_k)
+    o = (v @ att.transpose(1, 2)).view_as(h)
+    ref = h + torch.nn.functional.conv2d(o, w["proj_out.weight"], w["proj_out.bias"])
+    with torch.no_grad():
+        torch.testing.assert_close(m2.encoder.down_blocks[2].attentions[0](h), ref, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_va_vae_loads_ldm_checkpoint_and_stats(tmp_path):
+    m = _vavae_like().eval()
+    ldm = _to_ldm(m.state_dict(), 3)
+    ldm["loss.discriminator.main.0.weight"] = torch.zeros(1)  # training-only keys are dropped
+    ldm["foundation_model.model.proj.weight"] = torch.zeros(1)
+    torch.save({"state_dict": ldm, "epoch": 3}, tmp_path / "vavae-imagenet256-f16d32-dinov2.pt")
+    g = torch.Generator().manual_seed(2)
+    mean, std = torch.randn(1, 8, 1, 1, generator=g), torch.rand(1, 8, 1, 1, generator=g) + 0.5
+    torch.save({"mean": mean, "std": std}, tmp_path / "latents_stats.pt")
+    tok = build_tokenizer("va-vae-f16d32", weights=str(tmp_path))
+    x = torch.rand(2, 3, 32, 32, generator=g)
+    z = tok.encode(x)
+    z_ref = (m.encode(x * 2 - 1).latent_dist.mode() - mean) / std
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tok.decode(z), (m.decode(z_ref * std + mean).sample + 1) / 2, rtol=1e-5, atol=1e-5)
+
+
+@dataclass
+class _NotATensor:
+    x: int = 1
+
+
+def test_ldm_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    torch.save({"state_dict": _to_ldm(_vavae_like().state_dict(), 3), "hparams": _NotATensor()}, tmp_path / "ckpt.pt")
+    torch.save({"mean": torch.zeros(8), "std": torch.ones(8)}, tmp_path / "latents_stats.pt")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        build_tokenizer("va-vae-f16d32", weights=str(tmp_path))
+
+
+def test_ldm_config_inference_for_the_real_va_vae_layout():
+    with torch.device("meta"):
+        real = diffusers.AutoencoderKL(
+            block_out_channels=(128, 128, 256, 256, 512), layers_per_block=2, latent_channels=32,
+            down_block_types=("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",),
+            up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 4)
+    assert sum(p.numel() for p in real.parameters()) == get_preset("va-vae-f16d32").params
+    cfg = ldm_vae_config(_to_ldm(real.state_dict(), 5))
+    assert cfg["block_out_channels"] == [128, 128, 256, 256, 512] and cfg["latent_channels"] == 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Cards
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_vae_has_a_card_consistent_with_its_preset():
+    cards = {c.tokenizer: c for c in load_cards()}
+    for p in PRESETS:
+        card = cards[p.name]
+        assert list(card.latent["shape_at_256"]) == list(p.latent_shape(256))
+        assert card.source["repo"] == p.weights[0].repo_id and card.source["subfolder"] == p.weights[0].subfolder
+        if p.norm == "scale":
+            assert str(p.scale) in card.latent["normalisation"]
+        assert card.citation and card.verified and card.gated == p.weights[0].gated
+    for name in ("rae-dinov2-b", "rae-siglip2-b", "rae-mae-b"):
+        assert name in cards
+
+
+def test_reported_numbers_carry_their_protocol():
+    rows = {(r.tokenizer, r.dataset, r.metric): r for r in reported_rows()}
+    sd = rows[("sd-vae-ft-mse", "coco-val2017", "fid")]
+    assert (sd.value, sd.n_images, sd.resolution, sd.source, sd.domain) == (4.70, 5000, 256, "reported", "open-domain")
+    assert rows[("sd-vae-ft-ema", "coco-val2017", "psnr")].value == 23.8
+    assert rows[("sd-vae-ft-ema", "imagenet-val", "fid")].extra["secondary"] is True
+    assert rows[("rae-dinov2-b", "imagenet-val", "fid")].value == 0.57  # the released noise-augmented decoder
+    assert ("rae-mae-b", "imagenet-val", "fid") not in rows  # reported for a clean-latent decoder: a variant
+    assert reported_frame(["rae-mae-b"], include_variants=True)["value"].tolist() == [0.16]
+    for r in reported_rows(include_variants=True):
+        assert r.extra["reference"] and r.extra["citation"] and r.higher_is_better is not None
+
+
+def test_card_schema_is_strict():
+    base = {"name": "x", "tokenizer": "x", "title": "t", "loader": "l", "source": {}, "licence": "MIT", "gated": False,
+            "latent": {}, "citation": "c"}
+    assert parse_card(base).name == "x"
+    with pytest.raises(CardError, match="unknown key"):
+        parse_card({**base, "licenze": "MIT"})
+    with pytest.raises(CardError, match="unknown key"):
+        parse_card({**base, "reported": [{"metric": "psnr", "value": 1, "dataset": "d", "n_images": 1,
+                                          "reference": "r", "source": "s", "n_imgs": 2}]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaderboard, compare, domain gap
+# ---------------------------------------------------------------------------------------------
+
+
+def _row(tok, dataset, domain, metric, value, n, hib, fp="f"):
+    return ResultRow(tokenizer=tok, weights_id="w", dataset=dataset, split="val", domain=domain, resolution=256,
+                     n_images=n, metric=metric, value=value, higher_is_better=hib, metric_version="v",
+                     data_fingerprint=f"{fp}{dataset}{n}", run_id="r", date="2026-01-01")
+
+
+def _frame(rows):
+    from dataclasses import asdict
+
+    return pd.DataFrame([asdict(r) for r in rows])
+
+
+def test_domain_gap_and_leaderboard_columns():
+    rows = [
+        _row("a", "imagenet-val", "in-domain", "psnr", 25.0, 100, True), _row("a", "coco-val2017", "open-domain", "psnr", 22.0, 50, True),
+        _row("b", "imagenet-val", "in-domain", "psnr", 24.0, 100, True), _row("b", "coco-val2017", "open-domain", "psnr", 23.0, 50, True),
+        _row("a", "coco-val2017", "open-domain", "psnr", 30.0, 7, True),  # another n: its own column, not mixed in
+    ]
+    df = _frame(rows)
+    gap = domain_gap(df)
+    assert gap.set_index("tokenizer")["gap"].to_dict() == {"a": -3.0, "b": -1.0}  # largest-n run per dataset
+    table = pivot(df)
+    assert table.loc["a", "coco-val2017 n=7/psnr"] == 30.0 and table.loc["a", "coco-val2017 n=50/psnr"] == 22.0
+    assert table.loc["b", "gap coco-val2017 - imagenet-val/psnr"] == -1.0
+    md = render(table, "md", {"psnr": True})
+    assert "**-1.0000**" in md and "**30.00**" in md
+
+
+def test_compare_ranks_reported_numbers_only_within_one_protocol():
+    toks = ["sd-vae-ft-ema", "sd-vae-ft-mse", "rae-dinov2-b"]
+    meas = _frame([_row("sd-vae-ft-ema", "coco-val2017", "open-domain", "psnr", 20.0, 3, True),
+                   _row("sd-vae-ft-mse", "coco-val2017", "open-domain", "psnr", 21.0, 3, True)])
+    rep = reported_frame(toks)
+    t = compare_table(meas, toks, 256, reported=rep)
+    row = t.loc[("coco-val2017", "psnr")]
+    assert row["best"] == "sd-vae-ft-mse" and row["sd-vae-ft-mse (reported)"] == 24.5
+    assert row["best (reported)"] == "sd-vae-ft-mse (reported)"  # both model-card rows: n=5000, same reference
+    assert "measured: same images, n=3" in row["protocol"] and "n=5000" in row["protocol"]
+    fid = t.loc[("imagenet-val", "fid")]
+    assert fid["best (reported)"] == "rae-dinov2-b (reported)" and "secondary" in fid["protocol"]  # one RAE table
+
+    rep.loc[(rep["tokenizer"] == "sd-vae-ft-mse") & (rep["metric"] == "psnr"), "n_images"] = 100
+    row = compare_table(meas, toks, 256, reported=rep).loc[("coco-val2017", "psnr")]
+    assert row["best (reported)"] == "" and "not ranked" in row["protocol"] and "n=100" in row["protocol"]
+    tex = render(t, "latex", bold=set())
+    assert r"$\Delta$ sd-vae-ft-mse" in tex and "--" in tex

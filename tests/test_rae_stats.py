@@ -1,0 +1,99 @@
+"""Latent statistics: exact accumulation, exact merging across ranks, the official file format."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from raebench.errors import CheckpointError
+from raebench.rae.stats import LatentStats, StatsAccumulator, accumulate_stats
+
+
+def latents(n=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return 3.0 + 2.0 * torch.randn(n, 4, 2, 3, generator=g)  # offset mean: a cancellation-prone case
+
+
+def test_accumulator_is_exact():
+    z = latents()
+    acc = StatsAccumulator()
+    for chunk in z.split(7):
+        acc.update(chunk)
+    z64 = z.double()
+    assert acc.count == 50
+    assert torch.allclose(acc.mean, z64.mean(0), rtol=0, atol=1e-12)
+    assert torch.allclose(acc.var, z64.var(0, unbiased=False), rtol=1e-10, atol=0)
+
+
+def test_merge_equals_one_pass_regardless_of_split():
+    z = latents()
+    whole = StatsAccumulator()
+    whole.update(z)
+    parts = [StatsAccumulator() for _ in range(3)]
+    for i, chunk in enumerate(z.split(17)):
+        parts[i].update(chunk)
+    merged = StatsAccumulator().merge(parts[2]).merge(parts[0]).merge(parts[1])
+    assert merged.count == whole.count
+    assert torch.allclose(merged.mean, whole.mean, rtol=1e-13, atol=0)
+    assert torch.allclose(merged.var, whole.var, rtol=1e-12, atol=0)
+    a, b = merged.to_stats(), whole.to_stats()  # what is written: float32
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.var, b.var)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    z = latents()
+    acc = StatsAccumulator()
+    acc.update(z[rank * 50 // world : (rank + 1) * 50 // world])
+    acc.all_reduce()
+    if rank == 0:
+        torch.save({"count": acc.count, "mean": acc.mean, "var": acc.var}, out)
+    dist.destroy_process_group()
+
+
+def test_all_reduce_across_two_processes(tmp_path):
+    out = tmp_path / "reduced.pt"
+    mp.spawn(_rank_main, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    whole = StatsAccumulator()
+    whole.update(latents())
+    assert got["count"] == 50
+    assert torch.allclose(got["mean"], whole.mean, rtol=1e-13, atol=0)
+    assert torch.allclose(got["var"], whole.var, rtol=1e-12, atol=0)
+
+
+def test_official_format_round_trip(tmp_path):
+    z = latents()
+    st = accumulate_stats(lambda x: x, [z[:20], z[20:]]).to_stats()
+    p = st.save(tmp_path / "stat.pt")
+    raw = torch.load(p, weights_only=True)
+    assert set(raw) == {"mean", "var"} and raw["mean"].dtype == torch.float32 and raw["mean"].shape == (4, 2, 3)
+    back = LatentStats.load(p)
+    assert torch.equal(back.mean, st.mean) and torch.equal(back.var, st.var)
+    zn = back.normalize(z)
+    assert torch.allclose(zn, (z - raw["mean"]) / torch.sqrt(raw["var"] + 1e-5))
+    assert torch.allclose(back.denormalize(zn), z, atol=1e-5)
+    # official files may lack one entry (the official code then uses 0 / 1)
+    torch.save({"mean": raw["mean"]}, tmp_path / "mean_only.pt")
+    assert torch.equal(LatentStats.load(tmp_path / "mean_only.pt").var, torch.ones(4, 2, 3))
+    torch.save({"nope": raw["mean"]}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="no 'mean' or 'var'"):
+        LatentStats.load(tmp_path / "bad.pt")
+
+
+def test_hflip_adds_mirrors():
+    x = torch.rand(3, 3, 4, 4)
+    acc = accumulate_stats(lambda t: t, [x], hflip=True)
+    ref = torch.cat([x, x.flip(-1)]).double()
+    assert acc.count == 6 and torch.allclose(acc.mean, ref.mean(0))

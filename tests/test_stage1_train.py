@@ -1,0 +1,186 @@
+"""Stage-1 training end to end on CPU with the tiny preset: a random-weight HF encoder saved to a
+temporary folder, a tiny decoder, random LPIPS/DINO backbones, eight synthetic images."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raebench.checkpoint import load_state
+from raebench.errors import CheckpointError, RaebenchError
+from raebench.stage1.config import preset
+from raebench.stage1.train import train
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict:
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    root = tmp_path_factory.mktemp("stage1")
+    torch.manual_seed(0)
+    enc = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=8, image_size=32,
+        num_register_tokens=4,
+    ))
+    enc.save_pretrained(root / "encoder")
+    (root / "encoder" / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:48] / 48
+    for i in range(8):
+        img = np.stack([0.5 + 0.4 * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * xx + rng.uniform(0.5, 2) * yy) + rng.uniform(0, 6))
+                        for _ in range(3)], -1)
+        (root / "images").mkdir(exist_ok=True)
+        Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(root / "images" / f"{i}.png")
+    return {"root": root, "encoder": str(root / "encoder"), "data": str(root / "images")}
+
+
+def _cfg(assets, **kw):
+    return preset("tiny", encoder=assets["encoder"], data=assets["data"], **kw)
+
+
+def _log(run: Path) -> list[dict]:
+    with open(run / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_l1_falls_by_a_third(assets, tmp_path):
+    cfg = _cfg(assets, epochs=10, lpips_weight=0.0, gan_weight=0.0, lr=3e-3, final_lr=1e-3, sample_every=0)
+    out = train(cfg, tmp_path / "run")
+    rows = _log(tmp_path / "run")
+    assert out["step"] == 20 and len(rows) == 20
+    first, last = float(rows[0]["l1"]), np.mean([float(r["l1"]) for r in rows[-3:]])
+    assert last <= 0.7 * first, (first, last)
+
+
+def test_lpips_and_gan_switch_on_at_their_steps_with_finite_losses(assets, tmp_path):
+    # 2 steps/epoch: LPIPS from step 0, discriminator updates from epoch 1 (step 2), GAN from epoch 1.5 (step 3)
+    cfg = _cfg(assets, epochs=3, disc_start_epoch=1, gan_start_epoch=1.5, precision="bf16", val_every=6, sample_every=6)
+    out = train(cfg, tmp_path / "run")
+    rows = _log(tmp_path / "run")
+    assert out["step"] == 6 and [int(r["step"]) for r in rows] == list(range(1, 7))
+    for r in rows:  # the row of step s describes update s - 1
+        s = int(r["step"]) - 1
+        assert (r["lpips"] != "") and float(r["lpips"]) > 0
+        assert (r["disc_loss"] != "") == (s >= 2)
+        assert (r["gan"] != "") == (s >= 3)
+        assert (float(r["gan_weight_eff"]) > 0) == (s >= 3)
+        for k in ("l1", "lpips", "gan", "adaptive_weight", "total", "disc_loss", "logits_real", "logits_fake"):
+            if r[k] != "":
+                assert np.isfinite(float(r[k])), (k, r)
+    assert float(rows[-1]["adaptive_weight"]) <= 1e4
+    assert (tmp_path / "run" / "samples" / "step-0000006.png").is_file()
+    val = list(csv.DictReader(open(tmp_path / "run" / "val.csv")))
+    assert val and np.isfinite(float(val[-1]["psnr"])) and 0 < float(val[-1]["ssim"]) <= 1
+
+
+def _resume_cfg(assets, **kw):
+    # GAN and discriminator from step 1 so the resumed part covers their states; no LPIPS (stateless, slow)
+    return _cfg(assets, epochs=2, lpips_weight=0.0, gan_start_epoch=0.5, disc_start_epoch=0.5, sample_every=0, **kw)
+
+
+def test_stop_and_resume_reproduces_the_uninterrupted_run(assets, tmp_path):
+    train(_resume_cfg(assets), tmp_path / "full")
+    part = train(_resume_cfg(assets, max_steps=2), tmp_path / "split")  # "killed" after 2 of 4 steps
+    assert part["step"] == 2 and part["decoder"] is None
+    assert load_state(tmp_path / "split" / "checkpoints" / "last.pt")["step"] == 2
+    train(_resume_cfg(assets), tmp_path / "split")  # the same command again: resumes
+    a = load_state(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_state(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 4 and a["disc_updates"] == b["disc_updates"] == 3
+    for key in ("model", "ema", "disc"):
+        for k, v in a[key].items():
+            assert torch.equal(v, b[key][k]), (key, k)
+    for key in ("opt", "disc_opt"):
+        for i, st in a[key]["state"].items():
+            for k, v in st.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(b[key]["state"][i][k])), (key, i, k)
+    la, lb = _log(tmp_path / "full"), _log(tmp_path / "split")
+    assert [r["step"] for r in lb] == ["1", "2", "3", "4"]
+    assert [(r["l1"], r["gan"], r["disc_loss"]) for r in la] == [(r["l1"], r["gan"], r["disc_loss"]) for r in lb]
+    # a different trajectory in the same run folder is refused in one sentence
+    with pytest.raises(RaebenchError, match="other settings"):
+        train(_resume_cfg(assets, lr=1e-4), tmp_path / "split")
+
+
+def test_torchrun_two_processes_match_one_process(assets, tmp_path):
+    common = ["--preset", "tiny", "--data", assets["data"], "--encoder", assets["encoder"], "--epochs", "2",
+              "--set", "gan_start_epoch=0.5", "--set", "disc_start_epoch=0.5", "--set", "sample_every=0",
+              "--set", "lpips_weight=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "raebench",
+           "train", "stage1", *common, "--grad-accum", "1", "--results", str(tmp_path / "two"), "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = _resume_cfg(assets, grad_accum=2)  # the same global batch of 4 as 2 micro-batches in one process
+    train(cfg, tmp_path / "one")
+    a = load_state(tmp_path / "one" / "checkpoints" / "last.pt")
+    b = load_state(tmp_path / "two" / "stage1" / "tiny" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        for k, v in a[key].items():
+            torch.testing.assert_close(b[key][k], v, rtol=1e-4, atol=1e-5, msg=f"{key}.{k}")
+    # the discriminator is compared as a function: the biases of convolutions followed by a
+    # normalisation get only rounding-noise gradients, which Adam amplifies, but they cancel out
+    from raebench.stage1.discriminator import build_discriminator
+
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    logits = []
+    for ck in (a, b):
+        d = build_discriminator(cfg).eval()
+        d.heads.load_state_dict(ck["disc"])
+        with torch.no_grad():
+            logits.append(d(x))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+    la, lb = _log(tmp_path / "one"), _log(tmp_path / "two" / "stage1" / "tiny")
+    for ra, rb in zip(la, lb):
+        for k in ("l1", "gan", "disc_loss"):
+            if ra[k] != "":
+                assert float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-4, abs=1e-6), (k, ra["step"])
+
+
+def test_exported_decoder_loads_strictly_and_serves_as_the_rae_tokenizer(assets, tmp_path):
+    from typer.testing import CliRunner
+
+    from raebench.cli import app
+    from raebench.rae.decoder import build_decoder, official_config
+    from raebench.rae.stats import LatentStats
+    from raebench.tokenizers.rae import RAERelease, build_rae
+
+    run = tmp_path / "stage1" / "tiny"
+    res = CliRunner().invoke(app, ["train", "stage1", "--preset", "tiny", "--data", assets["data"], "--encoder",
+                                   assets["encoder"], "--epochs", "1", "--set", "lpips_weight=0", "--results", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    dec_dir = run / "decoder"  # written at the end of training (EMA weights)
+    res = CliRunner().invoke(app, ["export-decoder", str(run), "--out", str(tmp_path / "model_dec"), "--weights", "model"])
+    assert res.exit_code == 0, res.output
+    ck = load_state(run / "checkpoints" / "last.pt")
+    for d, which in ((dec_dir, "ema"), (tmp_path / "model_dec", "model")):
+        assert {p.name for p in d.iterdir()} >= {"model.pt", "model.safetensors", "config.json"}
+        sd = torch.load(d / "model.pt", map_location="cpu", weights_only=True)  # a plain state dict, official keys
+        assert set(sd) == set(ck[which]) and "decoder_layers.0.attention.attention.query.weight" in sd
+        cfg = official_config(d, latent_dim=32, patch_size=8, grid_size=4)
+        for f in ("model.pt", "model.safetensors"):
+            dec = build_decoder(cfg, d / f)  # strict
+            assert all(torch.equal(dec.state_dict()[k], v) for k, v in ck[which].items())
+    bad = dict(ck["ema"])
+    bad["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="unexpected"):
+        build_decoder(official_config(dec_dir, latent_dim=32, patch_size=8, grid_size=4), bad)
+
+    # the tokenizer builder behind `raebench eval --tokenizer rae-... --decoder DIR`, on the tiny encoder
+    LatentStats(torch.zeros(32, 4, 4), torch.ones(32, 4, 4)).save(tmp_path / "stat.pt")
+    release = RAERelease("tiny-test", "", "local/tiny-encoder", 32, 8, 32, "unused/model.pt", "unused/stat.pt", decoder_patch=8)
+    tok = build_rae(release, decoder=str(dec_dir / "model.pt"), stats=str(tmp_path / "stat.pt"), encoder=assets["encoder"]).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = build_decoder(official_config(dec_dir, latent_dim=32, patch_size=8, grid_size=4), ck["ema"])(tok.encode_features(x))
+        ours = ours * tok.encoder.std + tok.encoder.mean
+        torch.testing.assert_close(tok.decode(tok.encode(x)), ours, rtol=1e-5, atol=1e-5)

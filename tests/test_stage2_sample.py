@@ -1,0 +1,67 @@
+"""Sampling runs: balanced labels, resumable ADM npz output, loading trained checkpoints."""
+
+import numpy as np
+import pytest
+import torch
+
+from raebench.stage2.sample import class_labels, generate_npz, load_trained, save_grid
+
+
+def test_balanced_labels():
+    y = class_labels(50_000, 1000, "equal", seed=3)
+    assert torch.equal(torch.bincount(y, minlength=1000), torch.full((1000,), 50))
+    assert not torch.equal(y[:1000], torch.arange(1000))  # shuffled, so shards mix classes
+    assert torch.equal(y, class_labels(50_000, 1000, "equal", seed=3))
+    r = class_labels(100, 10, "random")
+    assert r.min() >= 0 and r.max() < 10
+
+
+def fake_fns(calls):
+    def sample_fn(noise, y):
+        calls.append(len(y))
+        if len(calls) == 3 and getattr(sample_fn, "crash", False):
+            raise KeyboardInterrupt
+        return noise + y.view(-1, 1, 1, 1)
+
+    def decode(z):  # (B, 4, 2, 2) -> (B, 3, 8, 8) in [0, 1]
+        return torch.sigmoid(z[:, :3]).repeat_interleave(4, -1).repeat_interleave(4, -2)
+
+    return sample_fn, decode
+
+
+def test_generate_npz_resumes(tmp_path):
+    y = class_labels(10, 5, seed=0)
+    calls = []
+    sample_fn, decode = fake_fns(calls)
+    ref = generate_npz(sample_fn, decode, tmp_path / "ref.npz", y, (4, 2, 2), batch_size=3, seed=7)
+    assert calls == [3, 3, 3, 1]
+    data = np.load(ref)
+    assert data["arr_0"].shape == (10, 8, 8, 3) and data["arr_0"].dtype == np.uint8
+    assert np.array_equal(data["arr_1"], y.numpy()) and np.array_equal(data["labels"], y.numpy())
+
+    calls2 = []
+    sample_fn, decode = fake_fns(calls2)
+    sample_fn.crash = True
+    with pytest.raises(KeyboardInterrupt):
+        generate_npz(sample_fn, decode, tmp_path / "out.npz", y, (4, 2, 2), batch_size=3, seed=7)
+    assert not (tmp_path / "out.npz").exists()
+    sample_fn.crash = False
+    calls2.clear()
+    out = generate_npz(sample_fn, decode, tmp_path / "out.npz", y, (4, 2, 2), batch_size=3, seed=7)
+    assert calls2 == [3, 1]  # only the unfinished batches
+    assert np.array_equal(np.load(out)["arr_0"], data["arr_0"])
+    assert save_grid(out, tmp_path / "grid.png").is_file()
+
+
+def test_load_trained_checkpoint(tmp_path):
+    from raebench.stage2.train import preset, train
+
+    from test_stage2_train import toy_cache
+
+    toy_cache(tmp_path / "cache", n=64)
+    cfg = preset("tiny", out=str(tmp_path / "run"), latents=str(tmp_path / "cache"), num_classes=4,
+                 global_batch=32, epochs=1, shift_base=16)
+    train(cfg)
+    model, info = load_trained(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert info["latent_shape"] == (4, 2, 2) and info["step"] == 2 and info["shift"] == 1.0
+    assert model(torch.randn(2, 4, 2, 2), torch.rand(2), torch.tensor([0, 3])).shape == (2, 4, 2, 2)
