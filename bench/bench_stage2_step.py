@@ -60,7 +60,7 @@ def step_fn(model, opt, transport, x, y, autocast):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return float(loss)
+        return float(loss.detach())
     return step
 
 
@@ -106,21 +106,25 @@ def main() -> None:
     print(f"first-step loss  raebench {losses['raebench']:.6f}  official {losses['official']:.6f}")
 
     times = {k: [] for k in steps}
+    cpu = {k: [] for k in steps}  # process CPU time: robust to other jobs on a shared machine
     for _ in range(args.steps):  # interleaved so that load changes hit both alike
         for name, fn in steps.items():
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            t = time.perf_counter()
+            t, c0 = time.perf_counter(), time.process_time()
             fn()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"config {args.preset} {params}  batch {args.batch}  {args.precision}  device {dev}  "
-          f"params {count_params(ours) / 1e6:.1f}M")
-    for k, v in med.items():
-        print(f"{k:9s} {v * 1000:8.1f} ms/step (median of {args.steps})")
-    print(f"speed-up official/raebench: {med['official'] / med['raebench']:.2f}x")
+          f"threads {args.threads}  params {count_params(ours) / 1e6:.1f}M")
+    for k in med:
+        print(f"{k:9s} {med[k] * 1000:8.1f} ms/step wall, {med_cpu[k] * 1000:8.1f} ms/step CPU (median of {args.steps})")
+    print(f"speed-up official/raebench: {med['official'] / med['raebench']:.2f}x wall, "
+          f"{med_cpu['official'] / med_cpu['raebench']:.2f}x CPU time")
     if dev.type == "cuda":
         tokens = s * s
         flops = 6 * args.batch * tokens * count_params(ours)  # matmul FLOPs (fwd+bwd), attention excluded

@@ -54,7 +54,7 @@ def kid(cand: torch.Tensor, ref: torch.Tensor, subsets: int = KID_SUBSETS, subse
     return float(np.mean(mmds)), float(np.std(mmds))
 
 
-def rbf_mmd2_biased(x: torch.Tensor, y: torch.Tensor, sigma: float = CMMD_SIGMA, chunk: int = nb.CHUNK) -> float:
+def rbf_mmd2_biased(x: torch.Tensor, y: torch.Tensor, sigma: float = CMMD_SIGMA, chunk: int | None = None) -> float:
     """Biased MMD² (diagonals included) under exp(−|a − b|² / (2σ²)), in float64 blocks."""
     gamma = 1.0 / (2.0 * sigma**2)
 

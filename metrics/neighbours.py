@@ -31,12 +31,13 @@ def sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d.clamp_min_(0.0)
 
 
-def blocks(n: int, chunk: int = CHUNK) -> Iterator[slice]:
+def blocks(n: int, chunk: int | None = None) -> Iterator[slice]:
+    chunk = chunk or CHUNK  # read at call time, so tests can shrink it
     for s in range(0, n, chunk):
         yield slice(s, min(s + chunk, n))
 
 
-def kth_neighbour_sq(x: torch.Tensor, k: int, chunk: int = CHUNK) -> torch.Tensor:
+def kth_neighbour_sq(x: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
     """Squared distance from each row of ``x`` to its k-th nearest *other* row: the (k+1)-th
     smallest over all rows, itself included (as torch-fidelity's ``kthvalue(k + 1)`` and prdc's
     ``np.partition(..., k)[:, k]``). Returns (N,) float64."""
@@ -54,7 +55,7 @@ def kth_neighbour_sq(x: torch.Tensor, k: int, chunk: int = CHUNK) -> torch.Tenso
     return out
 
 
-def any_within(points: torch.Tensor, centres: torch.Tensor, radii_sq: torch.Tensor, chunk: int = CHUNK,
+def any_within(points: torch.Tensor, centres: torch.Tensor, radii_sq: torch.Tensor, chunk: int | None = None,
                strict: bool = False) -> torch.Tensor:
     """(N,) bool: is point i inside at least one ball (centre j, radius² ``radii_sq[j]``)?
     ``strict`` uses ``<`` (prdc), else ``<=`` (torch-fidelity)."""
@@ -69,7 +70,7 @@ def any_within(points: torch.Tensor, centres: torch.Tensor, radii_sq: torch.Tens
     return out
 
 
-def count_within(points: torch.Tensor, centres: torch.Tensor, radii_sq: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def count_within(points: torch.Tensor, centres: torch.Tensor, radii_sq: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """(N,) int64: the number of balls (centre j, radius² ``radii_sq[j]``) strictly containing point i."""
     out = torch.zeros(points.shape[0], dtype=torch.int64)
     for rows in blocks(points.shape[0], chunk):
@@ -78,7 +79,7 @@ def count_within(points: torch.Tensor, centres: torch.Tensor, radii_sq: torch.Te
     return out
 
 
-def nearest_sq(points: torch.Tensor, others: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+def nearest_sq(points: torch.Tensor, others: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """(N,) float64: squared distance from each point to its nearest row of ``others``."""
     out = torch.full((points.shape[0],), float("inf"), dtype=torch.float64)
     for rows in blocks(points.shape[0], chunk):

@@ -6,10 +6,12 @@ a temporary file and given to *both* raebench and the reference implementation.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -46,6 +48,14 @@ def photo_crops(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
+def blurred(images: torch.Tensor, radius: float) -> torch.Tensor:
+    """Gaussian-blurred copies of uint8 (n, 3, H, W) images (PIL), like detail-losing reconstructions."""
+    from PIL import ImageFilter
+
+    out = [np.asarray(Image.fromarray(x.permute(1, 2, 0).numpy()).filter(ImageFilter.GaussianBlur(radius))) for x in images]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
 class TensorDataset(torch.utils.data.Dataset):
     """uint8 images as torch-fidelity wants its inputs (a Dataset of (3, H, W) uint8 tensors)."""
 
@@ -57,3 +67,43 @@ class TensorDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.images[i]
+
+
+class Projection:
+    """Stand-in extractor: fixed random projections of 8x8-pooled pixels (cheap, deterministic).
+    ``calls`` counts the images it saw, per extractor name."""
+
+    variant = ""
+    calls: dict[str, int] = {}
+
+    def __init__(self, spec, device, outputs=(), **_):
+        self.spec, self.outputs = spec, outputs
+        g = torch.Generator().manual_seed(len(spec.name))
+        self.w = {o: torch.randn(3 * 8 * 8, 20 if o == "spatial" else 24, generator=g, dtype=torch.float64)
+                  for o in spec.outputs}
+        self.identity = f"test-{spec.name}"
+
+    def __call__(self, x):
+        Projection.calls[self.spec.name] = Projection.calls.get(self.spec.name, 0) + x.shape[0]
+        small = torch.nn.functional.adaptive_avg_pool2d(x.double(), 8).flatten(1) / 255
+        return {o: (small @ self.w[o]).relu().float() for o in self.outputs}
+
+
+@pytest.fixture
+def stand_in_extractors(monkeypatch):
+    """Replace the inception, dinov2 and clip extractors with :class:`Projection` for one test."""
+    from raebench.metrics import EXTRACTORS
+
+    Projection.calls = {}
+    for name in ("inception", "clip-l14-336", "dinov2-l14"):
+        spec = EXTRACTORS.get(name)
+        build = (lambda s: lambda device, outputs=(), **o: Projection(s, device, outputs))(spec)
+        monkeypatch.setitem(EXTRACTORS._specs, name, replace(spec, builder=build))
+    return Projection
+
+
+def save_pngs(images: torch.Tensor, folder: Path, ext: str = ".png") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, x in enumerate(images):
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(folder / f"img_{i:03d}{ext}")
+    return folder

@@ -76,7 +76,7 @@ def test_analyze_end_to_end(image_folder: Path, tmp_path: Path, tiny_vit_weights
         "analyze", "-t", "pixels", "-t", "bicubic-f8", "--data", str(image_folder), "-r", "32",
         "--reference", "random-proj,test-tiny-vit,dinov2-l", "--reference-weights", f"test-tiny-vit={tiny_vit_weights}",
         "--reference-weights", f"dinov2-l={tiny_dinov2_dir}",
-        "--mutual-k", "3", "--n-diag", "4", "--interp-pairs", "2", "--interp-steps", "3", "--sigmas", "0.25,1",
+        "--mutual-k", "3", "--align-images", "6", "--n-diag", "4", "--interp-pairs", "2", "--interp-steps", "3", "--sigmas", "0.25,1",
         "--results", str(res), "--device", "cpu",
     ], capsys)
     assert code == 0, err
@@ -97,7 +97,8 @@ def test_analyze_end_to_end(image_folder: Path, tmp_path: Path, tiny_vit_weights
     assert per_tok.loc["latent-erank", "value"] <= 3.0 + 1e-9  # 3 channels
     assert 0.0 <= per_tok.loc["probe-linear-top1", "value"] <= 1.0
     assert per_tok.loc["align-cka-random-proj", "metric_version"].endswith("ref:random-proj-32px-256d-seed0-v1")
-    assert (per_tok["n_images"].loc["latent-erank"] == 8) and per_tok.loc["robust-psnr-vs-image-s1", "n_images"] == 4
+    assert per_tok.loc["latent-erank", "n_images"] == 8 and per_tok.loc["robust-psnr-vs-image-s1", "n_images"] == 4
+    assert per_tok.loc["align-cka-random-proj", "n_images"] == 6  # the seeded alignment subset
     assert bool(per_tok.loc["probe-linear-top1", "higher_is_better"]) is True
     # pixels keeps the image exactly: decode(z) vs image is perfect, so the two robustness curves coincide
     px = df[df["tokenizer"] == "pixels"].set_index("metric")["value"]
@@ -126,7 +127,7 @@ def test_analyze_default_data_without_labels_or_reference_with_diffusability(tmp
     code, out, err = run(["analyze", "-t", "bicubic-f16", "-r", "32", "--limit", "4", "--reference", "none",
                           "--perceptual", "none", "--no-plots", "--n-diag", "2", "--interp-pairs", "1",
                           "--diffusability", "--probe-preset", "ditdh-tiny", "--probe-steps", "2",
-                          "--probe-batch-size", "2", "--probe-samples", "4",
+                          "--probe-batch-size", "2", "--probe-samples", "4", "--probe-sample-steps", "3",
                           "--results", str(tmp_path), "--device", "cpu"], capsys)
     assert code == 0, err
     df = load(tmp_path).set_index("metric")
@@ -134,7 +135,7 @@ def test_analyze_default_data_without_labels_or_reference_with_diffusability(tmp
     assert not any(m.startswith(("probe-", "align-", "robust-rmse")) for m in df.index)
     assert df.loc["diffuse-latent-fd", "metric_version"].startswith("diffuse-ditdh-tiny-steps2-bs2-")
     assert len(list((tmp_path / "analysis" / "probes").glob("bicubic-f16-*/checkpoints/last.pt"))) == 1
-    assert "no class subfolders" in err
+    assert "at least two class subfolders" in " ".join(err.split())
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,13 @@ def test_streaming_moments_match_scipy():
     assert s.token_norm_std == pytest.approx(norms.std(), rel=1e-6)
     hoyer = (math.sqrt(5) - np.abs(tok).sum(1) / norms) / (math.sqrt(5) - 1)
     assert s.hoyer_sparsity == pytest.approx(hoyer.mean(), rel=1e-10)
+    rms = norms / math.sqrt(5)
+    assert s.near_zero_frac == pytest.approx((np.abs(tok) < 0.05 * rms[:, None]).mean(), abs=1e-12)
+    # batch-size independent: one batch gives the same numbers
+    one = sp.LatentStats()
+    one.update(z)
+    assert one.summary().near_zero_frac == s.near_zero_frac
+    assert one.summary().kurtosis.numpy() == pytest.approx(s.kurtosis.numpy(), rel=1e-9)
 
 
 def test_hoyer_sparsity_extremes():

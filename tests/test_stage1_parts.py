@@ -10,7 +10,8 @@ from raebench.errors import MissingWeightsError, RaebenchError
 from raebench.stage1.config import PRESETS, Stage1Config, parse_overrides, preset
 from raebench.stage1.discriminator import build_discriminator, diff_augment, quantize_8bit, save_backbone
 from raebench.stage1.losses import LastLayerTap, adaptive_gan_backward, adaptive_weight, build_lpips, hinge_d_loss
-from raebench.stage1.train import StepBatches, lr_lambda, plan
+from raebench.stage1.data import StepBatches
+from raebench.stage1.train import lr_lambda, plan
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -227,3 +228,20 @@ def test_config_round_trips_through_json():
 
     c = preset("tiny", disc_key_blocks=(0, 2))
     assert from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_cli_dry_run_prints_the_resolved_config_and_step_plan(image_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from raebench.cli import app
+
+    res = CliRunner().invoke(app, ["train", "stage1", "--preset", "dinov2-b-decxl", "--data", str(image_folder),
+                                   "--global-batch", "4", "--set", "lr=1e-4", "--results", str(tmp_path), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["config"]["lr"] == 1e-4 and out["config"]["epochs"] == 16
+    assert out["plan"]["steps_per_epoch"] == 2 and out["plan"]["gan_start_step"] == 16
+    assert out["run_dir"] == str(tmp_path / "stage1" / "dinov2-b-decxl")
+    assert not (tmp_path / "stage1").exists()
+    res = CliRunner().invoke(app, ["train", "stage1", "--set", "learning_rate=1", "--dry-run"])
+    assert res.exit_code != 0

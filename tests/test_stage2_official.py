@@ -12,6 +12,16 @@ from raebench.stage2.official import build_from_official
 from conftest import ORACLE
 from test_stage2_models import needs_oracle, oracle_io
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU extra threads cost 5-10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 pytestmark = needs_oracle
 
 

@@ -7,6 +7,15 @@ import torch
 from raebench.stage2.sample import class_labels, generate_npz, load_trained, save_grid
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU extra threads cost 5-10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_balanced_labels():
     y = class_labels(50_000, 1000, "equal", seed=3)
     assert torch.equal(torch.bincount(y, minlength=1000), torch.full((1000,), 50))

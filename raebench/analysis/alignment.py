@@ -25,7 +25,9 @@ Definitions (stated once, here):
   features; ``M_K[i, j] = 1`` when j is among the k nearest neighbours of i under K (self excluded);
   ``CKNNA = HSIC_u(M_K∘M_L∘K, M_K∘M_L∘L) / sqrt(HSIC_u(M_K∘K, M_K∘K) · HSIC_u(M_L∘L, M_L∘L))`` with
   the unbiased HSIC of Song et al. (2012) (:func:`hsic_unbiased`). No ε in the denominator (the
-  paper's code adds 1e-6); a zero denominator gives NaN.
+  paper's code adds 1e-6); a zero denominator gives NaN. The unbiased HSIC of masked (asymmetric)
+  kernels is not an inner product, so on small sets the score can leave [0, 1] (the paper's code
+  does the same; use N in the hundreds, as the paper's 1024).
 * **Linear CKA** (:func:`linear_cka`), Kornblith et al. (2019) on the raw (not normalised) features:
   biased ``||B_cᵀ A_c||²_F / (||A_cᵀ A_c||_F ||B_cᵀ B_c||_F)`` with column-centred features
   (computed in feature space, no N×N matrix); ``debiased=True`` replaces the biased HSIC by the

@@ -143,10 +143,12 @@ def plot_alignment(reports: Sequence["TokenizerReport"], path: Path, n_classes: 
         else:
             ax.set_xticks(x, [f"{m}\nvs {ref}" for ref, m in keys], fontsize=8)
             ax.set_ylabel("alignment score (unitless, 1 = identical)")
-            ax.set_ylim(0, 1)
+            vals = [v for r in reps for d in r.alignment.values() for v in d.values() if np.isfinite(v)]
+            # CKNNA and debiased CKA can leave [0, 1] on small sets: never clip a bar
+            ax.set_ylim(min(0.0, *vals) * 1.05, max(1.0, *vals) * 1.05)
             ax.set_title("Alignment with reference encoders")
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right" if is_probe else "best", framealpha=0.9)
     return _save(fig, path)
 
 

@@ -16,6 +16,7 @@ config go to ``<results>/analysis/<run id>/``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from raebench.analysis.diagnostics import (
 )
 from raebench.analysis.diffusability import ProbeConfig, ProbeResult, diffusability_probe
 from raebench.analysis.spectrum import NEAR_ZERO_REL, TOPK_ENERGY, LatentStats, SpectrumSummary
-from raebench.data import ImageDataset, iter_batches, make_loader, resolve_data, to_float
+from raebench.data import ImageDataset, make_loader, resolve_data, to_float
 from raebench.errors import MissingWeightsError, RaebenchError
 from raebench.results import ResultRow, atomic_write_bytes, check_writable, new_run_id, write_rows
 
@@ -68,6 +69,7 @@ class AnalyzeConfig:
     knn_k: int = al.KNN_K
     mutual_k: int = al.MUTUAL_K
     cka_debiased: bool = False
+    align_images: int = 1024  # mutual-kNN / CKNNA / CKA on a seeded subset of this many (N x N kernels)
     # decoder diagnostics
     sigmas: tuple[float, ...] = DEFAULT_SIGMAS
     n_diag: int = 16
@@ -89,6 +91,7 @@ class TokenizerReport:
     latent_shape: tuple[int, ...]
     n_images: int
     nonfinite: int
+    n_align: int = 0  # images behind the alignment scores
     spectrum: SpectrumSummary | None = None
     probe: dict[str, float] = field(default_factory=dict)  # "linear" / "knn" -> accuracy in [0, 1]
     alignment: dict[str, dict[str, float]] = field(default_factory=dict)  # reference -> metric -> value
@@ -156,10 +159,10 @@ def _versions(cfg: AnalyzeConfig) -> dict[str, str]:
     return {
         "probe": f"probe-{cfg.probe_method}-{bn}-l2{al.PROBE_L2:g}-meanpool-strat50-seed{cfg.seed}-v1",
         "knn": f"knn-cos-k{cfg.knn_k}-t{al.KNN_TEMPERATURE:g}-meanpool-strat50-seed{cfg.seed}-v1",
-        "mknn": f"mknn-k{cfg.mutual_k}-l2norm-meanpool-v1",
-        "cknna": f"cknna-k{cfg.mutual_k}-hsicu-l2norm-meanpool-v1",
-        "cka": f"cka-linear-{'debiased' if cfg.cka_debiased else 'biased'}-meanpool-v1",
-        "spectrum": f"latent-spectrum-tokens-f64-nz{NEAR_ZERO_REL:g}firstbatch-v1",
+        "mknn": f"mknn-k{cfg.mutual_k}-l2norm-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
+        "cknna": f"cknna-k{cfg.mutual_k}-hsicu-l2norm-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
+        "cka": f"cka-linear-{'debiased' if cfg.cka_debiased else 'biased'}-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
+        "spectrum": f"latent-spectrum-tokens-f64-nz{NEAR_ZERO_REL:g}tokenrms-v1",
         "robust": f"robust-u8-gauss-seed{cfg.seed}-n{cfg.n_diag}-v1",
         "interp": f"interp-lerp-S{cfg.interp_steps}-pairs{cfg.interp_pairs}-seed{cfg.seed}-v1",
     }
@@ -245,19 +248,16 @@ def analyze(
     n_classes = len(data.images.classes)
 
     reports: list[TokenizerReport] = []
-    scratch = tempfile.TemporaryDirectory(prefix="raebench-probe-") if cfg.diffusability and not cfg.write else None
-    probe_root = Path(scratch.name if scratch else Path(cfg.results_dir) / "analysis" / "probes")
-    for acc in accs:
-        probe_dir = probe_root / _probe_key(cfg, acc.tok, data)
-        rep = _analyse_tokenizer(cfg, acc, y, n_classes, feats, refs, versions, distance, dist_name, dist_version,
-                                 probe_dir, on_progress)
-        if dist_reason and cfg.perceptual != "none":
-            rep.notes.append(f"LPIPS left out: {dist_reason}")
-        rep.rows = _rows(cfg, rep, data, device, versions, dist_version, refs, len(skipped), time.perf_counter() - t0)
-        reports.append(rep)
-
-    if scratch:
-        scratch.cleanup()
+    with contextlib.ExitStack() as stack:  # without --results writes, probe runs go to a temporary folder
+        probe_root = (Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="raebench-probe-")))
+                      if cfg.diffusability and not cfg.write else Path(cfg.results_dir) / "analysis" / "probes")
+        for acc in accs:
+            rep = _analyse_tokenizer(cfg, acc, y, n_classes, feats, refs, versions, distance, dist_name, dist_version,
+                                     probe_root / _probe_key(cfg, acc.tok, data), on_progress)
+            if dist_reason and cfg.perceptual != "none":
+                rep.notes.append(f"LPIPS left out: {dist_reason}")
+            rep.rows = _rows(cfg, rep, data, device, versions, dist_version, refs, len(skipped), time.perf_counter() - t0)
+            reports.append(rep)
     out_dir: Path | None = None
     plots: list[Path] = []
     stamp = new_run_id()
@@ -302,16 +302,20 @@ def _analyse_tokenizer(cfg, acc: _Accumulator, y, n_classes, feats, refs, versio
             if tr.numel() < cfg.knn_k:
                 rep.notes.append(f"kNN used k = {tr.numel()} (only {tr.numel()} training images)")
     else:
-        rep.notes.append("linear probe and kNN skipped: the data has no class subfolders")
+        rep.notes.append("linear probe and kNN skipped: they need at least two class subfolders")
+    sub = torch.arange(rep.n_images)
+    if rep.n_images > cfg.align_images:  # the kNN metrics depend on N: a fixed-size seeded subset
+        sub = torch.randperm(rep.n_images, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.align_images].sort().values
+    rep.n_align = int(sub.numel())
     for name in refs:
-        f = feats[name][valid]
-        if rep.n_images <= cfg.mutual_k or rep.n_images < 4:
+        a, f = pooled[sub], feats[name][valid][sub]
+        if rep.n_align <= cfg.mutual_k or rep.n_align < 4:
             rep.notes.append(f"alignment with {name} skipped: needs more than k = {cfg.mutual_k} images (and at least 4)")
             continue
         rep.alignment[name] = {
-            "mutual-knn": al.mutual_knn(pooled, f, cfg.mutual_k),
-            "cknna": al.cknna(pooled, f, cfg.mutual_k),
-            "cka": al.linear_cka(pooled, f, debiased=cfg.cka_debiased),
+            "mutual-knn": al.mutual_knn(a, f, cfg.mutual_k),
+            "cknna": al.cknna(a, f, cfg.mutual_k),
+            "cka": al.linear_cka(a, f, debiased=cfg.cka_debiased),
         }
 
     # --- decoder diagnostics on the kept subset ----------------------------------------------------
@@ -367,7 +371,7 @@ def _rows(cfg, rep: TokenizerReport, data, device, versions, dist_version, refs,
     for ref, vals in rep.alignment.items():
         rv = refs[ref][0].version
         for m, key in (("mutual-knn", "mknn"), ("cknna", "cknna"), ("cka", "cka")):
-            add(f"align-{m}-{ref}", vals[m], True, f"{versions[key]}-ref:{rv}", n, reference=ref)
+            add(f"align-{m}-{ref}", vals[m], True, f"{versions[key]}-ref:{rv}", rep.n_align, reference=ref)
     s = rep.spectrum
     if s is not None:
         v = versions["spectrum"]

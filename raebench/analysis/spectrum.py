@@ -13,8 +13,11 @@ quantity below is a function of those sums:
   "massive activations" make it large);
 * Hoyer sparsity of each token vector ``(√C − ‖x‖₁/‖x‖₂) / (√C − 1)`` averaged over tokens (0 for
   a constant-magnitude vector, 1 for a one-hot one; scale invariant; needs C ≥ 2);
-* near-zero fraction: elements with ``|x| < 0.05 · latent_std``, where ``latent_std`` is the root of
-  the mean per-channel variance (the "per-element std" that the robustness σ grid is relative to);
+* ``latent_std``: the root of the mean per-channel variance (the "per-element std" that the
+  robustness σ grid is relative to);
+* near-zero fraction: elements with ``|x_c| < 0.05 · rms(x)``, relative to the RMS of their own
+  token (scale invariant, and unlike a dataset-wide threshold known within one pass); large when a
+  few channels carry each token;
 * token L2 norms (mean and std over tokens).
 
 Numerics: sums are taken of ``x − shift`` where ``shift`` is the first batch's channel mean, which
@@ -90,24 +93,17 @@ class SpectrumSummary:
 
 
 class LatentStats:
-    """Streaming float64 moments of latent tokens (``update`` per batch, ``summary`` at the end).
-
-    ``near_zero_scale`` is the threshold unit for the near-zero fraction; it is unknown until the
-    pass ends, so the fraction is counted against the first batch's per-element std (documented in
-    the metric version as ``nz-firstbatch``).
-    """
+    """Streaming float64 moments of latent tokens (``update`` per batch, ``summary`` at the end)."""
 
     def __init__(self) -> None:
         self.n = 0
         self.shift: torch.Tensor | None = None
-        self.near_zero_thr: float | None = None
 
     def update(self, z: torch.Tensor) -> None:
         x = tokens_of(z.detach()).double()  # (T, C)
         if self.shift is None:
             c = x.shape[1]
             self.shift = x.mean(0)
-            self.near_zero_thr = NEAR_ZERO_REL * float(x.var(0, unbiased=False).mean().sqrt())
             zeros = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
             self.s1, self.s3, self.s4 = zeros(c), zeros(c), zeros(c)
             self.s2 = zeros(c, c)  # Σ y yᵀ
@@ -129,7 +125,8 @@ class LatentStats:
             l1 = x.abs().sum(1)
             ratio = torch.where(l2 > 0, l1 / l2.clamp_min(1e-300), torch.full_like(l1, math.sqrt(c)))
             self.hoyer += float(((math.sqrt(c) - ratio) / (math.sqrt(c) - 1)).sum())
-        self.near_zero += float((x.abs() < self.near_zero_thr).sum())
+        rms = l2 / math.sqrt(c)  # (T,)
+        self.near_zero += float((x.abs() < NEAR_ZERO_REL * rms[:, None]).sum())
 
     def summary(self) -> SpectrumSummary:
         if self.n == 0 or self.shift is None:

@@ -30,7 +30,7 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 #: command modules under raebench.cli, each with register(app)
-MODULES = ("core", "rae_cmds", "stage2_cmds", "analyze_cmds", "stage1_cmds")
+MODULES = ("core", "rae_cmds", "stage2_cmds", "analyze_cmds", "stage1_cmds", "metrics_cmds")
 
 
 @app.callback()

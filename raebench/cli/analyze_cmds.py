@@ -58,6 +58,7 @@ def register(app: typer.Typer) -> None:
         knn_k: int = typer.Option(20, "--knn-k", help="Neighbours of the kNN classifier."),
         mutual_k: int = typer.Option(10, "--mutual-k", help="Neighbours of mutual-kNN and CKNNA."),
         cka_debiased: bool = typer.Option(False, "--cka-debiased", help="Debiased linear CKA (unbiased HSIC; N x N)."),
+        align_images: int = typer.Option(1024, "--align-images", help="Alignment metrics use a seeded subset of at most this many images."),
         sigmas: str = typer.Option("0.1,0.25,0.5,1", "--sigmas", help="Latent noise levels, relative to the latent's per-element std."),
         n_diag: int = typer.Option(16, "--n-diag", help="Images used by the decoder diagnostics."),
         interp_pairs: int = typer.Option(4, "--interp-pairs", help="Image pairs interpolated."),
@@ -68,6 +69,7 @@ def register(app: typer.Typer) -> None:
         probe_steps: int = typer.Option(2000, "--probe-steps", help="Training steps of the diffusability probe."),
         probe_batch_size: int = typer.Option(32, "--probe-batch-size"),
         probe_samples: int = typer.Option(256, "--probe-samples", help="Samples drawn to score the probe."),
+        probe_sample_steps: int = typer.Option(50, "--probe-sample-steps", help="Euler grid points of the probe's sampler."),
         probe_images: int = typer.Option(512, "--probe-images", help="Images whose latents the probe trains on."),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG figures."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved configuration and exit."),
@@ -89,10 +91,10 @@ def register(app: typer.Typer) -> None:
             data=data, dataset=dataset, domain=domain, resolution=resolution, limit=limit, seed=seed,
             batch_size=batch_size, device=device, num_workers=num_workers, results_dir=str(results),
             probe_method=probe_method, probe_batchnorm=batchnorm, knn_k=knn_k, mutual_k=mutual_k,
-            cka_debiased=cka_debiased, sigmas=_parse_sigmas(sigmas), n_diag=n_diag, interp_pairs=interp_pairs,
+            cka_debiased=cka_debiased, align_images=align_images, sigmas=_parse_sigmas(sigmas), n_diag=n_diag, interp_pairs=interp_pairs,
             interp_steps=interp_steps, perceptual=perceptual, diffusability=diffusability, probe_images=probe_images,
             probe=ProbeConfig(preset=probe_preset, steps=probe_steps, batch_size=probe_batch_size,
-                              n_samples=probe_samples, seed=seed),
+                              n_samples=probe_samples, sample_steps=probe_sample_steps, seed=seed),
             plots=plots,
         )
         if dry_run:
@@ -108,7 +110,7 @@ def register(app: typer.Typer) -> None:
 
         metrics = list(dict.fromkeys(r.metric for rep in out.reports for r in rep.rows))
         t = Table(title=f"analyze · {out.reports[0].rows[0].dataset if out.reports[0].rows else ''} · {resolution}px · n={out.n_images}")
-        t.add_column("metric")
+        t.add_column("metric", no_wrap=True, min_width=max(map(len, metrics), default=6))
         for rep in out.reports:
             t.add_column(rep.name, justify="right")
         t.add_column("better", justify="center")

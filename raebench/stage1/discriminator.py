@@ -175,10 +175,12 @@ def build_discriminator(cfg) -> DinoDiscriminator:
 
     arch = cfg.disc_backbone.split(".")[0]
     try:
-        backbone = timm.create_model(
-            arch, pretrained=False, num_classes=0, img_size=cfg.disc_input_size, patch_size=cfg.disc_patch,
-            embed_dim=cfg.disc_width, depth=cfg.disc_depth, num_heads=cfg.disc_heads,
-        )
+        with torch.random.fork_rng(devices=[]):  # a "random" backbone is the same in every process and run
+            torch.manual_seed(0)
+            backbone = timm.create_model(
+                arch, pretrained=False, num_classes=0, img_size=cfg.disc_input_size, patch_size=cfg.disc_patch,
+                embed_dim=cfg.disc_width, depth=cfg.disc_depth, num_heads=cfg.disc_heads,
+            )
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise RaebenchError(f"timm has no model {arch!r} for the discriminator backbone.") from None

@@ -76,9 +76,11 @@ def build_lpips(weights: str | os.PathLike | None = None) -> nn.Module:
         _load_vgg_features(model.net, path)
     else:
         log.warning("LPIPS backbone has random weights (lpips_weights=random): for tests only")
-        for m in model.net.modules():
-            if isinstance(m, nn.Conv2d):
-                m.reset_parameters()
+        with torch.random.fork_rng(devices=[]):  # the same random backbone in every process and run
+            torch.manual_seed(0)
+            for m in model.net.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.reset_parameters()
     return model.eval().requires_grad_(False)
 
 

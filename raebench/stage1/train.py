@@ -17,7 +17,10 @@ written atomically; a resumed run reproduces the uninterrupted one, because ever
 step (sample order, crops, latent noise, augmentations) is derived from (seed, step, position in
 the global batch) and the spectral norms iterate once per step; the exported decoder is a plain
 official-format state dict that loads strictly (a stage-1 checkpoint loaded non-strictly into the
-decoder gave the official repo's users pure-noise reconstructions).
+decoder gave the official repo's users pure-noise reconstructions). The adaptive GAN weight is
+computed from the gradients at the decoder's output (:func:`~raebench.stage1.losses.adaptive_gan_backward`):
+the same weight and gradients as the official two ``autograd.grad`` calls on the last layer, with one
+backward pass fewer through LPIPS and through the discriminator.
 
 Steps: ``steps_per_epoch = n_images // global_batch`` (the last partial batch of an epoch is dropped
 so every step sees a full global batch); epochs in the config become steps by that factor.
@@ -36,18 +39,19 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from raebench.data import ImageSkip, adm_center_crop, load_rgb, random_resized_crop_train, scan_folder, to_float, to_uint8
+from raebench.data import scan_folder, to_float, to_uint8
 from raebench.errors import DataError, RaebenchError
 from raebench.results import atomic_write_bytes, provenance
 from raebench.stage1.config import RUN_ONLY_FIELDS, Stage1Config
+from raebench.stage1.data import AUG_FAKE, AUG_G, AUG_REAL, NOISE, StepBatches, TrainCrops, collate, load_eval_images, sample_generators
 
 log = logging.getLogger(__name__)
 
@@ -56,97 +60,6 @@ LOG_COLUMNS = (
     "step", "epoch", "images", "lr", "disc_lr", "l1", "lpips", "gan", "adaptive_weight", "gan_weight_eff", "total",
     "disc_loss", "logits_real", "logits_fake", "disc_acc", "sec_per_step",
 )
-# streams of per-sample random draws
-_CROP, _NOISE, _AUG_G, _AUG_FAKE, _AUG_REAL = 1, 2, 3, 4, 5
-
-
-# ---------------------------------------------------------------------------------------------
-# Deterministic data order and per-sample randomness
-# ---------------------------------------------------------------------------------------------
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integers (SeedSequence hashing: nearby keys give unrelated streams)."""
-    hi, lo = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
-    return ((int(hi) << 32) | int(lo)) >> 1
-
-
-def sample_generators(seed: int, stream: int, step: int, positions: list[int], device: torch.device) -> list[torch.Generator]:
-    """One generator per sample, keyed by (seed, stream, step, position in the global batch)."""
-    return [torch.Generator(device=device).manual_seed(derive_seed(seed, stream, step, j)) for j in positions]
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, 0, epoch)))
-
-
-class StepBatches:
-    """This rank's micro-batches for every step from ``start_step`` to ``stop``.
-
-    Yields lists of (image index, crop seed, position in the global batch). A step's global batch is
-    a slice of the epoch's permutation; rank r takes positions [r * B/world, (r+1) * B/world), split
-    into ``grad_accum`` consecutive micro-batches.
-    """
-
-    def __init__(self, n: int, cfg: Stage1Config, start_step: int, stop: int, rank: int, world: int) -> None:
-        self.n, self.cfg, self.start, self.stop, self.rank, self.world = n, cfg, start_step, stop, rank, world
-        self.spe = n // cfg.global_batch
-        self.micro = cfg.global_batch // (world * cfg.grad_accum)
-
-    def __len__(self) -> int:
-        return max(self.stop - self.start, 0) * self.cfg.grad_accum
-
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        cfg, order, order_epoch = self.cfg, None, -1
-        for step in range(self.start, self.stop):
-            epoch, k = divmod(step, self.spe)
-            if epoch != order_epoch:
-                order, order_epoch = epoch_order(self.n, cfg.seed, epoch), epoch
-            batch = order[k * cfg.global_batch:(k + 1) * cfg.global_batch]
-            for a in range(cfg.grad_accum):
-                first = self.rank * (cfg.global_batch // self.world) + a * self.micro
-                yield [(int(batch[j]), derive_seed(cfg.seed, _CROP, step, j), j) for j in range(first, first + self.micro)]
-
-
-class TrainCrops(Dataset):
-    """Official train transform of image ``index`` with a given crop seed; an unreadable file is
-    replaced by the next readable one (deterministically), so a bad file never stops a run."""
-
-    def __init__(self, paths: list[str], resolution: int, scale: float) -> None:
-        self.paths, self.resolution, self.scale = paths, resolution, scale
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, item: tuple[int, int, int]) -> dict:
-        index, seed, pos = item
-        for k in range(len(self.paths)):
-            path = self.paths[(index + k) % len(self.paths)]
-            try:
-                im = load_rgb(path)
-            except ImageSkip as e:
-                log.warning("skipping unreadable training image %s (%s)", path, e)
-                continue
-            arr = random_resized_crop_train(im, self.resolution, random.Random(seed), self.scale)
-            return {"image": torch.from_numpy(arr).permute(2, 0, 1).contiguous(), "pos": pos}  # (3, R, R) uint8
-        raise DataError("No training image could be read.")
-
-
-def _collate(items: list[dict]) -> dict:
-    return {"image": torch.stack([it["image"] for it in items]), "pos": [it["pos"] for it in items]}
-
-
-def load_eval_images(paths: list[str], resolution: int) -> torch.Tensor:
-    """ADM center crops of readable images among ``paths``: (N, 3, R, R) uint8."""
-    out = []
-    for p in paths:
-        try:
-            out.append(torch.from_numpy(adm_center_crop(load_rgb(p), resolution)).permute(2, 0, 1))
-        except ImageSkip:
-            continue
-    if not out:
-        raise DataError("None of the validation images could be read.")
-    return torch.stack(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +67,7 @@ def load_eval_images(paths: list[str], resolution: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_tokenizer(cfg: Stage1Config):
+def build_trainable_rae(cfg: Stage1Config):
     """Frozen encoder + trainable decoder as an :class:`RAETokenizer` without statistics (the
     decoder learns on raw encoder features, as in the official recipe; statistics only rescale
     latents for stage 2 and cancel in encode/decode)."""
@@ -163,7 +76,7 @@ def build_tokenizer(cfg: Stage1Config):
     from raebench.rae.tokenizer import RAETokenizer
 
     if not cfg.encoder:
-        raise RaebenchError("This preset names no encoder; pass one with --set encoder=DIR_OR_REPO.")
+        raise RaebenchError("This preset names no encoder; pass one with --encoder DIR_OR_REPO (or --set encoder=...).")
     enc = build_encoder(cfg.encoder, input_size=cfg.encoder_input_size)
     if enc.grid_size != cfg.grid:
         raise RaebenchError(
@@ -275,20 +188,29 @@ def compare_configs(saved: dict, cfg: Stage1Config) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+VAL_COLUMNS = ("step", "n", "psnr", "ssim")
+
+
+def truncate_csv(path: Path, columns: tuple[str, ...], last_step: int) -> None:
+    """Rewrite ``path`` with only the rows up to ``last_step`` (a resumed run logs the rest again)."""
+    keep: list[dict] = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            keep = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= last_step]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(keep)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
 class RunLog:
-    """``log.csv`` (rank 0; rows past the resumed step are dropped), TensorBoard if installed, W&B if asked."""
+    """``log.csv`` and ``val.csv`` (rank 0), TensorBoard if installed, W&B if asked."""
 
     def __init__(self, run_dir: Path, start_step: int, cfg: Stage1Config) -> None:
-        self.path = run_dir / "log.csv"
-        keep: list[dict] = []
-        if self.path.is_file():
-            with open(self.path, newline="") as f:
-                keep = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, LOG_COLUMNS)
-        w.writeheader()
-        w.writerows(keep)
-        atomic_write_bytes(self.path, buf.getvalue().encode())
+        self.path, self.val_path = run_dir / "log.csv", run_dir / "val.csv"
+        truncate_csv(self.path, LOG_COLUMNS, start_step)
+        truncate_csv(self.val_path, VAL_COLUMNS, start_step)
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -305,10 +227,11 @@ class RunLog:
             self.wandb = wandb.init(project="raebench-stage1", name=run_dir.name, dir=str(run_dir), config=cfg.to_dict(),
                                     resume="allow", id=run_dir.name)
 
-    def write(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, LOG_COLUMNS).writerow({k: row.get(k, "") for k in LOG_COLUMNS})
-        scalars = {k: v for k, v in row.items() if isinstance(v, float) and k not in ("step", "epoch")}
+    def write(self, row: dict, val: bool = False) -> None:
+        path, columns = (self.val_path, VAL_COLUMNS) if val else (self.path, LOG_COLUMNS)
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, columns).writerow({k: row.get(k, "") for k in columns})
+        scalars = {("val/" if val else "") + k: v for k, v in row.items() if isinstance(v, float)}
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, row["step"])
@@ -343,16 +266,6 @@ def save_grid(path: Path, images: torch.Tensor, recons: torch.Tensor) -> None:
     buf = io.BytesIO()
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
-
-
-def append_val(run_dir: Path, row: dict) -> None:
-    path = run_dir / "val.csv"
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, ("step", "n", "psnr", "ssim"))
-        if new:
-            w.writeheader()
-        w.writerow(row)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +317,7 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
 
     # models: the same seed on every rank, so the discriminator heads (no DDP) start equal
     torch.manual_seed(cfg.seed)
-    tok = build_tokenizer(cfg).to(device)
+    tok = build_trainable_rae(cfg).to(device)
     decoder = tok.decoder.train()
     ema = copy.deepcopy(decoder).requires_grad_(False).eval()
     lpips = build_lpips(cfg.lpips_weights).to(device) if cfg.lpips_weight > 0 else None
@@ -412,12 +325,14 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
     if disc is not None:
         disc.heads.requires_grad_(False)  # switched on for the discriminator's own update only
     params = [q for q in decoder.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p["warmup_steps"], total, cfg.final_lr / cfg.lr))
     disc_params = list(disc.heads.parameters()) if disc is not None else []
     dopt = dsched = None
     if disc is not None:
-        dopt = torch.optim.AdamW(disc_params, lr=cfg.disc_lr, betas=cfg.disc_betas, weight_decay=cfg.disc_weight_decay, eps=1e-8)
+        dopt = torch.optim.AdamW(disc_params, lr=cfg.disc_lr, betas=cfg.disc_betas, weight_decay=cfg.disc_weight_decay,
+                                 eps=1e-8, fused=fused)
         # counted in discriminator updates, as the official trainer does
         dsched = torch.optim.lr_scheduler.LambdaLR(dopt, lr_lambda(int(cfg.disc_warmup_epochs * spe), total, cfg.disc_final_lr / cfg.disc_lr))
 
@@ -458,7 +373,7 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     loader = DataLoader(
         TrainCrops(images.paths, cfg.resolution, cfg.crop_scale), batch_sampler=StepBatches(len(images.paths), cfg, step, stop, rank, world),
-        num_workers=cfg.num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        num_workers=cfg.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
         prefetch_factor=2 if cfg.num_workers > 0 else None,
     )
     val_images = None
@@ -477,16 +392,17 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
 
         # -- decoder update ------------------------------------------------------------------
         opt.zero_grad(set_to_none=True)
-        sums = torch.zeros(9, dtype=torch.float64)  # l1, lpips, gan, lambda, total | d_loss, real, fake, acc
+        sums = torch.zeros(9, dtype=torch.float64, device=device)  # l1, lpips, gan, lambda, total | d_loss, real, fake, acc
         stash = []  # (clean latents, real images, positions) for the discriminator phase
         for a in range(accum):
             mb = next(batches)
             x = to_float(mb["image"]).to(device, non_blocking=True)  # (B, 3, R, R) in [0, 1]
             with torch.no_grad(), autocast:
                 z = tok.encode_features(x).float()  # (B, C, h, w) raw features
-            gens = sample_generators(cfg.seed, _NOISE, step, mb["pos"], device)
+            gens = sample_generators(cfg.seed, NOISE, step, mb["pos"], device)
             zn = torch.cat([add_noise(z[i:i + 1], cfg.noise_tau, cfg.noise_rule, g) for i, g in enumerate(gens)])
-            stash.append((z, x, mb["pos"]))
+            if train_disc:
+                stash.append((z, x, mb["pos"]))
             sync = contextlib.nullcontext() if (a == accum - 1 or world == 1) else ddp.no_sync()
             with sync:
                 with autocast:
@@ -496,7 +412,7 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
                 rec_loss = l1 + cfg.lpips_weight * lp
                 if use_gan:
                     fake = quantize_8bit(rec * 2 - 1, straight_through=True)
-                    fake = diff_augment(fake, sample_generators(cfg.seed, _AUG_G, step, mb["pos"], device),
+                    fake = diff_augment(fake, sample_generators(cfg.seed, AUG_G, step, mb["pos"], device),
                                         cfg.diffaug_translation, cfg.diffaug_color, cfg.diffaug_cutout)
                     with autocast:
                         g_loss = generator_loss(disc(fake).float())
@@ -506,7 +422,7 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
                     g_loss = lam = l1.new_zeros(())
                     loss = rec_loss
                     (loss / accum).backward()
-            sums[:5] += torch.stack([l1, lp, g_loss, lam, loss]).detach().double().cpu()
+            sums[:5] += torch.stack([l1, lp, g_loss, lam, loss]).detach().double()
         if cfg.clip_grad > 0:
             nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         lr_now = opt.param_groups[0]["lr"]
@@ -523,16 +439,16 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
                 disc.train(a == 0)  # one power iteration per step, however the batch is split
                 with torch.no_grad(), autocast:
                     fake = quantize_8bit(tok.decode(z).float() * 2 - 1, straight_through=False)
-                fake = diff_augment(fake, sample_generators(cfg.seed, _AUG_FAKE, step, pos, device),
+                fake = diff_augment(fake, sample_generators(cfg.seed, AUG_FAKE, step, pos, device),
                                     cfg.diffaug_translation, cfg.diffaug_color, cfg.diffaug_cutout)
-                real = diff_augment(x * 2 - 1, sample_generators(cfg.seed, _AUG_REAL, step, pos, device),
+                real = diff_augment(x * 2 - 1, sample_generators(cfg.seed, AUG_REAL, step, pos, device),
                                     cfg.diffaug_translation, cfg.diffaug_color, cfg.diffaug_cutout)
                 with autocast:
                     logits_fake, logits_real = disc(torch.cat([fake, real])).float().chunk(2)
                 d_loss = hinge_d_loss(logits_real, logits_fake)
                 (d_loss / accum).backward()
                 acc = (logits_real > logits_fake).float().mean()
-                sums[5:9] += torch.stack([d_loss, logits_real.mean(), logits_fake.mean(), acc]).detach().double().cpu()
+                sums[5:9] += torch.stack([d_loss, logits_real.mean(), logits_fake.mean(), acc]).detach().double()
             disc.eval()
             disc.heads.requires_grad_(False)  # the decoder's GAN term only needs gradients to the image
             _all_reduce_mean_([q.grad for q in disc_params if q.grad is not None], world)
@@ -545,7 +461,9 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
         # -- bookkeeping -----------------------------------------------------------------------
         if world > 1:
             dist.all_reduce(sums)
-        m = (sums / (accum * world)).tolist()
+        m = (sums / (accum * world)).tolist()  # the step's one host-device sync
+        if not all(math.isfinite(v) for v in m[:5]):  # the same values on every rank: all stop together
+            raise RaebenchError(f"The decoder loss became non-finite at step {step}; lower lr or use fp32.")
         if rank == 0 and (step % cfg.log_every == 0 or step == stop):
             now = time.perf_counter()
             row = {
@@ -561,8 +479,6 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
             runlog.write(row)
             log.info("step %d/%d  l1 %.4f  lpips %s  gan %s  lr %.2e", step, total, m[0],
                      f"{m[1]:.4f}" if use_lpips else "-", f"{m[2]:.4f} (x{m[3]:.3g})" if use_gan else "-", lr_now)
-            if not all(math.isfinite(v) for v in m[:5]):
-                raise RaebenchError(f"The decoder loss became non-finite at step {step}; lower lr or use fp32.")
         if rank == 0 and val_images is not None:
             if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == stop):
                 shown = val_images[:8]
@@ -572,8 +488,8 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
 
                 ref = val_images[: cfg.val_n]
                 rec_u8 = reconstruct(ema_tok, ref, device, micro, autocast)
-                append_val(run_dir, {"step": step, "n": len(ref), "psnr": float(psnr_per_image(to_float(ref), to_float(rec_u8)).mean()),
-                                     "ssim": float(ssim_per_image(to_float(ref), to_float(rec_u8)).mean())})
+                runlog.write({"step": step, "n": len(ref), "psnr": float(psnr_per_image(to_float(ref), to_float(rec_u8)).mean()),
+                              "ssim": float(ssim_per_image(to_float(ref), to_float(rec_u8)).mean())}, val=True)
         if step % cfg.ckpt_every == 0 or step == stop:
             rngs: list = [rng_state()]
             if world > 1:

@@ -88,12 +88,12 @@ class Rope2D(nn.Module):
         f = f.reshape(grid * grid, head_dim)  # (L, head_dim)
         self.register_buffer("freqs_cos", f.cos())
         self.register_buffer("freqs_sin", f.sin())
+        self.register_buffer("_sign", torch.tensor([-1.0, 1.0]).repeat(head_dim // 2), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # rotate_half on adjacent pairs: (x0, x1) -> (-x1, x0)
-        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (N, H, L, hd/2) each
-        rot = torch.stack((-x2, x1), dim=-1).flatten(-2)  # (N, H, L, hd)
-        return x * self.freqs_cos + rot * self.freqs_sin
+        """x (..., L, hd) -> x cos + rotate_half(x) sin, rotate_half: (x0, x1) -> (-x1, x0) per pair."""
+        swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (..., L, hd): (x1, x0) per pair
+        return torch.addcmul(x * self.freqs_cos, swapped, self.freqs_sin * self._sign)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,6 +110,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused call
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
@@ -151,11 +153,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope2D | None = None) -> torch.Tensor:
         n, l, d = x.shape
-        q, k, v = self.qkv(x).view(n, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (N, H, L, hd)
+        qkv = self.qkv(x).view(n, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, L, hd)
         if self.q_norm is not None:
+            q, k, v = qkv.unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = rope(q).to(v.dtype), rope(k).to(v.dtype)
+            if rope is not None:
+                q, k = rope(q), rope(k)
+        elif rope is not None:
+            q, k = rope(qkv[:2]).unbind(0)  # both rotated in one pass
+            v = qkv[2]
+        else:
+            q, k, v = qkv.unbind(0)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, H, L, hd)
         return self.proj(x.transpose(1, 2).reshape(n, l, d))  # (N, L, D)
 
@@ -219,16 +228,16 @@ class Block(nn.Module):
         self.wo_shift = wo_shift
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (4 if wo_shift else 6) * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: Rope2D | None = None) -> torch.Tensor:
-        mods = _expand_tokens(self.adaLN_modulation(c), x.shape[1]).chunk(4 if self.wo_shift else 6, dim=-1)
+    def forward(self, x: torch.Tensor, c_act: torch.Tensor, rope: Rope2D | None = None) -> torch.Tensor:
+        """``c_act`` is silu(condition): computed once by the model and shared by all its blocks."""
+        mods = _expand_tokens(self.adaLN_modulation[1](c_act), x.shape[1]).chunk(4 if self.wo_shift else 6, dim=-1)
         if self.wo_shift:
             scale1, gate1, scale2, gate2 = mods  # (N, 1 or L, D) each
-            h = self.norm1(x) * (1 + scale1)
-            x = x + gate1 * self.attn(h, rope)
-            return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2))
+            x = torch.addcmul(x, gate1, self.attn(self.norm1(x) * (1 + scale1), rope))
+            return torch.addcmul(x, gate2, self.mlp(self.norm2(x) * (1 + scale2)))
         shift1, scale1, gate1, shift2, scale2, gate2 = mods  # (N, 1 or L, D) each
-        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1, rope)  # (N, L, D)
-        return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)  # (N, L, D)
+        x = torch.addcmul(x, gate1, self.attn(torch.addcmul(shift1, self.norm1(x), 1 + scale1), rope))  # (N, L, D)
+        return torch.addcmul(x, gate2, self.mlp(torch.addcmul(shift2, self.norm2(x), 1 + scale2)))  # (N, L, D)
 
 
 class FinalLayer(nn.Module):
@@ -240,9 +249,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = _expand_tokens(self.adaLN_modulation(c), x.shape[1]).chunk(2, dim=-1)
-        return self.linear(self.norm_final(x) * (1 + scale) + shift)  # (N, L, p*p*C)
+    def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
+        """``c_act`` is silu(condition), as for :class:`Block`."""
+        shift, scale = _expand_tokens(self.adaLN_modulation[1](c_act), x.shape[1]).chunk(2, dim=-1)
+        return self.linear(torch.addcmul(shift, self.norm_final(x), 1 + scale))  # (N, L, p*p*C)
 
 
 class GaussianFourierEmbedding(nn.Module):
@@ -373,17 +383,19 @@ class DiTDH(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W), t (N,), y (N,) -> velocity (N, C, H, W)."""
         t_emb = self.t_embedder(t)  # (N, Ds)
-        c = F.silu(t_emb + self.y_embedder(y, self.training))  # (N, Ds)
+        c = F.silu(t_emb + self.y_embedder(y, self.training))  # (N, Ds); the blocks apply SiLU again
+        c_act = F.silu(c)  # (N, Ds)
         s = self.s_embedder(x)  # (N, L, Ds)
         if self.pos_embed is not None:
             s = s + self.pos_embed
         for block in self.blocks[: self.num_encoder_blocks]:
-            s = block(s, c, self.enc_feat_rope)  # (N, L, Ds)
+            s = block(s, c_act, self.enc_feat_rope)  # (N, L, Ds)
         s = self.s_projector(F.silu(t_emb.unsqueeze(1) + s))  # (N, L, Dx): per-token condition
+        s_act = F.silu(s)  # (N, L, Dx), shared by every head block and the final layer
         h = self.x_embedder(x)  # (N, Lx, Dx)
         for block in self.blocks[self.num_encoder_blocks :]:
-            h = block(h, s, self.dec_feat_rope)  # (N, Lx, Dx)
-        return _unpatchify(self.final_layer(h, s), self.x_patch, self.out_channels)  # (N, C, H, W)
+            h = block(h, s_act, self.dec_feat_rope)  # (N, Lx, Dx)
+        return _unpatchify(self.final_layer(h, s_act), self.x_patch, self.out_channels)  # (N, C, H, W)
 
 
 class LightningDiT(nn.Module):
@@ -440,10 +452,10 @@ class LightningDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W), t (N,), y (N,) -> velocity (N, C, H, W)."""
         h = self.x_embedder(x) + self.pos_embed  # (N, L, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        c_act = F.silu(self.t_embedder(t) + self.y_embedder(y, self.training))  # (N, D)
         for block in self.blocks:
-            h = block(h, c, self.feat_rope)  # (N, L, D)
-        out = _unpatchify(self.final_layer(h, c), self.patch, self.out_channels)  # (N, C', H, W)
+            h = block(h, c_act, self.feat_rope)  # (N, L, D)
+        out = _unpatchify(self.final_layer(h, c_act), self.patch, self.out_channels)  # (N, C', H, W)
         return out[:, : self.in_channels] if self.learn_sigma else out
 
 

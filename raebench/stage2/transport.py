@@ -70,8 +70,8 @@ class Transport:
     def __post_init__(self) -> None:
         if self.time_dist not in ("logit-normal", "uniform"):
             raise ValueError(f"time_dist must be 'logit-normal' or 'uniform', got {self.time_dist!r}")
-        if self.shift < 1.0:
-            raise ValueError(f"time shift must be >= 1, got {self.shift}")
+        if self.shift <= 0:  # s < 1 (latents smaller than the base) is allowed: it favours low noise
+            raise ValueError(f"time shift must be positive, got {self.shift}")
 
     @classmethod
     def from_official(cls, params: Mapping[str, Any], shift: float) -> "Transport":

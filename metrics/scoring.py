@@ -1,0 +1,154 @@
+"""Scoring image sets that already exist: reconstructions or samples vs references, no tokenizer.
+
+Two protocols, chosen by the metrics asked for:
+
+* paired (any paired metric: psnr, ssim, lpips-*, dreamsim*, ms-ssim): reference and candidate
+  images are matched by relative path without extension (folder vs folder, so ``val/x.JPEG`` pairs
+  with ``recon/x.png``) or by position (when a side is an ``.npz``); the distribution metrics see
+  the same pairs, in one pass (rFID of existing reconstructions).
+* unpaired (only distribution metrics): the two sets may differ in size; references are streamed
+  only when some metric still needs their features, i.e. when neither the feature cache nor the
+  statistics stored in an ADM reference batch supply them (gFID of 50k samples against
+  ``VIRTUAL_imagenet256_labeled.npz``: FID/sFID from its ``mu``/``sigma``/``mu_s``/``sigma_s``,
+  precision/recall from its images, as the ADM evaluator does).
+
+Result rows name the candidate set as the "tokenizer" (``--name``) and the reference set as the
+dataset; ``extra`` records both fingerprints and the protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from raebench.errors import DataError, RaebenchError
+from raebench.metrics.sources import ImageSource, open_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreOutcome:
+    rows: list
+    paired: bool
+    n_references: int
+    n_candidates: int
+    seconds: float
+    skipped: list = field(default_factory=list)
+
+
+def pair_order(ref: ImageSource, cand: ImageSource) -> list[int]:
+    """For each reference i, the index of its candidate: by name (two folders) or by position."""
+    if ref.kind == "dir" and cand.kind == "dir":
+        where = {n: i for i, n in enumerate(cand.names)}
+        missing = [n for n in ref.names if n not in where]
+        if missing or len(cand.names) != len(ref.names):
+            raise DataError(
+                f"Paired metrics need one candidate per reference with the same relative name: {len(missing)} of "
+                f"{ref.n} references have none (e.g. {missing[:1]}), and there are {cand.n} candidates."
+            )
+        return [where[n] for n in ref.names]
+    if ref.n != cand.n:
+        raise DataError(f"Paired metrics need as many candidates as references ({cand.n} vs {ref.n}).")
+    return list(range(ref.n))
+
+
+def score(
+    references: str,
+    candidates: str,
+    metrics: tuple[str, ...],
+    *,
+    name: str | None = None,
+    domain: str = "open-domain",
+    resolution: int | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    options: dict[str, dict[str, str]] | None = None,
+    results_dir: str = "results",
+    write: bool = True,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> ScoreOutcome:
+    """Score ``candidates`` against ``references`` (folders or ``.npz``) and write result rows."""
+    from raebench.evaluate import Evaluator, ReferenceSet, resolve_device
+    from raebench.metrics import METRICS, higher_is_better
+    from raebench.results import ResultRow, check_writable, new_run_id, write_rows
+
+    t0 = time.perf_counter()
+    if write:
+        check_writable(results_dir)
+    specs = [METRICS.get(m) for m in metrics]
+    ref, cand = open_source(references, resolution), open_source(candidates, resolution)
+    if cand.n == 0:
+        raise DataError(f"{candidates!r} holds no images (an .npz needs arr_0).")
+    dev = resolve_device(device)
+    ev = Evaluator(tuple(s.name for s in specs), dev, options=options, reference=ReferenceSet(ref.id, ref.n) if ref.n else None)
+    stats = ref.stats()
+    if stats:
+        ev.set_reference_stats(stats)
+    paired = any(s.kind == "paired" for s in specs)
+    n_cand = 0
+    if paired:
+        order = pair_order(ref, cand)
+        partner = {c: r for r, c in enumerate(order)}
+        for (ri, rimg), (ci, cimg) in zip(ref.batches(batch_size), cand.batches(batch_size, order)):
+            # a file skipped on one side drops its partner on the other
+            have_c, have_r = set(ci.tolist()), set(ri.tolist())
+            keep_r = torch.tensor([order[i] in have_c for i in ri.tolist()], dtype=torch.bool)
+            keep_c = torch.tensor([partner[i] in have_r for i in ci.tolist()], dtype=torch.bool)
+            if rimg[keep_r].shape[1:] != cimg[keep_c].shape[1:]:
+                raise DataError(f"Reference and candidate images differ in size ({tuple(rimg.shape[2:])} vs "
+                                f"{tuple(cimg.shape[2:])}); pass --resolution R to crop both.")
+            ev.update(rimg, cimg[keep_c], index=ri, keep=keep_r)
+            n_cand += int(keep_c.sum())
+            if on_progress:
+                on_progress("pairs", n_cand, ref.n)
+    else:
+        if ev.needs_reference_features:
+            if ref.n == 0:
+                raise DataError(f"{references!r} holds no images (arr_0) and its statistics do not cover "
+                                f"{', '.join(s.name for s in specs)}; only fid/sfid can use stored statistics.")
+            done = 0
+            for ri, rimg in ref.batches(batch_size):
+                ev.update_reference(rimg, ri)
+                done += rimg.shape[0]
+                if on_progress:
+                    on_progress("references", done, ref.n)
+        for _, cimg in cand.batches(batch_size):
+            ev.update_candidates(cimg)
+            n_cand += cimg.shape[0]
+            if on_progress:
+                on_progress("candidates", n_cand, cand.n)
+    if n_cand == 0:
+        raise RaebenchError(f"Nothing to score: no readable candidate image in {candidates!r}.")
+    ev.finish()
+    values, versions, notes = ev.compute()
+    seconds = time.perf_counter() - t0
+    run_id = new_run_id()
+    skipped = ref.skipped + cand.skipped
+    res = resolution or _image_size(cand)
+    protocol = "paired" if paired else ("unpaired, stored reference statistics" if stats else "unpaired")
+    rows = [
+        ResultRow(
+            tokenizer=name or cand.name, weights_id="none", dataset=ref.name, split="all", domain=domain,
+            resolution=res, n_images=n_cand, metric=k, value=v, higher_is_better=higher_is_better(k),
+            metric_version=versions[k], data_fingerprint=ref.id, skipped=len(skipped), seconds=round(seconds, 3),
+            device=str(dev), notes=notes[k], run_id=run_id,
+            extra={"protocol": protocol, "candidates": str(candidates), "candidates_fingerprint": cand.id,
+                   "references": str(references), "n_references": ref.n, "metric_weights": ev.weights_ids(),
+                   "skipped_files": [f"{s.path}: {s.reason}" for s in skipped][:1000]},
+        )
+        for k, v in values.items()
+    ]
+    if write:
+        write_rows(rows, results_dir, run_id)
+    return ScoreOutcome(rows, paired, ref.n, n_cand, seconds, skipped)
+
+
+def _image_size(src: ImageSource) -> int:
+    for _, imgs in src.batches(1):
+        return int(imgs.shape[-1])
+    return 0

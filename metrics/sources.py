@@ -1,0 +1,144 @@
+"""Image sets to score without a tokenizer: a folder of images or an ADM-style ``.npz``.
+
+An ``.npz`` holds ``arr_0``: (N, H, W, 3) uint8 images (the ADM/guided-diffusion sample and
+reference-batch format); a reference batch also holds ``mu``/``sigma`` (pool3 statistics) and
+``mu_s``/``sigma_s`` (spatial statistics), which gFID/sFID use instead of recomputing, as the ADM
+evaluator does. ``arr_0`` is streamed from the zip member in batches (a 50k × 256² sample file is
+9.8 GB), never loaded whole.
+
+A folder is read recursively (``raebench.data.scan_folder``); images are used as they are (all must
+share one size) or ADM-center-cropped to ``resolution`` when one is given.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from raebench.data import ImageDataset, ImageList, Skip, adm_center_crop, make_loader, scan_folder
+from raebench.errors import DataError
+from raebench.metrics.extractors import fingerprint_path
+
+ADM_STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+def _as_is(im, resolution) -> np.ndarray:
+    return np.asarray(im)
+
+
+@dataclass
+class ImageSource:
+    """A set of uint8 RGB images: ``batches`` yields (indices (n,), images (n, 3, H, W) uint8)."""
+
+    path: Path
+    kind: str  # "dir" or "npz"
+    n: int
+    id: str  # identity for the feature cache: fingerprint + how images are read
+    names: list[str]  # per image: relative path without extension (dir) or index (npz), for pairing
+    resolution: int | None = None
+    images: ImageList | None = None
+    skipped: list[Skip] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        stem = self.path.stem if self.kind == "npz" else self.path.resolve().name
+        return "".join(c if c.isalnum() or c in "-._" else "-" for c in stem.lower()) or "images"
+
+    def stats(self) -> dict[str, np.ndarray]:
+        """The ADM statistics stored in an ``.npz`` (those present among mu, sigma, mu_s, sigma_s)."""
+        if self.kind != "npz":
+            return {}
+        with np.load(self.path) as z:
+            return {k: np.asarray(z[k]) for k in ADM_STATS_KEYS if k in z.files}
+
+    def batches(self, batch_size: int, order: list[int] | None = None, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches in data order, or in ``order`` (a permutation of indices; folders only)."""
+        if self.kind == "npz":
+            if order is not None and order != list(range(self.n)):
+                raise DataError("An .npz is read in its stored order; pair it with a folder of the same order.")
+            yield from _npz_batches(self.path, batch_size)
+            return
+        transform = adm_center_crop if self.resolution else _as_is
+        ds = ImageDataset(self.images, self.resolution or 0, transform=transform)
+        loader = make_loader(ds, batch_size, num_workers, indices=order)
+        shape = None
+        mixed = DataError(f"Images under {str(self.path)!r} differ in size; pass --resolution R to center-crop them all.")
+        it = iter(loader)
+        while True:
+            try:
+                b = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:  # torch.stack of different sizes inside one batch
+                if "stack expects each tensor to be equal size" in str(e):
+                    raise mixed from None
+                raise
+            self.skipped.extend(b["skipped"])
+            if not b["image"].shape[0]:
+                continue
+            shape = shape or tuple(b["image"].shape[1:])
+            if tuple(b["image"].shape[1:]) != shape:
+                raise mixed
+            yield b["index"], b["image"]
+
+
+def open_source(path: str | os.PathLike, resolution: int | None = None) -> ImageSource:
+    """An :class:`ImageSource` for a folder or an ``.npz``."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".npz":
+        shape = npz_images_shape(p)
+        if shape is None:
+            return ImageSource(p, "npz", 0, f"npz:{fingerprint_path(p)}", [])
+        if resolution and shape[1:3] != (resolution, resolution):
+            raise DataError(f"{p.name} holds {shape[1]}x{shape[2]} images; --resolution {resolution} cannot crop an .npz.")
+        return ImageSource(p, "npz", shape[0], f"npz:{fingerprint_path(p)}", [str(i) for i in range(shape[0])])
+    if p.is_dir():
+        images = scan_folder(p)
+        if not images.paths:
+            raise DataError(f"No image files under {str(p)!r}.")
+        names = [os.path.splitext(os.path.relpath(q, images.root))[0] for q in images.paths]
+        how = f"adm-center-crop@{resolution}" if resolution else "as-is"
+        return ImageSource(p, "dir", len(images.paths), f"{images.fingerprint()}|{how}", names, resolution, images,
+                           list(images.skipped))
+    raise DataError(f"{str(p)!r} is neither a folder of images nor an .npz file.")
+
+
+def npz_images_shape(path: Path) -> tuple[int, ...] | None:
+    """Shape of ``arr_0`` in an ``.npz`` (read from the member's header), None if it has none."""
+    with zipfile.ZipFile(path) as zf:
+        if "arr_0.npy" not in zf.namelist():
+            return None
+        with zf.open("arr_0.npy") as f:
+            shape, _, dtype = _read_header(f)
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+        raise DataError(f"{path.name}: arr_0 must be (N, H, W, 3) uint8 images, got {dtype} {shape}.")
+    return shape
+
+
+def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+def _npz_batches(path: Path, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Stream ``arr_0`` (N, H, W, 3) uint8 from the zip member, ``batch_size`` images at a time."""
+    with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+        shape, fortran, dtype = _read_header(f)
+        if fortran:
+            raise DataError(f"{path.name}: arr_0 is stored in Fortran order; save it C-contiguous.")
+        per = int(np.prod(shape[1:]))
+        for start in range(0, shape[0], batch_size):
+            k = min(batch_size, shape[0] - start)
+            buf = f.read(k * per)
+            if len(buf) != k * per:
+                raise DataError(f"{path.name}: arr_0 is truncated at image {start}.")
+            arr = np.frombuffer(buf, dtype=np.uint8).reshape(k, *shape[1:])
+            yield torch.arange(start, start + k), torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,54 @@
+"""``raebench score``: metrics on image sets that already exist (reconstructions, 50k samples)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("score")
+    def score_cmd(
+        references: str = typer.Option(..., "--references", "--ref", help="Folder of images or ADM .npz (arr_0, mu/sigma, mu_s/sigma_s)."),
+        candidates: str = typer.Option(..., "--candidates", "--cand", help="Folder of images or .npz (arr_0) to score."),
+        metrics: str = typer.Option("fid", "--metrics", "-m", help="Comma-separated metric names (raebench ls metrics)."),
+        name: Optional[str] = typer.Option(None, "--name", help="Name of the candidate set in the results (default: its folder/file name)."),
+        domain: str = typer.Option("open-domain", "--domain", help="Domain tag of the references: in-domain or open-domain."),
+        resolution: Optional[int] = typer.Option(None, "--resolution", "-r", help="ADM-center-crop folder images to R px (default: as they are)."),
+        batch_size: int = typer.Option(32, "--batch-size", "-b"),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+        option: list[str] = typer.Option([], "--option", "-o", help="NAME.KEY=VALUE for an extractor or metric, e.g. inception.dtype=float64, inception.weights=FILE, lpips-vgg.weights=FILE."),
+        results: Path = typer.Option(Path("results"), "--results", help="Results folder."),
+        write: bool = typer.Option(True, "--write/--no-write", help="Write result rows."),
+    ) -> None:
+        """Score candidates against references: paired metrics match images by name, distribution metrics
+        compare the sets (gFID against an ADM reference batch uses its stored statistics)."""
+        from raebench.cli import console, err_console
+        from raebench.cli.core import _fmt, _progress, _split_metrics
+        from raebench.evaluate import parse_options
+        from raebench.metrics.scoring import score
+
+        names = _split_metrics(metrics)
+        with _progress() as prog:
+            task = prog.add_task("score", total=None)
+
+            def cb(label: str, done: int, total: int) -> None:
+                prog.update(task, description=label, completed=done, total=total)
+
+            out = score(references, candidates, names, name=name, domain=domain, resolution=resolution,
+                        batch_size=batch_size, device=device, options=parse_options(option), results_dir=str(results),
+                        write=write, on_progress=cb)
+        r0 = out.rows[0]
+        t = Table(title=f"{r0.tokenizer} vs {r0.dataset} · {'paired' if out.paired else 'unpaired'} · "
+                        f"n={out.n_candidates} candidates, {out.n_references} references")
+        for c in ("metric", "value", "better", "notes"):
+            t.add_column(c, justify="right" if c == "value" else "left")
+        for r in out.rows:
+            t.add_row(r.metric, _fmt(r.value), {True: "↑", False: "↓"}.get(r.higher_is_better, ""), r.notes)
+        console.print(t)
+        if out.skipped:
+            err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record).")
+        err_console.print(f"{out.seconds:.1f} s · run {r0.run_id}" + ("" if write else " (not written)"), highlight=False)

@@ -1,0 +1,141 @@
+"""KID, IS, precision/recall, density/coverage and CMMD on features: equal to torch-fidelity or to
+brute-force definitions; the one-pass evaluator is batch-size independent and merges shards."""
+
+import numpy as np
+import pytest
+import torch
+
+from _metrics_helpers import stand_in_extractors  # noqa: F401  (fixture)
+
+from raebench.evaluate import Evaluator
+from raebench.metrics import METRICS, MetricBatch
+from raebench.metrics import neighbours as nb
+from raebench.metrics.inception_score import inception_score
+from raebench.metrics.kernel import kid, rbf_mmd2_biased
+
+
+def _feats(n, d, seed, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) + shift).abs()
+
+
+def test_kid_equals_torch_fidelity_subsets():
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    x, y = _feats(60, 48, 0), _feats(50, 48, 1, 0.1)
+    theirs = kid_features_to_metric(x, y, kid_subsets=100, kid_subset_size=20, kid_kernel="poly", kid_kernel_poly_degree=3,
+                                    kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1, rng_seed=2020, verbose=False)
+    mean, std = kid(x, y, 100, 20, 2020)
+    assert mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-10)
+    assert std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-8)
+
+
+def test_inception_score_equals_torch_fidelity():
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    logits = _feats(37, 20, 2) * 3
+    theirs = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=2020)
+    assert inception_score(logits) == pytest.approx(
+        (theirs["inception_score_mean"], theirs["inception_score_std"]), rel=1e-12)
+
+
+def test_precision_recall_equal_torch_fidelity():
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    cand, ref = _feats(70, 16, 3), _feats(90, 16, 4, 0.3)
+    theirs = prc_features_to_metric(cand, ref, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+    m = METRICS.get("precision").build()
+    m.update(MetricBatch(None, None, {"inception": ({"pool": ref.float()}, {"pool": cand.float()})}))
+    out = m.compute()
+    assert 0 < out["precision"] < 1 and 0 < out["recall"] < 1
+    assert out["precision"] == pytest.approx(theirs["precision"], rel=1e-6)
+    assert out["recall"] == pytest.approx(theirs["recall"], rel=1e-6)
+
+
+def _brute_prdc(ref: np.ndarray, cand: np.ndarray, k: int):
+    """Naeem et al.'s density/coverage written out with full distance matrices."""
+    d_rr = np.sqrt(((ref[:, None] - ref[None]) ** 2).sum(-1))
+    d_rc = np.sqrt(((ref[:, None] - cand[None]) ** 2).sum(-1))  # (N ref, M cand)
+    radii = np.sort(d_rr, axis=1)[:, k]  # k-th neighbour, self excluded (column 0 is the self-distance 0)
+    density = (d_rc < radii[:, None]).sum(0).mean() / k
+    coverage = (d_rc.min(1) < radii).mean()
+    return density, coverage
+
+
+def test_density_coverage_equal_brute_force_and_chunking_changes_nothing(monkeypatch):
+    ref, cand = _feats(80, 12, 5), _feats(60, 12, 6, 0.2)
+    m = METRICS.get("density").build()
+    m.update(MetricBatch(None, None, {"inception": ({"pool": ref.float()}, {"pool": cand.float()})}))
+    full = m.compute()
+    d, c = _brute_prdc(ref.float().double().numpy(), cand.float().double().numpy(), 5)
+    assert full["density"] == pytest.approx(d, rel=1e-12) and full["coverage"] == pytest.approx(c, rel=1e-12)
+    monkeypatch.setattr(nb, "CHUNK", 7)  # blocks of 7 x 7: the same answer
+    assert m.compute() == pytest.approx(full, rel=1e-12)
+
+
+def test_cmmd_equals_brute_force():
+    x, y = _feats(40, 8, 7), _feats(30, 8, 8, 0.5)
+    x, y = x / x.norm(dim=1, keepdim=True), y / y.norm(dim=1, keepdim=True)
+
+    def k(a, b):
+        return np.exp(-((a[:, None] - b[None]) ** 2).sum(-1) / (2 * 10.0**2))
+
+    xn, yn = x.numpy(), y.numpy()
+    brute = 1000 * (k(xn, xn).mean() + k(yn, yn).mean() - 2 * k(xn, yn).mean())
+    assert 1000 * rbf_mmd2_biased(x, y, chunk=9) == pytest.approx(brute, rel=1e-9)
+    m = METRICS.get("cmmd").build()
+    m.update(MetricBatch(None, None, {"clip-l14-336": ({"embed": y.float()}, {"embed": x.float()})}))
+    assert m.compute()["cmmd"] == pytest.approx(brute, rel=1e-5)  # float32 storage of the embeddings
+
+
+# --- the one-pass evaluator, with cheap stand-in extractors --------------------------------------
+
+DIST = ("fid", "sfid", "kid", "is", "precision", "density", "cmmd", "fd-dinov2", "psnr", "ssim")
+
+
+def _run(ref, cand, batch_size, metrics=DIST):
+    ev = Evaluator(metrics, torch.device("cpu"), options={})
+    for i in range(0, ref.shape[0], batch_size):
+        ev.update(ref[i:i + batch_size], cand[i:i + batch_size], index=torch.arange(i, min(i + batch_size, ref.shape[0])))
+    return ev
+
+
+def test_evaluator_batch_size_independent(stand_in_extractors, make_images):
+    ref, cand = make_images(32, 24, 24, seed=1), make_images(32, 24, 24, seed=2)
+    a, _, _ = _run(ref, cand, 1).compute()
+    b, versions, notes = _run(ref, cand, 16).compute()
+    assert set(a) == {"fid", "sfid", "kid", "kid-std", "is", "is-std", "precision", "recall", "density", "coverage",
+                      "cmmd", "fd-dinov2", "psnr", "ssim"}
+    for k in a:  # float32 features may differ in the last bit with the batch size (BLAS blocking)
+        assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
+    assert "N < d" not in notes["fid"] and "subset size 32" in notes["kid"]
+
+
+def test_evaluator_shards_merge_to_the_single_pass(stand_in_extractors, make_images):
+    ref, cand = make_images(30, 24, 24, seed=3), make_images(30, 24, 24, seed=4)
+    whole = _run(ref, cand, 10).compute()[0]
+    parts = [_run(ref[s], cand[s], 5) for s in (slice(0, 12), slice(12, 30))]
+    merged = Evaluator(DIST, torch.device("cpu"), options={})
+    for p in parts:
+        for m, pm in zip(merged.metrics, p.metrics):
+            m.merge(pm.state())
+    got = merged.compute()[0]
+    for k in whole:
+        assert got[k] == pytest.approx(whole[k], rel=1e-6, abs=1e-9), k
+
+
+def test_evaluator_excludes_rows_and_one_sided_batches(stand_in_extractors, make_images):
+    ref, cand = make_images(20, 24, 24, seed=5), make_images(20, 24, 24, seed=6)
+    keep = torch.arange(20) % 3 != 0
+    ev = Evaluator(("fid", "psnr"), torch.device("cpu"), options={})
+    ev.update(ref, cand[keep], index=torch.arange(20), keep=keep)
+    same = Evaluator(("fid", "psnr"), torch.device("cpu"), options={})
+    same.update(ref[keep], cand[keep])
+    assert ev.compute()[0] == pytest.approx(same.compute()[0], rel=1e-12)
+    # unpaired: references and candidates streamed separately give the paired answer for fid
+    one = Evaluator(("fid", "kid"), torch.device("cpu"), options={})
+    one.update_reference(ref[keep])
+    one.update_candidates(cand[keep])
+    assert one.compute()[0]["fid"] == pytest.approx(same.compute()[0]["fid"], rel=1e-12)
+    with pytest.raises(Exception, match="paired"):
+        Evaluator(("psnr",), torch.device("cpu"), options={}).update_candidates(cand)

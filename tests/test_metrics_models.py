@@ -1,0 +1,108 @@
+"""FD-DINOv2 and CMMD through tiny random transformers models saved to temporary folders: the
+extractors follow EDM2's / the CMMD paper's preprocessing and the metrics equal their definitions."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _metrics_helpers import blurred, photo_crops
+
+from raebench.evaluate import Evaluator
+from raebench.metrics import EXTRACTORS
+from raebench.metrics.frechet import frechet_distance
+
+
+@pytest.fixture(scope="module")
+def images():
+    ref = photo_crops(10, 48, seed=5)
+    return ref, blurred(ref, 2.0)
+
+
+@pytest.fixture(scope="module")
+def dinov2_dir(tmp_path_factory):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    # 98 px / patch 14 = 7x7 positions, so 224 px inputs (16x16 patches) interpolate, as ViT-L/14 at 518 does
+    cfg = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=98, patch_size=14)
+    d = tmp_path_factory.mktemp("dinov2")
+    Dinov2Model(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(1)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=14, projection_dim=16)
+    d = tmp_path_factory.mktemp("clip")
+    CLIPVisionModelWithProjection(cfg).save_pretrained(d)
+    return d
+
+
+def _hub_pos_embed(pos: torch.Tensor, n: int) -> torch.Tensor:
+    """facebookresearch/dinov2 ``interpolate_pos_encoding`` for an n x n grid (what EDM2 runs)."""
+    cls, patch = pos[:, :1], pos[:, 1:]
+    m = int(patch.shape[1] ** 0.5)
+    patch = F.interpolate(patch.reshape(1, m, m, -1).permute(0, 3, 1, 2), mode="bicubic",
+                          scale_factor=((n + 0.1) / m, (n + 0.1) / m))
+    return torch.cat([cls, patch.permute(0, 2, 3, 1).reshape(1, n * n, -1)], 1)
+
+
+def test_dinov2_features_follow_edm2(dinov2_dir, images):
+    from transformers import Dinov2Model
+
+    x = images[0][:3]
+    ex = EXTRACTORS.get("dinov2-l14").builder(device="cpu", outputs=("cls",), weights=str(dinov2_dir))
+    model = Dinov2Model.from_pretrained(dinov2_dir).eval()
+    # EDM2's DINOv2Detector, resize_mode='torch', written out
+    y = F.interpolate(x.float(), size=(224, 224), mode="bicubic", antialias=True) / 255
+    y = (y - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    emb = model.embeddings
+    pos = _hub_pos_embed(emb.position_embeddings, 16)
+    assert not torch.allclose(pos, emb.interpolate_pos_encoding(torch.zeros(1, 257, 32), 224, 224))  # transformers' own differs
+    with torch.no_grad():
+        tokens = torch.cat([emb.cls_token.expand(3, -1, -1), emb.patch_embeddings(y)], 1) + pos
+        h = model.encoder(tokens).last_hidden_state
+        expected = model.layernorm(h)[:, 0]
+    assert torch.allclose(ex(x)["cls"], expected, rtol=1e-4, atol=1e-5)
+    pil = EXTRACTORS.get("dinov2-l14").builder(device="cpu", outputs=("cls",), weights=str(dinov2_dir), resize="pil")
+    assert pil.variant == "resize=pil" and torch.allclose(pil(x)["cls"], expected, atol=0.05)
+
+
+def test_fd_dinov2_and_cmmd_equal_their_definitions(dinov2_dir, clip_dir, images):
+    from transformers import CLIPVisionModelWithProjection
+
+    ref, cand = images
+    ev = Evaluator(("fd-dinov2", "cmmd"), torch.device("cpu"),
+                   options={"dinov2-l14": {"weights": str(dinov2_dir)}, "clip-l14-336": {"weights": str(clip_dir)}})
+    for i in range(0, 10, 4):
+        ev.update(ref[i:i + 4], cand[i:i + 4])
+    values, versions, _ = ev.compute()
+    # FD-DINOv2: Fréchet distance of the CLS features (extracted in one batch)
+    dino = ev.extractor("dinov2-l14")
+    fr, fc = dino(ref)["cls"].double().numpy(), dino(cand)["cls"].double().numpy()
+    expected = frechet_distance(fc.mean(0), np.cov(fc, rowvar=False), fr.mean(0), np.cov(fr, rowvar=False))
+    assert values["fd-dinov2"] == pytest.approx(expected, rel=1e-4)
+    # CMMD: the official definition on L2-normalised CLIP embeddings (bicubic resize, CLIP mean/std)
+    model = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
+
+    def embed(u8):
+        y = F.interpolate(u8.float(), size=(56, 56), mode="bicubic", antialias=True) / 255
+        y = (y - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)) / torch.tensor(
+            [0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        with torch.no_grad():
+            e = model(pixel_values=y).image_embeds.double()
+        return (e / e.norm(dim=1, keepdim=True)).numpy()
+
+    x, y = embed(cand), embed(ref)
+
+    def k(a, b):
+        return np.exp(-((a[:, None] - b[None]) ** 2).sum(-1) / (2 * 10.0**2))
+
+    cmmd = 1000 * (k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean())
+    assert cmmd > 0 and values["cmmd"] == pytest.approx(cmmd, rel=1e-4)
+    assert versions["fd-dinov2"].startswith("fd-dinov2-vitl14") and "torch" in versions["fd-dinov2"]
