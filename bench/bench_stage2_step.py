@@ -1,6 +1,6 @@
 """One DiT-DH training step: raebench vs the official RAE implementation, same config, same weights.
 
-    python bench/bench_stage2_step.py [--official-src /tmp/rae-official] [--steps 10] [--batch 16]
+    python bench/bench_stage2_step.py [--official-src /tmp/rae-official] [--steps 15] [--threads 1] [--compile]
     python bench/bench_stage2_step.py --preset xl --device cuda --precision bf16   # on a GPU
 
 The official model code is read at bench time only, from a checkout of the official RAE repository
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shutil
 import statistics
 import subprocess
@@ -35,6 +36,9 @@ FILES = ("DDT.py", "lightningDiT.py", "model_utils.py")
 
 def load_official(src: str):
     """Import the official DiTwDDTHead from a repo checkout, a plain folder, or a bare git mirror."""
+    if not Path(src).exists():
+        sys.exit(f"official RAE sources not found at {src}; clone the official RAE repository there "
+                 "or pass --official-src / set RAE_OFFICIAL_SRC")
     pkg = Path(tempfile.mkdtemp()) / "rae_official_stage2"
     pkg.mkdir()
     root = Path(src)
@@ -52,11 +56,11 @@ def load_official(src: str):
     return importlib.import_module("rae_official_stage2.DDT").DiTwDDTHead
 
 
-def step_fn(model, opt, transport, x, y, autocast):
+def step_fn(fwd, model, opt, transport, x, y, autocast):
     def step():
         opt.zero_grad(set_to_none=True)
         with autocast:
-            loss = transport.loss(model, x, y).mean()
+            loss = transport.loss(fwd, x, y).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -66,13 +70,15 @@ def step_fn(model, opt, transport, x, y, autocast):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--official-src", default="/work/.mirror/bytetriper+RAE/repo")
+    ap.add_argument("--official-src", default=os.environ.get("RAE_OFFICIAL_SRC", "/tmp/rae-official"),
+                    help="official RAE checkout, folder with the three model files, or bare git mirror")
     ap.add_argument("--preset", choices=["small", "xl"], default="small")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="1 is the most stable on a shared CPU")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models (the official trainer always compiles)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -96,13 +102,16 @@ def main() -> None:
     steps = {}
     for name, m in (("raebench", ours), ("official", theirs)):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), **fused)
-        steps[name] = step_fn(m, opt, transport, x, y, autocast)
+        fwd = torch.compile(m) if args.compile else m
+        steps[name] = step_fn(fwd, m, opt, transport, x, y, autocast)
 
     # same weights, same RNG -> same loss (checks that we benchmark the same computation)
     losses = {}
     for name in steps:
         torch.manual_seed(1)
+        t = time.perf_counter()
         losses[name] = steps[name]()
+        print(f"{name}: first step (incl. compilation) {time.perf_counter() - t:.1f} s", flush=True)
     print(f"first-step loss  raebench {losses['raebench']:.6f}  official {losses['official']:.6f}")
 
     times = {k: [] for k in steps}
@@ -119,7 +128,7 @@ def main() -> None:
             cpu[name].append(time.process_time() - c0)
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    print(f"config {args.preset} {params}  batch {args.batch}  {args.precision}  device {dev}  "
+    print(f"config {args.preset} {params}  batch {args.batch}  {args.precision}  compile {args.compile}  device {dev}  "
           f"threads {args.threads}  params {count_params(ours) / 1e6:.1f}M")
     for k in med:
         print(f"{k:9s} {med[k] * 1000:8.1f} ms/step wall, {med_cpu[k] * 1000:8.1f} ms/step CPU (median of {args.steps})")

@@ -107,7 +107,7 @@ def score(
             if on_progress:
                 on_progress("pairs", n_cand, ref.n)
     else:
-        if ev.needs_reference_features:
+        if not ev.references_from_cache() and ev.needs_reference_features:
             if ref.n == 0:
                 raise DataError(f"{references!r} holds no images (arr_0) and its statistics do not cover "
                                 f"{', '.join(s.name for s in specs)}; only fid/sfid can use stored statistics.")

@@ -29,7 +29,7 @@ ADM_STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
 def _as_is(im, resolution) -> np.ndarray:
-    return np.asarray(im)
+    return np.array(im)  # a writable copy, as adm_center_crop returns
 
 
 @dataclass

@@ -8,6 +8,10 @@ Beside the measured values the table shows what the tokenizers' baseline cards r
 (``raebench.baselines``), each in its own ``(reported)`` column with its n, reference and source in
 the ``protocol`` column; and, from every measured row stored for these tokenizers, the gap between
 open-domain and in-domain values (:func:`raebench.leaderboard.domain_gap`).
+
+Under ``torchrun`` every rank runs ``compare``: rank 0 decides what is missing (so all ranks take
+the same branches around the collectives of :func:`raebench.evaluate.evaluate`, even if another run
+writes rows meanwhile), each evaluation is sharded across the ranks, and rank 0 alone writes rows.
 """
 
 from __future__ import annotations
@@ -37,6 +41,17 @@ class CompareResult:
 
     def __iter__(self):  # (table, computed) = compare(...) keeps working
         return iter((self.table, self.computed))
+
+
+def _from_rank0(obj):
+    """Rank 0's ``obj`` on every rank of an initialised process group (``obj`` itself otherwise)."""
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def missing_metrics(df: pd.DataFrame, tokenizer: str, metrics: tuple[str, ...], dataset: str, fingerprint: str,
@@ -94,7 +109,7 @@ def compare(
     fp = resolved.images.fingerprint()
     computed = []
     for name in names:
-        todo = missing_metrics(load(results_dir), name, metrics, resolved.name, fp, resolution, seed)
+        todo = _from_rank0(missing_metrics(load(results_dir), name, metrics, resolved.name, fp, resolution, seed))
         if not todo:
             continue
         cfg = EvalConfig(tokenizer=name, metrics=todo, data=data, dataset=dataset, resolution=resolution, limit=limit,

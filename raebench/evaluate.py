@@ -189,7 +189,6 @@ class Evaluator:
         self._ref_cached: dict[str, dict[str, np.ndarray]] = {}
         self._ref_collected: dict[str, dict[str, list[torch.Tensor]]] = {}
         self._ref_index: list[torch.Tensor] = []
-        self._stats_given = False
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -212,15 +211,15 @@ class Evaluator:
     def set_reference_stats(self, stats: dict) -> None:
         """Use stored reference statistics (an ADM reference batch's ``mu``/``sigma``,
         ``mu_s``/``sigma_s``) for every metric that can; the others keep needing reference features."""
+        self.ref_needs = {}
         for spec, m in zip(self.specs, self.metrics):
             keys = m.reference_stats_keys
             if keys and all(k in stats for k in keys):
                 m.set_reference_stats({k: stats[k] for k in keys})
-                for item in spec.reference_inputs:
-                    ext, out = item.split("/")
-                    self.ref_needs.get(ext, set()).discard(out)
-        self.ref_needs = {k: v for k, v in self.ref_needs.items() if v}
-        self._stats_given = True
+                continue
+            for item in spec.reference_inputs:  # still needed by a metric the statistics do not serve
+                ext, out = item.split("/")
+                self.ref_needs.setdefault(ext, set()).add(out)
 
     @property
     def needs_reference_features(self) -> bool:
@@ -304,6 +303,17 @@ class Evaluator:
     def update_candidates(self, cand_u8: torch.Tensor) -> None:
         """An unpaired batch of candidates (distribution metrics only)."""
         self._dispatch(None, cand_u8, {}, self._candidate_features(cand_u8))
+
+    def references_from_cache(self, chunk: int = 4096) -> bool:
+        """Feed every cached reference feature to the metrics (unpaired scoring); False, and nothing
+        fed, unless the cache holds all that the metrics need."""
+        if self.needs_reference_features or not self._ref_cached:
+            return False
+        for start in range(0, self.reference.n, chunk):
+            idx = slice(start, min(start + chunk, self.reference.n))
+            feats = {e: {o: torch.from_numpy(np.asarray(a[idx])) for o, a in outs.items()} for e, outs in self._ref_cached.items()}
+            self._dispatch(None, None, feats, {})
+        return True
 
     def finish(self) -> None:
         """Write the reference features to the cache if this run extracted all of them."""

@@ -90,10 +90,12 @@ class Projection:
 
 
 @pytest.fixture
-def stand_in_extractors(monkeypatch):
-    """Replace the inception, dinov2 and clip extractors with :class:`Projection` for one test."""
+def stand_in_extractors(monkeypatch, tmp_path):
+    """Replace the inception, dinov2 and clip extractors with :class:`Projection` for one test
+    (and keep the feature cache in the test's folder)."""
     from raebench.metrics import EXTRACTORS
 
+    monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "feature-cache"))
     Projection.calls = {}
     for name in ("inception", "clip-l14-336", "dinov2-l14"):
         spec = EXTRACTORS.get(name)

@@ -44,3 +44,16 @@ def test_cache_train_sample(tmp_path, image_folder):
     s = np.load(tmp_path / "s.npz")
     assert s["arr_0"].shape == (6, 4, 4, 3) and s["arr_0"].dtype == np.uint8
     assert sorted(s["arr_1"].tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_sample_from_official_yaml(tmp_path):
+    """`raebench sample --config official.yaml`: the official model and decoder, ADM npz out."""
+    from test_stage2_official import ORACLE, official_yaml
+
+    if not (ORACLE / "ditdh_ema.pt").exists():
+        pytest.skip("oracle fixtures not present")
+    official_yaml(tmp_path)
+    run(["sample", "--config", str(tmp_path / "official.yaml"), "-n", "4", "--num-classes", "10", "-b", "2",
+         "-o", str(tmp_path / "s.npz"), "--device", "cpu"])
+    s = np.load(tmp_path / "s.npz")
+    assert s["arr_0"].shape == (4, 64, 64, 3) and s["arr_0"].dtype == np.uint8

@@ -88,7 +88,7 @@ def test_checkpoint_file_roundtrip_and_unsafe_pickle(tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
 
-    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"ema": Evil()}))
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"ema": Evil()}, protocol=2))
     with pytest.raises(CheckpointError):
         read_state_dict(tmp_path / "evil.pt")
     with pytest.raises(CheckpointError):

@@ -126,3 +126,12 @@ def test_euler_maruyama_recovers_point_mass():
     b = sample(PointMass(), torch.ones(2, 2, 1, 1), torch.zeros(2, dtype=torch.long), method="em", num_steps=10,
                generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+@needs_oracle
+def test_sampling_ignores_train_mode():
+    """Label dropout must not act while sampling, whatever mode the caller left the model in."""
+    model, io = oracle_model(), oracle_io()
+    model.train()
+    out = sample(model, io["sample_noise"], io["dit_y"], shift=oracle_shift(), method="euler", num_steps=12)
+    assert (out - io["sample_euler_12"]).abs().max() < 1e-4 and model.training

@@ -141,3 +141,13 @@ def test_bf16_step_runs(tmp_path):
     toy_cache(tmp_path / "cache", n=64)
     res = train(tiny_cfg(tmp_path, global_batch=32, epochs=1, precision="bf16", shift_base=16))
     assert res["step"] == 2 and all(np.isfinite(res["losses"]))
+
+
+def test_on_the_fly_tokenizer_with_workers(tmp_path, image_folder):
+    """Images decoded in a worker process, encoded by the tokenizer in the main process."""
+    cfg = preset("tiny", out=str(tmp_path / "run"), tokenizer="pixels", data=str(image_folder), resolution=4,
+                 num_classes=2, global_batch=4, epochs=1, num_workers=1)
+    res = train(cfg)
+    assert res["step"] == 2 and all(np.isfinite(res["losses"]))
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["latent_shape"] == [3, 4, 4]

@@ -52,7 +52,7 @@ class ProbeConfig:
     @property
     def version(self) -> str:
         return (f"diffuse-{self.preset}-steps{self.steps}-bs{self.batch_size}-lr{self.lr:g}-ema{self.ema_decay:g}-fp32-"
-                f"samples{self.n_samples}-euler{self.sample_steps}-seed{self.seed}-v1")
+                f"samples{self.n_samples}-euler{self.sample_steps}-seed{self.seed}-v2")  # v2: first readable images
 
 
 SHIFT_BASE = 4096
@@ -92,8 +92,13 @@ class _InMemoryLatents:
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self.x.shape[1:])
 
-    def get(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def fetch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[idx], torch.zeros(len(idx), dtype=torch.long)
+
+    get = fetch  # the trainer's earlier name for it
+
+    def prepare(self, raw: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return raw[0].to(device), raw[1].to(device)
 
 
 def train_and_sample(latents: torch.Tensor, cfg: ProbeConfig, work_dir: str | Path) -> tuple[torch.Tensor, float]:
@@ -116,6 +121,8 @@ def train_and_sample(latents: torch.Tensor, cfg: ProbeConfig, work_dir: str | Pa
         final_lr=cfg.lr, constant_epochs=epochs, decay_end_epoch=epochs, ema_decay=cfg.ema_decay, precision="fp32",
         shift_base=min(SHIFT_BASE, c * h * h),  # s = max(1, sqrt(C·H·W / 4096)): the transport needs s >= 1
         seed=cfg.seed, log_every=max(1, cfg.steps // 10), ckpt_every=max(1, cfg.steps // 4), max_steps=cfg.steps,
+        # latents in memory: loader workers would only copy them
+        **({"num_workers": 0} if "num_workers" in TrainConfig.__dataclass_fields__ else {}),
     )
     dev = latents.device
     run = train(tcfg, dev, source=_InMemoryLatents(latents))

@@ -2,9 +2,10 @@
 
 The pass reads each image once. Per batch of uint8 ADM crops, every reference encoder runs once and
 every tokenizer encodes the batch; each tokenizer accumulates :class:`LatentStats`, its token-mean
-pooled latents, and keeps the latents of two seeded subsets of images: ``n_diag`` for the decoder
-diagnostics and, with the diffusability probe, ``probe_images`` to train on. Images whose latents
-contain NaN/Inf are excluded for that tokenizer (counted in ``nonfinite``), never averaged in.
+pooled latents, and keeps the latents of two seeded subsets of images (the first readable ones of a
+seeded permutation): ``n_diag`` for the decoder diagnostics and, with the diffusability probe,
+``probe_images`` to train on. Images whose latents contain NaN/Inf are excluded for that tokenizer
+(counted in ``nonfinite``), never averaged in.
 
 After the pass, per tokenizer: the spectrum summary; linear probe and kNN accuracy on a stratified
 50/50 split (when the data has class subfolders); mutual-kNN, CKNNA and linear CKA against every
@@ -12,12 +13,23 @@ reference; decoder robustness and interpolation smoothness on the diagnostic sub
 diffusability probe. Rows go to the results tables (one run file per tokenizer, source "measured",
 a metric version per row, so they show in ``compare`` and ``leaderboard``); figures and the resolved
 config go to ``<results>/analysis/<run id>/``.
+
+Re-running computes only what is missing (:mod:`raebench.analysis.reuse`): a tokenizer whose rows are
+all stored is not encoded, and one with some parts missing writes only those.
+
+Under ``torchrun`` each rank encodes a contiguous shard; rank 0 gathers the per-image features
+(pooled latents, reference features, labels, the diagnostic subsets) in rank order, which is data
+order, and merges the float64 spectrum sums exactly (:meth:`LatentStats.merge`), so every number
+equals the single-process one. The process group is then released and rank 0 alone runs the rest
+(the diagnostics are small; the stage-2 trainer behind the diffusability probe must not see a group
+the other ranks have left) and writes rows and figures.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import json
 import logging
 import math
@@ -36,8 +48,11 @@ from raebench.analysis.diagnostics import (
     interpolation_pairs, interpolation_smoothness, rmse_distance,
 )
 from raebench.analysis.diffusability import ProbeConfig, ProbeResult, diffusability_probe
+from raebench.analysis.reuse import (
+    ALIGN_METRICS, SPECTRUM_METRICS, expected_rows, missing_parts, part_of, reusable_rows, sigma_tag, stored_rows,
+)
 from raebench.analysis.spectrum import NEAR_ZERO_REL, TOPK_ENERGY, LatentStats, SpectrumSummary
-from raebench.data import ImageDataset, make_loader, resolve_data, to_float
+from raebench.data import ImageDataset, Skip, make_loader, resolve_data, to_float
 from raebench.errors import MissingWeightsError, RaebenchError
 from raebench.results import ResultRow, atomic_write_bytes, check_writable, new_run_id, write_rows
 
@@ -49,6 +64,13 @@ class AnalyzeConfig:
     """Everything that defines one analysis (the CLI flags, one to one)."""
 
     tokenizers: tuple[str, ...]
+    tokenizer_configs: tuple[str, ...] = ()  # official RAE YAMLs, analysed beside the named tokenizers
+    # per-tokenizer options, (tokenizer name, local path), as eval's --weights / --decoder / --stats
+    weights: tuple[tuple[str, str], ...] = ()
+    decoder: tuple[tuple[str, str], ...] = ()
+    stats: tuple[tuple[str, str], ...] = ()
+    precision: str = "fp32"  # or "bf16": autocast around the tokenizer's encode/decode only
+    recompute: bool = False  # measure every row again instead of reusing stored ones
     references: tuple[str, ...] = ("dinov2-b",)
     reference_weights: tuple[tuple[str, str], ...] = ()  # (reference name, local file)
     data: str | None = None
@@ -99,7 +121,9 @@ class TokenizerReport:
     interpolation: InterpolationResult | None = None
     diffusability: ProbeResult | None = None
     grid: dict[str, torch.Tensor] = field(default_factory=dict)  # row label -> uint8 (K, 3, H, W)
-    rows: list[ResultRow] = field(default_factory=list)
+    rows: list[ResultRow] = field(default_factory=list)  # measured now (and written)
+    reused: list[ResultRow] = field(default_factory=list)  # stored rows of the parts not measured again
+    computed: tuple[str, ...] = ()  # the parts measured now (raebench.analysis.reuse)
     notes: list[str] = field(default_factory=list)
 
 
@@ -112,18 +136,46 @@ class AnalyzeOutcome:
     seconds: float
 
 
+class _Keep:
+    """The ``k`` readable images that come first in a seeded permutation of the data set, kept while
+    streaming (memory O(k)): the same images whatever the batching, the sharding or the unreadable
+    files (a random subset drawn from the listed files would shrink by every unreadable one)."""
+
+    def __init__(self, n: int, k: int, seed: int) -> None:
+        self.k = k
+        self.rank = [0] * n if k else []  # image index -> its place in the permutation
+        for r, i in enumerate(random.Random(seed).sample(range(n), n) if k else []):
+            self.rank[i] = r
+        self.heap: list[tuple[int, int, tuple]] = []  # (-rank, index, payload): the worst kept on top
+
+    def wants(self, index: int) -> bool:
+        return bool(self.k) and (len(self.heap) < self.k or self.rank[index] < -self.heap[0][0])
+
+    def offer(self, index: int, payload: tuple) -> None:
+        heapq.heappush(self.heap, (-self.rank[index], index, payload))
+        if len(self.heap) > self.k:
+            heapq.heappop(self.heap)
+
+    def merge(self, items: list[tuple[int, int, tuple]]) -> None:
+        for neg_r, index, payload in items:
+            heapq.heappush(self.heap, (neg_r, index, payload))
+            if len(self.heap) > self.k:
+                heapq.heappop(self.heap)
+
+    def payloads(self) -> list[tuple]:
+        """The kept payloads in data order."""
+        return [p for _, _, p in sorted(self.heap, key=lambda item: item[1])]
+
+
 class _Accumulator:
     """Per-tokenizer state of the pass."""
 
-    def __init__(self, tok, keep_diag: set[int], keep_probe: set[int]) -> None:
+    def __init__(self, tok, diag: _Keep, probe: _Keep) -> None:
         self.tok = tok
         self.stats = LatentStats()
         self.pooled: list[torch.Tensor] = []
         self.valid: list[torch.Tensor] = []
-        self.keep_diag, self.keep_probe = keep_diag, keep_probe
-        self.diag_images: list[torch.Tensor] = []
-        self.diag_latents: list[torch.Tensor] = []
-        self.probe_latents: list[torch.Tensor] = []
+        self.diag, self.probe = diag, probe  # payloads (uint8 image (3, R, R), latent) and (latent,)
         self.nonfinite = 0
         self.latent_shape: tuple[int, ...] = ()
 
@@ -142,11 +194,49 @@ class _Accumulator:
         for j, i in enumerate(index):
             if not bool(ok[j]):
                 continue
-            if i in self.keep_diag:
-                self.diag_images.append(images[j].cpu())
-                self.diag_latents.append(z[j])
-            if i in self.keep_probe:
-                self.probe_latents.append(z[j])
+            if self.diag.wants(i):
+                self.diag.offer(i, (images[j].cpu(), z[j]))
+            if self.probe.wants(i):
+                self.probe.offer(i, (z[j],))
+
+    def state(self) -> dict:
+        """This shard's part, on the CPU (what another rank merges)."""
+        cpu = lambda heap: [(r, i, tuple(t.cpu() for t in p)) for r, i, p in heap]  # noqa: E731
+        return {"stats": self.stats.state(), "pooled": self.pooled, "valid": self.valid, "nonfinite": self.nonfinite,
+                "latent_shape": self.latent_shape, "diag": cpu(self.diag.heap), "probe": cpu(self.probe.heap)}
+
+    def merge(self, st: dict, device: torch.device) -> None:
+        """Append the next shard (shards merged in rank order keep data order)."""
+        self.stats.merge(st["stats"])
+        self.pooled += st["pooled"]
+        self.valid += st["valid"]
+        self.nonfinite += st["nonfinite"]
+        self.latent_shape = self.latent_shape or tuple(st["latent_shape"])
+        self.diag.merge([(r, i, (img, z.to(device))) for r, i, (img, z) in st["diag"]])
+        self.probe.merge([(r, i, (z.to(device),)) for r, i, (z,) in st["probe"]])
+
+
+class _Precision:
+    """A tokenizer whose encode and decode run under ``--precision`` autocast; outputs are float32.
+    Every other attribute (name, weights_id, ...) is the tokenizer's own."""
+
+    def __init__(self, tok, device: torch.device, precision: str) -> None:
+        self.__dict__.update(tok=tok, _device=device, _precision=precision)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["tok"], name)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        from raebench.evaluate import _autocast
+
+        with _autocast(self._device, self._precision):
+            return self.tok.encode(x).float()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        from raebench.evaluate import _autocast
+
+        with _autocast(self._device, self._precision):
+            return self.tok.decode(z).float()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,20 +246,20 @@ class _Accumulator:
 
 def _versions(cfg: AnalyzeConfig) -> dict[str, str]:
     bn = "bn" if cfg.probe_batchnorm else "nobn"
-    return {
+    versions = {
         "probe": f"probe-{cfg.probe_method}-{bn}-l2{al.PROBE_L2:g}-meanpool-strat50-seed{cfg.seed}-v1",
         "knn": f"knn-cos-k{cfg.knn_k}-t{al.KNN_TEMPERATURE:g}-meanpool-strat50-seed{cfg.seed}-v1",
         "mknn": f"mknn-k{cfg.mutual_k}-l2norm-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
         "cknna": f"cknna-k{cfg.mutual_k}-hsicu-l2norm-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
         "cka": f"cka-linear-{'debiased' if cfg.cka_debiased else 'biased'}-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
         "spectrum": f"latent-spectrum-tokens-f64-nz{NEAR_ZERO_REL:g}tokenrms-v1",
-        "robust": f"robust-u8-gauss-seed{cfg.seed}-n{cfg.n_diag}-v1",
-        "interp": f"interp-lerp-S{cfg.interp_steps}-pairs{cfg.interp_pairs}-seed{cfg.seed}-v1",
+        # v2: the diagnostic images are the first n_diag readable ones of a seeded permutation
+        "robust": f"robust-u8-gauss-seed{cfg.seed}-n{cfg.n_diag}-v2",
+        "interp": f"interp-lerp-S{cfg.interp_steps}-pairs{cfg.interp_pairs}-seed{cfg.seed}-v2",
+        "diffuse": cfg.probe.version,
     }
-
-
-def _sigma_tag(s: float) -> str:
-    return f"s{s:g}"
+    # bf16 changes every latent: its rows never stand in for fp32 ones (fp32 versions stay as they were)
+    return {k: f"{v}-bf16" for k, v in versions.items()} if cfg.precision == "bf16" else versions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,15 +267,23 @@ def _sigma_tag(s: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _build_references(cfg: AnalyzeConfig, device: torch.device) -> dict[str, tuple]:
+def _reference_specs(cfg: AnalyzeConfig) -> dict:
+    """name -> ReferenceSpec for ``cfg.references`` (nothing is loaded)."""
+    from raebench.analysis.references import REFERENCES
+
+    unknown = sorted(set(dict(cfg.reference_weights)) - set(cfg.references))
+    if unknown:
+        raise RaebenchError(f"--reference-weights names {', '.join(unknown)}, which is not among --reference {','.join(cfg.references)}.")
+    specs = [REFERENCES.get(n) for n in cfg.references]
+    return {sp.name: sp for sp in specs}
+
+
+def _build_references(cfg: AnalyzeConfig, names: list[str], device: torch.device) -> dict[str, tuple]:
     from raebench.analysis.references import build_reference
 
     local = dict(cfg.reference_weights)
-    unknown = sorted(set(local) - set(cfg.references))
-    if unknown:
-        raise RaebenchError(f"--reference-weights names {', '.join(unknown)}, which is not among --reference {','.join(cfg.references)}.")
     refs = {}
-    for name in cfg.references:
+    for name in names:
         try:
             spec, enc = build_reference(name, local.get(name), device)
         except MissingWeightsError as e:
@@ -194,94 +292,205 @@ def _build_references(cfg: AnalyzeConfig, device: torch.device) -> dict[str, tup
     return refs
 
 
+def _build_tokenizers(cfg: AnalyzeConfig, device: torch.device) -> list:
+    from raebench.evaluate import EvalConfig, build_tokenizer_from_config
+
+    opts = {"weights": dict(cfg.weights), "decoder": dict(cfg.decoder), "stats": dict(cfg.stats)}
+    for flag, given in opts.items():
+        stray = sorted(set(given) - set(cfg.tokenizers))
+        if stray:
+            raise RaebenchError(f"--{flag} is given for {', '.join(stray)}, which is not among the analysed tokenizers (--tokenizer).")
+    toks = [build_tokenizer_from_config(EvalConfig(tokenizer=n, resolution=cfg.resolution,
+                                                   **{k: v.get(n) for k, v in opts.items()}), device)
+            for n in cfg.tokenizers]
+    toks += [build_tokenizer_from_config(EvalConfig(tokenizer="official-config", tokenizer_config=c, resolution=cfg.resolution), device)
+             for c in cfg.tokenizer_configs]
+    return toks
+
+
+def _from_rank0(obj, world: int):
+    import torch.distributed as td
+
+    if world == 1:
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _plan(cfg: AnalyzeConfig, toks: list, data, expected: dict, rank: int, world: int) -> tuple[list[set[str]], list[list]]:
+    """Per tokenizer: the parts to measure (decided on rank 0, the same on every rank) and, on rank
+    0, the stored rows of the others."""
+    from raebench.results import load
+
+    todo: list[set[str]] = []
+    reused: list[list] = []
+    if rank == 0:
+        df = None if cfg.recompute else load(cfg.results_dir)
+        fp = data.images.fingerprint()
+        # a probe asked for but too big for the data still runs, to say why it gives no row
+        unexpected = {"diffuse"} if cfg.diffusability and "diffuse" not in expected else set()
+        for tok in toks:
+            if df is None:
+                todo.append(set(expected) | unexpected)
+                reused.append([])
+                continue
+            have = stored_rows(df, tok.name, getattr(tok, "weights_id", "none"), data.name, fp, cfg.resolution, cfg.seed)
+            todo.append(missing_parts(expected, have) | unexpected)
+            reused.append(reusable_rows(have, expected, todo[-1]))
+    return _from_rank0(todo, world), reused
+
+
+def _gather(payload: dict, rank: int, world: int) -> list[dict] | None:
+    """Every rank's ``payload`` on rank 0, in rank order (None elsewhere); then the process group
+    is released (see the module docstring)."""
+    import torch.distributed as td
+
+    out = [None] * world if rank == 0 else None
+    td.gather_object(payload, out, dst=0)
+    td.barrier()
+    td.destroy_process_group()
+    return out
+
+
 def analyze(
     cfg: AnalyzeConfig,
     tokenizers: list | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> AnalyzeOutcome:
-    """Run the analysis; ``tokenizers`` (built ones) override building ``cfg.tokenizers`` by name."""
+    """Run the analysis; ``tokenizers`` (built ones) override building ``cfg.tokenizers`` by name.
+
+    Under torchrun, ranks other than 0 return an outcome without reports (rank 0 has them all).
+    """
     from raebench.analysis.perceptual import build_distance
-    from raebench.evaluate import EvalConfig, build_tokenizer_from_config, resolve_device
+    from raebench.evaluate import _dist, _shard, resolve_device
 
     t0 = time.perf_counter()
-    if not cfg.tokenizers and not tokenizers:
-        raise RaebenchError("Give at least one --tokenizer to analyse.")
+    rank, world = _dist()
+    if not cfg.tokenizers and not cfg.tokenizer_configs and not tokenizers:
+        raise RaebenchError("Give at least one --tokenizer (or --tokenizer-config) to analyse.")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise RaebenchError(f"Unknown precision {cfg.precision!r}; use fp32 or bf16.")
     if cfg.write:
         check_writable(cfg.results_dir)
     data = resolve_data(cfg.data, cfg.dataset, cfg.limit, cfg.seed, cfg.domain)
     device = resolve_device(cfg.device)
     distance, dist_name, dist_version, dist_reason = build_distance(cfg.perceptual, device)
-    toks = tokenizers if tokenizers is not None else [
-        build_tokenizer_from_config(EvalConfig(tokenizer=n, resolution=cfg.resolution), device) for n in cfg.tokenizers
-    ]
-    refs = _build_references(cfg, device)
-
-    rng = random.Random(cfg.seed)
-    keep_diag = set(rng.sample(range(data.n), min(cfg.n_diag, data.n)))
-    keep_probe = set(random.Random(cfg.seed + 1).sample(range(data.n), min(cfg.probe_images, data.n))) if cfg.diffusability else set()
-    accs = [_Accumulator(t, keep_diag, keep_probe) for t in toks]
-    ref_feats: dict[str, list[torch.Tensor]] = {n: [] for n in refs}
-    labels: list[torch.Tensor] = []
-    skipped = list(data.images.skipped)
-
-    loader = make_loader(ImageDataset(data.images, cfg.resolution), cfg.batch_size, cfg.num_workers,
-                         pin_memory=device.type == "cuda")
-    done = 0
-    for batch in loader:
-        skipped.extend(batch["skipped"])
-        done += len(batch["skipped"]) + batch["image"].shape[0]
-        if batch["image"].shape[0]:
-            images = batch["image"].to(device)  # (N, 3, R, R) uint8
-            labels.append(batch["label"])
-            with torch.no_grad():
-                for name, (_, enc) in refs.items():
-                    ref_feats[name].append(enc(images).double().cpu())
-            for acc in accs:
-                acc.update(images, batch["index"].tolist())
-        if on_progress:
-            on_progress("encode", done, data.n)
-    if not labels:
-        raise RaebenchError(f"Nothing to analyse on {data.name!r}: no image was readable ({len(skipped)} skipped).")
-    y = torch.cat(labels)
-    feats = {n: torch.cat(v) for n, v in ref_feats.items()}
+    toks = tokenizers if tokenizers is not None else _build_tokenizers(cfg, device)
+    names = [t.name for t in toks]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise RaebenchError(f"Two tokenizers are named {', '.join(dup)}; analyse them in separate runs.")
+    if cfg.precision != "fp32":
+        toks = [_Precision(t, device, cfg.precision) for t in toks]
+    ref_specs = _reference_specs(cfg)
     versions = _versions(cfg)
     n_classes = len(data.images.classes)
+    expected = expected_rows(cfg, versions, {n: sp.version for n, sp in ref_specs.items()}, n_classes, data.n,
+                             dist_name, dist_version)
+    todo, reused = _plan(cfg, toks, data, expected, rank, world)
+    active = [i for i, parts in enumerate(todo) if parts]
+    # a pass loads the references that some part needs: the alignment rows missing (or that the data
+    # may be too small for: then the skip is noted), every one for the probe's FD
+    needs_all_refs = any("diffuse" in todo[i] for i in active)
+    ref_names = [n for n in ref_specs if needs_all_refs or f"align:{n}" not in expected
+                 or any(f"align:{n}" in todo[i] for i in active)]
+    refs = _build_references(cfg, ref_names, device) if active else {}
+
+    accs = {i: _Accumulator(toks[i], _Keep(data.n, cfg.n_diag if todo[i] & {"robust", "interp"} else 0, cfg.seed),
+                            _Keep(data.n, cfg.probe_images if "diffuse" in todo[i] else 0, cfg.seed + 1))
+            for i in active}
+    ref_feats: dict[str, list[torch.Tensor]] = {n: [] for n in refs}
+    labels: list[torch.Tensor] = []
+    skipped = list(data.images.skipped) if rank == 0 else []
+    lo, hi = _shard(data.n, rank, world)
+    if active:
+        loader = make_loader(ImageDataset(data.images, cfg.resolution), cfg.batch_size, cfg.num_workers,
+                             pin_memory=device.type == "cuda", indices=range(lo, hi))
+        done = 0
+        for batch in loader:
+            skipped.extend(batch["skipped"])
+            done += len(batch["skipped"]) + batch["image"].shape[0]
+            if batch["image"].shape[0]:
+                images = batch["image"].to(device)  # (N, 3, R, R) uint8
+                labels.append(batch["label"])
+                with torch.no_grad():
+                    for name, (_, enc) in refs.items():
+                        ref_feats[name].append(enc(images).double().cpu())
+                for acc in accs.values():
+                    acc.update(images, batch["index"].tolist())
+            if on_progress:
+                on_progress("encode", done, hi - lo)
+    if world > 1:  # rank 0 takes every shard, in rank order; the others are done
+        gathered = _gather({"labels": labels, "feats": ref_feats, "skipped": [(x.path, x.reason) for x in skipped],
+                            "accs": {i: a.state() for i, a in accs.items()}}, rank, world)
+        if rank != 0:
+            return AnalyzeOutcome([], [], None, 0, time.perf_counter() - t0)
+        for g in gathered[1:]:
+            labels += g["labels"]
+            for n in ref_feats:
+                ref_feats[n] += g["feats"][n]
+            skipped += [Skip(*x) for x in g["skipped"]]
+            for i, acc in accs.items():
+                acc.merge(g["accs"][i], device)
+
+    if active and not labels:
+        raise RaebenchError(f"Nothing to analyse on {data.name!r}: no image was readable ({len(skipped)} skipped).")
+    y = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+    feats = {n: torch.cat(v) for n, v in ref_feats.items()}
 
     reports: list[TokenizerReport] = []
     with contextlib.ExitStack() as stack:  # without --results writes, probe runs go to a temporary folder
         probe_root = (Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="raebench-probe-")))
                       if cfg.diffusability and not cfg.write else Path(cfg.results_dir) / "analysis" / "probes")
-        for acc in accs:
-            rep = _analyse_tokenizer(cfg, acc, y, n_classes, feats, refs, versions, distance, dist_name, dist_version,
+        for i, tok in enumerate(toks):
+            if i not in accs:
+                rows = reused[i]
+                rep = TokenizerReport(tok.name, getattr(tok, "weights_id", "none"), (), rows[0].n_images if rows else 0, 0,
+                                      reused=rows)
+                rep.notes.append(f"every row reused from {cfg.results_dir!r} (--recompute measures again)")
+                reports.append(rep)
+                continue
+            acc = accs[i]
+            rep = _analyse_tokenizer(cfg, acc, todo[i], expected, y, n_classes, feats, refs, distance, dist_name,
                                      probe_root / _probe_key(cfg, acc.tok, data), on_progress)
             if dist_reason and cfg.perceptual != "none":
                 rep.notes.append(f"LPIPS left out: {dist_reason}")
-            rep.rows = _rows(cfg, rep, data, device, versions, dist_version, refs, len(skipped), time.perf_counter() - t0)
+            rep.computed, rep.reused = tuple(sorted(todo[i])), reused[i]
+            if rep.reused:
+                rep.notes.append(f"reused stored rows for {', '.join(sorted(set(expected) - todo[i]))}")
+            rows = _rows(cfg, rep, data, device, world, versions, dist_version, refs, skipped, time.perf_counter() - t0)
+            rep.rows = [r for r in rows if part_of(r.metric) in todo[i]]
             reports.append(rep)
     out_dir: Path | None = None
     plots: list[Path] = []
     stamp = new_run_id()
-    if cfg.write:
+    if cfg.write and active:
         for rep in reports:
-            write_rows(rep.rows, cfg.results_dir, f"{stamp}-{rep.name}")
+            if rep.rows:
+                write_rows(rep.rows, cfg.results_dir, f"{stamp}-{rep.name}")
         out_dir = Path(cfg.results_dir) / "analysis" / stamp
         config = {**asdict(cfg), "dataset_resolved": data.name, "data_fingerprint": data.images.fingerprint(),
-                  "n_images": int(y.numel()), "perceptual_resolved": dist_name, "versions": versions}
+                  "n_images": int(y.numel()), "perceptual_resolved": dist_name, "versions": versions, "world_size": world,
+                  "computed": {rep.name: list(rep.computed) for rep in reports}}
         atomic_write_bytes(out_dir / "config.json", json.dumps(config, indent=2, default=str).encode())
         if cfg.plots:
             plots = _plot_all(reports, out_dir, n_classes)
-    return AnalyzeOutcome(reports, plots, out_dir, int(y.numel()), time.perf_counter() - t0)
+    n_seen = int(y.numel()) if active else max((r.n_images for r in reports), default=0)
+    return AnalyzeOutcome(reports, plots, out_dir, n_seen, time.perf_counter() - t0)
 
 
 def _probe_key(cfg: AnalyzeConfig, tok, data) -> str:
     """The diffusability run folder's name: the same analysis finds (and resumes) the same run."""
     ident = [tok.name, getattr(tok, "weights_id", "none"), data.images.fingerprint(), cfg.resolution,
-             cfg.probe_images, cfg.seed, cfg.probe.version]
+             cfg.probe_images, cfg.seed, cfg.probe.version] + ([cfg.precision] if cfg.precision != "fp32" else [])
     return f"{tok.name}-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]}"
 
 
-def _analyse_tokenizer(cfg, acc: _Accumulator, y, n_classes, feats, refs, versions, distance, dist_name,
-                       dist_version, probe_dir: Path, on_progress) -> TokenizerReport:
+def _analyse_tokenizer(cfg, acc: _Accumulator, todo: set[str], expected: dict, y, n_classes, feats, refs, distance,
+                       dist_name, probe_dir: Path, on_progress) -> TokenizerReport:
+    """Every part in ``todo`` from the pass's accumulated state (the spectrum always: the robustness
+    σ grid is relative to its per-element std)."""
     tok = acc.tok
     valid = torch.cat(acc.valid)
     pooled = torch.cat(acc.pooled)[valid]  # (N_ok, C)
@@ -293,7 +502,7 @@ def _analyse_tokenizer(cfg, acc: _Accumulator, y, n_classes, feats, refs, versio
     rep.spectrum = acc.stats.summary()
 
     # --- semantic alignment --------------------------------------------------------------------
-    if n_classes >= 2:
+    if n_classes >= 2 and "probe" in todo:
         tr, te = al.stratified_split(yv, 0.5, cfg.seed)
         if tr.numel() and te.numel():
             rep.probe["linear"] = al.linear_probe(pooled[tr], yv[tr], pooled[te], yv[te], method=cfg.probe_method,
@@ -301,13 +510,13 @@ def _analyse_tokenizer(cfg, acc: _Accumulator, y, n_classes, feats, refs, versio
             rep.probe["knn"] = al.knn_accuracy(pooled[tr], yv[tr], pooled[te], yv[te], k=cfg.knn_k)
             if tr.numel() < cfg.knn_k:
                 rep.notes.append(f"kNN used k = {tr.numel()} (only {tr.numel()} training images)")
-    else:
+    elif n_classes < 2:
         rep.notes.append("linear probe and kNN skipped: they need at least two class subfolders")
     sub = torch.arange(rep.n_images)
     if rep.n_images > cfg.align_images:  # the kNN metrics depend on N: a fixed-size seeded subset
         sub = torch.randperm(rep.n_images, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.align_images].sort().values
     rep.n_align = int(sub.numel())
-    for name in refs:
+    for name in [n for n in refs if f"align:{n}" in todo or f"align:{n}" not in expected]:
         a, f = pooled[sub], feats[name][valid][sub]
         if rep.n_align <= cfg.mutual_k or rep.n_align < 4:
             rep.notes.append(f"alignment with {name} skipped: needs more than k = {cfg.mutual_k} images (and at least 4)")
@@ -319,18 +528,20 @@ def _analyse_tokenizer(cfg, acc: _Accumulator, y, n_classes, feats, refs, versio
         }
 
     # --- decoder diagnostics on the kept subset ----------------------------------------------------
-    if acc.diag_latents:
+    diag = acc.diag.payloads()
+    if diag:
         if on_progress:
             on_progress(f"diagnose {tok.name}", 0, 1)
-        z = torch.stack(acc.diag_latents)
-        imgs = torch.stack(acc.diag_images)
-        rep.robustness = decoder_robustness(
-            tok, imgs, z, cfg.sigmas, rep.spectrum.latent_std, distance=distance, distance_name=dist_name,
-            seed=cfg.seed, batch_size=cfg.batch_size, keep=6,
-        )
-        rep.grid = {k: v for k, v in rep.robustness.examples.items() if k != "original"}
+        imgs = torch.stack([img for img, _ in diag])  # (K, 3, R, R) uint8
+        z = torch.stack([lat for _, lat in diag])
+        if "robust" in todo:
+            rep.robustness = decoder_robustness(
+                tok, imgs, z, cfg.sigmas, rep.spectrum.latent_std, distance=distance, distance_name=dist_name,
+                seed=cfg.seed, batch_size=cfg.batch_size, keep=6,
+            )
+            rep.grid = {k: v for k, v in rep.robustness.examples.items() if k != "original"}
         pairs = interpolation_pairs(z.shape[0], cfg.interp_pairs, cfg.seed)
-        if pairs:
+        if pairs and "interp" in todo:
             rep.interpolation = interpolation_smoothness(
                 tok, z, pairs, steps=cfg.interp_steps, distance=distance or rmse_distance,
                 distance_name=dist_name or "rmse", batch_size=cfg.batch_size,
@@ -339,29 +550,43 @@ def _analyse_tokenizer(cfg, acc: _Accumulator, y, n_classes, feats, refs, versio
             on_progress(f"diagnose {tok.name}", 1, 1)
 
     # --- diffusability -----------------------------------------------------------------------------
-    if cfg.diffusability and acc.probe_latents:
+    probe_latents = [lat for (lat,) in acc.probe.payloads()]
+    if "diffuse" in todo and probe_latents:
         if on_progress:
             on_progress(f"diffusability {tok.name}", 0, 1)
         encs = {n: (enc, feats[n]) for n, (_, enc) in refs.items()}
         try:
-            rep.diffusability = diffusability_probe(tok, torch.stack(acc.probe_latents), cfg.probe, probe_dir, encs,
+            rep.diffusability = diffusability_probe(tok, torch.stack(probe_latents), cfg.probe, probe_dir, encs,
                                                     cfg.batch_size)
         except ValueError as e:
             rep.notes.append(f"diffusability probe skipped: {e}")
     return rep
 
 
-def _rows(cfg, rep: TokenizerReport, data, device, versions, dist_version, refs, n_skipped, seconds) -> list[ResultRow]:
+def _spectrum_values(s: SpectrumSummary) -> dict[str, float]:
+    vals = {"latent-erank": s.effective_rank, "latent-participation-ratio": s.participation_ratio,
+            **{f"latent-pca-top{k}-energy": s.topk_energy[k] for k in TOPK_ENERGY},
+            "latent-kurtosis-mean": s.kurtosis_mean, "latent-kurtosis-max": s.kurtosis_max,
+            "latent-hoyer-sparsity": s.hoyer_sparsity, "latent-near-zero-frac": s.near_zero_frac,
+            "latent-token-norm-mean": s.token_norm_mean, "latent-std": s.latent_std}
+    assert tuple(vals) == SPECTRUM_METRICS  # the names reruns look for (raebench.analysis.reuse)
+    return vals
+
+
+def _rows(cfg, rep: TokenizerReport, data, device, world: int, versions, dist_version, refs, skipped: list[Skip],
+          seconds) -> list[ResultRow]:
     out: list[ResultRow] = []
     notes = "; ".join(rep.notes)
+    skipped_files = [f"{x.path}: {x.reason}" for x in skipped][:1000]
 
     def add(metric: str, value: float, hib: bool | None, version: str, n: int, **extra) -> None:
         out.append(ResultRow(
             tokenizer=rep.name, weights_id=rep.weights_id, dataset=data.name, split=data.split, domain=data.domain,
             resolution=cfg.resolution, n_images=n, metric=metric, value=float(value), higher_is_better=hib,
-            metric_version=version, seed=cfg.seed, data_fingerprint=data.images.fingerprint(), skipped=n_skipped,
-            nonfinite=rep.nonfinite, seconds=round(seconds, 3), device=str(device), notes=notes,
-            extra={"analysis": True, "latent_shape": list(rep.latent_shape), **extra},
+            metric_version=version, seed=cfg.seed, data_fingerprint=data.images.fingerprint(), skipped=len(skipped),
+            nonfinite=rep.nonfinite, seconds=round(seconds, 3), device=str(device) + (f" x{world}" if world > 1 else ""),
+            notes=notes, extra={"analysis": True, "latent_shape": list(rep.latent_shape), "precision": cfg.precision,
+                                "world_size": world, "skipped_files": skipped_files, **extra},
         ))
 
     n = rep.n_images
@@ -370,26 +595,17 @@ def _rows(cfg, rep: TokenizerReport, data, device, versions, dist_version, refs,
             add(metric, rep.probe[k], True, versions["probe" if k == "linear" else "knn"], n)
     for ref, vals in rep.alignment.items():
         rv = refs[ref][0].version
-        for m, key in (("mutual-knn", "mknn"), ("cknna", "cknna"), ("cka", "cka")):
+        for m, key in ALIGN_METRICS:
             add(f"align-{m}-{ref}", vals[m], True, f"{versions[key]}-ref:{rv}", rep.n_align, reference=ref)
     s = rep.spectrum
     if s is not None:
-        v = versions["spectrum"]
-        add("latent-erank", s.effective_rank, None, v, n, channels=s.channels)
-        add("latent-participation-ratio", s.participation_ratio, None, v, n, channels=s.channels)
-        for k in TOPK_ENERGY:
-            add(f"latent-pca-top{k}-energy", s.topk_energy[k], None, v, n)
-        add("latent-kurtosis-mean", s.kurtosis_mean, None, v, n)
-        add("latent-kurtosis-max", s.kurtosis_max, None, v, n)
-        add("latent-hoyer-sparsity", s.hoyer_sparsity, None, v, n)
-        add("latent-near-zero-frac", s.near_zero_frac, None, v, n)
-        add("latent-token-norm-mean", s.token_norm_mean, None, v, n)
-        add("latent-std", s.latent_std, None, v, n)
+        for metric, value in _spectrum_values(s).items():
+            add(metric, value, None, versions["spectrum"], n, channels=s.channels)
     c = rep.robustness
     if c is not None:
         v = versions["robust"]
         for i, sig in enumerate(c.sigmas):
-            tag = _sigma_tag(sig)
+            tag = sigma_tag(sig)
             add(f"robust-psnr-vs-decode-{tag}", c.psnr_vs_decode[i], True, v, c.n_images, sigma=sig, latent_std=c.latent_std)
             add(f"robust-psnr-vs-image-{tag}", c.psnr_vs_image[i], True, v, c.n_images, sigma=sig, latent_std=c.latent_std)
             if c.dist_vs_decode:
@@ -405,7 +621,7 @@ def _rows(cfg, rep: TokenizerReport, data, device, versions, dist_version, refs,
         add(f"interp-{it.distance_name}-path-ratio", it.path_ratio, False, v, 2 * n_pairs)
     d = rep.diffusability
     if d is not None:
-        v = d.config.version
+        v = versions["diffuse"]
         n_train = min(cfg.probe_images, n)
         add("diffuse-latent-fd", d.latent_fd, False, v, n_train, final_loss=d.final_loss, train_seconds=d.seconds_train)
         for ref, fd in d.reference_fd.items():

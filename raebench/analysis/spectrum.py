@@ -22,6 +22,9 @@ quantity below is a function of those sums:
 
 Numerics: sums are taken of ``x − shift`` where ``shift`` is the first batch's channel mean, which
 keeps the one-pass variance and the higher moments free of cancellation when latents are offset.
+Shards of the data (``torchrun`` ranks) accumulate separately and :meth:`LatentStats.merge` adds
+one into another exactly: the other's power sums are re-centred on this shift with the binomial
+expansion of ``(y + d)^k``.
 """
 
 from __future__ import annotations
@@ -127,6 +130,48 @@ class LatentStats:
             self.hoyer += float(((math.sqrt(c) - ratio) / (math.sqrt(c) - 1)).sum())
         rms = l2 / math.sqrt(c)  # (T,)
         self.near_zero += float((x.abs() < NEAR_ZERO_REL * rms[:, None]).sum())
+
+    _SUMS = ("shift", "s1", "s2", "s3", "s4")
+    _SCALARS = ("n", "hoyer", "near_zero", "norm1", "norm2")
+
+    def state(self) -> dict:
+        """The sums on the CPU (to send to another process); ``{}`` before the first update."""
+        if self.shift is None:
+            return {}
+        return {**{k: getattr(self, k).cpu() for k in self._SUMS}, **{k: getattr(self, k) for k in self._SCALARS}}
+
+    def merge(self, other: "LatentStats | dict") -> None:
+        """Add the tokens of ``other`` (a :class:`LatentStats` or its :meth:`state`), exactly.
+
+        With ``y = x - shift_other`` and ``d = shift_other - shift_self``, ``x - shift_self = y + d``:
+        ``Σ(y+d) = s1 + n d``, ``Σ(y+d)(y+d)ᵀ = s2 + s1 dᵀ + d s1ᵀ + n d dᵀ``, and per channel
+        ``Σ(y+d)³ = s3 + 3 d e2 + 3 d² s1 + n d³``, ``Σ(y+d)⁴ = s4 + 4 d s3 + 6 d² e2 + 4 d³ s1 + n d⁴``
+        (``e2`` = the diagonal of s2). The token-wise sums (norms, Hoyer, near-zero) simply add.
+        """
+        st = other.state() if isinstance(other, LatentStats) else other
+        if not st or st["n"] == 0:
+            return
+        if self.shift is None:
+            for k in self._SUMS:
+                setattr(self, k, st[k].clone())
+            for k in self._SCALARS:
+                setattr(self, k, st[k])
+            return
+        if st["shift"].numel() != self.shift.numel():
+            raise ValueError(f"cannot merge latents of {st['shift'].numel()} channels into {self.shift.numel()}")
+        dev = self.shift.device
+        s1, s2, s3, s4 = (st[k].to(dev) for k in ("s1", "s2", "s3", "s4"))
+        n, d = st["n"], st["shift"].to(dev) - self.shift  # (C,)
+        e2 = s2.diagonal()
+        self.s1 += s1 + n * d
+        self.s2 += s2 + torch.outer(s1, d) + torch.outer(d, s1) + n * torch.outer(d, d)
+        self.s3 += s3 + 3 * d * e2 + 3 * d**2 * s1 + n * d**3
+        self.s4 += s4 + 4 * d * s3 + 6 * d**2 * e2 + 4 * d**3 * s1 + n * d**4
+        self.n += n
+        self.hoyer += st["hoyer"]
+        self.near_zero += st["near_zero"]
+        self.norm1 += st["norm1"]
+        self.norm2 += st["norm2"]
 
     def summary(self) -> SpectrumSummary:
         if self.n == 0 or self.shift is None:

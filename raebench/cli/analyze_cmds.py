@@ -1,4 +1,8 @@
-"""``raebench analyze``: semantic alignment and latent diagnostics of one or more tokenizers."""
+"""``raebench analyze``: semantic alignment and latent diagnostics of one or more tokenizers.
+
+Under ``torchrun --nproc_per_node N -m raebench analyze ...`` the encode pass is sharded across the
+ranks (see :mod:`raebench.analysis.run`); rank 0 prints, writes rows and draws the figures.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +21,25 @@ def _csv(values: list[str]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
-def _parse_reference_weights(items: list[str]) -> tuple[tuple[str, str], ...]:
+def _parse_named(items: list[str], flag: str, example: str) -> tuple[tuple[str, str], ...]:
+    """``["a=/x", "b=/y"]`` -> ``(("a", "/x"), ("b", "/y"))``; names lower-cased."""
     out = []
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise RaebenchError(f"--reference-weights takes NAME=PATH (e.g. dinov2-b=/models/dinov2.safetensors), got {item!r}.")
+            raise RaebenchError(f"{flag} takes NAME=PATH (e.g. {example}), got {item!r}.")
         out.append((name.strip().lower(), path.strip()))
     return tuple(out)
+
+
+def _parse_reference_weights(items: list[str]) -> tuple[tuple[str, str], ...]:
+    return _parse_named(items, "--reference-weights", "dinov2-b=/models/dinov2.safetensors")
+
+
+def _parse_tokenizer_paths(items: list[str], flag: str, example: str) -> tuple[tuple[str, str], ...]:
+    from raebench.tokenizers import get_tokenizer_spec
+
+    return tuple((get_tokenizer_spec(n).name, p) for n, p in _parse_named(items, flag, example))
 
 
 def _parse_sigmas(text: str) -> tuple[float, ...]:
@@ -40,7 +55,13 @@ def _parse_sigmas(text: str) -> tuple[float, ...]:
 def register(app: typer.Typer) -> None:
     @app.command("analyze")
     def analyze_cmd(
-        tokenizer: list[str] = typer.Option(..., "--tokenizer", "-t", help="Tokenizer to analyse; repeat or comma-separate."),
+        tokenizer: list[str] = typer.Option([], "--tokenizer", "-t", help="Tokenizer to analyse; repeat or comma-separate."),
+        tokenizer_config: list[Path] = typer.Option([], "--tokenizer-config", help="Official RAE YAML to analyse as a tokenizer; repeatable."),
+        weights: list[str] = typer.Option([], "--weights", help="NAME=PATH: local weights for one tokenizer (as eval --weights); repeatable."),
+        decoder: list[str] = typer.Option([], "--decoder", help="NAME=PATH: an RAE decoder checkpoint for one tokenizer; repeatable."),
+        stats: list[str] = typer.Option([], "--stats", help="NAME=PATH: latent statistics (stat.pt) for one tokenizer; repeatable."),
+        precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (autocast around the tokenizer's encode/decode only)."),
+        recompute: bool = typer.Option(False, "--recompute", help="Measure every row again instead of reusing stored ones."),
         reference: str = typer.Option("dinov2-b", "--reference", help="Comma-separated reference encoders (dinov2-b, dinov2-l, clip-b, clip-l, random-proj) or 'none'."),
         reference_weights: list[str] = typer.Option([], "--reference-weights", help="NAME=PATH: a local weights file for a reference; repeatable."),
         data: Optional[str] = typer.Option(None, "--data", help="Image folder (recursive; class subfolders enable the probes)."),
@@ -75,6 +96,7 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved configuration and exit."),
     ) -> None:
         """Alignment with DINOv2/CLIP, probes, spectrum, robustness, smoothness (rows + PNG figures)."""
+        from raebench import distributed
         from raebench.analysis.diffusability import ProbeConfig
         from raebench.analysis.references import REFERENCES
         from raebench.analysis.run import AnalyzeConfig, analyze
@@ -82,12 +104,24 @@ def register(app: typer.Typer) -> None:
         from raebench.cli.core import _fmt, _progress
         from raebench.tokenizers import get_tokenizer_spec
 
+        distributed.init()
+        is_main = distributed.is_main()  # before analyze(), which releases the process group
+        device = distributed.local_device(device)
         names = [get_tokenizer_spec(t).name for t in _csv(tokenizer)]  # unknown names fail here, with suggestions
+        if not names and not tokenizer_config:
+            raise RaebenchError("Give at least one --tokenizer NAME (see `raebench ls tokenizers`) or --tokenizer-config official.yaml.")
+        if precision not in ("fp32", "bf16"):
+            raise RaebenchError(f"Unknown --precision {precision!r}; use fp32 or bf16.")
         refs = [] if reference.strip().lower() == "none" else [REFERENCES.canonical(r) for r in _csv([reference])]
         if probe_method not in ("lbfgs", "ridge"):
             raise RaebenchError(f"Unknown --probe-method {probe_method!r}; use lbfgs or ridge.")
         cfg = AnalyzeConfig(
-            tokenizers=tuple(names), references=tuple(refs), reference_weights=_parse_reference_weights(reference_weights),
+            tokenizers=tuple(names), tokenizer_configs=tuple(str(c) for c in tokenizer_config),
+            weights=_parse_tokenizer_paths(weights, "--weights", "sd-vae-ft-ema=/models/sd-vae-ft-ema"),
+            decoder=_parse_tokenizer_paths(decoder, "--decoder", "rae-dinov2-b=/runs/stage1/decoder"),
+            stats=_parse_tokenizer_paths(stats, "--stats", "rae-dinov2-b=/models/stat.pt"),
+            precision=precision, recompute=recompute,
+            references=tuple(refs), reference_weights=_parse_reference_weights(reference_weights),
             data=data, dataset=dataset, domain=domain, resolution=resolution, limit=limit, seed=seed,
             batch_size=batch_size, device=device, num_workers=num_workers, results_dir=str(results),
             probe_method=probe_method, probe_batchnorm=batchnorm, knn_k=knn_k, mutual_k=mutual_k,
@@ -98,7 +132,13 @@ def register(app: typer.Typer) -> None:
             plots=plots,
         )
         if dry_run:
-            console.print_json(json.dumps(asdict(cfg), default=str))
+            if is_main:
+                console.print_json(json.dumps(asdict(cfg), default=str))
+            distributed.finish()
+            return
+        if not is_main:
+            analyze(cfg)
+            distributed.finish()
             return
         with _progress() as prog:
             task = prog.add_task("analyze", total=None)
@@ -107,9 +147,12 @@ def register(app: typer.Typer) -> None:
                 prog.update(task, description=label, completed=done, total=total)
 
             out = analyze(cfg, on_progress=cb)
+        distributed.finish()
 
-        metrics = list(dict.fromkeys(r.metric for rep in out.reports for r in rep.rows))
-        t = Table(title=f"analyze · {out.reports[0].rows[0].dataset if out.reports[0].rows else ''} · {resolution}px · n={out.n_images}")
+        shown = {rep.name: rep.rows + rep.reused for rep in out.reports}
+        metrics = list(dict.fromkeys(r.metric for rows in shown.values() for r in rows))
+        first = next((r for rows in shown.values() for r in rows), None)
+        t = Table(title=f"analyze · {first.dataset if first else ''} · {resolution}px · n={out.n_images}")
         t.add_column("metric", no_wrap=True, min_width=max(map(len, metrics), default=6))
         for rep in out.reports:
             t.add_column(rep.name, justify="right")
@@ -117,9 +160,9 @@ def register(app: typer.Typer) -> None:
         for m in metrics:
             cells, hib = [], None
             for rep in out.reports:
-                row = next((r for r in rep.rows if r.metric == m), None)
+                row = next((r for r in shown[rep.name] if r.metric == m), None)
                 cells.append(_fmt(row.value) if row else "–")
-                hib = row.higher_is_better if row else hib
+                hib = row.higher_is_better if row is not None and isinstance(row.higher_is_better, bool) else hib
             t.add_row(m, *cells, {True: "↑", False: "↓"}.get(hib, ""))
         console.print(t)
         for rep in out.reports:

@@ -184,11 +184,14 @@ def register(app: typer.Typer) -> None:
         weights: list[str] = typer.Option([], "--weights", help="NAME=PATH: local weights for one tokenizer (repeatable)."),
     ) -> None:
         """Measured values beside published ones (with their protocol), plus the open/in-domain gap."""
+        from raebench import distributed
         from raebench.cli import console
         from raebench.compare import compare
         from raebench.leaderboard import compare_bold, gap_table, render, row_best
         from raebench.results import atomic_write_bytes
 
+        distributed.init()  # under torchrun each evaluation is sharded; rank 0 writes rows and prints
+        device = distributed.local_device(device)
         if format not in (None, "csv", "md", "latex"):
             raise RaebenchError(f"Unknown --format {format!r}; use csv, md or latex.")
         names = _split_metrics(metrics)
@@ -198,17 +201,20 @@ def register(app: typer.Typer) -> None:
             if not sep or not name or not path:
                 raise RaebenchError(f"--weights {w!r} should read NAME=PATH, e.g. --weights sd-vae-ft-ema=/models/sd-vae-ft-ema.")
             local[name.strip()] = path.strip()
+        kwargs = dict(data=data, dataset=dataset, resolution=resolution, limit=limit, seed=seed, batch_size=batch_size,
+                      device=device, num_workers=num_workers, results_dir=str(results), reported=reported, weights=local)
+        if not distributed.is_main():
+            compare(tokenizer, names, **kwargs)
+            distributed.finish()
+            return
         with _progress() as prog:
             task = prog.add_task("compare", total=None)
 
             def cb(label: str, done: int, total: int) -> None:
                 prog.update(task, description=label, completed=done, total=total)
 
-            res = compare(
-                tokenizer, names, data=data, dataset=dataset, resolution=resolution, limit=limit, seed=seed,
-                batch_size=batch_size, device=device, num_workers=num_workers, results_dir=str(results),
-                reported=reported, weights=local, on_progress=cb,
-            )
+            res = compare(tokenizer, names, **kwargs, on_progress=cb)
+        distributed.finish()
         table, computed, gap = res.table, res.computed, res.gap
         if table.empty:
             raise RaebenchError("Nothing to compare: no measured or reported values for these tokenizers and metrics.")
@@ -265,8 +271,8 @@ def register(app: typer.Typer) -> None:
             console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     @app.command("ls")
-    def ls_cmd(what: str = typer.Argument(..., help="tokenizers | metrics | datasets")) -> None:
-        """List registered tokenizers, metrics or datasets (no weights are loaded)."""
+    def ls_cmd(what: str = typer.Argument(..., help="tokenizers | metrics | datasets | references")) -> None:
+        """List registered tokenizers, metrics, datasets or analysis reference encoders (no weights are loaded)."""
         from raebench.cli import console
 
         what = what.lower().rstrip("s")
@@ -302,6 +308,22 @@ def register(app: typer.Typer) -> None:
             for s in DATASETS:
                 how = "bundled" if s.resolve_root else f"--data DIR or ${s.env_var}: {s.layout}"
                 t.add_row(s.name, s.domain, s.split, s.description, how)
+        elif what == "reference":
+            from raebench.analysis.references import REFERENCES
+
+            t = Table(title="reference encoders (raebench analyze --reference)")
+            t.add_column("name", no_wrap=True)
+            t.add_column("description", ratio=3)
+            t.add_column("version", overflow="fold", ratio=2)
+            t.add_column("weights", overflow="fold", ratio=2)
+            for s in REFERENCES:
+                if s.extractor is not None:
+                    weights = f"as the {s.extractor} extractor of raebench eval"
+                elif s.arch is not None:
+                    weights = f"{s.weights or 'none registered'}; or --reference-weights {s.name}=PATH"
+                else:
+                    weights = "none"
+                t.add_row(s.name, s.description, s.version, weights)
         else:
-            raise RaebenchError(f"Unknown list {what!r}; use tokenizers, metrics or datasets.")
+            raise RaebenchError(f"Unknown list {what!r}; use tokenizers, metrics, datasets or references.")
         console.print(t)

@@ -6,6 +6,8 @@ Both read images like ``raebench eval`` (``--data DIR`` / ``--dataset NAME``, AD
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -26,8 +28,10 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 
 
-def _batches(data, resolution: int, batch_size: int, num_workers: int, device: torch.device, on_progress=None):
-    """(indices, uint8 (N, 3, R, R) on ``device``, paths) for this rank's contiguous shard."""
+def _batches(data, resolution: int, batch_size: int, num_workers: int, device: torch.device, on_progress=None,
+             skipped: list | None = None):
+    """(indices, uint8 (N, 3, R, R) on ``device``, paths) for this rank's contiguous shard; unreadable
+    files are logged and, if given, appended to ``skipped`` (as :class:`raebench.data.Skip`)."""
     from raebench import distributed
     from raebench.data import ImageDataset, make_loader
     from raebench.evaluate import _shard
@@ -39,6 +43,8 @@ def _batches(data, resolution: int, batch_size: int, num_workers: int, device: t
         done += b["image"].shape[0] + len(b["skipped"])
         for s in b["skipped"]:
             log.warning("skipped %s: %s", s.path, s.reason)
+        if skipped is not None:
+            skipped.extend(b["skipped"])
         if b["image"].shape[0]:
             yield b["index"], b["image"].to(device), b["path"]
         if on_progress:
@@ -92,7 +98,8 @@ def write_reconstructions(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Reconstruct ``data`` with ``tok``; write PNGs, ``reconstructions.npz`` (ADM: ``arr_0`` uint8 NHWC)
-    and optionally ``references.npz`` (the cropped originals). Returns a summary dict."""
+    and optionally ``references.npz`` (the cropped originals); unreadable files go to ``skipped.csv``
+    (path, reason). Returns a summary dict."""
     import torch.distributed as td
     from PIL import Image
 
@@ -104,7 +111,11 @@ def write_reconstructions(
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     recs, refs, rows, nonfinite = [], [], [], []
-    for idx, ref, paths in _batches(data, resolution, batch_size, num_workers, device, on_progress):
+    rank, world = distributed.rank(), distributed.world_size()
+    skipped = list(data.images.skipped) if rank == 0 else []  # found while listing the folder
+    for s in skipped:
+        log.warning("skipped %s: %s", s.path, s.reason)
+    for idx, ref, paths in _batches(data, resolution, batch_size, num_workers, device, on_progress, skipped):
         with torch.no_grad(), _autocast(device, precision):
             rec = tok.decode(tok.encode(to_float(ref))).float()
         bad = ~torch.isfinite(rec.flatten(1)).all(1)
@@ -117,11 +128,11 @@ def write_reconstructions(
             if png:
                 Image.fromarray(a).save(out / "images" / f"{i:06d}.png")
             rows.append((i, p))
-    rank, world = distributed.rank(), distributed.world_size()
     part = out / f".part-{rank}"
     empty = np.zeros((0, resolution, resolution, 3), np.uint8)
     np.savez(part.with_suffix(".npz"), rec=np.concatenate(recs) if recs else empty, ref=np.concatenate(refs) if refs else empty)
-    part.with_suffix(".json").write_text(json.dumps({"rows": rows, "nonfinite": nonfinite}))
+    part.with_suffix(".json").write_text(json.dumps({"rows": rows, "nonfinite": nonfinite,
+                                                     "skipped": [(s.path, s.reason) for s in skipped]}))
     if world > 1:
         td.barrier()
     summary = {}
@@ -135,7 +146,12 @@ def write_reconstructions(
             np.savez(out / "references.npz", arr_0=np.concatenate([a["ref"] for a in arrays]))
         lines = ["index,source"] + [f"{i},{src}" for m in meta for i, src in m["rows"]]
         atomic_write_bytes(out / "files.csv", ("\n".join(lines) + "\n").encode())
-        summary = {"n": int(rec_all.shape[0]), "nonfinite": [p for m in meta for p in m["nonfinite"]], "out": str(out)}
+        skips = [tuple(s) for m in meta for s in m["skipped"]]
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([("path", "reason"), *skips])
+        atomic_write_bytes(out / "skipped.csv", buf.getvalue().encode())
+        summary = {"n": int(rec_all.shape[0]), "nonfinite": [p for m in meta for p in m["nonfinite"]], "out": str(out),
+                   "skipped": skips}
     if world > 1:
         td.barrier()
     for suffix in (".npz", ".json"):
@@ -256,5 +272,8 @@ def register(app: typer.Typer) -> None:
             console.print(f"wrote {summary['n']} reconstructions of {rd.name} to {summary['out']}")
             if summary["nonfinite"]:
                 err_console.print(f"[red]{len(summary['nonfinite'])} reconstruction(s) contained NaN/Inf (written as 0).[/]")
+            if summary["skipped"]:
+                err_console.print(f"[yellow]{len(summary['skipped'])} file(s) skipped[/] (listed in {out / 'skipped.csv'}).",
+                                  highlight=False)
         distributed.finish()
 

@@ -194,14 +194,25 @@ def sample(
     diffusion_norm: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Integrate from ``noise`` (t = 1) to normalised latents; returns (N, C, H, W)."""
-    v = velocity_fn(model, labels, cfg_scale, tuple(cfg_interval), guide, null_class)
-    grid = time_grid(num_steps, shift)
-    m = canonical_method(method)
-    if m == "euler":
-        return euler(v, noise, grid)
-    if m == "heun":
-        return heun(v, noise, grid)
-    if m == "adaptive":
-        return adaptive(v, noise, float(grid[0]), float(grid[-1]), rtol=rtol, atol=atol)
-    return euler_maruyama(v, noise, grid, diffusion_norm, generator)
+    """Integrate from ``noise`` (t = 1) to normalised latents; returns (N, C, H, W).
+
+    The networks run in eval mode (no label dropout) and are put back in their mode afterwards.
+    """
+    nets = [n for n in (model, guide) if isinstance(n, nn.Module)]
+    modes = [n.training for n in nets]
+    for n in nets:
+        n.eval()
+    try:
+        v = velocity_fn(model, labels, cfg_scale, tuple(cfg_interval), guide, null_class)
+        grid = time_grid(num_steps, shift)
+        m = canonical_method(method)
+        if m == "euler":
+            return euler(v, noise, grid)
+        if m == "heun":
+            return heun(v, noise, grid)
+        if m == "adaptive":
+            return adaptive(v, noise, float(grid[0]), float(grid[-1]), rtol=rtol, atol=atol)
+        return euler_maruyama(v, noise, grid, diffusion_norm, generator)
+    finally:
+        for n, mode in zip(nets, modes):
+            n.train(mode)

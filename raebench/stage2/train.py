@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -70,6 +71,7 @@ class TrainConfig:
     shift_base: float = 4096
     precision: str = "bf16"  # bf16 autocast or fp32
     seed: int = 0
+    num_workers: int = 4  # data-loading processes (image decoding or latent-cache reads)
     log_every: int = 100
     ckpt_every: int = 5000  # optimizer steps
     max_steps: int | None = None  # stop early (the schedule still follows `epochs`)
@@ -87,6 +89,7 @@ PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(
         model="ditdh-tiny", num_classes=10, epochs=50, global_batch=64, lr=1e-3, final_lr=1e-4,
         constant_epochs=10, decay_end_epoch=50, ema_decay=0.99, precision="fp32", log_every=10, ckpt_every=50,
+        num_workers=0,
         resolution=64, shift_base=64,
     ),
 }
@@ -115,8 +118,18 @@ class LatentCache:
         self.meta = json.loads(meta_path.read_text())
         if not self.meta.get("complete", False):
             raise DataError(f"Latent cache {str(self.root)!r} is incomplete; re-run `raebench cache-latents` to finish it.")
-        self.latents = np.load(self.root / "latents.npy", mmap_mode="r")
+        self._mm = None
         self.labels = torch.from_numpy(np.load(self.root / "labels.npy")).long()
+
+    @property
+    def latents(self) -> np.ndarray:
+        """(N, V, C, H, W) memory map, opened lazily in each process (worker processes included)."""
+        if self._mm is None:
+            self._mm = np.load(self.root / "latents.npy", mmap_mode="r")
+        return self._mm
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_mm": None}  # never pickle the map's pages into a worker
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -125,13 +138,17 @@ class LatentCache:
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self.latents.shape[2:])
 
-    def get(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def fetch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One variant (image or flip) per example, drawn from ``gen``: (B, C, H, W) float32, (B,)."""
         var = torch.randint(self.latents.shape[1], (len(idx),), generator=gen)
         order = np.argsort(idx.numpy())  # sorted reads are kinder to a memory map
         x = np.empty((len(idx), *self.latents.shape[2:]), dtype=np.float32)
         for j in order:
             x[j] = self.latents[int(idx[j]), int(var[j])]
         return torch.from_numpy(x), self.labels[idx]
+
+    def prepare(self, raw: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return raw[0].to(device), raw[1].to(device)
 
 
 class OnTheFly:
@@ -144,10 +161,13 @@ class OnTheFly:
         if min(self.images.labels) < 0:
             raise DataError(f"{data!r} has no class subfolders; stage-2 training needs labelled images.")
         self.dataset = ImageDataset(self.images, resolution)
-        self.tokenizer, self.device = tokenizer.eval().requires_grad_(False), device
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
         self.labels = torch.tensor(self.images.labels)
         with torch.no_grad():
             self._shape = tuple(tokenizer.encode(torch.zeros(1, 3, resolution, resolution, device=device)).shape[1:])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "tokenizer": None}  # workers only decode images
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -156,18 +176,39 @@ class OnTheFly:
     def latent_shape(self) -> tuple[int, int, int]:
         return self._shape
 
-    @torch.no_grad()
-    def get(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        from raebench.data import to_float
-
+    def fetch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded, cropped, randomly flipped images: (B, 3, R, R) uint8, (B,)."""
         items = [self.dataset[int(i)] for i in idx]
         bad = [it["path"] for it in items if "image" not in it]
         if bad:
             raise DataError(f"Unreadable training images: {bad[:3]}; remove them or cache latents first.")
-        img = to_float(torch.stack([it["image"] for it in items]))  # (B, 3, R, R) in [0, 1]
+        img = torch.stack([it["image"] for it in items])  # (B, 3, R, R) uint8
         flip = torch.rand(len(idx), generator=gen) < 0.5
-        img = torch.where(flip.view(-1, 1, 1, 1), img.flip(-1), img)
-        return self.tokenizer.encode(img.to(self.device)).float().cpu(), self.labels[idx]
+        return torch.where(flip.view(-1, 1, 1, 1), img.flip(-1), img), self.labels[idx]
+
+    @torch.no_grad()
+    def prepare(self, raw: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        from raebench.data import to_float
+
+        return self.tokenizer.encode(to_float(raw[0].to(device))).float(), raw[1].to(device)  # (B, C, H, W)
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Keys (step, rank, indices) -> (step, source.fetch(...)), so loader workers can prefetch steps.
+
+    The per-step generator makes the data-side draws (flips, cache variants) a function of the step.
+    """
+
+    def __init__(self, source: Any, seed: int) -> None:
+        self.source, self.seed = source, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int, torch.Tensor]) -> tuple[int, Any]:
+        step, rank, idx = key
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 4099 + rank)
+        return step, self.source.fetch(idx, gen)
 
 
 def open_source(cfg: TrainConfig, device: torch.device):
@@ -355,9 +396,13 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
     total = cfg.epochs * spe
     stop = min(total, cfg.max_steps) if cfg.max_steps is not None else total
 
-    torch.manual_seed(cfg.seed * world + rank)
+    if device.type == "cuda":  # as the official trainer: TF32 matmuls for the fp32 parts
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_for_training(cfg, source.latent_shape).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    torch.manual_seed(cfg.seed * world + rank)  # then per-rank noise, times and label dropout
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
                             weight_decay=cfg.weight_decay, eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spe, cfg))
@@ -397,12 +442,15 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     losses: list[float] = []
     t0 = time.perf_counter()
-    batches = _batches(n, cfg, step, rank, world)
-    while step < stop:
-        step, idx = next(batches)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 4099 + rank)  # data-side draws
-        x, y = source.get(idx, gen)
-        x, y = x.to(device), y.to(device)
+    keys = ((s, rank, idx) for s, idx in itertools.takewhile(lambda b: b[0] < stop, _batches(n, cfg, step, rank, world)))
+    loader = torch.utils.data.DataLoader(
+        _StepBatches(source, cfg.seed), batch_size=None, sampler=keys, num_workers=cfg.num_workers,
+        prefetch_factor=2 if cfg.num_workers > 0 else None, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG stream (saved in checkpoints) intact
+    )
+    for s, raw in loader:
+        assert s == step, (s, step)
+        x, y = source.prepare(raw, device)
         opt.zero_grad(set_to_none=True)
         total_loss = accumulate_gradients(ddp, transport.loss, x, y, cfg.grad_accum, autocast)
         if cfg.clip_grad and cfg.clip_grad > 0:

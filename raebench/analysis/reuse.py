@@ -1,0 +1,110 @@
+"""Which rows an analysis writes, grouped in parts, and which parts the results folder already holds.
+
+A *part* is what a re-run computes or reuses as a whole: ``probe`` (linear probe and kNN),
+``align:<reference>`` (mutual-kNN, CKNNA and CKA against one reference), ``spectrum``, ``robust``,
+``interp`` and ``diffuse``. A part is reused when every row it would write is stored for the same
+tokenizer and weights, dataset, data fingerprint (the exact image list), resolution and seed, as a
+measured row with the same metric version: the rule of ``raebench compare``, with the weights
+added. Metric versions carry every setting that changes a value (k, the σ grid by name, the
+perceptual distance, the reference's version, ``--precision``), so a changed setting is a missing
+row, never a silently reused one. A tokenizer whose every part is stored is not encoded at all.
+
+Parts that the data cannot produce (no class subfolders, fewer images than k) are not expected, so
+they do not make every re-run recompute.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from raebench.analysis.diagnostics import interpolation_pairs
+from raebench.analysis.spectrum import TOPK_ENERGY
+from raebench.results import COLUMNS, ResultRow
+
+#: (metric name part, key in the versions dict) of the alignment rows against each reference
+ALIGN_METRICS = (("mutual-knn", "mknn"), ("cknna", "cknna"), ("cka", "cka"))
+SPECTRUM_METRICS = (
+    "latent-erank", "latent-participation-ratio", *[f"latent-pca-top{k}-energy" for k in TOPK_ENERGY],
+    "latent-kurtosis-mean", "latent-kurtosis-max", "latent-hoyer-sparsity", "latent-near-zero-frac",
+    "latent-token-norm-mean", "latent-std",
+)
+INTERP_METRICS = ("step-mean", "step-relvar", "path-ratio")
+_PREFIX_PARTS = {"probe": "probe", "latent": "spectrum", "robust": "robust", "interp": "interp", "diffuse": "diffuse"}
+
+
+def sigma_tag(s: float) -> str:
+    return f"s{s:g}"
+
+
+def part_of(metric: str) -> str:
+    """The part an analysis row belongs to, from its metric name."""
+    for m, _ in ALIGN_METRICS:
+        if metric.startswith(f"align-{m}-"):
+            return f"align:{metric[len(f'align-{m}-'):]}"
+    prefix = metric.split("-", 1)[0]
+    if prefix not in _PREFIX_PARTS:
+        raise ValueError(f"{metric!r} is not an analysis metric")
+    return _PREFIX_PARTS[prefix]
+
+
+def expected_rows(
+    cfg,
+    versions: dict[str, str],
+    ref_versions: dict[str, str],
+    n_classes: int,
+    n_images: int,
+    dist_name: str | None,
+    dist_version: str | None,
+) -> dict[str, list[tuple[str, str]]]:
+    """part -> [(metric, metric_version)] that an analysis with ``cfg`` writes for each tokenizer
+    (``n_images``: the images listed; parts that many cannot produce are left out)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    if n_classes >= 2:
+        out["probe"] = [("probe-linear-top1", versions["probe"]), ("probe-knn-top1", versions["knn"])]
+    n_align = min(n_images, cfg.align_images)
+    if n_align > cfg.mutual_k and n_align >= 4:
+        for ref, rv in ref_versions.items():
+            out[f"align:{ref}"] = [(f"align-{m}-{ref}", f"{versions[key]}-ref:{rv}") for m, key in ALIGN_METRICS]
+    out["spectrum"] = [(m, versions["spectrum"]) for m in SPECTRUM_METRICS]
+    n_diag = min(cfg.n_diag, n_images)
+    if n_diag:
+        v = versions["robust"]
+        rows = []
+        for s in cfg.sigmas:
+            tag = sigma_tag(s)
+            rows += [(f"robust-psnr-vs-decode-{tag}", v), (f"robust-psnr-vs-image-{tag}", v)]
+            if dist_name:
+                rows += [(f"robust-{dist_name}-vs-{side}-{tag}", f"{v}-{dist_version}") for side in ("decode", "image")]
+        out["robust"] = rows
+    if interpolation_pairs(n_diag, cfg.interp_pairs, cfg.seed):
+        v = f"{versions['interp']}-{dist_version or 'rmse-u8-v1'}"
+        out["interp"] = [(f"interp-{dist_name or 'rmse'}-{m}", v) for m in INTERP_METRICS]
+    if cfg.diffusability and min(cfg.probe_images, n_images) >= cfg.probe.batch_size:
+        v = versions["diffuse"]
+        out["diffuse"] = [("diffuse-latent-fd", v)] + [(f"diffuse-fd-{ref}", f"{v}-ref:{rv}") for ref, rv in ref_versions.items()]
+    return out
+
+
+def stored_rows(df: pd.DataFrame, tokenizer: str, weights_id: str, dataset: str, fingerprint: str, resolution: int,
+                seed: int) -> pd.DataFrame:
+    """The measured rows of ``df`` (``raebench.results.load``) for this tokenizer, weights and data."""
+    if df.empty:
+        return df
+    return df[(df["tokenizer"] == tokenizer) & (df["weights_id"] == weights_id) & (df["dataset"] == dataset)
+              & (df["data_fingerprint"] == fingerprint) & (df["resolution"] == resolution) & (df["seed"] == seed)
+              & (df["source"].fillna("measured") == "measured")]
+
+
+def missing_parts(expected: dict[str, list[tuple[str, str]]], stored: pd.DataFrame) -> set[str]:
+    """The parts of ``expected`` with at least one row absent from ``stored``."""
+    have = set(zip(stored["metric"], stored["metric_version"])) if not stored.empty else set()
+    return {part for part, rows in expected.items() if not set(rows) <= have}
+
+
+def reusable_rows(stored: pd.DataFrame, expected: dict[str, list[tuple[str, str]]], todo: set[str]) -> list[ResultRow]:
+    """The stored rows of the expected parts not in ``todo``, as :class:`ResultRow` (for tables)."""
+    keep = {row for part, rows in expected.items() if part not in todo for row in rows}
+    if stored.empty or not keep:
+        return []
+    recs = stored.to_dict("records")
+    return [ResultRow(**{k: r[k] for k in COLUMNS}) for r in recs if (r["metric"], r["metric_version"]) in keep]

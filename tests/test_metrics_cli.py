@@ -1,0 +1,120 @@
+"""End to end: ``raebench eval`` with Inception/LPIPS metrics (random weights via environment
+variables), the reference-feature cache across tokenizers, and ``raebench score`` on folders and
+ADM-style ``.npz`` files."""
+
+import numpy as np
+import pytest
+import torch
+from _metrics_helpers import photo_crops, random_inception_weights, save_pngs, stand_in_extractors  # noqa: F401
+
+from raebench.cli import main
+from raebench.errors import DataError
+from raebench.evaluate import Evaluator
+from raebench.results import load
+
+
+def _values(results) -> dict:
+    df = load(results)
+    return dict(zip(df["metric"], df["value"]))
+
+
+def test_eval_cli_inception_lpips_and_reference_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    from raebench.metrics.extractors import InceptionExtractor
+
+    data = save_pngs(photo_crops(8, 40, seed=7), tmp_path / "data")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet().state_dict(), tmp_path / "alex.pth")
+    monkeypatch.setenv("RAEBENCH_INCEPTION_WEIGHTS", str(random_inception_weights(tmp_path / "inception.pth")))
+    monkeypatch.setenv("RAEBENCH_LPIPS_ALEX_WEIGHTS", str(tmp_path / "alex.pth"))
+    monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache"))
+    seen = []
+    forward = InceptionExtractor.forward
+    monkeypatch.setattr(InceptionExtractor, "forward", lambda self, x: (seen.append(x.shape[0]), forward(self, x))[1])
+
+    args = ["--data", str(data), "--resolution", "32", "--device", "cpu", "--batch-size", "5"]
+    main(["eval", "--tokenizer", "bicubic-f8", "--metrics", "psnr,ssim,fid,kid,lpips-alex", "--results",
+          str(tmp_path / "r1"), *args])
+    df = load(tmp_path / "r1")
+    v = dict(zip(df["metric"], df["value"]))
+    assert set(v) == {"psnr", "ssim", "fid", "kid", "kid-std", "lpips-alex"}
+    assert all(np.isfinite(x) for x in v.values()) and v["fid"] > 0 and v["lpips-alex"] > 0
+    row = df[df["metric"] == "kid"].iloc[0]
+    assert "subset size 8" in row["notes"] and "inception" in row["extra"]["metric_weights"]
+    assert sum(seen) == 16  # originals and reconstructions, once each
+    assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 1  # reference pool3 features
+
+    # a second tokenizer on the same images: reference features come from the cache
+    seen.clear()
+    main(["eval", "--tokenizer", "pixels", "--metrics", "fid", "--results", str(tmp_path / "r2"), *args])
+    assert sum(seen) == 8
+    assert _values(tmp_path / "r2")["fid"] == pytest.approx(0.0, abs=1e-6)  # identical sets
+
+
+def test_score_paired_folders_match_by_name(tmp_path, stand_in_extractors, make_images):
+    ref, cand = make_images(6, 32, 32, seed=1), make_images(6, 32, 32, seed=2)
+    save_pngs(ref, tmp_path / "ref", ".png")
+    save_pngs(cand, tmp_path / "cand", ".bmp")  # other extension, same names
+    main(["score", "--references", str(tmp_path / "ref"), "--candidates", str(tmp_path / "cand"), "--metrics",
+          "psnr,fid", "--results", str(tmp_path / "res"), "--device", "cpu", "--batch-size", "4"])
+    got = _values(tmp_path / "res")
+    ev = Evaluator(("psnr", "fid"), torch.device("cpu"), options={})
+    ev.update(ref, cand)
+    assert got == pytest.approx(ev.compute()[0], rel=1e-9)
+    df = load(tmp_path / "res")
+    assert (df["tokenizer"] == "cand").all() and (df["dataset"] == "ref").all() and df["extra"][0]["protocol"] == "paired"
+
+
+def _npz(path, images=None, **stats):
+    arrays = {} if images is None else {"arr_0": images.permute(0, 2, 3, 1).numpy()}
+    np.savez(path, **arrays, **stats)
+    return path
+
+
+def test_score_unpaired_npz_with_adm_statistics(tmp_path, stand_in_extractors, make_images):
+    ref, cand = make_images(14, 32, 32, seed=3), make_images(9, 32, 32, seed=4)
+    save_pngs(ref, tmp_path / "ref")
+    _npz(tmp_path / "samples.npz", cand)
+    common = ["--candidates", str(tmp_path / "samples.npz"), "--device", "cpu", "--batch-size", "4"]
+    main(["score", "--references", str(tmp_path / "ref"), "--metrics", "fid,sfid,precision,kid", "--results",
+          str(tmp_path / "a"), *common])
+    from_images = _values(tmp_path / "a")
+    # an ADM reference batch: stored mu/sigma (FID) and mu_s/sigma_s (sFID) plus the images (precision, KID)
+    f = Evaluator(("fid", "sfid"), torch.device("cpu"), options={}).extractor("inception")(ref)
+    pool, spatial = f["pool"].double().numpy(), f["spatial"].double().numpy()
+    stats = {"mu": pool.mean(0), "sigma": np.cov(pool, rowvar=False), "mu_s": spatial.mean(0), "sigma_s": np.cov(spatial, rowvar=False)}
+    _npz(tmp_path / "VIRTUAL_ref.npz", ref, **stats)
+    stand_in_extractors.calls.clear()
+    main(["score", "--references", str(tmp_path / "VIRTUAL_ref.npz"), "--metrics", "fid,sfid,precision,kid",
+          "--results", str(tmp_path / "b"), *common])
+    assert _values(tmp_path / "b") == pytest.approx(from_images, rel=1e-6)
+    assert stand_in_extractors.calls["inception"] == 14 + 9
+    # statistics alone serve fid/sfid without touching reference images; precision needs them
+    _npz(tmp_path / "stats_only.npz", None, **stats)
+    stand_in_extractors.calls.clear()
+    main(["score", "--references", str(tmp_path / "stats_only.npz"), "--metrics", "fid,sfid", "--results",
+          str(tmp_path / "c"), *common])
+    assert _values(tmp_path / "c") == pytest.approx({k: from_images[k] for k in ("fid", "sfid")}, rel=1e-6)
+    assert stand_in_extractors.calls["inception"] == 9
+    with pytest.raises(DataError, match="statistics"):
+        from raebench.metrics.scoring import score
+
+        score(str(tmp_path / "stats_only.npz"), str(tmp_path / "samples.npz"), ("precision",), device="cpu", write=False)
+
+
+def test_score_reference_cache_and_paired_errors(tmp_path, stand_in_extractors, make_images, monkeypatch):
+    from raebench.metrics.scoring import score
+
+    monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache"))
+    ref, cand = make_images(7, 32, 32, seed=5), make_images(7, 32, 32, seed=6)
+    save_pngs(ref, tmp_path / "ref")
+    save_pngs(cand, tmp_path / "cand")
+    a = score(str(tmp_path / "ref"), str(tmp_path / "cand"), ("fid", "kid"), device="cpu", write=False)
+    stand_in_extractors.calls.clear()
+    b = score(str(tmp_path / "ref"), str(tmp_path / "cand"), ("fid", "kid"), device="cpu", write=False)
+    assert stand_in_extractors.calls["inception"] == 7  # candidates only: the references came from the cache
+    assert [r.value for r in a.rows] == pytest.approx([r.value for r in b.rows], rel=1e-12)
+    save_pngs(cand[:5], tmp_path / "fewer")
+    with pytest.raises(DataError, match="same relative name"):
+        score(str(tmp_path / "ref"), str(tmp_path / "fewer"), ("psnr",), device="cpu", write=False)

@@ -1,0 +1,139 @@
+"""``compare`` and ``analyze`` under torchrun (2 gloo processes on CPU) give the single-process
+numbers, print once and write their rows once; the exact merges behind them."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raebench.analysis.run import _Keep
+from raebench.analysis.spectrum import LatentStats
+from raebench.cli import main
+from raebench.results import load
+
+
+def run(argv, capsys):
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def torchrun(argv: list[str]) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 -m raebench ARGV`` (a free port, one thread per rank)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "raebench", *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _values(res: Path) -> dict[tuple[str, str], float]:
+    df = load(res)
+    return {(t, m): v for t, m, v in zip(df["tokenizer"], df["metric"], df["value"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# The merges, in one process
+# ---------------------------------------------------------------------------------------------
+
+
+def test_latent_stats_merge_of_shards_equals_one_pass():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(6, 6, generator=g)
+    z = (torch.randn(40, 6, 3, 3, generator=g).permute(0, 2, 3, 1) @ mix).permute(0, 3, 1, 2) + 50.0  # offset, correlated
+    z[:, 2] = z[:, 2] ** 3 / 100  # a heavy-tailed channel
+    whole = LatentStats()
+    for s in range(0, 40, 7):
+        whole.update(z[s : s + 7])
+    shards = [LatentStats(), LatentStats(), LatentStats()]  # uneven shards, other batch sizes, one empty
+    for s in range(0, 13, 5):
+        shards[0].update(z[s : min(s + 5, 13)])
+    for s in range(13, 40, 4):
+        shards[1].update(z[s : s + 4])
+    merged = LatentStats()
+    for sh in shards:
+        merged.merge(sh.state())  # through the state dict, as across processes
+    a, b = whole.summary(), merged.summary()
+    assert b.tokens == a.tokens == 40 * 9
+    torch.testing.assert_close(b.eigvals, a.eigvals, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(b.kurtosis, a.kurtosis, rtol=1e-8, atol=1e-9)
+    for f in ("latent_std", "effective_rank", "participation_ratio", "hoyer_sparsity", "near_zero_frac",
+              "token_norm_mean", "token_norm_std", "kurtosis_max"):
+        assert getattr(b, f) == pytest.approx(getattr(a, f), rel=1e-9), f
+
+
+def test_diagnostic_subset_ignores_batching_sharding_and_unreadable_files():
+    """The first k readable images of the seeded permutation, however the data arrive."""
+    n, k, unreadable = 30, 5, {3, 17, 22}
+
+    def kept(order: list[list[int]]) -> list[int]:
+        parts = []
+        for shard in order:
+            keep = _Keep(n, k, seed=7)
+            for i in shard:
+                if i not in unreadable and keep.wants(i):
+                    keep.offer(i, (i,))
+            parts.append(keep)
+        for p in parts[1:]:
+            parts[0].merge(p.heap)
+        return [p for (p,) in parts[0].payloads()]
+
+    one = kept([list(range(n))])
+    assert one == kept([list(range(0, 11)), list(range(11, 30))]) == kept([list(range(15)), [], list(range(15, 30))])
+    perm = [i for i in __import__("random").Random(7).sample(range(n), n) if i not in unreadable]
+    assert one == sorted(perm[:k])  # data order
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compare_under_torchrun_equals_one_process(image_folder: Path, tmp_path: Path, capsys):
+    common = ["compare", "-t", "bicubic-f8", "-t", "pixels", "--data", str(image_folder), "-r", "32", "-b", "3",
+              "--device", "cpu", "--reported", "none"]
+    code, out, err = run([*common, "--results", str(tmp_path / "one")], capsys)
+    assert code == 0, err
+    r = torchrun([*common, "--results", str(tmp_path / "two")])
+    assert r.stdout.count("compare on images") == 1  # only rank 0 prints
+    assert "computed now: bicubic-f8, pixels" in r.stdout
+    a, b = _values(tmp_path / "one"), _values(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 4
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-9), k
+    rows = load(tmp_path / "two", latest=False)
+    assert len(rows) == 4 and (rows["n_images"] == 8).all() and rows["device"].str.endswith("x2").all()
+    # a second torchrun reuses every row on both ranks (rank 0 decides) and writes nothing
+    r = torchrun([*common, "--results", str(tmp_path / "two")])
+    assert "computed now: nothing (all reused)" in r.stdout and len(load(tmp_path / "two", latest=False)) == 4
+
+
+def test_analyze_under_torchrun_equals_one_process(image_folder: Path, tmp_path: Path, capsys):
+    common = ["analyze", "-t", "pixels", "-t", "bicubic-f8", "--data", str(image_folder), "-r", "32", "-b", "3",
+              "--reference", "random-proj", "--perceptual", "rmse", "--mutual-k", "3", "--knn-k", "3", "--n-diag", "4",
+              "--interp-pairs", "2", "--interp-steps", "3", "--sigmas", "0.25,1", "--device", "cpu"]
+    code, out, err = run([*common, "--results", str(tmp_path / "one")], capsys)
+    assert code == 0, err
+    r = torchrun([*common, "--results", str(tmp_path / "two")])
+    assert r.stdout.count("analyze · images") == 1  # only rank 0 prints
+    a, b = _values(tmp_path / "one"), _values(tmp_path / "two")
+    assert a.keys() == b.keys()
+    assert {m for _, m in a} >= {"probe-linear-top1", "probe-knn-top1", "align-cknna-random-proj", "latent-erank",
+                                 "latent-kurtosis-max", "robust-psnr-vs-image-s1", "interp-rmse-path-ratio"}
+    for k in a:  # float32 forwards see other batch compositions: float tolerance, not bit equality
+        assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-9), k
+    one, two = load(tmp_path / "one"), load(tmp_path / "two", latest=False)
+    assert len(two) == len(one)  # every row written once
+    key = ["tokenizer", "metric"]
+    n1, n2 = one.set_index(key)["n_images"], two.set_index(key)["n_images"]
+    assert n2.sort_index().equals(n1.sort_index())
+    assert two["device"].str.endswith("x2").all()
+    (out_dir,) = list((tmp_path / "two" / "analysis").iterdir())  # figures drawn once, by rank 0
+    assert {p.name for p in out_dir.glob("*.png")} >= {"robustness.png", "spectra.png", "alignment.png"}
