@@ -12,8 +12,8 @@ converts with :func:`raebench.data.to_float`.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -10,24 +10,28 @@ set, rows in data order. Its key hashes everything that changes it:
   fingerprint of the weights file actually loaded;
 * ``CACHE_VERSION`` (bump when the file format or the meaning of a key changes).
 
-Files: ``<root>/<key>.npy`` plus ``<key>.json`` describing it, both written atomically
-(:func:`raebench.results.atomic_write_bytes`), so a crash never leaves a half file under a valid
-name. The root is ``$RAEBENCH_CACHE/features`` (default ``~/.cache/raebench/features``). A file that
-fails to load is ignored (and recomputed).
+Files: ``<root>/<key>.npy`` plus ``<key>.json`` describing it. Rows are written while the
+evaluation streams, into a memory-mapped temporary file (memory stays constant in N), which is
+fsynced and renamed onto its name only when every row was written (:class:`CacheWriter`); the JSON
+goes through :func:`raebench.results.atomic_write_bytes`. A crash or an incomplete run (a resumed
+or sharded evaluation) leaves no file under a valid name. The root is ``$RAEBENCH_CACHE/features``
+(default ``~/.cache/raebench/features``). A file that fails to load is ignored (and recomputed).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
+import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
 
 from raebench.results import atomic_write_bytes
+
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +70,46 @@ class FeatureCache:
             return None
         return arr
 
-    def save(self, key: str, arr: np.ndarray, meta: dict) -> Path:
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(arr, dtype=np.float32))
-        p = self.path(key)
-        atomic_write_bytes(p, buf.getvalue())
-        atomic_write_bytes(p.with_suffix(".json"), json.dumps({**meta, "shape": list(arr.shape)}, indent=1).encode())
-        return p
+    def writer(self, key: str, n: int, dim: int) -> "CacheWriter":
+        return CacheWriter(self.path(key), n, dim)
+
+
+class CacheWriter:
+    """Rows of one (N, D) float32 array, written by index as they arrive; ``commit`` publishes the
+    file only if every row was written, ``abort`` removes it."""
+
+    def __init__(self, path: Path, n: int, dim: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy.tmp", dir=path.parent)
+        os.close(fd)
+        self.path, self.tmp = path, Path(tmp)
+        self.rows = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+        self.written = np.zeros(n, dtype=bool)
+        # a run that dies before commit/abort still removes its temporary file
+        self._cleanup = weakref.finalize(self, self.tmp.unlink, missing_ok=True)
+
+    def write(self, index: np.ndarray, values: np.ndarray) -> None:
+        self.rows[index] = values
+        self.written[index] = True
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.written.all())
+
+    def commit(self, meta: dict) -> bool:
+        if not self.complete:
+            self.abort()
+            return False
+        self.rows.flush()
+        shape = list(self.rows.shape)
+        del self.rows
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        self._cleanup.detach()
+        atomic_write_bytes(self.path.with_suffix(".json"), json.dumps({**meta, "shape": shape}, indent=1).encode())
+        return True
+
+    def abort(self) -> None:
+        self.rows = None
+        self.tmp.unlink(missing_ok=True)

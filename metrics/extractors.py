@@ -35,9 +35,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from raebench.errors import MissingWeightsError
+from raebench.checkpoint import load_state
+from raebench.errors import CheckpointError, MissingWeightsError
 from raebench.metrics.base import ExtractorSpec, register_extractor
 from raebench.weights import WeightsSource, hf_offline, resolve
+
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +100,15 @@ def resolve_url_file(url: str, local: str | None, *, what: str, env: str) -> Pat
 
 
 def fingerprint_path(path: str | os.PathLike) -> str:
-    """A cheap identity of a weights file or folder: names, sizes and the first/last MiB of each
-    file (hashing a 1.2 GB checkpoint on every run would cost seconds)."""
+    """A cheap identity of a weights file or folder: sizes and the first/last MiB of each file, and
+    the relative names inside a folder (hashing a 1.2 GB checkpoint on every run would cost seconds).
+    A file's own name does not count: the same weights under another name are the same weights."""
     p = Path(path)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
     h = hashlib.sha256()
     for f in files:
         size = f.stat().st_size
-        h.update(f"{f.relative_to(p) if p.is_dir() else f.name}\0{size}\n".encode())
+        h.update(f"{f.relative_to(p) if p.is_dir() else ''}\0{size}\n".encode())
         if f.suffix in (".lock", ".md") or f.name.startswith("."):
             continue
         with open(f, "rb") as fh:
@@ -118,8 +121,8 @@ def fingerprint_path(path: str | os.PathLike) -> str:
 
 @contextlib.contextmanager
 def full_fp32():
-    """Disable TF32 inside (PyTorch lets cuDNN convolutions use it by default on Ampere and later,
-    which moves Inception features by ~1e-3; the reference evaluators compute in full fp32)."""
+    """Disable TF32 inside: PyTorch lets cuDNN convolutions use it by default on Ampere and later GPUs,
+    which changes features far beyond float32 rounding; the reference evaluators compute in fp32."""
     if not torch.cuda.is_available():
         yield
         return
@@ -176,6 +179,12 @@ class InceptionExtractor(Extractor):
         path = resolve_url_file(INCEPTION_URL, local_weights("inception", weights),
                                 what="Inception-v3 (FID/KID/IS)", env=weights_env("inception"))
         super().__init__(spec, device, outputs, path)
+        # torch-fidelity's constructor unpickles the file with weights_only=False: vet it safely first
+        state = load_state(path)
+        if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
+            raise CheckpointError(f"{str(path)!r} is not torch-fidelity's Inception state dict "
+                                  f"(weights-inception-2015-12-05-6726825d.pth).")
+        del state
         self.variant = "" if dtype == "float32" else f"dtype={dtype}"
         layers = ["2048"] + (["logits_unbiased"] if "logits" in self.outputs else [])
         # channels-last runs the same convolutions ~1.5-2x faster on CPUs (oneDNN) and GPUs; the features
@@ -309,7 +318,7 @@ def resize_images(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 
 def _register(cls, **fields) -> None:
     spec = ExtractorSpec(builder=None, **fields)
-    build = lambda device, outputs=(), **options: cls(spec, device, outputs, **options)  # noqa: E731
+    build = lambda device, outputs=(), **options: cls(spec, device, outputs, **options)
     register_extractor(replace(spec, builder=build))
 
 

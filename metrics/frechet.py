@@ -28,6 +28,7 @@ import torch
 
 from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
 
+
 #: a side with at most this many rows keeps them, for the exact low-rank path (N ≤ d)
 KEEP_ROWS_MAX = 4096
 
@@ -197,9 +198,10 @@ class FrechetMetric(Metric):
         else:
             mu_r, sigma_r, factor_r = self.ref.mean(), self.ref.cov(), self.ref.factor()
         d = self.cand.dim
-        for side, n in (("candidate", self.cand.n), ("reference", self.ref.n if self._ref_stats is None else None)):
-            if n is not None and n < d:
-                self.notes.append(f"N < d: {n} {side} images for {d}-d features (singular covariance, FD is biased)")
+        sides = [f"{n} {side}" for side, n in (("candidate", self.cand.n), ("reference", self.ref.n))
+                 if n < d and not (side == "reference" and self._ref_stats is not None)]
+        if sides:
+            self.notes.append(f"N < d: {' and '.join(sides)} images for {d}-d features (singular covariance; FD is biased)")
         value = frechet_distance(self.cand.mean(), self.cand.cov(), mu_r, sigma_r, self.cand.factor(), factor_r)
         return {self.spec.name: value}
 

@@ -14,6 +14,7 @@ import torch
 from raebench.metrics import neighbours as nb
 from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
 
+
 IS_SPLITS = 10
 IS_SEED = 2020
 

@@ -22,6 +22,7 @@ from raebench.metrics import neighbours as nb
 from raebench.metrics.base import MetricSpec, register_metric
 from raebench.metrics.manifold import _TwoSetFeatures
 
+
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 KID_SEED = 2020  # torch-fidelity's default rng_seed

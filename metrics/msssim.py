@@ -19,6 +19,7 @@ from raebench.data import to_float
 from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
 from raebench.metrics.pixel import _gaussian_window
 
+
 MS_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 

@@ -10,9 +10,10 @@ concatenate when shards merge, see ``Metric.merge``); :func:`cat` joins them.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
+
 
 CHUNK = 2048
 

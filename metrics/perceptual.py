@@ -28,10 +28,12 @@ from pathlib import Path
 
 import torch
 
+from raebench.checkpoint import load_state
 from raebench.errors import MissingWeightsError
 from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
 from raebench.metrics.extractors import fingerprint_path, local_weights, resize_images, resolve_url_file, weights_env
 from raebench.weights import hf_offline
+
 
 TORCHVISION_BACKBONES = {
     "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
@@ -77,7 +79,7 @@ def load_lpips(net: str, backbone_file: str | os.PathLike) -> torch.nn.Module:
 
     with contextlib.redirect_stdout(io.StringIO()):
         model = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False)
-    sd = torch.load(backbone_file, map_location="cpu", weights_only=True)
+    sd = load_state(backbone_file)  # refuses pickled code
     own = model.net.state_dict()
     # the package splits torchvision's ``features`` Sequential into slices: slice<k>.<i>.<p> = features.<i>.<p>
     new = {k: sd[f"features.{k.split('.', 1)[1]}"] for k in own if f"features.{k.split('.', 1)[1]}" in sd}

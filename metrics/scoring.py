@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from raebench.errors import DataError, RaebenchError
 from raebench.metrics.sources import ImageSource, open_source
+
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,9 @@ def score(
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> ScoreOutcome:
     """Score ``candidates`` against ``references`` (folders or ``.npz``) and write result rows."""
-    from raebench.evaluate import Evaluator, ReferenceSet, resolve_device
     from raebench.metrics import METRICS, higher_is_better
+
+    from raebench.evaluate import Evaluator, ReferenceSet, resolve_device
     from raebench.results import ResultRow, check_writable, new_run_id, write_rows
 
     t0 = time.perf_counter()

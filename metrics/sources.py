@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch
 from raebench.data import ImageDataset, ImageList, Skip, adm_center_crop, make_loader, scan_folder
 from raebench.errors import DataError
 from raebench.metrics.extractors import fingerprint_path
+
 
 ADM_STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
@@ -131,7 +132,7 @@ def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
 def _npz_batches(path: Path, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Stream ``arr_0`` (N, H, W, 3) uint8 from the zip member, ``batch_size`` images at a time."""
     with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-        shape, fortran, dtype = _read_header(f)
+        shape, fortran, _ = _read_header(f)
         if fortran:
             raise DataError(f"{path.name}: arr_0 is stored in Fortran order; save it C-contiguous.")
         per = int(np.prod(shape[1:]))

@@ -13,6 +13,7 @@ and listed. Rows are written only when the whole evaluation finished.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import logging
 import os
@@ -167,7 +168,13 @@ class Evaluator:
         self.specs = [METRICS.get(m) for m in dict.fromkeys(metric_names)]
         known = {s.name for s in self.specs} | {e for s in self.specs for e in s.extractors}
         for target, opts in self.options.items():
-            spec = METRICS.get(target) if target in METRICS else EXTRACTORS.get(target)  # unknown names: suggestions
+            if target not in METRICS and target not in EXTRACTORS:
+                names = METRICS.names() + EXTRACTORS.names()
+                close = difflib.get_close_matches(target, names, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise RaebenchError(f"Option {target}.{next(iter(opts))}: no metric or extractor is named {target!r}.{hint} "
+                                    f"Extractors: {', '.join(EXTRACTORS.names())}.")
+            spec = METRICS.get(target) if target in METRICS else EXTRACTORS.get(target)
             if spec.name not in known:
                 continue  # options for metrics not requested now are ignored (one env var serves many runs)
             allowed = spec.options
@@ -186,9 +193,8 @@ class Evaluator:
         self._extractors: dict = {}
         self.reference = reference
         self.cache = (FeatureCache() if cache is None else cache) if reference is not None else None
-        self._ref_cached: dict[str, dict[str, np.ndarray]] = {}
-        self._ref_collected: dict[str, dict[str, list[torch.Tensor]]] = {}
-        self._ref_index: list[torch.Tensor] = []
+        self._ref_cached: dict[str, dict[str, np.ndarray]] = {}  # extractor -> output -> (N, D) memory map
+        self._ref_writers: dict[tuple[str, str], object] = {}  # (extractor, output) -> CacheWriter
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -254,13 +260,13 @@ class Evaluator:
             if ref_u8 is None:
                 continue
             f = self.extractor(ext)(ref_u8)
-            if self.cache is not None and index is not None:  # all rows, for the cache
-                col = self._ref_collected.setdefault(ext, {o: [] for o in outs})
+            if self.cache is not None and index is not None:  # every row, kept or not, goes to the cache
                 for o in outs:
-                    col[o].append(f[o].cpu())
+                    w = self._ref_writers.get((ext, o))
+                    if w is None:
+                        w = self._ref_writers[(ext, o)] = self.cache.writer(self._cache_key(ext, o), self.reference.n, f[o].shape[1])
+                    w.write(index.cpu().numpy(), f[o].cpu().numpy())
             feats[ext] = f if keep is None else {o: v[keep.to(v.device)] for o, v in f.items()}
-        if self.cache is not None and index is not None and any(e not in self._ref_cached for e in self.ref_needs):
-            self._ref_index.append(index.cpu())
         return feats
 
     def _dispatch(self, ref_u8, cand_u8, ref_feats: dict, cand_feats: dict) -> None:
@@ -316,20 +322,13 @@ class Evaluator:
         return True
 
     def finish(self) -> None:
-        """Write the reference features to the cache if this run extracted all of them."""
-        if self.cache is None or not self._ref_collected:
-            return
-        index = torch.cat(self._ref_index) if self._ref_index else torch.empty(0, dtype=torch.long)
-        if index.numel() != self.reference.n or not torch.equal(index.sort().values, torch.arange(self.reference.n)):
-            log.debug("reference features not cached: this run saw %d of %d images", index.numel(), self.reference.n)
-            return
-        order = index.argsort()
-        for ext, outs in self._ref_collected.items():
-            for o, parts in outs.items():
-                arr = torch.cat(parts)[order].numpy()
-                ident = self.extractor(ext).identity
-                self.cache.save(self._cache_key(ext, o), arr, {"reference": self.reference.id, "extractor": ident, "output": o})
-        self._ref_collected.clear()
+        """Publish the reference features written to the cache if this run extracted all of them
+        (not after a resume or on one shard of several); otherwise drop the partial files."""
+        for (ext, o), w in self._ref_writers.items():
+            meta = {"reference": self.reference.id, "extractor": self.extractor(ext).identity, "output": o}
+            if not w.commit(meta):
+                log.debug("reference %s/%s features not cached: this run did not see every image", ext, o)
+        self._ref_writers.clear()
 
     # -- results ----------------------------------------------------------------------------------
 
@@ -529,6 +528,7 @@ def evaluate(
         if (i + 1) % save_every == 0:
             checkpoint()
 
+    ev.finish()  # cache the reference features if this process extracted all of them
     if world > 1:  # gather every rank's state, merge in rank order on every rank
         checkpoint()
         mine = {"metrics": [m.state() for m in ev.metrics], "n_used": n_used, "skipped": [(s.path, s.reason) for s in skipped],
@@ -552,8 +552,6 @@ def evaluate(
         raise RaebenchError(f"Nothing to evaluate for {tok.name!r} on {data.name!r}: {reason} ({len(skipped)} skipped).")
     if upscaled and rank == 0:
         log.warning("%d image(s) were smaller than %d px and were upscaled by the crop", len(upscaled), cfg.resolution)
-    if world == 1:
-        ev.finish()  # cache the reference features if this run extracted all of them
     values, versions, notes = ev.compute()
     seconds = time.perf_counter() - t0
     run_id = new_run_id()

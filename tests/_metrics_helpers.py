@@ -74,7 +74,7 @@ class Projection:
     ``calls`` counts the images it saw, per extractor name."""
 
     variant = ""
-    calls: dict[str, int] = {}
+    calls: dict[str, int] = {}  # noqa: RUF012  (a class-wide counter, reset by the fixture)
 
     def __init__(self, spec, device, outputs=(), **_):
         self.spec, self.outputs = spec, outputs
@@ -96,11 +96,13 @@ def stand_in_extractors(monkeypatch, tmp_path):
     from raebench.metrics import EXTRACTORS
 
     monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "feature-cache"))
+    def builder(spec):
+        return lambda device, outputs=(), **options: Projection(spec, device, outputs)
+
     Projection.calls = {}
     for name in ("inception", "clip-l14-336", "dinov2-l14"):
         spec = EXTRACTORS.get(name)
-        build = (lambda s: lambda device, outputs=(), **o: Projection(s, device, outputs))(spec)
-        monkeypatch.setitem(EXTRACTORS._specs, name, replace(spec, builder=build))
+        monkeypatch.setitem(EXTRACTORS._specs, name, replace(spec, builder=builder(spec)))
     return Projection
 
 

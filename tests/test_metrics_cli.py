@@ -20,7 +20,6 @@ def _values(results) -> dict:
 
 def test_eval_cli_inception_lpips_and_reference_cache(tmp_path, monkeypatch):
     import torchvision
-
     from raebench.metrics.extractors import InceptionExtractor
 
     data = save_pngs(photo_crops(8, 40, seed=7), tmp_path / "data")
@@ -118,3 +117,29 @@ def test_score_reference_cache_and_paired_errors(tmp_path, stand_in_extractors, 
     save_pngs(cand[:5], tmp_path / "fewer")
     with pytest.raises(DataError, match="same relative name"):
         score(str(tmp_path / "ref"), str(tmp_path / "fewer"), ("psnr",), device="cpu", write=False)
+
+
+def test_eval_excludes_nonfinite_reconstructions_but_caches_every_reference(tmp_path, stand_in_extractors, make_images):
+    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.tokenizers.reference import BicubicTokenizer
+
+    class HalfNaN(BicubicTokenizer):
+        name = "half-nan"
+
+        def decode(self, z):
+            x = super().decode(z)
+            x[::2] = float("nan")  # every other image of each batch
+            return x
+
+    data = save_pngs(make_images(9, 32, 32, seed=8), tmp_path / "data")
+    cfg = EvalConfig(tokenizer="half-nan", metrics=("fid", "psnr"), data=str(data), resolution=32, device="cpu",
+                     batch_size=4, results_dir=str(tmp_path / "r"))
+    out = evaluate(cfg, tokenizer=HalfNaN(8))
+    assert out.n_images == 4 and len(out.nonfinite) == 5
+    assert stand_in_extractors.calls["inception"] == 9 + 4  # all originals (for the cache), finite reconstructions
+    cached = list((tmp_path / "feature-cache" / "features").glob("*.npy"))
+    assert len(cached) == 1 and np.load(cached[0]).shape == (9, 24)
+    stand_in_extractors.calls.clear()
+    again = evaluate(cfg, tokenizer=HalfNaN(8))
+    assert stand_in_extractors.calls["inception"] == 4  # references from the cache, rows by dataset index
+    assert {r.metric: r.value for r in again.rows} == pytest.approx({r.metric: r.value for r in out.rows}, rel=1e-12)

@@ -4,8 +4,7 @@ brute-force definitions; the one-pass evaluator is batch-size independent and me
 import numpy as np
 import pytest
 import torch
-
-from _metrics_helpers import stand_in_extractors  # noqa: F401  (fixture)
+from _metrics_helpers import stand_in_extractors  # noqa: F401  (a fixture)
 
 from raebench.evaluate import Evaluator
 from raebench.metrics import METRICS, MetricBatch
@@ -103,7 +102,7 @@ def _run(ref, cand, batch_size, metrics=DIST):
 def test_evaluator_batch_size_independent(stand_in_extractors, make_images):
     ref, cand = make_images(32, 24, 24, seed=1), make_images(32, 24, 24, seed=2)
     a, _, _ = _run(ref, cand, 1).compute()
-    b, versions, notes = _run(ref, cand, 16).compute()
+    b, _, notes = _run(ref, cand, 16).compute()
     assert set(a) == {"fid", "sfid", "kid", "kid-std", "is", "is-std", "precision", "recall", "density", "coverage",
                       "cmmd", "fd-dinov2", "psnr", "ssim"}
     for k in a:  # float32 features may differ in the last bit with the batch size (BLAS blocking)

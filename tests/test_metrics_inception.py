@@ -12,6 +12,7 @@ from raebench.errors import MissingWeightsError
 from raebench.evaluate import Evaluator
 from raebench.metrics import EXTRACTORS
 
+
 N = 12  # images per side; KID subsets of all 12, IS needs >= 10 (one per split)
 
 
@@ -58,7 +59,7 @@ def test_equal_torch_fidelity(ours, theirs, ours_key, their_key):
 
 
 def test_values_are_not_degenerate(ours):
-    values, versions, notes = ours
+    values, _, notes = ours
     assert values["fid"] > 1.0 and values["kid"] > 1e-3 and values["is"] > 1.0
     assert "N < d" in notes["fid"] and "subset size 12" in notes["kid"]
     # with N images and subsets of N, every subset is the whole set: no spread
@@ -108,3 +109,20 @@ def test_missing_weights_offline_is_one_sentence(monkeypatch, tmp_path):
     msg = str(e.value)
     assert "weights-inception-2015-12-05-6726825d.pth" in msg and str(tmp_path / "torch") in msg
     assert "RAEBENCH_INCEPTION_WEIGHTS" in msg and msg.count(". ") == 0 and "\n" not in msg
+
+
+def test_weights_with_pickled_code_are_refused(tmp_path):
+    import os
+    import pickle
+
+    from raebench.errors import CheckpointError
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"Mixed_7c.branch_pool.conv.weight": torch.zeros(1), "x": Payload()}))
+    with pytest.raises(CheckpointError, match="Refused"):
+        EXTRACTORS.get("inception").builder(device="cpu", outputs=("pool",), weights=str(evil))
+    assert not (tmp_path / "pwned").exists()

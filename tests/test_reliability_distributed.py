@@ -118,7 +118,10 @@ def test_compare_under_torchrun_equals_one_process(image_folder: Path, tmp_path:
 def test_analyze_under_torchrun_equals_one_process(image_folder: Path, tmp_path: Path, capsys):
     common = ["analyze", "-t", "pixels", "-t", "bicubic-f8", "--data", str(image_folder), "-r", "32", "-b", "3",
               "--reference", "random-proj", "--perceptual", "rmse", "--mutual-k", "3", "--knn-k", "3", "--n-diag", "4",
-              "--interp-pairs", "2", "--interp-steps", "3", "--sigmas", "0.25,1", "--device", "cpu"]
+              "--interp-pairs", "2", "--interp-steps", "3", "--sigmas", "0.25,1", "--device", "cpu",
+              # rank 0 trains the probe alone after the gather (the trainer must not wait for the others)
+              "--diffusability", "--probe-preset", "ditdh-tiny", "--probe-steps", "2", "--probe-batch-size", "2",
+              "--probe-samples", "4", "--probe-sample-steps", "3"]
     code, out, err = run([*common, "--results", str(tmp_path / "one")], capsys)
     assert code == 0, err
     r = torchrun([*common, "--results", str(tmp_path / "two")])
@@ -126,7 +129,8 @@ def test_analyze_under_torchrun_equals_one_process(image_folder: Path, tmp_path:
     a, b = _values(tmp_path / "one"), _values(tmp_path / "two")
     assert a.keys() == b.keys()
     assert {m for _, m in a} >= {"probe-linear-top1", "probe-knn-top1", "align-cknna-random-proj", "latent-erank",
-                                 "latent-kurtosis-max", "robust-psnr-vs-image-s1", "interp-rmse-path-ratio"}
+                                 "latent-kurtosis-max", "robust-psnr-vs-image-s1", "interp-rmse-path-ratio",
+                                 "diffuse-latent-fd", "diffuse-fd-random-proj"}
     for k in a:  # float32 forwards see other batch compositions: float tolerance, not bit equality
         assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-9), k
     one, two = load(tmp_path / "one"), load(tmp_path / "two", latest=False)
@@ -135,5 +139,5 @@ def test_analyze_under_torchrun_equals_one_process(image_folder: Path, tmp_path:
     n1, n2 = one.set_index(key)["n_images"], two.set_index(key)["n_images"]
     assert n2.sort_index().equals(n1.sort_index())
     assert two["device"].str.endswith("x2").all()
-    (out_dir,) = list((tmp_path / "two" / "analysis").iterdir())  # figures drawn once, by rank 0
+    (out_dir,) = [d for d in (tmp_path / "two" / "analysis").iterdir() if (d / "config.json").exists()]  # once, by rank 0
     assert {p.name for p in out_dir.glob("*.png")} >= {"robustness.png", "spectra.png", "alignment.png"}

@@ -104,7 +104,10 @@ class _InMemoryLatents:
 def train_and_sample(latents: torch.Tensor, cfg: ProbeConfig, work_dir: str | Path) -> tuple[torch.Tensor, float]:
     """Train (or resume) the probe on ``latents`` (M, C, H, W) in ``work_dir``; return the EMA
     model's samples (n_samples, C, H, W) on the latents' device and the recent mean training loss."""
-    from raebench.stage2 import sample, shift_from_dims
+    # from the defining modules: ``raebench.stage2.sample`` is also a submodule, which replaces the
+    # package's re-exported function once anything imports it
+    from raebench.stage2.samplers import sample
+    from raebench.stage2.transport import shift_from_dims
     from raebench.stage2.models import read_state_dict
     from raebench.stage2.train import TrainConfig, build_for_training, train
 

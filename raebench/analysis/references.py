@@ -21,6 +21,7 @@ Every offline failure is one sentence naming the file and the flag that supplies
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raebench.data import to_float
-from raebench.errors import RaebenchError
+from raebench.errors import CheckpointError, RaebenchError
 from raebench.registry import Registry
 from raebench.weights import WeightsSource, resolve
 
@@ -61,7 +62,13 @@ class ReferenceSpec:
         if self.extractor is not None:
             from raebench.metrics import EXTRACTORS
 
-            ex = EXTRACTORS.get(self.extractor).builder(device=torch.device(device), outputs=(self.output,), weights=weights)
+            try:
+                ex = EXTRACTORS.get(self.extractor).builder(device=torch.device(device), outputs=(self.output,), weights=weights)
+            except pickle.UnpicklingError:  # transformers' weights_only=True refusal of a pickled .bin
+                raise CheckpointError(
+                    f"Refused to load the weights of reference {self.name!r} ({weights or 'the cached copy'}): they contain "
+                    "pickled objects other than tensors (possibly code); give a folder with model.safetensors."
+                ) from None
             return ExtractorReference(ex, self.output)
         if self.arch is None:
             return RandomProjection().to(device).eval()
@@ -80,6 +87,12 @@ class ReferenceEncoder(nn.Module):
 def _timm_from_file(arch: str, path: str, input_size: int, model_kwargs: dict[str, Any]) -> nn.Module:
     import timm
 
+    if not path.endswith(".safetensors"):
+        # timm also unpickles with weights_only=True, but reports a refused payload as a RuntimeError
+        # that reads like a shape mismatch: check the file the project's way first (CheckpointError)
+        from raebench.checkpoint import load_state
+
+        load_state(path)
     try:
         return timm.create_model(
             arch, pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=0,

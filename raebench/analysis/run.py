@@ -33,6 +33,7 @@ import heapq
 import json
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -353,6 +354,18 @@ def _gather(payload: dict, rank: int, world: int) -> list[dict] | None:
     return out
 
 
+@contextlib.contextmanager
+def _solo():
+    """Hide torchrun's WORLD_SIZE/RANK/LOCAL_RANK from what rank 0 runs alone after the gather: the
+    stage-2 trainer behind the diffusability probe would otherwise start a new process group and
+    wait for ranks that have left."""
+    saved = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def analyze(
     cfg: AnalyzeConfig,
     tokenizers: list | None = None,
@@ -441,13 +454,15 @@ def analyze(
 
     reports: list[TokenizerReport] = []
     with contextlib.ExitStack() as stack:  # without --results writes, probe runs go to a temporary folder
+        if world > 1:
+            stack.enter_context(_solo())
         probe_root = (Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="raebench-probe-")))
                       if cfg.diffusability and not cfg.write else Path(cfg.results_dir) / "analysis" / "probes")
         for i, tok in enumerate(toks):
             if i not in accs:
                 rows = reused[i]
-                rep = TokenizerReport(tok.name, getattr(tok, "weights_id", "none"), (), rows[0].n_images if rows else 0, 0,
-                                      reused=rows)
+                rep = TokenizerReport(tok.name, getattr(tok, "weights_id", "none"), (),
+                                      max((r.n_images for r in rows), default=0), 0, reused=rows)
                 rep.notes.append(f"every row reused from {cfg.results_dir!r} (--recompute measures again)")
                 reports.append(rep)
                 continue
@@ -457,10 +472,10 @@ def analyze(
             if dist_reason and cfg.perceptual != "none":
                 rep.notes.append(f"LPIPS left out: {dist_reason}")
             rep.computed, rep.reused = tuple(sorted(todo[i])), reused[i]
-            if rep.reused:
-                rep.notes.append(f"reused stored rows for {', '.join(sorted(set(expected) - todo[i]))}")
             rows = _rows(cfg, rep, data, device, world, versions, dist_version, refs, skipped, time.perf_counter() - t0)
             rep.rows = [r for r in rows if part_of(r.metric) in todo[i]]
+            if rep.reused:  # said on screen, not stored in the new rows
+                rep.notes.append(f"reused stored rows for {', '.join(sorted(set(expected) - todo[i]))}")
             reports.append(rep)
     out_dir: Path | None = None
     plots: list[Path] = []

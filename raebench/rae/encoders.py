@@ -20,6 +20,7 @@ that is put in training mode.
 
 from __future__ import annotations
 
+import pickle
 import json
 import logging
 import math
@@ -329,6 +330,11 @@ def load_hf_encoder(
         )
     except OSError as e:
         raise CheckpointError(f"Cannot load the encoder from {str(directory)!r}: {str(e).splitlines()[0]}") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"Refused to load the encoder from {str(directory)!r}: its pickled weights contain objects other than "
+            "tensors (possibly code); use a safetensors copy."
+        ) from None
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bar:
