@@ -8,20 +8,10 @@ import torch
 from PIL import Image
 
 from raebench.analysis.references import REFERENCES, ReferenceSpec, register_reference
-from raebench.cli import main
 from raebench.results import load
+from _cli import run
 
 TINY_VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
-
-
-def run(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,11 @@ import torch
 
 from conftest import ORACLE
 from raebench.analysis.reuse import part_of
-from raebench.cli import main
 from raebench.results import load
+from _cli import run
 
 FAST = ["--reference", "random-proj", "--perceptual", "rmse", "--no-plots", "--mutual-k", "3", "--knn-k", "3",
         "--n-diag", "2", "--interp-pairs", "1", "--interp-steps", "2", "--sigmas", "1", "-r", "32", "--device", "cpu"]
-
-
-def run(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _runs(res: Path) -> set[str]:

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from raebench.baselines import CardError, load_cards, parse_card, reported_frame, reported_rows
-from raebench.cli import main
 from raebench.errors import CheckpointError
 from raebench.leaderboard import compare_table, domain_gap, pivot, render
 from raebench.results import ResultRow
 from raebench.tokenizers import TOKENIZERS, build_tokenizer
 from raebench.tokenizers.vae import PRESETS, convert_ldm_vae_state_dict, get_preset, ldm_vae_config
+from _cli import run as _run  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -146,16 +146,6 @@ def _png_folder(root: Path, n: int = 2) -> Path:
         arr = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(arr).save(root / f"im{i}.png")
     return root
-
-
-def _run(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _use_hf_home(monkeypatch, home: Path) -> None:

@@ -5,18 +5,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raebench.cli import main
 from raebench.results import load
-
-
-def run(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from _cli import run
 
 
 def test_eval_compare_leaderboard(image_folder: Path, tmp_path: Path, capsys):

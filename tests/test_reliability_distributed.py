@@ -11,18 +11,8 @@ import torch
 
 from raebench.analysis.run import _Keep
 from raebench.analysis.spectrum import LatentStats
-from raebench.cli import main
 from raebench.results import load
-
-
-def run(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from _cli import run
 
 
 def torchrun(argv: list[str]) -> subprocess.CompletedProcess:

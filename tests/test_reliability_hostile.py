@@ -10,19 +10,9 @@ import pytest
 from PIL import Image
 
 from conftest import _smooth_image
-from raebench.cli import main
 from raebench.results import load
 from test_data import make_hostile_corpus
-
-
-def run(argv, capsys):
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from _cli import run
 
 
 @pytest.fixture

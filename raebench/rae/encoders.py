@@ -20,11 +20,11 @@ that is put in training mode.
 
 from __future__ import annotations
 
-import pickle
 import json
 import logging
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
