@@ -74,9 +74,8 @@ def score(
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> ScoreOutcome:
     """Score ``candidates`` against ``references`` (folders or ``.npz``) and write result rows."""
-    from raebench.metrics import METRICS, higher_is_better
-
     from raebench.evaluate import Evaluator, ReferenceSet, resolve_device
+    from raebench.metrics import METRICS, higher_is_better
     from raebench.results import ResultRow, check_writable, new_run_id, write_rows
 
     t0 = time.perf_counter()

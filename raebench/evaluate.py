@@ -54,6 +54,8 @@ class EvalConfig:
     decoder: str | None = None
     stats: str | None = None
     tokenizer_config: str | None = None
+    # metric/extractor options "NAME.KEY=VALUE" (None: $RAEBENCH_METRIC_OPTIONS)
+    metric_options: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -333,13 +335,14 @@ class Evaluator:
     # -- results ----------------------------------------------------------------------------------
 
     def version_of(self, spec) -> str:
-        """The metric's version plus the non-default variants of the extractors it reads."""
-        variants = [self._extractors[e].variant for e in spec.extractors if e in self._extractors and self._extractors[e].variant]
+        """The metric's version plus the non-default variants of the extractors it reads (built here
+        if this process never ran them, e.g. after a resume or a merge of shards)."""
+        variants = [self.extractor(e).variant for e in spec.extractors if self.extractor(e).variant]
         return "+".join([spec.version, *variants])
 
     def weights_ids(self) -> dict[str, str]:
         """Identity of every network's weights used by the metrics, for the result rows."""
-        out = {n: ex.identity for n, ex in self._extractors.items()}
+        out = {e: self.extractor(e).identity for s in self.specs for e in s.extractors}
         for spec, m in zip(self.specs, self.metrics):
             if getattr(m, "weights_id", None):
                 out[spec.name] = m.weights_id
@@ -355,6 +358,10 @@ class Evaluator:
                 versions[k] = self.version_of(spec)
                 notes[k] = "; ".join(m.notes)
         return values, versions, notes
+
+
+def _metric_options(cfg: EvalConfig) -> dict[str, dict[str, str]] | None:
+    return None if cfg.metric_options is None else parse_options(list(cfg.metric_options))
 
 
 def _shard(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -374,6 +381,7 @@ def _run_key(cfg: EvalConfig, data: ResolvedData, tok, metric_versions: list[str
         "data": data.images.fingerprint(), "dataset": data.name, "resolution": cfg.resolution, "seed": cfg.seed,
         "metrics": sorted(metric_versions), "precision": cfg.precision,
         "opts": [cfg.weights, cfg.decoder, cfg.stats],
+        "metric_options": sorted(cfg.metric_options or ()) or os.environ.get("RAEBENCH_METRIC_OPTIONS", ""),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -474,7 +482,7 @@ def evaluate(
     device = resolve_device(cfg.device)
     tok = tokenizer if tokenizer is not None else build_tokenizer_from_config(cfg, device)
     reference = ReferenceSet(f"{data.images.fingerprint()}|adm-center-crop@{cfg.resolution}", data.n)
-    ev = Evaluator(tuple(cfg.metrics), device, reference=reference)
+    ev = Evaluator(tuple(cfg.metrics), device, reference=reference, options=_metric_options(cfg))
 
     lo, hi = _shard(data.n, rank, world)
     work = _WorkState(cfg.results_dir, _run_key(cfg, data, tok, [s.version for s in ev.specs]), rank) if cfg.write else None
@@ -535,7 +543,7 @@ def evaluate(
                 "upscaled": upscaled, "nonfinite": nonfinite}
         gathered: list = [None] * world
         td.all_gather_object(gathered, mine)
-        ev = Evaluator(tuple(cfg.metrics), device, reference=reference)
+        ev = Evaluator(tuple(cfg.metrics), device, reference=reference, options=_metric_options(cfg))
         n_used, skipped, upscaled, nonfinite = 0, [], [], []
         for g in gathered:
             for m, ms in zip(ev.metrics, g["metrics"]):

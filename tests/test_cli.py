@@ -60,3 +60,9 @@ def test_ls_lists_registries(capsys):
     for what in ("tokenizers", "metrics", "datasets"):
         code, out, _ = run(["ls", what], capsys)
         assert code == 0 and out.strip()
+
+
+def test_eval_option_flag_reaches_the_metrics(image_folder: Path, tmp_path: Path, capsys):
+    code, out, err = run(["eval", "-t", "pixels", "--data", str(image_folder), "-r", "32", "--device", "cpu",
+                          "--results", str(tmp_path), "--option", "psnr.nonsense=1"], capsys)
+    assert code == 2 and "takes no option nonsense" in err

@@ -20,6 +20,7 @@ def _values(results) -> dict:
 
 def test_eval_cli_inception_lpips_and_reference_cache(tmp_path, monkeypatch):
     import torchvision
+
     from raebench.metrics.extractors import InceptionExtractor
 
     data = save_pngs(photo_crops(8, 40, seed=7), tmp_path / "data")
@@ -143,3 +144,16 @@ def test_eval_excludes_nonfinite_reconstructions_but_caches_every_reference(tmp_
     again = evaluate(cfg, tokenizer=HalfNaN(8))
     assert stand_in_extractors.calls["inception"] == 4  # references from the cache, rows by dataset index
     assert {r.metric: r.value for r in again.rows} == pytest.approx({r.metric: r.value for r in out.rows}, rel=1e-12)
+
+
+def test_eval_samples_reference_is_score(tmp_path, stand_in_extractors, make_images):
+    """`raebench eval --samples S.npz --reference R.npz` (the stage-2 gFID entry point) gives `score`'s numbers."""
+    ref, cand = make_images(10, 32, 32, seed=5), make_images(8, 32, 32, seed=6)
+    _npz(tmp_path / "ref.npz", ref)
+    _npz(tmp_path / "samples.npz", cand)
+    main(["score", "--references", str(tmp_path / "ref.npz"), "--candidates", str(tmp_path / "samples.npz"),
+          "--metrics", "fid,precision", "--device", "cpu", "--results", str(tmp_path / "a")])
+    main(["eval", "--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "ref.npz"),
+          "--metrics", "fid,precision", "--device", "cpu", "--results", str(tmp_path / "b")])
+    assert _values(tmp_path / "b") == pytest.approx(_values(tmp_path / "a"), rel=1e-9)
+    assert set(_values(tmp_path / "b")) >= {"fid", "precision", "recall"}

@@ -118,6 +118,7 @@ def test_dreamsim_equals_dreamsim_package(tiny_dreamsim, pairs):
 
 def test_dreamsim_hub_dir_change_is_contained(monkeypatch, tmp_path):
     import dreamsim
+
     from raebench.metrics.perceptual import load_dreamsim
 
     def fake(**kw):  # what the ensemble does: torch.hub.set_dir(<model folder>) for the DINO hub code

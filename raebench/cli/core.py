@@ -141,11 +141,28 @@ def register(app: typer.Typer) -> None:
         weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file/folder for the tokenizer."),
         decoder: Optional[str] = typer.Option(None, "--decoder", help="RAE: a decoder checkpoint to use instead of the released one."),
         stats: Optional[str] = typer.Option(None, "--stats", help="RAE: latent statistics file (stat.pt)."),
+        option: Optional[list[str]] = typer.Option(None, "--option", help="Metric/extractor option NAME.KEY=VALUE, e.g. inception.dtype=float64 (repeatable)."),
+        samples: Optional[str] = typer.Option(None, "--samples", help="Generation mode: samples (.npz arr_0 or folder) to score against --reference."),
+        reference: Optional[str] = typer.Option(None, "--reference", help="With --samples: an ADM reference batch .npz or an image folder."),
     ) -> None:
-        """Reconstruct a dataset with a tokenizer and score it (one pass, all metrics)."""
+        """Reconstruct a dataset with a tokenizer and score it (one pass, all metrics).
+
+        With --samples and --reference it scores generated samples instead (gFID and the other
+        distribution metrics; default metrics fid,sfid,is,precision), like `raebench score`."""
         from raebench import distributed
         from raebench.evaluate import EvalConfig
 
+        if samples or reference:
+            if not (samples and reference):
+                raise RaebenchError("Generation mode needs both --samples SAMPLES.npz and --reference REF.npz.")
+            if tokenizer or tokenizer_config or data or dataset:
+                raise RaebenchError("--samples/--reference score existing samples; drop --tokenizer/--data (or use them without --samples).")
+            from raebench.cli.metrics_cmds import run_score
+
+            gen_metrics = metrics if metrics != DEFAULT_METRICS else "fid,sfid,is,precision"
+            run_score(reference, samples, _split_metrics(gen_metrics), batch_size=batch_size, device=device,
+                      option=list(option or []), results=results, domain=domain or "in-domain")
+            return
         distributed.init()
         device = distributed.local_device(device)
         if not tokenizer and not tokenizer_config:
@@ -159,6 +176,7 @@ def register(app: typer.Typer) -> None:
             domain=domain, resolution=resolution, limit=limit, seed=seed, batch_size=batch_size, device=device,
             precision=precision, num_workers=num_workers, results_dir=str(results), weights=weights, decoder=decoder,
             stats=stats, tokenizer_config=str(tokenizer_config) if tokenizer_config else None,
+            metric_options=tuple(option) if option else None,
         )
         out = run_eval_with_progress(cfg, f"eval {tokenizer or tokenizer_config}")
         if distributed.is_main():

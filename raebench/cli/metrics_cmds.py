@@ -26,29 +26,38 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score candidates against references: paired metrics match images by name, distribution metrics
         compare the sets (gFID against an ADM reference batch uses its stored statistics)."""
-        from raebench.cli import console, err_console
-        from raebench.cli.core import _fmt, _progress, _split_metrics
-        from raebench.evaluate import parse_options
-        from raebench.metrics.scoring import score
+        from raebench.cli.core import _split_metrics
 
-        names = _split_metrics(metrics)
-        with _progress() as prog:
-            task = prog.add_task("score", total=None)
+        run_score(references, candidates, _split_metrics(metrics), name=name, domain=domain, resolution=resolution,
+                  batch_size=batch_size, device=device, option=option, results=results, write=write)
 
-            def cb(label: str, done: int, total: int) -> None:
-                prog.update(task, description=label, completed=done, total=total)
 
-            out = score(references, candidates, names, name=name, domain=domain, resolution=resolution,
-                        batch_size=batch_size, device=device, options=parse_options(option), results_dir=str(results),
-                        write=write, on_progress=cb)
-        r0 = out.rows[0]
-        t = Table(title=f"{r0.tokenizer} vs {r0.dataset} · {'paired' if out.paired else 'unpaired'} · "
-                        f"n={out.n_candidates} candidates, {out.n_references} references")
-        for c in ("metric", "value", "better", "notes"):
-            t.add_column(c, justify="right" if c == "value" else "left")
-        for r in out.rows:
-            t.add_row(r.metric, _fmt(r.value), {True: "↑", False: "↓"}.get(r.higher_is_better, ""), r.notes)
-        console.print(t)
-        if out.skipped:
-            err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record).")
-        err_console.print(f"{out.seconds:.1f} s · run {r0.run_id}" + ("" if write else " (not written)"), highlight=False)
+def run_score(references: str, candidates: str, names: tuple[str, ...], *, name: Optional[str] = None,
+              domain: str = "open-domain", resolution: Optional[int] = None, batch_size: int = 32, device: str = "auto",
+              option: list[str] | None = None, results: Path = Path("results"), write: bool = True) -> None:
+    """Score with a progress bar and print the table (shared by ``score`` and ``eval --samples``)."""
+    from raebench.cli import console, err_console
+    from raebench.cli.core import _fmt, _progress
+    from raebench.evaluate import parse_options
+    from raebench.metrics.scoring import score
+
+    with _progress() as prog:
+        task = prog.add_task("score", total=None)
+
+        def cb(label: str, done: int, total: int) -> None:
+            prog.update(task, description=label, completed=done, total=total)
+
+        out = score(references, candidates, names, name=name, domain=domain, resolution=resolution,
+                    batch_size=batch_size, device=device, options=parse_options(option or []), results_dir=str(results),
+                    write=write, on_progress=cb)
+    r0 = out.rows[0]
+    t = Table(title=f"{r0.tokenizer} vs {r0.dataset} · {'paired' if out.paired else 'unpaired'} · "
+                    f"n={out.n_candidates} candidates, {out.n_references} references")
+    for c in ("metric", "value", "better", "notes"):
+        t.add_column(c, justify="right" if c == "value" else "left")
+    for r in out.rows:
+        t.add_row(r.metric, _fmt(r.value), {True: "↑", False: "↓"}.get(r.higher_is_better, ""), r.notes)
+    console.print(t)
+    if out.skipped:
+        err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record).")
+    err_console.print(f"{out.seconds:.1f} s · run {r0.run_id}" + ("" if write else " (not written)"), highlight=False)
