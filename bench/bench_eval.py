@@ -1,6 +1,7 @@
 """Evaluation overhead and memory: the full metric pass vs the bare tokenizer forward.
 
     python bench/bench_eval.py --tokenizer bicubic-f8 --metrics psnr,ssim --n 64 [--device cuda]
+    python bench/bench_eval.py --tokenizer random-rae-small-B --metrics psnr,ssim,lpips-alex --n 16
     python bench/bench_eval.py --memory --n 64          # peak RSS at N and 4N images (streaming check)
 
 Overhead: time of ``raebench.evaluate`` (data loading, tokenizer, quantisation, every metric,
@@ -37,6 +38,26 @@ def _images(n: int, res: int) -> str:
     return d
 
 
+def random_rae(encoder: str = "small", decoder: str = "B"):
+    """An RAE with random weights built through the real classes: DINOv2-with-registers
+    (``small``/``base`` sizes) + a ViT decoder preset. For timing only: no download needed."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from raebench.rae.decoder import build_decoder, preset_config
+    from raebench.rae.encoders import wrap_hf_model
+    from raebench.rae.tokenizer import RAETokenizer
+
+    width, depth, heads = {"small": (384, 12, 6), "base": (768, 12, 12)}[encoder]
+    cfg = Dinov2WithRegistersConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+                                    intermediate_size=4 * width, patch_size=14, image_size=518, num_register_tokens=4)
+    enc = wrap_hf_model(Dinov2WithRegistersModel(cfg).eval(), "dinov2_with_registers", input_size=224,
+                        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    dec = build_decoder(preset_config(decoder, latent_dim=width))
+    tok = RAETokenizer(enc, dec).eval()
+    tok.name = f"random-rae-dinov2-{encoder}-dec{decoder}"
+    return tok
+
+
 def overhead(args) -> None:
     from raebench.data import ImageDataset, make_loader, scan_folder, to_float
     from raebench.evaluate import EvalConfig, build_tokenizer_from_config, evaluate, resolve_device
@@ -46,7 +67,12 @@ def overhead(args) -> None:
                      resolution=args.resolution, batch_size=args.batch_size, device=args.device,
                      results_dir=tempfile.mkdtemp(), num_workers=args.workers)
     dev = resolve_device(args.device)
-    tok = build_tokenizer_from_config(cfg, dev)
+    if args.tokenizer.startswith("random-rae"):
+        _, _, enc, dec = args.tokenizer.split("-")  # random-rae-small-B
+        tok = random_rae(enc, dec).to(dev)
+        cfg = EvalConfig(**{**cfg.__dict__, "tokenizer": "pixels"})
+    else:
+        tok = build_tokenizer_from_config(cfg, dev)
     batches = [b["image"].to(dev) for b in make_loader(ImageDataset(scan_folder(folder), args.resolution), args.batch_size)]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     with torch.no_grad():  # warm-up

@@ -40,8 +40,31 @@ def _gaussian_window(sigma: float = 1.5, truncate: float = 3.5, dtype=torch.floa
     return g / g.sum()
 
 
-def ssim_per_image(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, sigma: float = 1.5) -> torch.Tensor:
-    """(N, C, H, W) floats -> (N,) float64 SSIM (mean over the valid region and channels)."""
+def ssim_per_image(
+    a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, sigma: float = 1.5, backend: str = "auto"
+) -> torch.Tensor:
+    """(N, C, H, W) floats -> (N,) float64 SSIM (mean over the valid region and channels).
+
+    ``backend``: "torch" (float64 separable convolution, on the tensors' device), "skimage"
+    (scikit-image per image, CPU), or "auto": skimage for CPU tensors, torch elsewhere. Measured on
+    2 CPU cores (16 images at 256 px): skimage 0.34 s, our float64 torch 1.1 s, float32 torch 0.5 s
+    with 4e-6 relative error; on a GPU the torch path is the fast one, so the choice is by device.
+    """
+    if backend == "auto":
+        backend = "skimage" if a.device.type == "cpu" else "torch"
+    if backend == "skimage":
+        from skimage.metrics import structural_similarity
+
+        an = a.detach().double().numpy()
+        bn = b.detach().double().numpy()
+        vals = [
+            structural_similarity(x, y, gaussian_weights=True, sigma=sigma, use_sample_covariance=False,
+                                  data_range=data_range, channel_axis=0)
+            for x, y in zip(an, bn)
+        ]
+        return torch.tensor(vals, dtype=torch.float64)
+    if backend != "torch":
+        raise ValueError(f"unknown SSIM backend {backend!r}; use auto, torch or skimage")
     a = a.double()
     b = b.double()
     n, c, h, w = a.shape

@@ -46,7 +46,9 @@ def test_psnr_ssim_equal_skimage(i):
         a / 255.0, b / 255.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0, channel_axis=2
     )
     assert psnr_per_image(_t(a), _t(b)).item() == pytest.approx(ref_psnr, rel=1e-5)
-    assert ssim_per_image(_t(a), _t(b)).item() == pytest.approx(ref_ssim, rel=1e-5)
+    # our torch implementation (the GPU path) against scikit-image, and the CPU dispatch
+    assert ssim_per_image(_t(a), _t(b), backend="torch").item() == pytest.approx(ref_ssim, rel=1e-5)
+    assert ssim_per_image(_t(a), _t(b)).item() == pytest.approx(ref_ssim, rel=1e-12)
 
 
 def test_metric_classes_mean_over_images_and_batch_independence():
@@ -73,6 +75,8 @@ def test_psnr_identical_is_capped_not_infinite():
 
 def test_ssim_rejects_too_small_images():
     with pytest.raises(ValueError, match="at least 11x11"):
+        ssim_per_image(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), backend="torch")
+    with pytest.raises(ValueError):
         ssim_per_image(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
 
 
