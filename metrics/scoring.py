@@ -58,6 +58,24 @@ def pair_order(ref: ImageSource, cand: ImageSource) -> list[int]:
     return list(range(ref.n))
 
 
+def _shard_batches(src: ImageSource, batch_size: int, items: list[int]):
+    """Batches of ``items`` (data positions, in order) of ``src``: folders load only those files;
+    an ``.npz`` is streamed in its stored order and cut to the items' contiguous range."""
+    if src.kind != "npz":
+        yield from src.batches(batch_size, items)
+        return
+    if not items:
+        return
+    lo, hi = items[0], items[-1] + 1
+    for idx, imgs in src.batches(batch_size):
+        if idx[-1] < lo:
+            continue
+        if idx[0] >= hi:
+            return
+        keep = (idx >= lo) & (idx < hi)
+        yield idx[keep], imgs[keep]
+
+
 def score(
     references: str,
     candidates: str,
@@ -74,11 +92,12 @@ def score(
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> ScoreOutcome:
     """Score ``candidates`` against ``references`` (folders or ``.npz``) and write result rows."""
-    from raebench.evaluate import Evaluator, ReferenceSet, resolve_device
+    from raebench.evaluate import Evaluator, ReferenceSet, _dist, _shard, resolve_device
     from raebench.metrics import METRICS, higher_is_better
     from raebench.results import ResultRow, check_writable, new_run_id, write_rows
 
     t0 = time.perf_counter()
+    rank, world = _dist()  # under torchrun: contiguous shards, states merged in rank order on every rank
     if write:
         check_writable(results_dir)
     specs = [METRICS.get(m) for m in metrics]
@@ -95,7 +114,10 @@ def score(
     if paired:
         order = pair_order(ref, cand)
         partner = {c: r for r, c in enumerate(order)}
-        for (ri, rimg), (ci, cimg) in zip(ref.batches(batch_size), cand.batches(batch_size, order)):
+        lo, hi = _shard(ref.n, rank, world)
+        mine = list(range(lo, hi))
+        for (ri, rimg), (ci, cimg) in zip(_shard_batches(ref, batch_size, mine),
+                                          _shard_batches(cand, batch_size, [order[i] for i in mine])):
             # a file skipped on one side drops its partner on the other
             have_c, have_r = set(ci.tolist()), set(ri.tolist())
             keep_r = torch.tensor([order[i] in have_c for i in ri.tolist()], dtype=torch.bool)
@@ -106,30 +128,55 @@ def score(
             ev.update(rimg, cimg[keep_c], index=ri, keep=keep_r)
             n_cand += int(keep_c.sum())
             if on_progress:
-                on_progress("pairs", n_cand, ref.n)
+                on_progress("pairs", n_cand, hi - lo)
     else:
-        if not ev.references_from_cache() and ev.needs_reference_features:
+        # the cache decision is the same on every rank (same files); only rank 0 feeds cached features
+        cached = not ev.needs_reference_features and bool(ev._ref_cached)
+        if cached:
+            if rank == 0:
+                ev.references_from_cache()
+        elif ev.needs_reference_features:
             if ref.n == 0:
                 raise DataError(f"{references!r} holds no images (arr_0) and its statistics do not cover "
                                 f"{', '.join(s.name for s in specs)}; only fid/sfid can use stored statistics.")
             done = 0
-            for ri, rimg in ref.batches(batch_size):
+            lo, hi = _shard(ref.n, rank, world)
+            for ri, rimg in _shard_batches(ref, batch_size, list(range(lo, hi))):
                 ev.update_reference(rimg, ri)
                 done += rimg.shape[0]
                 if on_progress:
-                    on_progress("references", done, ref.n)
-        for _, cimg in cand.batches(batch_size):
+                    on_progress("references", done, hi - lo)
+        lo, hi = _shard(cand.n, rank, world)
+        for _, cimg in _shard_batches(cand, batch_size, list(range(lo, hi))):
             ev.update_candidates(cimg)
             n_cand += cimg.shape[0]
             if on_progress:
-                on_progress("candidates", n_cand, cand.n)
+                on_progress("candidates", n_cand, hi - lo)
+    skipped = ref.skipped + cand.skipped
+    ev.finish()
+    scorer = ev
+    if world > 1:
+        import torch.distributed as td
+
+        from raebench.data import Skip
+
+        mine_state = {"metrics": [m.state() for m in ev.metrics], "n": n_cand,
+                      "skipped": [(x.path, x.reason) for x in skipped]}
+        gathered: list = [None] * world
+        td.all_gather_object(gathered, mine_state)
+        scorer = Evaluator(tuple(s.name for s in specs), dev, options=options)
+        if stats:
+            scorer.set_reference_stats(stats)
+        for g in gathered:
+            for m, st in zip(scorer.metrics, g["metrics"]):
+                m.merge(st)
+        n_cand = sum(g["n"] for g in gathered)
+        skipped = [Skip(p, r) for g in gathered for p, r in g["skipped"]]
     if n_cand == 0:
         raise RaebenchError(f"Nothing to score: no readable candidate image in {candidates!r}.")
-    ev.finish()
-    values, versions, notes = ev.compute()
+    values, versions, notes = scorer.compute()
     seconds = time.perf_counter() - t0
     run_id = new_run_id()
-    skipped = ref.skipped + cand.skipped
     res = resolution or _image_size(cand)
     protocol = "paired" if paired else ("unpaired, stored reference statistics" if stats else "unpaired")
     rows = [
@@ -137,14 +184,14 @@ def score(
             tokenizer=name or cand.name, weights_id="none", dataset=ref.name, split="all", domain=domain,
             resolution=res, n_images=n_cand, metric=k, value=v, higher_is_better=higher_is_better(k),
             metric_version=versions[k], data_fingerprint=ref.id, skipped=len(skipped), seconds=round(seconds, 3),
-            device=str(dev), notes=notes[k], run_id=run_id,
+            device=str(dev) + (f" x{world}" if world > 1 else ""), notes=notes[k], run_id=run_id,
             extra={"protocol": protocol, "candidates": str(candidates), "candidates_fingerprint": cand.id,
                    "references": str(references), "n_references": ref.n, "metric_weights": ev.weights_ids(),
                    "skipped_files": [f"{s.path}: {s.reason}" for s in skipped][:1000]},
         )
         for k, v in values.items()
     ]
-    if write:
+    if write and rank == 0:
         write_rows(rows, results_dir, run_id)
     return ScoreOutcome(rows, paired, ref.n, n_cand, seconds, skipped)
 

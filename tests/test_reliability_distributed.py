@@ -131,3 +131,35 @@ def test_analyze_under_torchrun_equals_one_process(image_folder: Path, tmp_path:
     assert two["device"].str.endswith("x2").all()
     (out_dir,) = [d for d in (tmp_path / "two" / "analysis").iterdir() if (d / "config.json").exists()]  # once, by rank 0
     assert {p.name for p in out_dir.glob("*.png")} >= {"robustness.png", "spectra.png", "alignment.png"}
+
+
+def test_torchrun_score_equals_one_process(tmp_path: Path):
+    """`torchrun -m raebench score` shards both sets contiguously and merges metric states in rank
+    order: paired (psnr + fid on the same pairs) and unpaired (fid, kid, precision) equal 1 process."""
+    import numpy as np
+    from _metrics_helpers import photo_crops, random_inception_weights, save_pngs
+
+    ref, cand = photo_crops(10, 32, seed=1), photo_crops(10, 32, seed=2)
+    save_pngs(ref, tmp_path / "ref")
+    save_pngs(cand, tmp_path / "cand")
+    np.savez(tmp_path / "samples.npz", arr_0=cand[:9].permute(0, 2, 3, 1).numpy())
+    weights = random_inception_weights(tmp_path / "inception.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAEBENCH_INCEPTION_WEIGHTS": str(weights)}
+    for label, cands, metrics in (("paired", tmp_path / "cand", "psnr,fid"),
+                                  ("unpaired", tmp_path / "samples.npz", "fid,kid,precision")):
+        argv = ["score", "--references", str(tmp_path / "ref"), "--candidates", str(cands), "--metrics", metrics,
+                "--device", "cpu", "-b", "3"]
+        one, two = tmp_path / f"{label}-1", tmp_path / f"{label}-2"
+        env1 = {**env, "RAEBENCH_CACHE": str(tmp_path / f"cache-{label}-1")}
+        env2 = {**env, "RAEBENCH_CACHE": str(tmp_path / f"cache-{label}-2")}
+        subprocess.run([sys.executable, "-m", "raebench", *argv, "--results", str(one)], env=env1, check=True,
+                       capture_output=True, timeout=300)
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "raebench", *argv, "--results", str(two)], env=env2, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        a, b = _values(one), _values(two)
+        assert a.keys() == b.keys() and len(a) >= 2
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), (label, k)
+        assert len(load(two, latest=False)) == len(a)  # rows written once

@@ -36,20 +36,28 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
               domain: str = "open-domain", resolution: Optional[int] = None, batch_size: int = 32, device: str = "auto",
               option: list[str] | None = None, results: Path = Path("results"), write: bool = True) -> None:
     """Score with a progress bar and print the table (shared by ``score`` and ``eval --samples``)."""
+    from raebench import distributed
     from raebench.cli import console, err_console
     from raebench.cli.core import _fmt, _progress
     from raebench.evaluate import parse_options
     from raebench.metrics.scoring import score
 
+    distributed.init()
+    device = distributed.local_device(device)
+    kwargs = dict(name=name, domain=domain, resolution=resolution, batch_size=batch_size, device=device,
+                  options=parse_options(option or []), results_dir=str(results), write=write)
+    if not distributed.is_main():
+        score(references, candidates, names, **kwargs)
+        distributed.finish()
+        return
     with _progress() as prog:
         task = prog.add_task("score", total=None)
 
         def cb(label: str, done: int, total: int) -> None:
             prog.update(task, description=label, completed=done, total=total)
 
-        out = score(references, candidates, names, name=name, domain=domain, resolution=resolution,
-                    batch_size=batch_size, device=device, options=parse_options(option or []), results_dir=str(results),
-                    write=write, on_progress=cb)
+        out = score(references, candidates, names, on_progress=cb, **kwargs)
+    distributed.finish()
     r0 = out.rows[0]
     t = Table(title=f"{r0.tokenizer} vs {r0.dataset} · {'paired' if out.paired else 'unpaired'} · "
                     f"n={out.n_candidates} candidates, {out.n_references} references")
