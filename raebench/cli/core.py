@@ -47,13 +47,24 @@ def run_eval_with_progress(cfg, label: str):
     tok = build_tokenizer_from_config(cfg, resolve_device(cfg.device))
     if not distributed.is_main():
         return evaluate(cfg, tokenizer=tok)
-    with _progress() as prog:
-        task = prog.add_task(label, total=None)
+    # the bar starts with the first finished batch, so an error while building the metrics'
+    # networks (a missing Inception file, say) prints as one sentence without a half-drawn bar
+    prog = _progress()
+    task = prog.add_task(label, total=None)
+    started = False
 
-        def cb(done: int, total: int) -> None:
-            prog.update(task, completed=done, total=total)
+    def cb(done: int, total: int) -> None:
+        nonlocal started
+        if not started:
+            prog.start()
+            started = True
+        prog.update(task, completed=done, total=total)
 
+    try:
         return evaluate(cfg, tokenizer=tok, on_progress=cb)
+    finally:
+        if started:
+            prog.stop()
 
 
 def _report_outcome(out) -> None:
