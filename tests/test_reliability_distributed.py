@@ -139,10 +139,10 @@ def test_torchrun_score_equals_one_process(tmp_path: Path):
     import numpy as np
     from _metrics_helpers import photo_crops, random_inception_weights, save_pngs
 
-    ref, cand = photo_crops(10, 32, seed=1), photo_crops(10, 32, seed=2)
+    ref, cand = photo_crops(6, 32, seed=1), photo_crops(6, 32, seed=2)
     save_pngs(ref, tmp_path / "ref")
     save_pngs(cand, tmp_path / "cand")
-    np.savez(tmp_path / "samples.npz", arr_0=cand[:9].permute(0, 2, 3, 1).numpy())
+    np.savez(tmp_path / "samples.npz", arr_0=cand[:5].permute(0, 2, 3, 1).numpy())
     weights = random_inception_weights(tmp_path / "inception.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAEBENCH_INCEPTION_WEIGHTS": str(weights)}
     for label, cands, metrics in (("paired", tmp_path / "cand", "psnr,fid"),
