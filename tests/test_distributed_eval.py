@@ -23,7 +23,7 @@ def test_torchrun_two_ranks_equals_one(image_folder: Path, tmp_path: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "raebench", *common, "--results", str(one)], check=True, env=env, capture_output=True)
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m", "raebench",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "raebench",
          *common, "--results", str(two)], env=env, capture_output=True, text=True, timeout=240,
     )
     assert r.returncode == 0, r.stderr[-2000:]
