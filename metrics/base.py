@@ -12,6 +12,7 @@ converts with :func:`raebench.data.to_float`.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -101,6 +102,34 @@ class Metric(abc.ABC):
                 setattr(self, k, cur + v.to(cur.device))
             else:
                 setattr(self, k, type(cur)(cur + v))
+
+
+class PairedMean(Metric):
+    """Mean over images of a per-image score of (reference, candidate) pairs, as a float64 sum
+    and a count (constant memory; merges exactly). Subclasses implement :meth:`per_image`."""
+
+    def __init__(self, spec: "MetricSpec") -> None:
+        super().__init__(spec)
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = 0.0
+        self.count = 0
+
+    def per_image(self, ref_u8: torch.Tensor, cand_u8: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) pairs -> (N,) scores."""
+        raise NotImplementedError
+
+    def update(self, batch: MetricBatch) -> None:
+        if batch.reference is None or batch.candidate is None:
+            raise ValueError(f"{self.spec.name} is a paired metric and needs reference and candidate images")
+        with torch.no_grad():
+            v = self.per_image(batch.reference, batch.candidate).double()
+        self.total += float(v.sum())
+        self.count += v.numel()
+
+    def compute(self) -> dict[str, float]:
+        return {self.spec.name: self.total / self.count if self.count else math.nan}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ and the population std over splits (``is-std``).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from raebench.metrics import neighbours as nb
@@ -20,19 +19,12 @@ IS_SEED = 2020
 
 
 def inception_score(logits: torch.Tensor, splits: int = IS_SPLITS, seed: int | None = IS_SEED) -> tuple[float, float]:
-    """(mean, std) of the Inception Score over ``splits`` of (N, C) logits (shuffled when seeded)."""
-    n = logits.shape[0]
-    if seed is not None:
-        logits = logits[torch.from_numpy(np.random.RandomState(seed).permutation(n))]
-    logits = logits.double()
-    p, log_p = logits.softmax(1), logits.log_softmax(1)
-    scores = []
-    for i in range(splits):
-        sl = slice(i * n // splits, (i + 1) * n // splits)
-        q = p[sl].mean(0, keepdim=True)
-        kl = (p[sl] * (log_p[sl] - q.log())).sum(1).mean()
-        scores.append(kl.exp().item())
-    return float(np.mean(scores)), float(np.std(scores))
+    """(mean, std) of the Inception Score over ``splits`` of (N, C) logits (shuffled when seeded):
+    torch-fidelity's own ``isc_features_to_metric`` (float64)."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+    out = isc_features_to_metric(logits, splits=splits, shuffle=seed is not None, rng_seed=seed or 0)
+    return float(out[KEY_METRIC_ISC_MEAN]), float(out[KEY_METRIC_ISC_STD])
 
 
 class InceptionScore(Metric):

@@ -3,10 +3,11 @@
 KID, torch-fidelity's definition: Inception pool3 features, cubic polynomial kernel
 k(x, y) = (x·y / d + 1)³, unbiased MMD² on 100 random subsets of 1000 images per side, drawn
 without replacement by ``numpy.random.RandomState(2020)`` in torch-fidelity's order (candidates,
-then references, for each subset), so the subsets and hence the values are torch-fidelity's.
-Reports the mean (``kid``) and the population std over subsets (``kid-std``). With fewer than
-1000 images on a side the subset size shrinks to the smaller set (recorded in the notes), as
-clean-fid does (torch-fidelity refuses). Computed in float64 (torch-fidelity: float32).
+then references, for each subset): computed by torch-fidelity's own ``kid_features_to_metric`` on
+the gathered features, in float64 (torch-fidelity's pipeline feeds float32). Reports the mean
+(``kid``) and the population std over subsets (``kid-std``). With fewer than 1000 images on a side
+the subset size shrinks to the smaller set (recorded in the notes), as clean-fid does
+(torch-fidelity's pipeline refuses).
 
 CMMD, the official definition: CLIP ViT-L/14@336 L2-normalised image embeddings, Gaussian RBF
 kernel exp(−|x − y|² / (2σ²)) with σ = 10, the biased (V-statistic) MMD² with diagonals included,
@@ -15,7 +16,6 @@ times 1000. Computed in float64 blocks, never an N × N matrix at once.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from raebench.metrics import neighbours as nb
@@ -30,29 +30,17 @@ CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
 
 
-def poly_mmd2_unbiased(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Unbiased MMD² of (m, d) samples under the cubic kernel (x·y/d + 1)³ (float64)."""
-    x, y = x.double(), y.double()
-    m, d = x.shape
-    k_xx = (x @ x.T / d + 1.0) ** 3
-    k_yy = (y @ y.T / d + 1.0) ** 3
-    k_xy = (x @ y.T / d + 1.0) ** 3
-    sum_xx = k_xx.sum() - k_xx.diagonal().sum()
-    sum_yy = k_yy.sum() - k_yy.diagonal().sum()
-    return float((sum_xx + sum_yy) / (m * (m - 1)) - 2.0 * k_xy.sum() / (m * m))
-
-
 def kid(cand: torch.Tensor, ref: torch.Tensor, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE,
         seed: int = KID_SEED) -> tuple[float, float]:
-    """(mean, std) of the unbiased polynomial MMD² over random subsets, torch-fidelity's sampling."""
-    rng = np.random.RandomState(seed)
-    n1, n2 = cand.shape[0], ref.shape[0]
-    mmds = np.zeros(subsets)
-    for i in range(subsets):
-        f1 = cand[torch.from_numpy(rng.choice(n1, subset_size, replace=False))]
-        f2 = ref[torch.from_numpy(rng.choice(n2, subset_size, replace=False))]
-        mmds[i] = poly_mmd2_unbiased(f1, f2)
-    return float(np.mean(mmds)), float(np.std(mmds))
+    """(mean, std) of the unbiased cubic-kernel MMD² over random subsets: torch-fidelity's own
+    ``kid_features_to_metric`` (its subset sampling, candidates first), fed float64 features."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    out = kid_features_to_metric(
+        cand.double(), ref.double(), kid_subsets=subsets, kid_subset_size=subset_size, kid_kernel="poly",
+        kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False,
+    )
+    return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])
 
 
 def rbf_mmd2_biased(x: torch.Tensor, y: torch.Tensor, sigma: float = CMMD_SIGMA, chunk: int | None = None) -> float:

@@ -10,14 +10,13 @@ channels, then over images. Float64. Needs images larger than 160 px on the shor
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
 from raebench.data import to_float
-from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
-from raebench.metrics.pixel import _gaussian_window
+from raebench.metrics.base import MetricSpec, PairedMean, register_metric
+from raebench.metrics.pixel import _gaussian_window, ssim_cs_maps
 
 
 MS_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -25,14 +24,7 @@ MS_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 def _ssim_cs(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (ssim, cs), each (N, C): means over the valid region of one scale."""
-    n, c = a.shape[:2]
-    k = g.numel()
-    gx, gy = g.view(1, 1, 1, k).expand(c, 1, 1, k), g.view(1, 1, k, 1).expand(c, 1, k, 1)
-    stack = torch.cat([a, b, a * a, b * b, a * b], 0)  # (5N, C, H, W)
-    mu_a, mu_b, e_aa, e_bb, e_ab = F.conv2d(F.conv2d(stack, gx, groups=c), gy, groups=c).split(n, 0)
-    c1, c2 = 0.01**2, 0.03**2
-    cs = (2 * (e_ab - mu_a * mu_b) + c2) / ((e_aa - mu_a**2) + (e_bb - mu_b**2) + c2)
-    ssim = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1) * cs
+    ssim, cs = ssim_cs_maps(a, b, g)
     return ssim.flatten(2).mean(-1), cs.flatten(2).mean(-1)
 
 
@@ -55,24 +47,9 @@ def ms_ssim_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.prod(torch.stack(terms) ** w, 0).mean(1)  # (levels, N, C) -> (N, C) -> (N,)
 
 
-class MSSSIM(Metric):
-    def __init__(self, spec: MetricSpec) -> None:
-        super().__init__(spec)
-        self.reset()
-
-    def reset(self) -> None:
-        self.total = 0.0
-        self.count = 0
-
-    def update(self, batch: MetricBatch) -> None:
-        if batch.reference is None or batch.candidate is None:
-            raise ValueError("ms-ssim is a paired metric and needs reference and candidate images")
-        v = ms_ssim_per_image(to_float(batch.reference), to_float(batch.candidate))
-        self.total += float(v.sum())
-        self.count += v.numel()
-
-    def compute(self) -> dict[str, float]:
-        return {"ms-ssim": self.total / self.count if self.count else math.nan}
+class MSSSIM(PairedMean):
+    def per_image(self, ref_u8: torch.Tensor, cand_u8: torch.Tensor) -> torch.Tensor:
+        return ms_ssim_per_image(to_float(ref_u8), to_float(cand_u8))
 
 
 register_metric(

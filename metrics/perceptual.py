@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from raebench.checkpoint import load_state
 from raebench.errors import MissingWeightsError
-from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
+from raebench.metrics.base import MetricSpec, PairedMean, register_metric
 from raebench.metrics.extractors import fingerprint_path, local_weights, resize_images, resolve_url_file, weights_env
 from raebench.weights import hf_offline
 
@@ -39,32 +38,6 @@ TORCHVISION_BACKBONES = {
     "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
     "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
 }
-
-
-class _PairedMean(Metric):
-    """Mean over images of a per-image distance computed by a network on ``device``."""
-
-    def __init__(self, spec: MetricSpec) -> None:
-        super().__init__(spec)
-        self.reset()
-
-    def reset(self) -> None:
-        self.total = 0.0
-        self.count = 0
-
-    def distances(self, ref_u8: torch.Tensor, cand_u8: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def update(self, batch: MetricBatch) -> None:
-        if batch.reference is None or batch.candidate is None:
-            raise ValueError(f"{self.spec.name} is a paired metric and needs reference and candidate images")
-        with torch.no_grad():
-            d = self.distances(batch.reference, batch.candidate).double()
-        self.total += float(d.sum())
-        self.count += d.numel()
-
-    def compute(self) -> dict[str, float]:
-        return {self.spec.name: self.total / self.count if self.count else math.nan}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +64,7 @@ def load_lpips(net: str, backbone_file: str | os.PathLike) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-class LPIPS(_PairedMean):
+class LPIPS(PairedMean):
     def __init__(self, spec: MetricSpec, net: str, device: str | torch.device = "cpu", weights: str | None = None):
         super().__init__(spec)
         path = resolve_url_file(TORCHVISION_BACKBONES[net], local_weights(spec.name, weights),
@@ -100,7 +73,7 @@ class LPIPS(_PairedMean):
         self.device = torch.device(device)
         self.model = load_lpips(net, path).to(self.device)
 
-    def distances(self, ref_u8, cand_u8):
+    def per_image(self, ref_u8, cand_u8):
         a = ref_u8.to(self.device).float() / 127.5 - 1.0  # [-1, 1], what lpips expects
         b = cand_u8.to(self.device).float() / 127.5 - 1.0
         return self.model(a, b).flatten().cpu()  # (N,)
@@ -146,7 +119,7 @@ def load_dreamsim(dreamsim_type: str, folder: Path, device: torch.device) -> tor
     return model.eval().requires_grad_(False)
 
 
-class DreamSim(_PairedMean):
+class DreamSim(PairedMean):
     def __init__(self, spec: MetricSpec, device: str | torch.device = "cpu", weights: str | None = None):
         super().__init__(spec)
         dreamsim_type, required = DREAMSIM_VARIANTS[spec.name]
@@ -170,7 +143,7 @@ class DreamSim(_PairedMean):
             ) from None
         self.weights_id = fingerprint_path(folder)
 
-    def distances(self, ref_u8, cand_u8):
+    def per_image(self, ref_u8, cand_u8):
         a = resize_images(ref_u8, DREAMSIM_SIZE, "pil").to(self.device) / 255.0  # the package's PIL bicubic
         b = resize_images(cand_u8, DREAMSIM_SIZE, "pil").to(self.device) / 255.0
         return self.model(a, b).flatten().cpu()  # (N,) 1 - cos

@@ -15,13 +15,12 @@ use_sample_covariance=False, data_range=1, channel_axis=...)``.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
 from raebench.data import to_float
-from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
+from raebench.metrics.base import MetricSpec, PairedMean, register_metric
 
 PSNR_CAP_DB = 100.0
 
@@ -67,59 +66,40 @@ def ssim_per_image(
         raise ValueError(f"unknown SSIM backend {backend!r}; use auto, torch or skimage")
     a = a.double()
     b = b.double()
-    n, c, h, w = a.shape
     g = _gaussian_window(sigma).to(a.device)
     k = g.numel()
-    if h < k or w < k:
-        raise ValueError(f"SSIM needs images of at least {k}x{k} pixels, got {h}x{w}")
+    if min(a.shape[-2:]) < k:
+        raise ValueError(f"SSIM needs images of at least {k}x{k} pixels, got {a.shape[-2]}x{a.shape[-1]}")
+    ssim, _ = ssim_cs_maps(a, b, g, data_range)
+    return ssim.mean(dim=(2, 3)).mean(1)
+
+
+def ssim_cs_maps(
+    a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, data_range: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C, H, W) pairs and a 1-D window -> (ssim map, contrast-structure map), each
+    (N, C, H-k+1, W-k+1) over the valid region (shared by SSIM and MS-SSIM)."""
+    n, c = a.shape[:2]
+    k = g.numel()
     gx = g.view(1, 1, 1, k).expand(c, 1, 1, k)
     gy = g.view(1, 1, k, 1).expand(c, 1, k, 1)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:  # separable valid convolution, per channel
-        return F.conv2d(F.conv2d(t, gx, groups=c), gy, groups=c)
-
-    # one conv pass over the five moment images stacked on the batch axis
+    # one separable valid convolution over the five moment images stacked on the batch axis
     stack = torch.cat([a, b, a * a, b * b, a * b], 0)  # (5N, C, H, W)
-    mu_a, mu_b, e_aa, e_bb, e_ab = blur(stack).split(n, 0)  # each (N, C, H-k+1, W-k+1)
-    var_a = e_aa - mu_a * mu_a
-    var_b = e_bb - mu_b * mu_b
-    cov = e_ab - mu_a * mu_b
+    mu_a, mu_b, e_aa, e_bb, e_ab = F.conv2d(F.conv2d(stack, gx, groups=c), gy, groups=c).split(n, 0)
     c1 = (0.01 * data_range) ** 2
     c2 = (0.03 * data_range) ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.mean(dim=(2, 3)).mean(1)
+    cs = (2 * (e_ab - mu_a * mu_b) + c2) / ((e_aa - mu_a * mu_a) + (e_bb - mu_b * mu_b) + c2)
+    return (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1) * cs, cs
 
 
-class _PerImageMean(Metric):
-    """Mean over images of a per-image score, in float64 (constant memory)."""
-
-    fn = staticmethod(psnr_per_image)
-
-    def __init__(self, spec: MetricSpec) -> None:
-        super().__init__(spec)
-        self.reset()
-
-    def reset(self) -> None:
-        self.total = 0.0
-        self.count = 0
-
-    def update(self, batch: MetricBatch) -> None:
-        if batch.reference is None:
-            raise ValueError(f"{self.spec.name} is a paired metric and needs reference images")
-        v = self.fn(to_float(batch.reference), to_float(batch.candidate))
-        self.total += float(v.sum())
-        self.count += v.numel()
-
-    def compute(self) -> dict[str, float]:
-        return {self.spec.name: self.total / self.count if self.count else math.nan}
+class PSNR(PairedMean):
+    def per_image(self, ref_u8: torch.Tensor, cand_u8: torch.Tensor) -> torch.Tensor:
+        return psnr_per_image(to_float(ref_u8), to_float(cand_u8))
 
 
-class PSNR(_PerImageMean):
-    fn = staticmethod(psnr_per_image)
-
-
-class SSIM(_PerImageMean):
-    fn = staticmethod(ssim_per_image)
+class SSIM(PairedMean):
+    def per_image(self, ref_u8: torch.Tensor, cand_u8: torch.Tensor) -> torch.Tensor:
+        return ssim_per_image(to_float(ref_u8), to_float(cand_u8))
 
 
 register_metric(

@@ -92,12 +92,13 @@ def score(
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> ScoreOutcome:
     """Score ``candidates`` against ``references`` (folders or ``.npz``) and write result rows."""
-    from raebench.evaluate import Evaluator, ReferenceSet, _dist, _shard, resolve_device
+    from raebench.distributed import rank_world, shard
+    from raebench.evaluate import Evaluator, ReferenceSet, resolve_device
     from raebench.metrics import METRICS, higher_is_better
     from raebench.results import ResultRow, check_writable, new_run_id, write_rows
 
     t0 = time.perf_counter()
-    rank, world = _dist()  # under torchrun: contiguous shards, states merged in rank order on every rank
+    rank, world = rank_world()  # under torchrun: contiguous shards, states merged in rank order on every rank
     if write:
         check_writable(results_dir)
     specs = [METRICS.get(m) for m in metrics]
@@ -114,7 +115,7 @@ def score(
     if paired:
         order = pair_order(ref, cand)
         partner = {c: r for r, c in enumerate(order)}
-        lo, hi = _shard(ref.n, rank, world)
+        lo, hi = shard(ref.n, rank, world)
         mine = list(range(lo, hi))
         for (ri, rimg), (ci, cimg) in zip(_shard_batches(ref, batch_size, mine),
                                           _shard_batches(cand, batch_size, [order[i] for i in mine])):
@@ -140,13 +141,13 @@ def score(
                 raise DataError(f"{references!r} holds no images (arr_0) and its statistics do not cover "
                                 f"{', '.join(s.name for s in specs)}; only fid/sfid can use stored statistics.")
             done = 0
-            lo, hi = _shard(ref.n, rank, world)
+            lo, hi = shard(ref.n, rank, world)
             for ri, rimg in _shard_batches(ref, batch_size, list(range(lo, hi))):
                 ev.update_reference(rimg, ri)
                 done += rimg.shape[0]
                 if on_progress:
                     on_progress("references", done, hi - lo)
-        lo, hi = _shard(cand.n, rank, world)
+        lo, hi = shard(cand.n, rank, world)
         for _, cimg in _shard_batches(cand, batch_size, list(range(lo, hi))):
             ev.update_candidates(cimg)
             n_cand += cimg.shape[0]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,24 +44,14 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` (or safetensors for a flat tensor dict and a ``.safetensors`` path) atomically."""
+    from raebench.results import atomic_path
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
+    with atomic_path(p) as tmp:
         if p.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in obj.items()}, tmp)
+            save_file({k: v.contiguous() for k, v in obj.items()}, str(tmp))
         else:
             torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return p

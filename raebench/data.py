@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -168,10 +167,18 @@ class ImageList:
     labels: list[int]
     classes: list[str]
     skipped: list[Skip] = field(default_factory=list)
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def fingerprint(self) -> str:
         """Hash of the relative paths and byte sizes: changes when the data does, not when the
-        folder moves. (Content hashing 50k JPEGs would cost more than extracting features.)"""
+        folder moves. (Content hashing 50k JPEGs would cost more than extracting features.)
+        Computed once per list: every result row and cache key asks for it, and each computation
+        stats every file."""
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
         h = hashlib.sha256()
         for p in self.paths:
             try:
@@ -423,14 +430,3 @@ def resolve_data(
     if not images.paths:
         raise DataError(f"No image files (by extension: {', '.join(sorted(IMAGE_EXTENSIONS))}) under {root!r}.")
     return ResolvedData(name, dom, split, images)
-
-
-def iter_batches(loader: Iterable[dict]) -> Iterable[dict]:
-    """Yield only non-empty batches (a batch whose files were all skipped is dropped)."""
-    for b in loader:
-        if b["image"].shape[0]:
-            yield b
-
-
-def count_batches(n: int, batch_size: int) -> int:
-    return math.ceil(n / batch_size)

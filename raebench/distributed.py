@@ -17,16 +17,34 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init() -> tuple[int, int]:
-    """Initialise the default process group if torchrun launched us; returns (rank, world)."""
+def init(device: torch.device | None = None) -> tuple[int, int]:
+    """Initialise the default process group if torchrun launched us; returns (rank, world).
+
+    The backend follows ``device`` (NCCL for a CUDA device, gloo otherwise); without one, NCCL
+    whenever CUDA is available.
+    """
     if not launched():
         return 0, 1
     if not td.is_initialized():
-        use_cuda = torch.cuda.is_available()
+        use_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device if device is not None and device.index is not None
+                                  else int(os.environ.get("LOCAL_RANK", "0")))
         td.init_process_group(backend="nccl" if use_cuda else "gloo")
     return td.get_rank(), td.get_world_size()
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised process group, else (0, 1)."""
+    if td.is_available() and td.is_initialized():
+        return td.get_rank(), td.get_world_size()
+    return 0, 1
+
+
+def shard(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous slice [lo, hi) of rank ``rank``: concatenating shards in rank order gives data
+    order, so metrics that keep per-image features see them in the single-process order."""
+    return n * rank // world, n * (rank + 1) // world
 
 
 def rank() -> int:

@@ -18,13 +18,14 @@ import inspect
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
-from raebench.data import ImageDataset, ResolvedData, Skip, iter_batches, make_loader, resolve_data, to_float, to_uint8
+from raebench.distributed import rank_world, shard
+from raebench.data import ImageDataset, ResolvedData, Skip, make_loader, resolve_data, to_float, to_uint8
 from raebench.errors import RaebenchError
 from raebench.results import ResultRow, check_writable, new_run_id, write_rows
 
@@ -364,12 +365,6 @@ def _metric_options(cfg: EvalConfig) -> dict[str, dict[str, str]] | None:
     return None if cfg.metric_options is None else parse_options(list(cfg.metric_options))
 
 
-def _shard(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous slice of rank ``rank``: concatenating shards in rank order gives data order,
-    so metrics that keep per-image features see them in the single-process order."""
-    return n * rank // world, n * (rank + 1) // world
-
-
 def _run_key(cfg: EvalConfig, data: ResolvedData, tok, metric_versions: list[str]) -> str:
     """Identity of an evaluation for resuming: everything that changes a number, nothing that
     doesn't (batch size, workers and device may change between the crash and the re-run)."""
@@ -446,15 +441,6 @@ class _WorkState:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _dist():
-    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
-    import torch.distributed as td
-
-    if td.is_available() and td.is_initialized():
-        return td.get_rank(), td.get_world_size()
-    return 0, 1
-
-
 def evaluate(
     cfg: EvalConfig,
     tokenizer=None,
@@ -475,7 +461,7 @@ def evaluate(
     from raebench.metrics import higher_is_better
 
     t0 = time.perf_counter()
-    rank, world = _dist()
+    rank, world = rank_world()
     if cfg.write:
         check_writable(cfg.results_dir)
     data = data or resolve_data(cfg.data, cfg.dataset, cfg.limit, cfg.seed, cfg.domain)
@@ -484,7 +470,7 @@ def evaluate(
     reference = ReferenceSet(f"{data.images.fingerprint()}|adm-center-crop@{cfg.resolution}", data.n)
     ev = Evaluator(tuple(cfg.metrics), device, reference=reference, options=_metric_options(cfg))
 
-    lo, hi = _shard(data.n, rank, world)
+    lo, hi = shard(data.n, rank, world)
     work = _WorkState(cfg.results_dir, _run_key(cfg, data, tok, [s.version for s in ev.specs]), rank) if cfg.write else None
     skipped: list[Skip] = list(data.images.skipped) if rank == 0 else []
     upscaled: list[str] = []
@@ -603,7 +589,3 @@ def evaluate(
     if work is not None:
         work.release(remove=True)
     return EvalOutcome(rows, skipped, upscaled, nonfinite, seconds, n_used)
-
-
-def with_metrics(cfg: EvalConfig, metrics: tuple[str, ...]) -> EvalConfig:
-    return replace(cfg, metrics=metrics)

@@ -35,6 +35,16 @@ def _smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU extra threads cost 5-30x.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """Eight synthetic 80x96 RGB PNG/JPEG images in two class subfolders."""
     rng = np.random.default_rng(0)

@@ -27,16 +27,10 @@ from raebench.tokenizers import TOKENIZERS, build_tokenizer
 from raebench.tokenizers.vae import PRESETS, convert_ldm_vae_state_dict, get_preset, ldm_vae_config
 from _cli import run as _run  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 diffusers = pytest.importorskip("diffusers")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run 30x slower with 2 threads on a shared 2-core machine than with 1."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 D2, U2 = ("DownEncoderBlock2D",) * 2, ("UpDecoderBlock2D",) * 2
 REPO = Path(__file__).resolve().parents[1]

@@ -2,20 +2,12 @@
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import raebench.cli as cli
 from raebench.cli import stage2_cmds
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads cost 5-10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 if "stage2_cmds" not in cli.MODULES:  # until the lead lists the module

@@ -15,14 +15,7 @@ from raebench.stage2.models import (
 
 from conftest import ORACLE
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads cost 5-10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 needs_oracle = pytest.mark.skipif(not (ORACLE / "ditdh_ema.pt").exists(), reason="oracle fixtures not present")

@@ -13,16 +13,7 @@ from conftest import ORACLE
 from test_stage2_models import needs_oracle, oracle_io
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads cost 5-10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-pytestmark = needs_oracle
+pytestmark = [needs_oracle, pytest.mark.usefixtures("one_thread")]
 
 
 def official_yaml(tmp_path, **guidance) -> dict:

@@ -11,14 +11,7 @@ from raebench.stage2.transport import shift_from_dims
 from conftest import ORACLE
 from test_stage2_models import needs_oracle, oracle_io, oracle_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads cost 5-10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def oracle_shift() -> float:

@@ -13,14 +13,7 @@ from raebench.stage2.train import (
 )
 from raebench.stage2.models import load_stage2_state
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads cost 5-10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_cache(root, n=512, classes=4, shape=(4, 2, 2), seed=0):

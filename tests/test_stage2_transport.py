@@ -10,14 +10,7 @@ from raebench.stage2.transport import T_MAX, Transport, shift_from_dims, time_sh
 
 from conftest import ORACLE
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU extra threads cost 5-10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_convention_t0_data_t1_noise():

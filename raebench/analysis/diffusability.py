@@ -95,8 +95,6 @@ class _InMemoryLatents:
     def fetch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x[idx], torch.zeros(len(idx), dtype=torch.long)
 
-    get = fetch  # the trainer's earlier name for it
-
     def prepare(self, raw: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return raw[0].to(device), raw[1].to(device)
 

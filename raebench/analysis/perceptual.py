@@ -29,7 +29,7 @@ def _lpips_from_metrics(net: str, device: torch.device) -> tuple[Distance, str]:
 
     spec = METRICS.get(f"lpips-{net}")
     metric = spec.build(device=device)
-    return (lambda a, b: metric.distances(a, b).double().cpu()), spec.version
+    return (lambda a, b: metric.per_image(a, b).double().cpu()), spec.version
 
 
 def build_distance(choice: str, device: torch.device) -> tuple[Distance | None, str | None, str | None, str | None]:

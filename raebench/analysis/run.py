@@ -376,10 +376,11 @@ def analyze(
     Under torchrun, ranks other than 0 return an outcome without reports (rank 0 has them all).
     """
     from raebench.analysis.perceptual import build_distance
-    from raebench.evaluate import _dist, _shard, resolve_device
+    from raebench.distributed import rank_world, shard
+    from raebench.evaluate import resolve_device
 
     t0 = time.perf_counter()
-    rank, world = _dist()
+    rank, world = rank_world()
     if not cfg.tokenizers and not cfg.tokenizer_configs and not tokenizers:
         raise RaebenchError("Give at least one --tokenizer (or --tokenizer-config) to analyse.")
     if cfg.precision not in ("fp32", "bf16"):
@@ -416,7 +417,7 @@ def analyze(
     ref_feats: dict[str, list[torch.Tensor]] = {n: [] for n in refs}
     labels: list[torch.Tensor] = []
     skipped = list(data.images.skipped) if rank == 0 else []
-    lo, hi = _shard(data.n, rank, world)
+    lo, hi = shard(data.n, rank, world)
     if active:
         loader = make_loader(ImageDataset(data.images, cfg.resolution), cfg.batch_size, cfg.num_workers,
                              pin_memory=device.type == "cuda", indices=range(lo, hi))

@@ -34,9 +34,9 @@ def _batches(data, resolution: int, batch_size: int, num_workers: int, device: t
     files are logged and, if given, appended to ``skipped`` (as :class:`raebench.data.Skip`)."""
     from raebench import distributed
     from raebench.data import ImageDataset, make_loader
-    from raebench.evaluate import _shard
+    from raebench.distributed import shard
 
-    lo, hi = _shard(data.n, distributed.rank(), distributed.world_size())
+    lo, hi = shard(data.n, *distributed.rank_world())
     loader = make_loader(ImageDataset(data.images, resolution), batch_size, num_workers, indices=range(lo, hi))
     done = 0
     for b in loader:

@@ -47,8 +47,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from raebench import distributed
 from raebench.data import scan_folder, to_float, to_uint8
 from raebench.errors import DataError, RaebenchError
+from raebench.evaluate import resolve_device
 from raebench.results import atomic_write_bytes, provenance
 from raebench.stage1.config import RUN_ONLY_FIELDS, Stage1Config
 from raebench.stage1.data import AUG_FAKE, AUG_G, AUG_REAL, NOISE, StepBatches, TrainCrops, collate, load_eval_images, sample_generators
@@ -126,20 +128,6 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers, RNG states, checkpoints
 # ---------------------------------------------------------------------------------------------
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def _all_reduce_mean_(tensors: list[torch.Tensor], world: int) -> None:
@@ -298,12 +286,11 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
     from raebench.stage1.export import export_decoder
     from raebench.stage1.losses import LastLayerTap, adaptive_gan_backward, build_lpips, generator_loss, hinge_d_loss
 
-    device = _pick_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = resolve_device(distributed.local_device(str(device)))
+    distributed.init(device)
+    rank, world = distributed.rank_world()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    rank, world = _dist_info()
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     if not cfg.data:

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raebench.distributed import rank_world
+from raebench.results import atomic_path
 from raebench.errors import RaebenchError
 
 log = logging.getLogger(__name__)
@@ -43,16 +45,9 @@ def class_labels(num: int, num_classes: int, mode: str = "equal", seed: int = 0)
     return labels[torch.randperm(num, generator=g)]
 
 
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to other names
+        np.savez(tmp, **arrays)
 
 
 @torch.no_grad()
@@ -71,7 +66,7 @@ def generate_npz(
     from raebench.data import to_uint8
 
     out = Path(out)
-    rank, world = _dist()
+    rank, world = rank_world()
     n = len(labels)
     parts = out.with_name(f".{out.name}.parts")
     key = hashlib.sha256(labels.numpy().tobytes() + f"{seed}/{batch_size}/{latent_shape}".encode()).hexdigest()[:16]

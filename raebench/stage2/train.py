@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raebench import distributed
 from raebench.errors import DataError, RaebenchError
 from raebench.stage2.models import MODELS, count_params
 from raebench.stage2.transport import Transport, shift_from_dims
@@ -277,9 +278,9 @@ def cache_latents(
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    from raebench.results import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,17 +330,6 @@ def accumulate_gradients(
     return total
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _setup_dist(device: torch.device) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
@@ -382,8 +372,8 @@ def build_for_training(cfg: TrainConfig, latent_shape: tuple[int, int, int]) -> 
 def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> dict:
     """Run (or resume) training; returns {'step', 'losses', 'out'}. ``source`` overrides cfg data."""
     device = torch.device(device)
-    _setup_dist(device)
-    rank, world = _dist_info()
+    distributed.init(device)
+    rank, world = distributed.rank_world()
     if cfg.global_batch % (world * cfg.grad_accum):
         raise RaebenchError(f"global_batch {cfg.global_batch} must divide by world size x grad_accum = {world * cfg.grad_accum}.")
     out = Path(cfg.out)
