@@ -3,60 +3,92 @@
     python bench/bench_stage2_step.py [--official-src /tmp/rae-official] [--steps 15] [--threads 1] [--compile]
     python bench/bench_stage2_step.py --preset xl --device cuda --precision bf16   # on a GPU
 
-The official model code is read at bench time only, from a checkout of the official RAE repository
-(``src/stage2/models/{DDT,lightningDiT,model_utils}.py``; it needs ``einops``); it is copied into a
-temporary package and never into raebench. Both models get the same weights (strict load of our state
-dict, which also checks key compatibility), the same inputs, loss and optimizer (AdamW); the script
-checks that both produce the same loss, then reports the median step time of each and the ratio
-official / ours (> 1 means raebench is faster). GPU runs also print model FLOPs utilisation.
+The official code is read at bench time only, from a checkout of the official RAE repository (or a
+bare git mirror of it): ``src/stage2/models/{DDT,lightningDiT,model_utils}.py`` (needs einops, timm,
+transformers), ``src/stage2/transport/*.py`` (needs torchdiffeq) and ``update_ema`` from
+``src/utils/train_utils.py``. They are copied into a temporary package, never into raebench.
+
+Both models get the same weights (a strict load of our state dict, which also checks key
+compatibility). The script first checks that they compute the same function (velocity, loss and
+gradients), then times, interleaved, and reports median CPU and wall time per step for:
+
+1. **model step**: the same loss code (raebench's transport), ``clip_grad_norm_`` and fused AdamW
+   around each model: the networks alone.
+2. **training step**: each implementation's own step as its trainer runs it. Official (``src/train.py``):
+   ``transport.training_losses`` -> backward -> ``clip_grad_norm_`` -> fused AdamW -> ``update_ema``.
+   raebench: :func:`raebench.stage2.train.train_step` (loss, backward, clip folded into the fused
+   AdamW kernel, ``_foreach_lerp_`` EMA). Latents are given (no encoder) on both sides.
+
+The ratio official / raebench > 1 means raebench is faster. GPU runs also print model FLOPs utilisation.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import collections
 import importlib
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
 
 from raebench.stage2.models import DiTDH, count_params
+from raebench.stage2.train import make_optimizer, train_step
 from raebench.stage2.transport import Transport
 
 SMALL = dict(input_size=8, in_channels=96, hidden_size=[192, 384], depth=[4, 2], num_heads=[4, 4])
 XL = dict(input_size=16, in_channels=768, hidden_size=[1152, 2048], depth=[28, 2], num_heads=[16, 16])
-FILES = ("DDT.py", "lightningDiT.py", "model_utils.py")
+MODEL_FILES = ("DDT.py", "lightningDiT.py", "model_utils.py")
+TRANSPORT_FILES = ("__init__.py", "integrators.py", "path.py", "transport.py", "utils.py")
 
 
-def load_official(src: str):
-    """Import the official DiTwDDTHead from a repo checkout, a plain folder, or a bare git mirror."""
-    if not Path(src).exists():
+def _read(root: Path, rel: str) -> str:
+    """A file of the official repository from a checkout, a folder of loose files, or a bare mirror."""
+    for cand in (root / rel, root / Path(rel).name):
+        if cand.is_file():
+            return cand.read_text()
+    return subprocess.run(["git", "--git-dir", str(root), "show", f"HEAD:{rel}"],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def load_official(src: str) -> types.SimpleNamespace:
+    """The official DiTwDDTHead, create_transport and update_ema, imported from a temporary package."""
+    root = Path(src)
+    if not root.exists():
         sys.exit(f"official RAE sources not found at {src}; clone the official RAE repository there "
                  "or pass --official-src / set RAE_OFFICIAL_SRC")
     pkg = Path(tempfile.mkdtemp()) / "rae_official_stage2"
-    pkg.mkdir()
-    root = Path(src)
-    for f in FILES:
-        for cand in (root / "src/stage2/models" / f, root / f):
-            if cand.is_file():
-                shutil.copy(cand, pkg / f)
-                break
-        else:  # a bare mirror: read the file from HEAD
-            text = subprocess.run(["git", "--git-dir", str(root), "show", f"HEAD:src/stage2/models/{f}"],
-                                  check=True, capture_output=True, text=True).stdout
-            (pkg / f).write_text(text)
+    (pkg / "transport").mkdir(parents=True)
+    for f in MODEL_FILES:
+        (pkg / f).write_text(_read(root, f"src/stage2/models/{f}"))
+    for f in TRANSPORT_FILES:
+        (pkg / "transport" / f).write_text(_read(root, f"src/stage2/transport/{f}"))
     (pkg / "__init__.py").write_text("")
     sys.path.insert(0, str(pkg.parent))
-    return importlib.import_module("rae_official_stage2.DDT").DiTwDDTHead
+    ns = types.SimpleNamespace(DiTwDDTHead=importlib.import_module("rae_official_stage2.DDT").DiTwDDTHead)
+    try:
+        ns.create_transport = importlib.import_module("rae_official_stage2.transport").create_transport
+    except ImportError as e:  # torchdiffeq missing: the training-step comparison is skipped
+        print(f"official transport not importable ({e}); training-step comparison skipped")
+        ns.create_transport = None
+    # update_ema alone: train_utils.py imports omegaconf/torchvision for other functions
+    tree = ast.parse(_read(root, "src/utils/train_utils.py"))
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "update_ema")
+    scope = {"OrderedDict": collections.OrderedDict, "torch": torch}
+    exec(compile(ast.Module([fn], type_ignores=[]), "official_train_utils", "exec"), scope)
+    ns.update_ema = torch.no_grad()(scope["update_ema"])
+    return ns
 
 
-def step_fn(fwd, model, opt, transport, x, y, autocast):
+def model_step(fwd, model, opt, transport, x, y, autocast):
+    """The shared harness: raebench's loss, clip_grad_norm_, the optimizer (networks compared alone)."""
     def step():
         opt.zero_grad(set_to_none=True)
         with autocast:
@@ -68,77 +100,139 @@ def step_fn(fwd, model, opt, transport, x, y, autocast):
     return step
 
 
+def official_train_step(fwd, model, ema, opt, official, x, y, autocast):
+    """The step of the official src/train.py (grad_accum 1, no scaler), with its own transport and EMA."""
+    transport = official.create_transport("Linear", "velocity", None, None, None, "logit-normal_0_1", 1.0)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = transport.training_losses(fwd, x, dict(y=y))["loss"].mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        official.update_ema(ema, model, decay=0.9995)
+        return loss.item()
+    return step
+
+
+def raebench_train_step(fwd, model, ema, opt, x, y, autocast):
+    """raebench's trainer step (raebench.stage2.train.train_step) with the same settings."""
+    cfg = types.SimpleNamespace(grad_accum=1, clip_grad=1.0, ema_decay=0.9995)
+    transport = Transport("logit-normal", 0.0, 1.0, shift=1.0)
+
+    def step():
+        return train_step(fwd, model, ema, opt, transport, x, y, cfg, autocast)
+    return step
+
+
+def timed(steps: dict, n: int, cuda: bool) -> tuple[dict, dict]:
+    """Median wall and CPU seconds per step; contenders interleaved so load changes hit both alike."""
+    wall = {k: [] for k in steps}
+    cpu = {k: [] for k in steps}  # process CPU time: robust to other jobs on a shared machine
+    for _ in range(n):
+        for name, fn in steps.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t, c0 = time.perf_counter(), time.process_time()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c0)
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
+
+
+def report(title: str, wall: dict, cpu: dict, n: int) -> None:
+    print(f"-- {title}")
+    for k in wall:
+        print(f"   {k:9s} {wall[k] * 1000:8.1f} ms/step wall, {cpu[k] * 1000:8.1f} ms/step CPU (median of {n})")
+    print(f"   speed-up official/raebench: {wall['official'] / wall['raebench']:.2f}x wall, "
+          f"{cpu['official'] / cpu['raebench']:.2f}x CPU time")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--official-src", default=os.environ.get("RAE_OFFICIAL_SRC", "/tmp/rae-official"),
-                    help="official RAE checkout, folder with the three model files, or bare git mirror")
+                    help="official RAE checkout, folder with its files, or bare git mirror")
     ap.add_argument("--preset", choices=["small", "xl"], default="small")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=1, help="1 is the most stable on a shared CPU")
-    ap.add_argument("--compile", action="store_true", help="torch.compile both models (the official trainer always compiles)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models (the official --compile flag)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     params = dict(SMALL if args.preset == "small" else XL, num_classes=1000)
 
-    Official = load_official(args.official_src)
+    official = load_official(args.official_src)
     torch.manual_seed(0)
     ours = DiTDH(**params).to(dev)
     for p in ours.parameters():  # leave adaLN-Zero so every layer does real work in the backward
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)
-    theirs = Official(**params).to(dev)
+    theirs = official.DiTwDDTHead(**params).to(dev)
     theirs.load_state_dict(ours.state_dict(), strict=True)
+    models = {"raebench": ours, "official": theirs}
 
     c, s = params["in_channels"], params["input_size"]
     x = torch.randn(args.batch, c, s, s, device=dev)
     y = torch.randint(0, 1000, (args.batch,), device=dev)
-    transport = Transport(shift=1.0)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    fused = dict(fused=True)
-    steps = {}
-    for name, m in (("raebench", ours), ("official", theirs)):
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), **fused)
-        fwd = torch.compile(m) if args.compile else m
-        steps[name] = step_fn(fwd, m, opt, transport, x, y, autocast)
+    opt_cfg = types.SimpleNamespace(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
 
-    # same weights, same RNG -> same loss (checks that we benchmark the same computation)
-    losses = {}
-    for name in steps:
+    # 1. the same function: velocity, then loss and every gradient after one step from the same RNG
+    with torch.no_grad(), autocast:
+        t = torch.rand(args.batch, device=dev)
+        v = {k: m.eval()(x, t, y).float() for k, m in models.items()}
+    print(f"velocity max |raebench - official| = {(v['raebench'] - v['official']).abs().max().item():.2e}")
+    transport = Transport(shift=1.0)
+    fwds = {k: (torch.compile(m) if args.compile else m) for k, m in models.items()}
+    steps, losses, grads = {}, {}, {}
+    for k, m in models.items():
+        m.train()
+        opt = make_optimizer(m, opt_cfg)
+        steps[k] = model_step(fwds[k], m, opt, transport, x, y, autocast)
         torch.manual_seed(1)
-        t = time.perf_counter()
-        losses[name] = steps[name]()
-        print(f"{name}: first step (incl. compilation) {time.perf_counter() - t:.1f} s", flush=True)
-    print(f"first-step loss  raebench {losses['raebench']:.6f}  official {losses['official']:.6f}")
-
-    times = {k: [] for k in steps}
-    cpu = {k: [] for k in steps}  # process CPU time: robust to other jobs on a shared machine
-    for _ in range(args.steps):  # interleaved so that load changes hit both alike
-        for name, fn in steps.items():
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t, c0 = time.perf_counter(), time.process_time()
-            fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t)
-            cpu[name].append(time.process_time() - c0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        t0 = time.perf_counter()
+        losses[k] = steps[k]()
+        grads[k] = [p.grad.float() for p in m.parameters() if p.grad is not None]
+        print(f"{k}: first step (incl. compilation) {time.perf_counter() - t0:.1f} s")
+    worst = max((a - b).abs().max().item() / (b.abs().max().item() + 1e-12) for a, b in zip(grads["raebench"], grads["official"]))
+    print(f"first-step loss  raebench {losses['raebench']:.6f}  official {losses['official']:.6f}; "
+          f"largest gradient difference {worst:.1e} of the tensor's max")
     print(f"config {args.preset} {params}  batch {args.batch}  {args.precision}  compile {args.compile}  device {dev}  "
           f"threads {args.threads}  params {count_params(ours) / 1e6:.1f}M")
-    for k in med:
-        print(f"{k:9s} {med[k] * 1000:8.1f} ms/step wall, {med_cpu[k] * 1000:8.1f} ms/step CPU (median of {args.steps})")
-    print(f"speed-up official/raebench: {med['official'] / med['raebench']:.2f}x wall, "
-          f"{med_cpu['official'] / med_cpu['raebench']:.2f}x CPU time")
-    if dev.type == "cuda":
+
+    cuda = dev.type == "cuda"
+    wall, cpu = timed(steps, args.steps, cuda)
+    report("model step (same loss code, clip_grad_norm_, fused AdamW around each network)", wall, cpu, args.steps)
+    med = wall
+
+    if official.create_transport is not None:
+        emas = {k: _ema_copy(m) for k, m in models.items()}
+        trainer = {
+            "raebench": raebench_train_step(fwds["raebench"], ours, emas["raebench"], make_optimizer(ours, opt_cfg), x, y, autocast),
+            "official": official_train_step(fwds["official"], theirs, emas["official"], make_optimizer(theirs, opt_cfg),
+                                             official, x, y, autocast),
+        }
+        for fn in trainer.values():
+            fn()
+        wall, cpu = timed(trainer, args.steps, cuda)
+        report("training step (each trainer's own step: loss, backward, clip, AdamW, EMA)", wall, cpu, args.steps)
+    if cuda:
         tokens = s * s
         flops = 6 * args.batch * tokens * count_params(ours)  # matmul FLOPs (fwd+bwd), attention excluded
         peak = 989e12 if args.precision == "bf16" else 67e12  # H100 SXM dense
-        print(f"MFU (raebench): {flops / med['raebench'] / peak:.1%}")
+        print(f"MFU (raebench, model step): {flops / med['raebench'] / peak:.1%}")
+
+
+def _ema_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).requires_grad_(False).eval()
 
 
 if __name__ == "__main__":

@@ -44,3 +44,39 @@ def test_torchrun_train_and_sample(tmp_path):
                           tmp_path / "one.npz", y, (4, 2, 2), batch_size=3, seed=5)
     a, b = np.load(single), np.load(tmp_path / "ddp.npz")
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+CACHE_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    from raebench import distributed
+    from raebench.stage2.train import cache_latents
+
+    class MeanPool(torch.nn.Module):
+        name = "meanpool"
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(()))
+        def encode(self, x):
+            return torch.nn.functional.avg_pool2d(x, 8)
+
+    distributed.init()
+    cache_latents(MeanPool(), sys.argv[1], sys.argv[2], resolution=32, batch_size=2)
+    distributed.finish()
+''')
+
+
+def test_torchrun_cache_latents_equals_one_process(tmp_path, image_folder):
+    from test_stage2_train import _MeanPool
+
+    from raebench.stage2.train import LatentCache, cache_latents
+
+    (tmp_path / "job.py").write_text(CACHE_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "job.py"), str(image_folder), str(tmp_path / "ddp")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = LatentCache(cache_latents(_MeanPool(), str(image_folder), tmp_path / "one", resolution=32, batch_size=2))
+    two = LatentCache(tmp_path / "ddp")
+    assert two.meta["world"] == 2 and two.meta["complete"]
+    assert np.array_equal(np.asarray(two.latents), np.asarray(one.latents))
+    assert torch.equal(two.labels, one.labels)

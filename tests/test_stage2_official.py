@@ -113,3 +113,24 @@ def test_through_from_official_config(tmp_path):
     with torch.no_grad():
         img = obj.tokenizer.decode(plain)
     assert (img - io["sample_euler_12_decoded"]).abs().max() < 1e-3
+
+
+def test_yaml_sde_options(tmp_path):
+    """mode SDE: the Euler-Maruyama options come from the YAML; SBDM (NaN officially) is refused."""
+    cfg = official_yaml(tmp_path)
+    cfg["sampler"] = {"mode": "SDE", "params": {"sampling_method": "euler", "num_steps": 6, "diffusion_norm": 0.5,
+                                                "diffusion_form": "linear", "last_step": "Tweedie",
+                                                "last_step_size": 0.05}}
+    _, sample_fn = build_from_official(cfg, base_dir=tmp_path)
+    assert (sample_fn.method, sample_fn.diffusion_form, sample_fn.last_step, sample_fn.last_step_size,
+            sample_fn.diffusion_norm) == ("euler-maruyama", "linear", "Tweedie", 0.05, 0.5)
+    io = oracle_io()
+    a = sample_fn(io["sample_noise"], io["dit_y"], generator=torch.Generator().manual_seed(0))
+    b = sample_fn(io["sample_noise"], io["dit_y"], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    cfg["sampler"]["params"] = {"num_steps": 6}
+    assert build_from_official(cfg, base_dir=tmp_path)[1].diffusion_form == "sigma"  # not the official SBDM
+    for bad in ({"diffusion_form": "SBDM"}, {"last_step": "Heun"}, {"sampling_method": "heun"}):
+        cfg["sampler"]["params"] = {"num_steps": 6, **bad}
+        with pytest.raises(RaebenchError):
+            build_from_official(cfg, base_dir=tmp_path)

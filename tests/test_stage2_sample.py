@@ -23,7 +23,8 @@ def fake_fns(calls):
         calls.append(len(y))
         if len(calls) == 3 and getattr(sample_fn, "crash", False):
             raise KeyboardInterrupt
-        return noise + y.view(-1, 1, 1, 1)
+        # like the SDE sampler: step noise from torch's global CPU RNG (seeded per batch by generate_npz)
+        return noise + y.view(-1, 1, 1, 1) + torch.randn(noise.shape)
 
     def decode(z):  # (B, 4, 2, 2) -> (B, 3, 8, 8) in [0, 1]
         return torch.sigmoid(z[:, :3]).repeat_interleave(4, -1).repeat_interleave(4, -2)

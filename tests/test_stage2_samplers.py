@@ -1,11 +1,15 @@
 """Samplers against the official samples; guidance semantics; adaptive and SDE solvers."""
 
 import json
+import math
 
 import pytest
 import torch
 
-from raebench.stage2.samplers import canonical_method, sample, time_grid, velocity_fn
+from raebench.stage2.models import DiTDH
+from raebench.stage2.samplers import (
+    adaptive, canonical_method, euler, sample, sde_time_grid, time_grid, velocity_fn,
+)
 from raebench.stage2.transport import shift_from_dims
 
 from conftest import ORACLE
@@ -106,19 +110,185 @@ def test_adaptive_is_accurate():
     assert (sample(PointMass(), z, y, method="heun", num_steps=10, shift=2.0) - exact).abs().max() < 1e-5
 
 
-def test_euler_maruyama_recovers_point_mass():
-    """For data concentrated at a point mu the exact velocity is (x - mu)/t; EM must land on mu."""
-    mu = PointMass.mu
+def tiny_ditdh(seed: int = 0) -> DiTDH:
+    """A 4x4x8 DiT-DH whose zero-initialised adaLN / output layers are perturbed, so that the velocity
+    (|v| ~ 0.6) depends on x, t and the label."""
+    torch.manual_seed(seed)
+    model = DiTDH(input_size=4, patch_size=1, in_channels=8, hidden_size=[32, 48], depth=[2, 1],
+                  num_heads=[2, 2], num_classes=10).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def tiny_inputs(n: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 8, 4, 4, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+class Gaussian(torch.nn.Module):
+    """Exact velocity for data N(mu, s^2 I) on the linear path x_t = (1 - t) x_0 + t eps:
+    x_t ~ N(a mu, (a^2 s^2 + t^2) I) with a = 1 - t, and v = E[eps - x_0 | x_t] is
+    v(x, t) = (t - a s^2) (x - a mu) / (a^2 s^2 + t^2) - mu.  The ODE flow from t = 1 is
+    x(t) = a mu + sqrt(a^2 s^2 + t^2) x(1)."""
+
+    num_classes = 1
+
+    def __init__(self, mu=(1.5, -2.0), s=0.5):
+        super().__init__()
+        self.mu, self.s = torch.tensor(mu, dtype=torch.float64).view(1, -1, 1, 1), s
+
+    def forward(self, x, t, y):
+        t = t.view(-1, 1, 1, 1).double()
+        a = 1 - t
+        return ((t - a * self.s**2) * (x.double() - a * self.mu) / (a * a * self.s**2 + t * t) - self.mu).float()
+
+    def flow(self, x1: torch.Tensor, t: float) -> torch.Tensor:
+        a = 1 - t
+        return (a * self.mu + math.sqrt(a * a * self.s**2 + t * t) * x1.double()).float()
+
+
+def test_adaptive_matches_torchdiffeq():
+    """``adaptive`` is torchdiffeq's dopri5 step for step: same result and calls at the official
+    tolerances (given as one-element lists, as the official sampler does, which makes torchdiffeq's
+    error control float64); at tight tolerances both are the exact flow and agree whatever the steps."""
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    model = tiny_ditdh()
+    z, y = tiny_inputs()
+    for shift, atol, rtol, tol in ((1.0, 1e-6, 1e-3, 1e-6), (2.0, 1e-6, 1e-3, 1e-6), (2.0, 1e-9, 1e-7, 1e-5)):
+        grid = time_grid(10, shift)
+        calls = {"ours": 0, "ref": 0}
+
+        def v(x, t):
+            calls["ours"] += 1
+            return model(x, t, y)
+
+        def f(t, x):
+            calls["ref"] += 1
+            return model(x, torch.ones(x.shape[0]) * t, y)
+
+        with torch.no_grad():
+            ours = adaptive(v, z, float(grid[0]), float(grid[-1]), rtol=rtol, atol=atol)
+            ref = torchdiffeq.odeint(f, z, grid, method="dopri5", rtol=[rtol], atol=[atol])[-1]
+        assert (ours - ref).abs().max() <= tol, (shift, rtol)
+        assert calls["ours"] == calls["ref"] > 20
+
+
+def test_adaptive_exact_gaussian_flow():
+    m, z = Gaussian(), torch.randn(64, 2, 1, 1, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(64, dtype=torch.long)
+    exact = m.flow(z, float(time_grid(10, 3.0)[-1]))
+    out = sample(m, z, y, method="adaptive", num_steps=10, shift=3.0, rtol=1e-7, atol=1e-9)
+    assert (out - exact).abs().max() < 2e-5
+    # the official default rtol 1e-3 is loose: 3 steps, error 0.08 here (torchdiffeq alike)
+    assert (sample(m, z, y, method="dopri5", num_steps=10, shift=3.0, rtol=1e-5, atol=1e-7) - exact).abs().max() < 1e-4
+
+
+def test_euler_maruyama_without_diffusion_is_euler():
+    """diffusion_norm = 0: no score term, no noise; the grid is the SDE grid plus the last step to 0."""
+    model = tiny_ditdh()
+    z, y = tiny_inputs()
+    grid = torch.cat([sde_time_grid(8, 2.0, 0.04), torch.zeros(1)])
+    with torch.no_grad():
+        ref = euler(lambda x, t: model(x, t, y), z, grid)
+    for last in ("euler", "mean"):
+        out = sample(model, z, y, method="em", num_steps=8, shift=2.0, diffusion_norm=0.0, last_step=last,
+                     last_step_from_grid=True, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+class Affine(torch.nn.Module):
+    """v = 0.7 x + 0.3 t - 0.1 y, for hand computations."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x, t, y):
+        self.calls += 1
+        return 0.7 * x + 0.3 * t.view(-1, 1, 1, 1) - 0.1 * y.view(-1, 1, 1, 1).float()
+
+
+def test_euler_maruyama_one_step_by_hand():
+    """Two grid points: one noisy step 1 -> t1 = shift(0.04), then the mean step at tau = 0.04."""
+    m, shift, norm, tau = Affine(), 1.5, 0.8, 0.04
+    x = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    out = sample(m, x.float(), y, method="em", num_steps=2, shift=shift, diffusion_norm=norm,
+                 generator=torch.Generator().manual_seed(7))
+    assert m.calls == 2  # num_steps network calls: one per grid step plus the last step
+    zn = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(7)).double()
+    yb = y.view(-1, 1, 1, 1).double()
+
+    def v(x, t):
+        return 0.7 * x + 0.3 * t - 0.1 * yb
+
+    def score(x, t):
+        return -(x + (1 - t) * v(x, t)) / t
+
+    t1 = shift * tau / (1 + (shift - 1) * tau)
+    w0 = norm * 1.0  # sigma form: w(t) = norm * t at t = 1, where the score is -x
+    x1 = x - (v(x, 1.0) - w0 * -x) * (1 - t1) + math.sqrt(2 * w0 * (1 - t1)) * zn
+    x2 = x1 - (v(x1, tau) - norm * tau * score(x1, tau)) * tau
+    torch.testing.assert_close(out.double(), x2, rtol=0, atol=2e-6)
+    last = sample(Affine(), x.float(), y, method="em", num_steps=2, shift=shift, diffusion_norm=norm,
+                  last_step=None, diffusion_form="constant", generator=torch.Generator().manual_seed(7))
+    zn = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(7)).double()  # grid now ends at 0
+    x1 = x - (v(x, 1.0) - norm * -x) * 1.0 + math.sqrt(2 * norm) * zn
+    torch.testing.assert_close(last.double(), x1, rtol=0, atol=2e-6)
+
+
+GAUSS_CASES = {
+    "default": dict(),
+    "decreasing": dict(diffusion_form="decreasing"),
+    "norm0.3_tweedie": dict(diffusion_norm=0.3, last_step="tweedie"),
+    "shift2_from_grid": dict(shift=2.0, last_step_from_grid=True, last_step_size=0.02),
+}
+
+
+@pytest.mark.parametrize("case", list(GAUSS_CASES))
+def test_euler_maruyama_gaussian_statistics(case):
+    """The reverse SDE keeps the marginals: on N(mu, s^2 I) data with the exact velocity the samples
+    have mean mu and std s (20000 values per channel: standard errors 0.004 / 0.003; the rest of the
+    tolerance is the first-order discretisation). A wrong score (sign, size) or noise is far off:
+    a flipped score gives std 2.3, no score 0.9, half the score 0.65."""
+    m, n = Gaussian(), 20_000
     g = torch.Generator().manual_seed(0)
-    out = sample(PointMass(), torch.randn(64, 2, 1, 1, generator=g), torch.zeros(64, dtype=torch.long),
-                 method="euler-maruyama", num_steps=100, generator=g)
-    err = (out - mu).abs()
-    assert err.max() < 0.1 and err.mean() < 0.03  # first-order scheme, stiff near t = 0
-    a = sample(PointMass(), torch.ones(2, 2, 1, 1), torch.zeros(2, dtype=torch.long), method="em", num_steps=10,
-               generator=torch.Generator().manual_seed(3))
-    b = sample(PointMass(), torch.ones(2, 2, 1, 1), torch.zeros(2, dtype=torch.long), method="em", num_steps=10,
-               generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
+    z = torch.randn(n, 2, 1, 1, generator=g)
+    out = sample(m, z, torch.zeros(n, dtype=torch.long), method="euler-maruyama", num_steps=100, generator=g,
+                 **GAUSS_CASES[case])
+    mean, std = out.mean((0, 2, 3)).double(), out.std((0, 2, 3)).double()
+    assert (mean - m.mu.view(-1)).abs().max() < 0.02 and (std - m.s).abs().max() < 0.02, (mean, std)
+
+
+def test_euler_maruyama_unshifted_last_step():
+    """As officially: with a shift the last step is evaluated at the unshifted tau, so it stops at
+    t = shift(tau) - tau, where the mean is (1 - t) mu."""
+    m, n = Gaussian(), 20_000
+    g = torch.Generator().manual_seed(1)
+    out = sample(m, torch.randn(n, 2, 1, 1, generator=g), torch.zeros(n, dtype=torch.long), method="em",
+                 num_steps=100, shift=3.0, generator=g)
+    t_left = 3 * 0.04 / (1 + 2 * 0.04) - 0.04
+    assert (out.mean((0, 2, 3)).double() - (1 - t_left) * m.mu.view(-1)).abs().max() < 0.02
+
+
+def test_euler_maruyama_noise_and_options():
+    m, x, y = Affine(), torch.ones(2, 2, 1, 1), torch.zeros(2, dtype=torch.long)
+    a = sample(m, x, y, method="em", num_steps=10, generator=torch.Generator().manual_seed(3))
+    b = sample(m, x, y, method="em", num_steps=10, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and m.calls == 20
+    torch.manual_seed(3)  # no generator: torch's global CPU RNG, as the official sampler draws it
+    assert torch.equal(sample(m, x, y, method="sde", num_steps=10), a)
+    with pytest.raises(ValueError, match="SBDM"):
+        sample(m, x, y, method="em", num_steps=4, diffusion_form="SBDM")
+    with pytest.raises(ValueError, match="last_step"):
+        sample(m, x, y, method="em", num_steps=4, last_step="heun")
+    assert m.calls == 30  # both rejected before any network call
+    for form in ("sigma", "linear", "constant", "decreasing", "increasing-decreasing", "inccreasing-decreasing"):
+        assert torch.isfinite(sample(m, x, y, method="em", num_steps=4, diffusion_form=form)).all()
 
 
 @needs_oracle

@@ -84,18 +84,19 @@ def test_official_schedule_and_presets():
         cfg.lr = 1.0
 
 
+class _MeanPool(torch.nn.Module):
+    name = "meanpool"
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def encode(self, x):  # (N, 3, 32, 32) -> (N, 3, 4, 4)
+        return torch.nn.functional.avg_pool2d(x, 8)
+
+
 def test_cache_latents_with_flips(tmp_path, image_folder):
-    class MeanPool(torch.nn.Module):
-        name = "meanpool"
-
-        def __init__(self):
-            super().__init__()
-            self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-        def encode(self, x):  # (N, 3, 32, 32) -> (N, 3, 4, 4)
-            return torch.nn.functional.avg_pool2d(x, 8)
-
-    out = cache_latents(MeanPool(), str(image_folder), tmp_path / "lat", resolution=32, batch_size=3)
+    out = cache_latents(_MeanPool(), str(image_folder), tmp_path / "lat", resolution=32, batch_size=3)
     cache = LatentCache(out)
     assert len(cache) == 8 and cache.latent_shape == (3, 4, 4) and cache.latents.shape[1] == 2
     torch.testing.assert_close(torch.from_numpy(np.asarray(cache.latents[:, 1], dtype=np.float32)),
@@ -144,3 +145,67 @@ def test_on_the_fly_tokenizer_with_workers(tmp_path, image_folder):
     assert res["step"] == 2 and all(np.isfinite(res["losses"]))
     ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert ck["latent_shape"] == [3, 4, 4]
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e4], ids=["clipping", "not-clipping"])
+def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(max_norm):
+    """clip_and_step (clip factor as the fused kernel's grad divisor) = clip_grad_norm_ + step."""
+    from raebench.stage2.train import clip_and_step, make_optimizer
+
+    torch.manual_seed(0)
+    cfg = preset("tiny", num_classes=4, class_dropout=0.0)  # no random label dropout: both see the same batch
+    a = build_for_training(cfg, (4, 2, 2))
+    for p in a.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    b = build_for_training(cfg, (4, 2, 2))
+    b.load_state_dict(a.state_dict())
+    oa, ob = make_optimizer(a, cfg), make_optimizer(b, cfg)
+    assert all(g["fused"] for g in oa.param_groups)
+    x, t, y = torch.randn(8, 4, 2, 2), torch.rand(8), torch.arange(8) % 4
+    for _ in range(3):
+        for m in (a, b):
+            m.zero_grad(set_to_none=True)
+            m(x, t, y).pow(2).sum().backward()
+        norm = torch.nn.utils.clip_grad_norm_(b.parameters(), max_norm)
+        ob.step()
+        clip_and_step(a, oa, max_norm)
+        assert (norm > max_norm) == (max_norm < 1)  # the case the id names
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-7)  # the kernel writes clipped grads back
+            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    assert not hasattr(oa, "grad_scale")
+
+
+def test_compile_option_traces_the_model(tmp_path, monkeypatch):
+    """--compile wraps the model in torch.compile; traced with the eager backend to stay fast here."""
+    seen = []
+    real = torch.compile
+
+    def recording(model, **kw):
+        seen.append(model)
+        return real(model, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    toy_cache(tmp_path / "cache", n=64)
+    res = train(tiny_cfg(tmp_path, global_batch=32, epochs=1, shift_base=16, compile=True))
+    assert res["step"] == 2 and all(np.isfinite(res["losses"])) and len(seen) == 1
+    torch._dynamo.reset()
+
+
+def test_cache_latents_resumes_after_a_crash(tmp_path, image_folder):
+    ref = LatentCache(cache_latents(_MeanPool(), str(image_folder), tmp_path / "ref", resolution=32, batch_size=3))
+
+    def crash(done, total):
+        if done >= 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache_latents(_MeanPool(), str(image_folder), tmp_path / "lat", resolution=32, batch_size=3, progress=crash)
+    with pytest.raises(Exception, match="incomplete"):
+        LatentCache(tmp_path / "lat")
+    seen = []
+    out = cache_latents(_MeanPool(), str(image_folder), tmp_path / "lat", resolution=32, batch_size=3,
+                        progress=lambda done, total: seen.append(done))
+    assert seen == [8]  # only the last batch (images 6 and 7) was encoded again
+    assert np.array_equal(np.asarray(LatentCache(out).latents), np.asarray(ref.latents))
+    assert not list(out.glob("progress-*.json"))

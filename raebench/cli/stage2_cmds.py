@@ -6,10 +6,11 @@ batches over ranks). Library code lives in :mod:`raebench.stage2`; this module o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 
@@ -54,6 +55,7 @@ def register(app: typer.Typer) -> None:
         ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every"),
         log_every: Optional[int] = typer.Option(None, "--log-every"),
         device: str = typer.Option("auto", "--device"),
+        compile_model: bool = typer.Option(False, "--compile", help="torch.compile the DiT (first steps slower)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
     ) -> None:
         """Train DiT-DH on RAE latents (official recipe presets; resumable; torchrun for DDP)."""
@@ -65,7 +67,7 @@ def register(app: typer.Typer) -> None:
         overrides = dict(out=str(out), latents=str(latents) if latents else None, tokenizer=tokenizer, data=data,
                          resolution=resolution, num_classes=num_classes, global_batch=batch_size, grad_accum=grad_accum,
                          epochs=epochs, max_steps=max_steps, lr=lr, precision=precision, seed=seed,
-                         ckpt_every=ckpt_every, log_every=log_every)
+                         ckpt_every=ckpt_every, log_every=log_every, compile=compile_model or None)
         cfg = make_preset(preset, **{k: v for k, v in overrides.items() if v is not None})
         if dry_run:
             console.print_json(json.dumps(dataclasses.asdict(cfg)))
@@ -137,8 +139,8 @@ def register(app: typer.Typer) -> None:
         labels = class_labels(num, classes, label_sampling, seed)
         if label_sampling == "equal" and num % classes:
             console.print(f"[yellow]{num} is not a multiple of {classes} classes: counts differ by one[/]")
-        with torch.no_grad():
-            generate_npz(sample_fn, tok.decode, out, labels, shape, batch_size, seed, dev)
+        with torch.no_grad(), _bar("sampling (batches of this rank)") as bar:
+            generate_npz(sample_fn, tok.decode, out, labels, shape, batch_size, seed, dev, progress=bar)
         if distributed.is_main():
             if grid is not None:
                 save_grid(out, grid)
@@ -161,9 +163,31 @@ def register(app: typer.Typer) -> None:
         from raebench.evaluate import resolve_device
         from raebench.stage2.train import cache_latents
 
-        dev = resolve_device(device)
-        path = cache_latents(_tokenizer(tokenizer, dev), data, out, resolution, batch_size, flip, dtype)
-        console.print(f"latent cache written to {path}")
+        from raebench import distributed
+
+        distributed.init()
+        dev = resolve_device(distributed.local_device(device))
+        tok = _tokenizer(tokenizer, dev)
+        with _bar("encoding (images of this rank)") as bar:
+            path = cache_latents(tok, data, out, resolution, batch_size, flip, dtype, progress=bar)
+        if distributed.is_main():
+            console.print(f"latent cache written to {path}")
+        distributed.finish()
+
+
+@contextlib.contextmanager
+def _bar(label: str) -> Iterator[Optional[Callable[[int, int], None]]]:
+    """A progress bar on rank 0 (None elsewhere), as a ``progress(done, total)`` callback."""
+    from raebench import distributed
+    from raebench.cli.core import _progress
+
+    if not distributed.is_main():
+        yield None
+        return
+    prog = _progress()
+    task = prog.add_task(label, total=None)
+    with prog:
+        yield lambda done, total: prog.update(task, completed=done, total=total)
 
 
 def _cache_tokenizer(latents: Optional[str]) -> Optional[str]:

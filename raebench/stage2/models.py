@@ -31,6 +31,7 @@ from torch import nn
 
 from raebench.errors import CheckpointError
 from raebench.registry import Registry
+from raebench.stage2.fused import autocast_on, fusable, gated_residual, linear_chunks, qkv_rope, rms_modulate, swiglu, wide
 
 
 class WidthWarning(UserWarning):
@@ -95,9 +96,15 @@ class Rope2D(nn.Module):
         Computed as one complex multiply per pair, (x0 + i x1)(cos + i sin): 2.5x faster forward +
         backward on CPU than flip + two multiplies (measured at head_dim 96, 64 tokens). The
         rotation is read from the (checkpointed) cos/sin buffers on every call, so loaded values win.
+        Under ``torch.compile`` it is real arithmetic (Inductor generates no code for complex ops).
         """
-        cis = torch.complex(self.freqs_cos[:, ::2].float(), self.freqs_sin[:, ::2].float())  # (L, hd/2)
-        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., L, hd/2)
+        xw = wide(x)
+        if torch.compiler.is_compiling():
+            pairs = xw.unflatten(-1, (-1, 2))  # (..., L, hd/2, 2)
+            rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # rotate_half
+            return (xw * self.freqs_cos.to(xw.dtype) + rotated * self.freqs_sin.to(xw.dtype)).to(x.dtype)
+        cis = torch.complex(self.freqs_cos[:, ::2].to(xw.dtype), self.freqs_sin[:, ::2].to(xw.dtype))  # (L, hd/2)
+        xc = torch.view_as_complex(xw.unflatten(-1, (-1, 2)))  # (..., L, hd/2)
         return torch.view_as_real(xc * cis).flatten(-2).to(x.dtype)  # (..., L, hd)
 
 
@@ -115,7 +122,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused call
+        if x.dtype in (torch.float32, torch.float64):  # one call
             return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
@@ -158,7 +165,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope2D | None = None) -> torch.Tensor:
         n, l, d = x.shape
-        qkv = self.qkv(x).view(n, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, L, hd)
+        qkv = self.qkv(x)  # (N, L, 3D)
+        if rope is not None and self.q_norm is None and fusable(qkv):
+            q, k, v = qkv_rope(qkv, rope.freqs_cos, rope.freqs_sin, self.heads)  # (N, H, L, hd) each
+            x = F.scaled_dot_product_attention(q, k, v)  # (N, H, L, hd)
+            return self.proj(x.transpose(1, 2).reshape(n, l, d))  # (N, L, D)
+        qkv = qkv.view(n, l, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, L, hd)
         if self.q_norm is not None:
             q, k, v = qkv.unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
@@ -183,7 +195,10 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.w12(x).chunk(2, dim=-1)  # (..., hidden) each
+        u = self.w12(x)  # (..., 2 * hidden)
+        if fusable(u):
+            return self.w3(swiglu(u))  # silu(a) * b for [a, b] = u, fused backward
+        a, b = u.chunk(2, dim=-1)
         return self.w3(F.silu(a) * b)
 
 
@@ -208,6 +223,28 @@ def _expand_tokens(m: torch.Tensor, length: int) -> torch.Tensor:
             raise ValueError(f"{length} tokens cannot be conditioned on {m.shape[1]} tokens")
         m = m.repeat_interleave(length // m.shape[1], dim=1)  # (N, L, D)
     return m
+
+
+def _modulations(linear: nn.Linear, c_act: torch.Tensor, length: int, k: int) -> tuple[torch.Tensor, ...]:
+    """The k adaLN modulations (N, 1 or L, D) of ``linear(c_act)``; per token without a concatenating backward."""
+    if (c_act.dim() == 3 and c_act.shape[1] == length and c_act.dtype == linear.weight.dtype and fusable(c_act)
+            and not autocast_on(c_act)):
+        # not under autocast: there the projection (and its backward GEMMs) must run in low precision
+        return linear_chunks(c_act, linear.weight, linear.bias, k)
+    return _expand_tokens(linear(c_act), length).chunk(k, dim=-1)
+
+
+def _modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """norm(x) * (1 + scale) + shift; RMSNorm on a float32 stream takes the fused path."""
+    if isinstance(norm, RMSNorm) and fusable(x):
+        return rms_modulate(x, norm.weight, shift, scale, norm.eps)
+    h = norm(x)
+    return h * (1 + scale) if shift is None else h * (1 + scale) + shift
+
+
+def _residual(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """x + gate * f (the adaLN-Zero gated residual)."""
+    return gated_residual(x, gate, f) if fusable(x) else x + gate * f
 
 
 class Block(nn.Module):
@@ -235,14 +272,14 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, c_act: torch.Tensor, rope: Rope2D | None = None) -> torch.Tensor:
         """``c_act`` is silu(condition): computed once by the model and shared by all its blocks."""
-        mods = _expand_tokens(self.adaLN_modulation[1](c_act), x.shape[1]).chunk(4 if self.wo_shift else 6, dim=-1)
+        mods = _modulations(self.adaLN_modulation[1], c_act, x.shape[1], 4 if self.wo_shift else 6)
         if self.wo_shift:
             scale1, gate1, scale2, gate2 = mods  # (N, 1 or L, D) each
-            x = torch.addcmul(x, gate1, self.attn(self.norm1(x) * (1 + scale1), rope))
-            return torch.addcmul(x, gate2, self.mlp(self.norm2(x) * (1 + scale2)))
-        shift1, scale1, gate1, shift2, scale2, gate2 = mods  # (N, 1 or L, D) each
-        x = torch.addcmul(x, gate1, self.attn(torch.addcmul(shift1, self.norm1(x), 1 + scale1), rope))  # (N, L, D)
-        return torch.addcmul(x, gate2, self.mlp(torch.addcmul(shift2, self.norm2(x), 1 + scale2)))  # (N, L, D)
+            shift1 = shift2 = None
+        else:
+            shift1, scale1, gate1, shift2, scale2, gate2 = mods  # (N, 1 or L, D) each
+        x = _residual(x, gate1, self.attn(_modulate(self.norm1, x, shift1, scale1), rope))  # (N, L, D)
+        return _residual(x, gate2, self.mlp(_modulate(self.norm2, x, shift2, scale2)))  # (N, L, D)
 
 
 class FinalLayer(nn.Module):
@@ -256,8 +293,8 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
         """``c_act`` is silu(condition), as for :class:`Block`."""
-        shift, scale = _expand_tokens(self.adaLN_modulation[1](c_act), x.shape[1]).chunk(2, dim=-1)
-        return self.linear(torch.addcmul(shift, self.norm_final(x), 1 + scale))  # (N, L, p*p*C)
+        shift, scale = _modulations(self.adaLN_modulation[1], c_act, x.shape[1], 2)
+        return self.linear(_modulate(self.norm_final, x, shift, scale))  # (N, L, p*p*C)
 
 
 class GaussianFourierEmbedding(nn.Module):

@@ -7,7 +7,9 @@ Schema used (the official one; unknown keys elsewhere in the file are ignored):
   ``{'ema': ...}``; relative paths resolve against ``base_dir``, then the working directory).
 - ``transport.params``: ``path_type`` Linear, ``prediction`` velocity, ``time_dist_type``.
 - ``sampler``: ``mode`` ODE | SDE and ``params`` (``sampling_method`` euler | heun2 | dopri5 for ODE,
-  ``num_steps``, ``atol``, ``rtol``; ``diffusion_norm`` for SDE).
+  ``num_steps``, ``atol``, ``rtol``; for SDE ``sampling_method`` euler (Euler-Maruyama),
+  ``diffusion_form`` (default here "sigma": the official default "SBDM" gives NaN for this path and is
+  rejected), ``diffusion_norm``, ``last_step`` Mean | Tweedie | Euler | null, ``last_step_size``).
 - ``guidance``: ``method`` cfg | autoguidance, ``scale``, ``t_min``/``t_max`` (the official sampling
   configs spell them ``t-min``/``t-max``; both are read, underscores first), ``guidance_model``
   (target/params/ckpt) for AutoGuidance.
@@ -30,7 +32,7 @@ from torch import nn
 
 from raebench.errors import CheckpointError, RaebenchError
 from raebench.stage2.models import DiTDH, LightningDiT, load_stage2_state
-from raebench.stage2.samplers import canonical_method, sample
+from raebench.stage2.samplers import canonical_last_step, canonical_method, diffusion_coefficient, sample
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,9 @@ class OfficialSampler:
     atol: float = 1e-6
     rtol: float = 1e-3
     diffusion_norm: float = 1.0
+    diffusion_form: str = "sigma"
+    last_step: str | None = "mean"
+    last_step_size: float = 0.04
 
     def __call__(
         self,
@@ -127,7 +132,8 @@ class OfficialSampler:
             cfg_scale=float(cfg_scale if cfg_scale is not None else self.cfg_scale),
             cfg_interval=tuple(cfg_interval if cfg_interval is not None else self.cfg_interval),
             guide=self.guide, rtol=self.rtol, atol=self.atol, diffusion_norm=self.diffusion_norm,
-            generator=generator,
+            generator=generator, diffusion_form=self.diffusion_form, last_step=self.last_step,
+            last_step_size=self.last_step_size,
         )
 
 
@@ -149,8 +155,17 @@ def build_from_official(cfg: Any, base_dir: str | Path | None = None) -> tuple[n
     sampler_cfg = dict(cfg.get("sampler") or {})
     sp = dict(sampler_cfg.get("params") or {})
     mode = str(sampler_cfg.get("mode", "ODE")).upper()
+    sde = dict(diffusion_form=str(sp.get("diffusion_form", "sigma")), last_step=sp.get("last_step", "Mean"),
+               last_step_size=float(sp.get("last_step_size", 0.04)))
     if mode == "SDE":
+        if str(sp.get("sampling_method", "euler")).lower() != "euler":
+            raise RaebenchError(f"SDE sampling_method {sp.get('sampling_method')!r} is not supported; use euler.")
         method = "euler-maruyama"
+        try:
+            diffusion_coefficient(sde["diffusion_form"], torch.ones(1))
+            canonical_last_step(sde["last_step"])
+        except ValueError as e:
+            raise RaebenchError(f"sampler.params: {e}") from e
     else:
         method = canonical_method(str(sp.get("sampling_method", "dopri5")))
     guidance = dict(cfg.get("guidance") or {})
@@ -171,5 +186,6 @@ def build_from_official(cfg: Any, base_dir: str | Path | None = None) -> tuple[n
         atol=float(sp.get("atol", 1e-6)),
         rtol=float(sp.get("rtol", 1e-3)),
         diffusion_norm=float(sp.get("diffusion_norm", 1.0)),
+        **sde,
     )
     return model, sampler

@@ -87,7 +87,9 @@ def generate_npz(
         y = labels[b * batch_size:(b + 1) * batch_size]
         g = torch.Generator().manual_seed(seed * 1_000_003 + b)
         noise = torch.randn(len(y), *latent_shape, generator=g).to(device)  # (B, C, H, W)
-        img = decode(sample_fn(noise, y.to(device)))  # (B, 3, H, W) float in [0, 1]
+        with torch.random.fork_rng(devices=[]):  # stochastic samplers (SDE) draw from the global CPU RNG:
+            torch.manual_seed(seed * 1_000_003 + b + 7_919)  # seeded per batch, so reruns and resumes repeat
+            img = decode(sample_fn(noise, y.to(device)))  # (B, 3, H, W) float in [0, 1]
         _save_npz_atomic(part, images=to_uint8(img).permute(0, 2, 3, 1).cpu().numpy(), labels=y.numpy())
         if progress:
             progress(done, len(mine))

@@ -7,9 +7,12 @@ corrector is evaluated at ``t0 - (t0 - t1)``, not at ``t1``):
 
 - ``euler``: x <- x + (t1 - t0) v(x, t0)
 - ``heun`` (torchdiffeq ``heun2``): predictor Euler, corrector with the average of both slopes
-- ``adaptive``: Dormand-Prince 5(4) with error control from the first to the last grid time
-- ``euler-maruyama``: the reverse SDE with diffusion w(t) = norm * t (finite at t = 1), noise-free
-  last step.
+- ``adaptive``: Dormand-Prince 5(4) from the first to the last grid time with torchdiffeq's
+  ``dopri5`` step control and dense output (the official ``sample_ode`` default)
+- ``euler-maruyama``: the official ``sample_sde`` (Euler): reverse SDE with the score from the
+  velocity and diffusion w(t) (default "sigma": w = norm * t) on the grid
+  ``1 - linspace(0, 1 - last_step_size, num_steps)`` (shifted), every step noisy, then a noise-free
+  "mean" step of size ``last_step_size`` (0.04); see :func:`euler_maruyama`.
 
 Guidance wraps the network into a velocity function ``v(x, t)``:
 
@@ -21,6 +24,7 @@ Guidance wraps the network into a velocity function ``v(x, t)``:
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -111,10 +115,12 @@ def heun(v: VelocityFn, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return x
 
 
-# Dormand-Prince 5(4) tableau
-_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+# Dormand-Prince 5(4): nodes c, stage matrix A (row i feeds stage i + 1), 5th-order weights b (= the
+# last row of A, so the 7th stage is f at the new point: first-same-as-last). The error weights are
+# b - b*, with Shampine's 4th-order embedding b* (the one torchdiffeq's dopri5 uses, not the original
+# Dormand-Prince b*); the mid-point weights give y(s + h/2) for the quartic dense output (Shampine 1986).
+_DP_C = (1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 _DP_A = (
-    (),
     (1 / 5,),
     (3 / 40, 9 / 40),
     (44 / 45, -56 / 15, 32 / 9),
@@ -122,58 +128,223 @@ _DP_A = (
     (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
     (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
 )
-_DP_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
-_DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+_DP_B4 = (1951 / 21600, 0.0, 22642 / 50085, 451 / 720, -12231 / 42400, 649 / 6300, 1 / 60)
+_DP_ERR = tuple(b5 - b4 for b5, b4 in zip(_DP_A[-1] + (0.0,), _DP_B4))
+_DP_MID = tuple(w / 2 for w in (
+    6025192743 / 30085553152, 0.0, 51252292925 / 65400821598, -2691868925 / 45128329728,
+    187940372067 / 1594534317056, -1776094331 / 19743644256, 11237099 / 235043384,
+))
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean().sqrt()
 
 
 def adaptive(
     v: VelocityFn, x: torch.Tensor, t_start: float, t_end: float,
     rtol: float = 1e-3, atol: float = 1e-6, max_steps: int = 10_000,
 ) -> torch.Tensor:
-    """Dormand-Prince 5(4) with PI-free standard step-size control (FSAL), from t_start to t_end."""
-    t, direction = float(t_start), (1.0 if t_end > t_start else -1.0)
-    h = direction * min(0.05, abs(t_end - t_start))
-    k1 = v(x, _tvec(torch.tensor(t, dtype=torch.float32), x))
+    """Dormand-Prince 5(4) from ``t_start`` to ``t_end``: torchdiffeq's ``dopri5`` (what the official
+    ``sample_ode(sampling_method="dopri5")`` calls), step for step and with its float arithmetic.
+
+    Time runs as s = d * t with d = sign(t_end - t_start), so steps h > 0 and f(s, y) = d * v(y, d*s);
+    the step bookkeeping is float64, stage times and the state float32 (the dtype of ``x``).
+    RMS(z) = sqrt(mean(z^2)) runs over the whole batch (all samples share the steps), and
+    sc(y) = atol + rtol * |y| (float64):
+
+    - first step (Hairer-Norsett-Wanner II.4): d0 = RMS(y/sc), d1 = RMS(f0/sc);
+      h0 = 0.01 d0/d1 (1e-6 if d0 or d1 < 1e-5); d2 = RMS((f(s + h0, y + h0 f0) - f0)/sc) / h0;
+      h = min(100 h0, (0.01 / max(d1, d2))^(1/5))  (max(1e-6, 1e-3 h0) if d1, d2 <= 1e-15)
+    - a step: k_i = f(s + c_i h, y + h sum_j A_ij k_j) (the c = 1 stages at the float32 number just
+      below s + h), y5 = y + h sum_j b_j k_j, err = h sum_j (b_j - b*_j) k_j,
+      r = RMS(err / (atol + rtol max(|y|, |y5|))); accepted when r <= 1; the next
+      h = h * min(10, max(0.9 r^(-1/5), 1 if r < 1 else 0.2)) (10 h when r == 0), so an accepted
+      step never shrinks the next one.
+    - steps are not clipped at ``t_end``: the last one may end past it (``v`` can then be evaluated
+      beyond ``t_end``, at t < 0 when t_end is near 0), and the result is that step's quartic dense
+      output at ``t_end``, fitted to y, y5, y(s + h/2), f(s), f(s + h).
+    """
+    d = 1.0 if t_end >= t_start else -1.0
+    s, s_end = d * float(t_start), d * float(t_end)
+    dt_y = x.dtype
+    f64 = dict(dtype=torch.float64, device=x.device)
+
+    def f(si: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # si: 0-d, any float dtype
+        return d * v(y, _tvec(d * si.to(dt_y), y))
+
+    def weights(w: tuple[float, ...]) -> torch.Tensor:
+        return torch.tensor(w, dtype=torch.float64).to(device=x.device, dtype=dt_y)
+
+    a_rows, err_w, mid_w = [weights(r) for r in _DP_A], weights(_DP_ERR), weights(_DP_MID)
+    c_nodes = weights(_DP_C)
+
+    if s_end <= s:
+        return x
+    y = x  # (N, C, H, W)
+    s_t = torch.tensor(s, **f64)
+    f0 = f(s_t, y)
+    sc = atol + rtol * y.abs().double()  # (N, C, H, W) float64
+    d0, d1 = _rms(y / sc), _rms(f0 / sc)
+    h0 = torch.tensor(1e-6, **f64) if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    d2 = _rms((f(s_t + h0, y + h0.to(dt_y) * f0) - f0) / sc) / h0
+    if d1 <= 1e-15 and d2 <= 1e-15:
+        h1 = torch.clamp(h0 * 1e-3, min=1e-6)
+    else:
+        h1 = (0.01 / torch.maximum(d1, d2)) ** 0.2
+    h = torch.minimum(100 * h0, h1)  # 0-d float64
+    s_prev, poly = s_t, [y]
     for _ in range(max_steps):
-        if direction * (t_end - t) <= 1e-12:
-            return x
-        if direction * (t + h - t_end) > 0:
-            h = t_end - t
-        ks = [k1]
-        for i in range(1, 7):
-            xi = x + h * sum(a * k for a, k in zip(_DP_A[i], ks) if a != 0.0)
-            ks.append(v(xi, _tvec(torch.tensor(t + _DP_C[i] * h, dtype=torch.float32), x)))
-        x5 = x + h * sum(b * k for b, k in zip(_DP_B5, ks) if b != 0.0)
-        err = h * sum((b5 - b4) * k for b5, b4, k in zip(_DP_B5, _DP_B4, ks) if b5 != b4)
-        scale = atol + rtol * torch.maximum(x.abs(), x5.abs())
-        e = float((err / scale).pow(2).mean().sqrt())
-        if e <= 1.0:  # accept; the 7th stage is f(t + h, x5) (first-same-as-last)
-            t, x, k1 = t + h, x5, ks[6]
-        h = h * min(10.0, max(0.2, 0.9 * (e + 1e-10) ** -0.2))
+        if s_end <= float(s_t):  # dense output of the last accepted step [s_prev, s] at s_end
+            u = ((s_end - s_prev) / (s_t - s_prev)).to(dt_y)
+            out, u_k = poly[0] + u * poly[1], u
+            for c in poly[2:]:
+                u_k = u_k * u
+                out = out + u_k * c
+            return out
+        s_new = s_t + h
+        t0, hh, t1 = s_t.to(dt_y), h.to(dt_y), s_new.to(dt_y)  # stage arithmetic in the state dtype
+        k = torch.empty(*y.shape, 7, dtype=dt_y, device=y.device)  # (N, C, H, W, 7) stages
+        k[..., 0] = f0
+        for i, (c, a) in enumerate(zip(c_nodes, a_rows)):
+            ti = torch.nextafter(t1, t1 - 1) if float(c) == 1.0 else t0 + c * hh
+            yi = y + (k[..., : i + 1] * (a * hh)).sum(-1)
+            k[..., i + 1] = f(ti, yi)
+        y5 = yi  # the 7th stage's input is the 5th-order solution
+        err = (k * (hh * err_w)).sum(-1)
+        r = _rms(err / (atol + rtol * torch.maximum(y.abs(), y5.abs()).double()))
+        if r <= 1:
+            # quartic p(u) = sum_j poly[j] u^j on u in [0, 1] with p(0) = y, p(1) = y5,
+            # p(1/2) = y_mid, p'(0) = h f0, p'(1) = h f1
+            f1, y_mid = k[..., 6], y + (k * (hh * mid_w)).sum(-1)
+            poly = [
+                y, hh * f0,
+                hh * (f1 - 4 * f0) - 11 * y - 5 * y5 + 16 * y_mid,
+                hh * (5 * f0 - 3 * f1) + 18 * y + 14 * y5 - 32 * y_mid,
+                2 * hh * (f1 - f0) - 8 * (y + y5) + 16 * y_mid,
+            ]
+            s_prev, s_t, y, f0 = s_t, s_new, y5, f1
+        if r == 0:
+            h = h * 10.0
+        else:
+            h = h * torch.clamp(0.9 / r ** 0.2, min=1.0 if r < 1 else 0.2, max=10.0)
     raise RuntimeError(f"adaptive solver did not reach t={t_end} in {max_steps} steps; loosen rtol/atol")
+
+
+# ----------------------------------------------------------------------------------------------
+# Euler-Maruyama (reverse SDE)
+# ----------------------------------------------------------------------------------------------
+
+DIFFUSION_FORMS = ("sigma", "linear", "constant", "decreasing", "increasing-decreasing")
+LAST_STEPS = ("mean", "tweedie", "euler", "none")
+_FORM_ALIASES = {"inccreasing-decreasing": "increasing-decreasing"}  # the official key's spelling
+
+
+def diffusion_coefficient(form: str, t: torch.Tensor, norm: float = 1.0) -> torch.Tensor:
+    """w(t) for the reverse SDE (the official ``compute_diffusion`` forms, in our t: t = 1 noise).
+
+    sigma, linear: norm * t;  constant: norm;  decreasing: (norm cos(pi (1 - t)) + 1)^2 / 4;
+    increasing-decreasing: norm * sin(pi (1 - t))^2.  The official default "SBDM" is rejected: for
+    this path its formula gives w = -norm * t / (1 - t) < 0 (infinite at t = 1), so the official
+    sampler returns NaN with it.
+    """
+    f = _FORM_ALIASES.get(form.lower(), form.lower())
+    if f == "sbdm":
+        raise ValueError("diffusion_form 'SBDM' is negative for this path (w = -t/(1-t); the official "
+                         "sampler returns NaN with it); use 'sigma' (w = norm * t), the default")
+    if f in ("sigma", "linear"):
+        return norm * t
+    if f == "constant":
+        return torch.full_like(t, float(norm))
+    if f == "decreasing":
+        return 0.25 * (norm * torch.cos(math.pi * (1 - t)) + 1) ** 2
+    if f == "increasing-decreasing":
+        return norm * torch.sin(math.pi * (1 - t)) ** 2
+    raise ValueError(f"unknown diffusion_form {form!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
+
+
+def canonical_last_step(last_step: str | None) -> str:
+    s = "none" if last_step is None else str(last_step).lower()
+    if s not in LAST_STEPS:
+        raise ValueError(f"unknown last_step {last_step!r}; choose one of mean, tweedie, euler, None")
+    return s
+
+
+def sde_time_grid(num_steps: int, shift: float = 1.0, last_step_size: float = 0.04) -> torch.Tensor:
+    """(num_steps,) float32 times shift(1 - linspace(0, 1 - last_step_size, num_steps)): 1 -> shift(lss)."""
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be >= 2 (points of the grid), got {num_steps}")
+    if not 0.0 <= last_step_size < 1.0:
+        raise ValueError(f"last_step_size must be in [0, 1), got {last_step_size}")
+    return time_shift(1 - torch.linspace(0, 1 - last_step_size, num_steps), shift)
+
+
+def _score(vel: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """grad log p_t(x) from the velocity: s = -(x + (1 - t) v) / t; t (N,).
+
+    x = x_0 + t v and x = (1 - t) x_0 + t eps give E[eps | x] = x + (1 - t) v, and s = -E[eps | x] / t.
+    The denominator is written as the path's sigma^2 - (alpha / alpha') sigma sigma' = t^2 + (1 - t) t
+    (= t) so that the float rounding is the official one.
+    """
+    tb = t.view(-1, *([1] * (x.dim() - 1)))  # (N, 1, 1, 1)
+    return -(x + (1 - tb) * vel) / (tb * tb + (1 - tb) * tb)
+
+
+def _sde_drift(v: VelocityFn, x: torch.Tensor, t: torch.Tensor, form: str, norm: float) -> torch.Tensor:
+    """v - w s at (x, t); t (N,)."""
+    vel = v(x, t)  # (N, C, H, W)
+    w = diffusion_coefficient(form, t.view(-1, *([1] * (x.dim() - 1))), norm)  # (N, 1, 1, 1)
+    return vel - w * _score(vel, x, t)
 
 
 def euler_maruyama(
     v: VelocityFn, x: torch.Tensor, grid: torch.Tensor, diffusion_norm: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, *, diffusion_form: str = "sigma",
+    last_step: str | None = "mean", last_step_size: float = 0.04, last_step_from_grid: bool = False,
 ) -> torch.Tensor:
-    """Reverse SDE dx = [v - w s] dt + sqrt(2w) dW with w(t) = norm * t and score s = -(x + (1-t) v)/t.
+    """Reverse SDE from grid[0] = 1 down the grid, then one noise-free last step (the official
+    ``sample_sde`` with ``sampling_method="euler"``).
 
-    w * s = -norm * (x + (1 - t) v) is finite at t = 1; the last step takes the mean (no noise).
+    For the linear path the score follows from the velocity, s(x, t) = -(x + (1 - t) v) / t, and
+    with w(t) from :func:`diffusion_coefficient` every grid step t0 -> t1 (dt = t0 - t1 > 0) is::
+
+        mean = x - (v - w s) dt,      x <- mean + sqrt(2 w) * sqrt(dt) * z,   z ~ N(0, I)
+
+    all at t0; every step is noisy. The noise is drawn before the network call, in float32 with
+    the shape of ``x``, from ``generator`` (on its device) or, when None, from torch's global CPU
+    generator, then moved to ``x``: with the same seed this is the official draw. The last step
+    (``last_step``; "none" skips it) is, at tau = ``last_step_size`` with the same drift:
+
+        mean: x - (v - w s) tau,   euler: x - v tau,
+        tweedie: E[x_0 | x] = (x + tau^2 s) / (1 - tau)  (= x - tau v, the same as euler up to rounding)
+
+    As in the official code tau is *not* shifted although the grid is, so with a shift s > 1 the
+    grid ends at shift(tau) > tau and the last step only reaches t = shift(tau) - tau (for s = 6.9,
+    tau = 0.04: t ~ 0.18). ``last_step_from_grid=True`` instead takes it at tau = grid[-1], which
+    lands at t = 0. Use :func:`sde_time_grid` for the official grid (it ends at shift(tau)).
+    Returns (N, C, H, W); ``num_steps - 1`` noisy steps plus the last one = ``num_steps`` calls.
     """
     grid = grid.to(x.device)
-    n = len(grid) - 1
-    for i, (t0, t1) in enumerate(zip(grid[:-1], grid[1:])):
-        vel = v(x, _tvec(t0, x))
-        drift = vel + diffusion_norm * (x + (1 - t0) * vel)  # v - w * score
-        x = x - drift * (t0 - t1)
-        if i < n - 1:
-            if generator is None:
-                noise = torch.randn_like(x)
-            else:
-                noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-            x = x + torch.sqrt(2 * diffusion_norm * t0 * (t0 - t1)) * noise
-    return x
+    last = canonical_last_step(last_step)
+    diffusion_coefficient(diffusion_form, grid[:1])  # fail before any network call
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        if generator is None:
+            z = torch.randn(x.shape).to(x)  # (N, C, H, W), global CPU RNG
+        else:
+            z = torch.randn(x.shape, generator=generator, device=generator.device).to(x)
+        t = _tvec(t0, x)  # (N,)
+        mean = x - _sde_drift(v, x, t, diffusion_form, diffusion_norm) * (t0 - t1)
+        w = diffusion_coefficient(diffusion_form, t.view(-1, *([1] * (x.dim() - 1))), diffusion_norm)
+        x = mean + torch.sqrt(2 * w) * (z * torch.sqrt(t0 - t1))
+    tau = float(grid[-1]) if last_step_from_grid else float(last_step_size)
+    if last == "none" or tau <= 0.0:
+        return x
+    t = torch.full((x.shape[0],), tau, device=x.device)  # (N,) float32
+    if last == "mean":
+        return x - _sde_drift(v, x, t, diffusion_form, diffusion_norm) * tau
+    vel = v(x, t)  # (N, C, H, W)
+    if last == "euler":
+        return x - vel * tau
+    return x / (1 - tau) + tau * tau / (1 - tau) * _score(vel, x, t)  # Tweedie: x/alpha + sigma^2/alpha s
 
 
 @torch.no_grad()
@@ -193,10 +364,17 @@ def sample(
     atol: float = 1e-6,
     diffusion_norm: float = 1.0,
     generator: torch.Generator | None = None,
+    diffusion_form: str = "sigma",
+    last_step: str | None = "mean",
+    last_step_size: float = 0.04,
+    last_step_from_grid: bool = False,
 ) -> torch.Tensor:
     """Integrate from ``noise`` (t = 1) to normalised latents; returns (N, C, H, W).
 
-    The networks run in eval mode (no label dropout) and are put back in their mode afterwards.
+    ``rtol``/``atol`` are for ``adaptive``; ``diffusion_norm``, ``diffusion_form``, ``last_step``,
+    ``last_step_size``, ``last_step_from_grid`` and ``generator`` (None: torch's global CPU RNG, as
+    the official code) for ``euler-maruyama``, whose grid is :func:`sde_time_grid`. The networks run
+    in eval mode (no label dropout) and are put back in their mode afterwards.
     """
     nets = [n for n in (model, guide) if isinstance(n, nn.Module)]
     modes = [n.training for n in nets]
@@ -204,15 +382,20 @@ def sample(
         n.eval()
     try:
         v = velocity_fn(model, labels, cfg_scale, tuple(cfg_interval), guide, null_class)
-        grid = time_grid(num_steps, shift)
         m = canonical_method(method)
+        if m == "euler-maruyama":
+            lss = 0.0 if canonical_last_step(last_step) == "none" else float(last_step_size)
+            return euler_maruyama(
+                v, noise, sde_time_grid(num_steps, shift, lss), diffusion_norm, generator,
+                diffusion_form=diffusion_form, last_step=last_step, last_step_size=lss,
+                last_step_from_grid=last_step_from_grid,
+            )
+        grid = time_grid(num_steps, shift)
         if m == "euler":
             return euler(v, noise, grid)
         if m == "heun":
             return heun(v, noise, grid)
-        if m == "adaptive":
-            return adaptive(v, noise, float(grid[0]), float(grid[-1]), rtol=rtol, atol=atol)
-        return euler_maruyama(v, noise, grid, diffusion_norm, generator)
+        return adaptive(v, noise, float(grid[0]), float(grid[-1]), rtol=rtol, atol=atol)
     finally:
         for n, mode in zip(nets, modes):
             n.train(mode)

@@ -76,6 +76,7 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 5000  # optimizer steps
     max_steps: int | None = None  # stop early (the schedule still follows `epochs`)
+    compile: bool = False  # torch.compile the model (as the official --compile); an execution setting
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
@@ -240,27 +241,41 @@ def cache_latents(
 ) -> Path:
     """Encode every image of ``data`` (and its horizontal flip) once into a :class:`LatentCache`.
 
-    Resumable: chunks are flushed and counted in ``meta.json``; a re-run continues where it stopped.
-    The cache is marked complete only at the end.
+    Under torchrun each rank encodes a contiguous shard of the images and writes its rows into the
+    one memory-mapped ``latents.npy`` (the ranks must share one file system: run it on one node).
+    Resumable: each rank flushes its rows and records its position in ``progress-R-of-W.json`` after
+    every batch; a re-run (with the same world size) continues where each rank stopped, and another
+    world size starts afresh. ``meta.json`` is marked complete only when every rank has finished.
     """
     from raebench.data import ImageDataset, make_loader, resolve_data, to_float
 
+    rank, world = distributed.rank_world()
     images = resolve_data(data=data).images
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     dev = next(iter(tokenizer.parameters()), torch.zeros(())).device
     shape = tuple(tokenizer.encode(torch.zeros(1, 3, resolution, resolution, device=dev)).shape[1:])
     n, variants = len(images.paths), 2 if flip else 1
     meta_path = out / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     want = {"n": n, "variants": variants, "shape": list(shape), "resolution": resolution, "dtype": dtype,
-            "fingerprint": images.fingerprint(), "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__)}
-    if any(meta.get(k) != v for k, v in want.items()):
-        meta = {**want, "done": 0, "complete": False}
-    mode = "r+" if meta["done"] > 0 and (out / "latents.npy").is_file() else "w+"
-    lat = np.lib.format.open_memmap(out / "latents.npy", mode=mode, dtype=np.dtype(dtype), shape=(n, variants, *shape))
-    np.save(out / "labels.npy", np.asarray(images.labels, dtype=np.int64))
-    loader = make_loader(ImageDataset(images, resolution), batch_size, indices=range(meta["done"], n))
+            "fingerprint": images.fingerprint(), "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
+            "world": world}
+    progress_path = out / f"progress-{rank}-of-{world}.json"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        fresh = any(meta.get(k) != v for k, v in want.items()) or not (out / "latents.npy").is_file()
+        if fresh:
+            for old in out.glob("progress-*.json"):
+                old.unlink()
+            np.lib.format.open_memmap(out / "latents.npy", mode="w+", dtype=np.dtype(dtype), shape=(n, variants, *shape)).flush()
+            np.save(out / "labels.npy", np.asarray(images.labels, dtype=np.int64))
+            _write_json(meta_path, {**want, "complete": False})
+    if world > 1:
+        dist.barrier()
+    lo, hi = distributed.shard(n, rank, world)
+    start = json.loads(progress_path.read_text())["next"] if progress_path.is_file() else lo
+    lat = np.load(out / "latents.npy", mmap_mode="r+")  # (N, V, C, H, W)
+    loader = make_loader(ImageDataset(images, resolution), batch_size, indices=range(start, hi))
     for batch in loader:
         if batch["skipped"]:
             raise DataError(f"Unreadable images while caching latents: {[s.path for s in batch['skipped']][:3]}.")
@@ -268,12 +283,18 @@ def cache_latents(
         z = [tokenizer.encode(x)] + ([tokenizer.encode(x.flip(-1))] if flip else [])
         lat[batch["index"].numpy()] = torch.stack(z, 1).float().cpu().numpy().astype(dtype)  # (B, V, C, H, W)
         lat.flush()
-        meta["done"] = int(batch["index"].max()) + 1
-        _write_json(meta_path, meta)
+        _write_json(progress_path, {"next": int(batch["index"].max()) + 1})
         if progress:
-            progress(meta["done"], n)
-    meta["complete"] = True
-    _write_json(meta_path, meta)
+            progress(int(batch["index"].max()) + 1 - lo, hi - lo)
+    del lat
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        _write_json(meta_path, {**want, "complete": True})
+        for done in out.glob("progress-*.json"):
+            done.unlink()
+    if world > 1:
+        dist.barrier()
     return out
 
 
@@ -304,6 +325,56 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     e, m = list(ema.parameters()), list(model.parameters())
     torch._foreach_lerp_(e, m, 1 - decay)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; the fused kernel (CPU and CUDA) as in the official trainer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=1e-8)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except RuntimeError:  # a device or torch build without the fused kernel
+        return torch.optim.AdamW(params, **kw)
+
+
+def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, max_norm: float | None) -> None:
+    """Clip the global gradient norm to ``max_norm`` (None or <= 0: no clipping), then step.
+
+    Same result as ``clip_grad_norm_`` + ``opt.step()``; with a fused optimizer the clip factor is
+    handed to the optimizer kernel as its gradient divisor (``grad_scale``) instead of a separate
+    multiply over every gradient (one pass over all gradients less per step).
+    """
+    if not max_norm or max_norm <= 0:
+        opt.step()
+        return
+    params = [p for p in model.parameters() if p.grad is not None]
+    fused = all(g.get("fused") for g in opt.param_groups)
+    if not fused:
+        nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+        return
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params]))
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as clip_grad_norm_
+    opt.grad_scale = (1.0 / coef).to(torch.float32)  # the fused kernel divides each gradient by it
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale
+
+
+def train_step(
+    ddp: nn.Module, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, transport: Transport,
+    x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, autocast: contextlib.AbstractContextManager | None = None,
+) -> float:
+    """One optimisation step on the batch (x, y): accumulated backward, clip, AdamW, EMA; returns the loss.
+
+    ``ddp`` is the (possibly DistributedDataParallel-wrapped) ``model``.
+    """
+    opt.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(ddp, transport.loss, x, y, cfg.grad_accum, autocast)
+    clip_and_step(model, opt, cfg.clip_grad)
+    update_ema(ema, model, cfg.ema_decay)
+    return loss
 
 
 def accumulate_gradients(
@@ -393,8 +464,7 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
     model = build_for_training(cfg, source.latent_shape).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     torch.manual_seed(cfg.seed * world + rank)  # then per-rank noise, times and label dropout
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
-                            weight_decay=cfg.weight_decay, eps=1e-8)
+    opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spe, cfg))
     shift = shift_from_dims(math.prod(source.latent_shape), cfg.shift_base)
     transport = Transport(cfg.time_dist, cfg.time_mu, cfg.time_sigma, shift)
@@ -405,7 +475,8 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
 
         ck = load_state(ckpt_path)
         saved = ck.get("config", {})
-        changed = {k: (saved.get(k), v) for k, v in _jsonable(cfg).items() if k != "max_steps" and saved.get(k) != v}
+        changed = {k: (saved.get(k), v) for k, v in _jsonable(cfg).items()
+                   if k not in ("max_steps", "compile") and saved.get(k) != v}
         if "model" in changed or "num_classes" in changed:
             raise RaebenchError(f"{out} holds a run of another model ({changed}); choose another --out to start afresh.")
         if changed:
@@ -427,7 +498,11 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
 
     ddp = model
     if world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradients live in the all-reduce buckets (no copy in and out each step); buffers are constants
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  gradient_as_bucket_view=True, broadcast_buffers=False)
+    if cfg.compile:
+        ddp = torch.compile(ddp)
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     losses: list[float] = []
@@ -441,13 +516,8 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
     for s, raw in loader:
         assert s == step, (s, step)
         x, y = source.prepare(raw, device)
-        opt.zero_grad(set_to_none=True)
-        total_loss = accumulate_gradients(ddp, transport.loss, x, y, cfg.grad_accum, autocast)
-        if cfg.clip_grad and cfg.clip_grad > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        opt.step()
+        total_loss = train_step(ddp, model, ema, opt, transport, x, y, cfg, autocast)
         sched.step()
-        update_ema(ema, model, cfg.ema_decay)
         losses.append(total_loss)
         step += 1
         if rank == 0 and (step % cfg.log_every == 0 or step == stop):
