@@ -147,14 +147,15 @@ def report(title: str, wall: dict, cpu: dict, n: int) -> None:
     print(f"-- {title}")
     for k in wall:
         print(f"   {k:9s} {wall[k] * 1000:8.1f} ms/step wall, {cpu[k] * 1000:8.1f} ms/step CPU (median of {n})")
-    print(f"   speed-up official/raebench: {wall['official'] / wall['raebench']:.2f}x wall, "
-          f"{cpu['official'] / cpu['raebench']:.2f}x CPU time")
+    if "official" in wall:
+        print(f"   speed-up official/raebench: {wall['official'] / wall['raebench']:.2f}x wall, "
+              f"{cpu['official'] / cpu['raebench']:.2f}x CPU time")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--official-src", default=os.environ.get("RAE_OFFICIAL_SRC", "/tmp/rae-official"),
-                    help="official RAE checkout, folder with its files, or bare git mirror")
+                    help="official RAE checkout, folder with its files, or bare git mirror; 'none': time raebench alone")
     ap.add_argument("--preset", choices=["small", "xl"], default="small")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
@@ -167,15 +168,17 @@ def main() -> None:
     dev = torch.device(args.device)
     params = dict(SMALL if args.preset == "small" else XL, num_classes=1000)
 
-    official = load_official(args.official_src)
+    official = None if args.official_src == "none" else load_official(args.official_src)
     torch.manual_seed(0)
     ours = DiTDH(**params).to(dev)
     for p in ours.parameters():  # leave adaLN-Zero so every layer does real work in the backward
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)
-    theirs = official.DiTwDDTHead(**params).to(dev)
-    theirs.load_state_dict(ours.state_dict(), strict=True)
-    models = {"raebench": ours, "official": theirs}
+    models = {"raebench": ours}
+    if official is not None:
+        theirs = official.DiTwDDTHead(**params).to(dev)
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+        models["official"] = theirs
 
     c, s = params["in_channels"], params["input_size"]
     x = torch.randn(args.batch, c, s, s, device=dev)
@@ -187,7 +190,8 @@ def main() -> None:
     with torch.no_grad(), autocast:
         t = torch.rand(args.batch, device=dev)
         v = {k: m.eval()(x, t, y).float() for k, m in models.items()}
-    print(f"velocity max |raebench - official| = {(v['raebench'] - v['official']).abs().max().item():.2e}")
+    if official is not None:
+        print(f"velocity max |raebench - official| = {(v['raebench'] - v['official']).abs().max().item():.2e}")
     transport = Transport(shift=1.0)
     fwds = {k: (torch.compile(m) if args.compile else m) for k, m in models.items()}
     steps, losses, grads = {}, {}, {}
@@ -200,9 +204,11 @@ def main() -> None:
         losses[k] = steps[k]()
         grads[k] = [p.grad.float() for p in m.parameters() if p.grad is not None]
         print(f"{k}: first step (incl. compilation) {time.perf_counter() - t0:.1f} s")
-    worst = max((a - b).abs().max().item() / (b.abs().max().item() + 1e-12) for a, b in zip(grads["raebench"], grads["official"]))
-    print(f"first-step loss  raebench {losses['raebench']:.6f}  official {losses['official']:.6f}; "
-          f"largest gradient difference {worst:.1e} of the tensor's max")
+    if official is not None:
+        worst = max((a - b).abs().max().item() / (b.abs().max().item() + 1e-12)
+                    for a, b in zip(grads["raebench"], grads["official"]))
+        print(f"first-step loss  raebench {losses['raebench']:.6f}  official {losses['official']:.6f}; "
+              f"largest gradient difference {worst:.1e} of the tensor's max")
     print(f"config {args.preset} {params}  batch {args.batch}  {args.precision}  compile {args.compile}  device {dev}  "
           f"threads {args.threads}  params {count_params(ours) / 1e6:.1f}M")
 
@@ -211,22 +217,43 @@ def main() -> None:
     report("model step (same loss code, clip_grad_norm_, fused AdamW around each network)", wall, cpu, args.steps)
     med = wall
 
-    if official.create_transport is not None:
+    if official is None or official.create_transport is not None:
         emas = {k: _ema_copy(m) for k, m in models.items()}
-        trainer = {
-            "raebench": raebench_train_step(fwds["raebench"], ours, emas["raebench"], make_optimizer(ours, opt_cfg), x, y, autocast),
-            "official": official_train_step(fwds["official"], theirs, emas["official"], make_optimizer(theirs, opt_cfg),
-                                             official, x, y, autocast),
-        }
+        trainer = {"raebench": raebench_train_step(fwds["raebench"], ours, emas["raebench"], make_optimizer(ours, opt_cfg),
+                                                   x, y, autocast)}
+        if official is not None:
+            trainer["official"] = official_train_step(fwds["official"], theirs, emas["official"],
+                                                      make_optimizer(theirs, opt_cfg), official, x, y, autocast)
         for fn in trainer.values():
             fn()
         wall, cpu = timed(trainer, args.steps, cuda)
         report("training step (each trainer's own step: loss, backward, clip, AdamW, EMA)", wall, cpu, args.steps)
     if cuda:
-        tokens = s * s
-        flops = 6 * args.batch * tokens * count_params(ours)  # matmul FLOPs (fwd+bwd), attention excluded
-        peak = 989e12 if args.precision == "bf16" else 67e12  # H100 SXM dense
-        print(f"MFU (raebench, model step): {flops / med['raebench'] / peak:.1%}")
+        flops = train_flops(ours, args.batch, s * s)
+        name = torch.cuda.get_device_name(dev)
+        peak = {"bf16": 989e12, "fp32": 67e12}[args.precision] if ("H100" in name or "H200" in name) else None  # dense
+        mfu = f"MFU {flops / med['raebench'] / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "MFU: peak unknown"
+        print(f"{name}: {flops / 1e12:.2f} TFLOP per step, {flops / med['raebench'] / 1e12:.0f} TFLOP/s, {mfu}; "
+              f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB; "
+              f"{args.batch / med['raebench']:.0f} images/s (model step)")
+
+
+def train_flops(model: DiTDH, batch: int, tokens: int) -> float:
+    """Matmul + attention FLOPs of one training step (forward + backward = 3 x forward).
+
+    The backbone's adaLN projections and the time embedding act once per sample, every other
+    weight once per token; attention adds 4 L^2 d per layer forward (Q K^T and A V).
+    """
+    per_sample = 0
+    for n, p in model.named_parameters():
+        if n.startswith("y_embedder."):
+            continue  # a table lookup
+        if n.startswith("t_embedder.") or (n.startswith("blocks.") and ".adaLN_modulation." in n
+                                           and int(n.split(".")[1]) < model.num_encoder_blocks):
+            per_sample += p.numel()
+    per_token = count_params(model) - per_sample - model.y_embedder.embedding_table.weight.numel()
+    attn = sum(4 * tokens * tokens * b.attn.heads * b.attn.head_dim for b in model.blocks)
+    return 6.0 * batch * (tokens * per_token + per_sample) + 3.0 * batch * attn
 
 
 def _ema_copy(model: torch.nn.Module) -> torch.nn.Module:

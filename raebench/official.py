@@ -6,7 +6,7 @@ diffusion transformer), ``transport``, ``sampler``, ``guidance`` and ``misc``.
 :func:`from_official_config` reads such a file and returns an :class:`OfficialRAE` whose
 ``.tokenizer`` is an :class:`raebench.rae.RAETokenizer` built through the same loaders as the
 registered tokenizers (strict decoder loading, safe checkpoint reading). Stage 2 is delegated to
-``raebench.stage2.official.build_from_official(cfg, base_dir)`` when that module exists.
+``raebench.stage2.official.build_from_official(cfg, base_dir, device)`` when that module exists.
 
 Paths in the YAML may be absolute, relative to the YAML's folder or any folder above it (the
 official files use paths relative to the repository root), relative to the working directory, Hub
@@ -85,8 +85,10 @@ def _local_candidates(value: str, base_dir: Path | None) -> list[Path]:
 def resolve_official_path(value: str, base_dir: str | os.PathLike | None, *, what: str, kind: str = "file") -> Path:
     """A local path for a path-like value of an official YAML (see the module docstring).
 
-    ``kind`` is ``"file"`` or ``"repo"`` (a model folder: local, or a Hub snapshot).
-    Raises :class:`MissingWeightsError` with one sentence naming what was looked for.
+    ``kind`` is ``"file"``, ``"repo"`` (a model folder: local, or a Hub snapshot), ``"config"`` (a
+    folder or a Hub repo's ``config.json``) or ``"preprocessor"`` (a folder or a Hub repo's
+    ``preprocessor_config.json``). Raises :class:`MissingWeightsError` with one sentence naming what
+    was looked for.
     """
     value = str(value).strip()
     base = Path(base_dir).expanduser().resolve() if base_dir is not None else None
@@ -103,7 +105,7 @@ def resolve_official_path(value: str, base_dir: str | os.PathLike | None, *, wha
     norm = norm[2:] if norm.startswith("./") else norm
     if norm.startswith("models/") and kind == "file":  # `hf download nyu-visionx/RAE-collections --local-dir models`
         return resolve(WeightsSource(RAE_REPO, filename=norm[len("models/") :]), what=what)
-    if kind in ("repo", "config") and _is_repo_id(value):
+    if kind in ("repo", "config", "preprocessor") and _is_repo_id(value):
         return resolve(_repo_source(value, kind), what=what)
     looked = f"next to {str(base)!r} and its parent folders, " if base is not None else ""
     raise MissingWeightsError(
@@ -113,10 +115,30 @@ def resolve_official_path(value: str, base_dir: str | os.PathLike | None, *, wha
 
 
 def _repo_source(repo: str, kind: str) -> WeightsSource:
-    """A model folder (configs + safetensors) or, for ``kind="config"``, the repo's config.json."""
+    """A model folder (configs + safetensors), or one json file of the repo for ``config``/``preprocessor``."""
     from raebench.rae.encoders import encoder_source
 
-    return encoder_source(repo) if kind == "repo" else WeightsSource(repo, filename="config.json")
+    if kind == "repo":
+        return encoder_source(repo)
+    return WeightsSource(repo, filename="preprocessor_config.json" if kind == "preprocessor" else "config.json")
+
+
+def _preprocessor_dir(config_path: str, base_dir: str | os.PathLike | None, enc_dir: Path) -> Path:
+    """The folder whose ``preprocessor_config.json`` gives the encoder's input mean/std.
+
+    The official RAE reads only ``image_mean``/``image_std`` from ``encoder_config_path`` (through
+    ``AutoImageProcessor``), so only that file is fetched for a Hub id. When it cannot be had (offline,
+    not cached) and the weights folder carries its own ``preprocessor_config.json``, that one is used.
+    """
+    try:
+        p = resolve_official_path(config_path, base_dir, what="encoder config (encoder_config_path)", kind="preprocessor")
+    except MissingWeightsError:
+        if not (enc_dir / "preprocessor_config.json").is_file():
+            raise
+        log.warning("encoder_config_path %r is not available; using the preprocessor_config.json of %s",
+                    config_path, enc_dir)
+        return enc_dir
+    return p if p.is_dir() else p.parent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,9 +195,7 @@ def build_stage1(
     config_path = str(p["encoder_config_path"])
     weights_path = str(enc_params.get(weight_key, config_path))
     enc_dir = resolve_official_path(weights_path, base_dir, what=f"encoder ({weight_key})", kind="repo")
-    cfg_dir = enc_dir if config_path == weights_path else resolve_official_path(
-        config_path, base_dir, what="encoder config (encoder_config_path)", kind="repo"
-    )
+    cfg_dir = enc_dir if config_path == weights_path else _preprocessor_dir(config_path, base_dir, enc_dir)
     encoder = load_hf_encoder(
         enc_dir, input_size=int(p["encoder_input_size"]), config_dir=cfg_dir,
         affine_final_norm=not bool(enc_params.get("normalize", True)),
@@ -235,6 +255,7 @@ class OfficialRAE:
     base_dir: Path
     tokenizer: Any  # RAETokenizer
     path: Path | None = None
+    device: str | torch.device | None = None  # where stage 2 (model and AutoGuidance guide) is built
 
     @property
     def latent_size(self) -> tuple[int, ...]:
@@ -250,7 +271,7 @@ class OfficialRAE:
 
     @functools.cached_property
     def stage2(self) -> Any:
-        """``raebench.stage2.official.build_from_official(config, base_dir)``, built on first use.
+        """``raebench.stage2.official.build_from_official(config, base_dir, device)``, built on first use.
 
         It returns ``(model, sampler)`` (or an object with ``.model`` and ``.sample``); :attr:`model`
         and :meth:`sample` expose them.
@@ -263,7 +284,7 @@ class OfficialRAE:
             if e.name in ("raebench.stage2", "raebench.stage2.official"):
                 raise RaebenchError("This raebench build has no stage-2 support (raebench.stage2.official is missing).") from None
             raise
-        return mod.build_from_official(self.config, self.base_dir)
+        return mod.build_from_official(self.config, self.base_dir, device=self.device)
 
     @property
     def model(self) -> Any:
@@ -316,7 +337,7 @@ def from_official_config(
         raise RaebenchError(f"The config {str(path or '<mapping>')!r} has no stage_1 block; it is not an RAE config.")
     name = "rae-official" + (f"-{re.sub(r'[^a-z0-9.]+', '-', path.stem.lower()).strip('-')}" if path is not None else "")
     tok = build_stage1(cfg.stage_1, base, device=device, name=name)
-    out = OfficialRAE(cfg, base.resolve(), tok, path)
+    out = OfficialRAE(cfg, base.resolve(), tok, path, device)
     misc = cfg.get("misc") or {}
     if misc.get("latent_size") is not None and tuple(misc["latent_size"]) != tuple(tok.latent_shape()):
         log.warning("misc.latent_size %s differs from the tokenizer's latents %s", list(misc["latent_size"]), tok.latent_shape())

@@ -116,7 +116,8 @@ def test_through_from_official_config(tmp_path):
 
 
 def test_yaml_sde_options(tmp_path):
-    """mode SDE: the Euler-Maruyama options come from the YAML; SBDM (NaN officially) is refused."""
+    """mode SDE: the Euler-Maruyama options come from the YAML; SBDM (NaN officially) is refused;
+    sampling_method heun is the official stochastic Heun."""
     cfg = official_yaml(tmp_path)
     cfg["sampler"] = {"mode": "SDE", "params": {"sampling_method": "euler", "num_steps": 6, "diffusion_norm": 0.5,
                                                 "diffusion_form": "linear", "last_step": "Tweedie",
@@ -130,7 +131,9 @@ def test_yaml_sde_options(tmp_path):
     assert torch.equal(a, b) and torch.isfinite(a).all()
     cfg["sampler"]["params"] = {"num_steps": 6}
     assert build_from_official(cfg, base_dir=tmp_path)[1].diffusion_form == "sigma"  # not the official SBDM
-    for bad in ({"diffusion_form": "SBDM"}, {"last_step": "Heun"}, {"sampling_method": "heun"}):
+    cfg["sampler"]["params"] = {"num_steps": 6, "sampling_method": "heun"}
+    assert build_from_official(cfg, base_dir=tmp_path)[1].method == "sde-heun"
+    for bad in ({"diffusion_form": "SBDM"}, {"last_step": "Heun"}, {"sampling_method": "midpoint"}):
         cfg["sampler"]["params"] = {"num_steps": 6, **bad}
         with pytest.raises(RaebenchError):
             build_from_official(cfg, base_dir=tmp_path)

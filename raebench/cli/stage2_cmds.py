@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
         cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="T_MIN,T_MAX"),
         guide_checkpoint: Optional[Path] = typer.Option(None, "--guide-checkpoint", help="AutoGuidance guide model."),
         steps: Optional[int] = typer.Option(None, "--steps"),
-        method: Optional[str] = typer.Option(None, "--method", help="euler | heun | adaptive | euler-maruyama"),
+        method: Optional[str] = typer.Option(None, "--method", help="euler | heun | adaptive | euler-maruyama | sde-heun"),
         batch_size: int = typer.Option(32, "--batch-size", "-b"),
         seed: int = typer.Option(0, "--seed"),
         grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a PNG grid of the first 64 samples."),

@@ -3,18 +3,23 @@
 Schema used (the official one; unknown keys elsewhere in the file are ignored):
 
 - ``stage_2``: ``target`` (``...DDT.DiTwDDTHead`` or ``...lightningDiT.LightningDiT``), ``params``
-  (constructor keywords, passed through unchanged so typos fail), optional ``ckpt`` (a state dict or
-  ``{'ema': ...}``; relative paths resolve against ``base_dir``, then the working directory).
+  (constructor keywords, passed through unchanged so typos fail), optional ``ckpt`` (a state dict,
+  ``{'ema': ...}`` or the official training checkpoint, whose ``ema`` is used). Paths resolve as
+  in :func:`raebench.official.resolve_official_path`: absolute, against ``base_dir`` and the folders
+  above it (the official configs name ``models/...`` relative to the repository root), the working
+  directory, then ``models/...`` as files of the RAE-collections Hub repository.
 - ``transport.params``: ``path_type`` Linear, ``prediction`` velocity, ``time_dist_type``.
 - ``sampler``: ``mode`` ODE | SDE and ``params`` (``sampling_method`` euler | heun2 | dopri5 for ODE,
-  ``num_steps``, ``atol``, ``rtol``; for SDE ``sampling_method`` euler (Euler-Maruyama),
+  ``num_steps``, ``atol``, ``rtol``; for SDE ``sampling_method`` euler (Euler-Maruyama) | heun,
   ``diffusion_form`` (default here "sigma": the official default "SBDM" gives NaN for this path and is
   rejected), ``diffusion_norm``, ``last_step`` Mean | Tweedie | Euler | null, ``last_step_size``).
-- ``guidance``: ``method`` cfg | autoguidance, ``scale``, ``t_min``/``t_max`` (the official sampling
-  configs spell them ``t-min``/``t-max``; both are read, underscores first), ``guidance_model``
-  (target/params/ckpt) for AutoGuidance.
-- ``misc``: ``latent_size`` [C, H, W], ``num_classes``, ``time_dist_shift_dim`` (default C*H*W) and
-  ``time_dist_shift_base`` (default 4096): shift s = sqrt(dim / base).
+- ``guidance``: ``method`` cfg | autoguidance, ``scale`` (as in the official scripts, guidance is on
+  only when scale > 1), ``t_min``/``t_max`` (the official sampling configs spell them
+  ``t-min``/``t-max``; both are read, underscores first, as ``src/sample_ddp.py`` does),
+  ``guidance_model`` (target/params/ckpt) for AutoGuidance.
+- ``misc``: ``latent_size`` [C, H, W], ``num_classes``, ``null_label`` (the CFG null class; default the
+  model's ``num_classes``), ``time_dist_shift_dim`` (default C*H*W) and ``time_dist_shift_base``
+  (default 4096): shift s = sqrt(dim / base).
 
 Unlike the official loader, checkpoints are read with ``weights_only=True`` and loaded strictly.
 """
@@ -30,7 +35,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from raebench.errors import CheckpointError, RaebenchError
+from raebench.errors import CheckpointError, MissingWeightsError, RaebenchError
+from raebench.official import resolve_official_path
 from raebench.stage2.models import DiTDH, LightningDiT, load_stage2_state
 from raebench.stage2.samplers import canonical_last_step, canonical_method, diffusion_coefficient, sample
 
@@ -51,17 +57,9 @@ def _plain(cfg: Any) -> Any:
     return cfg
 
 
-def _resolve(path: str, base_dir: str | Path | None) -> Path:
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return p
-    for root in ([Path(base_dir)] if base_dir is not None else []) + [Path.cwd()]:
-        if (root / p).exists():
-            return root / p
-    return (Path(base_dir) / p) if base_dir is not None else p
-
-
-def build_official_model(section: Mapping[str, Any], base_dir: str | Path | None = None) -> nn.Module:
+def build_official_model(
+    section: Mapping[str, Any], base_dir: str | Path | None = None, device: str | torch.device | None = None,
+) -> nn.Module:
     """A ``{target, params, ckpt}`` block -> eval-mode model with the checkpoint loaded strictly."""
     target = str(section.get("target", ""))
     cls = _TARGETS.get(target.rsplit(".", 1)[-1])
@@ -77,13 +75,17 @@ def build_official_model(section: Mapping[str, Any], base_dir: str | Path | None
         raise RaebenchError(f"stage_2.params do not fit {cls.__name__}: {e}; fix the YAML keys.") from e
     ckpt = section.get("ckpt")
     if ckpt:
-        path = _resolve(str(ckpt), base_dir)
+        try:
+            path = resolve_official_path(str(ckpt), base_dir, what="stage-2 checkpoint (ckpt)")
+        except MissingWeightsError as e:
+            raise CheckpointError(str(e)) from None
         if not path.is_file():
-            raise CheckpointError(f"Stage-2 checkpoint {path} not found; download it or fix `ckpt` in the YAML.")
+            raise CheckpointError(f"The stage-2 checkpoint {str(path)!r} is a folder, not a file; fix `ckpt` in the YAML.")
         load_stage2_state(model, path)
     else:
         log.warning("no `ckpt` in the stage-2 YAML block: %s is randomly initialised", cls.__name__)
-    return model.eval()
+    model = model.eval()
+    return model.to(device) if device is not None else model
 
 
 def _guidance_value(guidance: Mapping[str, Any], key: str, default: float) -> float:
@@ -97,7 +99,8 @@ class OfficialSampler:
     """``sampler(noise, labels, num_steps=None, method=None, cfg_scale=None, cfg_interval=None)``.
 
     Returns normalised latents (N, C, H, W); each None means "as the YAML says". ``method`` is
-    'euler' or 'heun' (torchdiffeq heun2), also 'adaptive' and 'euler-maruyama'.
+    'euler' or 'heun' (torchdiffeq heun2), also 'adaptive', 'euler-maruyama' and 'sde-heun'.
+    An explicit ``cfg_scale`` != 1 guides (with ``guide`` when the YAML names an AutoGuidance model).
     """
 
     model: nn.Module
@@ -113,6 +116,7 @@ class OfficialSampler:
     diffusion_form: str = "sigma"
     last_step: str | None = "mean"
     last_step_size: float = 0.04
+    null_class: int | None = None  # None: the model's num_classes
 
     def __call__(
         self,
@@ -133,16 +137,18 @@ class OfficialSampler:
             cfg_interval=tuple(cfg_interval if cfg_interval is not None else self.cfg_interval),
             guide=self.guide, rtol=self.rtol, atol=self.atol, diffusion_norm=self.diffusion_norm,
             generator=generator, diffusion_form=self.diffusion_form, last_step=self.last_step,
-            last_step_size=self.last_step_size,
+            last_step_size=self.last_step_size, null_class=self.null_class,
         )
 
 
-def build_from_official(cfg: Any, base_dir: str | Path | None = None) -> tuple[nn.Module, OfficialSampler]:
-    """Parsed official YAML (dict or OmegaConf) -> (model, sample_fn); see the module docstring."""
+def build_from_official(
+    cfg: Any, base_dir: str | Path | None = None, device: str | torch.device | None = None,
+) -> tuple[nn.Module, OfficialSampler]:
+    """Parsed official YAML (dict or OmegaConf) -> (model, sample_fn) on ``device``; see the module docstring."""
     cfg = _plain(cfg)
     if not isinstance(cfg, Mapping) or "stage_2" not in cfg:
         raise RaebenchError("The YAML has no `stage_2` block; pass an official RAE stage-2 config.")
-    model = build_official_model(cfg["stage_2"], base_dir)
+    model = build_official_model(cfg["stage_2"], base_dir, device)
     misc = dict(cfg.get("misc") or {})
     transport = dict((cfg.get("transport") or {}).get("params") or {})
     if transport.get("path_type", "Linear") != "Linear" or transport.get("prediction", "velocity") != "velocity":
@@ -158,9 +164,10 @@ def build_from_official(cfg: Any, base_dir: str | Path | None = None) -> tuple[n
     sde = dict(diffusion_form=str(sp.get("diffusion_form", "sigma")), last_step=sp.get("last_step", "Mean"),
                last_step_size=float(sp.get("last_step_size", 0.04)))
     if mode == "SDE":
-        if str(sp.get("sampling_method", "euler")).lower() != "euler":
-            raise RaebenchError(f"SDE sampling_method {sp.get('sampling_method')!r} is not supported; use euler.")
-        method = "euler-maruyama"
+        sde_method = str(sp.get("sampling_method", "euler")).lower()  # the official default "Euler" fails there
+        if sde_method not in ("euler", "heun"):
+            raise RaebenchError(f"SDE sampling_method {sp.get('sampling_method')!r} is not supported; use euler or heun.")
+        method = "euler-maruyama" if sde_method == "euler" else "sde-heun"
         try:
             diffusion_coefficient(sde["diffusion_form"], torch.ones(1))
             canonical_last_step(sde["last_step"])
@@ -170,11 +177,19 @@ def build_from_official(cfg: Any, base_dir: str | Path | None = None) -> tuple[n
         method = canonical_method(str(sp.get("sampling_method", "dopri5")))
     guidance = dict(cfg.get("guidance") or {})
     scale = float(guidance.get("scale", 1.0))
+    scale = scale if scale > 1.0 else 1.0  # the official scripts guide only when scale > 1
     guide = None
-    if scale != 1.0 and guidance.get("method", "cfg") == "autoguidance":
+    if scale > 1.0 and guidance.get("method", "cfg") == "autoguidance":
         if not guidance.get("guidance_model"):
             raise RaebenchError("guidance.method is autoguidance but guidance.guidance_model is missing.")
-        guide = build_official_model(guidance["guidance_model"], base_dir)
+        guide = build_official_model(guidance["guidance_model"], base_dir, device)
+    null_class = int(misc.get("null_label", getattr(model, "num_classes", 1000)))
+    rows = model.y_embedder.embedding_table.num_embeddings
+    if scale > 1.0 and not 0 <= null_class < rows:
+        raise RaebenchError(
+            f"The CFG null class {null_class} (misc.null_label, default num_classes) is not a row of the "
+            f"model's {rows}-row label table; set misc.null_label or train with class_dropout_prob > 0."
+        )
     sampler = OfficialSampler(
         model=model,
         shift=shift,
@@ -186,6 +201,7 @@ def build_from_official(cfg: Any, base_dir: str | Path | None = None) -> tuple[n
         atol=float(sp.get("atol", 1e-6)),
         rtol=float(sp.get("rtol", 1e-3)),
         diffusion_norm=float(sp.get("diffusion_norm", 1.0)),
+        null_class=null_class,
         **sde,
     )
     return model, sampler

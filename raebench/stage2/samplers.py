@@ -13,6 +13,9 @@ corrector is evaluated at ``t0 - (t0 - t1)``, not at ``t1``):
   velocity and diffusion w(t) (default "sigma": w = norm * t) on the grid
   ``1 - linspace(0, 1 - last_step_size, num_steps)`` (shifted), every step noisy, then a noise-free
   "mean" step of size ``last_step_size`` (0.04); see :func:`euler_maruyama`.
+- ``sde-heun``: the official ``sample_sde`` with ``sampling_method="heun"``: the same grid, noise
+  and last step, each step a noise kick followed by a Heun step of the drift; see
+  :func:`stochastic_heun`.
 
 Guidance wraps the network into a velocity function ``v(x, t)``:
 
@@ -20,6 +23,11 @@ Guidance wraps the network into a velocity function ``v(x, t)``:
   ``t_min <= t <= t_max``, the conditional velocity elsewhere.
 - AutoGuidance (Karras et al. 2024): ``v_g + s (v - v_g)`` with a weaker guide model on the *same*
   batch (no doubling), inside the interval.
+
+The official sampling scripts run every guided sampler (CFG and AutoGuidance) on the doubled batch
+``[x, x]`` with labels ``[y, null]`` and keep the first half. For the ODE solvers that changes
+nothing, but the SDE solvers draw their step noise for the whole (2N, ...) batch, so with guidance
+:func:`sample` draws 2N rows per step and keeps the first N: the official noise for the same seed.
 """
 
 from __future__ import annotations
@@ -33,8 +41,10 @@ from torch import nn
 from raebench.stage2.transport import T_MAX, time_shift
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (N, ...), t (N,)) -> v
-METHODS = ("euler", "heun", "adaptive", "euler-maruyama")
-_ALIASES = {"heun2": "heun", "dopri5": "adaptive", "sde": "euler-maruyama", "em": "euler-maruyama"}
+METHODS = ("euler", "heun", "adaptive", "euler-maruyama", "sde-heun")
+SDE_METHODS = ("euler-maruyama", "sde-heun")
+_ALIASES = {"heun2": "heun", "dopri5": "adaptive", "sde": "euler-maruyama", "em": "euler-maruyama",
+            "stochastic-heun": "sde-heun"}
 
 
 def canonical_method(method: str) -> str:
@@ -296,10 +306,41 @@ def _sde_drift(v: VelocityFn, x: torch.Tensor, t: torch.Tensor, form: str, norm:
     return vel - w * _score(vel, x, t)
 
 
+def _step_noise(x: torch.Tensor, generator: torch.Generator | None, rows: int | None) -> torch.Tensor:
+    """Standard normal step noise like ``x`` (N, ...), drawn in float32 as (rows, ...) and cut to N rows.
+
+    From ``generator`` (on its device) or, when None, torch's global CPU generator, then moved to
+    ``x``: with the same seed this is the official draw, ``randn(x.size())`` on the official batch
+    (``rows`` = 2N when that batch is the guided [x, x]; its first N rows are the conditional half's).
+    """
+    shape = (x.shape[0] if rows is None else int(rows), *x.shape[1:])
+    if generator is None:
+        z = torch.randn(shape)  # global CPU RNG
+    else:
+        z = torch.randn(shape, generator=generator, device=generator.device)
+    return z[: x.shape[0]].to(x)  # (N, C, H, W)
+
+
+def _sde_last_step(
+    v: VelocityFn, x: torch.Tensor, tau: float, last: str, form: str, norm: float
+) -> torch.Tensor:
+    """The noise-free last step at ``tau`` (see :func:`euler_maruyama`); "none" or tau <= 0 skips it."""
+    if last == "none" or tau <= 0.0:
+        return x
+    t = torch.full((x.shape[0],), tau, device=x.device)  # (N,) float32
+    if last == "mean":
+        return x - _sde_drift(v, x, t, form, norm) * tau
+    vel = v(x, t)  # (N, C, H, W)
+    if last == "euler":
+        return x - vel * tau
+    return x / (1 - tau) + tau * tau / (1 - tau) * _score(vel, x, t)  # Tweedie: x/alpha + sigma^2/alpha s
+
+
 def euler_maruyama(
     v: VelocityFn, x: torch.Tensor, grid: torch.Tensor, diffusion_norm: float = 1.0,
     generator: torch.Generator | None = None, *, diffusion_form: str = "sigma",
     last_step: str | None = "mean", last_step_size: float = 0.04, last_step_from_grid: bool = False,
+    noise_rows: int | None = None,
 ) -> torch.Tensor:
     """Reverse SDE from grid[0] = 1 down the grid, then one noise-free last step (the official
     ``sample_sde`` with ``sampling_method="euler"``).
@@ -310,7 +351,8 @@ def euler_maruyama(
         mean = x - (v - w s) dt,      x <- mean + sqrt(2 w) * sqrt(dt) * z,   z ~ N(0, I)
 
     all at t0; every step is noisy. The noise is drawn before the network call, in float32 with
-    the shape of ``x``, from ``generator`` (on its device) or, when None, from torch's global CPU
+    the shape of ``x`` (or ``noise_rows`` rows, of which the first N are used: the official guided
+    batch is doubled), from ``generator`` (on its device) or, when None, from torch's global CPU
     generator, then moved to ``x``: with the same seed this is the official draw. The last step
     (``last_step``; "none" skips it) is, at tau = ``last_step_size`` with the same drift:
 
@@ -327,24 +369,43 @@ def euler_maruyama(
     last = canonical_last_step(last_step)
     diffusion_coefficient(diffusion_form, grid[:1])  # fail before any network call
     for t0, t1 in zip(grid[:-1], grid[1:]):
-        if generator is None:
-            z = torch.randn(x.shape).to(x)  # (N, C, H, W), global CPU RNG
-        else:
-            z = torch.randn(x.shape, generator=generator, device=generator.device).to(x)
+        z = _step_noise(x, generator, noise_rows)  # (N, C, H, W)
         t = _tvec(t0, x)  # (N,)
         mean = x - _sde_drift(v, x, t, diffusion_form, diffusion_norm) * (t0 - t1)
         w = diffusion_coefficient(diffusion_form, t.view(-1, *([1] * (x.dim() - 1))), diffusion_norm)
         x = mean + torch.sqrt(2 * w) * (z * torch.sqrt(t0 - t1))
     tau = float(grid[-1]) if last_step_from_grid else float(last_step_size)
-    if last == "none" or tau <= 0.0:
-        return x
-    t = torch.full((x.shape[0],), tau, device=x.device)  # (N,) float32
-    if last == "mean":
-        return x - _sde_drift(v, x, t, diffusion_form, diffusion_norm) * tau
-    vel = v(x, t)  # (N, C, H, W)
-    if last == "euler":
-        return x - vel * tau
-    return x / (1 - tau) + tau * tau / (1 - tau) * _score(vel, x, t)  # Tweedie: x/alpha + sigma^2/alpha s
+    return _sde_last_step(v, x, tau, last, diffusion_form, diffusion_norm)
+
+
+def stochastic_heun(
+    v: VelocityFn, x: torch.Tensor, grid: torch.Tensor, diffusion_norm: float = 1.0,
+    generator: torch.Generator | None = None, *, diffusion_form: str = "sigma",
+    last_step: str | None = "mean", last_step_size: float = 0.04, last_step_from_grid: bool = False,
+    noise_rows: int | None = None,
+) -> torch.Tensor:
+    """The official ``sample_sde`` with ``sampling_method="heun"``: every grid step t0 -> t1
+    (dt = t0 - t1 > 0) is a noise kick at t0 followed by Heun's method on the drift d = v - w s::
+
+        x^ = x + sqrt(2 w(t0)) * sqrt(dt) * z,   k1 = d(x^, t0),   k2 = d(x^ - dt k1, t1),
+        x <- x^ - dt/2 (k1 + k2)
+
+    Grid, noise draws (one per step, before the network calls), last step and arguments are those
+    of :func:`euler_maruyama`. Returns (N, C, H, W) after 2 (num_steps - 1) + 1 network calls.
+    """
+    grid = grid.to(x.device)
+    last = canonical_last_step(last_step)
+    diffusion_coefficient(diffusion_form, grid[:1])  # fail before any network call
+    for t0, t1 in zip(grid[:-1], grid[1:]):
+        z = _step_noise(x, generator, noise_rows)  # (N, C, H, W)
+        dt = t0 - t1  # 0-d, > 0
+        w = diffusion_coefficient(diffusion_form, _tvec(t0, x).view(-1, *([1] * (x.dim() - 1))), diffusion_norm)
+        xh = x + torch.sqrt(2 * w) * (z * torch.sqrt(dt))  # (N, C, H, W)
+        k1 = _sde_drift(v, xh, _tvec(t0, x), diffusion_form, diffusion_norm)
+        k2 = _sde_drift(v, xh - dt * k1, _tvec(t1, x), diffusion_form, diffusion_norm)
+        x = xh - 0.5 * dt * (k1 + k2)
+    tau = float(grid[-1]) if last_step_from_grid else float(last_step_size)
+    return _sde_last_step(v, x, tau, last, diffusion_form, diffusion_norm)
 
 
 @torch.no_grad()
@@ -373,8 +434,10 @@ def sample(
 
     ``rtol``/``atol`` are for ``adaptive``; ``diffusion_norm``, ``diffusion_form``, ``last_step``,
     ``last_step_size``, ``last_step_from_grid`` and ``generator`` (None: torch's global CPU RNG, as
-    the official code) for ``euler-maruyama``, whose grid is :func:`sde_time_grid`. The networks run
-    in eval mode (no label dropout) and are put back in their mode afterwards.
+    the official code) for ``euler-maruyama`` and ``sde-heun``, whose grid is :func:`sde_time_grid`;
+    with guidance (``cfg_scale != 1``) their step noise is drawn for the doubled batch, as officially
+    (see the module docstring). The networks run in eval mode (no label dropout) and are put back in
+    their mode afterwards.
     """
     nets = [n for n in (model, guide) if isinstance(n, nn.Module)]
     modes = [n.training for n in nets]
@@ -383,12 +446,14 @@ def sample(
     try:
         v = velocity_fn(model, labels, cfg_scale, tuple(cfg_interval), guide, null_class)
         m = canonical_method(method)
-        if m == "euler-maruyama":
+        if m in SDE_METHODS:
             lss = 0.0 if canonical_last_step(last_step) == "none" else float(last_step_size)
-            return euler_maruyama(
+            solver = euler_maruyama if m == "euler-maruyama" else stochastic_heun
+            return solver(
                 v, noise, sde_time_grid(num_steps, shift, lss), diffusion_norm, generator,
                 diffusion_form=diffusion_form, last_step=last_step, last_step_size=lss,
                 last_step_from_grid=last_step_from_grid,
+                noise_rows=2 * noise.shape[0] if cfg_scale != 1.0 else None,  # the guided batch is [x, x]
             )
         grid = time_grid(num_steps, shift)
         if m == "euler":
