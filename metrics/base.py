@@ -12,13 +12,44 @@ converts with :func:`raebench.data.to_float`.
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
 from raebench.registry import Registry
+
+T = TypeVar("T")
+_SHARED: dict[tuple, Any] | None = None  # networks built once inside sharing_networks()
+
+
+@contextlib.contextmanager
+def sharing_networks() -> Iterator[None]:
+    """Inside this block, networks loaded through :func:`shared_network` are built once and reused.
+
+    ``raebench compare`` evaluates many tokenizers with the same metrics: Inception, DINOv2, CLIP,
+    LPIPS and DreamSim then load once per run instead of once per tokenizer. The networks are
+    frozen and in eval mode; metric state lives in the metric objects, which are still per run.
+    """
+    global _SHARED
+    outer = _SHARED
+    _SHARED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SHARED = outer
+
+
+def shared_network(key: tuple, build: Callable[[], T]) -> T:
+    """``build()`` once per ``key`` inside :func:`sharing_networks`, every time outside it."""
+    if _SHARED is None:
+        return build()
+    if key not in _SHARED:
+        _SHARED[key] = build()
+    return _SHARED[key]
 
 
 @dataclass

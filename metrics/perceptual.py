@@ -29,7 +29,7 @@ import torch
 
 from raebench.checkpoint import load_state
 from raebench.errors import MissingWeightsError
-from raebench.metrics.base import MetricSpec, PairedMean, register_metric
+from raebench.metrics.base import MetricSpec, PairedMean, register_metric, shared_network
 from raebench.metrics.extractors import fingerprint_path, local_weights, resize_images, resolve_url_file, weights_env
 from raebench.weights import hf_offline
 
@@ -71,7 +71,8 @@ class LPIPS(PairedMean):
                                 what=f"LPIPS-{net} backbone (torchvision ImageNet)", env=weights_env(spec.name))
         self.weights_id = fingerprint_path(path)
         self.device = torch.device(device)
-        self.model = load_lpips(net, path).to(self.device)
+        self.model = shared_network(("lpips", net, str(path), str(self.device)),
+                                    lambda: load_lpips(net, path).to(self.device))
 
     def per_image(self, ref_u8, cand_u8):
         a = ref_u8.to(self.device).float() / 127.5 - 1.0  # [-1, 1], what lpips expects
@@ -134,7 +135,8 @@ class DreamSim(PairedMean):
             )
         self.device = torch.device(device)
         try:
-            self.model = load_dreamsim(dreamsim_type, folder, self.device)
+            self.model = shared_network(("dreamsim", dreamsim_type, str(folder), str(self.device)),
+                                        lambda: load_dreamsim(dreamsim_type, folder, self.device))
         except (OSError, RuntimeError) as e:  # download or torch.hub failures
             raise MissingWeightsError(
                 f"DreamSim ({dreamsim_type}) could not be loaded from {folder} ({type(e).__name__}: {str(e)[:120]}); "

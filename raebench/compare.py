@@ -24,6 +24,7 @@ import pandas as pd
 from raebench.data import resolve_data
 from raebench.evaluate import EvalConfig, evaluate
 from raebench.leaderboard import compare_table, domain_gap
+from raebench.metrics.base import sharing_networks
 from raebench.results import load
 
 #: which reported numbers ``compare`` shows: those for the weights the tokenizer loads, all of them
@@ -108,16 +109,17 @@ def compare(
     resolved = resolve_data(data, dataset, limit, seed)
     fp = resolved.images.fingerprint()
     computed = []
-    for name in names:
-        todo = _from_rank0(missing_metrics(load(results_dir), name, metrics, resolved.name, fp, resolution, seed))
-        if not todo:
-            continue
-        cfg = EvalConfig(tokenizer=name, metrics=todo, data=data, dataset=dataset, resolution=resolution, limit=limit,
-                         seed=seed, batch_size=batch_size, device=device, num_workers=num_workers, results_dir=results_dir,
-                         weights=local.get(name))
-        cb = (lambda d, t, n=name: on_progress(f"eval {n}", d, t)) if on_progress else None
-        evaluate(cfg, on_progress=cb, data=resolved)
-        computed.append(name)
+    with sharing_networks():  # the metric networks load once for all tokenizers
+        for name in names:
+            todo = _from_rank0(missing_metrics(load(results_dir), name, metrics, resolved.name, fp, resolution, seed))
+            if not todo:
+                continue
+            cfg = EvalConfig(tokenizer=name, metrics=todo, data=data, dataset=dataset, resolution=resolution,
+                             limit=limit, seed=seed, batch_size=batch_size, device=device, num_workers=num_workers,
+                             results_dir=results_dir, weights=local.get(name))
+            cb = (lambda d, t, n=name: on_progress(f"eval {n}", d, t)) if on_progress else None
+            evaluate(cfg, on_progress=cb, data=resolved)
+            computed.append(name)
     everything = load(results_dir)
     df = everything[(everything["dataset"] == resolved.name) & (everything["data_fingerprint"] == fp)
                     & (everything["seed"] == seed) & everything["metric"].isin(_result_names(metrics))]

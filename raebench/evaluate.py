@@ -210,11 +210,14 @@ class Evaluator:
     def extractor(self, name: str):
         """The extractor ``name``, built on first use with every output some metric reads."""
         from raebench.metrics import EXTRACTORS
+        from raebench.metrics.base import shared_network
 
         if name not in self._extractors:
             outputs = tuple(sorted(self.ref_needs.get(name, set()) | self.cand_needs.get(name, set())))
-            self._extractors[name] = EXTRACTORS.get(name).builder(device=self.device, outputs=outputs,
-                                                                  **self.options.get(name, {}))
+            opts = self.options.get(name, {})
+            key = ("extractor", name, outputs, tuple(sorted(opts.items())), str(self.device))
+            self._extractors[name] = shared_network(
+                key, lambda: EXTRACTORS.get(name).builder(device=self.device, outputs=outputs, **opts))
         return self._extractors[name]
 
     def set_reference_stats(self, stats: dict) -> None:

@@ -2,6 +2,8 @@
 variables), the reference-feature cache across tokenizers, and ``raebench score`` on folders and
 ADM-style ``.npz`` files."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -157,3 +159,24 @@ def test_eval_samples_reference_is_score(tmp_path, stand_in_extractors, make_ima
           "--metrics", "fid,precision", "--device", "cpu", "--results", str(tmp_path / "b")])
     assert _values(tmp_path / "b") == pytest.approx(_values(tmp_path / "a"), rel=1e-9)
     assert set(_values(tmp_path / "b")) >= {"fid", "precision", "recall"}
+
+
+def test_compare_builds_each_metric_network_once(tmp_path, stand_in_extractors, image_folder, monkeypatch):
+    """compare over several tokenizers loads Inception (and the other networks) once, not per tokenizer."""
+    from raebench.compare import compare
+    from raebench.metrics import EXTRACTORS
+    from raebench.metrics.base import shared_network, sharing_networks
+
+    built = []
+    spec = EXTRACTORS.get("inception")
+    inner = spec.builder
+    monkeypatch.setitem(EXTRACTORS._specs, "inception",
+                        dataclasses.replace(spec, builder=lambda **kw: built.append(kw) or inner(**kw)))
+    table, computed = compare(["bicubic-f8", "bicubic-f16", "pixels"], ("fid", "kid"), data=str(image_folder),
+                              resolution=32, batch_size=4, device="cpu", results_dir=str(tmp_path / "res"))
+    assert computed == ["bicubic-f8", "bicubic-f16", "pixels"] and len(built) == 1
+    assert table.shape[0] == 3
+    # outside the block every call builds; inside, one build per key
+    assert shared_network(("k",), object) is not shared_network(("k",), object)
+    with sharing_networks():
+        assert shared_network(("k",), object) is shared_network(("k",), object)
