@@ -66,7 +66,7 @@ class _RMSModulate(torch.autograd.Function):
     """y = rms_norm(x) * w * (1 + scale) + shift, with rms_norm(x) = x / sqrt(mean(x^2) + eps)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, w: Tensor, shift: Tensor | None, scale: Tensor, eps: float):
         xf = wide(x)
         # one reduction pass: ||x||^2 / D instead of pow + mean
         r = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))  # (N, L, 1)
@@ -79,10 +79,12 @@ class _RMSModulate(torch.autograd.Function):
         ctx.has_shift = shift is not None
         ctx.dtypes = (x.dtype, None if shift is None else shift.dtype, scale.dtype)
         ctx.per_token = scale.shape[1] != 1
-        return y
+        # x passes through as a second output for the residual branch: its gradient then joins
+        # this function's in one fused op instead of autograd adding two full-size gradients
+        return y, x
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx, g: Tensor, g_res: Tensor | None):
         n, r, a, scale_f, w = ctx.saved_tensors
         g = g.to(n.dtype)
         x_dtype, shift_dtype, scale_dtype = ctx.dtypes
@@ -100,12 +102,20 @@ class _RMSModulate(torch.autograd.Function):
         # rms_norm backward: dx = r * (dn - n * mean(dn * n)),  dn = g * a
         dn = g * a  # (N, L, D)
         dot = torch.linalg.vecdot(dn, n).unsqueeze(-1).div_(n.shape[-1])  # (N, L, 1)
-        grad_x = torch.addcmul(dn, n, dot, value=-1).mul_(r).to(x_dtype)
-        return grad_x, grad_w.to(w.dtype), grad_shift, grad_scale, None
+        tmp = torch.addcmul(dn, n, dot, value=-1)
+        grad_x = tmp.mul_(r) if g_res is None else torch.addcmul(g_res.to(tmp.dtype), tmp, r)
+        return grad_x.to(x_dtype), grad_w.to(w.dtype), grad_shift, grad_scale, None
 
 
 def rms_modulate(x: Tensor, weight: Tensor, shift: Tensor | None, scale: Tensor, eps: float) -> Tensor:
     """rms_norm(x; weight, eps) * (1 + scale) + shift in one function (shift may be None)."""
+    return _RMSModulate.apply(x, weight, shift, scale, eps)[0]
+
+
+def rms_modulate_residual(x: Tensor, weight: Tensor, shift: Tensor | None, scale: Tensor,
+                          eps: float) -> tuple[Tensor, Tensor]:
+    """(:func:`rms_modulate` of x, x): use the second output as the residual stream, so that both
+    gradients of x are summed inside the backward (one pass less than autograd's accumulation)."""
     return _RMSModulate.apply(x, weight, shift, scale, eps)
 
 
@@ -191,7 +201,7 @@ class _QKVRope(torch.autograd.Function):
             if g is None:
                 dst.zero_()
                 continue
-            src = torch.view_as_complex(g.transpose(1, 2).contiguous().unflatten(-1, (-1, 2)))  # (N, L, H, hd/2)
+            src = torch.view_as_complex(g.transpose(1, 2).unflatten(-1, (-1, 2)))  # (N, L, H, hd/2), strided
             torch.mul(src, cis[:, 0].conj(), out=dst)  # inverse rotation
         if gv is None:
             buf[:, :, 2].zero_()

@@ -31,7 +31,7 @@ from torch import nn
 
 from raebench.errors import CheckpointError
 from raebench.registry import Registry
-from raebench.stage2.fused import autocast_on, fusable, gated_residual, linear_chunks, qkv_rope, rms_modulate, swiglu, wide
+from raebench.stage2.fused import autocast_on, fusable, gated_residual, linear_chunks, qkv_rope, rms_modulate, rms_modulate_residual, swiglu, wide
 
 
 class WidthWarning(UserWarning):
@@ -242,6 +242,15 @@ def _modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor | None, scal
     return h * (1 + scale) if shift is None else h * (1 + scale) + shift
 
 
+def _modulate_keep(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor | None,
+                   scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x) * (1 + scale) + shift, x); on the fused path x comes back through the function so
+    that its two gradients (branch and residual) are summed in the fused backward."""
+    if isinstance(norm, RMSNorm) and fusable(x):
+        return rms_modulate_residual(x, norm.weight, shift, scale, norm.eps)
+    return _modulate(norm, x, shift, scale), x
+
+
 def _residual(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """x + gate * f (the adaLN-Zero gated residual)."""
     return gated_residual(x, gate, f) if fusable(x) else x + gate * f
@@ -278,8 +287,10 @@ class Block(nn.Module):
             shift1 = shift2 = None
         else:
             shift1, scale1, gate1, shift2, scale2, gate2 = mods  # (N, 1 or L, D) each
-        x = _residual(x, gate1, self.attn(_modulate(self.norm1, x, shift1, scale1), rope))  # (N, L, D)
-        return _residual(x, gate2, self.mlp(_modulate(self.norm2, x, shift2, scale2)))  # (N, L, D)
+        h, x = _modulate_keep(self.norm1, x, shift1, scale1)
+        x = _residual(x, gate1, self.attn(h, rope))  # (N, L, D)
+        h, x = _modulate_keep(self.norm2, x, shift2, scale2)
+        return _residual(x, gate2, self.mlp(h))  # (N, L, D)
 
 
 class FinalLayer(nn.Module):
