@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raebench.analysis.run import _Keep
+from raebench.analysis.stream import Keep
 from raebench.analysis.spectrum import LatentStats
 from raebench.results import load
 from _cli import run
@@ -66,7 +66,7 @@ def test_diagnostic_subset_ignores_batching_sharding_and_unreadable_files():
     def kept(order: list[list[int]]) -> list[int]:
         parts = []
         for shard in order:
-            keep = _Keep(n, k, seed=7)
+            keep = Keep(n, k, seed=7)
             for i in shard:
                 if i not in unreadable and keep.wants(i):
                     keep.offer(i, (i,))

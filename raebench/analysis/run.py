@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import heapq
 import json
 import logging
-import math
 import os
-import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,8 +49,9 @@ from raebench.analysis.diffusability import ProbeConfig, ProbeResult, diffusabil
 from raebench.analysis.reuse import (
     ALIGN_METRICS, SPECTRUM_METRICS, expected_rows, missing_parts, part_of, reusable_rows, sigma_tag, stored_rows,
 )
-from raebench.analysis.spectrum import NEAR_ZERO_REL, TOPK_ENERGY, LatentStats, SpectrumSummary
-from raebench.data import ImageDataset, Skip, make_loader, resolve_data, to_float
+from raebench.analysis.spectrum import NEAR_ZERO_REL, TOPK_ENERGY, SpectrumSummary
+from raebench.analysis.stream import Accumulator, Keep
+from raebench.data import ImageDataset, Skip, make_loader, resolve_data
 from raebench.errors import MissingWeightsError, RaebenchError
 from raebench.results import ResultRow, atomic_write_bytes, check_writable, new_run_id, write_rows
 
@@ -135,86 +133,6 @@ class AnalyzeOutcome:
     out_dir: Path | None
     n_images: int
     seconds: float
-
-
-class _Keep:
-    """The ``k`` readable images that come first in a seeded permutation of the data set, kept while
-    streaming (memory O(k)): the same images whatever the batching, the sharding or the unreadable
-    files (a random subset drawn from the listed files would shrink by every unreadable one)."""
-
-    def __init__(self, n: int, k: int, seed: int) -> None:
-        self.k = k
-        self.rank = [0] * n if k else []  # image index -> its place in the permutation
-        for r, i in enumerate(random.Random(seed).sample(range(n), n) if k else []):
-            self.rank[i] = r
-        self.heap: list[tuple[int, int, tuple]] = []  # (-rank, index, payload): the worst kept on top
-
-    def wants(self, index: int) -> bool:
-        return bool(self.k) and (len(self.heap) < self.k or self.rank[index] < -self.heap[0][0])
-
-    def offer(self, index: int, payload: tuple) -> None:
-        heapq.heappush(self.heap, (-self.rank[index], index, payload))
-        if len(self.heap) > self.k:
-            heapq.heappop(self.heap)
-
-    def merge(self, items: list[tuple[int, int, tuple]]) -> None:
-        for neg_r, index, payload in items:
-            heapq.heappush(self.heap, (neg_r, index, payload))
-            if len(self.heap) > self.k:
-                heapq.heappop(self.heap)
-
-    def payloads(self) -> list[tuple]:
-        """The kept payloads in data order."""
-        return [p for _, _, p in sorted(self.heap, key=lambda item: item[1])]
-
-
-class _Accumulator:
-    """Per-tokenizer state of the pass."""
-
-    def __init__(self, tok, diag: _Keep, probe: _Keep) -> None:
-        self.tok = tok
-        self.stats = LatentStats()
-        self.pooled: list[torch.Tensor] = []
-        self.valid: list[torch.Tensor] = []
-        self.diag, self.probe = diag, probe  # payloads (uint8 image (3, R, R), latent) and (latent,)
-        self.nonfinite = 0
-        self.latent_shape: tuple[int, ...] = ()
-
-    def update(self, images: torch.Tensor, index: list[int]) -> None:
-        with torch.no_grad():
-            z = self.tok.encode(to_float(images)).float()
-        self.latent_shape = tuple(z.shape[1:])
-        ok = torch.isfinite(z.flatten(1)).all(1)  # (N,)
-        self.nonfinite += int((~ok).sum())
-        self.valid.append(ok.cpu())
-        pooled = al.pool_tokens(z).double().cpu()
-        pooled[~ok.cpu()] = math.nan
-        self.pooled.append(pooled)
-        if bool(ok.any()):
-            self.stats.update(z[ok])
-        for j, i in enumerate(index):
-            if not bool(ok[j]):
-                continue
-            if self.diag.wants(i):
-                self.diag.offer(i, (images[j].cpu(), z[j]))
-            if self.probe.wants(i):
-                self.probe.offer(i, (z[j],))
-
-    def state(self) -> dict:
-        """This shard's part, on the CPU (what another rank merges)."""
-        cpu = lambda heap: [(r, i, tuple(t.cpu() for t in p)) for r, i, p in heap]  # noqa: E731
-        return {"stats": self.stats.state(), "pooled": self.pooled, "valid": self.valid, "nonfinite": self.nonfinite,
-                "latent_shape": self.latent_shape, "diag": cpu(self.diag.heap), "probe": cpu(self.probe.heap)}
-
-    def merge(self, st: dict, device: torch.device) -> None:
-        """Append the next shard (shards merged in rank order keep data order)."""
-        self.stats.merge(st["stats"])
-        self.pooled += st["pooled"]
-        self.valid += st["valid"]
-        self.nonfinite += st["nonfinite"]
-        self.latent_shape = self.latent_shape or tuple(st["latent_shape"])
-        self.diag.merge([(r, i, (img, z.to(device))) for r, i, (img, z) in st["diag"]])
-        self.probe.merge([(r, i, (z.to(device),)) for r, i, (z,) in st["probe"]])
 
 
 class _Precision:
@@ -411,8 +329,8 @@ def analyze(
                  or any(f"align:{n}" in todo[i] for i in active)]
     refs = _build_references(cfg, ref_names, device) if active else {}
 
-    accs = {i: _Accumulator(toks[i], _Keep(data.n, cfg.n_diag if todo[i] & {"robust", "interp"} else 0, cfg.seed),
-                            _Keep(data.n, cfg.probe_images if "diffuse" in todo[i] else 0, cfg.seed + 1))
+    accs = {i: Accumulator(toks[i], Keep(data.n, cfg.n_diag if todo[i] & {"robust", "interp"} else 0, cfg.seed),
+                            Keep(data.n, cfg.probe_images if "diffuse" in todo[i] else 0, cfg.seed + 1))
             for i in active}
     ref_feats: dict[str, list[torch.Tensor]] = {n: [] for n in refs}
     labels: list[torch.Tensor] = []
@@ -503,7 +421,7 @@ def _probe_key(cfg: AnalyzeConfig, tok, data) -> str:
     return f"{tok.name}-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]}"
 
 
-def _analyse_tokenizer(cfg, acc: _Accumulator, todo: set[str], expected: dict, y, n_classes, feats, refs, distance,
+def _analyse_tokenizer(cfg, acc: Accumulator, todo: set[str], expected: dict, y, n_classes, feats, refs, distance,
                        dist_name, probe_dir: Path, on_progress) -> TokenizerReport:
     """Every part in ``todo`` from the pass's accumulated state (the spectrum always: the robustness
     σ grid is relative to its per-element std)."""
