@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from raebench.errors import CheckpointError
+from raebench.stage2.checkpoints import load_stage2_state, read_state_dict
 from raebench.stage2.models import (
-    MODELS, DiTDH, LightningDiT, WidthWarning, build_model, count_params, load_stage2_state,
-    read_state_dict, sincos_pos_embed_2d,
+    MODELS, DiTDH, LightningDiT, WidthWarning, build_model, count_params, sincos_pos_embed_2d,
 )
 
 from conftest import ORACLE

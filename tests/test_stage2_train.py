@@ -11,7 +11,7 @@ from raebench.stage2.train import (
     LatentCache, PRESETS, TrainConfig, build_for_training, cache_latents, lr_factor, preset, train,
     write_latent_cache,
 )
-from raebench.stage2.models import load_stage2_state
+from raebench.stage2.checkpoints import load_stage2_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

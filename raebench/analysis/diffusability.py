@@ -106,7 +106,7 @@ def train_and_sample(latents: torch.Tensor, cfg: ProbeConfig, work_dir: str | Pa
     # package's re-exported function once anything imports it
     from raebench.stage2.samplers import sample
     from raebench.stage2.transport import shift_from_dims
-    from raebench.stage2.models import read_state_dict
+    from raebench.stage2.checkpoints import read_state_dict
     from raebench.stage2.train import TrainConfig, build_for_training, train
 
     if latents.ndim != 4 or latents.shape[2] != latents.shape[3]:

@@ -8,7 +8,7 @@ token* on the backbone output. LightningDiT (Yao et al. 2025, arXiv:2501.01423) 
 stack without the head.
 
 Parameter and buffer names follow the official RAE implementation so that its released checkpoints
-load strictly (:func:`load_stage2_state`). The networks only predict: ``model(x, t, y)`` returns
+load strictly (:func:`raebench.stage2.checkpoints.load_stage2_state`). The networks only predict: ``model(x, t, y)`` returns
 the velocity for latents ``x`` (N, C, H, W) at times ``t`` (N,) with labels ``y`` (N,); the path,
 loss and samplers live in :mod:`raebench.stage2.transport` and :mod:`raebench.stage2.samplers`.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -29,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raebench.errors import CheckpointError
 from raebench.registry import Registry
 from raebench.stage2.fused import autocast_on, fusable, gated_residual, linear_chunks, qkv_rope, rms_modulate, rms_modulate_residual, swiglu, wide
 
@@ -563,50 +561,3 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
-
-
-def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a state dict safely (safetensors, or ``torch.load(weights_only=True)``).
-
-    Training checkpoints are dicts holding ``ema`` / ``model``; ``key`` picks one, otherwise ``ema``
-    is preferred (what the official release and samplers use), then ``model``.
-    """
-    from raebench.checkpoint import load_state
-
-    obj = load_state(path)  # safetensors or weights_only unpickling; CheckpointError otherwise
-    if isinstance(obj, dict) and (key or "ema" in obj or "model" in obj):
-        k = key or ("ema" if "ema" in obj else "model")
-        if k not in obj:
-            raise CheckpointError(f"Checkpoint {str(path)!r} has no {k!r} entry (it has {sorted(obj)[:8]}).")
-        obj = obj[k]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"Checkpoint {str(path)!r} does not hold a state dict.")
-    return dict(obj)
-
-
-def load_stage2_state(model: nn.Module, state: Mapping[str, torch.Tensor] | str | Path, key: str | None = None) -> nn.Module:
-    """Load strictly: any missing, unexpected or mis-shaped entry raises :class:`CheckpointError`."""
-    if not isinstance(state, Mapping):
-        state = read_state_dict(state, key)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-            if items:
-                more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
-                parts.append(f"{label}: {', '.join(items[:10])}{more}")
-        raise CheckpointError(
-            f"Checkpoint does not match {type(model).__name__} ({'; '.join(parts)}); "
-            "check the preset / YAML parameters the checkpoint was trained with."
-        )
-    model.load_state_dict(state, strict=True)
-    return model

@@ -37,7 +37,8 @@ from torch import nn
 
 from raebench.errors import CheckpointError, MissingWeightsError, RaebenchError
 from raebench.official import resolve_official_path
-from raebench.stage2.models import DiTDH, LightningDiT, load_stage2_state
+from raebench.stage2.checkpoints import load_stage2_state
+from raebench.stage2.models import DiTDH, LightningDiT
 from raebench.stage2.samplers import canonical_last_step, canonical_method, diffusion_coefficient, sample
 
 log = logging.getLogger(__name__)

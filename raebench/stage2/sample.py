@@ -127,7 +127,7 @@ def save_grid(npz: str | os.PathLike, png: str | os.PathLike, n: int = 64) -> Pa
 def load_trained(checkpoint: str | os.PathLike, key: str = "ema") -> tuple[nn.Module, dict]:
     """A raebench stage-2 training checkpoint -> (eval model, info with shift/latent_shape/config)."""
     from raebench.checkpoint import load_state
-    from raebench.stage2.models import load_stage2_state
+    from raebench.stage2.checkpoints import load_stage2_state
     from raebench.stage2.train import TrainConfig, build_for_training
     from raebench.stage2.transport import shift_from_dims
 
