@@ -147,8 +147,9 @@ def test_on_the_fly_tokenizer_with_workers(tmp_path, image_folder):
     assert ck["latent_shape"] == [3, 4, 4]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "for-loop"])
 @pytest.mark.parametrize("max_norm", [0.05, 1e4], ids=["clipping", "not-clipping"])
-def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(max_norm):
+def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(max_norm, fused):
     """clip_and_step (clip factor as the fused kernel's grad divisor) = clip_grad_norm_ + step."""
     from raebench.stage2.train import clip_and_step, make_optimizer
 
@@ -160,7 +161,10 @@ def test_clip_folded_into_fused_adamw_equals_clip_grad_norm(max_norm):
     b = build_for_training(cfg, (4, 2, 2))
     b.load_state_dict(a.state_dict())
     oa, ob = make_optimizer(a, cfg), make_optimizer(b, cfg)
-    assert all(g["fused"] for g in oa.param_groups)
+    if not fused:
+        oa = torch.optim.AdamW(a.parameters(), lr=cfg.lr, betas=cfg.betas, eps=1e-8, foreach=False)
+        ob = torch.optim.AdamW(b.parameters(), lr=cfg.lr, betas=cfg.betas, eps=1e-8, foreach=False)
+    assert all(bool(g["fused"]) == fused for g in oa.param_groups)
     x, t, y = torch.randn(8, 4, 2, 2), torch.rand(8), torch.arange(8) % 4
     for _ in range(3):
         for m in (a, b):
@@ -209,3 +213,20 @@ def test_cache_latents_resumes_after_a_crash(tmp_path, image_folder):
     assert seen == [8]  # only the last batch (images 6 and 7) was encoded again
     assert np.array_equal(np.asarray(LatentCache(out).latents), np.asarray(ref.latents))
     assert not list(out.glob("progress-*.json"))
+
+
+def test_non_finite_gradients_stop_with_a_clear_error_and_keep_the_checkpoint(tmp_path):
+    toy_cache(tmp_path / "cache", n=64)
+    cfg = tiny_cfg(tmp_path, global_batch=32, epochs=4, ckpt_every=2, shift_base=16)
+    train(dataclasses.replace(cfg, max_steps=2))
+    good = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    lat = np.load(tmp_path / "cache" / "latents.npy", mmap_mode="r+")
+    lat[:] = np.nan  # every later batch is poisoned
+    lat.flush()
+    del lat
+    with pytest.raises(Exception, match="Training stopped at step 3: the gradient norm is nan"):
+        train(cfg)
+    after = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert after["step"] == 2
+    for name, t in good["model"].items():
+        assert torch.equal(t, after["model"][name])

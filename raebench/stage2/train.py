@@ -338,28 +338,39 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, max_norm: float | None) -> None:
-    """Clip the global gradient norm to ``max_norm`` (None or <= 0: no clipping), then step.
+    """Check the global gradient norm, clip it to ``max_norm`` (None or <= 0: no clipping), step.
 
     Same result as ``clip_grad_norm_`` + ``opt.step()``; with a fused optimizer the clip factor is
     handed to the optimizer kernel as its gradient divisor (``grad_scale``) instead of a separate
-    multiply over every gradient (one pass over all gradients less per step).
+    multiply over every gradient (one pass over all gradients less per step). A non-finite norm
+    raises :class:`NonFiniteGradientError` before any parameter changes; under DDP the gradients,
+    hence the norm, are the same on every rank, so all ranks stop together.
     """
-    if not max_norm or max_norm <= 0:
-        opt.step()
-        return
     params = [p for p in model.parameters() if p.grad is not None]
-    fused = all(g.get("fused") for g in opt.param_groups)
-    if not fused:
-        nn.utils.clip_grad_norm_(params, max_norm)
+    if not params:
         opt.step()
         return
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params]))
+    if not bool(torch.isfinite(norm)):
+        raise NonFiniteGradientError(f"the gradient norm is {float(norm)}; the parameters were not updated")
+    if not max_norm or max_norm <= 0:
+        opt.step()
+        return
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as clip_grad_norm_
+    if not all(g.get("fused") for g in opt.param_groups):
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+        opt.step()
+        return
     opt.grad_scale = (1.0 / coef).to(torch.float32)  # the fused kernel divides each gradient by it
     try:
         opt.step()
     finally:
         del opt.grad_scale
+
+
+class NonFiniteGradientError(RaebenchError):
+    """The loss or gradients became NaN/Inf: the step was not taken."""
 
 
 def train_step(
@@ -516,7 +527,13 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
     for s, raw in loader:
         assert s == step, (s, step)
         x, y = source.prepare(raw, device)
-        total_loss = train_step(ddp, model, ema, opt, transport, x, y, cfg, autocast)
+        try:
+            total_loss = train_step(ddp, model, ema, opt, transport, x, y, cfg, autocast)
+        except NonFiniteGradientError as e:
+            raise RaebenchError(
+                f"Training stopped at step {step + 1}: {e} (loss {losses[-1] if losses else 'n/a'} at the previous "
+                f"step). The checkpoint in {ckpt_path.parent} holds the last good state; lower the learning rate, "
+                "use --precision fp32, or check the latents for NaN/Inf.") from None
         sched.step()
         losses.append(total_loss)
         step += 1
