@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from raebench.data import to_float
 from raebench.registry import Registry
 
 T = TypeVar("T")
@@ -137,10 +138,12 @@ class Metric(abc.ABC):
 
 class PairedMean(Metric):
     """Mean over images of a per-image score of (reference, candidate) pairs, as a float64 sum
-    and a count (constant memory; merges exactly). Subclasses implement :meth:`per_image`."""
+    and a count (constant memory; merges exactly). The score is ``on_float`` of the images as
+    [0, 1] floats, or a subclass's :meth:`per_image`."""
 
-    def __init__(self, spec: "MetricSpec") -> None:
+    def __init__(self, spec: "MetricSpec", on_float: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__(spec)
+        self.on_float = on_float
         self.reset()
 
     def reset(self) -> None:
@@ -149,7 +152,9 @@ class PairedMean(Metric):
 
     def per_image(self, ref_u8: torch.Tensor, cand_u8: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) pairs -> (N,) scores."""
-        raise NotImplementedError
+        if self.on_float is None:
+            raise NotImplementedError(f"{type(self).__name__} needs on_float or a per_image method")
+        return self.on_float(to_float(ref_u8), to_float(cand_u8))
 
     def update(self, batch: MetricBatch) -> None:
         if batch.reference is None or batch.candidate is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raebench.data import to_float
 from raebench.metrics.base import MetricSpec, PairedMean, register_metric
 from raebench.metrics.pixel import _gaussian_window, ssim_cs_maps
 
@@ -47,15 +46,10 @@ def ms_ssim_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.prod(torch.stack(terms) ** w, 0).mean(1)  # (levels, N, C) -> (N, C) -> (N,)
 
 
-class MSSSIM(PairedMean):
-    def per_image(self, ref_u8: torch.Tensor, cand_u8: torch.Tensor) -> torch.Tensor:
-        return ms_ssim_per_image(to_float(ref_u8), to_float(cand_u8))
-
-
 register_metric(
     MetricSpec(
         name="ms-ssim", higher_is_better=True, kind="paired", version="msssim-gauss11-1.5-5scale-relu-u8-v1",
         description="MS-SSIM, 5 scales, Gaussian 11/1.5, data range 1 (pytorch-msssim)",
-        builder=lambda spec: MSSSIM(spec), aliases=("msssim",),
+        builder=lambda spec: PairedMean(spec, ms_ssim_per_image), aliases=("msssim",),
     )
 )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raebench.data import to_float
 from raebench.metrics.base import MetricSpec, PairedMean, register_metric
 
 PSNR_CAP_DB = 100.0
@@ -92,27 +91,17 @@ def ssim_cs_maps(
     return (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1) * cs, cs
 
 
-class PSNR(PairedMean):
-    def per_image(self, ref_u8: torch.Tensor, cand_u8: torch.Tensor) -> torch.Tensor:
-        return psnr_per_image(to_float(ref_u8), to_float(cand_u8))
-
-
-class SSIM(PairedMean):
-    def per_image(self, ref_u8: torch.Tensor, cand_u8: torch.Tensor) -> torch.Tensor:
-        return ssim_per_image(to_float(ref_u8), to_float(cand_u8))
-
-
 register_metric(
     MetricSpec(
         name="psnr", higher_is_better=True, kind="paired", version="psnr-u8-per-image-cap100-v1",
         description="PSNR in dB per 8-bit image in [0,1], mean over images (RAE definition)",
-        builder=lambda spec: PSNR(spec), unit="dB",
+        builder=lambda spec: PairedMean(spec, psnr_per_image), unit="dB",
     )
 )
 register_metric(
     MetricSpec(
         name="ssim", higher_is_better=True, kind="paired", version="ssim-gauss11-1.5-u8-v1",
         description="SSIM, Gaussian 11/1.5, data range 1, mean over channels then images",
-        builder=lambda spec: SSIM(spec),
+        builder=lambda spec: PairedMean(spec, ssim_per_image),
     )
 )

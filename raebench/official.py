@@ -146,7 +146,8 @@ def _preprocessor_dir(config_path: str, base_dir: str | os.PathLike | None, enc_
 # ---------------------------------------------------------------------------------------------
 
 
-def _plain(x: Any) -> Any:
+def plain_config(x: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists (resolved); anything else unchanged."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     return OmegaConf.to_container(x, resolve=True) if isinstance(x, (DictConfig, ListConfig)) else x
@@ -164,7 +165,7 @@ def build_stage1(
     from raebench.rae.stats import LatentStats
     from raebench.rae.tokenizer import RAETokenizer
 
-    stage1 = _plain(stage1) or {}
+    stage1 = plain_config(stage1) or {}
     target = str(stage1.get("target", "stage1.RAE"))
     if target.rsplit(".", 1)[-1] != "RAE":
         raise RaebenchError(f"stage_1.target is {target!r}; raebench reads the official stage1.RAE autoencoder only.")
@@ -331,7 +332,7 @@ def from_official_config(
         cfg = load_official_yaml(path)
         base = Path(base_dir) if base_dir is not None else path.parent
     else:
-        cfg = OmegaConf.create(dict(_plain(config)))
+        cfg = OmegaConf.create(dict(plain_config(config)))
         base = Path(base_dir) if base_dir is not None else Path.cwd()
     if cfg.get("stage_1") is None:
         raise RaebenchError(f"The config {str(path or '<mapping>')!r} has no stage_1 block; it is not an RAE config.")
@@ -344,4 +345,4 @@ def from_official_config(
     return out
 
 
-__all__ = ["OfficialRAE", "build_stage1", "from_official_config", "resolve_official_path"]
+__all__ = ["OfficialRAE", "build_stage1", "from_official_config", "plain_config", "resolve_official_path"]

@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
         from raebench.analysis.references import REFERENCES
         from raebench.analysis.run import AnalyzeConfig, analyze
         from raebench.cli import console, err_console
-        from raebench.cli.core import _fmt, _progress
+        from raebench.cli.core import _fmt, progress_bar
         from raebench.tokenizers import get_tokenizer_spec
 
         distributed.init()
@@ -140,13 +140,8 @@ def register(app: typer.Typer) -> None:
             analyze(cfg)
             distributed.finish()
             return
-        with _progress() as prog:
-            task = prog.add_task("analyze", total=None)
-
-            def cb(label: str, done: int, total: int) -> None:
-                prog.update(task, description=label, completed=done, total=total)
-
-            out = analyze(cfg, on_progress=cb)
+        with progress_bar("analyze") as bar:
+            out = analyze(cfg, on_progress=lambda label, d, t: bar(d, t, label))
         distributed.finish()
 
         shown = {rep.name: rep.rows + rep.reused for rep in out.reports}

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -22,6 +23,24 @@ def _progress() -> Progress:
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
     )
+
+
+@contextlib.contextmanager
+def progress_bar(label: str) -> Iterator[Callable[..., None]]:
+    """A progress bar on the main rank, as a callback ``update(done, total, label=None)`` (a new
+    label replaces the description); on the other ranks the callback does nothing."""
+    from raebench import distributed
+
+    if not distributed.is_main():
+        yield lambda done, total, label=None: None
+        return
+    with _progress() as prog:
+        task = prog.add_task(label, total=None)
+
+        def update(done: int, total: int, label: str | None = None) -> None:
+            prog.update(task, completed=done, total=total, **({"description": label} if label else {}))
+
+        yield update
 
 
 def _split_metrics(metrics: str) -> tuple[str, ...]:
@@ -236,13 +255,8 @@ def register(app: typer.Typer) -> None:
             compare(tokenizer, names, **kwargs)
             distributed.finish()
             return
-        with _progress() as prog:
-            task = prog.add_task("compare", total=None)
-
-            def cb(label: str, done: int, total: int) -> None:
-                prog.update(task, description=label, completed=done, total=total)
-
-            res = compare(tokenizer, names, **kwargs, on_progress=cb)
+        with progress_bar("compare") as bar:
+            res = compare(tokenizer, names, **kwargs, on_progress=lambda label, d, t: bar(d, t, label))
         distributed.finish()
         table, computed, gap = res.table, res.computed, res.gap
         if table.empty:

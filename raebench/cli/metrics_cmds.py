@@ -38,7 +38,7 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
     """Score with a progress bar and print the table (shared by ``score`` and ``eval --samples``)."""
     from raebench import distributed
     from raebench.cli import console, err_console
-    from raebench.cli.core import _fmt, _progress
+    from raebench.cli.core import _fmt, progress_bar
     from raebench.evaluate import parse_options
     from raebench.metrics.scoring import score
 
@@ -50,13 +50,8 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
         score(references, candidates, names, **kwargs)
         distributed.finish()
         return
-    with _progress() as prog:
-        task = prog.add_task("score", total=None)
-
-        def cb(label: str, done: int, total: int) -> None:
-            prog.update(task, description=label, completed=done, total=total)
-
-        out = score(references, candidates, names, on_progress=cb, **kwargs)
+    with progress_bar("score") as bar:
+        out = score(references, candidates, names, on_progress=lambda label, d, t: bar(d, t, label), **kwargs)
     distributed.finish()
     r0 = out.rows[0]
     t = Table(title=f"{r0.tokenizer} vs {r0.dataset} · {'paired' if out.paired else 'unpaired'} · "

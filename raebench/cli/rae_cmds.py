@@ -186,7 +186,7 @@ def register(app: typer.Typer) -> None:
         """Exact per-element latent mean/var of an RAE encoder over a dataset (float64, deterministic)."""
         from raebench import distributed
         from raebench.cli import console
-        from raebench.cli.core import _progress
+        from raebench.cli.core import progress_bar
         from raebench.data import resolve_data, to_float
         from raebench.evaluate import resolve_device
         from raebench.rae.stats import StatsAccumulator
@@ -202,10 +202,8 @@ def register(app: typer.Typer) -> None:
         rd = resolve_data(data, dataset, limit, seed)
         with torch.no_grad():  # the latent shape, so that a rank with an empty shard still reduces
             acc = StatsAccumulator(tuple(fn(torch.zeros(1, 3, resolution, resolution, device=dev)).shape[1:]), dev)
-        with _progress() as prog:
-            task = prog.add_task(f"stats {label}", total=None)
-            for _, x, _ in _batches(rd, resolution, batch_size, num_workers, dev,
-                                    lambda d, t: prog.update(task, completed=d, total=t)):
+        with progress_bar(f"stats {label}") as bar:
+            for _, x, _ in _batches(rd, resolution, batch_size, num_workers, dev, bar):
                 with torch.no_grad():
                     xf = to_float(x)
                     acc.update(fn(xf).float())
@@ -247,7 +245,7 @@ def register(app: typer.Typer) -> None:
         """Reconstructions to disk: PNGs and an ADM-style npz (arr_0, uint8 NHWC) for external evaluators."""
         from raebench import distributed
         from raebench.cli import console, err_console
-        from raebench.cli.core import _progress
+        from raebench.cli.core import progress_bar
         from raebench.data import resolve_data
         from raebench.evaluate import EvalConfig, build_tokenizer_from_config, resolve_device
 
@@ -261,12 +259,10 @@ def register(app: typer.Typer) -> None:
         )
         tok = build_tokenizer_from_config(cfg, dev)
         rd = resolve_data(data, dataset, limit, seed)
-        with _progress() as prog:
-            task = prog.add_task(f"reconstruct {tok.name}", total=None)
+        with progress_bar(f"reconstruct {tok.name}") as bar:
             summary = write_reconstructions(
                 tok, rd, out, resolution=resolution, batch_size=batch_size, device=dev, num_workers=num_workers,
-                png=png, references=references, precision=precision,
-                on_progress=lambda d, t: prog.update(task, completed=d, total=t),
+                png=png, references=references, precision=precision, on_progress=bar,
             )
         if distributed.is_main():
             console.print(f"wrote {summary['n']} reconstructions of {rd.name} to {summary['out']}")

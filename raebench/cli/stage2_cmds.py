@@ -6,14 +6,14 @@ batches over ranks). Library code lives in :mod:`raebench.stage2`; this module o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import typer
 
+from raebench.cli.core import progress_bar
 from raebench.errors import RaebenchError
 
 
@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
         labels = class_labels(num, classes, label_sampling, seed)
         if label_sampling == "equal" and num % classes:
             console.print(f"[yellow]{num} is not a multiple of {classes} classes: counts differ by one[/]")
-        with torch.no_grad(), _bar("sampling (batches of this rank)") as bar:
+        with torch.no_grad(), progress_bar("sampling (batches of this rank)") as bar:
             generate_npz(sample_fn, tok.decode, out, labels, shape, batch_size, seed, dev, progress=bar)
         if distributed.is_main():
             if grid is not None:
@@ -168,26 +168,11 @@ def register(app: typer.Typer) -> None:
         distributed.init()
         dev = resolve_device(distributed.local_device(device))
         tok = _tokenizer(tokenizer, dev)
-        with _bar("encoding (images of this rank)") as bar:
+        with progress_bar("encoding (images of this rank)") as bar:
             path = cache_latents(tok, data, out, resolution, batch_size, flip, dtype, progress=bar)
         if distributed.is_main():
             console.print(f"latent cache written to {path}")
         distributed.finish()
-
-
-@contextlib.contextmanager
-def _bar(label: str) -> Iterator[Optional[Callable[[int, int], None]]]:
-    """A progress bar on rank 0 (None elsewhere), as a ``progress(done, total)`` callback."""
-    from raebench import distributed
-    from raebench.cli.core import _progress
-
-    if not distributed.is_main():
-        yield None
-        return
-    prog = _progress()
-    task = prog.add_task(label, total=None)
-    with prog:
-        yield lambda done, total: prog.update(task, completed=done, total=total)
 
 
 def _cache_tokenizer(latents: Optional[str]) -> Optional[str]:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from raebench.errors import CheckpointError, MissingWeightsError, RaebenchError
-from raebench.official import resolve_official_path
+from raebench.official import plain_config, resolve_official_path
 from raebench.stage2.checkpoints import load_stage2_state
 from raebench.stage2.models import DiTDH, LightningDiT
 from raebench.stage2.samplers import canonical_last_step, canonical_method, diffusion_coefficient, sample
@@ -44,18 +44,6 @@ from raebench.stage2.samplers import canonical_last_step, canonical_method, diff
 log = logging.getLogger(__name__)
 
 _TARGETS = {"DiTwDDTHead": DiTDH, "DDT": DiTDH, "LightningDiT": LightningDiT}
-
-
-def _plain(cfg: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists; anything else unchanged."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return cfg
 
 
 def build_official_model(
@@ -146,7 +134,7 @@ def build_from_official(
     cfg: Any, base_dir: str | Path | None = None, device: str | torch.device | None = None,
 ) -> tuple[nn.Module, OfficialSampler]:
     """Parsed official YAML (dict or OmegaConf) -> (model, sample_fn) on ``device``; see the module docstring."""
-    cfg = _plain(cfg)
+    cfg = plain_config(cfg)
     if not isinstance(cfg, Mapping) or "stage_2" not in cfg:
         raise RaebenchError("The YAML has no `stage_2` block; pass an official RAE stage-2 config.")
     model = build_official_model(cfg["stage_2"], base_dir, device)

@@ -350,6 +350,7 @@ def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, max_norm: float 
     if not params:
         opt.step()
         return
+    # the global 2-norm as clip_grad_norm_ computes it (nn.utils.get_total_norm needs torch >= 2.6)
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params]))
     if not bool(torch.isfinite(norm)):
         raise NonFiniteGradientError(f"the gradient norm is {float(norm)}; the parameters were not updated")
