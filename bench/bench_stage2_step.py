@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=1, help="1 is the most stable on a shared CPU")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (the official --compile flag)")
+    ap.add_argument("--profile", action="store_true", help="print each training step's top operators (torch.profiler)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -228,14 +229,52 @@ def main() -> None:
             fn()
         wall, cpu = timed(trainer, args.steps, cuda)
         report("training step (each trainer's own step: loss, backward, clip, AdamW, EMA)", wall, cpu, args.steps)
+        if args.profile:
+            for k, fn in trainer.items():
+                profile(k, fn, cuda)
     if cuda:
         flops = train_flops(ours, args.batch, s * s)
         name = torch.cuda.get_device_name(dev)
         peak = {"bf16": 989e12, "fp32": 67e12}[args.precision] if ("H100" in name or "H200" in name) else None  # dense
-        mfu = f"MFU {flops / med['raebench'] / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else "MFU: peak unknown"
-        print(f"{name}: {flops / 1e12:.2f} TFLOP per step, {flops / med['raebench'] / 1e12:.0f} TFLOP/s, {mfu}; "
-              f"peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB; "
+        mfu = f"MFU {flops / med['raebench'] / peak:.1%} of {peak / 1e12:.0f} TFLOP/s (datasheet)" if peak else "MFU: peak unknown"
+        measured = matmul_rate(dev, torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        print(f"{name}: {flops / 1e12:.2f} TFLOP per step, {flops / med['raebench'] / 1e12:.0f} TFLOP/s, {mfu}, "
+              f"{flops / med['raebench'] / measured:.1%} of the {measured / 1e12:.0f} TFLOP/s an 8192^3 matmul "
+              f"reaches here; peak memory {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB (both models); "
               f"{args.batch / med['raebench']:.0f} images/s (model step)")
+        with torch.no_grad(), autocast:  # sampling: one velocity evaluation per step and image
+            fwd = {k: m.eval() for k, m in models.items()}
+            wall, _ = timed({k: (lambda m=m: m(x, t, y)) for k, m in fwd.items()}, args.steps, cuda)
+        for k in wall:
+            print(f"   sampling forward {k:9s} {wall[k] * 1000:7.1f} ms at batch {args.batch}: "
+                  f"{args.batch / wall[k] / 50:.1f} images/s for 50 Euler steps without guidance")
+
+
+def profile(name: str, step, cuda: bool, rows: int = 15) -> None:
+    """The operators that take a training step's device (or CPU) time, self time, one step."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with prof(activities=acts) as p:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"-- {name}: top operators by {key}")
+    print(p.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
+def matmul_rate(dev: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
+    """FLOP/s of an n^3 matmul on random data (mean of 10 after 3 warm-ups): the attainable peak."""
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * 10 / (time.perf_counter() - t)
 
 
 def train_flops(model: DiTDH, batch: int, tokens: int) -> float:

@@ -1,17 +1,52 @@
 #!/usr/bin/env bash
 # The figures only a GPU gives, in one prepared call (random weights: nothing to download).
-#   bash bench/gpu_figures.sh            # from the repository root; writes the log to ${OUT:-.}/gpu_figures.log
-# Needs torch with CUDA, transformers, safetensors, typer, rich, pandas on the machine (raebench is put on
-# PYTHONPATH, not installed). Each part is time-boxed so that one slow part cannot eat the rest.
+#   bash bench/gpu_figures.sh [PART ...]   # from the repository root; log in ${OUT:-.}/gpu_figures.log
+# PARTs, in this order by default: check xl small eval xl-fp32 compile; also eval-large, xl-profile.
+# Needs torch with CUDA, transformers, safetensors, typer, rich, pandas, timm, einops, torchdiffeq and
+# setuptools on the machine; raebench is installed (no dependencies, no index) into a temporary folder,
+# since raebench.metrics lives in the top-level metrics/ folder. The official RAE sources for the
+# comparison are read from $RAE_OFFICIAL_SRC (a checkout, a bare mirror, or a folder holding
+# src/stage2/... and src/utils/train_utils.py); without them raebench is timed alone. Each part is
+# time-boxed so that one slow part cannot eat the rest; the slowest (torch.compile of two XL models) is last.
 set -uo pipefail
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY="${PYTHON:-python3}"
+site="$(mktemp -d)"
+if "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --target "$site" . >/dev/null; then
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "could not install raebench; raebench.metrics will be missing" >&2
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+off="${RAE_OFFICIAL_SRC:-.official}"
+[ -e "$off" ] || off=none
 log="${OUT:-.}/gpu_figures.log"
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(check xl small eval xl-fp32 compile)
+xl=(--preset xl --device cuda --batch 64 --steps 10 --threads 16)
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
-  echo "== DiT-DH-XL training step, bf16, batch 32 (eager; then torch.compile)"
-  timeout 240 python bench/bench_stage2_step.py --official-src none --preset xl --device cuda --precision bf16 --batch 32 --steps 10
-  timeout 240 python bench/bench_stage2_step.py --official-src none --preset xl --device cuda --precision bf16 --batch 32 --steps 10 --compile
-  echo "== RAE (DINOv2-B + ViT-XL decoder, random weights) evaluation throughput and overhead, 256 px"
-  timeout 180 python bench/bench_eval.py --tokenizer random-rae-base-XL --metrics psnr,ssim --n 256 --batch-size 64 --device cuda
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
+  for part in "${parts[@]}"; do
+    case "$part" in
+      check) echo "== the fused stage-2 paths on the GPU (gradcheck, fused vs plain, bf16)"
+        timeout 60 "$PY" bench/check_stage2_device.py --device cuda ;;
+      xl) echo "== DiT-DH-XL training step, bf16 autocast, batch 64, eager: raebench vs official ($off)"
+        timeout 150 "$PY" bench/bench_stage2_step.py --official-src "$off" "${xl[@]}" --precision bf16 ;;
+      small) echo "== the CPU bench's small config, fp32, batch 16, on the GPU (launch-bound)"
+        timeout 45 "$PY" bench/bench_stage2_step.py --official-src "$off" --device cuda --steps 20 --threads 16 ;;
+      eval) echo "== RAE (DINOv2-B + ViT-XL decoder, random weights) evaluation throughput and overhead, 256 px"
+        timeout 120 "$PY" bench/bench_eval.py --tokenizer random-rae-base-XL --metrics psnr,ssim --n 512 --batch-size 64 --device cuda ;;
+      eval-large) echo "== as eval, 2048 images (the fixed start-up cost amortised)"
+        timeout 150 "$PY" bench/bench_eval.py --tokenizer random-rae-base-XL --metrics psnr,ssim --n 2048 --batch-size 64 --device cuda ;;
+      xl-profile) echo "== as xl, with the top CUDA kernels of each training step (torch.profiler)"
+        timeout 150 "$PY" bench/bench_stage2_step.py --official-src "$off" --preset xl --device cuda --batch 64 --steps 3 --threads 16 --precision bf16 --profile ;;
+      xl-fp32) echo "== DiT-DH-XL training step, fp32 (the fused paths), batch 32, eager: raebench vs official ($off)"
+        timeout 150 "$PY" bench/bench_stage2_step.py --official-src "$off" --preset xl --device cuda --batch 32 --steps 5 --threads 16 ;;
+      compile) echo "== DiT-DH-XL as in xl, both models torch.compile'd"
+        timeout 200 "$PY" bench/bench_stage2_step.py --official-src "$off" "${xl[@]}" --precision bf16 --compile ;;
+      *) echo "unknown part $part" ;;
+    esac
+  done
+  echo "== done"
 } 2>&1 | tee "$log"

@@ -95,6 +95,21 @@ def test_qkv_rope_matches_rotate_half_reference():
     torch.testing.assert_close(torch.autograd.grad(outs, qkv, gs)[0], torch.autograd.grad(refs, qkv, gs)[0])
 
 
+def test_qkv_rope_backward_takes_gradients_of_any_layout():
+    """SDPA backwards on CUDA hand back q/k gradients whose channels are not contiguous (found on an
+    H200 by bench/check_stage2_device.py); the backward must give the same result as for contiguous ones."""
+    rope = Rope2D(8, 3)
+    qkv = torch.randn(2, 9, 48, requires_grad=True)
+    outs = fused.qkv_rope(qkv, rope.freqs_cos, rope.freqs_sin, 2)
+    gs = [torch.randn(2, 2, 8, 9).transpose(-1, -2) for _ in range(3)]  # (N, H, L, hd), channel stride 9
+    assert gs[0].stride(-1) != 1
+    odd = torch.randn(2, 2, 9, 9)[..., 1:]  # storage offset 1: pairs straddle complex boundaries
+    for layout in (gs, [odd, gs[1], gs[2]]):
+        got = torch.autograd.grad(outs, qkv, layout, retain_graph=True)[0]
+        want = torch.autograd.grad(outs, qkv, [g.contiguous() for g in layout], retain_graph=True)[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch", ["ditdh", "ditdh-wo-shift", "lightningdit"])
 def test_model_gradients_equal_the_plain_autograd_paths(arch):
     """The whole model, fused vs plain paths: same velocity and same gradient for every parameter."""

@@ -201,6 +201,8 @@ class _QKVRope(torch.autograd.Function):
             if g is None:
                 dst.zero_()
                 continue
+            if not complex_viewable(g):  # e.g. SDPA backwards on CUDA can return channel-strided gradients
+                g = g.contiguous()
             src = torch.view_as_complex(g.transpose(1, 2).unflatten(-1, (-1, 2)))  # (N, L, H, hd/2), strided
             torch.mul(src, cis[:, 0].conj(), out=dst)  # inverse rotation
         if gv is None:
@@ -208,6 +210,11 @@ class _QKVRope(torch.autograd.Function):
         else:
             buf[:, :, 2].copy_(gv.transpose(1, 2))
         return buf.view(n, l, -1), None, None, None
+
+
+def complex_viewable(t: Tensor) -> bool:
+    """Whether ``view_as_complex`` accepts ``t.unflatten(-1, (-1, 2))``: channel pairs adjacent in memory."""
+    return t.stride(-1) == 1 and t.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in t.stride()[:-1])
 
 
 def qkv_rope(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:

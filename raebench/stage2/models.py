@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raebench.registry import Registry
-from raebench.stage2.fused import autocast_on, fusable, gated_residual, linear_chunks, qkv_rope, rms_modulate, rms_modulate_residual, swiglu, wide
+from raebench.stage2.fused import autocast_on, complex_viewable, fusable, gated_residual, linear_chunks, qkv_rope, rms_modulate, rms_modulate_residual, swiglu, wide
 
 
 class WidthWarning(UserWarning):
@@ -102,7 +102,7 @@ class Rope2D(nn.Module):
             rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # rotate_half
             return (xw * self.freqs_cos.to(xw.dtype) + rotated * self.freqs_sin.to(xw.dtype)).to(x.dtype)
         cis = torch.complex(self.freqs_cos[:, ::2].to(xw.dtype), self.freqs_sin[:, ::2].to(xw.dtype))  # (L, hd/2)
-        xc = torch.view_as_complex(xw.unflatten(-1, (-1, 2)))  # (..., L, hd/2)
+        xc = torch.view_as_complex((xw if complex_viewable(xw) else xw.contiguous()).unflatten(-1, (-1, 2)))  # (..., L, hd/2)
         return torch.view_as_real(xc * cis).flatten(-2).to(x.dtype)  # (..., L, hd)
 
 
