@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The figures only a GPU gives, in one prepared call (random weights: nothing to download).
 #   bash bench/gpu_figures.sh [PART ...]   # from the repository root; log in ${OUT:-.}/gpu_figures.log
-# PARTs, in this order by default: check xl small eval xl-fp32 compile; also eval-large, xl-profile.
+# PARTs, in this order by default: check cli xl small eval xl-fp32 compile; also eval-large, xl-profile.
 # Needs torch with CUDA, transformers, safetensors, typer, rich, pandas, timm, einops, torchdiffeq and
 # setuptools on the machine; raebench is installed (no dependencies, no index) into a temporary folder,
 # since raebench.metrics lives in the top-level metrics/ folder. The official RAE sources for the
@@ -22,7 +22,7 @@ off="${RAE_OFFICIAL_SRC:-.official}"
 [ -e "$off" ] || off=none
 log="${OUT:-.}/gpu_figures.log"
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(check xl small eval xl-fp32 compile)
+[ ${#parts[@]} -gt 0 ] || parts=(check cli xl small eval xl-fp32 compile)
 xl=(--preset xl --device cuda --batch 64 --steps 10 --threads 16)
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -31,6 +31,8 @@ xl=(--preset xl --device cuda --batch 64 --steps 10 --threads 16)
     case "$part" in
       check) echo "== the fused stage-2 paths on the GPU (gradcheck, fused vs plain, bf16)"
         timeout 60 "$PY" bench/check_stage2_device.py --device cuda ;;
+      cli) echo "== the stage-2 command line end to end on the GPU (bench/cli_smoke.sh)"
+        timeout 120 bash bench/cli_smoke.sh cuda ;;
       xl) echo "== DiT-DH-XL training step, bf16 autocast, batch 64, eager: raebench vs official ($off)"
         timeout 150 "$PY" bench/bench_stage2_step.py --official-src "$off" "${xl[@]}" --precision bf16 ;;
       small) echo "== the CPU bench's small config, fp32, batch 16, on the GPU (launch-bound)"

@@ -102,7 +102,7 @@ def generate_npz(
         out.parent.mkdir(parents=True, exist_ok=True)
         _save_npz_atomic(out, arr_0=images, arr_1=labs, labels=labs)
         shutil.rmtree(parts, ignore_errors=True)
-        log.info("wrote %d samples to %s", len(images), out)
+        log.debug("wrote %d samples to %s", len(images), out)
     if world > 1:
         dist.barrier()
     return out
