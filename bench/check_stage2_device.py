@@ -56,7 +56,7 @@ def gradchecks(dev: torch.device) -> None:
         lambda t: fused.qkv_rope(t, rope.freqs_cos, rope.freqs_sin, 2), (r(2, 9, 48),)))
 
 
-def _models(dev: torch.device):
+def _models():
     torch.manual_seed(0)
     yield "ditdh", DiTDH(input_size=8, in_channels=32, hidden_size=(128, 256), depth=(3, 2), num_heads=(4, 4),
                          num_classes=10)
@@ -79,7 +79,7 @@ def _worst(a: list, b: list) -> float:
 
 
 def model_checks(dev: torch.device) -> None:
-    for name, model in _models(dev):
+    for name, model in _models():
         for p in model.parameters():  # away from adaLN-Zero so that every branch carries gradient
             torch.nn.init.normal_(p, std=0.05)
         for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
