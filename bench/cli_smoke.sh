@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The stage-2 command line end to end on one device, in seconds: synthetic images -> cache-latents ->
-# train stage2 (fp32 from the cache, then resumed; bf16 encoding on the fly) -> sample (SDE with CFG, Heun).
-#   bash bench/cli_smoke.sh [cuda|cpu]       # exits non-zero at the first failing command
+# The training command lines end to end on one device, in seconds, with random weights:
+#   stage 1: a tiny random DINOv2 -> train stage1 (fp32, stopped and resumed, past the discriminator and GAN
+#            starts; then bf16) -> export-decoder;
+#   stage 2: synthetic images -> cache-latents -> train stage2 (fp32 from the cache, stopped and resumed;
+#            bf16 encoding on the fly) -> sample (SDE with CFG, Heun).
+#   bash bench/cli_smoke.sh [cuda|cpu] [stage1|stage2 ...]   # both stages by default; exits at the first failure
 set -euo pipefail
 dev="${1:-cuda}"
+stages=("${@:2}")
+[ ${#stages[@]} -gt 0 ] || stages=(stage1 stage2)
 PY="${PYTHON:-python3}"
 w="$(mktemp -d)"
 "$PY" - "$w/images" <<'PYEOF'
@@ -17,12 +22,46 @@ for i in range(16):
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
 PYEOF
 rb() { echo "+ raebench $*"; "$PY" -m raebench "$@"; }
-rb cache-latents -t pixels --data "$w/images" -o "$w/cache" -r 8 -b 8 --device "$dev"
-common=(train stage2 -p tiny --num-classes 2 -b 8 --device "$dev" --log-every 2)
-rb "${common[@]}" --latents "$w/cache" -o "$w/run32" --precision fp32 --max-steps 4
-rb "${common[@]}" --latents "$w/cache" -o "$w/run32" --precision fp32 --max-steps 8    # resumes at step 4
-rb "${common[@]}" -t pixels --data "$w/images" -r 8 -o "$w/run16" --precision bf16 --max-steps 4
-rb sample -c "$w/run32/checkpoints/last.pt" -n 8 --steps 5 --method sde --cfg-scale 2 -b 4 -o "$w/sde.npz" --device "$dev"
-rb sample -c "$w/run16/checkpoints/last.pt" -n 8 --steps 5 --method heun -b 8 -o "$w/heun.npz" --device "$dev"
-"$PY" -c "import numpy as np, sys; [print(f, np.load(f)['arr_0'].shape, np.load(f)['arr_1'].tolist()) for f in sys.argv[1:]]" "$w/sde.npz" "$w/heun.npz"
-echo "cli smoke on $dev: ok"
+
+stage1() {
+  "$PY" - "$w/encoder" <<'PYEOF'
+import json, sys, torch
+from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+torch.manual_seed(0)
+Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=8, image_size=32,
+    num_register_tokens=4)).save_pretrained(sys.argv[1])
+with open(f"{sys.argv[1]}/preprocessor_config.json", "w") as f:
+    json.dump({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}, f)
+PYEOF
+  # 16 images, global batch 4: 4 steps an epoch; discriminator from step 2, GAN from step 4
+  local s1=(train stage1 -p tiny --data "$w/images" --encoder "$w/encoder" --results "$w/res" --device "$dev"
+            --set disc_start_epoch=0.5 --set gan_start_epoch=1 --set sample_every=0)
+  rb "${s1[@]}" --name fp32 --precision fp32 --max-steps 3
+  rb "${s1[@]}" --name fp32 --precision fp32 --max-steps 6     # resumes at step 3
+  rb "${s1[@]}" --name bf16 --precision bf16 --max-steps 6
+  rb export-decoder "$w/res/stage1/fp32"
+  "$PY" - "$w/res/stage1" <<'PYEOF'
+import csv, math, sys
+for run in ("fp32", "bf16"):
+    rows = list(csv.DictReader(open(f"{sys.argv[1]}/{run}/log.csv")))
+    last = rows[-1]
+    bad = [k for k, v in last.items() if v not in ("", None) and k not in ("step", "time") and not math.isfinite(float(v))]
+    assert len(rows) == 6 and last["gan"] != "" and not bad, (run, len(rows), last)
+    print(run, "steps", len(rows), "last l1", last["l1"], "gan", last["gan"], "disc", last["disc_loss"])
+PYEOF
+}
+
+stage2() {
+  rb cache-latents -t pixels --data "$w/images" -o "$w/cache" -r 8 -b 8 --device "$dev"
+  common=(train stage2 -p tiny --num-classes 2 -b 8 --device "$dev" --log-every 2)
+  rb "${common[@]}" --latents "$w/cache" -o "$w/run32" --precision fp32 --max-steps 4
+  rb "${common[@]}" --latents "$w/cache" -o "$w/run32" --precision fp32 --max-steps 8    # resumes at step 4
+  rb "${common[@]}" -t pixels --data "$w/images" -r 8 -o "$w/run16" --precision bf16 --max-steps 4
+  rb sample -c "$w/run32/checkpoints/last.pt" -n 8 --steps 5 --method sde --cfg-scale 2 -b 4 -o "$w/sde.npz" --device "$dev"
+  rb sample -c "$w/run16/checkpoints/last.pt" -n 8 --steps 5 --method heun -b 8 -o "$w/heun.npz" --device "$dev"
+  "$PY" -c "import numpy as np, sys; [print(f, np.load(f)['arr_0'].shape, np.load(f)['arr_1'].tolist()) for f in sys.argv[1:]]" "$w/sde.npz" "$w/heun.npz"
+}
+
+for st in "${stages[@]}"; do "$st"; done
+echo "cli smoke (${stages[*]}) on $dev: ok"
