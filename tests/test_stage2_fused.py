@@ -36,6 +36,18 @@ def test_rms_modulate_gradcheck_and_reference(tokens, with_shift):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_rms_modulate_residual_with_one_output_unused():
+    """Either output alone reaching the loss gives that output's exact gradient (no materialised zeros)."""
+    x, w, shift, scale = _rand(2, 5, 8), _rand(8, seed=1), _rand(2, 1, 8, seed=2), _rand(2, 1, 8, seed=3)
+    y, x_out = fused.rms_modulate_residual(x, w, shift, scale, 1e-6)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(x_out, x, g, retain_graph=True)[0], g)
+    got = torch.autograd.grad(y, (x, w, shift, scale), g)
+    want = torch.autograd.grad(_rms_ref(x, w, shift, scale, 1e-6), (x, w, shift, scale), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_rms_modulate_mixed_precision_returns_input_dtypes():
     """bf16 modulations (autocast linear outputs) on a float32 stream: computed in float32."""
     x = torch.randn(2, 6, 16, requires_grad=True)

@@ -79,6 +79,7 @@ class _RMSModulate(torch.autograd.Function):
         ctx.has_shift = shift is not None
         ctx.dtypes = (x.dtype, None if shift is None else shift.dtype, scale.dtype)
         ctx.per_token = scale.shape[1] != 1
+        ctx.set_materialize_grads(False)  # an unused pass-through output gives None, not a zero-filled tensor
         # x passes through as a second output for the residual branch: its gradient then joins
         # this function's in one fused op instead of autograd adding two full-size gradients
         return y, x
@@ -86,8 +87,10 @@ class _RMSModulate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor, g_res: Tensor | None):
         n, r, a, scale_f, w = ctx.saved_tensors
-        g = g.to(n.dtype)
         x_dtype, shift_dtype, scale_dtype = ctx.dtypes
+        if g is None:  # only the pass-through x reached the loss
+            return (None if g_res is None else g_res.to(x_dtype)), None, None, None, None
+        g = g.to(n.dtype)
         grad_shift = None
         if ctx.has_shift and ctx.needs_input_grad[2]:
             grad_shift = (g if ctx.per_token else g.sum(1, keepdim=True)).to(shift_dtype)
