@@ -178,6 +178,11 @@ def build_rae(
     from raebench.rae.stats import LatentStats
     from raebench.rae.tokenizer import RAETokenizer
 
+    if weights is not None and decoder is None and stats is None and encoder is None:
+        from raebench.rae.diffusers_format import is_diffusers_rae
+
+        if is_diffusers_rae(weights):
+            return _from_diffusers_folder(release, Path(weights).expanduser(), resolution, device)
     res = release.resolution if resolution is None else int(resolution)
     if res != release.resolution and decoder is None:
         others = [r.name for r in RELEASES.values() if r.encoder_repo == release.encoder_repo and r.resolution == res]
@@ -244,6 +249,30 @@ def build_rae(
     if device is not None:
         tok = tok.to(device)
     return tok
+
+
+def _from_diffusers_folder(release: RAERelease, folder: Path, resolution: int | None, device):
+    """``release`` from a diffusers ``AutoencoderRAE`` folder (e.g. ``nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08``),
+    after checking that the folder holds that release's encoder at its resolution."""
+    from raebench.errors import CheckpointError
+    from raebench.rae.diffusers_format import load_diffusers_rae
+
+    tok = load_diffusers_rae(folder)
+    enc, dec = tok.encoder, tok.decoder
+    out = dec.config.grid_size * dec.config.patch_size
+    family = next((f for key, f in (("dinov2", "dinov2_with_registers"), ("siglip", "siglip_vision_model"),
+                                    ("mae", "vit_mae")) if key in release.encoder_repo), None)
+    want = (family, release.hidden_size, release.grid, release.resolution)
+    got = ("siglip_vision_model" if enc.family == "siglip" else enc.family, enc.hidden_size, enc.grid_size, out)
+    if got != want:
+        raise CheckpointError(
+            f"The AutoencoderRAE in {str(folder)!r} has a {got[0]} encoder of width {got[1]} on a {got[2]}x{got[2]} grid "
+            f"decoding {got[3]} px, but {release.name!r} is {want[0]}, width {want[1]}, {want[2]}x{want[2]}, {want[3]} px; "
+            f"pass it to the matching rae-* tokenizer."
+        )
+    if resolution is not None and int(resolution) != out:
+        raise RaebenchError(f"{release.name!r} from {str(folder)!r} decodes {out} px, not {resolution} px; pass --resolution {out}.")
+    return tok if device is None else tok.to(device)
 
 
 def _register(r: RAERelease) -> None:

@@ -1,0 +1,100 @@
+"""RAEs in diffusers' format (``diffusers.AutoencoderRAE``) read into raebench's RAETokenizer.
+
+diffusers' AutoencoderRAE is an independent implementation of the RAE (encoder wrapper, ViT-MAE decoder, latent
+normalisation). At a 16 x 16 token grid, where its decoder positions equal the official ones, raebench must give
+its latents and reconstructions; at other grids the positions differ and raebench keeps the official ones.
+"""
+
+import json
+
+import pytest
+import torch
+
+from raebench.errors import CheckpointError, MissingWeightsError
+from raebench.rae.decoder import sincos_pos_embed
+from raebench.rae.diffusers_format import is_diffusers_rae, load_diffusers_rae, tokenizer_from_autoencoder_rae
+
+diffusers = pytest.importorskip("diffusers")
+if not hasattr(diffusers, "AutoencoderRAE"):
+    pytest.skip("this diffusers has no AutoencoderRAE", allow_module_level=True)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PATCH = {"dinov2": 14, "siglip2": 16, "mae": 16}
+
+
+def _autoencoder(encoder_type: str, grid: int, scaling_factor: float = 1.0, seed: int = 0):
+    torch.manual_seed(seed)
+    hs = 128  # diffusers builds encoders with head dim 64: 2 heads
+    model = diffusers.AutoencoderRAE(
+        encoder_type=encoder_type, encoder_hidden_size=hs, encoder_patch_size=PATCH[encoder_type],
+        encoder_num_hidden_layers=2, encoder_input_size=grid * PATCH[encoder_type], decoder_hidden_size=64,
+        decoder_num_hidden_layers=2, decoder_num_attention_heads=4, decoder_intermediate_size=128, patch_size=2,
+        latents_mean=torch.randn(hs, grid, grid) * 0.1, latents_std=torch.rand(hs, grid, grid) + 0.5,
+        scaling_factor=scaling_factor,
+    ).eval()
+    with torch.no_grad():  # away from the zero CLS token and default inits, so every weight matters
+        for p in model.decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("encoder_type", ["dinov2", "siglip2", "mae"])
+def test_same_latents_and_reconstructions_as_diffusers_at_a_16x16_grid(encoder_type):
+    try:
+        model = _autoencoder(encoder_type, grid=16, scaling_factor=0.7)
+    except AttributeError as e:  # diffusers 0.42 reaches for SiglipVisionModel.vision_model, gone in transformers 5
+        pytest.skip(f"this diffusers cannot build its {encoder_type} encoder with this transformers: {e}")
+    x = torch.rand(2, 3, 40, 40)
+    with torch.no_grad():
+        z_ref = model.encode(x).latent  # before conversion: it must not change the diffusers model
+        x_ref = model.decode(z_ref).sample
+        tok = tokenizer_from_autoencoder_rae(model).eval()
+        z = tok.encode(x)
+        rec = tok.decode(z_ref)
+        assert torch.equal(model.encode(x).latent, z_ref)
+    assert z.shape == z_ref.shape == (2, 128, 16, 16)
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=5e-6)  # measured 4.8e-7
+    torch.testing.assert_close(rec, x_ref, rtol=1e-5, atol=5e-6)  # measured 2.4e-7
+
+
+def test_other_grids_keep_the_official_positions_where_diffusers_differs():
+    model = _autoencoder("dinov2", grid=4)
+    tok = tokenizer_from_autoencoder_rae(model)
+    official = sincos_pos_embed(64, 4)[None]
+    torch.testing.assert_close(tok.decoder.decoder_pos_embed, official, rtol=0, atol=0)
+    assert (model.decoder.decoder_pos_embed - official).abs().max() > 0.5  # diffusers: positions x 16 / grid
+    # with diffusers' positions put back, the decoders agree: the rest of the mapping is exact
+    with torch.no_grad():
+        tok.decoder.decoder_pos_embed.copy_(model.decoder.decoder_pos_embed)
+        z = torch.randn(2, 128, 4, 4)
+        torch.testing.assert_close(tok.decode(z), model.decode(z).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_folder_round_trip_safetensors_only(tmp_path):
+    model = _autoencoder("dinov2", grid=4)
+    model.save_pretrained(tmp_path / "rae")
+    assert is_diffusers_rae(tmp_path / "rae") and not is_diffusers_rae(tmp_path)
+    tok = load_diffusers_rae(tmp_path / "rae")
+    x = torch.rand(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(tok.encode(x), model.encode(x).latent, rtol=1e-4, atol=1e-4)
+    assert tok.weights_id.startswith("diffusers:rae@")
+    # a pickled copy of the same weights is refused rather than unpickled
+    (tmp_path / "rae" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "rae" / "diffusion_pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        load_diffusers_rae(tmp_path / "rae")
+    with pytest.raises(MissingWeightsError, match="AutoencoderRAE"):
+        load_diffusers_rae(tmp_path)
+
+
+def test_rae_entry_takes_a_diffusers_folder_and_checks_it_is_that_release(tmp_path):
+    from raebench.tokenizers import build_tokenizer
+
+    model = _autoencoder("dinov2", grid=4)
+    model.save_pretrained(tmp_path / "rae")
+    with pytest.raises(CheckpointError, match="rae-dinov2-b"):  # 128-wide DINOv2 is no released RAE
+        build_tokenizer("rae-dinov2-b", weights=str(tmp_path / "rae"))
+    cfg = json.loads((tmp_path / "rae" / "config.json").read_text())
+    assert cfg["_class_name"] == "AutoencoderRAE"
