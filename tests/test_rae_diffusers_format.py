@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from raebench.errors import CheckpointError, MissingWeightsError
+from raebench.errors import CheckpointError, MissingWeightsError, RaebenchError
 from raebench.rae.decoder import sincos_pos_embed
 from raebench.rae.diffusers_format import is_diffusers_rae, load_diffusers_rae, tokenizer_from_autoencoder_rae
 
@@ -93,8 +93,24 @@ def test_rae_entry_takes_a_diffusers_folder_and_checks_it_is_that_release(tmp_pa
     from raebench.tokenizers import build_tokenizer
 
     model = _autoencoder("dinov2", grid=4)
-    model.save_pretrained(tmp_path / "rae")
+    model.save_pretrained(tmp_path / "small")
     with pytest.raises(CheckpointError, match="rae-dinov2-b"):  # 128-wide DINOv2 is no released RAE
-        build_tokenizer("rae-dinov2-b", weights=str(tmp_path / "rae"))
-    cfg = json.loads((tmp_path / "rae" / "config.json").read_text())
-    assert cfg["_class_name"] == "AutoencoderRAE"
+        build_tokenizer("rae-dinov2-b", weights=str(tmp_path / "small"))
+    # the released layout (DINOv2-B width, 16 x 16 grid at 224 px, patch-16 decoder: 256 px), with 1 encoder layer
+    torch.manual_seed(1)
+    release = diffusers.AutoencoderRAE(
+        encoder_type="dinov2", encoder_hidden_size=768, encoder_patch_size=14, encoder_num_hidden_layers=1,
+        decoder_hidden_size=64, decoder_num_hidden_layers=1, decoder_num_attention_heads=4,
+        decoder_intermediate_size=128, patch_size=16, encoder_input_size=224,
+        latents_mean=torch.randn(768, 16, 16) * 0.1, latents_std=torch.rand(768, 16, 16) + 0.5,
+    ).eval()
+    release.save_pretrained(tmp_path / "release")
+    assert json.loads((tmp_path / "release" / "config.json").read_text())["_class_name"] == "AutoencoderRAE"
+    tok = build_tokenizer("rae-dinov2-b", weights=str(tmp_path / "release"), resolution=256)
+    assert tok.name == "rae-dinov2-b" and tok.weights_id.startswith("diffusers:release@")
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(tok.encode(x), release.encode(x).latent, rtol=1e-5, atol=5e-6)
+        torch.testing.assert_close(tok.reconstruct(x), release(x).sample, rtol=1e-5, atol=5e-6)
+    with pytest.raises(RaebenchError, match="decodes 256 px"):
+        build_tokenizer("rae-dinov2-b", weights=str(tmp_path / "release"), resolution=512)
