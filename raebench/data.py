@@ -18,7 +18,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -280,25 +280,75 @@ def collate(items: list[dict]) -> dict:
     return out
 
 
+def merge_batches(parts: list[dict], pin_memory: bool = False) -> dict:
+    """One batch from consecutive :func:`collate` batches (same order, same keys)."""
+    images = [p["image"] for p in parts if p["image"].shape[0]]
+    out = {
+        "index": torch.cat([p["index"] for p in parts]),
+        "path": [x for p in parts for x in p["path"]],
+        "label": torch.cat([p["label"] for p in parts]),
+        "upscaled": [x for p in parts for x in p["upscaled"]],
+        "skipped": [x for p in parts for x in p["skipped"]],
+    }
+    if not images:
+        out["image"] = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    elif len(images) == 1:
+        out["image"] = images[0]
+    else:
+        n = sum(im.shape[0] for im in images)
+        buf = torch.empty((n, *images[0].shape[1:]), dtype=images[0].dtype, pin_memory=pin_memory)
+        out["image"] = torch.cat(images, out=buf)  # into page-locked memory when the loader pins
+    return out
+
+
+class _Rebatched:
+    """Batches of ``k`` consecutive micro-batches: the workers decode one batch together.
+
+    With whole batches per worker, the first batch waits for one worker to decode all of it
+    while the others idle (~0.6 s for 64 photographs on this CPU); here each worker decodes
+    1/k of it, and the consumer sees the same batches as without micro-batching.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader, k: int, pin_memory: bool) -> None:
+        self.loader, self.k, self.pin_memory = loader, k, pin_memory
+
+    def __iter__(self) -> Iterator[dict]:
+        parts: list[dict] = []
+        for mb in self.loader:
+            parts.append(mb)
+            if len(parts) == self.k:
+                yield merge_batches(parts, self.pin_memory)
+                parts = []
+        if parts:
+            yield merge_batches(parts, self.pin_memory)
+
+
 def make_loader(
     dataset: ImageDataset,
     batch_size: int,
     num_workers: int = 0,
     pin_memory: bool = False,
     indices: Sequence[int] | None = None,
-) -> torch.utils.data.DataLoader:
-    """Ordered loader (no shuffling) with worker processes for decoding and cropping."""
+) -> Iterable[dict]:
+    """Ordered batches (no shuffling) of ``batch_size`` images, decoded and cropped by worker processes.
+
+    With several workers each batch is split into k equal micro-batches (k the largest divisor of
+    ``batch_size`` up to ``num_workers``) that the workers decode in parallel and the main process
+    joins: the batches are the same, the first one arrives k times sooner.
+    """
     ds = dataset if indices is None else torch.utils.data.Subset(dataset, list(indices))
-    return torch.utils.data.DataLoader(
+    k = max((d for d in range(1, min(num_workers, batch_size) + 1) if batch_size % d == 0), default=1)
+    loader = torch.utils.data.DataLoader(
         ds,
-        batch_size=batch_size,
+        batch_size=batch_size // k,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=pin_memory,
         persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=2 * k if num_workers > 0 else None,  # about two whole batches per worker in flight
     )
+    return loader if k == 1 else _Rebatched(loader, k, pin_memory)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,3 +169,29 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path):
     Image.fromarray(a).save(tmp_path / "s.png")
     out = np.asarray(load_rgb(tmp_path / "s.png"))
     assert out.shape == (8, 8, 3) and out[0, 0, 0] == 128 and out[-1, -1, 0] == 255
+
+
+@pytest.mark.parametrize("batch_size", [4, 6, 7], ids=["k=2", "k=2-of-6", "prime:k=1"])
+def test_worker_micro_batches_give_the_same_batches(tmp_path: Path, batch_size: int):
+    """Several workers decode each batch together (micro-batches joined in order): the batches,
+    skipped files and upscaled flags are exactly those of the single-process loader."""
+    from raebench.data import make_loader
+
+    root = tmp_path / "mixed"
+    make_hostile_corpus(root)
+    rng = np.random.default_rng(1)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / f"ok{i}.png")
+    (root / "huge.png").unlink()  # slow to reject; the other bad files stay
+    ds = ImageDataset(scan_folder(root), 32)
+    plain = list(make_loader(ds, batch_size, 0))
+    loader = make_loader(ds, batch_size, 2, indices=range(len(ds)))
+    k = 1 if batch_size == 7 else 2
+    assert getattr(loader, "loader", loader).batch_size == batch_size // k  # what each worker decodes
+    joined = list(loader)
+    assert len(plain) == len(joined) == -(-len(ds) // batch_size)
+    for a, b in zip(plain, joined):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])
+        assert a["path"] == b["path"] and a["upscaled"] == b["upscaled"] and torch.equal(a["label"], b["label"])
+        assert [(s.path, s.reason) for s in a["skipped"]] == [(s.path, s.reason) for s in b["skipped"]]
+    assert sum(len(b["skipped"]) for b in joined) >= 2 and any(b["upscaled"] for b in joined)
