@@ -293,7 +293,7 @@ def merge_batches(parts: list[dict], pin_memory: bool = False) -> dict:
     if not images:
         out["image"] = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
     elif len(images) == 1:
-        out["image"] = images[0]
+        out["image"] = images[0].pin_memory() if pin_memory else images[0]
     else:
         n = sum(im.shape[0] for im in images)
         buf = torch.empty((n, *images[0].shape[1:]), dtype=images[0].dtype, pin_memory=pin_memory)
@@ -344,7 +344,7 @@ def make_loader(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory and k == 1,  # joined batches are written straight into page-locked memory
         persistent_workers=False,
         prefetch_factor=2 * k if num_workers > 0 else None,  # about two whole batches per worker in flight
     )
