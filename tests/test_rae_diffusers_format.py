@@ -114,3 +114,34 @@ def test_rae_entry_takes_a_diffusers_folder_and_checks_it_is_that_release(tmp_pa
         torch.testing.assert_close(tok.reconstruct(x), release(x).sample, rtol=1e-5, atol=5e-6)
     with pytest.raises(RaebenchError, match="decodes 256 px"):
         build_tokenizer("rae-dinov2-b", weights=str(tmp_path / "release"), resolution=512)
+
+
+def test_weights_as_a_hub_repo_id_fetches_config_and_safetensors_only(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from raebench.rae.diffusers_format import DIFFUSERS_FILES, diffusers_rae_folder
+    from raebench.tokenizers import get_tokenizer_spec
+
+    model = _autoencoder("dinov2", grid=4)
+    model.save_pretrained(tmp_path / "snapshot")
+    calls = []
+
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None, local_files_only=False):
+        calls.append((repo_id, tuple(allow_patterns), local_files_only))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    repo = get_tokenizer_spec("rae-dinov2-b").extra["diffusers_repo"]
+    assert repo == "nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08"
+    assert diffusers_rae_folder(repo) == tmp_path / "snapshot"
+    assert calls == [(repo, DIFFUSERS_FILES, True)]  # conftest sets HF_HUB_OFFLINE=1: the cache only
+    tok = load_diffusers_rae(diffusers_rae_folder(repo))
+    assert tok.encode(torch.rand(1, 3, 56, 56)).shape == (1, 128, 4, 4)
+
+    def offline(*a, **k):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not in cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(MissingWeightsError, match="no local folder.*hf download nyu-visionx/RAE-dinov2"):
+        diffusers_rae_folder(repo)
+    assert diffusers_rae_folder(tmp_path / "missing") is None  # a local path is never looked up on the Hub

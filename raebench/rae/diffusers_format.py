@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -52,6 +53,25 @@ def is_diffusers_rae(folder: str | os.PathLike) -> bool:
         return json.loads(cfg.read_text()).get("_class_name") == "AutoencoderRAE"
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return False
+
+
+#: what a diffusers AutoencoderRAE repo needs (no pickled .bin)
+DIFFUSERS_FILES = ("config.json", "*.safetensors")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def diffusers_rae_folder(weights: str | os.PathLike, *, what: str = "AutoencoderRAE") -> Path | None:
+    """``--weights`` as a folder: a local path as given, or a Hub repo id (``owner/name``, not a local
+    path) resolved through the cache or a download of its config and safetensors only."""
+    from raebench.weights import WeightsSource, resolve
+
+    path = Path(weights).expanduser()
+    if path.exists() or not _REPO_ID.match(str(weights)):
+        return path if path.is_dir() else None
+    try:
+        return resolve(WeightsSource(str(weights), allow_patterns=DIFFUSERS_FILES, description=what), what=what)
+    except MissingWeightsError as e:
+        raise MissingWeightsError(f"--weights {str(weights)!r} is no local folder; as a Hugging Face repo: {e}") from None
 
 
 def official_decoder_state(diffusers_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

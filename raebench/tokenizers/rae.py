@@ -53,6 +53,8 @@ class RAERelease:
     decoder_file: str
     stats_file: str
     decoder_preset: str = "XL"
+    #: the same release converted to diffusers' AutoencoderRAE (per diffusers' AutoencoderRAE docs)
+    diffusers_repo: str | None = None
     decoder_patch: int = 16
     aliases: tuple[str, ...] = ()
 
@@ -82,32 +84,37 @@ RELEASES: dict[str, RAERelease] = {
             "rae-dinov2-b", "RAE: DINOv2-B with registers (frozen) + ViT-XL decoder, ImageNet 256 px; the paper's default.",
             "facebook/dinov2-with-registers-base", 768, 14, 256,
             "decoders/dinov2/wReg_base/ViTXL_n08/model.pt", "stats/dinov2/wReg_base/imagenet1k/stat.pt",
-            aliases=("rae-dinov2",),
+            aliases=("rae-dinov2",), diffusers_repo="nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08",
         ),
         RAERelease(
             "rae-dinov2-b-512", "RAE: DINOv2-B with registers (448 px input) + ViT-XL decoder, ImageNet 512 px.",
             "facebook/dinov2-with-registers-base", 768, 14, 512,
             "decoders/dinov2/wReg_base/ViTXL_n08_i512/model.pt", "stats/dinov2/wReg_base/imagenet1k_512/stat.pt",
+            diffusers_repo="nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08-i512",
         ),
         RAERelease(
             "rae-dinov2-s", "RAE: DINOv2-S with registers (frozen) + ViT-XL decoder, ImageNet 256 px.",
             "facebook/dinov2-with-registers-small", 384, 14, 256,
             "decoders/dinov2/wReg_small/ViTXL_n08/model.pt", "stats/dinov2/wReg_small/imagenet1k/stat.pt",
+            diffusers_repo="nyu-visionx/RAE-dinov2-wReg-small-ViTXL-n08",
         ),
         RAERelease(
             "rae-dinov2-l", "RAE: DINOv2-L with registers (frozen) + ViT-XL decoder, ImageNet 256 px.",
             "facebook/dinov2-with-registers-large", 1024, 14, 256,
             "decoders/dinov2/wReg_large/ViTXL_n08/model.pt", "stats/dinov2/wReg_large/imagenet1k/stat.pt",
+            diffusers_repo="nyu-visionx/RAE-dinov2-wReg-large-ViTXL-n08",
         ),
         RAERelease(
             "rae-siglip2-b", "RAE: SigLIP2-B/16 vision tower (frozen) + ViT-XL decoder, ImageNet 256 px.",
             "google/siglip2-base-patch16-256", 768, 16, 256,
             "decoders/siglip2/base_p16_i256/ViTXL_n08/model.pt", "stats/siglip2/base_p16_i256/ImageNet1k/stat.pt",
+            diffusers_repo="nyu-visionx/RAE-siglip2-base-p16-i256-ViTXL-n08",
         ),
         RAERelease(
             "rae-mae-b", "RAE: MAE-B/16 encoder (frozen, no masking) + ViT-XL decoder, ImageNet 256 px.",
             "facebook/vit-mae-base", 768, 16, 256,
             "decoders/mae/base_p16/ViTXL_n08/model.pt", "stats/mae/base_p16/ImageNet1k/stat.pt",
+            diffusers_repo="nyu-visionx/RAE-mae-base-p16-ViTXL-n08",
         ),
     )
 }
@@ -179,10 +186,11 @@ def build_rae(
     from raebench.rae.tokenizer import RAETokenizer
 
     if weights is not None and decoder is None and stats is None and encoder is None:
-        from raebench.rae.diffusers_format import is_diffusers_rae
+        from raebench.rae.diffusers_format import diffusers_rae_folder, is_diffusers_rae
 
-        if is_diffusers_rae(weights):
-            return _from_diffusers_folder(release, Path(weights).expanduser(), resolution, device)
+        folder = diffusers_rae_folder(weights, what=f"{release.name} (diffusers format)")
+        if folder is not None and is_diffusers_rae(folder):
+            return _from_diffusers_folder(release, folder, resolution, device)
     res = release.resolution if resolution is None else int(resolution)
     if res != release.resolution and decoder is None:
         others = [r.name for r in RELEASES.values() if r.encoder_repo == release.encoder_repo and r.resolution == res]
@@ -301,7 +309,8 @@ def _register(r: RAERelease) -> None:
             weights=r.sources(),
             aliases=r.aliases,
             citation=RAE_CITATION,
-            extra={"encoder": r.encoder_repo, "decoder_preset": r.decoder_preset, "noise_tau_train": 0.8},
+            extra={"encoder": r.encoder_repo, "decoder_preset": r.decoder_preset, "noise_tau_train": 0.8,
+                   "diffusers_repo": r.diffusers_repo},
         )
     )
 
