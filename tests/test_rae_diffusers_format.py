@@ -145,3 +145,16 @@ def test_weights_as_a_hub_repo_id_fetches_config_and_safetensors_only(tmp_path, 
     with pytest.raises(MissingWeightsError, match="no local folder.*hf download nyu-visionx/RAE-dinov2"):
         diffusers_rae_folder(repo)
     assert diffusers_rae_folder(tmp_path / "missing") is None  # a local path is never looked up on the Hub
+
+
+def test_tiny_or_zero_latent_std_converts_exactly():
+    """std + 1e-5 is diffusers' divisor even where std is 0: the converted statistics keep it (no negative var)."""
+    model = _autoencoder("dinov2", grid=4)
+    with torch.no_grad():
+        model._latents_std[:8] = 0.0
+        model._latents_std[8:16] = 1e-4
+    tok = tokenizer_from_autoencoder_rae(model)
+    x = torch.rand(2, 3, 56, 56)
+    with torch.no_grad():
+        z, z_ref = tok.encode(x), model.encode(x).latent
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5 * z_ref.abs().max().item())

@@ -88,7 +88,7 @@ def tokenizer_from_autoencoder_rae(model, *, weights_id: str = "diffusers"):
     """An instantiated ``diffusers.AutoencoderRAE`` -> :class:`RAETokenizer` computing the same encode/decode."""
     from raebench.rae.decoder import DecoderConfig, build_decoder
     from raebench.rae.encoders import wrap_hf_model
-    from raebench.rae.stats import STATS_EPS, LatentStats
+    from raebench.rae.stats import LatentStats
     from raebench.rae.tokenizer import RAETokenizer
 
     cfg = model.config
@@ -115,11 +115,11 @@ def tokenizer_from_autoencoder_rae(model, *, weights_id: str = "diffusers"):
     if missing or unexpected:
         raise CheckpointError(f"The AutoencoderRAE decoder does not map onto the official decoder: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}.")
-    # (z - mean) / (std + 1e-5) * s  ==  (z - mean) / sqrt(var + eps)  with  sqrt(var + eps) = (std + 1e-5) / s
+    # (z - mean) / (std + 1e-5) * s  ==  (z - mean) / sqrt(var + eps)  with  var = ((std + 1e-5) / s)^2, eps = 0
     mean = model._latents_mean.float()
     scale = (model._latents_std.float() + DIFFUSERS_STD_EPS) / float(cfg.scaling_factor)
     shape = (cfg.encoder_hidden_size, grid, grid)
-    stats = LatentStats(torch.broadcast_to(mean, shape).clone(), torch.broadcast_to(scale.square() - STATS_EPS, shape).clone())
+    stats = LatentStats(torch.broadcast_to(mean, shape).clone(), torch.broadcast_to(scale.square(), shape).clone(), eps=0.0)
     return RAETokenizer(enc, dec, stats, weights_id=weights_id)
 
 
