@@ -134,7 +134,7 @@ def load_diffusers_rae(folder: str | os.PathLike, *, weights_id: str | None = No
         raise MissingWeightsError(f"{str(folder)!r} holds no diffusers AutoencoderRAE (config.json with that _class_name).")
     try:
         model = AutoencoderRAE.from_pretrained(str(folder), torch_dtype=torch.float32, use_safetensors=True)
-    except (OSError, EnvironmentError) as e:
+    except OSError as e:
         raise CheckpointError(f"Cannot load the AutoencoderRAE in {str(folder)!r} (safetensors only): {str(e).splitlines()[0]}") from None
     weights = next(folder.glob("*.safetensors"), folder / "config.json")
     return tokenizer_from_autoencoder_rae(model.eval(), weights_id=weights_id or f"diffusers:{folder.name}@{fingerprint(weights)}")
