@@ -158,3 +158,23 @@ def test_tiny_or_zero_latent_std_converts_exactly():
     with torch.no_grad():
         z, z_ref = tok.encode(x), model.encode(x).latent
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5 * z_ref.abs().max().item())
+
+
+def test_an_encoder_diffusers_cannot_build_is_a_sentence(tmp_path):
+    try:
+        _autoencoder("siglip2", grid=2)
+        pytest.skip("this diffusers builds SigLIP2 encoders")
+    except AttributeError:
+        pass
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "siglip"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "_class_name": "AutoencoderRAE", "encoder_type": "siglip2", "encoder_hidden_size": 128, "encoder_patch_size": 16,
+        "encoder_num_hidden_layers": 1, "encoder_input_size": 32, "decoder_hidden_size": 64,
+        "decoder_num_hidden_layers": 1, "decoder_num_attention_heads": 4, "decoder_intermediate_size": 128, "patch_size": 2,
+    }))
+    save_file({"unused": torch.zeros(1)}, folder / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match="cannot build the AutoencoderRAE.*official release files"):
+        load_diffusers_rae(folder)

@@ -136,5 +136,13 @@ def load_diffusers_rae(folder: str | os.PathLike, *, weights_id: str | None = No
         model = AutoencoderRAE.from_pretrained(str(folder), torch_dtype=torch.float32, use_safetensors=True)
     except OSError as e:
         raise CheckpointError(f"Cannot load the AutoencoderRAE in {str(folder)!r} (safetensors only): {str(e).splitlines()[0]}") from None
+    except AttributeError as e:  # diffusers 0.42 builds SigLIP2 through an attribute transformers 5 removed
+        import diffusers
+        import transformers
+
+        raise CheckpointError(
+            f"diffusers {diffusers.__version__} cannot build the AutoencoderRAE in {str(folder)!r} with transformers "
+            f"{transformers.__version__} ({e}); use the official release files instead (the rae-* tokenizer without --weights)."
+        ) from None
     weights = next(folder.glob("*.safetensors"), folder / "config.json")
     return tokenizer_from_autoencoder_rae(model.eval(), weights_id=weights_id or f"diffusers:{folder.name}@{fingerprint(weights)}")
