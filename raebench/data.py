@@ -281,17 +281,13 @@ def collate(items: list[dict]) -> dict:
 
 
 def merge_batches(parts: list[dict], pin_memory: bool = False) -> dict:
-    """One batch from consecutive :func:`collate` batches (same order, same keys)."""
-    images = [p["image"] for p in parts if p["image"].shape[0]]
-    out = {
-        "index": torch.cat([p["index"] for p in parts]),
-        "path": [x for p in parts for x in p["path"]],
-        "label": torch.cat([p["label"] for p in parts]),
-        "upscaled": [x for p in parts for x in p["upscaled"]],
-        "skipped": [x for p in parts for x in p["skipped"]],
-    }
+    """One batch from consecutive :func:`collate` batches (same order, same keys): tensors
+    concatenated, lists joined; images into page-locked memory when ``pin_memory``."""
+    out = {k: (torch.cat([p[k] for p in parts]) if isinstance(v, torch.Tensor) else [x for p in parts for x in p[k]])
+           for k, v in parts[0].items() if k != "image"}
+    images = [p["image"] for p in parts if p["image"].shape[0]]  # an all-skipped batch has a (0, 3, 0, 0) image
     if not images:
-        out["image"] = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+        out["image"] = parts[0]["image"]
     elif len(images) == 1:
         out["image"] = images[0].pin_memory() if pin_memory else images[0]
     else:

@@ -36,9 +36,7 @@ def init(device: torch.device | None = None) -> tuple[int, int]:
 
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of an initialised process group, else (0, 1)."""
-    if td.is_available() and td.is_initialized():
-        return td.get_rank(), td.get_world_size()
-    return 0, 1
+    return rank(), world_size()
 
 
 def shard(n: int, rank: int, world: int) -> tuple[int, int]:

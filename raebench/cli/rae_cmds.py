@@ -111,7 +111,7 @@ def write_reconstructions(
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     recs, refs, rows, nonfinite = [], [], [], []
-    rank, world = distributed.rank(), distributed.world_size()
+    rank, world = distributed.rank_world()
     skipped = list(data.images.skipped) if rank == 0 else []  # found while listing the folder
     for s in skipped:
         log.warning("skipped %s: %s", s.path, s.reason)

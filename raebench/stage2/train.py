@@ -346,12 +346,13 @@ def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, max_norm: float 
     raises :class:`NonFiniteGradientError` before any parameter changes; under DDP the gradients,
     hence the norm, are the same on every rank, so all ranks stop together.
     """
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
         opt.step()
         return
-    # the global 2-norm as clip_grad_norm_ computes it (nn.utils.get_total_norm needs torch >= 2.6)
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params]))
+    # the global 2-norm as clip_grad_norm_ computes it (one fused kernel per device and dtype on GPUs;
+    # nn.utils.get_total_norm needs torch >= 2.6)
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
     if not bool(torch.isfinite(norm)):
         raise NonFiniteGradientError(f"the gradient norm is {float(norm)}; the parameters were not updated")
     if not max_norm or max_norm <= 0:
@@ -359,8 +360,7 @@ def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, max_norm: float 
         return
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as clip_grad_norm_
     if not all(g.get("fused") for g in opt.param_groups):
-        for p in params:
-            p.grad.mul_(coef.to(p.grad.dtype))
+        torch._foreach_mul_(grads, coef)  # as clip_grad_norm_
         opt.step()
         return
     opt.grad_scale = (1.0 / coef).to(torch.float32)  # the fused kernel divides each gradient by it

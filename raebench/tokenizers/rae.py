@@ -263,15 +263,14 @@ def _from_diffusers_folder(release: RAERelease, folder: Path, resolution: int | 
     """``release`` from a diffusers ``AutoencoderRAE`` folder (e.g. ``nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08``),
     after checking that the folder holds that release's encoder at its resolution."""
     from raebench.errors import CheckpointError
-    from raebench.rae.diffusers_format import load_diffusers_rae
+    from raebench.rae.diffusers_format import ENCODER_TYPES, load_diffusers_rae
 
     tok = load_diffusers_rae(folder)
     enc, dec = tok.encoder, tok.decoder
     out = dec.config.grid_size * dec.config.patch_size
-    family = next((f for key, f in (("dinov2", "dinov2_with_registers"), ("siglip", "siglip_vision_model"),
-                                    ("mae", "vit_mae")) if key in release.encoder_repo), None)
+    family = next((f for key, f in ENCODER_TYPES.items() if key in release.encoder_repo), None)
     want = (family, release.hidden_size, release.grid, release.resolution)
-    got = ("siglip_vision_model" if enc.family == "siglip" else enc.family, enc.hidden_size, enc.grid_size, out)
+    got = (enc.family, enc.hidden_size, enc.grid_size, out)
     if got != want:
         raise CheckpointError(
             f"The AutoencoderRAE in {str(folder)!r} has a {got[0]} encoder of width {got[1]} on a {got[2]}x{got[2]} grid "
