@@ -15,6 +15,14 @@ images. ``dreamsim`` is the default ensemble (DINO ViT-B/16 + CLIP ViT-B/16 + Op
 ``weights`` option or ``RAEBENCH_DREAMSIM_WEIGHTS``, else ``$TORCH_HOME/hub/dreamsim``; the
 package downloads there when online. Building the ensemble calls ``torch.hub.set_dir`` globally;
 we restore the previous hub directory afterwards.
+
+The DINO ViT-B/16 of the ensemble (and of ``dreamsim-dino-b16``): the package gets it with
+``torch.hub.load("facebookresearch/dino:main", "dino_vitb16")``, which fetches and runs the DINO
+repository's code from GitHub. raebench runs no remote code, so that one call is answered locally
+with what the hub entry point builds (``vit_base(patch_size=16, num_classes=0)``, strict load of
+``dino_vitbase16_pretrain.pth``), using the copy of DINO's ``VisionTransformer`` that ships in the
+dreamsim wheel. The backbone file lives where the hub puts it: ``<dreamsim folder>/checkpoints``.
+DreamSim's DINOv2 variant builds DINOv2 through torch.hub as well and is not offered.
 """
 
 from __future__ import annotations
@@ -87,14 +95,19 @@ class LPIPS(PairedMean):
 #: registry name -> dreamsim_type, and the files its folder must hold (dreamsim.model.download_weights)
 DREAMSIM_VARIANTS = {
     "dreamsim": ("ensemble", ("dino_vitb16_pretrain.pth", "open_clip_vitb16_pretrain.pth.tar",
-                              "clip_vitb16_pretrain.pth.tar", "ensemble_lora")),
-    "dreamsim-dino-b16": ("dino_vitb16", ("dino_vitb16_pretrain.pth", "dino_vitb16_single_lora")),
-    "dreamsim-dinov2-b14": ("dinov2_vitb14", ("dinov2_vitb14_pretrain.pth", "dinov2_vitb14_single_lora")),
+                              "clip_vitb16_pretrain.pth.tar", "ensemble_lora", "checkpoints/dino_vitbase16_pretrain.pth")),
+    "dreamsim-dino-b16": ("dino_vitb16", ("dino_vitb16_pretrain.pth", "dino_vitb16_single_lora",
+                                          "checkpoints/dino_vitbase16_pretrain.pth")),
+    # no dinov2_vitb14: the package builds its DINOv2 with torch.hub code from GitHub (see the module docstring)
     "dreamsim-clip-b32": ("clip_vitb32", ("clip_vitb32_pretrain.pth.tar", "clip_vitb32_single_lora")),
     "dreamsim-openclip-b32": ("open_clip_vitb32", ("open_clip_vitb32_pretrain.pth.tar", "open_clip_vitb32_single_lora")),
     "dreamsim-synclr-b16": ("synclr_vitb16", ("synclr_vit_b_16.pth", "synclr_vitb16_single_lora")),
 }
 DREAMSIM_SIZE = 224
+#: DINO's released ViT-B/16 backbone: what torch.hub's ``dino_vitb16`` entry point loads, from
+#: <hub dir>/checkpoints, and dreamsim sets the hub dir to its model folder
+DINO_VITB16_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
+DINO_VITB16_FILE = "checkpoints/" + DINO_VITB16_URL.rsplit("/", 1)[-1]
 
 
 @contextlib.contextmanager
@@ -111,11 +124,58 @@ def dreamsim_dir(weights: str | None = None) -> Path:
     return Path(local_weights("dreamsim", weights) or Path(torch.hub.get_dir()) / "dreamsim").expanduser()
 
 
+def _missing_file_hint(dreamsim_type: str, name: str, folder: Path) -> str:
+    """Where the file ``name`` of a DreamSim folder comes from."""
+    if name == DINO_VITB16_FILE:
+        return f"download {DINO_VITB16_URL} into {folder / 'checkpoints'}"
+    from dreamsim.config import dreamsim_weights
+
+    return f"unzip {dreamsim_weights[dreamsim_type]} into {folder}"
+
+
+def dino_vitb16(folder: Path) -> torch.nn.Module:
+    """DINO ViT-B/16 as ``torch.hub.load("facebookresearch/dino:main", "dino_vitb16")`` builds it
+    (``vit_base(patch_size=16, num_classes=0)``, strict load), from the DINO ``VisionTransformer``
+    that ships in the dreamsim wheel and ``<folder>/checkpoints/dino_vitbase16_pretrain.pth``
+    (downloaded there when online, as the hub would)."""
+    from dreamsim.feature_extraction import vision_transformer as vits
+
+    path = folder / DINO_VITB16_FILE
+    if not path.is_file():
+        if hf_offline():
+            raise MissingWeightsError(f"DreamSim's DINO backbone is missing: {_missing_file_hint('', DINO_VITB16_FILE, folder)}.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(DINO_VITB16_URL, str(path), progress=False)  # temp file, then rename
+    model = vits.vit_base(patch_size=16, num_classes=0)
+    model.load_state_dict(load_state(path), strict=True)  # refuses pickled code
+    return model
+
+
+@contextlib.contextmanager
+def local_hub_models(folder: Path):
+    """Answer the dreamsim package's ``torch.hub.load`` calls without fetching or running GitHub code:
+    DINO ViT-B/16 is built locally (:func:`dino_vitb16`); any other hub model is refused."""
+    real = torch.hub.load
+
+    def load(repo_or_dir, model, *args, **kwargs):
+        repo = str(repo_or_dir).split(":")[0]
+        if repo == "facebookresearch/dino" and model == "dino_vitb16" and not args and not kwargs:
+            return dino_vitb16(folder)
+        raise MissingWeightsError(f"DreamSim asked torch.hub for {repo_or_dir}:{model}, GitHub code that raebench "
+                                  "does not run; use dreamsim (the ensemble) or another dreamsim-* variant.")
+
+    torch.hub.load = load
+    try:
+        yield
+    finally:
+        torch.hub.load = real
+
+
 def load_dreamsim(dreamsim_type: str, folder: Path, device: torch.device) -> torch.nn.Module:
     """The dreamsim package's model from ``folder`` (it downloads there when files are missing)."""
     from dreamsim import dreamsim
 
-    with torch_hub_dir_restored(), contextlib.redirect_stdout(sys.stderr):
+    with torch_hub_dir_restored(), local_hub_models(folder), contextlib.redirect_stdout(sys.stderr):
         model, _ = dreamsim(pretrained=True, device=str(device), cache_dir=str(folder), dreamsim_type=dreamsim_type)
     return model.eval().requires_grad_(False)
 
@@ -127,21 +187,21 @@ class DreamSim(PairedMean):
         folder = dreamsim_dir(weights)
         missing = [f for f in required if not (folder / f).exists()]
         if missing and (hf_offline() or local_weights("dreamsim", weights)):
-            from dreamsim.config import dreamsim_weights
-
             raise MissingWeightsError(
-                f"DreamSim ({dreamsim_type}) weights not found: {missing[0]!r} is not in {folder}; unzip "
-                f"{dreamsim_weights[dreamsim_type]} there or pass another folder with {weights_env('dreamsim')}=DIR."
+                f"DreamSim ({dreamsim_type}) weights not found: {missing[0]!r} is not in {folder}; "
+                f"{_missing_file_hint(dreamsim_type, missing[0], folder)} or pass another folder with "
+                f"{weights_env('dreamsim')}=DIR."
             )
         self.device = torch.device(device)
         try:
             self.model = shared_network(("dreamsim", dreamsim_type, str(folder), str(self.device)),
                                         lambda: load_dreamsim(dreamsim_type, folder, self.device))
-        except (OSError, RuntimeError) as e:  # download or torch.hub failures
+        except MissingWeightsError:
+            raise
+        except (OSError, RuntimeError) as e:  # download failures, a damaged file
             raise MissingWeightsError(
-                f"DreamSim ({dreamsim_type}) could not be loaded from {folder} ({type(e).__name__}: {str(e)[:120]}); "
-                f"the ensemble also needs the facebookresearch/dino torch.hub code, so use a single-backbone "
-                f"variant such as dreamsim-clip-b32 offline."
+                f"DreamSim ({dreamsim_type}) could not be loaded from {folder} ({type(e).__name__}: {str(e)[:160]}); "
+                f"its files: {', '.join(required)}; pass another folder with {weights_env('dreamsim')}=DIR."
             ) from None
         self.weights_id = fingerprint_path(folder)
 

@@ -69,35 +69,88 @@ def test_lpips_missing_backbone_offline_is_one_sentence(tmp_path, monkeypatch):
 # --- DreamSim ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_dreamsim(tmp_path, monkeypatch):
-    """A dreamsim ``clip_vitb32`` folder with random weights: checkpoint + LoRA adapter.
+#: the tiny stand-in for the package's hard-coded ViT-B (86 M parameters, a 350 MB random checkpoint):
+#: 12 blocks, since DreamSim reads block 11, but 64 wide
+TINY_VIT = dict(embed_dim=64, depth=12, num_heads=4, mlp_ratio=4, qkv_bias=True)
 
-    The package hard-codes a ViT-B/32 (86 M parameters, a 350 MB random checkpoint); its constructor
-    is swapped for a 2-block, 64-wide ViT of the package's own class, for both sides alike. Loading,
-    LoRA, preprocessing, embedding normalisation and the distance stay the package's code.
-    """
+
+def _tiny_vits(monkeypatch):
+    """Swap the package's ``vit_base`` for a tiny ViT of the package's own class, in every module
+    that builds one (both sides alike); loading, LoRA, preprocessing, embedding normalisation and
+    the distance stay the package's code."""
     import dreamsim.feature_extraction.load_clip_as_dino as lcd
+    import dreamsim.feature_extraction.load_open_clip_as_dino as locd
+    import dreamsim.feature_extraction.vision_transformer as vits
+
+    tiny = partial(vits.VisionTransformer, **TINY_VIT, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    for module in (lcd, locd, vits):
+        monkeypatch.setattr(module, "vit_base", lambda patch_size=16, **kw: tiny(patch_size=patch_size, **kw))
+    return tiny
+
+
+def _far_from_init(module, seed):
+    torch.manual_seed(seed)
+    return {k: v + 0.3 * torch.randn_like(v) for k, v in module.state_dict().items()}  # distances well above 0
+
+
+def _save_clip_as_dino(tiny, path, patch, seed):
+    """A CLIP/OpenCLIP tower in the package's DINO layout: state dict + ``proj``, LayerNorm as pos_drop."""
+    vit = tiny(patch_size=patch)
+    vit.pos_drop = torch.nn.LayerNorm(TINY_VIT["embed_dim"])
+    torch.save({"state_dict": {**_far_from_init(vit, seed), "proj": torch.randn(64, 32) / 8}}, path)
+
+
+def _save_lora(folder, dreamsim_type, name):
+    """The package's model for ``dreamsim_type`` built from ``folder``, with a random LoRA adapter saved as ``name``."""
     from dreamsim.config import dreamsim_args
-    from dreamsim.feature_extraction.vision_transformer import VisionTransformer
     from dreamsim.model import PerceptualModel
     from peft import LoraConfig, get_peft_model
 
-    tiny = partial(VisionTransformer, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4, qkv_bias=True,
-                   norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
-    monkeypatch.setattr(lcd, "vit_base", lambda patch_size=16, **kw: tiny(patch_size=patch_size, **kw))
-    torch.manual_seed(2)
-    vit = tiny(patch_size=32)
-    vit.pos_drop = torch.nn.LayerNorm(64)
-    sd = {k: v + 0.3 * torch.randn_like(v) for k, v in vit.state_dict().items()}  # far from init: distances well above 0
-    torch.save({"state_dict": {**sd, "proj": torch.randn(64, 32) / 8}}, tmp_path / "clip_vitb32_pretrain.pth.tar")
-    base = PerceptualModel(**dreamsim_args["model_config"]["clip_vitb32"], device="cpu", load_dir=str(tmp_path),
+    base = PerceptualModel(**dreamsim_args["model_config"][dreamsim_type], device="cpu", load_dir=str(folder),
                            normalize_embeds=True)
     peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", target_modules=["qkv"]))
+    torch.manual_seed(7)
     for n, p in peft.named_parameters():
         if "lora_" in n:
             p.data.normal_(0, 0.05)
-    peft.save_pretrained(str(tmp_path / "clip_vitb32_single_lora"))
+    peft.save_pretrained(str(folder / name))
+
+
+@pytest.fixture
+def tiny_dreamsim(tmp_path, monkeypatch):
+    """A dreamsim ``clip_vitb32`` folder with random weights: checkpoint + LoRA adapter."""
+    tiny = _tiny_vits(monkeypatch)
+    _save_clip_as_dino(tiny, tmp_path / "clip_vitb32_pretrain.pth.tar", 32, seed=2)
+    _save_lora(tmp_path, "clip_vitb32", "clip_vitb32_single_lora")
+    return tmp_path
+
+
+def _timm_dino_vit(path):
+    """The reference DINO ViT: timm's own VisionTransformer (the architecture of timm's
+    ``vit_base_patch16_224.dino``) at the tiny size, strictly loaded from the DINO backbone file."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=224, patch_size=16, num_classes=0, global_pool="token", **TINY_VIT)
+    vit.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    return vit.eval()
+
+
+@pytest.fixture
+def tiny_dreamsim_ensemble(tmp_path, monkeypatch):
+    """A dreamsim ``ensemble`` folder with random weights, plus the DINO backbone where torch.hub
+    keeps it (checkpoints/dino_vitbase16_pretrain.pth); ``torch.hub.load`` answers with timm's ViT."""
+    tiny = _tiny_vits(monkeypatch)
+    backbone = tmp_path / "checkpoints" / "dino_vitbase16_pretrain.pth"
+    backbone.parent.mkdir()
+    torch.save(_far_from_init(tiny(patch_size=16, num_classes=0), seed=3), backbone)
+    torch.manual_seed(4)
+    head = {f"module.head.mlp.{i}.{p}": torch.randn(8, 8) if p == "weight" else torch.randn(8)
+            for i in (0, 2, 4) for p in ("weight", "bias")}
+    torch.save({"student": {**head, "module.head.last_layer.weight": torch.randn(8, 8)}}, tmp_path / "dino_vitb16_pretrain.pth")
+    _save_clip_as_dino(tiny, tmp_path / "clip_vitb16_pretrain.pth.tar", 16, seed=5)
+    _save_clip_as_dino(tiny, tmp_path / "open_clip_vitb16_pretrain.pth.tar", 16, seed=6)
+    monkeypatch.setattr(torch.hub, "load", lambda repo, model, **kw: _timm_dino_vit(backbone))
+    _save_lora(tmp_path, "ensemble", "ensemble_lora")
     return tmp_path
 
 
@@ -114,6 +167,67 @@ def test_dreamsim_equals_dreamsim_package(tiny_dreamsim, pairs):
     ours = _mean_over_batches(METRICS.get("dreamsim-clip-b32").build(weights=str(tiny_dreamsim)), ref, cand, bs=3)
     assert expected > 1e-2 and ours["dreamsim-clip-b32"] == pytest.approx(expected, rel=1e-5)
     assert torch.hub.get_dir() == before
+
+
+def test_dreamsim_ensemble_equals_dreamsim_package_without_hub_code(tiny_dreamsim_ensemble, pairs, monkeypatch):
+    """The default DreamSim (DINO + CLIP + OpenCLIP): raebench builds the DINO ViT-B/16 itself; the
+    reference is the package with torch.hub answering timm's ViT from the same backbone file."""
+    from dreamsim import dreamsim
+    from PIL import Image
+
+    ref, cand = pairs
+    model, preprocess = dreamsim(pretrained=True, device="cpu", cache_dir=str(tiny_dreamsim_ensemble), dreamsim_type="ensemble")
+    pil = [[Image.fromarray(x.permute(1, 2, 0).numpy()) for x in s] for s in (ref, cand)]
+    with torch.no_grad():
+        expected = torch.stack([model(preprocess(a), preprocess(b)).flatten()[0] for a, b in zip(*pil)]).double().mean().item()
+
+    def no_hub(*a, **k):
+        raise AssertionError("torch.hub.load called")
+
+    monkeypatch.setattr(torch.hub, "load", no_hub)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    metric = METRICS.get("dreamsim").build(weights=str(tiny_dreamsim_ensemble))
+    assert torch.hub.load is no_hub  # put back after the build
+    ours = _mean_over_batches(metric, ref, cand, bs=3)
+    assert expected > 1e-2 and ours["dreamsim"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_dino_vitb16_is_dino_vit_base_with_its_checkpoint(tmp_path, monkeypatch):
+    """What the local build stands for: DINO's hub ``dino_vitb16`` is timm's ``vit_base_patch16_224.dino``
+    architecture (same parameters, LayerNorm eps 1e-6) loaded strictly; and it computes timm's function."""
+    import dreamsim.feature_extraction.vision_transformer as vits
+    import timm
+
+    from raebench.metrics.perceptual import dino_vitb16
+
+    full = vits.vit_base(patch_size=16, num_classes=0)
+    reference = timm.create_model("vit_base_patch16_224.dino", pretrained=False, num_classes=0)
+    assert {k: v.shape for k, v in full.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    assert {m.eps for m in full.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
+    del full, reference
+
+    tiny = _tiny_vits(monkeypatch)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(_far_from_init(tiny(patch_size=16, num_classes=0), seed=8), tmp_path / "checkpoints" / "dino_vitbase16_pretrain.pth")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours = dino_vitb16(tmp_path).eval()(x)
+        expected = _timm_dino_vit(tmp_path / "checkpoints" / "dino_vitbase16_pretrain.pth")(x)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dreamsim_runs_no_hub_code(tmp_path, monkeypatch):
+    from raebench.metrics.perceptual import local_hub_models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    real = torch.hub.load
+    with local_hub_models(tmp_path):
+        with pytest.raises(MissingWeightsError, match="facebookresearch/dinov2:dinov2_vitb14, GitHub code"):
+            torch.hub.load("facebookresearch/dinov2", "dinov2_vitb14")
+        with pytest.raises(MissingWeightsError, match=r"download https://dl\.fbaipublicfiles\.com/dino/.*checkpoints"):
+            torch.hub.load("facebookresearch/dino:main", "dino_vitb16")
+    assert torch.hub.load is real
+    assert "dreamsim-dinov2-b14" not in METRICS
 
 
 def test_dreamsim_hub_dir_change_is_contained(monkeypatch, tmp_path):
@@ -134,6 +248,11 @@ def test_dreamsim_hub_dir_change_is_contained(monkeypatch, tmp_path):
 def test_dreamsim_missing_weights_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MissingWeightsError, match="ensemble_lora|dino_vitb16_pretrain"):
+        METRICS.get("dreamsim").build(weights=str(tmp_path))
+    for f in ("dino_vitb16_pretrain.pth", "open_clip_vitb16_pretrain.pth.tar", "clip_vitb16_pretrain.pth.tar", "ensemble_lora"):
+        (tmp_path / f).touch()
+    with pytest.raises(MissingWeightsError, match=r"'checkpoints/dino_vitbase16_pretrain\.pth' is not in .*; download "
+                                                  r"https://dl\.fbaipublicfiles\.com/dino/dino_vitbase16_pretrain/"):
         METRICS.get("dreamsim").build(weights=str(tmp_path))
 
 
