@@ -187,10 +187,10 @@ class DreamSim(PairedMean):
         folder = dreamsim_dir(weights)
         missing = [f for f in required if not (folder / f).exists()]
         if missing and (hf_offline() or local_weights("dreamsim", weights)):
+            hints = dict.fromkeys(_missing_file_hint(dreamsim_type, f, folder) for f in missing)  # ordered, unique
             raise MissingWeightsError(
-                f"DreamSim ({dreamsim_type}) weights not found: {missing[0]!r} is not in {folder}; "
-                f"{_missing_file_hint(dreamsim_type, missing[0], folder)} or pass another folder with "
-                f"{weights_env('dreamsim')}=DIR."
+                f"DreamSim ({dreamsim_type}) weights not found: {', '.join(map(repr, missing))} not in {folder}; "
+                f"{' and '.join(hints)}, or pass another folder with {weights_env('dreamsim')}=DIR."
             )
         self.device = torch.device(device)
         try:

@@ -247,11 +247,13 @@ def test_dreamsim_hub_dir_change_is_contained(monkeypatch, tmp_path):
 
 def test_dreamsim_missing_weights_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(MissingWeightsError, match="ensemble_lora|dino_vitb16_pretrain"):
+    with pytest.raises(MissingWeightsError, match=r"'dino_vitb16_pretrain\.pth', .*'ensemble_lora', 'checkpoints/dino_"
+                                                  r"vitbase16_pretrain\.pth' not in .*; unzip https://.*dreamsim_ensemble"
+                                                  r"_checkpoint\.zip into .* and download https://.*dino_vitbase16_pretrain\.pth"):
         METRICS.get("dreamsim").build(weights=str(tmp_path))
     for f in ("dino_vitb16_pretrain.pth", "open_clip_vitb16_pretrain.pth.tar", "clip_vitb16_pretrain.pth.tar", "ensemble_lora"):
         (tmp_path / f).touch()
-    with pytest.raises(MissingWeightsError, match=r"'checkpoints/dino_vitbase16_pretrain\.pth' is not in .*; download "
+    with pytest.raises(MissingWeightsError, match=r"weights not found: 'checkpoints/dino_vitbase16_pretrain\.pth' not in .*; download "
                                                   r"https://dl\.fbaipublicfiles\.com/dino/dino_vitbase16_pretrain/"):
         METRICS.get("dreamsim").build(weights=str(tmp_path))
 
