@@ -124,7 +124,7 @@ def dreamsim_dir(weights: str | None = None) -> Path:
     return Path(local_weights("dreamsim", weights) or Path(torch.hub.get_dir()) / "dreamsim").expanduser()
 
 
-def _missing_file_hint(dreamsim_type: str, name: str, folder: Path) -> str:
+def _missing_file_hint(name: str, folder: Path, dreamsim_type: str = "") -> str:
     """Where the file ``name`` of a DreamSim folder comes from."""
     if name == DINO_VITB16_FILE:
         return f"download {DINO_VITB16_URL} into {folder / 'checkpoints'}"
@@ -143,7 +143,7 @@ def dino_vitb16(folder: Path) -> torch.nn.Module:
     path = folder / DINO_VITB16_FILE
     if not path.is_file():
         if hf_offline():
-            raise MissingWeightsError(f"DreamSim's DINO backbone is missing: {_missing_file_hint('', DINO_VITB16_FILE, folder)}.")
+            raise MissingWeightsError(f"DreamSim's DINO backbone is missing: {_missing_file_hint(DINO_VITB16_FILE, folder)}.")
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(DINO_VITB16_URL, str(path), progress=False)  # temp file, then rename
     model = vits.vit_base(patch_size=16, num_classes=0)
@@ -187,7 +187,7 @@ class DreamSim(PairedMean):
         folder = dreamsim_dir(weights)
         missing = [f for f in required if not (folder / f).exists()]
         if missing and (hf_offline() or local_weights("dreamsim", weights)):
-            hints = dict.fromkeys(_missing_file_hint(dreamsim_type, f, folder) for f in missing)  # ordered, unique
+            hints = dict.fromkeys(_missing_file_hint(f, folder, dreamsim_type) for f in missing)  # ordered, unique
             raise MissingWeightsError(
                 f"DreamSim ({dreamsim_type}) weights not found: {', '.join(map(repr, missing))} not in {folder}; "
                 f"{' and '.join(hints)}, or pass another folder with {weights_env('dreamsim')}=DIR."
