@@ -92,22 +92,21 @@ class LPIPS(PairedMean):
 # DreamSim
 # ---------------------------------------------------------------------------------------------
 
+#: DINO's released ViT-B/16 backbone: what torch.hub's ``dino_vitb16`` entry point loads, from
+#: <hub dir>/checkpoints, and dreamsim sets the hub dir to its model folder
+DINO_VITB16_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
+DINO_VITB16_FILE = "checkpoints/" + DINO_VITB16_URL.rsplit("/", 1)[-1]
 #: registry name -> dreamsim_type, and the files its folder must hold (dreamsim.model.download_weights)
 DREAMSIM_VARIANTS = {
     "dreamsim": ("ensemble", ("dino_vitb16_pretrain.pth", "open_clip_vitb16_pretrain.pth.tar",
-                              "clip_vitb16_pretrain.pth.tar", "ensemble_lora", "checkpoints/dino_vitbase16_pretrain.pth")),
-    "dreamsim-dino-b16": ("dino_vitb16", ("dino_vitb16_pretrain.pth", "dino_vitb16_single_lora",
-                                          "checkpoints/dino_vitbase16_pretrain.pth")),
+                              "clip_vitb16_pretrain.pth.tar", "ensemble_lora", DINO_VITB16_FILE)),
+    "dreamsim-dino-b16": ("dino_vitb16", ("dino_vitb16_pretrain.pth", "dino_vitb16_single_lora", DINO_VITB16_FILE)),
     # no dinov2_vitb14: the package builds its DINOv2 with torch.hub code from GitHub (see the module docstring)
     "dreamsim-clip-b32": ("clip_vitb32", ("clip_vitb32_pretrain.pth.tar", "clip_vitb32_single_lora")),
     "dreamsim-openclip-b32": ("open_clip_vitb32", ("open_clip_vitb32_pretrain.pth.tar", "open_clip_vitb32_single_lora")),
     "dreamsim-synclr-b16": ("synclr_vitb16", ("synclr_vit_b_16.pth", "synclr_vitb16_single_lora")),
 }
 DREAMSIM_SIZE = 224
-#: DINO's released ViT-B/16 backbone: what torch.hub's ``dino_vitb16`` entry point loads, from
-#: <hub dir>/checkpoints, and dreamsim sets the hub dir to its model folder
-DINO_VITB16_URL = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
-DINO_VITB16_FILE = "checkpoints/" + DINO_VITB16_URL.rsplit("/", 1)[-1]
 
 
 @contextlib.contextmanager

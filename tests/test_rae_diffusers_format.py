@@ -178,3 +178,15 @@ def test_an_encoder_diffusers_cannot_build_is_a_sentence(tmp_path):
     save_file({"unused": torch.zeros(1)}, folder / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CheckpointError, match="cannot build the AutoencoderRAE.*official release files"):
         load_diffusers_rae(folder)
+
+
+def test_a_diffusers_without_autoencoder_rae_is_a_sentence(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    folder = tmp_path / "rae"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderRAE"}))
+    monkeypatch.setitem(sys.modules, "diffusers", types.SimpleNamespace(__version__="0.31.0"))  # no AutoencoderRAE
+    with pytest.raises(CheckpointError, match=r"diffusers 0\.31\.0 has no AutoencoderRAE; upgrade diffusers"):
+        load_diffusers_rae(folder)

@@ -125,7 +125,13 @@ def tokenizer_from_autoencoder_rae(model, *, weights_id: str = "diffusers"):
 
 def load_diffusers_rae(folder: str | os.PathLike, *, weights_id: str | None = None):
     """A diffusers ``AutoencoderRAE`` folder -> :class:`RAETokenizer` (float32, eval mode)."""
-    from diffusers import AutoencoderRAE
+    try:
+        from diffusers import AutoencoderRAE
+    except ImportError:  # older diffusers (raebench needs >= 0.31 for the VAEs; AutoencoderRAE came later)
+        import diffusers
+
+        raise CheckpointError(f"diffusers {diffusers.__version__} has no AutoencoderRAE; upgrade diffusers "
+                              "(pip install -U diffusers) to read diffusers-format RAE folders.") from None
 
     from raebench.tokenizers.rae import fingerprint
 

@@ -305,10 +305,10 @@ def stochastic_heun(
     diffusion_coefficient(diffusion_form, grid[:1])  # fail before any network call
     for t0, t1 in zip(grid[:-1], grid[1:]):
         z = _step_noise(x, generator, noise_rows)  # (N, C, H, W)
-        dt = t0 - t1  # 0-d, > 0
-        w = diffusion_coefficient(diffusion_form, _tvec(t0, x).view(-1, *([1] * (x.dim() - 1))), diffusion_norm)
+        dt, t = t0 - t1, _tvec(t0, x)  # 0-d, > 0; (N,)
+        w = diffusion_coefficient(diffusion_form, t.view(-1, *([1] * (x.dim() - 1))), diffusion_norm)
         xh = x + torch.sqrt(2 * w) * (z * torch.sqrt(dt))  # (N, C, H, W)
-        k1 = _sde_drift(v, xh, _tvec(t0, x), diffusion_form, diffusion_norm)
+        k1 = _sde_drift(v, xh, t, diffusion_form, diffusion_norm)
         k2 = _sde_drift(v, xh - dt * k1, _tvec(t1, x), diffusion_form, diffusion_norm)
         x = xh - 0.5 * dt * (k1 + k2)
     tau = float(grid[-1]) if last_step_from_grid else float(last_step_size)
