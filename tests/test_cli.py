@@ -56,6 +56,13 @@ def test_user_errors_are_one_sentence(argv, needle, tmp_path, capsys):
     assert needle in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, needle", [(["eval", "--bogus"], "No such option: --bogus"),
+                                          (["eval", "-r", "abc"], "Invalid value for '--resolution'")])
+def test_usage_errors_are_click_messages_with_status_2(argv, needle, capsys):
+    code, out, err = run(argv, capsys)  # typer >= 0.29 raises its vendored click's exceptions
+    assert code == 2 and needle in err
+
+
 def test_ls_lists_registries(capsys):
     for what in ("tokenizers", "metrics", "datasets"):
         code, out, _ = run(["ls", what], capsys)

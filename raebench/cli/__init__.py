@@ -61,12 +61,30 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click's usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors arrive here with standalone_mode=False
+        if isinstance(e, _usage_errors()):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if isinstance(e, _aborts()):
             sys.exit(1)
         raise
+
+
+def _usage_errors() -> tuple[type, ...]:
+    """Click's ClickException, and typer's copy of it (typer >= 0.29 vendors click as ``typer._click``)."""
+    import click
+
+    classes = [click.exceptions.ClickException]
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:  # typer < 0.29 raises click's own
+        pass
+    else:
+        classes.append(ClickException)
+    return tuple(classes)
+
+
+def _aborts() -> tuple[type, ...]:
+    import click
+
+    return tuple({click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort)})
