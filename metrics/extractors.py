@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from raebench.checkpoint import load_state
+from raebench.checkpoint import load_state, read_json_object, strict_from_pretrained
 from raebench.errors import CheckpointError, MissingWeightsError
 from raebench.metrics.base import ExtractorSpec, register_extractor
 from raebench.weights import WeightsSource, hf_offline, resolve
@@ -271,7 +271,8 @@ class DinoV2Extractor(Extractor):
         super().__init__(spec, device, outputs, path)
         self.resize = resize
         self.variant = "" if resize == "torch" else f"resize={resize}"
-        self.model = Dinov2Model.from_pretrained(str(path)).eval().requires_grad_(False).to(self.device)
+        self.model = _load_hf_vision(Dinov2Model, path, ("dinov2",), "DINOv2 ViT-L/14 (FD-DINOv2)",
+                                     {"hidden_size": 1024, "num_hidden_layers": 24, "patch_size": 14}).to(self.device)
         emb = self.model.embeddings
         emb.interpolate_pos_encoding = types.MethodType(_hub_interpolate_pos_encoding, emb)
 
@@ -296,8 +297,10 @@ class ClipExtractor(Extractor):
         path = resolve(src, local_weights("clip-l14-336", weights), what="CLIP ViT-L/14@336 (CMMD)",
                        flag=weights_env("clip-l14-336"))
         super().__init__(spec, device, outputs, path)
-        self.model = CLIPVisionModelWithProjection.from_pretrained(str(path)).eval().requires_grad_(False)
-        self.model.to(self.device)
+        self.model = _load_hf_vision(CLIPVisionModelWithProjection, path, ("clip", "clip_vision_model"),
+                                     "CLIP ViT-L/14@336 (CMMD)",
+                                     {"hidden_size": 1024, "num_hidden_layers": 24, "patch_size": 14, "image_size": 336},
+                                     unused_ok=("text_model.", "text_projection.", "logit_scale")).to(self.device)
         self.size = int(self.model.config.image_size)
 
     def forward(self, x):
@@ -310,6 +313,24 @@ class ClipExtractor(Extractor):
 # ---------------------------------------------------------------------------------------------
 # Helpers and registration
 # ---------------------------------------------------------------------------------------------
+
+
+def _load_hf_vision(cls, path, model_types: tuple[str, ...], what: str, arch: dict[str, int],
+                    unused_ok: tuple[str, ...] = ()) -> torch.nn.Module:
+    """A transformers vision model from a local folder, strictly (every weight loads; only the text
+    tower of a full CLIP checkpoint may go unused). A folder of another model type is refused; one of
+    another size is loaded with a warning, since its numbers are not the named metric's."""
+    cfg = read_json_object(Path(path) / "config.json")
+    if cfg.get("model_type") not in model_types:
+        raise CheckpointError(f"{str(path)!r} holds a {cfg.get('model_type')!r} model, not {what} "
+                              f"(model_type {' or '.join(model_types)}).")
+    vision = cfg.get("vision_config", cfg) if cfg.get("model_type") == "clip" else cfg
+    other = {k: vision.get(k) for k, v in arch.items() if vision.get(k, v) != v}
+    if other:
+        log.warning("%s: %r is not the model this metric is defined with (%s instead of %s); its numbers are not "
+                    "comparable with published ones.", what, str(path), other, {k: arch[k] for k in other})
+    model = strict_from_pretrained(cls, path, what=what, unexpected_ok=lambda key: key.startswith(unused_ok))
+    return model.eval().requires_grad_(False)
 
 
 def _const(v: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:

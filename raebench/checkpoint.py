@@ -9,8 +9,10 @@ target folder, fsyncs and renames, so a crash leaves the old checkpoint or the n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +40,94 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
             f"Refused to load {str(p)!r}: it contains pickled objects other than tensors and plain containers "
             f"(possibly code); raebench only loads weights (detail: {str(e).splitlines()[0][:160]})."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # a corrupt zip/pickle surfaces as any of RuntimeError, EOFError, KeyError, IndexError...
         raise CheckpointError(f"Checkpoint {str(p)!r} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}).") from None
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A config file that must hold a JSON object; anything else is a CheckpointError naming the file."""
+    import json
+
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{str(p)!r} is not a readable JSON file ({e}).") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{str(p)!r} must hold a JSON object, not a {type(obj).__name__}.")
+    return obj
+
+
+def strict_from_pretrained(
+    cls: Any,
+    folder: str | os.PathLike,
+    *,
+    what: str,
+    unexpected_ok: Callable[[str], bool] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """``cls.from_pretrained`` (transformers or diffusers) on a local folder, every weight accounted for.
+
+    Both libraries only log a warning for a checkpoint that does not fit: a missing weight stays
+    randomly initialised (or on the meta device, which fails later), an unused one is dropped. Here
+    missing, mismatched, unloaded and (unless ``unexpected_ok(key)``) unused keys are a
+    :class:`CheckpointError` naming them, and so is anything the loader raises on a broken folder
+    (invalid JSON, a truncated safetensors file, a pickle with code). Nothing is downloaded and no
+    remote code runs.
+    """
+    folder = Path(folder)
+    if cls.__module__.startswith("transformers"):  # report mismatched shapes in the loading info, checked below
+        kwargs.setdefault("ignore_mismatched_sizes", True)
+    with _quiet_hf_loggers():
+        try:
+            model, info = cls.from_pretrained(str(folder), output_loading_info=True, local_files_only=True, **kwargs)
+        except pickle.UnpicklingError:
+            raise CheckpointError(
+                f"Refused to load {what} from {str(folder)!r}: its pickled weights contain objects other than tensors "
+                "(possibly code); use a safetensors copy."
+            ) from None
+        except Exception as e:  # OSError, ValueError (JSON), RuntimeError/ValueError (shapes), SafetensorError...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CheckpointError(f"Cannot load {what} from {str(folder)!r} ({type(e).__name__}: {first}).") from e
+    unexpected = [k for k in info.get("unexpected_keys") or () if not (unexpected_ok and unexpected_ok(k))]
+    missing = sorted(info.get("missing_keys") or ())
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    problems = {
+        "missing": missing,
+        "not matching in shape": [str(k) for k in info.get("mismatched_keys") or ()],
+        "unused": sorted(unexpected),
+        "left unloaded (meta device)": [n for n, t in tensors if t.is_meta and n not in missing],
+        "failing to load": [str(m).splitlines()[0] for m in info.get("error_msgs") or ()],
+    }
+    parts = [f"{len(v)} {k} ({', '.join(v[:4])}{', ...' if len(v) > 4 else ''})" for k, v in problems.items() if v]
+    if parts:
+        raise CheckpointError(f"The weights in {str(folder)!r} do not fit {what}: {'; '.join(parts)}.")
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_hf_loggers():
+    """transformers/diffusers warn about the keys checked above (the check reports them instead), and
+    transformers draws a loading bar; both are silenced for the call and restored after."""
+    import logging
+    import sys
+
+    loggers = [logging.getLogger(n) for n in ("transformers", "diffusers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    hf_logging = getattr(sys.modules.get("transformers"), "utils", None)
+    hf_logging = getattr(hf_logging, "logging", None)
+    bar = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if bar:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:

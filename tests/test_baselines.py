@@ -115,6 +115,58 @@ def test_adapter_matches_diffusers(preset, tmp_path):
     assert tok.weights_id.startswith("local:") and tok.name == preset.name
 
 
+def test_a_vae_folder_that_does_not_fit_is_refused(tmp_path):
+    """diffusers only warns about missing or unused weights (a missing one stays uninitialised or on the
+    meta device); raebench refuses the folder, naming the keys. Legacy attention names still load."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = "diffusion_pytorch_model.safetensors"
+    ok = tmp_path / "ok"
+    ref = _kl().eval()
+    ref.save_pretrained(ok)
+
+    def variant(name, sd_edit=None, cfg_edit=None):
+        d = tmp_path / name
+        shutil.copytree(ok, d)
+        if sd_edit:
+            sd = load_file(str(d / weights))
+            sd_edit(sd)
+            save_file(sd, str(d / weights))
+        if cfg_edit:
+            cfg = json.loads((d / "config.json").read_text())
+            cfg_edit(cfg)
+            (d / "config.json").write_text(json.dumps(cfg))
+        return str(d)
+
+    _kl(latent=16).save_pretrained(tmp_path / "c16")
+    (Path(variant("badjson")) / "config.json").write_text("{not json")
+    cases = [
+        (variant("missing", lambda sd: sd.pop("decoder.conv_out.weight")), r"1 missing \(decoder\.conv_out\.weight\)"),
+        (variant("unused", lambda sd: sd.update(extra=torch.zeros(2))), r"1 unused \(extra\)"),
+        (variant("shape", lambda sd: sd.update({"decoder.conv_out.bias": torch.zeros(5)})), "Cannot load a diffusers AutoencoderKL"),
+        (variant("deeper", cfg_edit=lambda c: c.update(layers_per_block=2)), r"\d+ missing \("),
+        (variant("unet", cfg_edit=lambda c: c.update(_class_name="UNet2DModel")), "holds UNet2DModel weights"),
+        (str(tmp_path / "badjson"), "is not a readable JSON file"),
+        (str(tmp_path / "c16"), "16 latent channels; this tokenizer has 4"),
+    ]
+    for folder, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            build_tokenizer("sd-vae-ft-ema", weights=folder)
+
+    def legacy(sd):  # the attention names of older diffusers exports
+        for k in [k for k in sd if ".attentions." in k]:
+            new = k.replace(".to_q.", ".query.").replace(".to_k.", ".key.").replace(".to_v.", ".value.")
+            sd[new.replace(".to_out.0.", ".proj_attn.")] = sd.pop(k)
+    folder = variant("legacy", legacy)
+    assert any(".query." in k for k in load_file(str(Path(folder) / weights)))
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(build_tokenizer("sd-vae-ft-ema", weights=folder).reconstruct(x),
+                                   build_tokenizer("sd-vae-ft-ema", weights=str(ok)).reconstruct(x), rtol=0, atol=0)
+
+
 def test_ls_metadata_needs_no_weights_or_diffusers():
     code = ("import sys, raebench.tokenizers as t; "
             "shapes = {s.name: s.latent_shape(256) for s in t.TOKENIZERS if s.family == 'vae'}; "

@@ -73,3 +73,18 @@ def test_eval_option_flag_reaches_the_metrics(image_folder: Path, tmp_path: Path
     code, out, err = run(["eval", "-t", "pixels", "--data", str(image_folder), "-r", "32", "--device", "cpu",
                           "--results", str(tmp_path), "--option", "psnr.nonsense=1"], capsys)
     assert code == 2 and "takes no option nonsense" in err
+
+
+def test_ctrl_c_exits_130_with_a_message(capsys):
+    """typer >= 0.29 returns KeyboardInterrupt as exit code 130 instead of raising; scripts must see it."""
+    from raebench.cli import app
+
+    def boom() -> None:
+        raise KeyboardInterrupt
+
+    app.command("boom-test")(boom)
+    try:
+        code, out, err = run(["boom-test"], capsys)
+    finally:
+        app.registered_commands.pop()
+    assert code == 130 and "interrupted" in err

@@ -106,3 +106,42 @@ def test_fd_dinov2_and_cmmd_equal_their_definitions(dinov2_dir, clip_dir, images
     cmmd = 1000 * (k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean())
     assert cmmd > 0 and values["cmmd"] == pytest.approx(cmmd, rel=1e-4)
     assert versions["fd-dinov2"].startswith("fd-dinov2-vitl14") and "torch" in versions["fd-dinov2"]
+
+
+def test_extractor_folders_are_loaded_strictly(dinov2_dir, clip_dir, tmp_path, caplog):
+    """A DINOv2/CLIP folder with a missing weight, or of another model type, is refused (transformers alone
+    would initialise the weight at random, or drop register tokens); a full CLIP checkpoint's text tower
+    may go unused; another size loads with a warning."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPConfig, CLIPModel, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from raebench.errors import CheckpointError
+
+    build = {name: EXTRACTORS.get(name).builder for name in ("dinov2-l14", "clip-l14-336")}
+    holed = tmp_path / "holed"
+    shutil.copytree(dinov2_dir, holed)
+    sd = load_file(str(holed / "model.safetensors"))
+    dropped = next(k for k in sd if "layer.1." in k)
+    save_file({k: v for k, v in sd.items() if k != dropped}, str(holed / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"1 missing \(encoder\.layer\.1\."):
+        build["dinov2-l14"](device="cpu", outputs=("cls",), weights=str(holed))
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=64, image_size=28, patch_size=14)
+                             ).save_pretrained(tmp_path / "reg")
+    with pytest.raises(CheckpointError, match="holds a 'dinov2_with_registers' model"):
+        build["dinov2-l14"](device="cpu", outputs=("cls",), weights=str(tmp_path / "reg"))
+    with caplog.at_level("WARNING"):
+        build["dinov2-l14"](device="cpu", outputs=("cls",), weights=str(dinov2_dir))
+    assert "not the model this metric is defined with" in caplog.text and "'hidden_size': 32" in caplog.text
+
+    vision = CLIPConfig().vision_config.to_dict() | {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                                     "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+                                                     "projection_dim": 16}
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)).save_pretrained(tmp_path / "full")
+    ex = build["clip-l14-336"](device="cpu", outputs=("embed",), weights=str(tmp_path / "full"))  # text tower unused
+    assert ex.model.visual_projection.weight.shape == (16, 32)
+    with pytest.raises(CheckpointError, match="holds a 'dinov2' model"):
+        build["clip-l14-336"](device="cpu", outputs=("embed",), weights=str(dinov2_dir))

@@ -89,6 +89,29 @@ def test_folder_round_trip_safetensors_only(tmp_path):
         load_diffusers_rae(tmp_path)
 
 
+def test_a_folder_that_does_not_fit_is_refused(tmp_path):
+    """diffusers leaves a missing encoder weight randomly initialised and drops unused ones; raebench refuses."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _autoencoder("dinov2", grid=2).save_pretrained(tmp_path / "ok")
+    weights = "diffusion_pytorch_model.safetensors"
+    keys = list(load_file(str(tmp_path / "ok" / weights)))
+    enc = next(k for k in keys if k.startswith("encoder.") and "layer.0" in k and k.endswith("weight"))
+    dec = next(k for k in keys if k.startswith("decoder.") and k.endswith("weight"))
+    for name, edit, message in [("enc", lambda sd: sd.pop(enc), r"1 missing \(encoder\."),
+                                ("dec", lambda sd: sd.pop(dec), r"1 missing \(decoder\."),
+                                ("extra", lambda sd: sd.update(extra=torch.zeros(2)), r"1 unused \(extra\)")]:
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        sd = load_file(str(tmp_path / name / weights))
+        edit(sd)
+        save_file(sd, str(tmp_path / name / weights))
+        with pytest.raises(CheckpointError, match=message):
+            load_diffusers_rae(tmp_path / name)
+    load_diffusers_rae(tmp_path / "ok")
+
+
 def test_rae_entry_takes_a_diffusers_folder_and_checks_it_is_that_release(tmp_path):
     from raebench.tokenizers import build_tokenizer
 

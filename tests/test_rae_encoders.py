@@ -159,8 +159,37 @@ def test_missing_backbone_weights_are_an_error(tmp_path):
     sd = load_file(str(tmp_path / "model.safetensors"))
     dropped = next(k for k in sd if "layer.1" in k)
     save_file({k: v for k, v in sd.items() if k != dropped}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="missing 1 key"):
+    with pytest.raises(CheckpointError, match=r"1 missing \(encoder\.layer\.1\."):  # transformers 5 renames the key
         load_hf_encoder(tmp_path, input_size=28)
+
+
+def test_broken_encoder_folders_are_checkpoint_errors(tmp_path):
+    """A mis-shaped weight, a truncated safetensors file and invalid JSON are one-sentence errors."""
+    from safetensors.torch import load_file, save_file
+
+    model = T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(image_size=28, patch_size=14, **TINY))
+    save_model(model, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    intact = weights.read_bytes()
+    sd = load_file(str(weights))
+    key = next(k for k in sd if k.endswith("layer.0.mlp.fc1.bias"))
+    save_file({**sd, key: torch.zeros(sd[key].numel() + 1)}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"1 not matching in shape \(\('encoder\.layer\.0\.mlp\.fc1\.bias'"):
+        load_hf_encoder(tmp_path, input_size=28)
+    weights.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(CheckpointError, match="Cannot load the encoder"):
+        load_hf_encoder(tmp_path, input_size=28)
+    weights.write_bytes(intact)
+    load_hf_encoder(tmp_path, input_size=28)  # intact again: loads
+    for name in ("config.json", "preprocessor_config.json"):
+        good = (tmp_path / name).read_text()
+        (tmp_path / name).write_text("{not json")
+        with pytest.raises(CheckpointError, match=f"{name}' is not a readable JSON file"):
+            load_hf_encoder(tmp_path, input_size=28)
+        (tmp_path / name).write_text("[1, 2]")
+        with pytest.raises(CheckpointError, match="must hold a JSON object"):
+            load_hf_encoder(tmp_path, input_size=28)
+        (tmp_path / name).write_text(good)
 
 
 def test_build_encoder_names(tmp_path, monkeypatch):

@@ -52,7 +52,7 @@ for _m in MODULES:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one sentence, not a traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except RaebenchError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, _aborts()):
             sys.exit(1)
         raise
+    if isinstance(code, int) and code:  # typer >= 0.29 returns Ctrl-C as exit code 130 instead of raising
+        if code == 130:
+            err_console.print("[yellow]interrupted[/]")
+        sys.exit(code)
 
 
 def _usage_errors() -> tuple[type, ...]:

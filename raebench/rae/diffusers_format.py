@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from raebench.checkpoint import strict_from_pretrained
 from raebench.errors import CheckpointError, MissingWeightsError
 
 #: diffusers' decoder attention names -> the official (ViT-MAE) ones
@@ -139,16 +140,18 @@ def load_diffusers_rae(folder: str | os.PathLike, *, weights_id: str | None = No
     if not is_diffusers_rae(folder):
         raise MissingWeightsError(f"{str(folder)!r} holds no diffusers AutoencoderRAE (config.json with that _class_name).")
     try:
-        model = AutoencoderRAE.from_pretrained(str(folder), torch_dtype=torch.float32, use_safetensors=True)
-    except OSError as e:
-        raise CheckpointError(f"Cannot load the AutoencoderRAE in {str(folder)!r} (safetensors only): {str(e).splitlines()[0]}") from None
-    except AttributeError as e:  # diffusers 0.42 builds SigLIP2 through an attribute transformers 5 removed
-        import diffusers
+        model = strict_from_pretrained(AutoencoderRAE, folder, what="a diffusers AutoencoderRAE (safetensors only)",
+                                       torch_dtype=torch.float32, use_safetensors=True)
+    except CheckpointError as e:
+        if not isinstance(e.__cause__, AttributeError):
+            raise
+        import diffusers  # diffusers 0.42 builds SigLIP2 through an attribute transformers 5 removed
         import transformers
 
         raise CheckpointError(
             f"diffusers {diffusers.__version__} cannot build the AutoencoderRAE in {str(folder)!r} with transformers "
-            f"{transformers.__version__} ({e}); use the official release files instead (the rae-* tokenizer without --weights)."
+            f"{transformers.__version__} ({e.__cause__}); use the official release files instead (the rae-* tokenizer "
+            "without --weights)."
         ) from None
     weights = next(folder.glob("*.safetensors"), folder / "config.json")
     return tokenizer_from_autoencoder_rae(model.eval(), weights_id=weights_id or f"diffusers:{folder.name}@{fingerprint(weights)}")

@@ -20,11 +20,9 @@ that is put in training mode.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raebench.checkpoint import read_json_object, strict_from_pretrained
 from raebench.errors import CheckpointError, RaebenchError
 from raebench.weights import WeightsSource, resolve
 
@@ -224,7 +223,7 @@ def read_preprocessor_stats(directory: str | os.PathLike) -> tuple[tuple[float, 
             f"The encoder folder {str(directory)!r} has no preprocessor_config.json, so its input mean/std are "
             "unknown; copy that file from the encoder's Hub repository into the folder."
         )
-    cfg = json.loads(p.read_text())
+    cfg = read_json_object(p)
     try:
         mean, std = tuple(float(v) for v in cfg["image_mean"]), tuple(float(v) for v in cfg["image_std"])
     except (KeyError, TypeError, ValueError):
@@ -238,8 +237,7 @@ def _read_model_type(directory: Path) -> str:
     p = directory / "config.json"
     if not p.is_file():
         raise CheckpointError(f"The encoder folder {str(directory)!r} has no config.json; it is not a transformers model folder.")
-    cfg = json.loads(p.read_text())
-    mt = cfg.get("model_type", "")
+    mt = read_json_object(p).get("model_type", "")
     if mt == "siglip2":
         raise RaebenchError(
             f"{str(directory)!r} is a NaFlex SigLIP2 checkpoint (model_type siglip2); RAE uses the fixed-resolution "
@@ -320,34 +318,10 @@ def load_hf_encoder(
     fam = HF_FAMILIES[model_type]
     cls = getattr(transformers, fam.model_class)
     mean, std = read_preprocessor_stats(config_dir or directory)
-    verbosity = transformers.logging.get_verbosity()
-    bar = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()  # unused text towers / MAE decoders are expected
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        model, info = cls.from_pretrained(
-            str(directory), dtype=torch.float32, output_loading_info=True, trust_remote_code=False
-        )
-    except OSError as e:
-        raise CheckpointError(f"Cannot load the encoder from {str(directory)!r}: {str(e).splitlines()[0]}") from None
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"Refused to load the encoder from {str(directory)!r}: its pickled weights contain objects other than "
-            "tensors (possibly code); use a safetensors copy."
-        ) from None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        if bar:
-            transformers.utils.logging.enable_progress_bar()
-    missing = list(info.get("missing_keys", ()))
-    mismatched = [str(k) for k in info.get("mismatched_keys", ())]
-    if missing or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) ({', '.join(sorted(missing)[:5])})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es) ({', '.join(mismatched[:3])})")
-        raise CheckpointError(f"The encoder weights in {str(directory)!r} do not fit {fam.model_class}: {'; '.join(parts)}.")
+    model = strict_from_pretrained(  # unused weights (a text tower, an MAE decoder) are expected
+        cls, directory, what=f"the encoder ({fam.model_class})", unexpected_ok=lambda key: True,
+        dtype=torch.float32, trust_remote_code=False,
+    )
     return wrap_hf_model(
         model.float(), model_type, input_size=input_size, mean=mean, std=std,
         affine_final_norm=affine_final_norm, source=source or str(directory),

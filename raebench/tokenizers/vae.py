@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raebench.checkpoint import read_json_object, strict_from_pretrained
 from raebench.errors import CheckpointError, MissingWeightsError
 from raebench.tokenizers.base import Tokenizer, TokenizerSpec, register_tokenizer
 from raebench.weights import WeightsSource, resolve
@@ -271,13 +272,25 @@ def _diffusers_class(kind: str):
     return cls
 
 
-def load_diffusers_vae(kind: str, folder: str | Path) -> nn.Module:
-    """``from_pretrained`` on a local folder: safetensors only, no network, no remote code."""
+def load_diffusers_vae(kind: str, folder: str | Path, latent_channels: int | None = None) -> nn.Module:
+    """``from_pretrained`` on a local folder: safetensors only, strict, no network, no remote code.
+
+    The config must name the preset's class (``_class_name``) and, when given, its latent channels;
+    every weight must load (:func:`raebench.checkpoint.strict_from_pretrained`).
+    """
     cls = _diffusers_class(kind)
     folder = Path(folder)
     if not (folder / DIFFUSERS_FILES[1]).is_file():
         raise MissingWeightsError(f"{str(folder)!r} has config.json but no {DIFFUSERS_FILES[1]} (only safetensors are read).")
-    return cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True, torch_dtype=torch.float32)
+    config = read_json_object(folder / DIFFUSERS_FILES[0])
+    named = config.get("_class_name", cls.__name__)
+    if named != cls.__name__:
+        raise CheckpointError(f"{str(folder)!r} holds {named} weights, not the {cls.__name__} this tokenizer needs.")
+    if latent_channels is not None and config.get("latent_channels", latent_channels) != latent_channels:
+        raise CheckpointError(f"{str(folder)!r} is a VAE with {config['latent_channels']} latent channels; "
+                              f"this tokenizer has {latent_channels}.")
+    return strict_from_pretrained(cls, folder, what=f"a diffusers {cls.__name__}", use_safetensors=True,
+                                  torch_dtype=torch.float32)
 
 
 def _weights_id(preset: VAEPreset, folder: Path) -> str:
@@ -298,7 +311,8 @@ def build_vae(preset: VAEPreset, weights: str | None = None, stats: str | None =
     if stats is not None:
         raise MissingWeightsError(f"{preset.name} takes its latent statistics from its weights; --stats is not used.")
     folder = _diffusers_dir(preset, weights)
-    vae = load_diffusers_vae(preset.kind, folder)
+    # FLUX.2 normalises 2x2 patches of its 32-channel latents: 128 channels at 1/16
+    vae = load_diffusers_vae(preset.kind, folder, preset.latent_channels // (4 if preset.kind == "kl-flux2" else 1))
     wid = _weights_id(preset, folder)
     if preset.norm == "scale":
         shift, scale = torch.tensor(preset.shift), torch.tensor(preset.scale)
