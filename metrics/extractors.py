@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from raebench.checkpoint import load_state, read_json_object, strict_from_pretrained
+from raebench.checkpoint import load_error_summary, load_state, read_json_object, strict_from_pretrained
 from raebench.errors import CheckpointError, MissingWeightsError
 from raebench.metrics.base import ExtractorSpec, register_extractor
 from raebench.weights import WeightsSource, hf_offline, resolve
@@ -187,8 +187,11 @@ class InceptionExtractor(Extractor):
         del state
         self.variant = "" if dtype == "float32" else f"dtype={dtype}"
         layers = ["2048"] + (["logits_unbiased"] if "logits" in self.outputs else [])
-        net = FeatureExtractorInceptionV3("inception-v3-compat", layers, feature_extractor_weights_path=str(path),
-                                          feature_extractor_internal_dtype=dtype)
+        try:
+            net = FeatureExtractorInceptionV3("inception-v3-compat", layers, feature_extractor_weights_path=str(path),
+                                              feature_extractor_internal_dtype=dtype)
+        except RuntimeError as e:  # its strict load_state_dict: missing, unused or mis-shaped keys
+            raise CheckpointError(f"{str(path)!r} does not fit torch-fidelity's Inception-v3: {load_error_summary(e)}.") from None
         # Same network, faster: batch norms folded into the convolutions (in float64) and channels-last
         # layout (oneDNN/cuDNN); features differ from torch-fidelity's by float rounding only (~1e-6).
         self.net = fold_batch_norms(net).to(self.device).to(memory_format=torch.channels_last)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from raebench.checkpoint import load_state
+from raebench.checkpoint import load_state, load_strict
 from raebench.errors import MissingWeightsError
 from raebench.metrics.base import MetricSpec, PairedMean, register_metric, shared_network
 from raebench.metrics.extractors import fingerprint_path, local_weights, resize_images, resolve_url_file, weights_env
@@ -68,7 +68,7 @@ def load_lpips(net: str, backbone_file: str | os.PathLike) -> torch.nn.Module:
         missing = sorted(set(own) - set(new))[:3]
         raise MissingWeightsError(f"LPIPS-{net}: {str(backbone_file)!r} is not a torchvision {net} state dict "
                                   f"(missing {missing}); pass the file {TORCHVISION_BACKBONES[net].rsplit('/', 1)[-1]}.")
-    model.net.load_state_dict(new)
+    load_strict(model.net, new, what=f"LPIPS-{net}'s torchvision backbone", path=backbone_file)
     return model.eval().requires_grad_(False)
 
 
@@ -146,7 +146,7 @@ def dino_vitb16(folder: Path) -> torch.nn.Module:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(DINO_VITB16_URL, str(path), progress=False)  # temp file, then rename
     model = vits.vit_base(patch_size=16, num_classes=0)
-    model.load_state_dict(load_state(path), strict=True)  # refuses pickled code
+    load_strict(model, load_state(path), what="DINO ViT-B/16", path=path)  # load_state refuses pickled code
     return model
 
 

@@ -24,6 +24,8 @@ from raebench.errors import CheckpointError
 def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """Load a checkpoint without executing code. Raises CheckpointError for unsafe/corrupt files."""
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{str(p)!r} is a folder; a checkpoint file is needed here.")
     if not p.is_file():
         raise CheckpointError(f"Checkpoint {str(p)!r} does not exist.")
     if p.suffix == ".safetensors":
@@ -42,6 +44,24 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         ) from None
     except Exception as e:  # a corrupt zip/pickle surfaces as any of RuntimeError, EOFError, KeyError, IndexError...
         raise CheckpointError(f"Checkpoint {str(p)!r} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}).") from None
+
+
+def load_strict(module: torch.nn.Module, state: Any, *, what: str, path: str | os.PathLike) -> None:
+    """``module.load_state_dict(state, strict=True)``; keys or shapes that do not fit are a
+    CheckpointError naming the file and the first offending keys, not a RuntimeError."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(path)!r} holds a {type(state).__name__}, not the state dict of {what}.")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{str(path)!r} does not fit {what}: {load_error_summary(e)}.") from None
+
+
+def load_error_summary(e: BaseException) -> str:
+    """The first lines of torch's load_state_dict report, on one line and shortened."""
+    lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [str(e).strip()]
+    text = "; ".join(ln.rstrip(".") for ln in lines)
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:

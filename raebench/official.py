@@ -324,7 +324,8 @@ def from_official_config(
     ``base_dir`` anchors relative paths (default: the YAML's folder, then its parents, then the
     working directory).
     """
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     path = None
     if isinstance(config, (str, os.PathLike)):
@@ -334,10 +335,25 @@ def from_official_config(
     else:
         cfg = OmegaConf.create(dict(plain_config(config)))
         base = Path(base_dir) if base_dir is not None else Path.cwd()
+    where = str(path or "<mapping>")
+    if not isinstance(cfg, DictConfig):
+        raise RaebenchError(f"The config {where!r} is a YAML {type(plain_config(cfg)).__name__}, not a mapping of blocks.")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)  # every ${...} interpolation, checked once up front
+    except OmegaConfBaseException as e:
+        raise RaebenchError(f"The config {where!r} cannot be resolved ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
     if cfg.get("stage_1") is None:
-        raise RaebenchError(f"The config {str(path or '<mapping>')!r} has no stage_1 block; it is not an RAE config.")
+        raise RaebenchError(f"The config {where!r} has no stage_1 block; it is not an RAE config.")
+    if not isinstance(cfg.stage_1, DictConfig):
+        raise RaebenchError(f"The config {where!r} has a stage_1 that is not a block (target, params): {cfg.stage_1!r}.")
     name = "rae-official" + (f"-{re.sub(r'[^a-z0-9.]+', '-', path.stem.lower()).strip('-')}" if path is not None else "")
-    tok = build_stage1(cfg.stage_1, base, device=device, name=name)
+    try:
+        tok = build_stage1(cfg.stage_1, base, device=device, name=name)
+    except RaebenchError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, OmegaConfBaseException) as e:  # a malformed value
+        raise RaebenchError(f"The config {where!r} has a malformed stage_1 block ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}).") from None
     out = OfficialRAE(cfg, base.resolve(), tok, path, device)
     misc = cfg.get("misc") or {}
     if misc.get("latent_size") is not None and tuple(misc["latent_size"]) != tuple(tok.latent_shape()):

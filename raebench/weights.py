@@ -71,6 +71,26 @@ def hf_cache_dir() -> Path:
     return home / "hub"
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _check_snapshot(folder: Path, patterns: list[str] | None, subfolder: str | None) -> None:
+    """A cached snapshot is returned even when only some of its files were ever fetched (a config
+    without weights, say); it counts as present only with its config.json (when asked for) and at
+    least one weights file among the requested patterns."""
+    import fnmatch
+
+    root = folder.parent if subfolder else folder
+    files = [f.relative_to(root).as_posix() for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
+    wanted = patterns or [f"{subfolder}/*" if subfolder else "*"]
+    matched = [f for f in files if any(fnmatch.fnmatch(f, pat) for pat in wanted)]
+    weights = [f for f in matched if f.endswith(_WEIGHT_SUFFIXES)]
+    config_missing = any(pat.endswith("config.json") for pat in wanted if "*" not in pat) and not any(
+        f.endswith("config.json") for f in matched)
+    if not weights or config_missing:
+        raise FileNotFoundError(f"incomplete snapshot {folder} (has {matched[:5]})")
+
+
 def resolve(
     source: WeightsSource | None,
     local: str | os.PathLike | None = None,
@@ -127,6 +147,7 @@ def resolve(
             )
             if source.subfolder:
                 path = os.path.join(path, source.subfolder)
+            _check_snapshot(Path(path), patterns, source.subfolder)
         return Path(path)
     except Exception as exc:  # every hub failure becomes one actionable sentence
         log.debug("weights resolution failed for %s", source, exc_info=True)

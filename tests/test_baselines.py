@@ -222,6 +222,11 @@ def test_eval_offline_fails_in_one_sentence_then_runs_from_the_hf_cache(tmp_path
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(snap_hash)
     _use_hf_home(monkeypatch, tmp_path / "hf")
+    weights = repo / "snapshots" / snap_hash / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".away"))  # a partly fetched snapshot (config only) counts as missing
+    code, out, err = _run(args, capsys)
+    assert code == 2 and "'stabilityai/sd-vae-ft-ema'" in " ".join(err.split()) and "hf download" in err, err
+    weights.with_suffix(".away").rename(weights)
     code, out, err = _run(args, capsys)
     assert code == 0, err
     rows = [json.loads(line) for f in (tmp_path / "res" / "runs").glob("*.jsonl") for line in f.read_text().splitlines()]
@@ -343,6 +348,10 @@ def test_va_vae_loads_ldm_checkpoint_and_stats(tmp_path):
     z_ref = (m.encode(x * 2 - 1).latent_dist.mode() - mean) / std
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tok.decode(z), (m.decode(z_ref * std + mean).sample + 1) / 2, rtol=1e-5, atol=1e-5)
+    for bad in (0.0, -1.0, float("nan")):  # every latent would be non-finite or flipped: refuse the file instead
+        torch.save({"mean": mean, "std": std.clone().fill_(bad)}, tmp_path / "latents_stats.pt")
+        with pytest.raises(CheckpointError, match="std that is not positive and finite"):
+            build_tokenizer("va-vae-f16d32", weights=str(tmp_path))
 
 
 @dataclass

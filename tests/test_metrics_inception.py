@@ -4,6 +4,7 @@ torch-fidelity cannot download its weights here, so a random state dict (kaiming
 convolutions) is saved to a temporary file and given to both sides.
 """
 
+import numpy as np
 import pytest
 import torch
 from _metrics_helpers import TensorDataset, blurred, photo_crops, random_inception_weights
@@ -126,3 +127,25 @@ def test_weights_with_pickled_code_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="Refused"):
         EXTRACTORS.get("inception").builder(device="cpu", outputs=("pool",), weights=str(evil))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_weights_that_do_not_fit_or_are_garbage_are_one_sentence(tmp_path):
+    """Missing, unused and mis-shaped keys, and bytes that are no checkpoint at all (torch.load raises
+    KeyError/IndexError on some), are CheckpointErrors naming the file."""
+    from raebench.errors import CheckpointError
+
+    sd = torch.load(random_inception_weights(tmp_path / "ok.pth"), weights_only=True)
+    cases = {
+        "missing.pth": ({k: v for k, v in sd.items() if k != "Conv2d_1a_3x3.conv.weight"}, "Missing key"),
+        "extra.pth": ({**sd, "foo": torch.zeros(1)}, "Unexpected key"),
+        "shape.pth": ({**sd, "Conv2d_1a_3x3.conv.weight": torch.zeros(1)}, "size mismatch for Conv2d_1a_3x3.conv.weight"),
+    }
+    for name, (state, needle) in cases.items():
+        torch.save(state, tmp_path / name)
+        with pytest.raises(CheckpointError, match=f"{name}' does not fit torch-fidelity's Inception-v3: {needle}"):
+            EXTRACTORS.get("inception").builder(device="cpu", outputs=("pool",), weights=str(tmp_path / name))
+    rng = np.random.default_rng(0)
+    for i, blob in enumerate([b"hello world" * 10, *(rng.bytes(n) for n in (3, 64, 4096))]):
+        (tmp_path / f"junk{i}.pth").write_bytes(blob)
+        with pytest.raises(CheckpointError, match=f"junk{i}.pth"):
+            EXTRACTORS.get("inception").builder(device="cpu", outputs=("pool",), weights=str(tmp_path / f"junk{i}.pth"))

@@ -124,6 +124,17 @@ def test_save_official_round_trip(tmp_path):
     assert torch.equal(build_decoder(back, tmp_path / "dec/model.pt")(z), dec(z))
 
 
+def test_malformed_decoder_configs_are_checkpoint_errors(tmp_path):
+    base = {"decoder_hidden_size": 16, "decoder_num_hidden_layers": 1, "decoder_num_attention_heads": 2,
+            "decoder_intermediate_size": 32}
+    with pytest.raises(CheckpointError, match="has a value of the wrong type"):
+        official_config({**base, "decoder_num_hidden_layers": "two"}, latent_dim=8, patch_size=4, grid_size=3)
+    for text, needle in [("{oops", "is not a readable JSON file"), ("[1]", "must hold a JSON object")]:
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(CheckpointError, match=needle):
+            official_config(tmp_path, latent_dim=8, patch_size=4, grid_size=3)
+
+
 def test_dropout_configs_are_refused():
     with pytest.raises(CheckpointError, match="hidden_dropout_prob"):
         official_config(

@@ -5,6 +5,7 @@ registry builder (:func:`build_rae`) and the official-YAML reader (:func:`from_o
 """
 
 import json
+import re
 import shutil
 
 import pytest
@@ -178,6 +179,21 @@ def test_official_config_errors(tmp_path):
     obj = from_official_config(tmp_path / "d.yaml")
     with pytest.raises(RaebenchError, match="stage_2"):
         obj.model
+    # malformed YAMLs are one sentence naming the file, not an OmegaConf/TypeError traceback
+    good = (tmp_path / "d.yaml").read_text()
+    for name, text, needle in [
+        ("list", "- a\n- b\n", "is a YAML list, not a mapping of blocks"),
+        ("interp", good + "extra: ${nowhere.x}\n", "cannot be resolved (InterpolationKeyError"),
+        ("scalar", "stage_1: 5\n", "has a stage_1 that is not a block"),
+        ("params", "stage_1:\n  target: stage1.RAE\n  params: [1, 2]\n", "has a malformed stage_1 block (TypeError"),
+        ("size", good.replace("encoder_input_size: 56", "encoder_input_size: abc"), "malformed stage_1 block (ValueError"),
+    ]:
+        (tmp_path / f"{name}.yaml").write_text(text)
+        with pytest.raises(RaebenchError, match=re.escape(needle)):
+            from_official_config(tmp_path / f"{name}.yaml")
+    official_yaml(tmp_path / "e.yaml", ORACLE, normalization_stat_path=str(ORACLE))  # a folder for a file
+    with pytest.raises(MissingWeightsError, match="is a folder; give the file itself"):
+        from_official_config(tmp_path / "e.yaml")
 
 
 def test_official_config_preset_fallback_and_hub_paths(tmp_path, monkeypatch):

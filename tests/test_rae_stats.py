@@ -97,3 +97,12 @@ def test_hflip_adds_mirrors():
     acc = accumulate_stats(lambda t: t, [x], hflip=True)
     ref = torch.cat([x, x.flip(-1)]).double()
     assert acc.count == 6 and torch.allclose(acc.mean, ref.mean(0))
+
+
+def test_unknown_keys_in_a_stats_file_are_named(tmp_path, caplog):
+    """A VA-VAE-style {'mean', 'std'} file read as RAE statistics: 'std' is ignored (as the official loader
+    does, leaving unit variance), which the user is told."""
+    torch.save({"mean": torch.zeros(4, 2, 2), "std": torch.full((4, 2, 2), 3.0)}, tmp_path / "stat.pt")
+    with caplog.at_level("WARNING"):
+        st = LatentStats.load(tmp_path / "stat.pt")
+    assert "['std'], which are ignored" in caplog.text and torch.equal(st.var, torch.ones(4, 2, 2))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,7 +14,8 @@ import transformers as T
 from typer.testing import CliRunner
 
 from conftest import ORACLE
-from raebench.errors import MissingWeightsError
+from raebench.checkpoint import load_state
+from raebench.errors import CheckpointError, MissingWeightsError
 from raebench.rae.tokenizer import add_noise
 from test_rae_oracle import needs_oracle, official_yaml
 
@@ -123,6 +125,30 @@ def test_offline_without_cache_is_one_sentence(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and msg.endswith(".")
     assert "facebook/dinov2-with-registers-base" in msg and "decoders/dinov2/wReg_base/ViTXL_n08/model.pt" in msg
+
+
+def test_missing_file_messages_point_at_the_users_mistake(tmp_path, monkeypatch):
+    """A wrong explicit path is named even when other files are missing too; a --weights folder without
+    the expected layout says what belongs in it; a folder where a file belongs says so."""
+    import huggingface_hub.constants as hc
+
+    from raebench.tokenizers import build_tokenizer
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError, match="nonexist.pt' given with --decoder does not exist"):
+        build_tokenizer("rae-dinov2", decoder=str(tmp_path / "nonexist.pt"))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "model.pt").write_bytes(b"")
+    for weights, needle in [(tmp_path / "flat", "lacks them (it should hold facebook/dinov2-with-registers-base/"),
+                            (tmp_path / "flat" / "model.pt", "model.pt' is a file; it should be a folder holding")]:
+        with pytest.raises(MissingWeightsError, match=re.escape(needle)) as e:
+            build_tokenizer("rae-dinov2", weights=str(weights))
+        msg = str(e.value)
+        assert "decoders/dinov2/wReg_base/ViTXL_n08/model.pt" in msg and "stats/dinov2/wReg_base/imagenet1k/stat.pt" in msg
+        assert "--encoder" not in msg  # eval/compare/analyze have no such flag
+    with pytest.raises(CheckpointError, match="is a folder; a checkpoint file is needed here"):
+        load_state(tmp_path / "flat")
 
 
 def test_cli_eval_offline_fails_in_one_sentence(tmp_path):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raebench.checkpoint import load_state, save_atomic
+from raebench.checkpoint import load_state, read_json_object, save_atomic
 from raebench.errors import CheckpointError, MissingWeightsError
 
 # ---------------------------------------------------------------------------------------------
@@ -114,12 +114,12 @@ def official_config(
             p = p / "config.json"
         if not p.is_file():
             raise MissingWeightsError(f"The decoder config {str(p)!r} does not exist; give the folder holding config.json.")
-        cfg = json.loads(p.read_text())
+        cfg = read_json_object(p)
         where = str(p)
-    for k in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-        if float(cfg.get(k, 0.0) or 0.0) != 0.0:
-            raise CheckpointError(f"{where} sets {k}={cfg[k]}; raebench's decoder has no dropout (every RAE config uses 0).")
     try:
+        for k in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if float(cfg.get(k, 0.0) or 0.0) != 0.0:
+                raise CheckpointError(f"{where} sets {k}={cfg[k]}; raebench's decoder has no dropout (every RAE config uses 0).")
         return DecoderConfig(
             latent_dim=int(latent_dim),
             hidden_size=int(cfg["decoder_hidden_size"]),
@@ -133,8 +133,12 @@ def official_config(
             hidden_act=str(cfg.get("hidden_act", "gelu")),
             qkv_bias=bool(cfg.get("qkv_bias", True)),
         )
+    except CheckpointError:
+        raise
     except KeyError as e:
         raise CheckpointError(f"{where} is not an RAE decoder config: it lacks {e.args[0]!r}.") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where} has a value of the wrong type ({e}).") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +306,8 @@ def count_parameters(cfg: DecoderConfig) -> int:
 
 def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     """Read a ``.safetensors`` file, or a ``torch.save`` file with ``weights_only=True``, onto the CPU."""
+    if Path(path).is_dir():
+        raise MissingWeightsError(f"The {what} {str(path)!r} is a folder; give the file itself.")
     if not Path(path).is_file():
         raise MissingWeightsError(f"The {what} file {str(path)!r} does not exist.")
     return load_state(path)

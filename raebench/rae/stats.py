@@ -12,6 +12,7 @@ across processes by summation (:meth:`merge`, :meth:`all_reduce`).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Iterable
@@ -22,6 +23,8 @@ from torch import nn
 from raebench.checkpoint import save_atomic
 from raebench.errors import CheckpointError
 from raebench.rae.decoder import load_checkpoint
+
+log = logging.getLogger(__name__)
 
 STATS_EPS = 1e-5
 
@@ -61,6 +64,10 @@ class LatentStats(nn.Module):
         if not isinstance(obj, dict) or not ({"mean", "var"} & set(obj)):
             raise CheckpointError(f"The statistics file {str(path)!r} has no 'mean' or 'var' entry.")
         mean, var = obj.get("mean"), obj.get("var")
+        unknown = sorted(set(obj) - {"mean", "var"})
+        if unknown:  # e.g. a VA-VAE-style 'std', which the official loader (and raebench) ignore
+            log.warning("The statistics file %r also holds %s, which are ignored: RAE normalises with 'mean' and "
+                        "'var' only (a missing one means no shift / unit variance).", str(path), unknown)
         for k, v in (("mean", mean), ("var", var)):
             if v is not None and not isinstance(v, torch.Tensor):
                 raise CheckpointError(f"The statistics file {str(path)!r} stores {k!r} as {type(v).__name__}, not a tensor.")

@@ -204,8 +204,11 @@ def build_rae(
     grid = res // release.decoder_patch
     enc_src, dec_src, stat_src = release.sources()
     wdir = Path(weights).expanduser() if weights is not None else None
+    layout = (f"{release.encoder_repo}/ (the encoder's Hub files), {dec_src.path_in_repo} and {stat_src.path_in_repo} "
+              f"(as in {RAE_REPO})")
     if wdir is not None and not wdir.is_dir():
-        raise MissingWeightsError(f"The --weights folder {str(wdir)!r} does not exist.")
+        kind = "is a file" if wdir.exists() else "does not exist"
+        raise MissingWeightsError(f"The --weights folder {str(wdir)!r} {kind}; it should be a folder holding {layout}.")
     if encoder is None and wdir is not None and (wdir / release.encoder_repo).is_dir():
         encoder = wdir / release.encoder_repo
 
@@ -218,22 +221,27 @@ def build_rae(
         return cand if cand is not None and cand.is_file() else None
 
     for key, src, local, flag in (
-        ("encoder", enc_src, encoder, "--encoder"),
+        # a command-line encoder copy goes in --weights DIR (only `raebench stats` has --encoder)
+        ("encoder", enc_src, encoder, "--encoder" if encoder is not None else f"--weights DIR (as DIR/{release.encoder_repo}/)"),
         ("decoder", dec_src, decoder if decoder is not None else in_weights_dir(dec_src), "--decoder"),
         ("stats", stat_src, stats if stats is not None else in_weights_dir(stat_src), "--stats"),
     ):
         try:
             found[key] = resolve(src, local, what=f"{release.name} {key}", flag=flag)
         except MissingWeightsError as e:
+            if local is not None:  # the user's own path is wrong: say that first, whatever else is missing
+                raise
             missing.append((src, e))
-    if len(missing) == 1:
+    if len(missing) == 1 and wdir is None:
         raise missing[0][1]
     if missing:
         files = "; ".join(f"{s} (`{s.download_hint()}`)" for s, _ in missing)
+        where = (f"--weights {str(wdir)!r} lacks them (it should hold {layout}) and they are not in the cache at "
+                 f"{hf_cache_dir()}" if wdir is not None else
+                 f"put them in the cache at {hf_cache_dir()} or pass a local copy with --weights DIR holding {layout}")
         raise MissingWeightsError(
-            f"{release.name} needs {len(missing)} files that are not available "
-            f"{'offline (HF_HUB_OFFLINE=1)' if hf_offline() else 'locally or by download'}: "
-            f"{files}; put them in the cache at {hf_cache_dir()} or pass a local copy with --weights DIR."
+            f"{release.name} needs {len(missing)} file(s) that are not available "
+            f"{'offline (HF_HUB_OFFLINE=1)' if hf_offline() else 'locally or by download'}: {files}; {where}."
         )
 
     enc = load_hf_encoder(found["encoder"], input_size=grid * release.encoder_patch, source=release.encoder_repo)

@@ -454,7 +454,11 @@ def _load_stats(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     obj = _load_tensor_file(path, "latent statistics")
     if not (isinstance(obj, dict) and "mean" in obj and "std" in obj):
         raise CheckpointError(f"{str(path)!r} should hold a dict with 'mean' and 'std' tensors (LightningDiT's latents_stats.pt).")
-    return torch.as_tensor(obj["mean"]).float().flatten(), torch.as_tensor(obj["std"]).float().flatten()
+    mean, std = torch.as_tensor(obj["mean"]).float().flatten(), torch.as_tensor(obj["std"]).float().flatten()
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+        raise CheckpointError(f"{str(path)!r} has a non-finite mean or a std that is not positive and finite; "
+                              "latents divided by it would be meaningless.")
+    return mean, std
 
 
 def _build_ldm(preset: VAEPreset, weights: str | None, stats: str | None) -> DiffusersVAE:
