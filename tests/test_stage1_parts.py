@@ -245,3 +245,27 @@ def test_cli_dry_run_prints_the_resolved_config_and_step_plan(image_folder, tmp_
     assert not (tmp_path / "stage1").exists()
     res = CliRunner().invoke(app, ["train", "stage1", "--set", "learning_rate=1", "--dry-run"])
     assert res.exit_code != 0
+
+
+def test_run_settings_are_validated_and_init_decoder_accepts_an_exported_folder(tmp_path):
+    from raebench.stage1.train import init_decoder_file
+
+    for bad in ("ckpt_every", "log_every", "max_steps"):
+        with pytest.raises(RaebenchError, match=f"{bad} must be at least 1"):
+            preset("tiny", **{bad: 0})
+    (tmp_path / "model.pt").write_bytes(b"")
+    assert init_decoder_file(str(tmp_path)) == str(tmp_path / "model.pt")
+    assert init_decoder_file(str(tmp_path / "model.pt")) == str(tmp_path / "model.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RaebenchError, match="holds no model.safetensors or model.pt"):
+        init_decoder_file(str(tmp_path / "empty"))
+
+
+def test_export_hint_names_the_tokenizer_of_the_encoder(tmp_path):
+    from raebench.cli.stage1_cmds import _eval_hint
+
+    for encoder, resolution, expected in [("google/siglip2-base-patch16-256", 256, "--tokenizer rae-siglip2-b"),
+                                          ("facebook/dinov2-with-registers-base", 512, "--tokenizer rae-dinov2-b-512"),
+                                          ("/my/encoder", 32, "no registered RAE tokenizer")]:
+        (tmp_path / "stage1.json").write_text(json.dumps({"encoder": encoder, "resolution": resolution}))
+        assert expected in _eval_hint(tmp_path)

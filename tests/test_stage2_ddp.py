@@ -1,4 +1,4 @@
-"""torchrun (2 CPU processes, gloo): DDP training runs and sharded sampling equals one process."""
+"""torchrun (2 CPU processes, gloo): DDP training equals one process, sharded sampling equals one process."""
 
 import subprocess
 import sys
@@ -15,12 +15,12 @@ SCRIPT = textwrap.dedent('''
     from raebench.stage2.train import preset, train
     from raebench.stage2.sample import class_labels, generate_npz
 
-    root = sys.argv[1]
+    root, out, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     distributed.init()
-    cfg = preset("tiny", out=root + "/run", latents=root + "/cache", num_classes=4, global_batch=16,
-                 grad_accum=2, epochs=1, shift_base=16)
+    cfg = preset("tiny", out=out, latents=root + "/cache", num_classes=4, global_batch=16,
+                 grad_accum=2, epochs=2, shift_base=16, ckpt_every=2, max_steps=max_steps)
     res = train(cfg)
-    assert res["step"] == 4, res
+    assert res["step"] == max_steps, res
     y = class_labels(10, 4, seed=0)
     generate_npz(lambda z, y: z * 0.1 + y.view(-1, 1, 1, 1), lambda z: torch.sigmoid(z[:, :3]),
                  root + "/ddp.npz", y, (4, 2, 2), batch_size=3, seed=5)
@@ -28,17 +28,33 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_torchrun_train_and_sample(tmp_path):
+def torchrun(tmp_path, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "job.py"), *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_torchrun_train_equals_one_process_and_sample(tmp_path):
+    """2 processes (and a resume on 2 of a 1-process run) = 1 process at the same global batch."""
     from raebench.stage2.sample import class_labels, generate_npz
+    from raebench.stage2.train import preset, train
 
     toy_cache(tmp_path / "cache", n=64)
     (tmp_path / "job.py").write_text(SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(tmp_path / "job.py"), str(tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
-    assert ck["step"] == 4 and len(ck["rng"]) == 2  # both ranks' RNG states are saved
+    torchrun(tmp_path, tmp_path, tmp_path / "ddp", 8)
+    cfg = preset("tiny", out=str(tmp_path / "one"), latents=str(tmp_path / "cache"), num_classes=4, global_batch=16,
+                 grad_accum=2, epochs=2, shift_base=16, ckpt_every=2)
+    assert train(cfg)["step"] == 8
+    train(preset("tiny", **{**cfg.__dict__, "out": str(tmp_path / "mixed"), "max_steps": 3}))
+    torchrun(tmp_path, tmp_path, tmp_path / "mixed", 8)  # 1 process to step 3, then 2 processes
+    one = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)
+    for run in ("ddp", "mixed"):
+        ck = torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)
+        assert ck["step"] == 8
+        for k in ("model", "ema"):
+            for name, t in one[k].items():
+                torch.testing.assert_close(ck[k][name], t, atol=1e-5, rtol=1e-5, msg=f"{run} {k}.{name}")
     y = class_labels(10, 4, seed=0)
     single = generate_npz(lambda z, y: z * 0.1 + y.view(-1, 1, 1, 1), lambda z: torch.sigmoid(z[:, :3]),
                           tmp_path / "one.npz", y, (4, 2, 2), batch_size=3, seed=5)

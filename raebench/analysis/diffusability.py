@@ -24,6 +24,7 @@ tokenizers under the same budget, they are not gFID.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class _InMemoryLatents:
 
     def __init__(self, latents: torch.Tensor) -> None:
         self.x = latents.detach().float().cpu()
+        self.labels = torch.zeros(len(self.x), dtype=torch.long)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -92,8 +94,13 @@ class _InMemoryLatents:
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self.x.shape[1:])
 
-    def fetch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[idx], torch.zeros(len(idx), dtype=torch.long)
+    def identity(self) -> dict:
+        """What the run records of its data: a resumed probe must see the same latents."""
+        digest = hashlib.sha256(self.x.contiguous().numpy().tobytes()).hexdigest()[:16]
+        return {"n": len(self), "latent_shape": list(self.latent_shape), "fingerprint": digest}
+
+    def fetch(self, idx: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[idx], self.labels[idx]
 
     def prepare(self, raw: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return raw[0].to(device), raw[1].to(device)

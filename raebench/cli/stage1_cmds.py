@@ -80,5 +80,17 @@ def register(app: typer.Typer) -> None:
         if weights not in ("ema", "model"):
             raise RaebenchError(f"--weights must be ema or model, not {weights!r}.")
         d = export_decoder(ckpt, out, which=weights)
-        console.print(f"wrote {d}/model.pt, model.safetensors, config.json · use it with "
-                      f"`raebench eval --tokenizer rae-dinov2-b --decoder {d}`")
+        console.print(f"wrote {d}/model.pt, model.safetensors, config.json · {_eval_hint(d)}")
+
+
+def _eval_hint(folder: Path) -> str:
+    """How to evaluate an exported decoder: with the registered RAE of the same encoder and resolution."""
+    from raebench.tokenizers.rae import RELEASES
+
+    meta = json.loads((folder / "stage1.json").read_text())
+    names = [r.name for r in RELEASES.values()
+             if r.encoder_repo == meta.get("encoder") and r.resolution == meta.get("resolution")]
+    if names:
+        return f"use it with `raebench eval --tokenizer {names[0]} --decoder {folder}`"
+    return (f"no registered RAE tokenizer has its encoder {meta.get('encoder')!r} at {meta.get('resolution')} px; "
+            f"load it through an official-style YAML (pretrained_decoder_path: {folder}/model.pt) with `raebench eval --tokenizer-config`")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +25,8 @@ def _interval(text: Optional[str]) -> Optional[tuple[float, float]]:
         lo, hi = (float(v) for v in text.replace(" ", "").split(","))
     except ValueError:
         raise RaebenchError(f"--cfg-interval must be 'T_MIN,T_MAX' (e.g. 0.1,1.0), got {text!r}.") from None
+    if not 0.0 <= lo < hi <= 1.0:  # also refuses NaN
+        raise RaebenchError(f"--cfg-interval must be T_MIN,T_MAX with 0 <= T_MIN < T_MAX <= 1, got {text!r}.")
     return lo, hi
 
 
@@ -81,7 +84,7 @@ def register(app: typer.Typer) -> None:
     @app.command("sample")
     def sample_cmd(
         out: Path = typer.Option(..., "--out", "-o", help="ADM npz to write (arr_0 uint8 NHWC, arr_1 labels)."),
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A raebench stage-2 training checkpoint."),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A raebench stage-2 run folder or its checkpoint."),
         config: Optional[Path] = typer.Option(None, "--config", help="An official RAE YAML (stage_1 + stage_2 blocks)."),
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Decoder for --checkpoint (default: the run's)."),
         num: int = typer.Option(50_000, "--num", "-n"),
@@ -103,36 +106,60 @@ def register(app: typer.Typer) -> None:
         from raebench import distributed
         from raebench.cli import console
         from raebench.evaluate import resolve_device
-        from raebench.stage2.sample import class_labels, generate_npz, load_trained, save_grid
-        from raebench.stage2.samplers import sample
+        from raebench.stage2.sample import class_labels, generate_npz, load_trained, save_grid, stage2_checkpoint
+        from raebench.stage2.samplers import has_null_class, sample
 
+        # every argument is checked before a model loads
         if (checkpoint is None) == (config is None):
             raise RaebenchError("Give exactly one of --checkpoint (raebench run) or --config (official YAML).")
+        method_name = _method(method)
+        interval = _interval(cfg_interval)
+        _check_sampling_args(num, batch_size, steps, cfg_scale, num_classes, label_sampling, out, grid)
+        if guide_checkpoint is not None and config is not None:
+            raise RaebenchError("--guide-checkpoint goes with --checkpoint; an official YAML names its own guide.")
+        if guide_checkpoint is not None and (cfg_scale is None or cfg_scale == 1.0):
+            raise RaebenchError("--guide-checkpoint has no effect without --cfg-scale other than 1 (AutoGuidance "
+                                "strength); add e.g. --cfg-scale 1.5.")
+        source = config if config is not None else stage2_checkpoint(checkpoint)
+        guide_path = stage2_checkpoint(guide_checkpoint) if guide_checkpoint is not None else None
         distributed.init()
         dev = resolve_device(distributed.local_device(device))
-        interval = _interval(cfg_interval)
+        settings = {"source": _file_id(source), "method": method_name, "steps": steps, "cfg_scale": cfg_scale,
+                    "cfg_interval": list(interval) if interval else None,
+                    "guide": _file_id(guide_path) if guide_path else None}
         if config is not None:
             from raebench.official import from_official_config
 
             obj = from_official_config(config, device=dev)
             obj.model.to(dev)
             tok, shape = obj.tokenizer, tuple(obj.latent_size)
-            classes = num_classes or obj.num_classes or obj.model.num_classes
+            model_classes = obj.num_classes or obj.model.num_classes
+            classes = _classes(num_classes, model_classes)
 
             def sample_fn(noise, y):
-                return obj.sample(noise, y, num_steps=steps, method=method, cfg_scale=cfg_scale, cfg_interval=interval)
+                return obj.sample(noise, y, num_steps=steps, method=method_name, cfg_scale=cfg_scale, cfg_interval=interval)
         else:
-            model, info = load_trained(checkpoint)
-            model.to(dev)
-            guide = load_trained(guide_checkpoint)[0].to(dev) if guide_checkpoint else None
+            model, info = load_trained(source)
             run = info["config"]
-            name = tokenizer or run.tokenizer or _cache_tokenizer(run.latents)
+            classes = _classes(num_classes, run.num_classes)
+            run_tok = run.tokenizer or _cache_tokenizer(run.latents)
+            guide = None
+            if guide_path is not None:
+                guide, g_info = load_trained(guide_path)
+                _check_guide(info, g_info, run_tok, guide_path)
+            elif cfg_scale is not None and cfg_scale != 1.0 and not has_null_class(model):
+                raise RaebenchError(f"{str(source)!r} was trained without label dropout (class_dropout 0), so it has no "
+                                    "null class and classifier-free guidance is impossible; sample without --cfg-scale.")
+            name = tokenizer or run_tok
             if name is None:
                 raise RaebenchError("The run does not name its tokenizer; pass --tokenizer NAME to decode samples.")
-            tok, shape, classes = _tokenizer(name, dev), info["latent_shape"], num_classes or run.num_classes
+            settings["tokenizer"] = name
+            model.to(dev)
+            guide = guide.to(dev) if guide is not None else None
+            tok, shape = _tokenizer(name, dev), info["latent_shape"]
 
             def sample_fn(noise, y):
-                return sample(model, noise, y, num_steps=steps or 50, method=method or "euler", shift=info["shift"],
+                return sample(model, noise, y, num_steps=steps or 50, method=method_name or "euler", shift=info["shift"],
                               cfg_scale=cfg_scale if cfg_scale is not None else 1.0,
                               cfg_interval=interval or (0.0, 1.0), guide=guide)
 
@@ -140,7 +167,7 @@ def register(app: typer.Typer) -> None:
         if label_sampling == "equal" and num % classes:
             console.print(f"[yellow]{num} is not a multiple of {classes} classes: counts differ by one[/]")
         with torch.no_grad(), progress_bar("sampling (batches of this rank)") as bar:
-            generate_npz(sample_fn, tok.decode, out, labels, shape, batch_size, seed, dev, progress=bar)
+            generate_npz(sample_fn, tok.decode, out, labels, shape, batch_size, seed, dev, progress=bar, settings=settings)
         if distributed.is_main():
             if grid is not None:
                 save_grid(out, grid)
@@ -173,6 +200,72 @@ def register(app: typer.Typer) -> None:
         if distributed.is_main():
             console.print(f"latent cache written to {path}")
         distributed.finish()
+
+
+def _method(method: Optional[str]) -> Optional[str]:
+    from raebench.stage2.samplers import METHODS, canonical_method
+
+    if method is None:
+        return None
+    try:
+        return canonical_method(method)
+    except ValueError:
+        raise RaebenchError(f"Unknown sampling --method {method!r}; choose one of {', '.join(METHODS)}.") from None
+
+
+def _check_sampling_args(num: int, batch_size: int, steps: Optional[int], cfg_scale: Optional[float],
+                         num_classes: Optional[int], label_sampling: str, out: Path, grid: Optional[Path]) -> None:
+    """The sample command's numeric and path arguments; missing parent folders of --grid are created."""
+    if num < 1:
+        raise RaebenchError(f"--num must be at least 1, got {num}.")
+    if batch_size < 1:
+        raise RaebenchError(f"--batch-size must be at least 1, got {batch_size}.")
+    if steps is not None and steps < 2:
+        raise RaebenchError(f"--steps must be at least 2 (the points of the time grid), got {steps}.")
+    if cfg_scale is not None and not math.isfinite(cfg_scale):
+        raise RaebenchError(f"--cfg-scale must be a finite number, got {cfg_scale}.")
+    if num_classes is not None and num_classes < 1:
+        raise RaebenchError(f"--num-classes must be at least 1, got {num_classes}.")
+    if label_sampling not in ("equal", "random"):
+        raise RaebenchError(f"--label-sampling must be 'equal' or 'random', got {label_sampling!r}.")
+    if out.is_dir():
+        raise RaebenchError(f"--out {str(out)!r} is a folder; give the .npz file to write (e.g. {out / 'samples.npz'}).")
+    if grid is not None:
+        if grid.is_dir():
+            raise RaebenchError(f"--grid {str(grid)!r} is a folder; give the .png file to write.")
+        grid.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _classes(asked: Optional[int], trained: int) -> int:
+    """Sample labels 0 .. asked - 1 (default: every class of the model); more classes than it knows are refused."""
+    if asked is not None and asked > trained:
+        raise RaebenchError(f"--num-classes {asked} is more than the {trained} classes the model was trained on "
+                            f"(label {trained} is its null class); use at most {trained}.")
+    return asked or trained
+
+
+def _check_guide(info: dict, g_info: dict, run_tok: Optional[str], guide_path: Path) -> None:
+    """An AutoGuidance guide must share the model's latent space and classes."""
+    run, g_run = info["config"], g_info["config"]
+    g_tok = g_run.tokenizer or _cache_tokenizer(g_run.latents)
+    diff = []
+    if tuple(g_info["latent_shape"]) != tuple(info["latent_shape"]):
+        diff.append(f"latent shape {tuple(g_info['latent_shape'])} vs {tuple(info['latent_shape'])}")
+    if g_run.num_classes != run.num_classes:
+        diff.append(f"{g_run.num_classes} classes vs {run.num_classes}")
+    if g_tok and run_tok and g_tok != run_tok:
+        diff.append(f"tokenizer {g_tok} vs {run_tok}")
+    if diff:
+        raise RaebenchError(f"The guide {str(guide_path)!r} does not fit the model ({'; '.join(diff)}); a guide must be "
+                            "trained on the same latents with the same classes.")
+
+
+def _file_id(path: Path) -> str:
+    """Size and modification time of a file: a cheap fingerprint that changes when the weights do."""
+    if not path.is_file():
+        return str(path)  # its loader says what is wrong
+    st = path.stat()
+    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _cache_tokenizer(latents: Optional[str]) -> Optional[str]:

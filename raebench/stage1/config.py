@@ -106,6 +106,14 @@ class Stage1Config:
             raise RaebenchError(f"noise_rule must be uniform or half-normal, got {self.noise_rule!r}.")
         if self.global_batch < 1 or self.grad_accum < 1 or self.epochs < 1:
             raise RaebenchError("global_batch, grad_accum and epochs must be positive.")
+        for name in ("log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise RaebenchError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("sample_every", "val_every"):
+            if getattr(self, name) < 0:
+                raise RaebenchError(f"{name} must be at least 0 (0: off), got {getattr(self, name)}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise RaebenchError(f"max_steps must be at least 1 (or unset), got {self.max_steps}.")
         if self.resolution % self.decoder_patch:
             raise RaebenchError(
                 f"The resolution {self.resolution} is not a multiple of the decoder patch size {self.decoder_patch}."

@@ -90,8 +90,21 @@ def build_trainable_rae(cfg: Stage1Config):
         latent_dim=enc.hidden_size, hidden_size=cfg.decoder_hidden, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads,
         mlp_dim=cfg.decoder_mlp, patch_size=cfg.decoder_patch, grid_size=cfg.grid, layer_norm_eps=cfg.decoder_layer_norm_eps,
     )
-    dec = build_decoder(dcfg, cfg.init_decoder)
+    dec = build_decoder(dcfg, init_decoder_file(cfg.init_decoder) if cfg.init_decoder else None)
     return RAETokenizer(enc, dec, None, noise_tau=cfg.noise_tau, noise_rule=cfg.noise_rule)
+
+
+def init_decoder_file(source: str) -> str:
+    """``--init-decoder``: a weights file, or a folder holding ``model.pt`` / ``model.safetensors``
+    (what ``raebench export-decoder`` writes)."""
+    p = Path(source)
+    if not p.is_dir():
+        return source
+    for name in ("model.safetensors", "model.pt"):
+        if (p / name).is_file():
+            return str(p / name)
+    raise RaebenchError(f"The --init-decoder folder {source!r} holds no model.safetensors or model.pt; give the weights "
+                        "file or a folder written by `raebench export-decoder`.")
 
 
 class PixelDecoder(nn.Module):
@@ -450,7 +463,8 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
             dist.all_reduce(sums)
         m = (sums / (accum * world)).tolist()  # the step's one host-device sync
         if not all(math.isfinite(v) for v in m[:5]):  # the same values on every rank: all stop together
-            raise RaebenchError(f"The decoder loss became non-finite at step {step}; lower lr or use fp32.")
+            hint = "lower lr or use --precision fp32" if cfg.precision == "bf16" else "lower lr or check the images"
+            raise RaebenchError(f"The decoder loss became non-finite at step {step}; {hint}.")
         if rank == 0 and (step % cfg.log_every == 0 or step == stop):
             now = time.perf_counter()
             row = {

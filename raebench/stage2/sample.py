@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -24,8 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from raebench.distributed import rank_world
+from raebench.errors import CheckpointError, RaebenchError
 from raebench.results import atomic_path
-from raebench.errors import RaebenchError
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +61,36 @@ def generate_npz(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Sample ``len(labels)`` images into an ADM npz at ``out``; see the module docstring."""
+    """Sample ``len(labels)`` images into an ADM npz at ``out``; see the module docstring.
+
+    ``settings``: everything else that changes the samples (model, tokenizer, sampler, guidance), as
+    JSON values; a resumed run must have the same ones, the labels, seed, batch size and latent shape,
+    or it is refused (parts of two runs are never mixed).
+    """
     from raebench.data import to_uint8
 
     out = Path(out)
     rank, world = rank_world()
     n = len(labels)
+    if n < 1 or batch_size < 1:
+        raise RaebenchError(f"Need at least one sample and a batch size of at least 1, got {n} and {batch_size}.")
+    if out.is_dir():
+        raise RaebenchError(f"--out {str(out)!r} is a folder; give the .npz file to write.")
     parts = out.with_name(f".{out.name}.parts")
-    key = hashlib.sha256(labels.numpy().tobytes() + f"{seed}/{batch_size}/{latent_shape}".encode()).hexdigest()[:16]
+    run = {"labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16], "seed": seed, "batch_size": batch_size,
+           "latent_shape": list(latent_shape), **json.loads(json.dumps(dict(settings or {})))}
     if rank == 0:
         parts.mkdir(parents=True, exist_ok=True)
         meta = parts / "meta.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("key") != key:
-            raise RaebenchError(f"{parts} holds parts of a different sampling run; delete it or choose another --out.")
-        meta.write_text(json.dumps({"key": key, "n": n, "batch_size": batch_size, "seed": seed}))
+        old = json.loads(meta.read_text()).get("run", {}) if meta.is_file() else run
+        if old != run and any(parts.glob("b*.npz")):
+            diff = "; ".join(f"{k}: {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run))
+                             if old.get(k) != run.get(k))
+            raise RaebenchError(f"{parts} holds samples of a sampling run with other settings ({diff}); re-run with "
+                                "those settings to finish it, or delete that folder (or choose another --out) to start afresh.")
+        meta.write_text(json.dumps({"run": run, "n": n}))
     if world > 1:
         dist.barrier()
     num_batches = math.ceil(n / batch_size)
@@ -124,19 +139,37 @@ def save_grid(npz: str | os.PathLike, png: str | os.PathLike, n: int = 64) -> Pa
     return Path(png)
 
 
+def stage2_checkpoint(source: str | os.PathLike) -> Path:
+    """A run folder (``checkpoints/last.pt`` inside) or a checkpoint file -> the checkpoint file."""
+    p = Path(source)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.pt"
+    if not p.is_file():
+        raise CheckpointError(f"No stage-2 checkpoint at {str(p)!r}; give a run folder or its checkpoints/last.pt.")
+    return p
+
+
 def load_trained(checkpoint: str | os.PathLike, key: str = "ema") -> tuple[nn.Module, dict]:
-    """A raebench stage-2 training checkpoint -> (eval model, info with shift/latent_shape/config)."""
+    """A raebench stage-2 training checkpoint (or its run folder) -> (eval model, info with
+    shift/latent_shape/config/step/data)."""
+    import dataclasses
+
     from raebench.checkpoint import load_state
     from raebench.stage2.checkpoints import load_stage2_state
     from raebench.stage2.train import TrainConfig, build_for_training
     from raebench.stage2.transport import shift_from_dims
 
+    checkpoint = stage2_checkpoint(checkpoint)
     ck = load_state(checkpoint)
-    if not isinstance(ck, dict) or "config" not in ck or "latent_shape" not in ck:
-        raise RaebenchError(f"{checkpoint} is not a raebench stage-2 training checkpoint; use --config for official ones.")
+    if not isinstance(ck, dict) or not isinstance(ck.get("config"), dict) or "latent_shape" not in ck or key not in ck:
+        raise CheckpointError(f"{str(checkpoint)!r} is not a raebench stage-2 training checkpoint; use --config for official ones.")
+    unknown = sorted(set(ck["config"]) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise CheckpointError(f"The config in {str(checkpoint)!r} has settings this raebench does not know "
+                              f"({', '.join(unknown)}); it was written by another version.")
     fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ck["config"].items()}
     cfg = TrainConfig(**fields)
     shape = tuple(ck["latent_shape"])
     model = load_stage2_state(build_for_training(cfg, shape), ck[key]).eval()
     return model, {"config": cfg, "latent_shape": shape, "shift": shift_from_dims(math.prod(shape), cfg.shift_base),
-                   "step": ck.get("step")}
+                   "step": ck.get("step"), "data": ck.get("data")}

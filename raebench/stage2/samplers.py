@@ -38,6 +38,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from raebench.errors import RaebenchError
 from raebench.stage2.transport import T_MAX, time_shift
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (N, ...), t (N,)) -> v
@@ -73,6 +74,12 @@ def _in_interval(t: torch.Tensor, interval: tuple[float, float], ndim: int) -> t
     return ((t >= lo) & (t <= hi)).view(-1, *([1] * (ndim - 1)))  # (N, 1, 1, 1)
 
 
+def has_null_class(model: nn.Module) -> bool:
+    """Whether ``model``'s label table has the null row ``num_classes`` (trained with label dropout)."""
+    table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
+    return table is None or table.num_embeddings > model.num_classes
+
+
 def velocity_fn(
     model: nn.Module,
     y: torch.Tensor,
@@ -89,6 +96,9 @@ def velocity_fn(
             v, v_g = model(x, t, y), guide(x, t, y)  # (N, C, H, W) each, same batch
             return torch.where(_in_interval(t, cfg_interval, x.dim()), v_g + cfg_scale * (v - v_g), v)
         return v_ag
+    if null_class is None and not has_null_class(model):
+        raise RaebenchError("This model has no null class (it was trained without label dropout), so classifier-free "
+                            "guidance is impossible; sample with cfg_scale 1 or use a guide model.")
     null = int(null_class if null_class is not None else model.num_classes)
     y2 = torch.cat([y, torch.full_like(y, null)])  # (2N,)
 

@@ -8,11 +8,18 @@ Latents come from a latent cache written once by :func:`cache_latents` (``raeben
 each image stored with its horizontal flip, one variant drawn per step) or are computed on the fly
 by a frozen tokenizer from an image folder (with random flips).
 
-Runs are resumable: everything lives in ``cfg.out`` (``config.json``, ``checkpoints/last.pt``), and
-re-running the same command continues from the last checkpoint. A checkpoint holds
-``{model, ema, opt, sched, step, rng, config}`` and is written to a temporary file then renamed.
-The data order is a function of (seed, epoch) and the per-rank RNG states are saved, so a resumed run
-reproduces an uninterrupted one. Multi-process runs use ``torchrun`` (gloo on CPU, nccl on GPU).
+Runs are resumable: everything lives in ``cfg.out`` (``config.json``, ``log.csv``,
+``checkpoints/last.pt``), and re-running the same command continues from the last checkpoint; a
+changed setting that alters the trajectory (anything but :data:`RUN_ONLY_FIELDS`) or other training
+data is refused. A checkpoint holds ``{model, ema, opt, sched, step, config, data, latent_shape}``
+and is written to a temporary file then renamed.
+
+Every random draw of a step is a function of (seed, step, position in the global batch): the data
+order of (seed, epoch), the cache variant or flip, the time and the label dropout of (seed, step),
+the noise of (seed, step, position). Each rank takes its slice of the global batch, so a run gives
+the same result on any number of ranks (up to float summation order) and a resumed run reproduces
+an uninterrupted one without saved RNG states. Multi-process runs use ``torchrun`` (gloo on CPU,
+nccl on GPU).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -81,13 +89,25 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
             raise RaebenchError(f"precision must be bf16 or fp32, got {self.precision!r}.")
-        if self.grad_accum < 1 or self.global_batch < 1:
-            raise RaebenchError("global_batch and grad_accum must be positive.")
+        for name in ("global_batch", "grad_accum", "epochs", "num_classes", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise RaebenchError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise RaebenchError(f"max_steps must be at least 1 (or unset), got {self.max_steps}.")
+        if not 0 <= self.class_dropout < 1:
+            raise RaebenchError(f"class_dropout must lie in [0, 1), got {self.class_dropout}.")
+        if self.seed < 0:
+            raise RaebenchError(f"seed must be non-negative, got {self.seed}.")
 
 
-#: the official recipe for each DiT-DH size, plus a tiny preset for tests and smoke runs
+#: Settings that may change between a run and its resumption (they do not change the trajectory).
+RUN_ONLY_FIELDS = frozenset({"out", "num_workers", "log_every", "ckpt_every", "max_steps", "compile"})
+
+#: the official recipe for each DiT-DH size, LightningDiT of the same sizes for comparison, and a
+#: tiny preset for tests and smoke runs
 PRESETS: dict[str, TrainConfig] = {
     **{f"ditdh-{s}": TrainConfig(model=f"ditdh-{s}") for s in ("s", "b", "l", "xl")},
+    **{f"lightningdit-{s}": TrainConfig(model=f"lightningdit-{s}") for s in ("s", "b", "l", "xl")},
     "tiny": TrainConfig(
         model="ditdh-tiny", num_classes=10, epochs=50, global_batch=64, lr=1e-3, final_lr=1e-4,
         constant_epochs=10, decay_end_epoch=50, ema_decay=0.99, precision="fp32", log_every=10, ckpt_every=50,
@@ -140,9 +160,14 @@ class LatentCache:
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self.latents.shape[2:])
 
-    def fetch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One variant (image or flip) per example, drawn from ``gen``: (B, C, H, W) float32, (B,)."""
-        var = torch.randint(self.latents.shape[1], (len(idx),), generator=gen)
+    def identity(self) -> dict[str, Any]:
+        """What a run records of its data, to refuse resuming on other data."""
+        keep = {k: self.meta[k] for k in ("id", "fingerprint", "tokenizer", "resolution") if k in self.meta}
+        return {"n": len(self), "latent_shape": list(self.latent_shape), **keep}
+
+    def fetch(self, idx: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One variant (image or flip) per example, chosen by uniforms ``u`` (B,): (B, C, H, W) float32, (B,)."""
+        var = (u * self.latents.shape[1]).long().clamp(max=self.latents.shape[1] - 1)
         order = np.argsort(idx.numpy())  # sorted reads are kinder to a memory map
         x = np.empty((len(idx), *self.latents.shape[2:]), dtype=np.float32)
         for j in order:
@@ -164,6 +189,7 @@ class OnTheFly:
             raise DataError(f"{data!r} has no class subfolders; stage-2 training needs labelled images.")
         self.dataset = ImageDataset(self.images, resolution)
         self.tokenizer = tokenizer.eval().requires_grad_(False)
+        self.tokenizer_name = getattr(tokenizer, "name", type(tokenizer).__name__)
         self.labels = torch.tensor(self.images.labels)
         with torch.no_grad():
             self._shape = tuple(tokenizer.encode(torch.zeros(1, 3, resolution, resolution, device=device)).shape[1:])
@@ -178,14 +204,19 @@ class OnTheFly:
     def latent_shape(self) -> tuple[int, int, int]:
         return self._shape
 
-    def fetch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded, cropped, randomly flipped images: (B, 3, R, R) uint8, (B,)."""
+    def identity(self) -> dict[str, Any]:
+        """What a run records of its data, to refuse resuming on other data."""
+        return {"n": len(self), "latent_shape": list(self.latent_shape), "fingerprint": self.images.fingerprint(),
+                "tokenizer": self.tokenizer_name}
+
+    def fetch(self, idx: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded, cropped images, flipped where the uniform ``u`` (B,) is below 0.5: (B, 3, R, R) uint8, (B,)."""
         items = [self.dataset[int(i)] for i in idx]
         bad = [it["path"] for it in items if "image" not in it]
         if bad:
             raise DataError(f"Unreadable training images: {bad[:3]}; remove them or cache latents first.")
         img = torch.stack([it["image"] for it in items])  # (B, 3, R, R) uint8
-        flip = torch.rand(len(idx), generator=gen) < 0.5
+        flip = u < 0.5
         return torch.where(flip.view(-1, 1, 1, 1), img.flip(-1), img), self.labels[idx]
 
     @torch.no_grad()
@@ -195,22 +226,34 @@ class OnTheFly:
         return self.tokenizer.encode(to_float(raw[0].to(device))).float(), raw[1].to(device)  # (B, C, H, W)
 
 
-class _StepBatches(torch.utils.data.Dataset):
-    """Keys (step, rank, indices) -> (step, source.fetch(...)), so loader workers can prefetch steps.
+# streams of the per-step random draws (see derive_seed)
+_DATA, _TIMES, _NOISE = 1, 2, 3
 
-    The per-step generator makes the data-side draws (flips, cache variants) a function of the step.
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from non-negative integers (SeedSequence hashing: nearby keys give unrelated streams)."""
+    hi, lo = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return ((int(hi) << 32) | int(lo)) >> 1
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Keys (step, offset, indices) -> (step, source.fetch(...)), so loader workers can prefetch steps.
+
+    The data-side draws (flips, cache variants) are made for the whole global batch from a generator
+    of (seed, step); ``offset`` is the position of this rank's first example in the global batch.
     """
 
-    def __init__(self, source: Any, seed: int) -> None:
-        self.source, self.seed = source, seed
+    def __init__(self, source: Any, seed: int, global_batch: int) -> None:
+        self.source, self.seed, self.global_batch = source, seed, global_batch
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, key: tuple[int, int, torch.Tensor]) -> tuple[int, Any]:
-        step, rank, idx = key
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 4099 + rank)
-        return step, self.source.fetch(idx, gen)
+        step, offset, idx = key
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, _DATA, step))
+        u = torch.rand(self.global_batch, generator=gen)[offset:offset + len(idx)]  # (B,)
+        return step, self.source.fetch(idx, u)
 
 
 def open_source(cfg: TrainConfig, device: torch.device):
@@ -230,7 +273,7 @@ def write_latent_cache(out: str | os.PathLike, latents: torch.Tensor, labels: to
     np.save(out / "latents.npy", latents.float().numpy())
     np.save(out / "labels.npy", labels.long().numpy())
     _write_json(out / "meta.json", {"n": len(labels), "variants": latents.shape[1], "shape": list(latents.shape[2:]),
-                                    "done": len(labels), "complete": True, **meta})
+                                    "done": len(labels), "complete": True, "id": uuid.uuid4().hex, **meta})
     return out
 
 
@@ -245,12 +288,15 @@ def cache_latents(
     one memory-mapped ``latents.npy`` (the ranks must share one file system: run it on one node).
     Resumable: each rank flushes its rows and records its position in ``progress-R-of-W.json`` after
     every batch; a re-run (with the same world size) continues where each rank stopped, and another
-    world size starts afresh. ``meta.json`` is marked complete only when every rank has finished.
+    world size starts afresh. ``meta.json`` is marked complete only when every rank has finished; its
+    ``id`` is new for every fresh cache, so a run trained on it refuses to resume on another one.
     """
     from raebench.data import ImageDataset, make_loader, resolve_data, to_float
 
     rank, world = distributed.rank_world()
     images = resolve_data(data=data).images
+    if images.labels and min(images.labels) < 0:
+        raise DataError(f"{data!r} has no class subfolders; stage-2 training needs labelled images.")
     out = Path(out)
     dev = next(iter(tokenizer.parameters()), torch.zeros(())).device
     shape = tuple(tokenizer.encode(torch.zeros(1, 3, resolution, resolution, device=dev)).shape[1:])
@@ -269,7 +315,8 @@ def cache_latents(
                 old.unlink()
             np.lib.format.open_memmap(out / "latents.npy", mode="w+", dtype=np.dtype(dtype), shape=(n, variants, *shape)).flush()
             np.save(out / "labels.npy", np.asarray(images.labels, dtype=np.int64))
-            _write_json(meta_path, {**want, "complete": False})
+            meta = {"id": uuid.uuid4().hex}
+            _write_json(meta_path, {**want, "id": meta["id"], "complete": False})
     if world > 1:
         dist.barrier()
     lo, hi = distributed.shard(n, rank, world)
@@ -290,7 +337,7 @@ def cache_latents(
     if world > 1:
         dist.barrier()
     if rank == 0:
-        _write_json(meta_path, {**want, "complete": True})
+        _write_json(meta_path, {**want, "id": meta.get("id", uuid.uuid4().hex), "complete": True})
         for done in out.glob("progress-*.json"):
             done.unlink()
     if world > 1:
@@ -377,13 +424,18 @@ class NonFiniteGradientError(RaebenchError):
 def train_step(
     ddp: nn.Module, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, transport: Transport,
     x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, autocast: contextlib.AbstractContextManager | None = None,
+    draws: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> float:
     """One optimisation step on the batch (x, y): accumulated backward, clip, AdamW, EMA; returns the loss.
 
-    ``ddp`` is the (possibly DistributedDataParallel-wrapped) ``model``.
+    ``ddp`` is the (possibly DistributedDataParallel-wrapped) ``model``. ``draws``: the batch's times
+    (B,) and noise (B, C, H, W) (see :func:`step_draws`); None draws them from torch's global RNG.
     """
     opt.zero_grad(set_to_none=True)
-    loss = accumulate_gradients(ddp, transport.loss, x, y, cfg.grad_accum, autocast)
+    if draws is None:
+        loss = accumulate_gradients(ddp, transport.loss, x, y, cfg.grad_accum, autocast)
+    else:
+        loss = accumulate_gradients(ddp, transport.loss_at, x, y, cfg.grad_accum, autocast, extra=draws)
     clip_and_step(model, opt, cfg.clip_grad)
     update_ema(ema, model, cfg.ema_decay)
     return loss
@@ -391,34 +443,58 @@ def train_step(
 
 def accumulate_gradients(
     model: nn.Module, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor, accum: int,
-    autocast: contextlib.AbstractContextManager | None = None,
+    autocast: contextlib.AbstractContextManager | None = None, extra: tuple[torch.Tensor, ...] = (),
 ) -> float:
     """Backward of the mean loss over the batch in ``accum`` equal micro-batches; returns that loss.
 
-    Each micro-batch contributes mean/accum, so the gradient equals that of one big batch; DDP only
-    all-reduces on the last micro-batch.
+    ``loss_fn(model, x, y, *extra)`` gets each micro-batch's slice of x, y and the ``extra`` per-example
+    tensors. Each micro-batch contributes mean/accum, so the gradient equals that of one big batch;
+    DDP only all-reduces on the last micro-batch.
     """
     if len(x) % accum:
         raise RaebenchError(f"the per-rank batch {len(x)} does not split into {accum} equal micro-batches.")
     micro, total = len(x) // accum, 0.0
     for a in range(accum):
-        xs, ys = x[a * micro:(a + 1) * micro], y[a * micro:(a + 1) * micro]
+        part = slice(a * micro, (a + 1) * micro)
         last = a == accum - 1
         sync = model.no_sync() if (not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync:
             with autocast or contextlib.nullcontext():
-                loss = loss_fn(model, xs, ys).mean() / accum  # (N_micro,) -> scalar share of the batch mean
+                loss = loss_fn(model, x[part], y[part], *(e[part] for e in extra)).mean() / accum  # share of the batch mean
             loss.backward()
         total += float(loss.detach())
     return total
+
+
+def step_draws(
+    cfg: TrainConfig, transport: Transport, step: int, offset: int, n: int, latent_shape: tuple[int, ...],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions [offset, offset + n) of the global batch's random draws at ``step``: times (n,), noise
+    (n, C, H, W) and the label-dropout mask (n,).
+
+    Times and dropout are drawn for the whole global batch from a generator of (seed, step), the noise
+    of each example from a generator of (seed, step, position) on ``device``: the same values however
+    the batch is split over ranks.
+    """
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, _TIMES, step))
+    t = transport.sample_t(cfg.global_batch, generator=g)[offset:offset + n]  # (n,)
+    drop = (torch.rand(cfg.global_batch, generator=g) < cfg.class_dropout)[offset:offset + n]  # (n,)
+    noise = torch.stack([
+        torch.randn(latent_shape, device=device,
+                    generator=torch.Generator(device).manual_seed(derive_seed(cfg.seed, _NOISE, step, j)))
+        for j in range(offset, offset + n)
+    ])  # (n, C, H, W)
+    return t.to(device), noise, drop.to(device)
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def _batches(n: int, cfg: TrainConfig, start_step: int, rank: int, world: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(step, this rank's indices for the whole step) for every optimizer step from ``start_step``."""
+def _batches(n: int, cfg: TrainConfig, start_step: int, rank: int, world: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(step, offset, this rank's indices for the whole step) for every optimizer step from ``start_step``;
+    ``offset`` is the position of the first of them in the global batch."""
     spe = n // cfg.global_batch
     per_rank = cfg.global_batch // world
     step = start_step
@@ -427,21 +503,8 @@ def _batches(n: int, cfg: TrainConfig, start_step: int, rank: int, world: int) -
         order = _epoch_order(n, cfg.seed, epoch)
         for j in range(k, spe):
             idx = order[j * cfg.global_batch:(j + 1) * cfg.global_batch]
-            yield step, idx[rank * per_rank:(rank + 1) * per_rank]
+            yield step, rank * per_rank, idx[rank * per_rank:(rank + 1) * per_rank]
             step += 1
-
-
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def build_for_training(cfg: TrainConfig, latent_shape: tuple[int, int, int]) -> nn.Module:
@@ -452,8 +515,42 @@ def build_for_training(cfg: TrainConfig, latent_shape: tuple[int, int, int]) -> 
                                        class_dropout_prob=cfg.class_dropout)
 
 
+def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """Refuse unlabelled examples (-1) and labels that ``num_classes`` does not cover (label
+    ``num_classes`` is the null class of classifier-free guidance)."""
+    if not len(labels):
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0:
+        raise DataError(f"{where} has unlabelled examples (label {lo}); stage-2 training needs labelled images, "
+                        "one subfolder per class.")
+    if hi >= num_classes:
+        raise DataError(f"{where} has labels up to {hi}, more than --num-classes {num_classes} covers; "
+                        f"set --num-classes {hi + 1}.")
+
+
+def compare_configs(saved: dict, cfg: TrainConfig) -> list[str]:
+    """Trajectory-changing differences between a saved run config and ``cfg``."""
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in _jsonable(cfg).items()
+            if k not in RUN_ONLY_FIELDS and saved.get(k) != v]
+
+
+def compare_data(saved: dict | None, now: dict) -> list[str]:
+    """Differences between the data a run was trained on and ``now`` (old checkpoints record none)."""
+    if saved is None:
+        return []
+    return [f"data {k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
+LOG_COLUMNS = ("step", "epoch", "images", "lr", "loss", "sec_per_step")
+CHECKPOINT_FORMAT = "raebench-stage2-v2"  # v2: per-step draws of (seed, step, position), no RNG states
+
+
 def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> dict:
     """Run (or resume) training; returns {'step', 'losses', 'out'}. ``source`` overrides cfg data."""
+    from raebench.checkpoint import load_state
+    from raebench.stage1.train import truncate_csv
+
     device = torch.device(device)
     distributed.init(device)
     rank, world = distributed.rank_world()
@@ -462,12 +559,25 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
     out = Path(cfg.out)
     ckpt_path = out / "checkpoints" / "last.pt"
     source = source if source is not None else open_source(cfg, device)
+    check_labels(source.labels, cfg.num_classes, repr(cfg.latents or cfg.data or "the training data"))
+    data = source.identity()
     n = len(source)
     spe = n // cfg.global_batch
     if spe < 1:
         raise DataError(f"{n} training examples are fewer than one global batch ({cfg.global_batch}).")
     total = cfg.epochs * spe
     stop = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+    ck = load_state(ckpt_path) if ckpt_path.is_file() else None
+    if ck is not None:
+        diff = compare_configs(ck.get("config", {}), cfg) + compare_data(ck.get("data"), data)
+        if list(ck.get("latent_shape", data["latent_shape"])) != data["latent_shape"]:
+            diff.append(f"latent shape: {ck['latent_shape']} -> {data['latent_shape']}")
+        if diff:
+            raise RaebenchError(f"{str(out)!r} holds a run with other settings or data ({'; '.join(diff)}); re-run with "
+                                "its settings, or choose another --out to start afresh.")
+        if ck.get("format") != CHECKPOINT_FORMAT and rank == 0:
+            log.warning("%s was written by an older raebench with other random draws; the resumed run will not "
+                        "reproduce an uninterrupted one", ckpt_path)
 
     if device.type == "cuda":  # as the official trainer: TF32 matmuls for the fp32 parts
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -475,36 +585,24 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_for_training(cfg, source.latent_shape).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    torch.manual_seed(cfg.seed * world + rank)  # then per-rank noise, times and label dropout
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spe, cfg))
     shift = shift_from_dims(math.prod(source.latent_shape), cfg.shift_base)
     transport = Transport(cfg.time_dist, cfg.time_mu, cfg.time_sigma, shift)
 
     step = 0
-    if ckpt_path.is_file():
-        from raebench.checkpoint import load_state
-
-        ck = load_state(ckpt_path)
-        saved = ck.get("config", {})
-        changed = {k: (saved.get(k), v) for k, v in _jsonable(cfg).items()
-                   if k not in ("max_steps", "compile") and saved.get(k) != v}
-        if "model" in changed or "num_classes" in changed:
-            raise RaebenchError(f"{out} holds a run of another model ({changed}); choose another --out to start afresh.")
-        if changed:
-            log.warning("resuming %s with changed settings: %s", out, changed)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         step = int(ck["step"])
-        rngs = ck["rng"]
-        _set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         log.info("resumed %s at step %d", out, step)
-    elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", _jsonable(cfg))
+    del ck
     if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", {**_jsonable(cfg), "data": data})
+        truncate_csv(out / "log.csv", LOG_COLUMNS, step)
         log.info("%s: %.2fM parameters, %d examples, %d steps/epoch, %d steps, shift %.3f", cfg.model,
                  count_params(model) / 1e6, n, spe, total, shift)
 
@@ -518,55 +616,72 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
     elif device.type == "cuda" and rank == 0:
         log.info("tip: --compile made a DiT-DH-XL bf16 step 1.6x faster on an H200 (bench/README.md), "
                  "after about a minute of compilation")
-    model.train()
+    # The network's only train-mode behaviour is label dropout; the trainer draws it itself (step_draws),
+    # so that it does not depend on the number of ranks, and runs the network in eval mode.
+    model.eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     losses: list[float] = []
-    t0 = time.perf_counter()
-    keys = ((s, rank, idx) for s, idx in itertools.takewhile(lambda b: b[0] < stop, _batches(n, cfg, step, rank, world)))
+    t_last, logged = time.perf_counter(), step
+    keys = itertools.takewhile(lambda b: b[0] < stop, _batches(n, cfg, step, rank, world))
     loader = torch.utils.data.DataLoader(
-        _StepBatches(source, cfg.seed), batch_size=None, sampler=keys, num_workers=cfg.num_workers,
+        _StepBatches(source, cfg.seed, cfg.global_batch), batch_size=None, sampler=keys, num_workers=cfg.num_workers,
         prefetch_factor=2 if cfg.num_workers > 0 else None, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG stream (saved in checkpoints) intact
+        generator=torch.Generator().manual_seed(cfg.seed),  # the loader leaves torch's global RNG alone
     )
+    per_rank = cfg.global_batch // world
     for s, raw in loader:
         assert s == step, (s, step)
         x, y = source.prepare(raw, device)
+        t, noise, drop = step_draws(cfg, transport, step, rank * per_rank, len(y), source.latent_shape, device)
+        y = torch.where(drop, cfg.num_classes, y)  # the null class (never drawn when class_dropout is 0)
         try:
-            total_loss = train_step(ddp, model, ema, opt, transport, x, y, cfg, autocast)
+            total_loss = train_step(ddp, model, ema, opt, transport, x, y, cfg, autocast, draws=(t, noise))
         except NonFiniteGradientError as e:
+            hint = "use --precision fp32, " if cfg.precision == "bf16" else ""
             raise RaebenchError(
                 f"Training stopped at step {step + 1}: {e} (loss {losses[-1] if losses else 'n/a'} at the previous "
                 f"step). The checkpoint in {ckpt_path.parent} holds the last good state; lower the learning rate, "
-                "use --precision fp32, or check the latents for NaN/Inf.") from None
+                f"{hint}or check the latents for NaN/Inf.") from None
         sched.step()
         losses.append(total_loss)
         step += 1
-        if rank == 0 and (step % cfg.log_every == 0 or step == stop):
-            dt = time.perf_counter() - t0
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.2f steps/s", step, total,
-                     float(np.mean(losses[-cfg.log_every:])), sched.get_last_lr()[0], len(losses) / max(dt, 1e-9))
+        if step % cfg.log_every == 0 or step == stop:
+            _log_row(out / "log.csv", losses[-(step - logged):], step, spe, cfg, sched.get_last_lr()[0],
+                     time.perf_counter() - t_last, rank, world, device)
+            t_last, logged = time.perf_counter(), step
         if step % cfg.ckpt_every == 0 or step == stop:
-            _save(ckpt_path, model, ema, opt, sched, step, cfg, rank, world, source.latent_shape)
+            _save(ckpt_path, model, ema, opt, sched, step, cfg, rank, world, data)
     return {"step": step, "losses": losses, "out": str(out)}
+
+
+def _log_row(path: Path, losses: list[float], step: int, spe: int, cfg: TrainConfig, lr: float, seconds: float,
+             rank: int, world: int, device: torch.device) -> None:
+    """Append a row to ``log.csv`` (rank 0): the loss averaged over the steps since the last row and all ranks."""
+    import csv
+
+    loss = torch.tensor(float(np.mean(losses)), dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(loss)
+        loss /= world
+    if rank != 0:
+        return
+    row = {"step": step, "epoch": step // spe, "images": step * cfg.global_batch, "lr": lr, "loss": float(loss),
+           "sec_per_step": seconds / len(losses)}
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, LOG_COLUMNS).writerow(row)
+    log.info("step %d  loss %.4f  lr %.2e  %.2f steps/s", step, row["loss"], lr, 1 / max(row["sec_per_step"], 1e-9))
 
 
 def _jsonable(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _save(path: Path, model, ema, opt, sched, step: int, cfg: TrainConfig, rank: int, world: int,
-          latent_shape: tuple[int, ...]) -> None:
-    rng = _rng_state()
-    if world > 1:
-        rngs: list = [None] * world
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
+def _save(path: Path, model, ema, opt, sched, step: int, cfg: TrainConfig, rank: int, world: int, data: dict) -> None:
     if rank == 0:
         from raebench.checkpoint import save_atomic
 
-        save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                     "sched": sched.state_dict(), "step": step, "rng": rngs, "config": _jsonable(cfg),
-                     "latent_shape": list(latent_shape)}, path)
+        save_atomic({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "ema": ema.state_dict(),
+                     "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "config": _jsonable(cfg),
+                     "data": data, "latent_shape": data["latent_shape"]}, path)
     if world > 1:
         dist.barrier()

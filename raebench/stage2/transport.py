@@ -111,7 +111,12 @@ class Transport:
             noise = torch.randn(x0.shape, device=x0.device, dtype=torch.float32)  # (N, C, H, W)
         else:
             noise = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x0.device)
-        x0 = x0.float()
-        xt, target = self.interpolate(x0, noise, t)
+        return self.loss_at(model, x0, y, t, noise)
+
+    def loss_at(
+        self, model: VelocityModel, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`loss` at given (shifted) times t (N,) and noise (N, C, H, W)."""
+        xt, target = self.interpolate(x0.float(), noise, t)
         pred = model(xt, t, y)
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
