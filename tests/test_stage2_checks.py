@@ -15,7 +15,8 @@ from raebench.cli import stage2_cmds
 from raebench.errors import CheckpointError, DataError, RaebenchError
 from raebench.stage2.checkpoints import load_stage2_state, read_state_dict
 from raebench.stage2.sample import class_labels, generate_npz, load_trained
-from raebench.stage2.train import PRESETS, build_for_training, cache_latents, preset, train, write_latent_cache
+from raebench.stage2.latents import cache_latents, write_latent_cache
+from raebench.stage2.train import PRESETS, build_for_training, preset, train
 
 from test_stage2_sample import fake_fns
 from test_stage2_train import _MeanPool, toy_cache

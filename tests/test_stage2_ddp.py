@@ -65,7 +65,7 @@ def test_torchrun_train_equals_one_process_and_sample(tmp_path):
 CACHE_SCRIPT = textwrap.dedent('''
     import sys, torch
     from raebench import distributed
-    from raebench.stage2.train import cache_latents
+    from raebench.stage2.latents import cache_latents
 
     class MeanPool(torch.nn.Module):
         name = "meanpool"
@@ -84,7 +84,7 @@ CACHE_SCRIPT = textwrap.dedent('''
 def test_torchrun_cache_latents_equals_one_process(tmp_path, image_folder):
     from test_stage2_train import _MeanPool
 
-    from raebench.stage2.train import LatentCache, cache_latents
+    from raebench.stage2.latents import LatentCache, cache_latents
 
     (tmp_path / "job.py").write_text(CACHE_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from raebench.stage2.samplers import sample
-from raebench.stage2.train import (
-    LatentCache, PRESETS, TrainConfig, build_for_training, cache_latents, lr_factor, preset, train,
-    write_latent_cache,
-)
+from raebench.stage2.latents import LatentCache, cache_latents, write_latent_cache
+from raebench.stage2.train import PRESETS, TrainConfig, build_for_training, lr_factor, preset, train
 from raebench.stage2.checkpoints import load_stage2_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")

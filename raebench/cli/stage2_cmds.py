@@ -188,7 +188,7 @@ def register(app: typer.Typer) -> None:
         """Encode a dataset once (plus flips) so stage-2 training does not pay the encoder every step."""
         from raebench.cli import console
         from raebench.evaluate import resolve_device
-        from raebench.stage2.train import cache_latents
+        from raebench.stage2.latents import cache_latents
 
         from raebench import distributed
 

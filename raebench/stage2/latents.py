@@ -1,0 +1,212 @@
+"""Stage-2 latent sources: a latent cache written once, or latents computed on the fly.
+
+:func:`cache_latents` (``raebench cache-latents``) encodes an image folder once with a frozen
+tokenizer, each image with its horizontal flip, into one memory-mapped ``latents.npy``
+(N, V, C, H, W) plus ``labels.npy`` and ``meta.json``; :class:`LatentCache` reads it back.
+:class:`OnTheFly` encodes decoded, cropped and randomly flipped images at every step instead. Both
+give the trainer ``fetch(idx, u)`` (the data-side random draw comes in as uniforms ``u``),
+``prepare(raw, device)``, ``labels``, ``latent_shape`` and ``identity()`` (what a run records of its
+data, to refuse resuming on other data).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raebench import distributed
+from raebench.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class LatentCache:
+    """A directory with ``latents.npy`` (N, V, C, H, W) (V variants: image, flipped image),
+    ``labels.npy`` (N,) and ``meta.json``; memory-mapped, so caches larger than RAM work."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        meta_path = self.root / "meta.json"
+        if not meta_path.is_file():
+            raise DataError(f"{str(self.root)!r} is not a latent cache (no meta.json); write one with `raebench cache-latents`.")
+        self.meta = json.loads(meta_path.read_text())
+        if not self.meta.get("complete", False):
+            raise DataError(f"Latent cache {str(self.root)!r} is incomplete; re-run `raebench cache-latents` to finish it.")
+        self._mm = None
+        self.labels = torch.from_numpy(np.load(self.root / "labels.npy")).long()
+
+    @property
+    def latents(self) -> np.ndarray:
+        """(N, V, C, H, W) memory map, opened lazily in each process (worker processes included)."""
+        if self._mm is None:
+            self._mm = np.load(self.root / "latents.npy", mmap_mode="r")
+        return self._mm
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_mm": None}  # never pickle the map's pages into a worker
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.latents.shape[2:])
+
+    def identity(self) -> dict[str, Any]:
+        """What a run records of its data, to refuse resuming on other data."""
+        keep = {k: self.meta[k] for k in ("id", "fingerprint", "tokenizer", "resolution") if k in self.meta}
+        return {"n": len(self), "latent_shape": list(self.latent_shape), **keep}
+
+    def fetch(self, idx: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One variant (image or flip) per example, chosen by uniforms ``u`` (B,): (B, C, H, W) float32, (B,)."""
+        var = (u * self.latents.shape[1]).long().clamp(max=self.latents.shape[1] - 1)
+        order = np.argsort(idx.numpy())  # sorted reads are kinder to a memory map
+        x = np.empty((len(idx), *self.latents.shape[2:]), dtype=np.float32)
+        for j in order:
+            x[j] = self.latents[int(idx[j]), int(var[j])]
+        return torch.from_numpy(x), self.labels[idx]
+
+    def prepare(self, raw: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return raw[0].to(device), raw[1].to(device)
+
+
+class OnTheFly:
+    """Encodes images of a folder with a frozen tokenizer at every step (random horizontal flips)."""
+
+    def __init__(self, tokenizer: nn.Module, data: str, resolution: int, device: torch.device) -> None:
+        from raebench.data import ImageDataset, resolve_data
+
+        self.images = resolve_data(data=data).images
+        if min(self.images.labels) < 0:
+            raise DataError(f"{data!r} has no class subfolders; stage-2 training needs labelled images.")
+        self.dataset = ImageDataset(self.images, resolution)
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
+        self.tokenizer_name = getattr(tokenizer, "name", type(tokenizer).__name__)
+        self.labels = torch.tensor(self.images.labels)
+        with torch.no_grad():
+            self._shape = tuple(tokenizer.encode(torch.zeros(1, 3, resolution, resolution, device=device)).shape[1:])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "tokenizer": None}  # workers only decode images
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self._shape
+
+    def identity(self) -> dict[str, Any]:
+        """What a run records of its data, to refuse resuming on other data."""
+        return {"n": len(self), "latent_shape": list(self.latent_shape), "fingerprint": self.images.fingerprint(),
+                "tokenizer": self.tokenizer_name}
+
+    def fetch(self, idx: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded, cropped images, flipped where the uniform ``u`` (B,) is below 0.5: (B, 3, R, R) uint8, (B,)."""
+        items = [self.dataset[int(i)] for i in idx]
+        bad = [it["path"] for it in items if "image" not in it]
+        if bad:
+            raise DataError(f"Unreadable training images: {bad[:3]}; remove them or cache latents first.")
+        img = torch.stack([it["image"] for it in items])  # (B, 3, R, R) uint8
+        flip = u < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1), img.flip(-1), img), self.labels[idx]
+
+    @torch.no_grad()
+    def prepare(self, raw: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        from raebench.data import to_float
+
+        return self.tokenizer.encode(to_float(raw[0].to(device))).float(), raw[1].to(device)  # (B, C, H, W)
+
+
+def write_latent_cache(out: str | os.PathLike, latents: torch.Tensor, labels: torch.Tensor, **meta: Any) -> Path:
+    """Write in-memory latents (N, V, C, H, W) and labels (N,) as a complete :class:`LatentCache`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "latents.npy", latents.float().numpy())
+    np.save(out / "labels.npy", labels.long().numpy())
+    _write_json(out / "meta.json", {"n": len(labels), "variants": latents.shape[1], "shape": list(latents.shape[2:]),
+                                    "done": len(labels), "complete": True, "id": uuid.uuid4().hex, **meta})
+    return out
+
+
+@torch.no_grad()
+def cache_latents(
+    tokenizer: nn.Module, data: str, out: str | os.PathLike, resolution: int = 256, batch_size: int = 32,
+    flip: bool = True, dtype: str = "float16", progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Encode every image of ``data`` (and its horizontal flip) once into a :class:`LatentCache`.
+
+    Under torchrun each rank encodes a contiguous shard of the images and writes its rows into the
+    one memory-mapped ``latents.npy`` (the ranks must share one file system: run it on one node).
+    Resumable: each rank flushes its rows and records its position in ``progress-R-of-W.json`` after
+    every batch; a re-run (with the same world size) continues where each rank stopped, and another
+    world size starts afresh. ``meta.json`` is marked complete only when every rank has finished; its
+    ``id`` is new for every fresh cache, so a run trained on it refuses to resume on another one.
+    """
+    from raebench.data import ImageDataset, make_loader, resolve_data, to_float
+
+    rank, world = distributed.rank_world()
+    images = resolve_data(data=data).images
+    if images.labels and min(images.labels) < 0:
+        raise DataError(f"{data!r} has no class subfolders; stage-2 training needs labelled images.")
+    out = Path(out)
+    dev = next(iter(tokenizer.parameters()), torch.zeros(())).device
+    shape = tuple(tokenizer.encode(torch.zeros(1, 3, resolution, resolution, device=dev)).shape[1:])
+    n, variants = len(images.paths), 2 if flip else 1
+    meta_path = out / "meta.json"
+    want = {"n": n, "variants": variants, "shape": list(shape), "resolution": resolution, "dtype": dtype,
+            "fingerprint": images.fingerprint(), "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
+            "world": world}
+    progress_path = out / f"progress-{rank}-of-{world}.json"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        fresh = any(meta.get(k) != v for k, v in want.items()) or not (out / "latents.npy").is_file()
+        if fresh:
+            for old in out.glob("progress-*.json"):
+                old.unlink()
+            np.lib.format.open_memmap(out / "latents.npy", mode="w+", dtype=np.dtype(dtype), shape=(n, variants, *shape)).flush()
+            np.save(out / "labels.npy", np.asarray(images.labels, dtype=np.int64))
+            meta = {"id": uuid.uuid4().hex}
+            _write_json(meta_path, {**want, "id": meta["id"], "complete": False})
+    if world > 1:
+        dist.barrier()
+    lo, hi = distributed.shard(n, rank, world)
+    start = json.loads(progress_path.read_text())["next"] if progress_path.is_file() else lo
+    lat = np.load(out / "latents.npy", mmap_mode="r+")  # (N, V, C, H, W)
+    loader = make_loader(ImageDataset(images, resolution), batch_size, indices=range(start, hi))
+    for batch in loader:
+        if batch["skipped"]:
+            raise DataError(f"Unreadable images while caching latents: {[s.path for s in batch['skipped']][:3]}.")
+        x = to_float(batch["image"]).to(dev)  # (B, 3, R, R)
+        z = [tokenizer.encode(x)] + ([tokenizer.encode(x.flip(-1))] if flip else [])
+        lat[batch["index"].numpy()] = torch.stack(z, 1).float().cpu().numpy().astype(dtype)  # (B, V, C, H, W)
+        lat.flush()
+        _write_json(progress_path, {"next": int(batch["index"].max()) + 1})
+        if progress:
+            progress(int(batch["index"].max()) + 1 - lo, hi - lo)
+    del lat
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        _write_json(meta_path, {**want, "id": meta.get("id", uuid.uuid4().hex), "complete": True})
+        for done in out.glob("progress-*.json"):
+            done.unlink()
+    if world > 1:
+        dist.barrier()
+    return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from raebench.results import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
