@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raebench.errors import DataError, RaebenchError
-from raebench.metrics.sources import ImageSource, open_source
+from raebench.metrics.sources import ImageSource, npz_images_shape, open_source
 
 
 log = logging.getLogger(__name__)
@@ -45,35 +45,23 @@ class ScoreOutcome:
 def pair_order(ref: ImageSource, cand: ImageSource) -> list[int]:
     """For each reference i, the index of its candidate: by name (two folders) or by position."""
     if ref.kind == "dir" and cand.kind == "dir":
-        where = {n: i for i, n in enumerate(cand.names)}
+        where: dict[str, list[int]] = {}
+        for i, n in enumerate(cand.names):
+            where.setdefault(n, []).append(i)
+        wanted = set(ref.names)
         missing = [n for n in ref.names if n not in where]
-        if missing or len(cand.names) != len(ref.names):
-            raise DataError(
-                f"Paired metrics need one candidate per reference with the same relative name: {len(missing)} of "
-                f"{ref.n} references have none (e.g. {missing[:1]}), and there are {cand.n} candidates."
-            )
-        return [where[n] for n in ref.names]
+        extra = [cand.images.paths[i] for n, ix in where.items() if n not in wanted for i in ix]
+        twice = [cand.images.paths[i] for n, ix in where.items() if len(ix) > 1 for i in ix]
+        if missing or extra or twice:
+            found = [f"{len(missing)} of {ref.n} references have none (e.g. {missing[:3]})" if missing else "",
+                     f"{len(extra)} candidate(s) match no reference (e.g. {extra[:3]})" if extra else "",
+                     f"{len(twice)} candidates share a name with another (e.g. {twice[:3]})" if twice else ""]
+            raise DataError("Paired metrics need exactly one candidate per reference with the same relative name "
+                            "(extension aside): " + "; ".join(f for f in found if f) + ".")
+        return [where[n][0] for n in ref.names]
     if ref.n != cand.n:
         raise DataError(f"Paired metrics need as many candidates as references ({cand.n} vs {ref.n}).")
     return list(range(ref.n))
-
-
-def _shard_batches(src: ImageSource, batch_size: int, items: list[int]):
-    """Batches of ``items`` (data positions, in order) of ``src``: folders load only those files;
-    an ``.npz`` is streamed in its stored order and cut to the items' contiguous range."""
-    if src.kind != "npz":
-        yield from src.batches(batch_size, items)
-        return
-    if not items:
-        return
-    lo, hi = items[0], items[-1] + 1
-    for idx, imgs in src.batches(batch_size):
-        if idx[-1] < lo:
-            continue
-        if idx[0] >= hi:
-            return
-        keep = (idx >= lo) & (idx < hi)
-        yield idx[keep], imgs[keep]
 
 
 def score(
@@ -93,18 +81,23 @@ def score(
 ) -> ScoreOutcome:
     """Score ``candidates`` against ``references`` (folders or ``.npz``) and write result rows."""
     from raebench.distributed import rank_world, shard
-    from raebench.evaluate import Evaluator, ReferenceSet, resolve_device
+    from raebench.evaluate import Evaluator, ReferenceSet, check_sizes, resolve_device
     from raebench.metrics import METRICS, higher_is_better
     from raebench.results import ResultRow, check_writable, new_run_id, write_rows
 
     t0 = time.perf_counter()
     rank, world = rank_world()  # under torchrun: contiguous shards, states merged in rank order on every rank
+    specs = [METRICS.get(m) for m in metrics]
+    check_sizes(batch_size, resolution, tuple(s.name for s in specs))
     if write:
         check_writable(results_dir)
-    specs = [METRICS.get(m) for m in metrics]
     ref, cand = open_source(references, resolution), open_source(candidates, resolution)
+    for src in (ref, cand):  # an .npz's image size is known from its header
+        if src.kind == "npz" and src.n:
+            check_sizes(batch_size, None, tuple(s.name for s in specs), min(npz_images_shape(src.path)[1:3]))
     if cand.n == 0:
-        raise DataError(f"{candidates!r} holds no images (an .npz needs arr_0).")
+        why = "its arr_0 is empty" if cand.kind == "npz" and npz_images_shape(cand.path) else "an .npz needs arr_0"
+        raise DataError(f"{candidates!r} holds no images ({why}).")
     dev = resolve_device(device)
     ev = Evaluator(tuple(s.name for s in specs), dev, options=options, reference=ReferenceSet(ref.id, ref.n) if ref.n else None)
     stats = ref.stats()
@@ -117,19 +110,23 @@ def score(
         partner = {c: r for r, c in enumerate(order)}
         lo, hi = shard(ref.n, rank, world)
         mine = list(range(lo, hi))
-        for (ri, rimg), (ci, cimg) in zip(_shard_batches(ref, batch_size, mine),
-                                          _shard_batches(cand, batch_size, [order[i] for i in mine])):
+        # batch k of both sides covers the same pairs (a batch of unreadable files comes back empty)
+        batches = zip(ref.batches(batch_size, mine), cand.batches(batch_size, [order[i] for i in mine]), strict=True)
+        for k, ((ri, rimg), (ci, cimg)) in enumerate(batches):
             # a file skipped on one side drops its partner on the other
             have_c, have_r = set(ci.tolist()), set(ri.tolist())
             keep_r = torch.tensor([order[i] in have_c for i in ri.tolist()], dtype=torch.bool)
             keep_c = torch.tensor([partner[i] in have_r for i in ci.tolist()], dtype=torch.bool)
-            if rimg[keep_r].shape[1:] != cimg[keep_c].shape[1:]:
+            if keep_c.any() and rimg.shape[1:] != cimg.shape[1:]:
                 raise DataError(f"Reference and candidate images differ in size ({tuple(rimg.shape[2:])} vs "
                                 f"{tuple(cimg.shape[2:])}); pass --resolution R to crop both.")
-            ev.update(rimg, cimg[keep_c], index=ri, keep=keep_r)
+            if rimg.shape[0]:  # folders read as they are: their size is known from the first image
+                check_sizes(batch_size, None, tuple(s.name for s in specs), min(rimg.shape[-2:]))
+            if rimg.shape[0]:  # every readable reference reaches the feature cache, paired or not
+                ev.update(rimg, cimg[keep_c], index=ri, keep=keep_r)
             n_cand += int(keep_c.sum())
             if on_progress:
-                on_progress("pairs", n_cand, hi - lo)
+                on_progress("pairs", min((k + 1) * batch_size, hi - lo), hi - lo)
     else:
         # the cache decision is the same on every rank (same files); only rank 0 feeds cached features
         cached = not ev.needs_reference_features and bool(ev._ref_cached)
@@ -142,13 +139,16 @@ def score(
                                 f"{', '.join(s.name for s in specs)}; only fid/sfid can use stored statistics.")
             done = 0
             lo, hi = shard(ref.n, rank, world)
-            for ri, rimg in _shard_batches(ref, batch_size, list(range(lo, hi))):
-                ev.update_reference(rimg, ri)
+            for ri, rimg in ref.batches(batch_size, list(range(lo, hi))):
+                if rimg.shape[0]:
+                    ev.update_reference(rimg, ri)
                 done += rimg.shape[0]
                 if on_progress:
                     on_progress("references", done, hi - lo)
         lo, hi = shard(cand.n, rank, world)
-        for _, cimg in _shard_batches(cand, batch_size, list(range(lo, hi))):
+        for _, cimg in cand.batches(batch_size, list(range(lo, hi))):
+            if not cimg.shape[0]:
+                continue
             ev.update_candidates(cimg)
             n_cand += cimg.shape[0]
             if on_progress:
@@ -186,7 +186,7 @@ def score(
             resolution=res, n_images=n_cand, metric=k, value=v, higher_is_better=higher_is_better(k),
             metric_version=versions[k], data_fingerprint=ref.id, skipped=len(skipped), seconds=round(seconds, 3),
             device=str(dev) + (f" x{world}" if world > 1 else ""), notes=notes[k], run_id=run_id,
-            extra={"protocol": protocol, "candidates": str(candidates), "candidates_fingerprint": cand.id,
+            candidates_fingerprint=cand.id, extra={"protocol": protocol, "candidates": str(candidates), "candidates_fingerprint": cand.id,
                    "references": str(references), "n_references": ref.n, "metric_weights": ev.weights_ids(),
                    "skipped_files": [f"{s.path}: {s.reason}" for s in skipped][:1000]},
         )
@@ -199,5 +199,6 @@ def score(
 
 def _image_size(src: ImageSource) -> int:
     for _, imgs in src.batches(1):
-        return int(imgs.shape[-1])
+        if imgs.shape[0]:
+            return int(imgs.shape[-1])
     return 0

@@ -59,11 +59,15 @@ class ImageSource:
             return {k: np.asarray(z[k]) for k in ADM_STATS_KEYS if k in z.files}
 
     def batches(self, batch_size: int, order: list[int] | None = None, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches in data order, or in ``order`` (a permutation of indices; folders only)."""
+        """Batches of ``batch_size`` positions of ``order`` (default: all, in data order): batch k
+        always covers ``order[k*batch_size:(k+1)*batch_size]``, and a batch whose files are all
+        unreadable is yielded empty, so two sources read with the same batch size stay aligned.
+        An ``.npz`` is read in its stored order: ``order`` must then be a contiguous ascending range."""
         if self.kind == "npz":
-            if order is not None and order != list(range(self.n)):
+            lo, hi = (0, self.n) if order is None else ((order[0], order[-1] + 1) if order else (0, 0))
+            if order is not None and list(order) != list(range(lo, hi)):
                 raise DataError("An .npz is read in its stored order; pair it with a folder of the same order.")
-            yield from _npz_batches(self.path, batch_size)
+            yield from _npz_batches(self.path, batch_size, lo, hi)
             return
         transform = adm_center_crop if self.resolution else _as_is
         ds = ImageDataset(self.images, self.resolution or 0, transform=transform)
@@ -81,18 +85,17 @@ class ImageSource:
                     raise mixed from None
                 raise
             self.skipped.extend(b["skipped"])
-            if not b["image"].shape[0]:
-                continue
-            shape = shape or tuple(b["image"].shape[1:])
-            if tuple(b["image"].shape[1:]) != shape:
-                raise mixed
-            yield b["index"], b["image"]
+            if b["image"].shape[0]:
+                shape = shape or tuple(b["image"].shape[1:])
+                if tuple(b["image"].shape[1:]) != shape:
+                    raise mixed
+            yield b["index"], b["image"]  # (0,) and (0, 3, 0, 0) when every file of the batch was skipped
 
 
 def open_source(path: str | os.PathLike, resolution: int | None = None) -> ImageSource:
     """An :class:`ImageSource` for a folder or an ``.npz``."""
     p = Path(path).expanduser()
-    if p.is_file() and p.suffix == ".npz":
+    if p.is_file() and p.suffix.lower() == ".npz":
         shape = npz_images_shape(p)
         if shape is None:
             return ImageSource(p, "npz", 0, f"npz:{fingerprint_path(p)}", [])
@@ -111,14 +114,27 @@ def open_source(path: str | os.PathLike, resolution: int | None = None) -> Image
 
 
 def npz_images_shape(path: Path) -> tuple[int, ...] | None:
-    """Shape of ``arr_0`` in an ``.npz`` (read from the member's header), None if it has none."""
-    with zipfile.ZipFile(path) as zf:
-        if "arr_0.npy" not in zf.namelist():
-            return None
-        with zf.open("arr_0.npy") as f:
-            shape, _, dtype = _read_header(f)
+    """Shape of ``arr_0`` in an ``.npz`` (read from the member's header), None if it has none.
+    A file that is not a zip, or whose ``arr_0`` holds fewer bytes than its header promises, is a
+    :class:`DataError` here, before any model loads."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if "arr_0.npy" not in zf.namelist():
+                return None
+            info = zf.getinfo("arr_0.npy")
+            with zf.open(info) as f:
+                shape, _, dtype = _read_header(f)
+                header = f.tell()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        raise DataError(f"{path.name} is not a readable .npz ({type(e).__name__}: {str(e)[:80]}); "
+                        "it may be truncated or corrupt.") from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
         raise DataError(f"{path.name}: arr_0 must be (N, H, W, 3) uint8 images, got {dtype} {shape}.")
+    per = int(np.prod(shape[1:]))
+    held = (info.file_size - header) // per if per else shape[0]
+    if held < shape[0]:
+        raise DataError(f"{path.name}: arr_0 claims {shape[0]} images of {shape[1]}x{shape[2]} but holds only {held}; "
+                        "the file is truncated.")
     return shape
 
 
@@ -129,17 +145,20 @@ def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     return np.lib.format.read_array_header_2_0(f)
 
 
-def _npz_batches(path: Path, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Stream ``arr_0`` (N, H, W, 3) uint8 from the zip member, ``batch_size`` images at a time."""
+def _npz_batches(path: Path, batch_size: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Stream images ``lo..hi`` of ``arr_0`` (N, H, W, 3) uint8 from the zip member, ``batch_size`` at a time."""
     with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
         shape, fortran, _ = _read_header(f)
         if fortran:
             raise DataError(f"{path.name}: arr_0 is stored in Fortran order; save it C-contiguous.")
         per = int(np.prod(shape[1:]))
-        for start in range(0, shape[0], batch_size):
-            k = min(batch_size, shape[0] - start)
+        hi = shape[0] if hi is None else min(hi, shape[0])
+        if lo:
+            f.seek(f.tell() + lo * per)  # a zip member seeks forward by reading
+        for start in range(lo, hi, batch_size):
+            k = min(batch_size, hi - start)
             buf = f.read(k * per)
             if len(buf) != k * per:
-                raise DataError(f"{path.name}: arr_0 is truncated at image {start}.")
+                raise DataError(f"{path.name}: arr_0 is truncated at image {start + len(buf) // per} of {shape[0]}.")
             arr = np.frombuffer(buf, dtype=np.uint8).reshape(k, *shape[1:])
             yield torch.arange(start, start + k), torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).contiguous()

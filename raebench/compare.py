@@ -1,8 +1,11 @@
 """``raebench compare``: reuse rows that exist, compute only what is missing, tabulate.
 
-A stored row is reused when tokenizer, dataset, resolution, seed, metric version and the data
-fingerprint (the exact image list, see ``ImageList.fingerprint``) all match, so a different
-``--limit`` or a changed folder is recomputed, never mixed in silently.
+A stored row is reused when tokenizer, weights (the ``weights_id`` of the tokenizer built now), fp32
+precision, dataset, resolution, seed, metric version and the data fingerprint (the exact image list,
+see ``ImageList.fingerprint``) all match, so other weights, a bf16 run, a different ``--limit`` or a
+changed folder are recomputed, never mixed in silently; ``recompute=True`` reuses nothing. Each
+tokenizer is built (its weights loaded) before that decision, since its weights identity is known
+only then.
 
 Beside the measured values the table shows what the tokenizers' baseline cards report
 (``raebench.baselines``), each in its own ``(reported)`` column with its n, reference and source in
@@ -16,7 +19,7 @@ writes rows meanwhile), each evaluation is sharded across the ranks, and rank 0 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import pandas as pd
@@ -38,7 +41,8 @@ class CompareResult:
     computed: list[str]  # tokenizers evaluated now
     gap: pd.DataFrame = field(default_factory=pd.DataFrame)  # from domain_gap, all stored measured rows
     dataset: str = ""
-    n_images: int = 0
+    n_images: int = 0  # images the measured values use (the data's files less unreadable ones)
+    unreadable: int = 0  # files of the data skipped as unreadable
 
     def __iter__(self):  # (table, computed) = compare(...) keeps working
         return iter((self.table, self.computed))
@@ -55,15 +59,24 @@ def _from_rank0(obj):
     return box[0]
 
 
-def missing_metrics(df: pd.DataFrame, tokenizer: str, metrics: tuple[str, ...], dataset: str, fingerprint: str,
-                    resolution: int, seed: int) -> tuple[str, ...]:
+def stored_rows(df: pd.DataFrame, tokenizer: str, weights_id: str, dataset: str, fingerprint: str, resolution: int,
+                seed: int, precision: str = "fp32") -> pd.DataFrame:
+    """The measured rows of ``df`` (``raebench.results.load``) of one tokenizer, weights, precision and image list."""
+    if df.empty:
+        return df
+    return df[
+        (df["tokenizer"] == tokenizer) & (df["weights_id"] == weights_id) & (df["precision"] == precision)
+        & (df["dataset"] == dataset) & (df["resolution"] == resolution) & (df["seed"] == seed)
+        & (df["data_fingerprint"] == fingerprint) & (df["source"].fillna("measured") == "measured")
+    ]
+
+
+def missing_metrics(df: pd.DataFrame, tokenizer: str, weights_id: str, metrics: tuple[str, ...], dataset: str,
+                    fingerprint: str, resolution: int, seed: int, precision: str = "fp32") -> tuple[str, ...]:
+    """The metrics of ``metrics`` with no stored row (current metric version) for exactly this measurement."""
     from raebench.metrics import METRICS
 
-    have = df[
-        (df["tokenizer"] == tokenizer) & (df["dataset"] == dataset) & (df["resolution"] == resolution)
-        & (df["seed"] == seed) & (df["data_fingerprint"] == fingerprint)
-        & (df["source"].fillna("measured") == "measured")
-    ] if not df.empty else df
+    have = stored_rows(df, tokenizer, weights_id, dataset, fingerprint, resolution, seed, precision)
     out = []
     for m in metrics:
         spec = METRICS.get(m)
@@ -87,12 +100,16 @@ def compare(
     results_dir: str = "results",
     reported: str = "weights",
     weights: dict[str, str] | None = None,
+    recompute: bool = False,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> CompareResult:
-    """Evaluate what is missing, then tabulate measured values beside reported ones.
+    """Evaluate what is missing (everything with ``recompute``), then tabulate measured values
+    beside reported ones.
 
     ``weights``: tokenizer name -> local weights path (``--weights NAME=DIR``), as ``eval --weights``.
     """
+    from raebench.evaluate import build_tokenizer_from_config, resolve_device
+    from raebench.results import check_writable
     from raebench.tokenizers import get_tokenizer_spec
 
     if reported not in REPORTED_CHOICES:
@@ -106,30 +123,44 @@ def compare(
         from raebench.errors import RaebenchError
 
         raise RaebenchError(f"--weights given for {', '.join(stray)}, which is not among the compared tokenizers.")
+    check_writable(results_dir)  # before any model loads
     resolved = resolve_data(data, dataset, limit, seed)
     fp = resolved.images.fingerprint()
     computed = []
+    wids: dict[str, str] = {}
     with sharing_networks():  # the metric networks load once for all tokenizers
         for name in names:
-            todo = _from_rank0(missing_metrics(load(results_dir), name, metrics, resolved.name, fp, resolution, seed))
-            if not todo:
-                continue
-            cfg = EvalConfig(tokenizer=name, metrics=todo, data=data, dataset=dataset, resolution=resolution,
+            cfg = EvalConfig(tokenizer=name, metrics=metrics, data=data, dataset=dataset, resolution=resolution,
                              limit=limit, seed=seed, batch_size=batch_size, device=device, num_workers=num_workers,
                              results_dir=results_dir, weights=local.get(name))
-            cb = (lambda d, t, n=name: on_progress(f"eval {n}", d, t)) if on_progress else None
-            evaluate(cfg, on_progress=cb, data=resolved)
-            computed.append(name)
+            tok = build_tokenizer_from_config(cfg, resolve_device(device))
+            wids[name] = getattr(tok, "weights_id", "none")
+            todo = metrics if recompute else missing_metrics(load(results_dir), name, wids[name], metrics, resolved.name,
+                                                             fp, resolution, seed)
+            todo = _from_rank0(todo)
+            if todo:
+                cb = (lambda d, t, n=name: on_progress(f"eval {n}", d, t)) if on_progress else None
+                evaluate(replace(cfg, metrics=todo), tokenizer=tok, on_progress=cb, data=resolved)
+                computed.append(name)
+            del tok
     everything = load(results_dir)
     df = everything[(everything["dataset"] == resolved.name) & (everything["data_fingerprint"] == fp)
-                    & (everything["seed"] == seed) & everything["metric"].isin(_result_names(metrics))]
+                    & (everything["seed"] == seed) & everything["metric"].isin(_result_names(metrics))
+                    & (everything["precision"] == "fp32")] if not everything.empty else everything
+    if not df.empty:  # each tokenizer's rows of the weights it has now (reported rows pass)
+        mine = df["tokenizer"].map(wids)
+        df = df[(df["source"] == "reported") | (df["weights_id"] == mine)]
     rep = None
     if reported != "none":
         from raebench.baselines import reported_frame
 
         rep = reported_frame(names, include_variants=reported == "all")
     gap = domain_gap(everything, names, resolution) if not everything.empty else pd.DataFrame()
-    return CompareResult(compare_table(df, names, resolution, reported=rep), computed, gap, resolved.name, resolved.n)
+    meas = df[df["tokenizer"].isin(names) & (df["source"].fillna("measured") == "measured")] if not df.empty else df
+    n_used = int(meas["n_images"].max()) if not meas.empty else resolved.n
+    unreadable = int(pd.to_numeric(meas["skipped"], errors="coerce").max()) if not meas.empty else 0
+    return CompareResult(compare_table(df, names, resolution, reported=rep), computed, gap, resolved.name, n_used,
+                         unreadable)
 
 
 def _result_names(metrics: tuple[str, ...]) -> list[str]:

@@ -32,7 +32,22 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".jfif"})
 #: Images above this many pixels are refused from their header, before any decoding (a 20k x 20k
 #: PNG would otherwise take gigabytes). Override with RAEBENCH_MAX_PIXELS.
-MAX_PIXELS = int(os.environ.get("RAEBENCH_MAX_PIXELS", 16384 * 16384))
+def _max_pixels(raw: str | None) -> int | None:
+    """RAEBENCH_MAX_PIXELS as a positive int (default 16384²); None when it is not one."""
+    if raw is None or not raw.strip():
+        return 16384 * 16384
+    try:
+        f = float(raw)  # also takes 2.7e8
+    except ValueError:
+        return None
+    return int(f) if f.is_integer() and f > 0 else None
+
+
+MAX_PIXELS = _max_pixels(os.environ.get("RAEBENCH_MAX_PIXELS"))  # None: invalid, reported by scan_folder
+#: images whose resized long side would exceed this many times the crop (aspect over 4:1) are
+#: resampled only where the crop keeps them, bounding the work; every other image takes the plain
+#: ADM path, unchanged
+EXTREME_ASPECT = 4
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to count, never half an image
 
 
@@ -128,7 +143,16 @@ def adm_center_crop(im: Image.Image, size: int) -> np.ndarray:
     while min(im.size) >= 2 * size:
         im = im.resize(tuple(s // 2 for s in im.size), resample=Image.BOX)
     scale = size / min(im.size)
-    im = im.resize(tuple(round(s * scale) for s in im.size), resample=Image.BICUBIC)
+    resized = tuple(round(s * scale) for s in im.size)
+    if max(resized) > EXTREME_ASPECT * size:
+        # a 1 x 3000 strip would become 256 x 768000 (GBs): resample only the centre that the crop
+        # keeps. PIL maps the same output pixels to the same source points and reads filter support
+        # outside the box; only its rounding between the two passes may differ by a few levels.
+        (w, h), (rw, rh) = im.size, resized
+        x0, y0 = (rw - size) // 2, (rh - size) // 2
+        box = (x0 * w / rw, y0 * h / rh, (x0 + size) * w / rw, (y0 + size) * h / rh)
+        return np.array(im.resize((size, size), resample=Image.BICUBIC, box=box), copy=True)
+    im = im.resize(resized, resample=Image.BICUBIC)
     a = np.asarray(im)
     top = (a.shape[0] - size) // 2
     left = (a.shape[1] - size) // 2
@@ -193,19 +217,32 @@ def scan_folder(root: str | os.PathLike, paths: Sequence[str] | None = None) -> 
     """List image files below ``root`` recursively (extensions case-insensitive), sorted.
 
     Class labels come from the first-level subfolders when every image lives in one; otherwise all
-    labels are -1. Broken symlinks and directories named like images are recorded as skipped.
+    labels are -1. Symlinked folders are followed, each real folder once (a link back to a folder
+    already listed, e.g. a cycle, is recorded as skipped, as are broken symlinks and directories
+    named like images).
     """
+    if MAX_PIXELS is None:
+        raise DataError(f"RAEBENCH_MAX_PIXELS={os.environ.get('RAEBENCH_MAX_PIXELS')!r} is not a positive whole number "
+                        "of pixels; set it to e.g. 268435456 (16384²) or unset it.")
     rootp = Path(root).expanduser()
     if not rootp.is_dir():
         raise DataError(f"Data folder {str(rootp)!r} does not exist or is not a directory.")
     found: list[str] = []
     skipped: list[Skip] = []
     if paths is None:
-        for dirpath, dirnames, filenames in os.walk(rootp, followlinks=False):
+        seen = {os.path.realpath(rootp)}  # folders walked, by real path: symlinks are followed once
+        for dirpath, dirnames, filenames in os.walk(rootp, followlinks=True):
             dirnames.sort()
-            for d in dirnames:
+            for d in list(dirnames):
+                full = os.path.join(dirpath, d)
+                real = os.path.realpath(full)
+                if real in seen:  # a cycle, or a second link to a folder already listed
+                    skipped.append(Skip(full, "symlink to a folder scanned already"))
+                    dirnames.remove(d)
+                    continue
+                seen.add(real)
                 if Path(d).suffix.lower() in IMAGE_EXTENSIONS:
-                    skipped.append(Skip(os.path.join(dirpath, d), "is a directory"))
+                    skipped.append(Skip(full, "is a directory"))
             for f in filenames:
                 if Path(f).suffix.lower() in IMAGE_EXTENSIONS:
                     full = os.path.join(dirpath, f)

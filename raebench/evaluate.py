@@ -85,6 +85,42 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def check_sizes(batch_size: int, resolution: int | None, metrics: tuple[str, ...] = (), image_side: int | None = None) -> None:
+    """Batch size, resolution and the smallest image each metric accepts (``image_side``: the short
+    side of images read as they are), checked before any work."""
+    if batch_size < 1:
+        raise RaebenchError(f"--batch-size must be at least 1, got {batch_size}.")
+    if resolution is not None and resolution < 1:
+        raise RaebenchError(f"--resolution must be a positive number of pixels, got {resolution}.")
+    side = resolution if image_side is None else image_side
+    what = f"--resolution {resolution} is smaller" if image_side is None else f"these images have {image_side}"
+    for m in metrics if side is not None else ():
+        need = min_image_side(m)
+        if side < need:
+            raise RaebenchError(f"{m} needs images of at least {need} px on the short side, and {what} "
+                                f"(use --resolution {need} or more, or drop {m}).")
+
+
+def min_image_side(metric: str) -> int:
+    """The smallest image side ``metric`` accepts (1 when any size works): SSIM's 11-tap Gaussian
+    window must fit, and MS-SSIM's after four halvings."""
+    from raebench.metrics import METRICS
+    from raebench.metrics.msssim import MS_WEIGHTS
+    from raebench.metrics.pixel import _gaussian_window
+
+    k = _gaussian_window().numel()
+    return {"ssim": k, "ms-ssim": (k - 1) * 2 ** (len(MS_WEIGHTS) - 1) + 1}.get(METRICS.get(metric).name, 1)
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Flags that cannot work, as one sentence before any data is read or any model loads."""
+    check_sizes(cfg.batch_size, cfg.resolution, tuple(cfg.metrics))
+    if cfg.precision not in ("fp32", "bf16"):
+        raise RaebenchError(f"Unknown precision {cfg.precision!r}; use fp32 or bf16.")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise RaebenchError(f"--num-workers must be 0 or more, got {cfg.num_workers}.")
+
+
 def build_tokenizer_from_config(cfg: EvalConfig, device: torch.device):
     """Build the tokenizer named in ``cfg`` with only the options the user set."""
     if cfg.tokenizer_config:
@@ -465,6 +501,7 @@ def evaluate(
 
     t0 = time.perf_counter()
     rank, world = rank_world()
+    check_config(cfg)
     if cfg.write:
         check_writable(cfg.results_dir)
     data = data or resolve_data(cfg.data, cfg.dataset, cfg.limit, cfg.seed, cfg.domain)
@@ -501,29 +538,34 @@ def evaluate(
     workers = cfg.num_workers if cfg.num_workers is not None else (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
     loader = make_loader(ds, cfg.batch_size, workers, pin_memory=device.type == "cuda",
                          indices=range(lo + done, hi))
-    for i, batch in enumerate(loader):
-        skipped.extend(batch["skipped"])
-        upscaled.extend(batch["upscaled"])
-        if batch["image"].shape[0]:
-            ref = batch["image"].to(device, non_blocking=True)  # (N, 3, R, R) uint8
-            with torch.no_grad(), _autocast(device, cfg.precision):
-                z = tok.encode(to_float(ref))
-                rec = tok.decode(z)
-            z, rec = z.float(), rec.float()
-            ok = torch.isfinite(z.flatten(1)).all(1) & torch.isfinite(rec.flatten(1)).all(1)  # (N,)
-            if not bool(ok.all()):
-                bad = (~ok).nonzero().flatten().tolist()
-                nonfinite.extend(batch["path"][j] for j in bad)
-                log.warning("%s: %d image(s) with NaN/Inf latents or reconstructions excluded", tok.name, len(bad))
-            # every original goes to the reference extractors (for the feature cache); only the
-            # finite reconstructions and their originals reach the metrics
-            ev.update(ref, to_uint8(rec[ok]), index=batch["index"], keep=ok)
-            n_used += int(ok.sum())
-        done += len(batch["skipped"]) + batch["image"].shape[0]
-        if on_progress:
-            on_progress(done, hi - lo)
-        if (i + 1) % save_every == 0:
-            checkpoint()
+    try:
+        for i, batch in enumerate(loader):
+            skipped.extend(batch["skipped"])
+            upscaled.extend(batch["upscaled"])
+            if batch["image"].shape[0]:
+                ref = batch["image"].to(device, non_blocking=True)  # (N, 3, R, R) uint8
+                with torch.no_grad(), _autocast(device, cfg.precision):
+                    z = tok.encode(to_float(ref))
+                    rec = tok.decode(z)
+                z, rec = z.float(), rec.float()
+                ok = torch.isfinite(z.flatten(1)).all(1) & torch.isfinite(rec.flatten(1)).all(1)  # (N,)
+                if not bool(ok.all()):
+                    bad = (~ok).nonzero().flatten().tolist()
+                    nonfinite.extend(batch["path"][j] for j in bad)
+                    log.warning("%s: %d image(s) with NaN/Inf latents or reconstructions excluded", tok.name, len(bad))
+                # every original goes to the reference extractors (for the feature cache); only the
+                # finite reconstructions and their originals reach the metrics
+                ev.update(ref, to_uint8(rec[ok]), index=batch["index"], keep=ok)
+                n_used += int(ok.sum())
+            done += len(batch["skipped"]) + batch["image"].shape[0]
+            if on_progress:
+                on_progress(done, hi - lo)
+            if (i + 1) % save_every == 0:
+                checkpoint()
+    except BaseException:
+        if work is not None:  # keep saved progress for a resume; a run that saved none leaves nothing
+            work.release(remove=not work.path.exists())
+        raise
 
     ev.finish()  # cache the reference features if this process extracted all of them
     if world > 1:  # gather every rank's state, merge in rank order on every rank
@@ -573,6 +615,7 @@ def evaluate(
             device=str(device) + (f" x{world}" if world > 1 else ""),
             notes=notes[name],
             run_id=run_id,
+            precision=cfg.precision,
             extra={
                 "skipped_files": [f"{s.path}: {s.reason}" for s in skipped][:1000],
                 "upscaled": len(upscaled),

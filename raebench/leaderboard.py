@@ -13,6 +13,10 @@ and metric, an open-domain value minus the in-domain value at the same resolutio
 only; its columns read ``gap coco-val2017 - imagenet-val/psnr``. For PSNR a negative gap is a loss
 outside the training domain; for FID a positive one is.
 
+A leaderboard row is one tokenizer; when a tokenizer was measured with several weights, precisions
+or (``score`` rows) candidate sets, each gets its own row, labelled with what differs
+(``sd-vae-ft-ema [local:/w2]``, ``pixels [bf16]``, ``reconstructions [cand #1a2b3c]``).
+
 ``render`` writes CSV, Markdown or LaTeX (booktabs) with the best value per column in bold.
 """
 
@@ -22,6 +26,8 @@ import math
 from typing import Iterable
 
 import pandas as pd
+
+from raebench.results import sort_newest_last
 
 MISSING = "–"
 
@@ -68,6 +74,23 @@ def prefer_reported(rep: pd.DataFrame) -> pd.DataFrame:
 # Leaderboard: tokenizers x protocol/metric
 # ---------------------------------------------------------------------------------------------
 
+#: what tells apart the measurements of one tokenizer, and how a row label shows it
+_VARIANTS = (("weights_id", lambda v: f" [{v}]"), ("precision", lambda v: f" [{v}]"),
+             ("candidates_fingerprint", lambda v: f" [cand #{v[:6]}]"))
+
+
+def _row_labels(d: pd.DataFrame) -> pd.Series:
+    """The tokenizer of each row, plus its weights, precision or candidate set where that tokenizer
+    has rows with several of them (one leaderboard row per measured thing, never a mixed cell)."""
+    lab = d["tokenizer"].astype(str)
+    for col, fmt in _VARIANTS:
+        if col not in d or d.empty:
+            continue
+        v = d[col].fillna("").astype(str)
+        several = v.groupby(d["tokenizer"]).transform("nunique") > 1
+        lab = lab.where(~several, lab + v.map(fmt))
+    return lab
+
 
 def _column_labels(d: pd.DataFrame, reported: bool, always_n: set[str] = frozenset()) -> pd.Series:
     """``dataset [@res] [n=N] [reported] [#fp]/metric`` for each row of ``d``.
@@ -105,8 +128,8 @@ def pivot(df: pd.DataFrame, reported: pd.DataFrame | None = None, gaps: bool = T
     parts = []
     with_n = set(m["dataset"]) if rep is not None and not rep.empty else set()  # published n beside ours: show both
     if not m.empty:
-        m = m.sort_values("date", kind="stable").assign(column=lambda d: _column_labels(d, False, with_n))
-        parts.append(m.pivot_table(index="tokenizer", columns="column", values="value", aggfunc="last"))
+        m = sort_newest_last(m).assign(column=lambda d: _column_labels(d, False, with_n), row=_row_labels)
+        parts.append(m.pivot_table(index="row", columns="column", values="value", aggfunc="last"))
     if rep is not None and not rep.empty:
         rep = prefer_reported(rep).assign(column=lambda d: _column_labels(d, True))
         parts.append(rep.pivot_table(index="tokenizer", columns="column", values="value", aggfunc="first"))
@@ -130,7 +153,7 @@ def pivot(df: pd.DataFrame, reported: pd.DataFrame | None = None, gaps: bool = T
 
 def _largest_run(m: pd.DataFrame) -> pd.DataFrame:
     """Per (tokenizer, dataset, resolution, metric): the newest row of the largest n."""
-    m = m.sort_values(["n_images", "date"], kind="stable")
+    m = sort_newest_last(m).sort_values("n_images", kind="stable")
     return m.drop_duplicates(["tokenizer", "dataset", "resolution", "metric"], keep="last")
 
 
@@ -147,7 +170,7 @@ def domain_gap(df: pd.DataFrame, tokenizers: Iterable[str] | None = None, resolu
     cols = ["tokenizer", "metric", "resolution", "open", "in_domain", "open_value", "in_value", "gap", "open_n", "in_n"]
     if m.empty or "domain" not in m:
         return pd.DataFrame(columns=cols)
-    m = _largest_run(m)
+    m = _largest_run(m.assign(tokenizer=_row_labels(m)))  # other weights/precision: their own gap
     ind, opn = m[m["domain"] == "in-domain"], m[m["domain"] == "open-domain"]
     if ind.empty or opn.empty:
         return pd.DataFrame(columns=cols)
@@ -232,7 +255,7 @@ def compare_table(
     idx = pd.MultiIndex.from_tuples([], names=["dataset", "metric"])
     meas = pd.DataFrame(index=idx)
     if not d.empty:
-        d = d.sort_values("date", kind="stable")
+        d = sort_newest_last(d)
         meas = d.pivot_table(index=["dataset", "metric"], columns="tokenizer", values="value", aggfunc="last")
     repv = pd.DataFrame(index=idx)
     if not rep.empty:

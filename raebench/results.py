@@ -5,19 +5,25 @@ and renamed, so a crash leaves either the whole file or nothing, and two evaluat
 same directory never touch the same file (rows are merged on read). Files that fail to parse (a
 half-written file from a filesystem without atomic rename) are skipped with a warning.
 
-One row per (tokenizer, weights_id, dataset, split, resolution, n_images, metric); the full column
-list is ``COLUMNS``. ``SCHEMA_VERSION`` is stored in every row from day one.
+One row per measurement (``KEY_COLUMNS``: tokenizer, weights, precision, data and candidate
+fingerprints, resolution, n, seed, metric and its version); the full column list is ``COLUMNS``.
+``SCHEMA_VERSION`` is stored in every row from day one. Version 2 added ``precision``,
+``candidates_fingerprint`` (score rows) and ``written_ns`` (write order); :func:`load` fills them
+for version-1 rows from ``extra`` (``fp32``, ``""``, 0), so older files keep loading.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import glob
 import json
 import logging
 import os
 import subprocess
 import tempfile
+import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -28,13 +34,16 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_RESULTS_DIR = "results"
 
 #: the identity of a measurement: rows equal on these describe the same number
 KEY_COLUMNS = (
-    "tokenizer", "weights_id", "dataset", "split", "resolution", "n_images", "seed", "metric", "metric_version",
+    "tokenizer", "weights_id", "precision", "dataset", "split", "resolution", "n_images", "seed", "metric",
+    "metric_version", "data_fingerprint", "candidates_fingerprint",
 )
+#: newest last: the date (seconds), then the write time in ns (0 in version-1 rows), then the run id
+ORDER_COLUMNS = ("date", "written_ns", "run_id")
 
 
 @dataclass
@@ -65,6 +74,9 @@ class ResultRow:
     git_hash: str = ""
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # of the tokenizer's forward (bf16 changes every latent)
+    candidates_fingerprint: str = ""  # score rows: the scored set (data_fingerprint is the references')
+    written_ns: int = 0  # set by write_rows: orders rows written within one second
 
 
 COLUMNS = tuple(ResultRow.__dataclass_fields__)
@@ -99,6 +111,18 @@ def provenance() -> dict[str, str]:
     }
 
 
+_clock = threading.Lock()
+_last_ns = 0
+
+
+def _write_ns() -> int:
+    """Wall-clock nanoseconds, strictly increasing within this process."""
+    global _last_ns
+    with _clock:
+        _last_ns = max(time.time_ns(), _last_ns + 1)
+        return _last_ns
+
+
 def new_run_id() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
@@ -113,16 +137,39 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the other users
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _remove_stale_temps(path, suffix, keep=Path(tmp).name)
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+
+
+#: a temporary file untouched this long was left by a killed writer (a live one keeps writing)
+STALE_TEMP_SECONDS = 3600
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temps(path: Path, suffix: str, keep: str) -> None:
+    """Temporary files of ``path`` left by writers killed mid-save (SIGKILL), once they are old."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*{suffix}"):
+        try:
+            if old.name != keep and old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -161,10 +208,14 @@ def write_rows(rows: Iterable[ResultRow], results_dir: str | os.PathLike = DEFAU
     rows = list(rows)
     run_id = run_id or (rows[0].run_id if rows and rows[0].run_id else new_run_id())
     prov = provenance()
+    written = _write_ns()
     lines = []
     for r in rows:
         d = asdict(r)
         d["run_id"] = run_id
+        d["written_ns"] = written
+        if isinstance(d["extra"], dict) and d["extra"].get("precision"):
+            d["precision"] = d["extra"]["precision"]  # writers that record it only in extra
         for k, v in prov.items():
             if not d.get(k):
                 d[k] = v
@@ -175,9 +226,10 @@ def write_rows(rows: Iterable[ResultRow], results_dir: str | os.PathLike = DEFAU
 
 
 def load(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, latest: bool = True) -> pd.DataFrame:
-    """All result rows under ``results_dir`` as a DataFrame (columns ``COLUMNS``).
+    """All result rows under ``results_dir`` as a DataFrame (columns ``COLUMNS``), oldest first.
 
-    ``latest=True`` keeps, for each measurement key (``KEY_COLUMNS``), only the newest row.
+    ``latest=True`` keeps, for each measurement key (``KEY_COLUMNS``), only the newest row (by
+    ``ORDER_COLUMNS``). Lines that are not JSON row objects are skipped with a warning.
     """
     d = Path(results_dir) / "runs"
     records: list[dict] = []
@@ -189,9 +241,52 @@ def load(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, latest: bool = Tr
             except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
                 log.warning("ignoring unreadable results file %s (%s)", f, e)
                 continue
-            records.extend(recs)
+            good = [r for r in recs if _is_row(r)]
+            if len(good) < len(recs):
+                log.warning("ignoring %d line(s) of %s that are not result rows", len(recs) - len(good), f)
+            records.extend(good)
     df = pd.DataFrame.from_records(records, columns=list(COLUMNS)) if records else pd.DataFrame(columns=list(COLUMNS))
-    if records and latest:
-        df = df.sort_values(["date", "run_id"], kind="stable")
-        df = df.drop_duplicates(subset=list(KEY_COLUMNS), keep="last")
+    if records:
+        df = _fill_v1(df)
+        df = sort_newest_last(df)
+        if latest:
+            df = df.drop_duplicates(subset=list(KEY_COLUMNS), keep="last")
     return df.reset_index(drop=True)
+
+
+def _is_row(r) -> bool:
+    """A JSON object with the columns every row has, of usable types."""
+    if not (isinstance(r, dict) and isinstance(r.get("tokenizer"), str) and isinstance(r.get("metric"), str)
+            and "value" in r):
+        return False
+    v = r["value"]
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _fill_v1(df: pd.DataFrame) -> pd.DataFrame:
+    """Columns that version-1 rows lack: precision and the candidates' fingerprint from ``extra``."""
+    extra = [e if isinstance(e, dict) else {} for e in df["extra"]]
+
+    def text(v) -> str:
+        return v if isinstance(v, str) else ""
+
+    return df.assign(
+        precision=[text(e.get("precision")) or text(p) or "fp32" for e, p in zip(extra, df["precision"])],
+        candidates_fingerprint=[text(c) or text(e.get("candidates_fingerprint"))
+                                for e, c in zip(extra, df["candidates_fingerprint"])],
+        data_fingerprint=[text(v) for v in df["data_fingerprint"]],
+        written_ns=pd.to_numeric(df["written_ns"], errors="coerce").fillna(0).astype("int64"),
+        date=[text(v) for v in df["date"]],
+        run_id=[text(v) for v in df["run_id"]],
+        extra=extra,
+    )
+
+
+def sort_newest_last(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` ordered oldest to newest (``ORDER_COLUMNS`` where present), stable otherwise."""
+    cols = [c for c in ORDER_COLUMNS if c in df]
+    if not cols or df.empty:
+        return df
+    key = {c: df[c].fillna(0 if c == "written_ns" else "") for c in cols}
+    order = pd.DataFrame(key).sort_values(cols, kind="stable").index
+    return df.loc[order]

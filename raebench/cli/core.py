@@ -58,10 +58,28 @@ def _fmt(v) -> str:
     return f(v)
 
 
+def write_output(out: Path, text: str) -> None:
+    """Write an export atomically; a path that cannot be written is one sentence."""
+    from raebench.cli import console
+    from raebench.results import atomic_write_bytes
+
+    if out.is_dir():
+        raise RaebenchError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'leaderboard.md')!r}.")
+    try:
+        atomic_write_bytes(out, text.encode())
+    except OSError as e:
+        raise RaebenchError(f"Cannot write --out {str(out)!r} ({e.strerror or e}); give a writable file path.") from None
+    console.print(f"wrote {out}")
+
+
 def run_eval_with_progress(cfg, label: str):
     from raebench import distributed
-    from raebench.evaluate import build_tokenizer_from_config, evaluate, resolve_device
+    from raebench.evaluate import build_tokenizer_from_config, check_config, evaluate, resolve_device
+    from raebench.results import check_writable
 
+    check_config(cfg)  # bad flags and an unwritable results folder fail before any model loads
+    if cfg.write:
+        check_writable(cfg.results_dir)
     # build first: a missing weight is one sentence, without a half-drawn progress bar
     tok = build_tokenizer_from_config(cfg, resolve_device(cfg.device))
     if not distributed.is_main():
@@ -230,13 +248,13 @@ def register(app: typer.Typer) -> None:
         format: Optional[str] = typer.Option(None, "--format", "-f", help="Export instead of the terminal table: csv | md | latex."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the export to this file."),
         weights: list[str] = typer.Option([], "--weights", help="NAME=PATH: local weights for one tokenizer (repeatable)."),
+        recompute: bool = typer.Option(False, "--recompute", help="Measure every metric again instead of reusing stored rows."),
     ) -> None:
         """Measured values beside published ones (with their protocol), plus the open/in-domain gap."""
         from raebench import distributed
         from raebench.cli import console
         from raebench.compare import compare
         from raebench.leaderboard import compare_bold, gap_table, render, row_best
-        from raebench.results import atomic_write_bytes
 
         distributed.init()  # under torchrun each evaluation is sharded; rank 0 writes rows and prints
         device = distributed.local_device(device)
@@ -250,7 +268,8 @@ def register(app: typer.Typer) -> None:
                 raise RaebenchError(f"--weights {w!r} should read NAME=PATH, e.g. --weights sd-vae-ft-ema=/models/sd-vae-ft-ema.")
             local[name.strip()] = path.strip()
         kwargs = dict(data=data, dataset=dataset, resolution=resolution, limit=limit, seed=seed, batch_size=batch_size,
-                      device=device, num_workers=num_workers, results_dir=str(results), reported=reported, weights=local)
+                      device=device, num_workers=num_workers, results_dir=str(results), reported=reported, weights=local,
+                      recompute=recompute)
         if not distributed.is_main():
             compare(tokenizer, names, **kwargs)
             distributed.finish()
@@ -261,7 +280,8 @@ def register(app: typer.Typer) -> None:
         table, computed, gap = res.table, res.computed, res.gap
         if table.empty:
             raise RaebenchError("Nothing to compare: no measured or reported values for these tokenizers and metrics.")
-        title = (f"compare on {res.dataset} (n={res.n_images}) · {resolution}px · computed now: "
+        skipped = f", {res.unreadable} unreadable file(s) skipped" if res.unreadable else ""
+        title = (f"compare on {res.dataset} (n={res.n_images}{skipped}) · {resolution}px · computed now: "
                  f"{', '.join(computed) or 'nothing (all reused)'}")
         gtable = gap_table(gap)
         gbold = row_best(gtable, _hib_metrics(gtable.index.get_level_values("metric")) if not gtable.empty else {})
@@ -270,8 +290,7 @@ def register(app: typer.Typer) -> None:
             if not gtable.empty:
                 text += "\n" + render(gtable, format, bold=gbold, caption="open-domain minus in-domain (measured)")
             if out:
-                atomic_write_bytes(out, text.encode())
-                console.print(f"wrote {out}")
+                write_output(out, text)
             else:
                 console.print(text, markup=False, highlight=False, soft_wrap=True)
             return
@@ -291,7 +310,7 @@ def register(app: typer.Typer) -> None:
         """Export results as a leaderboard: tokenizers x (dataset, n, source)/metric, best in bold."""
         from raebench.cli import console
         from raebench.leaderboard import pivot, render
-        from raebench.results import atomic_write_bytes, load
+        from raebench.results import load
 
         if format not in ("csv", "md", "latex"):
             raise RaebenchError(f"Unknown --format {format!r}; use csv, md or latex.")
@@ -308,8 +327,7 @@ def register(app: typer.Typer) -> None:
         table = pivot(df, reported=rep, gaps=gaps)
         text = render(table, format, _hib(table, df, rep))
         if out:
-            atomic_write_bytes(out, text.encode())
-            console.print(f"wrote {out}")
+            write_output(out, text)
         else:
             console.print(text, markup=False, highlight=False, soft_wrap=True)
 

@@ -99,7 +99,9 @@ def write_reconstructions(
 ) -> dict:
     """Reconstruct ``data`` with ``tok``; write PNGs, ``reconstructions.npz`` (ADM: ``arr_0`` uint8 NHWC)
     and optionally ``references.npz`` (the cropped originals); unreadable files go to ``skipped.csv``
-    (path, reason). Returns a summary dict."""
+    (path, reason). NaN/Inf pixels are written as 0 and the images listed. PNGs of an earlier run
+    into the same folder that this run did not write are removed. No readable image is an error
+    (nothing is written). Returns a summary dict."""
     import torch.distributed as td
     from PIL import Image
 
@@ -109,6 +111,7 @@ def write_reconstructions(
     from raebench.results import atomic_write_bytes
 
     out = Path(out)
+    check_out_dir(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     recs, refs, rows, nonfinite = [], [], [], []
     rank, world = distributed.rank_world()
@@ -120,7 +123,7 @@ def write_reconstructions(
             rec = tok.decode(tok.encode(to_float(ref))).float()
         bad = ~torch.isfinite(rec.flatten(1)).all(1)
         nonfinite += [p for p, b in zip(paths, bad.tolist()) if b]
-        u8 = to_uint8(torch.nan_to_num(rec)).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+        u8 = to_uint8(torch.nan_to_num(rec, nan=0.0, posinf=0.0, neginf=0.0)).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
         recs.append(u8)
         if references:
             refs.append(ref.permute(0, 2, 3, 1).cpu().numpy())
@@ -135,11 +138,18 @@ def write_reconstructions(
                                                      "skipped": [(s.path, s.reason) for s in skipped]}))
     if world > 1:
         td.barrier()
+    shards = [out / f".part-{r}" for r in range(world)]
+    meta = [json.loads(p.with_suffix(".json").read_text()) for p in shards]
+    if not any(m["rows"] for m in meta):  # every rank sees it: all stop, nothing is written
+        if world > 1:
+            td.barrier()
+        for suffix in (".npz", ".json"):
+            part.with_suffix(suffix).unlink(missing_ok=True)
+        n_skip = sum(len(m["skipped"]) for m in meta)
+        raise RaebenchError(f"Nothing to reconstruct in {data.name!r}: no image was readable ({n_skip} skipped).")
     summary = {}
     if rank == 0:
-        shards = [out / f".part-{r}" for r in range(world)]
         arrays = [np.load(p.with_suffix(".npz")) for p in shards]
-        meta = [json.loads(p.with_suffix(".json").read_text()) for p in shards]
         rec_all = np.concatenate([a["rec"] for a in arrays])
         np.savez(out / "reconstructions.npz", arr_0=rec_all)
         if references:
@@ -150,6 +160,10 @@ def write_reconstructions(
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows([("path", "reason"), *skips])
         atomic_write_bytes(out / "skipped.csv", buf.getvalue().encode())
+        written = {f"{i:06d}.png" for m in meta for i, _ in m["rows"]} if png else set()
+        for stale in (out / "images").glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):  # from an earlier run
+            if stale.name not in written:
+                stale.unlink()
         summary = {"n": int(rec_all.shape[0]), "nonfinite": [p for m in meta for p in m["nonfinite"]], "out": str(out),
                    "skipped": skips}
     if world > 1:
@@ -157,6 +171,12 @@ def write_reconstructions(
     for suffix in (".npz", ".json"):
         part.with_suffix(suffix).unlink(missing_ok=True)
     return summary
+
+
+def check_out_dir(out: Path) -> None:
+    """An output folder that exists as something else is one sentence, before any model loads."""
+    if out.exists() and not out.is_dir():
+        raise RaebenchError(f"--out {str(out)!r} is a file; reconstructions go to a folder, so give a folder path.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,18 +267,21 @@ def register(app: typer.Typer) -> None:
         from raebench.cli import console, err_console
         from raebench.cli.core import progress_bar
         from raebench.data import resolve_data
-        from raebench.evaluate import EvalConfig, build_tokenizer_from_config, resolve_device
+        from raebench.evaluate import EvalConfig, build_tokenizer_from_config, check_config, resolve_device
 
         distributed.init()
         if not tokenizer and not tokenizer_config:
             raise RaebenchError("Give --tokenizer NAME (see `raebench ls tokenizers`) or --tokenizer-config official.yaml.")
         dev = resolve_device(distributed.local_device(device))
         cfg = EvalConfig(
-            tokenizer=tokenizer or "official-config", resolution=resolution, weights=weights, decoder=decoder,
-            stats=stats, tokenizer_config=str(tokenizer_config) if tokenizer_config else None,
+            tokenizer=tokenizer or "official-config", metrics=(), resolution=resolution, batch_size=batch_size,
+            precision=precision, num_workers=num_workers, weights=weights, decoder=decoder, stats=stats,
+            tokenizer_config=str(tokenizer_config) if tokenizer_config else None,
         )
-        tok = build_tokenizer_from_config(cfg, dev)
+        check_config(cfg)  # bad flags, an unusable --out or data fail before the model loads
+        check_out_dir(out)
         rd = resolve_data(data, dataset, limit, seed)
+        tok = build_tokenizer_from_config(cfg, dev)
         with progress_bar(f"reconstruct {tok.name}") as bar:
             summary = write_reconstructions(
                 tok, rd, out, resolution=resolution, batch_size=batch_size, device=dev, num_workers=num_workers,
@@ -267,7 +290,7 @@ def register(app: typer.Typer) -> None:
         if distributed.is_main():
             console.print(f"wrote {summary['n']} reconstructions of {rd.name} to {summary['out']}")
             if summary["nonfinite"]:
-                err_console.print(f"[red]{len(summary['nonfinite'])} reconstruction(s) contained NaN/Inf (written as 0).[/]")
+                err_console.print(f"[red]{len(summary['nonfinite'])} reconstruction(s) contained NaN/Inf (those pixels written as 0).[/]")
             if summary["skipped"]:
                 err_console.print(f"[yellow]{len(summary['skipped'])} file(s) skipped[/] (listed in {out / 'skipped.csv'}).",
                                   highlight=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from raebench.errors import RaebenchError
 from raebench.tokenizers.base import Tokenizer, TokenizerSpec, register_tokenizer
 
 
@@ -27,9 +28,13 @@ class PixelTokenizer(Tokenizer):
 class BicubicTokenizer(Tokenizer):
     weights_id = "none"
 
-    def __init__(self, factor: int) -> None:
+    def __init__(self, factor: int, resolution: int | None = None) -> None:
         super().__init__()
         self.factor = factor
+        if resolution is not None and resolution % factor:
+            lo, hi = resolution // factor * factor, -(-resolution // factor) * factor
+            raise RaebenchError(f"bicubic-f{factor} needs a resolution divisible by {factor}; --resolution {resolution} "
+                                f"is not (try {lo or hi} or {hi}).")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -61,7 +66,7 @@ for _f in (8, 16):
             family="reference",
             description=f"Box downsample by {_f}, bicubic upsample: a weightless {3}x(H/{_f})x(W/{_f}) latent.",
             latent_shape_fn=lambda r, f=_f: (3, r // f, r // f),
-            builder=lambda f=_f: BicubicTokenizer(f),
+            builder=lambda resolution=None, f=_f: BicubicTokenizer(f, resolution),
             native_resolutions=(256, 512),
             params=0,
         )

@@ -1,0 +1,443 @@
+"""Evaluation under hostile input: paired scoring past unreadable files, the identity of a stored
+measurement (weights, precision, data, candidates), bounded image work, symlinked folders and
+one-sentence errors for flags, npz files and output paths."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from raebench.errors import DataError
+from raebench.metrics.scoring import score
+
+
+def _pngs(folder, images, names=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(images):
+        Image.fromarray(a).save(folder / f"{(names or [f'im{j}' for j in range(len(images))])[i]}.png")
+    return folder
+
+
+def _skimage_pairs(refs, cands, keep):
+    psnr = [peak_signal_noise_ratio(refs[i] / 255.0, cands[i] / 255.0, data_range=1.0) for i in keep]
+    ssim = [structural_similarity(refs[i] / 255.0, cands[i] / 255.0, gaussian_weights=True, sigma=1.5,
+                                  use_sample_covariance=False, data_range=1.0, channel_axis=2) for i in keep]
+    return {"psnr": np.mean(psnr), "ssim": np.mean(ssim)}
+
+
+@pytest.mark.parametrize("bad", [("pr", 2), ("pr", 0), ("pc", 2), ("pc", 5)])
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_score_pairs_stay_aligned_past_an_unreadable_batch(tmp_path, bad, batch_size):
+    rng = np.random.default_rng(0)
+    refs = rng.integers(0, 256, (6, 24, 24, 3), dtype=np.uint8)
+    cands = rng.integers(0, 256, (6, 24, 24, 3), dtype=np.uint8)
+    _pngs(tmp_path / "pr", refs), _pngs(tmp_path / "pc", cands)
+    side, i = bad
+    (tmp_path / side / f"im{i}.png").write_bytes(b"")
+    out = score(str(tmp_path / "pr"), str(tmp_path / "pc"), ("psnr", "ssim"), device="cpu", write=False,
+                batch_size=batch_size)
+    expected = _skimage_pairs(refs, cands, [j for j in range(6) if j != i])
+    assert out.n_candidates == 5 and all(r.n_images == 5 for r in out.rows)
+    assert {r.metric: r.value for r in out.rows} == pytest.approx(expected, rel=1e-5)
+
+
+def test_score_pairs_align_with_npz_candidates_and_unreadable_references(tmp_path):
+    rng = np.random.default_rng(1)
+    refs = rng.integers(0, 256, (5, 24, 24, 3), dtype=np.uint8)
+    cands = rng.integers(0, 256, (5, 24, 24, 3), dtype=np.uint8)
+    _pngs(tmp_path / "pr", refs)
+    (tmp_path / "pr" / "im1.png").write_bytes(b"")
+    np.savez(tmp_path / "c.npz", arr_0=cands)
+    out = score(str(tmp_path / "pr"), str(tmp_path / "c.npz"), ("psnr",), device="cpu", write=False, batch_size=1)
+    assert out.n_candidates == 4
+    assert out.rows[0].value == pytest.approx(_skimage_pairs(refs, cands, [0, 2, 3, 4])["psnr"], rel=1e-5)
+
+
+def test_score_pairing_errors_name_extra_and_duplicate_candidates(tmp_path):
+    rng = np.random.default_rng(2)
+    refs = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    _pngs(tmp_path / "pr", refs)
+    _pngs(tmp_path / "pc", np.concatenate([refs, refs[:1]]), ["im0", "im1", "im2", "stray"])
+    with pytest.raises(DataError, match=r"1 candidate\(s\) match no reference \(e\.g\. \[.*stray\.png"):
+        score(str(tmp_path / "pr"), str(tmp_path / "pc"), ("psnr",), device="cpu", write=False)
+    (tmp_path / "pc" / "stray.png").unlink()
+    Image.fromarray(refs[0]).save(tmp_path / "pc" / "im0.jpg")
+    with pytest.raises(DataError, match=r"share a name.*im0\.jpg"):
+        score(str(tmp_path / "pr"), str(tmp_path / "pc"), ("psnr",), device="cpu", write=False)
+
+
+def test_score_npz_problems_are_clear_errors(tmp_path):
+    rng = np.random.default_rng(3)
+    refs = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    _pngs(tmp_path / "pr", refs)
+    np.savez(tmp_path / "full.npz", arr_0=refs)
+    data = (tmp_path / "full.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])  # truncated: no central directory
+    (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
+    for bad in ("cut.npz", "junk.npz"):
+        with pytest.raises(DataError, match="not a readable .npz"):
+            score(str(tmp_path / "pr"), str(tmp_path / bad), ("psnr",), device="cpu", write=False)
+    # a header that claims more images than the member holds
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (20, 16, 16, 3)})
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as zf:
+        zf.writestr("arr_0.npy", buf.getvalue() + refs.tobytes() * 3 + refs[:2].tobytes())
+    with pytest.raises(DataError, match="claims 20 images of 16x16 but holds only 14"):
+        score(str(tmp_path / "pr"), str(tmp_path / "short.npz"), ("psnr",), device="cpu", write=False)
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 16, 16, 3), np.uint8))
+    with pytest.raises(DataError, match="arr_0 is empty"):
+        score(str(tmp_path / "pr"), str(tmp_path / "empty.npz"), ("fid",), device="cpu", write=False)
+    with open(tmp_path / "upper.NPZ", "wb") as f:  # np.savez would append .npz to the name
+        np.savez(f, arr_0=refs)
+    out = score(str(tmp_path / "pr"), str(tmp_path / "upper.NPZ"), ("psnr",), device="cpu", write=False)
+    assert out.rows[0].value == 100.0  # identical images: PSNR capped at 100 dB
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement identity: weights, precision, data and candidate fingerprints, write order
+# ---------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from _cli import run  # noqa: E402
+
+from raebench.cli import main  # noqa: E402
+from raebench.leaderboard import pivot  # noqa: E402
+from raebench.results import ResultRow, load, write_rows  # noqa: E402
+
+
+def _tiny_vae(folder: Path, seed: int) -> Path:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                                  norm_num_groups=4)
+    vae.save_pretrained(folder)
+    return folder
+
+
+def test_compare_reuses_only_rows_of_the_same_weights_and_precision(image_folder, tmp_path, capsys, monkeypatch):
+    from raebench.compare import compare
+
+    w1, w2 = _tiny_vae(tmp_path / "w1", 0), _tiny_vae(tmp_path / "w2", 1)
+    res = tmp_path / "res"
+    common = ["--data", str(image_folder), "-r", "32", "--device", "cpu", "-m", "psnr", "--results", str(res)]
+    kw = dict(data=str(image_folder), resolution=32, device="cpu", results_dir=str(res), reported="none")
+    code, _, err = run(["eval", "-t", "sd-vae-ft-ema", "--weights", str(w1), *common], capsys)
+    assert code == 0, err
+    got = compare(["sd-vae-ft-ema"], ("psnr",), weights={"sd-vae-ft-ema": str(w2)}, **kw)
+    assert got.computed == ["sd-vae-ft-ema"]
+    df = load(res)
+    v = dict(zip(df["weights_id"], df["value"]))
+    assert len(v) == 2 and v[f"local:{w1.resolve()}"] != v[f"local:{w2.resolve()}"]
+    assert got.table.loc[("images", "psnr"), "sd-vae-ft-ema"] == v[f"local:{w2.resolve()}"]
+    # both weights get their own leaderboard row, labelled with the weights
+    table = pivot(df, gaps=False)
+    assert sorted(table.index) == sorted(f"sd-vae-ft-ema [local:{w.resolve()}]" for w in (w1, w2))
+
+    # bf16 rows stand apart from fp32 ones: load keeps both, compare (fp32) does not reuse bf16
+    code, _, err = run(["eval", "-t", "pixels", "--precision", "bf16", *common], capsys)
+    assert code == 0, err
+    assert compare(["pixels"], ("psnr",), **kw).computed == ["pixels"]
+    px = load(res).query("tokenizer == 'pixels'")
+    assert sorted(px["precision"]) == ["bf16", "fp32"]
+    assert {"pixels [bf16]", "pixels [fp32]"} <= set(pivot(load(res), gaps=False).index)
+    assert compare(["pixels"], ("psnr",), **kw).computed == []
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, err = run(["compare", "-t", "pixels", "--reported", "none", "--recompute", *common], capsys)
+    assert code == 0 and "computed now: pixels" in out, err
+
+
+def test_load_keeps_measurements_of_different_folders_and_candidate_sets(tmp_path, make_images):
+    from _metrics_helpers import save_pngs
+
+    res = tmp_path / "res"
+    save_pngs(make_images(3, 32, 32, seed=1), tmp_path / "A" / "val")
+    save_pngs(make_images(4, 32, 32, seed=2), tmp_path / "B" / "val")
+    save_pngs(make_images(4, 32, 32, seed=3), tmp_path / "C" / "val")  # same names and sizes as B
+    (tmp_path / "C" / "val" / "img_003.png").write_bytes((tmp_path / "C" / "val" / "img_003.png").read_bytes() + b"x")
+    for d in ("A", "B", "C"):
+        main(["eval", "-t", "bicubic-f8", "--data", str(tmp_path / d / "val"), "-r", "32", "--device", "cpu",
+              "-m", "psnr", "--results", str(res)])
+    df = load(res)
+    assert len(df) == 3 and df["data_fingerprint"].nunique() == 3
+    assert pivot(df, gaps=False).shape == (1, 3)  # one column per image list
+    # score on two candidate sets with the same name: two rows
+    refs = make_images(3, 32, 32, seed=4)
+    np.savez(tmp_path / "references.npz", arr_0=refs.permute(0, 2, 3, 1).numpy())
+    for i, d in enumerate(("r1", "r2")):
+        (tmp_path / d).mkdir()
+        np.savez(tmp_path / d / "reconstructions.npz", arr_0=make_images(3, 32, 32, seed=5 + i).permute(0, 2, 3, 1).numpy())
+        score(str(tmp_path / "references.npz"), str(tmp_path / d / "reconstructions.npz"), ("psnr",), device="cpu",
+              results_dir=str(res))
+    sc = load(res).query("tokenizer == 'reconstructions'")
+    assert len(sc) == 2 and sc["candidates_fingerprint"].nunique() == 2
+    assert sum(str(i).startswith("reconstructions [cand #") for i in pivot(load(res), gaps=False).index) == 2
+
+
+def _row(value, **kw):
+    base = dict(tokenizer="pixels", weights_id="none", dataset="d", split="all", domain="open-domain", resolution=32,
+                n_images=4, metric="psnr", value=value, higher_is_better=True, metric_version="v1",
+                date="2024-01-01T00:00:00+00:00")
+    return ResultRow(**{**base, **kw})
+
+
+def test_newest_row_is_the_last_written_within_one_second(tmp_path):
+    # run ids of one second sort by their random tail: the later write has the smaller one here
+    write_rows([_row(1.0)], tmp_path, "20240101T000000-ffffffff")
+    write_rows([_row(2.0)], tmp_path, "20240101T000000-00000000")
+    df = load(tmp_path)
+    assert list(df["value"]) == [2.0]
+    assert list(load(tmp_path, latest=False)["value"]) == [1.0, 2.0]  # oldest first
+    assert pivot(load(tmp_path, latest=False), gaps=False).iloc[0, 0] == 2.0
+
+
+def test_version1_rows_load_and_non_row_lines_are_skipped(tmp_path, caplog):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    v1 = {k: v for k, v in _row(3.0).__dict__.items() if k not in ("precision", "candidates_fingerprint", "written_ns")}
+    old_bf16 = {**v1, "value": 4.0, "extra": {"precision": "bf16"}, "run_id": "a"}
+    lines = [json.dumps({**v1, "schema_version": 1, "run_id": "a"}), json.dumps({**old_bf16, "schema_version": 1}),
+             "42", "{}", "[1, 2]", json.dumps({"tokenizer": "x", "metric": "psnr", "value": "high"})]
+    (runs / "old.jsonl").write_text("\n".join(lines) + "\n")
+    df = load(tmp_path)
+    assert sorted(zip(df["precision"], df["value"])) == [("bf16", 4.0), ("fp32", 3.0)]
+    assert (df["written_ns"] == 0).all() and (df["candidates_fingerprint"] == "").all()
+    assert "4 line(s)" in caplog.text
+    from raebench.cli import main as cli_main
+
+    cli_main(["leaderboard", "--results", str(tmp_path), "--reported", "none", "--format", "csv"])
+
+
+# ---------------------------------------------------------------------------------------------
+# data: extreme aspect ratios, symlinked folders
+# ---------------------------------------------------------------------------------------------
+
+
+def _plain_adm(im, size):
+    """The ADM crop as it always was (box-halve, bicubic resize of the short side, centre crop)."""
+    while min(im.size) >= 2 * size:
+        im = im.resize(tuple(s // 2 for s in im.size), resample=Image.BOX)
+    scale = size / min(im.size)
+    a = np.asarray(im.resize(tuple(round(s * scale) for s in im.size), resample=Image.BICUBIC))
+    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    return a[top:top + size, left:left + size]
+
+
+def test_adm_crop_bounds_the_work_of_extreme_aspect_images(monkeypatch):
+    from raebench.data import adm_center_crop
+
+    rng = np.random.default_rng(0)
+    smooth = lambda h, w: np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(  # noqa: E731
+        (w, h), Image.BICUBIC))
+    # normal images, up to 4:1, take the plain path bit for bit
+    for h, w, size in ((80, 96, 32), (37, 148, 16), (300, 77, 64), (16, 16, 16), (9, 20, 32)):
+        im = Image.fromarray(smooth(h, w))
+        assert np.array_equal(adm_center_crop(im, size), _plain_adm(im, size))
+    # a strip: no resize larger than the crop itself, and the plain path's pixels within a few levels
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, s, *a, **k: (sizes.append(s), resize(self, s, *a, **k))[1])
+    for h, w, size in ((3000, 1, 256), (1, 3000, 64), (1000, 33, 64)):
+        im = Image.fromarray(smooth(h, w))
+        sizes.clear()
+        got = adm_center_crop(im, size)
+        assert got.shape == (size, size, 3) and max(a * b for a, b in sizes) <= size * size
+        monkeypatch.setattr(Image.Image, "resize", resize)
+        assert np.abs(got.astype(int) - _plain_adm(im, size)).mean() < 1.0
+        monkeypatch.setattr(Image.Image, "resize", lambda self, s, *a, **k: (sizes.append(s), resize(self, s, *a, **k))[1])
+
+
+def test_scan_follows_symlinked_folders_once(tmp_path, make_images):
+    from _metrics_helpers import save_pngs
+
+    from raebench.data import scan_folder
+
+    root = tmp_path / "root"
+    save_pngs(make_images(2, 16, 16, seed=0), root / "a")
+    save_pngs(make_images(3, 16, 16, seed=1), tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", root / "b")  # a linked class folder: followed
+    os.symlink(root, root / "a" / "loop")  # a cycle: recorded, not followed
+    os.symlink(root / "a", root / "c")  # a second way to the same folder: recorded once
+    images = scan_folder(root)
+    assert [os.path.relpath(p, root) for p in images.paths] == [
+        "a/img_000.png", "a/img_001.png", "b/img_000.png", "b/img_001.png", "b/img_002.png"]
+    assert images.classes == ["a", "b"]
+    assert sorted((os.path.relpath(s.path, root), s.reason) for s in images.skipped) == [
+        ("a/loop", "symlink to a folder scanned already"), ("c", "symlink to a folder scanned already")]
+
+
+def test_atomic_writes_get_the_umask_mode_and_clean_stale_temps(tmp_path):
+    import time
+
+    from raebench.results import STALE_TEMP_SECONDS, atomic_write_bytes
+
+    target = tmp_path / "out.md"
+    stale, fresh = tmp_path / ".out.md.abc123.tmp", tmp_path / ".out.md.def456.tmp"
+    stale.write_bytes(b"killed"), fresh.write_bytes(b"in flight")
+    old = time.time() - STALE_TEMP_SECONDS - 10
+    os.utime(stale, (old, old))
+    mask = os.umask(0o022)
+    try:
+        atomic_write_bytes(target, b"x")
+    finally:
+        os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert not stale.exists() and fresh.exists()  # another writer may still own the fresh one
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: one sentence, before any model loads
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_build(monkeypatch):
+    """Fail loudly if a tokenizer gets built: these errors must come first."""
+    import raebench.evaluate as ev
+
+    def refuse(*a, **k):
+        raise AssertionError("a tokenizer was built before the error")
+
+    monkeypatch.setattr(ev, "build_tokenizer_from_config", refuse)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "-t", "pixels", "-b", "0"], "--batch-size must be at least 1"),
+    (["eval", "-t", "pixels", "-b", "-1"], "--batch-size must be at least 1"),
+    (["eval", "-t", "pixels", "-r", "0"], "--resolution must be a positive"),
+    (["eval", "-t", "pixels", "-r", "-5"], "--resolution must be a positive"),
+    (["eval", "-t", "pixels", "-r", "7"], "ssim needs images of at least 11 px"),
+    (["eval", "-t", "pixels", "-r", "16", "-m", "ms-ssim"], "ms-ssim needs images of at least 161 px"),
+    (["eval", "-t", "pixels", "--precision", "fp8"], "Unknown precision"),
+    (["reconstruct", "-t", "pixels", "-b", "0", "--out", "OUT"], "--batch-size must be at least 1"),
+    (["reconstruct", "-t", "pixels", "-r", "-5", "--out", "OUT"], "--resolution must be a positive"),
+])
+def test_bad_flags_are_one_sentence_before_the_model(argv, needle, tmp_path, capsys, no_model_build, image_folder):
+    argv = [a.replace("OUT", str(tmp_path / "o")) for a in argv]
+    code, out, err = run([*argv, "--data", str(image_folder), "--device", "cpu"] +
+                         (["--results", str(tmp_path / "r")] if argv[0] == "eval" else []), capsys)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("tok, r, needle", [("bicubic-f16", 100, "divisible by 16"), ("bicubic-f8", 12, "try 8 or 16")])
+def test_bicubic_resolution_not_divisible_is_refused_up_front(tok, r, needle, tmp_path, capsys, image_folder):
+    code, out, err = run(["eval", "-t", tok, "-r", str(r), "--data", str(image_folder), "--device", "cpu",
+                          "--results", str(tmp_path / "r")], capsys)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+
+
+def test_score_flag_and_size_errors(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    _pngs(tmp_path / "a", rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8))
+    base = ["score", "--ref", str(tmp_path / "a"), "--cand", str(tmp_path / "a"), "--no-write", "--device", "cpu"]
+    for extra, needle in ((["-b", "0", "-m", "psnr"], "--batch-size must be at least 1"),
+                          (["-r", "-1", "-m", "psnr"], "--resolution must be a positive"),
+                          (["-m", "ssim"], "ssim needs images of at least 11 px on the short side, and these images have 8"),
+                          (["-m", "psnr", "-r", "16"], None)):
+        code, out, err = run([*base, *extra], capsys)
+        assert "Traceback" not in err
+        assert (code == 0) if needle is None else (code == 2 and needle in err), err
+
+
+def test_output_paths_that_cannot_be_written(tmp_path, capsys, image_folder, no_model_build):
+    from raebench.results import ResultRow
+
+    write_rows([_row(1.0)], tmp_path / "res")
+    lb = ["leaderboard", "--results", str(tmp_path / "res"), "--reported", "none"]
+    code, _, err = run([*lb, "--out", str(tmp_path)], capsys)
+    assert code == 2 and "is a folder" in err, err
+    code, _, err = run([*lb, "--out", str(tmp_path / "missing" / "sub" / "x.md")], capsys)
+    assert code == 0  # folders are created
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run([*lb, "--out", str(blocker / "x.md")], capsys)
+    assert code == 2 and "Cannot write --out" in err and "Traceback" not in err, err
+    code, _, err = run(["reconstruct", "-t", "pixels", "--data", str(image_folder), "--out", str(blocker)], capsys)
+    assert code == 2 and "is a file" in err, err
+    assert ResultRow  # the row helper above built a valid row
+
+
+def test_unwritable_results_folder_is_reported_before_the_model(tmp_path, capsys, image_folder, no_model_build):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run(["eval", "-t", "pixels", "--data", str(image_folder), "--device", "cpu",
+                        "--results", str(blocker)], capsys)
+    assert code == 2 and "not writable" in err, err
+
+
+def test_invalid_max_pixels_is_one_sentence(tmp_path, capsys, image_folder, monkeypatch):
+    import raebench.data as data_mod
+
+    monkeypatch.setenv("RAEBENCH_MAX_PIXELS", "abc")
+    monkeypatch.setattr(data_mod, "MAX_PIXELS", data_mod._max_pixels("abc"))
+    assert data_mod._max_pixels("2.5e3") == 2500 and data_mod._max_pixels(None) == 16384 * 16384
+    code, _, err = run(["eval", "-t", "pixels", "--data", str(image_folder), "--device", "cpu",
+                        "--results", str(tmp_path / "r")], capsys)
+    assert code == 2 and "RAEBENCH_MAX_PIXELS='abc' is not a positive whole number" in err, err
+
+
+def test_reconstruct_empty_stale_and_nonfinite(tmp_path, capsys, make_images, monkeypatch):
+    from _metrics_helpers import save_pngs
+
+    from raebench.cli.rae_cmds import write_reconstructions
+    from raebench.data import resolve_data
+    from raebench.tokenizers.reference import PixelTokenizer
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"x{i}.png").write_bytes(b"junk")
+    code, _, err = run(["reconstruct", "-t", "pixels", "--data", str(bad), "-r", "16", "--device", "cpu",
+                        "--out", str(tmp_path / "o0")], capsys)
+    assert code == 2 and "Nothing to reconstruct" in err and "3 skipped" in err, err
+    assert not (tmp_path / "o0" / "reconstructions.npz").exists()
+
+    save_pngs(make_images(4, 16, 16, seed=0), tmp_path / "four")
+    save_pngs(make_images(2, 16, 16, seed=0), tmp_path / "two")
+    out = tmp_path / "o"
+    for d in ("four", "two"):
+        code, _, err = run(["reconstruct", "-t", "pixels", "--data", str(tmp_path / d), "-r", "16", "--device", "cpu",
+                            "--out", str(out)], capsys)
+        assert code == 0, err
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png"]
+
+    class Inf(PixelTokenizer):
+        def decode(self, z):
+            x = super().decode(z)
+            x[:, :, 0, 0] = float("inf")
+            x[:, :, 0, 1] = float("nan")
+            return x
+
+    summary = write_reconstructions(Inf(), resolve_data(str(tmp_path / "two")), tmp_path / "o2", resolution=16)
+    arr = np.load(tmp_path / "o2" / "reconstructions.npz")["arr_0"]
+    assert len(summary["nonfinite"]) == 2 and (arr[:, 0, :2] == 0).all()
+
+
+def test_a_failing_first_batch_leaves_no_work_folder(tmp_path, image_folder, monkeypatch):
+    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.tokenizers.reference import PixelTokenizer
+
+    class Broken(PixelTokenizer):
+        def encode(self, x):
+            raise RuntimeError("boom")
+
+    cfg = EvalConfig(tokenizer="pixels", data=str(image_folder), resolution=16, device="cpu", results_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="boom"):
+        evaluate(cfg, tokenizer=Broken())
+    assert not any((tmp_path / ".work").iterdir())
+
+
+def test_compare_counts_the_images_the_rows_use(tmp_path, image_folder):
+    from raebench.compare import compare
+
+    (image_folder / "cls_a" / "broken.png").write_bytes(b"")
+    got = compare(["pixels"], ("psnr",), data=str(image_folder), resolution=16, device="cpu",
+                  results_dir=str(tmp_path), reported="none")
+    assert (got.n_images, got.unreadable) == (8, 1)
