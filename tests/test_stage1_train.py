@@ -2,6 +2,7 @@
 temporary folder, a tiny decoder, random LPIPS/DINO backbones, eight synthetic images."""
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -184,3 +185,57 @@ def test_exported_decoder_loads_strictly_and_serves_as_the_rae_tokenizer(assets,
         ours = build_decoder(official_config(dec_dir, latent_dim=32, patch_size=8, grid_size=4), ck["ema"])(tok.encode_features(x))
         ours = ours * tok.encoder.std + tok.encoder.mean
         torch.testing.assert_close(tok.decode(tok.encode(x)), ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["decoder", "discriminator"])
+def test_a_non_finite_gradient_stops_before_the_parameters_change(assets, tmp_path, monkeypatch, which):
+    """One Inf gradient in a later step, with finite losses (the loss check alone would pass it): the run
+    stops at that step and the checkpoint keeps the last good, finite state."""
+    import raebench.stage1.discriminator as s1d
+    import raebench.stage1.train as s1
+    from raebench.checkpoint import load_state
+    from raebench.errors import RaebenchError
+
+    def poison_third_backward(module):  # 2 micro-batches a step: the third is in the module's second update
+        p = next(q for q in module.parameters() if q.requires_grad)
+        calls = {"n": 0}
+
+        def hook(g):
+            calls["n"] += 1
+            return torch.full_like(g, float("inf")) if calls["n"] == 3 else g
+        p.register_hook(hook)
+        return module
+
+    if which == "decoder":
+        real = s1.build_trainable_rae
+        monkeypatch.setattr(s1, "build_trainable_rae", lambda cfg: (lambda tok: (poison_third_backward(tok.decoder), tok)[1])(real(cfg)))
+        cfg = _cfg(assets, lpips_weight=0.0, gan_weight=0.0, sample_every=0, ckpt_every=1, max_steps=4)
+    else:
+        real = s1d.build_discriminator
+        monkeypatch.setattr(s1d, "build_discriminator", lambda cfg: (lambda d: (poison_third_backward(d.heads), d)[1])(real(cfg)))
+        cfg = _resume_cfg(assets, ckpt_every=1)
+    run = tmp_path / "run"
+    with pytest.raises(RaebenchError, match=f"the {which} gradients became non-finite") as e:
+        train(cfg, run)
+    stopped = int(str(e.value).split("step ")[1].split(":")[0])
+    ck = load_state(run / "checkpoints" / "last.pt")
+    assert ck["step"] == stopped - 1
+    for part in ("model", "ema", "disc"):
+        assert all(torch.isfinite(v).all() for v in ck.get(part, {}).values() if v.is_floating_point()), part
+
+
+def test_resuming_on_other_images_is_refused(assets, tmp_path):
+    import shutil
+
+    from raebench.errors import RaebenchError
+
+    data = tmp_path / "images"
+    shutil.copytree(assets["data"], data)
+    cfg = preset("tiny", encoder=assets["encoder"], data=str(data), lpips_weight=0.0, gan_weight=0.0, sample_every=0,
+                 max_steps=1)
+    train(cfg, tmp_path / "run")
+    shutil.copy(data / "0.png", data / "extra.png")  # the same folder, one image more
+    with pytest.raises(RaebenchError, match=r"other settings or data \(data fingerprint: .*data n: 8 -> 9"):
+        train(dataclasses.replace(cfg, max_steps=2), tmp_path / "run")
+    (data / "extra.png").unlink()
+    assert train(dataclasses.replace(cfg, max_steps=2), tmp_path / "run")["step"] == 2  # the same images: resumes

@@ -178,6 +178,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _checked_step(module: nn.Module, opt: torch.optim.Optimizer, clip: float | None, what: str, step: int,
+                  cfg: Stage1Config) -> None:
+    """Clip (``clip`` > 0) and step, refusing a non-finite gradient norm before any parameter changes; the
+    norm is of DDP-averaged gradients, the same on every rank, so all ranks stop together and the last
+    checkpoint stays good."""
+    from raebench.stage2.train import NonFiniteGradientError, clip_and_step
+
+    try:
+        clip_and_step(module, opt, clip)
+    except NonFiniteGradientError as e:
+        hint = "lower the learning rate or use --precision fp32" if cfg.precision == "bf16" else \
+            "lower the learning rate or check the images"
+        raise RaebenchError(f"Training stopped at step {step + 1}: the {what} gradients became non-finite ({e}); the "
+                            f"last checkpoint holds the last good state; {hint}.") from None
+
+
 def compare_configs(saved: dict, cfg: Stage1Config) -> list[str]:
     """Trajectory-changing differences between a saved run config and ``cfg``."""
     now = cfg.to_dict()
@@ -311,6 +327,7 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
     images = scan_folder(cfg.data)
     if not images.paths:
         raise DataError(f"No image files under {cfg.data!r}.")
+    data = {"n": len(images.paths), "fingerprint": images.fingerprint()}  # a resume must see the same images
     p = plan(cfg, len(images.paths), world)
     spe, total, accum, micro = p["steps_per_epoch"], p["total_steps"], cfg.grad_accum, p["micro_batch"]
     stop = min(total, cfg.max_steps) if cfg.max_steps is not None else total
@@ -340,9 +357,13 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
     if ckpt_path.is_file():
         ck = load_state(ckpt_path, map_location="cpu")
         diff = compare_configs(ck.get("config", {}), cfg)
+        saved_data = ck.get("data")  # checkpoints before this record hold none
+        if saved_data is not None and saved_data != data:
+            diff += [f"data {k}: {saved_data.get(k)!r} -> {data.get(k)!r}" for k in sorted(set(saved_data) | set(data))
+                     if saved_data.get(k) != data.get(k)]
         if diff:
-            raise RaebenchError(f"{str(run_dir)!r} holds a run with other settings ({'; '.join(diff[:4])}); "
-                                "re-run with its settings, or start a new run with --name.")
+            raise RaebenchError(f"{str(run_dir)!r} holds a run with other settings or data ({'; '.join(diff[:4])}); "
+                                "re-run with its settings and data, or start a new run with --name.")
         decoder.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
@@ -423,10 +444,8 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
                     loss = rec_loss
                     (loss / accum).backward()
             sums[:5] += torch.stack([l1, lp, g_loss, lam, loss]).detach().double()
-        if cfg.clip_grad > 0:
-            nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         lr_now = opt.param_groups[0]["lr"]
-        opt.step()
+        _checked_step(decoder, opt, cfg.clip_grad, "decoder", step, cfg)  # a non-finite gradient changes nothing
         sched.step()
         update_ema(ema, decoder, cfg.ema_decay)
 
@@ -453,7 +472,7 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
             disc.heads.requires_grad_(False)  # the decoder's GAN term only needs gradients to the image
             _all_reduce_mean_([q.grad for q in disc_params if q.grad is not None], world)
             dlr_now = dopt.param_groups[0]["lr"]
-            dopt.step()
+            _checked_step(disc.heads, dopt, None, "discriminator", step, cfg)
             dsched.step()
             disc_updates += 1
         step += 1
@@ -503,7 +522,7 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
                     "disc": disc.heads.state_dict() if disc is not None else {},
                     "disc_opt": dopt.state_dict() if dopt is not None else {},
                     "disc_sched": dsched.state_dict() if dsched is not None else {},
-                    "rng": rngs, "config": cfg.to_dict(),
+                    "rng": rngs, "config": cfg.to_dict(), "data": data,
                 }, ckpt_path)
             if world > 1:
                 dist.barrier()
