@@ -11,6 +11,8 @@ is not zero) is the model for both. The script prints max |ours - official| for
 - the SDE sampler (official ``Sampler.sample_sde``, Euler) vs ``euler_maruyama``: every diffusion
   form and last step, shift 1 and 2, torch's global RNG re-seeded before each sampler (both draw the
   step noise from it, in the same order: one ``randn(x.shape)`` per grid step, none in the last step);
+  and ``sample_sde(sampling_method="heun")`` vs ``sde-heun`` for three forms and two last steps (without
+  a last step the official one returns NaN, ours refuses);
 - the ODE sampler with dopri5 (official ``Sampler.sample_ode``, torchdiffeq) vs ``adaptive``, at the
   official default tolerances and at tight ones, plus euler / heun2;
 - and the official default diffusion form "SBDM", which returns NaN for this path (ours refuses it);
@@ -133,6 +135,27 @@ def main() -> None:
         with torch.no_grad():
             theirs = fn(z, model.forward, y=y)[-1]
         print(f"  shift {shift:g} official default diffusion_form SBDM: finite {bool(theirs.isfinite().all())}")
+    print(f"SDE, {args.steps} steps: ours sde-heun vs official sample_sde(sampling_method='heun')")
+    for shift in (1.0, 2.0):
+        sampler = off.Sampler(off.create_transport("Linear", "velocity", time_dist_shift=shift))
+        for form in ("sigma", "linear", "decreasing"):
+            for last in ("Mean", "Tweedie", None):
+                fn = sampler.sample_sde(sampling_method="heun", diffusion_form=form, diffusion_norm=1.0,
+                                        last_step=last, last_step_size=0.04, num_steps=args.steps)
+                torch.manual_seed(321)
+                cm = Counted(model)
+                with torch.no_grad():
+                    theirs = fn(z, cm, y=y)[-1]
+                if last is None:  # the grid ends at t = 0, where the corrector divides by t
+                    print(f"  heun shift {shift:g} {form:<17} last None    official finite: "
+                          f"{bool(theirs.isfinite().all())} (ours refuses a Heun SDE without a last step)")
+                    continue
+                torch.manual_seed(321)
+                co = Counted(model)
+                ours = sample(co, z, y, method="sde-heun", num_steps=args.steps, shift=shift,
+                              diffusion_form=form, last_step=last, last_step_size=0.04)
+                calls = f"  calls {co.calls}/{cm.calls}" if co.calls != cm.calls else ""
+                report(f"heun shift {shift:g} {form:<17} last {str(last):<7}", ours, theirs, calls)
     worst_sde = worst
     try:
         sample(model, z, y, method="em", num_steps=4, diffusion_form="SBDM")

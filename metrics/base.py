@@ -214,7 +214,7 @@ class ExtractorSpec:
 
 
 METRICS: Registry[MetricSpec] = Registry("metric")
-EXTRACTORS: Registry[ExtractorSpec] = Registry("extractor")
+EXTRACTORS: Registry[ExtractorSpec] = Registry("extractor", listed=False)
 
 
 def register_metric(spec: MetricSpec) -> MetricSpec:

@@ -20,8 +20,10 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
 class Registry(Generic[T]):
     """Maps lowercase kebab-case names (and aliases) to specs of one kind."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, listed: bool = True) -> None:
+        """``listed``: ``raebench ls <kind>s`` lists this registry (else an unknown name's error lists the names)."""
         self.kind = kind
+        self.listed = listed
         self._specs: dict[str, T] = {}
         self._aliases: dict[str, str] = {}
 
@@ -47,9 +49,8 @@ class Registry(Generic[T]):
         if not close:  # substring matches catch 'dinov2' -> 'rae-dinov2-b'
             close = [c for c in candidates if key and (key in c or c in key)][:3]
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise UnknownNameError(
-            f"Unknown {self.kind} {name!r}.{hint} Run `raebench ls {self.kind}s` to list them."
-        )
+        known = f"Run `raebench ls {self.kind}s` to list them." if self.listed else f"Known: {', '.join(sorted(self._specs))}."
+        raise UnknownNameError(f"Unknown {self.kind} {name!r}.{hint} {known}")
 
     def get(self, name: str) -> T:
         return self._specs[self.canonical(name)]

@@ -55,3 +55,14 @@ def test_pixels_is_identity_and_bicubic_f8_dims():
 def test_listing_needs_no_weights():
     for spec in TOKENIZERS:
         assert len(spec.latent_shape(256)) >= 1
+
+
+def test_unknown_name_hints_only_at_listings_that_exist():
+    from raebench.errors import UnknownNameError
+    from raebench.stage2.models import MODELS
+
+    with pytest.raises(UnknownNameError, match=r"Unknown stage-2 model 'tiny'\. Did you mean 'ditdh-tiny'.*Known: .*ditdh-xl") as e:
+        MODELS.get("tiny")
+    assert "raebench ls" not in str(e.value)  # `raebench ls` has no stage-2 model listing
+    with pytest.raises(UnknownNameError, match="Run `raebench ls tokenizers` to list them"):
+        TOKENIZERS.get("no-such-tokenizer")

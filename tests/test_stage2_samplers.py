@@ -262,6 +262,9 @@ def test_stochastic_heun_one_step_by_hand():
     k2 = drift(xh - dt * k1, t1)
     x1 = xh - dt / 2 * (k1 + k2)
     torch.testing.assert_close(out.double(), x1 - drift(x1, tau) * tau, rtol=0, atol=2e-6)
+    # without a last step the grid ends at t = 0, where Heun's corrector would divide by t: refused, not NaN
+    with pytest.raises(ValueError, match="sde-heun needs a last step"):
+        sample(m, x.float(), y, method="stochastic-heun", num_steps=3, last_step=None)
 
 
 GAUSS_CASES = {

@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
 
     @train_app.command("stage2")
     def train_stage2_cmd(
-        preset: str = typer.Option("ditdh-xl", "--preset", "-p", help="ditdh-s|b|l|xl (official recipe) or tiny."),
+        preset: str = typer.Option("ditdh-xl", "--preset", "-p", help="ditdh-s|b|l|xl (official recipe), lightningdit-s|b|l|xl (the plain DiT, same recipe) or tiny."),
         out: Path = typer.Option(Path("runs/stage2"), "--out", "-o", help="Run folder; re-running the same command resumes."),
         latents: Optional[Path] = typer.Option(None, "--latents", help="Latent cache from `raebench cache-latents`."),
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Encode --data on the fly with this tokenizer."),

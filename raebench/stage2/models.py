@@ -531,7 +531,7 @@ class ModelSpec:
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"ditdh": DiTDH, "lightningdit": LightningDiT}
-MODELS: Registry[ModelSpec] = Registry("stage2 model")
+MODELS: Registry[ModelSpec] = Registry("stage-2 model", listed=False)
 
 _HEAD = dict(width=2048, depth=2, heads=16)
 for _size, (_w, _d, _h) in {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "xl": (1152, 28, 16)}.items():

@@ -313,6 +313,9 @@ def stochastic_heun(
     grid = grid.to(x.device)
     last = canonical_last_step(last_step)
     diffusion_coefficient(diffusion_form, grid[:1])  # fail before any network call
+    if float(grid[-1]) <= 0:  # Euler-Maruyama never evaluates the drift at its last grid point; Heun does
+        raise ValueError("sde-heun needs a last step (mean, tweedie or euler): without one its grid ends at t = 0, "
+                         "where the score -(x + (1 - t) v) / t is undefined (the official sampler returns NaN there)")
     for t0, t1 in zip(grid[:-1], grid[1:]):
         z = _step_noise(x, generator, noise_rows)  # (N, C, H, W)
         dt, t = t0 - t1, _tvec(t0, x)  # 0-d, > 0; (N,)
