@@ -14,13 +14,14 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
 from raebench.data import to_float
+from raebench.errors import RaebenchError
 from raebench.registry import Registry
 
 T = TypeVar("T")
@@ -53,6 +54,25 @@ def shared_network(key: tuple, build: Callable[[], T]) -> T:
     return _SHARED[key]
 
 
+class MetricInputError(RaebenchError, ValueError):
+    """Images or features a metric cannot take (floats where uint8 is the contract, unequal pairs)."""
+
+
+class TooFewImagesError(MetricInputError):
+    """A side holds fewer images than the metric is defined for (``MetricSpec.min_images``)."""
+
+
+def require_images(spec: "MetricSpec", **counts: int) -> None:
+    """Raise :class:`TooFewImagesError` unless every side in ``counts`` (``candidates=n``,
+    ``references=n``) holds at least ``spec.min_images`` images."""
+    need = spec.min_images
+    if all(n >= need for n in counts.values()):
+        return
+    got = " and ".join(f"{n} {side}" for side, n in counts.items())
+    what = "images on each side" if len(counts) > 1 else next(iter(counts))
+    raise TooFewImagesError(f"{spec.name} needs at least {need} {what}, got {got}")
+
+
 @dataclass
 class MetricBatch:
     """One batch seen by every metric.
@@ -80,13 +100,15 @@ class Metric(abc.ABC):
     result row. ``notes`` collects warnings recorded with the result (e.g. "N < d").
     """
 
-    #: keys of an ADM reference batch ``.npz`` (``("mu", "sigma")``) this metric can use instead of
-    #: reference features; see :meth:`set_reference_stats`
-    reference_stats_keys: tuple[str, ...] = ()
-
     def __init__(self, spec: "MetricSpec") -> None:
         self.spec = spec
         self.notes: list[str] = []
+
+    @property
+    def reference_stats_keys(self) -> tuple[str, ...]:
+        """Keys of an ADM reference batch ``.npz`` (``("mu", "sigma")``) this metric can use instead
+        of reference features; see :meth:`set_reference_stats`."""
+        return self.spec.reference_stats_keys
 
     def set_reference_stats(self, stats: dict) -> None:
         """Use stored reference statistics (arrays named by ``reference_stats_keys``) instead of
@@ -109,7 +131,7 @@ class Metric(abc.ABC):
     # both methods. Merging states in shard order reproduces the single-process accumulation (up to
     # float summation order), because shards are contiguous slices of the ordered dataset.
 
-    _NOT_STATE = frozenset({"spec", "notes", "reference_stats_keys"})
+    _NOT_STATE = frozenset({"spec", "notes"})
 
     def state(self) -> dict:
         """The accumulator's state: plain numbers, tensors and lists of tensors (torch.save-able
@@ -139,7 +161,8 @@ class Metric(abc.ABC):
 class PairedMean(Metric):
     """Mean over images of a per-image score of (reference, candidate) pairs, as a float64 sum
     and a count (constant memory; merges exactly). The score is ``on_float`` of the images as
-    [0, 1] floats, or a subclass's :meth:`per_image`."""
+    [0, 1] floats, or a subclass's :meth:`per_image`. Inputs are uint8 pairs of equal shape;
+    anything else is refused (a float image in [0, 1] would otherwise be divided by 255 again)."""
 
     def __init__(self, spec: "MetricSpec", on_float: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__(spec)
@@ -157,8 +180,16 @@ class PairedMean(Metric):
         return self.on_float(to_float(ref_u8), to_float(cand_u8))
 
     def update(self, batch: MetricBatch) -> None:
-        if batch.reference is None or batch.candidate is None:
-            raise ValueError(f"{self.spec.name} is a paired metric and needs reference and candidate images")
+        ref, cand = batch.reference, batch.candidate
+        if ref is None or cand is None:
+            raise MetricInputError(f"{self.spec.name} is a paired metric and needs reference and candidate images.")
+        for side, x in (("reference", ref), ("candidate", cand)):
+            if x.dtype != torch.uint8:
+                raise MetricInputError(f"{self.spec.name} takes uint8 images (0..255, what a PNG holds), got {side} "
+                                       f"images of {x.dtype}; convert [0, 1] floats with raebench.data.to_uint8.")
+        if ref.shape != cand.shape or ref.ndim != 4:
+            raise MetricInputError(f"{self.spec.name} needs reference and candidate batches of one (N, 3, H, W) shape, "
+                                   f"got {tuple(ref.shape)} and {tuple(cand.shape)}.")
         with torch.no_grad():
             v = self.per_image(batch.reference, batch.candidate).double()
         self.total += float(v.sum())
@@ -189,9 +220,22 @@ class MetricSpec:
     candidate_inputs: tuple[str, ...] = ()
     #: option names ``build`` accepts (``weights`` for LPIPS, ``variant`` for DreamSim)
     options: tuple[str, ...] = ()
+    #: the fewest images on each side the metric reads (FID's covariance needs 2, precision's
+    #: k = 3 radii need 4); fewer is refused before the pass where the counts are known
+    min_images: int = 1
+    #: the smallest image side the metric accepts (an SSIM window, LPIPS-AlexNet's pooling)
+    min_image_side: int = 1
+    #: keys of an ADM reference batch ``.npz`` that can stand in for the reference features
+    reference_stats_keys: tuple[str, ...] = ()
 
     def build(self, **options) -> Metric:
         return self.builder(self, **options)
+
+    def reads_references(self, stats: Collection[str] = ()) -> bool:
+        """Whether the metric reads reference features that stored statistics (the keys ``stats``
+        of an ADM reference batch) do not stand in for."""
+        keys = set(self.reference_stats_keys)
+        return bool(self.reference_inputs) and not (keys and keys <= set(stats))
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,17 @@ eigenvalues as Σ1^½ Σ2 Σ1^½ (A = Σ1^½ Q for an orthogonal Q), so
     tr (Σ1^½ Σ2 Σ1^½)^½ = Σ_i sqrt(max(λ_i(Aᵀ Σ2 A), 0)).
 
 A is, in order of preference: the centred features themselves when a side has N ≤ d images
-(Σ = XᵀX / (N − 1), so the eigenproblem is N × N and exact), a Cholesky factor when Σ is positive
+(Σ = XᵀX / (N − 1), turned off the all-ones direction that centred rows lack, so the eigenproblem
+is (N − 1) × (N − 1), exact and without a structural 0 eigenvalue whose rounding noise ε would add
+sqrt(ε) to the trace), a Cholesky factor when Σ is positive
 definite, else the eigen-factor V Λ^½ (eigenvalues clamped at 0). Eigenvalues that come out
 slightly negative from rounding are clamped to 0 (they are exactly 0 in exact arithmetic). Everything
 is float64. With N < d the covariance is singular and FD is biased; the metric records a note.
 
-Streaming: :class:`GaussianStats` keeps float64 Σx and ΣxxT and the count, so memory is
-constant in N, shards merge by addition, and the batch size only changes float64 summation order.
+Streaming: :class:`GaussianStats` keeps float64 Σ(x − c) and Σ(x − c)(x − c)ᵀ about a shift c (the
+first batch's mean, so large feature offsets do not cancel) and the count: memory is constant in N,
+shards merge exactly (moving one shift onto the other), and the batch size only changes float64
+summation order.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import math
 import numpy as np
 import torch
 
-from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
+from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric, require_images
 
 
 #: a side with at most this many rows keeps them, for the exact low-rank path (N ≤ d)
@@ -89,46 +93,84 @@ def frechet_distance(
 
 
 class GaussianStats:
-    """Running float64 Σx, ΣxxT and N of (N, d) features; mean and unbiased covariance (np.cov)."""
+    """Running float64 sums of (N, d) features about a fixed shift c (the first batch's mean):
+    Σ(x − c), Σ(x − c)(x − c)ᵀ and N; mean and unbiased covariance (np.cov).
+
+    Raw moments (ΣxxT − N μμᵀ) cancel catastrophically when |μ| is large against the spread (two
+    16-d sets offset by 1e7 gave FD 2.008 instead of 1.710); about c ≈ μ the sums stay of the order
+    of the spread. Accumulators with different shifts still merge exactly (:meth:`add`)."""
 
     def __init__(self) -> None:
         self.n = 0
-        self.sum: torch.Tensor | None = None  # (d,)
-        self.sum_outer: torch.Tensor | None = None  # (d, d)
+        self.shift: torch.Tensor | None = None  # (d,)
+        self.sum: torch.Tensor | None = None  # (d,) Σ(x − c)
+        self.sum_outer: torch.Tensor | None = None  # (d, d) Σ(x − c)(x − c)ᵀ
         self.rows: list[torch.Tensor] = []  # the features themselves while N ≤ KEEP_ROWS_MAX
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().to(torch.float64).flatten(1)  # (N, d)
+        if x.shape[0] == 0:
+            return
         if self.sum is None:
             d = x.shape[1]
+            self.shift = x.mean(0)
             self.sum = torch.zeros(d, dtype=torch.float64, device=x.device)
             self.sum_outer = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+        xc = x - self.shift
         self.n += x.shape[0]
-        self.sum += x.sum(0)
-        self.sum_outer += x.T @ x
+        self.sum += xc.sum(0)
+        self.sum_outer += xc.T @ xc
         if self.n <= KEEP_ROWS_MAX:
             self.rows.append(x.cpu())
         else:
             self.rows = []
+
+    def add(self, n: int, shift: torch.Tensor | None, sum_: torch.Tensor, sum_outer: torch.Tensor,
+            rows: list[torch.Tensor]) -> None:
+        """Add another accumulator's sums about its own ``shift`` (None: raw sums, as states
+        saved before shifts were used). Moving the shift by δ = c' − c turns S' = Σ(x − c') into
+        S' + n δ and O' = Σ(x − c')(x − c')ᵀ into O' + S'δᵀ + δS'ᵀ + n δδᵀ, exactly."""
+        if n == 0:
+            return
+        shift = torch.zeros_like(sum_) if shift is None else shift
+        if self.sum is None:
+            self.shift, self.sum, self.sum_outer = shift.clone(), sum_.clone(), sum_outer.clone()
+        else:
+            dev = self.sum.device
+            delta = shift.to(dev) - self.shift  # (d,)
+            s = sum_.to(dev)
+            self.sum += s + n * delta
+            self.sum_outer += sum_outer.to(dev) + torch.outer(s, delta) + torch.outer(delta, s) + n * torch.outer(delta, delta)
+        self.n += n
+        self.rows = self.rows + list(rows) if self.n <= KEEP_ROWS_MAX else []
 
     @property
     def dim(self) -> int:
         return 0 if self.sum is None else self.sum.numel()
 
     def mean(self) -> torch.Tensor:
-        return (self.sum / self.n).cpu()
+        return (self.shift + self.sum / self.n).cpu()
 
     def cov(self) -> torch.Tensor:
-        mu = self.sum / self.n
+        mu = self.sum / self.n  # the mean about the shift
         c = (self.sum_outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
         return ((c + c.T) / 2).cpu()
 
     def factor(self) -> torch.Tensor | None:
-        """Centred features / sqrt(N − 1) (d, N) when the rows were kept and N ≤ d, else None."""
-        if not self.rows or sum(r.shape[0] for r in self.rows) != self.n or self.n > self.dim:
+        """A with A Aᵀ = Σ, (d, N − 1), when the rows were kept and 2 ≤ N ≤ d, else None: the
+        centred features / sqrt(N − 1), turned off the direction they are known to lack. Centred
+        rows sum to 0, so N columns of them span N − 1 dimensions; the exact 0 eigenvalue this puts
+        into Aᵀ Σ' A would come out as rounding noise ε and add sqrt(ε) ~ 1e-8 to the trace."""
+        n = self.n
+        if not self.rows or sum(r.shape[0] for r in self.rows) != n or n > self.dim or n < 2:
             return None
-        x = torch.cat(self.rows)
-        return ((x - self.mean()) / math.sqrt(self.n - 1)).T
+        xc = (torch.cat(self.rows) - self.mean()) / math.sqrt(n - 1)  # (N, d)
+        # the Householder reflection H that swaps 1/sqrt(N) and e1: rows 2..N of H xc = Qᵀ xc with Q
+        # an orthonormal basis of the vectors orthogonal to 1, so Q Qᵀ xc = xc
+        v = torch.full((n,), 1 / math.sqrt(n), dtype=torch.float64)
+        v[0] -= 1
+        hx = xc - (2 / (v @ v)) * torch.outer(v, v @ xc)  # (N, d)
+        return hx[1:].T
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,10 +185,9 @@ class FrechetMetric(Metric):
     the ADM evaluator's reference batches (``mu``/``sigma`` for FID, ``mu_s``/``sigma_s`` for sFID).
     """
 
-    def __init__(self, spec: MetricSpec, feature: str, stats_keys: tuple[str, str] = ("", "")) -> None:
+    def __init__(self, spec: MetricSpec, feature: str) -> None:
         super().__init__(spec)
         self.extractor, self.output = feature.split("/")
-        self.reference_stats_keys = stats_keys if stats_keys[0] else ()
         self._ref_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset()
 
@@ -160,22 +201,13 @@ class FrechetMetric(Metric):
         out = {}
         for side in ("ref", "cand"):
             g: GaussianStats = getattr(self, side)
-            out[side] = {"n": g.n, "sum": g.sum, "sum_outer": g.sum_outer, "rows": list(g.rows)}
+            out[side] = {"n": g.n, "shift": g.shift, "sum": g.sum, "sum_outer": g.sum_outer, "rows": list(g.rows)}
         return out
 
     def merge(self, state: dict) -> None:
         for side in ("ref", "cand"):
-            g: GaussianStats = getattr(self, side)
             s = state[side]
-            if s["n"] == 0:
-                continue
-            if g.sum is None:
-                g.sum, g.sum_outer = s["sum"].clone(), s["sum_outer"].clone()
-            else:
-                g.sum += s["sum"].to(g.sum.device)
-                g.sum_outer += s["sum_outer"].to(g.sum_outer.device)
-            g.n += s["n"]
-            g.rows = g.rows + list(s["rows"]) if g.n <= KEEP_ROWS_MAX else []
+            getattr(self, side).add(s["n"], s.get("shift"), s["sum"], s["sum_outer"], s["rows"])
 
     def update(self, batch: MetricBatch) -> None:
         ref, cand = batch.features.get(self.extractor, (None, None))
@@ -190,8 +222,10 @@ class FrechetMetric(Metric):
 
     def compute(self) -> dict[str, float]:
         self.notes = []
-        if self.cand.n < 2 or (self._ref_stats is None and self.ref.n < 2):
-            raise ValueError(f"{self.spec.name} needs at least 2 images on each side")
+        if self._ref_stats is None:
+            require_images(self.spec, candidates=self.cand.n, references=self.ref.n)
+        else:
+            require_images(self.spec, candidates=self.cand.n)
         if self._ref_stats is not None:
             mu_r, sigma_r = self._ref_stats
             factor_r = None
@@ -206,24 +240,24 @@ class FrechetMetric(Metric):
         return {self.spec.name: value}
 
 
-def _frechet_builder(feature: str, stats_keys: tuple[str, str] = ("", "")):
-    return lambda spec: FrechetMetric(spec, feature, stats_keys)
+def _frechet_builder(feature: str):
+    return lambda spec: FrechetMetric(spec, feature)
 
 
 register_metric(
     MetricSpec(
         name="fid", higher_is_better=False, kind="distribution", version="fid-tfinception-pool3-eigh-v1",
         description="Fréchet Inception Distance, torch-fidelity's TF Inception pool3 (2048-d), float64",
-        builder=_frechet_builder("inception/pool", ("mu", "sigma")), extractors=("inception",),
-        reference_inputs=("inception/pool",), candidate_inputs=("inception/pool",),
+        builder=_frechet_builder("inception/pool"), extractors=("inception",), reference_stats_keys=("mu", "sigma"),
+        reference_inputs=("inception/pool",), candidate_inputs=("inception/pool",), min_images=2,
     )
 )
 register_metric(
     MetricSpec(
         name="sfid", higher_is_better=False, kind="distribution", version="sfid-tfinception-mixed6conv7-eigh-v1",
         description="spatial FID (ADM): first 7 channels of mixed_6/conv, 17x17x7 = 2023-d, HWC order",
-        builder=_frechet_builder("inception/spatial", ("mu_s", "sigma_s")), extractors=("inception",),
-        reference_inputs=("inception/spatial",), candidate_inputs=("inception/spatial",),
+        builder=_frechet_builder("inception/spatial"), extractors=("inception",), reference_stats_keys=("mu_s", "sigma_s"),
+        reference_inputs=("inception/spatial",), candidate_inputs=("inception/spatial",), min_images=2,
     )
 )
 register_metric(
@@ -231,6 +265,6 @@ register_metric(
         name="fd-dinov2", higher_is_better=False, kind="distribution", version="fd-dinov2-vitl14-cls224-torchbicubicaa-v1",
         description="Fréchet distance in DINOv2 ViT-L/14 CLS space at 224 px (EDM2 / dgm-eval)",
         builder=_frechet_builder("dinov2-l14/cls"), extractors=("dinov2-l14",),
-        reference_inputs=("dinov2-l14/cls",), candidate_inputs=("dinov2-l14/cls",),
+        reference_inputs=("dinov2-l14/cls",), candidate_inputs=("dinov2-l14/cls",), min_images=2,
     )
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from raebench.metrics import neighbours as nb
-from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
+from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric, require_images
 
 
 IS_SPLITS = 10
@@ -43,8 +43,7 @@ class InceptionScore(Metric):
 
     def compute(self) -> dict[str, float]:
         logits = nb.cat(self.logits)
-        if logits.shape[0] < IS_SPLITS:
-            raise ValueError(f"is needs at least {IS_SPLITS} images (one per split), got {logits.shape[0]}")
+        require_images(self.spec, candidates=logits.shape[0])  # one image per split at least
         mean, std = inception_score(logits)
         return {"is": mean, "is-std": std}
 
@@ -54,6 +53,6 @@ register_metric(
         name="is", higher_is_better=True, kind="distribution", version="is-tfinception-logits-nobias-10split-seed2020-v1",
         description="Inception Score of the candidates, 10 splits (torch-fidelity)",
         builder=lambda spec: InceptionScore(spec), extractors=("inception",), aliases=("inception-score",),
-        outputs=(("is-std", False),), candidate_inputs=("inception/logits",),
+        outputs=(("is-std", False),), candidate_inputs=("inception/logits",), min_images=IS_SPLITS,
     )
 )

@@ -6,8 +6,9 @@ without replacement by ``numpy.random.RandomState(2020)`` in torch-fidelity's or
 then references, for each subset): computed by torch-fidelity's own ``kid_features_to_metric`` on
 the gathered features, in float64 (torch-fidelity's pipeline feeds float32). Reports the mean
 (``kid``) and the population std over subsets (``kid-std``). With fewer than 1000 images on a side
-the subset size shrinks to the smaller set (recorded in the notes), as clean-fid does
-(torch-fidelity's pipeline refuses).
+the subset size shrinks to the smaller set (recorded in the notes, which also say when every subset
+is the whole set), as clean-fid does (torch-fidelity's pipeline refuses); the unbiased estimate
+needs at least 2 images per side.
 
 CMMD, the official definition: CLIP ViT-L/14@336 L2-normalised image embeddings, Gaussian RBF
 kernel exp(−|x − y|² / (2σ²)) with σ = 10, the biased (V-statistic) MMD² with diagonals included,
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from raebench.metrics import neighbours as nb
-from raebench.metrics.base import MetricSpec, register_metric
+from raebench.metrics.base import MetricSpec, TooFewImagesError, register_metric
 from raebench.metrics.manifold import _TwoSetFeatures
 
 
@@ -33,7 +34,11 @@ CMMD_SCALE = 1000.0
 def kid(cand: torch.Tensor, ref: torch.Tensor, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE,
         seed: int = KID_SEED) -> tuple[float, float]:
     """(mean, std) of the unbiased cubic-kernel MMD² over random subsets: torch-fidelity's own
-    ``kid_features_to_metric`` (its subset sampling, candidates first), fed float64 features."""
+    ``kid_features_to_metric`` (its subset sampling, candidates first), fed float64 features.
+    Each side must hold at least ``subset_size`` ≥ 2 images (subsets are drawn without replacement)."""
+    if not 2 <= subset_size <= min(cand.shape[0], ref.shape[0]):
+        raise TooFewImagesError(f"KID subsets of {subset_size} images need at least {max(subset_size, 2)} images on "
+                                f"each side, got {cand.shape[0]} candidates and {ref.shape[0]} references")
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
     out = kid_features_to_metric(
@@ -62,11 +67,14 @@ class KID(_TwoSetFeatures):
 
     def compute(self) -> dict[str, float]:
         self.notes = []
-        ref, cand = self._both(1)
+        ref, cand = self._both()
         m = min(KID_SUBSET_SIZE, ref.shape[0], cand.shape[0])
         if m < KID_SUBSET_SIZE:
+            whole = [side for side, n in (("candidates", cand.shape[0]), ("references", ref.shape[0])) if n == m]
+            same = ("every subset is the same two sets, so kid-std is 0" if len(whole) == 2
+                    else f"every subset holds all {m} {whole[0]}")
             self.notes.append(f"KID subset size {m} < {KID_SUBSET_SIZE} (only {cand.shape[0]} candidates, "
-                              f"{ref.shape[0]} references)")
+                              f"{ref.shape[0]} references; {same})")
         mean, std = kid(cand, ref, KID_SUBSETS, m, KID_SEED)
         return {"kid": mean, "kid-std": std}
 
@@ -75,7 +83,7 @@ class CMMD(_TwoSetFeatures):
     feature = "clip-l14-336/embed"
 
     def compute(self) -> dict[str, float]:
-        ref, cand = self._both(0)
+        ref, cand = self._both()
         return {"cmmd": CMMD_SCALE * rbf_mmd2_biased(cand, ref)}
 
 
@@ -84,7 +92,7 @@ register_metric(
         name="kid", higher_is_better=False, kind="distribution", version="kid-inception2048-poly3-100x1000-seed2020-v1",
         description="Kernel Inception Distance: cubic kernel, 100 subsets of 1000, torch-fidelity's sampling",
         builder=lambda spec: KID(spec), extractors=("inception",), outputs=(("kid-std", False),),
-        reference_inputs=("inception/pool",), candidate_inputs=("inception/pool",),
+        reference_inputs=("inception/pool",), candidate_inputs=("inception/pool",), min_images=2,  # unbiased: m(m − 1)
     )
 )
 register_metric(

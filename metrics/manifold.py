@@ -16,7 +16,7 @@ Features are kept whole (float32, CPU); distances are computed in float64 blocks
 from __future__ import annotations
 
 from raebench.metrics import neighbours as nb
-from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric
+from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric, require_images
 
 
 class _TwoSetFeatures(Metric):
@@ -41,11 +41,10 @@ class _TwoSetFeatures(Metric):
         if cand is not None:
             self.cand.append(cand[self.output].detach().to("cpu", copy=True))
 
-    def _both(self, k: int):
+    def _both(self):
+        """(references, candidates) as (N, d) tensors, each side holding ``spec.min_images`` at least."""
         ref, cand = nb.cat(self.ref), nb.cat(self.cand)
-        if ref.shape[0] <= k or cand.shape[0] <= k:
-            raise ValueError(f"{self.spec.name} needs more than k = {k} images on each side "
-                             f"(got {cand.shape[0]} candidates, {ref.shape[0]} references)")
+        require_images(self.spec, candidates=cand.shape[0], references=ref.shape[0])
         return ref, cand
 
 
@@ -57,7 +56,7 @@ class PrecisionRecall(_TwoSetFeatures):
     k = 3
 
     def compute(self) -> dict[str, float]:
-        ref, cand = self._both(self.k)
+        ref, cand = self._both()
         r_ref, r_cand = nb.kth_neighbour_sq(ref, self.k), nb.kth_neighbour_sq(cand, self.k)
         precision = nb.any_within(cand, ref, r_ref).double().mean().item()
         recall = nb.any_within(ref, cand, r_cand).double().mean().item()
@@ -68,7 +67,7 @@ class DensityCoverage(_TwoSetFeatures):
     k = 5
 
     def compute(self) -> dict[str, float]:
-        ref, cand = self._both(self.k)
+        ref, cand = self._both()
         r_ref = nb.kth_neighbour_sq(ref, self.k)
         density = nb.count_within(cand, ref, r_ref).double().sum().item() / (self.k * cand.shape[0])
         coverage = (nb.nearest_sq(ref, cand) < r_ref).double().mean().item()
@@ -81,6 +80,7 @@ register_metric(
         description="Precision (and recall), Kynkäänniemi k = 3 on Inception pool3 (torch-fidelity)",
         builder=lambda spec: PrecisionRecall(spec), extractors=("inception",), aliases=("pr", "recall"),
         outputs=(("recall", True),), reference_inputs=("inception/pool",), candidate_inputs=("inception/pool",),
+        min_images=PrecisionRecall.k + 1,  # a k-th nearest other image on each side
     )
 )
 register_metric(
@@ -89,5 +89,6 @@ register_metric(
         description="Density (and coverage), Naeem et al. k = 5 on Inception pool3 (prdc definition)",
         builder=lambda spec: DensityCoverage(spec), extractors=("inception",), aliases=("coverage", "prdc"),
         outputs=(("coverage", True),), reference_inputs=("inception/pool",), candidate_inputs=("inception/pool",),
+        min_images=DensityCoverage.k + 1,
     )
 )

@@ -51,5 +51,6 @@ register_metric(
         name="ms-ssim", higher_is_better=True, kind="paired", version="msssim-gauss11-1.5-5scale-relu-u8-v1",
         description="MS-SSIM, 5 scales, Gaussian 11/1.5, data range 1 (pytorch-msssim)",
         builder=lambda spec: PairedMean(spec, ms_ssim_per_image), aliases=("msssim",),
+        min_image_side=(_gaussian_window().numel() - 1) * 2 ** (len(MS_WEIGHTS) - 1) + 1,  # the window after 4 halvings
     )
 )

@@ -37,7 +37,7 @@ import torch
 
 from raebench.checkpoint import load_state, load_strict
 from raebench.errors import MissingWeightsError
-from raebench.metrics.base import MetricSpec, PairedMean, register_metric, shared_network
+from raebench.metrics.base import MetricInputError, MetricSpec, PairedMean, register_metric, shared_network
 from raebench.metrics.extractors import fingerprint_path, local_weights, resize_images, resolve_url_file, weights_env
 from raebench.weights import hf_offline
 
@@ -46,6 +46,10 @@ TORCHVISION_BACKBONES = {
     "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
     "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
 }
+#: the smallest image side each backbone's last LPIPS layer is reached with (smaller: "Output size is
+#: too small"): VGG-16 halves 4 times before conv5 (16 px); AlexNet's 11/4 stride-4 convolution
+#: (padding 2) and two 3/2 max-pools need a 3 px map before the second pool, 31 px (both tested)
+LPIPS_MIN_SIDE = {"vgg": 16, "alex": 31}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +87,9 @@ class LPIPS(PairedMean):
                                     lambda: load_lpips(net, path).to(self.device))
 
     def per_image(self, ref_u8, cand_u8):
+        if min(ref_u8.shape[-2:]) < self.spec.min_image_side:
+            raise MetricInputError(f"{self.spec.name} needs images of at least {self.spec.min_image_side} px on the "
+                                   f"short side, got {tuple(ref_u8.shape[-2:])}.")
         a = ref_u8.to(self.device).float() / 127.5 - 1.0  # [-1, 1], what lpips expects
         b = cand_u8.to(self.device).float() / 127.5 - 1.0
         return self.model(a, b).flatten().cpu()  # (N,)
@@ -216,7 +223,7 @@ for _net in ("vgg", "alex"):
             name=f"lpips-{_net}", higher_is_better=False, kind="paired", version=f"lpips-{_net}-v0.1-u8-v1",
             description=f"LPIPS v0.1 with the {'VGG-16' if _net == 'vgg' else 'AlexNet'} backbone (lpips package)",
             builder=lambda spec, net=_net, **o: LPIPS(spec, net, **o), options=("device", "weights"),
-            aliases=("lpips",) if _net == "vgg" else (),
+            aliases=("lpips",) if _net == "vgg" else (), min_image_side=LPIPS_MIN_SIDE[_net],
         )
     )
 for _name, (_type, _) in DREAMSIM_VARIANTS.items():

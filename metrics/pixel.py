@@ -102,6 +102,6 @@ register_metric(
     MetricSpec(
         name="ssim", higher_is_better=True, kind="paired", version="ssim-gauss11-1.5-u8-v1",
         description="SSIM, Gaussian 11/1.5, data range 1, mean over channels then images",
-        builder=lambda spec: PairedMean(spec, ssim_per_image),
+        builder=lambda spec: PairedMean(spec, ssim_per_image), min_image_side=_gaussian_window().numel(),
     )
 )

@@ -40,6 +40,8 @@ class ScoreOutcome:
     n_candidates: int
     seconds: float
     skipped: list = field(default_factory=list)
+    #: metric -> why it has no row (too few readable images); the other rows are written
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def pair_order(ref: ImageSource, cand: ImageSource) -> list[int]:
@@ -81,7 +83,7 @@ def score(
 ) -> ScoreOutcome:
     """Score ``candidates`` against ``references`` (folders or ``.npz``) and write result rows."""
     from raebench.distributed import rank_world, shard
-    from raebench.evaluate import Evaluator, ReferenceSet, check_sizes, resolve_device
+    from raebench.evaluate import Evaluator, ReferenceSet, check_image_counts, check_sizes, resolve_device
     from raebench.metrics import METRICS, higher_is_better
     from raebench.results import ResultRow, check_writable, new_run_id, write_rows
 
@@ -92,15 +94,22 @@ def score(
     if write:
         check_writable(results_dir)
     ref, cand = open_source(references, resolution), open_source(candidates, resolution)
-    for src in (ref, cand):  # an .npz's image size is known from its header
-        if src.kind == "npz" and src.n:
-            check_sizes(batch_size, None, tuple(s.name for s in specs), min(npz_images_shape(src.path)[1:3]))
+    for src in (ref, cand):  # the image size from headers (an .npz's arr_0, a folder's first image), before any model
+        side = src.short_side()
+        if side:
+            check_sizes(batch_size, None, tuple(s.name for s in specs), side)
     if cand.n == 0:
         why = "its arr_0 is empty" if cand.kind == "npz" and npz_images_shape(cand.path) else "an .npz needs arr_0"
         raise DataError(f"{candidates!r} holds no images ({why}).")
+    stats = ref.stats()
+    unserved = [s.name for s in specs if s.reads_references(stats)]
+    if ref.n == 0 and unserved:
+        raise DataError(f"{references!r} holds no images (arr_0) and its statistics do not cover "
+                        f"{', '.join(unserved)}; only fid/sfid can use stored statistics.")
+    check_image_counts(tuple(s.name for s in specs), ref.n, cand.n, stats=tuple(stats),
+                       where=(f"--references {references!r}", f"--candidates {candidates!r}"))
     dev = resolve_device(device)
     ev = Evaluator(tuple(s.name for s in specs), dev, options=options, reference=ReferenceSet(ref.id, ref.n) if ref.n else None)
-    stats = ref.stats()
     if stats:
         ev.set_reference_stats(stats)
     paired = any(s.kind == "paired" for s in specs)
@@ -134,9 +143,6 @@ def score(
             if rank == 0:
                 ev.references_from_cache()
         elif ev.needs_reference_features:
-            if ref.n == 0:
-                raise DataError(f"{references!r} holds no images (arr_0) and its statistics do not cover "
-                                f"{', '.join(s.name for s in specs)}; only fid/sfid can use stored statistics.")
             done = 0
             lo, hi = shard(ref.n, rank, world)
             for ri, rimg in ref.batches(batch_size, list(range(lo, hi))):
@@ -176,6 +182,8 @@ def score(
     if n_cand == 0:
         raise RaebenchError(f"Nothing to score: no readable candidate image in {candidates!r}.")
     values, versions, notes = scorer.compute()
+    if not values:
+        raise RaebenchError(f"Nothing to write for {candidates!r}: {'; '.join(scorer.failed.values())}.")
     seconds = time.perf_counter() - t0
     run_id = new_run_id()
     res = resolution or _image_size(cand)
@@ -194,7 +202,7 @@ def score(
     ]
     if write and rank == 0:
         write_rows(rows, results_dir, run_id)
-    return ScoreOutcome(rows, paired, ref.n, n_cand, seconds, skipped)
+    return ScoreOutcome(rows, paired, ref.n, n_cand, seconds, skipped, dict(scorer.failed))
 
 
 def _image_size(src: ImageSource) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from raebench.data import ImageDataset, ImageList, Skip, adm_center_crop, make_loader, scan_folder
 from raebench.errors import DataError
@@ -57,6 +58,23 @@ class ImageSource:
             return {}
         with np.load(self.path) as z:
             return {k: np.asarray(z[k]) for k in ADM_STATS_KEYS if k in z.files}
+
+    def short_side(self) -> int | None:
+        """The short side of the images as they will be read, from headers only: the crop with
+        ``resolution``, an ``.npz``'s from its ``arr_0`` header, a folder's from the first image
+        PIL can open (None when there is none; the batches then skip and count the files)."""
+        if self.resolution:
+            return self.resolution
+        if self.kind == "npz":
+            shape = npz_images_shape(self.path)
+            return min(shape[1:3]) if shape and shape[0] else None
+        for p in self.images.paths:
+            try:
+                with Image.open(p) as im:
+                    return min(im.size)  # EXIF rotation swaps the sides, not the short one
+            except (OSError, ValueError, SyntaxError):
+                continue
+        return None
 
     def batches(self, batch_size: int, order: list[int] | None = None, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of ``batch_size`` positions of ``order`` (default: all, in data order): batch k

@@ -67,6 +67,8 @@ class EvalOutcome:
     nonfinite: list[str] = field(default_factory=list)
     seconds: float = 0.0
     n_images: int = 0
+    #: metric -> why it has no row (too few usable images left after unreadable or NaN ones)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -103,13 +105,34 @@ def check_sizes(batch_size: int, resolution: int | None, metrics: tuple[str, ...
 
 def min_image_side(metric: str) -> int:
     """The smallest image side ``metric`` accepts (1 when any size works): SSIM's 11-tap Gaussian
-    window must fit, and MS-SSIM's after four halvings."""
+    window must fit (MS-SSIM's after four halvings), and LPIPS's backbone must reach its last layer.
+    The extractor metrics (Inception, DINOv2, CLIP) and DreamSim resize every image first."""
     from raebench.metrics import METRICS
-    from raebench.metrics.msssim import MS_WEIGHTS
-    from raebench.metrics.pixel import _gaussian_window
 
-    k = _gaussian_window().numel()
-    return {"ssim": k, "ms-ssim": (k - 1) * 2 ** (len(MS_WEIGHTS) - 1) + 1}.get(METRICS.get(metric).name, 1)
+    return METRICS.get(metric).min_image_side
+
+
+def check_image_counts(metrics: tuple[str, ...], n_references: int, n_candidates: int, *,
+                       where: tuple[str, str] = ("the references", "the candidates"), stats: tuple[str, ...] = ()) -> None:
+    """Refuse, before any model loads, a metric that needs more images on a side than it holds
+    (``MetricSpec.min_images``; FID 2, precision 4, IS 10). ``where`` names the two sides in the
+    message; ``stats``: keys of stored reference statistics, which stand in for reference images.
+    Counts are of files: unreadable ones can still leave fewer, which the metric then reports."""
+    from raebench.metrics import METRICS
+
+    for m in dict.fromkeys(metrics):
+        spec = METRICS.get(m)
+        sides = []
+        if spec.reads_references(stats):
+            sides.append((where[0], n_references))
+        if spec.candidate_inputs:
+            sides.append((where[1], n_candidates))
+        short = [(w, n) for w, n in sides if n < spec.min_images]
+        if short:
+            per = "on each side" if len(sides) > 1 else "to score"
+            w, n = short[0]
+            raise RaebenchError(f"{spec.name} needs at least {spec.min_images} images {per}, and there "
+                                f"{'is' if n == 1 else 'are'} {n} in {w}; add images or drop {spec.name}.")
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -119,6 +142,12 @@ def check_config(cfg: EvalConfig) -> None:
         raise RaebenchError(f"Unknown precision {cfg.precision!r}; use fp32 or bf16.")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise RaebenchError(f"--num-workers must be 0 or more, got {cfg.num_workers}.")
+
+
+def check_data_counts(cfg: EvalConfig, data: ResolvedData) -> None:
+    """Every metric of ``cfg`` has enough images in ``data`` (originals and reconstructions alike)."""
+    name = f"the data {data.name!r}" + (f" (--limit {cfg.limit})" if cfg.limit is not None else "")
+    check_image_counts(tuple(cfg.metrics), data.n, data.n, where=(name, name))
 
 
 def build_tokenizer_from_config(cfg: EvalConfig, device: torch.device):
@@ -234,6 +263,7 @@ class Evaluator:
         self.cache = (FeatureCache() if cache is None else cache) if reference is not None else None
         self._ref_cached: dict[str, dict[str, np.ndarray]] = {}  # extractor -> output -> (N, D) memory map
         self._ref_writers: dict[tuple[str, str], object] = {}  # (extractor, output) -> CacheWriter
+        self.failed: dict[str, str] = {}  # metric -> why compute() could not give it a value
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -389,10 +419,21 @@ class Evaluator:
         return out
 
     def compute(self) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
-        """-> (values by result name, metric version by result name, notes by result name)."""
+        """-> (values by result name, metric version by result name, notes by result name).
+
+        A metric left with too few images (unreadable files, NaN reconstructions) gives no value;
+        ``self.failed`` then says why, and the other metrics are still computed."""
+        from raebench.metrics.base import TooFewImagesError
+
         values, versions, notes = {}, {}, {}
+        self.failed = {}
         for spec, m in zip(self.specs, self.metrics):
-            out = m.compute()
+            try:
+                out = m.compute()
+            except TooFewImagesError as e:
+                self.failed[spec.name] = str(e)
+                log.warning("%s is not computed: %s", spec.name, e)
+                continue
             for k, v in out.items():
                 values[k] = float(v)
                 versions[k] = self.version_of(spec)
@@ -505,6 +546,7 @@ def evaluate(
     if cfg.write:
         check_writable(cfg.results_dir)
     data = data or resolve_data(cfg.data, cfg.dataset, cfg.limit, cfg.seed, cfg.domain)
+    check_data_counts(cfg, data)
     device = resolve_device(cfg.device)
     tok = tokenizer if tokenizer is not None else build_tokenizer_from_config(cfg, device)
     reference = ReferenceSet(f"{data.images.fingerprint()}|adm-center-crop@{cfg.resolution}", data.n)
@@ -592,6 +634,10 @@ def evaluate(
     if upscaled and rank == 0:
         log.warning("%d image(s) were smaller than %d px and were upscaled by the crop", len(upscaled), cfg.resolution)
     values, versions, notes = ev.compute()
+    if not values:
+        if work is not None:
+            work.release(remove=True)
+        raise RaebenchError(f"Nothing to write for {tok.name!r} on {data.name!r}: {'; '.join(ev.failed.values())}.")
     seconds = time.perf_counter() - t0
     run_id = new_run_id()
     rows = [
@@ -634,4 +680,4 @@ def evaluate(
         td.barrier()  # rows are written before any rank removes its resume state
     if work is not None:
         work.release(remove=True)
-    return EvalOutcome(rows, skipped, upscaled, nonfinite, seconds, n_used)
+    return EvalOutcome(rows, skipped, upscaled, nonfinite, seconds, n_used, dict(ev.failed))

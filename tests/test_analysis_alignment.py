@@ -193,6 +193,64 @@ def test_cka_is_not_invariant_to_anisotropic_scaling():
     assert abs(al.linear_cka(a @ s, b) - al.linear_cka(a, b)) > 1e-3
 
 
+@pytest.mark.parametrize("scale", [1e-200, 1e-80, 1e80, 1e200])
+def test_linear_cka_is_scale_invariant_at_any_magnitude(scale):
+    """Raw fourth powers of 1e±80 features under- or overflow float64; CKA is scale invariant."""
+    a = _feats(10, 5, 21)
+    b = a @ _feats(5, 4, 22) + 0.3 * _feats(10, 4, 23)
+    assert al.linear_cka(a, a * scale) == pytest.approx(1.0, abs=1e-12)
+    for debiased in (False, True):
+        assert al.linear_cka(a * scale, b, debiased) == pytest.approx(brute_cka(a, b, debiased), rel=1e-9)
+        assert al.linear_cka(a, b / scale, debiased) == pytest.approx(brute_cka(a, b, debiased), rel=1e-9)
+
+
+def test_debiased_cka_can_be_negative():
+    """The docstring's range: biased CKA is in [0, 1]; the debiased one can fall below 0."""
+    pairs = [(_feats(12, 3, s), _feats(12, 3, s + 100)) for s in range(10)]
+    a, b = min(pairs, key=lambda p: al.linear_cka(*p, debiased=True))
+    assert al.linear_cka(a, b, debiased=True) < 0
+    assert al.linear_cka(a, b, debiased=True) == pytest.approx(brute_cka(a, b, debiased=True), rel=1e-9)
+    assert 0 <= al.linear_cka(a, b) <= 1
+
+
+def test_features_without_geometry_give_nan():
+    """Criterion (alignment.feature_issue): NaN/Inf, or every entry within 1e-6 of the largest
+    magnitude from its column mean (on unit rows for mutual kNN and CKNNA)."""
+    b = _feats(12, 4, 30)
+    const = torch.full((12, 3), 0.5, dtype=torch.float64)  # 12 identical grey images
+    for a in (const, torch.zeros(12, 3), const + 1e-8 * _feats(12, 3, 31)):  # equal up to rounding
+        assert math.isnan(al.mutual_knn(a, b, 3)) and math.isnan(al.mutual_knn(b, a, 3))
+        assert math.isnan(al.cknna(a, b, 3)) and math.isnan(al.linear_cka(a, b))
+        assert math.isnan(al.linear_cka(b, a, debiased=True))
+    assert al.feature_issue(const) == "are the same for every image"
+    # rows in one direction with different lengths: no neighbour ranking, but a CKA (of the lengths)
+    parallel = torch.arange(1.0, 13.0, dtype=torch.float64)[:, None] * torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    assert al.feature_issue(parallel) is None and al.feature_issue(parallel, directions=True) is not None
+    assert math.isnan(al.mutual_knn(parallel, b, 3)) and math.isnan(al.cknna(parallel, b, 3))
+    assert al.linear_cka(parallel, b) == pytest.approx(brute_cka(parallel, b), rel=1e-9)
+    # a real (small) spread is geometry: 1e-4 relative scores like any other features
+    small = const + 1e-4 * b[:, :3]
+    assert al.feature_issue(small, directions=True) is None
+    assert al.mutual_knn(small, b, 3) == pytest.approx(brute_mutual_knn(small, b, 3), abs=1e-12)
+    # one NaN entry (CKA and CKNNA were already NaN; mutual kNN returned 0.70)
+    bad = b.clone()
+    bad[3, 2] = float("nan")
+    assert al.feature_issue(bad) == "contain NaN/Inf"
+    for f in (lambda x, y: al.mutual_knn(x, y, 3), lambda x, y: al.cknna(x, y, 3), al.linear_cka):
+        assert math.isnan(f(b, bad)) and math.isnan(f(bad, b))
+
+
+def test_knn_accuracy_undefined_inputs():
+    x, y = _separable(4, 2, 3, 0)
+    with pytest.raises(ValueError, match="at least one training and one test sample"):
+        al.knn_accuracy(x, y, x[:0], y[:0])
+    with pytest.raises(ValueError, match="at least one training and one test sample"):
+        al.knn_accuracy(x[:0], y[:0], x, y)
+    with pytest.raises(ValueError, match="k >= 1"):
+        al.knn_accuracy(x, y, x, y, k=0)
+    assert math.isnan(al.knn_accuracy(torch.ones(8, 3), y, x, y, k=3))  # every neighbour a tie
+
+
 def test_metrics_reject_too_few_samples():
     with pytest.raises(ValueError, match="k = 10 needs"):
         al.mutual_knn(_feats(10, 3, 0), _feats(10, 3, 1), 10)

@@ -14,6 +14,16 @@ from _cli import run
 TINY_VIT = dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
 
 
+def _file_fingerprint(path: Path) -> str:
+    """What raebench.metrics.extractors.fingerprint_path computes for one file, from its definition:
+    sha256 of "\0<size>\n", the first MiB and (above 2 MiB) the last MiB; 12 hex digits."""
+    import hashlib
+
+    data = path.read_bytes()
+    h = hashlib.sha256(f"\0{len(data)}\n".encode() + data[: 1 << 20] + (data[-(1 << 20):] if len(data) > 2 << 20 else b""))
+    return h.hexdigest()[:12]
+
+
 @pytest.fixture(scope="module")
 def tiny_vit_weights(tmp_path_factory) -> Path:
     """A random-weight 1-block ViT registered as the reference ``test-tiny-vit``: built and loaded
@@ -94,8 +104,13 @@ def test_analyze_end_to_end(image_folder: Path, tmp_path: Path, tiny_vit_weights
     px = df[df["tokenizer"] == "pixels"].set_index("metric")["value"]
     assert px["robust-psnr-vs-decode-s0.25"] == pytest.approx(px["robust-psnr-vs-image-s0.25"])
     assert px["robust-lpips-alex-vs-decode-s0.25"] == pytest.approx(px["robust-lpips-alex-vs-image-s0.25"])
-    assert per_tok.loc["robust-lpips-alex-vs-decode-s1", "metric_version"].endswith("lpips-alex-v0.1-u8-v1")
-    assert per_tok.loc["align-cka-dinov2-l", "metric_version"].endswith("ref:extractor:dinov2-vitl14-cls-224-hubpos-v1")
+    # the LPIPS backbone's weights are part of the version (their fingerprint: sizes and ends of the file)
+    assert per_tok.loc["robust-lpips-alex-vs-decode-s1", "metric_version"].endswith(
+        f"lpips-alex-v0.1-u8-v1@weights:{_file_fingerprint(random_alexnet_file)}")
+    assert "ref:extractor:dinov2-vitl14-cls-224-hubpos-v1@weights:" in per_tok.loc["align-cka-dinov2-l", "metric_version"]
+    vit = per_tok.loc["align-cka-test-tiny-vit"]
+    assert vit["metric_version"].endswith(f"ref:test-tiny-vit-v1@weights:{_file_fingerprint(tiny_vit_weights)}")
+    assert vit["extra"]["reference_weights"] == _file_fingerprint(tiny_vit_weights)
     assert "probe-linear-top1" in out and "bicubic-f8" in out
 
     # figures: every kind is written, and each is a real PNG of a sensible size
@@ -111,6 +126,22 @@ def test_analyze_end_to_end(image_folder: Path, tmp_path: Path, tiny_vit_weights
     csv = tmp_path / "lb.csv"
     assert run(["leaderboard", "--format", "csv", "--out", str(csv), "--results", str(res)], capsys)[0] == 0
     assert "images/align-cka-test-tiny-vit" in csv.read_text().splitlines()[0]
+
+
+def test_lpips_needs_images_it_can_take(image_folder: Path, tmp_path: Path, random_alexnet_file: Path, monkeypatch, capsys):
+    """24 px is below LPIPS-alex's smallest input: auto leaves LPIPS out with the reason, an explicit
+    lpips-alex is refused before the pass (both were a max-pool traceback)."""
+    monkeypatch.setenv("RAEBENCH_LPIPS_ALEX_WEIGHTS", str(random_alexnet_file))
+    base = ["analyze", "-t", "pixels", "--data", str(image_folder), "-r", "24", "--reference", "none", "--n-diag", "2",
+            "--interp-pairs", "1", "--interp-steps", "2", "--sigmas", "1", "--no-plots", "--device", "cpu",
+            "--results", str(tmp_path / "res")]
+    code, out, err = run(base, capsys)
+    assert code == 0, err
+    df = load(tmp_path / "res").set_index("metric")
+    assert "interp-rmse-step-mean" in df.index and not any("lpips" in m for m in df.index)
+    assert "LPIPS left out: lpips-alex needs images of at least" in df.loc["interp-rmse-step-mean", "notes"]
+    code, out, err = run([*base, "--perceptual", "lpips-alex"], capsys)
+    assert code == 2 and "use --resolution" in " ".join(err.split()) and "Traceback" not in err
 
 
 def test_analyze_default_data_without_labels_or_reference_with_diffusability(tmp_path: Path, capsys):
@@ -135,9 +166,28 @@ def test_analyze_default_data_without_labels_or_reference_with_diffusability(tmp
         (["--reference", "dinov3"], "Unknown reference"),
         (["--reference", "random-proj", "--reference-weights", "clip-l=/x.pt"], "not among --reference"),
         (["--reference-weights", "nonsense"], "NAME=PATH"),
-        (["--sigmas", "0,1"], "positive numbers"),
+        (["--sigmas", "0,1"], "numbers in (0, 100]"),
+        (["--sigmas=nan"], "numbers in (0, 100]"),
+        (["--sigmas=inf"], "numbers in (0, 100]"),
+        (["--sigmas=1e300"], "numbers in (0, 100]"),
+        (["--sigmas", "0.5,0.5"], "--sigmas lists 0.5 more than once"),
         (["--perceptual", "ssim"], "Unknown --perceptual"),
         (["-t", "bicubic-f9"], "Did you mean 'bicubic-f8'"),
+        (["--knn-k", "0"], "--knn-k must be at least 1, got 0"),
+        (["--knn-k", "-3"], "--knn-k must be at least 1, got -3"),
+        (["--mutual-k", "0"], "--mutual-k must be at least 1, got 0"),
+        (["--mutual-k", "-2"], "--mutual-k must be at least 1, got -2"),
+        (["--n-diag", "-1"], "--n-diag must be at least 0, got -1"),
+        (["--interp-steps", "0"], "--interp-steps must be at least 1, got 0"),
+        (["--interp-steps", "-2"], "--interp-steps must be at least 1, got -2"),
+        (["--interp-pairs", "-1"], "--interp-pairs must be at least 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--num-workers", "-1"], "--num-workers must be 0 or more"),
+        (["--reference", "random-proj", "--align-images", "-5"], "--align-images must be at least 4 and more than --mutual-k"),
+        (["--reference", "random-proj", "--align-images", "8"], "--align-images must be at least 4 and more than --mutual-k (10)"),
+        (["--diffusability", "--probe-preset", "tiny"], "it takes a stage-2 model name: ditdh-b, ditdh-l, ditdh-s, ditdh-tiny"),
+        (["--diffusability", "--probe-steps", "0"], "--probe-steps must be at least 1"),
+        (["--diffusability", "--probe-images", "4", "--probe-batch-size", "8"], "--probe-images 4 is fewer than one batch"),
     ],
 )
 def test_analyze_user_errors_are_one_sentence(argv, needle, tmp_path: Path, capsys):
@@ -145,3 +195,20 @@ def test_analyze_user_errors_are_one_sentence(argv, needle, tmp_path: Path, caps
     code, out, err = run(base + argv, capsys)
     assert code == 2, (out, err)
     assert needle in " ".join(err.split()) and "Traceback" not in err
+    assert "raebench ls stage" not in err  # no hint at a listing that does not exist
+
+
+def test_bad_settings_are_refused_before_any_data_or_model(monkeypatch):
+    """The Python API checks what the CLI checks, before reading the data (which would fail here)."""
+    from raebench.analysis import run as analysis_run
+    from raebench.errors import RaebenchError
+
+    def no_data(*a, **k):
+        raise AssertionError("the data were read before the settings were checked")
+
+    monkeypatch.setattr(analysis_run, "resolve_data", no_data)
+    for bad, needle in [(dict(knn_k=0), "--knn-k"), (dict(mutual_k=-1), "--mutual-k"), (dict(sigmas=(float("nan"),)), "--sigmas"),
+                        (dict(sigmas=(0.1234567, 0.1234568, 0.1234567)), "0.1234567 more than once"),
+                        (dict(batch_size=0), "--batch-size"), (dict(interp_steps=0), "--interp-steps")]:
+        with pytest.raises(RaebenchError, match=needle):
+            analysis_run.analyze(analysis_run.AnalyzeConfig(tokenizers=("pixels",), write=False, **bad))

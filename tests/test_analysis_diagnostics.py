@@ -126,8 +126,23 @@ def test_robustness_with_a_perceptual_distance_and_examples(make_images):
     assert curve.dist_vs_decode[0] < curve.dist_vs_decode[1]
     assert set(curve.examples) == {"original", "reconstruction", "noise σ=0.5·std"}
     assert curve.examples["reconstruction"].shape == (2, 3, 32, 32) and curve.examples["original"].dtype == torch.uint8
-    with pytest.raises(ValueError, match="positive"):
-        dg.decoder_robustness(tok, imgs, z, (0.0,), 0.3)
+    for bad in [(0.0,), (float("nan"),), (float("inf"),), (1e300,), (0.5, -1.0), ()]:
+        with pytest.raises(ValueError, match=r"numbers in \(0, 100\]"):
+            dg.decoder_robustness(tok, imgs, z, bad, 0.3)
+
+
+def test_robustness_of_latents_that_do_not_vary_is_nan():
+    """Constant latents (std 0): σ·std adds no noise, so "perfectly robust" (100 dB) would be a lie."""
+    tok = build_tokenizer("pixels")
+    imgs = torch.full((3, 3, 16, 16), 128, dtype=torch.uint8)
+    z = tok.encode(imgs.float() / 255)
+    curve = dg.decoder_robustness(tok, imgs, z, (0.5, 1.0), 0.0, distance=dg.rmse_distance, distance_name="rmse")
+    assert all(math.isnan(v) for v in curve.psnr_vs_decode + curve.psnr_vs_image + curve.dist_vs_decode + curve.dist_vs_image)
+    assert "do not vary" in curve.note
+    # a std of float32 rounding relative to the latents counts as none; a real one does not
+    assert math.isnan(dg.decoder_robustness(tok, imgs, z, (1.0,), 1e-9).psnr_vs_decode[0])
+    ok = dg.decoder_robustness(tok, imgs, z, (1.0,), 0.05)
+    assert not ok.note and 20 < ok.psnr_vs_decode[0] < 40  # noise std 0.05 of 1: about 26 dB before rounding
 
 
 def test_pixels_interpolation_is_a_straight_path(make_images):

@@ -4,6 +4,7 @@ and bf16 enter the rows' identity; ``raebench ls references`` loads nothing."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -164,3 +165,160 @@ def test_ls_references_loads_no_weights(monkeypatch, capsys):
     for spec in REFERENCES:
         assert spec.name in out and spec.version in out
     assert "--reference-weights dinov2-b=PATH" in out
+
+
+def _tiny_vit_file(path: Path, seed: int) -> Path:
+    """Random weights for the 1-block ViT reference ``test-tiny-vit`` (registered here if needed),
+    loaded by the timm + weights.resolve path that serves dinov2-b."""
+    import safetensors.torch
+    import timm
+
+    from raebench.analysis.references import REFERENCES, ReferenceSpec, register_reference
+
+    arch, tiny = "vit_small_patch16_224.augreg_in21k", dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    if "test-tiny-vit" not in REFERENCES:
+        register_reference(ReferenceSpec("test-tiny-vit", "1-block ViT, random weights (tests)", "test-tiny-vit-v1",
+                                         arch=arch, input_size=32, model_kwargs=tiny))
+    torch.manual_seed(seed)
+    safetensors.torch.save_file(timm.create_model(arch, pretrained=False, img_size=32, **tiny).state_dict(), str(path))
+    return path
+
+
+def test_other_reference_weights_are_missing_rows(image_folder: Path, tmp_path: Path, capsys):
+    """The reference's weights are in the alignment rows' version: other weights are measured again
+    (and give the numbers of a fresh run), the same weights under another name are reused."""
+    w0, w1 = _tiny_vit_file(tmp_path / "w0.safetensors", 0), _tiny_vit_file(tmp_path / "w1.safetensors", 1)
+    base = ["analyze", "-t", "pixels", "--data", str(image_folder), *FAST, "--reference", "test-tiny-vit"]
+
+    def analyze(res: Path, weights: Path):
+        code, out, err = run([*base, "--reference-weights", f"test-tiny-vit={weights}", "--results", str(res)], capsys)
+        assert code == 0, err
+        return err
+
+    res = tmp_path / "res"
+    analyze(res, w0)
+    first = load(res).set_index("metric")
+    before = _runs(res)
+    err = analyze(res, w1)
+    assert "every row reused" not in err
+    new = _new_rows(res, before).set_index("metric")
+    assert set(new.index) == {"align-mutual-knn-test-tiny-vit", "align-cknna-test-tiny-vit", "align-cka-test-tiny-vit"}
+    assert new.loc["align-cka-test-tiny-vit", "value"] != first.loc["align-cka-test-tiny-vit", "value"]
+    assert new.loc["align-cka-test-tiny-vit", "extra"]["reference_weights"] != first.loc["align-cka-test-tiny-vit", "extra"]["reference_weights"]
+    analyze(tmp_path / "fresh", w1)
+    fresh = load(tmp_path / "fresh").set_index("metric")
+    for m in new.index:
+        assert new.loc[m, "value"] == fresh.loc[m, "value"] and new.loc[m, "metric_version"] == fresh.loc[m, "metric_version"]
+    # a copy of w1 elsewhere is the same weights: nothing is measured
+    before = _runs(res)
+    copy = tmp_path / "elsewhere" / "copy.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(w1.read_bytes())
+    assert "every row reused" in " ".join(analyze(res, copy).split()) and _runs(res) == before
+
+
+def test_every_setting_that_changes_a_value_is_in_its_version():
+    """Each setting, changed alone, changes the version of exactly the parts whose values it changes."""
+    from dataclasses import replace
+
+    from raebench.analysis.diffusability import ProbeConfig
+    from raebench.analysis.run import AnalyzeConfig, _versions
+
+    cfg = AnalyzeConfig(tokenizers=("pixels",))
+    cases = {
+        # the CLI passes the run's seed to the probe's config too
+        "seed": (dict(seed=1, probe=ProbeConfig(seed=1)), {"probe", "knn", "mknn", "cknna", "cka", "robust", "interp", "diffuse"}),
+        "n_diag": (dict(n_diag=4), {"robust", "interp"}),
+        "interp_pairs": (dict(interp_pairs=2), {"interp"}),
+        "interp_steps": (dict(interp_steps=3), {"interp"}),
+        "knn_k": (dict(knn_k=5), {"knn"}),
+        "mutual_k": (dict(mutual_k=5), {"mknn", "cknna"}),
+        "align_images": (dict(align_images=64), {"mknn", "cknna", "cka"}),
+        "cka_debiased": (dict(cka_debiased=True), {"cka"}),
+        "probe_method": (dict(probe_method="ridge"), {"probe"}),
+        "probe_batchnorm": (dict(probe_batchnorm=False), {"probe"}),
+        "probe_images": (dict(probe_images=64), {"diffuse"}),
+        "probe": (dict(probe=ProbeConfig(steps=10)), {"diffuse"}),
+        "precision": (dict(precision="bf16"), {"probe", "knn", "mknn", "cknna", "cka", "spectrum", "robust", "interp", "diffuse"}),
+    }
+    v0 = _versions(cfg)
+    for name, (change, parts) in cases.items():
+        v1 = _versions(replace(cfg, **change))
+        assert {k for k in v0 if v0[k] != v1[k]} == parts, name
+
+
+def test_n_diag_change_measures_the_interpolation_again(image_folder: Path, tmp_path: Path, capsys):
+    res = tmp_path / "res"
+    base = ["analyze", "-t", "bicubic-f8", "--data", str(image_folder), *FAST, "--reference", "none"]
+    assert run([*base, "--results", str(res)], capsys)[0] == 0  # FAST: --n-diag 2
+    before = _runs(res)
+    code, out, err = run([*base, "--n-diag", "6", "--results", str(res)], capsys)
+    assert code == 0, err
+    new = _new_rows(res, before).set_index("metric")
+    assert {"interp-rmse-step-mean", "interp-rmse-path-ratio"} <= set(new.index)
+    assert run([*base, "--n-diag", "6", "--results", str(tmp_path / "fresh")], capsys)[0] == 0
+    fresh = load(tmp_path / "fresh").set_index("metric")
+    assert new.loc["interp-rmse-step-mean", "value"] == fresh.loc["interp-rmse-step-mean", "value"]
+    assert "-n6-" in new.loc["interp-rmse-step-mean", "metric_version"]
+
+
+def test_parts_the_data_cannot_give_are_nan_rows_that_reruns_reuse(tmp_path: Path, capsys):
+    """Two classes of one readable image each and two unreadable files: the test split is empty and
+    2 valid images are too few for --mutual-k 3. Both parts are NaN rows with a note, and the same
+    command again reuses them (before, every re-run encoded everything again)."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for c, v in (("c0", 60), ("c1", 200)):
+        (data / c).mkdir(parents=True)
+        arr = np.full((40, 40, 3), v, np.uint8)
+        arr[::3] = 255 - v
+        Image.fromarray(arr).save(data / c / "ok.png")
+    (data / "c1" / "broken1.png").write_bytes(b"not an image")
+    (data / "c1" / "broken2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    res = tmp_path / "res"
+    cmd = ["analyze", "-t", "pixels", "--data", str(data), *FAST, "--results", str(res)]
+    code, out, err = run(cmd, capsys)
+    assert code == 0, err
+    df = load(res).set_index("metric")
+    for m in ("probe-linear-top1", "probe-knn-top1", "align-mutual-knn-random-proj", "align-cknna-random-proj",
+              "align-cka-random-proj"):
+        assert np.isnan(df.loc[m, "value"]), m
+    notes = df.loc["probe-linear-top1", "notes"]
+    assert "linear probe and kNN are NaN" in notes and "alignment with random-proj is NaN: 2 valid images" in notes
+    before = _runs(res)
+    code, out, err = run(cmd, capsys)
+    assert code == 0, err
+    assert _runs(res) == before and "every row reused" in " ".join(err.split())
+
+
+def test_constant_images_give_nan_not_perfect_scores(tmp_path: Path, capsys):
+    """Identical grey images: every neighbour is a tie (mutual kNN and CKNNA were 1.0) and no σ adds
+    noise to latents with std 0 (robustness was 100 dB)."""
+    from PIL import Image
+
+    data = tmp_path / "grey"
+    for i in range(8):
+        (data / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(data / f"c{i % 2}" / f"{i}.png")
+    res = tmp_path / "res"
+    code, out, err = run(["analyze", "-t", "pixels", "--data", str(data), *FAST, "--plots", "--results", str(res)], capsys)
+    assert code == 0, err
+    assert len(list((res / "analysis").glob("*/alignment.png"))) == 1  # every bar NaN: labelled, not a crash
+    df = load(res).set_index("metric")
+    for m in ("align-mutual-knn-random-proj", "align-cknna-random-proj", "align-cka-random-proj", "probe-knn-top1",
+              "robust-psnr-vs-decode-s1", "robust-psnr-vs-image-s1", "robust-rmse-vs-decode-s1"):
+        assert np.isnan(df.loc[m, "value"]), m
+    assert df.loc["latent-std", "value"] == 0
+    notes = df.loc["robust-psnr-vs-decode-s1", "notes"]
+    assert "alignment with random-proj is NaN: the latents are the same for every image" in notes
+    assert "decoder robustness is NaN: the latents do not vary" in notes and "kNN accuracy is NaN" in notes
+
+
+def test_sigma_tags_are_exact():
+    from raebench.analysis.reuse import sigma_tag
+
+    assert [sigma_tag(s) for s in (0.1, 0.25, 1.0, 2.0, 1e-7)] == ["s0.1", "s0.25", "s1", "s2", "s1e-07"]
+    assert sigma_tag(0.1234567) != sigma_tag(0.1234568)
+    for s in (0.1234567, 1 / 3, 0.30000000000000004):
+        assert float(sigma_tag(s)[1:]) == s

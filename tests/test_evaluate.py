@@ -7,7 +7,6 @@ import torch
 
 from raebench.errors import RaebenchError
 from raebench.evaluate import EvalConfig, evaluate
-from raebench.tokenizers import build_tokenizer
 from raebench.tokenizers.reference import BicubicTokenizer
 
 

@@ -159,6 +159,78 @@ def test_eval_samples_reference_is_score(tmp_path, stand_in_extractors, make_ima
           "--metrics", "fid,precision", "--device", "cpu", "--results", str(tmp_path / "b")])
     assert _values(tmp_path / "b") == pytest.approx(_values(tmp_path / "a"), rel=1e-9)
     assert set(_values(tmp_path / "b")) >= {"fid", "precision", "recall"}
+    assert (load(tmp_path / "a")["domain"] == "open-domain").all() and (load(tmp_path / "b")["domain"] == "open-domain").all()
+    # without --metrics: fid, sfid, is, precision (is needs 10 samples)
+    _npz(tmp_path / "ten.npz", make_images(10, 32, 32, seed=7))
+    main(["eval", "--samples", str(tmp_path / "ten.npz"), "--reference", str(tmp_path / "ref.npz"), "--device", "cpu",
+          "--results", str(tmp_path / "c")])
+    assert set(_values(tmp_path / "c")) == {"fid", "sfid", "is", "is-std", "precision", "recall"}
+
+
+def _rows(results) -> list[tuple]:
+    df = load(results).sort_values("metric")
+    return list(zip(df["metric"], df["value"], df["domain"], df["resolution"], df["n_images"], df["dataset"], df["tokenizer"]))
+
+
+def test_eval_samples_passes_every_score_flag(tmp_path, make_images, capsys):
+    """`eval --samples rec.npz --reference imgs -m psnr,ssim -r 32 --domain in-domain -b 3` is that score call:
+    the metrics asked for (not the generation defaults), the crop of the folder, the domain."""
+    from _cli import run
+
+    refs = make_images(5, 40, 48, seed=1)
+    save_pngs(refs, tmp_path / "imgs")
+    _npz(tmp_path / "rec.npz", make_images(5, 32, 32, seed=2))
+    flags = ["-m", "psnr,ssim", "-r", "32", "--domain", "in-domain", "-b", "3", "--device", "cpu"]
+    code, _, err = run(["score", "--references", str(tmp_path / "imgs"), "--candidates", str(tmp_path / "rec.npz"),
+                        *flags, "--results", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    code, _, err = run(["eval", "--samples", str(tmp_path / "rec.npz"), "--reference", str(tmp_path / "imgs"),
+                        *flags, "--results", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    a, b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert [r[0] for r in b] == ["psnr", "ssim"] and b == a
+    assert b[0][2:5] == ("in-domain", 32, 5)
+
+
+@pytest.mark.parametrize("extra, flags", [
+    (["--precision", "bf16"], "--precision has no effect"),
+    (["--limit", "3", "--seed", "1"], "--limit, --seed have no effect"),
+    (["--num-workers", "0"], "--num-workers has no effect"),
+    (["--decoder", "d.pt", "--stats", "s.pt", "--weights", "w"], "--weights, --decoder, --stats have no effect"),
+    (["--tokenizer-config", "x.yaml"], "--tokenizer-config has no effect"),
+    (["-t", "pixels", "--data", "x"], "--tokenizer, --data have no effect"),
+])
+def test_eval_samples_refuses_flags_without_effect(extra, flags, tmp_path, capsys):
+    from _cli import run
+
+    code, _, err = run(["eval", "--samples", "s.npz", "--reference", "r.npz", *extra, "--results", str(tmp_path)], capsys)
+    assert code == 2 and flags in err and "as `raebench score` does" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("how", ["score", "eval --samples"])
+def test_score_reads_raebench_metric_options(how, tmp_path, make_images, monkeypatch):
+    """Without --option, score (and eval --samples) take $RAEBENCH_METRIC_OPTIONS as eval does; --option wins."""
+    import torchvision
+
+    from raebench.metrics.extractors import fingerprint_path
+
+    torch.manual_seed(0)
+    weights = {}
+    for k in ("env", "flag"):
+        weights[k] = tmp_path / f"alex-{k}.pth"
+        torch.save({f"features.{n}": v for n, v in torchvision.models.alexnet().features.state_dict().items()}, weights[k])
+    assert fingerprint_path(weights["env"]) != fingerprint_path(weights["flag"])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-hub"))  # no other place to find AlexNet
+    monkeypatch.delenv("RAEBENCH_LPIPS_ALEX_WEIGHTS", raising=False)
+    monkeypatch.setenv("RAEBENCH_METRIC_OPTIONS", f"lpips-alex.weights={weights['env']}")
+    save_pngs(make_images(2, 32, 32, seed=1), tmp_path / "ref")
+    save_pngs(make_images(2, 32, 32, seed=2), tmp_path / "cand")
+    pair = (["score", "--references", str(tmp_path / "ref"), "--candidates", str(tmp_path / "cand")] if how == "score" else
+            ["eval", "--reference", str(tmp_path / "ref"), "--samples", str(tmp_path / "cand")])
+    for res, extra, which in (("e", [], "env"), ("f", ["--option", f"lpips-alex.weights={weights['flag']}"], "flag")):
+        main([*pair, "-m", "lpips-alex", "--device", "cpu", "--results", str(tmp_path / res), *extra])
+        row = load(tmp_path / res).iloc[0]
+        assert row["extra"]["metric_weights"]["lpips-alex"] == fingerprint_path(weights[which])
 
 
 def test_compare_builds_each_metric_network_once(tmp_path, stand_in_extractors, image_folder, monkeypatch):

@@ -100,3 +100,68 @@ def test_metric_notes_n_below_d_and_uses_stored_reference_stats():
     m2.set_reference_stats({"mu": y.mean(0), "sigma": np.cov(y, rowvar=False)})
     m2.update(MetricBatch(None, None, {"inception": ({"pool": torch.from_numpy(y + 100)}, {"pool": torch.from_numpy(x)})}))
     assert m2.compute()["fid"] == pytest.approx(value, rel=1e-6)
+
+
+@pytest.mark.parametrize("offset", [1e6, 1e7])
+def test_large_feature_offsets_equal_a_float64_reference(offset):
+    """Raw moments (ΣxxT − Nμμᵀ) cancel at large offsets (1e7 gave 2.008 for 1.710); the shifted sums
+    equal scipy on np.cov (which centres first), streamed in batches and merged across shards."""
+    rng = np.random.default_rng(9)
+    x, y = rng.normal(size=(200, 16)) + offset, rng.normal(size=(240, 16)) * 1.2 + offset
+    ref = _sqrtm_fd(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    g1, g2 = GaussianStats(), GaussianStats()
+    for b in np.array_split(x, 7):
+        g1.update(torch.from_numpy(b))
+    shards = [GaussianStats() for _ in range(3)]  # three ranks, each with its own shift
+    for g, part in zip(shards, np.array_split(y, 3)):
+        for b in np.array_split(part, 4):
+            g.update(torch.from_numpy(b))
+    for g in shards:
+        g2.add(g.n, g.shift, g.sum, g.sum_outer, g.rows)
+    assert np.allclose(g2.cov().numpy(), np.cov(y, rowvar=False), rtol=1e-9, atol=1e-9)
+    assert frechet_distance(g1.mean(), g1.cov(), g2.mean(), g2.cov()) == pytest.approx(ref, rel=1e-8)
+    # translation invariance: the same sets without the offset
+    h1, h2 = GaussianStats(), GaussianStats()
+    h1.update(torch.from_numpy(x - offset))
+    h2.update(torch.from_numpy(y - offset))
+    assert frechet_distance(h1.mean(), h1.cov(), h2.mean(), h2.cov()) == pytest.approx(ref, rel=1e-7)
+
+
+def test_metric_states_merge_across_shifts_and_from_raw_sums():
+    """FrechetMetric.state()/merge() across shards with other shifts, and a state saved before shifts
+    existed (raw Σx, ΣxxT, no "shift") still merges exactly."""
+    from raebench.metrics import METRICS, MetricBatch
+
+    spec = METRICS.get("fid")
+    x, y = _features(60, 24, 10, shift=5.0), _features(50, 24, 11)
+    whole = spec.build()
+    whole.update(MetricBatch(None, None, {"inception": ({"pool": torch.from_numpy(y)}, {"pool": torch.from_numpy(x)})}))
+    merged = spec.build()
+    for lo, hi in ((0, 25), (25, 60)):
+        part = spec.build()
+        part.update(MetricBatch(None, None, {"inception": ({"pool": torch.from_numpy(y[lo:hi])}, {"pool": torch.from_numpy(x[lo:hi])})}))
+        merged.merge(part.state())
+    old = {side: {"n": len(a), "sum": torch.from_numpy(a.sum(0)), "sum_outer": torch.from_numpy(a.T @ a), "rows": []}
+           for side, a in (("ref", y), ("cand", x))}
+    from_raw = spec.build()
+    from_raw.merge(old)
+    expected = _sqrtm_fd(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    for m in (whole, merged, from_raw):
+        assert m.compute()["fid"] == pytest.approx(expected, rel=1e-8)
+
+
+def test_low_rank_factor_drops_the_direction_centred_rows_lack():
+    """With N ≤ d the trace term is the nuclear norm of Y_c X_cᵀ; keeping the centred rows' null
+    direction made it off by up to ~5e-9 relative (sqrt of rounding noise), now ~1e-15."""
+    worst = 0.0
+    for seed in range(6):
+        x, y = _features(20, 128, seed), _features(30, 128, seed + 50, shift=0.3)
+        g1, g2 = GaussianStats(), GaussianStats()
+        g1.update(torch.from_numpy(x))
+        g2.update(torch.from_numpy(y))
+        assert g1.factor().shape == (128, 19)
+        assert torch.allclose(g1.factor() @ g1.factor().T, g1.cov(), rtol=1e-12, atol=1e-14)
+        xc, yc = (x - x.mean(0)) / np.sqrt(19), (y - y.mean(0)) / np.sqrt(29)
+        tr = np.linalg.svd(yc @ xc.T, compute_uv=False).sum()
+        worst = max(worst, abs(trace_sqrt_product(g1.cov(), g2.cov(), g1.factor(), g2.factor()) / tr - 1))
+    assert worst < 1e-13

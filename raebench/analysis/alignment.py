@@ -17,6 +17,8 @@ Definitions (stated once, here):
 * **kNN accuracy** (:func:`knn_accuracy`), as DINO's ``eval_knn``: L2-normalised features, cosine
   similarity to every training feature, the k = 20 most similar vote for their class with weight
   ``exp(sim / 0.07)``, the class with the largest summed weight wins (ties: the lower class index).
+  NaN when the training features all point the same way (:func:`feature_issue`): every neighbour
+  would be a tie.
 * **Mutual kNN** (:func:`mutual_knn`), as "The Platonic Representation Hypothesis" (Huh et al. 2024,
   arXiv:2405.07987, the platonic-rep code): features L2-normalised, the k = 10 nearest neighbours of
   each sample by inner product, itself excluded; the score is the mean over samples of
@@ -30,8 +32,28 @@ Definitions (stated once, here):
   does the same; use N in the hundreds, as the paper's 1024).
 * **Linear CKA** (:func:`linear_cka`), Kornblith et al. (2019) on the raw (not normalised) features:
   biased ``||B_cᵀ A_c||²_F / (||A_cᵀ A_c||_F ||B_cᵀ B_c||_F)`` with column-centred features
-  (computed in feature space, no N×N matrix); ``debiased=True`` replaces the biased HSIC by the
-  unbiased one on linear kernels (N×N; meant for N up to a few thousand).
+  (computed in feature space, no N×N matrix), in [0, 1]; ``debiased=True`` replaces the biased
+  HSIC by the unbiased one on linear kernels (N×N; meant for N up to a few thousand), which can be
+  slightly negative for unrelated features. Each feature set is first divided by its largest
+  centred magnitude (CKA is scale invariant), so features of any scale give the same value.
+* **Undefined values** (:func:`feature_issue`): a feature set with a NaN/Inf entry, fewer than two
+  rows, or rows that are all equal — no entry further from its column's mean than ``1e-6`` times
+  the largest magnitude in the set — has no geometry to compare: neighbours would be decided by
+  tie-breaking and CKA by rounding. Mutual kNN, CKNNA and kNN accuracy apply the test to the
+  L2-normalised rows (they see only directions, so rows that differ only in length count as
+  equal), CKA to the raw rows; the score is then NaN.
+
+Not applied: the outlier clamp of the platonic-rep code. Its ``prepare_features`` calls
+``remove_outliers(feats, q=0.95)`` before L2 normalising: every entry is clamped to ±t, with t the
+0.95 quantile of |x| over all entries (``--precise``) or, by default, the mean over samples of each
+sample's own 0.95 quantile. raebench scores the features as they are, for three reasons: t is a
+statistic of the whole set, so one image's features (and neighbours) would depend on which other
+images are analysed; the clamp targets the few huge activations of single tokens in transformer
+hidden states, which token-mean pooling already dilutes; and on few-channel latents (4 for
+SD-VAE) clamping the top 5 % of entries rewrites the direction of exactly the images with the
+strongest channels. So raebench's mutual kNN and CKNNA follow the paper's definitions; on features
+with outliers they differ from numbers computed with its code (whose CKNNA also adds 1e-6 to the
+denominator, see above).
 """
 
 from __future__ import annotations
@@ -47,6 +69,7 @@ MUTUAL_K = 10
 PROBE_L2 = 1e-4
 PROBE_MAX_ITER = 500
 RIDGE_REL_LAMBDA = 1e-3
+CONSTANT_REL = 1e-6  # rows closer than this fraction of the largest magnitude to their mean count as equal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,6 +86,24 @@ def pool_tokens(z: torch.Tensor) -> torch.Tensor:
     if z.ndim == 2:
         return z
     raise ValueError(f"cannot pool latents of shape {tuple(z.shape)}; expected 2, 3 or 4 dimensions")
+
+
+def feature_issue(x: torch.Tensor, directions: bool = False) -> str | None:
+    """Why the (N, D) features ``x`` give no alignment score (see module doc), or None.
+
+    ``directions``: test the L2-normalised rows (what mutual kNN and CKNNA see).
+    """
+    x = x.double()
+    if x.shape[0] < 2:
+        return "have fewer than two rows"
+    if not bool(torch.isfinite(x).all()):
+        return "contain NaN/Inf"
+    if directions:
+        x = F.normalize(x, dim=1)
+    spread = (x - x.mean(0)).abs().max()
+    if not bool(spread > CONSTANT_REL * x.abs().max()):
+        return "point the same way for every image" if directions else "are the same for every image"
+    return None
 
 
 def batchnorm_no_affine(train: torch.Tensor, test: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,6 +207,12 @@ def knn_accuracy(
     chunk: int = 1024,
 ) -> float:
     """Temperature-weighted cosine kNN top-1 accuracy in [0, 1] (DINO's recipe; see module doc)."""
+    if train_x.shape[0] == 0 or test_x.shape[0] == 0:
+        raise ValueError("kNN accuracy needs at least one training and one test sample")
+    if k < 1:
+        raise ValueError(f"kNN accuracy needs k >= 1, got {k}")
+    if feature_issue(train_x, directions=True):
+        return math.nan
     tr = F.normalize(train_x.double(), dim=1)
     te = F.normalize(test_x.double(), dim=1)
     ytr = train_y.long().to(tr.device)
@@ -207,8 +254,11 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, k: int | None = None) -> None:
 
 
 def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = MUTUAL_K) -> float:
-    """Mutual k-nearest-neighbour alignment in [0, 1] of two (N, D_a), (N, D_b) feature sets."""
+    """Mutual k-nearest-neighbour alignment in [0, 1] of two (N, D_a), (N, D_b) feature sets (NaN
+    when either has no geometry: :func:`feature_issue`)."""
     _check_pair(a, b, k)
+    if feature_issue(a, directions=True) or feature_issue(b, directions=True):
+        return math.nan
     na = knn_indices(F.normalize(a.double(), dim=1), k)
     nb = knn_indices(F.normalize(b.double(), dim=1), k)
     ma = torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64, device=a.device).scatter_(1, na, 1.0)
@@ -237,6 +287,8 @@ def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
 def cknna(a: torch.Tensor, b: torch.Tensor, k: int = MUTUAL_K) -> float:
     """Centered kernel nearest-neighbour alignment (CKNNA) of two feature sets; see module doc."""
     _check_pair(a, b, k)
+    if feature_issue(a, directions=True) or feature_issue(b, directions=True):
+        return math.nan
     an = F.normalize(a.double(), dim=1)
     bn = F.normalize(b.double().to(a.device), dim=1)
     kk, ll = an @ an.T, bn @ bn.T  # (N, N) cosine kernels
@@ -248,11 +300,17 @@ def cknna(a: torch.Tensor, b: torch.Tensor, k: int = MUTUAL_K) -> float:
 
 
 def linear_cka(a: torch.Tensor, b: torch.Tensor, debiased: bool = False) -> float:
-    """Linear CKA in [0, 1] (biased, or debiased with the unbiased HSIC); see module doc."""
+    """Linear CKA: biased in [0, 1], or debiased with the unbiased HSIC (can be slightly negative);
+    NaN when either feature set has no geometry (:func:`feature_issue`). See module doc."""
     _check_pair(a, b)
+    if feature_issue(a) or feature_issue(b):
+        return math.nan
     ac = a.double() - a.double().mean(0)
     bc = b.double().to(a.device)
     bc = bc - bc.mean(0)
+    # CKA is invariant to scaling either set: scale to unit largest magnitude, or the fourth powers
+    # below under- or overflow for features around 1e-80 or 1e80
+    ac, bc = ac / ac.abs().max(), bc / bc.abs().max()
     if debiased:
         kk, ll = ac @ ac.T, bc @ bc.T
         num = hsic_unbiased(kk, ll)

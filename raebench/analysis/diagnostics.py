@@ -12,7 +12,10 @@ distance is any ``(uint8 (N,3,H,W), uint8 (N,3,H,W)) -> (N,)`` callable (LPIPS w
   σ so curves are smooth) and ``s`` the latent's per-element std (root mean per-channel variance, from
   :class:`raebench.analysis.spectrum.LatentStats`). Scores compare ``x_σ`` with ``decode(z)`` (how
   much the decoder amplifies latent noise) and with the image (what a generator with that much
-  latent error would deliver).
+  latent error would deliver). σ must be finite, positive and at most ``MAX_SIGMA``. When the
+  latents do not vary (``s`` zero, or below ``1e-6`` of their largest magnitude, so σ·s adds no
+  noise that survives float32) robustness is undefined: every per-σ score is NaN and the curve's
+  ``note`` says why.
 * **Interpolation smoothness** (:func:`interpolation_smoothness`): for pairs (a, b), decode
   ``z_t = (1 − t) z_a + t z_b`` at ``t = 0, 1/S, …, 1``; ``d_k`` is the distance between consecutive
   decodes. Path-length style, each step is normalised by its length: ``v_k = d_k · S`` (distance per
@@ -36,12 +39,22 @@ from raebench.metrics.pixel import psnr_per_image
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 DEFAULT_SIGMAS = (0.1, 0.25, 0.5, 1.0)
+#: noise 100 times the latents' spread decodes to noise for any tokenizer; larger values only probe overflow
+MAX_SIGMA = 100.0
+STD_REL = 1e-6  # a latent std below this fraction of the largest |latent| adds no noise that survives float32
 DEFAULT_INTERP_STEPS = 8
 
 
 def rmse_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image root-mean-square difference of uint8 images on the [0, 1] scale -> (N,) float64."""
     return (to_float(a).double() - to_float(b).double()).pow(2).flatten(1).mean(1).sqrt()
+
+
+def check_sigmas(sigmas: Sequence[float]) -> None:
+    """ValueError unless ``sigmas`` is a non-empty sequence of finite numbers in (0, MAX_SIGMA]."""
+    bad = [s for s in sigmas if not (math.isfinite(s) and 0 < s <= MAX_SIGMA)]
+    if not sigmas or bad:
+        raise ValueError(f"noise levels must be numbers in (0, {MAX_SIGMA:g}] (relative to the latent std), got {tuple(sigmas)}")
 
 
 def _decode_u8(tokenizer, z: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -65,6 +78,7 @@ class RobustnessCurve:
     dist_vs_image: list[float] | None = None
     #: a few uint8 images for a figure: "original", "reconstruction" and the σ nearest to 0.5
     examples: dict[str, torch.Tensor] = field(default_factory=dict)
+    note: str = ""  # why the per-σ scores are NaN, when they are
 
 
 def decoder_robustness(
@@ -85,8 +99,7 @@ def decoder_robustness(
     ``images``: uint8 (N, 3, H, W) originals; ``latents``: their encodings (N, ...), on the
     tokenizer's device. ``keep``: how many images to keep in ``examples`` for a figure.
     """
-    if any(s <= 0 for s in sigmas):
-        raise ValueError(f"noise levels must be positive, got {tuple(sigmas)}")
+    check_sigmas(sigmas)
     g = torch.Generator(device="cpu").manual_seed(seed)
     eps = torch.randn(latents.shape, generator=g, dtype=torch.float32).to(latents.device, latents.dtype)
     clean = _decode_u8(tokenizer, latents, batch_size)
@@ -101,6 +114,14 @@ def decoder_robustness(
     )
     if keep:
         curve.examples = {"original": ref[:keep], "reconstruction": clean[:keep]}
+    if not (math.isfinite(latent_std) and latent_std > STD_REL * float(latents.abs().max())):
+        curve.note = (f"decoder robustness is NaN: the latents do not vary (per-element std {latent_std:.3g}), "
+                      "so no σ adds noise")
+        nan = [math.nan] * len(curve.sigmas)
+        curve.psnr_vs_decode, curve.psnr_vs_image = nan, list(nan)
+        if distance is not None:
+            curve.dist_vs_decode, curve.dist_vs_image = list(nan), list(nan)
+        return curve
     shown = min(curve.sigmas, key=lambda s: abs(math.log(s / 0.5))) if curve.sigmas else None
     for s in curve.sigmas:
         noisy = _decode_u8(tokenizer, latents + (s * latent_std) * eps, batch_size)

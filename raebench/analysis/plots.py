@@ -132,7 +132,11 @@ def plot_alignment(reports: Sequence["TokenizerReport"], path: Path, n_classes: 
         for i, (r, col) in enumerate(zip(reps, _colors(len(reps)))):
             vals = [r.probe.get(k, math.nan) * 100 if is_probe else r.alignment.get(k[0], {}).get(k[1], math.nan)
                     for k in keys]
-            ax.bar(x + (i - (len(reps) - 1) / 2) * width, np.nan_to_num(vals, nan=0.0), width, color=col, label=r.name)
+            pos = x + (i - (len(reps) - 1) / 2) * width
+            ax.bar(pos, np.nan_to_num(vals, nan=0.0), width, color=col, label=r.name)
+            for p, v in zip(pos, vals):  # an undefined value is labelled, not drawn as a zero score
+                if not np.isfinite(v):
+                    ax.text(p, 0, "NaN", rotation=90, ha="center", va="bottom", fontsize=7, color=col)
         if is_probe:
             ax.set_xticks(x, list(keys))
             ax.set_ylabel("top-1 accuracy (%)")
@@ -145,7 +149,7 @@ def plot_alignment(reports: Sequence["TokenizerReport"], path: Path, n_classes: 
             ax.set_ylabel("alignment score (unitless, 1 = identical)")
             vals = [v for r in reps for d in r.alignment.values() for v in d.values() if np.isfinite(v)]
             # CKNNA and debiased CKA can leave [0, 1] on small sets: never clip a bar
-            ax.set_ylim(min(0.0, *vals) * 1.05, max(1.0, *vals) * 1.05)
+            ax.set_ylim(min([0.0, *vals]) * 1.05, max([1.0, *vals]) * 1.05)
             ax.set_title("Alignment with reference encoders")
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right" if is_probe else "best", framealpha=0.9)

@@ -15,6 +15,11 @@ kinds, one registry (:data:`REFERENCES`):
 * ``random-proj`` needs no weights: a seeded Gaussian projection of the 32×32 area-downsampled
   pixels to 256 dimensions — the "how aligned is this with raw pixels" floor and a test fixture.
 
+The weights are part of every row's identity: :meth:`ReferenceSpec.row_version` appends the
+fingerprint of the weights file a reference resolves to (its content, not its name or date:
+:func:`raebench.metrics.extractors.fingerprint_path`) to the definition's version, so rows made
+with other weights are never reused for these.
+
 Every offline failure is one sentence naming the file and the flag that supplies it.
 """
 
@@ -58,6 +63,16 @@ class ReferenceSpec:
     extractor: str | None = None  # a raebench.metrics extractor, and the output used
     output: str = ""
 
+    def row_version(self, weights_id: str | None) -> str:
+        """The version that enters the rows: the definition's, and the fingerprint of the weights
+        (None: a weightless builtin, whose definition is everything)."""
+        return self.version if weights_id is None else f"{self.version}@weights:{weights_id}"
+
+    def resolve_weights(self, weights: str | None = None):
+        """The local file or folder of a timm reference's weights (``weights`` > cache > download)."""
+        return resolve(self.weights, weights, what=f"Reference encoder {self.name!r}",
+                       flag=f"--reference-weights {self.name}=PATH")
+
     def build(self, weights: str | None = None, device: torch.device | str = "cpu") -> "ReferenceEncoder":
         if self.extractor is not None:
             from raebench.metrics import EXTRACTORS
@@ -72,13 +87,22 @@ class ReferenceSpec:
             return ExtractorReference(ex, self.output)
         if self.arch is None:
             return RandomProjection().to(device).eval()
-        path = resolve(self.weights, weights, what=f"Reference encoder {self.name!r}", flag=f"--reference-weights {self.name}=PATH")
+        path = self.resolve_weights(weights)
         model = _timm_from_file(self.arch, str(path), self.input_size, self.model_kwargs)
-        return TimmReference(model, self).to(device).eval()
+        return TimmReference(model, self, _fingerprint(path)).to(device).eval()
+
+
+def _fingerprint(path) -> str:
+    from raebench.metrics.extractors import fingerprint_path
+
+    return fingerprint_path(path)
 
 
 class ReferenceEncoder(nn.Module):
-    """uint8 (N, 3, H, W) -> (N, D) float32 features."""
+    """uint8 (N, 3, H, W) -> (N, D) float32 features; ``weights_id``: the fingerprint of the weights
+    it loaded (None: weightless)."""
+
+    weights_id: str | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -103,9 +127,10 @@ def _timm_from_file(arch: str, path: str, input_size: int, model_kwargs: dict[st
 
 
 class TimmReference(ReferenceEncoder):
-    def __init__(self, model: nn.Module, spec: ReferenceSpec) -> None:
+    def __init__(self, model: nn.Module, spec: ReferenceSpec, weights_id: str) -> None:
         super().__init__()
         self.model = model
+        self.weights_id = weights_id
         self.size = spec.input_size
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
@@ -127,6 +152,7 @@ class ExtractorReference(ReferenceEncoder):
         super().__init__()
         self.extractor = extractor
         self.output = output
+        self.weights_id = extractor.weights_id
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.extractor(images)[self.output].float()
@@ -197,3 +223,22 @@ for _spec in (
 def build_reference(name: str, weights: str | None = None, device: torch.device | str = "cpu") -> tuple[ReferenceSpec, ReferenceEncoder]:
     spec = REFERENCES.get(name)
     return spec, spec.build(weights=weights, device=device)
+
+
+def reference_identity(
+    name: str, weights: str | None = None, device: torch.device | str = "cpu",
+) -> tuple[ReferenceSpec, str | None, ReferenceEncoder | None]:
+    """-> (spec, fingerprint of the weights it would load (None: weightless), the encoder if it had
+    to be built to know them).
+
+    A timm reference's file is resolved and fingerprinted without building the network (so a re-run
+    whose rows are all stored loads nothing); an extractor reference resolves its weights inside the
+    metrics package, so it is built here and the caller keeps it for the pass.
+    """
+    spec = REFERENCES.get(name)
+    if spec.extractor is not None:
+        enc = spec.build(weights=weights, device=device)
+        return spec, enc.weights_id, enc
+    if spec.arch is None:
+        return spec, None, None
+    return spec, _fingerprint(spec.resolve_weights(weights)), None

@@ -6,11 +6,14 @@ A *part* is what a re-run computes or reuses as a whole: ``probe`` (linear probe
 tokenizer and weights, dataset, data fingerprint (the exact image list), resolution and seed, as a
 measured row with the same metric version: the rule of ``raebench compare``, with the weights
 added. Metric versions carry every setting that changes a value (k, the σ grid by name, the
-perceptual distance, the reference's version, ``--precision``), so a changed setting is a missing
-row, never a silently reused one. A tokenizer whose every part is stored is not encoded at all.
+perceptual distance and its weights, the reference's version and weights, ``--n-diag``,
+``--probe-images``, ``--precision``), so a changed setting is a missing row, never a silently
+reused one. A tokenizer whose every part is stored is not encoded at all.
 
-Parts that the data cannot produce (no class subfolders, fewer images than k) are not expected, so
-they do not make every re-run recompute.
+A part that is measured writes every row expected of it: one the data cannot give (a test split
+with no image, fewer valid images than k, latents that do not vary) is written as NaN with a note
+saying why, so a re-run reuses it instead of measuring it again. Parts the listing itself rules out
+(no class subfolders, no diagnostic image) are not expected at all.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ _PREFIX_PARTS = {"probe": "probe", "latent": "spectrum", "robust": "robust", "in
 
 
 def sigma_tag(s: float) -> str:
-    return f"s{s:g}"
+    """The σ in a metric name: ``s0.25``; exact (``repr``) where 6 significant digits are not."""
+    short = f"{s:g}"
+    return f"s{short}" if float(short) == s else f"s{float(s)!r}"
 
 
 def part_of(metric: str) -> str:
@@ -47,6 +52,18 @@ def part_of(metric: str) -> str:
     return _PREFIX_PARTS[prefix]
 
 
+def higher_is_better(metric: str) -> bool | None:
+    """The direction of an analysis metric (None: a description, neither better nor worse)."""
+    part = part_of(metric)
+    if part == "probe" or part.startswith("align:"):
+        return True
+    if part == "robust":
+        return metric.startswith("robust-psnr-")
+    if part == "interp":
+        return None if metric.endswith("-step-mean") else False
+    return False if part == "diffuse" else None
+
+
 def expected_rows(
     cfg,
     versions: dict[str, str],
@@ -57,14 +74,13 @@ def expected_rows(
     dist_version: str | None,
 ) -> dict[str, list[tuple[str, str]]]:
     """part -> [(metric, metric_version)] that an analysis with ``cfg`` writes for each tokenizer
-    (``n_images``: the images listed; parts that many cannot produce are left out)."""
+    (``n_images``: the images listed; ``ref_versions``: reference -> its row version, weights
+    included)."""
     out: dict[str, list[tuple[str, str]]] = {}
     if n_classes >= 2:
         out["probe"] = [("probe-linear-top1", versions["probe"]), ("probe-knn-top1", versions["knn"])]
-    n_align = min(n_images, cfg.align_images)
-    if n_align > cfg.mutual_k and n_align >= 4:
-        for ref, rv in ref_versions.items():
-            out[f"align:{ref}"] = [(f"align-{m}-{ref}", f"{versions[key]}-ref:{rv}") for m, key in ALIGN_METRICS]
+    for ref, rv in ref_versions.items():
+        out[f"align:{ref}"] = [(f"align-{m}-{ref}", f"{versions[key]}-ref:{rv}") for m, key in ALIGN_METRICS]
     out["spectrum"] = [(m, versions["spectrum"]) for m in SPECTRUM_METRICS]
     n_diag = min(cfg.n_diag, n_images)
     if n_diag:
@@ -79,7 +95,7 @@ def expected_rows(
     if interpolation_pairs(n_diag, cfg.interp_pairs, cfg.seed):
         v = f"{versions['interp']}-{dist_version or 'rmse-u8-v1'}"
         out["interp"] = [(f"interp-{dist_name or 'rmse'}-{m}", v) for m in INTERP_METRICS]
-    if cfg.diffusability and min(cfg.probe_images, n_images) >= cfg.probe.batch_size:
+    if cfg.diffusability:
         v = versions["diffuse"]
         out["diffuse"] = [("diffuse-latent-fd", v)] + [(f"diffuse-fd-{ref}", f"{v}-ref:{rv}") for ref, rv in ref_versions.items()]
     return out

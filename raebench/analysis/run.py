@@ -15,7 +15,10 @@ a metric version per row, so they show in ``compare`` and ``leaderboard``); figu
 config go to ``<results>/analysis/<run id>/``.
 
 Re-running computes only what is missing (:mod:`raebench.analysis.reuse`): a tokenizer whose rows are
-all stored is not encoded, and one with some parts missing writes only those.
+all stored is not encoded, and one with some parts missing writes only those. A part measured writes
+every row expected of it; a value the data cannot give (an empty test split, too few valid images for
+k, features or latents that do not vary) is a NaN row whose notes say why, never a confident number.
+Settings are checked (:func:`check_config`) before any data is read or any model loads.
 
 Under ``torchrun`` each rank encodes a contiguous shard; rank 0 gathers the per-image features
 (pooled latents, reference features, labels, the diagnostic subsets) in rank order, which is data
@@ -31,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -47,7 +51,8 @@ from raebench.analysis.diagnostics import (
 )
 from raebench.analysis.diffusability import ProbeConfig, ProbeResult, diffusability_probe
 from raebench.analysis.reuse import (
-    ALIGN_METRICS, SPECTRUM_METRICS, expected_rows, missing_parts, part_of, reusable_rows, sigma_tag, stored_rows,
+    ALIGN_METRICS, SPECTRUM_METRICS, expected_rows, higher_is_better, missing_parts, part_of, reusable_rows, sigma_tag,
+    stored_rows,
 )
 from raebench.analysis.spectrum import NEAR_ZERO_REL, TOPK_ENERGY, SpectrumSummary
 from raebench.analysis.stream import Accumulator, Keep
@@ -174,11 +179,70 @@ def _versions(cfg: AnalyzeConfig) -> dict[str, str]:
         "spectrum": f"latent-spectrum-tokens-f64-nz{NEAR_ZERO_REL:g}tokenrms-v1",
         # v2: the diagnostic images are the first n_diag readable ones of a seeded permutation
         "robust": f"robust-u8-gauss-seed{cfg.seed}-n{cfg.n_diag}-v2",
-        "interp": f"interp-lerp-S{cfg.interp_steps}-pairs{cfg.interp_pairs}-seed{cfg.seed}-v2",
-        "diffuse": cfg.probe.version,
+        # the pairs are drawn from the n_diag kept images: n_diag changes which images are interpolated
+        "interp": f"interp-lerp-S{cfg.interp_steps}-pairs{cfg.interp_pairs}-n{cfg.n_diag}-seed{cfg.seed}-v2",
+        "diffuse": f"{cfg.probe.version}-img{cfg.probe_images}",
     }
     # bf16 changes every latent: its rows never stand in for fp32 ones (fp32 versions stay as they were)
     return {k: f"{v}-bf16" for k, v in versions.items()} if cfg.precision == "bf16" else versions
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before any work
+# ---------------------------------------------------------------------------------------------
+
+
+def check_config(cfg: AnalyzeConfig) -> None:
+    """Settings that cannot work, as one sentence before any data is read or any model loads."""
+    from raebench.analysis.diagnostics import MAX_SIGMA, check_sigmas
+    from raebench.evaluate import check_sizes
+
+    check_sizes(cfg.batch_size, cfg.resolution)
+    if cfg.precision not in ("fp32", "bf16"):
+        raise RaebenchError(f"Unknown precision {cfg.precision!r}; use fp32 or bf16.")
+    if cfg.num_workers < 0:
+        raise RaebenchError(f"--num-workers must be 0 or more, got {cfg.num_workers}.")
+    at_least = [("--knn-k", cfg.knn_k, 1), ("--mutual-k", cfg.mutual_k, 1), ("--interp-steps", cfg.interp_steps, 1),
+                ("--n-diag", cfg.n_diag, 0), ("--interp-pairs", cfg.interp_pairs, 0)]
+    for flag, value, low in at_least:
+        if value < low:
+            raise RaebenchError(f"{flag} must be at least {low}, got {value}.")
+    if cfg.references and cfg.align_images < max(4, cfg.mutual_k + 1):
+        raise RaebenchError(f"--align-images must be at least 4 and more than --mutual-k ({cfg.mutual_k}), "
+                            f"got {cfg.align_images}.")
+    try:
+        check_sigmas(cfg.sigmas)
+    except ValueError:
+        raise RaebenchError(f"--sigmas takes comma-separated numbers in (0, {MAX_SIGMA:g}] such as 0.1,0.25,0.5,1; "
+                            f"got {','.join(map(str, cfg.sigmas)) or 'none'}.") from None
+    tags = [sigma_tag(s) for s in cfg.sigmas]
+    dup = sorted({t for t in tags if tags.count(t) > 1})
+    if dup:
+        raise RaebenchError(f"--sigmas lists {', '.join(t[1:] for t in dup)} more than once; give each noise level once.")
+    if cfg.diffusability:
+        _check_probe(cfg)
+
+
+def probe_model(name: str) -> str:
+    """The canonical stage-2 model name of ``--probe-preset`` (aliases resolved, so the metric
+    version names one model one way)."""
+    from raebench.stage2.models import MODELS
+
+    if name.strip().lower() not in MODELS:
+        raise RaebenchError(f"Unknown --probe-preset {name!r}; it takes a stage-2 model name: {', '.join(MODELS.names())}.")
+    return MODELS.canonical(name)
+
+
+def _check_probe(cfg: AnalyzeConfig) -> None:
+    probe_model(cfg.probe.preset)
+    at_least = [("--probe-steps", cfg.probe.steps, 1), ("--probe-batch-size", cfg.probe.batch_size, 1),
+                ("--probe-samples", cfg.probe.n_samples, 2), ("--probe-sample-steps", cfg.probe.sample_steps, 2)]
+    for flag, value, low in at_least:
+        if value < low:
+            raise RaebenchError(f"{flag} must be at least {low}, got {value}.")
+    if cfg.probe_images < cfg.probe.batch_size:
+        raise RaebenchError(f"--probe-images {cfg.probe_images} is fewer than one batch of the diffusability probe "
+                            f"(--probe-batch-size {cfg.probe.batch_size}); raise it or lower the batch size.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,16 +261,44 @@ def _reference_specs(cfg: AnalyzeConfig) -> dict:
     return {sp.name: sp for sp in specs}
 
 
-def _build_references(cfg: AnalyzeConfig, names: list[str], device: torch.device) -> dict[str, tuple]:
+@contextlib.contextmanager
+def _reference_hint():
+    """A missing reference's weights: say how to analyse without it."""
+    try:
+        yield
+    except MissingWeightsError as e:
+        raise MissingWeightsError(f"{e} To analyse without it, leave it out of --reference (or pass --reference none).") from None
+
+
+def _reference_identities(cfg: AnalyzeConfig, names: list[str], device: torch.device,
+                          ) -> tuple[dict[str, str | None], dict[str, tuple]]:
+    """-> (name -> fingerprint of the weights each reference resolves to (None: weightless), the
+    references that had to be built to know it (spec, encoder), kept for the pass)."""
+    from raebench.analysis.references import reference_identity
+
+    local = dict(cfg.reference_weights)
+    ids, built = {}, {}
+    for name in names:
+        with _reference_hint():
+            spec, ids[name], enc = reference_identity(name, local.get(name), device)
+        if enc is not None:
+            built[name] = (spec, enc)
+    return ids, built
+
+
+def _build_references(cfg: AnalyzeConfig, names: list[str], device: torch.device,
+                      built: dict[str, tuple]) -> dict[str, tuple]:
+    """name -> (spec, encoder) of ``names``; ``built``: those already built (by _reference_identities)."""
     from raebench.analysis.references import build_reference
 
     local = dict(cfg.reference_weights)
     refs = {}
     for name in names:
-        try:
+        if name in built:
+            refs[name] = built[name]
+            continue
+        with _reference_hint():
             spec, enc = build_reference(name, local.get(name), device)
-        except MissingWeightsError as e:
-            raise MissingWeightsError(f"{e} To analyse without it, leave it out of --reference (or pass --reference none).") from None
         refs[spec.name] = (spec, enc)
     return refs
 
@@ -247,15 +339,13 @@ def _plan(cfg: AnalyzeConfig, toks: list, data, expected: dict, rank: int, world
     if rank == 0:
         df = None if cfg.recompute else load(cfg.results_dir)
         fp = data.images.fingerprint()
-        # a probe asked for but too big for the data still runs, to say why it gives no row
-        unexpected = {"diffuse"} if cfg.diffusability and "diffuse" not in expected else set()
         for tok in toks:
             if df is None:
-                todo.append(set(expected) | unexpected)
+                todo.append(set(expected))
                 reused.append([])
                 continue
             have = stored_rows(df, tok.name, getattr(tok, "weights_id", "none"), data.name, fp, cfg.resolution, cfg.seed)
-            todo.append(missing_parts(expected, have) | unexpected)
+            todo.append(missing_parts(expected, have))
             reused.append(reusable_rows(have, expected, todo[-1]))
     return _from_rank0(todo, world), reused
 
@@ -301,13 +391,15 @@ def analyze(
     rank, world = rank_world()
     if not cfg.tokenizers and not cfg.tokenizer_configs and not tokenizers:
         raise RaebenchError("Give at least one --tokenizer (or --tokenizer-config) to analyse.")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise RaebenchError(f"Unknown precision {cfg.precision!r}; use fp32 or bf16.")
+    check_config(cfg)
     if cfg.write:
         check_writable(cfg.results_dir)
     data = resolve_data(cfg.data, cfg.dataset, cfg.limit, cfg.seed, cfg.domain)
+    if cfg.diffusability and data.n < cfg.probe.batch_size:
+        raise RaebenchError(f"{data.name!r} has {data.n} images, fewer than one batch of the diffusability probe "
+                            f"(--probe-batch-size {cfg.probe.batch_size}); lower it or leave out --diffusability.")
     device = resolve_device(cfg.device)
-    distance, dist_name, dist_version, dist_reason = build_distance(cfg.perceptual, device)
+    distance, dist_name, dist_version, dist_reason = build_distance(cfg.perceptual, device, cfg.resolution)
     toks = tokenizers if tokenizers is not None else _build_tokenizers(cfg, device)
     names = [t.name for t in toks]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -316,18 +408,19 @@ def analyze(
     if cfg.precision != "fp32":
         toks = [_Precision(t, device, cfg.precision) for t in toks]
     ref_specs = _reference_specs(cfg)
+    # the reference weights are part of the rows' versions: other weights are missing rows
+    ref_ids, prebuilt = _reference_identities(cfg, list(ref_specs), device)
+    ref_versions = {n: sp.row_version(ref_ids[n]) for n, sp in ref_specs.items()}
     versions = _versions(cfg)
     n_classes = len(data.images.classes)
-    expected = expected_rows(cfg, versions, {n: sp.version for n, sp in ref_specs.items()}, n_classes, data.n,
-                             dist_name, dist_version)
+    expected = expected_rows(cfg, versions, ref_versions, n_classes, data.n, dist_name, dist_version)
     todo, reused = _plan(cfg, toks, data, expected, rank, world)
     active = [i for i, parts in enumerate(todo) if parts]
-    # a pass loads the references that some part needs: the alignment rows missing (or that the data
-    # may be too small for: then the skip is noted), every one for the probe's FD
+    # a pass loads the references that some part needs: the alignment rows missing, every one for the probe's FD
     needs_all_refs = any("diffuse" in todo[i] for i in active)
-    ref_names = [n for n in ref_specs if needs_all_refs or f"align:{n}" not in expected
-                 or any(f"align:{n}" in todo[i] for i in active)]
-    refs = _build_references(cfg, ref_names, device) if active else {}
+    ref_names = [n for n in ref_specs if needs_all_refs or any(f"align:{n}" in todo[i] for i in active)]
+    refs = _build_references(cfg, ref_names, device, prebuilt) if active else {}
+    del prebuilt  # the references no part needs are released before the pass
 
     accs = {i: Accumulator(toks[i], Keep(data.n, cfg.n_diag if todo[i] & {"robust", "interp"} else 0, cfg.seed),
                             Keep(data.n, cfg.probe_images if "diffuse" in todo[i] else 0, cfg.seed + 1))
@@ -386,12 +479,13 @@ def analyze(
                 reports.append(rep)
                 continue
             acc = accs[i]
-            rep = _analyse_tokenizer(cfg, acc, todo[i], expected, y, n_classes, feats, refs, distance, dist_name,
+            rep = _analyse_tokenizer(cfg, acc, todo[i], y, n_classes, feats, refs, distance, dist_name,
                                      probe_root / _probe_key(cfg, acc.tok, data), on_progress)
             if dist_reason and cfg.perceptual != "none":
                 rep.notes.append(f"LPIPS left out: {dist_reason}")
             rep.computed, rep.reused = tuple(sorted(todo[i])), reused[i]
-            rows = _rows(cfg, rep, data, device, world, versions, dist_version, refs, skipped, time.perf_counter() - t0)
+            rows = _rows(cfg, rep, data, device, world, versions, dist_version, ref_versions, ref_ids, skipped,
+                         time.perf_counter() - t0, {p: expected[p] for p in todo[i]})
             rep.rows = [r for r in rows if part_of(r.metric) in todo[i]]
             if rep.reused:  # said on screen, not stored in the new rows
                 rep.notes.append(f"reused stored rows for {', '.join(sorted(set(expected) - todo[i]))}")
@@ -405,7 +499,8 @@ def analyze(
                 write_rows(rep.rows, cfg.results_dir, f"{stamp}-{rep.name}")
         out_dir = Path(cfg.results_dir) / "analysis" / stamp
         config = {**asdict(cfg), "dataset_resolved": data.name, "data_fingerprint": data.images.fingerprint(),
-                  "n_images": int(y.numel()), "perceptual_resolved": dist_name, "versions": versions, "world_size": world,
+                  "n_images": int(y.numel()), "perceptual_resolved": dist_name, "versions": versions,
+                  "reference_versions": ref_versions, "world_size": world,
                   "computed": {rep.name: list(rep.computed) for rep in reports}}
         atomic_write_bytes(out_dir / "config.json", json.dumps(config, indent=2, default=str).encode())
         if cfg.plots:
@@ -421,7 +516,7 @@ def _probe_key(cfg: AnalyzeConfig, tok, data) -> str:
     return f"{tok.name}-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]}"
 
 
-def _analyse_tokenizer(cfg, acc: Accumulator, todo: set[str], expected: dict, y, n_classes, feats, refs, distance,
+def _analyse_tokenizer(cfg, acc: Accumulator, todo: set[str], y, n_classes, feats, refs, distance,
                        dist_name, probe_dir: Path, on_progress) -> TokenizerReport:
     """Every part in ``todo`` from the pass's accumulated state (the spectrum always: the robustness
     σ grid is relative to its per-element std)."""
@@ -435,31 +530,43 @@ def _analyse_tokenizer(cfg, acc: Accumulator, todo: set[str], expected: dict, y,
         return rep
     rep.spectrum = acc.stats.summary()
 
-    # --- semantic alignment --------------------------------------------------------------------
-    if n_classes >= 2 and "probe" in todo:
+    # --- semantic alignment (a part the data cannot give is NaN with a note, see _rows) ----------
+    if n_classes < 2:
+        rep.notes.append("linear probe and kNN skipped: they need at least two class subfolders")
+    elif "probe" in todo:
         tr, te = al.stratified_split(yv, 0.5, cfg.seed)
-        if tr.numel() and te.numel():
+        n_train_classes = int(yv[tr].unique().numel())
+        if not te.numel() or n_train_classes < 2:
+            rep.notes.append(f"linear probe and kNN are NaN: the per-class 50/50 split of {yv.numel()} valid images "
+                             f"leaves {te.numel()} to test and {n_train_classes} class(es) to train on (they need 1 and 2)")
+        else:
             rep.probe["linear"] = al.linear_probe(pooled[tr], yv[tr], pooled[te], yv[te], method=cfg.probe_method,
                                                   batchnorm=cfg.probe_batchnorm)
             rep.probe["knn"] = al.knn_accuracy(pooled[tr], yv[tr], pooled[te], yv[te], k=cfg.knn_k)
-            if tr.numel() < cfg.knn_k:
+            if why := al.feature_issue(pooled[tr], directions=True):
+                rep.notes.append(f"kNN accuracy is NaN: the training latents {why}")
+            elif tr.numel() < cfg.knn_k:
                 rep.notes.append(f"kNN used k = {tr.numel()} (only {tr.numel()} training images)")
-    elif n_classes < 2:
-        rep.notes.append("linear probe and kNN skipped: they need at least two class subfolders")
     sub = torch.arange(rep.n_images)
     if rep.n_images > cfg.align_images:  # the kNN metrics depend on N: a fixed-size seeded subset
         sub = torch.randperm(rep.n_images, generator=torch.Generator().manual_seed(cfg.seed))[: cfg.align_images].sort().values
     rep.n_align = int(sub.numel())
-    for name in [n for n in refs if f"align:{n}" in todo or f"align:{n}" not in expected]:
+    for name in [n for n in refs if f"align:{n}" in todo]:
         a, f = pooled[sub], feats[name][valid][sub]
         if rep.n_align <= cfg.mutual_k or rep.n_align < 4:
-            rep.notes.append(f"alignment with {name} skipped: needs more than k = {cfg.mutual_k} images (and at least 4)")
+            rep.notes.append(f"alignment with {name} is NaN: {rep.n_align} valid images, it needs more than "
+                             f"--mutual-k {cfg.mutual_k} (and at least 4)")
             continue
         rep.alignment[name] = {
             "mutual-knn": al.mutual_knn(a, f, cfg.mutual_k),
             "cknna": al.cknna(a, f, cfg.mutual_k),
             "cka": al.linear_cka(a, f, debiased=cfg.cka_debiased),
         }
+        for what, x in (("the latents", a), (f"the {name} features", f)):
+            if why := al.feature_issue(x):  # implies the test on directions
+                rep.notes.append(f"alignment with {name} is NaN: {what} {why}")
+            elif why := al.feature_issue(x, directions=True):
+                rep.notes.append(f"alignment with {name}: mutual-kNN and CKNNA are NaN: {what} {why}")
 
     # --- decoder diagnostics on the kept subset ----------------------------------------------------
     diag = acc.diag.payloads()
@@ -474,6 +581,8 @@ def _analyse_tokenizer(cfg, acc: Accumulator, todo: set[str], expected: dict, y,
                 seed=cfg.seed, batch_size=cfg.batch_size, keep=6,
             )
             rep.grid = {k: v for k, v in rep.robustness.examples.items() if k != "original"}
+            if rep.robustness.note:
+                rep.notes.append(rep.robustness.note)
         pairs = interpolation_pairs(z.shape[0], cfg.interp_pairs, cfg.seed)
         if pairs and "interp" in todo:
             rep.interpolation = interpolation_smoothness(
@@ -493,7 +602,7 @@ def _analyse_tokenizer(cfg, acc: Accumulator, todo: set[str], expected: dict, y,
             rep.diffusability = diffusability_probe(tok, torch.stack(probe_latents), cfg.probe, probe_dir, encs,
                                                     cfg.batch_size)
         except ValueError as e:
-            rep.notes.append(f"diffusability probe skipped: {e}")
+            rep.notes.append(f"diffusability probe is NaN: {e}")
     return rep
 
 
@@ -507,16 +616,19 @@ def _spectrum_values(s: SpectrumSummary) -> dict[str, float]:
     return vals
 
 
-def _rows(cfg, rep: TokenizerReport, data, device, world: int, versions, dist_version, refs, skipped: list[Skip],
-          seconds) -> list[ResultRow]:
+def _rows(cfg, rep: TokenizerReport, data, device, world: int, versions, dist_version, ref_versions: dict[str, str],
+          ref_ids: dict[str, str | None], skipped: list[Skip], seconds, expected: dict[str, list[tuple[str, str]]],
+          ) -> list[ResultRow]:
+    """The rows of ``rep``; every row of ``expected`` (the parts measured now) that the data could
+    not give is written as NaN with the report's notes, so that a re-run reuses it."""
     out: list[ResultRow] = []
     notes = "; ".join(rep.notes)
     skipped_files = [f"{x.path}: {x.reason}" for x in skipped][:1000]
 
-    def add(metric: str, value: float, hib: bool | None, version: str, n: int, **extra) -> None:
+    def add(metric: str, value: float, version: str, n: int, **extra) -> None:
         out.append(ResultRow(
             tokenizer=rep.name, weights_id=rep.weights_id, dataset=data.name, split=data.split, domain=data.domain,
-            resolution=cfg.resolution, n_images=n, metric=metric, value=float(value), higher_is_better=hib,
+            resolution=cfg.resolution, n_images=n, metric=metric, value=float(value), higher_is_better=higher_is_better(metric),
             metric_version=version, seed=cfg.seed, data_fingerprint=data.images.fingerprint(), skipped=len(skipped),
             nonfinite=rep.nonfinite, seconds=round(seconds, 3), device=str(device) + (f" x{world}" if world > 1 else ""),
             notes=notes, extra={"analysis": True, "latent_shape": list(rep.latent_shape), "precision": cfg.precision,
@@ -526,40 +638,45 @@ def _rows(cfg, rep: TokenizerReport, data, device, world: int, versions, dist_ve
     n = rep.n_images
     for k, metric in (("linear", "probe-linear-top1"), ("knn", "probe-knn-top1")):
         if k in rep.probe:
-            add(metric, rep.probe[k], True, versions["probe" if k == "linear" else "knn"], n)
+            add(metric, rep.probe[k], versions["probe" if k == "linear" else "knn"], n)
     for ref, vals in rep.alignment.items():
-        rv = refs[ref][0].version
         for m, key in ALIGN_METRICS:
-            add(f"align-{m}-{ref}", vals[m], True, f"{versions[key]}-ref:{rv}", rep.n_align, reference=ref)
+            add(f"align-{m}-{ref}", vals[m], f"{versions[key]}-ref:{ref_versions[ref]}", rep.n_align, reference=ref,
+                reference_weights=ref_ids[ref])
     s = rep.spectrum
     if s is not None:
         for metric, value in _spectrum_values(s).items():
-            add(metric, value, None, versions["spectrum"], n, channels=s.channels)
+            add(metric, value, versions["spectrum"], n, channels=s.channels)
     c = rep.robustness
     if c is not None:
         v = versions["robust"]
         for i, sig in enumerate(c.sigmas):
             tag = sigma_tag(sig)
-            add(f"robust-psnr-vs-decode-{tag}", c.psnr_vs_decode[i], True, v, c.n_images, sigma=sig, latent_std=c.latent_std)
-            add(f"robust-psnr-vs-image-{tag}", c.psnr_vs_image[i], True, v, c.n_images, sigma=sig, latent_std=c.latent_std)
+            add(f"robust-psnr-vs-decode-{tag}", c.psnr_vs_decode[i], v, c.n_images, sigma=sig, latent_std=c.latent_std)
+            add(f"robust-psnr-vs-image-{tag}", c.psnr_vs_image[i], v, c.n_images, sigma=sig, latent_std=c.latent_std)
             if c.dist_vs_decode:
                 dv = f"{v}-{dist_version}"
-                add(f"robust-{c.distance_name}-vs-decode-{tag}", c.dist_vs_decode[i], False, dv, c.n_images, sigma=sig)
-                add(f"robust-{c.distance_name}-vs-image-{tag}", c.dist_vs_image[i], False, dv, c.n_images, sigma=sig)
+                add(f"robust-{c.distance_name}-vs-decode-{tag}", c.dist_vs_decode[i], dv, c.n_images, sigma=sig)
+                add(f"robust-{c.distance_name}-vs-image-{tag}", c.dist_vs_image[i], dv, c.n_images, sigma=sig)
     it = rep.interpolation
     if it is not None:
         v = f"{versions['interp']}-{dist_version or 'rmse-u8-v1'}"
         n_pairs = it.step_dist.shape[0]
-        add(f"interp-{it.distance_name}-step-mean", it.step_mean, None, v, 2 * n_pairs)
-        add(f"interp-{it.distance_name}-step-relvar", it.step_relvar, False, v, 2 * n_pairs)
-        add(f"interp-{it.distance_name}-path-ratio", it.path_ratio, False, v, 2 * n_pairs)
+        add(f"interp-{it.distance_name}-step-mean", it.step_mean, v, 2 * n_pairs)
+        add(f"interp-{it.distance_name}-step-relvar", it.step_relvar, v, 2 * n_pairs)
+        add(f"interp-{it.distance_name}-path-ratio", it.path_ratio, v, 2 * n_pairs)
     d = rep.diffusability
     if d is not None:
         v = versions["diffuse"]
         n_train = min(cfg.probe_images, n)
-        add("diffuse-latent-fd", d.latent_fd, False, v, n_train, final_loss=d.final_loss, train_seconds=d.seconds_train)
+        add("diffuse-latent-fd", d.latent_fd, v, n_train, final_loss=d.final_loss, train_seconds=d.seconds_train)
         for ref, fd in d.reference_fd.items():
-            add(f"diffuse-fd-{ref}", fd, False, f"{v}-ref:{refs[ref][0].version}", n_train)
+            add(f"diffuse-fd-{ref}", fd, f"{v}-ref:{ref_versions[ref]}", n_train, reference_weights=ref_ids[ref])
+    made = {(r.metric, r.metric_version) for r in out}
+    for part, rows in expected.items():
+        for metric, version in rows:
+            if (metric, version) not in made:  # the data could not give it: the notes say why
+                add(metric, math.nan, version, 0, unmeasured=True)
     return out
 
 

@@ -43,12 +43,16 @@ def _parse_tokenizer_paths(items: list[str], flag: str, example: str) -> tuple[t
 
 
 def _parse_sigmas(text: str) -> tuple[float, ...]:
+    """``"0.1,0.5"`` -> ``(0.1, 0.5)``: finite numbers in (0, MAX_SIGMA] (``nan``, ``inf`` and
+    ``1e300`` parse as floats, so the range is checked here too)."""
+    from raebench.analysis.diagnostics import MAX_SIGMA, check_sigmas
+
+    hint = f"--sigmas takes comma-separated numbers in (0, {MAX_SIGMA:g}] such as 0.1,0.25,0.5,1; got {text!r}."
     try:
         sig = tuple(float(s) for s in text.split(",") if s.strip())
+        check_sigmas(sig)
     except ValueError:
-        raise RaebenchError(f"--sigmas takes comma-separated positive numbers such as 0.1,0.25,0.5,1; got {text!r}.") from None
-    if not sig or any(s <= 0 for s in sig):
-        raise RaebenchError(f"--sigmas takes comma-separated positive numbers such as 0.1,0.25,0.5,1; got {text!r}.")
+        raise RaebenchError(hint) from None
     return sig
 
 
@@ -80,13 +84,13 @@ def register(app: typer.Typer) -> None:
         mutual_k: int = typer.Option(10, "--mutual-k", help="Neighbours of mutual-kNN and CKNNA."),
         cka_debiased: bool = typer.Option(False, "--cka-debiased", help="Debiased linear CKA (unbiased HSIC; N x N)."),
         align_images: int = typer.Option(1024, "--align-images", help="Alignment metrics use a seeded subset of at most this many images."),
-        sigmas: str = typer.Option("0.1,0.25,0.5,1", "--sigmas", help="Latent noise levels, relative to the latent's per-element std."),
-        n_diag: int = typer.Option(16, "--n-diag", help="Images used by the decoder diagnostics."),
-        interp_pairs: int = typer.Option(4, "--interp-pairs", help="Image pairs interpolated."),
-        interp_steps: int = typer.Option(8, "--interp-steps", help="Steps per interpolation."),
+        sigmas: str = typer.Option("0.1,0.25,0.5,1", "--sigmas", help="Latent noise levels in (0, 100], relative to the latent's per-element std; each once."),
+        n_diag: int = typer.Option(16, "--n-diag", help="Images used by the decoder diagnostics (0: none)."),
+        interp_pairs: int = typer.Option(4, "--interp-pairs", help="Image pairs interpolated (0: none)."),
+        interp_steps: int = typer.Option(8, "--interp-steps", help="Steps per interpolation (at least 1)."),
         perceptual: str = typer.Option("auto", "--perceptual", help="auto | lpips-alex | lpips-vgg | rmse | none"),
         diffusability: bool = typer.Option(False, "--diffusability", help="Also train the stage-2 diffusability probe (slow on CPU)."),
-        probe_preset: str = typer.Option("ditdh-s", "--probe-preset", help="Stage-2 preset of the diffusability probe."),
+        probe_preset: str = typer.Option("ditdh-s", "--probe-preset", help="Stage-2 model name the diffusability probe trains (ditdh-s, ditdh-b, ...; an unknown name lists them all)."),
         probe_steps: int = typer.Option(2000, "--probe-steps", help="Training steps of the diffusability probe."),
         probe_batch_size: int = typer.Option(32, "--probe-batch-size"),
         probe_samples: int = typer.Option(256, "--probe-samples", help="Samples drawn to score the probe."),
@@ -99,7 +103,7 @@ def register(app: typer.Typer) -> None:
         from raebench import distributed
         from raebench.analysis.diffusability import ProbeConfig
         from raebench.analysis.references import REFERENCES
-        from raebench.analysis.run import AnalyzeConfig, analyze
+        from raebench.analysis.run import AnalyzeConfig, analyze, check_config, probe_model
         from raebench.cli import console, err_console
         from raebench.cli.core import _fmt, progress_bar
         from raebench.tokenizers import get_tokenizer_spec
@@ -127,10 +131,11 @@ def register(app: typer.Typer) -> None:
             probe_method=probe_method, probe_batchnorm=batchnorm, knn_k=knn_k, mutual_k=mutual_k,
             cka_debiased=cka_debiased, align_images=align_images, sigmas=_parse_sigmas(sigmas), n_diag=n_diag, interp_pairs=interp_pairs,
             interp_steps=interp_steps, perceptual=perceptual, diffusability=diffusability, probe_images=probe_images,
-            probe=ProbeConfig(preset=probe_preset, steps=probe_steps, batch_size=probe_batch_size,
+            probe=ProbeConfig(preset=probe_model(probe_preset) if diffusability else probe_preset, steps=probe_steps, batch_size=probe_batch_size,
                               n_samples=probe_samples, sample_steps=probe_sample_steps, seed=seed),
             plots=plots,
         )
+        check_config(cfg)  # before --dry-run prints it, and before any model loads
         if dry_run:
             if is_main:
                 console.print_json(json.dumps(asdict(cfg), default=str))

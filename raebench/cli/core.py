@@ -14,6 +14,7 @@ from rich.table import Table
 from raebench.errors import RaebenchError
 
 DEFAULT_METRICS = "psnr,ssim"
+GENERATION_METRICS = "fid,sfid,is,precision"  # eval --samples without --metrics (gFID and friends)
 
 
 def _progress() -> Progress:
@@ -28,19 +29,30 @@ def _progress() -> Progress:
 @contextlib.contextmanager
 def progress_bar(label: str) -> Iterator[Callable[..., None]]:
     """A progress bar on the main rank, as a callback ``update(done, total, label=None)`` (a new
-    label replaces the description); on the other ranks the callback does nothing."""
+    label replaces the description); on the other ranks the callback does nothing. The bar shows
+    from the first update, so an error before any work (too few images, a missing weight) prints
+    as one sentence without a half-drawn bar."""
     from raebench import distributed
 
     if not distributed.is_main():
         yield lambda done, total, label=None: None
         return
-    with _progress() as prog:
-        task = prog.add_task(label, total=None)
+    prog = _progress()
+    task = prog.add_task(label, total=None)
+    started = False
 
-        def update(done: int, total: int, label: str | None = None) -> None:
-            prog.update(task, completed=done, total=total, **({"description": label} if label else {}))
+    def update(done: int, total: int, label: str | None = None) -> None:
+        nonlocal started
+        if not started:
+            prog.start()
+            started = True
+        prog.update(task, completed=done, total=total, **({"description": label} if label else {}))
 
+    try:
         yield update
+    finally:
+        if started:
+            prog.stop()
 
 
 def _split_metrics(metrics: str) -> tuple[str, ...]:
@@ -72,18 +84,28 @@ def write_output(out: Path, text: str) -> None:
     console.print(f"wrote {out}")
 
 
+def not_computed_error(failed: dict[str, str], rows, written: bool) -> RaebenchError:
+    """The one sentence for metrics that got no value while the others did (shown after the table)."""
+    kept = ", ".join(dict.fromkeys(r.metric for r in rows))
+    return RaebenchError(f"Not computed: {'; '.join(failed.values())}; the rows of {kept} "
+                         f"{'were written' if written else 'are above (not written)'}.")
+
+
 def run_eval_with_progress(cfg, label: str):
     from raebench import distributed
-    from raebench.evaluate import build_tokenizer_from_config, check_config, evaluate, resolve_device
+    from raebench.data import resolve_data
+    from raebench.evaluate import build_tokenizer_from_config, check_config, check_data_counts, evaluate, resolve_device
     from raebench.results import check_writable
 
-    check_config(cfg)  # bad flags and an unwritable results folder fail before any model loads
+    check_config(cfg)  # bad flags, too few images and an unwritable results folder fail before any model loads
     if cfg.write:
         check_writable(cfg.results_dir)
+    data = resolve_data(cfg.data, cfg.dataset, cfg.limit, cfg.seed, cfg.domain)
+    check_data_counts(cfg, data)
     # build first: a missing weight is one sentence, without a half-drawn progress bar
     tok = build_tokenizer_from_config(cfg, resolve_device(cfg.device))
     if not distributed.is_main():
-        return evaluate(cfg, tokenizer=tok)
+        return evaluate(cfg, tokenizer=tok, data=data)
     # the bar starts with the first finished batch, so an error while building the metrics'
     # networks (a missing Inception file, say) prints as one sentence without a half-drawn bar
     prog = _progress()
@@ -98,7 +120,7 @@ def run_eval_with_progress(cfg, label: str):
         prog.update(task, completed=done, total=total)
 
     try:
-        return evaluate(cfg, tokenizer=tok, on_progress=cb)
+        return evaluate(cfg, tokenizer=tok, on_progress=cb, data=data)
     finally:
         if started:
             prog.stop()
@@ -112,8 +134,11 @@ def _report_outcome(out) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_column("better", justify="center")
+    notes = any(r.notes for r in out.rows)  # e.g. KID's subset size below 1000, FID's N < d
+    if notes:
+        t.add_column("notes")
     for r in out.rows:
-        t.add_row(r.metric, _fmt(r.value), {True: "↑", False: "↓"}.get(r.higher_is_better, ""))
+        t.add_row(r.metric, _fmt(r.value), {True: "↑", False: "↓"}.get(r.higher_is_better, ""), *([r.notes] if notes else []))
     console.print(t)
     if out.skipped:
         err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record):")
@@ -176,40 +201,46 @@ def register(app: typer.Typer) -> None:
         tokenizer_config: Optional[Path] = typer.Option(None, "--tokenizer-config", help="Official RAE YAML instead of a name."),
         data: Optional[str] = typer.Option(None, "--data", help="Image folder (recursive)."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="Named dataset (raebench ls datasets); default: the embedded photos."),
-        domain: Optional[str] = typer.Option(None, "--domain", help="Domain tag for --data: in-domain or open-domain."),
-        metrics: str = typer.Option(DEFAULT_METRICS, "--metrics", "-m", help="Comma-separated metric names."),
-        resolution: int = typer.Option(256, "--resolution", "-r"),
+        domain: Optional[str] = typer.Option(None, "--domain", help="Domain tag: in-domain or open-domain (with --samples: of the reference, default open-domain, as score)."),
+        metrics: Optional[str] = typer.Option(None, "--metrics", "-m", help=f"Comma-separated metric names (default {DEFAULT_METRICS}; with --samples {GENERATION_METRICS})."),
+        resolution: Optional[int] = typer.Option(None, "--resolution", "-r", help="Crop size (default 256; with --samples: ADM-center-crop folder images to R px, default as they are)."),
         limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate a seeded random subset of N images."),
-        seed: int = typer.Option(0, "--seed"),
-        batch_size: int = typer.Option(16, "--batch-size", "-b"),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the --limit subset (default 0)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per batch (default 16; with --samples 32, as score)."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-        precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (tokenizer forward only)."),
+        precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 (tokenizer forward only; default fp32)."),
         num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data-loading worker processes (default: 0 on CPU, min(8, cores) on GPU)."),
         results: Path = typer.Option(Path("results"), "--results", help="Results folder."),
         weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file/folder for the tokenizer."),
         decoder: Optional[str] = typer.Option(None, "--decoder", help="RAE: a decoder checkpoint to use instead of the released one."),
         stats: Optional[str] = typer.Option(None, "--stats", help="RAE: latent statistics file (stat.pt)."),
-        option: Optional[list[str]] = typer.Option(None, "--option", help="Metric/extractor option NAME.KEY=VALUE, e.g. inception.dtype=float64 (repeatable)."),
+        option: Optional[list[str]] = typer.Option(None, "--option", help="Metric/extractor option NAME.KEY=VALUE, e.g. inception.dtype=float64 (repeatable; default $RAEBENCH_METRIC_OPTIONS)."),
         samples: Optional[str] = typer.Option(None, "--samples", help="Generation mode: samples (.npz arr_0 or folder) to score against --reference."),
         reference: Optional[str] = typer.Option(None, "--reference", help="With --samples: an ADM reference batch .npz or an image folder."),
     ) -> None:
         """Reconstruct a dataset with a tokenizer and score it (one pass, all metrics).
 
-        With --samples and --reference it scores generated samples instead (gFID and the other
-        distribution metrics; default metrics fid,sfid,is,precision), like `raebench score`."""
+        With --samples and --reference it scores generated samples instead, exactly as `raebench
+        score --references REF --candidates SAMPLES` (default metrics fid,sfid,is,precision)."""
         from raebench import distributed
         from raebench.evaluate import EvalConfig
 
         if samples or reference:
             if not (samples and reference):
                 raise RaebenchError("Generation mode needs both --samples SAMPLES.npz and --reference REF.npz.")
-            if tokenizer or tokenizer_config or data or dataset:
-                raise RaebenchError("--samples/--reference score existing samples; drop --tokenizer/--data (or use them without --samples).")
+            given = {"--tokenizer": tokenizer, "--tokenizer-config": tokenizer_config, "--data": data, "--dataset": dataset,
+                     "--limit": limit, "--seed": seed, "--precision": precision, "--num-workers": num_workers,
+                     "--weights": weights, "--decoder": decoder, "--stats": stats}
+            unused = [flag for flag, v in given.items() if v is not None]
+            if unused:
+                raise RaebenchError(f"--samples/--reference score existing images as `raebench score` does, where "
+                                    f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect; drop "
+                                    f"{'it' if len(unused) == 1 else 'them'} (or drop --samples to evaluate a tokenizer).")
             from raebench.cli.metrics_cmds import run_score
 
-            gen_metrics = metrics if metrics != DEFAULT_METRICS else "fid,sfid,is,precision"
-            run_score(reference, samples, _split_metrics(gen_metrics), batch_size=batch_size, device=device,
-                      option=list(option or []), results=results, domain=domain or "in-domain")
+            passed = {"domain": domain, "resolution": resolution, "batch_size": batch_size}  # unset: score's defaults
+            run_score(reference, samples, _split_metrics(metrics or GENERATION_METRICS), device=device, option=option,
+                      results=results, **{k: v for k, v in passed.items() if v is not None})
             return
         distributed.init()
         device = distributed.local_device(device)
@@ -219,17 +250,20 @@ def register(app: typer.Typer) -> None:
             from raebench.tokenizers import get_tokenizer_spec
 
             tokenizer = get_tokenizer_spec(tokenizer).name  # unknown names fail here, with suggestions
+        unset = {"resolution": resolution, "seed": seed, "batch_size": batch_size, "precision": precision}  # None: EvalConfig's default
         cfg = EvalConfig(
-            tokenizer=tokenizer or "official-config", metrics=_split_metrics(metrics), data=data, dataset=dataset,
-            domain=domain, resolution=resolution, limit=limit, seed=seed, batch_size=batch_size, device=device,
-            precision=precision, num_workers=num_workers, results_dir=str(results), weights=weights, decoder=decoder,
-            stats=stats, tokenizer_config=str(tokenizer_config) if tokenizer_config else None,
-            metric_options=tuple(option) if option else None,
+            tokenizer=tokenizer or "official-config", metrics=_split_metrics(metrics or DEFAULT_METRICS), data=data,
+            dataset=dataset, domain=domain, limit=limit, device=device, num_workers=num_workers, results_dir=str(results),
+            weights=weights, decoder=decoder, stats=stats, tokenizer_config=str(tokenizer_config) if tokenizer_config else None,
+            metric_options=tuple(option) if option else None, **{k: v for k, v in unset.items() if v is not None},
         )
         out = run_eval_with_progress(cfg, f"eval {tokenizer or tokenizer_config}")
-        if distributed.is_main():
+        main = distributed.is_main()
+        if main:
             _report_outcome(out)
         distributed.finish()
+        if main and out.failed:
+            raise not_computed_error(out.failed, out.rows, written=cfg.write)
 
     @app.command("compare")
     def compare_cmd(

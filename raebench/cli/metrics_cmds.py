@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         resolution: Optional[int] = typer.Option(None, "--resolution", "-r", help="ADM-center-crop folder images to R px (default: as they are)."),
         batch_size: int = typer.Option(32, "--batch-size", "-b"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-        option: list[str] = typer.Option([], "--option", "-o", help="NAME.KEY=VALUE for an extractor or metric, e.g. inception.dtype=float64, inception.weights=FILE, lpips-vgg.weights=FILE."),
+        option: list[str] = typer.Option([], "--option", "-o", help="NAME.KEY=VALUE for an extractor or metric, e.g. inception.dtype=float64, inception.weights=FILE, lpips-vgg.weights=FILE (default $RAEBENCH_METRIC_OPTIONS)."),
         results: Path = typer.Option(Path("results"), "--results", help="Results folder."),
         write: bool = typer.Option(True, "--write/--no-write", help="Write result rows."),
     ) -> None:
@@ -38,14 +38,15 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
     """Score with a progress bar and print the table (shared by ``score`` and ``eval --samples``)."""
     from raebench import distributed
     from raebench.cli import console, err_console
-    from raebench.cli.core import _fmt, progress_bar
+    from raebench.cli.core import _fmt, not_computed_error, progress_bar
     from raebench.evaluate import parse_options
     from raebench.metrics.scoring import score
 
     distributed.init()
     device = distributed.local_device(device)
+    # no --option: None, so the metrics read $RAEBENCH_METRIC_OPTIONS (as eval does)
     kwargs = dict(name=name, domain=domain, resolution=resolution, batch_size=batch_size, device=device,
-                  options=parse_options(option or []), results_dir=str(results), write=write)
+                  options=parse_options(option) if option else None, results_dir=str(results), write=write)
     if not distributed.is_main():
         score(references, candidates, names, **kwargs)
         distributed.finish()
@@ -64,3 +65,5 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
     if out.skipped:
         err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record).")
     err_console.print(f"{out.seconds:.1f} s · run {r0.run_id}" + ("" if write else " (not written)"), highlight=False)
+    if out.failed:
+        raise not_computed_error(out.failed, out.rows, written=write)

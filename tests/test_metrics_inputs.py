@@ -1,0 +1,201 @@
+"""What a metric can take: enough images per side (refused up front, or reported after the pass
+with the other rows kept), images large enough for its network, and uint8 pairs only."""
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import torch
+from _cli import run
+from _metrics_helpers import save_pngs, stand_in_extractors  # noqa: F401
+from skimage.metrics import peak_signal_noise_ratio
+
+from raebench.errors import RaebenchError
+from raebench.metrics import METRICS, MetricBatch
+from raebench.metrics.base import MetricInputError, TooFewImagesError
+from raebench.results import load
+
+
+@pytest.fixture
+def no_model_build(monkeypatch):
+    """Fail loudly if a tokenizer or a metric network gets built: these errors must come first."""
+    import raebench.evaluate as ev
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was built before the error")
+
+    monkeypatch.setattr(ev, "build_tokenizer_from_config", refuse)
+    monkeypatch.setattr(ev, "Evaluator", refuse)
+
+
+# ---------------------------------------------------------------------------------------------
+# Too few images
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric, need", [("fid", 2), ("kid", 2), ("precision", 4), ("density", 6), ("is", 10)])
+def test_score_refuses_too_few_images_before_any_model(metric, need, tmp_path, capsys, make_images, no_model_build):
+    save_pngs(make_images(need - 1, 16, 16, seed=1), tmp_path / "ref")
+    save_pngs(make_images(need - 1, 16, 16, seed=2), tmp_path / "cand")
+    code, _, err = run(["score", "--ref", str(tmp_path / "ref"), "--cand", str(tmp_path / "cand"), "-m", f"psnr,{metric}",
+                        "--device", "cpu", "--results", str(tmp_path / "res")], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{metric} needs at least {need} images" in err and f"{need - 1} in --" in err, err
+    assert f"add images or drop {metric}." in err
+    assert not (tmp_path / "res").exists() or load(tmp_path / "res").empty
+
+
+def test_eval_refuses_a_limit_below_what_a_metric_needs(tmp_path, capsys, image_folder, no_model_build):
+    code, _, err = run(["eval", "-t", "pixels", "--data", str(image_folder), "-r", "16", "--limit", "3", "-m", "psnr,precision",
+                        "--device", "cpu", "--results", str(tmp_path)], capsys)
+    assert code == 2 and "precision needs at least 4 images on each side, and there are 3 in the data 'images' (--limit 3)" in err, err
+
+
+def test_stored_reference_statistics_stand_in_for_reference_images():
+    from raebench.evaluate import check_image_counts
+
+    check_image_counts(("fid", "sfid"), 0, 2, stats=("mu", "sigma", "mu_s", "sigma_s"))  # no reference image needed
+    with pytest.raises(RaebenchError, match="sfid needs at least 2 images on each side, and there are 0 in the references"):
+        check_image_counts(("fid", "sfid"), 0, 2, stats=("mu", "sigma"))
+    with pytest.raises(RaebenchError, match="is needs at least 10 images to score, and there are 9 in the candidates"):
+        check_image_counts(("is",), 0, 9)
+
+
+def test_unreadable_files_leave_too_few_then_the_other_rows_are_written(tmp_path, capsys, stand_in_extractors):
+    rng = np.random.default_rng(0)
+    refs = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    cands = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    for folder, images in (("ref", refs), ("cand", cands)):
+        save_pngs(torch.from_numpy(images).permute(0, 3, 1, 2), tmp_path / folder)
+    for i in (1, 2):  # counted as 3 files up front; only one pair is readable
+        (tmp_path / "ref" / f"img_{i:03d}.png").write_bytes(b"")
+    code, out, err = run(["score", "--ref", str(tmp_path / "ref"), "--cand", str(tmp_path / "cand"), "-m", "psnr,fid,kid",
+                          "--device", "cpu", "--results", str(tmp_path / "res")], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert "Not computed: fid needs at least 2 images on each side, got 1 candidates and 1 references; kid needs" in err
+    assert "the rows of psnr were written" in err and "psnr" in out
+    df = load(tmp_path / "res")
+    assert list(df["metric"]) == ["psnr"] and int(df["n_images"].iloc[0]) == 1
+    assert df["value"].iloc[0] == pytest.approx(peak_signal_noise_ratio(refs[0], cands[0], data_range=255), rel=1e-5)
+
+    # eval: the same through the tokenizer path, and nothing but failures is one sentence with no rows
+    code, _, err = run(["eval", "-t", "pixels", "--data", str(tmp_path / "ref"), "-r", "16", "-m", "fid", "--device", "cpu",
+                        "--results", str(tmp_path / "res2")], capsys)
+    assert code == 2 and "Nothing to write for 'pixels' on 'ref': fid needs at least 2 images" in err, err
+    assert not (tmp_path / "res2").exists() or load(tmp_path / "res2").empty
+
+
+def test_metrics_with_too_few_images_raise_a_raebench_error():
+    feats = {"inception": ({"pool": torch.randn(1, 8), "logits": torch.randn(1, 8)},
+                           {"pool": torch.randn(1, 8), "logits": torch.randn(1, 8)})}
+    for name in ("fid", "kid", "precision", "density", "is"):
+        m = METRICS.get(name).build()
+        m.update(MetricBatch(None, None, feats))
+        with pytest.raises(TooFewImagesError, match=f"{name} needs at least") as e:
+            m.compute()
+        assert isinstance(e.value, RaebenchError)
+
+
+def test_kid_subsets_larger_than_a_side_are_refused_and_small_sets_noted():
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
+
+    from raebench.metrics.kernel import kid
+
+    g = torch.Generator().manual_seed(0)
+    cand, ref = torch.randn(5, 16, generator=g, dtype=torch.float64), torch.randn(8, 16, generator=g, dtype=torch.float64) + 0.3
+    with pytest.raises(TooFewImagesError, match="KID subsets of 6 images need at least 6 images on each side, got 5"):
+        kid(cand, ref, 100, 6)
+    m = METRICS.get("kid").build()
+    m.update(MetricBatch(None, None, {"inception": ({"pool": ref.float()}, {"pool": cand.float()})}))
+    out = m.compute()
+    assert m.notes == ["KID subset size 5 < 1000 (only 5 candidates, 8 references; every subset holds all 5 candidates)"]
+    theirs = kid_features_to_metric(cand.float().double(), ref.float().double(), kid_subsets=100, kid_subset_size=5,
+                                    kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
+                                    kid_kernel_poly_coef0=1, rng_seed=2020, verbose=False)
+    assert out["kid"] == pytest.approx(theirs[KEY_METRIC_KID_MEAN], rel=1e-10)
+    m.reset()
+    m.update(MetricBatch(None, None, {"inception": ({"pool": ref[:5].float()}, {"pool": cand.float()})}))
+    assert m.compute()["kid-std"] == pytest.approx(0.0, abs=1e-12) and "kid-std is 0" in m.notes[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Image sizes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_min_side_is_what_the_lpips_network_needs(net):
+    """The lpips package's own network runs at the registered minimum and fails one pixel below."""
+    import lpips
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False).eval()
+    side = METRICS.get(f"lpips-{net}").min_image_side
+    with torch.no_grad():
+        for shape in ((side, side), (side, 3 * side), (3 * side, side)):
+            model(torch.zeros(1, 3, *shape), torch.zeros(1, 3, *shape))
+        with pytest.raises(RuntimeError, match="too small"):
+            model(torch.zeros(1, 3, side - 1, 2 * side), torch.zeros(1, 3, side - 1, 2 * side))
+
+
+def test_min_image_sides_of_the_registry():
+    from raebench.evaluate import min_image_side
+
+    assert {m: min_image_side(m) for m in ("ssim", "ms-ssim", "lpips-alex", "lpips", "psnr", "fid", "dreamsim", "cmmd")} == {
+        "ssim": 11, "ms-ssim": 161, "lpips-alex": 31, "lpips": 16, "psnr": 1, "fid": 1, "dreamsim": 1, "cmmd": 1}
+
+
+@pytest.mark.parametrize("argv", [
+    ["score", "--ref", "SMALL", "--cand", "SMALL", "-m", "lpips-alex"],
+    ["score", "--ref", "SMALL.npz", "--cand", "SMALL.npz", "-m", "psnr,lpips-alex"],
+    ["eval", "-t", "pixels", "--data", "SMALL", "-r", "24", "-m", "psnr,lpips-alex"],
+])
+def test_lpips_on_small_images_is_refused_before_any_model(argv, tmp_path, capsys, make_images, monkeypatch, no_model_build):
+    imgs = make_images(3, 24, 24, seed=0)
+    save_pngs(imgs, tmp_path / "small")
+    np.savez(tmp_path / "small.npz", arr_0=imgs.permute(0, 2, 3, 1).numpy())
+    monkeypatch.setenv("RAEBENCH_LPIPS_ALEX_WEIGHTS", str(tmp_path / "missing.pth"))  # a load would fail otherwise
+    argv = [a.replace("SMALL", str(tmp_path / "small")) for a in argv]
+    code, _, err = run([*argv, "--device", "cpu", "--results", str(tmp_path / "r")], capsys)
+    assert code == 2 and "lpips-alex needs images of at least 31 px on the short side" in err and "24" in err, err
+
+
+def test_lpips_metric_refuses_small_images_itself(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}, tmp_path / "a.pth")
+    m = METRICS.get("lpips-alex").build(weights=str(tmp_path / "a.pth"))
+    x = torch.zeros(2, 3, 30, 64, dtype=torch.uint8)
+    with pytest.raises(MetricInputError, match=r"lpips-alex needs images of at least 31 px on the short side, got \(30, 64\)"):
+        m.update(MetricBatch(x, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired inputs are uint8 pairs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["psnr", "ssim", "ms-ssim"])
+def test_paired_metrics_refuse_float_images_and_unequal_pairs(name):
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
+    b = torch.from_numpy(rng.integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
+    m = METRICS.get(name).build()
+    for ref, cand in ((a.float() / 255, b.float() / 255), (a, b.double() / 255), (a.float(), b)):
+        with pytest.raises(MetricInputError, match=f"{name} takes uint8 images .* convert \\[0, 1\\] floats with raebench.data.to_uint8"):
+            m.update(MetricBatch(ref, cand))
+    with pytest.raises(MetricInputError, match=r"one \(N, 3, H, W\) shape, got \(2, 3, 32, 32\) and \(1, 3, 32, 32\)"):
+        m.update(MetricBatch(a, b[:1]))  # would broadcast silently
+    assert m.count == 0
+
+
+def test_psnr_of_uint8_pairs_equals_skimage():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
+    m = METRICS.get("psnr").build()
+    m.update(MetricBatch(torch.from_numpy(a).permute(0, 3, 1, 2), torch.from_numpy(b).permute(0, 3, 1, 2)))
+    ref = np.mean([peak_signal_noise_ratio(x, y, data_range=255) for x, y in zip(a, b)])
+    assert m.compute()["psnr"] == pytest.approx(ref, rel=1e-6)  # the images reach it as float32
