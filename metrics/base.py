@@ -16,6 +16,7 @@ import contextlib
 import math
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -255,6 +256,9 @@ class ExtractorSpec:
     outputs: tuple[str, ...] = ()
     #: option names the builder accepts (besides device and outputs); unknown options are errors
     options: tuple[str, ...] = ()
+    #: ``weights_path(weights=None)``: the file or folder the builder would load, resolved without
+    #: building (so its fingerprint can decide reuse before any network loads); None if unknown
+    weights_path: Callable[..., Path] | None = None
 
 
 METRICS: Registry[MetricSpec] = Registry("metric")

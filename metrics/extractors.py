@@ -171,13 +171,18 @@ class Extractor:
 
 
 class InceptionExtractor(Extractor):
+    @staticmethod
+    def resolve_weights(weights: str | None = None) -> Path:
+        """The file this extractor would load (local option > env > cache > download), unbuilt."""
+        return resolve_url_file(INCEPTION_URL, local_weights("inception", weights),
+                                what="Inception-v3 (FID/KID/IS)", env=weights_env("inception"))
+
     def __init__(self, spec, device, outputs=(), weights: str | None = None, dtype: str = "float32"):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         if dtype not in ("float32", "float64"):
             raise ValueError(f"inception dtype must be float32 or float64, got {dtype!r}")
-        path = resolve_url_file(INCEPTION_URL, local_weights("inception", weights),
-                                what="Inception-v3 (FID/KID/IS)", env=weights_env("inception"))
+        path = self.resolve_weights(weights)
         super().__init__(spec, device, outputs, path)
         # torch-fidelity's constructor unpickles the file with weights_only=False: vet it safely first
         state = load_state(path)
@@ -261,6 +266,13 @@ def _hub_interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, w
 class DinoV2Extractor(Extractor):
     SIZE = 224
 
+    @staticmethod
+    def resolve_weights(weights: str | None = None) -> Path:
+        """The folder this extractor would load (local option > env > Hub cache > download), unbuilt."""
+        src = WeightsSource("facebook/dinov2-large", allow_patterns=("config.json", "model.safetensors"))
+        return resolve(src, local_weights("dinov2-l14", weights), what="DINOv2 ViT-L/14 (FD-DINOv2)",
+                       flag=weights_env("dinov2-l14"))
+
     def __init__(self, spec, device, outputs=(), weights: str | None = None, resize: str = "torch"):
         import types
 
@@ -268,9 +280,7 @@ class DinoV2Extractor(Extractor):
 
         if resize not in ("torch", "pil"):
             raise ValueError(f"dinov2 resize must be 'torch' (EDM2) or 'pil' (dgm-eval), got {resize!r}")
-        src = WeightsSource("facebook/dinov2-large", allow_patterns=("config.json", "model.safetensors"))
-        path = resolve(src, local_weights("dinov2-l14", weights), what="DINOv2 ViT-L/14 (FD-DINOv2)",
-                       flag=weights_env("dinov2-l14"))
+        path = self.resolve_weights(weights)
         super().__init__(spec, device, outputs, path)
         self.resize = resize
         self.variant = "" if resize == "torch" else f"resize={resize}"
@@ -292,13 +302,18 @@ class DinoV2Extractor(Extractor):
 
 
 class ClipExtractor(Extractor):
+    @staticmethod
+    def resolve_weights(weights: str | None = None) -> Path:
+        """The folder this extractor would load (local option > env > Hub cache > download), unbuilt."""
+        src = WeightsSource("openai/clip-vit-large-patch14-336",
+                            allow_patterns=("config.json", "model.safetensors", "pytorch_model.bin"))
+        return resolve(src, local_weights("clip-l14-336", weights), what="CLIP ViT-L/14@336 (CMMD)",
+                       flag=weights_env("clip-l14-336"))
+
     def __init__(self, spec, device, outputs=(), weights: str | None = None):
         from transformers import CLIPVisionModelWithProjection
 
-        src = WeightsSource("openai/clip-vit-large-patch14-336",
-                            allow_patterns=("config.json", "model.safetensors", "pytorch_model.bin"))
-        path = resolve(src, local_weights("clip-l14-336", weights), what="CLIP ViT-L/14@336 (CMMD)",
-                       flag=weights_env("clip-l14-336"))
+        path = self.resolve_weights(weights)
         super().__init__(spec, device, outputs, path)
         self.model = _load_hf_vision(CLIPVisionModelWithProjection, path, ("clip", "clip_vision_model"),
                                      "CLIP ViT-L/14@336 (CMMD)",
@@ -359,7 +374,7 @@ def resize_images(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 def _register(cls, **fields) -> None:
     spec = ExtractorSpec(builder=None, **fields)
     build = lambda device, outputs=(), **options: cls(spec, device, outputs, **options)
-    register_extractor(replace(spec, builder=build))
+    register_extractor(replace(spec, builder=build, weights_path=cls.resolve_weights))
 
 
 _register(InceptionExtractor, name="inception", version="tfinception-torchfidelity-v1",

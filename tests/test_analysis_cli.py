@@ -122,6 +122,22 @@ def test_analyze_end_to_end(image_folder: Path, tmp_path: Path, tiny_vit_weights
         with Image.open(p) as im:
             assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
 
+    # a re-run whose rows are all stored fingerprints the references' weights without building them
+    import raebench.metrics.extractors as ex
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a reference network was built for a fully reused run")
+    monkeypatch.setattr(ex.DinoV2Extractor, "__init__", no_build)
+    code, out, err = run([
+        "analyze", "-t", "pixels", "-t", "bicubic-f8", "--data", str(image_folder), "-r", "32",
+        "--reference", "random-proj,test-tiny-vit,dinov2-l", "--reference-weights", f"test-tiny-vit={tiny_vit_weights}",
+        "--reference-weights", f"dinov2-l={tiny_dinov2_dir}",
+        "--mutual-k", "3", "--align-images", "6", "--n-diag", "4", "--interp-pairs", "2", "--interp-steps", "3", "--sigmas", "0.25,1",
+        "--results", str(res), "--device", "cpu",
+    ], capsys)
+    assert code == 0, err
+    assert len(load(res, latest=False)) == len(df)  # nothing measured again
+
     # the rows are ordinary results: the leaderboard pivots them with the eval metrics
     csv = tmp_path / "lb.csv"
     assert run(["leaderboard", "--format", "csv", "--out", str(csv), "--results", str(res)], capsys)[0] == 0

@@ -231,12 +231,18 @@ def reference_identity(
     """-> (spec, fingerprint of the weights it would load (None: weightless), the encoder if it had
     to be built to know them).
 
-    A timm reference's file is resolved and fingerprinted without building the network (so a re-run
-    whose rows are all stored loads nothing); an extractor reference resolves its weights inside the
-    metrics package, so it is built here and the caller keeps it for the pass.
+    The weights are resolved and fingerprinted without building the network (a timm file, or the
+    metrics extractor's ``weights_path``), so a re-run whose rows are all stored loads nothing; an
+    extractor that cannot say is built here and the caller keeps it for the pass.
     """
+    from raebench.metrics import EXTRACTORS
+    from raebench.metrics.extractors import fingerprint_path
+
     spec = REFERENCES.get(name)
     if spec.extractor is not None:
+        locate = EXTRACTORS.get(spec.extractor).weights_path
+        if locate is not None:
+            return spec, fingerprint_path(locate(weights)), None
         enc = spec.build(weights=weights, device=device)
         return spec, enc.weights_id, enc
     if spec.arch is None:
