@@ -297,11 +297,10 @@ def step_draws(
     g = torch.Generator().manual_seed(derive_seed(cfg.seed, _TIMES, step))
     t = transport.sample_t(cfg.global_batch, generator=g)[offset:offset + n]  # (n,)
     drop = (torch.rand(cfg.global_batch, generator=g) < cfg.class_dropout)[offset:offset + n]  # (n,)
-    noise = torch.stack([
-        torch.randn(latent_shape, device=device,
-                    generator=torch.Generator(device).manual_seed(derive_seed(cfg.seed, _NOISE, step, j)))
-        for j in range(offset, offset + n)
-    ])  # (n, C, H, W)
+    noise = torch.empty((n, *latent_shape), device=device)  # (n, C, H, W), each row from its own generator
+    for i, j in enumerate(range(offset, offset + n)):
+        torch.randn(latent_shape, generator=torch.Generator(device).manual_seed(derive_seed(cfg.seed, _NOISE, step, j)),
+                    out=noise[i])
     return t.to(device), noise, drop.to(device)
 
 
