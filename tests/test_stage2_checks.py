@@ -75,6 +75,14 @@ def test_unlabelled_data_is_refused_by_cache_latents_and_training(tmp_path, imag
 
 
 def test_resume_refuses_changed_settings_and_data(trained, tmp_path):
+    import json
+    import shutil
+
+    # the same cache by another path (moved, or relative vs absolute) is the same data: resumes
+    shutil.move(str(tmp_path / "cache"), str(tmp_path / "moved"))
+    assert train(dataclasses.replace(small(tmp_path), latents=str(tmp_path / "moved")))["step"] == 4  # finished: not refused
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["latents"] == str(tmp_path / "moved")
+    shutil.move(str(tmp_path / "moved"), str(tmp_path / "cache"))
     with pytest.raises(RaebenchError, match=r"global_batch: 16 -> 8; lr: 0.001 -> 0.5"):
         train(dataclasses.replace(small(tmp_path), global_batch=8, lr=0.5))
     toy_cache(tmp_path / "cache", n=64, shape=(4, 4, 4))  # other latents into the same folder
@@ -151,6 +159,31 @@ def test_generate_npz_refuses_to_mix_runs_and_a_crash_before_the_first_part_does
     sample_fn, decode = fake_fns([])
     out = generate_npz(sample_fn, decode, tmp_path / "b.npz", y, (4, 2, 2), batch_size=3, settings={"steps": 5})
     assert np.load(out)["arr_0"].shape[0] == 10
+
+
+def test_parts_written_by_the_previous_raebench_resume(tmp_path, caplog):
+    """Before the run keys, meta.json held {"key": sha256(labels + seed/batch/shape)}: those parts resume
+    (with a warning that their sampler settings were not recorded); other labels are refused."""
+    import hashlib
+    import json
+
+    y = class_labels(10, 5, seed=0)
+    sample_fn, decode = fake_fns([])
+    full = np.load(generate_npz(sample_fn, decode, tmp_path / "full.npz", y, (4, 2, 2), batch_size=3, seed=5))["arr_0"]
+    sample_fn, decode = fake_fns([])
+    sample_fn.crash = True
+    with pytest.raises(KeyboardInterrupt):
+        generate_npz(sample_fn, decode, tmp_path / "out.npz", y, (4, 2, 2), batch_size=3, seed=5)
+    parts = tmp_path / ".out.npz.parts"
+    key = hashlib.sha256(y.numpy().tobytes() + b"5/3/[4, 2, 2]").hexdigest()[:16]  # the old format, shape from a checkpoint
+    (parts / "meta.json").write_text(json.dumps({"key": key, "n": 10, "batch_size": 3, "seed": 5}))
+    with pytest.raises(RaebenchError, match="written by an older raebench for other labels"):
+        generate_npz(sample_fn, decode, tmp_path / "out.npz", y.flip(0), (4, 2, 2), batch_size=3, seed=5)
+    sample_fn, decode = fake_fns([])
+    with caplog.at_level("WARNING"):
+        out = generate_npz(sample_fn, decode, tmp_path / "out.npz", y, (4, 2, 2), batch_size=3, seed=5)
+    assert "did not record the model and sampler settings" in caplog.text
+    assert np.array_equal(np.load(out)["arr_0"], full)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -84,7 +84,17 @@ def generate_npz(
     if rank == 0:
         parts.mkdir(parents=True, exist_ok=True)
         meta = parts / "meta.json"
-        old = json.loads(meta.read_text()).get("run", {}) if meta.is_file() else run
+        saved = json.loads(meta.read_text()) if meta.is_file() else {"run": run}
+        old = saved.get("run", {})
+        if "run" not in saved and "key" in saved and any(parts.glob("b*.npz")):  # parts of raebench before 0.1's run keys
+            legacy = {hashlib.sha256(labels.numpy().tobytes() + f"{seed}/{batch_size}/{shape}".encode()).hexdigest()[:16]
+                      for shape in (tuple(latent_shape), list(latent_shape))}  # as a checkpoint's list or a tuple
+            if saved["key"] not in legacy:
+                raise RaebenchError(f"{parts} holds samples written by an older raebench for other labels, seed, batch size "
+                                    "or latent shape; re-run with those to finish it, or delete that folder to start afresh.")
+            log.warning("%s was written by an older raebench, which did not record the model and sampler settings; "
+                        "resuming on the assumption that they are these", parts)
+            old = run
         if old != run and any(parts.glob("b*.npz")):
             diff = "; ".join(f"{k}: {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run))
                              if old.get(k) != run.get(k))

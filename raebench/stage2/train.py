@@ -345,10 +345,12 @@ def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
                         f"set --num-classes {hi + 1}.")
 
 
-def compare_configs(saved: dict, cfg: TrainConfig) -> list[str]:
-    """Trajectory-changing differences between a saved run config and ``cfg``."""
-    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in _jsonable(cfg).items()
-            if k not in RUN_ONLY_FIELDS and saved.get(k) != v]
+def compare_configs(saved: dict, cfg: TrainConfig, data_recorded: bool = False) -> list[str]:
+    """Trajectory-changing differences between a saved run config and ``cfg``. With ``data_recorded``
+    (the checkpoint holds the data's identity, compared by :func:`compare_data`), the paths of the
+    data may differ: the same cache by another path, or moved, is the same data."""
+    skip = RUN_ONLY_FIELDS | ({"latents", "data"} if data_recorded else set())
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in _jsonable(cfg).items() if k not in skip and saved.get(k) != v]
 
 
 def compare_data(saved: dict | None, now: dict) -> list[str]:
@@ -385,7 +387,7 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
     stop = min(total, cfg.max_steps) if cfg.max_steps is not None else total
     ck = load_state(ckpt_path) if ckpt_path.is_file() else None
     if ck is not None:
-        diff = compare_configs(ck.get("config", {}), cfg) + compare_data(ck.get("data"), data)
+        diff = compare_configs(ck.get("config", {}), cfg, ck.get("data") is not None) + compare_data(ck.get("data"), data)
         if list(ck.get("latent_shape", data["latent_shape"])) != data["latent_shape"]:
             diff.append(f"latent shape: {ck['latent_shape']} -> {data['latent_shape']}")
         if diff:
@@ -417,7 +419,7 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
     del ck
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", {**_jsonable(cfg), "data": data})
+        _write_json(out / "config.json", {**_jsonable(cfg), "data_identity": data})
         truncate_csv(out / "log.csv", LOG_COLUMNS, step)
         log.info("%s: %.2fM parameters, %d examples, %d steps/epoch, %d steps, shift %.3f", cfg.model,
                  count_params(model) / 1e6, n, spe, total, shift)
