@@ -15,7 +15,8 @@ registered (yet); nothing here imports a model.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+import math
+from dataclasses import MISSING, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -86,14 +87,32 @@ class Card:
         return f"{repo}@{rev}" if rev else repo
 
 
+#: what each annotation of the card dataclasses accepts from YAML (bool is not an int here)
+_ACCEPTS = {
+    "str": ((str,), "a string"), "int": ((int,), "an integer"), "int | None": ((int, type(None)), "an integer or null"),
+    "bool": ((bool,), "true or false"), "bool | None": ((bool, type(None)), "true, false or null"),
+    "float": ((int, float), "a number"), "dict[str, Any]": ((dict,), "a mapping"),
+    "tuple[Fact, ...]": ((list, tuple), "a list"), "tuple[Reported, ...]": ((list, tuple), "a list"),
+}
+
+
 def _strict(cls, data: Any, where: str) -> dict[str, Any]:
-    """Check ``data`` against dataclass ``cls``: unknown keys are errors (missing ones fail in the constructor)."""
+    """Check ``data`` against dataclass ``cls``: unknown keys, missing required keys and values of the
+    wrong type are CardErrors naming the card and the key."""
     if not isinstance(data, dict):
         raise CardError(f"{where}: expected a mapping, got {type(data).__name__}.")
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise CardError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}.")
+    missing = sorted(f.name for f in fields(cls) if f.name not in data and f.default is MISSING)
+    if missing:
+        raise CardError(f"{where}: missing key(s) {missing}.")
+    for f in fields(cls):
+        ok, what = _ACCEPTS.get(str(f.type), (None, ""))
+        v = data.get(f.name)
+        if f.name in data and ok is not None and (not isinstance(v, ok) or (isinstance(v, bool) and bool not in ok)):
+            raise CardError(f"{where}: {f.name} must be {what}, got {v!r}.")
     return data
 
 
@@ -105,6 +124,8 @@ def parse_card(data: dict[str, Any], where: str = "card") -> Card:
         r = dict(_strict(Reported, r, f"{where}: reported[{i}]"))
         try:
             r["value"] = float(r["value"])
+            if not math.isfinite(r["value"]):
+                raise ValueError(f"value {r['value']} is not a finite number")
             rep.append(Reported(**r))
         except (KeyError, TypeError, ValueError) as e:
             raise CardError(f"{where}: reported[{i}]: {e}") from None
@@ -125,8 +146,12 @@ def load_cards(directory: str | None = None) -> tuple[Card, ...]:
     root = Path(directory) if directory else CARDS_DIR
     cards = []
     for p in sorted(root.glob("*.yaml")):
-        with open(p, encoding="utf-8") as fh:
-            cards.append(parse_card(yaml.safe_load(fh), where=p.name))
+        try:
+            with open(p, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh)
+        except yaml.YAMLError as e:
+            raise CardError(f"{p.name}: not valid YAML ({str(e).splitlines()[0]}).") from None
+        cards.append(parse_card(data, where=p.name))
     names = [c.name for c in cards]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

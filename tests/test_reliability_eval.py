@@ -441,3 +441,18 @@ def test_compare_counts_the_images_the_rows_use(tmp_path, image_folder):
     got = compare(["pixels"], ("psnr",), data=str(image_folder), resolution=16, device="cpu",
                   results_dir=str(tmp_path), reported="none")
     assert (got.n_images, got.unreadable) == (8, 1)
+
+
+def test_reconstruct_files_csv_quotes_names(tmp_path, capsys, make_images):
+    import csv
+
+    from _metrics_helpers import save_pngs
+
+    save_pngs(make_images(2, 16, 16, seed=0), tmp_path / "imgs")
+    first = sorted((tmp_path / "imgs").iterdir())[0]
+    first.rename(first.with_name('a,b "c".png'))
+    code, _, err = run(["reconstruct", "-t", "pixels", "--data", str(tmp_path / "imgs"), "-r", "16", "--device", "cpu",
+                        "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "o" / "files.csv", newline="")))
+    assert [r["index"] for r in rows] == ["0", "1"] and rows[0]["source"].endswith('a,b "c".png')

@@ -154,8 +154,9 @@ def write_reconstructions(
         np.savez(out / "reconstructions.npz", arr_0=rec_all)
         if references:
             np.savez(out / "references.npz", arr_0=np.concatenate([a["ref"] for a in arrays]))
-        lines = ["index,source"] + [f"{i},{src}" for m in meta for i, src in m["rows"]]
-        atomic_write_bytes(out / "files.csv", ("\n".join(lines) + "\n").encode())
+        buf = io.StringIO()  # csv quoting: file names may hold commas or quotes
+        csv.writer(buf, lineterminator="\n").writerows([("index", "source"), *((i, src) for m in meta for i, src in m["rows"])])
+        atomic_write_bytes(out / "files.csv", buf.getvalue().encode())
         skips = [tuple(s) for m in meta for s in m["skipped"]]
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows([("path", "reason"), *skips])
