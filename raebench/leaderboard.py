@@ -4,18 +4,25 @@ Numbers measured under different protocols never share a cell or a ranking. A le
 one protocol: dataset, resolution, number of images and source (measured here, or reported by a
 paper/model card), e.g. ``coco-val2017 n=5000 reported/psnr``; a measured run on 17 images and a
 published number on 5,000 land in different columns, with the n in the header (a measured column
-shows its n whenever another n exists for its dataset or the table has reported columns). ``best`` is computed
-within a column (leaderboard) or within the measured cells of a row (compare, all measured on the
-same images), using the metric's ``higher_is_better``.
+shows its n whenever another n exists for its dataset or the table has reported columns). Measured
+columns are also apart by image list, split, seed and metric version (``default seed=1/probe-knn-top1``,
+``default [fid-v1+dtype=float64]/fid``, each shown only where it tells columns apart), so a cell holds
+exactly one measurement; reported columns by reference (shown where one dataset/n/metric has several)
+and by whether the number is for a variant the tokenizer does not load (``reported variant``). The
+resolution shows on every column when the table has several. ``best`` is computed within a column
+(leaderboard) or within the measured cells of a row that share n and metric version (compare), using
+the metric's ``higher_is_better``: ties are all best; there is none when the best is not finite, nor for
+spreads (``kid-std``, ``is-std``).
 
-The domain gap (seed question: is a tokenizer stable outside its training set?) is, per tokenizer
-and metric, an open-domain value minus the in-domain value at the same resolution, from measured rows
-only; its columns read ``gap coco-val2017 - imagenet-val/psnr``. For PSNR a negative gap is a loss
-outside the training domain; for FID a positive one is.
+The domain gap (seed question: is a tokenizer stable outside its training set?) is, per tokenizer,
+metric and metric version, an open-domain value minus the in-domain value at the same resolution,
+from measured rows only; its columns read ``gap coco-val2017 - imagenet-val/psnr``. For PSNR a
+negative gap is a loss outside the training domain; for FID a positive one is.
 
 A leaderboard row is one tokenizer; when a tokenizer was measured with several weights, precisions
 or (``score`` rows) candidate sets, each gets its own row, labelled with what differs
-(``sd-vae-ft-ema [local:/w2]``, ``pixels [bf16]``, ``reconstructions [cand #1a2b3c]``).
+(``sd-vae-ft-ema [local:/w2]``, ``pixels [bf16]``, ``reconstructions [cand #1a2b3c]``). A measured
+value that is NaN (an analysis with notes) shows as ``–``; its row and column stay.
 
 ``render`` writes CSV, Markdown or LaTeX (booktabs) with the best value per column in bold.
 """
@@ -27,7 +34,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from raebench.results import sort_newest_last
+from raebench.results import KEY_COLUMNS, sort_newest_last
 
 MISSING = "–"
 
@@ -57,17 +64,51 @@ def _reported(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["source"] == "reported"] if "source" in df else df.iloc[0:0]
 
 
-def prefer_reported(rep: pd.DataFrame) -> pd.DataFrame:
-    """One reported number per (tokenizer, dataset, resolution, n, metric): the best-ranked (authors'
-    verified first); ``others`` counts the numbers left out for that key."""
+def _protocol(rep: pd.DataFrame) -> pd.DataFrame:
+    """``rep`` with ``reference`` and ``variant`` (``weights_match`` is false: a number for a variant the
+    tokenizer does not load) as columns, from ``reported_frame``'s columns or, for stored rows, ``extra``."""
+    extra = [e if isinstance(e, dict) else {} for e in rep["extra"]] if "extra" in rep else [{}] * len(rep)
+
+    def field(name: str) -> pd.Series:
+        return rep[name] if name in rep else pd.Series([e.get(name) for e in extra], index=rep.index, dtype=object)
+
+    # weights_match False (numpy's too) is a variant; a number that does not say is not
+    return rep.assign(reference=field("reference").fillna("").astype(str),
+                      variant=field("weights_match").map(lambda v: v is not None and v == 0))
+
+
+#: a reported number's protocol: what a leaderboard column of reported numbers holds one of
+REPORTED_KEY = ("tokenizer", "dataset", "resolution", "n_images", "metric", "reference", "variant")
+
+
+def prefer_reported(rep: pd.DataFrame, keys: Iterable[str] = REPORTED_KEY) -> pd.DataFrame:
+    """One reported number per ``keys`` (default: per tokenizer and protocol, :data:`REPORTED_KEY`): numbers
+    for the weights the tokenizer loads before variants, then the best-ranked (authors' verified first);
+    ``others`` counts the numbers left out for that key. Adds ``reference`` and ``variant`` columns."""
+    rep = _protocol(rep)
     if rep.empty:
         return rep.assign(others=0)
-    rep = rep.copy()
     if "rank" not in rep:
         rep["rank"] = 0
-    keys = ["tokenizer", "dataset", "resolution", "n_images", "metric"]
+    keys = list(keys)
     rep["others"] = rep.groupby(keys, dropna=False)["value"].transform("size") - 1
-    return rep.sort_values("rank", kind="stable").drop_duplicates(keys, keep="first")
+    return rep.sort_values(["variant", "rank"], kind="stable").drop_duplicates(keys, keep="first")
+
+
+def _is_spread(metric: str) -> bool:
+    """A spread of another metric (``kid-std``, ``is-std``): no best. The registry has no flag for it
+    (it registers them lower-is-better), so the ``-std`` suffix that every such output carries decides."""
+    return str(metric).endswith("-std")
+
+
+def _best(values: pd.Series, metric: str, h: bool | None) -> list:
+    """Index labels of the best finite value of ``values`` (every one of them on ties); none for a
+    spread, a metric without a direction, or a best that is not finite (a column of inf)."""
+    s = pd.to_numeric(values, errors="coerce").dropna()
+    if h is None or s.empty or _is_spread(metric):
+        return []
+    b = s.max() if h else s.min()
+    return list(s.index[s == b]) if math.isfinite(b) else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +118,10 @@ def prefer_reported(rep: pd.DataFrame) -> pd.DataFrame:
 #: what tells apart the measurements of one tokenizer, and how a row label shows it
 _VARIANTS = (("weights_id", lambda v: f" [{v}]"), ("precision", lambda v: f" [{v}]"),
              ("candidates_fingerprint", lambda v: f" [cand #{v[:6]}]"))
+
+#: the parts of a measured column's key, besides dataset, resolution, n and image list; a label shows
+#: each where columns that agree on everything else differ in it
+_MEASURED_KEY = ("dataset", "split", "resolution", "n_images", "data_fingerprint", "metric", "metric_version", "seed")
 
 
 def _row_labels(d: pd.DataFrame) -> pd.Series:
@@ -92,49 +137,91 @@ def _row_labels(d: pd.DataFrame) -> pd.Series:
     return lab
 
 
-def _column_labels(d: pd.DataFrame, reported: bool, always_n: set[str] = frozenset()) -> pd.Series:
-    """``dataset [@res] [n=N] [reported] [#fp]/metric`` for each row of ``d``.
+def _differs(d: pd.DataFrame, col: str, key: Iterable[str]) -> pd.Series:
+    """Whether rows that agree on the rest of ``key`` have several values of ``col``."""
+    rest = [k for k in key if k != col and k in d]
+    return d.groupby(rest, dropna=False)[col].transform("nunique", dropna=False) > 1
 
-    Reported labels always carry n. Measured labels carry it when the same dataset/metric was
-    measured with several n, or when the table also has reported columns (``always_n``: every
-    measured dataset then); a leaderboard of our own runs on one image list needs no n.
+
+def _text(v: pd.Series) -> pd.Series:
+    # the metric is read after a label's last '/' (best_per_column, the CLI), so none may come before it
+    return v.fillna("").astype(str).str.replace("/", "|", regex=False)
+
+
+def _column_labels(d: pd.DataFrame, reported: bool, always_n: set[str] = frozenset(),
+                   multi_res: bool | None = None) -> pd.Series:
+    """``dataset[:split][@res] [n=N] [reported [variant] (ref: R)] [#fp] [seed=S] [[version]]/metric``
+    for each row of ``d``.
+
+    ``multi_res``: whether the table shows several resolutions (default: whether ``d`` has several);
+    pass it for the whole table so that measured and reported columns say the same. Reported labels
+    always carry n, say ``variant`` for numbers of a variant the tokenizer does not load, and give the
+    reference where numbers of one dataset, n and metric use several. Measured labels carry n when the
+    same dataset/metric was measured with several n, or when the table also has reported columns
+    (``always_n``: every measured dataset then); a leaderboard of our own runs on one image list needs
+    no n. The split, seed and metric version show where they tell columns apart.
     """
-    multi_res = d["resolution"].nunique() > 1
+    if d.empty:
+        return pd.Series([], index=d.index, dtype=str)
+    if multi_res is None:
+        multi_res = d["resolution"].nunique() > 1
     lab = d["dataset"].astype(str)
+    if not reported and "split" in d:
+        lab = lab.where(~_differs(d, "split", _MEASURED_KEY), lab + ":" + _text(d["split"]))
     if multi_res:
         lab = lab + "@" + d["resolution"].astype(str)
     if reported:
-        return lab + " " + d["n_images"].map(_n) + " reported/" + d["metric"].astype(str)
+        lab = lab + " " + d["n_images"].map(_n) + " reported" + d["variant"].map({True: " variant", False: ""})
+        refs = d.groupby(["dataset", "resolution", "n_images", "metric"], dropna=False)["reference"].transform("nunique")
+        lab = lab.where(refs <= 1, lab + " (ref: " + _text(d["reference"]) + ")")
+        return lab + "/" + d["metric"].astype(str)
     key = ["dataset", "resolution", "metric"]
     several_n = d.groupby(key)["n_images"].transform("nunique") > 1
     show_n = several_n | d["dataset"].isin(always_n)
     lab = lab.where(~show_n, lab + " " + d["n_images"].map(_n))
-    if "data_fingerprint" in d and not d.empty:
+    if "data_fingerprint" in d:
         # the same dataset, resolution and n from different image lists: keep them apart, visibly
         fp = d.groupby([*key, "n_images"])["data_fingerprint"].transform("nunique")
         lab = lab.where(fp <= 1, lab + " #" + d["data_fingerprint"].astype(str).str[:6])
+    for col, fmt in (("seed", lambda v: " seed=" + v), ("metric_version", lambda v: " [" + v + "]")):
+        if col in d:
+            lab = lab.where(~_differs(d, col, _MEASURED_KEY), lab + fmt(_text(d[col])))
     return lab + "/" + d["metric"].astype(str)
 
 
+def _cells(d: pd.DataFrame, index: str) -> pd.DataFrame:
+    """``d`` (one row per measurement) as ``index`` x ``column`` values, NaN cells and all-NaN rows and
+    columns kept (shown as missing). Two rows in one cell are an error, never one of them picked."""
+    clash = d[d.duplicated([index, "column"], keep=False)]
+    if not clash.empty:
+        raise ValueError(f"leaderboard: {len(clash)} rows share the cell(s) "
+                         f"{sorted(set(zip(clash[index], clash['column'])))[:3]}; their labels do not tell them apart.")
+    return d.pivot(index=index, columns="column", values="value")
+
+
 def pivot(df: pd.DataFrame, reported: pd.DataFrame | None = None, gaps: bool = True) -> pd.DataFrame:
-    """Tokenizers as rows; one column per (protocol, metric); newest measured value wins.
+    """Tokenizers as rows; one column per (protocol, metric); each cell one measurement.
 
     ``reported``: reported rows to add as their own columns (``... reported/metric``); rows of ``df``
     whose ``source`` is ``reported`` are used too. ``gaps``: append open-minus-in-domain columns.
+    Several stored rows of one measurement (``load(latest=False)``): the newest is shown.
     """
     m = _measured(df)
     rep = pd.concat([x for x in (_reported(df), reported) if x is not None and not x.empty], ignore_index=True) \
         if (reported is not None and not reported.empty) or not _reported(df).empty else None
+    has_rep = rep is not None and not rep.empty
+    multi_res = pd.concat([m["resolution"], rep["resolution"] if has_rep else None]).nunique() > 1
     parts = []
-    with_n = set(m["dataset"]) if rep is not None and not rep.empty else set()  # published n beside ours: show both
+    with_n = set(m["dataset"]) if has_rep else set()  # published n beside ours: show both
     if not m.empty:
-        m = sort_newest_last(m).assign(column=lambda d: _column_labels(d, False, with_n), row=_row_labels)
-        parts.append(m.pivot_table(index="row", columns="column", values="value", aggfunc="last"))
-    if rep is not None and not rep.empty:
-        rep = prefer_reported(rep).assign(column=lambda d: _column_labels(d, True))
-        parts.append(rep.pivot_table(index="tokenizer", columns="column", values="value", aggfunc="first"))
+        m = sort_newest_last(m).drop_duplicates([c for c in KEY_COLUMNS if c in m], keep="last")
+        m = m.assign(column=lambda d: _column_labels(d, False, with_n, multi_res), row=_row_labels)
+        parts.append(_cells(m, "row"))
+    if has_rep:
+        rep = prefer_reported(rep)
+        parts.append(_cells(rep.assign(column=_column_labels(rep, True, multi_res=multi_res)), "tokenizer"))
     if gaps and not m.empty:
-        g = gap_columns(m)
+        g = gap_columns(m, multi_res)
         if not g.empty:
             parts.append(g)
     if not parts:
@@ -151,67 +238,83 @@ def pivot(df: pd.DataFrame, reported: pd.DataFrame | None = None, gaps: bool = T
 # ---------------------------------------------------------------------------------------------
 
 
+#: one measured value per gap side: a gap compares values of one metric version only
+_GAP_KEY = ["tokenizer", "resolution", "metric", "metric_version"]
+
+
 def _largest_run(m: pd.DataFrame) -> pd.DataFrame:
-    """Per (tokenizer, dataset, resolution, metric): the newest row of the largest n."""
+    """Per (tokenizer, dataset, resolution, metric, metric version): the newest row of the largest n."""
     m = sort_newest_last(m).sort_values("n_images", kind="stable")
-    return m.drop_duplicates(["tokenizer", "dataset", "resolution", "metric"], keep="last")
+    return m.drop_duplicates(["dataset", *_GAP_KEY], keep="last")
 
 
 def domain_gap(df: pd.DataFrame, tokenizers: Iterable[str] | None = None, resolution: int | None = None) -> pd.DataFrame:
-    """Long table of open-domain minus in-domain values (measured rows only).
+    """Long table of open-domain minus in-domain values (measured rows only, of one metric version).
 
-    Columns: tokenizer, metric, resolution, open, in_domain, open_value, in_value, gap, open_n, in_n.
+    Columns: tokenizer, metric, resolution, open, in_domain, open_value, in_value, gap, open_n, in_n,
+    metric_version.
     """
     m = _measured(df)
     if tokenizers is not None:
         m = m[m["tokenizer"].isin(list(tokenizers))]
     if resolution is not None:
         m = m[m["resolution"] == resolution]
-    cols = ["tokenizer", "metric", "resolution", "open", "in_domain", "open_value", "in_value", "gap", "open_n", "in_n"]
+    cols = ["tokenizer", "metric", "resolution", "open", "in_domain", "open_value", "in_value", "gap", "open_n", "in_n",
+            "metric_version"]
     if m.empty or "domain" not in m:
         return pd.DataFrame(columns=cols)
     m = _largest_run(m.assign(tokenizer=_row_labels(m)))  # other weights/precision: their own gap
     ind, opn = m[m["domain"] == "in-domain"], m[m["domain"] == "open-domain"]
     if ind.empty or opn.empty:
         return pd.DataFrame(columns=cols)
-    j = opn.merge(ind, on=["tokenizer", "metric", "resolution"], suffixes=("_o", "_i"))
+    j = opn.merge(ind, on=_GAP_KEY, suffixes=("_o", "_i"))
     out = pd.DataFrame({
         "tokenizer": j["tokenizer"], "metric": j["metric"], "resolution": j["resolution"],
         "open": j["dataset_o"], "in_domain": j["dataset_i"], "open_value": j["value_o"], "in_value": j["value_i"],
         "gap": j["value_o"] - j["value_i"], "open_n": j["n_images_o"], "in_n": j["n_images_i"],
+        "metric_version": j["metric_version"],
     })
     return out.sort_values(["metric", "open", "tokenizer"]).reset_index(drop=True)
 
 
-def gap_columns(m: pd.DataFrame) -> pd.DataFrame:
-    """:func:`domain_gap` as leaderboard columns ``gap <open> - <in>/<metric>`` (tokenizers as rows)."""
+def _several_versions(g: pd.DataFrame) -> pd.Series:
+    """Whether gap rows of one pair, resolution and metric come from several metric versions."""
+    return g.groupby(["open", "in_domain", "resolution", "metric"])["metric_version"].transform("nunique") > 1
+
+
+def gap_columns(m: pd.DataFrame, multi_res: bool | None = None) -> pd.DataFrame:
+    """:func:`domain_gap` as leaderboard columns ``gap <open> - <in>[@res] [[version]]/<metric>`` (tokenizers
+    as rows); ``multi_res``: whether the table shows several resolutions (default: the gaps have several)."""
     g = domain_gap(m)
     if g.empty:
         return pd.DataFrame()
-    multi_res = g["resolution"].nunique() > 1
+    if multi_res is None:
+        multi_res = g["resolution"].nunique() > 1
     res = ("@" + g["resolution"].astype(str)) if multi_res else ""
-    g = g.assign(column="gap " + g["open"] + " - " + g["in_domain"] + res + "/" + g["metric"])
-    return g.pivot_table(index="tokenizer", columns="column", values="gap", aggfunc="last")
+    version = (" [" + _text(g["metric_version"]) + "]").where(_several_versions(g), "")
+    g = g.assign(column="gap " + g["open"] + " - " + g["in_domain"] + res + version + "/" + g["metric"],
+                 value=g["gap"])
+    return _cells(g, "tokenizer")
 
 
 def gap_table(gap: pd.DataFrame) -> pd.DataFrame:
-    """:func:`domain_gap` rows as (pair ``open - in``, metric) x tokenizer."""
+    """:func:`domain_gap` rows as (pair ``open - in``, metric[, metric_version where several]) x tokenizer."""
     if gap is None or gap.empty:
         return pd.DataFrame()
     g = gap.assign(pair=gap["open"] + " - " + gap["in_domain"])
-    return g.pivot_table(index=["pair", "metric"], columns="tokenizer", values="gap", aggfunc="last")
+    index = ["pair", "metric"] + [c for c, several in (("metric_version", _several_versions(g).any()),
+                                                       ("resolution", g["resolution"].nunique() > 1)) if several]
+    return g.pivot(index=index, columns="tokenizer", values="gap")
 
 
 def row_best(table: pd.DataFrame, hib: dict[str, bool | None]) -> set[tuple]:
     """Cells to bold: per row (index level ``metric``), the best by higher_is_better (a gap is
-    better when higher for PSNR-like metrics and lower for FID-like ones)."""
+    better when higher for PSNR-like metrics and lower for FID-like ones); ties all bold."""
     out = set()
     for label, row in table.iterrows():
         metric = label[table.index.names.index("metric")] if isinstance(label, tuple) else label
-        h = hib.get(metric)
-        s = pd.to_numeric(row, errors="coerce").dropna()
-        if h is not None and len(s) > 1:
-            out.add((label, s.idxmax() if h else s.idxmin()))
+        if row.notna().sum() > 1:
+            out |= {(label, col) for col in _best(row, metric, hib.get(metric))}
     return out
 
 
@@ -228,12 +331,17 @@ def compare_table(
     resolution: int | None = None,
     reported: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Rows (dataset, metric); per tokenizer a measured column ``<tok>`` and, when a card reports
-    something, ``<tok> (reported)``; then ``Δ <tok>`` (measured, vs the first tokenizer), ``best``
-    (among measured cells: same images by construction), ``best (reported)`` (only when every reported
-    cell of the row shares n and reference) and ``protocol`` (the n, reference and source of each cell).
+    """Rows (dataset, metric); per tokenizer a measured column ``<tok>`` (every tokenizer with a measured
+    row, NaN values shown as missing) and, when a card reports something, ``<tok> (reported)``; then
+    ``Δ <tok>`` (measured, vs the first tokenizer, on the same n and metric version only), ``best``
+    (among measured cells, only when they share n and metric version; ties are all named, comma-separated),
+    ``best (reported)`` (only when every reported cell of the row shares n, reference and variant status)
+    and ``protocol`` (the n, reference and source of each cell).
 
-    ``df``'s measured rows must come from one image list (``compare`` filters on the fingerprint).
+    ``df``'s measured rows must come from one image list (``compare`` filters on the fingerprint); the n of
+    a metric still differs between tokenizers whose reconstructions of some images were not finite
+    (those images are left out). A tokenizer's reported column shows one number per row: for the weights
+    it loads before variants, then the best-ranked (the protocol counts the others).
     """
     d = _measured(df[df["tokenizer"].isin(tokenizers)])
     if resolution is not None:
@@ -242,7 +350,7 @@ def compare_table(
     rep = rep[rep["tokenizer"].isin(tokenizers)] if rep is not None and not rep.empty else pd.DataFrame()
     if resolution is not None and not rep.empty:
         rep = rep[rep["resolution"] == resolution]
-    rep = prefer_reported(rep) if not rep.empty else rep
+    rep = prefer_reported(rep, ("tokenizer", "dataset", "resolution", "metric")) if not rep.empty else rep
     if d.empty and rep.empty:
         return pd.DataFrame()
 
@@ -253,13 +361,15 @@ def compare_table(
                        .set_index("metric")["higher_is_better"].to_dict())
 
     idx = pd.MultiIndex.from_tuples([], names=["dataset", "metric"])
-    meas = pd.DataFrame(index=idx)
+    meas = n_of = version_of = pd.DataFrame(index=idx)
     if not d.empty:
-        d = sort_newest_last(d)
-        meas = d.pivot_table(index=["dataset", "metric"], columns="tokenizer", values="value", aggfunc="last")
+        # compare measured or reused each tokenizer's current metric version just now: its newest row
+        d = sort_newest_last(d).drop_duplicates(["tokenizer", "dataset", "metric"], keep="last")
+        meas, n_of, version_of = (d.pivot(index=["dataset", "metric"], columns="tokenizer", values=v)
+                                  for v in ("value", "n_images", "metric_version"))
     repv = pd.DataFrame(index=idx)
     if not rep.empty:
-        repv = rep.pivot_table(index=["dataset", "metric"], columns="tokenizer", values="value", aggfunc="first")
+        repv = rep.pivot(index=["dataset", "metric"], columns="tokenizer", values="value")
     rows = meas.index.union(repv.index)
     t = pd.DataFrame(index=rows)
     t.index.names = ["dataset", "metric"]
@@ -267,25 +377,27 @@ def compare_table(
         t[tok] = meas[tok].reindex(rows) if tok in meas else float("nan")
         if tok in repv:
             t[tok + REPORTED_SUFFIX] = repv[tok].reindex(rows)
-    measured_cols = [c for c in tokenizers if t[c].notna().any()]
+    measured_cols = [c for c in tokenizers if c in meas]
     base = tokenizers[0]
     for tok in tokenizers[1:]:
         if base in measured_cols and tok in measured_cols:
-            t[f"Δ {tok}"] = t[tok] - t[base]
+            same = (n_of[tok] == n_of[base]) & (version_of[tok] == version_of[base])  # a Δ within one protocol only
+            t[f"Δ {tok}"] = (t[tok] - t[base]).where(same.reindex(rows, fill_value=False))
     t = t[[c for c in t.columns if c in measured_cols or c not in tokenizers]]
 
     best, best_rep, protocol = [], [], []
     for (dataset, metric), row in t.iterrows():
         h = hib.get(metric)
-        vals = {c: row[c] for c in measured_cols if pd.notna(row[c])}
-        best.append("" if not vals or h is None else (max if h else min)(vals, key=vals.get))
-        cells = rep[(rep["dataset"] == dataset) & (rep["metric"] == metric)] if not rep.empty else rep
-        protos = {(r.n_images, r.extra.get("reference", "") if isinstance(r.extra, dict) else "") for r in cells.itertuples()}
-        rvals = {r.tokenizer + REPORTED_SUFFIX: r.value for r in cells.itertuples()}
-        comparable = len(protos) == 1 and len(rvals) > 1 and h is not None
-        best_rep.append((max if h else min)(rvals, key=rvals.get) if comparable else "")
-        protocol.append(_protocol_text(d[(d["dataset"] == dataset) & (d["metric"] == metric)] if not d.empty else d,
-                                       cells, comparable))
+        cells = d[(d["dataset"] == dataset) & (d["metric"] == metric)] if not d.empty else d
+        valued = cells[cells["value"].notna()] if not cells.empty else cells
+        ranked = valued.empty or (valued["n_images"].nunique() == 1 and valued["metric_version"].nunique() == 1)
+        best.append(", ".join(_best(row[measured_cols], metric, h)) if ranked else "")
+        rcells = rep[(rep["dataset"] == dataset) & (rep["metric"] == metric)] if not rep.empty else rep
+        protos = {(r.n_images, r.reference, r.variant) for r in rcells.itertuples()}
+        comparable = len(protos) == 1 and len(rcells) > 1 and h is not None
+        rvals = pd.Series({r.tokenizer + REPORTED_SUFFIX: r.value for r in rcells.itertuples()}, dtype=float)
+        best_rep.append(", ".join(_best(rvals, metric, h)) if comparable else "")
+        protocol.append(_protocol_text(cells, rcells, comparable))
     t["best"] = best
     if not rep.empty:
         t["best (reported)"] = best_rep
@@ -296,17 +408,25 @@ def compare_table(
 def _protocol_text(meas: pd.DataFrame, rep: pd.DataFrame, comparable: bool) -> str:
     parts = []
     if not meas.empty:
-        ns = sorted({int(n) for n in meas["n_images"]})
-        parts.append("measured: same images, n=" + "/".join(map(str, ns)))
+        valued = meas[meas["value"].notna()]
+        ns = sorted({int(n) for n in (valued if not valued.empty else meas)["n_images"]})
+        if len(ns) == 1:
+            parts.append(f"measured: same images, n={ns[0]}")
+        else:
+            parts.append("measured: different image subsets (non-finite reconstructions left out), n="
+                         + "/".join(map(str, ns)) + ": not ranked")
+        versions = sorted(set(valued["metric_version"].astype(str)))
+        if len(versions) > 1:
+            parts.append(f"measured with metric versions {', '.join(versions)}: not ranked")
     for r in rep.itertuples() if not rep.empty else ():
         extra = r.extra if isinstance(r.extra, dict) else {}
         flags = [x for x, on in (("secondary", extra.get("secondary")), ("not re-verified", extra.get("verified") is False),
-                                 ("variant", extra.get("weights_match") is False)) if on]
+                                 ("variant", r.variant)) if on]
         others = getattr(r, "others", 0) or 0
         more = f"; +{others} other value(s) in the card" if others else ""
         cite = str(extra.get("citation", "?"))
         cite = cite if len(cite) <= 90 else cite[:89] + "…"
-        parts.append(f"{r.tokenizer} reported: {_n(r.n_images)}, ref: {extra.get('reference', '?')}; source: {cite}"
+        parts.append(f"{r.tokenizer} reported: {_n(r.n_images)}, ref: {r.reference or '?'}; source: {cite}"
                      + (f" [{', '.join(flags)}]" if flags else "") + more)
     if len(rep) > 1 and not comparable:
         parts.append("reported values use different protocols: not ranked")
@@ -318,22 +438,20 @@ def _protocol_text(meas: pd.DataFrame, rep: pd.DataFrame, comparable: bool) -> s
 # ---------------------------------------------------------------------------------------------
 
 
-def best_per_column(table: pd.DataFrame, hib: dict[str, bool | None]) -> dict[str, str]:
-    """column -> index label of the best value, by the metric's higher_is_better (the text after the
-    last '/' of the column name)."""
+def best_per_column(table: pd.DataFrame, hib: dict[str, bool | None]) -> dict[str, list]:
+    """column -> index labels of the best value (all of them on ties; see :func:`_best` for columns
+    without one), by the metric's higher_is_better (the text after the last '/' of the column name)."""
     best = {}
     for col in table.columns:
         metric = str(col).split("/")[-1]
-        h = hib.get(metric)
-        s = pd.to_numeric(table[col], errors="coerce").dropna()
-        if h is None or s.empty:
-            continue
-        best[col] = s.idxmax() if h else s.idxmin()
+        labels = _best(table[col], metric, hib.get(metric))
+        if labels:
+            best[col] = labels
     return best
 
 
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "{": r"\{", "}": r"\}", "|": r"\textbar{}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                   "Δ": r"$\Delta$", "–": "--", "−": "-"}
 
 
@@ -358,7 +476,7 @@ def render(
     if fmt not in ("md", "latex"):
         raise ValueError(f"unknown format {fmt!r}; use csv, md or latex")
     if bold is None:
-        bold = {(lab, col) for col, lab in best_per_column(table, hib or {}).items()}
+        bold = {(lab, col) for col, labs in best_per_column(table, hib or {}).items() for lab in labs}
     names = [n or "" for n in table.index.names]
     cols = [str(c) for c in table.columns]
     body = []
@@ -394,5 +512,5 @@ def compare_bold(table: pd.DataFrame) -> set[tuple]:
     for label, row in table.iterrows():
         for key in ("best", "best (reported)"):
             if key in table.columns and row[key]:
-                out.add((label, row[key]))
+                out |= {(label, name) for name in row[key].split(", ")}
     return out

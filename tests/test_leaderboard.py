@@ -1,0 +1,148 @@
+"""Leaderboard and compare tables: one measurement per cell, one protocol per ranking, every best bold."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import pandas as pd
+import pytest
+
+from raebench.leaderboard import (best_per_column, compare_bold, compare_table, domain_gap, latex_escape, pivot,
+                                  render)
+from raebench.results import ResultRow, load, write_rows
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _row(tok, metric, value, **kw):
+    base = dict(tokenizer=tok, weights_id="none", dataset="d", split="val", domain="in-domain", resolution=256,
+                n_images=17, metric=metric, value=value, higher_is_better=metric not in ("fid", "kid", "kid-std"),
+                metric_version="v1", data_fingerprint="fp1")
+    return ResultRow(**{**base, **kw})
+
+
+def _frame(rows):
+    return pd.DataFrame([asdict(r) for r in rows])
+
+
+def _reported(tok, metric, value, reference="originals", weights_match=True, **kw):
+    extra = {"reference": reference, "citation": "paper", "weights_match": weights_match}
+    return _row(tok, metric, value, source="reported", metric_version="reported", n_images=5000, extra=extra, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# one measurement per cell
+# ---------------------------------------------------------------------------------------------
+
+
+def test_metric_versions_seeds_and_splits_get_their_own_columns(tmp_path):
+    write_rows([_row("pixels", "fid", 5.0, metric_version="fid-v1"),
+                _row("bicubic-f8", "fid", 7.0, metric_version="fid-v1")], tmp_path)
+    write_rows([_row("pixels", "fid", 9.0, metric_version="fid-v1+dtype=float64")], tmp_path)
+    write_rows([_row("pixels", "probe", 0.5), _row("bicubic-f8", "probe", 0.6)], tmp_path)
+    write_rows([_row("pixels", "probe", 0.9, seed=1), _row("pixels", "psnr", 30.0),
+                _row("pixels", "psnr", 40.0, split="train")], tmp_path)
+    table = pivot(load(tmp_path), gaps=False)
+    assert table.loc["pixels", "d [fid-v1]/fid"] == 5.0 and table.loc["bicubic-f8", "d [fid-v1]/fid"] == 7.0
+    assert table.loc["pixels", "d [fid-v1+dtype=float64]/fid"] == 9.0
+    assert table.loc["pixels", "d seed=0/probe"] == 0.5 and table.loc["pixels", "d seed=1/probe"] == 0.9
+    assert table.loc["pixels", "d:val/psnr"] == 30.0 and table.loc["pixels", "d:train/psnr"] == 40.0
+    md = render(table, "md", {"fid": False, "probe": True, "psnr": True})
+    assert "**5.0000**" in md and "**7.0000**" not in md and "**0.6000**" in md
+
+
+def test_a_cell_is_one_measurement_and_a_newer_nan_is_shown(tmp_path):
+    write_rows([_row("pixels", "psnr", 2.0)], tmp_path)
+    write_rows([_row("pixels", "psnr", NAN, notes="empty test split")], tmp_path)  # the same measurement, newer
+    assert math.isnan(pivot(load(tmp_path, latest=False), gaps=False).iloc[0, 0])
+
+
+def test_domain_gap_pairs_values_of_one_metric_version():
+    rows = [_row("a", "psnr", 25.0, dataset="imagenet-val", metric_version="v1"),
+            _row("a", "psnr", 20.0, dataset="coco-val2017", domain="open-domain", metric_version="v2")]
+    assert domain_gap(_frame(rows)).empty
+    rows.append(_row("a", "psnr", 22.0, dataset="coco-val2017", domain="open-domain", metric_version="v1"))
+    gap = domain_gap(_frame(rows))
+    assert gap["gap"].tolist() == [-3.0] and gap["metric_version"].tolist() == ["v1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# reported numbers: one protocol per column
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reported_columns_are_keyed_by_reference_and_variant_status():
+    rep = _frame([_reported("a", "fid", 0.5, "RAE protocol"), _reported("b", "fid", 0.3, "another protocol"),
+                  _reported("c", "fid", 0.4, "RAE protocol"),
+                  _reported("c", "fid", 0.1, "RAE protocol", weights_match=False)])
+    table = pivot(pd.DataFrame(columns=rep.columns), reported=rep)
+    cols = {c: table[c].dropna().to_dict() for c in table.columns}
+    assert cols == {"d n=5000 reported (ref: RAE protocol)/fid": {"a": 0.5, "c": 0.4},
+                    "d n=5000 reported (ref: another protocol)/fid": {"b": 0.3},
+                    "d n=5000 reported variant (ref: RAE protocol)/fid": {"c": 0.1}}
+    best = best_per_column(table, {"fid": False})
+    assert best["d n=5000 reported (ref: RAE protocol)/fid"] == ["c"]  # not b (another protocol), not c's variant
+
+
+def test_compare_shows_the_number_for_the_loaded_weights_before_a_variant():
+    rep = _frame([_reported("a", "fid", 0.5), _reported("a", "fid", 0.1, weights_match=False)])
+    rep = rep.assign(rank=[2, 0], weights_match=[True, False])  # as reported_frame: the variant ranks higher
+    row = compare_table(pd.DataFrame(columns=rep.columns), ["a"], 256, reported=rep).loc[("d", "fid")]
+    assert row["a (reported)"] == 0.5 and "+1 other value(s)" in row["protocol"]
+
+
+# ---------------------------------------------------------------------------------------------
+# compare: measured cells on different image subsets; NaN rows
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compare_does_not_rank_values_on_different_image_subsets():
+    meas = _frame([_row("a", "psnr", 20.0, n_images=17), _row("b", "psnr", 25.0, n_images=14),
+                   _row("a", "ssim", 0.5), _row("b", "ssim", 0.6)])
+    t = compare_table(meas, ["a", "b"], 256)
+    psnr, ssim = t.loc[("d", "psnr")], t.loc[("d", "ssim")]
+    assert psnr["best"] == "" and math.isnan(psnr["Δ b"]) and "different image subsets" in psnr["protocol"]
+    assert "n=14/17" in psnr["protocol"] and "same images" not in psnr["protocol"]
+    assert ssim["best"] == "b" and ssim["Δ b"] == pytest.approx(0.1) and "same images, n=17" in ssim["protocol"]
+
+
+def test_measured_nan_rows_keep_their_tokenizer_row_and_column():
+    meas = _frame([_row("a", "probe", NAN, notes="empty test split"), _row("b", "probe", NAN),
+                   _row("a", "psnr", NAN), _row("b", "psnr", 25.0)])
+    table = pivot(meas, gaps=False)
+    assert list(table.columns) == ["d/probe", "d/psnr"] and list(table.index) == ["a", "b"]
+    assert "| a | – | – |" in render(table, "md", {"probe": True, "psnr": True})
+    t = compare_table(meas, ["a", "b"], 256)
+    assert {"a", "b"} <= set(t.columns) and ("d", "probe") in t.index
+    assert t.loc[("d", "psnr"), "best"] == "b" and t.loc[("d", "probe"), "best"] == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# bold: ties, infinities, spreads
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_tie_is_bold_and_no_best_for_infinities_or_spreads():
+    table = pd.DataFrame({"d/psnr": [25.0, 25.0, 20.0], "d/fid": [INF, INF, NAN], "d/kid-std": [0.1, 0.2, 0.3],
+                          "d/is-std": [1.0, 2.0, 3.0]}, index=["a", "b", "c"])
+    assert best_per_column(table, {"psnr": True, "fid": False, "kid-std": False, "is-std": False}) == {"d/psnr": ["a", "b"]}
+    meas = _frame([_row(t, "psnr", 25.0 if t != "c" else 20.0) for t in "abc"] + [_row(t, "kid-std", 0.1) for t in "ab"])
+    t = compare_table(meas, ["a", "b", "c"], 256)
+    assert t.loc[("d", "psnr"), "best"] == "a, b" and t.loc[("d", "kid-std"), "best"] == ""
+    assert compare_bold(t) == {(("d", "psnr"), "a"), (("d", "psnr"), "b")}
+
+
+# ---------------------------------------------------------------------------------------------
+# labels and LaTeX
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resolution_shows_on_every_column_when_the_table_has_several():
+    table = pivot(_frame([_row("a", "fid", 1.0)]), reported=_frame([_reported("a", "fid", 0.5, resolution=512)]))
+    assert list(table.columns) == ["d@256 n=17/fid", "d@512 n=5000 reported/fid"]
+
+
+def test_latex_escapes_the_bar():
+    assert latex_escape("local:/w|a") == r"local:/w\textbar{}a"
+    assert r"\textbar{}" in render(pd.DataFrame({"d/psnr": [1.0]}, index=["x|y"]), "latex", {"psnr": True})
