@@ -83,7 +83,8 @@ def score(
 ) -> ScoreOutcome:
     """Score ``candidates`` against ``references`` (folders or ``.npz``) and write result rows."""
     from raebench.distributed import rank_world, shard
-    from raebench.evaluate import Evaluator, ReferenceSet, check_image_counts, check_sizes, resolve_device
+    from raebench.checks import check_image_counts, check_sizes
+    from raebench.evaluate import Evaluator, ReferenceSet, resolve_device
     from raebench.metrics import METRICS, higher_is_better
     from raebench.results import ResultRow, check_writable, new_run_id, write_rows
 

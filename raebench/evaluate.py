@@ -26,7 +26,9 @@ import torch
 
 from raebench.distributed import rank_world, shard
 from raebench.data import ImageDataset, ResolvedData, Skip, make_loader, resolve_data, to_float, to_uint8
+from raebench.checks import check_image_counts, check_sizes
 from raebench.errors import RaebenchError
+from raebench.eval_progress import WorkState
 from raebench.results import ResultRow, check_writable, new_run_id, write_rows
 
 log = logging.getLogger(__name__)
@@ -85,54 +87,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RaebenchError("--device cuda was asked for but this torch build sees no CUDA GPU; use --device cpu.")
     return dev
-
-
-def check_sizes(batch_size: int, resolution: int | None, metrics: tuple[str, ...] = (), image_side: int | None = None) -> None:
-    """Batch size, resolution and the smallest image each metric accepts (``image_side``: the short
-    side of images read as they are), checked before any work."""
-    if batch_size < 1:
-        raise RaebenchError(f"--batch-size must be at least 1, got {batch_size}.")
-    if resolution is not None and resolution < 1:
-        raise RaebenchError(f"--resolution must be a positive number of pixels, got {resolution}.")
-    side = resolution if image_side is None else image_side
-    what = f"--resolution {resolution} is smaller" if image_side is None else f"these images have {image_side}"
-    for m in metrics if side is not None else ():
-        need = min_image_side(m)
-        if side < need:
-            raise RaebenchError(f"{m} needs images of at least {need} px on the short side, and {what} "
-                                f"(use --resolution {need} or more, or drop {m}).")
-
-
-def min_image_side(metric: str) -> int:
-    """The smallest image side ``metric`` accepts (1 when any size works): SSIM's 11-tap Gaussian
-    window must fit (MS-SSIM's after four halvings), and LPIPS's backbone must reach its last layer.
-    The extractor metrics (Inception, DINOv2, CLIP) and DreamSim resize every image first."""
-    from raebench.metrics import METRICS
-
-    return METRICS.get(metric).min_image_side
-
-
-def check_image_counts(metrics: tuple[str, ...], n_references: int, n_candidates: int, *,
-                       where: tuple[str, str] = ("the references", "the candidates"), stats: tuple[str, ...] = ()) -> None:
-    """Refuse, before any model loads, a metric that needs more images on a side than it holds
-    (``MetricSpec.min_images``; FID 2, precision 4, IS 10). ``where`` names the two sides in the
-    message; ``stats``: keys of stored reference statistics, which stand in for reference images.
-    Counts are of files: unreadable ones can still leave fewer, which the metric then reports."""
-    from raebench.metrics import METRICS
-
-    for m in dict.fromkeys(metrics):
-        spec = METRICS.get(m)
-        sides = []
-        if spec.reads_references(stats):
-            sides.append((where[0], n_references))
-        if spec.candidate_inputs:
-            sides.append((where[1], n_candidates))
-        short = [(w, n) for w, n in sides if n < spec.min_images]
-        if short:
-            per = "on each side" if len(sides) > 1 else "to score"
-            w, n = short[0]
-            raise RaebenchError(f"{spec.name} needs at least {spec.min_images} images {per}, and there "
-                                f"{'is' if n == 1 else 'are'} {n} in {w}; add images or drop {spec.name}.")
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -461,66 +415,6 @@ def _run_key(cfg: EvalConfig, data: ResolvedData, tok, metric_versions: list[str
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-class _WorkState:
-    """Per-rank progress of an evaluation, saved atomically under ``<results>/.work/<key>/``.
-
-    Holds the number of this shard's images consumed, every metric's ``state()`` and the skip
-    lists. A file that fails to load (half-written by an older crash on a filesystem without atomic
-    rename, or from an incompatible version) is ignored and the shard restarts from zero.
-    """
-
-    VERSION = 1
-
-    def __init__(self, root, key: str, rank: int):
-        from pathlib import Path
-
-        self.dir = Path(root) / ".work" / key
-        self.path = self.dir / f"rank{rank}.pt"
-        self._lock = None
-
-    def acquire(self) -> None:
-        import fcntl
-
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path.with_suffix(".lock"), "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise RaebenchError(
-                f"Another evaluation with the same configuration is running on {str(self.dir)!r}; wait for it or "
-                "use another --results folder."
-            ) from None
-
-    def load(self) -> dict | None:
-        from raebench.checkpoint import load_state
-        from raebench.errors import CheckpointError
-
-        if not self.path.exists():
-            return None
-        try:
-            st = load_state(self.path)
-        except CheckpointError as e:
-            log.warning("ignoring unreadable resume state %s (%s); this shard restarts", self.path, e)
-            return None
-        if not isinstance(st, dict) or st.get("version") != self.VERSION:
-            return None
-        return st
-
-    def save(self, st: dict) -> None:
-        from raebench.checkpoint import save_atomic
-
-        save_atomic({**st, "version": self.VERSION}, self.path)
-
-    def release(self, remove: bool) -> None:
-        import shutil
-
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
-        if remove:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
 def evaluate(
     cfg: EvalConfig,
     tokenizer=None,
@@ -553,7 +447,7 @@ def evaluate(
     ev = Evaluator(tuple(cfg.metrics), device, reference=reference, options=_metric_options(cfg))
 
     lo, hi = shard(data.n, rank, world)
-    work = _WorkState(cfg.results_dir, _run_key(cfg, data, tok, [s.version for s in ev.specs]), rank) if cfg.write else None
+    work = WorkState(cfg.results_dir, _run_key(cfg, data, tok, [s.version for s in ev.specs]), rank) if cfg.write else None
     skipped: list[Skip] = list(data.images.skipped) if rank == 0 else []
     upscaled: list[str] = []
     nonfinite: list[str] = []

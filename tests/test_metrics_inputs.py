@@ -53,7 +53,7 @@ def test_eval_refuses_a_limit_below_what_a_metric_needs(tmp_path, capsys, image_
 
 
 def test_stored_reference_statistics_stand_in_for_reference_images():
-    from raebench.evaluate import check_image_counts
+    from raebench.checks import check_image_counts
 
     check_image_counts(("fid", "sfid"), 0, 2, stats=("mu", "sigma", "mu_s", "sigma_s"))  # no reference image needed
     with pytest.raises(RaebenchError, match="sfid needs at least 2 images on each side, and there are 0 in the references"):
@@ -140,7 +140,7 @@ def test_lpips_min_side_is_what_the_lpips_network_needs(net):
 
 
 def test_min_image_sides_of_the_registry():
-    from raebench.evaluate import min_image_side
+    from raebench.checks import min_image_side
 
     assert {m: min_image_side(m) for m in ("ssim", "ms-ssim", "lpips-alex", "lpips", "psnr", "fid", "dreamsim", "cmmd")} == {
         "ssim": 11, "ms-ssim": 161, "lpips-alex": 31, "lpips": 16, "psnr": 1, "fid": 1, "dreamsim": 1, "cmmd": 1}

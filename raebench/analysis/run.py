@@ -195,7 +195,7 @@ def _versions(cfg: AnalyzeConfig) -> dict[str, str]:
 def check_config(cfg: AnalyzeConfig) -> None:
     """Settings that cannot work, as one sentence before any data is read or any model loads."""
     from raebench.analysis.diagnostics import MAX_SIGMA, check_sigmas
-    from raebench.evaluate import check_sizes
+    from raebench.checks import check_sizes
 
     check_sizes(cfg.batch_size, cfg.resolution)
     if cfg.precision not in ("fp32", "bf16"):
