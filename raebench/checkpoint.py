@@ -150,6 +150,16 @@ def _quiet_hf_loggers():
             hf_logging.enable_progress_bar()
 
 
+def run_checkpoint(source: str | os.PathLike, what: str) -> Path:
+    """A training run folder (``checkpoints/last.pt`` inside) or a checkpoint file -> the checkpoint file."""
+    p = Path(source)
+    if p.is_dir():
+        p = p / "checkpoints" / "last.pt"
+    if not p.is_file():
+        raise CheckpointError(f"No {what} checkpoint at {str(p)!r}; give a run folder or its checkpoints/last.pt.")
+    return p
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` (or safetensors for a flat tensor dict and a ``.safetensors`` path) atomically."""
     from raebench.results import atomic_path

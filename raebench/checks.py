@@ -52,3 +52,13 @@ def check_image_counts(metrics: tuple[str, ...], n_references: int, n_candidates
             w, n = short[0]
             raise RaebenchError(f"{spec.name} needs at least {spec.min_images} images {per}, and there "
                                 f"{'is' if n == 1 else 'are'} {n} in {w}; add images or drop {spec.name}.")
+
+
+def check_run(batch_size: int, resolution: int | None, precision: str, num_workers: int | None,
+              metrics: tuple[str, ...] = ()) -> None:
+    """The flags every data-parallel command shares: sizes (see :func:`check_sizes`), precision, workers."""
+    check_sizes(batch_size, resolution, metrics)
+    if precision not in ("fp32", "bf16"):
+        raise RaebenchError(f"Unknown precision {precision!r}; use fp32 or bf16.")
+    if num_workers is not None and num_workers < 0:
+        raise RaebenchError(f"--num-workers must be 0 or more, got {num_workers}.")

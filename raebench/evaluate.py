@@ -26,7 +26,7 @@ import torch
 
 from raebench.distributed import rank_world, shard
 from raebench.data import ImageDataset, ResolvedData, Skip, make_loader, resolve_data, to_float, to_uint8
-from raebench.checks import check_image_counts, check_sizes
+from raebench.checks import check_image_counts, check_run
 from raebench.errors import RaebenchError
 from raebench.eval_progress import WorkState
 from raebench.results import ResultRow, check_writable, new_run_id, write_rows
@@ -91,11 +91,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def check_config(cfg: EvalConfig) -> None:
     """Flags that cannot work, as one sentence before any data is read or any model loads."""
-    check_sizes(cfg.batch_size, cfg.resolution, tuple(cfg.metrics))
-    if cfg.precision not in ("fp32", "bf16"):
-        raise RaebenchError(f"Unknown precision {cfg.precision!r}; use fp32 or bf16.")
-    if cfg.num_workers is not None and cfg.num_workers < 0:
-        raise RaebenchError(f"--num-workers must be 0 or more, got {cfg.num_workers}.")
+    check_run(cfg.batch_size, cfg.resolution, cfg.precision, cfg.num_workers, tuple(cfg.metrics))
 
 
 def check_data_counts(cfg: EvalConfig, data: ResolvedData) -> None:

@@ -72,13 +72,14 @@ def test_analyze_end_to_end(image_folder: Path, tmp_path: Path, tiny_vit_weights
                             random_alexnet_file: Path, monkeypatch, capsys):
     monkeypatch.setenv("RAEBENCH_LPIPS_ALEX_WEIGHTS", str(random_alexnet_file))
     res = tmp_path / "res"
-    code, out, err = run([
+    argv = [
         "analyze", "-t", "pixels", "-t", "bicubic-f8", "--data", str(image_folder), "-r", "32",
         "--reference", "random-proj,test-tiny-vit,dinov2-l", "--reference-weights", f"test-tiny-vit={tiny_vit_weights}",
         "--reference-weights", f"dinov2-l={tiny_dinov2_dir}",
         "--mutual-k", "3", "--align-images", "6", "--n-diag", "4", "--interp-pairs", "2", "--interp-steps", "3", "--sigmas", "0.25,1",
         "--results", str(res), "--device", "cpu",
-    ], capsys)
+    ]
+    code, out, err = run(argv, capsys)
     assert code == 0, err
     df = load(res)
     assert set(df["tokenizer"]) == {"pixels", "bicubic-f8"}
@@ -128,13 +129,7 @@ def test_analyze_end_to_end(image_folder: Path, tmp_path: Path, tiny_vit_weights
     def no_build(*args, **kwargs):
         raise AssertionError("a reference network was built for a fully reused run")
     monkeypatch.setattr(ex.DinoV2Extractor, "__init__", no_build)
-    code, out, err = run([
-        "analyze", "-t", "pixels", "-t", "bicubic-f8", "--data", str(image_folder), "-r", "32",
-        "--reference", "random-proj,test-tiny-vit,dinov2-l", "--reference-weights", f"test-tiny-vit={tiny_vit_weights}",
-        "--reference-weights", f"dinov2-l={tiny_dinov2_dir}",
-        "--mutual-k", "3", "--align-images", "6", "--n-diag", "4", "--interp-pairs", "2", "--interp-steps", "3", "--sigmas", "0.25,1",
-        "--results", str(res), "--device", "cpu",
-    ], capsys)
+    code, out, err = run(argv, capsys)
     assert code == 0, err
     assert len(load(res, latest=False)) == len(df)  # nothing measured again
 

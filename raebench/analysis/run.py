@@ -195,13 +195,9 @@ def _versions(cfg: AnalyzeConfig) -> dict[str, str]:
 def check_config(cfg: AnalyzeConfig) -> None:
     """Settings that cannot work, as one sentence before any data is read or any model loads."""
     from raebench.analysis.diagnostics import MAX_SIGMA, check_sigmas
-    from raebench.checks import check_sizes
+    from raebench.checks import check_run
 
-    check_sizes(cfg.batch_size, cfg.resolution)
-    if cfg.precision not in ("fp32", "bf16"):
-        raise RaebenchError(f"Unknown precision {cfg.precision!r}; use fp32 or bf16.")
-    if cfg.num_workers < 0:
-        raise RaebenchError(f"--num-workers must be 0 or more, got {cfg.num_workers}.")
+    check_run(cfg.batch_size, cfg.resolution, cfg.precision, cfg.num_workers)
     at_least = [("--knn-k", cfg.knn_k, 1), ("--mutual-k", cfg.mutual_k, 1), ("--interp-steps", cfg.interp_steps, 1),
                 ("--n-diag", cfg.n_diag, 0), ("--interp-pairs", cfg.interp_pairs, 0)]
     for flag, value, low in at_least:

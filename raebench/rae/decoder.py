@@ -304,6 +304,19 @@ def count_parameters(cfg: DecoderConfig) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def decoder_file(path: str | os.PathLike) -> Path:
+    """A decoder weights file, or a folder holding one (``raebench export-decoder``'s ``model.pt`` /
+    ``model.safetensors``, or a diffusers-style ``decoder.safetensors``) -> the file."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("model.pt", "model.safetensors", "decoder.safetensors"):
+            if (p / name).is_file():
+                return p / name
+        raise MissingWeightsError(f"The decoder folder {str(p)!r} holds no model.safetensors or model.pt; give the "
+                                  "weights file or a folder written by `raebench export-decoder`.")
+    return p
+
+
 def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     """Read a ``.safetensors`` file, or a ``torch.save`` file with ``weights_only=True``, onto the CPU."""
     if Path(path).is_dir():
@@ -390,6 +403,7 @@ __all__ = [
     "DecoderConfig",
     "RAEDecoder",
     "build_decoder",
+    "decoder_file",
     "count_parameters",
     "extract_decoder_state",
     "load_checkpoint",

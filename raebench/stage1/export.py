@@ -26,12 +26,9 @@ WHICH = ("ema", "model")
 
 def stage1_checkpoint(source: str | os.PathLike) -> Path:
     """A run folder (``checkpoints/last.pt`` inside) or a checkpoint file -> the checkpoint file."""
-    p = Path(source)
-    if p.is_dir():
-        p = p / "checkpoints" / "last.pt"
-    if not p.is_file():
-        raise CheckpointError(f"No stage-1 checkpoint at {str(p)!r}; give a run folder or its checkpoints/last.pt.")
-    return p
+    from raebench.checkpoint import run_checkpoint
+
+    return run_checkpoint(source, "stage-1")
 
 
 def export_decoder(source: str | os.PathLike, out: str | os.PathLike, which: str = "ema") -> Path:

@@ -54,6 +54,7 @@ from raebench.evaluate import resolve_device
 from raebench.results import atomic_write_bytes, provenance
 from raebench.stage1.config import RUN_ONLY_FIELDS, Stage1Config
 from raebench.stage1.data import AUG_FAKE, AUG_G, AUG_REAL, NOISE, StepBatches, TrainCrops, collate, load_eval_images, sample_generators
+from raebench.stage2.train import NonFiniteGradientError, clip_and_step, compare_data  # shared with stage 2
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +96,10 @@ def build_trainable_rae(cfg: Stage1Config):
 
 
 def init_decoder_file(source: str) -> str:
-    """``--init-decoder``: a weights file, or a folder holding ``model.pt`` / ``model.safetensors``
-    (what ``raebench export-decoder`` writes)."""
-    p = Path(source)
-    if not p.is_dir():
-        return source
-    for name in ("model.safetensors", "model.pt"):
-        if (p / name).is_file():
-            return str(p / name)
-    raise RaebenchError(f"The --init-decoder folder {source!r} holds no model.safetensors or model.pt; give the weights "
-                        "file or a folder written by `raebench export-decoder`.")
+    """``--init-decoder``: a weights file, or a folder written by ``raebench export-decoder``."""
+    from raebench.rae.decoder import decoder_file
+
+    return str(decoder_file(source))
 
 
 class PixelDecoder(nn.Module):
@@ -183,8 +178,6 @@ def _checked_step(module: nn.Module, opt: torch.optim.Optimizer, clip: float | N
     """Clip (``clip`` > 0) and step, refusing a non-finite gradient norm before any parameter changes; the
     norm is of DDP-averaged gradients, the same on every rank, so all ranks stop together and the last
     checkpoint stays good."""
-    from raebench.stage2.train import NonFiniteGradientError, clip_and_step
-
     try:
         clip_and_step(module, opt, clip)
     except NonFiniteGradientError as e:
@@ -356,11 +349,7 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
     step, disc_updates = 0, 0
     if ckpt_path.is_file():
         ck = load_state(ckpt_path, map_location="cpu")
-        diff = compare_configs(ck.get("config", {}), cfg)
-        saved_data = ck.get("data")  # checkpoints before this record hold none
-        if saved_data is not None and saved_data != data:
-            diff += [f"data {k}: {saved_data.get(k)!r} -> {data.get(k)!r}" for k in sorted(set(saved_data) | set(data))
-                     if saved_data.get(k) != data.get(k)]
+        diff = compare_configs(ck.get("config", {}), cfg) + compare_data(ck.get("data"), data)  # older: no data record
         if diff:
             raise RaebenchError(f"{str(run_dir)!r} holds a run with other settings or data ({'; '.join(diff[:4])}); "
                                 "re-run with its settings and data, or start a new run with --name.")

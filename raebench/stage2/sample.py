@@ -151,12 +151,9 @@ def save_grid(npz: str | os.PathLike, png: str | os.PathLike, n: int = 64) -> Pa
 
 def stage2_checkpoint(source: str | os.PathLike) -> Path:
     """A run folder (``checkpoints/last.pt`` inside) or a checkpoint file -> the checkpoint file."""
-    p = Path(source)
-    if p.is_dir():
-        p = p / "checkpoints" / "last.pt"
-    if not p.is_file():
-        raise CheckpointError(f"No stage-2 checkpoint at {str(p)!r}; give a run folder or its checkpoints/last.pt.")
-    return p
+    from raebench.checkpoint import run_checkpoint
+
+    return run_checkpoint(source, "stage-2")
 
 
 def load_trained(checkpoint: str | os.PathLike, key: str = "ema") -> tuple[nn.Module, dict]:

@@ -160,15 +160,6 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def _decoder_file(path: Path) -> Path:
-    if path.is_dir():
-        for name in ("model.pt", "model.safetensors", "decoder.safetensors"):
-            if (path / name).is_file():
-                return path / name
-        raise MissingWeightsError(f"The decoder folder {str(path)!r} holds no model.pt or model.safetensors.")
-    return path
-
-
 def build_rae(
     release: RAERelease,
     *,
@@ -180,7 +171,7 @@ def build_rae(
     device: str | torch.device | None = None,
 ):
     """Resolve every file of ``release`` (local options first, then the Hub cache) and load it."""
-    from raebench.rae.decoder import build_decoder, official_config, preset_config
+    from raebench.rae.decoder import build_decoder, decoder_file, official_config, preset_config
     from raebench.rae.encoders import load_hf_encoder
     from raebench.rae.stats import LatentStats
     from raebench.rae.tokenizer import RAETokenizer
@@ -245,7 +236,7 @@ def build_rae(
         )
 
     enc = load_hf_encoder(found["encoder"], input_size=grid * release.encoder_patch, source=release.encoder_repo)
-    dec_path = _decoder_file(found["decoder"])
+    dec_path = decoder_file(found["decoder"])
     cfg_json = dec_path.parent / "config.json"
     if decoder is not None and cfg_json.is_file():  # a user's decoder with its own architecture
         dcfg = official_config(cfg_json, latent_dim=enc.hidden_size, patch_size=release.decoder_patch, grid_size=grid)
