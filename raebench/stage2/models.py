@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from raebench.registry import Registry
-from raebench.stage2 import kernels
 from raebench.stage2.fused import autocast_on, complex_viewable, fusable, gated_residual, linear_chunks, qkv_rope, rms_modulate, rms_modulate_residual, swiglu, wide
 
 
@@ -164,12 +163,6 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope2D | None = None) -> torch.Tensor:
         n, l, d = x.shape
-        if rope is not None and self.q_norm is None and fusable(x) and kernels.active(x, self.qkv.weight, self.qkv.bias):
-            # generated kernel: qkv bias + RoPE in one pass (the GEMM skips the bias copy)
-            q, k, v = kernels.qkv_rope_linear(x, self.qkv.weight, self.qkv.bias, rope.freqs_cos, rope.freqs_sin,
-                                              self.heads)  # (N, H, L, hd) each
-            x = F.scaled_dot_product_attention(q, k, v)  # (N, H, L, hd)
-            return self.proj(x.transpose(1, 2).reshape(n, l, d))  # (N, L, D)
         qkv = self.qkv(x)  # (N, L, 3D)
         if rope is not None and self.q_norm is None and fusable(qkv):
             q, k, v = qkv_rope(qkv, rope.freqs_cos, rope.freqs_sin, self.heads)  # (N, H, L, hd) each
@@ -200,8 +193,6 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fusable(x) and kernels.active(x, self.w12.weight, self.w12.bias):  # generated kernel, bias folded in
-            return self.w3(kernels.swiglu_linear(x, self.w12.weight, self.w12.bias))
         u = self.w12(x)  # (..., 2 * hidden)
         if fusable(u):
             return self.w3(swiglu(u))  # silu(a) * b for [a, b] = u, fused backward
@@ -244,8 +235,6 @@ def _modulations(linear: nn.Linear, c_act: torch.Tensor, length: int, k: int) ->
 def _modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
     """norm(x) * (1 + scale) + shift; RMSNorm on a float32 stream takes the fused path."""
     if isinstance(norm, RMSNorm) and fusable(x):
-        if kernels.active(x, norm.weight, shift, scale):
-            return kernels.rms_modulate_residual(x, norm.weight, shift, scale, norm.eps)[0]
         return rms_modulate(x, norm.weight, shift, scale, norm.eps)
     h = norm(x)
     return h * (1 + scale) if shift is None else h * (1 + scale) + shift
@@ -256,17 +245,13 @@ def _modulate_keep(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor | None,
     """(norm(x) * (1 + scale) + shift, x); on the fused path x comes back through the function so
     that its two gradients (branch and residual) are summed in the fused backward."""
     if isinstance(norm, RMSNorm) and fusable(x):
-        if kernels.active(x, norm.weight, shift, scale):
-            return kernels.rms_modulate_residual(x, norm.weight, shift, scale, norm.eps)
         return rms_modulate_residual(x, norm.weight, shift, scale, norm.eps)
     return _modulate(norm, x, shift, scale), x
 
 
 def _residual(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """x + gate * f (the adaLN-Zero gated residual)."""
-    if not fusable(x):
-        return x + gate * f
-    return kernels.gated_residual(x, gate, f) if kernels.active(x, gate, f) else gated_residual(x, gate, f)
+    return gated_residual(x, gate, f) if fusable(x) else x + gate * f
 
 
 class Block(nn.Module):
