@@ -222,7 +222,7 @@ def test_every_setting_that_changes_a_value_is_in_its_version():
     from dataclasses import replace
 
     from raebench.analysis.diffusability import ProbeConfig
-    from raebench.analysis.run import AnalyzeConfig, _versions
+    from raebench.analysis.config import AnalyzeConfig, metric_versions
 
     cfg = AnalyzeConfig(tokenizers=("pixels",))
     cases = {
@@ -241,9 +241,9 @@ def test_every_setting_that_changes_a_value_is_in_its_version():
         "probe": (dict(probe=ProbeConfig(steps=10)), {"diffuse"}),
         "precision": (dict(precision="bf16"), {"probe", "knn", "mknn", "cknna", "cka", "spectrum", "robust", "interp", "diffuse"}),
     }
-    v0 = _versions(cfg)
+    v0 = metric_versions(cfg)
     for name, (change, parts) in cases.items():
-        v1 = _versions(replace(cfg, **change))
+        v1 = metric_versions(replace(cfg, **change))
         assert {k for k in v0 if v0[k] != v1[k]} == parts, name
 
 

@@ -4,7 +4,7 @@ interpolation speed.
 Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``), so
 importing this module never switches the process-wide backend and needs no display. Every axis
 says what it shows and in which unit. Each function takes the per-tokenizer reports of
-:mod:`raebench.analysis.run` and writes one PNG atomically, returning its path (None when there is
+:mod:`raebench.analysis.measure` and writes one PNG atomically, returning its path (None when there is
 nothing to draw).
 """
 
@@ -21,7 +21,7 @@ import torch
 from raebench.results import atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from raebench.analysis.run import TokenizerReport
+    from raebench.analysis.measure import TokenizerReport
 
 DPI = 110
 

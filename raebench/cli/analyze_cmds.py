@@ -103,7 +103,8 @@ def register(app: typer.Typer) -> None:
         from raebench import distributed
         from raebench.analysis.diffusability import ProbeConfig
         from raebench.analysis.references import REFERENCES
-        from raebench.analysis.run import AnalyzeConfig, analyze, check_config, probe_model
+        from raebench.analysis.config import AnalyzeConfig, check_config, probe_model
+        from raebench.analysis.run import analyze
         from raebench.cli import console, err_console
         from raebench.cli.core import _fmt, progress_bar
         from raebench.tokenizers import get_tokenizer_spec
