@@ -40,6 +40,7 @@ class ScoreOutcome:
     n_candidates: int
     seconds: float
     skipped: list = field(default_factory=list)
+    upscaled: list = field(default_factory=list)  # paths smaller than --resolution, upscaled by the crop
     #: metric -> why it has no row (too few readable images); the other rows are written
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -54,10 +55,15 @@ def pair_order(ref: ImageSource, cand: ImageSource) -> list[int]:
         missing = [n for n in ref.names if n not in where]
         extra = [cand.images.paths[i] for n, ix in where.items() if n not in wanted for i in ix]
         twice = [cand.images.paths[i] for n, ix in where.items() if len(ix) > 1 for i in ix]
-        if missing or extra or twice:
+        refs_at: dict[str, list[int]] = {}
+        for i, n in enumerate(ref.names):
+            refs_at.setdefault(n, []).append(i)
+        ref_twice = [ref.images.paths[i] for ix in refs_at.values() if len(ix) > 1 for i in ix]
+        if missing or extra or twice or ref_twice:
             found = [f"{len(missing)} of {ref.n} references have none (e.g. {missing[:3]})" if missing else "",
                      f"{len(extra)} candidate(s) match no reference (e.g. {extra[:3]})" if extra else "",
-                     f"{len(twice)} candidates share a name with another (e.g. {twice[:3]})" if twice else ""]
+                     f"{len(twice)} candidates share a name with another (e.g. {twice[:3]})" if twice else "",
+                     f"{len(ref_twice)} references share a name with another (e.g. {ref_twice[:3]})" if ref_twice else ""]
             raise DataError("Paired metrics need exactly one candidate per reference with the same relative name "
                             "(extension aside): " + "; ".join(f for f in found if f) + ".")
         return [where[n][0] for n in ref.names]
@@ -83,7 +89,7 @@ def score(
 ) -> ScoreOutcome:
     """Score ``candidates`` against ``references`` (folders or ``.npz``) and write result rows."""
     from raebench.distributed import rank_world, shard
-    from raebench.checks import check_image_counts, check_sizes
+    from raebench.checks import check_domain, check_image_counts, check_sizes
     from raebench.evaluate import Evaluator, ReferenceSet, resolve_device
     from raebench.metrics import METRICS, higher_is_better
     from raebench.results import ResultRow, check_writable, new_run_id, write_rows
@@ -92,6 +98,7 @@ def score(
     rank, world = rank_world()  # under torchrun: contiguous shards, states merged in rank order on every rank
     specs = [METRICS.get(m) for m in metrics]
     check_sizes(batch_size, resolution, tuple(s.name for s in specs))
+    check_domain(domain)
     if write:
         check_writable(results_dir)
     ref, cand = open_source(references, resolution), open_source(candidates, resolution)
@@ -161,6 +168,7 @@ def score(
             if on_progress:
                 on_progress("candidates", n_cand, hi - lo)
     skipped = ref.skipped + cand.skipped
+    upscaled = ref.upscaled + cand.upscaled
     ev.finish()
     scorer = ev
     if world > 1:
@@ -169,7 +177,7 @@ def score(
         from raebench.data import Skip
 
         mine_state = {"metrics": [m.state() for m in ev.metrics], "n": n_cand,
-                      "skipped": [(x.path, x.reason) for x in skipped]}
+                      "skipped": [(x.path, x.reason) for x in skipped], "upscaled": upscaled}
         gathered: list = [None] * world
         td.all_gather_object(gathered, mine_state)
         scorer = Evaluator(tuple(s.name for s in specs), dev, options=options)
@@ -180,6 +188,7 @@ def score(
                 m.merge(st)
         n_cand = sum(g["n"] for g in gathered)
         skipped = [Skip(p, r) for g in gathered for p, r in g["skipped"]]
+        upscaled = [p for g in gathered for p in g["upscaled"]]
     if n_cand == 0:
         raise RaebenchError(f"Nothing to score: no readable candidate image in {candidates!r}.")
     values, versions, notes = scorer.compute()
@@ -189,6 +198,7 @@ def score(
     run_id = new_run_id()
     res = resolution or _image_size(cand)
     protocol = "paired" if paired else ("unpaired, stored reference statistics" if stats else "unpaired")
+    sampling = cand.sampling_settings()  # how raebench sample made these candidates: model, sampler, guidance, seed
     rows = [
         ResultRow(
             tokenizer=name or cand.name, weights_id="none", dataset=ref.name, split="all", domain=domain,
@@ -197,13 +207,16 @@ def score(
             device=str(dev) + (f" x{world}" if world > 1 else ""), notes=notes[k], run_id=run_id,
             candidates_fingerprint=cand.id, extra={"protocol": protocol, "candidates": str(candidates), "candidates_fingerprint": cand.id,
                    "references": str(references), "n_references": ref.n, "metric_weights": ev.weights_ids(),
-                   "skipped_files": [f"{s.path}: {s.reason}" for s in skipped][:1000]},
+                   "skipped_files": [f"{s.path}: {s.reason}" for s in skipped][:1000], "upscaled": len(upscaled),
+                   **({"sampling": sampling} if sampling else {})},
         )
         for k, v in values.items()
     ]
     if write and rank == 0:
         write_rows(rows, results_dir, run_id)
-    return ScoreOutcome(rows, paired, ref.n, n_cand, seconds, skipped, dict(scorer.failed))
+    if upscaled and rank == 0:
+        log.warning("%d image(s) were smaller than %d px and were upscaled by the crop", len(upscaled), resolution)
+    return ScoreOutcome(rows, paired, ref.n, n_cand, seconds, skipped, upscaled, dict(scorer.failed))
 
 
 def _image_size(src: ImageSource) -> int:

@@ -28,6 +28,8 @@ from raebench.metrics.extractors import fingerprint_path
 
 
 ADM_STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+#: the key under which ``raebench sample`` stores its settings (a JSON string) in the npz it writes
+SETTINGS_KEY = "raebench_settings"
 
 
 def _as_is(im, resolution) -> np.ndarray:
@@ -46,11 +48,26 @@ class ImageSource:
     resolution: int | None = None
     images: ImageList | None = None
     skipped: list[Skip] = field(default_factory=list)
+    upscaled: list[str] = field(default_factory=list)  # paths smaller than ``resolution``, upscaled by the crop
 
     @property
     def name(self) -> str:
         stem = self.path.stem if self.kind == "npz" else self.path.resolve().name
         return "".join(c if c.isalnum() or c in "-._" else "-" for c in stem.lower()) or "images"
+
+    def sampling_settings(self) -> dict | None:
+        """The settings ``raebench sample`` stored in an ``.npz`` it wrote (``raebench_settings``, JSON), or None."""
+        if self.kind != "npz":
+            return None
+        import json
+
+        with np.load(self.path) as z:
+            if SETTINGS_KEY not in z.files:
+                return None
+            try:
+                return json.loads(str(z[SETTINGS_KEY]))
+            except (ValueError, TypeError):
+                return None
 
     def stats(self) -> dict[str, np.ndarray]:
         """The ADM statistics stored in an ``.npz`` (those present among mu, sigma, mu_s, sigma_s)."""
@@ -103,6 +120,8 @@ class ImageSource:
                     raise mixed from None
                 raise
             self.skipped.extend(b["skipped"])
+            if self.resolution:
+                self.upscaled.extend(b["upscaled"])
             if b["image"].shape[0]:
                 shape = shape or tuple(b["image"].shape[1:])
                 if tuple(b["image"].shape[1:]) != shape:

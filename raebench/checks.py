@@ -54,6 +54,16 @@ def check_image_counts(metrics: tuple[str, ...], n_references: int, n_candidates
                                 f"{'is' if n == 1 else 'are'} {n} in {w}; add images or drop {spec.name}.")
 
 
+#: the domain tags results carry (a dataset's own tag is used when --domain is not given)
+DOMAINS = ("in-domain", "open-domain")
+
+
+def check_domain(domain: str | None) -> None:
+    """``--domain``: one of :data:`DOMAINS` (or unset)."""
+    if domain is not None and domain not in DOMAINS:
+        raise RaebenchError(f"--domain takes {' or '.join(DOMAINS)}, not {domain!r}.")
+
+
 def check_run(batch_size: int, resolution: int | None, precision: str, num_workers: int | None,
               metrics: tuple[str, ...] = ()) -> None:
     """The flags every data-parallel command shares: sizes (see :func:`check_sizes`), precision, workers."""

@@ -109,19 +109,19 @@ def compare(
     ``weights``: tokenizer name -> local weights path (``--weights NAME=DIR``), as ``eval --weights``.
     """
     from raebench.evaluate import build_tokenizer_from_config, resolve_device
+    from raebench.errors import RaebenchError
     from raebench.results import check_writable
     from raebench.tokenizers import get_tokenizer_spec
 
     if reported not in REPORTED_CHOICES:
-        from raebench.errors import RaebenchError
-
         raise RaebenchError(f"--reported must be one of {', '.join(REPORTED_CHOICES)}, not {reported!r}.")
     names = [get_tokenizer_spec(t).name for t in tokenizers]  # canonical names; unknown -> suggestions
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice:
+        raise RaebenchError(f"{', '.join(twice)} is given more than once; compare each tokenizer once.")
     local = {get_tokenizer_spec(k).name: v for k, v in (weights or {}).items()}
     stray = sorted(set(local) - set(names))
     if stray:
-        from raebench.errors import RaebenchError
-
         raise RaebenchError(f"--weights given for {', '.join(stray)}, which is not among the compared tokenizers.")
     check_writable(results_dir)  # before any model loads
     resolved = resolve_data(data, dataset, limit, seed)
@@ -154,7 +154,9 @@ def compare(
     if reported != "none":
         from raebench.baselines import reported_frame
 
-        rep = reported_frame(names, include_variants=reported == "all")
+        # "weights": published numbers are for the released weights, not for a --weights copy of other ones
+        shown = names if reported == "all" else [n for n in names if not wids.get(n, "").startswith("local:")]
+        rep = reported_frame(shown, include_variants=reported == "all")
     gap = domain_gap(everything, names, resolution) if not everything.empty else pd.DataFrame()
     meas = df[df["tokenizer"].isin(names) & (df["source"].fillna("measured") == "measured")] if not df.empty else df
     n_used = int(meas["n_images"].max()) if not meas.empty else resolved.n

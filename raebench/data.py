@@ -61,10 +61,17 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) / 255.0
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [0, 1] -> uint8, clamped and rounded half up (not truncated), as torchvision's
-    ``save_image`` does: x * 255 + 0.5, floored."""
-    return (x.detach().float().clamp(0.0, 1.0) * 255.0 + 0.5).floor().clamp(0, 255).to(torch.uint8)
+def to_uint8(x: torch.Tensor, mode: str = "round") -> torch.Tensor:
+    """float [0, 1] -> uint8, clamped and rounded half up, as torchvision's ``save_image`` (and DiT's
+    sampler) do: x * 255 + 0.5, floored. ``mode="truncate"``: x * 255 floored instead, as the official
+    RAE scripts and ADM write samples (on average 0.5/255 darker); only ``raebench sample --quantize``
+    uses it, every metric input is rounded."""
+    x = x.detach().float().clamp(0.0, 1.0) * 255.0
+    if mode == "round":
+        x = x + 0.5
+    elif mode != "truncate":
+        raise ValueError(f"uint8 conversion mode must be 'round' or 'truncate', not {mode!r}")
+    return x.floor().clamp(0, 255).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +87,9 @@ def load_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Im
     """Open ``path`` as an 8-bit RGB PIL image, applying EXIF orientation.
 
     Grayscale, palette, RGBA (alpha dropped, as ADM/torchvision do), CMYK and 16-bit images are
-    converted to 8-bit RGB; 16-bit values are scaled by 255/65535 rather than clipped.
+    converted to 8-bit RGB. 16-bit samples (PNG, PGM/PPM, TIFF; grey or colour) keep their high byte,
+    v >> 8, as Pillow does for colour and scikit-image's ``img_as_ubyte``; float images are read as
+    [0, 1]; integer images of other depths (32-bit TIFF) are skipped, their white level undefined.
     Raises ImageSkip with a short reason for anything unreadable.
     """
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
@@ -102,8 +111,8 @@ def load_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Im
             if w < 1 or h < 1:
                 raise ImageSkip("empty image")
             im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb8(im)
+            bits = _integer_bits(im)  # before the transpose, which drops the format and its tags
+            return _to_rgb8(ImageOps.exif_transpose(im), bits)
     except ImageSkip:
         raise
     except UnidentifiedImageError:
@@ -112,16 +121,31 @@ def load_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Im
         raise ImageSkip(f"unreadable ({type(e).__name__}: {str(e)[:80]})") from None
 
 
-def _to_rgb8(im: Image.Image) -> Image.Image:
+def _integer_bits(im: Image.Image) -> int | None:
+    """Bits per sample of a single-channel integer image, from its format (never from its pixels)."""
+    if im.mode.startswith("I;16"):
+        return 16
+    if im.format in ("PNG", "PPM"):  # Pillow opens 16-bit PGM/PPM as "I", rescaled to 0..65535 from maxval
+        return 16
+    if im.format == "TIFF":
+        bits = im.tag_v2.get(258)  # BitsPerSample
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        return 16 if bits == 16 else None
+    return None
+
+
+def _to_rgb8(im: Image.Image, bits: int | None) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(im).astype(np.float64)
-        hi = 65535.0 if a.max() > 255 or im.mode.startswith("I;16") else 255.0
-        a = np.clip(np.round(a * (255.0 / hi)), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, mode="L").convert("RGB")
-    if im.mode == "F":
-        a = np.asarray(im).astype(np.float64)
-        scale = 255.0 if a.max() <= 1.0 else 1.0
-        return Image.fromarray(np.clip(np.round(a * scale), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+        if bits != 16:  # e.g. 32-bit integer TIFF: no defined white level
+            raise ImageSkip(f"{im.mode} image with no defined 8-bit scale "
+                            "(only 8- and 16-bit integer images are read)")
+        # the high byte (v >> 8): what Pillow keeps of 16-bit colour images and scikit-image's
+        # img_as_ubyte does, so 16-bit grey and colour files convert alike
+        a = np.asarray(im).astype(np.int64) >> 8
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if im.mode == "F":  # float images are in [0, 1] (scikit-image's convention), whatever their content
+        a = np.nan_to_num(np.asarray(im).astype(np.float64), nan=0.0)
+        return Image.fromarray(np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8), mode="L").convert("RGB")
     if im.mode == "RGB":
         return im.copy()
     if im.mode == "P" and "transparency" in im.info:
@@ -194,23 +218,36 @@ class ImageList:
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def fingerprint(self) -> str:
-        """Hash of the relative paths and byte sizes: changes when the data does, not when the
-        folder moves. (Content hashing 50k JPEGs would cost more than extracting features.)
-        Computed once per list: every result row and cache key asks for it, and each computation
-        stats every file."""
+        """Hash of the relative paths, byte sizes and each file's first and last bytes: changes when
+        the data does, not when the folder moves (see :meth:`_compute_fingerprint`). Computed once
+        per list: every result row and cache key asks for it."""
         if self._fingerprint is None:
             self._fingerprint = self._compute_fingerprint()
         return self._fingerprint
 
     def _compute_fingerprint(self) -> str:
+        """Relative names, sizes and the first and last 8 KiB of every file: content, not just names
+        (an image replaced by another of the same byte size is other data), and not mtimes (a copy
+        of the same files elsewhere is the same data). Reading 16 KiB per file keeps this to about
+        a second per 10,000 images; an edit inside a large uncompressed file can go unnoticed."""
         h = hashlib.sha256()
         for p in self.paths:
             try:
                 size = os.path.getsize(p)
+                with open(p, "rb") as f:
+                    head = f.read(FINGERPRINT_BYTES)
+                    if size > 2 * FINGERPRINT_BYTES:
+                        f.seek(-FINGERPRINT_BYTES, os.SEEK_END)
+                    tail = f.read(FINGERPRINT_BYTES)
             except OSError:
-                size = -1
+                size, head, tail = -1, b"", b""
             h.update(f"{os.path.relpath(p, self.root)}\0{size}\n".encode())
+            h.update(hashlib.sha256(head + tail).digest())
         return h.hexdigest()[:16]
+
+
+#: bytes read from each end of every file for a folder's fingerprint (:meth:`ImageList.fingerprint`)
+FINGERPRINT_BYTES = 8192
 
 
 def scan_folder(root: str | os.PathLike, paths: Sequence[str] | None = None) -> ImageList:

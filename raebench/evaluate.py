@@ -26,7 +26,7 @@ import torch
 
 from raebench.distributed import rank_world, shard
 from raebench.data import ImageDataset, ResolvedData, Skip, make_loader, resolve_data, to_float, to_uint8
-from raebench.checks import check_image_counts, check_run
+from raebench.checks import check_domain, check_image_counts, check_run
 from raebench.errors import RaebenchError
 from raebench.eval_progress import WorkState
 from raebench.results import ResultRow, check_writable, new_run_id, write_rows
@@ -92,6 +92,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 def check_config(cfg: EvalConfig) -> None:
     """Flags that cannot work, as one sentence before any data is read or any model loads."""
     check_run(cfg.batch_size, cfg.resolution, cfg.precision, cfg.num_workers, tuple(cfg.metrics))
+    check_domain(cfg.domain)
 
 
 def check_data_counts(cfg: EvalConfig, data: ResolvedData) -> None:
@@ -480,6 +481,11 @@ def evaluate(
                     z = tok.encode(to_float(ref))
                     rec = tok.decode(z)
                 z, rec = z.float(), rec.float()
+                if rec.shape != ref.shape:
+                    raise RaebenchError(
+                        f"{tok.name} reconstructs {tuple(ref.shape[-2:])} inputs as {tuple(rec.shape[-2:])} images; "
+                        f"its input size is fixed, so pass --resolution {rec.shape[-1]} (or a tokenizer built for "
+                        f"{ref.shape[-1]} px).")
                 ok = torch.isfinite(z.flatten(1)).all(1) & torch.isfinite(rec.flatten(1)).all(1)  # (N,)
                 if not bool(ok.all()):
                     bad = (~ok).nonzero().flatten().tolist()

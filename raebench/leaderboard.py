@@ -133,6 +133,8 @@ def _row_labels(d: pd.DataFrame) -> pd.Series:
             continue
         v = d[col].fillna("").astype(str)
         several = v.groupby(d["tokenizer"]).transform("nunique") > 1
+        if col == "weights_id":  # a user's own weights are never the released ones that cards report
+            several |= v.str.startswith("local:")
         lab = lab.where(~several, lab + v.map(fmt))
     return lab
 

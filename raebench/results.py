@@ -111,6 +111,31 @@ def provenance() -> dict[str, str]:
     }
 
 
+#: distributions whose versions can change a number (decoding, resizing, SSIM, metric networks, models)
+VERSIONED_PACKAGES = ("numpy", "scipy", "pillow", "scikit-image", "torchvision", "diffusers", "transformers", "timm",
+                      "safetensors", "torch-fidelity", "lpips", "dreamsim")
+
+
+@lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    """Python and the installed versions of :data:`VERSIONED_PACKAGES` (absent ones left out), plus
+    the CUDA runtime torch was built with; recorded in every row's ``extra["packages"]``."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    out = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    return out
+
+
 _clock = threading.Lock()
 _last_ns = 0
 
@@ -216,6 +241,8 @@ def write_rows(rows: Iterable[ResultRow], results_dir: str | os.PathLike = DEFAU
         d["written_ns"] = written
         if isinstance(d["extra"], dict) and d["extra"].get("precision"):
             d["precision"] = d["extra"]["precision"]  # writers that record it only in extra
+        if isinstance(d["extra"], dict) and r.source == "measured":
+            d["extra"] = {**d["extra"], "packages": d["extra"].get("packages") or package_versions()}
         for k, v in prov.items():
             if not d.get(k):
                 d[k] = v
@@ -236,14 +263,21 @@ def load(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, latest: bool = Tr
     if d.is_dir():
         for f in sorted(d.glob("*.jsonl")):
             try:
-                with open(f, encoding="utf-8") as fh:
-                    recs = [json.loads(line) for line in fh if line.strip()]
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                with open(f, "rb") as fh:
+                    lines = [line for line in fh if line.strip()]
+            except OSError as e:
                 log.warning("ignoring unreadable results file %s (%s)", f, e)
                 continue
+            recs, bad = [], 0
+            for line in lines:  # one damaged line costs that line, not the file's other rows
+                try:
+                    recs.append(json.loads(line.decode("utf-8")))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    bad += 1
             good = [r for r in recs if _is_row(r)]
-            if len(good) < len(recs):
-                log.warning("ignoring %d line(s) of %s that are not result rows", len(recs) - len(good), f)
+            bad += len(recs) - len(good)
+            if bad:
+                log.warning("ignoring %d line(s) of %s that are not result rows", bad, f)
             records.extend(good)
     df = pd.DataFrame.from_records(records, columns=list(COLUMNS)) if records else pd.DataFrame(columns=list(COLUMNS))
     if records:

@@ -78,13 +78,15 @@ def test_per_tokenizer_weights_are_part_of_the_identity(image_folder: Path, tmp_
     assert code == 0, err
     df = load(res)
     wid = set(df.loc[df["tokenizer"] == "sd-vae-ft-ema", "weights_id"])
-    assert wid == {f"local:{(tmp_path / 'w1').resolve()}"}
+    from raebench.metrics.extractors import fingerprint_path
+
+    assert wid == {f"local:w1@{fingerprint_path(tmp_path / 'w1')}"}
     before = _runs(res)
     code, out, err = run([*base, "--weights", f"sd-vae-ft-ema={tmp_path / 'w2'}"], capsys)  # other weights
     assert code == 0, err
     new = _new_rows(res, before)
     assert set(new["tokenizer"]) == {"sd-vae-ft-ema"}  # pixels reused, the VAE measured again
-    assert set(new["weights_id"]) == {f"local:{(tmp_path / 'w2').resolve()}"}
+    assert set(new["weights_id"]) == {f"local:w2@{fingerprint_path(tmp_path / 'w2')}"}
 
 
 @pytest.mark.parametrize(

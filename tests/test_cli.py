@@ -27,6 +27,13 @@ def test_eval_compare_leaderboard(image_folder: Path, tmp_path: Path, capsys):
     csv = tmp_path / "lb.csv"
     assert run(["leaderboard", "--format", "md", "--out", str(md), "--results", str(res)], capsys)[0] == 0
     assert run(["leaderboard", "--format", "csv", "--out", str(csv), "--results", str(res)], capsys)[0] == 0
+    rows_csv = tmp_path / "rows.csv"
+    assert run(["leaderboard", "--format", "rows", "--out", str(rows_csv), "--results", str(res)], capsys)[0] == 0
+    rows = pd.read_csv(rows_csv)  # the citable record behind the table: every measurement with its provenance
+    measured = rows[rows["source"] == "measured"]
+    assert len(measured) == 6 and {"weights_id", "data_fingerprint", "n_images", "seed", "metric_version", "git_hash",
+                                   "date", "resolution"} <= set(rows.columns)
+    assert (measured["resolution"] == 64).all() and (measured["n_images"] == 8).all()
     table = pd.read_csv(csv, index_col=0)
     assert set(table.index) == {"bicubic-f8", "bicubic-f16", "pixels"}
     assert table.loc["bicubic-f8", "images/psnr"] > table.loc["bicubic-f16", "images/psnr"]
@@ -48,10 +55,15 @@ def test_eval_default_dataset_runs_offline(tmp_path: Path, capsys):
         (["eval", "-t", "pixels", "--data", "/nonexistent/folder"], "does not exist"),
         (["eval", "-t", "pixels", "--decoder", "x.pt"], "takes no --decoder"),
         (["ls", "widgets"], "Unknown list"),
+        (["eval", "-t", "pixels", "--domain", "foo"], "--domain takes in-domain or open-domain, not 'foo'"),
+        (["eval", "-t", "pixels", "-m", ""], "--metrics is empty"),
+        (["eval", "-t", "pixels", "--tokenizer-config", "x.yaml"], "not both"),
+        (["compare", "-t", "pixels", "-t", "pixels"], "pixels is given more than once"),
+        (["score", "--references", "a", "--candidates", "b", "--domain", "imagenet"], "--domain takes"),
     ],
 )
 def test_user_errors_are_one_sentence(argv, needle, tmp_path, capsys):
-    code, out, err = run([*argv, *(["--results", str(tmp_path)] if argv[0] == "eval" else [])], capsys)
+    code, out, err = run([*argv, *(["--results", str(tmp_path)] if argv[0] in ("eval", "compare", "score") else [])], capsys)
     assert code == 2
     assert needle in err and "Traceback" not in err
 
@@ -88,3 +100,15 @@ def test_ctrl_c_exits_130_with_a_message(capsys):
     finally:
         app.registered_commands.pop()
     assert code == 130 and "interrupted" in err
+
+
+def test_eval_at_another_size_than_a_fixed_size_tokenizer_says_which_resolution(image_folder, tmp_path, capsys):
+    """An official YAML's RAE decodes at its own size: at another --resolution, one sentence naming it."""
+    from test_stage2_official import ORACLE, official_yaml
+
+    if not (ORACLE / "ditdh_ema.pt").exists():
+        pytest.skip("oracle fixtures not present")
+    official_yaml(tmp_path)
+    code, out, err = run(["eval", "--tokenizer-config", str(tmp_path / "official.yaml"), "--data", str(image_folder),
+                          "-r", "128", "-m", "psnr", "--results", str(tmp_path / "res"), "--device", "cpu"], capsys)
+    assert code == 2 and "pass --resolution 64" in err and "Traceback" not in err

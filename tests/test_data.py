@@ -163,6 +163,33 @@ def test_exif_orientation_applied(tmp_path: Path):
     assert im.size == (20, 40)  # width and height swapped by the rotation
 
 
+def test_sixteen_bit_depth_comes_from_the_format_not_the_pixels(tmp_path: Path):
+    """A dark 16-bit PGM (Pillow opens it as mode "I") converts as 16-bit whatever its values; grey
+    and colour 16-bit files keep the same high byte (v >> 8, scikit-image's img_as_ubyte); 32-bit
+    integer TIFFs have no white level and are skipped; float TIFFs are read as [0, 1]."""
+    from skimage.util import img_as_ubyte
+
+    from raebench.data import ImageSkip
+
+    for v in (200, 255, 256, 40000):
+        (tmp_path / "d.pgm").write_bytes(b"P5\n4 4\n65535\n" + np.full((4, 4), v, ">u2").tobytes())
+        assert np.asarray(load_rgb(tmp_path / "d.pgm"))[0, 0, 0] == v >> 8  # (img_as_ubyte skips scaling when max <= 255)
+    grey = np.arange(0, 65536, 257, dtype=np.uint16)[:256].reshape(16, 16)
+    Image.fromarray(grey).save(tmp_path / "g.png")  # 16-bit grey PNG
+    colour = np.stack([grey] * 3, -1).astype(">u2")  # the same values as a 16-bit RGB PPM
+    (tmp_path / "c.ppm").write_bytes(b"P6\n16 16\n65535\n" + colour.tobytes())
+    g, c = np.asarray(load_rgb(tmp_path / "g.png")), np.asarray(load_rgb(tmp_path / "c.ppm"))
+    assert np.array_equal(g, c) and np.array_equal(g[..., 0], img_as_ubyte(grey))
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / "i32.tif")
+    with pytest.raises(ImageSkip, match="no defined 8-bit scale"):
+        load_rgb(tmp_path / "i32.tif")
+    f = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    for scale in (1.0, 0.5):  # a dark float image stays dark (no data-dependent range)
+        Image.fromarray(f * scale).save(tmp_path / "f.tif")
+        want = np.round((f * scale).astype(np.float64) * 255).astype(np.uint8)
+        assert np.array_equal(np.asarray(load_rgb(tmp_path / "f.tif"))[..., 0], want)
+
+
 def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path):
     a = np.full((8, 8), 65535, dtype=np.uint16)
     a[:4] = 32768
@@ -195,3 +222,25 @@ def test_worker_micro_batches_give_the_same_batches(tmp_path: Path, batch_size: 
         assert a["path"] == b["path"] and a["upscaled"] == b["upscaled"] and torch.equal(a["label"], b["label"])
         assert [(s.path, s.reason) for s in a["skipped"]] == [(s.path, s.reason) for s in b["skipped"]]
     assert sum(len(b["skipped"]) for b in joined) >= 2 and any(b["upscaled"] for b in joined)
+
+
+def test_fingerprint_follows_content_not_place(tmp_path: Path):
+    """Same names and byte sizes but other pixels are other data (helper repro: BMPs overwritten by
+    grey ones of the same size were reused as the old data); the same files elsewhere, with other
+    modification times, are the same data."""
+    import shutil
+    import time
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a" / f"{i}.bmp")
+    before = scan_folder(tmp_path / "a").fingerprint()
+    time.sleep(0.01)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # new mtimes, same bytes
+    assert scan_folder(tmp_path / "b").fingerprint() == before
+    sizes = [p.stat().st_size for p in sorted((tmp_path / "a").iterdir())]
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "a" / f"{i}.bmp")
+    assert [p.stat().st_size for p in sorted((tmp_path / "a").iterdir())] == sizes
+    assert scan_folder(tmp_path / "a").fingerprint() != before

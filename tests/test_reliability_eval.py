@@ -64,6 +64,11 @@ def test_score_pairing_errors_name_extra_and_duplicate_candidates(tmp_path):
     Image.fromarray(refs[0]).save(tmp_path / "pc" / "im0.jpg")
     with pytest.raises(DataError, match=r"share a name.*im0\.jpg"):
         score(str(tmp_path / "pr"), str(tmp_path / "pc"), ("psnr",), device="cpu", write=False)
+    # the same on the reference side: two references x.png and x.bmp would both pair with candidate x
+    (tmp_path / "pc" / "im0.jpg").unlink()
+    Image.fromarray(255 - refs[0]).save(tmp_path / "pr" / "im0.bmp")
+    with pytest.raises(DataError, match=r"references share a name with another.*im0\.bmp"):
+        score(str(tmp_path / "pr"), str(tmp_path / "pc"), ("psnr",), device="cpu", write=False)
 
 
 def test_score_npz_problems_are_clear_errors(tmp_path):
@@ -133,13 +138,23 @@ def test_compare_reuses_only_rows_of_the_same_weights_and_precision(image_folder
     assert code == 0, err
     got = compare(["sd-vae-ft-ema"], ("psnr",), weights={"sd-vae-ft-ema": str(w2)}, **kw)
     assert got.computed == ["sd-vae-ft-ema"]
+    from raebench.metrics.extractors import fingerprint_path
+
     df = load(res)
     v = dict(zip(df["weights_id"], df["value"]))
-    assert len(v) == 2 and v[f"local:{w1.resolve()}"] != v[f"local:{w2.resolve()}"]
-    assert got.table.loc[("images", "psnr"), "sd-vae-ft-ema"] == v[f"local:{w2.resolve()}"]
+    ids = {w: f"local:{w.name}@{fingerprint_path(w)}" for w in (w1, w2)}
+    assert len(v) == 2 and v[ids[w1]] != v[ids[w2]]
+    assert got.table.loc[("images", "psnr"), "sd-vae-ft-ema"] == v[ids[w2]]
     # both weights get their own leaderboard row, labelled with the weights
     table = pivot(df, gaps=False)
-    assert sorted(table.index) == sorted(f"sd-vae-ft-ema [local:{w.resolve()}]" for w in (w1, w2))
+    assert sorted(table.index) == sorted(f"sd-vae-ft-ema [{ids[w]}]" for w in (w1, w2))
+    # the identity is the content, not the path: other weights written into w1's folder are measured
+    # again (the stored w1 row is not reused), the same folder unchanged is reused
+    got = compare(["sd-vae-ft-ema"], ("psnr",), weights={"sd-vae-ft-ema": str(w1)}, **kw)
+    assert got.computed == []
+    _tiny_vae(w1, 2)
+    got = compare(["sd-vae-ft-ema"], ("psnr",), weights={"sd-vae-ft-ema": str(w1)}, **kw)
+    assert got.computed == ["sd-vae-ft-ema"] and got.table.loc[("images", "psnr"), "sd-vae-ft-ema"] != v[ids[w1]]
 
     # bf16 rows stand apart from fp32 ones: load keeps both, compare (fp32) does not reuse bf16
     code, _, err = run(["eval", "-t", "pixels", "--precision", "bf16", *common], capsys)
@@ -456,3 +471,34 @@ def test_reconstruct_files_csv_quotes_names(tmp_path, capsys, make_images):
     assert code == 0, err
     rows = list(csv.DictReader(open(tmp_path / "o" / "files.csv", newline="")))
     assert [r["index"] for r in rows] == ["0", "1"] and rows[0]["source"].endswith('a,b "c".png')
+
+
+def test_score_counts_images_upscaled_by_the_crop(tmp_path):
+    """As eval does: images smaller than --resolution are upscaled, counted and said, never silent."""
+    rng = np.random.default_rng(5)
+    small = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    _pngs(tmp_path / "r", small)
+    _pngs(tmp_path / "c", small)
+    out = score(str(tmp_path / "r"), str(tmp_path / "c"), ("psnr",), device="cpu", write=False, resolution=32)
+    assert len(out.upscaled) == 6 and out.rows[0].extra["upscaled"] == 6
+    out = score(str(tmp_path / "r"), str(tmp_path / "c"), ("psnr",), device="cpu", write=False, resolution=16)
+    assert out.upscaled == [] and out.rows[0].extra["upscaled"] == 0
+
+
+def test_published_numbers_never_sit_beside_other_weights(image_folder, tmp_path, capsys):
+    """Cards report the released weights: with --weights (a local copy of other weights) compare shows
+    no reported column for that tokenizer, and the leaderboard gives the local row its own label."""
+    from raebench.baselines import reported_frame
+    from raebench.compare import compare
+
+    w = _tiny_vae(tmp_path / "w", 0)
+    res = tmp_path / "res"
+    kw = dict(data=str(image_folder), resolution=32, device="cpu", results_dir=str(res))
+    got = compare(["sd-vae-ft-ema"], ("psnr",), weights={"sd-vae-ft-ema": str(w)}, reported="weights", **kw)
+    assert not any("reported" in str(c) for c in got.table.columns)
+    rep = reported_frame(["sd-vae-ft-ema"])
+    assert not rep.empty  # the card has numbers; they are withheld, not missing
+    table = pivot(load(res), reported=rep, gaps=False)
+    local = [i for i in table.index if i.startswith("sd-vae-ft-ema [local:w@")]
+    assert len(local) == 1 and "sd-vae-ft-ema" in table.index  # measured (local) and reported (released) apart
+    assert table.loc[local[0]].filter(like="reported").isna().all()

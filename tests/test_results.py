@@ -23,6 +23,11 @@ def test_round_trip_with_provenance(tmp_path: Path):
     r = df.set_index("metric").loc["psnr"]
     assert r["value"] == 30.5 and r["schema_version"] == SCHEMA_VERSION
     assert r["torch_version"] and r["raebench_version"] and r["date"] and r["run_id"]
+    from importlib import metadata
+
+    pk = r["extra"]["packages"]  # what else can change a number: decoders, SSIM, metric networks
+    assert pk["numpy"] == metadata.version("numpy") and pk["pillow"] == metadata.version("pillow")
+    assert pk["scikit-image"] == metadata.version("scikit-image") and pk["python"]
 
 
 def test_latest_row_wins_and_full_history_kept(tmp_path: Path):
@@ -38,6 +43,16 @@ def test_half_written_and_temp_files_are_ignored(tmp_path: Path):
     (tmp_path / "runs" / ".x.jsonl.abc.tmp").write_text("garbage")
     df = load(tmp_path)
     assert len(df) == 1
+
+
+def test_a_damaged_line_costs_only_that_line(tmp_path: Path, caplog):
+    """A run file whose last line was cut (or one line of junk bytes) keeps its other rows."""
+    path = write_rows([_row(metric="psnr"), _row(metric="ssim")], tmp_path)
+    with open(path, "ab") as f:
+        f.write(b'{"broken": \n\xff\xfe not utf-8\n')
+    df = load(tmp_path)
+    assert sorted(df["metric"]) == ["psnr", "ssim"]
+    assert "ignoring 2 line(s)" in caplog.text
 
 
 def _writer(args):

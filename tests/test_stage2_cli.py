@@ -35,6 +35,12 @@ def test_cache_train_sample(tmp_path, image_folder):
          "-b", "4", "-o", str(tmp_path / "s.npz"), "--grid", str(tmp_path / "g.png"), "--device", "cpu"])
     s = np.load(tmp_path / "s.npz")
     assert s["arr_0"].shape == (6, 4, 4, 3) and s["arr_0"].dtype == np.uint8
+    # score copies the sampling settings into its rows: a gFID row says how its samples were made
+    from raebench.metrics.scoring import score
+
+    out = score(str(tmp_path / "s.npz"), str(tmp_path / "s.npz"), ("psnr",), device="cpu", write=False)
+    made = out.rows[0].extra["sampling"]
+    assert (made["steps"], made["cfg_scale"], made["cfg_interval"], made["n"]) == (3, 2.0, [0.1, 1.0], 6)
     assert sorted(s["arr_1"].tolist()) == [0, 0, 0, 1, 1, 1]
 
 
@@ -49,3 +55,11 @@ def test_sample_from_official_yaml(tmp_path):
          "-o", str(tmp_path / "s.npz"), "--device", "cpu"])
     s = np.load(tmp_path / "s.npz")
     assert s["arr_0"].shape == (4, 64, 64, 3) and s["arr_0"].dtype == np.uint8
+    # --quantize truncate: the official sample_ddp.py's uint8 conversion of the same decoded samples
+    run(["sample", "--config", str(tmp_path / "official.yaml"), "-n", "4", "--num-classes", "10", "-b", "2",
+         "-o", str(tmp_path / "t.npz"), "--device", "cpu", "--quantize", "truncate"])
+    diff = s["arr_0"].astype(int) - np.load(tmp_path / "t.npz")["arr_0"].astype(int)
+    assert set(np.unique(diff)) <= {0, 1} and diff.any()
+    res = CliRunner().invoke(cli.app, ["sample", "--config", str(tmp_path / "official.yaml"), "-n", "4",
+                                       "-o", str(tmp_path / "x.npz"), "--quantize", "nearest"])
+    assert res.exit_code != 0 and "--quantize takes round or truncate" in str(res.exception)

@@ -137,3 +137,55 @@ def test_yaml_sde_options(tmp_path):
         cfg["sampler"]["params"] = {"num_steps": 6, **bad}
         with pytest.raises(RaebenchError):
             build_from_official(cfg, base_dir=tmp_path)
+
+
+def test_yaml_sampler_defaults_and_unknown_keys(tmp_path):
+    """num_steps defaults as the official sample_ode (50) and sample_sde (250); keys the official
+    samplers do not take fail there (TypeError), so they are refused here rather than ignored."""
+    cfg = official_yaml(tmp_path)
+    cfg["sampler"] = {"mode": "SDE", "params": {"sampling_method": "euler"}}
+    assert build_from_official(cfg, base_dir=tmp_path)[1].num_steps == 250
+    cfg["sampler"] = {"mode": "ODE", "params": {"sampling_method": "euler"}}
+    assert build_from_official(cfg, base_dir=tmp_path)[1].num_steps == 50
+    bad = [({"mode": "ODE", "params": {"sampling_method": "euler", "steps": 12}}, "'steps'"),
+           ({"mode": "SDE", "params": {"atol": 1e-6}}, "'atol'"),
+           ({"mode": "ODE", "params": {"sampling_method": "euler", "reverse": True}}, "reverse"),
+           ({"mode": "ODE", "params": {"sampling_method": "rk4"}}, "rk4"),
+           ({"mode": "ODE", "params": {"sampling_method": "euler-maruyama"}}, "SDE"),
+           ({"mode": "PF", "params": {}}, "mode")]
+    for sampler, match in bad:
+        cfg["sampler"] = sampler
+        with pytest.raises(RaebenchError, match=match):
+            build_from_official(cfg, base_dir=tmp_path)
+
+
+def test_autoguidance_yaml_with_scale_one_guides_when_asked(tmp_path):
+    """An AutoGuidance YAML at scale 1 samples unguided without loading its guide; a cfg_scale > 1
+    asked later guides with that guide (AutoGuidance, not classifier-free guidance)."""
+    from raebench.errors import CheckpointError
+    from raebench.stage2.official import build_official_model
+    from raebench.stage2.samplers import sample
+
+    cfg = official_yaml(tmp_path)
+    model, cfg_sampler = build_from_official(cfg, base_dir=tmp_path)
+    g = torch.Generator().manual_seed(0)
+    guide_sd = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                for k, v in model.state_dict().items()}
+    torch.save({"ema": guide_sd}, tmp_path / "models" / "guide.pt")
+    section = {**cfg["stage_2"], "ckpt": "models/guide.pt"}
+    cfg["guidance"] = {"method": "autoguidance", "scale": 1.0, "guidance_model": section}
+    _, ag_sampler = build_from_official(cfg, base_dir=tmp_path)
+    io = oracle_io()
+    z, y = io["sample_noise"], io["dit_y"]
+    assert (ag_sampler(z, y) - io["sample_euler_12"]).abs().max() < 1e-4  # the YAML's scale: unguided
+    guide = build_official_model(section, tmp_path)
+    want = sample(model, z, y, num_steps=12, method="euler", shift=ag_sampler.shift, cfg_scale=1.5, guide=guide)
+    got = ag_sampler(z, y, cfg_scale=1.5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (got - cfg_sampler(z, y, cfg_scale=1.5)).abs().max() > 1e-3  # not classifier-free guidance
+    # the guide is loaded only when guidance is asked for
+    (tmp_path / "models" / "guide.pt").unlink()
+    _, lazy = build_from_official(cfg, base_dir=tmp_path)
+    assert (lazy(z, y) - io["sample_euler_12"]).abs().max() < 1e-4
+    with pytest.raises(CheckpointError, match="not found"):
+        lazy(z, y, cfg_scale=1.5)

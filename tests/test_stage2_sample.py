@@ -41,6 +41,10 @@ def test_generate_npz_resumes(tmp_path):
     data = np.load(ref)
     assert data["arr_0"].shape == (10, 8, 8, 3) and data["arr_0"].dtype == np.uint8
     assert np.array_equal(data["arr_1"], y.numpy()) and np.array_equal(data["labels"], y.numpy())
+    import json
+
+    settings = json.loads(str(data["raebench_settings"]))  # plain JSON: no pickle needed to read it
+    assert settings["seed"] == 7 and settings["batch_size"] == 3 and settings["n"] == 10
 
     calls2 = []
     sample_fn, decode = fake_fns(calls2)
@@ -68,3 +72,33 @@ def test_load_trained_checkpoint(tmp_path):
     model, info = load_trained(tmp_path / "run" / "checkpoints" / "last.pt")
     assert info["latent_shape"] == (4, 2, 2) and info["step"] == 2 and info["shift"] == 1.0
     assert model(torch.randn(2, 4, 2, 2), torch.rand(2), torch.tensor([0, 3])).shape == (2, 4, 2, 2)
+
+
+def test_quantize_truncate_is_the_official_conversion_and_keys_the_resume(tmp_path):
+    """--quantize truncate writes x * 255 floored, the expression of the official sample_ddp.py;
+    the default rounds; parts of one mode are never finished in the other."""
+    from raebench.data import to_uint8
+    from raebench.errors import RaebenchError
+
+    x = torch.rand(2, 3, 5, 7) * 1.2 - 0.1
+    assert torch.equal(to_uint8(x, "truncate"), x.clamp(0, 1).mul(255).to(torch.uint8))  # the official expression
+    assert torch.equal(to_uint8(x), torch.clamp(x * 255 + 0.5, 0, 255).to(torch.uint8))  # DiT's: 127.5 (2x-1) + 128
+    with pytest.raises(ValueError):
+        to_uint8(x, "nearest")
+
+    y = class_labels(4, 2, seed=0)
+    sample_fn, decode = fake_fns([])
+    rounded = np.load(generate_npz(sample_fn, decode, tmp_path / "r.npz", y, (4, 2, 2), batch_size=2, seed=1))["arr_0"]
+    truncated = np.load(generate_npz(sample_fn, decode, tmp_path / "t.npz", y, (4, 2, 2), batch_size=2, seed=1,
+                                     quantize="truncate"))["arr_0"]
+    diff = rounded.astype(int) - truncated.astype(int)
+    assert set(np.unique(diff)) <= {0, 1} and diff.any()
+
+    calls = []
+    sample_fn, decode = fake_fns(calls)
+    sample_fn.crash = True
+    y6 = class_labels(6, 2, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        generate_npz(sample_fn, decode, tmp_path / "o.npz", y6, (4, 2, 2), batch_size=2, seed=1)
+    with pytest.raises(RaebenchError, match="quantize"):
+        generate_npz(sample_fn, decode, tmp_path / "o.npz", y6, (4, 2, 2), batch_size=2, seed=1, quantize="truncate")

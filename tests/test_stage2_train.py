@@ -100,6 +100,17 @@ def test_cache_latents_with_flips(tmp_path, image_folder):
     torch.testing.assert_close(torch.from_numpy(np.asarray(cache.latents[:, 1], dtype=np.float32)),
                                torch.from_numpy(np.asarray(cache.latents[:, 0], dtype=np.float32)).flip(-1), atol=1e-3, rtol=0)
     assert sorted(cache.labels.tolist()) == [0] * 4 + [1] * 4
+    # a re-run on a complete cache of the same images and settings encodes nothing and keeps its id
+    meta = (out / "meta.json").read_text()
+    calls = []
+    enc = _MeanPool()
+    real = enc.encode
+    enc.encode = lambda x: calls.append(x.shape[0]) or real(x)
+    cache_latents(enc, str(image_folder), tmp_path / "lat", resolution=32, batch_size=3)
+    assert calls == [1] and (out / "meta.json").read_text() == meta  # only the shape probe
+    calls.clear()
+    cache_latents(enc, str(image_folder), tmp_path / "lat", resolution=32, batch_size=3, flip=False)  # other settings
+    assert sum(calls) > 1
 
 
 def test_gradient_accumulation_equals_big_batch():

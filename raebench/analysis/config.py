@@ -96,9 +96,10 @@ def metric_versions(cfg: AnalyzeConfig) -> dict[str, str]:
 def check_config(cfg: AnalyzeConfig) -> None:
     """Settings that cannot work, as one sentence before any data is read or any model loads."""
     from raebench.analysis.diagnostics import MAX_SIGMA, check_sigmas
-    from raebench.checks import check_run
+    from raebench.checks import check_domain, check_run
 
     check_run(cfg.batch_size, cfg.resolution, cfg.precision, cfg.num_workers)
+    check_domain(cfg.domain)
     at_least = [("--knn-k", cfg.knn_k, 1), ("--mutual-k", cfg.mutual_k, 1), ("--interp-steps", cfg.interp_steps, 1),
                 ("--n-diag", cfg.n_diag, 0), ("--interp-pairs", cfg.interp_pairs, 0)]
     for flag, value, low in at_least:

@@ -239,20 +239,23 @@ def register(app: typer.Typer) -> None:
             from raebench.cli.metrics_cmds import run_score
 
             passed = {"domain": domain, "resolution": resolution, "batch_size": batch_size}  # unset: score's defaults
-            run_score(reference, samples, _split_metrics(metrics or GENERATION_METRICS), device=device, option=option,
+            run_score(reference, samples, _split_metrics(GENERATION_METRICS if metrics is None else metrics), device=device, option=option,
                       results=results, **{k: v for k, v in passed.items() if v is not None})
             return
         distributed.init()
         device = distributed.local_device(device)
         if not tokenizer and not tokenizer_config:
             raise RaebenchError("Give --tokenizer NAME (see `raebench ls tokenizers`) or --tokenizer-config official.yaml.")
+        if tokenizer and tokenizer_config:
+            raise RaebenchError("Give --tokenizer or --tokenizer-config, not both (one tokenizer per eval; "
+                                "`raebench compare` evaluates several).")
         if tokenizer:
             from raebench.tokenizers import get_tokenizer_spec
 
             tokenizer = get_tokenizer_spec(tokenizer).name  # unknown names fail here, with suggestions
         unset = {"resolution": resolution, "seed": seed, "batch_size": batch_size, "precision": precision}  # None: EvalConfig's default
         cfg = EvalConfig(
-            tokenizer=tokenizer or "official-config", metrics=_split_metrics(metrics or DEFAULT_METRICS), data=data,
+            tokenizer=tokenizer or "official-config", metrics=_split_metrics(DEFAULT_METRICS if metrics is None else metrics), data=data,
             dataset=dataset, domain=domain, limit=limit, device=device, num_workers=num_workers, results_dir=str(results),
             weights=weights, decoder=decoder, stats=stats, tokenizer_config=str(tokenizer_config) if tokenizer_config else None,
             metric_options=tuple(option) if option else None, **{k: v for k, v in unset.items() if v is not None},
@@ -335,7 +338,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("leaderboard")
     def leaderboard_cmd(
-        format: str = typer.Option("md", "--format", "-f", help="csv | md | latex"),
+        format: str = typer.Option("md", "--format", "-f", help="csv | md | latex | rows (every measurement behind the "
+                                   "table, one CSV line each with all its provenance: weights, data fingerprint, n, seed, "
+                                   "metric version, versions, git hash, date)"),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to this file (default: print)."),
         results: Path = typer.Option(Path("results"), "--results"),
         reported: str = typer.Option("weights", "--reported", help="Published numbers as extra columns: weights | all | none."),
@@ -346,8 +351,8 @@ def register(app: typer.Typer) -> None:
         from raebench.leaderboard import pivot, render
         from raebench.results import load
 
-        if format not in ("csv", "md", "latex"):
-            raise RaebenchError(f"Unknown --format {format!r}; use csv, md or latex.")
+        if format not in ("csv", "md", "latex", "rows"):
+            raise RaebenchError(f"Unknown --format {format!r}; use csv, md, latex or rows.")
         if reported not in ("weights", "all", "none"):
             raise RaebenchError(f"--reported must be weights, all or none, not {reported!r}.")
         df = load(results)
@@ -358,8 +363,17 @@ def register(app: typer.Typer) -> None:
             rep = reported_frame(sorted(df["tokenizer"].unique()) if not df.empty else [], include_variants=reported == "all")
         if df.empty and (rep is None or rep.empty):
             raise RaebenchError(f"No results under {str(results)!r}; run `raebench eval` first.")
-        table = pivot(df, reported=rep, gaps=gaps)
-        text = render(table, format, _hib(table, df, rep))
+        if format == "rows":  # the citable record: one line per measurement (and published number) shown
+            import json
+
+            import pandas as pd
+
+            rows = pd.concat([x for x in (df, rep) if x is not None and not x.empty], ignore_index=True)
+            rows = rows.assign(extra=rows["extra"].map(lambda e: json.dumps(e, sort_keys=True, default=str)))
+            text = rows.to_csv(index=False)
+        else:
+            table = pivot(df, reported=rep, gaps=gaps)
+            text = render(table, format, _hib(table, df, rep))
         if out:
             write_output(out, text)
         else:

@@ -98,6 +98,8 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(32, "--batch-size", "-b"),
         seed: int = typer.Option(0, "--seed"),
         grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a PNG grid of the first 64 samples."),
+        quantize: str = typer.Option("round", "--quantize", help="uint8 conversion: round (x*255+0.5, as DiT) | "
+                                     "truncate (x*255, as the official RAE sample_ddp.py, which it reproduces byte for byte)."),
         device: str = typer.Option("auto", "--device"),
     ) -> None:
         """Generate class-conditional samples for gFID (sharded over torchrun ranks, resumable)."""
@@ -112,6 +114,8 @@ def register(app: typer.Typer) -> None:
         # every argument is checked before a model loads
         if (checkpoint is None) == (config is None):
             raise RaebenchError("Give exactly one of --checkpoint (raebench run) or --config (official YAML).")
+        if quantize not in ("round", "truncate"):
+            raise RaebenchError(f"--quantize takes round or truncate, not {quantize!r}.")
         method_name = _method(method)
         interval = _interval(cfg_interval)
         _check_sampling_args(num, batch_size, steps, cfg_scale, num_classes, label_sampling, out, grid)
@@ -167,7 +171,8 @@ def register(app: typer.Typer) -> None:
         if label_sampling == "equal" and num % classes:
             console.print(f"[yellow]{num} is not a multiple of {classes} classes: counts differ by one[/]")
         with torch.no_grad(), progress_bar("sampling (batches of this rank)") as bar:
-            generate_npz(sample_fn, tok.decode, out, labels, shape, batch_size, seed, dev, progress=bar, settings=settings)
+            generate_npz(sample_fn, tok.decode, out, labels, shape, batch_size, seed, dev, progress=bar, settings=settings,
+                         quantize=quantize)
         if distributed.is_main():
             if grid is not None:
                 save_grid(out, grid)

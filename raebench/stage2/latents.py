@@ -151,6 +151,7 @@ def cache_latents(
     every batch; a re-run (with the same world size) continues where each rank stopped, and another
     world size starts afresh. ``meta.json`` is marked complete only when every rank has finished; its
     ``id`` is new for every fresh cache, so a run trained on it refuses to resume on another one.
+    A complete cache of the same images and settings is returned as it is (nothing is encoded again).
     """
     from raebench.data import ImageDataset, make_loader, resolve_data, to_float
 
@@ -167,6 +168,18 @@ def cache_latents(
             "fingerprint": images.fingerprint(), "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
             "world": world}
     progress_path = out / f"progress-{rank}-of-{world}.json"
+    complete = False
+    if rank == 0:  # a finished cache of these images and settings (at any world size) is kept as it is
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        complete = bool(meta.get("complete")) and (out / "latents.npy").is_file() and all(
+            meta.get(k) == v for k, v in want.items() if k != "world")
+    if world > 1:
+        box = [complete]
+        dist.broadcast_object_list(box, src=0)
+        complete = box[0]
+    if complete:
+        log.info("%s already holds these latents (complete); nothing to encode", out)
+        return out
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}

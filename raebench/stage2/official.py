@@ -9,14 +9,17 @@ Schema used (the official one; unknown keys elsewhere in the file are ignored):
   above it (the official configs name ``models/...`` relative to the repository root), the working
   directory, then ``models/...`` as files of the RAE-collections Hub repository.
 - ``transport.params``: ``path_type`` Linear, ``prediction`` velocity, ``time_dist_type``.
-- ``sampler``: ``mode`` ODE | SDE and ``params`` (``sampling_method`` euler | heun2 | dopri5 for ODE,
-  ``num_steps``, ``atol``, ``rtol``; for SDE ``sampling_method`` euler (Euler-Maruyama) | heun,
+- ``sampler``: ``mode`` ODE | SDE and ``params``, the official ``sample_ode``/``sample_sde`` keywords
+  (any other key is refused, as there): ``sampling_method`` euler | heun2 | dopri5 for ODE,
+  ``num_steps`` (default 50 for ODE, 250 for SDE, the official defaults), ``atol``, ``rtol``
+  (``reverse: true`` is refused); for SDE ``sampling_method`` euler (Euler-Maruyama) | heun,
   ``diffusion_form`` (default here "sigma": the official default "SBDM" gives NaN for this path and is
   rejected), ``diffusion_norm``, ``last_step`` Mean | Tweedie | Euler | null, ``last_step_size``).
 - ``guidance``: ``method`` cfg | autoguidance, ``scale`` (as in the official scripts, guidance is on
   only when scale > 1), ``t_min``/``t_max`` (the official sampling configs spell them
   ``t-min``/``t-max``; both are read, underscores first, as ``src/sample_ddp.py`` does),
-  ``guidance_model`` (target/params/ckpt) for AutoGuidance.
+  ``guidance_model`` (target/params/ckpt) for AutoGuidance (loaded when guidance is on; with a YAML
+  scale <= 1 it is loaded only if a later ``cfg_scale`` > 1 asks for guidance).
 - ``misc``: ``latent_size`` [C, H, W], ``num_classes``, ``null_label`` (the CFG null class; default the
   model's ``num_classes``), ``time_dist_shift_dim`` (default C*H*W) and ``time_dist_shift_base``
   (default 4096): shift s = sqrt(dim / base).
@@ -83,13 +86,34 @@ def _guidance_value(guidance: Mapping[str, Any], key: str, default: float) -> fl
     return float(guidance.get(key.replace("_", "-"), default))
 
 
+# the keyword arguments of the official Sampler.sample_ode / sample_sde (src/stage2/transport/transport.py)
+_SAMPLER_KEYS = {
+    "ODE": frozenset({"sampling_method", "num_steps", "atol", "rtol", "reverse"}),
+    "SDE": frozenset({"sampling_method", "diffusion_form", "diffusion_norm", "last_step", "last_step_size", "num_steps"}),
+}
+
+
+class _LazyGuide:
+    """The AutoGuidance model of a YAML whose own scale does not guide: loaded on the first guided call."""
+
+    def __init__(self, section: Mapping[str, Any], base_dir: str | Path | None, device) -> None:
+        self.section, self.base_dir, self.device = section, base_dir, device
+        self.model: nn.Module | None = None
+
+    def get(self) -> nn.Module:
+        if self.model is None:
+            self.model = build_official_model(self.section, self.base_dir, self.device)
+        return self.model
+
+
 @dataclass
 class OfficialSampler:
     """``sampler(noise, labels, num_steps=None, method=None, cfg_scale=None, cfg_interval=None)``.
 
     Returns normalised latents (N, C, H, W); each None means "as the YAML says". ``method`` is
     'euler' or 'heun' (torchdiffeq heun2), also 'adaptive', 'euler-maruyama' and 'sde-heun'.
-    An explicit ``cfg_scale`` != 1 guides (with ``guide`` when the YAML names an AutoGuidance model).
+    An explicit ``cfg_scale`` != 1 guides: with the YAML's AutoGuidance model when it names one (loaded
+    then, if the YAML's own scale did not guide), by classifier-free guidance otherwise.
     """
 
     model: nn.Module
@@ -98,7 +122,7 @@ class OfficialSampler:
     method: str
     cfg_scale: float
     cfg_interval: tuple[float, float]
-    guide: nn.Module | None = None
+    guide: nn.Module | _LazyGuide | None = None
     atol: float = 1e-6
     rtol: float = 1e-3
     diffusion_norm: float = 1.0
@@ -117,14 +141,18 @@ class OfficialSampler:
         cfg_interval: tuple[float, float] | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
+        scale = float(cfg_scale if cfg_scale is not None else self.cfg_scale)
+        guide = self.guide
+        if isinstance(guide, _LazyGuide):
+            guide = guide.get() if scale != 1.0 else None
         return sample(
             self.model, noise, torch.as_tensor(labels, device=noise.device).long(),
             num_steps=int(num_steps if num_steps is not None else self.num_steps),
             method=method if method is not None else self.method,
             shift=self.shift,
-            cfg_scale=float(cfg_scale if cfg_scale is not None else self.cfg_scale),
+            cfg_scale=scale,
             cfg_interval=tuple(cfg_interval if cfg_interval is not None else self.cfg_interval),
-            guide=self.guide, rtol=self.rtol, atol=self.atol, diffusion_norm=self.diffusion_norm,
+            guide=guide, rtol=self.rtol, atol=self.atol, diffusion_norm=self.diffusion_norm,
             generator=generator, diffusion_form=self.diffusion_form, last_step=self.last_step,
             last_step_size=self.last_step_size, null_class=self.null_class,
         )
@@ -150,6 +178,15 @@ def build_from_official(
     sampler_cfg = dict(cfg.get("sampler") or {})
     sp = dict(sampler_cfg.get("params") or {})
     mode = str(sampler_cfg.get("mode", "ODE")).upper()
+    if mode not in _SAMPLER_KEYS:
+        raise RaebenchError(f"sampler.mode {sampler_cfg.get('mode')!r} is not supported; use ODE or SDE.")
+    unknown = sorted(set(sp) - _SAMPLER_KEYS[mode])
+    if unknown:  # the official sample_ode / sample_sde take keyword arguments only: a typo fails there too
+        raise RaebenchError(f"sampler.params has {', '.join(map(repr, unknown))}, which the official {mode} sampler "
+                            f"does not take; its keys are {', '.join(sorted(_SAMPLER_KEYS[mode]))}.")
+    if mode == "ODE" and sp.get("reverse"):
+        raise RaebenchError("sampler.params.reverse: true integrates from data to noise; raebench samples only from "
+                            "noise to data (leave reverse out or false).")
     sde = dict(diffusion_form=str(sp.get("diffusion_form", "sigma")), last_step=sp.get("last_step", "Mean"),
                last_step_size=float(sp.get("last_step_size", 0.04)))
     if mode == "SDE":
@@ -163,15 +200,24 @@ def build_from_official(
         except ValueError as e:
             raise RaebenchError(f"sampler.params: {e}") from e
     else:
-        method = canonical_method(str(sp.get("sampling_method", "dopri5")))
+        try:
+            method = canonical_method(str(sp.get("sampling_method", "dopri5")))
+        except ValueError:
+            raise RaebenchError(f"ODE sampling_method {sp.get('sampling_method')!r} is not supported; use euler, "
+                                "heun2 or dopri5.") from None
+        if method in ("euler-maruyama", "sde-heun"):
+            raise RaebenchError(f"sampling_method {sp.get('sampling_method')!r} is an SDE method; set sampler.mode: SDE.")
     guidance = dict(cfg.get("guidance") or {})
     scale = float(guidance.get("scale", 1.0))
     scale = scale if scale > 1.0 else 1.0  # the official scripts guide only when scale > 1
     guide = None
-    if scale > 1.0 and guidance.get("method", "cfg") == "autoguidance":
+    if guidance.get("method", "cfg") == "autoguidance":
         if not guidance.get("guidance_model"):
             raise RaebenchError("guidance.method is autoguidance but guidance.guidance_model is missing.")
-        guide = build_official_model(guidance["guidance_model"], base_dir, device)
+        if scale > 1.0:
+            guide = build_official_model(guidance["guidance_model"], base_dir, device)
+        else:  # unguided as the YAML stands; built if a cfg_scale > 1 is asked for later
+            guide = _LazyGuide(guidance["guidance_model"], base_dir, device)
     null_class = int(misc.get("null_label", getattr(model, "num_classes", 1000)))
     rows = model.y_embedder.embedding_table.num_embeddings
     if scale > 1.0 and not 0 <= null_class < rows:
@@ -182,7 +228,7 @@ def build_from_official(
     sampler = OfficialSampler(
         model=model,
         shift=shift,
-        num_steps=int(sp.get("num_steps", 50)),
+        num_steps=int(sp.get("num_steps", 250 if mode == "SDE" else 50)),  # the official defaults
         method=method,
         cfg_scale=scale,
         cfg_interval=(_guidance_value(guidance, "t_min", 0.0), _guidance_value(guidance, "t_max", 1.0)),

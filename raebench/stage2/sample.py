@@ -1,7 +1,8 @@
 """Generate many samples for evaluation: class-balanced labels, sharded, resumable, ADM npz output.
 
 Output contract (the ADM evaluation suite's): ``arr_0`` uint8 (N, H, W, 3) images and ``arr_1`` int64
-(N,) class labels (also stored as ``labels``). Work is cut into global batches; batch ``b`` belongs to
+(N,) class labels (also stored as ``labels``), plus ``raebench_settings``: the model, tokenizer, sampler,
+guidance, seed and labels as a JSON string, which ``raebench score`` copies into its rows. Work is cut into global batches; batch ``b`` belongs to
 rank ``b % world`` and draws its noise from a generator seeded by (seed, b), so the result does not
 depend on the number of ranks and an interrupted run resumes batch by batch. Each finished batch is a
 part file written atomically; rank 0 merges the parts into the final npz (also atomically).
@@ -62,12 +63,14 @@ def generate_npz(
     device: str | torch.device = "cpu",
     progress: Callable[[int, int], None] | None = None,
     settings: Mapping[str, Any] | None = None,
+    quantize: str = "round",
 ) -> Path:
     """Sample ``len(labels)`` images into an ADM npz at ``out``; see the module docstring.
 
     ``settings``: everything else that changes the samples (model, tokenizer, sampler, guidance), as
     JSON values; a resumed run must have the same ones, the labels, seed, batch size and latent shape,
-    or it is refused (parts of two runs are never mixed).
+    or it is refused (parts of two runs are never mixed). ``quantize``: how decoded images become
+    uint8, "round" (default) or "truncate" (the official RAE ``sample_ddp.py``; see :func:`raebench.data.to_uint8`).
     """
     from raebench.data import to_uint8
 
@@ -81,6 +84,8 @@ def generate_npz(
     parts = out.with_name(f".{out.name}.parts")
     run = {"labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16], "seed": seed, "batch_size": batch_size,
            "latent_shape": list(latent_shape), **json.loads(json.dumps(dict(settings or {})))}
+    if quantize != "round":  # absent when rounding, so parts written before this option still resume
+        run["quantize"] = quantize
     if rank == 0:
         parts.mkdir(parents=True, exist_ok=True)
         meta = parts / "meta.json"
@@ -115,7 +120,7 @@ def generate_npz(
         with torch.random.fork_rng(devices=[]):  # stochastic samplers (SDE) draw from the global CPU RNG:
             torch.manual_seed(seed * 1_000_003 + b + 7_919)  # seeded per batch, so reruns and resumes repeat
             img = decode(sample_fn(noise, y.to(device)))  # (B, 3, H, W) float in [0, 1]
-        _save_npz_atomic(part, images=to_uint8(img).permute(0, 2, 3, 1).cpu().numpy(), labels=y.numpy())
+        _save_npz_atomic(part, images=to_uint8(img, quantize).permute(0, 2, 3, 1).cpu().numpy(), labels=y.numpy())
         if progress:
             progress(done, len(mine))
     if world > 1:
@@ -125,7 +130,12 @@ def generate_npz(
         images = np.concatenate([a["images"] for a in arrays])
         labs = np.concatenate([a["labels"] for a in arrays]).astype(np.int64)
         out.parent.mkdir(parents=True, exist_ok=True)
-        _save_npz_atomic(out, arr_0=images, arr_1=labs, labels=labs)
+        from raebench.metrics.sources import SETTINGS_KEY
+        from raebench.results import provenance
+
+        # the settings travel with the samples: `raebench score` copies them into its rows
+        meta = {**run, "n": n, "raebench_version": provenance()["raebench_version"], "git_hash": provenance()["git_hash"]}
+        _save_npz_atomic(out, arr_0=images, arr_1=labs, labels=labs, **{SETTINGS_KEY: np.array(json.dumps(meta))})
         shutil.rmtree(parts, ignore_errors=True)
         log.debug("wrote %d samples to %s", len(images), out)
     if world > 1:

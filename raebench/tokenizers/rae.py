@@ -246,11 +246,16 @@ def build_rae(
         )
     dec = build_decoder(dcfg, dec_path)
     st = LatentStats.load(found["stats"])
-    # provenance: the released decoder by its repo path, local files by a fingerprint
+    # provenance: the released files by their repo path, every local file by a fingerprint of its
+    # content (never by its path: other weights copied to the same place are other weights)
     weights_id = f"{RAE_REPO}:{release.decoder_file}" if decoder is None and weights is None else (
         f"local:{dec_path.name}@{fingerprint(dec_path)}"
     )
-    if stats is not None:
+    if encoder is not None:  # --encoder, or the encoder folder inside --weights DIR
+        from raebench.metrics.extractors import fingerprint_path
+
+        weights_id += f"+enc:{fingerprint_path(found['encoder'])}"
+    if stats is not None or in_weights_dir(stat_src) is not None:
         weights_id += f"+stats:{fingerprint(found['stats'])}"
     tok = RAETokenizer(enc, dec, st, weights_id=weights_id)
     if device is not None:

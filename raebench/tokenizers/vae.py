@@ -293,15 +293,20 @@ def load_diffusers_vae(kind: str, folder: str | Path, latent_channels: int | Non
                                   torch_dtype=torch.float32)
 
 
-def _weights_id(preset: VAEPreset, folder: Path) -> str:
-    """``repo@<snapshot hash>`` for hub copies, ``local:<path>`` for --weights folders."""
+def _weights_id(preset: VAEPreset, folder: Path, file: Path | None = None) -> str:
+    """``repo@<snapshot hash>`` for hub copies; for --weights copies ``local:<name>@<fingerprint>`` of
+    the folder's (or ``file``'s) content, not its path: other weights written to the same place are
+    other weights (the name is kept for readable leaderboard labels)."""
+    from raebench.metrics.extractors import fingerprint_path
+
     src = preset.weights[0]
     parts = folder.resolve().parts
     if "snapshots" in parts:
         i = parts.index("snapshots")
         if i + 1 < len(parts):
-            return f"{src.repo_id}@{parts[i + 1][:12]}"
-    return f"local:{folder.resolve()}"
+            return f"{src.repo_id}@{parts[i + 1][:12]}" + (f":{file.name}" if file is not None else "")
+    target = file if file is not None else folder
+    return f"local:{target.resolve().name}@{fingerprint_path(target)}"
 
 
 def build_vae(preset: VAEPreset, weights: str | None = None, stats: str | None = None) -> DiffusersVAE:
@@ -484,8 +489,11 @@ def _build_ldm(preset: VAEPreset, weights: str | None, stats: str | None) -> Dif
         raise CheckpointError(
             f"{str(stats_path)!r} has {mean.numel()} channels, the checkpoint {vae.config.latent_channels}."
         )
-    wid = _weights_id(preset, ckpt.parent)
-    wid = f"{wid}:{ckpt.name}" if not wid.startswith("local:") else f"local:{ckpt.resolve()}"
+    wid = _weights_id(preset, ckpt.parent, ckpt)
+    if wid.startswith("local:") or "snapshots" not in stats_path.resolve().parts:  # statistics from elsewhere
+        from raebench.metrics.extractors import fingerprint_path
+
+        wid += f"+stats:{fingerprint_path(stats_path)}"
     return DiffusersVAE(vae, mean, 1.0 / std, wid)
 
 
