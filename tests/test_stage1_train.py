@@ -239,3 +239,33 @@ def test_resuming_on_other_images_is_refused(assets, tmp_path):
         train(dataclasses.replace(cfg, max_steps=2), tmp_path / "run")
     (data / "extra.png").unlink()
     assert train(dataclasses.replace(cfg, max_steps=2), tmp_path / "run")["step"] == 2  # the same images: resumes
+
+
+def test_discriminator_inputs_and_passes_follow_the_official_trainer(assets, tmp_path, monkeypatch):
+    """The decoder's GAN term scores the raw reconstruction (not clamped, not on the 8-bit grid); the
+    discriminator update scores clamped 8-bit fakes, then reals, in two train-mode forwards."""
+    import raebench.stage1.discriminator as dmod
+
+    calls = []
+    real_build = dmod.build_discriminator
+
+    def build(cfg):
+        disc = real_build(cfg)
+        inner = disc.forward
+
+        def forward(x):
+            calls.append((disc.training, x.detach().clone()))
+            return inner(x)
+        disc.forward = forward
+        return disc
+    monkeypatch.setattr(dmod, "build_discriminator", build)
+    cfg = _resume_cfg(assets, diffaug_translation=0.0, diffaug_color=False, grad_accum=1, max_steps=2)  # GAN at step 2
+    train(cfg, tmp_path / "run")
+    on_grid = lambda x: torch.allclose(torch.round((x + 1) * 127.5) / 127.5 - 1, x, atol=1e-6)  # noqa: E731
+    gen = [x for training, x in calls if not training]
+    disc_passes = [(training, x) for training, x in calls if training]
+    assert gen and not any(on_grid(x) for x in gen)  # raw reconstructions
+    assert len(disc_passes) % 2 == 0 and disc_passes
+    fakes, reals = disc_passes[0::2], disc_passes[1::2]
+    assert all(on_grid(x) and x.abs().max() <= 1 for _, x in fakes)  # clamped, quantised fakes first
+    assert all(x.shape == f.shape for (_, x), (_, f) in zip(reals, fakes))

@@ -74,6 +74,8 @@ def test_resume_matches_uninterrupted(tmp_path):
 def test_official_schedule_and_presets():
     cfg = PRESETS["ditdh-xl"]
     assert (cfg.lr, cfg.betas, cfg.global_batch, cfg.clip_grad, cfg.ema_decay) == (2e-4, (0.9, 0.95), 1024, 1.0, 0.9995)
+    # fp32 as the official recipe (its README: "we recommend using fp32 for more stable training")
+    assert all(p.precision == "fp32" for p in PRESETS.values())
     spe = 1251
     assert lr_factor(0, spe, cfg) == 1.0 and lr_factor(40 * spe - 1, spe, cfg) == 1.0
     assert lr_factor(800 * spe, spe, cfg) == pytest.approx(0.1) and lr_factor(1000 * spe, spe, cfg) == pytest.approx(0.1)

@@ -49,7 +49,10 @@ class Stage1Config:
     # -- optimisation (schedule in epochs) -------------------------------------------------------
     epochs: int = 16
     global_batch: int = 512
-    grad_accum: int = 2  # micro-batch = global_batch / (world_size * grad_accum)
+    # micro-batch = global_batch / (world_size * grad_accum). 1 as the official trainer, which has no
+    # accumulation: the adaptive GAN weight is a ratio of gradient norms of one micro-batch, so more
+    # micro-batches (for memory) change it slightly
+    grad_accum: int = 1
     lr: float = 2e-4
     final_lr: float = 2e-5
     warmup_epochs: float = 1.0  # linear warmup from zero, then cosine to final_lr at `epochs`

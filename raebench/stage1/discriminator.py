@@ -13,13 +13,17 @@ over the token axis (SN: spectral norm, one power iteration). The per-token logi
 concatenated: (N, heads * tokens). In ViT-S/8 the final block is block 11, so two heads see the same
 features, exactly as in the official code. ``TokenNorm`` is the official ``BatchNormLocal`` with
 virtual batch size 1: per-sample, per-channel statistics over tokens, so a sample's logits never
-depend on the rest of its batch. Differences from the official module that do not change the model:
-timm's exact-GELU blocks (the original DINO's), the key bias of qkv left as loaded (it cancels in
-softmax), and fake and real images scored in one batch.
+depend on the rest of its batch. Differences from the official module: timm's exact-GELU blocks
+(the original DINO's; the official one builds them with tanh-approximated GELU, a difference of
+about 1e-3 in an activation), the key bias of qkv left as loaded (it cancels in softmax), and the
+spectral norms' first estimate (torch's parametrization runs 15 power iterations when it is built;
+the official module starts from random vectors). The trainer scores fakes and reals in two forwards,
+as the official module does, because each train-mode forward is one power iteration.
 
-Inputs: reconstructions are quantised to 8 bits (:func:`quantize_8bit`; straight-through where the
-decoder needs gradients) and augmented with DiffAugment (:func:`diff_augment`: translation by up to
-1/8 of the side with zero fill, and brightness/saturation/contrast; cutout off). Every random draw
+Inputs: the discriminator update sees clamped, 8-bit-quantised reconstructions
+(:func:`quantize_8bit`), the generator's GAN term the raw ones (both as the official trainer); both
+are augmented with DiffAugment (:func:`diff_augment`: translation by up to 1/8 of the side with
+zero fill, and brightness/saturation/contrast; cutout off). Every random draw
 comes from a per-sample generator, so the augmentation of a sample does not depend on how the
 batch is split across processes or micro-batches.
 """

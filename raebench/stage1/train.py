@@ -7,15 +7,20 @@ One linear loop (:func:`train`) per optimizer step:
    with DDP gradient sync only on the last micro-batch (``no_sync`` before);
 2. clip (optional), AdamW step, LR schedule, EMA update;
 3. once the discriminator is on: fresh reconstructions of the *clean* latents by the updated decoder
-   (the official trainer's choice), 8-bit quantised, DiffAugment on fakes and reals, hinge loss,
-   gradients accumulated over the micro-batches and averaged over ranks, one AdamW step;
+   (the official trainer's choice), clamped and 8-bit quantised (the generator's GAN term in step 1
+   sees the raw reconstruction, as officially), DiffAugment on fakes and reals, hinge loss with fakes
+   and reals scored in two train-mode forwards (two spectral-norm power iterations per update, as the
+   official discriminator), gradients accumulated over the micro-batches and averaged over ranks, one
+   AdamW step. The official trainer wraps its discriminator in DDP but then updates the bare module,
+   so each GPU trains its own copy on its share of the batch; raebench keeps one discriminator
+   (gradients averaged), which single-GPU runs cannot tell apart;
 4. log (CSV, TensorBoard if installed, W&B if asked), sample grid, online PSNR/SSIM, checkpoint.
 
 Fixes against the official stage-1 trainer: gradients are accumulated, not zeroed per micro-batch;
 checkpoints carry everything needed to continue (RNG states, both schedulers, the step) and are
 written atomically; a resumed run reproduces the uninterrupted one, because every random draw of a
 step (sample order, crops, latent noise, augmentations) is derived from (seed, step, position in
-the global batch) and the spectral norms iterate once per step; the exported decoder is a plain
+the global batch) and the spectral norms iterate a fixed number of times per step; the exported decoder is a plain
 official-format state dict that loads strictly (a stage-1 checkpoint loaded non-strictly into the
 decoder gave the official repo's users pure-noise reconstructions). The adaptive GAN weight is
 computed from the gradients at the decoder's output (:func:`~raebench.stage1.losses.adaptive_gan_backward`):
@@ -421,7 +426,9 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
                     lp = lpips(rec * 2 - 1, x * 2 - 1).mean() if use_lpips else l1.new_zeros(())
                 rec_loss = l1 + cfg.lpips_weight * lp
                 if use_gan:
-                    fake = quantize_8bit(rec * 2 - 1, straight_through=True)
+                    # the raw reconstruction, as the official trainer feeds the generator's GAN term (its
+                    # discriminator update below sees clamped, 8-bit-quantised reconstructions)
+                    fake = rec * 2 - 1
                     fake = diff_augment(fake, sample_generators(cfg.seed, AUG_G, step, mb["pos"], device),
                                         cfg.diffaug_translation, cfg.diffaug_color, cfg.diffaug_cutout)
                     with autocast:
@@ -444,7 +451,10 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
             dopt.zero_grad(set_to_none=True)
             disc.heads.requires_grad_(True)
             for a, (z, x, pos) in enumerate(stash):
-                disc.train(a == 0)  # one power iteration per step, however the batch is split
+                # as the official discriminator: fake, then real, in two train-mode forwards (two spectral-
+                # norm power iterations per update, the real batch scored after the second); further
+                # micro-batches of an accumulated step in eval mode, so the step count stays the same
+                disc.train(a == 0)
                 with torch.no_grad(), autocast:
                     fake = quantize_8bit(tok.decode(z).float() * 2 - 1, straight_through=False)
                 fake = diff_augment(fake, sample_generators(cfg.seed, AUG_FAKE, step, pos, device),
@@ -452,7 +462,8 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
                 real = diff_augment(x * 2 - 1, sample_generators(cfg.seed, AUG_REAL, step, pos, device),
                                     cfg.diffaug_translation, cfg.diffaug_color, cfg.diffaug_cutout)
                 with autocast:
-                    logits_fake, logits_real = disc(torch.cat([fake, real])).float().chunk(2)
+                    logits_fake = disc(fake).float()
+                    logits_real = disc(real).float()
                 d_loss = hinge_d_loss(logits_real, logits_fake)
                 (d_loss / accum).backward()
                 acc = (logits_real > logits_fake).float().mean()

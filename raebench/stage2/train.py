@@ -2,7 +2,8 @@
 
 One frozen :class:`TrainConfig` per run; presets follow the official RAE recipe (AdamW 2e-4, betas
 (0.9, 0.95), no weight decay, constant LR for 40 epochs then linear to 2e-5 at epoch 800, global
-batch 1024, gradient clipping 1.0, EMA 0.9995, logit-normal(0, 1) times with the dimension shift).
+batch 1024, gradient clipping 1.0, EMA 0.9995, logit-normal(0, 1) times with the dimension shift,
+fp32 as the official README recommends; ``--precision bf16`` for bf16 autocast).
 
 Latents come from a latent cache written once by :func:`cache_latents` (``raebench cache-latents``;
 each image stored with its horizontal flip, one variant drawn per step) or are computed on the fly
@@ -78,7 +79,9 @@ class TrainConfig:
     time_mu: float = 0.0
     time_sigma: float = 1.0
     shift_base: float = 4096
-    precision: str = "bf16"  # bf16 autocast or fp32
+    # fp32 as the official recipe ("we recommend using fp32 for more stable training", the official
+    # README); bf16 autocast is opt-in (--precision bf16): 1.6x faster on an H200 for DiT-DH-XL
+    precision: str = "fp32"
     seed: int = 0
     num_workers: int = 4  # data-loading processes (image decoding or latent-cache reads)
     log_every: int = 100
