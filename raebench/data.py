@@ -187,8 +187,10 @@ def random_resized_crop_train(im: Image.Image, size: int, rng: random.Random, sc
     """The official stage-1 train transform: bicubic-resize the short side to ``scale * size``,
     then a uniformly random ``size`` x ``size`` crop. Returns (size, size, 3) uint8."""
     target = int(round(scale * size))
-    f = target / min(im.size)
-    im = im.resize((max(size, round(im.size[0] * f)), max(size, round(im.size[1] * f))), resample=Image.BICUBIC)
+    w, h = im.size
+    # torchvision's Resize(int): the short side to ``target``, the long side int(target * long / short) (truncated)
+    new = (target, int(target * h / w)) if w <= h else (int(target * w / h), target)
+    im = im.resize((max(size, new[0]), max(size, new[1])), resample=Image.BICUBIC)
     a = np.asarray(im)
     top = rng.randint(0, a.shape[0] - size)
     left = rng.randint(0, a.shape[1] - size)

@@ -244,3 +244,23 @@ def test_fingerprint_follows_content_not_place(tmp_path: Path):
         Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "a" / f"{i}.bmp")
     assert [p.stat().st_size for p in sorted((tmp_path / "a").iterdir())] == sizes
     assert scan_folder(tmp_path / "a").fingerprint() != before
+
+
+def test_stage1_train_resize_sizes_as_torchvision(monkeypatch):
+    """The official stage-1 transform is torchvision's Resize(int): short side to the target, long
+    side int(target * long / short), truncated (a 500x333 image becomes 576x384, not 577x384)."""
+    import random
+
+    from torchvision.transforms.functional import _compute_resized_output_size
+
+    from raebench.data import random_resized_crop_train
+
+    sizes = []
+    real = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda im, sz, *a, **k: sizes.append(tuple(sz)) or real(im, sz, *a, **k))
+    for w, h in [(500, 333), (333, 500), (640, 480), (300, 300), (1001, 257), (48, 40)]:
+        sizes.clear()
+        out = random_resized_crop_train(Image.new("RGB", (w, h)), 256 if w > 100 else 32, random.Random(0))
+        target = 384 if w > 100 else 48
+        th, tw = _compute_resized_output_size((h, w), [target])
+        assert sizes == [(tw, th)] and out.shape[:2] == ((256, 256) if w > 100 else (32, 32))

@@ -234,3 +234,18 @@ def test_sample_refuses_resuming_with_other_settings(trained, tmp_path):
     (parts / "b0000000.npz").write_bytes(b"")  # a finished batch of an earlier run ...
     (parts / "meta.json").write_text(json.dumps({"run": {"steps": 5}}))  # ... with other settings
     assert "re-run with those settings" in cli_error(base)
+
+
+def test_data_with_fewer_classes_than_the_model_warns(caplog):
+    """Legal, but the untrained classes would be sampled by `sample --label-sampling equal`."""
+    import logging
+
+    from raebench.stage2.train import check_labels
+
+    with caplog.at_level(logging.WARNING):
+        check_labels(torch.tensor([0, 1, 1, 0]), 10, "'data'")
+    assert "2 of the model's 10 classes" in caplog.text and "--num-classes 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_labels(torch.tensor([0, 1, 2]), 3, "'data'")
+    assert not caplog.text

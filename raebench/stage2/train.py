@@ -346,6 +346,11 @@ def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
     if hi >= num_classes:
         raise DataError(f"{where} has labels up to {hi}, more than --num-classes {num_classes} covers; "
                         f"set --num-classes {hi + 1}.")
+    seen = int(torch.unique(labels).numel())
+    if seen < num_classes:  # legal (a subset of a label space), but `sample` draws every class
+        log.warning("%s has examples of %d of the model's %d classes (--num-classes); the others are never "
+                    "trained, and `raebench sample --label-sampling equal` draws them all (pass --num-classes %d "
+                    "there to sample only the first %d).", where, seen, num_classes, hi + 1, hi + 1)
 
 
 def compare_configs(saved: dict, cfg: TrainConfig, data_recorded: bool = False) -> list[str]:
