@@ -406,8 +406,13 @@ def test_reported_numbers_carry_their_protocol():
     sd = rows[("sd-vae-ft-mse", "coco-val2017", "fid")]
     assert (sd.value, sd.n_images, sd.resolution, sd.source, sd.domain) == (4.70, 5000, 256, "reported", "open-domain")
     assert rows[("sd-vae-ft-ema", "coco-val2017", "psnr")].value == 23.8
-    assert rows[("sd-vae-ft-ema", "imagenet-val", "fid")].extra["secondary"] is True
-    assert rows[("rae-dinov2-b", "imagenet-val", "fid")].value == 0.57  # the released noise-augmented decoder
+    # RAE's SD-VAE rFID names no variant: a variant row, not shown beside ft-EMA by default
+    assert ("sd-vae-ft-ema", "imagenet-val", "fid") not in rows
+    sd_rae = {(r.tokenizer, r.dataset, r.metric): r for r in reported_rows(include_variants=True)}[
+        ("sd-vae-ft-ema", "imagenet-val", "fid")]
+    assert sd_rae.extra["secondary"] is True and sd_rae.extra["weights_match"] is False
+    rae = rows[("rae-dinov2-b", "imagenet-val", "fid")]
+    assert (rae.value, rae.n_images) == (0.57, 50000)  # the released noise-augmented decoder, rFID-50k
     assert ("rae-mae-b", "imagenet-val", "fid") not in rows  # reported for a clean-latent decoder: a variant
     assert reported_frame(["rae-mae-b"], include_variants=True)["value"].tolist() == [0.16]
     for r in reported_rows(include_variants=True):
@@ -468,8 +473,9 @@ def test_compare_ranks_reported_numbers_only_within_one_protocol():
     assert row["best"] == "sd-vae-ft-mse" and row["sd-vae-ft-mse (reported)"] == 24.5
     assert row["best (reported)"] == "sd-vae-ft-mse (reported)"  # both model-card rows: n=5000, same reference
     assert "measured: same images, n=3" in row["protocol"] and "n=5000" in row["protocol"]
-    fid = t.loc[("imagenet-val", "fid")]
-    assert fid["best (reported)"] == "rae-dinov2-b (reported)" and "secondary" in fid["protocol"]  # one RAE table
+    fid = t.loc[("imagenet-val", "fid")]  # only the released RAE decoder's number; RAE's SD-VAE row is a variant
+    assert fid["rae-dinov2-b (reported)"] == 0.57 and pd.isna(fid["sd-vae-ft-ema (reported)"])
+    assert "n=50000" in fid["protocol"] and fid["best (reported)"] == ""  # nothing to rank it against
 
     rep.loc[(rep["tokenizer"] == "sd-vae-ft-mse") & (rep["metric"] == "psnr"), "n_images"] = 100
     row = compare_table(meas, toks, 256, reported=rep).loc[("coco-val2017", "psnr")]
