@@ -323,3 +323,35 @@ def test_pool_tokens_shapes():
     assert torch.allclose(al.pool_tokens(z.flatten(2).transpose(1, 2)), z.mean((2, 3)), atol=1e-6)
     with pytest.raises(ValueError):
         al.pool_tokens(torch.randn(2, 2, 2, 2, 2))
+
+
+def test_probe_without_batchnorm_reaches_the_logistic_optimum():
+    """Ill-conditioned features (offsets and scales far apart, the probe with batchnorm off): the fit
+    reaches the minimum that scipy's L-BFGS-B finds (an audit found it stopping short). scipy solves
+    the same objective written in standardised coordinates, where it converges in a few hundred steps."""
+    from scipy.optimize import minimize
+
+    from raebench.analysis.alignment import PROBE_L2, _fit_logistic_lbfgs
+
+    g = torch.Generator().manual_seed(0)
+    n, d, c = 240, 12, 3
+    y = torch.arange(n) % c
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) + y[:, None].double() * 0.7
+    x = x * torch.logspace(-2, 2, d, dtype=torch.float64) + torch.linspace(-20, 20, d, dtype=torch.float64)
+
+    def objective(w, b):
+        return torch.nn.functional.cross_entropy(x @ w + b, y) + 0.5 * PROBE_L2 * w.pow(2).sum()
+
+    mu, sd = x.mean(0), x.std(0)
+
+    def f(theta):  # w = v / sd, b = a - mu @ w: the same objective
+        t = torch.tensor(theta, requires_grad=True)
+        w = t[: d * c].view(d, c) / sd[:, None]
+        loss = objective(w, t[d * c:] - mu @ w)
+        loss.backward()
+        return loss.item(), t.grad.numpy()
+
+    ref = minimize(f, np.zeros(d * c + c), jac=True, method="L-BFGS-B", options={"maxiter": 5000, "gtol": 1e-12,
+                                                                               "ftol": 1e-16})
+    w, b = _fit_logistic_lbfgs(x, y, c, PROBE_L2)
+    assert objective(w, b).item() <= ref.fun + 1e-9

@@ -186,8 +186,9 @@ def test_analyze_default_data_without_labels_or_reference_with_diffusability(tmp
         (["-t", "bicubic-f9"], "Did you mean 'bicubic-f8'"),
         (["--knn-k", "0"], "--knn-k must be at least 1, got 0"),
         (["--knn-k", "-3"], "--knn-k must be at least 1, got -3"),
-        (["--mutual-k", "0"], "--mutual-k must be at least 1, got 0"),
-        (["--mutual-k", "-2"], "--mutual-k must be at least 1, got -2"),
+        (["--mutual-k", "0"], "--mutual-k must be at least 2, got 0"),
+        (["--mutual-k", "1"], "--mutual-k must be at least 2, got 1"),  # CKNNA needs k >= 2
+        (["--mutual-k", "-2"], "--mutual-k must be at least 2, got -2"),
         (["--n-diag", "-1"], "--n-diag must be at least 0, got -1"),
         (["--interp-steps", "0"], "--interp-steps must be at least 1, got 0"),
         (["--interp-steps", "-2"], "--interp-steps must be at least 1, got -2"),

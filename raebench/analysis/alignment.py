@@ -136,6 +136,19 @@ def stratified_split(labels: torch.Tensor, test_fraction: float = 0.5, seed: int
 
 
 def _fit_logistic_lbfgs(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise cross-entropy(x w + b) + l2/2 ||w||^2 with L-BFGS.
+
+    Solved in standardised coordinates x' = (x - mu) / sd, w = w' / sd, with the penalty carried over
+    exactly (l2/2 sum (w'/sd)^2): the same minimiser, but a conditioning L-BFGS can finish on.
+    Without the change of variables, features with offsets and scales far apart (the probe with
+    batchnorm off) stopped short of the optimum (an audit measured gradient entries of 7e-5 and a
+    different accuracy).
+    """
+    mu = x.mean(0)
+    sd = x.std(0, unbiased=False)
+    sd = torch.where(sd > 0, sd, torch.ones_like(sd))  # constant columns: left as they are
+    xs = (x - mu) / sd
+    inv2 = sd.pow(-2)[:, None]  # (D, 1): the penalty in the new coordinates
     w = torch.zeros(x.shape[1], n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
     b = torch.zeros(n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS(
@@ -145,13 +158,14 @@ def _fit_logistic_lbfgs(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: fl
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * w.pow(2).sum()
+        loss = F.cross_entropy(xs @ w + b, y) + 0.5 * l2 * (w.pow(2) * inv2).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    return w.detach(), b.detach()
+    w_orig = w.detach() / sd[:, None]
+    return w_orig, b.detach() - mu @ w_orig
 
 
 def _fit_ridge(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,7 +72,8 @@ def metric_versions(cfg: AnalyzeConfig) -> dict[str, str]:
     """Part -> metric version of its rows: every setting that changes a value is in it."""
     bn = "bn" if cfg.probe_batchnorm else "nobn"
     versions = {
-        "probe": f"probe-{cfg.probe_method}-{bn}-l2{al.PROBE_L2:g}-meanpool-strat50-seed{cfg.seed}-v1",
+        # v2: the logistic fit is solved in standardised coordinates (it reaches the optimum without batchnorm)
+        "probe": f"probe-{cfg.probe_method}-{bn}-l2{al.PROBE_L2:g}-meanpool-strat50-seed{cfg.seed}-v2",
         "knn": f"knn-cos-k{cfg.knn_k}-t{al.KNN_TEMPERATURE:g}-meanpool-strat50-seed{cfg.seed}-v1",
         "mknn": f"mknn-k{cfg.mutual_k}-l2norm-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
         "cknna": f"cknna-k{cfg.mutual_k}-hsicu-l2norm-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
@@ -100,7 +101,8 @@ def check_config(cfg: AnalyzeConfig) -> None:
 
     check_run(cfg.batch_size, cfg.resolution, cfg.precision, cfg.num_workers)
     check_domain(cfg.domain)
-    at_least = [("--knn-k", cfg.knn_k, 1), ("--mutual-k", cfg.mutual_k, 1), ("--interp-steps", cfg.interp_steps, 1),
+    # --mutual-k 2 at least: CKNNA is undefined for k = 1 (the platonic-rep code refuses it too)
+    at_least = [("--knn-k", cfg.knn_k, 1), ("--mutual-k", cfg.mutual_k, 2), ("--interp-steps", cfg.interp_steps, 1),
                 ("--n-diag", cfg.n_diag, 0), ("--interp-pairs", cfg.interp_pairs, 0)]
     for flag, value, low in at_least:
         if value < low:
