@@ -234,13 +234,12 @@ def build_stage1(
         stats_path = resolve_official_path(str(p["normalization_stat_path"]), base_dir, what=what)
         stats = LatentStats.load(stats_path, eps=float(p["eps"]))
     from raebench.metrics.extractors import fingerprint_path
-    from raebench.tokenizers.rae import fingerprint
 
     # every file that changes the outputs: decoder, encoder (a Hub id as named, a local folder by content), statistics
-    weights_id = f"official:{weights_file.name}@{fingerprint(weights_file)}" if weights_file is not None else "random"
+    weights_id = f"official:{weights_file.name}@{fingerprint_path(weights_file)}" if weights_file is not None else "random"
     weights_id += f"+enc:{weights_path if _is_repo_id(weights_path) else fingerprint_path(enc_dir)}"
     if stats is not None:
-        weights_id += f"+stats:{fingerprint(stats_path)}"
+        weights_id += f"+stats:{fingerprint_path(stats_path)}"
     tok = RAETokenizer(encoder, decoder, stats, noise_tau=float(p["noise_tau"]), weights_id=weights_id)
     tok.name = name
     tok = tok.eval()

@@ -134,7 +134,7 @@ def load_diffusers_rae(folder: str | os.PathLike, *, weights_id: str | None = No
         raise CheckpointError(f"diffusers {diffusers.__version__} has no AutoencoderRAE; upgrade diffusers "
                               "(pip install -U diffusers) to read diffusers-format RAE folders.") from None
 
-    from raebench.tokenizers.rae import fingerprint
+    from raebench.metrics.extractors import fingerprint_path
 
     folder = Path(folder).expanduser()
     if not is_diffusers_rae(folder):
@@ -154,4 +154,4 @@ def load_diffusers_rae(folder: str | os.PathLike, *, weights_id: str | None = No
             "without --weights)."
         ) from None
     weights = next(folder.glob("*.safetensors"), folder / "config.json")
-    return tokenizer_from_autoencoder_rae(model.eval(), weights_id=weights_id or f"diffusers:{folder.name}@{fingerprint(weights)}")
+    return tokenizer_from_autoencoder_rae(model.eval(), weights_id=weights_id or f"diffusers:{folder.name}@{fingerprint_path(weights)}")

@@ -182,7 +182,6 @@ def cache_latents(
         return out
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         fresh = any(meta.get(k) != v for k, v in want.items()) or not (out / "latents.npy").is_file()
         if fresh:
             for old in out.glob("progress-*.json"):

@@ -42,7 +42,7 @@ from raebench.errors import CheckpointError, MissingWeightsError, RaebenchError
 from raebench.official import plain_config, resolve_official_path
 from raebench.stage2.checkpoints import load_stage2_state
 from raebench.stage2.models import DiTDH, LightningDiT
-from raebench.stage2.samplers import canonical_last_step, canonical_method, diffusion_coefficient, sample
+from raebench.stage2.samplers import canonical_last_step, canonical_method, diffusion_coefficient, has_null_class, sample
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def build_from_official(
             guide = _LazyGuide(guidance["guidance_model"], base_dir, device)
     null_class = int(misc.get("null_label", getattr(model, "num_classes", 1000)))
     rows = model.y_embedder.embedding_table.num_embeddings
-    if scale > 1.0 and not 0 <= null_class < rows:
+    if scale > 1.0 and not has_null_class(model, null_class):
         raise RaebenchError(
             f"The CFG null class {null_class} (misc.null_label, default num_classes) is not a row of the "
             f"model's {rows}-row label table; set misc.null_label or train with class_dropout_prob > 0."

@@ -134,7 +134,8 @@ def generate_npz(
         from raebench.results import provenance
 
         # the settings travel with the samples: `raebench score` copies them into its rows
-        meta = {**run, "n": n, "raebench_version": provenance()["raebench_version"], "git_hash": provenance()["git_hash"]}
+        prov = provenance()
+        meta = {**run, "n": n, "raebench_version": prov["raebench_version"], "git_hash": prov["git_hash"]}
         _save_npz_atomic(out, arr_0=images, arr_1=labs, labels=labs, **{SETTINGS_KEY: np.array(json.dumps(meta))})
         shutil.rmtree(parts, ignore_errors=True)
         log.debug("wrote %d samples to %s", len(images), out)

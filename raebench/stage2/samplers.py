@@ -77,18 +77,12 @@ def _in_interval(t: torch.Tensor, interval: tuple[float, float], ndim: int) -> t
     return ((t >= lo) & (t <= hi)).view(-1, *([1] * (ndim - 1)))  # (N, 1, 1, 1)
 
 
-def has_null_class(model: nn.Module) -> bool:
-    """Whether ``model``'s label table has the null row ``num_classes`` (trained with label dropout)."""
+def has_null_class(model: nn.Module, null_class: int | None = None) -> bool:
+    """Whether ``model``'s label table has the null row ``null_class`` (default ``num_classes``: the
+    row a model trained with label dropout has)."""
     table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
-    return table is None or table.num_embeddings > model.num_classes
-
-
-def _null_rows(model: nn.Module, guide: nn.Module, null_class: int | None) -> bool:
-    """Whether both networks can embed the null class (the official doubled AutoGuidance batch needs it)."""
-    if null_class is None:
-        return has_null_class(model) and has_null_class(guide)
-    return all(getattr(getattr(n, "y_embedder", None), "embedding_table", None) is None
-               or 0 <= null_class < n.y_embedder.embedding_table.num_embeddings for n in (model, guide))
+    null = model.num_classes if null_class is None else null_class
+    return table is None or 0 <= null < table.num_embeddings
 
 
 def velocity_fn(
@@ -391,7 +385,7 @@ def sample(
             return euler(v, noise, grid)
         if m == "heun":
             return heun(v, noise, grid)
-        if guide is not None and cfg_scale != 1.0 and _null_rows(model, guide, null_class):
+        if guide is not None and cfg_scale != 1.0 and has_null_class(model, null_class) and has_null_class(guide, null_class):
             # The official scripts integrate AutoGuidance on [x, x] with labels [y, null], like CFG.
             # dopri5's error norm spans the whole state, and the null half's guided velocity differs
             # from the conditional one, so it changes the step sizes (measured: 1e-2 to 6e-2 apart).

@@ -13,7 +13,6 @@ which may also hold the encoder as ``DIR/<encoder repo id>/``; ``decoder`` a dec
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,18 +147,6 @@ def _release_params(r: RAERelease) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def fingerprint(path: Path) -> str:
-    """Cheap identity of a local file for result provenance: size + SHA-256 of its ends."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with path.open("rb") as f:
-        h.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(-(1 << 20), os.SEEK_END)
-            h.update(f.read())
-    return h.hexdigest()[:12]
-
-
 def build_rae(
     release: RAERelease,
     *,
@@ -246,17 +233,17 @@ def build_rae(
         )
     dec = build_decoder(dcfg, dec_path)
     st = LatentStats.load(found["stats"])
+    from raebench.metrics.extractors import fingerprint_path
+
     # provenance: the released files by their repo path, every local file by a fingerprint of its
     # content (never by its path: other weights copied to the same place are other weights)
     weights_id = f"{RAE_REPO}:{release.decoder_file}" if decoder is None and weights is None else (
-        f"local:{dec_path.name}@{fingerprint(dec_path)}"
+        f"local:{dec_path.name}@{fingerprint_path(dec_path)}"
     )
     if encoder is not None:  # --encoder, or the encoder folder inside --weights DIR
-        from raebench.metrics.extractors import fingerprint_path
-
         weights_id += f"+enc:{fingerprint_path(found['encoder'])}"
     if stats is not None or in_weights_dir(stat_src) is not None:
-        weights_id += f"+stats:{fingerprint(found['stats'])}"
+        weights_id += f"+stats:{fingerprint_path(found['stats'])}"
     tok = RAETokenizer(enc, dec, st, weights_id=weights_id)
     if device is not None:
         tok = tok.to(device)
