@@ -6,7 +6,8 @@ accumulator with ``update`` / ``compute`` / ``reset``. Expensive per-image featu
 every metric that names them in ``MetricSpec.extractors``.
 
 Inputs at this boundary are uint8 NCHW RGB tensors (what a PNG holds); a metric that wants floats
-converts with :func:`raebench.data.to_float`.
+converts them itself (the network metrics with :func:`raebench.data.to_float`, the pixel metrics to
+float64).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from raebench.data import to_float
 from raebench.errors import RaebenchError
 from raebench.registry import Registry
 
@@ -175,10 +175,12 @@ class PairedMean(Metric):
         self.count = 0
 
     def per_image(self, ref_u8: torch.Tensor, cand_u8: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) pairs -> (N,) scores."""
+        """uint8 (N, 3, H, W) pairs -> (N,) scores. ``on_float`` gets float64 images (x / 255 in
+        float64, as scikit-image's ``img_as_float`` on uint8): the pixel metrics compute in float64, and
+        a float32 x / 255 first would move PSNR by ~1e-8 relative to scikit-image."""
         if self.on_float is None:
             raise NotImplementedError(f"{type(self).__name__} needs on_float or a per_image method")
-        return self.on_float(to_float(ref_u8), to_float(cand_u8))
+        return self.on_float(ref_u8.double() / 255.0, cand_u8.double() / 255.0)
 
     def update(self, batch: MetricBatch) -> None:
         ref, cand = batch.reference, batch.candidate

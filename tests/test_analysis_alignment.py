@@ -315,6 +315,19 @@ def test_stratified_split_is_deterministic_and_per_class():
     assert torch.equal(tr, tr2) and torch.equal(te, te2)
     assert sorted(tr.tolist() + te.tolist()) == list(range(10))
     assert [int((y[te] == c).sum()) for c in range(3)] == [2, 2, 0]
+    y = torch.tensor([0] + [1] * 2 + [2] * 3 + [3] * 7)  # floor(n_c / 2), not rounded: 1.5 -> 1, 3.5 -> 3
+    _, te = al.stratified_split(y, 0.5, seed=0)
+    assert [int((y[te] == c).sum()) for c in range(4)] == [0, 1, 1, 3]
+
+
+def test_batchnorm_uses_the_training_splits_population_statistics():
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(9, 4, generator=g, dtype=torch.float64) * 3 + 1, torch.randn(5, 4, generator=g, dtype=torch.float64)
+    a, b = train.numpy(), test.numpy()
+    mu, sd = a.mean(0), np.sqrt(a.var(0, ddof=0) + 1e-6)
+    got_train, got_test = al.batchnorm_no_affine(train, test)
+    np.testing.assert_allclose(got_train.numpy(), (a - mu) / sd, rtol=1e-12)
+    np.testing.assert_allclose(got_test.numpy(), (b - mu) / sd, rtol=1e-12)
 
 
 def test_pool_tokens_shapes():

@@ -68,3 +68,51 @@ def test_bf16_runs_and_stays_close(image_folder: Path, tmp_path: Path):
     b = evaluate(_cfg(image_folder, tmp_path / "b", precision="bf16"))
     va, vb = ({r.metric: r.value for r in o.rows} for o in (a, b))
     assert vb["psnr"] == pytest.approx(va["psnr"], abs=0.5)
+
+
+class _InfLatentOnFirst(BicubicTokenizer):
+    """An Inf in the first image's latent that the decoder hides (nan_to_num): only the latent shows it."""
+
+    name = "inf-latent"
+
+    def encode(self, x):
+        z = super().encode(x)
+        if self.first:
+            z[0, 0, 0, 0] = float("inf")
+            self.first = False
+        return z
+
+    def decode(self, z):
+        return super().decode(torch.nan_to_num(z, posinf=0.5, neginf=0.5)).clamp(0, 1)
+
+
+def test_nonfinite_latents_are_excluded_even_when_the_decoder_hides_them(image_folder: Path, tmp_path: Path):
+    tok = _InfLatentOnFirst(8)
+    tok.first = True
+    out = evaluate(_cfg(image_folder, tmp_path, batch_size=8), tokenizer=tok)
+    assert len(out.nonfinite) == 1 and out.n_images == 7
+    assert all(r.nonfinite == 1 for r in out.rows)
+
+
+def test_rows_equal_scikit_image_on_the_saved_8bit_reconstructions(image_folder: Path, tmp_path: Path):
+    """PSNR and SSIM rows against scikit-image on what a PNG of the reconstruction holds:
+    clamp, x * 255 + 0.5 floored (not truncated), computed independently image by image."""
+    import numpy as np
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from raebench.data import ImageDataset, scan_folder, to_float
+
+    out = evaluate(_cfg(image_folder, tmp_path, metrics=("psnr", "ssim")))
+    ds, tok = ImageDataset(scan_folder(image_folder), 32), BicubicTokenizer(8)
+    psnrs, ssims = [], []
+    for i in range(len(ds)):
+        img = ds[i]["image"]  # (3, R, R) uint8
+        rec = tok.reconstruct(to_float(img[None]))[0].numpy()  # float32, as torchvision's save_image rounds
+        rec8 = np.floor(np.clip(rec, 0, 1) * np.float32(255) + np.float32(0.5)).astype(np.float64).transpose(1, 2, 0) / 255
+        a = img.numpy().transpose(1, 2, 0) / 255
+        psnrs.append(peak_signal_noise_ratio(a, rec8, data_range=1.0))
+        ssims.append(structural_similarity(a, rec8, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                           data_range=1.0, channel_axis=2))
+    got = {r.metric: r.value for r in out.rows}
+    assert got["psnr"] == pytest.approx(np.mean(psnrs), rel=1e-9)
+    assert got["ssim"] == pytest.approx(np.mean(ssims), rel=1e-9)

@@ -29,6 +29,27 @@ def test_kid_equals_torch_fidelity_subsets():
     assert std == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-8)
 
 
+def _kid_metric(cand, ref):
+    m = METRICS.get("kid").build()
+    m.update(MetricBatch(None, None, {"inception": ({"pool": ref.float()}, {"pool": cand.float()})}))
+    return m.compute()
+
+
+@pytest.mark.parametrize("n_cand, n_ref, subset", [(1100, 1050, 1000), (300, 320, 300)])
+def test_kid_metric_uses_torch_fidelitys_protocol(n_cand, n_ref, subset):
+    """The metric class (its constants, side order and subset-size rule) against torch-fidelity's
+    KID on the same float32-stored features: 100 subsets of min(1000, n), seed 2020, candidates first."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    cand, ref = _feats(n_cand, 16, 11), _feats(n_ref, 16, 12, 0.05)
+    theirs = kid_features_to_metric(cand.float().double(), ref.float().double(), kid_subsets=100,
+                                    kid_subset_size=subset, kid_kernel="poly", kid_kernel_poly_degree=3,
+                                    kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1, rng_seed=2020, verbose=False)
+    out = _kid_metric(cand, ref)
+    assert out["kid"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-10)
+    assert out["kid-std"] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-8)
+
+
 def test_inception_score_equals_torch_fidelity():
     from torch_fidelity.metric_isc import isc_features_to_metric
 
@@ -70,6 +91,29 @@ def test_density_coverage_equal_brute_force_and_chunking_changes_nothing(monkeyp
     assert full["density"] == pytest.approx(d, rel=1e-12) and full["coverage"] == pytest.approx(c, rel=1e-12)
     monkeypatch.setattr(nb, "CHUNK", 7)  # blocks of 7 x 7: the same answer
     assert m.compute() == pytest.approx(full, rel=1e-12)
+
+
+def test_neighbourhood_metrics_on_ties_follow_their_references():
+    """Lattice features put candidates exactly on reference radii (and duplicate points): precision
+    and recall count the ball's boundary as inside (torch-fidelity's <=), density and coverage do not
+    (Naeem et al.'s strict <), so a flipped comparison changes the fractions."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    g = torch.Generator().manual_seed(13)
+    ref = torch.randint(0, 3, (120, 4), generator=g).double()
+    cand = torch.randint(0, 3, (100, 4), generator=g).double()
+    theirs = prc_features_to_metric(cand, ref, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+    pr = METRICS.get("precision").build()
+    pr.update(MetricBatch(None, None, {"inception": ({"pool": ref.float()}, {"pool": cand.float()})}))
+    out = pr.compute()
+    assert out["precision"] == pytest.approx(theirs["precision"], rel=1e-12)
+    assert out["recall"] == pytest.approx(theirs["recall"], rel=1e-12)
+    dc = METRICS.get("density").build()
+    dc.update(MetricBatch(None, None, {"inception": ({"pool": ref.float()}, {"pool": cand.float()})}))
+    got = dc.compute()
+    d, c = _brute_prdc(ref.numpy(), cand.numpy(), 5)
+    assert got["density"] == pytest.approx(d, rel=1e-12) and got["coverage"] == pytest.approx(c, rel=1e-12)
+    assert c < 1.0  # the boundary matters here: counting it as inside would give 1.0
 
 
 def test_cmmd_equals_brute_force():

@@ -269,3 +269,16 @@ def test_ms_ssim_equals_pytorch_msssim():
     expected = pytorch_msssim.ms_ssim(ref.double() / 255, cand.double() / 255, data_range=1.0, size_average=True).item()
     ours = _mean_over_batches(METRICS.get("ms-ssim").build(), ref, cand, bs=2)["ms-ssim"]
     assert ours == pytest.approx(expected, rel=1e-6)  # pytorch-msssim builds its Gaussian window in float32
+
+
+def test_ms_ssim_negative_contrast_terms_count_as_zero():
+    """An inverted channel has negative contrast-structure terms at every scale; pytorch-msssim sets
+    them to 0 before the fractional powers (the channel scores 0, not NaN) and averages channels."""
+    pytorch_msssim = pytest.importorskip("pytorch_msssim")
+    ref = photo_crops(2, 192, seed=5)
+    cand = blurred(ref, 0.8)
+    cand[:, 0] = 255 - cand[:, 0]  # the red channel inverted, the others only blurred
+    expected = pytorch_msssim.ms_ssim(ref.double() / 255, cand.double() / 255, data_range=1.0, size_average=True).item()
+    ours = _mean_over_batches(METRICS.get("ms-ssim").build(), ref, cand, bs=2)["ms-ssim"]
+    assert 0.3 < expected < 0.67  # the inverted channel counts as 0 in a mean of three
+    assert ours == pytest.approx(expected, rel=1e-6)

@@ -8,7 +8,7 @@ import torch
 
 from raebench.stage2.models import DiTDH
 from raebench.stage2.samplers import (
-    adaptive, canonical_method, euler, sample, sde_time_grid, time_grid, velocity_fn,
+    adaptive, canonical_method, diffusion_coefficient, euler, sample, sde_time_grid, time_grid, velocity_fn,
 )
 from raebench.stage2.transport import shift_from_dims
 
@@ -79,6 +79,10 @@ def test_cfg_interval_and_doubling():
     torch.testing.assert_close(v(x, t_in), uncond + 2.0 * (cond - uncond))
     torch.testing.assert_close(v(x, t_out), cond)
     assert m.batches[0] == 8  # CFG doubles the batch
+    for edge in (0.3, 0.6):  # the interval is closed at both ends, as the official t >= lo & t <= hi
+        t_edge = torch.full((4,), edge)
+        guided = m(x, t_edge, torch.full_like(y, 3)) + 2.0 * (m(x, t_edge, y) - m(x, t_edge, torch.full_like(y, 3)))
+        torch.testing.assert_close(v(x, t_edge), guided)
 
 
 def test_autoguidance_no_doubling():
@@ -315,6 +319,44 @@ def test_euler_maruyama_noise_and_options():
     assert m.calls == 30  # both rejected before any network call
     for form in ("sigma", "linear", "constant", "decreasing", "increasing-decreasing", "inccreasing-decreasing"):
         assert torch.isfinite(sample(m, x, y, method="em", num_steps=4, diffusion_form=form)).all()
+
+
+def test_diffusion_coefficient_forms_are_the_official_ones():
+    """The official ``compute_diffusion`` written out for the linear path (t = 0 data): sigma and
+    linear norm * t, constant norm, decreasing 0.25 (norm cos(pi (1 - t)) + 1)^2, increasing-decreasing
+    norm sin(pi (1 - t))^2 (its key is spelled "inccreasing-decreasing" there)."""
+    t = torch.tensor([0.1, 0.3, 0.5, 0.9], dtype=torch.float64)
+    norm = 0.7
+    expected = {
+        "sigma": norm * t, "linear": norm * t, "constant": torch.full_like(t, norm),
+        "decreasing": 0.25 * (norm * torch.cos(math.pi * (1 - t)) + 1) ** 2,
+        "increasing-decreasing": norm * torch.sin(math.pi * (1 - t)) ** 2,
+        "inccreasing-decreasing": norm * torch.sin(math.pi * (1 - t)) ** 2,
+    }
+    for form, want in expected.items():
+        torch.testing.assert_close(diffusion_coefficient(form, t, norm), want, rtol=1e-12, atol=0, msg=form)
+
+
+class LabelBlind(Affine):
+    """v = 0.7 x + 0.3 t: the same velocity for every label, so CFG's guided velocity is the conditional one."""
+
+    def forward(self, x, t, y):
+        self.calls += 1
+        return 0.7 * x + 0.3 * t.view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("method", ["euler-maruyama", "stochastic-heun"])
+def test_sde_with_cfg_draws_the_step_noise_for_the_doubled_batch(method):
+    """The official sampler integrates the guided batch [x, x] and draws randn of its size at every
+    step. With a label-blind model that is the unguided sampler on [x, x], first half."""
+    x = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2])
+    guided = sample(LabelBlind(), x, y, method=method, num_steps=5, cfg_scale=2.0,
+                    generator=torch.Generator().manual_seed(5))
+    doubled = sample(LabelBlind(), torch.cat([x, x]), torch.cat([y, torch.full_like(y, 3)]), method=method,
+                     num_steps=5, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(guided, doubled[:3], rtol=0, atol=1e-6)
+    assert not torch.allclose(doubled[:3], doubled[3:])  # the two halves got different noise after step 1
 
 
 @needs_oracle

@@ -68,3 +68,33 @@ def test_loss_zero_for_exact_velocity():
 
     loss = Transport("uniform").loss(exact, x0, torch.zeros(4, dtype=torch.long), torch.Generator().manual_seed(1))
     assert loss.shape == (4,) and loss.max() < 1e-6
+
+
+@pytest.mark.parametrize("mu, sigma", [(0.5, 0.7), (1.0, 2.0)])
+def test_truncated_logit_normal_is_the_inverse_cdf_draw(mu, sigma):
+    """X = expit(mu + sigma * ndtri(U)) with U uniform on [ndtr(-inf), ndtr((logit(1 - 1/1000) - mu) / sigma)]:
+    the official truncated_logitnormal_sample, written with scipy, on the same uniforms."""
+    from scipy.special import expit, logit, ndtr, ndtri
+
+    n = 2000
+    got = truncated_logit_normal(n, mu, sigma, generator=torch.Generator().manual_seed(3))
+    u = torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64).numpy()
+    c_hi = ndtr((logit(T_MAX) - mu) / sigma)
+    want = expit(mu + sigma * ndtri(c_hi * u))
+    torch.testing.assert_close(got.double(), torch.from_numpy(want), rtol=1e-6, atol=1e-7)
+
+
+def test_loss_is_the_per_sample_mean_squared_velocity_error():
+    """The official mean_flat((model_output - (x1 - x0))^2) on a model that is not exact."""
+    g = torch.Generator().manual_seed(4)
+    x0, noise = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    t, y = torch.tensor([0.2, 0.5, 0.9]), torch.tensor([0, 1, 2])
+
+    def model(xt, t, y):
+        return 0.5 * xt - t.view(-1, 1, 1, 1) + 0.1 * y.view(-1, 1, 1, 1)
+
+    xt = (1 - t.view(-1, 1, 1, 1)).double() * x0.double() + t.view(-1, 1, 1, 1).double() * noise.double()
+    want = ((model(xt, t.double(), y.double()) - (noise.double() - x0.double())) ** 2).mean(dim=(1, 2, 3))
+    got = Transport().loss_at(model, x0, y, t, noise)
+    assert got.shape == (3,)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
