@@ -197,6 +197,24 @@ def _remove_stale_temps(path: Path, suffix: str, keep: str) -> None:
             pass
 
 
+def remove_orphan_temps(folder: str | os.PathLike) -> int:
+    """Remove the temporary files that :func:`atomic_path` writers killed mid-save left in ``folder``
+    (``.NAME.XXXXXXXX.SUFFIX``, whatever their age); returns how many. Only for a folder whose
+    writers are known to be gone: the caller holds its :mod:`raebench.locks` lock."""
+    import re
+
+    pattern = re.compile(r"^\..+\.[a-z0-9_]{8}(\.tmp|\.npz)$")  # mkstemp's names, the suffixes in use
+    removed = 0
+    for old in Path(folder).glob(".*"):
+        if pattern.match(old.name) and old.is_file():
+            try:
+                old.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:

@@ -64,6 +64,32 @@ def test_rerun_computes_only_missing_parts(image_folder: Path, tmp_path: Path, c
     assert len(_new_rows(res, before)) == len(first)
 
 
+def test_each_tokenizers_rows_are_stored_as_it_finishes(image_folder: Path, tmp_path: Path, capsys, monkeypatch):
+    """Killed while the second tokenizer is measured: the first one's rows are already stored, so
+    the re-run measures only the second."""
+    import raebench.analysis.run as run_mod
+
+    real, seen = run_mod.measure, []
+
+    def dies_on_the_second(cfg, acc, *a, **k):
+        seen.append(acc.tok.name)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, acc, *a, **k)
+
+    res = tmp_path / "res"
+    base = ["analyze", "-t", "pixels", "-t", "bicubic-f8", "--data", str(image_folder), *FAST, "--results", str(res)]
+    monkeypatch.setattr(run_mod, "measure", dies_on_the_second)
+    code, _, _ = run(base, capsys)
+    assert code != 0 and seen == ["pixels", "bicubic-f8"]
+    assert set(load(res)["tokenizer"]) == {"pixels"}
+    monkeypatch.setattr(run_mod, "measure", real)
+    before = _runs(res)
+    code, _, err = run(base, capsys)
+    assert code == 0, err
+    assert set(_new_rows(res, before)["tokenizer"]) == {"bicubic-f8"}
+
+
 def test_per_tokenizer_weights_are_part_of_the_identity(image_folder: Path, tmp_path: Path, capsys):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)

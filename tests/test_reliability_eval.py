@@ -435,6 +435,43 @@ def test_reconstruct_empty_stale_and_nonfinite(tmp_path, capsys, make_images, mo
     assert len(summary["nonfinite"]) == 2 and (arr[:, 0, :2] == 0).all()
 
 
+def test_a_killed_reconstruct_leaves_the_earlier_run_whole(tmp_path, make_images):
+    """Interrupted while a second run (other images) writes into the same folder: the folder still
+    holds the first run, consistent (PNGs, npz, files.csv); the next run replaces it completely."""
+    from _metrics_helpers import save_pngs
+
+    from raebench.cli.rae_cmds import write_reconstructions
+    from raebench.data import resolve_data
+    from raebench.tokenizers.reference import PixelTokenizer
+
+    save_pngs(make_images(3, 16, 16, seed=1), tmp_path / "first")
+    save_pngs(make_images(5, 16, 16, seed=2), tmp_path / "second")
+    out = tmp_path / "o"
+    write_reconstructions(PixelTokenizer(), resolve_data(str(tmp_path / "first")), out, resolution=16, batch_size=2)
+    before = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+    class DiesOnSecondBatch(PixelTokenizer):
+        calls = 0
+
+        def encode(self, x):
+            DiesOnSecondBatch.calls += 1
+            if DiesOnSecondBatch.calls == 2:
+                raise KeyboardInterrupt
+            return super().encode(x)
+
+    with pytest.raises(KeyboardInterrupt):
+        write_reconstructions(DiesOnSecondBatch(), resolve_data(str(tmp_path / "second")), out, resolution=16,
+                              batch_size=2, references=True)
+    after = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"
+             and ".images.partial" not in str(p)}
+    assert after == before  # nothing of the killed run outside its staging folder
+    write_reconstructions(PixelTokenizer(), resolve_data(str(tmp_path / "second")), out, resolution=16, batch_size=2)
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    assert np.load(out / "reconstructions.npz")["arr_0"].shape[0] == 5 and not (out / "references.npz").exists()
+    assert len((out / "files.csv").read_text().splitlines()) == 6 and not (out / ".images.partial").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".part-")]
+
+
 def test_a_failing_first_batch_leaves_no_work_folder(tmp_path, image_folder, monkeypatch):
     from raebench.evaluate import EvalConfig, evaluate
     from raebench.tokenizers.reference import PixelTokenizer

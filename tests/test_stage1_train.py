@@ -111,6 +111,36 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(assets, tmp_path):
         train(_resume_cfg(assets, lr=1e-4), tmp_path / "split")
 
 
+def test_resume_checks_the_encoders_weights_not_its_path(assets, tmp_path):
+    """The same encoder copied elsewhere resumes; other weights in the same folder are refused; a
+    second job on the run folder is refused while the first holds it."""
+    import shutil
+
+    from transformers import Dinov2WithRegistersModel
+
+    from raebench.locks import OutputLock
+
+    enc = tmp_path / "enc"
+    shutil.copytree(assets["encoder"], enc)
+    cfg = dataclasses.replace(_cfg(assets, epochs=1, lpips_weight=0.0, sample_every=0, gan_weight=0.0), encoder=str(enc))
+    assert train(dataclasses.replace(cfg, max_steps=1), tmp_path / "run")["step"] == 1
+    moved = tmp_path / "moved"
+    shutil.copytree(enc, moved)
+    assert train(dataclasses.replace(cfg, encoder=str(moved), max_steps=2), tmp_path / "run")["step"] == 2
+    model = Dinov2WithRegistersModel.from_pretrained(enc)
+    with torch.no_grad():
+        model.embeddings.patch_embeddings.projection.weight.mul_(1.5)  # retrained, same path and config
+    model.save_pretrained(enc)
+    with pytest.raises(RaebenchError, match=r"other settings or data \(encoder weights: [0-9a-f]{16} -> [0-9a-f]{16}"):
+        train(cfg, tmp_path / "run")
+    held = OutputLock(tmp_path / "run" / ".lock", "test job", tmp_path / "run", "wait").acquire()
+    try:
+        with pytest.raises(RaebenchError, match=r"Another stage-1 training job is writing"):
+            train(dataclasses.replace(cfg, encoder=str(moved)), tmp_path / "run")
+    finally:
+        held.release()
+
+
 def test_torchrun_two_processes_match_one_process(assets, tmp_path):
     common = ["--preset", "tiny", "--data", assets["data"], "--encoder", assets["encoder"], "--epochs", "2",
               "--set", "gan_start_epoch=0.5", "--set", "disc_start_epoch=0.5", "--set", "sample_every=0",

@@ -102,3 +102,42 @@ def test_quantize_truncate_is_the_official_conversion_and_keys_the_resume(tmp_pa
         generate_npz(sample_fn, decode, tmp_path / "o.npz", y6, (4, 2, 2), batch_size=2, seed=1)
     with pytest.raises(RaebenchError, match="quantize"):
         generate_npz(sample_fn, decode, tmp_path / "o.npz", y6, (4, 2, 2), batch_size=2, seed=1, quantize="truncate")
+
+
+def test_sampling_refuses_a_second_job_unrecorded_parts_and_resamples_damaged_parts(tmp_path):
+    from raebench.errors import RaebenchError
+    from raebench.locks import OutputLock
+
+    y = class_labels(10, 5, seed=0)
+    calls = []
+    sample_fn, decode = fake_fns(calls)
+    out = tmp_path / "s.npz"
+    held = OutputLock(tmp_path / ".s.npz.lock", "test job", out, "wait").acquire()  # a job already on s.npz
+    try:
+        with pytest.raises(RaebenchError, match=r"Another sampling job is writing .*s\.npz'"):
+            generate_npz(sample_fn, decode, out, y, (4, 2, 2), batch_size=3, seed=7)
+    finally:
+        held.release()
+    assert calls == []
+    ref = np.load(generate_npz(sample_fn, decode, tmp_path / "ref.npz", y, (4, 2, 2), batch_size=3, seed=7))["arr_0"]
+    # parts without their settings record (meta.json) are never taken for this run's
+    parts = tmp_path / ".s.npz.parts"
+    parts.mkdir()
+    (parts / "b0000003.npz").write_bytes(b"PK")
+    with pytest.raises(RaebenchError, match="without a record of their settings"):
+        generate_npz(sample_fn, decode, out, y, (4, 2, 2), batch_size=3, seed=7)
+    (parts / "b0000003.npz").unlink()
+    # a damaged part (truncated by a full disk) is sampled again at the resume, not found at the merge
+    sample_fn.crash = True
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):  # on the third batch
+        generate_npz(sample_fn, decode, out, y, (4, 2, 2), batch_size=3, seed=7)
+    sample_fn.crash = False
+    done = sorted(parts.glob("b*.npz"))
+    assert len(done) == 2
+    done[0].write_bytes(done[0].read_bytes()[:100])
+    (parts / ".b0000002.npz.abcd1234.npz").write_bytes(b"half")  # a part write killed midway
+    calls.clear()
+    got = np.load(generate_npz(sample_fn, decode, out, y, (4, 2, 2), batch_size=3, seed=7))["arr_0"]
+    assert calls == [3, 3, 1] and np.array_equal(got, ref)
+    assert not parts.exists()

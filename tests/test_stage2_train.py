@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from raebench.errors import DataError, RaebenchError
 from raebench.stage2.samplers import sample
 from raebench.stage2.latents import LatentCache, cache_latents, write_latent_cache
 from raebench.stage2.train import PRESETS, TrainConfig, build_for_training, lr_factor, preset, train
@@ -71,6 +72,26 @@ def test_resume_matches_uninterrupted(tmp_path):
     assert not list((tmp_path / "b" / "checkpoints").glob("*.tmp"))
 
 
+def test_one_training_job_per_run_folder(tmp_path):
+    """A second job on a run folder in use is refused (it would overwrite the first's checkpoints);
+    a half-written checkpoint of a killed job is removed when the folder is next used."""
+    from raebench.locks import OutputLock
+
+    toy_cache(tmp_path / "cache", n=64)
+    cfg = dataclasses.replace(tiny_cfg(tmp_path, global_batch=32, epochs=1, ckpt_every=1), out=str(tmp_path / "run"))
+    held = OutputLock(tmp_path / "run" / ".lock", "test job", tmp_path / "run", "wait").acquire()
+    try:
+        with pytest.raises(RaebenchError, match=r"Another stage-2 training job is writing .*run'; wait for it to "
+                                                r"finish, or choose another --out"):
+            train(cfg)
+    finally:
+        held.release()
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    orphan = tmp_path / "run" / "checkpoints" / ".last.pt.k1ll3d_x.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    assert train(cfg)["step"] == 2 and not orphan.exists()
+
+
 def test_official_schedule_and_presets():
     cfg = PRESETS["ditdh-xl"]
     assert (cfg.lr, cfg.betas, cfg.global_batch, cfg.clip_grad, cfg.ema_decay) == (2e-4, (0.9, 0.95), 1024, 1.0, 0.9995)
@@ -111,8 +132,54 @@ def test_cache_latents_with_flips(tmp_path, image_folder):
     cache_latents(enc, str(image_folder), tmp_path / "lat", resolution=32, batch_size=3)
     assert calls == [1] and (out / "meta.json").read_text() == meta  # only the shape probe
     calls.clear()
-    cache_latents(enc, str(image_folder), tmp_path / "lat", resolution=32, batch_size=3, flip=False)  # other settings
+    with pytest.raises(DataError, match=r"holds a complete latent cache of other images or settings \(variants: 2 -> 1\)"):
+        cache_latents(enc, str(image_folder), tmp_path / "lat", resolution=32, batch_size=3, flip=False)
+    assert calls == [1] and (out / "meta.json").read_text() == meta  # never overwritten
+    cache_latents(enc, str(image_folder), tmp_path / "lat1", resolution=32, batch_size=3, flip=False)
     assert sum(calls) > 1
+
+
+def test_damaged_latent_caches_are_named_not_tracebacks(tmp_path, image_folder):
+    import json
+    import os
+
+    out = cache_latents(_MeanPool(), str(image_folder), tmp_path / "lat", resolution=32, batch_size=3)
+    size = (out / "latents.npy").stat().st_size
+    os.truncate(out / "latents.npy", size // 2)
+    with pytest.raises(DataError, match=r"latents\.npy' is missing or damaged"):
+        LatentCache(out)
+    # the same command encodes a complete-but-truncated cache of the same settings again
+    cache_latents(_MeanPool(), str(image_folder), out, resolution=32, batch_size=3)
+    assert (out / "latents.npy").stat().st_size == size and len(LatentCache(out)) == 8
+    (out / "labels.npy").write_bytes(b"\x93NUMPY")
+    with pytest.raises(DataError, match=r"labels\.npy' is damaged"):
+        LatentCache(out)
+    (out / "meta.json").write_text('{"n": 8, "compl')
+    for call in (lambda: LatentCache(out),
+                 lambda: cache_latents(_MeanPool(), str(image_folder), out, resolution=32, batch_size=3)):
+        with pytest.raises(DataError, match=r"meta\.json' is damaged"):
+            call()
+    # an unfinished cache of other settings is not overwritten either
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "meta.json").write_text(json.dumps({"n": 3, "variants": 2, "shape": [3, 4, 4], "complete": False}))
+    with pytest.raises(DataError, match="holds an unfinished latent cache of other images"):
+        cache_latents(_MeanPool(), str(image_folder), part, resolution=32, batch_size=3)
+
+
+def test_one_job_per_output_and_orphan_temps_removed(tmp_path, image_folder):
+    from raebench.locks import OutputLock
+
+    lat = tmp_path / "lat"
+    held = OutputLock(lat / ".lock", "test job", lat, "wait").acquire()  # as another process would hold it
+    try:
+        with pytest.raises(RaebenchError, match=r"Another latent-caching job is writing .*lat'; wait for it to finish"):
+            cache_latents(_MeanPool(), str(image_folder), lat, resolution=32, batch_size=3)
+    finally:
+        held.release()
+    (lat / ".progress-0-of-1.json.abcd1234.tmp").write_text("{")  # left by a job killed mid-write
+    cache_latents(_MeanPool(), str(image_folder), lat, resolution=32, batch_size=3)
+    assert not list(lat.glob("*.tmp")) and not list(lat.glob(".*.tmp"))
 
 
 def test_gradient_accumulation_equals_big_batch():

@@ -305,6 +305,7 @@ def analyze(
     feats = {n: torch.cat(v) for n, v in ref_feats.items()}
 
     reports: list[TokenizerReport] = []
+    stamp = new_run_id()
     with contextlib.ExitStack() as stack:  # without --results writes, probe runs go to a temporary folder
         if world > 1:
             stack.enter_context(_solo())
@@ -329,14 +330,12 @@ def analyze(
             rep.rows = [r for r in rows if part_of(r.metric) in todo[i]]
             if rep.reused:  # said on screen, not stored in the new rows
                 rep.notes.append(f"reused stored rows for {', '.join(sorted(set(expected) - todo[i]))}")
+            if cfg.write and active and rep.rows:  # stored as each tokenizer finishes: a crash loses only the one at work
+                write_rows(rep.rows, cfg.results_dir, f"{stamp}-{rep.name}")
             reports.append(rep)
     out_dir: Path | None = None
     plots: list[Path] = []
-    stamp = new_run_id()
     if cfg.write and active:
-        for rep in reports:
-            if rep.rows:
-                write_rows(rep.rows, cfg.results_dir, f"{stamp}-{rep.name}")
         out_dir = Path(cfg.results_dir) / "analysis" / stamp
         config = {**asdict(cfg), "dataset_resolved": data.name, "data_fingerprint": data.images.fingerprint(),
                   "n_images": int(y.numel()), "perceptual_resolved": dist_name, "versions": versions,

@@ -83,7 +83,30 @@ def feature_extractor(
     raise RaebenchError("Give --tokenizer NAME, --tokenizer-config official.yaml or --encoder NAME to compute statistics for.")
 
 
-def write_reconstructions(
+def write_reconstructions(tok, data, out: str | os.PathLike, **kw) -> dict:
+    """Reconstruct ``data`` with ``tok`` into the folder ``out``; see :func:`_write_reconstructions`.
+
+    One job per folder (:mod:`raebench.locks`). The folder is consistent at every moment: PNGs are
+    staged in a hidden folder and moved into ``images/`` at the end, the npz files are written
+    atomically, and ``files.csv`` (the index) is removed first and written last, so a folder
+    without ``files.csv`` is an unfinished one and a killed run never mixes two runs' images.
+    """
+    from raebench.locks import exclusive
+
+    out = Path(out)
+    check_out_dir(out)
+    with exclusive(out / ".lock", "reconstruction job", out, "choose another --out"):
+        return _write_reconstructions(tok, data, out, **kw)
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    from raebench.results import atomic_path
+
+    with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to other names
+        np.savez(tmp, **arrays)
+
+
+def _write_reconstructions(
     tok,
     data,
     out: str | os.PathLike,
@@ -110,11 +133,19 @@ def write_reconstructions(
     from raebench.evaluate import _autocast
     from raebench.results import atomic_write_bytes
 
-    out = Path(out)
-    check_out_dir(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    from raebench.results import remove_orphan_temps
+
     recs, refs, rows, nonfinite = [], [], [], []
     rank, world = distributed.rank_world()
+    staging = out / ".images.partial"  # this run's PNGs until it has finished
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # of a killed run (we hold the lock)
+        staging.mkdir(parents=True)
+        remove_orphan_temps(out)
+    if world > 1:
+        td.barrier()
     skipped = list(data.images.skipped) if rank == 0 else []  # found while listing the folder
     for s in skipped:
         log.warning("skipped %s: %s", s.path, s.reason)
@@ -129,13 +160,13 @@ def write_reconstructions(
             refs.append(ref.permute(0, 2, 3, 1).cpu().numpy())
         for i, a, p in zip(idx.tolist(), u8, paths):
             if png:
-                Image.fromarray(a).save(out / "images" / f"{i:06d}.png")
+                Image.fromarray(a).save(staging / f"{i:06d}.png")
             rows.append((i, p))
     part = out / f".part-{rank}"
     empty = np.zeros((0, resolution, resolution, 3), np.uint8)
-    np.savez(part.with_suffix(".npz"), rec=np.concatenate(recs) if recs else empty, ref=np.concatenate(refs) if refs else empty)
-    part.with_suffix(".json").write_text(json.dumps({"rows": rows, "nonfinite": nonfinite,
-                                                     "skipped": [(s.path, s.reason) for s in skipped]}))
+    _save_npz(part.with_suffix(".npz"), rec=np.concatenate(recs) if recs else empty, ref=np.concatenate(refs) if refs else empty)
+    atomic_write_bytes(part.with_suffix(".json"), json.dumps({"rows": rows, "nonfinite": nonfinite,
+                                                              "skipped": [(s.path, s.reason) for s in skipped]}).encode())
     if world > 1:
         td.barrier()
     shards = [out / f".part-{r}" for r in range(world)]
@@ -145,26 +176,36 @@ def write_reconstructions(
             td.barrier()
         for suffix in (".npz", ".json"):
             part.with_suffix(suffix).unlink(missing_ok=True)
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
         n_skip = sum(len(m["skipped"]) for m in meta)
         raise RaebenchError(f"Nothing to reconstruct in {data.name!r}: no image was readable ({n_skip} skipped).")
     summary = {}
     if rank == 0:
+        # files.csv goes first and comes back last: a folder without it is unfinished
+        (out / "files.csv").unlink(missing_ok=True)
         arrays = [np.load(p.with_suffix(".npz")) for p in shards]
         rec_all = np.concatenate([a["rec"] for a in arrays])
-        np.savez(out / "reconstructions.npz", arr_0=rec_all)
+        _save_npz(out / "reconstructions.npz", arr_0=rec_all)
         if references:
-            np.savez(out / "references.npz", arr_0=np.concatenate([a["ref"] for a in arrays]))
-        buf = io.StringIO()  # csv quoting: file names may hold commas or quotes
-        csv.writer(buf, lineterminator="\n").writerows([("index", "source"), *((i, src) for m in meta for i, src in m["rows"])])
-        atomic_write_bytes(out / "files.csv", buf.getvalue().encode())
-        skips = [tuple(s) for m in meta for s in m["skipped"]]
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows([("path", "reason"), *skips])
-        atomic_write_bytes(out / "skipped.csv", buf.getvalue().encode())
+            _save_npz(out / "references.npz", arr_0=np.concatenate([a["ref"] for a in arrays]))
+        else:
+            (out / "references.npz").unlink(missing_ok=True)  # an earlier run's originals, not this run's
+        (out / "images").mkdir(exist_ok=True)
         written = {f"{i:06d}.png" for m in meta for i, _ in m["rows"]} if png else set()
         for stale in (out / "images").glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):  # from an earlier run
             if stale.name not in written:
                 stale.unlink()
+        for name in sorted(written):
+            os.replace(staging / name, out / "images" / name)
+        shutil.rmtree(staging, ignore_errors=True)
+        skips = [tuple(s) for m in meta for s in m["skipped"]]
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([("path", "reason"), *skips])
+        atomic_write_bytes(out / "skipped.csv", buf.getvalue().encode())
+        buf = io.StringIO()  # csv quoting: file names may hold commas or quotes
+        csv.writer(buf, lineterminator="\n").writerows([("index", "source"), *((i, src) for m in meta for i, src in m["rows"])])
+        atomic_write_bytes(out / "files.csv", buf.getvalue().encode())
         summary = {"n": int(rec_all.shape[0]), "nonfinite": [p for m in meta for p in m["nonfinite"]], "out": str(out),
                    "skipped": skips}
     if world > 1:

@@ -192,10 +192,25 @@ def _checked_step(module: nn.Module, opt: torch.optim.Optimizer, clip: float | N
                             f"last checkpoint holds the last good state; {hint}.") from None
 
 
-def compare_configs(saved: dict, cfg: Stage1Config) -> list[str]:
-    """Trajectory-changing differences between a saved run config and ``cfg``."""
+def compare_configs(saved: dict, cfg: Stage1Config, encoder_recorded: bool = False) -> list[str]:
+    """Trajectory-changing differences between a saved run config and ``cfg``. With the encoder's
+    weights recorded (``encoder_recorded``), its path or name is not compared: the weights are."""
     now = cfg.to_dict()
-    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in RUN_ONLY_FIELDS and saved.get(k) != v]
+    skip = RUN_ONLY_FIELDS | ({"encoder"} if encoder_recorded else set())
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in skip and saved.get(k) != v]
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of a module's state: names, dtypes, shapes and bytes of every
+    tensor. A frozen encoder is identified by it, wherever its files live (~0.3 s for DINOv2-B)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,8 +321,20 @@ def plan(cfg: Stage1Config, n_images: int, world: int = 1) -> dict[str, int]:
 
 
 def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -> dict[str, Any]:
-    """Run or resume the stage-1 run in ``run_dir``; returns {'step', 'run_dir', 'decoder'}."""
+    """Run or resume the stage-1 run in ``run_dir``; returns {'step', 'run_dir', 'decoder'}.
+
+    One job per run folder: a second one on the same ``run_dir`` is refused while the first runs
+    (:mod:`raebench.locks`), so two jobs never overwrite each other's checkpoints and logs.
+    """
+    from raebench.locks import exclusive
+
+    with exclusive(Path(run_dir) / ".lock", "stage-1 training job", run_dir, "start another run with --name"):
+        return _train(cfg, run_dir, device)
+
+
+def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -> dict[str, Any]:
     from raebench.checkpoint import load_state, save_atomic
+    from raebench.results import remove_orphan_temps
     from raebench.rae.tokenizer import add_noise
     from raebench.stage1.discriminator import build_discriminator, diff_augment, quantize_8bit
     from raebench.stage1.export import export_decoder
@@ -332,7 +359,9 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
 
     # models: the same seed on every rank, so the discriminator heads (no DDP) start equal
     torch.manual_seed(cfg.seed)
-    tok = build_trainable_rae(cfg).to(device)
+    tok = build_trainable_rae(cfg)
+    encoder_id = weights_digest(tok.encoder)  # a resume must see the same frozen encoder
+    tok = tok.to(device)
     decoder = tok.decoder.train()
     ema = copy.deepcopy(decoder).requires_grad_(False).eval()
     lpips = build_lpips(cfg.lpips_weights).to(device) if cfg.lpips_weight > 0 else None
@@ -354,7 +383,10 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
     step, disc_updates = 0, 0
     if ckpt_path.is_file():
         ck = load_state(ckpt_path, map_location="cpu")
-        diff = compare_configs(ck.get("config", {}), cfg) + compare_data(ck.get("data"), data)  # older: no data record
+        saved_enc = ck.get("encoder_weights")  # older checkpoints: none, the encoder path is compared instead
+        diff = compare_configs(ck.get("config", {}), cfg, saved_enc is not None) + compare_data(ck.get("data"), data)
+        if saved_enc is not None and saved_enc != encoder_id:
+            diff.insert(0, f"encoder weights: {saved_enc} -> {encoder_id}")
         if diff:
             raise RaebenchError(f"{str(run_dir)!r} holds a run with other settings or data ({'; '.join(diff[:4])}); "
                                 "re-run with its settings and data, or start a new run with --name.")
@@ -373,6 +405,7 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
             log.info("resumed %s at step %d/%d", run_dir, step, total)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_orphan_temps(run_dir / "checkpoints")  # half-written checkpoints of a killed job (we hold the lock)
         meta = {"config": cfg.to_dict(), "plan": p, "world_size": world, "device": str(device), **provenance()}
         atomic_write_bytes(run_dir / "config.json", json.dumps(meta, indent=2).encode())
         log.info("stage 1: %d images, %d steps/epoch, %d steps (%d epochs), micro-batch %d x %d accum x %d ranks",
@@ -522,7 +555,7 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
                     "disc": disc.heads.state_dict() if disc is not None else {},
                     "disc_opt": dopt.state_dict() if dopt is not None else {},
                     "disc_sched": dsched.state_dict() if dsched is not None else {},
-                    "rng": rngs, "config": cfg.to_dict(), "data": data,
+                    "rng": rngs, "config": cfg.to_dict(), "data": data, "encoder_weights": encoder_id,
                 }, ckpt_path)
             if world > 1:
                 dist.barrier()

@@ -38,11 +38,18 @@ class LatentCache:
         meta_path = self.root / "meta.json"
         if not meta_path.is_file():
             raise DataError(f"{str(self.root)!r} is not a latent cache (no meta.json); write one with `raebench cache-latents`.")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = _read_meta(meta_path)
         if not self.meta.get("complete", False):
             raise DataError(f"Latent cache {str(self.root)!r} is incomplete; re-run `raebench cache-latents` to finish it.")
-        self._mm = None
-        self.labels = torch.from_numpy(np.load(self.root / "labels.npy")).long()
+        self._mm = _open_latents(self.root / "latents.npy", self.meta)  # fails here, not steps into training
+        try:
+            self.labels = torch.from_numpy(np.load(self.root / "labels.npy")).long()
+        except (OSError, ValueError) as e:
+            raise DataError(f"{str(self.root / 'labels.npy')!r} is damaged ({e}); re-run `raebench cache-latents` "
+                            "into a new folder to rebuild the cache.") from None
+        if self.labels.shape != (self._mm.shape[0],):
+            raise DataError(f"Latent cache {str(self.root)!r} holds {self._mm.shape[0]} latents but "
+                            f"{tuple(self.labels.shape)} labels; rebuild it with `raebench cache-latents`.")
 
     @property
     def latents(self) -> np.ndarray:
@@ -152,8 +159,18 @@ def cache_latents(
     world size starts afresh. ``meta.json`` is marked complete only when every rank has finished; its
     ``id`` is new for every fresh cache, so a run trained on it refuses to resume on another one.
     A complete cache of the same images and settings is returned as it is (nothing is encoded again).
+    Two jobs on one ``out`` are refused, and so is a folder that holds a cache of other images or
+    settings (complete or not): it is never overwritten.
     """
+    from raebench.locks import exclusive
+
+    with exclusive(Path(out) / ".lock", "latent-caching job", out, "choose another --out"):
+        return _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, progress)
+
+
+def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, progress) -> Path:
     from raebench.data import ImageDataset, make_loader, resolve_data, to_float
+    from raebench.results import remove_orphan_temps
 
     rank, world = distributed.rank_world()
     images = resolve_data(data=data).images
@@ -168,11 +185,21 @@ def cache_latents(
             "fingerprint": images.fingerprint(), "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
             "world": world}
     progress_path = out / f"progress-{rank}-of-{world}.json"
-    complete = False
+    complete, meta = False, {}
     if rank == 0:  # a finished cache of these images and settings (at any world size) is kept as it is
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        complete = bool(meta.get("complete")) and (out / "latents.npy").is_file() and all(
-            meta.get(k) == v for k, v in want.items() if k != "world")
+        meta = _read_meta(meta_path) if meta_path.is_file() else {}
+        diff = [f"{k}: {meta.get(k)!r} -> {v!r}" for k, v in want.items() if k != "world" and meta.get(k) != v]
+        if meta and diff:
+            state = "a complete" if meta.get("complete") else "an unfinished"
+            raise DataError(f"{str(out)!r} holds {state} latent cache of other images or settings "
+                            f"({'; '.join(diff[:4])}); choose another --out, or delete that folder to replace it.")
+        complete = bool(meta.get("complete"))
+        if complete:
+            try:
+                _open_latents(out / "latents.npy", meta)
+            except DataError as e:
+                log.warning("%s; encoding the cache again", e)
+                complete, meta = False, {}
     if world > 1:
         box = [complete]
         dist.broadcast_object_list(box, src=0)
@@ -182,6 +209,7 @@ def cache_latents(
         return out
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        remove_orphan_temps(out)  # of a killed job's progress and meta writes (we hold the lock)
         fresh = any(meta.get(k) != v for k, v in want.items()) or not (out / "latents.npy").is_file()
         if fresh:
             for old in out.glob("progress-*.json"):
@@ -193,7 +221,14 @@ def cache_latents(
     if world > 1:
         dist.barrier()
     lo, hi = distributed.shard(n, rank, world)
-    start = json.loads(progress_path.read_text())["next"] if progress_path.is_file() else lo
+    start = lo
+    if progress_path.is_file():
+        try:
+            start = int(json.loads(progress_path.read_text())["next"])
+        except (OSError, ValueError, KeyError, TypeError) as e:  # rows are rewritten, so restarting the shard is safe
+            log.warning("unreadable %s (%s); this shard is encoded again from its start", progress_path, e)
+    if not lo <= start <= hi:
+        start = lo
     lat = np.load(out / "latents.npy", mmap_mode="r+")  # (N, V, C, H, W)
     loader = make_loader(ImageDataset(images, resolution), batch_size, indices=range(start, hi))
     for batch in loader:
@@ -216,6 +251,33 @@ def cache_latents(
     if world > 1:
         dist.barrier()
     return out
+
+
+def _read_meta(path: Path) -> dict:
+    """A cache's meta.json, or a DataError naming it."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{str(path)!r} is damaged ({e}); rebuild the latent cache with `raebench cache-latents` "
+                        "into a new folder (or delete this one).") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{str(path)!r} is not a latent-cache record; rebuild the cache with `raebench cache-latents`.")
+    return meta
+
+
+def _open_latents(path: Path, meta: dict, mode: str = "r") -> np.ndarray:
+    """The (N, V, C, H, W) memory map of ``latents.npy``, checked against ``meta``; DataError if the
+    file is missing, truncated or of another shape."""
+    try:
+        mm = np.load(path, mmap_mode=mode)
+    except (OSError, ValueError) as e:  # "mmap length is greater than file size" for a truncated file
+        raise DataError(f"{str(path)!r} is missing or damaged ({e}); rebuild the latent cache with "
+                        "`raebench cache-latents`.") from None
+    want = (meta.get("n"), meta.get("variants"), *meta.get("shape", ()))
+    if mm.ndim != 5 or (meta.get("n") is not None and tuple(mm.shape) != want):
+        raise DataError(f"{str(path)!r} has shape {tuple(mm.shape)}, but its meta.json says {want}; rebuild the "
+                        "latent cache with `raebench cache-latents`.")
+    return mm
 
 
 def _write_json(path: Path, obj: Any) -> None:

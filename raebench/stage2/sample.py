@@ -72,15 +72,46 @@ def generate_npz(
     or it is refused (parts of two runs are never mixed). ``quantize``: how decoded images become
     uint8, "round" (default) or "truncate" (the official RAE ``sample_ddp.py``; see :func:`raebench.data.to_uint8`).
     """
-    from raebench.data import to_uint8
+    from raebench.locks import exclusive
 
     out = Path(out)
+    if out.is_dir():
+        raise RaebenchError(f"--out {str(out)!r} is a folder; give the .npz file to write.")
+    # one job per output: two would write the same parts and the first to finish would delete them
+    with exclusive(out.with_name(f".{out.name}.lock"), "sampling job", out, "choose another --out"):
+        return _generate(sample_fn, decode, out, labels, latent_shape, batch_size, seed, device, progress, settings,
+                         quantize)
+
+
+def _read_parts_meta(meta: Path) -> dict:
+    try:
+        saved = json.loads(meta.read_text())
+    except (OSError, ValueError) as e:
+        raise RaebenchError(f"{str(meta)!r} is damaged ({e}); the parts beside it cannot be matched to their "
+                            "settings, so delete that folder to start afresh.") from None
+    if not isinstance(saved, dict):
+        raise RaebenchError(f"{str(meta)!r} is not a sampling record; delete that folder to start afresh.")
+    return saved
+
+
+def _readable_part(part: Path) -> bool:
+    """Whether a finished part opens (its zip directory, at the end of the file, is intact)."""
+    try:
+        with np.load(part) as a:
+            return {"images", "labels"} <= set(a.files)
+    except Exception:  # noqa: BLE001 - any failure to open means the part must be sampled again
+        return False
+
+
+def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, seed, device, progress, settings,
+              quantize) -> Path:
+    from raebench.data import to_uint8
+    from raebench.results import atomic_write_bytes, remove_orphan_temps
+
     rank, world = rank_world()
     n = len(labels)
     if n < 1 or batch_size < 1:
         raise RaebenchError(f"Need at least one sample and a batch size of at least 1, got {n} and {batch_size}.")
-    if out.is_dir():
-        raise RaebenchError(f"--out {str(out)!r} is a folder; give the .npz file to write.")
     parts = out.with_name(f".{out.name}.parts")
     run = {"labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16], "seed": seed, "batch_size": batch_size,
            "latent_shape": list(latent_shape), **json.loads(json.dumps(dict(settings or {})))}
@@ -88,8 +119,12 @@ def generate_npz(
         run["quantize"] = quantize
     if rank == 0:
         parts.mkdir(parents=True, exist_ok=True)
+        remove_orphan_temps(parts)  # half-written parts of a killed job (we hold the lock)
         meta = parts / "meta.json"
-        saved = json.loads(meta.read_text()) if meta.is_file() else {"run": run}
+        if not meta.is_file() and any(parts.glob("b*.npz")):
+            raise RaebenchError(f"{parts} holds sample parts without a record of their settings (meta.json), so they "
+                                "cannot be resumed safely; delete that folder to start afresh.")
+        saved = _read_parts_meta(meta) if meta.is_file() else {"run": run}
         old = saved.get("run", {})
         if "run" not in saved and "key" in saved and any(parts.glob("b*.npz")):  # parts of raebench before 0.1's run keys
             legacy = {hashlib.sha256(labels.numpy().tobytes() + f"{seed}/{batch_size}/{shape}".encode()).hexdigest()[:16]
@@ -105,7 +140,13 @@ def generate_npz(
                              if old.get(k) != run.get(k))
             raise RaebenchError(f"{parts} holds samples of a sampling run with other settings ({diff}); re-run with "
                                 "those settings to finish it, or delete that folder (or choose another --out) to start afresh.")
-        meta.write_text(json.dumps({"run": run, "n": n}))
+        atomic_write_bytes(meta, json.dumps({"run": run, "n": n}).encode())
+        damaged = [p for p in sorted(parts.glob("b*.npz")) if not _readable_part(p)]
+        for p in damaged:  # truncated by a full disk or a copy: sampled again, not discovered at the merge
+            p.unlink()
+        if damaged:
+            log.warning("%d damaged sample part(s) in %s will be sampled again: %s", len(damaged), parts,
+                        ", ".join(p.name for p in damaged[:5]))
     if world > 1:
         dist.barrier()
     num_batches = math.ceil(n / batch_size)

@@ -373,8 +373,20 @@ CHECKPOINT_FORMAT = "raebench-stage2-v2"  # v2: per-step draws of (seed, step, p
 
 
 def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> dict:
-    """Run (or resume) training; returns {'step', 'losses', 'out'}. ``source`` overrides cfg data."""
+    """Run (or resume) training; returns {'step', 'losses', 'out'}. ``source`` overrides cfg data.
+
+    One job per run folder: a second one on the same ``cfg.out`` is refused while the first runs
+    (:mod:`raebench.locks`), so two jobs never overwrite each other's checkpoints and log.
+    """
+    from raebench.locks import exclusive
+
+    with exclusive(Path(cfg.out) / ".lock", "stage-2 training job", cfg.out, "choose another --out"):
+        return _train(cfg, device, source)
+
+
+def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> dict:
     from raebench.checkpoint import load_state
+    from raebench.results import remove_orphan_temps
     from raebench.stage1.train import truncate_csv
 
     device = torch.device(device)
@@ -427,6 +439,7 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
     del ck
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        remove_orphan_temps(out / "checkpoints")  # half-written checkpoints of a killed job (we hold the lock)
         _write_json(out / "config.json", {**_jsonable(cfg), "data_identity": data})
         truncate_csv(out / "log.csv", LOG_COLUMNS, step)
         log.info("%s: %.2fM parameters, %d examples, %d steps/epoch, %d steps, shift %.3f", cfg.model,
