@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raebench.errors import DataError, RaebenchError
+from raebench.eval_progress import WorkState
 from raebench.metrics.sources import ImageSource, npz_images_shape, open_source
 
 
@@ -86,13 +87,19 @@ def score(
     results_dir: str = "results",
     write: bool = True,
     on_progress: Callable[[str, int, int], None] | None = None,
+    save_every: int = 20,
 ) -> ScoreOutcome:
-    """Score ``candidates`` against ``references`` (folders or ``.npz``) and write result rows."""
-    from raebench.distributed import rank_world, shard
+    """Score ``candidates`` against ``references`` (folders or ``.npz``) and write result rows.
+
+    Resumable when writing rows: every ``save_every`` batches each rank saves its metric states and
+    position under ``<results>/.work/`` (as :func:`raebench.evaluate.evaluate` does); re-running the
+    same scoring after a crash continues there and gives the same numbers, at any batch size.
+    """
     from raebench.checks import check_domain, check_image_counts, check_sizes
+    from raebench.distributed import rank_world
     from raebench.evaluate import Evaluator, ReferenceSet, resolve_device
-    from raebench.metrics import METRICS, higher_is_better
-    from raebench.results import ResultRow, check_writable, new_run_id, write_rows
+    from raebench.metrics import METRICS
+    from raebench.results import check_writable
 
     t0 = time.perf_counter()
     rank, world = rank_world()  # under torchrun: contiguous shards, states merged in rank order on every rank
@@ -121,60 +128,45 @@ def score(
     if stats:
         ev.set_reference_stats(stats)
     paired = any(s.kind == "paired" for s in specs)
-    n_cand = 0
-    if paired:
-        order = pair_order(ref, cand)
-        partner = {c: r for r, c in enumerate(order)}
-        lo, hi = shard(ref.n, rank, world)
-        mine = list(range(lo, hi))
-        # batch k of both sides covers the same pairs (a batch of unreadable files comes back empty)
-        batches = zip(ref.batches(batch_size, mine), cand.batches(batch_size, [order[i] for i in mine]), strict=True)
-        for k, ((ri, rimg), (ci, cimg)) in enumerate(batches):
-            # a file skipped on one side drops its partner on the other
-            have_c, have_r = set(ci.tolist()), set(ri.tolist())
-            keep_r = torch.tensor([order[i] in have_c for i in ri.tolist()], dtype=torch.bool)
-            keep_c = torch.tensor([partner[i] in have_r for i in ci.tolist()], dtype=torch.bool)
-            if keep_c.any() and rimg.shape[1:] != cimg.shape[1:]:
-                raise DataError(f"Reference and candidate images differ in size ({tuple(rimg.shape[2:])} vs "
-                                f"{tuple(cimg.shape[2:])}); pass --resolution R to crop both.")
-            if rimg.shape[0]:  # folders read as they are: their size is known from the first image
-                check_sizes(batch_size, None, tuple(s.name for s in specs), min(rimg.shape[-2:]))
-            if rimg.shape[0]:  # every readable reference reaches the feature cache, paired or not
-                ev.update(rimg, cimg[keep_c], index=ri, keep=keep_r)
-            n_cand += int(keep_c.sum())
-            if on_progress:
-                on_progress("pairs", min((k + 1) * batch_size, hi - lo), hi - lo)
-    else:
-        # the cache decision is the same on every rank (same files); only rank 0 feeds cached features
-        cached = not ev.needs_reference_features and bool(ev._ref_cached)
-        if cached:
-            if rank == 0:
-                ev.references_from_cache()
-        elif ev.needs_reference_features:
-            done = 0
-            lo, hi = shard(ref.n, rank, world)
-            for ri, rimg in ref.batches(batch_size, list(range(lo, hi))):
-                if rimg.shape[0]:
-                    ev.update_reference(rimg, ri)
-                done += rimg.shape[0]
-                if on_progress:
-                    on_progress("references", done, hi - lo)
-        lo, hi = shard(cand.n, rank, world)
-        for _, cimg in cand.batches(batch_size, list(range(lo, hi))):
-            if not cimg.shape[0]:
-                continue
-            ev.update_candidates(cimg)
-            n_cand += cimg.shape[0]
-            if on_progress:
-                on_progress("candidates", n_cand, hi - lo)
-    skipped = ref.skipped + cand.skipped
-    upscaled = ref.upscaled + cand.upscaled
+    # resume state: metric states, this rank's position per phase, skips and upscales so far
+    work = WorkState(results_dir, _score_key(ref, cand, ev, resolution, options), rank) if write else None
+    pos: dict[str, int] = {}
+    count = {"n": 0}  # candidates used so far (a dict: _stream updates it, checkpoint() saves it)
+    saved_skips: list[tuple[str, str]] = []
+    saved_upscaled: list[str] = []
+    if work is not None:
+        work.acquire()
+        st = work.load()
+        if st is not None and st.get("world") == world and len(st["metrics"]) == len(ev.metrics):
+            for m, ms in zip(ev.metrics, st["metrics"]):
+                m.merge(ms)
+            pos, count["n"] = dict(st["pos"]), int(st["n_cand"])
+            saved_skips, saved_upscaled = [tuple(x) for x in st["skipped"]], list(st["upscaled"])
+            t0 -= float(st.get("seconds", 0.0))
+            log.info("resuming the scoring of %s: %s already done", candidates,
+                     ", ".join(f"{n} {k}" for k, n in pos.items()))
+
+    def checkpoint() -> None:
+        if work is not None:
+            work.save({"world": world, "pos": pos, "n_cand": count["n"], "metrics": [m.state() for m in ev.metrics],
+                       "skipped": saved_skips + [(x.path, x.reason) for x in ref.skipped + cand.skipped],
+                       "upscaled": saved_upscaled + ref.upscaled + cand.upscaled, "seconds": time.perf_counter() - t0})
+
+    try:
+        _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, checkpoint, save_every)
+        n_cand = count["n"]
+    except BaseException:
+        if work is not None:  # keep saved progress for a resume; a run that saved none leaves nothing
+            work.release(remove=not work.path.exists())
+        raise
+    from raebench.data import Skip
+
+    skipped = [Skip(p, r) for p, r in saved_skips] + ref.skipped + cand.skipped
+    upscaled = saved_upscaled + ref.upscaled + cand.upscaled
     ev.finish()
     scorer = ev
     if world > 1:
         import torch.distributed as td
-
-        from raebench.data import Skip
 
         mine_state = {"metrics": [m.state() for m in ev.metrics], "n": n_cand,
                       "skipped": [(x.path, x.reason) for x in skipped], "upscaled": upscaled}
@@ -189,6 +181,100 @@ def score(
         n_cand = sum(g["n"] for g in gathered)
         skipped = [Skip(p, r) for g in gathered for p, r in g["skipped"]]
         upscaled = [p for g in gathered for p in g["upscaled"]]
+    try:
+        outcome = _finish(scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain,
+                          resolution, dev, world, paired, stats, t0, write, rank, results_dir)
+    except BaseException:
+        if work is not None:
+            work.release(remove=not work.path.exists())
+        raise
+    if work is not None:
+        work.release(remove=True)
+    return outcome
+
+
+def _score_key(ref: ImageSource, cand: ImageSource, ev, resolution: int | None, options) -> str:
+    """Identity of a scoring for resuming: both image sets, the metric versions, resolution and
+    metric options; not the batch size or device."""
+    import hashlib
+    import json
+
+    ident = {"references": ref.id, "candidates": cand.id, "metrics": sorted(s.version for s in ev.specs),
+             "resolution": resolution, "options": options, "kind": "score"}
+    return "score-" + hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, checkpoint,
+            save_every) -> None:
+    """Feed this rank's shard to ``ev`` from the positions in ``pos``; ``pos`` and the candidates
+    used, ``count["n"]``, are updated in place and saved by ``checkpoint`` every ``save_every`` batches."""
+    from raebench.checks import check_sizes
+    from raebench.distributed import shard
+
+    if paired:
+        order = pair_order(ref, cand)
+        partner = {c: r for r, c in enumerate(order)}
+        lo, hi = shard(ref.n, rank, world)
+        mine = list(range(lo, hi))[pos.get("pairs", 0):]
+        # batch k of both sides covers the same pairs (a batch of unreadable files comes back empty)
+        batches = zip(ref.batches(batch_size, mine), cand.batches(batch_size, [order[i] for i in mine]), strict=True)
+        start = pos.get("pairs", 0)
+        for k, ((ri, rimg), (ci, cimg)) in enumerate(batches):
+            # a file skipped on one side drops its partner on the other
+            have_c, have_r = set(ci.tolist()), set(ri.tolist())
+            keep_r = torch.tensor([order[i] in have_c for i in ri.tolist()], dtype=torch.bool)
+            keep_c = torch.tensor([partner[i] in have_r for i in ci.tolist()], dtype=torch.bool)
+            if keep_c.any() and rimg.shape[1:] != cimg.shape[1:]:
+                raise DataError(f"Reference and candidate images differ in size ({tuple(rimg.shape[2:])} vs "
+                                f"{tuple(cimg.shape[2:])}); pass --resolution R to crop both.")
+            if rimg.shape[0]:  # folders read as they are: their size is known from the first image
+                check_sizes(batch_size, None, tuple(s.name for s in specs), min(rimg.shape[-2:]))
+            if rimg.shape[0]:  # every readable reference reaches the feature cache, paired or not
+                ev.update(rimg, cimg[keep_c], index=ri, keep=keep_r)
+            count["n"] += int(keep_c.sum())
+            pos["pairs"] = start + min((k + 1) * batch_size, len(mine))
+            if on_progress:
+                on_progress("pairs", pos["pairs"], hi - lo)
+            if (k + 1) % save_every == 0:
+                checkpoint()
+        return
+    # the cache decision is the same on every rank (same files); only rank 0 feeds cached features
+    cached = not ev.needs_reference_features and bool(ev._ref_cached)
+    if cached:
+        if rank == 0 and "references" not in pos:
+            ev.references_from_cache()
+            pos["references"] = 0
+    elif ev.needs_reference_features or pos.get("references"):
+        lo, hi = shard(ref.n, rank, world)
+        start = pos.get("references", 0)
+        todo = list(range(lo, hi))[start:]
+        for k, (ri, rimg) in enumerate(ref.batches(batch_size, todo)):
+            if rimg.shape[0]:
+                ev.update_reference(rimg, ri)
+            pos["references"] = start + min((k + 1) * batch_size, len(todo))
+            if on_progress:
+                on_progress("references", pos["references"], hi - lo)
+            if (k + 1) % save_every == 0:
+                checkpoint()
+    lo, hi = shard(cand.n, rank, world)
+    start = pos.get("candidates", 0)
+    todo = list(range(lo, hi))[start:]
+    for k, (_, cimg) in enumerate(cand.batches(batch_size, todo)):
+        if cimg.shape[0]:
+            ev.update_candidates(cimg)
+            count["n"] += cimg.shape[0]
+        pos["candidates"] = start + min((k + 1) * batch_size, len(todo))
+        if on_progress:
+            on_progress("candidates", pos["candidates"], hi - lo)
+        if (k + 1) % save_every == 0:
+            checkpoint()
+
+
+def _finish(scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain, resolution,
+            dev, world, paired, stats, t0, write, rank, results_dir) -> ScoreOutcome:
+    from raebench.metrics import higher_is_better
+    from raebench.results import ResultRow, new_run_id, write_rows
+
     if n_cand == 0:
         raise RaebenchError(f"Nothing to score: no readable candidate image in {candidates!r}.")
     values, versions, notes = scorer.compute()

@@ -458,6 +458,7 @@ def evaluate(
             done, n_used = st["done"], st["n_used"]
             skipped = [Skip(p, r) for p, r in st["skipped"]]
             upscaled, nonfinite = list(st["upscaled"]), list(st["nonfinite"])
+            t0 -= float(st.get("seconds", 0.0))  # the row's seconds count the work before the crash too
             log.info("resuming %s on %s: %d of %d images already evaluated", tok.name, data.name, done, hi - lo)
 
     def checkpoint() -> None:
@@ -465,6 +466,7 @@ def evaluate(
             work.save({
                 "shard": [lo, hi], "done": done, "n_used": n_used, "metrics": [m.state() for m in ev.metrics],
                 "skipped": [(s.path, s.reason) for s in skipped], "upscaled": upscaled, "nonfinite": nonfinite,
+                "seconds": time.perf_counter() - t0,
             })
 
     ds = ImageDataset(data.images, cfg.resolution)

@@ -267,7 +267,20 @@ def write_rows(rows: Iterable[ResultRow], results_dir: str | os.PathLike = DEFAU
         lines.append(json.dumps(d, sort_keys=True, allow_nan=True))
     path = Path(results_dir) / "runs" / f"{run_id}.jsonl"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    _sweep_stale_temps(path.parent)  # every run file has its own name, so its own writes clean nothing else
     return path
+
+
+def _sweep_stale_temps(folder: Path) -> None:
+    """Temporary files of any name in ``folder`` left by writers killed mid-save, once they are old
+    (a live writer finishes a results file in well under :data:`STALE_TEMP_SECONDS`)."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for old in folder.glob(".*.tmp"):
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass
 
 
 def load(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, latest: bool = True) -> pd.DataFrame:

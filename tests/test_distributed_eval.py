@@ -65,8 +65,12 @@ def test_crash_then_rerun_gives_uninterrupted_numbers(image_folder: Path, tmp_pa
     assert load(res).empty  # no partial rows
     work = list((res / ".work").glob("*/rank0.pt"))
     assert len(work) == 1
+    from raebench.checkpoint import load_state
+
+    before = load_state(work[0])["seconds"]
     resumed = _CrashAfter(build_tokenizer("bicubic-f8"), 10**9)
     out = evaluate(cfg, tokenizer=resumed, save_every=1)
+    assert before > 0 and out.rows[0].seconds >= round(before, 3)  # the work before the crash is counted
     assert resumed.calls == 2  # only the two batches not yet done (4 batches of 2, crash in the 3rd)
     assert {r.metric: r.value for r in out.rows} == pytest.approx({r.metric: r.value for r in ref.rows}, rel=1e-12)
     assert len(load(res, latest=False)) == 2

@@ -252,3 +252,42 @@ def test_compare_builds_each_metric_network_once(tmp_path, stand_in_extractors, 
     assert shared_network(("k",), object) is not shared_network(("k",), object)
     with sharing_networks():
         assert shared_network(("k",), object) is shared_network(("k",), object)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_score_resumes_after_a_crash_with_the_uninterrupted_numbers(tmp_path, stand_in_extractors, make_images,
+                                                                    monkeypatch, paired):
+    """Killed in the middle (paired batches, or the candidates after the references): the re-run
+    continues from the saved position, at another batch size, and writes the uninterrupted numbers."""
+    from raebench.evaluate import Evaluator as Ev
+    from raebench.metrics.scoring import score
+
+    monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache-off"))
+    ref, cand = make_images(10, 32, 32, seed=7), make_images(10 if paired else 9, 32, 32, seed=8)
+    save_pngs(ref, tmp_path / "ref")
+    _npz(tmp_path / "cand.npz", cand) if not paired else save_pngs(cand, tmp_path / "cand")
+    cands = str(tmp_path / ("cand" if paired else "cand.npz"))
+    metrics = ("psnr", "fid") if paired else ("fid", "kid")
+    full = score(str(tmp_path / "ref"), cands, metrics, device="cpu", results_dir=str(tmp_path / "full"), batch_size=2)
+    hook = "update" if paired else "update_candidates"
+    real, calls = getattr(Ev, hook), []
+
+    def dies(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache-crash"))  # no reference features from the full run
+    monkeypatch.setattr(Ev, hook, dies)
+    res = tmp_path / "crash"
+    with pytest.raises(KeyboardInterrupt):
+        score(str(tmp_path / "ref"), cands, metrics, device="cpu", results_dir=str(res), batch_size=2, save_every=1)
+    assert not list((res / "runs").glob("*.jsonl")) and len(list((res / ".work").glob("*/rank0.pt"))) == 1
+    calls.clear()
+    stand_in_extractors.calls.clear()
+    out = score(str(tmp_path / "ref"), cands, metrics, device="cpu", results_dir=str(res), batch_size=3, save_every=1)
+    n = len(cand)
+    assert stand_in_extractors.calls["inception"] == (n - 6) * (2 if paired else 1)  # 3 batches of 2 were saved
+    assert {r.metric: r.value for r in out.rows} == pytest.approx({r.metric: r.value for r in full.rows}, rel=1e-9)
+    assert out.n_candidates == n and not list((res / ".work").glob("*/rank0.pt"))
