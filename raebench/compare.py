@@ -136,7 +136,7 @@ def compare(
             tok = build_tokenizer_from_config(cfg, resolve_device(device))
             wids[name] = getattr(tok, "weights_id", "none")
             todo = metrics if recompute else missing_metrics(load(results_dir), name, wids[name], metrics, resolved.name,
-                                                             fp, resolution, seed)
+                                                             fp, resolution, resolved.seed_of(seed))
             todo = _from_rank0(todo)
             if todo:
                 cb = (lambda d, t, n=name: on_progress(f"eval {n}", d, t)) if on_progress else None
@@ -145,7 +145,7 @@ def compare(
             del tok
     everything = load(results_dir)
     df = everything[(everything["dataset"] == resolved.name) & (everything["data_fingerprint"] == fp)
-                    & (everything["seed"] == seed) & everything["metric"].isin(_result_names(metrics))
+                    & (everything["seed"] == resolved.seed_of(seed)) & everything["metric"].isin(_result_names(metrics))
                     & (everything["precision"] == "fp32")] if not everything.empty else everything
     if not df.empty:  # each tokenizer's rows of the weights it has now (reported rows pass)
         mine = df["tokenizer"].map(wids)

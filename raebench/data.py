@@ -443,6 +443,9 @@ class DatasetSpec:
     aliases: tuple[str, ...] = ()
 
     def root(self, override: str | None = None) -> tuple[str, list[str] | None]:
+        if override and self.resolve_root is not None:  # the rows would name the folder's images after this set
+            raise DataError(f"Dataset {self.name!r} is bundled, so --data {override!r} cannot be a copy of it; drop "
+                            f"--dataset to evaluate that folder as itself.")
         if override:
             return override, None
         if self.resolve_root is not None:
@@ -451,7 +454,7 @@ class DatasetSpec:
             return os.environ[self.env_var], None
         raise DataError(
             f"Dataset {self.name!r} is not bundled: download it ({self.layout}) and pass its folder "
-            f"with --data DIR" + (f" or set {self.env_var}." if self.env_var else ".")
+            f"with --dataset {self.name} --data DIR" + (f" or set {self.env_var}." if self.env_var else ".")
         )
 
 
@@ -518,10 +521,16 @@ class ResolvedData:
     domain: str
     split: str
     images: ImageList
+    sampled: bool = False  # a --limit subset was drawn (fewer images than the folder holds)
 
     @property
     def n(self) -> int:
         return len(self.images.paths)
+
+    def seed_of(self, seed: int) -> int:
+        """The seed that chose these images: ``seed`` for a --limit subset, else 0 (all images, whatever
+        the seed), so rows of the same images are never split by a seed that changed nothing."""
+        return seed if self.sampled else 0
 
 
 def resolve_data(
@@ -548,7 +557,11 @@ def resolve_data(
         name = Path(str(data)).expanduser().resolve().name or "data"
         name = "".join(c if c.isalnum() or c in "-._" else "-" for c in name.lower())
         dom, split = domain or "open-domain", "all"
-    images = subset(scan_folder(root, paths), limit, seed)
+    found = scan_folder(root, paths)
+    images = subset(found, limit, seed)
     if not images.paths:
         raise DataError(f"No image files (by extension: {', '.join(sorted(IMAGE_EXTENSIONS))}) under {root!r}.")
-    return ResolvedData(name, dom, split, images)
+    sampled = len(images.paths) < len(found.paths)
+    if limit is not None and not sampled:
+        log.warning("--limit %d is not below the %d images of %s: all of them are used", limit, len(found.paths), name)
+    return ResolvedData(name, dom, split, images, sampled)

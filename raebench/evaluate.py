@@ -404,7 +404,7 @@ def _run_key(cfg: EvalConfig, data: ResolvedData, tok, metric_versions: list[str
 
     ident = {
         "tokenizer": tok.name, "weights": getattr(tok, "weights_id", "none"), "config": cfg.tokenizer_config,
-        "data": data.images.fingerprint(), "dataset": data.name, "resolution": cfg.resolution, "seed": cfg.seed,
+        "data": data.images.fingerprint(), "dataset": data.name, "resolution": cfg.resolution, "seed": data.seed_of(cfg.seed),
         "metrics": sorted(metric_versions), "precision": cfg.precision,
         "opts": [cfg.weights, cfg.decoder, cfg.stats],
         "metric_options": sorted(cfg.metric_options or ()) or os.environ.get("RAEBENCH_METRIC_OPTIONS", ""),
@@ -551,7 +551,7 @@ def evaluate(
             value=value,
             higher_is_better=higher_is_better(name),
             metric_version=versions[name],
-            seed=cfg.seed,
+            seed=data.seed_of(cfg.seed),
             data_fingerprint=data.images.fingerprint(),
             skipped=len(skipped),
             nonfinite=len(nonfinite),
@@ -565,7 +565,7 @@ def evaluate(
                 "upscaled": len(upscaled),
                 "nonfinite_files": nonfinite[:1000],
                 "precision": cfg.precision,
-                "limit": cfg.limit,
+                "limit": cfg.limit if data.sampled else None,
                 "world_size": world,
                 "metric_weights": ev.weights_ids(),
             },

@@ -79,8 +79,22 @@ def test_unknown_dataset_suggests():
 
 def test_unbundled_dataset_says_how_to_supply(monkeypatch):
     monkeypatch.delenv("RAEBENCH_IMAGENET_VAL", raising=False)
-    with pytest.raises(DataError, match="--data DIR"):
+    with pytest.raises(DataError, match="--dataset imagenet-val --data DIR or set RAEBENCH_IMAGENET_VAL"):
         resolve_data(dataset="imagenet-val")
+
+
+def test_a_named_dataset_copy_and_a_bundled_one(image_folder: Path):
+    d = resolve_data(str(image_folder), "imagenet-val")  # your copy of a named set
+    assert (d.name, d.domain) == ("imagenet-val", "in-domain")
+    with pytest.raises(DataError, match="'skimage-photos' is bundled, so --data .* cannot be a copy of it"):
+        resolve_data(str(image_folder), "skimage-photos")
+
+
+def test_the_seed_is_recorded_only_when_it_chose_the_images(image_folder: Path, caplog):
+    assert resolve_data(str(image_folder), limit=3, seed=5).seed_of(5) == 5
+    assert resolve_data(str(image_folder), seed=5).seed_of(5) == 0  # all images, whatever the seed
+    every = resolve_data(str(image_folder), limit=100, seed=5)
+    assert every.seed_of(5) == 0 and every.n == 8 and "--limit 100 is not below the 8 images" in caplog.text
 
 
 def test_empty_folder_is_a_clear_error(tmp_path: Path):

@@ -274,5 +274,5 @@ def test_reconstruct_command(rae_app, oracle_tok, image_folder, tmp_path):
     from PIL import Image
 
     assert np.array_equal(np.asarray(Image.open(out / "images/000003.png")), arr[3])
-    assert (out / "files.csv").read_text().splitlines()[0] == "index,source"
+    assert (out / "files.csv").read_text().splitlines()[0] == "index,source,row"
     assert not list(out.glob(".part-*"))

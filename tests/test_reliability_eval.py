@@ -472,6 +472,31 @@ def test_a_killed_reconstruct_leaves_the_earlier_run_whole(tmp_path, make_images
     assert not [p for p in out.iterdir() if p.name.startswith(".part-")]
 
 
+def test_reconstruct_files_csv_maps_png_names_to_npz_rows(tmp_path, make_images):
+    """With an unreadable file among the sources, the PNG names (scan positions) and the npz rows differ;
+    files.csv gives both."""
+    import csv
+
+    from _metrics_helpers import save_pngs
+
+    from raebench.cli.rae_cmds import write_reconstructions
+    from raebench.data import resolve_data
+    from raebench.tokenizers.reference import PixelTokenizer
+
+    imgs = make_images(3, 16, 16, seed=3)
+    save_pngs(imgs, tmp_path / "d")
+    (tmp_path / "d" / "img_000b.png").write_bytes(b"junk")  # sorts second
+    write_reconstructions(PixelTokenizer(), resolve_data(str(tmp_path / "d")), tmp_path / "o", resolution=16)
+    with open(tmp_path / "o" / "files.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["index"], r["row"], Path(r["source"]).name) for r in rows] == [
+        ("0", "0", "img_000.png"), ("2", "1", "img_001.png"), ("3", "2", "img_002.png")]
+    arr = np.load(tmp_path / "o" / "reconstructions.npz")["arr_0"]
+    for r in rows:
+        png = np.asarray(Image.open(tmp_path / "o" / "images" / f"{int(r['index']):06d}.png"))
+        assert np.array_equal(png, arr[int(r["row"])])
+
+
 def test_a_failing_first_batch_leaves_no_work_folder(tmp_path, image_folder, monkeypatch):
     from raebench.evaluate import EvalConfig, evaluate
     from raebench.tokenizers.reference import PixelTokenizer

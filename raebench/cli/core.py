@@ -415,7 +415,7 @@ def register(app: typer.Typer) -> None:
             for c in ("name", "domain", "split", "description", "how to supply"):
                 t.add_column(c)
             for s in DATASETS:
-                how = "bundled" if s.resolve_root else f"--data DIR or ${s.env_var}: {s.layout}"
+                how = "bundled" if s.resolve_root else f"--dataset {s.name} --data DIR, or ${s.env_var}: {s.layout}"
                 t.add_row(s.name, s.domain, s.split, s.description, how)
         elif what == "reference":
             from raebench.analysis.references import REFERENCES

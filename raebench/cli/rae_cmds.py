@@ -204,7 +204,9 @@ def _write_reconstructions(
         csv.writer(buf, lineterminator="\n").writerows([("path", "reason"), *skips])
         atomic_write_bytes(out / "skipped.csv", buf.getvalue().encode())
         buf = io.StringIO()  # csv quoting: file names may hold commas or quotes
-        csv.writer(buf, lineterminator="\n").writerows([("index", "source"), *((i, src) for m in meta for i, src in m["rows"])])
+        listed = ((i, src) for m in meta for i, src in m["rows"])  # npz row order: ranks in order, each in scan order
+        csv.writer(buf, lineterminator="\n").writerows([("index", "source", "row"),
+                                                        *((i, src, row) for row, (i, src) in enumerate(listed))])
         atomic_write_bytes(out / "files.csv", buf.getvalue().encode())
         summary = {"n": int(rec_all.shape[0]), "nonfinite": [p for m in meta for p in m["nonfinite"]], "out": str(out),
                    "skipped": skips}
