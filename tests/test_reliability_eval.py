@@ -448,7 +448,7 @@ def test_a_killed_reconstruct_leaves_the_earlier_run_whole(tmp_path, make_images
     save_pngs(make_images(5, 16, 16, seed=2), tmp_path / "second")
     out = tmp_path / "o"
     write_reconstructions(PixelTokenizer(), resolve_data(str(tmp_path / "first")), out, resolution=16, batch_size=2)
-    before = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"}
+    before = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
     class DiesOnSecondBatch(PixelTokenizer):
         calls = 0
@@ -462,7 +462,7 @@ def test_a_killed_reconstruct_leaves_the_earlier_run_whole(tmp_path, make_images
     with pytest.raises(KeyboardInterrupt):
         write_reconstructions(DiesOnSecondBatch(), resolve_data(str(tmp_path / "second")), out, resolution=16,
                               batch_size=2, references=True)
-    after = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lock"
+    after = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
              and ".images.partial" not in str(p)}
     assert after == before  # nothing of the killed run outside its staging folder
     write_reconstructions(PixelTokenizer(), resolve_data(str(tmp_path / "second")), out, resolution=16, batch_size=2)

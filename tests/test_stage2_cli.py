@@ -41,7 +41,32 @@ def test_cache_train_sample(tmp_path, image_folder):
     out = score(str(tmp_path / "s.npz"), str(tmp_path / "s.npz"), ("psnr",), device="cpu", write=False)
     made = out.rows[0].extra["sampling"]
     assert (made["steps"], made["cfg_scale"], made["cfg_interval"], made["n"]) == (3, 2.0, [0.1, 1.0], 6)
+    assert made["method"] == "euler" and made["tokenizer"] == "pixels" and made["tokenizer_weights"] == "none"
+    from raebench.metrics.extractors import fingerprint_path
+
+    assert made["source"] == f"last.pt@{fingerprint_path(ck)}"  # content, not a modification time
     assert sorted(s["arr_1"].tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_sample_checks_a_tokenizer_other_than_the_runs(caplog):
+    """Another decoder that reads the model's latents is allowed, with a warning; one that cannot is one
+    sentence before any sampling."""
+    import logging
+
+    from raebench.errors import RaebenchError
+    from raebench.tokenizers.reference import PixelTokenizer
+
+    with caplog.at_level(logging.WARNING):
+        stage2_cmds._check_decoder(PixelTokenizer(), "bicubic-f8", "pixels", (3, 4, 4))
+    assert "decoding with bicubic-f8, but the model was trained on latents of pixels" in caplog.text
+
+    class FourChannels(PixelTokenizer):
+        def decode(self, z):
+            return z.view(z.shape[0], 4, *z.shape[2:])[:, :3]
+
+    with pytest.raises(RaebenchError, match=r"--tokenizer vae cannot decode the model's latents of shape \(3, 4, 4\) "
+                                            r"\(trained on pixels\): RuntimeError"):
+        stage2_cmds._check_decoder(FourChannels(), "vae", "pixels", (3, 4, 4))
 
 
 def test_sample_from_official_yaml(tmp_path):
@@ -55,6 +80,11 @@ def test_sample_from_official_yaml(tmp_path):
          "-o", str(tmp_path / "s.npz"), "--device", "cpu"])
     s = np.load(tmp_path / "s.npz")
     assert s["arr_0"].shape == (4, 64, 64, 3) and s["arr_0"].dtype == np.uint8
+    import json
+
+    made = json.loads(str(s["raebench_settings"]))  # the YAML's sampler as resolved, and the weights behind it
+    assert (made["method"], made["steps"], made["cfg_scale"], made["cfg_interval"]) == ("euler", 12, 1.0, [0.0, 1.0])
+    assert made["model"].startswith("stage2_model.pt@") and made["tokenizer"].startswith("official:model.pt@")
     # --quantize truncate: the official sample_ddp.py's uint8 conversion of the same decoded samples
     run(["sample", "--config", str(tmp_path / "official.yaml"), "-n", "4", "--num-classes", "10", "-b", "2",
          "-o", str(tmp_path / "t.npz"), "--device", "cpu", "--quantize", "truncate"])

@@ -79,7 +79,7 @@ def test_one_training_job_per_run_folder(tmp_path):
 
     toy_cache(tmp_path / "cache", n=64)
     cfg = dataclasses.replace(tiny_cfg(tmp_path, global_batch=32, epochs=1, ckpt_every=1), out=str(tmp_path / "run"))
-    held = OutputLock(tmp_path / "run" / ".lock", "test job", tmp_path / "run", "wait").acquire()
+    held = OutputLock(tmp_path / ".run.lock", "test job", tmp_path / "run", "wait").acquire()
     try:
         with pytest.raises(RaebenchError, match=r"Another stage-2 training job is writing .*run'; wait for it to "
                                                 r"finish, or choose another --out"):
@@ -171,12 +171,14 @@ def test_one_job_per_output_and_orphan_temps_removed(tmp_path, image_folder):
     from raebench.locks import OutputLock
 
     lat = tmp_path / "lat"
-    held = OutputLock(lat / ".lock", "test job", lat, "wait").acquire()  # as another process would hold it
+    held = OutputLock(tmp_path / ".lat.lock", "test job", lat, "wait").acquire()  # as another process would hold it
     try:
         with pytest.raises(RaebenchError, match=r"Another latent-caching job is writing .*lat'; wait for it to finish"):
             cache_latents(_MeanPool(), str(image_folder), lat, resolution=32, batch_size=3)
     finally:
         held.release()
+    assert not lat.exists()  # a refused job creates nothing
+    lat.mkdir()
     (lat / ".progress-0-of-1.json.abcd1234.tmp").write_text("{")  # left by a job killed mid-write
     cache_latents(_MeanPool(), str(image_folder), lat, resolution=32, batch_size=3)
     assert not list(lat.glob("*.tmp")) and not list(lat.glob(".*.tmp"))

@@ -95,7 +95,7 @@ def write_reconstructions(tok, data, out: str | os.PathLike, **kw) -> dict:
 
     out = Path(out)
     check_out_dir(out)
-    with exclusive(out / ".lock", "reconstruction job", out, "choose another --out"):
+    with exclusive(out.with_name(f".{out.name}.lock"), "reconstruction job", out, "choose another --out"):
         return _write_reconstructions(tok, data, out, **kw)
 
 

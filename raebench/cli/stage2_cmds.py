@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,8 @@ import typer
 
 from raebench.cli.core import progress_bar
 from raebench.errors import RaebenchError
+
+log = logging.getLogger(__name__)
 
 
 def _interval(text: Optional[str]) -> Optional[tuple[float, float]]:
@@ -139,6 +142,7 @@ def register(app: typer.Typer) -> None:
             tok, shape = obj.tokenizer, tuple(obj.latent_size)
             model_classes = obj.num_classes or obj.model.num_classes
             classes = _classes(num_classes, model_classes)
+            settings.update(_official_settings(obj, method_name, steps, cfg_scale, interval))
 
             def sample_fn(noise, y):
                 return obj.sample(noise, y, num_steps=steps, method=method_name, cfg_scale=cfg_scale, cfg_interval=interval)
@@ -157,10 +161,14 @@ def register(app: typer.Typer) -> None:
             name = tokenizer or run_tok
             if name is None:
                 raise RaebenchError("The run does not name its tokenizer; pass --tokenizer NAME to decode samples.")
-            settings["tokenizer"] = name
             model.to(dev)
             guide = guide.to(dev) if guide is not None else None
             tok, shape = _tokenizer(name, dev), info["latent_shape"]
+            _check_decoder(tok, name, run_tok, tuple(shape))
+            settings.update(tokenizer=name, tokenizer_weights=getattr(tok, "weights_id", "none"),
+                            method=method_name or "euler", steps=steps or 50,
+                            cfg_scale=cfg_scale if cfg_scale is not None else 1.0,
+                            cfg_interval=list(interval or (0.0, 1.0)))
 
             def sample_fn(noise, y):
                 return sample(model, noise, y, num_steps=steps or 50, method=method_name or "euler", shift=info["shift"],
@@ -266,11 +274,50 @@ def _check_guide(info: dict, g_info: dict, run_tok: Optional[str], guide_path: P
 
 
 def _file_id(path: Path) -> str:
-    """Size and modification time of a file: a cheap fingerprint that changes when the weights do."""
+    """A file's name and content fingerprint (sizes and first/last MiB): the same weights copied
+    elsewhere are the same, retrained weights are not."""
+    from raebench.metrics.extractors import fingerprint_path
+
     if not path.is_file():
         return str(path)  # its loader says what is wrong
-    st = path.stat()
-    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{path.name}@{fingerprint_path(path)}"
+
+
+def _official_settings(obj, method, steps, cfg_scale, interval) -> dict:
+    """What an official YAML resolves to: the weights behind it and the sampler it runs (the YAML's
+    own values where the command line gives none)."""
+    s = obj.stage2[1] if isinstance(obj.stage2, tuple) else obj.stage2.sample
+    out = {"model": getattr(obj.model, "weights_id", "unknown"), "tokenizer": getattr(obj.tokenizer, "weights_id", "none")}
+    if hasattr(s, "num_steps"):  # an OfficialSampler
+        out.update(method=method or s.method, steps=steps or s.num_steps,
+                   cfg_scale=cfg_scale if cfg_scale is not None else s.cfg_scale,
+                   cfg_interval=list(interval or s.cfg_interval))
+        guide = getattr(s, "guide", None)
+        if guide is not None:
+            out["guide"] = getattr(guide, "weights_id", "from the YAML")
+        if out["method"] in ("euler-maruyama", "sde-heun"):
+            out.update(diffusion_form=s.diffusion_form, diffusion_norm=s.diffusion_norm, last_step=s.last_step,
+                       last_step_size=s.last_step_size)
+        elif out["method"] == "adaptive":
+            out.update(atol=s.atol, rtol=s.rtol)
+    return out
+
+
+def _check_decoder(tok, name: str, run_tok: str | None, latent_shape: tuple) -> None:
+    """A --tokenizer other than the run's must decode latents of the run's shape (else one
+    sentence, before any sampling); another decoder that does is allowed, with a warning."""
+    import torch
+
+    dev = next(iter(tok.parameters()), torch.zeros(())).device
+    try:
+        with torch.no_grad():
+            tok.decode(torch.zeros(1, *latent_shape, device=dev))
+    except Exception as e:  # noqa: BLE001 - any failure here means the decoder does not fit
+        raise RaebenchError(f"--tokenizer {name} cannot decode the model's latents of shape {latent_shape}"
+                            f"{f' (trained on {run_tok})' if run_tok else ''}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else ''}") from None
+    if run_tok and name != run_tok:
+        log.warning("decoding with %s, but the model was trained on latents of %s", name, run_tok)
 
 
 def _cache_tokenizer(latents: Optional[str]) -> Optional[str]:

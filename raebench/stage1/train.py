@@ -328,7 +328,9 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
     """
     from raebench.locks import exclusive
 
-    with exclusive(Path(run_dir) / ".lock", "stage-1 training job", run_dir, "start another run with --name"):
+    run_dir = Path(run_dir)  # the lock sits beside the run folder, which a refused run never creates
+    with exclusive(run_dir.with_name(f".{run_dir.name}.lock"), "stage-1 training job", run_dir,
+                   "start another run with --name"):
         return _train(cfg, run_dir, device)
 
 

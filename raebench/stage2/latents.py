@@ -164,7 +164,8 @@ def cache_latents(
     """
     from raebench.locks import exclusive
 
-    with exclusive(Path(out) / ".lock", "latent-caching job", out, "choose another --out"):
+    out = Path(out)  # the lock sits beside the cache folder, which a refused run never creates
+    with exclusive(out.with_name(f".{out.name}.lock"), "latent-caching job", out, "choose another --out"):
         return _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, progress)
 
 

@@ -74,8 +74,12 @@ def build_official_model(
         if not path.is_file():
             raise CheckpointError(f"The stage-2 checkpoint {str(path)!r} is a folder, not a file; fix `ckpt` in the YAML.")
         load_stage2_state(model, path)
+        from raebench.metrics.extractors import fingerprint_path
+
+        model.weights_id = f"{path.name}@{fingerprint_path(path)}"  # recorded with samples drawn from it
     else:
         log.warning("no `ckpt` in the stage-2 YAML block: %s is randomly initialised", cls.__name__)
+        model.weights_id = "random"
     model = model.eval()
     return model.to(device) if device is not None else model
 

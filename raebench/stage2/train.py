@@ -380,7 +380,8 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
     """
     from raebench.locks import exclusive
 
-    with exclusive(Path(cfg.out) / ".lock", "stage-2 training job", cfg.out, "choose another --out"):
+    out = Path(cfg.out)  # the lock sits beside the run folder, which a refused run never creates
+    with exclusive(out.with_name(f".{out.name}.lock"), "stage-2 training job", out, "choose another --out"):
         return _train(cfg, device, source)
 
 
