@@ -79,7 +79,8 @@ def resolve_url_file(url: str, local: str | None, *, what: str, env: str) -> Pat
     if local:
         p = Path(local).expanduser()
         if not p.is_file():
-            raise MissingWeightsError(f"{what}: the weights file {str(p)!r} given with {env} does not exist.")
+            raise MissingWeightsError(f"{what}: the weights file {str(p)!r} (given with --option NAME.weights=FILE "
+                                      f"or {env}) does not exist.")
         return p
     name = url.rsplit("/", 1)[-1]
     cache = torch_hub_checkpoints()

@@ -46,8 +46,9 @@ class ScoreOutcome:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def pair_order(ref: ImageSource, cand: ImageSource) -> list[int]:
-    """For each reference i, the index of its candidate: by name (two folders) or by position."""
+def pair_order(ref: ImageSource, cand: ImageSource, flags: tuple[str, str] = ("--references", "--candidates")) -> list[int]:
+    """For each reference i, the index of its candidate: by name (two folders) or by position.
+    ``flags`` name the two sides in errors as the user gave them."""
     if ref.kind == "dir" and cand.kind == "dir":
         where: dict[str, list[int]] = {}
         for i, n in enumerate(cand.names):
@@ -69,7 +70,7 @@ def pair_order(ref: ImageSource, cand: ImageSource) -> list[int]:
                             "(extension aside): " + "; ".join(f for f in found if f) + ".")
         return [where[n][0] for n in ref.names]
     if ref.n != cand.n:
-        raise DataError(f"Paired metrics need as many candidates as references ({cand.n} vs {ref.n}).")
+        raise DataError(f"Paired metrics need as many images in {flags[1]} as in {flags[0]} ({cand.n} vs {ref.n}).")
     return list(range(ref.n))
 
 
@@ -88,6 +89,7 @@ def score(
     write: bool = True,
     on_progress: Callable[[str, int, int], None] | None = None,
     save_every: int = 20,
+    flags: tuple[str, str] = ("--references", "--candidates"),
 ) -> ScoreOutcome:
     """Score ``candidates`` against ``references`` (folders or ``.npz``) and write result rows.
 
@@ -116,13 +118,16 @@ def score(
     if cand.n == 0:
         why = "its arr_0 is empty" if cand.kind == "npz" and npz_images_shape(cand.path) else "an .npz needs arr_0"
         raise DataError(f"{candidates!r} holds no images ({why}).")
+    if ref.n == 0 and any(s.kind == "paired" for s in specs):
+        raise DataError(f"{references!r} holds no images (an .npz needs arr_0); paired metrics "
+                        f"({', '.join(s.name for s in specs if s.kind == 'paired')}) compare image to image.")
     stats = ref.stats()
     unserved = [s.name for s in specs if s.reads_references(stats)]
     if ref.n == 0 and unserved:
         raise DataError(f"{references!r} holds no images (arr_0) and its statistics do not cover "
                         f"{', '.join(unserved)}; only fid/sfid can use stored statistics.")
     check_image_counts(tuple(s.name for s in specs), ref.n, cand.n, stats=tuple(stats),
-                       where=(f"--references {references!r}", f"--candidates {candidates!r}"))
+                       where=(f"{flags[0]} {references!r}", f"{flags[1]} {candidates!r}"))
     dev = resolve_device(device)
     ev = Evaluator(tuple(s.name for s in specs), dev, options=options, reference=ReferenceSet(ref.id, ref.n) if ref.n else None)
     if stats:
@@ -153,7 +158,8 @@ def score(
                        "upscaled": saved_upscaled + ref.upscaled + cand.upscaled, "seconds": time.perf_counter() - t0})
 
     try:
-        _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, checkpoint, save_every)
+        _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, checkpoint, save_every,
+                flags)
         n_cand = count["n"]
     except BaseException:
         if work is not None:  # keep saved progress for a resume; a run that saved none leaves nothing
@@ -205,14 +211,14 @@ def _score_key(ref: ImageSource, cand: ImageSource, ev, resolution: int | None, 
 
 
 def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, checkpoint,
-            save_every) -> None:
+            save_every, flags) -> None:
     """Feed this rank's shard to ``ev`` from the positions in ``pos``; ``pos`` and the candidates
     used, ``count["n"]``, are updated in place and saved by ``checkpoint`` every ``save_every`` batches."""
     from raebench.checks import check_sizes
     from raebench.distributed import shard
 
     if paired:
-        order = pair_order(ref, cand)
+        order = pair_order(ref, cand, flags)
         partner = {c: r for r, c in enumerate(order)}
         lo, hi = shard(ref.n, rank, world)
         mine = list(range(lo, hi))[pos.get("pairs", 0):]

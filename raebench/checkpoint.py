@@ -35,15 +35,28 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
             return load_file(str(p), device=str(map_location))
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"Checkpoint {str(p)!r} is not a valid safetensors file ({e}).") from None
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"Checkpoint {str(p)!r} is empty (0 bytes): corrupt or truncated.")
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save: a zip archive, or a protocol-2+ pickle
+        raise CheckpointError(f"{str(p)!r} is not a PyTorch checkpoint (neither a torch.save zip archive nor a "
+                              "pickle); point to the weights file.")
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"Refused to load {str(p)!r}: it contains pickled objects other than tensors and plain containers "
-            f"(possibly code); raebench only loads weights (detail: {str(e).splitlines()[0][:160]})."
+            f"(possibly code); raebench only loads weights (detail: {_first_line(e, 160)})."
         ) from None
     except Exception as e:  # a corrupt zip/pickle surfaces as any of RuntimeError, EOFError, KeyError, IndexError...
-        raise CheckpointError(f"Checkpoint {str(p)!r} is corrupt or truncated ({type(e).__name__}: {str(e)[:120]}).") from None
+        raise CheckpointError(f"Checkpoint {str(p)!r} is corrupt or truncated ({type(e).__name__}: {_first_line(e, 120)}).") from None
+
+
+def _first_line(e: BaseException, n: int) -> str:
+    """An exception's first line, cut at a word boundary to at most ``n`` characters."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return line if len(line) <= n else line[:n].rsplit(" ", 1)[0] + " ..."
 
 
 def load_strict(module: torch.nn.Module, state: Any, *, what: str, path: str | os.PathLike) -> None:

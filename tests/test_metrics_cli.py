@@ -190,6 +190,15 @@ def test_eval_samples_passes_every_score_flag(tmp_path, make_images, capsys):
     a, b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
     assert [r[0] for r in b] == ["psnr", "ssim"] and b == a
     assert b[0][2:5] == ("in-domain", 32, 5)
+    # errors name the flags the user typed
+    _npz(tmp_path / "rec4.npz", make_images(4, 32, 32, seed=2))
+    code, _, err = run(["eval", "--samples", str(tmp_path / "rec4.npz"), "--reference", str(tmp_path / "imgs"),
+                        *flags, "--results", str(tmp_path / "c")], capsys)
+    assert code == 2 and "--samples" in err and "--candidates" not in err, err
+    _npz(tmp_path / "stats.npz", None, mu=np.zeros(3))
+    code, _, err = run(["score", "--references", str(tmp_path / "stats.npz"), "--candidates", str(tmp_path / "rec.npz"),
+                        *flags, "--results", str(tmp_path / "d")], capsys)
+    assert code == 2 and "holds no images (an .npz needs arr_0); paired metrics (psnr, ssim)" in " ".join(err.split()), err
 
 
 @pytest.mark.parametrize("extra, flags", [

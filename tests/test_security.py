@@ -44,3 +44,16 @@ def test_round_trip_and_truncation(tmp_path: Path):
     s = save_atomic({"w": torch.ones(3)}, tmp_path / "w.safetensors")
     assert torch.equal(load_state(s)["w"], torch.ones(3))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_files_that_are_not_checkpoints_are_named_so(tmp_path: Path):
+    text = tmp_path / "model.pt"
+    text.write_text("hf download nyu-visionx/RAE-collections\n")  # a note saved under the weights' name
+    with pytest.raises(CheckpointError, match=r"is not a PyTorch checkpoint \(neither a torch.save zip archive nor a pickle\)"):
+        load_state(text)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\): corrupt or truncated"):
+        load_state(tmp_path / "empty.pt")
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)  # a pickle: still loads
+    assert torch.equal(load_state(legacy)["w"], torch.ones(2))

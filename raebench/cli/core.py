@@ -240,7 +240,7 @@ def register(app: typer.Typer) -> None:
 
             passed = {"domain": domain, "resolution": resolution, "batch_size": batch_size}  # unset: score's defaults
             run_score(reference, samples, _split_metrics(GENERATION_METRICS if metrics is None else metrics), device=device, option=option,
-                      results=results, **{k: v for k, v in passed.items() if v is not None})
+                      results=results, flags=("--reference", "--samples"), **{k: v for k, v in passed.items() if v is not None})
             return
         distributed.init()
         device = distributed.local_device(device)

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         resolution: Optional[int] = typer.Option(None, "--resolution", "-r", help="ADM-center-crop folder images to R px (default: as they are)."),
         batch_size: int = typer.Option(32, "--batch-size", "-b"),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-        option: list[str] = typer.Option([], "--option", "-o", help="NAME.KEY=VALUE for an extractor or metric, e.g. inception.dtype=float64, inception.weights=FILE, lpips-vgg.weights=FILE (default $RAEBENCH_METRIC_OPTIONS)."),
+        option: list[str] = typer.Option([], "--option", help="NAME.KEY=VALUE for an extractor or metric, e.g. inception.dtype=float64, inception.weights=FILE, lpips-vgg.weights=FILE (default $RAEBENCH_METRIC_OPTIONS)."),
         results: Path = typer.Option(Path("results"), "--results", help="Results folder."),
         write: bool = typer.Option(True, "--write/--no-write", help="Write result rows."),
     ) -> None:
@@ -34,7 +34,8 @@ def register(app: typer.Typer) -> None:
 
 def run_score(references: str, candidates: str, names: tuple[str, ...], *, name: Optional[str] = None,
               domain: str = "open-domain", resolution: Optional[int] = None, batch_size: int = 32, device: str = "auto",
-              option: list[str] | None = None, results: Path = Path("results"), write: bool = True) -> None:
+              option: list[str] | None = None, results: Path = Path("results"), write: bool = True,
+              flags: tuple[str, str] = ("--references", "--candidates")) -> None:
     """Score with a progress bar and print the table (shared by ``score`` and ``eval --samples``)."""
     from raebench import distributed
     from raebench.cli import console, err_console
@@ -46,7 +47,7 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
     device = distributed.local_device(device)
     # no --option: None, so the metrics read $RAEBENCH_METRIC_OPTIONS (as eval does)
     kwargs = dict(name=name, domain=domain, resolution=resolution, batch_size=batch_size, device=device,
-                  options=parse_options(option) if option else None, results_dir=str(results), write=write)
+                  options=parse_options(option) if option else None, results_dir=str(results), write=write, flags=flags)
     if not distributed.is_main():
         score(references, candidates, names, **kwargs)
         distributed.finish()
