@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-pass", action="store_true", help="only the Fréchet part")
     args = ap.parse_args()
+    if args.n < 10:
+        ap.error("--n must be at least 10: the Inception Score in the one-pass part needs 10 candidates")
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, torch.get_num_threads())))
     root = Path(tempfile.mkdtemp(prefix="raebench-bench-metrics-"))
     if not args.skip_pass:

@@ -245,6 +245,12 @@ def test_cli_dry_run_prints_the_resolved_config_and_step_plan(image_folder, tmp_
     assert not (tmp_path / "stage1").exists()
     res = CliRunner().invoke(app, ["train", "stage1", "--set", "learning_rate=1", "--dry-run"])
     assert res.exit_code != 0
+    # data smaller than the recipe's global batch: the config still prints, with the reason the run would stop
+    res = CliRunner().invoke(app, ["train", "stage1", "--preset", "dinov2-b-decxl", "--data", str(image_folder),
+                                   "--results", str(tmp_path), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["config"]["global_batch"] == 512 and "plan" not in out and "512" in out["plan_error"]
 
 
 def test_run_settings_are_validated_and_init_decoder_accepts_an_exported_folder(tmp_path):

@@ -249,3 +249,10 @@ def test_data_with_fewer_classes_than_the_model_warns(caplog):
     with caplog.at_level(logging.WARNING):
         check_labels(torch.tensor([0, 1, 2]), 3, "'data'")
     assert not caplog.text
+
+
+def test_latents_with_a_tokenizer_or_data_is_refused(tmp_path):
+    err = cli_error(["train", "stage2", "-p", "tiny", "--latents", str(tmp_path / "cache"), "-t", "pixels", "--data",
+                     str(tmp_path), "-o", str(tmp_path / "run"), "--device", "cpu"])
+    assert "so --tokenizer and --data would be ignored; give either --latents DIR or --tokenizer NAME --data DIR" in err
+    assert not (tmp_path / "run").exists()

@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         name: Optional[str] = typer.Option(None, "--name", help="Name of the candidate set in the results (default: its folder/file name)."),
         domain: str = typer.Option("open-domain", "--domain", help="Domain tag of the references: in-domain or open-domain."),
         resolution: Optional[int] = typer.Option(None, "--resolution", "-r", help="ADM-center-crop folder images to R px (default: as they are)."),
-        batch_size: int = typer.Option(32, "--batch-size", "-b"),
+        batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per batch."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
         option: list[str] = typer.Option([], "--option", help="NAME.KEY=VALUE for an extractor or metric, e.g. inception.dtype=float64, inception.weights=FILE, lpips-vgg.weights=FILE (default $RAEBENCH_METRIC_OPTIONS)."),
         results: Path = typer.Option(Path("results"), "--results", help="Results folder."),

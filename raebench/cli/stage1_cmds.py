@@ -24,11 +24,11 @@ def register(app: typer.Typer) -> None:
         encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder repo, short name or local folder."),
         init_decoder: Optional[str] = typer.Option(None, "--init-decoder", help="Start from these decoder weights."),
         precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 (autocast)."),
-        global_batch: Optional[int] = typer.Option(None, "--global-batch"),
-        grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
-        epochs: Optional[int] = typer.Option(None, "--epochs"),
+        global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Images per optimizer step over all processes (the recipe's 512 by default)."),
+        grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step (splits the global batch for memory; same result)."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (the preset's by default)."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop (and checkpoint) after this many steps."),
-        seed: Optional[int] = typer.Option(None, "--seed"),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the initial weights and of every random draw (the preset's by default)."),
         overrides: list[str] = typer.Option([], "--set", help="Any setting as key=value (repeatable), e.g. --set lr=1e-4."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and step plan, then exit."),
@@ -53,7 +53,10 @@ def register(app: typer.Typer) -> None:
                 from raebench.data import scan_folder
                 from raebench.stage1.train import plan
 
-                out["plan"] = plan(cfg, len(scan_folder(cfg.data).paths), int(os.environ.get("WORLD_SIZE", "1")))
+                try:
+                    out["plan"] = plan(cfg, len(scan_folder(cfg.data).paths), int(os.environ.get("WORLD_SIZE", "1")))
+                except RaebenchError as e:  # the config still prints; the run itself would stop here
+                    out["plan_error"] = str(e)
             console.print_json(json.dumps(out))
             return
         from raebench.stage1.train import train

@@ -49,18 +49,18 @@ def register(app: typer.Typer) -> None:
         latents: Optional[Path] = typer.Option(None, "--latents", help="Latent cache from `raebench cache-latents`."),
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Encode --data on the fly with this tokenizer."),
         data: Optional[str] = typer.Option(None, "--data", help="Image folder with one subfolder per class."),
-        resolution: Optional[int] = typer.Option(None, "--resolution", "-r"),
-        num_classes: Optional[int] = typer.Option(None, "--num-classes"),
+        resolution: Optional[int] = typer.Option(None, "--resolution", "-r", help="Image size for on-the-fly encoding with --tokenizer/--data (a cache has its own)."),
+        num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Class count of the model (default: the preset's; with sample: the model's)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Global batch (all ranks, all accumulation steps)."),
-        grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
-        epochs: Optional[int] = typer.Option(None, "--epochs"),
+        grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step (splits the global batch for memory; same result)."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (the preset's by default)."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
-        lr: Optional[float] = typer.Option(None, "--lr"),
+        lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (the preset's 2e-4 by default)."),
         precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default, as the official recipe) | bf16 (autocast, faster)"),
-        seed: Optional[int] = typer.Option(None, "--seed"),
-        ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every"),
-        log_every: Optional[int] = typer.Option(None, "--log-every"),
-        device: str = typer.Option("auto", "--device"),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the initial weights and every random draw (train), or of the labels and noise (sample)."),
+        ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help="Steps between checkpoints (the last step is always saved)."),
+        log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between rows of log.csv."),
+        device: str = typer.Option("auto", "--device", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
         compile_model: bool = typer.Option(False, "--compile", help="torch.compile the DiT (first steps slower)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
     ) -> None:
@@ -70,6 +70,10 @@ def register(app: typer.Typer) -> None:
         from raebench.evaluate import resolve_device
         from raebench.stage2.train import preset as make_preset, train
 
+        if latents and (tokenizer or data):
+            given = " and ".join(f for f, v in (("--tokenizer", tokenizer), ("--data", data)) if v)
+            raise RaebenchError(f"--latents trains on the cached latents (their tokenizer and images), so {given} would "
+                                "be ignored; give either --latents DIR or --tokenizer NAME --data DIR.")
         overrides = dict(out=str(out), latents=str(latents) if latents else None, tokenizer=tokenizer, data=data,
                          resolution=resolution, num_classes=num_classes, global_batch=batch_size, grad_accum=grad_accum,
                          epochs=epochs, max_steps=max_steps, lr=lr, precision=precision, seed=seed,
@@ -90,20 +94,20 @@ def register(app: typer.Typer) -> None:
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A raebench stage-2 run folder or its checkpoint."),
         config: Optional[Path] = typer.Option(None, "--config", help="An official RAE YAML (stage_1 + stage_2 blocks)."),
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Decoder for --checkpoint (default: the run's)."),
-        num: int = typer.Option(50_000, "--num", "-n"),
+        num: int = typer.Option(50_000, "--num", "-n", help="Number of samples."),
         label_sampling: str = typer.Option("equal", "--label-sampling", help="equal (exactly num/classes each) | random"),
-        num_classes: Optional[int] = typer.Option(None, "--num-classes"),
-        cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale"),
+        num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Class count of the model (default: the preset's; with sample: the model's)."),
+        cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", help="Guidance scale (1: none; CFG, or AutoGuidance with --guide-checkpoint). Default: 1, or the YAML's."),
         cfg_interval: Optional[str] = typer.Option(None, "--cfg-interval", help="T_MIN,T_MAX"),
         guide_checkpoint: Optional[Path] = typer.Option(None, "--guide-checkpoint", help="AutoGuidance guide model."),
-        steps: Optional[int] = typer.Option(None, "--steps"),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: 50, or the YAML's: 50 for ODE, 250 for SDE)."),
         method: Optional[str] = typer.Option(None, "--method", help="euler | heun | adaptive | euler-maruyama | sde-heun"),
-        batch_size: int = typer.Option(32, "--batch-size", "-b"),
-        seed: int = typer.Option(0, "--seed"),
+        batch_size: int = typer.Option(32, "--batch-size", "-b", help="Samples (train: images) per batch."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the initial weights and every random draw (train), or of the labels and noise (sample)."),
         grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a PNG grid of the first 64 samples."),
         quantize: str = typer.Option("round", "--quantize", help="uint8 conversion: round (x*255+0.5, as DiT) | "
                                      "truncate (x*255, as the official RAE sample_ddp.py, which it reproduces byte for byte)."),
-        device: str = typer.Option("auto", "--device"),
+        device: str = typer.Option("auto", "--device", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
     ) -> None:
         """Generate class-conditional samples for gFID (sharded over torchrun ranks, resumable)."""
         import torch
@@ -189,14 +193,14 @@ def register(app: typer.Typer) -> None:
 
     @app.command("cache-latents")
     def cache_latents_cmd(
-        tokenizer: str = typer.Option(..., "--tokenizer", "-t"),
+        tokenizer: str = typer.Option(..., "--tokenizer", "-t", help="Tokenizer that encodes the images (raebench ls tokenizers)."),
         data: str = typer.Option(..., "--data", help="Image folder with one subfolder per class."),
         out: Path = typer.Option(..., "--out", "-o", help="Cache folder (latents.npy, labels.npy, meta.json)."),
-        resolution: int = typer.Option(256, "--resolution", "-r"),
-        batch_size: int = typer.Option(32, "--batch-size", "-b"),
+        resolution: int = typer.Option(256, "--resolution", "-r", help="Image size for on-the-fly encoding with --tokenizer/--data (a cache has its own)."),
+        batch_size: int = typer.Option(32, "--batch-size", "-b", help="Samples (train: images) per batch."),
         flip: bool = typer.Option(True, "--flip/--no-flip", help="Also store each image's horizontal flip."),
         dtype: str = typer.Option("float16", "--dtype", help="float16 (half the disk; latents rounded to ~5e-4 relative) | float32 (exact, as the official on-the-fly encoding)"),
-        device: str = typer.Option("auto", "--device"),
+        device: str = typer.Option("auto", "--device", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
     ) -> None:
         """Encode a dataset once (plus flips) so stage-2 training does not pay the encoder every step."""
         from raebench.cli import console
