@@ -389,14 +389,15 @@ def register(app: typer.Typer) -> None:
             from raebench.tokenizers import TOKENIZERS
 
             t = Table(title="tokenizers")
-            for c in ("name", "family", "latent @256", "dims", "params", "resolutions", "weights"):
+            for c in ("name", "family", "latent (at px)", "dims", "params", "resolutions", "weights"):
                 t.add_column(c)
             for s in TOKENIZERS:
-                shape = s.latent_shape(256)
+                px = 256 if 256 in s.native_resolutions else s.native_resolutions[0]  # one it accepts
+                shape = s.latent_shape(px)
                 aliases = TOKENIZERS.aliases_of(s.name)
                 params = "–" if s.params is None else (f"{s.params / 1e6:.1f}M" if s.params else "0")
                 t.add_row(
-                    s.name + (f" ({', '.join(aliases)})" if aliases else ""), s.family, "×".join(map(str, shape)),
+                    s.name + (f" ({', '.join(aliases)})" if aliases else ""), s.family, "×".join(map(str, shape)) + f" @{px}",
                     str(math.prod(shape)), params, ",".join(map(str, s.native_resolutions)),
                     "\n".join(str(w) for w in s.weights) or "none",
                 )
