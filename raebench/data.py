@@ -395,6 +395,14 @@ class _Rebatched:
             yield merge_batches(parts, self.pin_memory)
 
 
+def default_workers(num_workers: int | None, device: torch.device) -> int:
+    """``--num-workers`` unset: 0 on the CPU (workers would compete with the model for its cores), else
+    min(8, cores) so that decoding keeps a GPU fed."""
+    if num_workers is not None:
+        return num_workers
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
 def make_loader(
     dataset: ImageDataset,
     batch_size: int,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from raebench.distributed import rank_world, shard
-from raebench.data import ImageDataset, ResolvedData, Skip, make_loader, resolve_data, to_float, to_uint8
+from raebench.data import ImageDataset, ResolvedData, Skip, default_workers, make_loader, resolve_data, to_float, to_uint8
 from raebench.checks import check_domain, check_image_counts, check_run
 from raebench.errors import RaebenchError
 from raebench.eval_progress import WorkState
@@ -470,7 +470,7 @@ def evaluate(
             })
 
     ds = ImageDataset(data.images, cfg.resolution)
-    workers = cfg.num_workers if cfg.num_workers is not None else (0 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+    workers = default_workers(cfg.num_workers, device)
     loader = make_loader(ds, cfg.batch_size, workers, pin_memory=device.type == "cuda",
                          indices=range(lo + done, hi))
     try:

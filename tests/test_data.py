@@ -278,3 +278,11 @@ def test_stage1_train_resize_sizes_as_torchvision(monkeypatch):
         target = 384 if w > 100 else 48
         th, tw = _compute_resized_output_size((h, w), [target])
         assert sizes == [(tw, th)] and out.shape[:2] == ((256, 256) if w > 100 else (32, 32))
+
+
+def test_default_workers_every_data_command_shares():
+    from raebench.data import default_workers
+
+    assert default_workers(None, torch.device("cpu")) == 0  # workers would compete with the model's cores
+    assert default_workers(None, torch.device("cuda")) == min(8, os.cpu_count() or 1)
+    assert default_workers(3, torch.device("cuda")) == 3 and default_workers(2, torch.device("cpu")) == 2

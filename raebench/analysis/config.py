@@ -40,7 +40,7 @@ class AnalyzeConfig:
     seed: int = 0
     batch_size: int = 16
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | None = None  # None: 0 on the CPU, min(8, cores) on a GPU
     results_dir: str = "results"
     write: bool = True
     plots: bool = True

@@ -46,7 +46,7 @@ from raebench.analysis.config import AnalyzeConfig, check_config, metric_version
 from raebench.analysis.measure import TokenizerReport, measure, probe_key, result_rows
 from raebench.analysis.reuse import expected_rows, missing_parts, part_of, reusable_rows, stored_rows
 from raebench.analysis.stream import Accumulator, Keep
-from raebench.data import ImageDataset, Skip, make_loader, resolve_data
+from raebench.data import ImageDataset, Skip, default_workers, make_loader, resolve_data
 from raebench.errors import MissingWeightsError, RaebenchError
 from raebench.results import atomic_write_bytes, check_writable, new_run_id, write_rows
 
@@ -270,7 +270,7 @@ def analyze(
     skipped = list(data.images.skipped) if rank == 0 else []
     lo, hi = shard(data.n, rank, world)
     if active:
-        loader = make_loader(ImageDataset(data.images, cfg.resolution), cfg.batch_size, cfg.num_workers,
+        loader = make_loader(ImageDataset(data.images, cfg.resolution), cfg.batch_size, default_workers(cfg.num_workers, device),
                              pin_memory=device.type == "cuda", indices=range(lo, hi))
         done = 0
         for batch in loader:

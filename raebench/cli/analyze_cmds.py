@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset and of the probes' splits and training."),
         batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per batch."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-        num_workers: int = typer.Option(0, "--num-workers", help="Data-loading worker processes (0: in the main process)."),
+        num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data-loading worker processes (default: 0 on the CPU, min(8, cores) on a GPU)."),
         results: Path = typer.Option(Path("results"), "--results", help="Results folder (rows, and figures under analysis/)."),
         probe_method: str = typer.Option("lbfgs", "--probe-method", help="Linear probe recipe: lbfgs (logistic) or ridge (closed form)."),
         batchnorm: bool = typer.Option(True, "--batchnorm/--no-batchnorm", help="Standardise pooled latents before the probe (BatchNorm without affine)."),

@@ -28,16 +28,17 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 
 
-def _batches(data, resolution: int, batch_size: int, num_workers: int, device: torch.device, on_progress=None,
+def _batches(data, resolution: int, batch_size: int, num_workers: int | None, device: torch.device, on_progress=None,
              skipped: list | None = None):
     """(indices, uint8 (N, 3, R, R) on ``device``, paths) for this rank's contiguous shard; unreadable
     files are logged and, if given, appended to ``skipped`` (as :class:`raebench.data.Skip`)."""
     from raebench import distributed
-    from raebench.data import ImageDataset, make_loader
+    from raebench.data import ImageDataset, default_workers, make_loader
     from raebench.distributed import shard
 
     lo, hi = shard(data.n, *distributed.rank_world())
-    loader = make_loader(ImageDataset(data.images, resolution), batch_size, num_workers, indices=range(lo, hi))
+    loader = make_loader(ImageDataset(data.images, resolution), batch_size, default_workers(num_workers, device),
+                         indices=range(lo, hi))
     done = 0
     for b in loader:
         done += b["image"].shape[0] + len(b["skipped"])
@@ -114,7 +115,7 @@ def _write_reconstructions(
     resolution: int,
     batch_size: int = 16,
     device: torch.device = torch.device("cpu"),
-    num_workers: int = 0,
+    num_workers: int | None = None,
     png: bool = True,
     references: bool = False,
     precision: str = "fp32",
@@ -244,7 +245,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset."),
         batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per batch."),
         device: str = typer.Option("auto", "--device", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
-        num_workers: int = typer.Option(0, "--num-workers", help="Data-loading worker processes (0: in the main process)."),
+        num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data-loading worker processes (default: 0 on the CPU, min(8, cores) on a GPU)."),
         weights: Optional[str] = typer.Option(None, "--weights", help="Local RAE-collections-style folder (for the encoder copy)."),
     ) -> None:
         """Exact per-element latent mean/var of an RAE encoder over a dataset (float64, deterministic)."""
@@ -301,7 +302,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per batch."),
         device: str = typer.Option("auto", "--device", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
         precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (tokenizer forward only)."),
-        num_workers: int = typer.Option(0, "--num-workers", help="Data-loading worker processes (0: in the main process)."),
+        num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data-loading worker processes (default: 0 on the CPU, min(8, cores) on a GPU)."),
         weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file/folder for the tokenizer."),
         decoder: Optional[str] = typer.Option(None, "--decoder", help="RAE: a decoder checkpoint instead of the released one."),
         stats: Optional[str] = typer.Option(None, "--stats", help="RAE: latent statistics file (stat.pt)."),
