@@ -124,15 +124,10 @@ def fingerprint_path(path: str | os.PathLike) -> str:
 def full_fp32():
     """Disable TF32 inside: PyTorch lets cuDNN convolutions use it by default on Ampere and later GPUs,
     which changes features far beyond float32 rounding; the reference evaluators compute in fp32."""
-    if not torch.cuda.is_available():
+    from raebench.tf32 import tf32
+
+    with tf32(False):
         yield
-        return
-    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
 class Extractor:

@@ -116,6 +116,8 @@ class GaussianStats:
             self.shift = x.mean(0)
             self.sum = torch.zeros(d, dtype=torch.float64, device=x.device)
             self.sum_outer = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+        elif self.sum.device != x.device:  # a merged (resumed) state lives on the CPU; the features on the GPU
+            self.shift, self.sum, self.sum_outer = (t.to(x.device) for t in (self.shift, self.sum, self.sum_outer))
         xc = x - self.shift
         self.n += x.shape[0]
         self.sum += xc.sum(0)
@@ -201,7 +203,10 @@ class FrechetMetric(Metric):
         out = {}
         for side in ("ref", "cand"):
             g: GaussianStats = getattr(self, side)
-            out[side] = {"n": g.n, "shift": g.shift, "sum": g.sum, "sum_outer": g.sum_outer, "rows": list(g.rows)}
+            # on the CPU, as the base class's state(): pickled GPU tensors would unpickle onto the saving
+            # rank's GPU in every other process of an all_gather_object
+            cpu = [None if t is None else t.cpu() for t in (g.shift, g.sum, g.sum_outer)]
+            out[side] = {"n": g.n, "shift": cpu[0], "sum": cpu[1], "sum_outer": cpu[2], "rows": list(g.rows)}
         return out
 
     def merge(self, state: dict) -> None:

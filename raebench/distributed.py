@@ -17,20 +17,30 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init(device: torch.device | None = None) -> tuple[int, int]:
+#: seconds a collective may wait (``$RAEBENCH_DIST_TIMEOUT_S``): rank 0 alone merges 50k samples or
+#: computes precision/recall while the others wait, which can pass NCCL's default 10 minutes
+DEFAULT_TIMEOUT_S = 7200
+
+
+def init(device: torch.device | str | None = None) -> tuple[int, int]:
     """Initialise the default process group if torchrun launched us; returns (rank, world).
 
-    The backend follows ``device`` (NCCL for a CUDA device, gloo otherwise); without one, NCCL
-    whenever CUDA is available.
+    The backend follows ``device`` (NCCL for a CUDA device, gloo otherwise: ``--device cpu`` on a GPU
+    node gets gloo); "auto" or None means NCCL whenever CUDA is available.
     """
+    import datetime
+
     if not launched():
         return 0, 1
     if not td.is_initialized():
+        if isinstance(device, str):
+            device = None if device == "auto" else torch.device(device)
         use_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(device if device is not None and device.index is not None
                                   else int(os.environ.get("LOCAL_RANK", "0")))
-        td.init_process_group(backend="nccl" if use_cuda else "gloo")
+        timeout = datetime.timedelta(seconds=float(os.environ.get("RAEBENCH_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+        td.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
     return td.get_rank(), td.get_world_size()
 
 

@@ -60,10 +60,15 @@ class WorkState:
         save_atomic({**st, "version": self.VERSION}, self.path)
 
     def release(self, remove: bool) -> None:
-        import shutil
-
+        """Unlock; with ``remove``, delete this rank's progress (never another rank's: one that fails
+        before saving must not delete the others' resume state), and the folder once it is empty."""
+        if remove:  # unlinked while still locked, so no other job can lock the old file in between
+            for p in (self.path, self.path.with_suffix(".lock")):
+                p.unlink(missing_ok=True)
+            try:
+                self.dir.rmdir()
+            except OSError:  # other ranks' files are still there
+                pass
         if self._lock is not None:
             self._lock.close()
             self._lock = None
-        if remove:
-            shutil.rmtree(self.dir, ignore_errors=True)

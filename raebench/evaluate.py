@@ -12,7 +12,6 @@ and listed. Rows are written only when the whole evaluation finished.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
 import logging
@@ -125,8 +124,12 @@ def build_tokenizer_from_config(cfg: EvalConfig, device: torch.device):
 
 
 def _autocast(device: torch.device, precision: str):
+    """The tokenizer's precision: "fp32" is full float32 (TF32 off, also for cuDNN convolutions, which
+    PyTorch lets use TF32 by default), "bf16" is autocast."""
+    from raebench.tf32 import tf32
+
     if precision == "fp32":
-        return contextlib.nullcontext()
+        return tf32(False)
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     raise RaebenchError(f"Unknown precision {precision!r}; use fp32 or bf16.")

@@ -88,3 +88,17 @@ def test_corrupt_resume_state_is_ignored(image_folder: Path, tmp_path: Path):
     state.write_bytes(b"\x80\x02garbage")
     out = evaluate(cfg)
     assert out.n_images == 8
+
+
+def test_a_rank_removes_only_its_own_progress(tmp_path: Path):
+    """A rank that fails before saving (or finishes first) must not delete another rank's resume state."""
+    from raebench.eval_progress import WorkState
+
+    ranks = [WorkState(tmp_path, "key", r) for r in (0, 1)]
+    for w in ranks:
+        w.acquire()
+    ranks[0].save({"done": 3})
+    ranks[1].release(remove=True)  # rank 1 had saved nothing
+    assert ranks[0].path.is_file() and ranks[0].load()["done"] == 3
+    ranks[0].release(remove=True)
+    assert not (tmp_path / ".work" / "key").exists()

@@ -165,3 +165,22 @@ def test_low_rank_factor_drops_the_direction_centred_rows_lack():
         tr = np.linalg.svd(yc @ xc.T, compute_uv=False).sum()
         worst = max(worst, abs(trace_sqrt_product(g1.cov(), g2.cov(), g1.factor(), g2.factor()) / tr - 1))
     assert worst < 1e-13
+
+
+def test_resumed_state_follows_the_features_device(monkeypatch):
+    """A saved state loads on the CPU; on resume the features come from the extractor's device. The
+    'meta' device stands in for a GPU: the update must move the sums, not fail on mixed devices."""
+    from raebench.metrics import METRICS, MetricBatch
+
+    x = torch.rand(6, 5, dtype=torch.float64)
+    m = METRICS.get("fid").build()
+    m.update(MetricBatch(None, None, {"inception": ({"pool": x.float()}, {"pool": x.float()})}))
+    st = m.state()
+    assert all(st[side][k].device.type == "cpu" for side in ("ref", "cand") for k in ("shift", "sum", "sum_outer"))
+    import raebench.metrics.frechet as fr
+
+    monkeypatch.setattr(fr, "KEEP_ROWS_MAX", 0)  # meta tensors hold no rows to keep
+    g = GaussianStats()
+    g.add(st["ref"]["n"], st["ref"]["shift"], st["ref"]["sum"], st["ref"]["sum_outer"], [])
+    g.update(torch.rand(3, 5, device="meta"))
+    assert g.sum.device.type == "meta" and g.n == 9

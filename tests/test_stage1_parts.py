@@ -275,3 +275,21 @@ def test_export_hint_names_the_tokenizer_of_the_encoder(tmp_path):
                                           ("/my/encoder", 32, "no registered RAE tokenizer")]:
         (tmp_path / "stage1.json").write_text(json.dumps({"encoder": encoder, "resolution": resolution}))
         assert expected in _eval_hint(tmp_path)
+
+
+def test_cuda_rng_state_is_this_ranks_gpu_only(monkeypatch):
+    """Checkpoints hold this rank's GPU generator, so a run resumes on a machine with fewer GPUs; states
+    saved by earlier versions (one per visible GPU) still restore (torch.cuda stubbed on the CPU)."""
+    from raebench.stage1 import train as tr
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda st, device="cuda": restored.append(int(st[0])))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    st = tr.rng_state()
+    assert torch.equal(st["cuda"], torch.tensor([7], dtype=torch.uint8))
+    tr.set_rng_state(st)
+    tr.set_rng_state({**st, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]})  # 8 GPUs saved
+    tr.set_rng_state({**st, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in (5, 6)]})  # 2 saved, GPU 3 now
+    assert restored == [7, 3, 5]

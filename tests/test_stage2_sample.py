@@ -141,3 +141,20 @@ def test_sampling_refuses_a_second_job_unrecorded_parts_and_resamples_damaged_pa
     got = np.load(generate_npz(sample_fn, decode, out, y, (4, 2, 2), batch_size=3, seed=7))["arr_0"]
     assert calls == [3, 3, 1] and np.array_equal(got, ref)
     assert not parts.exists()
+
+
+def test_merging_many_parts_keeps_one_file_open(tmp_path):
+    """300 parts merged under a soft limit of 200 open files (50k samples are 1,563 parts at batch 32)."""
+    import resource
+
+    y = class_labels(300, 5, seed=0)
+    calls = []
+    sample_fn, decode = fake_fns(calls)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(200, hard), hard))
+    try:
+        out = generate_npz(sample_fn, decode, tmp_path / "many.npz", y, (4, 2, 2), batch_size=1, seed=2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    data = np.load(out)
+    assert data["arr_0"].shape == (300, 8, 8, 3) and np.array_equal(data["arr_1"], y.numpy())

@@ -77,10 +77,11 @@ class Accumulator:
         for j, i in enumerate(index):
             if not bool(ok[j]):
                 continue
+            # clones: a view z[j] would keep the whole batch's latents alive (on the GPU) while it is kept
             if self.diag.wants(i):
-                self.diag.offer(i, (images[j].cpu(), z[j]))
+                self.diag.offer(i, (images[j].cpu(), z[j].clone()))
             if self.probe.wants(i):
-                self.probe.offer(i, (z[j],))
+                self.probe.offer(i, (z[j].clone(),))
 
     def state(self) -> dict:
         """This shard's part, on the CPU (what another rank merges)."""

@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         from raebench.cli.core import _fmt, progress_bar
         from raebench.tokenizers import get_tokenizer_spec
 
-        distributed.init()
+        distributed.init(device)
         is_main = distributed.is_main()  # before analyze(), which releases the process group
         device = distributed.local_device(device)
         names = [get_tokenizer_spec(t).name for t in _csv(tokenizer)]  # unknown names fail here, with suggestions

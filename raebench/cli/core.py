@@ -242,7 +242,7 @@ def register(app: typer.Typer) -> None:
             run_score(reference, samples, _split_metrics(GENERATION_METRICS if metrics is None else metrics), device=device, option=option,
                       results=results, flags=("--reference", "--samples"), **{k: v for k, v in passed.items() if v is not None})
             return
-        distributed.init()
+        distributed.init(device)
         device = distributed.local_device(device)
         if not tokenizer and not tokenizer_config:
             raise RaebenchError("Give --tokenizer NAME (see `raebench ls tokenizers`) or --tokenizer-config official.yaml.")
@@ -293,7 +293,7 @@ def register(app: typer.Typer) -> None:
         from raebench.compare import compare
         from raebench.leaderboard import compare_bold, gap_table, render, row_best
 
-        distributed.init()  # under torchrun each evaluation is sharded; rank 0 writes rows and prints
+        distributed.init(device)  # under torchrun each evaluation is sharded; rank 0 writes rows and prints
         device = distributed.local_device(device)
         if format not in (None, "csv", "md", "latex"):
             raise RaebenchError(f"Unknown --format {format!r}; use csv, md or latex.")

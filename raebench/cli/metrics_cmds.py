@@ -43,7 +43,7 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
     from raebench.evaluate import parse_options
     from raebench.metrics.scoring import score
 
-    distributed.init()
+    distributed.init(device)
     device = distributed.local_device(device)
     # no --option: None, so the metrics read $RAEBENCH_METRIC_OPTIONS (as eval does)
     kwargs = dict(name=name, domain=domain, resolution=resolution, batch_size=batch_size, device=device,

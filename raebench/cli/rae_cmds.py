@@ -255,8 +255,9 @@ def register(app: typer.Typer) -> None:
         from raebench.data import resolve_data, to_float
         from raebench.evaluate import resolve_device
         from raebench.rae.stats import StatsAccumulator
+        from raebench.tf32 import tf32
 
-        distributed.init()
+        distributed.init(device)
         dev = resolve_device(distributed.local_device(device))
         fn, label = feature_extractor(
             tokenizer=tokenizer, tokenizer_config=str(tokenizer_config) if tokenizer_config else None,
@@ -269,7 +270,7 @@ def register(app: typer.Typer) -> None:
             acc = StatsAccumulator(tuple(fn(torch.zeros(1, 3, resolution, resolution, device=dev)).shape[1:]), dev)
         with progress_bar(f"stats {label}") as bar:
             for _, x, _ in _batches(rd, resolution, batch_size, num_workers, dev, bar):
-                with torch.no_grad():
+                with torch.no_grad(), tf32(False):  # exact statistics: full float32 on GPUs too
                     xf = to_float(x)
                     acc.update(fn(xf).float())
                     if hflip:
@@ -314,7 +315,7 @@ def register(app: typer.Typer) -> None:
         from raebench.data import resolve_data
         from raebench.evaluate import EvalConfig, build_tokenizer_from_config, check_config, resolve_device
 
-        distributed.init()
+        distributed.init(device)
         if not tokenizer and not tokenizer_config:
             raise RaebenchError("Give --tokenizer NAME (see `raebench ls tokenizers`) or --tokenizer-config official.yaml.")
         dev = resolve_device(distributed.local_device(device))

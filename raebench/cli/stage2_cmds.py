@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             console.print_json(json.dumps(dataclasses.asdict(cfg)))
             return
-        distributed.init()
+        distributed.init(device)
         res = train(cfg, device=resolve_device(distributed.local_device(device)))
         if distributed.is_main():
             console.print(f"trained to step {res['step']}; checkpoint in {res['out']}/checkpoints/last.pt")
@@ -133,7 +133,7 @@ def register(app: typer.Typer) -> None:
                                 "strength); add e.g. --cfg-scale 1.5.")
         source = config if config is not None else stage2_checkpoint(checkpoint)
         guide_path = stage2_checkpoint(guide_checkpoint) if guide_checkpoint is not None else None
-        distributed.init()
+        distributed.init(device)
         dev = resolve_device(distributed.local_device(device))
         settings = {"source": _file_id(source), "method": method_name, "steps": steps, "cfg_scale": cfg_scale,
                     "cfg_interval": list(interval) if interval else None,
@@ -209,7 +209,7 @@ def register(app: typer.Typer) -> None:
 
         from raebench import distributed
 
-        distributed.init()
+        distributed.init(device)
         dev = resolve_device(distributed.local_device(device))
         tok = _tokenizer(tokenizer, dev)
         with progress_bar("encoding (images of this rank)") as bar:

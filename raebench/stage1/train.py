@@ -163,8 +163,8 @@ def rng_state() -> dict:
         "numpy": [st[0], torch.from_numpy(st[1].astype(np.int64)), int(st[2]), int(st[3]), float(st[4])],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's GPU only: a resume may see another number of GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -175,7 +175,10 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, arr.numpy().astype(np.uint32), p, g, c))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # checkpoints of earlier versions: one state per visible GPU
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else cuda[0]
+        torch.cuda.set_rng_state(cuda)
 
 
 def _checked_step(module: nn.Module, opt: torch.optim.Optimizer, clip: float | None, what: str, step: int,

@@ -167,9 +167,17 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
     if world > 1:
         dist.barrier()
     if rank == 0:
-        arrays = [np.load(parts / f"b{b:07d}.npz") for b in range(num_batches)]
-        images = np.concatenate([a["images"] for a in arrays])
-        labs = np.concatenate([a["labels"] for a in arrays]).astype(np.int64)
+        # one part open at a time (1,563 parts for 50k would pass the usual 1,024 open files), copied
+        # into the final arrays: peak memory is the samples plus one part
+        images, labs, row = None, np.empty(n, dtype=np.int64), 0
+        for b in range(num_batches):
+            with np.load(parts / f"b{b:07d}.npz") as a:
+                im = a["images"]
+                if images is None:
+                    images = np.empty((n, *im.shape[1:]), dtype=im.dtype)
+                images[row:row + len(im)] = im
+                labs[row:row + len(im)] = a["labels"]
+            row += len(im)
         out.parent.mkdir(parents=True, exist_ok=True)
         from raebench.metrics.sources import SETTINGS_KEY
         from raebench.results import provenance

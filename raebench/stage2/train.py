@@ -273,7 +273,7 @@ def accumulate_gradients(
     """
     if len(x) % accum:
         raise RaebenchError(f"the per-rank batch {len(x)} does not split into {accum} equal micro-batches.")
-    micro, total = len(x) // accum, 0.0
+    micro, total = len(x) // accum, None
     for a in range(accum):
         part = slice(a * micro, (a + 1) * micro)
         last = a == accum - 1
@@ -282,8 +282,8 @@ def accumulate_gradients(
             with autocast or contextlib.nullcontext():
                 loss = loss_fn(model, x[part], y[part], *(e[part] for e in extra)).mean() / accum  # share of the batch mean
             loss.backward()
-        total += float(loss.detach())
-    return total
+        total = loss.detach() if total is None else total + loss.detach()  # on the device: no sync per micro-batch
+    return float(total)
 
 
 def step_draws(
@@ -380,9 +380,12 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> 
     """
     from raebench.locks import exclusive
 
+    from raebench.tf32 import tf32
+
     out = Path(cfg.out)  # the lock sits beside the run folder, which a refused run never creates
     with exclusive(out.with_name(f".{out.name}.lock"), "stage-2 training job", out, "choose another --out"):
-        return _train(cfg, device, source)
+        with tf32(torch.device(device).type == "cuda"):  # as the official trainer; restored afterwards
+            return _train(cfg, device, source)
 
 
 def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> dict:
@@ -418,9 +421,6 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
             log.warning("%s was written by an older raebench with other random draws; the resumed run will not "
                         "reproduce an uninterrupted one", ckpt_path)
 
-    if device.type == "cuda":  # as the official trainer: TF32 matmuls for the fp32 parts
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_for_training(cfg, source.latent_shape).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
