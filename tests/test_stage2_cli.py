@@ -45,7 +45,12 @@ def test_cache_train_sample(tmp_path, image_folder):
     from raebench.metrics.extractors import fingerprint_path
 
     assert made["source"] == f"last.pt@{fingerprint_path(ck)}"  # content, not a modification time
-    assert sorted(s["arr_1"].tolist()) == [0, 0, 0, 1, 1, 1]
+    assert sorted(s["arr_1"].tolist()) == [0, 0, 0, 1, 1, 1] and "tf32" not in made
+    run(["sample", "-c", str(ck), "-n", "2", "--steps", "2", "-b", "2", "-o", str(tmp_path / "t.npz"), "--tf32",
+         "--device", "cpu"])
+    import json
+
+    assert json.loads(str(np.load(tmp_path / "t.npz")["raebench_settings"]))["tf32"] is True
 
 
 def test_sample_checks_a_tokenizer_other_than_the_runs(caplog):

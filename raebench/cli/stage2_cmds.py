@@ -108,6 +108,8 @@ def register(app: typer.Typer) -> None:
         quantize: str = typer.Option("round", "--quantize", help="uint8 conversion: round (x*255+0.5, as DiT) | "
                                      "truncate (x*255, as the official RAE sample_ddp.py, which it reproduces byte for byte)."),
         device: str = typer.Option("auto", "--device", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
+        allow_tf32: bool = typer.Option(False, "--tf32", help="Allow TF32 on GPUs (faster; the official sample_ddp.py "
+                                        "default); recorded with the samples. Default: full float32."),
     ) -> None:
         """Generate class-conditional samples for gFID (sharded over torchrun ranks, resumable)."""
         import torch
@@ -182,7 +184,11 @@ def register(app: typer.Typer) -> None:
         labels = class_labels(num, classes, label_sampling, seed)
         if label_sampling == "equal" and num % classes:
             console.print(f"[yellow]{num} is not a multiple of {classes} classes: counts differ by one[/]")
-        with torch.no_grad(), progress_bar("sampling (batches of this rank)") as bar:
+        if allow_tf32:  # absent otherwise, so parts written before this option still resume
+            settings["tf32"] = True
+        from raebench.tf32 import tf32
+
+        with torch.no_grad(), tf32(allow_tf32), progress_bar("sampling (batches of this rank)") as bar:
             generate_npz(sample_fn, tok.decode, out, labels, shape, batch_size, seed, dev, progress=bar, settings=settings,
                          quantize=quantize)
         if distributed.is_main():
