@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, standalone_mode=False)
     except RaebenchError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _leave_process_group()
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
@@ -72,6 +73,17 @@ def main(argv: list[str] | None = None) -> None:
         if code == 130:
             err_console.print("[yellow]interrupted[/]")
         sys.exit(code)
+
+
+def _leave_process_group() -> None:
+    """Destroy this rank's process group before a user-error exit (torchrun then stops the other
+    ranks) instead of leaving NCCL's teardown to the interpreter's exit."""
+    try:
+        from raebench import distributed
+
+        distributed.finish()
+    except Exception:  # noqa: BLE001 - exiting anyway; the error above is what the user needs
+        pass
 
 
 def _usage_errors() -> tuple[type, ...]:

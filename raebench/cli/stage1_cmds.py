@@ -66,6 +66,9 @@ def register(app: typer.Typer) -> None:
             state = "finished" if res["step"] >= res["total_steps"] else "stopped"
             console.print(f"{state} at step {res['step']}/{res['total_steps']} · run {res['run_dir']}"
                           + (f" · decoder {res['decoder']}" if res["decoder"] else ""))
+        from raebench import distributed
+
+        distributed.finish()
 
     @app.command("export-decoder")
     def export_decoder_cmd(
