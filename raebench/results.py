@@ -197,13 +197,15 @@ def _remove_stale_temps(path: Path, suffix: str, keep: str) -> None:
             pass
 
 
-def remove_orphan_temps(folder: str | os.PathLike) -> int:
+def remove_orphan_temps(folder: str | os.PathLike, of: str | None = None) -> int:
     """Remove the temporary files that :func:`atomic_path` writers killed mid-save left in ``folder``
-    (``.NAME.XXXXXXXX.SUFFIX``, whatever their age); returns how many. Only for a folder whose
-    writers are known to be gone: the caller holds its :mod:`raebench.locks` lock."""
+    (``.NAME.XXXXXXXX.SUFFIX``, whatever their age), only those of the file named ``of`` when given;
+    returns how many. Only for files whose writers are known to be gone: the caller holds their
+    :mod:`raebench.locks` lock."""
     import re
 
-    pattern = re.compile(r"^\..+\.[a-z0-9_]{8}(\.tmp|\.npz)$")  # mkstemp's names, the suffixes in use
+    name = re.escape(of) if of is not None else ".+"
+    pattern = re.compile(rf"^\.{name}\.[a-z0-9_]{{8}}(\.tmp|\.npz)$")  # mkstemp's names, the suffixes in use
     removed = 0
     for old in Path(folder).glob(".*"):
         if pattern.match(old.name) and old.is_file():

@@ -465,6 +465,7 @@ def test_a_killed_reconstruct_leaves_the_earlier_run_whole(tmp_path, make_images
     after = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
              and ".images.partial" not in str(p)}
     assert after == before  # nothing of the killed run outside its staging folder
+    (out / ".part-1.npz").write_bytes(b"rank 1 of a killed two-process run")
     write_reconstructions(PixelTokenizer(), resolve_data(str(tmp_path / "second")), out, resolution=16, batch_size=2)
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:06d}.png" for i in range(5)]
     assert np.load(out / "reconstructions.npz")["arr_0"].shape[0] == 5 and not (out / "references.npz").exists()

@@ -133,7 +133,7 @@ def test_resume_checks_the_encoders_weights_not_its_path(assets, tmp_path):
     model.save_pretrained(enc)
     with pytest.raises(RaebenchError, match=r"other settings or data \(encoder weights: [0-9a-f]{16} -> [0-9a-f]{16}"):
         train(cfg, tmp_path / "run")
-    held = OutputLock(tmp_path / ".run.lock", "test job", tmp_path / "run", "wait").acquire()
+    held = OutputLock(tmp_path / "run", "test job", "wait").acquire()
     try:
         with pytest.raises(RaebenchError, match=r"Another stage-1 training job is writing"):
             train(dataclasses.replace(cfg, encoder=str(moved)), tmp_path / "run")

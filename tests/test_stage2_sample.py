@@ -112,7 +112,7 @@ def test_sampling_refuses_a_second_job_unrecorded_parts_and_resamples_damaged_pa
     calls = []
     sample_fn, decode = fake_fns(calls)
     out = tmp_path / "s.npz"
-    held = OutputLock(tmp_path / ".s.npz.lock", "test job", out, "wait").acquire()  # a job already on s.npz
+    held = OutputLock(out, "test job", "wait").acquire()  # a job already on s.npz
     try:
         with pytest.raises(RaebenchError, match=r"Another sampling job is writing .*s\.npz'"):
             generate_npz(sample_fn, decode, out, y, (4, 2, 2), batch_size=3, seed=7)
@@ -137,10 +137,11 @@ def test_sampling_refuses_a_second_job_unrecorded_parts_and_resamples_damaged_pa
     assert len(done) == 2
     done[0].write_bytes(done[0].read_bytes()[:100])
     (parts / ".b0000002.npz.abcd1234.npz").write_bytes(b"half")  # a part write killed midway
+    (tmp_path / ".s.npz.qwertyui.npz").write_bytes(b"half")  # a final write killed midway (10 GB at 50k)
     calls.clear()
     got = np.load(generate_npz(sample_fn, decode, out, y, (4, 2, 2), batch_size=3, seed=7))["arr_0"]
     assert calls == [3, 3, 1] and np.array_equal(got, ref)
-    assert not parts.exists()
+    assert not parts.exists() and not (tmp_path / ".s.npz.qwertyui.npz").exists()
 
 
 def test_merging_many_parts_keeps_one_file_open(tmp_path):

@@ -79,7 +79,7 @@ def test_one_training_job_per_run_folder(tmp_path):
 
     toy_cache(tmp_path / "cache", n=64)
     cfg = dataclasses.replace(tiny_cfg(tmp_path, global_batch=32, epochs=1, ckpt_every=1), out=str(tmp_path / "run"))
-    held = OutputLock(tmp_path / ".run.lock", "test job", tmp_path / "run", "wait").acquire()
+    held = OutputLock(tmp_path / "run", "test job", "wait").acquire()
     try:
         with pytest.raises(RaebenchError, match=r"Another stage-2 training job is writing .*run'; wait for it to "
                                                 r"finish, or choose another --out"):
@@ -89,7 +89,9 @@ def test_one_training_job_per_run_folder(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     orphan = tmp_path / "run" / "checkpoints" / ".last.pt.k1ll3d_x.tmp"
     orphan.write_bytes(b"half a checkpoint")
+    (tmp_path / "run" / ".config.json.abcd1234.tmp").write_text("{")
     assert train(cfg)["step"] == 2 and not orphan.exists()
+    assert not list((tmp_path / "run").glob(".*.tmp"))
 
 
 def test_official_schedule_and_presets():
@@ -171,7 +173,7 @@ def test_one_job_per_output_and_orphan_temps_removed(tmp_path, image_folder):
     from raebench.locks import OutputLock
 
     lat = tmp_path / "lat"
-    held = OutputLock(tmp_path / ".lat.lock", "test job", lat, "wait").acquire()  # as another process would hold it
+    held = OutputLock(lat, "test job", "wait").acquire()  # as another process would hold it
     try:
         with pytest.raises(RaebenchError, match=r"Another latent-caching job is writing .*lat'; wait for it to finish"):
             cache_latents(_MeanPool(), str(image_folder), lat, resolution=32, batch_size=3)

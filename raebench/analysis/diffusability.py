@@ -133,7 +133,7 @@ def train_and_sample(latents: torch.Tensor, cfg: ProbeConfig, work_dir: str | Pa
         **({"num_workers": 0} if "num_workers" in TrainConfig.__dataclass_fields__ else {}),
     )
     dev = latents.device
-    run = train(tcfg, dev, source=_InMemoryLatents(latents))
+    run = train(tcfg, dev, source=_InMemoryLatents(latents), lock_advice="use another --results folder")
     losses = run["losses"]
     tail = losses[-max(1, len(losses) // 10):]
     model = build_for_training(tcfg, (c, h, h)).to(dev).eval()

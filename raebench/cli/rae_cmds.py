@@ -96,7 +96,7 @@ def write_reconstructions(tok, data, out: str | os.PathLike, **kw) -> dict:
 
     out = Path(out)
     check_out_dir(out)
-    with exclusive(out.with_name(f".{out.name}.lock"), "reconstruction job", out, "choose another --out"):
+    with exclusive(out, "reconstruction job", "choose another --out"):
         return _write_reconstructions(tok, data, out, **kw)
 
 
@@ -145,6 +145,8 @@ def _write_reconstructions(
         shutil.rmtree(staging, ignore_errors=True)  # of a killed run (we hold the lock)
         staging.mkdir(parents=True)
         remove_orphan_temps(out)
+        for stale in out.glob(".part-*"):  # every rank's shard files of a killed (multi-rank) run
+            stale.unlink(missing_ok=True)
     if world > 1:
         td.barrier()
     skipped = list(data.images.skipped) if rank == 0 else []  # found while listing the folder

@@ -331,9 +331,8 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
     """
     from raebench.locks import exclusive
 
-    run_dir = Path(run_dir)  # the lock sits beside the run folder, which a refused run never creates
-    with exclusive(run_dir.with_name(f".{run_dir.name}.lock"), "stage-1 training job", run_dir,
-                   "start another run with --name"):
+    run_dir = Path(run_dir)
+    with exclusive(run_dir, "stage-1 training job", "start another run with --name"):
         return _train(cfg, run_dir, device)
 
 
@@ -410,7 +409,8 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
             log.info("resumed %s at step %d/%d", run_dir, step, total)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        remove_orphan_temps(run_dir / "checkpoints")  # half-written checkpoints of a killed job (we hold the lock)
+        for folder in (run_dir, run_dir / "checkpoints"):  # half-written files of a killed job (we hold the lock)
+            remove_orphan_temps(folder)
         meta = {"config": cfg.to_dict(), "plan": p, "world_size": world, "device": str(device), **provenance()}
         atomic_write_bytes(run_dir / "config.json", json.dumps(meta, indent=2).encode())
         log.info("stage 1: %d images, %d steps/epoch, %d steps (%d epochs), micro-batch %d x %d accum x %d ranks",

@@ -164,8 +164,8 @@ def cache_latents(
     """
     from raebench.locks import exclusive
 
-    out = Path(out)  # the lock sits beside the cache folder, which a refused run never creates
-    with exclusive(out.with_name(f".{out.name}.lock"), "latent-caching job", out, "choose another --out"):
+    out = Path(out)
+    with exclusive(out, "latent-caching job", "choose another --out"):
         return _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, progress)
 
 
@@ -199,8 +199,8 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
         if complete:
             try:
                 _open_latents(out / "latents.npy", meta)
-            except DataError as e:
-                log.warning("%s; encoding the cache again", e)
+            except DataError:
+                log.warning("%s is marked complete but its latents.npy is missing or damaged; encoding it again", out)
                 complete, meta = False, {}
     if world > 1:
         box = [complete]

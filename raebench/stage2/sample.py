@@ -78,7 +78,7 @@ def generate_npz(
     if out.is_dir():
         raise RaebenchError(f"--out {str(out)!r} is a folder; give the .npz file to write.")
     # one job per output: two would write the same parts and the first to finish would delete them
-    with exclusive(out.with_name(f".{out.name}.lock"), "sampling job", out, "choose another --out"):
+    with exclusive(out, "sampling job", "choose another --out"):
         return _generate(sample_fn, decode, out, labels, latent_shape, batch_size, seed, device, progress, settings,
                          quantize)
 
@@ -120,6 +120,7 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
     if rank == 0:
         parts.mkdir(parents=True, exist_ok=True)
         remove_orphan_temps(parts)  # half-written parts of a killed job (we hold the lock)
+        remove_orphan_temps(out.parent, of=out.name)  # and its half-written final npz
         meta = parts / "meta.json"
         if not meta.is_file() and any(parts.glob("b*.npz")):
             raise RaebenchError(f"{parts} holds sample parts without a record of their settings (meta.json), so they "

@@ -372,18 +372,20 @@ LOG_COLUMNS = ("step", "epoch", "images", "lr", "loss", "sec_per_step")
 CHECKPOINT_FORMAT = "raebench-stage2-v2"  # v2: per-step draws of (seed, step, position), no RNG states
 
 
-def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> dict:
+def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None,
+          lock_advice: str = "choose another --out") -> dict:
     """Run (or resume) training; returns {'step', 'losses', 'out'}. ``source`` overrides cfg data.
 
     One job per run folder: a second one on the same ``cfg.out`` is refused while the first runs
-    (:mod:`raebench.locks`), so two jobs never overwrite each other's checkpoints and log.
+    (:mod:`raebench.locks`), so two jobs never overwrite each other's checkpoints and log;
+    ``lock_advice`` ends that refusal (what the caller's user should change).
     """
     from raebench.locks import exclusive
 
     from raebench.tf32 import tf32
 
-    out = Path(cfg.out)  # the lock sits beside the run folder, which a refused run never creates
-    with exclusive(out.with_name(f".{out.name}.lock"), "stage-2 training job", out, "choose another --out"):
+    out = Path(cfg.out)
+    with exclusive(out, "stage-2 training job", lock_advice):
         with tf32(torch.device(device).type == "cuda"):  # as the official trainer; restored afterwards
             return _train(cfg, device, source)
 
@@ -440,7 +442,8 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
     del ck
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        remove_orphan_temps(out / "checkpoints")  # half-written checkpoints of a killed job (we hold the lock)
+        for folder in (out, out / "checkpoints"):  # half-written files of a killed job (we hold the lock)
+            remove_orphan_temps(folder)
         _write_json(out / "config.json", {**_jsonable(cfg), "data_identity": data})
         truncate_csv(out / "log.csv", LOG_COLUMNS, step)
         log.info("%s: %.2fM parameters, %d examples, %d steps/epoch, %d steps, shift %.3f", cfg.model,
