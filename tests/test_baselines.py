@@ -482,3 +482,16 @@ def test_compare_ranks_reported_numbers_only_within_one_protocol():
     assert row["best (reported)"] == "" and "not ranked" in row["protocol"] and "n=100" in row["protocol"]
     tex = render(t, "latex", bold=set())
     assert r"$\Delta$ sd-vae-ft-mse" in tex and "--" in tex
+
+
+def test_flux_presets_parameter_count_and_gating():
+    """FLUX.2's parameter count is that of diffusers' AutoencoderKLFlux2 with its default config (what
+    FLUX.2-dev's config holds); FLUX.1-schnell's repository is gated, so the missing-weights message
+    says how to get access."""
+    diffusers = pytest.importorskip("diffusers")
+    if not hasattr(diffusers, "AutoencoderKLFlux2"):
+        pytest.skip("this diffusers has no AutoencoderKLFlux2")
+    with torch.device("meta"):
+        model = diffusers.AutoencoderKLFlux2()
+    assert sum(p.numel() for p in model.parameters()) == get_preset("flux2-vae").params
+    assert all(w.gated for w in get_preset("flux1-vae").weights)

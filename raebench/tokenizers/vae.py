@@ -87,6 +87,8 @@ def _hub(repo: str, subfolder: str | None = None, gated: bool = False, descripti
 
 _SD_PARAMS = 83_653_863  # AutoencoderKL (128, 256, 512, 512) x2 layers, 4 latent channels, with quant convs
 _SD3_PARAMS = 83_819_683  # same blocks, 16 latent channels, no quant convs (SD3.5, FLUX.1)
+#: diffusers' AutoencoderKLFlux2 defaults, which FLUX.2-dev's vae/config.json matches as third parties quote it
+_FLUX2_PARAMS = 84_046_115
 _VAVAE_PARAMS = 69_836_067  # LDM ch=128, ch_mult (1, 1, 2, 2, 4), attention at 16x16, 32 latent channels
 
 _LDM_CITATION = "Rombach et al., High-Resolution Image Synthesis with Latent Diffusion Models, CVPR 2022 (arXiv:2112.10752)"
@@ -121,8 +123,8 @@ PRESETS: tuple[VAEPreset, ...] = (
         citation="Esser et al., Scaling Rectified Flow Transformers for High-Resolution Image Synthesis, ICML 2024",
     ),
     VAEPreset(
-        "flux1-vae", "kl", (_hub("black-forest-labs/FLUX.1-schnell", "vae"),), 16, 8,
-        "FLUX.1 VAE (16 channels, f8), from FLUX.1-schnell (Apache-2.0).",
+        "flux1-vae", "kl", (_hub("black-forest-labs/FLUX.1-schnell", "vae", gated=True),), 16, 8,
+        "FLUX.1 VAE (16 channels, f8), from FLUX.1-schnell (Apache-2.0; the repository is gated since 2025).",
         scale=0.3611, shift=0.1159, params=_SD3_PARAMS,
         citation="Black Forest Labs, FLUX.1 (2024)",
     ),
@@ -130,7 +132,7 @@ PRESETS: tuple[VAEPreset, ...] = (
         "flux2-vae", "kl-flux2", (_hub("black-forest-labs/FLUX.2-dev", "vae", gated=True),), 128, 16,
         "FLUX.2 VAE: 32x32x32 at 256 px, 2x2-patchified to 128x16x16 and normalised by its BatchNorm "
         "running statistics; gated repository.",
-        norm="batchnorm",
+        norm="batchnorm", params=_FLUX2_PARAMS,
         citation="Black Forest Labs, FLUX.2 (2025)",
     ),
     VAEPreset(
