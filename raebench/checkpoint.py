@@ -80,17 +80,18 @@ def load_error_summary(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
-    """A config file that must hold a JSON object; anything else is a CheckpointError naming the file."""
+def read_json_object(path: str | os.PathLike, error: type[Exception] = CheckpointError, advice: str = "") -> dict[str, Any]:
+    """A file that must hold a JSON object; anything else is ``error`` naming the file (then ``advice``,
+    e.g. "; rebuild the cache")."""
     import json
 
     p = Path(path)
     try:
         obj = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{str(p)!r} is not a readable JSON file ({e}).") from None
+        raise error(f"{str(p)!r} is not a readable JSON file ({e}){advice}.") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{str(p)!r} must hold a JSON object, not a {type(obj).__name__}.")
+        raise error(f"{str(p)!r} must hold a JSON object, not a {type(obj).__name__}{advice}.")
     return obj
 
 

@@ -159,7 +159,7 @@ def test_damaged_latent_caches_are_named_not_tracebacks(tmp_path, image_folder):
     (out / "meta.json").write_text('{"n": 8, "compl')
     for call in (lambda: LatentCache(out),
                  lambda: cache_latents(_MeanPool(), str(image_folder), out, resolution=32, batch_size=3)):
-        with pytest.raises(DataError, match=r"meta\.json' is damaged"):
+        with pytest.raises(DataError, match=r"meta\.json' is not a readable JSON file .*the latent cache is damaged"):
             call()
     # an unfinished cache of other settings is not overwritten either
     part = tmp_path / "part"

@@ -258,14 +258,10 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
 
 def _read_meta(path: Path) -> dict:
     """A cache's meta.json, or a DataError naming it."""
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DataError(f"{str(path)!r} is damaged ({e}); rebuild the latent cache with `raebench cache-latents` "
-                        "into a new folder (or delete this one).") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{str(path)!r} is not a latent-cache record; rebuild the cache with `raebench cache-latents`.")
-    return meta
+    from raebench.checkpoint import read_json_object
+
+    return read_json_object(path, DataError, "; the latent cache is damaged: rebuild it with `raebench cache-latents` "
+                                             "into a new folder (or delete this one)")
 
 
 def _open_latents(path: Path, meta: dict, mode: str = "r") -> np.ndarray:

@@ -84,14 +84,10 @@ def generate_npz(
 
 
 def _read_parts_meta(meta: Path) -> dict:
-    try:
-        saved = json.loads(meta.read_text())
-    except (OSError, ValueError) as e:
-        raise RaebenchError(f"{str(meta)!r} is damaged ({e}); the parts beside it cannot be matched to their "
-                            "settings, so delete that folder to start afresh.") from None
-    if not isinstance(saved, dict):
-        raise RaebenchError(f"{str(meta)!r} is not a sampling record; delete that folder to start afresh.")
-    return saved
+    from raebench.checkpoint import read_json_object
+
+    return read_json_object(meta, RaebenchError, "; the parts beside it cannot be matched to their settings, so "
+                                                 "delete that folder to start afresh")
 
 
 def _readable_part(part: Path) -> bool:
