@@ -90,14 +90,18 @@ def score(
     on_progress: Callable[[str, int, int], None] | None = None,
     save_every: int = 20,
     flags: tuple[str, str] = ("--references", "--candidates"),
+    num_workers: int | None = None,
 ) -> ScoreOutcome:
     """Score ``candidates`` against ``references`` (folders or ``.npz``) and write result rows.
 
     Resumable when writing rows: every ``save_every`` batches each rank saves its metric states and
     position under ``<results>/.work/`` (as :func:`raebench.evaluate.evaluate` does); re-running the
     same scoring after a crash continues there and gives the same numbers, at any batch size.
+    ``flags`` name the two inputs in errors; ``num_workers`` decode image folders (None: 0 on the CPU,
+    min(8, cores) on a GPU, as eval).
     """
     from raebench.checks import check_domain, check_image_counts, check_sizes
+    from raebench.data import default_workers
     from raebench.distributed import rank_world
     from raebench.evaluate import Evaluator, ReferenceSet, resolve_device
     from raebench.metrics import METRICS
@@ -159,7 +163,7 @@ def score(
 
     try:
         _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, checkpoint, save_every,
-                flags)
+                flags, default_workers(num_workers, dev))  # image folders decode in workers on a GPU, as in eval
         n_cand = count["n"]
     except BaseException:
         if work is not None:  # keep saved progress for a resume; a run that saved none leaves nothing
@@ -211,7 +215,7 @@ def _score_key(ref: ImageSource, cand: ImageSource, ev, resolution: int | None, 
 
 
 def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, checkpoint,
-            save_every, flags) -> None:
+            save_every, flags, workers: int = 0) -> None:
     """Feed this rank's shard to ``ev`` from the positions in ``pos``; ``pos`` and the candidates
     used, ``count["n"]``, are updated in place and saved by ``checkpoint`` every ``save_every`` batches."""
     from raebench.checks import check_sizes
@@ -223,7 +227,8 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
         lo, hi = shard(ref.n, rank, world)
         mine = list(range(lo, hi))[pos.get("pairs", 0):]
         # batch k of both sides covers the same pairs (a batch of unreadable files comes back empty)
-        batches = zip(ref.batches(batch_size, mine), cand.batches(batch_size, [order[i] for i in mine]), strict=True)
+        batches = zip(ref.batches(batch_size, mine, workers), cand.batches(batch_size, [order[i] for i in mine], workers),
+                      strict=True)
         start = pos.get("pairs", 0)
         for k, ((ri, rimg), (ci, cimg)) in enumerate(batches):
             # a file skipped on one side drops its partner on the other
@@ -254,7 +259,7 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
         lo, hi = shard(ref.n, rank, world)
         start = pos.get("references", 0)
         todo = list(range(lo, hi))[start:]
-        for k, (ri, rimg) in enumerate(ref.batches(batch_size, todo)):
+        for k, (ri, rimg) in enumerate(ref.batches(batch_size, todo, workers)):
             if rimg.shape[0]:
                 ev.update_reference(rimg, ri)
             pos["references"] = start + min((k + 1) * batch_size, len(todo))
@@ -265,7 +270,7 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
     lo, hi = shard(cand.n, rank, world)
     start = pos.get("candidates", 0)
     todo = list(range(lo, hi))[start:]
-    for k, (_, cimg) in enumerate(cand.batches(batch_size, todo)):
+    for k, (_, cimg) in enumerate(cand.batches(batch_size, todo, workers)):
         if cimg.shape[0]:
             ev.update_candidates(cimg)
             count["n"] += cimg.shape[0]

@@ -300,3 +300,14 @@ def test_score_resumes_after_a_crash_with_the_uninterrupted_numbers(tmp_path, st
     assert stand_in_extractors.calls["inception"] == (n - 6) * (2 if paired else 1)  # 3 batches of 2 were saved
     assert {r.metric: r.value for r in out.rows} == pytest.approx({r.metric: r.value for r in full.rows}, rel=1e-9)
     assert out.n_candidates == n and not list((res / ".work").glob("*/rank0.pt"))
+
+
+def test_score_reads_folders_with_workers_to_the_same_numbers(tmp_path, make_images):
+    from raebench.metrics.scoring import score
+
+    save_pngs(make_images(6, 32, 32, seed=9), tmp_path / "ref")
+    save_pngs(make_images(6, 32, 32, seed=10), tmp_path / "cand")
+    args = (str(tmp_path / "ref"), str(tmp_path / "cand"), ("psnr", "ssim"))
+    a = score(*args, device="cpu", write=False, batch_size=4)
+    b = score(*args, device="cpu", write=False, batch_size=4, num_workers=2)
+    assert [r.value for r in a.rows] == [r.value for r in b.rows] and b.n_candidates == 6
