@@ -165,37 +165,32 @@ def score(
         _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, checkpoint, save_every,
                 flags, default_workers(num_workers, dev))  # image folders decode in workers on a GPU, as in eval
         n_cand = count["n"]
-    except BaseException:
-        if work is not None:  # keep saved progress for a resume; a run that saved none leaves nothing
-            work.release(remove=not work.path.exists())
-        raise
-    from raebench.data import Skip
+        from raebench.data import Skip
 
-    skipped = [Skip(p, r) for p, r in saved_skips] + ref.skipped + cand.skipped
-    upscaled = saved_upscaled + ref.upscaled + cand.upscaled
-    ev.finish()
-    scorer = ev
-    if world > 1:
-        import torch.distributed as td
+        skipped = [Skip(p, r) for p, r in saved_skips] + ref.skipped + cand.skipped
+        upscaled = saved_upscaled + ref.upscaled + cand.upscaled
+        ev.finish()
+        scorer = ev
+        if world > 1:
+            import torch.distributed as td
 
-        mine_state = {"metrics": [m.state() for m in ev.metrics], "n": n_cand,
-                      "skipped": [(x.path, x.reason) for x in skipped], "upscaled": upscaled}
-        gathered: list = [None] * world
-        td.all_gather_object(gathered, mine_state)
-        scorer = Evaluator(tuple(s.name for s in specs), dev, options=options)
-        if stats:
-            scorer.set_reference_stats(stats)
-        for g in gathered:
-            for m, st in zip(scorer.metrics, g["metrics"]):
-                m.merge(st)
-        n_cand = sum(g["n"] for g in gathered)
-        skipped = [Skip(p, r) for g in gathered for p, r in g["skipped"]]
-        upscaled = [p for g in gathered for p in g["upscaled"]]
-    try:
+            mine_state = {"metrics": [m.state() for m in ev.metrics], "n": n_cand,
+                          "skipped": [(x.path, x.reason) for x in skipped], "upscaled": upscaled}
+            gathered: list = [None] * world
+            td.all_gather_object(gathered, mine_state)
+            scorer = Evaluator(tuple(s.name for s in specs), dev, options=options)
+            if stats:
+                scorer.set_reference_stats(stats)
+            for g in gathered:
+                for m, st in zip(scorer.metrics, g["metrics"]):
+                    m.merge(st)
+            n_cand = sum(g["n"] for g in gathered)
+            skipped = [Skip(p, r) for g in gathered for p, r in g["skipped"]]
+            upscaled = [p for g in gathered for p in g["upscaled"]]
         outcome = _finish(scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain,
                           resolution, dev, world, paired, stats, t0, write, rank, results_dir)
     except BaseException:
-        if work is not None:
+        if work is not None:  # keep saved progress for a resume; a run that saved none leaves nothing
             work.release(remove=not work.path.exists())
         raise
     if work is not None:
@@ -206,12 +201,10 @@ def score(
 def _score_key(ref: ImageSource, cand: ImageSource, ev, resolution: int | None, options) -> str:
     """Identity of a scoring for resuming: both image sets, the metric versions, resolution and
     metric options; not the batch size or device."""
-    import hashlib
-    import json
+    from raebench.eval_progress import work_key
 
-    ident = {"references": ref.id, "candidates": cand.id, "metrics": sorted(s.version for s in ev.specs),
-             "resolution": resolution, "options": options, "kind": "score"}
-    return "score-" + hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return "score-" + work_key({"references": ref.id, "candidates": cand.id, "metrics": sorted(s.version for s in ev.specs),
+                                "resolution": resolution, "options": options, "kind": "score"})
 
 
 def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, checkpoint,

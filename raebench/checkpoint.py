@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from raebench.errors import CheckpointError
+from raebench.errors import CheckpointError, first_line
 
 
 def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -50,16 +50,10 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"Refused to load {str(p)!r}: it contains pickled objects other than tensors and plain containers "
-            f"(possibly code); raebench only loads weights (detail: {_first_line(e, 160)})."
+            f"(possibly code); raebench only loads weights (detail: {first_line(e, 160)})."
         ) from None
     except Exception as e:  # a corrupt zip/pickle surfaces as any of RuntimeError, EOFError, KeyError, IndexError...
-        raise CheckpointError(f"Checkpoint {str(p)!r} is corrupt or truncated ({type(e).__name__}: {_first_line(e, 120)}).") from None
-
-
-def _first_line(e: BaseException, n: int) -> str:
-    """An exception's first line, cut at a word boundary to at most ``n`` characters."""
-    line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return line if len(line) <= n else line[:n].rsplit(" ", 1)[0] + " ..."
+        raise CheckpointError(f"Checkpoint {str(p)!r} is corrupt or truncated ({type(e).__name__}: {first_line(e, 120)}).") from None
 
 
 def load_strict(module: torch.nn.Module, state: Any, *, what: str, path: str | os.PathLike) -> None:

@@ -33,3 +33,9 @@ class CheckpointError(RaebenchError, ValueError):
 
 class NonFiniteError(RaebenchError, FloatingPointError):
     """A tokenizer produced NaN or Inf in its latents or images."""
+
+
+def first_line(e: BaseException, n: int = 120) -> str:
+    """An exception's first line, cut at a word boundary to at most ``n`` characters (for one-sentence errors)."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return line if len(line) <= n else line[:n].rsplit(" ", 1)[0] + " ..."

@@ -9,6 +9,14 @@ from raebench.errors import RaebenchError
 log = logging.getLogger(__name__)
 
 
+def work_key(ident: dict) -> str:
+    """The folder name of a run's resume state: a hash of everything that changes its numbers."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 class WorkState:
     """Per-rank progress of an evaluation, saved atomically under ``<results>/.work/<key>/``.
 

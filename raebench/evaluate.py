@@ -402,17 +402,15 @@ def _metric_options(cfg: EvalConfig) -> dict[str, dict[str, str]] | None:
 def _run_key(cfg: EvalConfig, data: ResolvedData, tok, metric_versions: list[str]) -> str:
     """Identity of an evaluation for resuming: everything that changes a number, nothing that
     doesn't (batch size, workers and device may change between the crash and the re-run)."""
-    import hashlib
-    import json
+    from raebench.eval_progress import work_key
 
-    ident = {
+    return work_key({
         "tokenizer": tok.name, "weights": getattr(tok, "weights_id", "none"), "config": cfg.tokenizer_config,
         "data": data.images.fingerprint(), "dataset": data.name, "resolution": cfg.resolution, "seed": data.seed_of(cfg.seed),
         "metrics": sorted(metric_versions), "precision": cfg.precision,
         "opts": [cfg.weights, cfg.decoder, cfg.stats],
         "metric_options": sorted(cfg.metric_options or ()) or os.environ.get("RAEBENCH_METRIC_OPTIONS", ""),
-    }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    })
 
 
 def evaluate(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import glob
 import json
 import logging
 import os
@@ -167,7 +166,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _remove_stale_temps(path, suffix, keep=Path(tmp).name)
+        remove_orphan_temps(path.parent, of=path.name, older_than=STALE_TEMP_SECONDS)  # of writers killed mid-save
     except BaseException:
         try:
             os.unlink(tmp)
@@ -186,35 +185,34 @@ def _umask() -> int:
     return mask
 
 
-def _remove_stale_temps(path: Path, suffix: str, keep: str) -> None:
-    """Temporary files of ``path`` left by writers killed mid-save (SIGKILL), once they are old."""
-    cutoff = time.time() - STALE_TEMP_SECONDS
-    for old in path.parent.glob(f".{glob.escape(path.name)}.*{suffix}"):
-        try:
-            if old.name != keep and old.stat().st_mtime < cutoff:
-                old.unlink()
-        except OSError:
-            pass
-
-
-def remove_orphan_temps(folder: str | os.PathLike, of: str | None = None) -> int:
+def remove_orphan_temps(folder: str | os.PathLike, of: str | None = None, older_than: float | None = None) -> int:
     """Remove the temporary files that :func:`atomic_path` writers killed mid-save left in ``folder``
-    (``.NAME.XXXXXXXX.SUFFIX``, whatever their age), only those of the file named ``of`` when given;
-    returns how many. Only for files whose writers are known to be gone: the caller holds their
-    :mod:`raebench.locks` lock."""
+    (``.NAME.RANDOM.SUFFIX``), only those of the file named ``of`` when given; returns how many.
+    ``older_than`` (seconds): only files untouched that long, where a live writer may still own the
+    fresh ones; None: all, for a caller whose writers are known to be gone (it holds their
+    :mod:`raebench.locks` lock)."""
     import re
 
     name = re.escape(of) if of is not None else ".+"
-    pattern = re.compile(rf"^\.{name}\.[a-z0-9_]{{8}}(\.tmp|\.npz)$")  # mkstemp's names, the suffixes in use
+    pattern = re.compile(rf"^\.{name}\.[a-z0-9_]+(\.tmp|\.npz)$")  # mkstemp's names, the suffixes in use
+    cutoff = None if older_than is None else time.time() - older_than
     removed = 0
     for old in Path(folder).glob(".*"):
-        if pattern.match(old.name) and old.is_file():
-            try:
+        try:
+            if pattern.match(old.name) and old.is_file() and (cutoff is None or old.stat().st_mtime < cutoff):
                 old.unlink()
                 removed += 1
-            except OSError:
-                pass
+        except OSError:
+            pass
     return removed
+
+
+def save_npz_atomic(path: str | os.PathLike, **arrays) -> None:
+    """``np.savez`` to ``path`` atomically (see :func:`atomic_path`)."""
+    import numpy as np
+
+    with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to other names
+        np.savez(tmp, **arrays)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -269,20 +267,9 @@ def write_rows(rows: Iterable[ResultRow], results_dir: str | os.PathLike = DEFAU
         lines.append(json.dumps(d, sort_keys=True, allow_nan=True))
     path = Path(results_dir) / "runs" / f"{run_id}.jsonl"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-    _sweep_stale_temps(path.parent)  # every run file has its own name, so its own writes clean nothing else
+    # every run file has its own name, so its own writes clean nothing else: old temps of any run
+    remove_orphan_temps(path.parent, older_than=STALE_TEMP_SECONDS)
     return path
-
-
-def _sweep_stale_temps(folder: Path) -> None:
-    """Temporary files of any name in ``folder`` left by writers killed mid-save, once they are old
-    (a live writer finishes a results file in well under :data:`STALE_TEMP_SECONDS`)."""
-    cutoff = time.time() - STALE_TEMP_SECONDS
-    for old in folder.glob(".*.tmp"):
-        try:
-            if old.stat().st_mtime < cutoff:
-                old.unlink()
-        except OSError:
-            pass
 
 
 def load(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, latest: bool = True) -> pd.DataFrame:

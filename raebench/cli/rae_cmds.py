@@ -100,13 +100,6 @@ def write_reconstructions(tok, data, out: str | os.PathLike, **kw) -> dict:
         return _write_reconstructions(tok, data, out, **kw)
 
 
-def _save_npz(path: Path, **arrays) -> None:
-    from raebench.results import atomic_path
-
-    with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to other names
-        np.savez(tmp, **arrays)
-
-
 def _write_reconstructions(
     tok,
     data,
@@ -126,17 +119,15 @@ def _write_reconstructions(
     (path, reason). NaN/Inf pixels are written as 0 and the images listed. PNGs of an earlier run
     into the same folder that this run did not write are removed. No readable image is an error
     (nothing is written). Returns a summary dict."""
+    import shutil
+
     import torch.distributed as td
     from PIL import Image
 
     from raebench import distributed
     from raebench.data import to_float, to_uint8
     from raebench.evaluate import _autocast
-    from raebench.results import atomic_write_bytes
-
-    import shutil
-
-    from raebench.results import remove_orphan_temps
+    from raebench.results import atomic_write_bytes, remove_orphan_temps, save_npz_atomic
 
     recs, refs, rows, nonfinite = [], [], [], []
     rank, world = distributed.rank_world()
@@ -167,7 +158,7 @@ def _write_reconstructions(
             rows.append((i, p))
     part = out / f".part-{rank}"
     empty = np.zeros((0, resolution, resolution, 3), np.uint8)
-    _save_npz(part.with_suffix(".npz"), rec=np.concatenate(recs) if recs else empty, ref=np.concatenate(refs) if refs else empty)
+    save_npz_atomic(part.with_suffix(".npz"), rec=np.concatenate(recs) if recs else empty, ref=np.concatenate(refs) if refs else empty)
     atomic_write_bytes(part.with_suffix(".json"), json.dumps({"rows": rows, "nonfinite": nonfinite,
                                                               "skipped": [(s.path, s.reason) for s in skipped]}).encode())
     if world > 1:
@@ -189,9 +180,9 @@ def _write_reconstructions(
         (out / "files.csv").unlink(missing_ok=True)
         arrays = [np.load(p.with_suffix(".npz")) for p in shards]
         rec_all = np.concatenate([a["rec"] for a in arrays])
-        _save_npz(out / "reconstructions.npz", arr_0=rec_all)
+        save_npz_atomic(out / "reconstructions.npz", arr_0=rec_all)
         if references:
-            _save_npz(out / "references.npz", arr_0=np.concatenate([a["ref"] for a in arrays]))
+            save_npz_atomic(out / "references.npz", arr_0=np.concatenate([a["ref"] for a in arrays]))
         else:
             (out / "references.npz").unlink(missing_ok=True)  # an earlier run's originals, not this run's
         (out / "images").mkdir(exist_ok=True)

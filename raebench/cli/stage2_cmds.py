@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from raebench.cli.core import progress_bar
-from raebench.errors import RaebenchError
+from raebench.errors import RaebenchError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +324,7 @@ def _check_decoder(tok, name: str, run_tok: str | None, latent_shape: tuple) -> 
             tok.decode(torch.zeros(1, *latent_shape, device=dev))
     except Exception as e:  # noqa: BLE001 - any failure here means the decoder does not fit
         raise RaebenchError(f"--tokenizer {name} cannot decode the model's latents of shape {latent_shape}"
-                            f"{f' (trained on {run_tok})' if run_tok else ''}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120] if str(e) else ''}") from None
+                            f"{f' (trained on {run_tok})' if run_tok else ''}: {type(e).__name__}: {first_line(e)}") from None
     if run_tok and name != run_tok:
         log.warning("decoding with %s, but the model was trained on latents of %s", name, run_tok)
 

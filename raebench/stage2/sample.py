@@ -26,7 +26,7 @@ from torch import nn
 
 from raebench.distributed import rank_world
 from raebench.errors import CheckpointError, RaebenchError
-from raebench.results import atomic_path
+from raebench.results import save_npz_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,6 @@ def class_labels(num: int, num_classes: int, mode: str = "equal", seed: int = 0)
         raise RaebenchError(f"--label-sampling must be 'equal' or 'random', got {mode!r}.")
     labels = torch.arange(num) % num_classes
     return labels[torch.randperm(num, generator=g)]
-
-
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path, suffix=".npz") as tmp:  # np.savez appends .npz to other names
-        np.savez(tmp, **arrays)
 
 
 @torch.no_grad()
@@ -158,7 +153,7 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
         with torch.random.fork_rng(devices=[]):  # stochastic samplers (SDE) draw from the global CPU RNG:
             torch.manual_seed(seed * 1_000_003 + b + 7_919)  # seeded per batch, so reruns and resumes repeat
             img = decode(sample_fn(noise, y.to(device)))  # (B, 3, H, W) float in [0, 1]
-        _save_npz_atomic(part, images=to_uint8(img, quantize).permute(0, 2, 3, 1).cpu().numpy(), labels=y.numpy())
+        save_npz_atomic(part, images=to_uint8(img, quantize).permute(0, 2, 3, 1).cpu().numpy(), labels=y.numpy())
         if progress:
             progress(done, len(mine))
     if world > 1:
@@ -182,7 +177,7 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
         # the settings travel with the samples: `raebench score` copies them into its rows
         prov = provenance()
         meta = {**run, "n": n, "raebench_version": prov["raebench_version"], "git_hash": prov["git_hash"]}
-        _save_npz_atomic(out, arr_0=images, arr_1=labs, labels=labs, **{SETTINGS_KEY: np.array(json.dumps(meta))})
+        save_npz_atomic(out, arr_0=images, arr_1=labs, labels=labs, **{SETTINGS_KEY: np.array(json.dumps(meta))})
         shutil.rmtree(parts, ignore_errors=True)
         log.debug("wrote %d samples to %s", len(images), out)
     if world > 1:

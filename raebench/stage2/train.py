@@ -381,7 +381,6 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None,
     ``lock_advice`` ends that refusal (what the caller's user should change).
     """
     from raebench.locks import exclusive
-
     from raebench.tf32 import tf32
 
     out = Path(cfg.out)
