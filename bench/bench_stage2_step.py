@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import gc
 import importlib
 import os
 import statistics
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from raebench.distributed import no_buffer_sync
 from raebench.stage2.models import DiTDH, count_params
 from raebench.stage2.train import make_optimizer, train_step
 from raebench.stage2.transport import Transport
@@ -220,6 +222,17 @@ def main() -> None:
     med = wall
 
     if official is None or official.create_transport is not None:
+        # the model-step optimizers and gradients go first: DiT-DH-XL's AdamW states are 6.7 GB a
+        # model, and keeping them beside the trainers' (and the DDP twin's) ran an 80 GB H100 out of
+        # memory at batch 32 (2026-11-26)
+        steps.clear()
+        grads.clear()
+        opt = None
+        for m in models.values():
+            m.zero_grad(set_to_none=True)
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         emas = {k: _ema_copy(m) for k, m in models.items()}
         trainer = {"raebench": raebench_train_step(fwds["raebench"], ours, emas["raebench"], make_optimizer(ours, opt_cfg),
                                                    x, y, autocast)}
@@ -315,7 +328,7 @@ def _ddp_world1(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
                                 rank=0, world_size=1)
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[dev.index or 0] if dev.type == "cuda" else None,
-        broadcast_buffers=False, find_unused_parameters=False)
+        find_unused_parameters=False, **no_buffer_sync())
 
 
 def _ema_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -3,8 +3,10 @@
 #   stage 1: a tiny random DINOv2 -> train stage1 (fp32, stopped and resumed, past the discriminator and GAN
 #            starts; then bf16) -> export-decoder;
 #   stage 2: synthetic images -> cache-latents -> train stage2 (fp32 from the cache, stopped and resumed;
-#            bf16 encoding on the fly) -> sample (SDE with CFG, Heun).
-#   bash bench/cli_smoke.sh [cuda|cpu] [stage1|stage2 ...]   # both stages by default; exits at the first failure
+#            bf16 encoding on the fly) -> sample (SDE with CFG, Heun);
+#   ddp:     the same commands under torchrun (one process: the process group, NCCL on a GPU, DDP wrapping,
+#            rank-sharded sampling and metric gathering) -> train stage1, train stage2 and resume, sample, eval.
+#   bash bench/cli_smoke.sh [cuda|cpu] [stage1|stage2|ddp ...]   # stage1 stage2 by default; exits at the first failure
 set -euo pipefail
 dev="${1:-cuda}"
 stages=("${@:2}")
@@ -23,7 +25,8 @@ for i in range(16):
 PYEOF
 rb() { echo "+ raebench $*"; "$PY" -m raebench "$@"; }
 
-stage1() {
+encoder() {
+  [ -d "$w/encoder" ] && return
   "$PY" - "$w/encoder" <<'PYEOF'
 import json, sys, torch
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
@@ -34,6 +37,10 @@ Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
 with open(f"{sys.argv[1]}/preprocessor_config.json", "w") as f:
     json.dump({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}, f)
 PYEOF
+}
+
+stage1() {
+  encoder
   # 16 images, global batch 4: 4 steps an epoch; discriminator from step 2, GAN from step 4
   local s1=(train stage1 -p tiny --data "$w/images" --encoder "$w/encoder" --results "$w/res" --device "$dev"
             --set disc_start_epoch=0.5 --set gan_start_epoch=1 --set sample_every=0)
@@ -61,6 +68,21 @@ stage2() {
   rb sample -c "$w/run32/checkpoints/last.pt" -n 8 --steps 5 --method sde --cfg-scale 2 -b 4 -o "$w/sde.npz" --device "$dev"
   rb sample -c "$w/run16/checkpoints/last.pt" -n 8 --steps 5 --method heun -b 8 -o "$w/heun.npz" --device "$dev"
   "$PY" -c "import numpy as np, sys; [print(f, np.load(f)['arr_0'].shape, np.load(f)['arr_1'].tolist()) for f in sys.argv[1:]]" "$w/sde.npz" "$w/heun.npz"
+}
+
+ddp() {
+  encoder
+  tr() { echo "+ torchrun -m raebench $*"; "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m raebench "$@"; }
+  tr train stage1 -p tiny --data "$w/images" --encoder "$w/encoder" --results "$w/res" --device "$dev" \
+     --set disc_start_epoch=0.5 --set gan_start_epoch=1 --set sample_every=0 --name ddp --precision bf16 --max-steps 5
+  local s2=(train stage2 -p tiny --num-classes 2 -b 8 --device "$dev" -t pixels --data "$w/images" -r 8 -o "$w/ddp"
+            --precision bf16)
+  tr "${s2[@]}" --max-steps 3
+  tr "${s2[@]}" --max-steps 6    # resumes at step 3
+  tr sample -c "$w/ddp/checkpoints/last.pt" -n 10 --steps 5 --cfg-scale 1.5 -b 4 -o "$w/ddp.npz" --device "$dev"
+  tr eval -t bicubic-f8 --data "$w/images" -r 32 -m psnr,ssim -b 4 \
+     --results "$w/eval" --device "$dev"
+  "$PY" -c "import numpy as np, sys; d = np.load(sys.argv[1]); print(sys.argv[1], d['arr_0'].shape, d['arr_1'].tolist())" "$w/ddp.npz"
 }
 
 for st in "${stages[@]}"; do "$st"; done

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The figures only a GPU gives, in one prepared call (random weights: nothing to download).
 #   bash bench/gpu_figures.sh [PART ...]   # from the repository root; log in ${OUT:-.}/gpu_figures.log
-# PARTs, in this order by default: check cli xl small eval xl-fp32 compile; also eval-large, xl-profile.
-# Needs torch with CUDA, transformers, safetensors, typer, rich, pandas, timm, einops, torchdiffeq and
-# setuptools on the machine; raebench is installed (no dependencies, no index) into a temporary folder,
-# since raebench.metrics lives in the top-level metrics/ folder. The official RAE sources for the
+# PARTs, in this order by default: check cli ddp stage1 xl eval small xl-fp32 compile; also eval-large, xl-profile.
+# Needs torch with CUDA, transformers, safetensors, typer, rich, pandas, timm, einops, torchdiffeq,
+# setuptools and, for stage 1 (cli, ddp, stage1), lpips on the machine (a pure-Python wheel to carry where
+# absent); raebench is installed (no dependencies, no index) into a temporary folder. The official RAE sources for the
 # comparison are read from $RAE_OFFICIAL_SRC (a checkout, a bare mirror, or a folder holding
 # src/stage2/... and src/utils/train_utils.py); without them raebench is timed alone. Each part is
 # time-boxed so that one slow part cannot eat the rest; the slowest (torch.compile of two XL models) is last.
@@ -22,18 +22,26 @@ off="${RAE_OFFICIAL_SRC:-.official}"
 [ -e "$off" ] || off=none
 log="${OUT:-.}/gpu_figures.log"
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(check cli xl small eval xl-fp32 compile)
-xl=(--preset xl --device cuda --batch 64 --steps 10 --threads 16)
+[ ${#parts[@]} -gt 0 ] || parts=(check cli ddp stage1 xl eval small xl-fp32 compile)
+# both XL models with their AdamW states and EMAs peak at 91 GiB at batch 64 (H200): 32 on an 80 GB card
+gpu_mib="$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)"
+xlb=64; [ "${gpu_mib:-0}" -lt 100000 ] && xlb=32
+xl=(--preset xl --device cuda --batch "$xlb" --steps 10 --threads 16)
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
   for part in "${parts[@]}"; do
+    echo "-- part $part at ${SECONDS} s"
     case "$part" in
       check) echo "== the fused stage-2 paths on the GPU (gradcheck, fused vs plain, bf16)"
         timeout 60 "$PY" bench/check_stage2_device.py --device cuda ;;
       cli) echo "== the stage-2 command line end to end on the GPU (bench/cli_smoke.sh)"
-        timeout 120 bash bench/cli_smoke.sh cuda ;;
-      xl) echo "== DiT-DH-XL training step, bf16 autocast, batch 64, eager: raebench vs official ($off)"
+        timeout 240 bash bench/cli_smoke.sh cuda ;;
+      ddp) echo "== the same commands under torchrun (one process, NCCL): stage 1, stage 2 and resume, sample, eval"
+        timeout 150 bash bench/cli_smoke.sh cuda ddp ;;
+      stage1) echo "== stage 1 recipe (DINOv2-B with registers + ViT-XL decoder, random weights), bf16, batch 64, all losses on"
+        timeout 150 "$PY" bench/bench_stage1_step.py --device cuda --precision bf16 --batch 64 --steps 12 ;;
+      xl) echo "== DiT-DH-XL training step, bf16 autocast, batch $xlb, eager: raebench vs official ($off)"
         timeout 150 "$PY" bench/bench_stage2_step.py --official-src "$off" "${xl[@]}" --precision bf16 ;;
       small) echo "== the CPU bench's small config, fp32, batch 16, on the GPU (launch-bound)"
         timeout 45 "$PY" bench/bench_stage2_step.py --official-src "$off" --device cuda --steps 20 --threads 16 ;;
@@ -42,7 +50,7 @@ xl=(--preset xl --device cuda --batch 64 --steps 10 --threads 16)
       eval-large) echo "== as eval, 2048 images (the fixed start-up cost amortised)"
         timeout 150 "$PY" bench/bench_eval.py --tokenizer random-rae-base-XL --metrics psnr,ssim --n 2048 --batch-size 64 --device cuda ;;
       xl-profile) echo "== as xl, with the top CUDA kernels of each training step (torch.profiler)"
-        timeout 150 "$PY" bench/bench_stage2_step.py --official-src "$off" --preset xl --device cuda --batch 64 --steps 3 --threads 16 --precision bf16 --profile ;;
+        timeout 150 "$PY" bench/bench_stage2_step.py --official-src "$off" --preset xl --device cuda --batch "$xlb" --steps 3 --threads 16 --precision bf16 --profile ;;
       xl-fp32) echo "== DiT-DH-XL training step, fp32 (the fused paths), batch 32, eager: raebench vs official ($off)"
         timeout 150 "$PY" bench/bench_stage2_step.py --official-src "$off" --preset xl --device cuda --batch 32 --steps 5 --threads 16 ;;
       compile) echo "== DiT-DH-XL as in xl, both models torch.compile'd"
@@ -50,5 +58,5 @@ xl=(--preset xl --device cuda --batch 64 --steps 10 --threads 16)
       *) echo "unknown part $part" ;;
     esac
   done
-  echo "== done"
+  echo "== done at ${SECONDS} s"
 } 2>&1 | tee "$log"

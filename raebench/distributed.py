@@ -74,6 +74,34 @@ def local_device(device: str) -> str:
     return device
 
 
+def no_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that skips the per-forward buffer broadcast (raebench's buffers are constants).
+
+    torch 2.14 deprecates ``broadcast_buffers`` for ``forward_sync_buffers`` (which still syncs once
+    at init: harmless, every rank holds the same buffers) and warns on each launch; older torch has
+    only ``broadcast_buffers``.
+    """
+    import inspect
+
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def pin_cuda(device: torch.device) -> torch.device:
+    """Make ``device`` this process's current CUDA device and return it with its index.
+
+    ``torch.cuda.set_device`` refuses a bare ``cuda`` ("Expected a torch.device with a specified
+    index"), which is what ``--device cuda`` and ``auto`` give outside torchrun: that means the
+    current device. Other devices come back unchanged.
+    """
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    return device
+
+
 def finish() -> None:
     if td.is_available() and td.is_initialized():
         td.destroy_process_group()

@@ -343,7 +343,9 @@ class Evaluator:
             return False
         for start in range(0, self.reference.n, chunk):
             idx = slice(start, min(start + chunk, self.reference.n))
-            feats = {e: {o: torch.from_numpy(np.asarray(a[idx])) for o, a in outs.items()} for e, outs in self._ref_cached.items()}
+            # a copy: the cache is memory-mapped read-only, and a tensor over it would fault on any
+            # in-place use (torch warns "not writable" at every score that reads a reference cache)
+            feats = {e: {o: torch.from_numpy(np.array(a[idx])) for o, a in outs.items()} for e, outs in self._ref_cached.items()}
             self._dispatch(None, None, feats, {})
         return True
 

@@ -105,6 +105,7 @@ def test_score_unpaired_npz_with_adm_statistics(tmp_path, stand_in_extractors, m
         score(str(tmp_path / "stats_only.npz"), str(tmp_path / "samples.npz"), ("precision",), device="cpu", write=False)
 
 
+@pytest.mark.filterwarnings("error:The given NumPy array is not writable")  # features from the mmap are copies
 def test_score_reference_cache_and_paired_errors(tmp_path, stand_in_extractors, make_images, monkeypatch):
     from raebench.metrics.scoring import score
 

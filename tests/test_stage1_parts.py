@@ -293,3 +293,23 @@ def test_cuda_rng_state_is_this_ranks_gpu_only(monkeypatch):
     tr.set_rng_state({**st, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]})  # 8 GPUs saved
     tr.set_rng_state({**st, "cuda": [torch.tensor([i], dtype=torch.uint8) for i in (5, 6)]})  # 2 saved, GPU 3 now
     assert restored == [7, 3, 5]
+
+
+def test_device_cuda_pins_the_current_gpu_with_its_index(monkeypatch):
+    """`train stage1 --device cuda` failed on a GPU (H100, 2026-11-26): torch.cuda.set_device refuses a
+    device without an index. pin_cuda gives it the current GPU's index first; torch's own index check
+    (the one set_device runs) stands in for the GPU here."""
+    from torch._utils import _get_device_index
+
+    from raebench import distributed
+
+    pinned = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pinned.append(_get_device_index(d)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    with pytest.raises(ValueError, match="specified index"):  # what the old call did with "cuda"
+        torch.cuda.set_device(torch.device("cuda"))
+    pinned.clear()
+    assert distributed.pin_cuda(torch.device("cuda")) == torch.device("cuda", 2)
+    assert distributed.pin_cuda(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert distributed.pin_cuda(torch.device("cpu")) == torch.device("cpu")
+    assert pinned == [2, 1]

@@ -33,6 +33,7 @@ def torchrun(tmp_path, *args):
            str(tmp_path / "job.py"), *map(str, args)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "FutureWarning" not in res.stderr, res.stderr[-3000:]  # e.g. DDP's deprecated broadcast_buffers
 
 
 def test_torchrun_train_equals_one_process_and_sample(tmp_path):
@@ -96,3 +97,25 @@ def test_torchrun_cache_latents_equals_one_process(tmp_path, image_folder):
     assert two.meta["world"] == 2 and two.meta["complete"]
     assert np.array_equal(np.asarray(two.latents), np.asarray(one.latents))
     assert torch.equal(two.labels, one.labels)
+
+
+def test_ddp_wrapping_skips_buffer_sync_without_a_deprecation_warning(tmp_path):
+    """Both trainers wrap in DDP with distributed.no_buffer_sync(): on torch 2.14 `broadcast_buffers`
+    warns (FutureWarning) at every launch; the keyword follows the installed torch."""
+    code = textwrap.dedent(f'''
+        import warnings, torch, torch.distributed as dist
+        from raebench.distributed import no_buffer_sync
+        warnings.simplefilter("error")
+        dist.init_process_group("gloo", init_method="file://{tmp_path}/store", rank=0, world_size=1)
+        m = torch.nn.Linear(3, 2)
+        m.register_buffer("b", torch.ones(1))
+        ddp = torch.nn.parallel.DistributedDataParallel(m, **no_buffer_sync())
+        ddp(torch.ones(4, 3)).sum().backward()
+        dist.destroy_process_group()
+        print(sorted(no_buffer_sync().items()))
+    ''')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import inspect
+    new = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    assert out.stdout.strip() == str([("forward_sync_buffers" if new else "broadcast_buffers", False)])

@@ -347,8 +347,7 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
     device = resolve_device(distributed.local_device(str(device)))
     distributed.init(device)
     rank, world = distributed.rank_world()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = distributed.pin_cuda(device)  # --device cuda: the current GPU, with its index
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     if not cfg.data:
@@ -420,7 +419,7 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
     ddp = PixelDecoder(tok)
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(
-            ddp, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            ddp, device_ids=[device.index] if device.type == "cuda" else None, **distributed.no_buffer_sync()
         )
     tap = LastLayerTap(decoder.decoder_pred)  # the adaptive GAN weight is measured on the last layer
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")

@@ -452,7 +452,7 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
     if world > 1:
         # gradients live in the all-reduce buckets (no copy in and out each step); buffers are constants
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  gradient_as_bucket_view=True, broadcast_buffers=False)
+                                                  gradient_as_bucket_view=True, **distributed.no_buffer_sync())
     if cfg.compile:
         ddp = torch.compile(ddp)
     elif device.type == "cuda" and rank == 0:
