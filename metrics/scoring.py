@@ -170,7 +170,7 @@ def score(
         skipped = [Skip(p, r) for p, r in saved_skips] + ref.skipped + cand.skipped
         upscaled = saved_upscaled + ref.upscaled + cand.upscaled
         ev.finish()
-        scorer = ev
+        states = None  # with several ranks: every rank's metric states, in rank order
         if world > 1:
             import torch.distributed as td
 
@@ -178,16 +178,23 @@ def score(
                           "skipped": [(x.path, x.reason) for x in skipped], "upscaled": upscaled}
             gathered: list = [None] * world
             td.all_gather_object(gathered, mine_state)
-            scorer = Evaluator(tuple(s.name for s in specs), dev, options=options)
-            if stats:
-                scorer.set_reference_stats(stats)
-            for g in gathered:
-                for m, st in zip(scorer.metrics, g["metrics"]):
-                    m.merge(st)
+            states = [g["metrics"] for g in gathered]
             n_cand = sum(g["n"] for g in gathered)
             skipped = [Skip(p, r) for g in gathered for p, r in g["skipped"]]
             upscaled = [p for g in gathered for p in g["upscaled"]]
-        outcome = _finish(scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain,
+
+        def make_scorer():  # run by rank 0 alone (_finish): the states of all ranks merged in rank order
+            if states is None:
+                return ev
+            scorer = Evaluator(tuple(s.name for s in specs), dev, options=options)
+            if stats:
+                scorer.set_reference_stats(stats)
+            for per_rank in states:
+                for m, st in zip(scorer.metrics, per_rank):
+                    m.merge(st)
+            return scorer
+
+        outcome = _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain,
                           resolution, dev, world, paired, stats, t0, write, rank, results_dir)
     except BaseException:
         if work is not None:  # keep saved progress for a resume; a run that saved none leaves nothing
@@ -274,16 +281,22 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
             checkpoint()
 
 
-def _finish(scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain, resolution,
+def _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain, resolution,
             dev, world, paired, stats, t0, write, rank, results_dir) -> ScoreOutcome:
+    from raebench.distributed import on_rank0
     from raebench.metrics import higher_is_better
     from raebench.results import ResultRow, new_run_id, write_rows
 
     if n_cand == 0:
         raise RaebenchError(f"Nothing to score: no readable candidate image in {candidates!r}.")
-    values, versions, notes = scorer.compute()
+
+    def final() -> tuple:
+        scorer = make_scorer()
+        return (*scorer.compute(), dict(scorer.failed))
+
+    values, versions, notes, failed = on_rank0(final)  # the other ranks wait for rank 0's numbers
     if not values:
-        raise RaebenchError(f"Nothing to write for {candidates!r}: {'; '.join(scorer.failed.values())}.")
+        raise RaebenchError(f"Nothing to write for {candidates!r}: {'; '.join(failed.values())}.")
     seconds = time.perf_counter() - t0
     run_id = new_run_id()
     res = resolution or _image_size(cand)
@@ -306,7 +319,7 @@ def _finish(scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candid
         write_rows(rows, results_dir, run_id)
     if upscaled and rank == 0:
         log.warning("%d image(s) were smaller than %d px and were upscaled by the crop", len(upscaled), resolution)
-    return ScoreOutcome(rows, paired, ref.n, n_cand, seconds, skipped, upscaled, dict(scorer.failed))
+    return ScoreOutcome(rows, paired, ref.n, n_cand, seconds, skipped, upscaled, failed)
 
 
 def _image_size(src: ImageSource) -> int:

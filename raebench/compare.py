@@ -25,6 +25,7 @@ from typing import Callable
 import pandas as pd
 
 from raebench.data import resolve_data
+from raebench.distributed import from_rank0
 from raebench.evaluate import EvalConfig, evaluate
 from raebench.leaderboard import compare_table, domain_gap
 from raebench.metrics.base import sharing_networks
@@ -46,17 +47,6 @@ class CompareResult:
 
     def __iter__(self):  # (table, computed) = compare(...) keeps working
         return iter((self.table, self.computed))
-
-
-def _from_rank0(obj):
-    """Rank 0's ``obj`` on every rank of an initialised process group (``obj`` itself otherwise)."""
-    import torch.distributed as td
-
-    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
-        return obj
-    box = [obj]
-    td.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def stored_rows(df: pd.DataFrame, tokenizer: str, weights_id: str, dataset: str, fingerprint: str, resolution: int,
@@ -137,7 +127,7 @@ def compare(
             wids[name] = getattr(tok, "weights_id", "none")
             todo = metrics if recompute else missing_metrics(load(results_dir), name, wids[name], metrics, resolved.name,
                                                              fp, resolution, resolved.seed_of(seed))
-            todo = _from_rank0(todo)
+            todo = from_rank0(todo)
             if todo:
                 cb = (lambda d, t, n=name: on_progress(f"eval {n}", d, t)) if on_progress else None
                 evaluate(replace(cfg, metrics=todo), tokenizer=tok, on_progress=cb, data=resolved)

@@ -68,10 +68,61 @@ def is_main() -> bool:
 
 
 def local_device(device: str) -> str:
-    """Under torchrun on GPUs, 'auto'/'cuda' means this rank's GPU."""
-    if launched() and torch.cuda.is_available() and device in ("auto", "cuda"):
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    """Under torchrun on GPUs, 'auto'/'cuda' means this rank's GPU.
+
+    An explicit ``cuda:N`` there would put every rank on GPU N, which NCCL refuses with its own
+    "duplicate GPU" error deep in the first collective: refused here in one sentence, unless each
+    rank sees a single GPU (``CUDA_VISIBLE_DEVICES`` set per rank), where ``cuda:0`` is right.
+    """
+    if launched() and torch.cuda.is_available():
+        if device in ("auto", "cuda"):
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if device.startswith("cuda:") and torch.cuda.device_count() > 1:
+            from raebench.errors import RaebenchError
+
+            raise RaebenchError(f"--device {device} under torchrun would put every rank on one GPU; give --device "
+                                "cuda (or auto): each rank then takes its own GPU, cuda:LOCAL_RANK.")
     return device
+
+
+def from_rank0(obj):
+    """Rank 0's ``obj`` on every rank of an initialised process group (``obj`` itself otherwise)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_rank0(fn):
+    """``fn()`` run on rank 0 alone, its result given to every rank (one process: just ``fn()``).
+
+    For the final computation of merged metric states (precision/recall and the other k-NN metrics
+    at 50k images cost minutes of CPU): the other ranks wait instead of repeating it, and do not
+    rebuild the metric networks. A :class:`~raebench.errors.RaebenchError` on rank 0 is raised with
+    the same sentence on every rank; any other exception on rank 0 still reaches the others (as a
+    RuntimeError naming it) before rank 0 re-raises it, so no rank waits out the collective timeout.
+    """
+    if world_size() == 1:
+        return fn()
+    from raebench.errors import RaebenchError
+
+    box: list = [None]
+    if rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except RaebenchError as e:
+            box[0] = ("user", str(e))
+        except BaseException as e:
+            td.broadcast_object_list([("fail", f"{type(e).__name__}: {e}")], src=0)
+            raise
+    td.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "ok":
+        return value
+    if kind == "user":
+        raise RaebenchError(value)
+    raise RuntimeError(f"rank 0 failed: {value}")
 
 
 def no_buffer_sync() -> dict[str, bool]:

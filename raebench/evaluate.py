@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from raebench import distributed
 from raebench.distributed import rank_world, shard
 from raebench.data import ImageDataset, ResolvedData, Skip, default_workers, make_loader, resolve_data, to_float, to_uint8
 from raebench.checks import check_domain, check_image_counts, check_run
@@ -511,17 +512,16 @@ def evaluate(
         raise
 
     ev.finish()  # cache the reference features if this process extracted all of them
-    if world > 1:  # gather every rank's state, merge in rank order on every rank
+    states = None  # with several ranks: every rank's metric states, in rank order
+    if world > 1:  # gather every rank's state and counts; rank 0 alone merges and computes (below)
         checkpoint()
         mine = {"metrics": [m.state() for m in ev.metrics], "n_used": n_used, "skipped": [(s.path, s.reason) for s in skipped],
                 "upscaled": upscaled, "nonfinite": nonfinite}
         gathered: list = [None] * world
         td.all_gather_object(gathered, mine)
-        ev = Evaluator(tuple(cfg.metrics), device, reference=reference, options=_metric_options(cfg))
+        states = [g["metrics"] for g in gathered]
         n_used, skipped, upscaled, nonfinite = 0, [], [], []
         for g in gathered:
-            for m, ms in zip(ev.metrics, g["metrics"]):
-                m.merge(ms)
             n_used += g["n_used"]
             skipped += [Skip(p, r) for p, r in g["skipped"]]
             upscaled += g["upscaled"]
@@ -534,11 +534,22 @@ def evaluate(
         raise RaebenchError(f"Nothing to evaluate for {tok.name!r} on {data.name!r}: {reason} ({len(skipped)} skipped).")
     if upscaled and rank == 0:
         log.warning("%d image(s) were smaller than %d px and were upscaled by the crop", len(upscaled), cfg.resolution)
-    values, versions, notes = ev.compute()
+
+    def final() -> tuple:
+        merged = ev
+        if states is not None:  # a fresh evaluator holding the states of all ranks, merged in rank order
+            merged = Evaluator(tuple(cfg.metrics), device, reference=reference, options=_metric_options(cfg))
+            for per_rank in states:
+                for m, ms in zip(merged.metrics, per_rank):
+                    m.merge(ms)
+        values, versions, notes = merged.compute()
+        return values, versions, notes, merged.weights_ids(), dict(merged.failed)
+
+    values, versions, notes, metric_weights, failed = distributed.on_rank0(final)
     if not values:
         if work is not None:
             work.release(remove=True)
-        raise RaebenchError(f"Nothing to write for {tok.name!r} on {data.name!r}: {'; '.join(ev.failed.values())}.")
+        raise RaebenchError(f"Nothing to write for {tok.name!r} on {data.name!r}: {'; '.join(failed.values())}.")
     seconds = time.perf_counter() - t0
     run_id = new_run_id()
     rows = [
@@ -570,7 +581,7 @@ def evaluate(
                 "precision": cfg.precision,
                 "limit": cfg.limit if data.sampled else None,
                 "world_size": world,
-                "metric_weights": ev.weights_ids(),
+                "metric_weights": metric_weights,
             },
         )
         for name, value in values.items()
@@ -581,4 +592,4 @@ def evaluate(
         td.barrier()  # rows are written before any rank removes its resume state
     if work is not None:
         work.release(remove=True)
-    return EvalOutcome(rows, skipped, upscaled, nonfinite, seconds, n_used, dict(ev.failed))
+    return EvalOutcome(rows, skipped, upscaled, nonfinite, seconds, n_used, failed)

@@ -163,3 +163,46 @@ def test_torchrun_score_equals_one_process(tmp_path: Path):
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), (label, k)
         assert len(load(two, latest=False)) == len(a)  # rows written once
+
+
+ON_RANK0 = '''
+import sys
+from raebench import distributed
+from raebench.errors import RaebenchError
+
+distributed.init("cpu")
+r = distributed.rank()
+calls = []
+out = distributed.on_rank0(lambda: calls.append(r) or {"from": r})
+assert out == {"from": 0} and calls == ([0] if r == 0 else []), (r, out, calls)
+assert distributed.from_rank0(f"rank {r}") == "rank 0"
+try:
+    distributed.on_rank0(lambda: (_ for _ in ()).throw(RaebenchError("Nothing to write: no metric.")))
+except RaebenchError as e:
+    assert str(e) == "Nothing to write: no metric.", e
+else:
+    sys.exit("no RaebenchError")
+try:
+    distributed.on_rank0(lambda: 1 / 0)
+except ZeroDivisionError:
+    assert r == 0
+except RuntimeError as e:
+    assert r == 1 and "rank 0 failed: ZeroDivisionError" in str(e), e
+else:
+    sys.exit("no error")
+distributed.finish()
+sys.stdout.write(f"ok{r}\\n")  # one write: the two ranks share the pipe
+sys.stdout.flush()
+'''
+
+
+def test_on_rank0_computes_once_and_every_rank_gets_the_result_or_the_error(tmp_path):
+    """eval and score merge the gathered metric states and compute on rank 0 alone (k-NN metrics at
+    50k cost minutes of CPU; the others used to repeat them and rebuild the metric networks); the
+    others get the numbers, rank 0's one-sentence error, or word of its crash instead of a hang."""
+    (tmp_path / "job.py").write_text(ON_RANK0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(tmp_path / "job.py")], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(r.stdout.split()) == ["ok0", "ok1"]

@@ -313,3 +313,21 @@ def test_device_cuda_pins_the_current_gpu_with_its_index(monkeypatch):
     assert distributed.pin_cuda(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert distributed.pin_cuda(torch.device("cpu")) == torch.device("cpu")
     assert pinned == [2, 1]
+
+
+def test_an_explicit_gpu_under_torchrun_is_refused_in_one_sentence(monkeypatch):
+    """`--device cuda:0` with several ranks and GPUs put every rank on GPU 0 (NCCL then fails deep in
+    its first collective); `cuda`/`auto` mean this rank's GPU; one visible GPU per rank keeps cuda:0."""
+    from raebench import distributed
+    from raebench.errors import RaebenchError
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert distributed.local_device("cuda") == distributed.local_device("auto") == "cuda:2"
+    assert distributed.local_device("cpu") == "cpu"
+    with pytest.raises(RaebenchError, match="every rank on one GPU"):
+        distributed.local_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES per rank
+    assert distributed.local_device("cuda:0") == "cuda:0"

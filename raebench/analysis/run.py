@@ -47,6 +47,7 @@ from raebench.analysis.measure import TokenizerReport, measure, probe_key, resul
 from raebench.analysis.reuse import expected_rows, missing_parts, part_of, reusable_rows, stored_rows
 from raebench.analysis.stream import Accumulator, Keep
 from raebench.data import ImageDataset, Skip, default_workers, make_loader, resolve_data
+from raebench.distributed import from_rank0
 from raebench.errors import MissingWeightsError, RaebenchError
 from raebench.results import atomic_write_bytes, check_writable, new_run_id, write_rows
 
@@ -159,16 +160,6 @@ def _build_tokenizers(cfg: AnalyzeConfig, device: torch.device) -> list:
     return toks
 
 
-def _from_rank0(obj, world: int):
-    import torch.distributed as td
-
-    if world == 1:
-        return obj
-    box = [obj]
-    td.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _plan(cfg: AnalyzeConfig, toks: list, data, expected: dict, rank: int, world: int) -> tuple[list[set[str]], list[list]]:
     """Per tokenizer: the parts to measure (decided on rank 0, the same on every rank) and, on rank
     0, the stored rows of the others."""
@@ -187,7 +178,7 @@ def _plan(cfg: AnalyzeConfig, toks: list, data, expected: dict, rank: int, world
             have = stored_rows(df, tok.name, getattr(tok, "weights_id", "none"), data.name, fp, cfg.resolution, cfg.seed)
             todo.append(missing_parts(expected, have))
             reused.append(reusable_rows(have, expected, todo[-1]))
-    return _from_rank0(todo, world), reused
+    return from_rank0(todo), reused
 
 
 def _gather(payload: dict, rank: int, world: int) -> list[dict] | None:
