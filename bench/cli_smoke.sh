@@ -4,8 +4,9 @@
 #            starts; then bf16) -> export-decoder;
 #   stage 2: synthetic images -> cache-latents -> train stage2 (fp32 from the cache, stopped and resumed;
 #            bf16 encoding on the fly) -> sample (SDE with CFG, Heun);
-#   ddp:     the same commands under torchrun (one process: the process group, NCCL on a GPU, DDP wrapping,
-#            rank-sharded sampling and metric gathering) -> train stage1, train stage2 and resume, sample, eval.
+#   ddp:     the same commands under torchrun with $NPROC processes (default 2 on the CPU: gloo; on CUDA
+#            the visible GPUs, at most 2: NCCL) -> train stage1, train stage2 and resume, sample, eval. With one
+#            process (one GPU) torchrun creates no process group: no NCCL, DDP or gathering runs then.
 #   bash bench/cli_smoke.sh [cuda|cpu] [stage1|stage2|ddp ...]   # stage1 stage2 by default; exits at the first failure
 set -euo pipefail
 dev="${1:-cuda}"
@@ -72,7 +73,13 @@ stage2() {
 
 ddp() {
   encoder
-  tr() { echo "+ torchrun -m raebench $*"; "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m raebench "$@"; }
+  local np="${NPROC:-}"
+  if [ -z "$np" ]; then
+    if [ "$dev" = cpu ]; then np=2; else np="$("$PY" -c 'import torch; print(min(2, torch.cuda.device_count()))')"; fi
+  fi
+  [ "$np" -gt 1 ] || echo "ddp with $np process: no process group (NCCL, DDP and gathers need 2 devices)"
+  tr() { echo "+ torchrun --nproc_per_node $np -m raebench $*"
+         "$PY" -m torch.distributed.run --standalone --nproc_per_node "$np" -m raebench "$@"; }
   tr train stage1 -p tiny --data "$w/images" --encoder "$w/encoder" --results "$w/res" --device "$dev" \
      --set disc_start_epoch=0.5 --set gan_start_epoch=1 --set sample_every=0 --name ddp --precision bf16 --max-steps 5
   local s2=(train stage2 -p tiny --num-classes 2 -b 8 --device "$dev" -t pixels --data "$w/images" -r 8 -o "$w/ddp"

@@ -37,7 +37,7 @@ xl=(--preset xl --device cuda --batch "$xlb" --steps 10 --threads 16)
         timeout 60 "$PY" bench/check_stage2_device.py --device cuda ;;
       cli) echo "== the stage-2 command line end to end on the GPU (bench/cli_smoke.sh)"
         timeout 240 bash bench/cli_smoke.sh cuda ;;
-      ddp) echo "== the same commands under torchrun (one process, NCCL): stage 1, stage 2 and resume, sample, eval"
+      ddp) echo "== the same commands under torchrun (2 processes, NCCL, where 2 GPUs are visible): stage 1, stage 2 and resume, sample, eval"
         timeout 150 bash bench/cli_smoke.sh cuda ddp ;;
       stage1) echo "== stage 1 recipe (DINOv2-B with registers + ViT-XL decoder, random weights), bf16, batch 64, all losses on"
         timeout 150 "$PY" bench/bench_stage1_step.py --device cuda --precision bf16 --batch 64 --steps 12 ;;

@@ -170,21 +170,22 @@ def score(
         skipped = [Skip(p, r) for p, r in saved_skips] + ref.skipped + cand.skipped
         upscaled = saved_upscaled + ref.upscaled + cand.upscaled
         ev.finish()
-        states = None  # with several ranks: every rank's metric states, in rank order
+        states = None  # with several ranks, on rank 0: every rank's metric states, in rank order
         if world > 1:
             import torch.distributed as td
 
-            mine_state = {"metrics": [m.state() for m in ev.metrics], "n": n_cand,
-                          "skipped": [(x.path, x.reason) for x in skipped], "upscaled": upscaled}
+            from raebench.distributed import gather_to_rank0
+
+            states = gather_to_rank0([m.state() for m in ev.metrics])  # only rank 0 merges and computes
+            mine = {"n": n_cand, "skipped": [(x.path, x.reason) for x in skipped], "upscaled": upscaled}
             gathered: list = [None] * world
-            td.all_gather_object(gathered, mine_state)
-            states = [g["metrics"] for g in gathered]
+            td.all_gather_object(gathered, mine)
             n_cand = sum(g["n"] for g in gathered)
             skipped = [Skip(p, r) for g in gathered for p, r in g["skipped"]]
             upscaled = [p for g in gathered for p in g["upscaled"]]
 
         def make_scorer():  # run by rank 0 alone (_finish): the states of all ranks merged in rank order
-            if states is None:
+            if world == 1:
                 return ev
             scorer = Evaluator(tuple(s.name for s in specs), dev, options=options)
             if stats:
@@ -196,6 +197,8 @@ def score(
 
         outcome = _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain,
                           resolution, dev, world, paired, stats, t0, write, rank, results_dir)
+        if world > 1:
+            td.barrier()  # rank 0 has written the rows before any rank removes its resume state
     except BaseException:
         if work is not None:  # keep saved progress for a resume; a run that saved none leaves nothing
             work.release(remove=not work.path.exists())

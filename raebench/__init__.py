@@ -35,7 +35,7 @@ def _map_checkout_folders() -> None:
     if (here / "metrics").exists() or not (root / "pyproject.toml").is_file() \
             or not (root / "metrics" / "__init__.py").is_file():
         return  # an installed package (the folders are inside it), or not a source checkout
-    if not any(isinstance(f, _CheckoutFolders) for f in _sys.meta_path):
+    if not any(type(f).__name__ == "_CheckoutFolders" for f in _sys.meta_path):  # by name: reload() makes a new class
         _sys.meta_path.insert(0, _CheckoutFolders(root))  # ahead of an editable install's own finder
 
 

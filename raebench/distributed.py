@@ -70,18 +70,20 @@ def is_main() -> bool:
 def local_device(device: str) -> str:
     """Under torchrun on GPUs, 'auto'/'cuda' means this rank's GPU.
 
-    An explicit ``cuda:N`` there would put every rank on GPU N, which NCCL refuses with its own
-    "duplicate GPU" error deep in the first collective: refused here in one sentence, unless each
-    rank sees a single GPU (``CUDA_VISIBLE_DEVICES`` set per rank), where ``cuda:0`` is right.
+    An explicit ``cuda:N`` with several ranks on a node that has several GPUs would put every
+    rank of the node on GPU N, which NCCL refuses with its own "duplicate GPU" error deep in the
+    first collective: refused here in one sentence. One rank per node, or one visible GPU per rank
+    (``CUDA_VISIBLE_DEVICES`` set per rank), keeps ``cuda:N``.
     """
     if launched() and torch.cuda.is_available():
         if device in ("auto", "cuda"):
             return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        if device.startswith("cuda:") and torch.cuda.device_count() > 1:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        if device.startswith("cuda:") and per_node > 1 and torch.cuda.device_count() > 1:
             from raebench.errors import RaebenchError
 
-            raise RaebenchError(f"--device {device} under torchrun would put every rank on one GPU; give --device "
-                                "cuda (or auto): each rank then takes its own GPU, cuda:LOCAL_RANK.")
+            raise RaebenchError(f"--device {device} under torchrun would put every rank of a node on one GPU; give "
+                                "--device cuda (or auto): each rank then takes its own GPU, cuda:LOCAL_RANK.")
     return device
 
 
@@ -94,35 +96,70 @@ def from_rank0(obj):
     return box[0]
 
 
+def gather_to_rank0(obj) -> list | None:
+    """Every rank's ``obj`` in rank order on rank 0, None on the others (one process: ``[obj]``).
+
+    For state only rank 0 reads (metric states before :func:`on_rank0`): the other ranks do not
+    receive and unpickle every rank's per-image features, as ``all_gather_object`` made them do.
+    """
+    if world_size() == 1:
+        return [obj]
+    out: list | None = [None] * world_size() if rank() == 0 else None
+    td.gather_object(obj, out, dst=0)
+    return out
+
+
 def on_rank0(fn):
     """``fn()`` run on rank 0 alone, its result given to every rank (one process: just ``fn()``).
 
     For the final computation of merged metric states (precision/recall and the other k-NN metrics
     at 50k images cost minutes of CPU): the other ranks wait instead of repeating it, and do not
-    rebuild the metric networks. A :class:`~raebench.errors.RaebenchError` on rank 0 is raised with
-    the same sentence on every rank; any other exception on rank 0 still reaches the others (as a
-    RuntimeError naming it) before rank 0 re-raises it, so no rank waits out the collective timeout.
+    rebuild the metric networks. Rank 0 raises what ``fn`` raised; the others get the same
+    :class:`~raebench.errors.RaebenchError` class and sentence (a plain RaebenchError where the
+    class cannot be rebuilt from its message), or a RuntimeError naming any other exception. The
+    result is pickled inside the guard, so an unpicklable one is such an exception too: no rank
+    waits out the collective timeout.
     """
     if world_size() == 1:
         return fn()
+    import pickle
+
     from raebench.errors import RaebenchError
 
     box: list = [None]
     if rank() == 0:
         try:
-            box[0] = ("ok", fn())
-        except RaebenchError as e:
-            box[0] = ("user", str(e))
+            result = fn()
+            pickle.dumps(result)  # fails here, not inside the broadcast the others already wait in
+            box[0] = ("ok", result)
         except BaseException as e:
-            td.broadcast_object_list([("fail", f"{type(e).__name__}: {e}")], src=0)
+            user = isinstance(e, RaebenchError)
+            td.broadcast_object_list([("user" if user else "fail",
+                                       (type(e).__module__, type(e).__qualname__, str(e)) if user
+                                       else f"{type(e).__name__}: {e}")], src=0)
             raise
     td.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "ok":
         return value
     if kind == "user":
-        raise RaebenchError(value)
+        raise _rebuild_error(*value)
     raise RuntimeError(f"rank 0 failed: {value}")
+
+
+def _rebuild_error(module: str, qualname: str, message: str) -> Exception:
+    """Rank 0's RaebenchError (sub)class with its message, else a plain RaebenchError."""
+    import importlib
+
+    from raebench.errors import RaebenchError
+
+    try:
+        cls = getattr(importlib.import_module(module), qualname)
+        if isinstance(cls, type) and issubclass(cls, RaebenchError):
+            return cls(message)
+    except Exception:  # a class that takes other arguments, or is not importable here
+        pass
+    return RaebenchError(message)
 
 
 def no_buffer_sync() -> dict[str, bool]:

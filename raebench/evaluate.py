@@ -513,13 +513,13 @@ def evaluate(
 
     ev.finish()  # cache the reference features if this process extracted all of them
     states = None  # with several ranks: every rank's metric states, in rank order
-    if world > 1:  # gather every rank's state and counts; rank 0 alone merges and computes (below)
+    if world > 1:  # metric states to rank 0, which alone merges and computes (below); counts to every rank
         checkpoint()
-        mine = {"metrics": [m.state() for m in ev.metrics], "n_used": n_used, "skipped": [(s.path, s.reason) for s in skipped],
-                "upscaled": upscaled, "nonfinite": nonfinite}
+        states = distributed.gather_to_rank0([m.state() for m in ev.metrics])
+        mine = {"n_used": n_used, "skipped": [(s.path, s.reason) for s in skipped], "upscaled": upscaled,
+                "nonfinite": nonfinite}
         gathered: list = [None] * world
         td.all_gather_object(gathered, mine)
-        states = [g["metrics"] for g in gathered]
         n_used, skipped, upscaled, nonfinite = 0, [], [], []
         for g in gathered:
             n_used += g["n_used"]
@@ -537,7 +537,7 @@ def evaluate(
 
     def final() -> tuple:
         merged = ev
-        if states is not None:  # a fresh evaluator holding the states of all ranks, merged in rank order
+        if world > 1:  # a fresh evaluator holding the states of all ranks, merged in rank order
             merged = Evaluator(tuple(cfg.metrics), device, reference=reference, options=_metric_options(cfg))
             for per_rank in states:
                 for m, ms in zip(merged.metrics, per_rank):

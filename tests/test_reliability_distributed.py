@@ -190,6 +190,23 @@ except RuntimeError as e:
     assert r == 1 and "rank 0 failed: ZeroDivisionError" in str(e), e
 else:
     sys.exit("no error")
+from raebench.errors import MissingWeightsError
+try:  # the subclass reaches every rank (library callers catch MissingWeightsError)
+    distributed.on_rank0(lambda: (_ for _ in ()).throw(MissingWeightsError("fetch X into Y")))
+except MissingWeightsError as e:
+    assert str(e) == "fetch X into Y", e
+else:
+    sys.exit("no MissingWeightsError")
+try:  # an unpicklable result fails on rank 0 before the broadcast, so rank 1 does not wait it out
+    distributed.on_rank0(lambda: (lambda: 1))
+except RuntimeError as e:
+    assert r == 1 and "rank 0 failed" in str(e), e
+except Exception as e:
+    assert r == 0 and "pickle" in str(e).lower(), e
+else:
+    sys.exit("no pickling error")
+got = distributed.gather_to_rank0({"rank": r})
+assert got == ([{"rank": 0}, {"rank": 1}] if r == 0 else None), (r, got)
 distributed.finish()
 sys.stdout.write(f"ok{r}\\n")  # one write: the two ranks share the pipe
 sys.stdout.flush()
@@ -201,7 +218,7 @@ def test_on_rank0_computes_once_and_every_rank_gets_the_result_or_the_error(tmp_
     50k cost minutes of CPU; the others used to repeat them and rebuild the metric networks); the
     others get the numbers, rank 0's one-sentence error, or word of its crash instead of a hang."""
     (tmp_path / "job.py").write_text(ON_RANK0)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAEBENCH_DIST_TIMEOUT_S": "30"}  # a missed broadcast fails, not hangs
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(tmp_path / "job.py")], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]

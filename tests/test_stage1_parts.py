@@ -322,12 +322,16 @@ def test_an_explicit_gpu_under_torchrun_is_refused_in_one_sentence(monkeypatch):
     from raebench.errors import RaebenchError
 
     monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert distributed.local_device("cuda") == distributed.local_device("auto") == "cuda:2"
     assert distributed.local_device("cpu") == "cpu"
-    with pytest.raises(RaebenchError, match="every rank on one GPU"):
+    with pytest.raises(RaebenchError, match="every rank of a node on one GPU"):
         distributed.local_device("cuda:0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one rank per node (--nnodes 4): its cuda:3 is its own
+    assert distributed.local_device("cuda:3") == "cuda:3"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES per rank
     assert distributed.local_device("cuda:0") == "cuda:0"

@@ -437,7 +437,8 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         step = int(ck["step"])
-        log.info("resumed %s at step %d", out, step)
+        if rank == 0:
+            log.info("resumed %s at step %d", out, step)
     del ck
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
