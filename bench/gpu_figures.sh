@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The figures only a GPU gives, in one prepared call (random weights: nothing to download).
 #   bash bench/gpu_figures.sh [PART ...]   # from the repository root; log in ${OUT:-.}/gpu_figures.log
-# PARTs, in this order by default: check cli ddp stage1 xl eval small xl-fp32 compile; also eval-large, xl-profile.
+# PARTs, in this order by default: check metrics cli ddp stage1 xl eval small xl-fp32 compile; also eval-large,
+# xl-profile.
 # Needs torch with CUDA, transformers, safetensors, typer, rich, pandas, timm, einops, torchdiffeq,
-# setuptools and, for stage 1 (cli, ddp, stage1), lpips on the machine (a pure-Python wheel to carry where
-# absent); raebench is installed (no dependencies, no index) into a temporary folder. The official RAE sources for the
-# comparison are read from $RAE_OFFICIAL_SRC (a checkout, a bare mirror, or a folder holding
+# setuptools and, for stage 1 (cli, ddp, stage1) and metrics, lpips (and torch-fidelity for metrics) on the
+# machine (pure-Python wheels to carry where absent); raebench is installed (no dependencies, no index) into a
+# temporary folder. The official RAE sources for the comparison are read from $RAE_OFFICIAL_SRC (a checkout, a bare mirror, or a folder holding
 # src/stage2/... and src/utils/train_utils.py); without them raebench is timed alone. Each part is
 # time-boxed so that one slow part cannot eat the rest; the slowest (torch.compile of two XL models) is last.
 set -uo pipefail
@@ -22,7 +23,7 @@ off="${RAE_OFFICIAL_SRC:-.official}"
 [ -e "$off" ] || off=none
 log="${OUT:-.}/gpu_figures.log"
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(check cli ddp stage1 xl eval small xl-fp32 compile)
+[ ${#parts[@]} -gt 0 ] || parts=(check metrics cli ddp stage1 xl eval small xl-fp32 compile)
 # both XL models with their AdamW states and EMAs peak at 91 GiB at batch 64 (H200): 32 on an 80 GB card
 gpu_mib="$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)"
 xlb=64; [ "${gpu_mib:-0}" -lt 100000 ] && xlb=32
@@ -35,6 +36,8 @@ xl=(--preset xl --device cuda --batch "$xlb" --steps 10 --threads 16)
     case "$part" in
       check) echo "== the fused stage-2 paths on the GPU (gradcheck, fused vs plain, bf16)"
         timeout 60 "$PY" bench/check_stage2_device.py --device cuda ;;
+      metrics) echo "== every metric on the GPU vs the CPU, random-weight metric networks (bench/check_metrics_device.py)"
+        timeout 300 "$PY" bench/check_metrics_device.py --device cuda ;;
       cli) echo "== the stage-2 command line end to end on the GPU (bench/cli_smoke.sh)"
         timeout 240 bash bench/cli_smoke.sh cuda ;;
       ddp) echo "== the same commands under torchrun (2 processes, NCCL, where 2 GPUs are visible): stage 1, stage 2 and resume, sample, eval"
