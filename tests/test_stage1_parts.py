@@ -335,3 +335,14 @@ def test_an_explicit_gpu_under_torchrun_is_refused_in_one_sentence(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # CUDA_VISIBLE_DEVICES per rank
     assert distributed.local_device("cuda:0") == "cuda:0"
+
+
+def test_only_the_distributed_helpers_set_the_cuda_device():
+    """The stage-1 start-up failure on a GPU was a direct torch.cuda.set_device("cuda") call: every
+    caller goes through raebench.distributed (init, pin_cuda), which indexes the device first."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    callers = sorted(str(f.relative_to(root)) for d in ("raebench", "metrics", "baselines")
+                     for f in (root / d).rglob("*.py") if "torch.cuda.set_device(" in f.read_text())
+    assert callers == ["raebench/distributed.py"], callers

@@ -396,6 +396,7 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
 
     device = torch.device(device)
     distributed.init(device)
+    device = distributed.pin_cuda(device)  # "cuda" (the API's, or outside torchrun): the current GPU, indexed for DDP
     rank, world = distributed.rank_world()
     if cfg.global_batch % (world * cfg.grad_accum):
         raise RaebenchError(f"global_batch {cfg.global_batch} must divide by world size x grad_accum = {world * cfg.grad_accum}.")
