@@ -15,6 +15,8 @@ Features are kept whole (float32, CPU); distances are computed in float64 blocks
 
 from __future__ import annotations
 
+import torch
+
 from raebench.metrics import neighbours as nb
 from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric, require_images
 
@@ -24,9 +26,10 @@ class _TwoSetFeatures(Metric):
 
     feature = "inception/pool"
 
-    def __init__(self, spec: MetricSpec) -> None:
+    def __init__(self, spec: MetricSpec, device: str | torch.device = "cpu") -> None:
         super().__init__(spec)
         self.extractor, self.output = self.feature.split("/")
+        self.device = torch.device(device)  # where compute() runs (not state: features stay on the CPU)
         self.reset()
 
     def reset(self) -> None:
@@ -41,11 +44,12 @@ class _TwoSetFeatures(Metric):
         if cand is not None:
             self.cand.append(cand[self.output].detach().to("cpu", copy=True))
 
-    def _both(self):
-        """(references, candidates) as (N, d) tensors, each side holding ``spec.min_images`` at least."""
+    def _both(self, device: torch.device | None = None):
+        """(references, candidates) as (N, d) tensors, each side holding ``spec.min_images`` at least;
+        on ``device`` if given (else the CPU)."""
         ref, cand = nb.cat(self.ref), nb.cat(self.cand)
         require_images(self.spec, candidates=cand.shape[0], references=ref.shape[0])
-        return ref, cand
+        return (ref, cand) if device is None else (ref.to(device), cand.to(device))
 
 
 class PrecisionRecall(_TwoSetFeatures):
@@ -56,7 +60,7 @@ class PrecisionRecall(_TwoSetFeatures):
     k = 3
 
     def compute(self) -> dict[str, float]:
-        ref, cand = self._both()
+        ref, cand = self._both(self.device)  # float64 distances on the evaluation device (a GPU: seconds at 50k)
         r_ref, r_cand = nb.kth_neighbour_sq(ref, self.k), nb.kth_neighbour_sq(cand, self.k)
         precision = nb.any_within(cand, ref, r_ref).double().mean().item()
         recall = nb.any_within(ref, cand, r_cand).double().mean().item()
@@ -67,7 +71,7 @@ class DensityCoverage(_TwoSetFeatures):
     k = 5
 
     def compute(self) -> dict[str, float]:
-        ref, cand = self._both()
+        ref, cand = self._both(self.device)
         r_ref = nb.kth_neighbour_sq(ref, self.k)
         density = nb.count_within(cand, ref, r_ref).double().sum().item() / (self.k * cand.shape[0])
         coverage = (nb.nearest_sq(ref, cand) < r_ref).double().mean().item()
@@ -78,7 +82,8 @@ register_metric(
     MetricSpec(
         name="precision", higher_is_better=True, kind="distribution", version="pr-inception2048-k3-tf-v1",
         description="Precision (and recall), Kynkäänniemi k = 3 on Inception pool3 (torch-fidelity)",
-        builder=lambda spec: PrecisionRecall(spec), extractors=("inception",), aliases=("pr", "recall"),
+        builder=lambda spec, **o: PrecisionRecall(spec, **o), options=("device",), extractors=("inception",),
+        aliases=("pr", "recall"),
         outputs=(("recall", True),), reference_inputs=("inception/pool",), candidate_inputs=("inception/pool",),
         min_images=PrecisionRecall.k + 1,  # a k-th nearest other image on each side
     )
@@ -87,7 +92,8 @@ register_metric(
     MetricSpec(
         name="density", higher_is_better=True, kind="distribution", version="dc-inception2048-k5-prdc-v1",
         description="Density (and coverage), Naeem et al. k = 5 on Inception pool3 (prdc definition)",
-        builder=lambda spec: DensityCoverage(spec), extractors=("inception",), aliases=("coverage", "prdc"),
+        builder=lambda spec, **o: DensityCoverage(spec, **o), options=("device",), extractors=("inception",),
+        aliases=("coverage", "prdc"),
         outputs=(("coverage", True),), reference_inputs=("inception/pool",), candidate_inputs=("inception/pool",),
         min_images=DensityCoverage.k + 1,
     )

@@ -200,8 +200,8 @@ class Evaluator:
             spec = METRICS.get(target) if target in METRICS else EXTRACTORS.get(target)
             if spec.name not in known:
                 continue  # options for metrics not requested now are ignored (one env var serves many runs)
-            allowed = spec.options
-            bad = sorted(set(opts) - set(allowed) - {"device"})
+            allowed = spec.options  # "device" only where listed: extractors always get the evaluation device
+            bad = sorted(set(opts) - set(allowed))
             if bad:
                 raise RaebenchError(f"{target} takes no option {', '.join(bad)}; it takes {', '.join(allowed) or 'none'}.")
         self.metrics = [self._build_metric(s) for s in self.specs]

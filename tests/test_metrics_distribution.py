@@ -182,3 +182,38 @@ def test_evaluator_excludes_rows_and_one_sided_batches(stand_in_extractors, make
     assert one.compute()[0]["fid"] == pytest.approx(same.compute()[0]["fid"], rel=1e-12)
     with pytest.raises(Exception, match="paired"):
         Evaluator(("psnr",), torch.device("cpu"), options={}).update_candidates(cand)
+
+
+def test_knn_metrics_compute_on_the_evaluation_device(monkeypatch):
+    """Precision/recall and density/coverage take the evaluator's device (a GPU in real runs: at 50k
+    images they take ~20 minutes on one CPU thread); features stay CPU state, and every neighbours
+    helper computes on the device of its inputs."""
+    ev = Evaluator(("precision", "density", "kid"), torch.device("meta"))  # meta: no GPU here, only the plumbing
+    assert {type(m).__name__: getattr(m, "device", None) for m in ev.metrics} == {
+        "PrecisionRecall": torch.device("meta"), "DensityCoverage": torch.device("meta"), "KID": torch.device("cpu")}
+    seen = []
+    real = nb.sq_dists
+    monkeypatch.setattr(nb, "sq_dists", lambda a, b: seen.append((a.device, b.device)) or real(a, b))
+    ref, cand = _feats(40, 8, 1), _feats(30, 8, 2, 0.2)
+    for name in ("precision", "density"):
+        m = METRICS.get(name).build(device="cpu")
+        m.update(MetricBatch(None, None, {"inception": ({"pool": ref.float()}, {"pool": cand.float()})}))
+        assert "device" not in m.state()  # not accumulated, not merged, not saved for a resume
+        moved = []
+        monkeypatch.setattr(m, "_both", lambda device, f=m._both: moved.append(device) or f(device))
+        m.compute()
+        assert moved == [torch.device("cpu")]
+    assert seen and all(d == (torch.device("cpu"), torch.device("cpu")) for d in seen)
+
+
+def test_a_device_option_is_taken_only_where_a_metric_lists_it():
+    """`--option precision.device=cpu` keeps the k-NN metrics on the CPU; a device option for a
+    metric or extractor without one was let through and failed as a raw TypeError when built."""
+    from raebench.errors import RaebenchError
+
+    ev = Evaluator(("precision", "kid"), torch.device("meta"), options={"precision": {"device": "cpu"}})
+    assert ev.metrics[0].device == torch.device("cpu")
+    for target, says in (("kid", "kid takes no option device; it takes none"),
+                         ("inception", "inception takes no option device")):
+        with pytest.raises(RaebenchError, match=says):
+            Evaluator(("precision", "kid"), torch.device("cpu"), options={target: {"device": "cpu"}})
