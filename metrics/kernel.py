@@ -83,7 +83,7 @@ class CMMD(_TwoSetFeatures):
     feature = "clip-l14-336/embed"
 
     def compute(self) -> dict[str, float]:
-        ref, cand = self._both()
+        ref, cand = self._both(self.device)  # three N x N kernel sums: on the evaluation device
         return {"cmmd": CMMD_SCALE * rbf_mmd2_biased(cand, ref)}
 
 
@@ -99,7 +99,7 @@ register_metric(
     MetricSpec(
         name="cmmd", higher_is_better=False, kind="distribution", version="cmmd-clipl14-336-rbf10-x1000-v1",
         description="CMMD: RBF-kernel MMD (σ = 10, ×1000) of CLIP ViT-L/14@336 embeddings",
-        builder=lambda spec: CMMD(spec), extractors=("clip-l14-336",),
+        builder=lambda spec, **o: CMMD(spec, **o), options=("device",), extractors=("clip-l14-336",),
         reference_inputs=("clip-l14-336/embed",), candidate_inputs=("clip-l14-336/embed",),
     )
 )

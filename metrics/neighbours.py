@@ -6,8 +6,8 @@ at the default 2048), so memory stays O(N·d + chunk²) for any N. Distances are
 
 Metrics keep per-image features as lists of float32 (n_i, d) CPU tensors in data order (lists
 concatenate when shards merge, see ``Metric.merge``); :func:`cat` joins them. The functions below
-compute on the device their inputs are on (the k-NN metrics move the joined features to the
-evaluation device: at 50k images precision/recall and density/coverage take about 20 minutes on one
+compute on the device their inputs are on (the k-NN metrics and CMMD move the joined features to
+the evaluation device: at 50k images precision/recall and density/coverage take about 20 minutes on one
 CPU thread, torchrun's default, extrapolated from 4000 images) and return results on that device.
 """
 

@@ -188,16 +188,18 @@ def test_knn_metrics_compute_on_the_evaluation_device(monkeypatch):
     """Precision/recall and density/coverage take the evaluator's device (a GPU in real runs: at 50k
     images they take ~20 minutes on one CPU thread); features stay CPU state, and every neighbours
     helper computes on the device of its inputs."""
-    ev = Evaluator(("precision", "density", "kid"), torch.device("meta"))  # meta: no GPU here, only the plumbing
+    ev = Evaluator(("precision", "density", "cmmd", "kid"), torch.device("meta"))  # meta: no GPU here, the plumbing
     assert {type(m).__name__: getattr(m, "device", None) for m in ev.metrics} == {
-        "PrecisionRecall": torch.device("meta"), "DensityCoverage": torch.device("meta"), "KID": torch.device("cpu")}
+        "PrecisionRecall": torch.device("meta"), "DensityCoverage": torch.device("meta"), "CMMD": torch.device("meta"),
+        "KID": torch.device("cpu")}
     seen = []
     real = nb.sq_dists
     monkeypatch.setattr(nb, "sq_dists", lambda a, b: seen.append((a.device, b.device)) or real(a, b))
     ref, cand = _feats(40, 8, 1), _feats(30, 8, 2, 0.2)
-    for name in ("precision", "density"):
+    for name in ("precision", "density", "cmmd"):
         m = METRICS.get(name).build(device="cpu")
-        m.update(MetricBatch(None, None, {"inception": ({"pool": ref.float()}, {"pool": cand.float()})}))
+        feats = ({"pool": ref.float()}, {"pool": cand.float()}) if name != "cmmd" else ({"embed": ref}, {"embed": cand})
+        m.update(MetricBatch(None, None, {m.extractor: feats}))
         assert "device" not in m.state()  # not accumulated, not merged, not saved for a resume
         moved = []
         monkeypatch.setattr(m, "_both", lambda device, f=m._both: moved.append(device) or f(device))
