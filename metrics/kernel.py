@@ -83,7 +83,7 @@ class CMMD(_TwoSetFeatures):
     feature = "clip-l14-336/embed"
 
     def compute(self) -> dict[str, float]:
-        ref, cand = self._both(self.device)  # three N x N kernel sums: on the evaluation device
+        ref, cand = self._both()  # three N x N kernel sums, on the evaluation device
         return {"cmmd": CMMD_SCALE * rbf_mmd2_biased(cand, ref)}
 
 

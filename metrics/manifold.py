@@ -44,12 +44,12 @@ class _TwoSetFeatures(Metric):
         if cand is not None:
             self.cand.append(cand[self.output].detach().to("cpu", copy=True))
 
-    def _both(self, device: torch.device | None = None):
-        """(references, candidates) as (N, d) tensors, each side holding ``spec.min_images`` at least;
-        on ``device`` if given (else the CPU)."""
+    def _both(self):
+        """(references, candidates) as (N, d) tensors on ``self.device``, each side holding
+        ``spec.min_images`` at least."""
         ref, cand = nb.cat(self.ref), nb.cat(self.cand)
         require_images(self.spec, candidates=cand.shape[0], references=ref.shape[0])
-        return (ref, cand) if device is None else (ref.to(device), cand.to(device))
+        return ref.to(self.device), cand.to(self.device)
 
 
 class PrecisionRecall(_TwoSetFeatures):
@@ -60,7 +60,7 @@ class PrecisionRecall(_TwoSetFeatures):
     k = 3
 
     def compute(self) -> dict[str, float]:
-        ref, cand = self._both(self.device)  # float64 distances on the evaluation device (a GPU: seconds at 50k)
+        ref, cand = self._both()  # float64 distances on the evaluation device (a GPU: seconds at 50k)
         r_ref, r_cand = nb.kth_neighbour_sq(ref, self.k), nb.kth_neighbour_sq(cand, self.k)
         precision = nb.any_within(cand, ref, r_ref).double().mean().item()
         recall = nb.any_within(ref, cand, r_cand).double().mean().item()
@@ -71,7 +71,7 @@ class DensityCoverage(_TwoSetFeatures):
     k = 5
 
     def compute(self) -> dict[str, float]:
-        ref, cand = self._both(self.device)
+        ref, cand = self._both()
         r_ref = nb.kth_neighbour_sq(ref, self.k)
         density = nb.count_within(cand, ref, r_ref).double().sum().item() / (self.k * cand.shape[0])
         coverage = (nb.nearest_sq(ref, cand) < r_ref).double().mean().item()

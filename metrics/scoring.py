@@ -147,8 +147,7 @@ def score(
         work.acquire()
         st = work.load()
         if st is not None and st.get("world") == world and len(st["metrics"]) == len(ev.metrics):
-            for m, ms in zip(ev.metrics, st["metrics"]):
-                m.merge(ms)
+            ev.merge(st["metrics"])
             pos, count["n"] = dict(st["pos"]), int(st["n_cand"])
             saved_skips, saved_upscaled = [tuple(x) for x in st["skipped"]], list(st["upscaled"])
             t0 -= float(st.get("seconds", 0.0))
@@ -157,7 +156,7 @@ def score(
 
     def checkpoint() -> None:
         if work is not None:
-            work.save({"world": world, "pos": pos, "n_cand": count["n"], "metrics": [m.state() for m in ev.metrics],
+            work.save({"world": world, "pos": pos, "n_cand": count["n"], "metrics": ev.states(),
                        "skipped": saved_skips + [(x.path, x.reason) for x in ref.skipped + cand.skipped],
                        "upscaled": saved_upscaled + ref.upscaled + cand.upscaled, "seconds": time.perf_counter() - t0})
 
@@ -176,7 +175,7 @@ def score(
 
             from raebench.distributed import gather_to_rank0
 
-            states = gather_to_rank0([m.state() for m in ev.metrics])  # only rank 0 merges and computes
+            states = gather_to_rank0(ev.states())  # only rank 0 merges and computes
             mine = {"n": n_cand, "skipped": [(x.path, x.reason) for x in skipped], "upscaled": upscaled}
             gathered: list = [None] * world
             td.all_gather_object(gathered, mine)
@@ -191,8 +190,7 @@ def score(
             if stats:
                 scorer.set_reference_stats(stats)
             for per_rank in states:
-                for m, st in zip(scorer.metrics, per_rank):
-                    m.merge(st)
+                scorer.merge(per_rank)
             return scorer
 
         outcome = _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain,

@@ -361,6 +361,15 @@ class Evaluator:
 
     # -- results ----------------------------------------------------------------------------------
 
+    def states(self) -> list[dict]:
+        """Every metric's accumulator state, in metric order (for a resume file or another rank)."""
+        return [m.state() for m in self.metrics]
+
+    def merge(self, states: list[dict]) -> None:
+        """Add ``states()`` of another shard, rank or saved run (a fresh evaluator + merge = restore)."""
+        for m, st in zip(self.metrics, states):
+            m.merge(st)
+
     def version_of(self, spec) -> str:
         """The metric's version plus the non-default variants of the extractors it reads (built here
         if this process never ran them, e.g. after a resume or a merge of shards)."""
@@ -457,8 +466,7 @@ def evaluate(
         work.acquire()
         st = work.load()
         if st is not None and st.get("shard") == [lo, hi] and len(st["metrics"]) == len(ev.metrics):
-            for m, ms in zip(ev.metrics, st["metrics"]):
-                m.merge(ms)
+            ev.merge(st["metrics"])
             done, n_used = st["done"], st["n_used"]
             skipped = [Skip(p, r) for p, r in st["skipped"]]
             upscaled, nonfinite = list(st["upscaled"]), list(st["nonfinite"])
@@ -468,7 +476,7 @@ def evaluate(
     def checkpoint() -> None:
         if work is not None:
             work.save({
-                "shard": [lo, hi], "done": done, "n_used": n_used, "metrics": [m.state() for m in ev.metrics],
+                "shard": [lo, hi], "done": done, "n_used": n_used, "metrics": ev.states(),
                 "skipped": [(s.path, s.reason) for s in skipped], "upscaled": upscaled, "nonfinite": nonfinite,
                 "seconds": time.perf_counter() - t0,
             })
@@ -515,7 +523,7 @@ def evaluate(
     states = None  # with several ranks: every rank's metric states, in rank order
     if world > 1:  # metric states to rank 0, which alone merges and computes (below); counts to every rank
         checkpoint()
-        states = distributed.gather_to_rank0([m.state() for m in ev.metrics])
+        states = distributed.gather_to_rank0(ev.states())
         mine = {"n_used": n_used, "skipped": [(s.path, s.reason) for s in skipped], "upscaled": upscaled,
                 "nonfinite": nonfinite}
         gathered: list = [None] * world
@@ -540,8 +548,7 @@ def evaluate(
         if world > 1:  # a fresh evaluator holding the states of all ranks, merged in rank order
             merged = Evaluator(tuple(cfg.metrics), device, reference=reference, options=_metric_options(cfg))
             for per_rank in states:
-                for m, ms in zip(merged.metrics, per_rank):
-                    m.merge(ms)
+                merged.merge(per_rank)
         values, versions, notes = merged.compute()
         return values, versions, notes, merged.weights_ids(), dict(merged.failed)
 

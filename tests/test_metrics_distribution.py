@@ -202,9 +202,9 @@ def test_knn_metrics_compute_on_the_evaluation_device(monkeypatch):
         m.update(MetricBatch(None, None, {m.extractor: feats}))
         assert "device" not in m.state()  # not accumulated, not merged, not saved for a resume
         moved = []
-        monkeypatch.setattr(m, "_both", lambda device, f=m._both: moved.append(device) or f(device))
+        monkeypatch.setattr(m, "_both", lambda f=m._both: moved.append([t.device for t in f()]) or f())
         m.compute()
-        assert moved == [torch.device("cpu")]
+        assert moved == [[torch.device("cpu")] * 2]
     assert seen and all(d == (torch.device("cpu"), torch.device("cpu")) for d in seen)
 
 
