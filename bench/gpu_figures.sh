@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The figures only a GPU gives, in one prepared call (random weights: nothing to download).
 #   bash bench/gpu_figures.sh [PART ...]   # from the repository root; log in ${OUT:-.}/gpu_figures.log
-# PARTs, in this order by default: check metrics cli ddp stage1 xl eval small xl-fp32 compile; also eval-large,
+# PARTs, in this order by default: check metrics knn cli ddp stage1 xl eval small xl-fp32 compile; also eval-large,
 # xl-profile.
 # Needs torch with CUDA, transformers, safetensors, typer, rich, pandas, timm, einops, torchdiffeq,
 # setuptools and, for stage 1 (cli, ddp, stage1) and metrics, lpips (and torch-fidelity for metrics) on the
@@ -23,7 +23,7 @@ off="${RAE_OFFICIAL_SRC:-.official}"
 [ -e "$off" ] || off=none
 log="${OUT:-.}/gpu_figures.log"
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(check metrics cli ddp stage1 xl eval small xl-fp32 compile)
+[ ${#parts[@]} -gt 0 ] || parts=(check metrics knn cli ddp stage1 xl eval small xl-fp32 compile)
 # both XL models with their AdamW states and EMAs peak at 91 GiB at batch 64 (H200): 32 on an 80 GB card
 gpu_mib="$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)"
 xlb=64; [ "${gpu_mib:-0}" -lt 100000 ] && xlb=32
@@ -38,6 +38,8 @@ xl=(--preset xl --device cuda --batch "$xlb" --steps 10 --threads 16)
         timeout 60 "$PY" bench/check_stage2_device.py --device cuda ;;
       metrics) echo "== every metric on the GPU vs the CPU, random-weight metric networks (bench/check_metrics_device.py)"
         timeout 300 "$PY" bench/check_metrics_device.py --device cuda ;;
+      knn) echo "== precision/recall, density/coverage, CMMD final computation at 4k/10k/50k per side on the GPU vs 4k on the CPU"
+        timeout 150 "$PY" bench/bench_knn_device.py --device cuda --features 4000 10000 50000 --cpu-features 4000 ;;
       cli) echo "== the stage-2 command line end to end on the GPU (bench/cli_smoke.sh)"
         timeout 240 bash bench/cli_smoke.sh cuda ;;
       ddp) echo "== the same commands under torchrun (2 processes, NCCL, where 2 GPUs are visible): stage 1, stage 2 and resume, sample, eval"
@@ -54,8 +56,8 @@ xl=(--preset xl --device cuda --batch "$xlb" --steps 10 --threads 16)
         timeout 150 "$PY" bench/bench_eval.py --tokenizer random-rae-base-XL --metrics psnr,ssim --n 2048 --batch-size 64 --device cuda ;;
       xl-profile) echo "== as xl, with the top CUDA kernels of each training step (torch.profiler)"
         timeout 150 "$PY" bench/bench_stage2_step.py --official-src "$off" --preset xl --device cuda --batch "$xlb" --steps 3 --threads 16 --precision bf16 --profile ;;
-      xl-fp32) echo "== DiT-DH-XL training step, fp32 (the fused paths), batch 32, eager: raebench vs official ($off)"
-        timeout 150 "$PY" bench/bench_stage2_step.py --official-src "$off" --preset xl --device cuda --batch 32 --steps 5 --threads 16 ;;
+      xl-fp32) echo "== DiT-DH-XL training step, fp32 (the fused paths), batch $((xlb / 2)), eager: raebench vs official ($off)"
+        timeout 150 "$PY" bench/bench_stage2_step.py --official-src "$off" --preset xl --device cuda --batch $((xlb / 2)) --steps 5 --threads 16 ;;
       compile) echo "== DiT-DH-XL as in xl, both models torch.compile'd"
         timeout 200 "$PY" bench/bench_stage2_step.py --official-src "$off" "${xl[@]}" --precision bf16 --compile ;;
       *) echo "unknown part $part" ;;
