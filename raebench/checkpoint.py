@@ -67,6 +67,31 @@ def load_strict(module: torch.nn.Module, state: Any, *, what: str, path: str | o
         raise CheckpointError(f"{str(path)!r} does not fit {what}: {load_error_summary(e)}.") from None
 
 
+def resume_states(ck: Any, path: str | os.PathLike, targets: dict[str, Any], advice: str,
+                  also: tuple[str, ...] = ("step",)) -> None:
+    """Load a training checkpoint's states into ``targets`` (checkpoint key -> module, optimizer or
+    scheduler), modules strictly; the keys in ``also`` (e.g. the step) must be present. A missing key
+    or a state that does not fit is one CheckpointError naming the file and the key (then ``advice``),
+    not a raw traceback."""
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{str(path)!r} holds a {type(ck).__name__}, not a training checkpoint; {advice}")
+    missing = [k for k in (*targets, *also) if k not in ck]
+    if missing:
+        raise CheckpointError(f"{str(path)!r} has no {', '.join(missing)} state, so the run cannot resume; {advice}")
+    for key, target in targets.items():
+        if isinstance(target, torch.nn.Module):
+            try:
+                load_strict(target, ck[key], what=f"the run's {key}", path=path)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e} {advice[0].upper()}{advice[1:]}") from None
+            continue
+        try:  # optimizers and schedulers check little themselves: a wrong state fails later, or here
+            target.load_state_dict(ck[key])
+        except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as e:
+            raise CheckpointError(f"{str(path)!r}: its {key} state does not fit this run ({type(e).__name__}: "
+                                  f"{first_line(e)}); {advice}") from None
+
+
 def load_error_summary(e: BaseException) -> str:
     """The first lines of torch's load_state_dict report, on one line and shortened."""
     lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [str(e).strip()]

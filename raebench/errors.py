@@ -39,3 +39,14 @@ def first_line(e: BaseException, n: int = 120) -> str:
     """An exception's first line, cut at a word boundary to at most ``n`` characters (for one-sentence errors)."""
     line = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return line if len(line) <= n else line[:n].rsplit(" ", 1)[0] + " ..."
+
+
+def check_rates(cfg: object, positive: tuple[str, ...], non_negative: tuple[str, ...] = ()) -> None:
+    """A training config's learning rates and the like: finite, and > 0 (``positive``) or >= 0."""
+    import math
+
+    for name in (*positive, *non_negative):
+        v = getattr(cfg, name)
+        low_ok = v > 0 if name in positive else v >= 0
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low_ok:
+            raise RaebenchError(f"{name} must be a finite number {'above' if name in positive else 'at least'} 0, got {v!r}.")

@@ -17,7 +17,9 @@ spreads (``kid-std``, ``is-std``).
 The domain gap (seed question: is a tokenizer stable outside its training set?) is, per tokenizer,
 metric and metric version, an open-domain value minus the in-domain value at the same resolution,
 from measured rows only; its columns read ``gap coco-val2017 - imagenet-val/psnr``. For PSNR a
-negative gap is a loss outside the training domain; for FID a positive one is.
+negative gap is a loss outside the training domain; for FID a positive one is. Each side is the
+tokenizer's largest run; where tokenizers' gaps come from other image sets (n or image list), each set
+pair is its own column (``gap coco-val2017 n=50 - imagenet-val n=100/psnr``), ranked apart.
 
 A leaderboard row is one tokenizer; when a tokenizer was measured with several weights, precisions
 or (``score`` rows) candidate sets, each gets its own row, labelled with what differs
@@ -254,7 +256,9 @@ def domain_gap(df: pd.DataFrame, tokenizers: Iterable[str] | None = None, resolu
     """Long table of open-domain minus in-domain values (measured rows only, of one metric version).
 
     Columns: tokenizer, metric, resolution, open, in_domain, open_value, in_value, gap, open_n, in_n,
-    metric_version.
+    open_fingerprint, in_fingerprint, metric_version. Each side is the tokenizer's largest run; gaps
+    of tokenizers whose sides are other image sets (n or image list) are other protocols, which
+    :func:`gap_columns` and :func:`gap_table` keep apart.
     """
     m = _measured(df)
     if tokenizers is not None:
@@ -262,7 +266,7 @@ def domain_gap(df: pd.DataFrame, tokenizers: Iterable[str] | None = None, resolu
     if resolution is not None:
         m = m[m["resolution"] == resolution]
     cols = ["tokenizer", "metric", "resolution", "open", "in_domain", "open_value", "in_value", "gap", "open_n", "in_n",
-            "metric_version"]
+            "open_fingerprint", "in_fingerprint", "metric_version"]
     if m.empty or "domain" not in m:
         return pd.DataFrame(columns=cols)
     m = _largest_run(m.assign(tokenizer=_row_labels(m)))  # other weights/precision: their own gap
@@ -274,6 +278,8 @@ def domain_gap(df: pd.DataFrame, tokenizers: Iterable[str] | None = None, resolu
         "tokenizer": j["tokenizer"], "metric": j["metric"], "resolution": j["resolution"],
         "open": j["dataset_o"], "in_domain": j["dataset_i"], "open_value": j["value_o"], "in_value": j["value_i"],
         "gap": j["value_o"] - j["value_i"], "open_n": j["n_images_o"], "in_n": j["n_images_i"],
+        "open_fingerprint": _text(j["data_fingerprint_o"]) if "data_fingerprint_o" in j else "",
+        "in_fingerprint": _text(j["data_fingerprint_i"]) if "data_fingerprint_i" in j else "",
         "metric_version": j["metric_version"],
     })
     return out.sort_values(["metric", "open", "tokenizer"]).reset_index(drop=True)
@@ -284,9 +290,26 @@ def _several_versions(g: pd.DataFrame) -> pd.Series:
     return g.groupby(["open", "in_domain", "resolution", "metric"])["metric_version"].transform("nunique") > 1
 
 
+def _gap_sides(g: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """The open and in-domain side labels of gap rows: the dataset, plus ``n=N`` where one pair, resolution,
+    metric and version has gaps over several image sets, and the image list's ``#fingerprint`` where
+    those share their n. Gaps over other images are other protocols: never one column or ranking."""
+    key = [g["open"], g["in_domain"], g["resolution"], g["metric"], g["metric_version"]]
+    n_o, n_i = g["open_n"].map(_n), g["in_n"].map(_n)
+    proto = n_o + "|" + g["open_fingerprint"] + "|" + n_i + "|" + g["in_fingerprint"]
+    several = proto.groupby(key).transform("nunique") > 1
+    collide = (proto.groupby([*key, n_o, n_i]).transform("nunique") > 1)  # same n, other image lists
+    open_lab = g["open"].where(~several, g["open"] + " " + n_o)
+    in_lab = g["in_domain"].where(~several, g["in_domain"] + " " + n_i)
+    open_lab = open_lab.where(~collide, open_lab + " #" + g["open_fingerprint"].str[:6])
+    in_lab = in_lab.where(~collide, in_lab + " #" + g["in_fingerprint"].str[:6])
+    return open_lab, in_lab
+
+
 def gap_columns(m: pd.DataFrame, multi_res: bool | None = None) -> pd.DataFrame:
-    """:func:`domain_gap` as leaderboard columns ``gap <open> - <in>[@res] [[version]]/<metric>`` (tokenizers
-    as rows); ``multi_res``: whether the table shows several resolutions (default: the gaps have several)."""
+    """:func:`domain_gap` as leaderboard columns ``gap <open>[ n=N] - <in>[ n=N][@res] [[version]]/<metric>``
+    (tokenizers as rows; n where gaps of one pair and metric come from several image sets, see
+    :func:`_gap_sides`); ``multi_res``: whether the table shows several resolutions (default: the gaps have several)."""
     g = domain_gap(m)
     if g.empty:
         return pd.DataFrame()
@@ -294,8 +317,8 @@ def gap_columns(m: pd.DataFrame, multi_res: bool | None = None) -> pd.DataFrame:
         multi_res = g["resolution"].nunique() > 1
     res = ("@" + g["resolution"].astype(str)) if multi_res else ""
     version = (" [" + _text(g["metric_version"]) + "]").where(_several_versions(g), "")
-    g = g.assign(column="gap " + g["open"] + " - " + g["in_domain"] + res + version + "/" + g["metric"],
-                 value=g["gap"])
+    open_lab, in_lab = _gap_sides(g)
+    g = g.assign(column="gap " + open_lab + " - " + in_lab + res + version + "/" + g["metric"], value=g["gap"])
     return _cells(g, "tokenizer")
 
 
@@ -303,7 +326,8 @@ def gap_table(gap: pd.DataFrame) -> pd.DataFrame:
     """:func:`domain_gap` rows as (pair ``open - in``, metric[, metric_version where several]) x tokenizer."""
     if gap is None or gap.empty:
         return pd.DataFrame()
-    g = gap.assign(pair=gap["open"] + " - " + gap["in_domain"])
+    open_lab, in_lab = _gap_sides(gap)
+    g = gap.assign(pair=open_lab + " - " + in_lab)  # n (and image list) where tokenizers' gaps use other images
     index = ["pair", "metric"] + [c for c, several in (("metric_version", _several_versions(g).any()),
                                                        ("resolution", g["resolution"].nunique() > 1)) if several]
     return g.pivot(index=index, columns="tokenizer", values="gap")

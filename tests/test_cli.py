@@ -112,3 +112,21 @@ def test_eval_at_another_size_than_a_fixed_size_tokenizer_says_which_resolution(
     code, out, err = run(["eval", "--tokenizer-config", str(tmp_path / "official.yaml"), "--data", str(image_folder),
                           "-r", "128", "-m", "psnr", "--results", str(tmp_path / "res"), "--device", "cpu"], capsys)
     assert code == 2 and "pass --resolution 64" in err and "Traceback" not in err
+
+
+def test_compare_csv_holds_one_table_and_the_gaps_go_beside_it(image_folder: Path, tmp_path: Path, capsys):
+    """`compare --format csv --out F` used to append the gap table, with its own header, to F (pandas
+    then read that header as a data row); the gaps now go to F-gaps.csv, each file one table."""
+    res = tmp_path / "res"
+    common = ["--data", str(image_folder), "-r", "32", "-m", "psnr", "--results", str(res), "--device", "cpu"]
+    assert run(["eval", "-t", "bicubic-f8", "--dataset", "imagenet-val", *common], capsys)[0] == 0  # the in-domain side
+    out = tmp_path / "cmp.csv"
+    code, _, err = run(["compare", "-t", "bicubic-f8", "-t", "pixels", *common, "--format", "csv", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "domain gaps written to" in " ".join(err.split())
+    table = pd.read_csv(out)
+    assert not table.isna().all(axis=1).any() and "pair" not in table.columns.tolist() + table.iloc[:, 0].tolist()
+    gaps = pd.read_csv(tmp_path / "cmp-gaps.csv")
+    assert list(gaps.columns[:2]) == ["pair", "metric"] and gaps.loc[0, "bicubic-f8"] == 0.0  # the same images
+    code, text, err = run(["compare", "-t", "bicubic-f8", "-t", "pixels", *common, "--format", "csv"], capsys)
+    assert code == 0 and "pair,metric" not in text and "give --out FILE to also write them" in " ".join(err.split())

@@ -146,3 +146,30 @@ def test_resolution_shows_on_every_column_when_the_table_has_several():
 def test_latex_escapes_the_bar():
     assert latex_escape("local:/w|a") == r"local:/w\textbar{}a"
     assert r"\textbar{}" in render(pd.DataFrame({"d/psnr": [1.0]}, index=["x|y"]), "latex", {"psnr": True})
+
+
+def test_gaps_over_other_image_sets_are_other_columns_never_ranked_together():
+    """A tokenizer whose open-domain side is a 4-image subset has a gap over other images than one
+    measured on all 12: its own column (n on both sides), so neither is bold against the other; the
+    same n over another image list is told apart by fingerprint; compare's gap table likewise."""
+    from raebench.leaderboard import gap_table
+
+    def both(tok, open_v, in_v, open_n=12, open_fp="fpO", in_fp="fpI"):
+        return [_row(tok, "psnr", open_v, dataset="open", domain="open-domain", n_images=open_n, data_fingerprint=open_fp),
+                _row(tok, "psnr", in_v, dataset="in", n_images=12, data_fingerprint=in_fp)]
+
+    df = _frame(both("f8", 20.0, 20.0) + both("f16", 20.0, 17.8, open_n=4) + both("f4", 21.0, 20.0))
+    table = pivot(df)
+    gaps = {c: table[c].dropna().to_dict() for c in table.columns if c.startswith("gap ")}
+    assert gaps == {"gap open n=12 - in n=12/psnr": {"f8": 0.0, "f4": 1.0},
+                    "gap open n=4 - in n=12/psnr": {"f16": pytest.approx(2.2)}}
+    best = best_per_column(table, {"psnr": True})
+    assert best["gap open n=12 - in n=12/psnr"] == ["f4"] and best["gap open n=4 - in n=12/psnr"] == ["f16"]
+    gt = gap_table(domain_gap(df))
+    assert set(gt.index.get_level_values("pair")) == {"open n=12 - in n=12", "open n=4 - in n=12"}
+
+    df = _frame(both("f8", 20.0, 20.0) + both("f4", 21.0, 20.0, open_fp="other"))  # same n, another image list
+    cols = [c for c in pivot(df).columns if c.startswith("gap ")]
+    assert sorted(cols) == ["gap open n=12 #fpO - in n=12 #fpI/psnr", "gap open n=12 #other - in n=12 #fpI/psnr"]
+    df = _frame(both("f8", 20.0, 20.0) + both("f4", 21.0, 20.0))  # one protocol: the plain label, as before
+    assert [c for c in pivot(df).columns if c.startswith("gap ")] == ["gap open - in/psnr"]

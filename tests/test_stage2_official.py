@@ -189,3 +189,46 @@ def test_autoguidance_yaml_with_scale_one_guides_when_asked(tmp_path):
     assert (lazy(z, y) - io["sample_euler_12"]).abs().max() < 1e-4
     with pytest.raises(CheckpointError, match="not found"):
         lazy(z, y, cfg_scale=1.5)
+
+
+def test_malformed_yaml_values_are_named_before_any_sampling(tmp_path):
+    """Each malformed value is one RaebenchError naming it at build time, not a raw traceback (or a
+    silent misreading) once sampling starts; misc must agree with the model it describes."""
+    import copy
+
+    base = official_yaml(tmp_path)
+
+    def edited(path, value):
+        cfg = copy.deepcopy(base)
+        *head, last = path
+        d = cfg
+        for k in head:
+            d = d[k]
+        d[last] = value
+        return cfg
+
+    bad = [
+        (("guidance", "method"), "AutoGuidance", "guidance.method 'AutoGuidance' is not cfg or autoguidance"),
+        (("guidance", "method"), "cfgg", "not cfg or autoguidance"),
+        (("guidance", "scale"), "abc", r"`guidance.scale` must be a number, got 'abc'"),
+        (("sampler", "params", "num_steps"), "fifty", "`sampler.params.num_steps` must be an integer"),
+        (("sampler", "params", "num_steps"), 1, "num_steps must be at least 2"),
+        (("sampler", "params", "num_steps"), 2.5, "must be an integer"),
+        (("stage_2",), [1, 2], "`stage_2` in the YAML must be a block"),
+        (("sampler",), ["ODE"], "`sampler` in the YAML must be a block"),
+        (("guidance",), [1], "`guidance` in the YAML must be a block"),
+        (("transport", "params"), [1], "`transport.params` in the YAML must be a block"),
+        (("misc",), [1], "`misc` in the YAML must be a block"),
+        (("guidance", "t-max"), -0.5, "t_min < t_max, got 0.0 and -0.5"),  # refused at scale 1 too
+        (("misc", "latent_size"), [16, 4, 4], r"misc.latent_size \[16, 4, 4\] is not the stage-2 model's latent shape"),
+        (("misc", "num_classes"), 11, "misc.num_classes 11 is not between 1 and the 10 classes .*label 10 is its null"),
+        (("misc", "num_classes"), 0, "not between 1 and"),
+        (("misc", "time_dist_shift_base"), 0, "must be positive"),
+        (("sampler", "params", "atol"), "tight", "`sampler.params.atol` must be a number"),
+    ]
+    for path, value, match in bad:
+        with pytest.raises(RaebenchError, match=match):
+            build_from_official(edited(path, value), base_dir=tmp_path)
+    # the values the official configs use still load: misc.num_classes at most the model's, ints as floats
+    assert build_from_official(edited(("misc", "num_classes"), 10), base_dir=tmp_path)[1].num_steps == 12
+    assert build_from_official(edited(("sampler", "params", "num_steps"), 12.0), base_dir=tmp_path)[1].num_steps == 12

@@ -159,3 +159,34 @@ def test_merging_many_parts_keeps_one_file_open(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     data = np.load(out)
     assert data["arr_0"].shape == (300, 8, 8, 3) and np.array_equal(data["arr_1"], y.numpy())
+
+
+def test_a_finished_sample_file_is_kept_and_never_silently_replaced(tmp_path):
+    """Re-running a finished job returns its npz without sampling again; other settings, another
+    count, or a file that is not ours are refused, and the file stays as it was."""
+    from raebench.errors import RaebenchError
+
+    y = class_labels(6, 3, seed=0)
+    calls = []
+    sample_fn, decode = fake_fns(calls)
+    out = generate_npz(sample_fn, decode, tmp_path / "s.npz", y, (4, 2, 2), batch_size=2, seed=1, settings={"cfg": 1.0})
+    before = out.read_bytes()
+    calls.clear()
+    assert generate_npz(sample_fn, decode, out, y, (4, 2, 2), batch_size=2, seed=1, settings={"cfg": 1.0}) == out
+    assert calls == [] and out.read_bytes() == before  # nothing sampled, nothing rewritten
+    with pytest.raises(RaebenchError, match=r"other settings \(cfg: 1.0 -> 4.0\); delete it"):
+        generate_npz(sample_fn, decode, out, y, (4, 2, 2), batch_size=2, seed=1, settings={"cfg": 4.0})
+    with pytest.raises(RaebenchError, match=r"n: 6 -> 3.*labels"):
+        generate_npz(sample_fn, decode, out, y[:3], (4, 2, 2), batch_size=2, seed=1, settings={"cfg": 1.0})
+    with pytest.raises(RaebenchError, match="seed: 1 -> 2"):
+        generate_npz(sample_fn, decode, out, y, (4, 2, 2), batch_size=2, seed=2, settings={"cfg": 1.0})
+    assert calls == [] and out.read_bytes() == before and not list(tmp_path.glob(".s.npz.parts"))
+    foreign = tmp_path / "mine.npz"
+    np.savez(foreign, arr_0=np.zeros((2, 8, 8, 3), np.uint8))  # e.g. the user's reference batch
+    for f in (foreign, tmp_path / "text.npz"):
+        if not f.exists():
+            f.write_text("not an npz")
+        kept = f.read_bytes()
+        with pytest.raises(RaebenchError, match="not a sample file written by raebench sample; delete it"):
+            generate_npz(sample_fn, decode, f, y, (4, 2, 2), batch_size=2, seed=1)
+        assert f.read_bytes() == kept

@@ -313,3 +313,39 @@ def test_non_finite_gradients_stop_with_a_clear_error_and_keep_the_checkpoint(tm
     assert after["step"] == 2
     for name, t in good["model"].items():
         assert torch.equal(t, after["model"][name])
+
+
+def test_bad_rates_and_damaged_resume_states_are_named(tmp_path):
+    """A learning rate of 0, below 0 or NaN is refused when the config is made (it used to divide by
+    zero); a checkpoint whose model, EMA or optimizer state does not fit the run is a CheckpointError
+    naming the file and the state, not a raw load_state_dict traceback."""
+    import math
+
+    from raebench.errors import CheckpointError
+
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(RaebenchError, match=r"lr must be a finite number above 0"):
+            tiny_cfg(tmp_path, lr=bad)
+    with pytest.raises(RaebenchError, match=r"final_lr must be a finite number at least 0"):
+        tiny_cfg(tmp_path, final_lr=-1e-5)
+    with pytest.raises(RaebenchError, match=r"ema_decay must lie in \[0, 1\)"):
+        tiny_cfg(tmp_path, ema_decay=1.0)
+
+    toy_cache(tmp_path / "cache", n=64)
+    cfg = tiny_cfg(tmp_path, global_batch=32, epochs=4, ckpt_every=2, max_steps=2)
+    train(cfg)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    good = torch.load(last, weights_only=True)
+    for key, damage, match in [
+        ("ema", lambda ck: ck["ema"].pop("pos_embed"), r"does not fit the run's ema: .*pos_embed.* Delete it"),
+        ("model", lambda ck: ck["model"].__setitem__("pos_embed", torch.zeros(3)), r"the run's model: .*pos_embed"),
+        ("opt", lambda ck: ck["opt"]["param_groups"].clear(), r"its opt state does not fit this run"),
+        ("step", lambda ck: ck.pop("step"), r"has no step state, so the run cannot resume"),
+    ]:
+        ck = torch.load(last, weights_only=True)
+        damage(ck)
+        torch.save(ck, last)
+        with pytest.raises(CheckpointError, match=match):
+            train(dataclasses.replace(cfg, max_steps=4))
+        torch.save(good, last)
+    assert train(dataclasses.replace(cfg, max_steps=4))["step"] == 4  # the intact checkpoint still resumes

@@ -289,7 +289,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Measured values beside published ones (with their protocol), plus the open/in-domain gap."""
         from raebench import distributed
-        from raebench.cli import console
+        from raebench.cli import console, err_console
         from raebench.compare import compare
         from raebench.leaderboard import compare_bold, gap_table, render, row_best
 
@@ -324,8 +324,18 @@ def register(app: typer.Typer) -> None:
         gbold = row_best(gtable, _hib_metrics(gtable.index.get_level_values("metric")) if not gtable.empty else {})
         if format:
             text = render(table, format, bold=compare_bold(table), caption=title)
-            if not gtable.empty:
-                text += "\n" + render(gtable, format, bold=gbold, caption="open-domain minus in-domain (measured)")
+            gtext = render(gtable, format, bold=gbold, caption="open-domain minus in-domain (measured)") if not gtable.empty else ""
+            if format == "csv" and gtext:  # one CSV file holds one table: the gaps go to a file of their own
+                if out:
+                    gout = out.with_name(f"{out.stem}-gaps{out.suffix or '.csv'}")
+                    write_output(gout, gtext)
+                    err_console.print(f"domain gaps written to {gout}")
+                else:
+                    err_console.print("domain gaps left out of the CSV on standard output (one table per CSV); "
+                                      "give --out FILE to also write them to FILE-gaps.csv")
+                gtext = ""
+            if gtext:
+                text += "\n" + gtext
             if out:
                 write_output(out, text)
             else:

@@ -194,7 +194,7 @@ def register(app: typer.Typer) -> None:
         if distributed.is_main():
             if grid is not None:
                 save_grid(out, grid)
-            console.print(f"wrote {num} samples to {out}")
+            console.print(f"{num} samples in {out}")
         distributed.finish()
 
     @app.command("cache-latents")
@@ -253,6 +253,8 @@ def _check_sampling_args(num: int, batch_size: int, steps: Optional[int], cfg_sc
         raise RaebenchError(f"--label-sampling must be 'equal' or 'random', got {label_sampling!r}.")
     if out.is_dir():
         raise RaebenchError(f"--out {str(out)!r} is a folder; give the .npz file to write (e.g. {out / 'samples.npz'}).")
+    if out.suffix.lower() != ".npz":  # eval and score recognise sample files by this suffix
+        raise RaebenchError(f"--out {str(out)!r} must end in .npz (e.g. {out.with_name(out.name + '.npz')}).")
     if grid is not None:
         if grid.is_dir():
             raise RaebenchError(f"--grid {str(grid)!r} is a folder; give the .png file to write.")

@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from raebench.errors import RaebenchError
+from raebench.errors import RaebenchError, check_rates
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,7 @@ class Stage1Config:
             raise RaebenchError(
                 f"The resolution {self.resolution} is not a multiple of the decoder patch size {self.decoder_patch}."
             )
+        check_rates(self, ("lr", "disc_lr"), ("final_lr", "disc_final_lr"))
         if any(not 0 <= b < self.disc_depth for b in self.disc_key_blocks):
             raise RaebenchError(f"disc_key_blocks {self.disc_key_blocks} must lie in [0, {self.disc_depth}).")
 

@@ -337,7 +337,7 @@ def train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -
 
 
 def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") -> dict[str, Any]:
-    from raebench.checkpoint import load_state, save_atomic
+    from raebench.checkpoint import load_state, resume_states, save_atomic
     from raebench.results import remove_orphan_temps
     from raebench.rae.tokenizer import add_noise
     from raebench.stage1.discriminator import build_discriminator, diff_augment, quantize_8bit
@@ -393,14 +393,11 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
         if diff:
             raise RaebenchError(f"{str(run_dir)!r} holds a run with other settings or data ({'; '.join(diff[:4])}); "
                                 "re-run with its settings and data, or start a new run with --name.")
-        decoder.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
+        states = {"model": decoder, "ema": ema, "opt": opt, "sched": sched}
         if disc is not None:
-            disc.heads.load_state_dict(ck["disc"])
-            dopt.load_state_dict(ck["disc_opt"])
-            dsched.load_state_dict(ck["disc_sched"])
+            states.update(disc=disc.heads, disc_opt=dopt, disc_sched=dsched)
+        resume_states(ck, ckpt_path, states, "delete it (or start a new run with --name) to start afresh.",
+                      also=("step", "disc_updates", "rng"))
         step, disc_updates = int(ck["step"]), int(ck["disc_updates"])
         rngs = ck["rng"]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])

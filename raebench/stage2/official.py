@@ -165,22 +165,89 @@ class OfficialSampler:
 def build_from_official(
     cfg: Any, base_dir: str | Path | None = None, device: str | torch.device | None = None,
 ) -> tuple[nn.Module, OfficialSampler]:
-    """Parsed official YAML (dict or OmegaConf) -> (model, sample_fn) on ``device``; see the module docstring."""
+    """Parsed official YAML (dict or OmegaConf) -> (model, sample_fn) on ``device``; see the module docstring.
+
+    Every value is checked here, before any sampling: a malformed one (a list where a block belongs,
+    text where a number belongs, an impossible step count, guidance interval, class count or latent
+    size) is a :class:`RaebenchError` naming it."""
     cfg = plain_config(cfg)
     if not isinstance(cfg, Mapping) or "stage_2" not in cfg:
         raise RaebenchError("The YAML has no `stage_2` block; pass an official RAE stage-2 config.")
+    try:
+        return _build_from_official(cfg, base_dir, device)
+    except RaebenchError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # a malformed value the checks did not name
+        raise RaebenchError(f"The YAML's stage-2 blocks hold a malformed value ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}).") from None
+
+
+def _block(cfg: Mapping[str, Any], key: str, where: str = "") -> dict:
+    """``cfg[key]`` as a dict ({} when absent or null); anything else is refused."""
+    value = cfg.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise RaebenchError(f"`{where}{key}` in the YAML must be a block of keys, not {type(value).__name__} {value!r}.")
+    return dict(value)
+
+
+def _number(block: Mapping[str, Any], key: str, default: Any, kind: type, where: str) -> Any:
+    value = block.get(key, default)
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        out = kind(value)
+    except (TypeError, ValueError):
+        raise RaebenchError(f"`{where}.{key}` must be {'an integer' if kind is int else 'a number'}, got {value!r}.") from None
+    if not math.isfinite(out):
+        raise RaebenchError(f"`{where}.{key}` must be finite, got {value!r}.")
+    return out
+
+
+def _build_from_official(cfg: Mapping[str, Any], base_dir, device) -> tuple[nn.Module, OfficialSampler]:
+    _block(cfg, "stage_2")
+    misc = _block(cfg, "misc")
+    transport = _block(_block(cfg, "transport"), "params", "transport.")
+    sampler_cfg = _block(cfg, "sampler")
+    sp = _block(sampler_cfg, "params", "sampler.")
+    guidance = _block(cfg, "guidance")
+    method_name = guidance.get("method", "cfg")
+    if method_name not in ("cfg", "autoguidance"):  # the official scripts treat anything else as cfg, silently
+        raise RaebenchError(f"guidance.method {method_name!r} is not cfg or autoguidance (lower case, as the official "
+                            "scripts compare it).")
+    num_steps = _number(sp, "num_steps", 250 if str(sampler_cfg.get("mode", "ODE")).upper() == "SDE" else 50, int,
+                        "sampler.params")
+    if num_steps < 2:
+        raise RaebenchError(f"sampler.params.num_steps must be at least 2 (the points of the time grid), got {num_steps}.")
+    scale = _number(guidance, "scale", 1.0, float, "guidance")
+    interval = (_guidance_value(guidance, "t_min", 0.0), _guidance_value(guidance, "t_max", 1.0))
+    if not (math.isfinite(interval[0]) and math.isfinite(interval[1]) and interval[0] < interval[1]):
+        raise RaebenchError(f"guidance t_min/t_max must be finite with t_min < t_max, got {interval[0]} and {interval[1]}.")
     model = build_official_model(cfg["stage_2"], base_dir, device)
-    misc = dict(cfg.get("misc") or {})
-    transport = dict((cfg.get("transport") or {}).get("params") or {})
+    model_shape = (model.in_channels, model.input_size, model.input_size)
+    if misc.get("latent_size") is not None:
+        try:
+            latent_size = tuple(int(v) for v in misc["latent_size"])
+        except (TypeError, ValueError):
+            raise RaebenchError(f"misc.latent_size must be [C, H, W], got {misc['latent_size']!r}.") from None
+        if latent_size != model_shape:
+            raise RaebenchError(f"misc.latent_size {list(latent_size)} is not the stage-2 model's latent shape "
+                                f"{list(model_shape)} (stage_2.params); the two must agree.")
+    if misc.get("num_classes") is not None:
+        asked = _number(misc, "num_classes", None, int, "misc")
+        if not 1 <= asked <= model.num_classes:
+            raise RaebenchError(f"misc.num_classes {asked} is not between 1 and the {model.num_classes} classes of the "
+                                f"stage-2 model (label {model.num_classes} is its null class).")
     if transport.get("path_type", "Linear") != "Linear" or transport.get("prediction", "velocity") != "velocity":
         raise RaebenchError("Only the Linear path with velocity prediction is supported (transport.params).")
 
-    latent = misc.get("latent_size") or (model.in_channels, model.input_size, model.input_size)
-    shift_dim = float(misc.get("time_dist_shift_dim", math.prod(int(d) for d in latent)))
-    shift = math.sqrt(shift_dim / float(misc.get("time_dist_shift_base", 4096)))
+    shift_dim = _number(misc, "time_dist_shift_dim", math.prod(model_shape), float, "misc")
+    shift_base = _number(misc, "time_dist_shift_base", 4096, float, "misc")
+    if shift_dim <= 0 or shift_base <= 0:
+        raise RaebenchError(f"misc.time_dist_shift_dim and time_dist_shift_base must be positive, got {shift_dim} and {shift_base}.")
+    shift = math.sqrt(shift_dim / shift_base)
 
-    sampler_cfg = dict(cfg.get("sampler") or {})
-    sp = dict(sampler_cfg.get("params") or {})
     mode = str(sampler_cfg.get("mode", "ODE")).upper()
     if mode not in _SAMPLER_KEYS:
         raise RaebenchError(f"sampler.mode {sampler_cfg.get('mode')!r} is not supported; use ODE or SDE.")
@@ -211,11 +278,9 @@ def build_from_official(
                                 "heun2 or dopri5.") from None
         if method in ("euler-maruyama", "sde-heun"):
             raise RaebenchError(f"sampling_method {sp.get('sampling_method')!r} is an SDE method; set sampler.mode: SDE.")
-    guidance = dict(cfg.get("guidance") or {})
-    scale = float(guidance.get("scale", 1.0))
     scale = scale if scale > 1.0 else 1.0  # the official scripts guide only when scale > 1
     guide = None
-    if guidance.get("method", "cfg") == "autoguidance":
+    if method_name == "autoguidance":
         if not guidance.get("guidance_model"):
             raise RaebenchError("guidance.method is autoguidance but guidance.guidance_model is missing.")
         if scale > 1.0:
@@ -232,14 +297,14 @@ def build_from_official(
     sampler = OfficialSampler(
         model=model,
         shift=shift,
-        num_steps=int(sp.get("num_steps", 250 if mode == "SDE" else 50)),  # the official defaults
+        num_steps=num_steps,  # default 50 for ODE, 250 for SDE: the official defaults
         method=method,
         cfg_scale=scale,
-        cfg_interval=(_guidance_value(guidance, "t_min", 0.0), _guidance_value(guidance, "t_max", 1.0)),
+        cfg_interval=interval,
         guide=guide,
-        atol=float(sp.get("atol", 1e-6)),
-        rtol=float(sp.get("rtol", 1e-3)),
-        diffusion_norm=float(sp.get("diffusion_norm", 1.0)),
+        atol=_number(sp, "atol", 1e-6, float, "sampler.params"),
+        rtol=_number(sp, "rtol", 1e-3, float, "sampler.params"),
+        diffusion_norm=_number(sp, "diffusion_norm", 1.0, float, "sampler.params"),
         null_class=null_class,
         **sde,
     )

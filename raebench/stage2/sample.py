@@ -94,6 +94,35 @@ def _readable_part(part: Path) -> bool:
         return False
 
 
+#: keys of a finished npz's settings that describe the file, not the run (compared separately or not at all)
+_FILE_KEYS = ("n", "raebench_version", "git_hash")
+
+
+def _finished(out: Path, run: dict, n: int) -> bool:
+    """Whether ``out`` is this run's finished npz (True), absent (False); anything else is refused, so a
+    finished file of other settings, or a file that is not ours, is never silently replaced."""
+    if not out.exists():
+        return False
+    from raebench.metrics.sources import SETTINGS_KEY
+
+    try:
+        with np.load(out, allow_pickle=False) as z:
+            saved = json.loads(str(z[SETTINGS_KEY])) if SETTINGS_KEY in z.files else None
+    except Exception:  # noqa: BLE001 - unreadable, not an npz, truncated: all refused below
+        saved = None
+    if not isinstance(saved, dict):
+        raise RaebenchError(f"--out {str(out)!r} exists and is not a sample file written by raebench sample; delete it "
+                            "or choose another --out.")
+    old = {k: v for k, v in saved.items() if k not in _FILE_KEYS}
+    if old == run and saved.get("n") == n:
+        return True
+    diff = "; ".join(f"{k}: {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run)) if old.get(k) != run.get(k))
+    if saved.get("n") != n:
+        diff = f"n: {saved.get('n')!r} -> {n!r}" + (f"; {diff}" if diff else "")
+    raise RaebenchError(f"--out {str(out)!r} already holds finished samples of other settings ({diff}); delete it or "
+                        "choose another --out to sample with these.")
+
+
 def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, seed, device, progress, settings,
               quantize) -> Path:
     from raebench.data import to_uint8
@@ -108,6 +137,12 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
            "latent_shape": list(latent_shape), **json.loads(json.dumps(dict(settings or {})))}
     if quantize != "round":  # absent when rounding, so parts written before this option still resume
         run["quantize"] = quantize
+    from raebench.distributed import on_rank0
+
+    if on_rank0(lambda: _finished(out, run, n)):  # re-running a finished job costs nothing (50k samples: GPU-hours)
+        log.info("%s already holds these %d samples (same model, sampler, labels and seed); nothing to do "
+                 "(delete it to sample again)", out, n)
+        return out
     if rank == 0:
         parts.mkdir(parents=True, exist_ok=True)
         remove_orphan_temps(parts)  # half-written parts of a killed job (we hold the lock)

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from raebench import distributed
-from raebench.errors import DataError, RaebenchError
+from raebench.errors import DataError, RaebenchError, check_rates
 from raebench.stage2.latents import LatentCache, OnTheFly, _write_json
 from raebench.stage2.models import MODELS, count_params
 from raebench.stage2.transport import Transport, shift_from_dims
@@ -101,6 +101,9 @@ class TrainConfig:
             raise RaebenchError(f"class_dropout must lie in [0, 1), got {self.class_dropout}.")
         if self.seed < 0:
             raise RaebenchError(f"seed must be non-negative, got {self.seed}.")
+        check_rates(self, ("lr",), ("final_lr", "weight_decay", "clip_grad"))
+        if not 0 <= self.ema_decay < 1:
+            raise RaebenchError(f"ema_decay must lie in [0, 1), got {self.ema_decay}.")
 
 
 #: Settings that may change between a run and its resumption (they do not change the trajectory).
@@ -390,7 +393,7 @@ def train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None,
 
 
 def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) -> dict:
-    from raebench.checkpoint import load_state
+    from raebench.checkpoint import load_state, resume_states
     from raebench.results import remove_orphan_temps
     from raebench.stage1.train import truncate_csv
 
@@ -433,10 +436,8 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
 
     step = 0
     if ck is not None:
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
+        resume_states(ck, ckpt_path, {"model": model, "ema": ema, "opt": opt, "sched": sched},
+                      "delete it (or choose another --out) to start afresh.")
         step = int(ck["step"])
         if rank == 0:
             log.info("resumed %s at step %d", out, step)
