@@ -223,6 +223,8 @@ class MetricSpec:
     candidate_inputs: tuple[str, ...] = ()
     #: option names ``build`` accepts (``weights`` for LPIPS, ``variant`` for DreamSim)
     options: tuple[str, ...] = ()
+    #: the values an option may take, where they are a fixed set: ``(("dtype", ("float32", "float64")),)``
+    option_choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
     #: the fewest images on each side the metric reads (FID's covariance needs 2, precision's
     #: k = 3 radii need 4); fewer is refused before the pass where the counts are known
     min_images: int = 1
@@ -258,6 +260,8 @@ class ExtractorSpec:
     outputs: tuple[str, ...] = ()
     #: option names the builder accepts (besides device and outputs); unknown options are errors
     options: tuple[str, ...] = ()
+    #: the values an option may take, where they are a fixed set (checked before anything loads)
+    option_choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
     #: ``weights_path(weights=None)``: the file or folder the builder would load, resolved without
     #: building (so its fingerprint can decide reuse before any network loads); None if unknown
     weights_path: Callable[..., Path] | None = None

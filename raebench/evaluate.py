@@ -162,6 +162,22 @@ def parse_options(items: list[str] | tuple[str, ...] | str | None) -> dict[str, 
     return out
 
 
+def check_option_values(spec, opts: dict[str, str]) -> None:
+    """The values of one metric's or extractor's options, before anything loads: a fixed set where the
+    spec lists one, a torch device string for ``device``, a non-empty path for ``weights``."""
+    choices = dict(spec.option_choices)
+    for key, value in opts.items():
+        if key in choices and value not in choices[key]:
+            raise RaebenchError(f"Option {spec.name}.{key}={value}: {key} takes {' or '.join(choices[key])}.")
+        if key == "device":
+            try:
+                torch.device(value)
+            except (RuntimeError, TypeError, ValueError):
+                raise RaebenchError(f"Option {spec.name}.device={value}: not a device (cpu, cuda, cuda:N, mps).") from None
+        if key == "weights" and not str(value).strip():
+            raise RaebenchError(f"Option {spec.name}.weights is empty; give the weights file or folder.")
+
+
 class Evaluator:
     """Builds the metrics and the extractors they share; streams batches through them.
 
@@ -204,6 +220,7 @@ class Evaluator:
             bad = sorted(set(opts) - set(allowed))
             if bad:
                 raise RaebenchError(f"{target} takes no option {', '.join(bad)}; it takes {', '.join(allowed) or 'none'}.")
+            check_option_values(spec, opts)
         self.metrics = [self._build_metric(s) for s in self.specs]
         # which outputs of which extractor each side needs
         self.ref_needs: dict[str, set[str]] = {}

@@ -309,12 +309,18 @@ def load(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, latest: bool = Tr
 
 
 def _is_row(r) -> bool:
-    """A JSON object with the columns every row has, of usable types."""
-    if not (isinstance(r, dict) and isinstance(r.get("tokenizer"), str) and isinstance(r.get("metric"), str)
-            and "value" in r):
+    """A JSON object with the columns every row has, of usable types: text tokenizer, dataset and metric,
+    a number (or null) as value, plain values (not lists or objects) in the other key columns, and a
+    known source. Anything else would break every table built from the folder, or vanish from it."""
+    if not (isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("tokenizer", "dataset", "metric"))
+            and "value" in r and r.get("source") in (None, "measured", "reported")):
+        return False
+    if any(isinstance(r.get(k), (list, dict, bool)) for k in KEY_COLUMNS):
         return False
     v = r["value"]
-    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+    if isinstance(v, int) and not isinstance(v, bool):
+        return abs(v) < 2 ** 1023  # a float, as every value is read (a 400-digit integer is not)
+    return v is None or isinstance(v, float)
 
 
 def _fill_v1(df: pd.DataFrame) -> pd.DataFrame:

@@ -219,3 +219,21 @@ def test_a_device_option_is_taken_only_where_a_metric_lists_it():
                          ("inception", "inception takes no option device")):
         with pytest.raises(RaebenchError, match=says):
             Evaluator(("precision", "kid"), torch.device("cpu"), options={target: {"device": "cpu"}})
+
+
+def test_option_values_outside_their_set_are_one_sentence_before_anything_loads():
+    """`--option inception.dtype=float16`, `dinov2-l14.resize=bogus` and `precision.device=gpu7` used to
+    fail as raw tracebacks once the network or metric was built; now each is a RaebenchError when the
+    Evaluator is made (nothing built, no weights needed), and the valid values still pass."""
+    from raebench.errors import RaebenchError
+
+    for metrics, options, says in [
+        (("fid",), {"inception": {"dtype": "float16"}}, r"inception.dtype=float16: dtype takes float32 or float64"),
+        (("fd-dinov2",), {"dinov2-l14": {"resize": "bogus"}}, r"dinov2-l14.resize=bogus: resize takes torch or pil"),
+        (("precision",), {"precision": {"device": "gpu7"}}, r"precision.device=gpu7: not a device"),
+        (("lpips-vgg",), {"lpips-vgg": {"weights": " "}}, r"lpips-vgg.weights is empty"),
+    ]:
+        with pytest.raises(RaebenchError, match=says):
+            Evaluator(metrics, torch.device("cpu"), options=options)
+    Evaluator(("fid", "fd-dinov2"), torch.device("cpu"), options={"inception": {"dtype": "float64"},
+                                                                  "dinov2-l14": {"resize": "pil"}})

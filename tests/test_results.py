@@ -80,3 +80,25 @@ def test_rows_are_plain_json(tmp_path: Path):
     rec = json.loads(p.read_text().splitlines()[0])
     assert rec["metric"] == "psnr"
     assert isinstance(pd.read_json(p, lines=True), pd.DataFrame)
+
+
+def test_rows_with_unusable_key_values_are_skipped_with_a_warning_not_fatal(tmp_path: Path, caplog):
+    """A JSON-valid row whose key column holds a list or an object, a null dataset, a value too large
+    for a float or an unknown source used to break load() or every leaderboard (or vanish silently);
+    each is now one skipped line, counted in the warning, and the good rows still build the table."""
+    from raebench.leaderboard import pivot
+
+    path = write_rows([_row(metric="psnr", value=30.0), _row(metric="ssim", value=0.9)], tmp_path)
+    good = json.loads(path.read_text().splitlines()[0])
+    bad = [{**good, "n_images": [1]}, {**good, "seed": {}}, {**good, "split": ["a"]}, {**good, "dataset": None},
+           {**good, "value": 10 ** 400}, {**good, "source": "imagined"}, {**good, "tokenizer": 3}]
+    with open(path, "a") as f:
+        for r in bad:
+            f.write(json.dumps(r) + "\n")
+    df = load(tmp_path)
+    assert sorted(df["metric"]) == ["psnr", "ssim"] and f"ignoring {len(bad)} line(s)" in caplog.text
+    assert pivot(df).loc["pixels", "d/psnr"] == 30.0
+    ok = {**good, "value": 31, "n_images": None, "seed": None, "run_id": "other"}  # ints and nulls still load
+    with open(path, "a") as f:
+        f.write(json.dumps(ok) + "\n")
+    assert 31.0 in load(tmp_path, latest=False)["value"].tolist()

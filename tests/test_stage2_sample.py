@@ -190,3 +190,26 @@ def test_a_finished_sample_file_is_kept_and_never_silently_replaced(tmp_path):
         with pytest.raises(RaebenchError, match="not a sample file written by raebench sample; delete it"):
             generate_npz(sample_fn, decode, f, y, (4, 2, 2), batch_size=2, seed=1)
         assert f.read_bytes() == kept
+
+
+def test_non_finite_samples_are_refused_not_written_as_black_images(tmp_path):
+    """A model that outputs NaN used to give an all-black npz and exit 0 (a silent wrong gFID); now the
+    merge refuses it, names the count, writes no npz and keeps the parts (a re-run says the same)."""
+    from raebench.errors import NonFiniteError
+
+    y = class_labels(6, 3, seed=0)
+    sample_fn, decode = fake_fns([])
+
+    def nan_in_second_batch(noise, labels):
+        z = sample_fn(noise, labels)
+        if nan_in_second_batch.calls == 1:
+            z[0, 0, 0, 0] = float("nan")
+        nan_in_second_batch.calls += 1
+        return z
+
+    nan_in_second_batch.calls = 0
+    out = tmp_path / "s.npz"
+    for _ in range(2):
+        with pytest.raises(NonFiniteError, match=r"1 of 6 samples decoded to non-finite values .*No sample file was written"):
+            generate_npz(nan_in_second_batch, decode, out, y, (4, 2, 2), batch_size=2, seed=1)
+        assert not out.exists() and len(list((tmp_path / ".s.npz.parts").glob("b*.npz"))) == 3

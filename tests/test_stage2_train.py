@@ -349,3 +349,26 @@ def test_bad_rates_and_damaged_resume_states_are_named(tmp_path):
             train(dataclasses.replace(cfg, max_steps=4))
         torch.save(good, last)
     assert train(dataclasses.replace(cfg, max_steps=4))["step"] == 4  # the intact checkpoint still resumes
+
+
+def test_cache_latents_skips_lists_and_leaves_out_unreadable_images(tmp_path, image_folder):
+    """An unreadable image used to stop `cache-latents` at its batch (and on-the-fly training pointed
+    back at caching); it is now skipped and listed as eval does: its row stays out of the cache
+    (meta.json "skipped"), the other latents and labels line up, and training runs on them."""
+    import json
+
+    (image_folder / "cls_a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a header, no image
+    first = sorted((image_folder / "cls_b").iterdir())[0]
+    first.write_bytes(first.read_bytes()[:200])  # a cut-off file
+    out = cache_latents(_MeanPool(), str(image_folder), tmp_path / "cache", resolution=32, batch_size=3)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["complete"] and sorted(s["path"].rsplit("/", 1)[-1] for s in meta["skipped"]) == ["broken.png", first.name]
+    cache = LatentCache(out)
+    assert len(cache) == 7 and sorted(cache.labels.tolist()) == [0] * 4 + [1] * 3
+    ok = LatentCache(cache_latents(_MeanPool(), str(image_folder), tmp_path / "again", resolution=32, batch_size=8))
+    x, y = cache.fetch(torch.arange(7), torch.zeros(7))
+    x2, y2 = ok.fetch(torch.arange(7), torch.zeros(7))  # another batch size: the same rows left out
+    assert torch.equal(x, x2) and torch.equal(y, y2) and x.abs().sum(dim=(1, 2, 3)).min() > 0  # no empty row served
+    cfg = preset("tiny", out=str(tmp_path / "run"), latents=str(out), num_classes=2, global_batch=7, max_steps=2,
+                 shift_base=16)
+    assert train(cfg)["step"] == 2

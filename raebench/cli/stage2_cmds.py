@@ -221,7 +221,11 @@ def register(app: typer.Typer) -> None:
         with progress_bar("encoding (images of this rank)") as bar:
             path = cache_latents(tok, data, out, resolution, batch_size, flip, dtype, progress=bar)
         if distributed.is_main():
-            console.print(f"latent cache written to {path}")
+            import json
+
+            gone = json.loads((path / "meta.json").read_text()).get("skipped") or []
+            console.print(f"latent cache written to {path}" + (f" ({len(gone)} unreadable image(s) skipped, listed in "
+                                                               "its meta.json)" if gone else ""))
         distributed.finish()
 
 

@@ -50,6 +50,11 @@ class LatentCache:
         if self.labels.shape != (self._mm.shape[0],):
             raise DataError(f"Latent cache {str(self.root)!r} holds {self._mm.shape[0]} latents but "
                             f"{tuple(self.labels.shape)} labels; rebuild it with `raebench cache-latents`.")
+        # rows of images that could not be read hold no latents: training sees only the others
+        gone = {int(s["index"]) for s in self.meta.get("skipped") or []}
+        self.rows = np.array([i for i in range(self._mm.shape[0]) if i not in gone], dtype=np.int64) if gone else None
+        if self.rows is not None:
+            self.labels = self.labels[torch.from_numpy(self.rows)]
 
     @property
     def latents(self) -> np.ndarray:
@@ -62,7 +67,7 @@ class LatentCache:
         return {**self.__dict__, "_mm": None}  # never pickle the map's pages into a worker
 
     def __len__(self) -> int:
-        return self.latents.shape[0]
+        return self.latents.shape[0] if self.rows is None else len(self.rows)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -76,10 +81,11 @@ class LatentCache:
     def fetch(self, idx: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One variant (image or flip) per example, chosen by uniforms ``u`` (B,): (B, C, H, W) float32, (B,)."""
         var = (u * self.latents.shape[1]).long().clamp(max=self.latents.shape[1] - 1)
-        order = np.argsort(idx.numpy())  # sorted reads are kinder to a memory map
+        rows = idx.numpy() if self.rows is None else self.rows[idx.numpy()]  # example -> row of latents.npy
+        order = np.argsort(rows)  # sorted reads are kinder to a memory map
         x = np.empty((len(idx), *self.latents.shape[2:]), dtype=np.float32)
         for j in order:
-            x[j] = self.latents[int(idx[j]), int(var[j])]
+            x[j] = self.latents[int(rows[j]), int(var[j])]
         return torch.from_numpy(x), self.labels[idx]
 
     def prepare(self, raw: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +128,8 @@ class OnTheFly:
         items = [self.dataset[int(i)] for i in idx]
         bad = [it["path"] for it in items if "image" not in it]
         if bad:
-            raise DataError(f"Unreadable training images: {bad[:3]}; remove them or cache latents first.")
+            raise DataError(f"Unreadable training images: {bad[:3]}; remove them, or cache latents first "
+                            "(`raebench cache-latents` skips and lists unreadable images).")
         img = torch.stack([it["image"] for it in items])  # (B, 3, R, R) uint8
         flip = u < 0.5
         return torch.where(flip.view(-1, 1, 1, 1), img.flip(-1), img), self.labels[idx]
@@ -223,37 +230,63 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
     if world > 1:
         dist.barrier()
     lo, hi = distributed.shard(n, rank, world)
-    start = lo
+    start, skipped = lo, []  # skipped: {"index", "path", "reason"} of this shard's unreadable images
     if progress_path.is_file():
         try:
-            start = int(json.loads(progress_path.read_text())["next"])
+            state = json.loads(progress_path.read_text())
+            start, skipped = int(state["next"]), list(state.get("skipped", []))
         except (OSError, ValueError, KeyError, TypeError) as e:  # rows are rewritten, so restarting the shard is safe
             log.warning("unreadable %s (%s); this shard is encoded again from its start", progress_path, e)
+            start, skipped = lo, []
     if not lo <= start <= hi:
-        start = lo
+        start, skipped = lo, []
     lat = np.load(out / "latents.npy", mmap_mode="r+")  # (N, V, C, H, W)
     loader = make_loader(ImageDataset(images, resolution), batch_size, indices=range(start, hi))
+    where = None  # path -> index, built at the first unreadable image
     for batch in loader:
-        if batch["skipped"]:
-            raise DataError(f"Unreadable images while caching latents: {[s.path for s in batch['skipped']][:3]}.")
-        x = to_float(batch["image"].to(dev))  # (B, 3, R, R): uint8 over the bus, 4x fewer bytes than float
-        with tf32(False):  # the cache holds full-float32 latents (then rounded to --dtype)
-            z = [tokenizer.encode(x)] + ([tokenizer.encode(x.flip(-1))] if flip else [])
-        lat[batch["index"].numpy()] = torch.stack(z, 1).float().cpu().numpy().astype(dtype)  # (B, V, C, H, W)
-        lat.flush()
-        _write_json(progress_path, {"next": int(batch["index"].max()) + 1})
+        done = [int(i) for i in batch["index"]]
+        if batch["skipped"]:  # counted and listed as eval does; their rows stay out of the cache (meta "skipped")
+            where = where or {p: i for i, p in enumerate(images.paths)}
+            for sk in batch["skipped"]:
+                skipped.append({"index": where[sk.path], "path": sk.path, "reason": sk.reason})
+                done.append(where[sk.path])
+        if len(batch["index"]):
+            x = to_float(batch["image"].to(dev))  # (B, 3, R, R): uint8 over the bus, 4x fewer bytes than float
+            with tf32(False):  # the cache holds full-float32 latents (then rounded to --dtype)
+                z = [tokenizer.encode(x)] + ([tokenizer.encode(x.flip(-1))] if flip else [])
+            lat[batch["index"].numpy()] = torch.stack(z, 1).float().cpu().numpy().astype(dtype)  # (B, V, C, H, W)
+            lat.flush()
+        _write_json(progress_path, {"next": max(done) + 1, "skipped": skipped})
         if progress:
-            progress(int(batch["index"].max()) + 1 - lo, hi - lo)
+            progress(max(done) + 1 - lo, hi - lo)
     del lat
+    _write_json(progress_path, {"next": hi, "skipped": skipped})  # read by rank 0 below (an empty shard too)
     if world > 1:
         dist.barrier()
     if rank == 0:
-        _write_json(meta_path, {**want, "id": meta.get("id", uuid.uuid4().hex), "complete": True})
-        for done in out.glob("progress-*.json"):
-            done.unlink()
+        every = sorted((s for r in range(world) for s in _shard_skips(out / f"progress-{r}-of-{world}.json")),
+                       key=lambda s: s["index"])
+        if len(every) == n:
+            raise DataError(f"None of the {n} images of {data!r} could be read (first: {every[0]['path']}: "
+                            f"{every[0]['reason']}); nothing to cache.")
+        if every:
+            log.warning("%d unreadable image(s) skipped and left out of the cache (listed in its meta.json), e.g. %s",
+                        len(every), "; ".join(f"{s['path']}: {s['reason']}" for s in every[:3]))
+        _write_json(meta_path, {**want, "id": meta.get("id", uuid.uuid4().hex), "complete": True, "skipped": every})
+        for finished in out.glob("progress-*.json"):
+            finished.unlink()
     if world > 1:
         dist.barrier()
     return out
+
+
+def _shard_skips(path: Path) -> list[dict]:
+    """The unreadable images one rank recorded (its progress file, written at its end)."""
+    try:
+        return list(json.loads(path.read_text()).get("skipped", []))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise DataError(f"{str(path)!r} is missing or damaged ({e}) after every rank finished; re-run "
+                        "`raebench cache-latents` to finish the cache.") from None
 
 
 def _read_meta(path: Path) -> dict:

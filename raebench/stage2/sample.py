@@ -188,36 +188,48 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
         with torch.random.fork_rng(devices=[]):  # stochastic samplers (SDE) draw from the global CPU RNG:
             torch.manual_seed(seed * 1_000_003 + b + 7_919)  # seeded per batch, so reruns and resumes repeat
             img = decode(sample_fn(noise, y.to(device)))  # (B, 3, H, W) float in [0, 1]
-        save_npz_atomic(part, images=to_uint8(img, quantize).permute(0, 2, 3, 1).cpu().numpy(), labels=y.numpy())
+        bad = int((~torch.isfinite(img).flatten(1).all(1)).sum())  # counted here, refused at the merge (all ranks)
+        save_npz_atomic(part, images=to_uint8(img, quantize).permute(0, 2, 3, 1).cpu().numpy(), labels=y.numpy(),
+                        nonfinite=np.array(bad))
         if progress:
             progress(done, len(mine))
     if world > 1:
         dist.barrier()
-    if rank == 0:
-        # one part open at a time (1,563 parts for 50k would pass the usual 1,024 open files), copied
-        # into the final arrays: peak memory is the samples plus one part
-        images, labs, row = None, np.empty(n, dtype=np.int64), 0
-        for b in range(num_batches):
-            with np.load(parts / f"b{b:07d}.npz") as a:
-                im = a["images"]
-                if images is None:
-                    images = np.empty((n, *im.shape[1:]), dtype=im.dtype)
-                images[row:row + len(im)] = im
-                labs[row:row + len(im)] = a["labels"]
-            row += len(im)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        from raebench.metrics.sources import SETTINGS_KEY
-        from raebench.results import provenance
-
-        # the settings travel with the samples: `raebench score` copies them into its rows
-        prov = provenance()
-        meta = {**run, "n": n, "raebench_version": prov["raebench_version"], "git_hash": prov["git_hash"]}
-        save_npz_atomic(out, arr_0=images, arr_1=labs, labels=labs, **{SETTINGS_KEY: np.array(json.dumps(meta))})
-        shutil.rmtree(parts, ignore_errors=True)
-        log.debug("wrote %d samples to %s", len(images), out)
-    if world > 1:
-        dist.barrier()
+    on_rank0(lambda: _merge(parts, out, run, n, num_batches))  # rank 0's error (non-finite samples) reaches every rank
     return out
+
+
+def _merge(parts: Path, out: Path, run: dict, n: int, num_batches: int) -> None:
+    """The parts into the final npz (rank 0), unless some samples decoded to NaN/Inf: those would be
+    written as black images and enter gFID unnoticed, so the run is refused and the parts kept."""
+    # one part open at a time (1,563 parts for 50k would pass the usual 1,024 open files), copied
+    # into the final arrays: peak memory is the samples plus one part
+    images, labs, row, bad = None, np.empty(n, dtype=np.int64), 0, 0
+    for b in range(num_batches):
+        with np.load(parts / f"b{b:07d}.npz") as a:
+            im = a["images"]
+            if images is None:
+                images = np.empty((n, *im.shape[1:]), dtype=im.dtype)
+            images[row:row + len(im)] = im
+            labs[row:row + len(im)] = a["labels"]
+            bad += int(a["nonfinite"]) if "nonfinite" in a.files else 0  # parts of raebench before the count: 0
+        row += len(im)
+    if bad:
+        from raebench.errors import NonFiniteError
+
+        raise NonFiniteError(f"{bad} of {n} samples decoded to non-finite values (NaN/Inf): the model or the decoder "
+                             f"diverged, or a checkpoint is damaged. No sample file was written; the parts stay in "
+                             f"{parts} (delete that folder to sample again).")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from raebench.metrics.sources import SETTINGS_KEY
+    from raebench.results import provenance
+
+    # the settings travel with the samples: `raebench score` copies them into its rows
+    prov = provenance()
+    meta = {**run, "n": n, "raebench_version": prov["raebench_version"], "git_hash": prov["git_hash"]}
+    save_npz_atomic(out, arr_0=images, arr_1=labs, labels=labs, **{SETTINGS_KEY: np.array(json.dumps(meta))})
+    shutil.rmtree(parts, ignore_errors=True)
+    log.debug("wrote %d samples to %s", len(images), out)
 
 
 def save_grid(npz: str | os.PathLike, png: str | os.PathLike, n: int = 64) -> Path:
