@@ -160,8 +160,10 @@ class Metric(abc.ABC):
 
 
 class PairedMean(Metric):
-    """Mean over images of a per-image score of (reference, candidate) pairs, as a float64 sum
-    and a count (constant memory; merges exactly). The score is ``on_float`` of the images as
+    """Mean over images of a per-image score of (reference, candidate) pairs. The per-image float64
+    scores are kept (8 bytes an image) and summed with ``math.fsum``, the correctly rounded sum: the
+    mean does not depend on the order the scores arrive in, so torchrun ranks, resumed runs and any
+    batch size give the same bits (a running float sum differed in the last digit across ranks). The score is ``on_float`` of the images as
     [0, 1] floats, or a subclass's :meth:`per_image`. Inputs are uint8 pairs of equal shape;
     anything else is refused (a float image in [0, 1] would otherwise be divided by 255 again)."""
 
@@ -171,8 +173,7 @@ class PairedMean(Metric):
         self.reset()
 
     def reset(self) -> None:
-        self.total = 0.0
-        self.count = 0
+        self.values: list[torch.Tensor] = []  # (n,) float64 per batch, CPU
 
     def per_image(self, ref_u8: torch.Tensor, cand_u8: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) pairs -> (N,) scores. ``on_float`` gets float64 images (x / 255 in
@@ -195,11 +196,15 @@ class PairedMean(Metric):
                                    f"got {tuple(ref.shape)} and {tuple(cand.shape)}.")
         with torch.no_grad():
             v = self.per_image(batch.reference, batch.candidate).double()
-        self.total += float(v.sum())
-        self.count += v.numel()
+        self.values.append(v.detach().reshape(-1).cpu())
+
+    @property
+    def count(self) -> int:
+        return sum(v.numel() for v in self.values)
 
     def compute(self) -> dict[str, float]:
-        return {self.spec.name: self.total / self.count if self.count else math.nan}
+        n = self.count
+        return {self.spec.name: math.fsum(torch.cat(self.values).tolist()) / n if n else math.nan}
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ class WorkState:
     rename, or from an incompatible version) is ignored and the shard restarts from zero.
     """
 
-    VERSION = 1
+    VERSION = 2  # 2: paired means keep per-image scores (their float sums of version 1 are not resumed)
 
     def __init__(self, root, key: str, rank: int):
         from pathlib import Path

@@ -93,3 +93,33 @@ def test_state_merge_reproduces_single_pass():
         merged.merge(a.state())
         merged.merge(b.state())
         assert merged.compute()[name] == pytest.approx(whole.compute()[name], rel=1e-12)
+
+
+def test_paired_means_are_the_same_bits_for_any_split_and_merge_order():
+    """A running float sum made 2 torchrun ranks differ from 1 process in PSNR's last digit; the
+    per-image scores are now summed exactly rounded (math.fsum), so every split into batches or
+    shards, merged in any order, gives the identical value: the single-process one."""
+    import math
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(257, generator=g, dtype=torch.float64) * 40 + 10  # PSNR-like, a sum that rounds
+    spec = METRICS.get("psnr")
+
+    def metric_with(chunks):
+        m = spec.build()
+        m.values = [c.clone() for c in chunks]
+        return m
+
+    whole = metric_with([scores]).compute()["psnr"]
+    assert whole == math.fsum(scores.tolist()) / 257
+    old = {sum(float(c.sum()) for c in order) for parts in ((1, 256), (128, 129), (3, 100, 154), (200, 57))
+           for cs in [list(torch.split(scores, list(parts)))] for order in (cs, cs[::-1])}
+    assert len(old) > 1  # the running sum of shard sums, as before, does depend on the split and order here
+    for parts in ((1, 256), (128, 129), (3, 100, 154), (200, 57)):
+        chunks = list(torch.split(scores, list(parts)))
+        shards = [metric_with([c]) for c in chunks]
+        for order in (shards, shards[::-1]):
+            merged = spec.build()
+            for sh in order:
+                merged.merge(sh.state())
+            assert merged.compute()["psnr"] == whole
