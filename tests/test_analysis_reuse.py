@@ -350,3 +350,17 @@ def test_sigma_tags_are_exact():
     assert sigma_tag(0.1234567) != sigma_tag(0.1234568)
     for s in (0.1234567, 1 / 3, 0.30000000000000004):
         assert float(sigma_tag(s)[1:]) == s
+
+
+def test_unmeasured_rows_carry_the_images_they_had_not_zero(image_folder: Path, tmp_path: Path, capsys):
+    """Alignment with --mutual-k 10 on 8 images is NaN (with a note); its rows used to say n_images 0,
+    which made an all-NaN `n=0` leaderboard column; they now say the 8 images the measured rows use."""
+    res = tmp_path / "res"
+    fast = [a if a != "3" or i == 0 or FAST[i - 1] != "--mutual-k" else "10" for i, a in enumerate(FAST)]
+    code, out, err = run(["analyze", "-t", "pixels", "--data", str(image_folder), *fast, "--results", str(res)], capsys)
+    assert code == 0, err
+    df = load(res)
+    align = df[df["metric"].str.startswith("align-")]
+    assert len(align) == 3 and align["value"].isna().all() and (align["n_images"] == 8).all()
+    assert "needs more than --mutual-k 10" in align["notes"].iloc[0]
+    assert set(df["n_images"]) == {8} | set(df[df["metric"].str.startswith(("robust-", "interp-"))]["n_images"])

@@ -222,5 +222,6 @@ def result_rows(cfg: AnalyzeConfig, rep: TokenizerReport, data, device, world: i
     for part, rows in expected.items():
         for metric, version in rows:
             if (metric, version) not in made:  # the data could not give it: the notes say why
-                add(metric, math.nan, version, 0, unmeasured=True)
+                # n is the images it had (not 0), so the NaN sits in the column of the measured values
+                add(metric, math.nan, version, rep.n_align if part.startswith("align:") else n, unmeasured=True)
     return out
