@@ -89,7 +89,7 @@ class ImageSource:
             try:
                 with Image.open(p) as im:
                     return min(im.size)  # EXIF rotation swaps the sides, not the short one
-            except (OSError, ValueError, SyntaxError):
+            except Exception:  # malformed tags raise anything; the batches skip and count the file
                 continue
         return None
 

@@ -11,10 +11,12 @@ machine and every rank.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import random
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from raebench.errors import DataError
 from raebench.registry import Registry
@@ -88,55 +90,114 @@ def load_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Im
 
     Grayscale, palette, RGBA (alpha dropped, as ADM/torchvision do), CMYK and 16-bit images are
     converted to 8-bit RGB. 16-bit samples (PNG, PGM/PPM, TIFF; grey or colour) keep their high byte,
-    v >> 8, as Pillow does for colour and scikit-image's ``img_as_ubyte``; float images are read as
-    [0, 1]; integer images of other depths (32-bit TIFF) are skipped, their white level undefined.
-    Raises ImageSkip with a short reason for anything unreadable.
+    v >> 8, as Pillow does for colour and scikit-image's ``img_as_ubyte``; signed 8- and 16-bit TIFFs
+    convert as ``img_as_ubyte`` does (negatives to 0); float images are read as [0, 1] (NaN/Inf:
+    skipped); integer images of other depths (32-bit TIFF) are skipped, their white level undefined.
+    Raises ImageSkip with a short reason for anything unreadable: any exception while decoding
+    except MemoryError (the machine, not the file), whose type the reason names.
     """
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
-    p = Path(path)
-    if not p.exists():
-        raise ImageSkip("missing file or broken symlink")
-    if p.is_dir():
-        raise ImageSkip("is a directory")
-    if p.stat().st_size == 0:
-        raise ImageSkip("zero-byte file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-            im = Image.open(p)
-        with im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageSkip(f"{w}x{h} exceeds the pixel limit of {max_pixels} (RAEBENCH_MAX_PIXELS)")
-            if w < 1 or h < 1:
-                raise ImageSkip("empty image")
-            im.load()
-            bits = _integer_bits(im)  # before the transpose, which drops the format and its tags
-            return _to_rgb8(ImageOps.exif_transpose(im), bits)
+        fh = _open_regular(path)
+    except FileNotFoundError:
+        raise ImageSkip("missing file or broken symlink") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageSkip("missing file or broken symlink") from None
+        raise ImageSkip(f"unreadable ({type(e).__name__}: {(e.strerror or str(e))[:80]})") from None
+    try:
+        with fh:
+            st = os.fstat(fh.fileno())
+            if stat.S_ISDIR(st.st_mode):
+                raise ImageSkip("is a directory")
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+                raise ImageSkip("not a regular file")
+            if st.st_size == 0:
+                raise ImageSkip("zero-byte file")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+                # a file object, not the path: Pillow memory-maps what it opens by path, and that path
+                # decodes single-band TIFFs with orientation 5-8 at the rotated size (scrambled pixels)
+                im = Image.open(fh)
+            with im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageSkip(f"{w}x{h} exceeds the pixel limit of {max_pixels} (RAEBENCH_MAX_PIXELS)")
+                if w < 1 or h < 1:
+                    raise ImageSkip("empty image")
+                im.load()  # a TIFF's own orientation tag is applied (and dropped) here, by Pillow
+                sample = _sample_format(im)  # before the transpose, which drops the format and its tags
+                return _to_rgb8(_exif_transpose(im), sample)
     except ImageSkip:
         raise
     except UnidentifiedImageError:
         raise ImageSkip("not an image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageSkip(f"unreadable ({type(e).__name__}: {str(e)[:80]})") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # struct.error, TypeError, ... from malformed tags: this file, not the run
+        raise ImageSkip(f"unreadable ({_kind(e)}: {str(e)[:80]})") from None
 
 
-def _integer_bits(im: Image.Image) -> int | None:
-    """Bits per sample of a single-channel integer image, from its format (never from its pixels)."""
+def _kind(e: BaseException) -> str:
+    """An exception's type as a reader knows it: ``struct.error``, not ``error``; builtins bare."""
+    t = type(e)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+
+
+def _open_regular(path: str | os.PathLike):
+    """``path`` opened for binary reading without blocking: a FIFO opens at once (and is refused
+    by the caller from its fstat) instead of waiting for a writer forever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    return os.fdopen(fd, "rb")
+
+
+#: EXIF orientation -> the transpose that displays the image upright (ImageOps.exif_transpose's table)
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _exif_transpose(im: Image.Image) -> Image.Image:
+    """``im`` upright per its EXIF orientation. Only the orientation tag is read: ImageOps.exif_transpose
+    also rewrites the EXIF block, which raises on other malformed tags. An EXIF block that cannot be
+    parsed is a skip ("unreadable EXIF orientation"): the image may be meant rotated, and a guess
+    would be silently wrong pixels."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception as e:
+        raise ImageSkip(f"unreadable EXIF orientation ({_kind(e)}: {str(e)[:80]})") from None
+    method = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None  # others: as Pillow, none
+    return im if method is None else im.transpose(method)
+
+
+def _sample_format(im: Image.Image) -> tuple[int | None, bool]:
+    """(bits per sample of a single-channel integer image, signed) from its format, never from its pixels."""
     if im.mode.startswith("I;16"):
-        return 16
+        return 16, im.mode.endswith("S")
     if im.format in ("PNG", "PPM"):  # Pillow opens 16-bit PGM/PPM as "I", rescaled to 0..65535 from maxval
-        return 16
+        return 16, False
     if im.format == "TIFF":
-        bits = im.tag_v2.get(258)  # BitsPerSample
+        bits, fmt = im.tag_v2.get(258), im.tag_v2.get(339, 1)  # BitsPerSample, SampleFormat (2: signed)
         bits = bits[0] if isinstance(bits, tuple) else bits
-        return 16 if bits == 16 else None
-    return None
+        fmt = fmt[0] if isinstance(fmt, tuple) else fmt
+        return (bits if bits in (8, 16) else None), fmt == 2
+    return None, False
 
 
-def _to_rgb8(im: Image.Image, bits: int | None) -> Image.Image:
+def _to_rgb8(im: Image.Image, sample: tuple[int | None, bool]) -> Image.Image:
+    bits, signed = sample
+    if signed and im.mode in ("L", "I", "I;16S") and bits in (8, 16):
+        # signed TIFF samples: Pillow reads int8 as raw bytes ("L") and int16 as "I"; negatives go
+        # to 0 and the positive range to 0..255, as scikit-image's img_as_ubyte does
+        from skimage.util import img_as_ubyte
+
+        a = np.asarray(im)
+        a = a.view(np.int8) if bits == 8 else a.astype(np.int16)
+        return Image.fromarray(img_as_ubyte(a), mode="L").convert("RGB")
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        if bits != 16:  # e.g. 32-bit integer TIFF: no defined white level
+        if bits != 16 or signed:  # e.g. 32-bit integer TIFF: no defined white level
             raise ImageSkip(f"{im.mode} image with no defined 8-bit scale "
                             "(only 8- and 16-bit integer images are read)")
         # the high byte (v >> 8): what Pillow keeps of 16-bit colour images and scikit-image's
@@ -144,7 +205,9 @@ def _to_rgb8(im: Image.Image, bits: int | None) -> Image.Image:
         a = np.asarray(im).astype(np.int64) >> 8
         return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L").convert("RGB")
     if im.mode == "F":  # float images are in [0, 1] (scikit-image's convention), whatever their content
-        a = np.nan_to_num(np.asarray(im).astype(np.float64), nan=0.0)
+        a = np.asarray(im).astype(np.float64)
+        if not np.isfinite(a).all():
+            raise ImageSkip("non-finite pixels (NaN or Inf in a float image)")
         return Image.fromarray(np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8), mode="L").convert("RGB")
     if im.mode == "RGB":
         return im.copy()
@@ -208,6 +271,7 @@ class Skip:
     reason: str
 
 
+
 @dataclass
 class ImageList:
     """A resolved, ordered list of image files with labels and what was skipped while scanning."""
@@ -235,15 +299,20 @@ class ImageList:
         h = hashlib.sha256()
         for p in self.paths:
             try:
-                size = os.path.getsize(p)
-                with open(p, "rb") as f:
+                with _open_regular(p) as f:
+                    st = os.fstat(f.fileno())
+                    if not stat.S_ISREG(st.st_mode):  # a FIFO would never end
+                        raise OSError(errno.EINVAL, "not a regular file")
+                    size = st.st_size
                     head = f.read(FINGERPRINT_BYTES)
                     if size > 2 * FINGERPRINT_BYTES:
                         f.seek(-FINGERPRINT_BYTES, os.SEEK_END)
                     tail = f.read(FINGERPRINT_BYTES)
             except OSError:
                 size, head, tail = -1, b"", b""
-            h.update(f"{os.path.relpath(p, self.root)}\0{size}\n".encode())
+            # a name that is not UTF-8 arrives surrogate-escaped: hash its bytes as on disk (UTF-8 names
+            # hash exactly as they always did, so earlier results keep their fingerprint)
+            h.update(f"{os.path.relpath(p, self.root)}\0{size}\n".encode("utf-8", "surrogateescape"))
             h.update(hashlib.sha256(head + tail).digest())
         return h.hexdigest()[:16]
 
@@ -256,9 +325,11 @@ def scan_folder(root: str | os.PathLike, paths: Sequence[str] | None = None) -> 
     """List image files below ``root`` recursively (extensions case-insensitive), sorted.
 
     Class labels come from the first-level subfolders when every image lives in one; otherwise all
-    labels are -1. Symlinked folders are followed, each real folder once (a link back to a folder
-    already listed, e.g. a cycle, is recorded as skipped, as are broken symlinks and directories
-    named like images).
+    labels are -1. Symlinked folders that lead outside the tree are followed, each real folder once;
+    recorded as skipped instead: symlinks to folders inside the tree (the real folder is listed
+    under its own name), links back to a folder already listed (e.g. a cycle), folders that cannot
+    be listed, broken symlinks, and files named like images that are not regular files (a FIFO).
+    A folder named like an image is an ordinary folder.
     """
     if MAX_PIXELS is None:
         raise DataError(f"RAEBENCH_MAX_PIXELS={os.environ.get('RAEBENCH_MAX_PIXELS')!r} is not a positive whole number "
@@ -269,24 +340,34 @@ def scan_folder(root: str | os.PathLike, paths: Sequence[str] | None = None) -> 
     found: list[str] = []
     skipped: list[Skip] = []
     if paths is None:
-        seen = {os.path.realpath(rootp)}  # folders walked, by real path: symlinks are followed once
-        for dirpath, dirnames, filenames in os.walk(rootp, followlinks=True):
+        real_root = os.path.realpath(rootp)
+        inside = real_root.rstrip(os.sep) + os.sep
+        seen = {real_root}  # folders walked, by real path: symlinks are followed once
+
+        def unlistable(e: OSError) -> None:  # os.walk would drop the folder (and its images) silently
+            skipped.append(Skip(str(e.filename), f"folder cannot be listed ({e.strerror or type(e).__name__})"))
+
+        for dirpath, dirnames, filenames in os.walk(rootp, followlinks=True, onerror=unlistable):
             dirnames.sort()
             for d in list(dirnames):
                 full = os.path.join(dirpath, d)
                 real = os.path.realpath(full)
-                if real in seen:  # a cycle, or a second link to a folder already listed
-                    skipped.append(Skip(full, "symlink to a folder scanned already"))
-                    dirnames.remove(d)
+                link = os.path.islink(full)
+                if link and (real == real_root or real.startswith(inside)):  # walked under its own name
+                    skipped.append(Skip(full, "symlink to a folder inside the data folder"))
+                elif real in seen:  # a cycle, or a second link to a folder already listed
+                    skipped.append(Skip(full, "symlink to a folder scanned already" if link else
+                                        "folder scanned already (reached through a symlink)"))
+                else:
+                    seen.add(real)
                     continue
-                seen.add(real)
-                if Path(d).suffix.lower() in IMAGE_EXTENSIONS:
-                    skipped.append(Skip(full, "is a directory"))
+                dirnames.remove(d)
             for f in filenames:
                 if Path(f).suffix.lower() in IMAGE_EXTENSIONS:
                     full = os.path.join(dirpath, f)
-                    if not os.path.exists(full):
-                        skipped.append(Skip(full, "missing file or broken symlink"))
+                    reason = _not_a_file(full)
+                    if reason:
+                        skipped.append(Skip(full, reason))
                     else:
                         found.append(full)
     else:
@@ -300,6 +381,18 @@ def scan_folder(root: str | os.PathLike, paths: Sequence[str] | None = None) -> 
     else:
         classes, labels = [], [-1] * len(found)
     return ImageList(str(rootp), found, labels, classes, sorted(skipped, key=lambda s: s.path))
+
+
+def _not_a_file(path: str) -> str | None:
+    """Why ``path`` (symlinks followed) cannot be listed as an image file, or None. From ``stat``
+    alone: nothing is opened, so a FIFO named like an image never blocks the scan."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) or e.errno == errno.ELOOP:
+            return "missing file or broken symlink"
+        return f"unreadable ({type(e).__name__}: {(e.strerror or str(e))[:80]})"
+    return None if stat.S_ISREG(st.st_mode) else "not a regular file"
 
 
 def subset(images: ImageList, limit: int | None, seed: int = 0) -> ImageList:

@@ -50,3 +50,10 @@ def check_rates(cfg: object, positive: tuple[str, ...], non_negative: tuple[str,
         low_ok = v > 0 if name in positive else v >= 0
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low_ok:
             raise RaebenchError(f"{name} must be a finite number {'above' if name in positive else 'at least'} 0, got {v!r}.")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print: the bytes of a file name that is not UTF-8 (surrogate-escaped by
+    Python) shown as ``\\xNN``. Records keep the lossless name; a strict console
+    refuses the surrogates (UnicodeEncodeError)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -2,10 +2,13 @@
 
 import io
 import os
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
@@ -143,8 +146,50 @@ def make_hostile_corpus(root: Path) -> dict[str, str | None]:
     Image.fromarray(rgb).save(root / "rotated.jpg", exif=exif.tobytes()); expect["rotated.jpg"] = None
     Image.fromarray(rgb).save(root / "UPPER.PNG"); expect["UPPER.PNG"] = None
     os.symlink(root / "does-not-exist.png", root / "dangling.png"); expect["dangling.png"] = "broken symlink"
-    (root / "folder.jpg").mkdir(); expect["folder.jpg"] = "is a directory"
+    (root / "shots.v2.png").mkdir()  # a folder named like an image: walked, never a skipped file
+    Image.fromarray(rgb).save(root / "shots.v2.png" / "inner.png"); expect["inner.png"] = None
+    # malformed metadata (helper repro: each of these stopped the whole run)
+    Image.fromarray(rgb).save(root / "bad_exif.png", exif=b"II*\x00"); expect["bad_exif.png"] = "unreadable EXIF orientation"
+    (root / "mistyped_tag.jpg").write_bytes(_jpeg_orientation_and_mistyped_tag(rgb)); expect["mistyped_tag.jpg"] = None
+    (root / "bad_strips.tif").write_bytes(_tiff_with_mistyped_strip_offsets(rgb[..., 0]))
+    expect["bad_strips.tif"] = "TypeError"
+    Image.fromarray(rgb[..., 0]).save(root / "grey_rotated.tif", tiffinfo={274: 6}); expect["grey_rotated.tif"] = None
+    tifffile.imwrite(root / "signed.tif", (rgb[..., 0].astype(np.int16) - 128) * 200); expect["signed.tif"] = None
+    tifffile.imwrite(root / "nan.tif", np.full((40, 48), np.nan, np.float32)); expect["nan.tif"] = "non-finite pixels"
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "pipe.png"); expect["pipe.png"] = "not a regular file"  # opening it would block forever
+    if os.name == "posix":  # names that are not UTF-8 (surrogate-escaped in Python)
+        with open(os.path.join(os.fsencode(root), b"\xff\xfe.png"), "wb") as f:
+            f.write(_png(rgb))
+        expect[os.fsdecode(b"\xff\xfe.png")] = None
+        with open(os.path.join(os.fsencode(root), b"bad\xff.png"), "wb") as f:
+            f.write(b"not an image")
+        expect[os.fsdecode(b"bad\xff.png")] = "not an image"
     return expect
+
+
+def _jpeg_orientation_and_mistyped_tag(rgb: np.ndarray) -> bytes:
+    """A JPEG with EXIF orientation 6 and a Make tag typed RATIONAL: ImageOps.exif_transpose raises
+    while rewriting the EXIF block, though the orientation and pixels are fine."""
+    entries = [(0x0112, 3, 1, struct.pack("<HH", 6, 0)), (0x010F, 5, 1, struct.pack("<I", 0))]
+    ifd = b"II*\x00" + struct.pack("<IH", 8, len(entries))
+    ifd += b"".join(struct.pack("<HHI", tag, typ, n) + v for tag, typ, n, v in entries) + struct.pack("<I", 0)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95, exif=b"Exif\x00\x00" + ifd)
+    return buf.getvalue()
+
+
+def _tiff_with_mistyped_strip_offsets(grey: np.ndarray) -> bytes:
+    """A grey TIFF whose StripOffsets (273) entry claims type ASCII: Pillow raises TypeError in load()."""
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="TIFF")
+    b = bytearray(buf.getvalue())
+    assert b[:4] == b"II*\x00"
+    ifd = struct.unpack_from("<I", b, 4)[0]
+    for i in range(struct.unpack_from("<H", b, ifd)[0]):
+        if struct.unpack_from("<H", b, ifd + 2 + 12 * i)[0] == 273:
+            struct.pack_into("<H", b, ifd + 2 + 12 * i + 2, 2)
+    return bytes(b)
 
 
 def test_hostile_inputs_each_get_documented_handling(tmp_path: Path, monkeypatch):
@@ -165,6 +210,166 @@ def test_hostile_inputs_each_get_documented_handling(tmp_path: Path, monkeypatch
             assert name in skipped and reason in skipped[name], (name, skipped.get(name))
     assert batch["image"].shape == (len(used), 3, 32, 32)
     assert "one.png" in {Path(p).name for p in batch["upscaled"]}
+
+
+def test_malformed_metadata_is_a_counted_skip_not_a_crash(tmp_path: Path):
+    """Helper repro: a PNG with a 4-byte EXIF block (struct.error), a JPEG with orientation 6 and a
+    mistyped tag (struct.error/AttributeError in ImageOps.exif_transpose) and a TIFF whose
+    StripOffsets is typed ASCII (TypeError in load) each stopped the whole run. Now an EXIF block
+    that cannot be parsed is a skip (the intended rotation is unknown), a readable orientation is
+    applied whatever the other tags, and any other decoding error is a skip naming its type."""
+    from raebench.data import ImageSkip
+
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png", exif=b"II*\x00")
+    with pytest.raises(ImageSkip, match=r"unreadable EXIF orientation \(struct.error"):
+        load_rgb(tmp_path / "a.png")
+    (tmp_path / "b.jpg").write_bytes(_jpeg_orientation_and_mistyped_tag(rgb))
+    with Image.open(tmp_path / "b.jpg") as im:
+        stored = np.asarray(im.convert("RGB"))
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "b.jpg")), np.rot90(stored, -1))  # 6: 90° clockwise
+    (tmp_path / "c.tif").write_bytes(_tiff_with_mistyped_strip_offsets(rgb[..., 0]))
+    with pytest.raises(ImageSkip, match=r"unreadable \(TypeError: "):
+        load_rgb(tmp_path / "c.tif")
+    ds = ImageDataset(scan_folder(tmp_path), 16)
+    batch = collate([ds[i] for i in range(len(ds))])
+    assert batch["path"] == [str(tmp_path / "b.jpg")] and len(batch["skipped"]) == 2
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_single_channel_tiff_orientation_gives_the_rotated_pixels(tmp_path: Path, orientation: int, dtype):
+    """Helper repro: Pillow memory-maps files opened by path and decoded grey TIFFs with orientation
+    5-8 at the rotated size ((20, 40)-shaped junk); raebench reads through a file object."""
+    a = np.random.default_rng(0).integers(0, 256, (20, 40), dtype=np.uint8)
+    want = {5: a.T, 6: np.rot90(a, -1), 7: np.rot90(a, 2).T, 8: np.rot90(a, 1)}[orientation]
+    Image.fromarray(a.astype(dtype) * (257 if dtype == np.uint16 else 1)).save(tmp_path / "g.tif", tiffinfo={274: orientation})
+    got = np.asarray(load_rgb(tmp_path / "g.tif"))
+    assert got.shape == (40, 20, 3) and np.array_equal(got[..., 0], want) and np.array_equal(got[..., 2], want)
+
+
+def test_signed_and_non_finite_tiffs(tmp_path: Path):
+    """Signed 8/16-bit TIFFs convert as scikit-image's img_as_ubyte (negatives to 0), not as unsigned
+    bytes; float images with NaN/Inf are skipped, with no numpy warning leaking."""
+    from skimage.util import img_as_ubyte
+
+    from raebench.data import ImageSkip
+
+    i16 = np.array([[-32768, -1, 0, 1], [127, 128, 255, 32767]], dtype=np.int16)
+    i8 = np.array([[-128, -1, 0, 1], [2, 64, 100, 127]], dtype=np.int8)
+    for a in (i16, i8):
+        tifffile.imwrite(tmp_path / "s.tif", a)
+        assert np.array_equal(np.asarray(load_rgb(tmp_path / "s.tif"))[..., 0], img_as_ubyte(a))
+    for bad in (np.nan, np.inf, -np.inf):
+        tifffile.imwrite(tmp_path / "f.tif", np.array([[0.0, 0.5], [bad, 1.0]], np.float32))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ImageSkip, match="non-finite pixels"):
+                load_rgb(tmp_path / "f.tif")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_named_like_an_image_is_skipped_unopened(tmp_path: Path):
+    """Helper repro: ``mkfifo x.png`` hung eval and score forever (the fingerprint, the header probe
+    and the loader each opened it). Only regular files are listed; the loader also refuses others."""
+    import signal
+
+    from raebench.data import ImageSkip
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "x.png")
+    def hung(*_):
+        raise TimeoutError("a FIFO was opened and blocked")
+
+    previous = signal.signal(signal.SIGALRM, hung)  # a regression hangs: fail instead
+    signal.alarm(20)
+    try:
+        imgs = scan_folder(tmp_path)
+        assert [Path(p).name for p in imgs.paths] == ["ok.png"]
+        assert [(Path(s.path).name, s.reason) for s in imgs.skipped] == [("x.png", "not a regular file")]
+        imgs.fingerprint()
+        with pytest.raises(ImageSkip, match="not a regular file"):
+            load_rgb(tmp_path / "x.png")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_fingerprint_of_ordinary_names_is_unchanged():
+    """Results are keyed by the data fingerprint: this value was computed by raebench before
+    non-UTF-8 names were supported, and must not move."""
+    import tempfile
+
+    from raebench.data import ImageList
+
+    with tempfile.TemporaryDirectory() as d:  # a fixed root name does not matter: names are relative
+        root = Path(d)
+        (root / "cls" / "sub").mkdir(parents=True)
+        (root / "ça va").mkdir()
+        (root / "cls" / "a.png").write_bytes(bytes(range(256)) * 100)  # 25,600 bytes: head and tail differ
+        (root / "cls" / "sub" / "b.jpg").write_bytes(b"\x89PNG" + b"x" * 10)
+        (root / "ça va" / "é.bmp").write_bytes(b"BM" + bytes(3000))
+        paths = [str(root / p) for p in ("cls/a.png", "cls/sub/b.jpg", "ça va/é.bmp")]
+        assert ImageList(str(root), paths, [-1] * 3, []).fingerprint() == "5b9bcda425c8ae18"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file names are bytes")
+def test_non_utf8_file_names_are_read_and_fingerprinted(tmp_path: Path):
+    """Helper repro: a file named b'\\xff\\xfe.png' crashed the fingerprint with UnicodeEncodeError;
+    its name now enters the hash as its bytes on disk."""
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for name in (b"\xff\xfe.png", b"\xfe\xff.png"):
+        (tmp_path / name.hex()).mkdir()
+        with open(os.path.join(os.fsencode(tmp_path / name.hex()), name), "wb") as f:
+            f.write(_png(rgb))
+    a, b = scan_folder(tmp_path / "fffe2e706e67"), scan_folder(tmp_path / "feff2e706e67")
+    assert len(a.paths) == 1 and np.array_equal(np.asarray(load_rgb(a.paths[0])), rgb)
+    assert a.fingerprint() != b.fingerprint()  # the names differ, the bytes do not
+
+
+def test_folders_that_cannot_be_listed_are_counted(tmp_path: Path):
+    """Helper repro: os.walk dropped images in folders deeper than PATH_MAX (ENAMETOOLONG) silently."""
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        for _ in range(20):  # 20 x 250 characters: past PATH_MAX (4096) on Linux
+            os.mkdir("d" * 250, dir_fd=fd)
+            nxt = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        with os.fdopen(os.open("deep.png", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "wb") as f:
+            f.write(_png(np.zeros((8, 8, 3), np.uint8)))
+    finally:
+        os.close(fd)
+    imgs = scan_folder(tmp_path)
+    assert [Path(p).name for p in imgs.paths] == ["ok.png"]
+    assert len(imgs.skipped) == 1 and imgs.skipped[0].reason.startswith("folder cannot be listed (")
+    assert imgs.skipped[0].path.startswith(str(tmp_path / ("d" * 250)))
+
+
+def test_a_folder_named_like_an_image_is_walked_not_skipped(tmp_path: Path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "plain.png")
+    (tmp_path / "shots.v2.png").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "shots.v2.png" / "a.png")
+    imgs = scan_folder(tmp_path)
+    assert [os.path.relpath(p, tmp_path) for p in imgs.paths] == ["plain.png", "shots.v2.png/a.png"]
+    assert imgs.skipped == []
+
+
+def test_a_symlink_inside_the_tree_is_skipped_not_the_real_folder(tmp_path: Path):
+    """Helper repro: with S/real and S/link -> S/real, ``real`` was listed as "symlink to a folder
+    scanned already" and its images were credited (and labelled) to ``link``."""
+    root = tmp_path / "S"
+    (root / "real").mkdir(parents=True)
+    (root / "other").mkdir()
+    for d in ("real", "other"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / d / "a.png")
+    os.symlink(root / "real", root / "link")  # sorts before "real"
+    imgs = scan_folder(root)
+    assert [os.path.relpath(p, root) for p in imgs.paths] == ["other/a.png", "real/a.png"]
+    assert imgs.classes == ["other", "real"]
+    assert [(os.path.relpath(s.path, root), s.reason) for s in imgs.skipped] == [
+        ("link", "symlink to a folder inside the data folder")]
 
 
 def test_exif_orientation_applied(tmp_path: Path):

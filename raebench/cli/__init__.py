@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from raebench.errors import RaebenchError
+from raebench.errors import RaebenchError, printable
 
 app = typer.Typer(
     name="raebench",
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
     except RaebenchError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {printable(str(e))}", highlight=False, soft_wrap=True)
         _leave_process_group()
         sys.exit(2)
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from raebench.errors import RaebenchError
+from raebench.errors import RaebenchError, printable
 
 DEFAULT_METRICS = "psnr,ssim"
 GENERATION_METRICS = "fid,sfid,is,precision"  # eval --samples without --metrics (gFID and friends)
@@ -143,7 +143,7 @@ def _report_outcome(out) -> None:
     if out.skipped:
         err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record):")
         for s in out.skipped[:10]:
-            err_console.print(f"  {s.path}: {s.reason}", highlight=False)
+            err_console.print(f"  {printable(s.path)}: {s.reason}", highlight=False)
         if len(out.skipped) > 10:
             err_console.print(f"  … and {len(out.skipped) - 10} more")
     if out.upscaled:

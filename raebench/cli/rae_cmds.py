@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import typer
 
-from raebench.errors import RaebenchError
+from raebench.errors import RaebenchError, printable
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _batches(data, resolution: int, batch_size: int, num_workers: int | None, de
     for b in loader:
         done += b["image"].shape[0] + len(b["skipped"])
         for s in b["skipped"]:
-            log.warning("skipped %s: %s", s.path, s.reason)
+            log.warning("skipped %s: %s", printable(s.path), s.reason)
         if skipped is not None:
             skipped.extend(b["skipped"])
         if b["image"].shape[0]:
@@ -142,7 +142,7 @@ def _write_reconstructions(
         td.barrier()
     skipped = list(data.images.skipped) if rank == 0 else []  # found while listing the folder
     for s in skipped:
-        log.warning("skipped %s: %s", s.path, s.reason)
+        log.warning("skipped %s: %s", printable(s.path), s.reason)
     for idx, ref, paths in _batches(data, resolution, batch_size, num_workers, device, on_progress, skipped):
         with torch.no_grad(), _autocast(device, precision):
             rec = tok.decode(tok.encode(to_float(ref))).float()
@@ -196,12 +196,13 @@ def _write_reconstructions(
         skips = [tuple(s) for m in meta for s in m["skipped"]]
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerows([("path", "reason"), *skips])
-        atomic_write_bytes(out / "skipped.csv", buf.getvalue().encode())
+        # a file name that is not UTF-8 is written as its bytes on disk (surrogate-escaped in Python)
+        atomic_write_bytes(out / "skipped.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
         buf = io.StringIO()  # csv quoting: file names may hold commas or quotes
         listed = ((i, src) for m in meta for i, src in m["rows"])  # npz row order: ranks in order, each in scan order
         csv.writer(buf, lineterminator="\n").writerows([("index", "source", "row"),
                                                         *((i, src, row) for row, (i, src) in enumerate(listed))])
-        atomic_write_bytes(out / "files.csv", buf.getvalue().encode())
+        atomic_write_bytes(out / "files.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
         summary = {"n": int(rec_all.shape[0]), "nonfinite": [p for m in meta for p in m["nonfinite"]], "out": str(out),
                    "skipped": skips}
     if world > 1:
