@@ -271,7 +271,6 @@ class Skip:
     reason: str
 
 
-
 @dataclass
 class ImageList:
     """A resolved, ordered list of image files with labels and what was skipped while scanning."""
