@@ -146,8 +146,6 @@ def _report_outcome(out) -> None:
             err_console.print(f"  {printable(s.path)}: {s.reason}", highlight=False)
         if len(out.skipped) > 10:
             err_console.print(f"  … and {len(out.skipped) - 10} more")
-    if out.upscaled:
-        err_console.print(f"[yellow]{len(out.upscaled)} image(s) smaller than {r0.resolution}px were upscaled by the crop.[/]")
     if out.nonfinite:
         err_console.print(f"[red]{len(out.nonfinite)} image(s) gave NaN/Inf and were excluded from every metric.[/]")
     err_console.print(f"{out.seconds:.1f} s · run {r0.run_id}", highlight=False)

@@ -65,8 +65,6 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
     console.print(t)
     if out.skipped:
         err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record).")
-    if out.upscaled:
-        err_console.print(f"[yellow]{len(out.upscaled)} image(s) smaller than {resolution}px were upscaled by the crop.[/]")
     err_console.print(f"{out.seconds:.1f} s · run {r0.run_id}" + ("" if write else " (not written)"), highlight=False)
     if out.failed:
         raise not_computed_error(out.failed, out.rows, written=write)
