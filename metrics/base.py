@@ -270,6 +270,13 @@ class ExtractorSpec:
     #: ``weights_path(weights=None)``: the file or folder the builder would load, resolved without
     #: building (so its fingerprint can decide reuse before any network loads); None if unknown
     weights_path: Callable[..., Path] | None = None
+    #: the width D of each output, ``(("pool", 2048), ...)``, known without building (stored
+    #: statistics are checked against it before any network loads)
+    dims: tuple[tuple[str, int], ...] = ()
+
+    def dim(self, output: str) -> int | None:
+        """The width of ``output``'s features, or None when not declared."""
+        return dict(self.dims).get(output)
 
 
 METRICS: Registry[MetricSpec] = Registry("metric")

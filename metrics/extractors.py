@@ -376,10 +376,12 @@ def _register(cls, **fields) -> None:
 _register(InceptionExtractor, name="inception", version="tfinception-torchfidelity-v1",
           description="TF Inception-v3 (torch-fidelity port): pool3, logits, mixed_6/conv",
           outputs=("pool", "logits", "spatial"), options=("weights", "dtype"),
-          option_choices=(("dtype", ("float32", "float64")),))
+          option_choices=(("dtype", ("float32", "float64")),),
+          dims=(("pool", 2048), ("logits", 1008), ("spatial", 17 * 17 * 7)))
 _register(DinoV2Extractor, name="dinov2-l14", version="dinov2-vitl14-cls-224-hubpos-v1",
           description="DINOv2 ViT-L/14 CLS token at 224 px (torch.hub positional interpolation)",
-          outputs=("cls",), options=("weights", "resize"), option_choices=(("resize", ("torch", "pil")),))
+          outputs=("cls",), options=("weights", "resize"), option_choices=(("resize", ("torch", "pil")),),
+          dims=(("cls", 1024),))
 _register(ClipExtractor, name="clip-l14-336", version="clip-vitl14-336-embed-l2-bicubicaa-v1",
           description="CLIP ViT-L/14@336 projected image embedding, L2-normalised",
-          outputs=("embed",), options=("weights",))
+          outputs=("embed",), options=("weights",), dims=(("embed", 768),))

@@ -30,7 +30,7 @@ import math
 import numpy as np
 import torch
 
-from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metric, require_images
+from raebench.metrics.base import Metric, MetricBatch, MetricInputError, MetricSpec, register_metric, require_images
 
 
 #: a side with at most this many rows keeps them, for the exact low-rank path (N ≤ d)
@@ -223,7 +223,13 @@ class FrechetMetric(Metric):
 
     def set_reference_stats(self, stats: dict) -> None:
         k_mu, k_sigma = self.reference_stats_keys
-        self._ref_stats = (_f64(stats[k_mu]), _f64(stats[k_sigma]))
+        mu, sigma = _f64(stats[k_mu]), _f64(stats[k_sigma])
+        if mu.ndim != 1 or sigma.shape != (mu.numel(), mu.numel()):
+            raise MetricInputError(f"{self.spec.name} needs {k_mu} of shape (d,) and {k_sigma} (d, d), "
+                                   f"got {tuple(mu.shape)} and {tuple(sigma.shape)}.")
+        if not (bool(torch.isfinite(mu).all()) and bool(torch.isfinite(sigma).all())):
+            raise MetricInputError(f"{self.spec.name}: the stored reference statistics {k_mu}/{k_sigma} hold NaN/Inf.")
+        self._ref_stats = (mu, sigma)
 
     def compute(self) -> dict[str, float]:
         self.notes = []

@@ -74,6 +74,44 @@ def pair_order(ref: ImageSource, cand: ImageSource, flags: tuple[str, str] = ("-
     return list(range(ref.n))
 
 
+def numeric_names_note(ref: ImageSource, cand: ImageSource) -> str:
+    """A warning for pairing a folder with an ``.npz`` by position when every file of the folder has
+    an integer name and text order (how folders are read) is not numeric order (``0, 1, 10, 11, 2``):
+    row i of the .npz then meets the i-th name as text, not file i. "" when that is not the case."""
+    if {ref.kind, cand.kind} != {"dir", "npz"}:
+        return ""
+    folder = ref if ref.kind == "dir" else cand
+    names = folder.names
+    if not names or not all(n.isascii() and n.isdigit() for n in names) or sorted(names, key=int) == names:
+        return ""
+    return (f"pairs by position: the numeric file names of {folder.path.name} are read in text order "
+            f"({', '.join(names[:4])}, ...), not numeric order; if .npz row i is file i, the pairs are wrong "
+            f"(name the files zero-padded, 000000.png)")
+
+
+def size_mismatch(ref: ImageSource, cand: ImageSource, ref_hw: tuple, cand_hw: tuple) -> DataError:
+    """The error for pairs of different sizes, with advice that can work: --resolution crops folders,
+    never an ``.npz``."""
+    if ref.kind == "npz" and cand.kind == "npz":
+        fix = "an .npz cannot be resized, so write both at one size"
+    elif "npz" in (ref.kind, cand.kind):
+        h, w = ref_hw if ref.kind == "npz" else cand_hw
+        fix = (f"pass --resolution {h} to crop the folder to the .npz's size" if h == w else
+               "an .npz cannot be resized and --resolution crops folders square, so write both at one size")
+    else:
+        fix = "pass --resolution R to crop both"
+    return DataError(f"Reference and candidate images differ in size ({ref_hw} vs {cand_hw}); {fix}.")
+
+
+def check_pair_sizes(ref: ImageSource, cand: ImageSource) -> None:
+    """Two ``.npz`` files paired image by image must hold one image size (known from their headers,
+    so refused before any model loads)."""
+    if ref.kind == "npz" and cand.kind == "npz" and ref.n and cand.n:
+        a, b = npz_images_shape(ref.path)[1:3], npz_images_shape(cand.path)[1:3]
+        if a != b:
+            raise size_mismatch(ref, cand, a, b)
+
+
 def score(
     references: str,
     candidates: str,
@@ -117,15 +155,21 @@ def score(
     ref, cand = open_source(references, resolution), open_source(candidates, resolution)
     for src in (ref, cand):  # the image size from headers (an .npz's arr_0, a folder's first image), before any model
         side = src.short_side()
-        if side:
-            check_sizes(batch_size, None, tuple(s.name for s in specs), side)
+        if side is not None:
+            check_sizes(batch_size, None, tuple(s.name for s in specs), side, resizable=src.kind != "npz")
+    pair_note = ""
+    if any(s.kind == "paired" for s in specs):
+        check_pair_sizes(ref, cand)
+        pair_note = numeric_names_note(ref, cand)
+        if pair_note and rank == 0:
+            log.warning("%s", pair_note)
     if cand.n == 0:
         why = "its arr_0 is empty" if cand.kind == "npz" and npz_images_shape(cand.path) else "an .npz needs arr_0"
         raise DataError(f"{candidates!r} holds no images ({why}).")
     if ref.n == 0 and any(s.kind == "paired" for s in specs):
         raise DataError(f"{references!r} holds no images (an .npz needs arr_0); paired metrics "
                         f"({', '.join(s.name for s in specs if s.kind == 'paired')}) compare image to image.")
-    stats = ref.stats()
+    stats = ref.stats(*_stats_wanted(specs))  # checked (dtype, shape, finite) before any model loads
     unserved = [s.name for s in specs if s.reads_references(stats)]
     if ref.n == 0 and unserved:
         raise DataError(f"{references!r} holds no images (arr_0) and its statistics do not cover "
@@ -194,7 +238,7 @@ def score(
             return scorer
 
         outcome = _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain,
-                          resolution, dev, world, paired, stats, t0, write, rank, results_dir)
+                          resolution, dev, world, paired, stats, t0, write, rank, results_dir, pair_note)
         if world > 1:
             td.barrier()  # rank 0 has written the rows before any rank removes its resume state
     except BaseException:
@@ -204,6 +248,24 @@ def score(
     if work is not None:
         work.release(remove=True)
     return outcome
+
+
+def _stats_wanted(specs) -> tuple[tuple[str, ...], dict[str, int]]:
+    """The stored-statistics keys the metrics ``specs`` can use, and the feature width each mean
+    must have (``mu``: 2048, Inception pool3), from the extractor specs, without building anything."""
+    from raebench.metrics import EXTRACTORS
+
+    keys: list[str] = []
+    widths: dict[str, int] = {}
+    for s in specs:
+        if not s.reference_stats_keys:
+            continue
+        keys += [k for k in s.reference_stats_keys if k not in keys]
+        ext, out = s.reference_inputs[0].split("/")
+        d = EXTRACTORS.get(ext).dim(out)
+        if d is not None:
+            widths[s.reference_stats_keys[0]] = d
+    return tuple(keys), widths
 
 
 def _score_key(ref: ImageSource, cand: ImageSource, ev, resolution: int | None, options) -> str:
@@ -237,8 +299,7 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
             keep_r = torch.tensor([order[i] in have_c for i in ri.tolist()], dtype=torch.bool)
             keep_c = torch.tensor([partner[i] in have_r for i in ci.tolist()], dtype=torch.bool)
             if keep_c.any() and rimg.shape[1:] != cimg.shape[1:]:
-                raise DataError(f"Reference and candidate images differ in size ({tuple(rimg.shape[2:])} vs "
-                                f"{tuple(cimg.shape[2:])}); pass --resolution R to crop both.")
+                raise size_mismatch(ref, cand, tuple(rimg.shape[2:]), tuple(cimg.shape[2:]))
             if rimg.shape[0]:  # folders read as they are: their size is known from the first image
                 check_sizes(batch_size, None, tuple(s.name for s in specs), min(rimg.shape[-2:]))
             if rimg.shape[0]:  # every readable reference reaches the feature cache, paired or not
@@ -283,7 +344,7 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
 
 
 def _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain, resolution,
-            dev, world, paired, stats, t0, write, rank, results_dir) -> ScoreOutcome:
+            dev, world, paired, stats, t0, write, rank, results_dir, pair_note: str = "") -> ScoreOutcome:
     from raebench.distributed import on_rank0
     from raebench.metrics import higher_is_better
     from raebench.results import ResultRow, new_run_id, write_rows
@@ -296,6 +357,11 @@ def _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, c
         return (*scorer.compute(), dict(scorer.failed))
 
     values, versions, notes, failed = on_rank0(final)  # the other ranks wait for rank 0's numbers
+    if pair_note:  # on the rows of the metrics that compare image to image
+        from raebench.metrics import METRICS
+
+        paired_names = {o for s in METRICS if s.kind == "paired" for o in (s.name, *(n for n, _ in s.outputs))}
+        notes = {k: "; ".join(x for x in (v, pair_note if k in paired_names else "") if x) for k, v in notes.items()}
     if not values:
         raise RaebenchError(f"Nothing to write for {candidates!r}: {'; '.join(failed.values())}.")
     seconds = time.perf_counter() - t0

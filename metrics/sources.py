@@ -28,6 +28,8 @@ from raebench.metrics.extractors import fingerprint_path
 
 
 ADM_STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+#: (mean, covariance) key pairs of an ADM reference batch
+ADM_STATS_PAIRS = (("mu", "sigma"), ("mu_s", "sigma_s"))
 #: the key under which ``raebench sample`` stores its settings (a JSON string) in the npz it writes
 SETTINGS_KEY = "raebench_settings"
 
@@ -69,12 +71,32 @@ class ImageSource:
             except (ValueError, TypeError):
                 return None
 
-    def stats(self) -> dict[str, np.ndarray]:
-        """The ADM statistics stored in an ``.npz`` (those present among mu, sigma, mu_s, sigma_s)."""
+    def stats(self, keys: tuple[str, ...] = ADM_STATS_KEYS, widths: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+        """The ADM statistics stored in an ``.npz`` (those of ``keys`` present), as float64 and
+        checked before any model loads: real numbers, all finite, a mean of shape (d,) and its
+        covariance (d, d), with d = ``widths[mean key]`` where given (the feature width of the
+        metric that uses them: 2048 for ``mu``). Anything else is a :class:`DataError` naming the
+        file and the key."""
         if self.kind != "npz":
             return {}
-        with np.load(self.path) as z:
-            return {k: np.asarray(z[k]) for k in ADM_STATS_KEYS if k in z.files}
+        out: dict[str, np.ndarray] = {}
+        try:
+            with np.load(self.path) as z:  # allow_pickle=False: an object array is refused, never unpickled
+                for k in keys:
+                    if k in z.files:
+                        out[k] = np.asarray(z[k])
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError, NotImplementedError) as e:
+            raise DataError(f"{self.path.name}: its statistics cannot be read ({type(e).__name__}: {str(e)[:80]}); "
+                            "store mu/sigma as plain float arrays.") from None
+        widths = widths or {}
+        for mean_key, cov_key in ADM_STATS_PAIRS:
+            d = widths.get(mean_key)
+            if d is None and mean_key in out and out[mean_key].ndim == 1:
+                d = out[mean_key].shape[0]
+            for k, ndim in ((mean_key, 1), (cov_key, 2)):
+                if k in out:
+                    out[k] = _checked_stat(self.path, k, out[k], ndim, d)
+        return out
 
     def short_side(self) -> int | None:
         """The short side of the images as they will be read, from headers only: the crop with
@@ -162,17 +184,39 @@ def npz_images_shape(path: Path) -> tuple[int, ...] | None:
             with zf.open(info) as f:
                 shape, _, dtype = _read_header(f)
                 header = f.tell()
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError, NotImplementedError) as e:
+        # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks
         raise DataError(f"{path.name} is not a readable .npz ({type(e).__name__}: {str(e)[:80]}); "
                         "it may be truncated or corrupt.") from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
         raise DataError(f"{path.name}: arr_0 must be (N, H, W, 3) uint8 images, got {dtype} {shape}.")
+    if shape[0] < 0 or shape[1] < 1 or shape[2] < 1:
+        raise DataError(f"{path.name}: arr_0 must hold images of at least 1x1 pixels, its header says "
+                        f"{shape[0]} images of {shape[1]}x{shape[2]}.")
     per = int(np.prod(shape[1:]))
     held = (info.file_size - header) // per if per else shape[0]
     if held < shape[0]:
         raise DataError(f"{path.name}: arr_0 claims {shape[0]} images of {shape[1]}x{shape[2]} but holds only {held}; "
                         "the file is truncated.")
     return shape
+
+
+def _checked_stat(path: Path, key: str, a: np.ndarray, ndim: int, d: int | None) -> np.ndarray:
+    """``a`` (the statistic ``key`` of ``path``: a mean, ``ndim`` 1, or a covariance, 2) as float64
+    if it holds finite real numbers in shape (d,) or (d, d) (d None: any width, square), else a
+    :class:`DataError`."""
+    if a.dtype == bool or not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise DataError(f"{path.name}: {key} must hold real numbers, got dtype {a.dtype}.")
+    width = d if d is not None else (a.shape[0] if a.ndim else None)
+    if a.ndim != ndim or width is None or a.shape != (width,) * ndim:
+        want = "x".join([str(d) if d is not None else "d"] * ndim)
+        why = " (the feature width of the metric that uses it)" if d is not None else ""
+        raise DataError(f"{path.name}: {key} must have shape {want}{why}, got {'x'.join(map(str, a.shape)) or 'a scalar'}.")
+    a = a.astype(np.float64)
+    bad = int(a.size - np.isfinite(a).sum())
+    if bad:
+        raise DataError(f"{path.name}: {key} holds {bad} NaN/Inf value(s); recompute the statistics from finite features.")
+    return a
 
 
 def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:

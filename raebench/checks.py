@@ -6,9 +6,11 @@ from __future__ import annotations
 from raebench.errors import RaebenchError
 
 
-def check_sizes(batch_size: int, resolution: int | None, metrics: tuple[str, ...] = (), image_side: int | None = None) -> None:
+def check_sizes(batch_size: int, resolution: int | None, metrics: tuple[str, ...] = (), image_side: int | None = None,
+                resizable: bool = True) -> None:
     """Batch size, resolution and the smallest image each metric accepts (``image_side``: the short
-    side of images read as they are), checked before any work."""
+    side of images read as they are), checked before any work. ``resizable=False``: the images
+    cannot be cropped (an ``.npz``), so the advice is not --resolution."""
     if batch_size < 1:
         raise RaebenchError(f"--batch-size must be at least 1, got {batch_size}.")
     if resolution is not None and resolution < 1:
@@ -18,8 +20,9 @@ def check_sizes(batch_size: int, resolution: int | None, metrics: tuple[str, ...
     for m in metrics if side is not None else ():
         need = min_image_side(m)
         if side < need:
-            raise RaebenchError(f"{m} needs images of at least {need} px on the short side, and {what} "
-                                f"(use --resolution {need} or more, or drop {m}).")
+            fix = (f"use --resolution {need} or more, or drop {m}" if resizable else
+                   f"an .npz cannot be resized: drop {m}, or write the images at {need} px or more")
+            raise RaebenchError(f"{m} needs images of at least {need} px on the short side, and {what} ({fix}).")
 
 
 def min_image_side(metric: str) -> int:

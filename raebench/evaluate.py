@@ -401,6 +401,20 @@ class Evaluator:
                 out[spec.name] = m.weights_id
         return out
 
+    def _nonfinite_cause(self, spec, m) -> str:
+        """Why ``m``'s accumulated features or per-image scores hold NaN/Inf ("" when they do not):
+        the images are uint8, so it is the network, usually its weights; named with its file."""
+        if not _nonfinite_count(m.state()):
+            return ""
+        nets = []
+        for e in spec.extractors:
+            path = getattr(self.extractor(e), "weights_path", None)
+            nets.append(f"{e} ({str(path)!r})" if path else e)
+        if not nets and getattr(m, "weights_id", None):
+            nets.append(f"{spec.name} (weights {m.weights_id})")
+        return (f"NaN: the features or scores of {' and '.join(nets) or spec.name} hold NaN/Inf "
+                "(from 8-bit images: its network's weights are at fault; check that file)")
+
     def compute(self) -> tuple[dict[str, float], dict[str, str], dict[str, str]]:
         """-> (values by result name, metric version by result name, notes by result name).
 
@@ -411,6 +425,12 @@ class Evaluator:
         values, versions, notes = {}, {}, {}
         self.failed = {}
         for spec, m in zip(self.specs, self.metrics):
+            why = self._nonfinite_cause(spec, m)
+            if why:  # NaN with the cause, never a number computed from NaN/Inf features
+                log.warning("%s: %s", spec.name, why)
+                for k in (spec.name, *(o for o, _ in spec.outputs)):
+                    values[k], versions[k], notes[k] = float("nan"), self.version_of(spec), why
+                continue
             try:
                 out = m.compute()
             except TooFewImagesError as e:
@@ -422,6 +442,19 @@ class Evaluator:
                 versions[k] = self.version_of(spec)
                 notes[k] = "; ".join(m.notes)
         return values, versions, notes
+
+
+def _nonfinite_count(x) -> int:
+    """NaN/Inf entries in a metric state (tensors, numbers, nested lists and dicts)."""
+    if isinstance(x, torch.Tensor):
+        return int(x.numel() - torch.isfinite(x).sum()) if x.is_floating_point() else 0
+    if isinstance(x, float):
+        return int(not np.isfinite(x))
+    if isinstance(x, dict):
+        return sum(_nonfinite_count(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_nonfinite_count(v) for v in x)
+    return 0
 
 
 def _metric_options(cfg: EvalConfig) -> dict[str, dict[str, str]] | None:

@@ -100,6 +100,12 @@ def test_metric_notes_n_below_d_and_uses_stored_reference_stats():
     m2.set_reference_stats({"mu": y.mean(0), "sigma": np.cov(y, rowvar=False)})
     m2.update(MetricBatch(None, None, {"inception": ({"pool": torch.from_numpy(y + 100)}, {"pool": torch.from_numpy(x)})}))
     assert m2.compute()["fid"] == pytest.approx(value, rel=1e-6)
+    # stored statistics that cannot be a Gaussian's are refused when given, not after the pass
+    from raebench.metrics.base import MetricInputError
+
+    for bad in ({"mu": np.full(64, np.nan), "sigma": np.eye(64)}, {"mu": np.zeros(64), "sigma": np.eye(10)}):
+        with pytest.raises(MetricInputError, match="NaN/Inf|shape"):
+            spec.build().set_reference_stats(bad)
 
 
 @pytest.mark.parametrize("offset", [1e6, 1e7])

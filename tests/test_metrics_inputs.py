@@ -199,3 +199,137 @@ def test_psnr_of_uint8_pairs_equals_skimage():
     m.update(MetricBatch(torch.from_numpy(a).permute(0, 3, 1, 2), torch.from_numpy(b).permute(0, 3, 1, 2)))
     ref = np.mean([peak_signal_noise_ratio(x, y, data_range=255) for x, y in zip(a, b)])
     assert m.compute()["psnr"] == pytest.approx(ref, rel=1e-6)  # the images reach it as float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference .npz files: stored statistics, archive members, image sizes
+# ---------------------------------------------------------------------------------------------
+
+
+def _npz_file(path, images=None, **arrays):
+    np.savez(path, **({} if images is None else {"arr_0": images.permute(0, 2, 3, 1).numpy()}), **arrays)
+    return path
+
+
+def _patched_member(path, offsets):
+    """Set bytes of the (only) member's local and central headers: {(signature, offset): (value, width)}."""
+    b = bytearray(path.read_bytes())
+    for (sig, off), (value, width) in offsets.items():
+        i = b.index(sig)
+        b[i + off:i + off + width] = (int.from_bytes(b[i + off:i + off + width], "little") | value).to_bytes(width, "little") \
+            if width == 1 else value.to_bytes(width, "little")
+    path.write_bytes(bytes(b))
+    return path
+
+
+@pytest.mark.parametrize("stats, says", [
+    ({"mu": np.full(2048, np.nan), "sigma": np.eye(2048)}, "mu holds 2048 NaN/Inf"),
+    ({"mu": np.zeros(2048), "sigma": np.diag(np.r_[np.inf, np.ones(2047)])}, "sigma holds 1 NaN/Inf"),
+    ({"mu": np.array([None] * 2048, dtype=object), "sigma": np.eye(2048)}, "statistics cannot be read"),
+    ({"mu": np.zeros(10), "sigma": np.eye(10)}, "mu must have shape 2048 (the feature width"),
+    ({"mu": np.zeros(2048), "sigma": np.eye(10)}, "sigma must have shape 2048x2048"),
+    ({"mu": np.zeros(2048, dtype=complex), "sigma": np.eye(2048)}, "mu must hold real numbers"),
+])
+def test_score_refuses_bad_reference_statistics_before_any_model(stats, says, tmp_path, capsys, make_images, no_model_build):
+    ref = _npz_file(tmp_path / "ref.npz", make_images(3, 16, 16, seed=1), **stats)
+    save_pngs(make_images(3, 16, 16, seed=2), tmp_path / "cand")
+    code, _, err = run(["score", "--references", str(ref), "--candidates", str(tmp_path / "cand"), "-m", "fid",
+                        "--device", "cpu", "--results", str(tmp_path / "res")], capsys)
+    err = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err and "ref.npz" in err and says in err, err
+
+
+def test_fid_from_nonfinite_features_is_nan_with_the_cause(tmp_path, capsys, monkeypatch):
+    """An Inception weights file holding NaN: fid and precision are NaN with a note naming the network
+    and its file (not a number computed from NaN features), psnr is unaffected."""
+    from _metrics_helpers import photo_crops, random_inception_weights
+
+    path = random_inception_weights(tmp_path / "inception.pth")
+    state = torch.load(path)
+    state["Conv2d_1a_3x3.conv.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, path)
+    monkeypatch.setenv("RAEBENCH_INCEPTION_WEIGHTS", str(path))
+    monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache"))
+    images = photo_crops(4, 32, seed=3)
+    save_pngs(images, tmp_path / "ref")
+    save_pngs(images.flip(-1), tmp_path / "cand")
+    code, _, err = run(["score", "--references", str(tmp_path / "ref"), "--candidates", str(tmp_path / "cand"),
+                        "-m", "psnr,fid,precision", "--device", "cpu", "--results", str(tmp_path / "res")], capsys)
+    assert code == 0, err
+    df = load(tmp_path / "res")
+    rows = {r.metric: r for r in df.itertuples()}
+    assert np.isfinite(rows["psnr"].value) and rows["psnr"].notes == ""
+    for m in ("fid", "precision", "recall"):
+        assert np.isnan(rows[m].value), m
+        assert "NaN/Inf" in rows[m].notes and "inception" in rows[m].notes and "inception.pth" in rows[m].notes
+
+
+def test_npz_archive_members_that_cannot_be_read_are_one_sentence(tmp_path, capsys, make_images, no_model_build):
+    save_pngs(make_images(3, 16, 16, seed=2), tmp_path / "cand")
+    enc = _patched_member(_npz_file(tmp_path / "enc.npz", make_images(3, 16, 16)),
+                          {(b"PK\x03\x04", 6): (1, 1), (b"PK\x01\x02", 8): (1, 1)})  # the "encrypted" flag
+    method = _patched_member(_npz_file(tmp_path / "method.npz", make_images(3, 16, 16)),
+                             {(b"PK\x03\x04", 8): (99, 2), (b"PK\x01\x02", 10): (99, 2)})  # compression method 99
+    for ref, why in ((enc, "RuntimeError"), (method, "NotImplementedError")):
+        code, _, err = run(["score", "--references", str(ref), "--candidates", str(tmp_path / "cand"), "-m", "psnr",
+                            "--device", "cpu", "--results", str(tmp_path / "res")], capsys)
+        err = " ".join(err.split())
+        assert code == 2 and "Traceback" not in err and f"{ref.name} is not a readable .npz ({why}" in err, err
+
+
+def _npz_with_header(path, shape):
+    """An .npz whose arr_0 header claims ``shape`` (uint8), with as many bytes as it claims when it can."""
+    import zipfile
+
+    header = "{'descr': '|u1', 'fortran_order': False, 'shape': %r, }" % (tuple(shape),)
+    header += " " * (63 - (10 + len(header)) % 64) + "\n"
+    body = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1")
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("arr_0.npy", body + bytes(max(0, int(np.prod(shape)))))
+    return path
+
+
+@pytest.mark.parametrize("shape, metric", [((6, 0, 0, 3), "fid"), ((6, 0, 0, 3), "psnr"), ((2, -32, 32, 3), "psnr")])
+def test_npz_images_without_pixels_are_refused(shape, metric, tmp_path, capsys, make_images, no_model_build):
+    cand = _npz_with_header(tmp_path / "cand.npz", shape)
+    _npz_file(tmp_path / "ref.npz", make_images(6, 16, 16))
+    code, _, err = run(["score", "--references", str(tmp_path / "ref.npz"), "--candidates", str(cand), "-m", metric,
+                        "--device", "cpu", "--results", str(tmp_path / "res")], capsys)
+    err = " ".join(err.split())
+    assert code == 2 and "Traceback" not in err and "cand.npz: arr_0 must hold images of at least 1x1 pixels" in err, err
+    assert "--resolution" not in err
+
+
+def test_npz_size_advice_never_asks_to_crop_an_npz(tmp_path, capsys, make_images, no_model_build):
+    _npz_file(tmp_path / "a.npz", make_images(3, 16, 16))
+    _npz_file(tmp_path / "b.npz", make_images(3, 24, 24))
+    _npz_file(tmp_path / "tiny.npz", make_images(3, 8, 8))
+    for ref, cand, metric, says in (("a", "b", "psnr", "differ in size ((16, 16) vs (24, 24)); an .npz cannot be resized"),
+                                    ("tiny", "tiny", "ssim", "an .npz cannot be resized: drop ssim")):
+        code, _, err = run(["score", "--references", str(tmp_path / f"{ref}.npz"), "--candidates", str(tmp_path / f"{cand}.npz"),
+                            "-m", metric, "--device", "cpu", "--results", str(tmp_path / "res")], capsys)
+        err = " ".join(err.split())
+        assert code == 2 and "Traceback" not in err and says in err and "--resolution" not in err, err
+
+
+def test_npz_paired_with_unpadded_numeric_file_names_is_noted(tmp_path, capsys, make_images):
+    from PIL import Image
+
+    images = make_images(12, 16, 16, seed=4)
+    _npz_file(tmp_path / "ref.npz", images)
+    (tmp_path / "cand").mkdir()
+    for i, x in enumerate(images):  # file i is row i, but read in text order: 0, 1, 10, 11, 2, ...
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(tmp_path / "cand" / f"{i}.png")
+    code, _, err = run(["score", "--references", str(tmp_path / "ref.npz"), "--candidates", str(tmp_path / "cand"),
+                        "-m", "psnr", "--device", "cpu", "--results", str(tmp_path / "res")], capsys)
+    assert code == 0, err
+    row = load(tmp_path / "res").iloc[0]
+    assert "numeric file names of cand are read in text order (0, 1, 10, 11, ...)" in row["notes"], row["notes"]
+    assert "text order" in " ".join(err.split())  # also said at the time
+    # zero-padded names sort numerically: no note
+    for i in range(12):
+        (tmp_path / "cand" / f"{i}.png").rename(tmp_path / "cand" / f"{i:03d}.png")
+    code, _, err = run(["score", "--references", str(tmp_path / "ref.npz"), "--candidates", str(tmp_path / "cand"),
+                        "-m", "psnr", "--device", "cpu", "--results", str(tmp_path / "res2")], capsys)
+    row = load(tmp_path / "res2").iloc[0]
+    assert code == 0 and row["notes"] == "" and row["value"] == pytest.approx(100.0), err
