@@ -56,6 +56,8 @@ def test_eval_default_dataset_runs_offline(tmp_path: Path, capsys):
         (["eval", "-t", "pixels", "--decoder", "x.pt"], "takes no --decoder"),
         (["ls", "widgets"], "Unknown list"),
         (["eval", "-t", "pixels", "--domain", "foo"], "--domain takes in-domain or open-domain, not 'foo'"),
+        (["score", "--references", "r", "--candidates", "c", "-m", "psnr", "--name", "a\nb"],
+         "must be non-empty printable text"),
         (["eval", "-t", "pixels", "-m", ""], "--metrics is empty"),
         (["eval", "-t", "pixels", "--tokenizer-config", "x.yaml"], "not both"),
         (["compare", "-t", "pixels", "-t", "pixels"], "pixels is given more than once"),

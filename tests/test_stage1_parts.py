@@ -346,3 +346,21 @@ def test_only_the_distributed_helpers_set_the_cuda_device():
     callers = sorted(str(f.relative_to(root)) for d in ("raebench", "metrics", "baselines")
                      for f in (root / d).rglob("*.py") if "torch.cuda.set_device(" in f.read_text())
     assert callers == ["raebench/distributed.py"], callers
+
+
+def test_export_decoder_of_a_stage2_run_says_so(tmp_path):
+    """`export-decoder` on a `train stage2` run used to say its 'ema' entry "is not a decoder state dict";
+    it now names the stage-2 model and what the command exports."""
+    from raebench.errors import CheckpointError
+    from raebench.stage1.export import export_decoder
+    from raebench.stage2.train import preset
+
+    import dataclasses
+
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    torch.save({"ema": {"pos_embed": torch.zeros(1, 4, 8)}, "model": {}, "config": dataclasses.asdict(preset("tiny"))},
+               run / "last.pt")
+    with pytest.raises(CheckpointError, match=r"is a stage-2 \(ditdh-tiny\) checkpoint; export-decoder exports the "
+                                              r"decoder of a `raebench train stage1` run"):
+        export_decoder(tmp_path / "run", tmp_path / "out")

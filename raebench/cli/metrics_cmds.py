@@ -8,6 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from raebench.errors import RaebenchError
+
 
 def register(app: typer.Typer) -> None:
     @app.command("score")
@@ -43,6 +45,8 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
     from raebench.evaluate import parse_options
     from raebench.metrics.scoring import score
 
+    if name is not None and (not name.strip() or not name.isprintable()):  # a row label in every table
+        raise RaebenchError(f"--name {name!r} must be non-empty printable text (no newlines or control characters).")
     distributed.init(device)
     device = distributed.local_device(device)
     # no --option: None, so the metrics read $RAEBENCH_METRIC_OPTIONS (as eval does)

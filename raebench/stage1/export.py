@@ -43,6 +43,10 @@ def export_decoder(source: str | os.PathLike, out: str | os.PathLike, which: str
     ck = load_state(path)
     if not isinstance(ck, dict) or which not in ck or "config" not in ck:
         raise CheckpointError(f"{str(path)!r} is not a raebench stage-1 checkpoint (no {which!r}/'config' entries).")
+    saved = ck["config"] if isinstance(ck["config"], dict) else {}
+    if str(saved.get("model", "")).startswith(("ditdh", "lightningdit")):  # a `train stage2` run
+        raise CheckpointError(f"{str(path)!r} is a stage-2 ({saved['model']}) checkpoint; export-decoder exports the "
+                              "decoder of a `raebench train stage1` run.")
     cfg = from_dict(ck["config"])
     sd = {k: v.detach().float().contiguous() for k, v in ck[which].items()}
     if "decoder_embed.weight" not in sd:

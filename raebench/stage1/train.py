@@ -192,7 +192,7 @@ def _checked_step(module: nn.Module, opt: torch.optim.Optimizer, clip: float | N
         hint = "lower the learning rate or use --precision fp32" if cfg.precision == "bf16" else \
             "lower the learning rate or check the images"
         raise RaebenchError(f"Training stopped at step {step + 1}: the {what} gradients became non-finite ({e}); the "
-                            f"last checkpoint holds the last good state; {hint}.") from None
+                            f"last checkpoint, if one was written, holds the last good state; {hint}.") from None
 
 
 def compare_configs(saved: dict, cfg: Stage1Config, encoder_recorded: bool = False) -> list[str]:
@@ -409,7 +409,8 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
             remove_orphan_temps(folder)
         meta = {"config": cfg.to_dict(), "plan": p, "world_size": world, "device": str(device), **provenance()}
         atomic_write_bytes(run_dir / "config.json", json.dumps(meta, indent=2).encode())
-        log.info("stage 1: %d images, %d steps/epoch, %d steps (%d epochs), micro-batch %d x %d accum x %d ranks",
+        log.info("stage 1: %d images listed (an unreadable one is replaced by the next readable, with a warning), "
+                 "%d steps/epoch, %d steps (%d epochs), micro-batch %d x %d accum x %d ranks",
                  p["images"], spe, total, cfg.epochs, micro, accum, world)
     runlog = RunLog(run_dir, step, cfg) if rank == 0 else None
 

@@ -483,10 +483,11 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
             total_loss = train_step(ddp, model, ema, opt, transport, x, y, cfg, autocast, draws=(t, noise))
         except NonFiniteGradientError as e:
             hint = "use --precision fp32, " if cfg.precision == "bf16" else ""
+            kept = (f"The checkpoint in {ckpt_path.parent} holds the last good state" if ckpt_path.is_file() else
+                    "No checkpoint was written yet (it failed before the first)")
             raise RaebenchError(
                 f"Training stopped at step {step + 1}: {e} (loss {losses[-1] if losses else 'n/a'} at the previous "
-                f"step). The checkpoint in {ckpt_path.parent} holds the last good state; lower the learning rate, "
-                f"{hint}or check the latents for NaN/Inf.") from None
+                f"step). {kept}; lower the learning rate, {hint}or check the latents for NaN/Inf.") from None
         sched.step()
         losses.append(total_loss)
         step += 1
