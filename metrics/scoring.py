@@ -178,6 +178,7 @@ def score(
                        where=(f"{flags[0]} {references!r}", f"{flags[1]} {candidates!r}"))
     dev = resolve_device(device)
     ev = Evaluator(tuple(s.name for s in specs), dev, options=options, reference=ReferenceSet(ref.id, ref.n) if ref.n else None)
+    ev.check_weights()
     if stats:
         ev.set_reference_stats(stats)
     paired = any(s.kind == "paired" for s in specs)

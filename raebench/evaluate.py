@@ -162,6 +162,16 @@ def parse_options(items: list[str] | tuple[str, ...] | str | None) -> dict[str, 
     return out
 
 
+def _raise_missing(missing: list[str]) -> None:
+    from raebench.errors import MissingWeightsError
+
+    if len(missing) == 1:
+        raise MissingWeightsError(missing[0])
+    if missing:
+        raise MissingWeightsError(f"{len(missing)} metric weights are missing: " +
+                                  " ".join(f"({i}) {m}" for i, m in enumerate(missing, 1)))
+
+
 def check_option_values(spec, opts: dict[str, str]) -> None:
     """The values of one metric's or extractor's options, before anything loads: a fixed set where the
     spec lists one, a torch device string for ``device``, a non-empty path for ``weights``."""
@@ -221,7 +231,6 @@ class Evaluator:
             if bad:
                 raise RaebenchError(f"{target} takes no option {', '.join(bad)}; it takes {', '.join(allowed) or 'none'}.")
             check_option_values(spec, opts)
-        self.metrics = [self._build_metric(s) for s in self.specs]
         # which outputs of which extractor each side needs
         self.ref_needs: dict[str, set[str]] = {}
         self.cand_needs: dict[str, set[str]] = {}
@@ -230,6 +239,7 @@ class Evaluator:
                 for item in inputs:
                     ext, out = item.split("/")
                     side.setdefault(ext, set()).add(out)
+        self.metrics = self._build_all()
         self._extractors: dict = {}
         self.reference = reference
         self.cache = (FeatureCache() if cache is None else cache) if reference is not None else None
@@ -238,6 +248,41 @@ class Evaluator:
         self.failed: dict[str, str] = {}  # metric -> why compute() could not give it a value
 
     # -- building ---------------------------------------------------------------------------------
+
+    def _build_all(self) -> list:
+        """Every metric; if some lack their weights, one error names those and every extractor's missing
+        weights too, not one per run (LPIPS, then DreamSim, then DINOv2, ...)."""
+        from raebench.errors import MissingWeightsError
+
+        metrics, missing = [], []
+        for s in self.specs:
+            try:
+                metrics.append(self._build_metric(s))
+            except MissingWeightsError as e:
+                missing.append(str(e))
+        if missing:
+            _raise_missing(missing + self._missing_extractor_weights())
+        return metrics
+
+    def _missing_extractor_weights(self) -> list[str]:
+        from raebench.errors import MissingWeightsError
+        from raebench.metrics import EXTRACTORS
+
+        missing = []
+        for name in sorted(set(self.ref_needs) | set(self.cand_needs)):
+            spec = EXTRACTORS.get(name)
+            if spec.weights_path is None:
+                continue
+            try:
+                spec.weights_path(self.options.get(name, {}).get("weights"))  # resolved (found or fetched), not loaded
+            except MissingWeightsError as e:
+                missing.append(str(e))
+        return missing
+
+    def check_weights(self) -> None:
+        """Every extractor's weights present (or fetched) before the pass: all missing ones in one error,
+        at start-up, not at the first batch."""
+        _raise_missing(self._missing_extractor_weights())
 
     def _build_metric(self, spec):
         opts = dict(self.options.get(spec.name, {}))
@@ -505,6 +550,7 @@ def evaluate(
     tok = tokenizer if tokenizer is not None else build_tokenizer_from_config(cfg, device)
     reference = ReferenceSet(f"{data.images.fingerprint()}|adm-center-crop@{cfg.resolution}", data.n)
     ev = Evaluator(tuple(cfg.metrics), device, reference=reference, options=_metric_options(cfg))
+    ev.check_weights()
 
     lo, hi = shard(data.n, rank, world)
     work = WorkState(cfg.results_dir, _run_key(cfg, data, tok, [s.version for s in ev.specs]), rank) if cfg.write else None

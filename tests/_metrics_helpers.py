@@ -103,7 +103,7 @@ def stand_in_extractors(monkeypatch, tmp_path):
     for name in ("inception", "clip-l14-336", "dinov2-l14"):
         spec = EXTRACTORS.get(name)
         dims = tuple((o, 20 if o == "spatial" else 24) for o in spec.outputs)  # Projection's widths
-        monkeypatch.setitem(EXTRACTORS._specs, name, replace(spec, builder=builder(spec), dims=dims))
+        monkeypatch.setitem(EXTRACTORS._specs, name, replace(spec, builder=builder(spec), dims=dims, weights_path=None))
     return Projection
 
 

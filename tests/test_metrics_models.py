@@ -145,3 +145,28 @@ def test_extractor_folders_are_loaded_strictly(dinov2_dir, clip_dir, tmp_path, c
     assert ex.model.visual_projection.weight.shape == (16, 32)
     with pytest.raises(CheckpointError, match="holds a 'dinov2' model"):
         build["clip-l14-336"](device="cpu", outputs=("embed",), weights=str(dinov2_dir))
+
+
+def test_every_missing_metric_weight_is_named_in_one_error(tmp_path, monkeypatch):
+    """`score -m lpips-vgg,fid,fd-dinov2,cmmd` without weights named LPIPS, then (next run) Inception,
+    then DINOv2...; one error now names each missing file, before any image is read."""
+    import os
+
+    from raebench.errors import MissingWeightsError
+    from raebench.evaluate import Evaluator
+
+    for k in list(os.environ):
+        if k.startswith("RAEBENCH_") and k.endswith("_WEIGHTS") or k == "RAEBENCH_METRIC_OPTIONS":
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError) as e:
+        Evaluator(("lpips-vgg", "fid", "fd-dinov2", "cmmd"), torch.device("cpu"))
+    msg = str(e.value)
+    assert msg.startswith("4 metric weights are missing: (1) ")
+    for what in ("LPIPS-vgg", "Inception-v3", "DINOv2 ViT-L/14", "CLIP ViT-L/14@336"):
+        assert what in msg, what
+    ev = Evaluator(("fid", "fd-dinov2"), torch.device("cpu"))  # metrics without weights of their own build ...
+    with pytest.raises(MissingWeightsError, match=r"^2 metric weights are missing: \(1\) DINOv2.*\(2\) Inception"):
+        ev.check_weights()  # ... and evaluate/score check their extractors' weights before the pass
