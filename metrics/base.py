@@ -162,8 +162,10 @@ class Metric(abc.ABC):
 class PairedMean(Metric):
     """Mean over images of a per-image score of (reference, candidate) pairs. The per-image float64
     scores are kept (8 bytes an image) and summed with ``math.fsum``, the correctly rounded sum: the
-    mean does not depend on the order the scores arrive in, so torchrun ranks, resumed runs and any
-    batch size give the same bits (a running float sum differed in the last digit across ranks). The score is ``on_float`` of the images as
+    mean does not depend on how the scores were split or the order they arrive in (a running float
+    sum differed in the last digit across torchrun ranks). Scores computed per image in float64
+    (PSNR, SSIM, MS-SSIM) are then the same bits for any ranks, batch size or resume; network scores
+    (LPIPS, DreamSim) still move with the batch's float32 arithmetic. The score is ``on_float`` of the images as
     [0, 1] floats, or a subclass's :meth:`per_image`. Inputs are uint8 pairs of equal shape;
     anything else is refused (a float image in [0, 1] would otherwise be divided by 255 again)."""
 

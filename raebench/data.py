@@ -324,11 +324,12 @@ def scan_folder(root: str | os.PathLike, paths: Sequence[str] | None = None) -> 
     """List image files below ``root`` recursively (extensions case-insensitive), sorted.
 
     Class labels come from the first-level subfolders when every image lives in one; otherwise all
-    labels are -1. Symlinked folders that lead outside the tree are followed, each real folder once;
-    recorded as skipped instead: symlinks to folders inside the tree (the real folder is listed
-    under its own name), links back to a folder already listed (e.g. a cycle), folders that cannot
-    be listed, broken symlinks, and files named like images that are not regular files (a FIFO).
-    A folder named like an image is an ordinary folder.
+    labels are -1. Symlinked folders are followed, each real folder once, in sorted order: the first
+    name that reaches a folder lists it (and labels its images, so ``root/cls_x -> storage/cls_x``
+    keeps class ``cls_x``). Recorded as skipped instead: a later way to a folder already listed (a
+    cycle, a second link, or the real folder after a link to it), folders that cannot be listed,
+    broken symlinks, and files named like images that are not regular files (a FIFO). A folder
+    named like an image is an ordinary folder.
     """
     if MAX_PIXELS is None:
         raise DataError(f"RAEBENCH_MAX_PIXELS={os.environ.get('RAEBENCH_MAX_PIXELS')!r} is not a positive whole number "
@@ -339,9 +340,7 @@ def scan_folder(root: str | os.PathLike, paths: Sequence[str] | None = None) -> 
     found: list[str] = []
     skipped: list[Skip] = []
     if paths is None:
-        real_root = os.path.realpath(rootp)
-        inside = real_root.rstrip(os.sep) + os.sep
-        seen = {real_root}  # folders walked, by real path: symlinks are followed once
+        seen = {os.path.realpath(rootp): str(rootp)}  # real path -> the name it was listed under
 
         def unlistable(e: OSError) -> None:  # os.walk would drop the folder (and its images) silently
             skipped.append(Skip(str(e.filename), f"folder cannot be listed ({e.strerror or type(e).__name__})"))
@@ -351,16 +350,13 @@ def scan_folder(root: str | os.PathLike, paths: Sequence[str] | None = None) -> 
             for d in list(dirnames):
                 full = os.path.join(dirpath, d)
                 real = os.path.realpath(full)
-                link = os.path.islink(full)
-                if link and (real == real_root or real.startswith(inside)):  # walked under its own name
-                    skipped.append(Skip(full, "symlink to a folder inside the data folder"))
-                elif real in seen:  # a cycle, or a second link to a folder already listed
-                    skipped.append(Skip(full, "symlink to a folder scanned already" if link else
-                                        "folder scanned already (reached through a symlink)"))
+                if real in seen:  # a cycle, a second link, or the real folder after a link to it
+                    via = os.path.relpath(seen[real], rootp)
+                    skipped.append(Skip(full, "symlink to a folder scanned already" if os.path.islink(full) else
+                                        f"folder scanned already, as {via!r} (a symlink to it sorts first)"))
+                    dirnames.remove(d)
                 else:
-                    seen.add(real)
-                    continue
-                dirnames.remove(d)
+                    seen[real] = full
             for f in filenames:
                 if Path(f).suffix.lower() in IMAGE_EXTENSIONS:
                     full = os.path.join(dirpath, f)

@@ -47,8 +47,8 @@ def check_rates(cfg: object, positive: tuple[str, ...], non_negative: tuple[str,
 
     for name in (*positive, *non_negative):
         v = getattr(cfg, name)
-        low_ok = v > 0 if name in positive else v >= 0
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low_ok:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not number or not (v > 0 if name in positive else v >= 0):
             raise RaebenchError(f"{name} must be a finite number {'above' if name in positive else 'at least'} 0, got {v!r}.")
 
 

@@ -364,3 +364,30 @@ def test_unmeasured_rows_carry_the_images_they_had_not_zero(image_folder: Path, 
     assert len(align) == 3 and align["value"].isna().all() and (align["n_images"] == 8).all()
     assert "needs more than --mutual-k 10" in align["notes"].iloc[0]
     assert set(df["n_images"]) == {8} | set(df[df["metric"].str.startswith(("robust-", "interp-"))]["n_images"])
+
+
+def test_an_unmeasured_row_says_the_n_of_its_parts_measured_rows(image_folder: Path, tmp_path: Path, capsys):
+    """A part that cannot be measured for one tokenizer (e.g. the diffusability probe over its token
+    limit) writes NaN rows with the n that the part's measured rows record for another (robust/interp:
+    the diagnostic subset, not every image), so the leaderboard keeps one column."""
+    from types import SimpleNamespace
+
+    from raebench.analysis.config import AnalyzeConfig
+    from raebench.analysis.measure import _part_n
+    from raebench.analysis.reuse import part_of
+
+    res = tmp_path / "res"
+    fast = list(FAST)
+    fast[fast.index("--n-diag") + 1] = "3"
+    args = fast  # (the diffusability probe, n = min(--probe-images, n), takes a minute here: not run)
+    code, out, err = run(["analyze", "-t", "bicubic-f8", "--data", str(image_folder), *args, "--results", str(res)], capsys)
+    assert code == 0, err
+    df = load(res)
+    cfg = AnalyzeConfig(tokenizers=("bicubic-f8",), n_diag=3, interp_pairs=1, probe_images=5)
+    rep = SimpleNamespace(n_align=8)
+    seen = {}
+    for metric, n in zip(df["metric"], df["n_images"]):
+        seen.setdefault(part_of(metric), set()).add(int(n))
+    assert {"robust", "interp", "spectrum", "probe", "align:random-proj"} <= set(seen)
+    for part, ns in seen.items():
+        assert ns == {_part_n(part, cfg, rep, 8)}, part

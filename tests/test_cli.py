@@ -131,4 +131,4 @@ def test_compare_csv_holds_one_table_and_the_gaps_go_beside_it(image_folder: Pat
     gaps = pd.read_csv(tmp_path / "cmp-gaps.csv")
     assert list(gaps.columns[:2]) == ["pair", "metric"] and gaps.loc[0, "bicubic-f8"] == 0.0  # the same images
     code, text, err = run(["compare", "-t", "bicubic-f8", "-t", "pixels", *common, "--format", "csv"], capsys)
-    assert code == 0 and "pair,metric" not in text and "give --out FILE to also write them" in " ".join(err.split())
+    assert code == 0 and "pair,metric" not in text and "give --out NAME.csv to also write them to NAME-gaps.csv" in " ".join(err.split())

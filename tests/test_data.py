@@ -356,9 +356,11 @@ def test_a_folder_named_like_an_image_is_walked_not_skipped(tmp_path: Path):
     assert imgs.skipped == []
 
 
-def test_a_symlink_inside_the_tree_is_skipped_not_the_real_folder(tmp_path: Path):
-    """Helper repro: with S/real and S/link -> S/real, ``real`` was listed as "symlink to a folder
-    scanned already" and its images were credited (and labelled) to ``link``."""
+def test_a_folder_reached_first_through_a_symlink_says_so(tmp_path: Path):
+    """With S/real and S/link -> S/real, ``real`` was listed as "symlink to a folder scanned already"
+    though it is no symlink. The first name in sorted order still lists the folder (so class folders
+    that are links into a storage folder keep their names, labels and fingerprints); the reason for
+    the real folder now says it was scanned through the link."""
     root = tmp_path / "S"
     (root / "real").mkdir(parents=True)
     (root / "other").mkdir()
@@ -366,10 +368,20 @@ def test_a_symlink_inside_the_tree_is_skipped_not_the_real_folder(tmp_path: Path
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / d / "a.png")
     os.symlink(root / "real", root / "link")  # sorts before "real"
     imgs = scan_folder(root)
-    assert [os.path.relpath(p, root) for p in imgs.paths] == ["other/a.png", "real/a.png"]
-    assert imgs.classes == ["other", "real"]
+    assert [os.path.relpath(p, root) for p in imgs.paths] == ["link/a.png", "other/a.png"]
+    assert imgs.classes == ["link", "other"]
     assert [(os.path.relpath(s.path, root), s.reason) for s in imgs.skipped] == [
-        ("link", "symlink to a folder inside the data folder")]
+        ("real", "folder scanned already, as 'link' (a symlink to it sorts first)")]
+    # the common layout: class folders that are links into one storage folder keep their classes
+    lay = tmp_path / "L"
+    for c in ("cls_x", "cls_y"):
+        (lay / "storage" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(lay / "storage" / c / "a.png")
+    (lay2 := tmp_path / "L2").mkdir()
+    for c in ("cls_x", "cls_y"):
+        os.symlink(lay / "storage" / c, lay2 / c)
+    imgs = scan_folder(lay2)
+    assert imgs.classes == ["cls_x", "cls_y"] and imgs.labels == [0, 1] and not imgs.skipped
 
 
 def test_exif_orientation_applied(tmp_path: Path):

@@ -123,3 +123,29 @@ def test_paired_means_are_the_same_bits_for_any_split_and_merge_order():
             for sh in order:
                 merged.merge(sh.state())
             assert merged.compute()["psnr"] == whole
+
+
+def test_float64_paired_metrics_are_the_same_bits_at_any_batch_size_and_shard_split():
+    """Through update(): PSNR, SSIM and MS-SSIM per image in float64, summed exactly rounded, give the
+    identical mean for batch sizes 1, 4 and all, and for shards merged in either order."""
+    g = torch.Generator().manual_seed(0)
+    r = torch.randint(0, 256, (7, 3, 176, 176), generator=g, dtype=torch.uint8)
+    c = (r.int() + torch.randint(-20, 21, r.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    for name in ("psnr", "ssim", "ms-ssim"):
+        vals = set()
+        for bs in (1, 4, 7):
+            m = METRICS.get(name).build()
+            for s in range(0, 7, bs):
+                m.update(MetricBatch(r[s:s + bs], c[s:s + bs]))
+            vals.add(m.compute()[name])
+        shards = []
+        for lo, hi in ((0, 3), (3, 7)):
+            sh = METRICS.get(name).build()
+            sh.update(MetricBatch(r[lo:hi], c[lo:hi]))
+            shards.append(sh.state())
+        for order in (shards, shards[::-1]):
+            merged = METRICS.get(name).build()
+            for st in order:
+                merged.merge(st)
+            vals.add(merged.compute()[name])
+        assert len(vals) == 1, (name, vals)

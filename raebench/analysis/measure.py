@@ -162,6 +162,22 @@ def _spectrum_values(s: SpectrumSummary) -> dict[str, float]:
     return vals
 
 
+def _part_n(part: str, cfg: AnalyzeConfig, rep: TokenizerReport, n: int) -> int:
+    """The n_images a measured row of ``part`` records (see :func:`result_rows`' ``add`` calls)."""
+    from raebench.analysis.diagnostics import interpolation_pairs
+
+    n_diag = min(cfg.n_diag, n)
+    if part.startswith("align:"):
+        return rep.n_align
+    if part == "robust":
+        return n_diag
+    if part == "interp":
+        return 2 * len(interpolation_pairs(n_diag, cfg.interp_pairs, cfg.seed))
+    if part == "diffuse":
+        return min(cfg.probe_images, n)
+    return n
+
+
 def result_rows(cfg: AnalyzeConfig, rep: TokenizerReport, data, device, world: int, versions, dist_version, ref_versions: dict[str, str],
           ref_ids: dict[str, str | None], skipped: list[Skip], seconds, expected: dict[str, list[tuple[str, str]]],
           ) -> list[ResultRow]:
@@ -222,6 +238,6 @@ def result_rows(cfg: AnalyzeConfig, rep: TokenizerReport, data, device, world: i
     for part, rows in expected.items():
         for metric, version in rows:
             if (metric, version) not in made:  # the data could not give it: the notes say why
-                # n is the images it had (not 0), so the NaN sits in the column of the measured values
-                add(metric, math.nan, version, rep.n_align if part.startswith("align:") else n, unmeasured=True)
+                # n as a measured row of its part would say (not 0), so the NaN sits in their column
+                add(metric, math.nan, version, _part_n(part, cfg, rep, n), unmeasured=True)
     return out

@@ -330,7 +330,7 @@ def register(app: typer.Typer) -> None:
                     err_console.print(f"domain gaps written to {gout}")
                 else:
                     err_console.print("domain gaps left out of the CSV on standard output (one table per CSV); "
-                                      "give --out FILE to also write them to FILE-gaps.csv")
+                                      "give --out NAME.csv to also write them to NAME-gaps.csv")
                 gtext = ""
             if gtext:
                 text += "\n" + gtext

@@ -263,21 +263,23 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
     _write_json(progress_path, {"next": hi, "skipped": skipped})  # read by rank 0 below (an empty shard too)
     if world > 1:
         dist.barrier()
-    if rank == 0:
-        every = sorted((s for r in range(world) for s in _shard_skips(out / f"progress-{r}-of-{world}.json")),
-                       key=lambda s: s["index"])
-        if len(every) == n:
-            raise DataError(f"None of the {n} images of {data!r} could be read (first: {every[0]['path']}: "
-                            f"{every[0]['reason']}); nothing to cache.")
-        if every:
-            log.warning("%d unreadable image(s) skipped and left out of the cache (listed in its meta.json), e.g. %s",
-                        len(every), "; ".join(f"{s['path']}: {s['reason']}" for s in every[:3]))
-        _write_json(meta_path, {**want, "id": meta.get("id", uuid.uuid4().hex), "complete": True, "skipped": every})
-        for finished in out.glob("progress-*.json"):
-            finished.unlink()
-    if world > 1:
-        dist.barrier()
+    distributed.on_rank0(lambda: _finish_cache(out, world, n, data, want, meta, meta_path))  # its error reaches every rank
     return out
+
+
+def _finish_cache(out: Path, world: int, n: int, data, want: dict, meta: dict, meta_path: Path) -> None:
+    """Rank 0, after every rank encoded its shard: the skip lists into meta.json, marked complete."""
+    every = sorted((s for r in range(world) for s in _shard_skips(out / f"progress-{r}-of-{world}.json")),
+                   key=lambda s: s["index"])
+    if len(every) == n:
+        raise DataError(f"None of the {n} images of {data!r} could be read (first: {every[0]['path']}: "
+                        f"{every[0]['reason']}); nothing to cache.")
+    if every:
+        log.warning("%d unreadable image(s) skipped and left out of the cache (listed in its meta.json), e.g. %s",
+                    len(every), "; ".join(f"{s['path']}: {s['reason']}" for s in every[:3]))
+    _write_json(meta_path, {**want, "id": meta.get("id", uuid.uuid4().hex), "complete": True, "skipped": every})
+    for finished in out.glob("progress-*.json"):
+        finished.unlink()
 
 
 def _shard_skips(path: Path) -> list[dict]:

@@ -73,7 +73,7 @@ class TrainConfig:
     decay_end_epoch: float = 800  # ... reaching final_lr here
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
-    clip_grad: float = 1.0
+    clip_grad: float | None = 1.0  # 0 or None: no clipping
     ema_decay: float = 0.9995
     time_dist: str = "logit-normal"
     time_mu: float = 0.0
@@ -101,7 +101,7 @@ class TrainConfig:
             raise RaebenchError(f"class_dropout must lie in [0, 1), got {self.class_dropout}.")
         if self.seed < 0:
             raise RaebenchError(f"seed must be non-negative, got {self.seed}.")
-        check_rates(self, ("lr",), ("final_lr", "weight_decay", "clip_grad"))
+        check_rates(self, ("lr",), ("final_lr", "weight_decay") + (("clip_grad",) if self.clip_grad is not None else ()))
         if not 0 <= self.ema_decay < 1:
             raise RaebenchError(f"ema_decay must lie in [0, 1), got {self.ema_decay}.")
 
