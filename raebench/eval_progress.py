@@ -69,14 +69,15 @@ class WorkState:
 
     def release(self, remove: bool) -> None:
         """Unlock; with ``remove``, delete this rank's progress (never another rank's: one that fails
-        before saving must not delete the others' resume state), and the folder once it is empty."""
+        before saving must not delete the others' resume state), and the folders once they are empty."""
         if remove:  # unlinked while still locked, so no other job can lock the old file in between
             for p in (self.path, self.path.with_suffix(".lock")):
                 p.unlink(missing_ok=True)
-            try:
-                self.dir.rmdir()
-            except OSError:  # other ranks' files are still there
-                pass
+            for folder in (self.dir, self.dir.parent):  # <key>/, then .work/ once no evaluation is left in it
+                try:
+                    folder.rmdir()
+                except OSError:  # other ranks' files (or other evaluations) are still there
+                    break
         if self._lock is not None:
             self._lock.close()
             self._lock = None

@@ -33,7 +33,7 @@ def test_torchrun_two_ranks_equals_one(image_folder: Path, tmp_path: Path):
         assert b[k] == pytest.approx(a[k], rel=1e-9)
     df = load(two, latest=False)
     assert len(df) == 2 and (df["n_images"] == 8).all() and df["device"].str.endswith("x2").all()
-    assert not (two / ".work").exists() or not any((two / ".work").iterdir())
+    assert not (two / ".work").exists()  # every rank's progress and the empty folders removed
 
 
 class _CrashAfter:

@@ -223,3 +223,37 @@ def test_on_rank0_computes_once_and_every_rank_gets_the_result_or_the_error(tmp_
                         str(tmp_path / "job.py")], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(r.stdout.split()) == ["ok0", "ok1"]
+
+
+def test_one_failing_rank_gives_one_sentence_per_rank_not_tracebacks(image_folder: Path, tmp_path: Path):
+    """A user error or a full disk on one rank used to end the other rank in a raw gloo traceback
+    ("Connection closed by peer"), and a disk error on the failing rank in a raw OSError traceback.
+    Now the failing rank says what failed, the other says another rank stopped, both exit non-zero."""
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(
+        "import errno, os, sys\n"
+        "import raebench.evaluate as ev\n"
+        "from raebench.errors import RaebenchError\n"
+        "real = ev.shard\n"
+        "def shard(n, rank, world):\n"
+        "    if rank == int(os.environ['FAIL_RANK']):\n"
+        "        if os.environ['FAIL'] == 'disk':\n"
+        "            raise OSError(errno.ENOSPC, 'No space left on device', '/results/runs/x.jsonl')\n"
+        "        raise RaebenchError('injected user error on one rank.')\n"
+        "    return real(n, rank, world)\n"
+        "ev.shard = shard\n"
+        "from raebench.cli import main\n"
+        "main(sys.argv[1:])\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    for fail, says in (("user", "error: injected user error on one rank."), ("disk", "error: No space left on device")):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(script), "eval", "-t", "pixels", "--data", str(image_folder), "-r", "16", "--device", "cpu",
+                            "--results", str(tmp_path / fail)], env={**env, "FAIL": fail, "FAIL_RANK": "1"},
+                           capture_output=True, text=True, timeout=120)
+        err = " ".join(r.stderr.split())
+        assert r.returncode != 0 and says in err, r.stderr[-3000:]
+        assert "another rank of this torchrun job stopped" in err, r.stderr[-3000:]
+        # (torchrun's own launcher still prints its ChildFailedError traceback: frames of torch only)
+        import re
+
+        assert not re.search(r'File "[^"]*(raebench|one_rank_fails)', r.stderr) and "GLHF" not in r.stderr, r.stderr[-3000:]

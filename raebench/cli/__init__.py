@@ -68,11 +68,36 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(e.exit_code)
         if isinstance(e, _aborts()):
             sys.exit(1)
+        if _peer_failed(e):  # the failing rank printed its own error: not a second traceback here
+            err_console.print("[bold red]error:[/] another rank of this torchrun job stopped (its error is above); "
+                              "this rank stopped too.", highlight=False, soft_wrap=True)
+            sys.exit(1)
+        if isinstance(e, OSError) and not logging.getLogger().isEnabledFor(logging.DEBUG):
+            # a full disk or a vanished mount: one sentence (written results and resume state stay whole)
+            where = f" ({printable(str(e.filename))})" if e.filename else ""
+            err_console.print(f"[bold red]error:[/] {printable(e.strerror or str(e))}{where}; free the space or fix "
+                              "the path and re-run the same command to continue (-v shows the traceback).",
+                              highlight=False, soft_wrap=True)
+            _leave_process_group()
+            sys.exit(2)
         raise
     if isinstance(code, int) and code:  # typer >= 0.29 returns Ctrl-C as exit code 130 instead of raising
         if code == 130:
             err_console.print("[yellow]interrupted[/]")
         sys.exit(code)
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """Whether ``e`` is this rank's collective failing because another rank of the job exited."""
+    try:
+        import torch.distributed as td
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    if not (td.is_available() and td.is_initialized() and td.get_world_size() > 1):
+        return False
+    text = str(e)
+    return isinstance(e, getattr(td, "DistBackendError", ())) or any(
+        m in text for m in ("Connection closed by peer", "Connection reset by peer", "remote process exited"))
 
 
 def _leave_process_group() -> None:
