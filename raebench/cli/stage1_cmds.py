@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         init_decoder: Optional[str] = typer.Option(None, "--init-decoder", help="Start from these decoder weights."),
         precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 (autocast)."),
         global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Images per optimizer step over all processes (the recipe's 512 by default)."),
-        grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step (splits the global batch for memory; same result)."),
+        grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step (splits the global batch for memory; the adaptive GAN weight is then per micro-batch)."),
         epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (the preset's by default)."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop (and checkpoint) after this many steps."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the initial weights and of every random draw (the preset's by default)."),

@@ -91,7 +91,7 @@ class Stage1Config:
     diffaug_cutout: float = 0.0  # off in the recipe
 
     # -- run ---------------------------------------------------------------------------------
-    precision: str = "fp32"  # or "bf16" (autocast); the official README recommends fp32
+    precision: str = "fp32"  # or "bf16" (autocast); the official train_stage1.py's default
     seed: int = 0
     num_workers: int = 8
     log_every: int = 100  # optimizer steps
