@@ -217,3 +217,33 @@ def test_kept_latents_do_not_hold_their_batch(make_images):
     assert len(kept) == 5
     for z in kept:
         assert z.untyped_storage().nbytes() == z.numel() * z.element_size()
+
+
+def test_spectrum_zero_tokens_tight_norms_and_empty_batches():
+    """All-zero tokens count as near zero and stay out of the Hoyer mean (they counted as dense with
+    sparsity 0); the token-norm spread is accumulated about a shift (E[n²] - E[n]² gave 0 for norms
+    1e5 ± 1e-4) and merges exactly across shards; an empty batch changes nothing (it set NaN)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(10, 4, 4, 4, generator=g, dtype=torch.float64)
+    z[:5] = 0
+    st = sp.LatentStats()
+    st.update(z)
+    st.update(z[:0])
+    s = st.summary()
+    tok = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    live = tok[tok.norm(dim=1) > 0]
+    hoyer = ((2 - live.abs().sum(1) / live.norm(dim=1)) / (2 - 1)).mean()
+    assert s.hoyer_sparsity == pytest.approx(float(hoyer), rel=1e-12)
+    assert s.near_zero_frac >= 0.5 and math.isfinite(s.latent_std)
+
+    z = torch.randn(20, 16, 8, 8, generator=g, dtype=torch.float64) * 1e-4 + 1e5
+    norms = z.permute(0, 2, 3, 1).reshape(-1, 16).norm(dim=1).numpy()
+    one, parts = sp.LatentStats(), [sp.LatentStats(), sp.LatentStats()]
+    one.update(z)
+    parts[0].update(z[:7])
+    parts[1].update(z[7:] + 0)  # another first-batch shift
+    parts[0].merge(parts[1].state())
+    for st in (one, parts[0]):
+        s = st.summary()
+        assert s.token_norm_mean == pytest.approx(float(norms.mean()), rel=1e-14)
+        assert s.token_norm_std == pytest.approx(float(norms.std()), rel=1e-6)

@@ -58,10 +58,13 @@ denominator, see above).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
@@ -88,6 +91,15 @@ def pool_tokens(z: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"cannot pool latents of shape {tuple(z.shape)}; expected 2, 3 or 4 dimensions")
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm in float64, for any magnitude: each row is divided by its largest
+    entry first, because ``F.normalize`` divides rows with a norm below its eps (1e-12) by the eps,
+    which turned cosine kernels of tiny features into raw inner products. Zero rows stay zero."""
+    x = x.double()
+    top = x.abs().amax(1, keepdim=True)
+    return F.normalize(x / torch.where(top > 0, top, torch.ones_like(top)), dim=1)
+
+
 def feature_issue(x: torch.Tensor, directions: bool = False) -> str | None:
     """Why the (N, D) features ``x`` give no alignment score (see module doc), or None.
 
@@ -99,9 +111,11 @@ def feature_issue(x: torch.Tensor, directions: bool = False) -> str | None:
     if not bool(torch.isfinite(x).all()):
         return "contain NaN/Inf"
     if directions:
-        x = F.normalize(x, dim=1)
-    spread = (x - x.mean(0)).abs().max()
-    if not bool(spread > CONSTANT_REL * x.abs().max()):
+        x = unit_rows(x)
+    # per column, against that column's own magnitude: one large constant column must not hide the
+    # variation of the others (a 1e7 column made every row "the same")
+    spread = (x - x.mean(0)).abs().amax(0)
+    if not bool((spread > CONSTANT_REL * x.abs().amax(0)).any()):
         return "point the same way for every image" if directions else "are the same for every image"
     return None
 
@@ -164,6 +178,10 @@ def _fit_logistic_lbfgs(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: fl
 
     with torch.enable_grad():
         opt.step(closure)
+    iters = opt.state[opt._params[0]].get("n_iter", 0)
+    if iters >= PROBE_MAX_ITER:  # features whose scales span ~8 decades (batchnorm off) can stop short
+        log.warning("linear probe: L-BFGS stopped at its %d-iteration cap before converging; the accuracy may be "
+                    "slightly below the optimum's (probe with batchnorm, the default, converges)", PROBE_MAX_ITER)
     w_orig = w.detach() / sd[:, None]
     return w_orig, b.detach() - mu @ w_orig
 
@@ -227,8 +245,8 @@ def knn_accuracy(
         raise ValueError(f"kNN accuracy needs k >= 1, got {k}")
     if feature_issue(train_x, directions=True):
         return math.nan
-    tr = F.normalize(train_x.double(), dim=1)
-    te = F.normalize(test_x.double(), dim=1)
+    tr = unit_rows(train_x)
+    te = unit_rows(test_x)
     ytr = train_y.long().to(tr.device)
     n_classes = int(max(train_y.max(), test_y.max())) + 1
     k = min(k, tr.shape[0])
@@ -269,12 +287,14 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor, k: int | None = None) -> None:
 
 def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = MUTUAL_K) -> float:
     """Mutual k-nearest-neighbour alignment in [0, 1] of two (N, D_a), (N, D_b) feature sets (NaN
-    when either has no geometry: :func:`feature_issue`)."""
+    when either has no geometry: :func:`feature_issue`). Ties among neighbours (equal cosines) are
+    broken by ``topk`` on float64 values, so rows equal up to rounding may pick different neighbours
+    in the two sets (as in the platonic-rep code); exact duplicates are handled consistently."""
     _check_pair(a, b, k)
     if feature_issue(a, directions=True) or feature_issue(b, directions=True):
         return math.nan
-    na = knn_indices(F.normalize(a.double(), dim=1), k)
-    nb = knn_indices(F.normalize(b.double(), dim=1), k)
+    na = knn_indices(unit_rows(a), k)
+    nb = knn_indices(unit_rows(b), k)
     ma = torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64, device=a.device).scatter_(1, na, 1.0)
     mb = torch.zeros_like(ma).scatter_(1, nb.to(ma.device), 1.0)
     return float(((ma * mb).sum(1) / k).mean())
@@ -303,8 +323,8 @@ def cknna(a: torch.Tensor, b: torch.Tensor, k: int = MUTUAL_K) -> float:
     _check_pair(a, b, k)
     if feature_issue(a, directions=True) or feature_issue(b, directions=True):
         return math.nan
-    an = F.normalize(a.double(), dim=1)
-    bn = F.normalize(b.double().to(a.device), dim=1)
+    an = unit_rows(a)
+    bn = unit_rows(b.to(a.device))
     kk, ll = an @ an.T, bn @ bn.T  # (N, N) cosine kernels
     mk, ml = _knn_mask(kk, k), _knn_mask(ll, k)
     mkl = mk * ml

@@ -72,13 +72,15 @@ def metric_versions(cfg: AnalyzeConfig) -> dict[str, str]:
     """Part -> metric version of its rows: every setting that changes a value is in it."""
     bn = "bn" if cfg.probe_batchnorm else "nobn"
     versions = {
-        # v2: the logistic fit is solved in standardised coordinates (it reaches the optimum without batchnorm)
+        # v2: the logistic fit is solved in standardised coordinates (it reaches the optimum without batchnorm
+        # for feature scales spanning ~6 decades; beyond, a warning says it stopped at its iteration cap)
         "probe": f"probe-{cfg.probe_method}-{bn}-l2{al.PROBE_L2:g}-meanpool-strat50-seed{cfg.seed}-v2",
         "knn": f"knn-cos-k{cfg.knn_k}-t{al.KNN_TEMPERATURE:g}-meanpool-strat50-seed{cfg.seed}-v1",
         "mknn": f"mknn-k{cfg.mutual_k}-l2norm-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
         "cknna": f"cknna-k{cfg.mutual_k}-hsicu-l2norm-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
         "cka": f"cka-linear-{'debiased' if cfg.cka_debiased else 'biased'}-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
-        "spectrum": f"latent-spectrum-tokens-f64-nz{NEAR_ZERO_REL:g}tokenrms-v1",
+        # v2: all-zero tokens count as near zero and stay out of the Hoyer mean (v1: dense, sparsity 0)
+        "spectrum": f"latent-spectrum-tokens-f64-nz{NEAR_ZERO_REL:g}tokenrms-v2",
         # v2: the diagnostic images are the first n_diag readable ones of a seeded permutation
         "robust": f"robust-u8-gauss-seed{cfg.seed}-n{cfg.n_diag}-v2",
         # the pairs are drawn from the n_diag kept images: n_diag changes which images are interpolated

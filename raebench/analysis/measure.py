@@ -86,8 +86,12 @@ def measure(cfg: AnalyzeConfig, acc: Accumulator, todo: set[str], y, n_classes, 
             rep.notes.append(f"linear probe and kNN are NaN: the per-class 50/50 split of {yv.numel()} valid images "
                              f"leaves {te.numel()} to test and {n_train_classes} class(es) to train on (they need 1 and 2)")
         else:
-            rep.probe["linear"] = al.linear_probe(pooled[tr], yv[tr], pooled[te], yv[te], method=cfg.probe_method,
-                                                  batchnorm=cfg.probe_batchnorm)
+            if why := al.feature_issue(pooled[tr]):  # a constant representation would score the majority class
+                rep.probe["linear"] = math.nan
+                rep.notes.append(f"linear probe is NaN: the training latents {why}")
+            else:
+                rep.probe["linear"] = al.linear_probe(pooled[tr], yv[tr], pooled[te], yv[te], method=cfg.probe_method,
+                                                      batchnorm=cfg.probe_batchnorm)
             rep.probe["knn"] = al.knn_accuracy(pooled[tr], yv[tr], pooled[te], yv[te], k=cfg.knn_k)
             if why := al.feature_issue(pooled[tr], directions=True):
                 rep.notes.append(f"kNN accuracy is NaN: the training latents {why}")

@@ -104,13 +104,17 @@ class LatentStats:
 
     def update(self, z: torch.Tensor) -> None:
         x = tokens_of(z.detach()).double()  # (T, C)
+        if x.shape[0] == 0:  # an empty batch would set the shift to NaN
+            return
         if self.shift is None:
             c = x.shape[1]
             self.shift = x.mean(0)
             zeros = lambda *s: torch.zeros(*s, dtype=torch.float64, device=x.device)  # noqa: E731
             self.s1, self.s3, self.s4 = zeros(c), zeros(c), zeros(c)
             self.s2 = zeros(c, c)  # Σ y yᵀ
-            self.hoyer = self.near_zero = self.norm1 = self.norm2 = 0.0
+            self.hoyer = self.hoyer_n = self.near_zero = self.norm1 = self.norm2 = 0.0
+            # token norms about the first batch's mean norm: E[n²] - E[n]² cancels when norms vary little
+            self.norm_shift = float(x.norm(dim=1).mean())
         elif x.shape[1] != self.shift.numel():
             raise ValueError(f"latent channels changed from {self.shift.numel()} to {x.shape[1]} between batches")
         y = x - self.shift
@@ -121,18 +125,21 @@ class LatentStats:
         self.s3 += (y2 * y).sum(0)
         self.s4 += (y2 * y2).sum(0)
         l2 = x.norm(dim=1)  # (T,)
-        self.norm1 += float(l2.sum())
-        self.norm2 += float(l2.pow(2).sum())
+        d = l2 - self.norm_shift
+        self.norm1 += float(d.sum())
+        self.norm2 += float(d.pow(2).sum())
         c = x.shape[1]
-        if c >= 2:
-            l1 = x.abs().sum(1)
-            ratio = torch.where(l2 > 0, l1 / l2.clamp_min(1e-300), torch.full_like(l1, math.sqrt(c)))
+        if c >= 2:  # an all-zero token has no Hoyer sparsity (0/0): left out of its mean
+            nz = l2 > 0
+            ratio = x.abs().sum(1)[nz] / l2[nz]
             self.hoyer += float(((math.sqrt(c) - ratio) / (math.sqrt(c) - 1)).sum())
+            self.hoyer_n += float(nz.sum())
         rms = l2 / math.sqrt(c)  # (T,)
-        self.near_zero += float((x.abs() < NEAR_ZERO_REL * rms[:, None]).sum())
+        # <=: every element of an all-zero token is near zero (with <, 0 < 0 counted none of them)
+        self.near_zero += float((x.abs() <= NEAR_ZERO_REL * rms[:, None]).sum())
 
     _SUMS = ("shift", "s1", "s2", "s3", "s4")
-    _SCALARS = ("n", "hoyer", "near_zero", "norm1", "norm2")
+    _SCALARS = ("n", "hoyer", "hoyer_n", "near_zero", "norm_shift", "norm1", "norm2")
 
     def state(self) -> dict:
         """The sums on the CPU (to send to another process); ``{}`` before the first update."""
@@ -146,7 +153,9 @@ class LatentStats:
         With ``y = x - shift_other`` and ``d = shift_other - shift_self``, ``x - shift_self = y + d``:
         ``Σ(y+d) = s1 + n d``, ``Σ(y+d)(y+d)ᵀ = s2 + s1 dᵀ + d s1ᵀ + n d dᵀ``, and per channel
         ``Σ(y+d)³ = s3 + 3 d e2 + 3 d² s1 + n d³``, ``Σ(y+d)⁴ = s4 + 4 d s3 + 6 d² e2 + 4 d³ s1 + n d⁴``
-        (``e2`` = the diagonal of s2). The token-wise sums (norms, Hoyer, near-zero) simply add.
+        (``e2`` = the diagonal of s2). The token-norm sums move the same way to this shift
+        (``e`` = other's norm shift minus ours): ``Σ(m+e) = norm1 + n e``, ``Σ(m+e)² = norm2 + 2 e norm1 + n e²``;
+        Hoyer and near-zero counts simply add.
         """
         st = other.state() if isinstance(other, LatentStats) else other
         if not st or st["n"] == 0:
@@ -169,9 +178,11 @@ class LatentStats:
         self.s4 += s4 + 4 * d * s3 + 6 * d**2 * e2 + 4 * d**3 * s1 + n * d**4
         self.n += n
         self.hoyer += st["hoyer"]
+        self.hoyer_n += st["hoyer_n"]
         self.near_zero += st["near_zero"]
-        self.norm1 += st["norm1"]
-        self.norm2 += st["norm2"]
+        e = st["norm_shift"] - self.norm_shift
+        self.norm2 += st["norm2"] + 2 * e * st["norm1"] + n * e * e  # uses other's norm1 before it is added
+        self.norm1 += st["norm1"] + n * e
 
     def summary(self) -> SpectrumSummary:
         if self.n == 0 or self.shift is None:
@@ -188,7 +199,8 @@ class LatentStats:
         kurt = torch.where(m2 > 0, m4 / m2.clamp_min(1e-300) ** 2 - 3.0, torch.full_like(m2, math.nan))
         finite = kurt[torch.isfinite(kurt)]
         std = float(m2.clamp_min(0).mean().sqrt())
-        norm_mean = self.norm1 / n
+        dm = self.norm1 / n  # mean token norm minus the norm shift
+        norm_mean = self.norm_shift + dm
         return SpectrumSummary(
             channels=c,
             tokens=n,
@@ -200,8 +212,8 @@ class LatentStats:
             topk_energy={k: topk_energy(eig, k) for k in TOPK_ENERGY},
             kurtosis_mean=float(finite.mean()) if finite.numel() else math.nan,
             kurtosis_max=float(finite.max()) if finite.numel() else math.nan,
-            hoyer_sparsity=self.hoyer / n if c >= 2 else math.nan,
+            hoyer_sparsity=self.hoyer / self.hoyer_n if c >= 2 and self.hoyer_n else math.nan,
             near_zero_frac=self.near_zero / (n * c),
             token_norm_mean=norm_mean,
-            token_norm_std=math.sqrt(max(self.norm2 / n - norm_mean**2, 0.0)),
+            token_norm_std=math.sqrt(max(self.norm2 / n - dm**2, 0.0)),
         )
