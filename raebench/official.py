@@ -92,22 +92,25 @@ def resolve_official_path(value: str, base_dir: str | os.PathLike | None, *, wha
     """
     value = str(value).strip()
     base = Path(base_dir).expanduser().resolve() if base_dir is not None else None
+    looked = f"next to {str(base)!r} and its parent folders, " if base is not None else ""
+    # what supplies a local copy here: the YAML's own path (no --weights flag applies to a YAML)
+    flag = (f"its path in the YAML (absolute, or relative to the YAML: looked {looked}and in {os.getcwd()!r}; "
+            f"`hf download {RAE_REPO} --local-dir models` next to the YAML, or a parent folder, gives its models/... paths)")
     if value.startswith("hf://"):
         parts = value[5:].strip("/").split("/")
         repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
         if sub:
-            return resolve(WeightsSource(repo, filename=sub), what=what)
-        return resolve(_repo_source(repo, kind), what=what)
+            return resolve(WeightsSource(repo, filename=sub), what=what, flag=flag)
+        return resolve(_repo_source(repo, kind), what=what, flag=flag)
     for cand in _local_candidates(value, base):
         if cand.exists():
             return cand
     norm = value.replace("\\", "/")
     norm = norm[2:] if norm.startswith("./") else norm
     if norm.startswith("models/") and kind == "file":  # `hf download nyu-visionx/RAE-collections --local-dir models`
-        return resolve(WeightsSource(RAE_REPO, filename=norm[len("models/") :]), what=what)
+        return resolve(WeightsSource(RAE_REPO, filename=norm[len("models/") :]), what=what, flag=flag)
     if kind in ("repo", "config", "preprocessor") and _is_repo_id(value):
-        return resolve(_repo_source(value, kind), what=what)
-    looked = f"next to {str(base)!r} and its parent folders, " if base is not None else ""
+        return resolve(_repo_source(value, kind), what=what, flag=flag)
     raise MissingWeightsError(
         f"The {what} {value!r} was not found ({looked}in {os.getcwd()!r}, and it is not a Hub path); "
         "give an absolute path or one relative to the YAML file."

@@ -232,3 +232,18 @@ def test_malformed_yaml_values_are_named_before_any_sampling(tmp_path):
     # the values the official configs use still load: misc.num_classes at most the model's, ints as floats
     assert build_from_official(edited(("misc", "num_classes"), 10), base_dir=tmp_path)[1].num_steps == 12
     assert build_from_official(edited(("sampler", "params", "num_steps"), 12.0), base_dir=tmp_path)[1].num_steps == 12
+
+
+def test_a_missing_yaml_path_says_where_it_looked_not_a_flag_it_lacks(tmp_path, monkeypatch):
+    """A path of an official YAML that is found nowhere told users to "pass a local copy with --weights",
+    a flag `sample --config` does not have; it now says the YAML path supplies it and where it looked."""
+    from raebench.errors import MissingWeightsError
+    from raebench.official import resolve_official_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for value, kind in (("models/decoders/dinov2/x/model.pt", "file"), ("facebook/no-such-encoder", "repo")):
+        with pytest.raises(MissingWeightsError) as e:
+            resolve_official_path(value, tmp_path, what="thing", kind=kind)
+        msg = str(e.value)
+        assert "--weights" not in msg and "its path in the YAML" in msg and str(tmp_path) in msg, msg

@@ -10,13 +10,15 @@ Parameter names follow the official state dict (``decoder_embed``, ``decoder_pos
 ``trainable_cls_token``, ``decoder_layers.{i}.attention.attention.query`` ...), so the released
 ``model.pt`` files load with :func:`load_decoder_weights`, which is strict: a missing key, an
 unexpected key or a shape mismatch is a :class:`CheckpointError` naming them (the official loader
-ignores them, which gave its users pure-noise reconstructions). Checkpoints are read with
+uses ``strict=False``: it prints missing keys and drops unexpected ones, so a mismatched checkpoint
+can run with random layers). Checkpoints are read with
 safetensors or ``torch.load(weights_only=True)`` only.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from torch import nn
 
 from raebench.checkpoint import load_state, read_json_object, save_atomic
 from raebench.errors import CheckpointError, MissingWeightsError
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Config and presets
@@ -337,6 +341,9 @@ def extract_decoder_state(obj: Any) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("ema", "model", "state_dict"):
             if isinstance(obj.get(key), Mapping):
+                if len([k for k in ("ema", "model") if isinstance(obj.get(k), Mapping)]) > 1:  # say which one
+                    log.info("decoder checkpoint: using its %r entry (the official extract_decoder.py takes 'model' "
+                             "unless --use-ema)", key)
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not obj:
