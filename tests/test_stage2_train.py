@@ -376,3 +376,23 @@ def test_cache_latents_skips_lists_and_leaves_out_unreadable_images(tmp_path, im
     cfg = preset("tiny", out=str(tmp_path / "run"), latents=str(out), num_classes=2, global_batch=7, max_steps=2,
                  shift_base=16)
     assert train(cfg)["step"] == 2
+
+
+def test_keep_every_keeps_step_checkpoints_beside_last(tmp_path):
+    """--keep-every N keeps checkpoints/step-NNNNNNN.pt (the official trainer keeps one per 10 epochs;
+    last.pt alone allowed no FID-vs-step curve); each holds its own step, and sample loads it."""
+    from raebench.stage2.sample import load_trained
+
+    toy_cache(tmp_path / "cache", n=64)
+    cfg = tiny_cfg(tmp_path, global_batch=16, epochs=4, ckpt_every=100, keep_every=2, max_steps=5)
+    train(cfg)
+    ck = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ck.glob("*.pt")) == ["last.pt", "step-0000002.pt", "step-0000004.pt"]
+    steps = {p.name: torch.load(p, weights_only=True)["step"] for p in ck.glob("*.pt")}
+    assert steps == {"last.pt": 5, "step-0000002.pt": 2, "step-0000004.pt": 4}
+    model, info = load_trained(ck / "step-0000002.pt")
+    assert info["latent_shape"] == [4, 2, 2] or tuple(info["latent_shape"]) == (4, 2, 2)
+    assert train(dataclasses.replace(cfg, max_steps=6, keep_every=3))["step"] == 6  # a run-only setting
+    assert (ck / "step-0000006.pt").is_file() and torch.load(ck / "step-0000004.pt", weights_only=True)["step"] == 4
+    with pytest.raises(RaebenchError, match="keep_every must be at least 0"):
+        tiny_cfg(tmp_path, keep_every=-1)

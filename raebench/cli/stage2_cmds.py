@@ -59,6 +59,7 @@ def register(app: typer.Typer) -> None:
         precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default, as the official recipe) | bf16 (autocast, faster)"),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the initial weights and every random draw."),
         ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help="Steps between checkpoints (the last step is always saved)."),
+        keep_every: Optional[int] = typer.Option(None, "--keep-every", help="Also keep checkpoints/step-NNNNNNN.pt every N steps (default 0: only last.pt), e.g. to sample and score along training."),
         log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between rows of log.csv."),
         device: str = typer.Option("auto", "--device", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
         compile_model: bool = typer.Option(False, "--compile", help="torch.compile the DiT (first steps slower)."),
@@ -77,7 +78,7 @@ def register(app: typer.Typer) -> None:
         overrides = dict(out=str(out), latents=str(latents) if latents else None, tokenizer=tokenizer, data=data,
                          resolution=resolution, num_classes=num_classes, global_batch=batch_size, grad_accum=grad_accum,
                          epochs=epochs, max_steps=max_steps, lr=lr, precision=precision, seed=seed,
-                         ckpt_every=ckpt_every, log_every=log_every, compile=compile_model or None)
+                         ckpt_every=ckpt_every, keep_every=keep_every, log_every=log_every, compile=compile_model or None)
         cfg = make_preset(preset, **{k: v for k, v in overrides.items() if v is not None})
         if dry_run:
             console.print_json(json.dumps(dataclasses.asdict(cfg)))

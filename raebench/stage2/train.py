@@ -86,6 +86,7 @@ class TrainConfig:
     num_workers: int = 4  # data-loading processes (image decoding or latent-cache reads)
     log_every: int = 100
     ckpt_every: int = 5000  # optimizer steps
+    keep_every: int = 0  # also keep checkpoints/step-NNNNNNN.pt every N steps (0: only last.pt), e.g. for FID vs step
     max_steps: int | None = None  # stop early (the schedule still follows `epochs`)
     compile: bool = False  # torch.compile the model (as the official --compile); an execution setting
 
@@ -101,13 +102,15 @@ class TrainConfig:
             raise RaebenchError(f"class_dropout must lie in [0, 1), got {self.class_dropout}.")
         if self.seed < 0:
             raise RaebenchError(f"seed must be non-negative, got {self.seed}.")
+        if self.keep_every < 0:
+            raise RaebenchError(f"keep_every must be at least 0 (0: keep only last.pt), got {self.keep_every}.")
         check_rates(self, ("lr",), ("final_lr", "weight_decay") + (("clip_grad",) if self.clip_grad is not None else ()))
         if not 0 <= self.ema_decay < 1:
             raise RaebenchError(f"ema_decay must lie in [0, 1), got {self.ema_decay}.")
 
 
 #: Settings that may change between a run and its resumption (they do not change the trajectory).
-RUN_ONLY_FIELDS = frozenset({"out", "num_workers", "log_every", "ckpt_every", "max_steps", "compile"})
+RUN_ONLY_FIELDS = frozenset({"out", "num_workers", "log_every", "ckpt_every", "keep_every", "max_steps", "compile"})
 
 #: the official recipe for each DiT-DH size, LightningDiT of the same sizes for comparison, and a
 #: tiny preset for tests and smoke runs
@@ -495,9 +498,27 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
             _log_row(out / "log.csv", losses[-(step - logged):], step, spe, cfg, sched.get_last_lr()[0],
                      time.perf_counter() - t_last, rank, world, device)
             t_last, logged = time.perf_counter(), step
-        if step % cfg.ckpt_every == 0 or step == stop:
+        keep = bool(cfg.keep_every) and step % cfg.keep_every == 0
+        if step % cfg.ckpt_every == 0 or step == stop or keep:
             _save(ckpt_path, model, ema, opt, sched, step, cfg, rank, world, data)
+            if keep and rank == 0:
+                _keep_copy(ckpt_path, ckpt_path.with_name(f"step-{step:07d}.pt"))
     return {"step": step, "losses": losses, "out": str(out)}
+
+
+def _keep_copy(last: Path, kept: Path) -> None:
+    """``last`` kept as ``kept``: a hard link (no copy; the next save replaces last.pt by a rename, so
+    the link keeps this step's file), or an atomic copy where the file system has no hard links."""
+    import os
+
+    from raebench.results import atomic_write_bytes
+
+    kept.unlink(missing_ok=True)
+    try:
+        os.link(last, kept)
+    except OSError:
+        with open(last, "rb") as f:
+            atomic_write_bytes(kept, f.read())
 
 
 def _log_row(path: Path, losses: list[float], step: int, spe: int, cfg: TrainConfig, lr: float, seconds: float,
