@@ -193,6 +193,11 @@ class InceptionExtractor(Extractor):
                                               feature_extractor_internal_dtype=dtype)
         except RuntimeError as e:  # its strict load_state_dict: missing, unused or mis-shaped keys
             raise CheckpointError(f"{str(path)!r} does not fit torch-fidelity's Inception-v3: {load_error_summary(e)}.") from None
+        if dtype == "float64":
+            # torch-fidelity's text_to_dtype maps "float64" to torch.float32 (0.4.0 and upstream), so its
+            # own option runs in float32; set the network and its input conversion to float64 here
+            net.feature_extractor_internal_dtype = torch.float64
+            net = net.double()
         # Same network, faster: batch norms folded into the convolutions (in float64) and channels-last
         # layout (oneDNN/cuDNN); features differ from torch-fidelity's by float rounding only (~1e-6).
         self.net = fold_batch_norms(net).to(self.device).to(memory_format=torch.channels_last)

@@ -38,7 +38,8 @@ import torch
 from raebench.checkpoint import load_state, load_strict
 from raebench.errors import MissingWeightsError
 from raebench.metrics.base import MetricInputError, MetricSpec, PairedMean, register_metric, shared_network
-from raebench.metrics.extractors import fingerprint_path, local_weights, resize_images, resolve_url_file, weights_env
+from raebench.metrics.extractors import (fingerprint_path, full_fp32, local_weights, resize_images, resolve_url_file,
+                                         weights_env)
 from raebench.weights import hf_offline
 
 
@@ -92,7 +93,8 @@ class LPIPS(PairedMean):
                                    f"short side, got {tuple(ref_u8.shape[-2:])}.")
         a = ref_u8.to(self.device).float() / 127.5 - 1.0  # [-1, 1], what lpips expects
         b = cand_u8.to(self.device).float() / 127.5 - 1.0
-        return self.model(a, b).flatten().cpu()  # (N,)
+        with full_fp32():  # TF32 off on GPUs, as for the feature extractors: the lpips package's numbers
+            return self.model(a, b).flatten().cpu()  # (N,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +216,8 @@ class DreamSim(PairedMean):
     def per_image(self, ref_u8, cand_u8):
         a = resize_images(ref_u8, DREAMSIM_SIZE, "pil").to(self.device) / 255.0  # the package's PIL bicubic
         b = resize_images(cand_u8, DREAMSIM_SIZE, "pil").to(self.device) / 255.0
-        return self.model(a, b).flatten().cpu()  # (N,) 1 - cos
+        with full_fp32():  # TF32 off on GPUs, as for the feature extractors
+            return self.model(a, b).flatten().cpu()  # (N,) 1 - cos
 
 
 for _net in ("vgg", "alex"):

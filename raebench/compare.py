@@ -25,8 +25,9 @@ from typing import Callable
 import pandas as pd
 
 from raebench.data import resolve_data
+from raebench import distributed
 from raebench.distributed import from_rank0
-from raebench.evaluate import EvalConfig, evaluate
+from raebench.evaluate import EvalConfig, Evaluator, evaluate
 from raebench.leaderboard import compare_table, domain_gap
 from raebench.metrics.base import sharing_networks
 from raebench.results import load
@@ -62,15 +63,19 @@ def stored_rows(df: pd.DataFrame, tokenizer: str, weights_id: str, dataset: str,
 
 
 def missing_metrics(df: pd.DataFrame, tokenizer: str, weights_id: str, metrics: tuple[str, ...], dataset: str,
-                    fingerprint: str, resolution: int, seed: int, precision: str = "fp32") -> tuple[str, ...]:
-    """The metrics of ``metrics`` with no stored row (current metric version) for exactly this measurement."""
+                    fingerprint: str, resolution: int, seed: int, precision: str = "fp32",
+                    versions: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The metrics of ``metrics`` with no stored row for exactly this measurement: ``versions`` (metric ->
+    the version a row made now would get: options and metric-network weights included, see
+    ``Evaluator.versions``; default the registered base version)."""
     from raebench.metrics import METRICS
 
     have = stored_rows(df, tokenizer, weights_id, dataset, fingerprint, resolution, seed, precision)
     out = []
     for m in metrics:
         spec = METRICS.get(m)
-        if have.empty or not ((have["metric"] == m) & (have["metric_version"] == spec.version)).any():
+        want = (versions or {}).get(spec.name, spec.version)
+        if have.empty or not ((have["metric"] == spec.name) & (have["metric_version"] == want)).any():
             out.append(m)
     return tuple(out)
 
@@ -119,6 +124,12 @@ def compare(
     computed = []
     wids: dict[str, str] = {}
     with sharing_networks():  # the metric networks load once for all tokenizers
+        # the versions rows made now get (options from $RAEBENCH_METRIC_OPTIONS, the networks' weights):
+        # reuse and the table take only rows of these, never a row of other options or other weights
+        probe = Evaluator(tuple(metrics), resolve_device(distributed.local_device(device)))
+        probe.check_weights()
+        versions = probe.versions()
+        del probe
         for name in names:
             cfg = EvalConfig(tokenizer=name, metrics=metrics, data=data, dataset=dataset, resolution=resolution,
                              limit=limit, seed=seed, batch_size=batch_size, device=device, num_workers=num_workers,
@@ -126,7 +137,7 @@ def compare(
             tok = build_tokenizer_from_config(cfg, resolve_device(device))
             wids[name] = getattr(tok, "weights_id", "none")
             todo = metrics if recompute else missing_metrics(load(results_dir), name, wids[name], metrics, resolved.name,
-                                                             fp, resolution, resolved.seed_of(seed))
+                                                             fp, resolution, resolved.seed_of(seed), versions=versions)
             todo = from_rank0(todo)
             if todo:
                 cb = (lambda d, t, n=name: on_progress(f"eval {n}", d, t)) if on_progress else None
@@ -137,9 +148,9 @@ def compare(
     df = everything[(everything["dataset"] == resolved.name) & (everything["data_fingerprint"] == fp)
                     & (everything["seed"] == resolved.seed_of(seed)) & everything["metric"].isin(_result_names(metrics))
                     & (everything["precision"] == "fp32")] if not everything.empty else everything
-    if not df.empty:  # each tokenizer's rows of the weights it has now (reported rows pass)
+    if not df.empty:  # each tokenizer's rows of the weights it has now, of the versions decided on (reported rows pass)
         mine = df["tokenizer"].map(wids)
-        df = df[(df["source"] == "reported") | (df["weights_id"] == mine)]
+        df = df[(df["source"] == "reported") | ((df["weights_id"] == mine) & (df["metric_version"] == df["metric"].map(versions)))]
     rep = None
     if reported != "none":
         from raebench.baselines import reported_frame

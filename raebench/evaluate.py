@@ -434,9 +434,23 @@ class Evaluator:
 
     def version_of(self, spec) -> str:
         """The metric's version plus the non-default variants of the extractors it reads (built here
-        if this process never ran them, e.g. after a resume or a merge of shards)."""
+        if this process never ran them, e.g. after a resume or a merge of shards) and the fingerprints
+        of the weights of every network behind it (``@weights:...``, as analyze's rows): a value
+        measured with other Inception or LPIPS weights is another measurement, never reused for this one."""
         variants = [self.extractor(e).variant for e in spec.extractors if self.extractor(e).variant]
-        return "+".join([spec.version, *variants])
+        ids = [getattr(self.extractor(e), "weights_id", "") for e in spec.extractors]
+        ids.append(getattr(self.metrics[self.specs.index(spec)], "weights_id", "") or "")
+        ids = [i for i in ids if i]
+        return "+".join([spec.version, *variants]) + (f"@weights:{'+'.join(ids)}" if ids else "")
+
+    def versions(self) -> dict[str, str]:
+        """Result name (outputs such as kid-std included) -> the version its rows get."""
+        out = {}
+        for spec in self.specs:
+            v = self.version_of(spec)
+            for name in (spec.name, *(o for o, _ in spec.outputs)):
+                out[name] = v
+        return out
 
     def weights_ids(self) -> dict[str, str]:
         """Identity of every network's weights used by the metrics, for the result rows."""
@@ -553,7 +567,8 @@ def evaluate(
     ev.check_weights()
 
     lo, hi = shard(data.n, rank, world)
-    work = WorkState(cfg.results_dir, _run_key(cfg, data, tok, [s.version for s in ev.specs]), rank) if cfg.write else None
+    # the versions carry options and the metric networks' weights: progress made with other ones is not resumed
+    work = WorkState(cfg.results_dir, _run_key(cfg, data, tok, [ev.version_of(s) for s in ev.specs]), rank) if cfg.write else None
     skipped: list[Skip] = list(data.images.skipped) if rank == 0 else []
     upscaled: list[str] = []
     nonfinite: list[str] = []

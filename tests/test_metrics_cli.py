@@ -312,3 +312,33 @@ def test_score_reads_folders_with_workers_to_the_same_numbers(tmp_path, make_ima
     a = score(*args, device="cpu", write=False, batch_size=4)
     b = score(*args, device="cpu", write=False, batch_size=4, num_workers=2)
     assert [r.value for r in a.rows] == [r.value for r in b.rows] and b.n_candidates == 6
+
+
+def test_compare_reuses_only_rows_of_the_same_metric_networks_and_options(image_folder, tmp_path, monkeypatch, capsys):
+    """FID rows measured with other Inception weights, or with inception.dtype=float64, used to be
+    reused by `compare` (and the newer row then hid the older under one key), while float64 rows were
+    measured again on every run; the weights fingerprints and options are now in the version."""
+    from raebench.cli import main
+    from raebench.results import load
+
+    wa = random_inception_weights(tmp_path / "a.pth", seed=0)
+    wb = random_inception_weights(tmp_path / "b.pth", seed=1)
+    res = tmp_path / "res"
+    argv = ["compare", "-t", "bicubic-f8", "--data", str(image_folder), "-r", "32", "-m", "fid", "--device", "cpu",
+            "--reported", "none", "--results", str(res)]
+
+    def run_with(weights, options=""):
+        monkeypatch.setenv("RAEBENCH_INCEPTION_WEIGHTS", str(weights))
+        monkeypatch.setenv("RAEBENCH_METRIC_OPTIONS", options)
+        main(argv)
+        return capsys.readouterr().out
+
+    assert "computed now: bicubic-f8" in run_with(wa)
+    assert "computed now: bicubic-f8" in run_with(wb)  # other weights: measured, not reused
+    assert "computed now: nothing" in run_with(wa)  # A's row is still there, under its own version
+    rows = load(res)
+    assert len(rows) == 2 and rows["metric_version"].nunique() == 2
+    assert all("@weights:" in v for v in rows["metric_version"])
+    assert "computed now: bicubic-f8" in run_with(wa, "inception.dtype=float64")
+    assert "computed now: nothing" in run_with(wa, "inception.dtype=float64")  # reused, not measured every run
+    assert len(load(res)) == 3

@@ -94,11 +94,15 @@ def test_float64_option_changes_only_rounding_and_the_version(weights, images):
     x = images[0][:1]
     ex32 = EXTRACTORS.get("inception").builder(device="cpu", outputs=("pool",), weights=str(weights))
     ex64 = EXTRACTORS.get("inception").builder(device="cpu", outputs=("pool",), weights=str(weights), dtype="float64")
-    assert torch.allclose(ex64(x)["pool"], ex32(x)["pool"], rtol=1e-3, atol=1e-5)
+    f32, f64 = ex32(x)["pool"], ex64(x)["pool"]
+    assert torch.allclose(f64, f32, rtol=1e-3, atol=1e-5)
+    # really float64 inside (torch-fidelity's own option maps "float64" to float32 and left the features
+    # bit-identical): every parameter is float64 and the features differ from float32's by rounding
+    assert all(p.dtype == torch.float64 for p in ex64.net.parameters()) and not torch.equal(f64, f32)
     assert ex64.variant == "dtype=float64" and ex64.identity != ex32.identity
     ev = Evaluator(("fid",), torch.device("cpu"), options={"inception": {"weights": str(weights), "dtype": "float64"}})
     ev.extractor("inception")
-    assert ev.version_of(ev.specs[0]).endswith("+dtype=float64")
+    assert "+dtype=float64@weights:" in ev.version_of(ev.specs[0])
 
 
 def test_missing_weights_offline_is_one_sentence(monkeypatch, tmp_path):

@@ -39,3 +39,25 @@ def test_metric_extractors_and_fp32_tokenizers_run_without_tf32(cuda_flags):
         with ctx:
             assert torch.backends.cudnn.conv.fp32_precision == "ieee"
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def test_lpips_and_dreamsim_networks_run_without_tf32(cuda_flags):
+    """The feature extractors ran under full_fp32 but LPIPS' and DreamSim's networks did not, so on
+    GPUs their convolutions used PyTorch's default TF32; both now compute in full float32."""
+    from raebench.metrics import METRICS
+    from raebench.metrics.perceptual import LPIPS, DreamSim
+
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, a, b):
+            seen.append(torch.backends.cudnn.conv.fp32_precision)
+            return torch.zeros(a.shape[0])
+
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    x = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    for cls, name in ((LPIPS, "lpips-vgg"), (DreamSim, "dreamsim")):
+        m = cls.__new__(cls)
+        m.spec, m.model, m.device = METRICS.get(name), Recorder(), torch.device("cpu")
+        m.per_image(x, x)
+    assert seen == ["ieee", "ieee"] and torch.backends.cudnn.conv.fp32_precision == "tf32"
