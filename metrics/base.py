@@ -239,6 +239,9 @@ class MetricSpec:
     min_image_side: int = 1
     #: keys of an ADM reference batch ``.npz`` that can stand in for the reference features
     reference_stats_keys: tuple[str, ...] = ()
+    #: ``weights_path(weights=None)`` of a metric with a network of its own (LPIPS), resolved without
+    #: loading, so reuse can compare the weights recorded with stored rows; None: not compared
+    weights_path: Callable[..., Path] | None = None
 
     def build(self, **options) -> Metric:
         return self.builder(self, **options)
@@ -272,6 +275,8 @@ class ExtractorSpec:
     #: ``weights_path(weights=None)``: the file or folder the builder would load, resolved without
     #: building (so its fingerprint can decide reuse before any network loads); None if unknown
     weights_path: Callable[..., Path] | None = None
+    #: ``variant_of(**options)``: the variant string the options give, without building; None: always ""
+    variant_of: Callable[..., str] | None = None
     #: the width D of each output, ``(("pool", 2048), ...)``, known without building (stored
     #: statistics are checked against it before any network loads)
     dims: tuple[tuple[str, int], ...] = ()

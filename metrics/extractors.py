@@ -105,7 +105,10 @@ def fingerprint_path(path: str | os.PathLike) -> str:
     the relative names inside a folder (hashing a 1.2 GB checkpoint on every run would cost seconds).
     A file's own name does not count: the same weights under another name are the same weights."""
     p = Path(path)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    # files under dot-folders are tool metadata (`hf download --local-dir` writes .cache/huggingface/...,
+    # with timestamps): the same weights must not get another identity for them
+    files = (sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+             if p.is_dir() else [p])
     h = hashlib.sha256()
     for f in files:
         size = f.stat().st_size
@@ -168,6 +171,11 @@ class Extractor:
 
 class InceptionExtractor(Extractor):
     @staticmethod
+    def variant_of(dtype: str = "float32", **_) -> str:
+        """The variant string these options give (without building the network)."""
+        return "" if dtype == "float32" else f"dtype={dtype}"
+
+    @staticmethod
     def resolve_weights(weights: str | None = None) -> Path:
         """The file this extractor would load (local option > env > cache > download), unbuilt."""
         return resolve_url_file(INCEPTION_URL, local_weights("inception", weights),
@@ -186,7 +194,7 @@ class InceptionExtractor(Extractor):
             raise CheckpointError(f"{str(path)!r} is not torch-fidelity's Inception state dict "
                                   f"(weights-inception-2015-12-05-6726825d.pth).")
         del state
-        self.variant = "" if dtype == "float32" else f"dtype={dtype}"
+        self.variant = self.variant_of(dtype=dtype)
         layers = ["2048"] + (["logits_unbiased"] if "logits" in self.outputs else [])
         try:
             net = FeatureExtractorInceptionV3("inception-v3-compat", layers, feature_extractor_weights_path=str(path),
@@ -265,6 +273,10 @@ def _hub_interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, w
 
 
 class DinoV2Extractor(Extractor):
+    @staticmethod
+    def variant_of(resize: str = "torch", **_) -> str:
+        return "" if resize == "torch" else f"resize={resize}"
+
     SIZE = 224
 
     @staticmethod
@@ -284,7 +296,7 @@ class DinoV2Extractor(Extractor):
         path = self.resolve_weights(weights)
         super().__init__(spec, device, outputs, path)
         self.resize = resize
-        self.variant = "" if resize == "torch" else f"resize={resize}"
+        self.variant = self.variant_of(resize=resize)
         self.model = _load_hf_vision(Dinov2Model, path, ("dinov2",), "DINOv2 ViT-L/14 (FD-DINOv2)",
                                      {"hidden_size": 1024, "num_hidden_layers": 24, "patch_size": 14}).to(self.device)
         emb = self.model.embeddings
@@ -375,7 +387,8 @@ def resize_images(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 def _register(cls, **fields) -> None:
     spec = ExtractorSpec(builder=None, **fields)
     build = lambda device, outputs=(), **options: cls(spec, device, outputs, **options)
-    register_extractor(replace(spec, builder=build, weights_path=cls.resolve_weights))
+    register_extractor(replace(spec, builder=build, weights_path=cls.resolve_weights,
+                               variant_of=getattr(cls, "variant_of", None)))
 
 
 _register(InceptionExtractor, name="inception", version="tfinception-torchfidelity-v1",

@@ -77,11 +77,16 @@ def load_lpips(net: str, backbone_file: str | os.PathLike) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def lpips_weights_path(name: str, net: str, weights: str | None = None) -> Path:
+    """The backbone file an LPIPS metric loads (local option > env > cache > download), unloaded."""
+    return resolve_url_file(TORCHVISION_BACKBONES[net], local_weights(name, weights),
+                            what=f"LPIPS-{net} backbone (torchvision ImageNet)", env=weights_env(name))
+
+
 class LPIPS(PairedMean):
     def __init__(self, spec: MetricSpec, net: str, device: str | torch.device = "cpu", weights: str | None = None):
         super().__init__(spec)
-        path = resolve_url_file(TORCHVISION_BACKBONES[net], local_weights(spec.name, weights),
-                                what=f"LPIPS-{net} backbone (torchvision ImageNet)", env=weights_env(spec.name))
+        path = lpips_weights_path(spec.name, net, weights)
         self.weights_id = fingerprint_path(path)
         self.device = torch.device(device)
         self.model = shared_network(("lpips", net, str(path), str(self.device)),
@@ -227,6 +232,7 @@ for _net in ("vgg", "alex"):
             description=f"LPIPS v0.1 with the {'VGG-16' if _net == 'vgg' else 'AlexNet'} backbone (lpips package)",
             builder=lambda spec, net=_net, **o: LPIPS(spec, net, **o), options=("device", "weights"),
             aliases=("lpips",) if _net == "vgg" else (), min_image_side=LPIPS_MIN_SIDE[_net],
+            weights_path=lambda weights=None, net=_net: lpips_weights_path(f"lpips-{net}", net, weights),
         )
     )
 for _name, (_type, _) in DREAMSIM_VARIANTS.items():

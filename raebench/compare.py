@@ -25,9 +25,8 @@ from typing import Callable
 import pandas as pd
 
 from raebench.data import resolve_data
-from raebench import distributed
 from raebench.distributed import from_rank0
-from raebench.evaluate import EvalConfig, Evaluator, evaluate
+from raebench.evaluate import EvalConfig, evaluate, planned
 from raebench.leaderboard import compare_table, domain_gap
 from raebench.metrics.base import sharing_networks
 from raebench.results import load
@@ -63,19 +62,22 @@ def stored_rows(df: pd.DataFrame, tokenizer: str, weights_id: str, dataset: str,
 
 
 def missing_metrics(df: pd.DataFrame, tokenizer: str, weights_id: str, metrics: tuple[str, ...], dataset: str,
-                    fingerprint: str, resolution: int, seed: int, precision: str = "fp32",
-                    versions: dict[str, str] | None = None) -> tuple[str, ...]:
-    """The metrics of ``metrics`` with no stored row for exactly this measurement: ``versions`` (metric ->
-    the version a row made now would get: options and metric-network weights included, see
-    ``Evaluator.versions``; default the registered base version)."""
+                    fingerprint: str, resolution: int, seed: int, precision: str = "fp32", plan=None) -> tuple[str, ...]:
+    """The metrics of ``metrics`` with no stored row for exactly this measurement. ``plan``
+    (:func:`raebench.evaluate.planned`): the version a row made now would get (options included) and
+    its metric networks' weights, which a stored row must match; default: the registered base version."""
     from raebench.metrics import METRICS
 
     have = stored_rows(df, tokenizer, weights_id, dataset, fingerprint, resolution, seed, precision)
     out = []
     for m in metrics:
         spec = METRICS.get(m)
-        want = (versions or {}).get(spec.name, spec.version)
-        if have.empty or not ((have["metric"] == spec.name) & (have["metric_version"] == want)).any():
+        rows = have[have["metric"] == spec.name] if not have.empty else have
+        if plan is None:
+            ok = not rows.empty and (rows["metric_version"] == spec.version).any()
+        else:
+            ok = any(plan.row_matches(spec.name, v, e) for v, e in zip(rows["metric_version"], rows["extra"]))
+        if not ok:
             out.append(m)
     return tuple(out)
 
@@ -124,12 +126,9 @@ def compare(
     computed = []
     wids: dict[str, str] = {}
     with sharing_networks():  # the metric networks load once for all tokenizers
-        # the versions rows made now get (options from $RAEBENCH_METRIC_OPTIONS, the networks' weights):
-        # reuse and the table take only rows of these, never a row of other options or other weights
-        probe = Evaluator(tuple(metrics), resolve_device(distributed.local_device(device)))
-        probe.check_weights()
-        versions = probe.versions()
-        del probe
+        # the versions rows made now get (options from $RAEBENCH_METRIC_OPTIONS) and the metric networks'
+        # weights, resolved without loading them: reuse and the table take only rows measured so
+        plan = planned(tuple(metrics))
         for name in names:
             cfg = EvalConfig(tokenizer=name, metrics=metrics, data=data, dataset=dataset, resolution=resolution,
                              limit=limit, seed=seed, batch_size=batch_size, device=device, num_workers=num_workers,
@@ -137,7 +136,7 @@ def compare(
             tok = build_tokenizer_from_config(cfg, resolve_device(device))
             wids[name] = getattr(tok, "weights_id", "none")
             todo = metrics if recompute else missing_metrics(load(results_dir), name, wids[name], metrics, resolved.name,
-                                                             fp, resolution, resolved.seed_of(seed), versions=versions)
+                                                             fp, resolution, resolved.seed_of(seed), plan=plan)
             todo = from_rank0(todo)
             if todo:
                 cb = (lambda d, t, n=name: on_progress(f"eval {n}", d, t)) if on_progress else None
@@ -150,7 +149,8 @@ def compare(
                     & (everything["precision"] == "fp32")] if not everything.empty else everything
     if not df.empty:  # each tokenizer's rows of the weights it has now, of the versions decided on (reported rows pass)
         mine = df["tokenizer"].map(wids)
-        df = df[(df["source"] == "reported") | ((df["weights_id"] == mine) & (df["metric_version"] == df["metric"].map(versions)))]
+        made_so = [plan.row_matches(m, v, e) for m, v, e in zip(df["metric"], df["metric_version"], df["extra"])]
+        df = df[(df["source"] == "reported") | ((df["weights_id"] == mine) & pd.Series(made_so, index=df.index))]
     rep = None
     if reported != "none":
         from raebench.baselines import reported_frame

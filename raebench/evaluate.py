@@ -162,6 +162,65 @@ def parse_options(items: list[str] | tuple[str, ...] | str | None) -> dict[str, 
     return out
 
 
+@dataclass
+class Planned:
+    """What rows measured now would record, found without loading any network (:func:`planned`)."""
+
+    versions: dict  # result name (kid-std included) -> metric version (base + option variants)
+    weights: dict  # network key (extractor or metric name) -> identity as ``extra.metric_weights`` records it; None: unresolved
+    keys: dict  # result name -> the network keys behind it
+
+    def row_matches(self, metric: str, version: str, extra) -> bool:
+        """Whether a stored row of ``metric`` was measured as a row made now would be: the same version
+        and, for every network whose weights resolve here, the same weights (rows record them in
+        ``extra.metric_weights``; a row without them does not match)."""
+        if self.versions.get(metric) != version:
+            return False
+        recorded = (extra or {}).get("metric_weights") if isinstance(extra, dict) else None
+        for key in self.keys.get(metric, ()):
+            want = self.weights.get(key)
+            if want is not None and (not isinstance(recorded, dict) or recorded.get(key) != want):
+                return False
+        return True
+
+
+def planned(metric_names, options: dict | None = None) -> Planned:
+    """The versions and network weights of ``metric_names`` under ``options`` (default
+    ``$RAEBENCH_METRIC_OPTIONS``), resolved from the specs and weight files only: reuse (compare) and
+    resume (eval) decide with it before, or without, loading a network. Weights that cannot be found
+    here are None (not compared)."""
+    from raebench.errors import MissingWeightsError
+    from raebench.metrics import EXTRACTORS, METRICS
+    from raebench.metrics.extractors import fingerprint_path
+
+    options = parse_options(os.environ.get("RAEBENCH_METRIC_OPTIONS")) if options is None else options
+    versions, weights, keys = {}, {}, {}
+    for m in dict.fromkeys(metric_names):
+        spec = METRICS.get(m)
+        variants, mine = [], []
+        for e in spec.extractors:
+            es, opts = EXTRACTORS.get(e), options.get(e, {})
+            variant = es.variant_of(**opts) if es.variant_of else ""
+            if variant:
+                variants.append(variant)
+            if e not in weights:
+                try:  # the identity string an extractor records: version|variant|weights=fingerprint
+                    weights[e] = (f"{es.version}|{variant}|weights={fingerprint_path(es.weights_path(opts.get('weights')))}"
+                                  if es.weights_path is not None else None)
+                except MissingWeightsError:
+                    weights[e] = None
+            mine.append(e)
+        if spec.weights_path is not None:
+            try:
+                weights[spec.name] = fingerprint_path(spec.weights_path(options.get(spec.name, {}).get("weights")))
+            except MissingWeightsError:
+                weights[spec.name] = None
+            mine.append(spec.name)
+        for name in (spec.name, *(o for o, _ in spec.outputs)):
+            versions[name], keys[name] = "+".join([spec.version, *variants]), tuple(mine)
+    return Planned(versions, weights, keys)
+
+
 def _raise_missing(missing: list[str]) -> None:
     from raebench.errors import MissingWeightsError
 
@@ -434,23 +493,9 @@ class Evaluator:
 
     def version_of(self, spec) -> str:
         """The metric's version plus the non-default variants of the extractors it reads (built here
-        if this process never ran them, e.g. after a resume or a merge of shards) and the fingerprints
-        of the weights of every network behind it (``@weights:...``, as analyze's rows): a value
-        measured with other Inception or LPIPS weights is another measurement, never reused for this one."""
+        if this process never ran them, e.g. after a resume or a merge of shards)."""
         variants = [self.extractor(e).variant for e in spec.extractors if self.extractor(e).variant]
-        ids = [getattr(self.extractor(e), "weights_id", "") for e in spec.extractors]
-        ids.append(getattr(self.metrics[self.specs.index(spec)], "weights_id", "") or "")
-        ids = [i for i in ids if i]
-        return "+".join([spec.version, *variants]) + (f"@weights:{'+'.join(ids)}" if ids else "")
-
-    def versions(self) -> dict[str, str]:
-        """Result name (outputs such as kid-std included) -> the version its rows get."""
-        out = {}
-        for spec in self.specs:
-            v = self.version_of(spec)
-            for name in (spec.name, *(o for o, _ in spec.outputs)):
-                out[name] = v
-        return out
+        return "+".join([spec.version, *variants])
 
     def weights_ids(self) -> dict[str, str]:
         """Identity of every network's weights used by the metrics, for the result rows."""
@@ -567,8 +612,12 @@ def evaluate(
     ev.check_weights()
 
     lo, hi = shard(data.n, rank, world)
-    # the versions carry options and the metric networks' weights: progress made with other ones is not resumed
-    work = WorkState(cfg.results_dir, _run_key(cfg, data, tok, [ev.version_of(s) for s in ev.specs]), rank) if cfg.write else None
+    # options and the metric networks' weights are in the key: progress made with other ones is not resumed
+    plan = planned(tuple(s.name for s in ev.specs), ev.options)
+    import json
+
+    key_versions = sorted(set(plan.versions.values())) + [json.dumps(plan.weights, sort_keys=True)]
+    work = WorkState(cfg.results_dir, _run_key(cfg, data, tok, key_versions), rank) if cfg.write else None
     skipped: list[Skip] = list(data.images.skipped) if rank == 0 else []
     upscaled: list[str] = []
     nonfinite: list[str] = []

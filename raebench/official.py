@@ -94,8 +94,10 @@ def resolve_official_path(value: str, base_dir: str | os.PathLike | None, *, wha
     base = Path(base_dir).expanduser().resolve() if base_dir is not None else None
     looked = f"next to {str(base)!r} and its parent folders, " if base is not None else ""
     # what supplies a local copy here: the YAML's own path (no --weights flag applies to a YAML)
-    flag = (f"its path in the YAML (absolute, or relative to the YAML: looked {looked}and in {os.getcwd()!r}; "
-            f"`hf download {RAE_REPO} --local-dir models` next to the YAML, or a parent folder, gives its models/... paths)")
+    rae_files = value.replace("\\", "/").lstrip("./").startswith("models/")
+    flag = (f"its path in the YAML (absolute, or relative to the YAML: looked {looked}and in {os.getcwd()!r}"
+            + (f"; `hf download {RAE_REPO} --local-dir models` next to the YAML, or a parent folder, gives its "
+               "models/... paths)" if rae_files else ")"))
     if value.startswith("hf://"):
         parts = value[5:].strip("/").split("/")
         repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
