@@ -396,3 +396,18 @@ def test_keep_every_keeps_step_checkpoints_beside_last(tmp_path):
     assert (ck / "step-0000006.pt").is_file() and torch.load(ck / "step-0000004.pt", weights_only=True)["step"] == 4
     with pytest.raises(RaebenchError, match="keep_every must be at least 0"):
         tiny_cfg(tmp_path, keep_every=-1)
+
+
+def test_keep_every_copies_where_hard_links_fail(tmp_path, monkeypatch):
+    """On file systems without hard links the kept step file is a streamed copy, renamed into place."""
+    import os
+
+    def no_links(*a, **k):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    toy_cache(tmp_path / "cache", n=64)
+    train(tiny_cfg(tmp_path, global_batch=16, epochs=4, ckpt_every=100, keep_every=2, max_steps=3))
+    ck = tmp_path / "run" / "checkpoints"
+    assert torch.load(ck / "step-0000002.pt", weights_only=True)["step"] == 2
+    assert not list(ck.glob(".*.tmp")) and os.stat(ck / "step-0000002.pt").st_nlink == 1

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print("[bold red]error:[/] another rank of this torchrun job stopped (its error is above); "
                               "this rank stopped too.", highlight=False, soft_wrap=True)
             sys.exit(1)
-        if isinstance(e, OSError) and not logging.getLogger().isEnabledFor(logging.DEBUG):
+        if isinstance(e, OSError) and _storage_error(e) and not logging.getLogger().isEnabledFor(logging.DEBUG):
             # a full disk or a vanished mount: one sentence (written results and resume state stay whole)
             where = f" ({printable(str(e.filename))})" if e.filename else ""
             err_console.print(f"[bold red]error:[/] {printable(e.strerror or str(e))}{where}; free the space or fix "
@@ -85,6 +85,16 @@ def main(argv: list[str] | None = None) -> None:
         if code == 130:
             err_console.print("[yellow]interrupted[/]")
         sys.exit(code)
+
+
+def _storage_error(e: OSError) -> bool:
+    """A disk or file-system condition the user fixes outside raebench (full, quota, read-only, I/O,
+    stale mount, permissions); other OSErrors (a decoder's, a network's) keep their traceback."""
+    import errno
+
+    codes = {errno.ENOSPC, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.ESTALE,
+             getattr(errno, "EDQUOT", errno.ENOSPC)}
+    return e.errno in codes
 
 
 def _peer_failed(e: BaseException) -> bool:

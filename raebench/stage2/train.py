@@ -510,15 +510,15 @@ def _keep_copy(last: Path, kept: Path) -> None:
     """``last`` kept as ``kept``: a hard link (no copy; the next save replaces last.pt by a rename, so
     the link keeps this step's file), or an atomic copy where the file system has no hard links."""
     import os
-
-    from raebench.results import atomic_write_bytes
+    import shutil
 
     kept.unlink(missing_ok=True)
     try:
         os.link(last, kept)
-    except OSError:
-        with open(last, "rb") as f:
-            atomic_write_bytes(kept, f.read())
+    except OSError:  # streamed to a temporary name, then renamed: never a half-written step file
+        tmp = kept.with_name(f".{kept.name}.tmp")
+        shutil.copyfile(last, tmp)
+        os.replace(tmp, kept)
 
 
 def _log_row(path: Path, losses: list[float], step: int, spe: int, cfg: TrainConfig, lr: float, seconds: float,
