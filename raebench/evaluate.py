@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import logging
 import os
 import time
@@ -169,6 +170,7 @@ class Planned:
     versions: dict  # result name (kid-std included) -> metric version (base + option variants)
     weights: dict  # network key (extractor or metric name) -> identity as ``extra.metric_weights`` records it; None: unresolved
     keys: dict  # result name -> the network keys behind it
+    missing: dict  # network key -> the MissingWeightsError sentence of weights that cannot be found
 
     def row_matches(self, metric: str, version: str, extra) -> bool:
         """Whether a stored row of ``metric`` was measured as a row made now would be: the same version
@@ -194,31 +196,33 @@ def planned(metric_names, options: dict | None = None) -> Planned:
     from raebench.metrics.extractors import fingerprint_path
 
     options = parse_options(os.environ.get("RAEBENCH_METRIC_OPTIONS")) if options is None else options
-    versions, weights, keys = {}, {}, {}
+    versions, weights, keys, missing = {}, {}, {}, {}
+
+    def fingerprint(key: str, resolver, prefix: str = "") -> None:
+        if key in weights:
+            return
+        try:  # resolved (found or fetched), not loaded
+            weights[key] = prefix + fingerprint_path(resolver(options.get(key, {}).get("weights")))
+        except MissingWeightsError as e:
+            weights[key], missing[key] = None, str(e)
+
     for m in dict.fromkeys(metric_names):
         spec = METRICS.get(m)
         variants, mine = [], []
         for e in spec.extractors:
-            es, opts = EXTRACTORS.get(e), options.get(e, {})
-            variant = es.variant_of(**opts) if es.variant_of else ""
+            es = EXTRACTORS.get(e)
+            variant = es.variant_of(**options.get(e, {})) if es.variant_of else ""
             if variant:
                 variants.append(variant)
-            if e not in weights:
-                try:  # the identity string an extractor records: version|variant|weights=fingerprint
-                    weights[e] = (f"{es.version}|{variant}|weights={fingerprint_path(es.weights_path(opts.get('weights')))}"
-                                  if es.weights_path is not None else None)
-                except MissingWeightsError:
-                    weights[e] = None
+            if es.weights_path is not None:  # an extractor records version|variant|weights=fingerprint
+                fingerprint(e, es.weights_path, f"{es.version}|{variant}|weights=")
             mine.append(e)
         if spec.weights_path is not None:
-            try:
-                weights[spec.name] = fingerprint_path(spec.weights_path(options.get(spec.name, {}).get("weights")))
-            except MissingWeightsError:
-                weights[spec.name] = None
+            fingerprint(spec.name, spec.weights_path)
             mine.append(spec.name)
         for name in (spec.name, *(o for o, _ in spec.outputs)):
             versions[name], keys[name] = "+".join([spec.version, *variants]), tuple(mine)
-    return Planned(versions, weights, keys)
+    return Planned(versions, weights, keys, missing)
 
 
 def _raise_missing(missing: list[str]) -> None:
@@ -313,35 +317,24 @@ class Evaluator:
         weights too, not one per run (LPIPS, then DreamSim, then DINOv2, ...)."""
         from raebench.errors import MissingWeightsError
 
-        metrics, missing = [], []
+        metrics, missing = [], {}
         for s in self.specs:
             try:
                 metrics.append(self._build_metric(s))
             except MissingWeightsError as e:
-                missing.append(str(e))
+                missing[s.name] = str(e)
         if missing:
-            _raise_missing(missing + self._missing_extractor_weights())
+            _raise_missing([m for _, m in sorted({**self.planned().missing, **missing}.items())])
         return metrics
 
-    def _missing_extractor_weights(self) -> list[str]:
-        from raebench.errors import MissingWeightsError
-        from raebench.metrics import EXTRACTORS
+    def planned(self) -> "Planned":
+        """:func:`planned` for these metrics and options (weights resolved, no network loaded)."""
+        return planned(tuple(s.name for s in self.specs), self.options)
 
-        missing = []
-        for name in sorted(set(self.ref_needs) | set(self.cand_needs)):
-            spec = EXTRACTORS.get(name)
-            if spec.weights_path is None:
-                continue
-            try:
-                spec.weights_path(self.options.get(name, {}).get("weights"))  # resolved (found or fetched), not loaded
-            except MissingWeightsError as e:
-                missing.append(str(e))
-        return missing
-
-    def check_weights(self) -> None:
-        """Every extractor's weights present (or fetched) before the pass: all missing ones in one error,
-        at start-up, not at the first batch."""
-        _raise_missing(self._missing_extractor_weights())
+    def check_weights(self, plan: "Planned | None" = None) -> None:
+        """Every metric network's weights present (or fetched) before the pass: all missing ones in one
+        error, at start-up, not at the first batch."""
+        _raise_missing([m for _, m in sorted((plan or self.planned()).missing.items())])
 
     def _build_metric(self, spec):
         opts = dict(self.options.get(spec.name, {}))
@@ -609,13 +602,11 @@ def evaluate(
     tok = tokenizer if tokenizer is not None else build_tokenizer_from_config(cfg, device)
     reference = ReferenceSet(f"{data.images.fingerprint()}|adm-center-crop@{cfg.resolution}", data.n)
     ev = Evaluator(tuple(cfg.metrics), device, reference=reference, options=_metric_options(cfg))
-    ev.check_weights()
+    plan = ev.planned()  # weights resolved once: checked here, and part of the resume key below
+    ev.check_weights(plan)
 
     lo, hi = shard(data.n, rank, world)
     # options and the metric networks' weights are in the key: progress made with other ones is not resumed
-    plan = planned(tuple(s.name for s in ev.specs), ev.options)
-    import json
-
     key_versions = sorted(set(plan.versions.values())) + [json.dumps(plan.weights, sort_keys=True)]
     work = WorkState(cfg.results_dir, _run_key(cfg, data, tok, key_versions), rank) if cfg.write else None
     skipped: list[Skip] = list(data.images.skipped) if rank == 0 else []

@@ -51,8 +51,8 @@ class LatentCache:
             raise DataError(f"Latent cache {str(self.root)!r} holds {self._mm.shape[0]} latents but "
                             f"{tuple(self.labels.shape)} labels; rebuild it with `raebench cache-latents`.")
         # rows of images that could not be read hold no latents: training sees only the others
-        gone = {int(s["index"]) for s in self.meta.get("skipped") or []}
-        self.rows = np.array([i for i in range(self._mm.shape[0]) if i not in gone], dtype=np.int64) if gone else None
+        gone = [int(s["index"]) for s in self.meta.get("skipped") or []]
+        self.rows = np.setdiff1d(np.arange(self._mm.shape[0], dtype=np.int64), gone) if gone else None
         if self.rows is not None:
             self.labels = self.labels[torch.from_numpy(self.rows)]
 
