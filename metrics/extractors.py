@@ -101,9 +101,10 @@ def resolve_url_file(url: str, local: str | None, *, what: str, env: str) -> Pat
 
 
 def fingerprint_path(path: str | os.PathLike) -> str:
-    """A cheap identity of a weights file or folder: sizes and the first/last MiB of each file, and
-    the relative names inside a folder (hashing a 1.2 GB checkpoint on every run would cost seconds).
-    A file's own name does not count: the same weights under another name are the same weights."""
+    """The identity of a weights file or folder: sha256 over each file's relative name, size and
+    whole content (:func:`content_digest`), 12 hex digits. A file's own name does not count: the same
+    weights under another name are the same weights. Reading a 1.2 GB checkpoint costs about a
+    second, once: digests are cached by file identity (see :func:`content_digest`)."""
     p = Path(path)
     # files under dot-folders are tool metadata (`hf download --local-dir` writes .cache/huggingface/...,
     # with timestamps): the same weights must not get another identity for them
@@ -115,12 +116,63 @@ def fingerprint_path(path: str | os.PathLike) -> str:
         h.update(f"{f.relative_to(p) if p.is_dir() else ''}\0{size}\n".encode())
         if f.suffix in (".lock", ".md") or f.name.startswith("."):
             continue
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), os.SEEK_END)
-                h.update(fh.read(1 << 20))
+        h.update(bytes.fromhex(content_digest(f)))
     return h.hexdigest()[:12]
+
+
+_DIGESTS: dict[str, str] = {}  # this process's view of the digest cache
+_DIGEST_CACHE_ENTRIES = 5000
+
+
+def _digest_cache_file() -> Path:
+    base = os.environ.get("RAEBENCH_CACHE") or Path.home() / ".cache" / "raebench"
+    return Path(base).expanduser() / "digests.json"
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's whole content, hex. An earlier identity read only the first and last MiB,
+    so a fine-tune that changed only middle tensors (same size, same safetensors header) kept the
+    identity of the original and stored results were reused for other weights.
+
+    Digests are cached in ``$RAEBENCH_CACHE/digests.json`` (default ``~/.cache/raebench``) under the
+    file's resolved path, device, inode, size and modification and change times: writing to a file
+    changes its ctime, which no tool can set back, and a copy is another inode, so a stale digest is
+    never served. The cache is written atomically and read leniently (an unreadable cache only
+    means hashing again); concurrent writers may drop each other's new entries, never corrupt them."""
+    import json
+
+    from raebench.results import atomic_write_bytes
+
+    f = Path(path)
+    st = f.stat()
+    key = f"{os.path.realpath(f)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    cache_file = _digest_cache_file()
+    try:
+        stored = json.loads(cache_file.read_text())
+        stored = stored if isinstance(stored, dict) else {}
+    except (OSError, ValueError):
+        stored = {}
+    digest = stored.get(key)
+    if not (isinstance(digest, str) and len(digest) == 64):
+        if st.st_size > 256 << 20:
+            log.info("fingerprinting %s (%.1f GB; once: the digest is cached in %s)", f.name, st.st_size / 1e9, cache_file)
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while chunk := fh.read(8 << 20):
+                h.update(chunk)
+        digest = h.hexdigest()
+        stored[key] = digest
+        if len(stored) > _DIGEST_CACHE_ENTRIES:  # oldest entries first out (dicts keep insertion order)
+            stored = dict(list(stored.items())[-_DIGEST_CACHE_ENTRIES:])
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(cache_file, json.dumps(stored).encode())
+        except OSError as e:  # a read-only home only costs hashing again next time
+            log.debug("digest cache %s not written: %s", cache_file, e)
+    _DIGESTS[key] = digest
+    return digest
 
 
 @contextlib.contextmanager

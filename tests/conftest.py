@@ -7,6 +7,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# caches (features, weight digests) of the test run stay out of the user's home
+if "RAEBENCH_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["RAEBENCH_CACHE"] = tempfile.mkdtemp(prefix="raebench-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["RAEBENCH_CACHE"], True)
 
 from pathlib import Path  # noqa: E402
 

@@ -2,6 +2,8 @@
 measurement (weights, precision, data, candidates), bounded image work, symlinked folders and
 one-sentence errors for flags, npz files and output paths."""
 
+import hashlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -167,6 +169,46 @@ def test_compare_reuses_only_rows_of_the_same_weights_and_precision(image_folder
     monkeypatch.setenv("COLUMNS", "250")
     code, out, err = run(["compare", "-t", "pixels", "--reported", "none", "--recompute", *common], capsys)
     assert code == 0 and "computed now: pixels" in out, err
+
+
+def test_weights_fingerprint_covers_the_whole_file_and_caches_by_file_identity(tmp_path, monkeypatch):
+    """A fine-tune that changed only middle tensors has the size and safetensors header of the
+    original: the identity must still differ (an identity of the first and last MiB did not), and the
+    digest is computed once per file version, not once per run."""
+    import os
+
+    import raebench.metrics.extractors as ex
+
+    monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ex, "_DIGESTS", {})
+    rng = np.random.default_rng(0)
+    w = tmp_path / "w" / "model.safetensors"
+    w.parent.mkdir()
+    data = bytearray(rng.integers(0, 256, 5 << 20, dtype=np.uint8).tobytes())
+    w.write_bytes(bytes(data))
+    before, folder_before = ex.fingerprint_path(w), ex.fingerprint_path(w.parent)
+    assert ex.content_digest(w) == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "cache" / "digests.json").is_file()
+
+    # a cached digest is served without reading the file again (in this process and in a new one)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: opened.append(str(f)) or real_open(f, *a, **k))
+    monkeypatch.setattr(ex, "_DIGESTS", {})
+    assert ex.fingerprint_path(w) == before and str(w) not in opened
+    monkeypatch.setattr("builtins.open", real_open)
+
+    # one byte in the middle changed, size and modification time put back: another identity
+    st = w.stat()
+    data[len(data) // 2] ^= 0xFF
+    w.write_bytes(bytes(data))
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert w.stat().st_size == st.st_size and w.stat().st_mtime_ns == st.st_mtime_ns
+    assert ex.fingerprint_path(w) != before and ex.fingerprint_path(w.parent) != folder_before
+    # an unreadable cache only means hashing again
+    (tmp_path / "cache" / "digests.json").write_text("{not json")
+    monkeypatch.setattr(ex, "_DIGESTS", {})
+    assert ex.content_digest(w) == hashlib.sha256(data).hexdigest()
 
 
 def test_load_keeps_measurements_of_different_folders_and_candidate_sets(tmp_path, make_images):

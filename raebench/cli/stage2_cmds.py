@@ -291,7 +291,7 @@ def _check_guide(info: dict, g_info: dict, run_tok: Optional[str], guide_path: P
 
 
 def _file_id(path: Path) -> str:
-    """A file's name and content fingerprint (sizes and first/last MiB): the same weights copied
+    """A file's name and content fingerprint (sha256 of every byte, cached): the same weights copied
     elsewhere are the same, retrained weights are not."""
     from raebench.metrics.extractors import fingerprint_path
 
