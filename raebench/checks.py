@@ -6,6 +6,10 @@ from __future__ import annotations
 from raebench.errors import RaebenchError
 
 
+#: the largest --resolution accepted (one 16384² image is 3.2 GB as float32; registered tokenizers are native at 256 or 512)
+MAX_RESOLUTION = 16384
+
+
 def check_sizes(batch_size: int, resolution: int | None, metrics: tuple[str, ...] = (), image_side: int | None = None,
                 resizable: bool = True) -> None:
     """Batch size, resolution and the smallest image each metric accepts (``image_side``: the short
@@ -15,6 +19,9 @@ def check_sizes(batch_size: int, resolution: int | None, metrics: tuple[str, ...
         raise RaebenchError(f"--batch-size must be at least 1, got {batch_size}.")
     if resolution is not None and resolution < 1:
         raise RaebenchError(f"--resolution must be a positive number of pixels, got {resolution}.")
+    if resolution is not None and resolution > MAX_RESOLUTION:  # else a typo ends in an out-of-memory kill mid-run
+        raise RaebenchError(f"--resolution {resolution} is above {MAX_RESOLUTION} px (one such image alone takes "
+                            f"{3 * 4 * resolution ** 2 / 1e9:.0f} GB as float32); no tokenizer here is meant for that.")
     side = resolution if image_side is None else image_side
     what = f"--resolution {resolution} is smaller" if image_side is None else f"these images have {image_side}"
     for m in metrics if side is not None else ():

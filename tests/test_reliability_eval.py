@@ -372,6 +372,7 @@ def no_model_build(monkeypatch):
     (["eval", "-t", "pixels", "-b", "-1"], "--batch-size must be at least 1"),
     (["eval", "-t", "pixels", "-r", "0"], "--resolution must be a positive"),
     (["eval", "-t", "pixels", "-r", "-5"], "--resolution must be a positive"),
+    (["eval", "-t", "pixels", "-r", "100000"], "--resolution 100000 is above 16384 px"),
     (["eval", "-t", "pixels", "-r", "7"], "ssim needs images of at least 11 px"),
     (["eval", "-t", "pixels", "-r", "16", "-m", "ms-ssim"], "ms-ssim needs images of at least 161 px"),
     (["eval", "-t", "pixels", "--precision", "fp8"], "Unknown precision"),
