@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -558,6 +559,14 @@ def _metric_options(cfg: EvalConfig) -> dict[str, dict[str, str]] | None:
     return None if cfg.metric_options is None else parse_options(list(cfg.metric_options))
 
 
+def _content_id(path: str | None) -> str | None:
+    """A local weights path by its content (moving a folder keeps the progress made with it); a Hub
+    repo id, or a path not found (its loader says so), as given."""
+    from raebench.metrics.extractors import fingerprint_path
+
+    return fingerprint_path(path) if path is not None and Path(path).exists() else path
+
+
 def _run_key(cfg: EvalConfig, data: ResolvedData, tok, metric_versions: list[str]) -> str:
     """Identity of an evaluation for resuming: everything that changes a number, nothing that
     doesn't (batch size, workers and device may change between the crash and the re-run)."""
@@ -567,7 +576,7 @@ def _run_key(cfg: EvalConfig, data: ResolvedData, tok, metric_versions: list[str
         "tokenizer": tok.name, "weights": getattr(tok, "weights_id", "none"), "config": cfg.tokenizer_config,
         "data": data.images.fingerprint(), "dataset": data.name, "resolution": cfg.resolution, "seed": data.seed_of(cfg.seed),
         "metrics": sorted(metric_versions), "precision": cfg.precision,
-        "opts": [cfg.weights, cfg.decoder, cfg.stats],
+        "opts": [_content_id(p) for p in (cfg.weights, cfg.decoder, cfg.stats)],
         "metric_options": sorted(cfg.metric_options or ()) or os.environ.get("RAEBENCH_METRIC_OPTIONS", ""),
     })
 

@@ -171,6 +171,41 @@ def test_compare_reuses_only_rows_of_the_same_weights_and_precision(image_folder
     assert code == 0 and "computed now: pixels" in out, err
 
 
+def test_eval_resumes_after_the_weights_folder_moved(image_folder, tmp_path):
+    """The resume key holds the weights' content identity, not their path: progress made with a
+    folder that was moved (same name, other parent) is continued, other weights are not."""
+    import shutil
+
+    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.tokenizers import build_tokenizer
+
+    class CrashAfter:
+        def __init__(self, tok, k):
+            self.tok, self.k, self.calls, self.name, self.weights_id = tok, k, 0, tok.name, tok.weights_id
+
+        def encode(self, x):
+            self.calls += 1
+            if self.calls == self.k:
+                raise RuntimeError("simulated crash")
+            return self.tok.encode(x)
+
+        def decode(self, z):
+            return self.tok.decode(z)
+
+    w = _tiny_vae(tmp_path / "a" / "vae", 0)
+    base = dict(tokenizer="sd-vae-ft-ema", data=str(image_folder), resolution=32, batch_size=2, device="cpu",
+                metrics=("psnr",), results_dir=str(tmp_path / "res"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate(EvalConfig(**base, weights=str(w)), tokenizer=CrashAfter(build_tokenizer("sd-vae-ft-ema", weights=str(w)), 3),
+                 save_every=1)
+    moved = tmp_path / "b" / "vae"
+    moved.parent.mkdir()
+    shutil.move(str(w), str(moved))
+    resumed = CrashAfter(build_tokenizer("sd-vae-ft-ema", weights=str(moved)), 10**9)
+    evaluate(EvalConfig(**base, weights=str(moved)), tokenizer=resumed, save_every=1)
+    assert resumed.calls == 2  # only the two batches not done before the crash
+
+
 def test_weights_fingerprint_covers_the_whole_file_and_caches_by_file_identity(tmp_path, monkeypatch):
     """A fine-tune that changed only middle tensors has the size and safetensors header of the
     original: the identity must still differ (an identity of the first and last MiB did not), and the
