@@ -17,6 +17,40 @@ def work_key(ident: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+#: progress untouched this long belongs to a run nobody is continuing (a live run saves every 20 batches)
+STALE_PROGRESS_SECONDS = 86400
+
+
+def note_stale_progress(work_root, current: str) -> int:
+    """Warn (once per call) about other evaluations' progress under ``<results>/.work`` untouched for a
+    day: it is resumed only by the same command on the same data and weights, so after the data or
+    weights changed it is dead weight (at 50k images, hundreds of MB per metric). Nothing is
+    deleted; the warning says how much and how to reclaim it. Returns how many folders it counts."""
+    import time
+    from pathlib import Path
+
+    now, count, size, oldest = time.time(), 0, 0, None
+    for d in Path(work_root).iterdir():
+        if d.name == current or not d.is_dir():
+            continue
+        try:
+            files = [f.stat() for f in d.iterdir() if f.is_file()]
+        except OSError:
+            continue
+        if not files or now - max(f.st_mtime for f in files) < STALE_PROGRESS_SECONDS:
+            continue
+        count += 1
+        size += sum(f.st_size for f in files)
+        newest = max(f.st_mtime for f in files)
+        oldest = newest if oldest is None else min(oldest, newest)
+    if count:
+        log.warning("%d evaluation%s left unfinished in %s (%.1f MB, last saved %s or earlier) resume%s only when "
+                    "the same command runs again on unchanged data and weights; if none will, remove the folders "
+                    "there that are untouched for a day.", count, "s" if count > 1 else "", work_root, size / 1e6,
+                    time.strftime("%Y-%m-%d", time.localtime(oldest)), "" if count > 1 else "s")
+    return count
+
+
 class WorkState:
     """Per-rank progress of an evaluation, saved atomically under ``<results>/.work/<key>/``.
 
@@ -46,6 +80,8 @@ class WorkState:
                 f"Another evaluation with the same configuration is running on {str(self.dir)!r}; wait for it or "
                 "use another --results folder."
             ) from None
+        if self.path.name == "rank0.pt":
+            note_stale_progress(self.dir.parent, self.dir.name)
 
     def load(self) -> dict | None:
         from raebench.checkpoint import load_state

@@ -102,3 +102,25 @@ def test_a_rank_removes_only_its_own_progress(tmp_path: Path):
     assert ranks[0].path.is_file() and ranks[0].load()["done"] == 3
     ranks[0].release(remove=True)
     assert not (tmp_path / ".work" / "key").exists()
+
+
+def test_progress_of_runs_nobody_continues_is_reported_not_deleted(image_folder: Path, tmp_path: Path, caplog):
+    """Progress left in .work by runs whose data or weights changed is never resumed: the next
+    evaluation says how much there is (untouched for a day), and deletes nothing."""
+    import logging
+    import time
+
+    work = tmp_path / ".work"
+    old, fresh = work / "0123456789abcdef0123", work / "fedcba9876543210fedc"
+    for d in (old, fresh):
+        d.mkdir(parents=True)
+        (d / "rank0.pt").write_bytes(b"x" * 2_000_000)
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old / "rank0.pt", (two_days_ago, two_days_ago))
+    cfg = EvalConfig(tokenizer="pixels", data=str(image_folder), resolution=32, batch_size=4, device="cpu",
+                     metrics=("psnr",), results_dir=str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="raebench.eval_progress"):
+        evaluate(cfg)
+    notes = [r.getMessage() for r in caplog.records if "left unfinished" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].startswith("1 evaluation left unfinished") and "(2.0 MB" in notes[0], notes
+    assert (old / "rank0.pt").exists() and (fresh / "rank0.pt").exists()
