@@ -300,3 +300,27 @@ def test_discriminator_inputs_and_passes_follow_the_official_trainer(assets, tmp
     fakes, reals = disc_passes[0::2], disc_passes[1::2]
     assert all(on_grid(x) and x.abs().max() <= 1 for _, x in fakes)  # clamped, quantised fakes first
     assert all(x.shape == f.shape for (_, x), (_, f) in zip(reals, fakes))
+
+
+def test_every_missing_weight_is_named_in_one_error(assets, tmp_path, monkeypatch):
+    """Encoder, LPIPS backbone and discriminator backbone missing together: one error names all three
+    (a user fetching one file per attempt would otherwise start the run three times)."""
+    import huggingface_hub.constants as hc
+
+    from raebench.errors import MissingWeightsError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    cfg = preset("tiny", encoder="facebook/dinov2-with-registers-base", data=assets["data"], lpips_weights=None,
+                 disc_weights=None, disc_backbone="vit_small_patch8_224.dino")
+    with pytest.raises(MissingWeightsError) as e:
+        train(cfg, tmp_path / "run")
+    msg = str(e.value)
+    assert msg.startswith("3 weights are missing:"), msg
+    for needle in ("facebook/dinov2-with-registers-base", "timm/vgg16.tv_in1k", "timm/vit_small_patch8_224.dino"):
+        assert needle in msg
+    # one missing: its own sentence, as before
+    with pytest.raises(MissingWeightsError) as e:
+        train(dataclasses.replace(cfg, encoder=assets["encoder"], lpips_weights="random"), tmp_path / "run")
+    assert "timm/vit_small_patch8_224.dino" in str(e.value) and "\n" not in str(e.value)

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader
 
 from raebench import distributed
 from raebench.data import scan_folder, to_float, to_uint8
-from raebench.errors import DataError, RaebenchError
+from raebench.errors import DataError, MissingWeightsError, RaebenchError
 from raebench.evaluate import resolve_device
 from raebench.results import atomic_write_bytes, provenance
 from raebench.stage1.config import RUN_ONLY_FIELDS, Stage1Config
@@ -362,13 +362,28 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
 
     # models: the same seed on every rank, so the discriminator heads (no DDP) start equal
     torch.manual_seed(cfg.seed)
-    tok = build_trainable_rae(cfg)
+    # the three networks are built in this order (the seed's draws) and every missing file is named in one error
+    missing: list[str] = []
+
+    def attempt(build):
+        try:
+            return build()
+        except MissingWeightsError as e:
+            missing.append(str(e))
+            return None
+
+    tok = attempt(lambda: build_trainable_rae(cfg))
+    lpips = attempt(lambda: build_lpips(cfg.lpips_weights)) if cfg.lpips_weight > 0 else None
+    disc = attempt(lambda: build_discriminator(cfg)) if cfg.gan_weight > 0 else None
+    if missing:
+        raise MissingWeightsError(missing[0] if len(missing) == 1 else
+                                  f"{len(missing)} weights are missing:\n" + "\n".join(f"- {m}" for m in missing))
     encoder_id = weights_digest(tok.encoder)  # a resume must see the same frozen encoder
     tok = tok.to(device)
     decoder = tok.decoder.train()
     ema = copy.deepcopy(decoder).requires_grad_(False).eval()
-    lpips = build_lpips(cfg.lpips_weights).to(device) if cfg.lpips_weight > 0 else None
-    disc = build_discriminator(cfg).to(device).eval() if cfg.gan_weight > 0 else None
+    lpips = lpips.to(device) if lpips is not None else None
+    disc = disc.to(device).eval() if disc is not None else None
     if disc is not None:
         disc.heads.requires_grad_(False)  # switched on for the discriminator's own update only
     params = [q for q in decoder.parameters() if q.requires_grad]
