@@ -38,9 +38,13 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
+def raebench_cache() -> Path:
+    """raebench's cache folder: ``$RAEBENCH_CACHE``, default ``~/.cache/raebench``."""
+    return Path(os.environ.get("RAEBENCH_CACHE") or Path.home() / ".cache" / "raebench").expanduser()
+
+
 def cache_root() -> Path:
-    base = os.environ.get("RAEBENCH_CACHE") or Path.home() / ".cache" / "raebench"
-    return Path(base).expanduser() / "features"
+    return raebench_cache() / "features"
 
 
 class FeatureCache:

@@ -125,8 +125,9 @@ _DIGEST_CACHE_ENTRIES = 5000
 
 
 def _digest_cache_file() -> Path:
-    base = os.environ.get("RAEBENCH_CACHE") or Path.home() / ".cache" / "raebench"
-    return Path(base).expanduser() / "digests.json"
+    from raebench.metrics.cache import raebench_cache
+
+    return raebench_cache() / "digests.json"
 
 
 def content_digest(path: str | os.PathLike) -> str:
