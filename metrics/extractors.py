@@ -14,9 +14,11 @@ evaluator runs each one once per image and hands the outputs to every metric tha
   torch.hub model that EDM2 loads does (bicubic by scale factor (16 + 0.1)/37, no antialias), not
   as transformers does (by size). Resize: ``torch`` (EDM2's default: bicubic with antialias on
   float 0..255) or ``pil`` (dgm-eval: PIL bicubic on uint8).
-* ``clip-l14-336``: CLIP ViT-L/14@336 projected image embedding, L2-normalised (CMMD). Resize to
-  336 bicubic with antialias (Keys a = −0.5 with support scaling, as ``jax.image.resize`` in the
-  official CMMD code), CLIP mean/std, no clamping.
+* ``clip-l14-336``: CLIP ViT-L/14@336 projected image embedding, L2-normalised (CMMD). The input
+  of google-research's CMMD program (``io_util.py``): the largest centred square (offsets
+  (h − l) // 2, (w − l) // 2), PIL bicubic to 336 on the uint8 image (clipped and rounded to uint8,
+  as PIL returns it), / 255, CLIP mean/std. (Its ``embedding.py`` calls ``jax.image.resize`` again,
+  but on images already at 336: the identity.)
 
 Weights resolve like the tokenizers' (``raebench.weights``): an explicit path (the ``weights``
 option, or ``RAEBENCH_<NAME>_WEIGHTS``) > the torch-hub or Hugging Face cache > a download; when
@@ -388,7 +390,7 @@ class ClipExtractor(Extractor):
         self.size = int(self.model.config.image_size)
 
     def forward(self, x):
-        x = resize_images(x, self.size, "torch") / 255.0  # (N, 3, S, S), not clamped
+        x = resize_images(center_square(x), self.size, "pil") / 255.0  # (N, 3, S, S): the official reader's input
         x = (x - _const(CLIP_MEAN, x)) / _const(CLIP_STD, x)
         e = self.model(pixel_values=x).image_embeds.double()  # (N, 768)
         return {"embed": e / e.norm(dim=-1, keepdim=True)}
@@ -419,6 +421,15 @@ def _load_hf_vision(cls, path, model_types: tuple[str, ...], what: str, arch: di
 
 def _const(v: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(v, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+
+
+def center_square(x: torch.Tensor) -> torch.Tensor:
+    """The largest centred square of (N, C, H, W) images, as the CMMD reader crops (offsets
+    (H − l) // 2 and (W − l) // 2 with l = min(H, W)); square images come back as they are."""
+    h, w = x.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return x[..., top:top + side, left:left + side]
 
 
 def resize_images(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -453,6 +464,7 @@ _register(DinoV2Extractor, name="dinov2-l14", version="dinov2-vitl14-cls-224-hub
           description="DINOv2 ViT-L/14 CLS token at 224 px (torch.hub positional interpolation)",
           outputs=("cls",), options=("weights", "resize"), option_choices=(("resize", ("torch", "pil")),),
           dims=(("cls", 1024),))
-_register(ClipExtractor, name="clip-l14-336", version="clip-vitl14-336-embed-l2-bicubicaa-v1",
-          description="CLIP ViT-L/14@336 projected image embedding, L2-normalised",
+# v1 resized the whole image (squashed when not square) with torch's antialiased bicubic on floats
+_register(ClipExtractor, name="clip-l14-336", version="clip-vitl14-336-embed-l2-croppil-v2",
+          description="CLIP ViT-L/14@336 projected image embedding, L2-normalised, of the centred square (PIL bicubic)",
           outputs=("embed",), options=("weights",), dims=(("embed", 768),))

@@ -10,9 +10,12 @@ the subset size shrinks to the smaller set (recorded in the notes, which also sa
 is the whole set), as clean-fid does (torch-fidelity's pipeline refuses); the unbiased estimate
 needs at least 2 images per side.
 
-CMMD, the official definition: CLIP ViT-L/14@336 L2-normalised image embeddings, Gaussian RBF
-kernel exp(−|x − y|² / (2σ²)) with σ = 10, the biased (V-statistic) MMD² with diagonals included,
-times 1000. Computed in float64 blocks, never an N × N matrix at once.
+CMMD, the official definition (google-research ``cmmd/``): CLIP ViT-L/14@336 L2-normalised image
+embeddings of the centred square resized with PIL bicubic (the ``clip-l14-336`` extractor), Gaussian
+RBF kernel exp(−|x − y|² / (2σ²)) with σ = 10, the biased (V-statistic) MMD² with diagonals
+included, times 1000. Computed in float64 blocks (the official JAX code: float32 full matrices),
+never an N × N matrix at once, over every image (the official program drops each side's remainder
+after batches of 32).
 """
 
 from __future__ import annotations
@@ -95,9 +98,11 @@ register_metric(
         reference_inputs=("inception/pool",), candidate_inputs=("inception/pool",), min_images=2,  # unbiased: m(m − 1)
     )
 )
+# v1: the whole image (squashed when not square) resized with torch's antialiased bicubic on floats
 register_metric(
     MetricSpec(
-        name="cmmd", higher_is_better=False, kind="distribution", version="cmmd-clipl14-336-rbf10-x1000-v1",
+        name="cmmd", higher_is_better=False, kind="distribution",
+        version="cmmd-clipl14-336-croppil-rbf10-x1000-v2",
         description="CMMD: RBF-kernel MMD (σ = 10, ×1000) of CLIP ViT-L/14@336 embeddings",
         builder=lambda spec, **o: CMMD(spec, **o), options=("device",), extractors=("clip-l14-336",),
         reference_inputs=("clip-l14-336/embed",), candidate_inputs=("clip-l14-336/embed",),

@@ -87,11 +87,11 @@ def test_fd_dinov2_and_cmmd_equal_their_definitions(dinov2_dir, clip_dir, images
     fr, fc = dino(ref)["cls"].double().numpy(), dino(cand)["cls"].double().numpy()
     expected = frechet_distance(fc.mean(0), np.cov(fc, rowvar=False), fr.mean(0), np.cov(fr, rowvar=False))
     assert values["fd-dinov2"] == pytest.approx(expected, rel=1e-4)
-    # CMMD: the official definition on L2-normalised CLIP embeddings (bicubic resize, CLIP mean/std)
+    # CMMD: the official definition on L2-normalised CLIP embeddings (the official reader, CLIP mean/std)
     model = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
 
     def embed(u8):
-        y = F.interpolate(u8.float(), size=(56, 56), mode="bicubic", antialias=True) / 255
+        y = _official_cmmd_reader(u8, 56)
         y = (y - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)) / torch.tensor(
             [0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
         with torch.no_grad():
@@ -106,6 +106,7 @@ def test_fd_dinov2_and_cmmd_equal_their_definitions(dinov2_dir, clip_dir, images
     cmmd = 1000 * (k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean())
     assert cmmd > 0 and values["cmmd"] == pytest.approx(cmmd, rel=1e-4)
     assert versions["fd-dinov2"].startswith("fd-dinov2-vitl14") and "torch" in versions["fd-dinov2"]
+    assert "croppil" in versions["cmmd"]
 
 
 def test_extractor_folders_are_loaded_strictly(dinov2_dir, clip_dir, tmp_path, caplog):
@@ -170,3 +171,59 @@ def test_every_missing_metric_weight_is_named_in_one_error(tmp_path, monkeypatch
     ev = Evaluator(("fid", "fd-dinov2"), torch.device("cpu"))  # metrics without weights of their own build ...
     with pytest.raises(MissingWeightsError, match=r"^2 metric weights are missing: \(1\) DINOv2.*\(2\) Inception"):
         ev.check_weights()  # ... and evaluate/score check their extractors' weights before the pass
+
+
+def _official_cmmd_reader(u8: torch.Tensor, size: int) -> torch.Tensor:
+    """google-research cmmd/io_util.py, written out: the largest centred square (offsets (h − l) // 2,
+    (w − l) // 2), PIL bicubic to the model size on the uint8 image, then / 255 (embedding.py's own
+    jax.image.resize to the same size is the identity)."""
+    from PIL import Image
+
+    out = []
+    for a in u8.permute(0, 2, 3, 1).numpy():
+        im = Image.fromarray(a)
+        w, h = im.size
+        side = min(w, h)
+        top, left = (h - side) // 2, (w - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((size, size), resample=Image.BICUBIC)
+        out.append(np.asarray(im).astype(np.float32))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2) / 255.0
+
+
+def test_cmmd_clip_input_is_the_official_readers(clip_dir):
+    """The CLIP extractor sees what google-research's CMMD program feeds its model: square images with
+    hard edges (PIL clips bicubic overshoot to 0..255 and rounds to uint8) and non-square ones (cropped
+    to the centred square, not squashed) give the official embeddings."""
+    from skimage import data as skdata
+    from transformers import CLIPVisionModelWithProjection
+
+    model = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    ex = EXTRACTORS.get("clip-l14-336").builder(device="cpu", outputs=("embed",), weights=str(clip_dir))
+    def u8(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None]
+
+    astronaut = u8(skdata.astronaut()[:48:2, :48:2])  # 24 px with hard edges: upsampling overshoots 0..255
+    chelsea = u8(skdata.chelsea()[100:140, 150:211])  # 40 x 61: cropped to its centred 40 x 40
+    tall = chelsea.transpose(-1, -2).contiguous()  # 61 x 40
+    for x in (astronaut.repeat(2, 1, 1, 1), torch.cat([chelsea, chelsea.flip(-1)]), tall):
+        with torch.no_grad():
+            e = model(pixel_values=(_official_cmmd_reader(x, 56) - mean) / std).image_embeds.double()
+        expected = (e / e.norm(dim=1, keepdim=True)).float()
+        assert torch.allclose(ex(x)["embed"], expected, rtol=1e-5, atol=1e-6), tuple(x.shape)
+
+
+def test_pil_resize_is_dgm_eval_and_dreamsim_transform():
+    """``resize_images(..., "pil")`` (``dinov2-l14.resize=pil``, DreamSim) gives the uint8 values of
+    dgm-eval's and dreamsim's ``Resize((224, 224), BICUBIC)`` on a PIL image, non-square ones squashed."""
+    import torchvision.transforms as T
+    from PIL import Image
+    from skimage import data as skdata
+
+    from raebench.metrics.extractors import resize_images
+
+    for a in (skdata.astronaut()[::2, ::2], skdata.chelsea()):  # 256 x 256, 300 x 451
+        x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None]
+        tv = T.Compose([T.Resize((224, 224), T.InterpolationMode.BICUBIC), T.ToTensor()])(Image.fromarray(a))
+        assert torch.equal(resize_images(x, 224, "pil")[0], (tv * 255).round())
