@@ -43,13 +43,17 @@ def _kl(latent: int = 4, **cfg):
 
 
 def _tiny(preset):
-    """A random-weight model of the preset's class with the preset's latent channel count."""
+    """A random-weight model of the preset's class with the preset's latent channel count and the
+    normalisation entries its released config.json holds (scaling/shift factor or latents_mean/std)."""
     c = preset.latent_channels // 4 if preset.kind == "kl-flux2" else preset.latent_channels
     if preset.kind == "kl":
-        extra = {}
         if preset.norm == "config-stats":
             g = torch.Generator().manual_seed(1)
             extra = dict(latents_mean=torch.randn(c, generator=g).tolist(), latents_std=(torch.rand(c, generator=g) + 0.5).tolist())
+        else:
+            extra = dict(scaling_factor=preset.scale, shift_factor=preset.shift or None)
+            if c == 16:  # SD3.5 and FLUX.1 have no quant convs
+                extra.update(use_quant_conv=False, use_post_quant_conv=False)
         return _kl(c, **extra)
     if preset.kind == "kl-flux2":
         torch.manual_seed(0)
@@ -65,7 +69,7 @@ def _tiny(preset):
             latent_channels=c, attention_head_dim=8, encoder_block_types=("ResBlock", "EfficientViTBlock"),
             decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(16, 32),
             decoder_block_out_channels=(16, 32), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
-            encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)))
+            encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)), scaling_factor=preset.scale)
     raise AssertionError(preset.kind)
 
 
@@ -165,6 +169,72 @@ def test_a_vae_folder_that_does_not_fit_is_refused(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(build_tokenizer("sd-vae-ft-ema", weights=folder).reconstruct(x),
                                    build_tokenizer("sd-vae-ft-ema", weights=str(ok)).reconstruct(x), rtol=0, atol=0)
+
+
+def test_a_folder_of_another_vae_of_the_same_class_and_width_is_refused(tmp_path):
+    """SD3.5's and FLUX.1's VAEs (or SD's and SDXL's) share class, width and every weight name, so strict
+    loading accepts one for the other; their config.json scaling/shift factors differ, and the preset's
+    constants would normalise the other's latents wrongly under the preset's name."""
+    import shutil
+
+    sd35 = get_preset("sd3.5-vae")
+    _kl(16, scaling_factor=sd35.scale, shift_factor=sd35.shift, use_quant_conv=False,
+        use_post_quant_conv=False).save_pretrained(tmp_path / "sd35" / "vae")
+    with pytest.raises(CheckpointError, match=r"another VAE than flux1-vae: its config.json gives scaling_factor 1\.5305, "
+                                              r"shift_factor 0\.0609.*looks like sd3\.5-vae"):
+        build_tokenizer("flux1-vae", weights=str(tmp_path / "sd35"))
+    assert build_tokenizer("sd3.5-vae", weights=str(tmp_path / "sd35")).scale.item() == pytest.approx(1.5305)
+
+    _kl(4, scaling_factor=0.13025).save_pretrained(tmp_path / "sdxl")
+    with pytest.raises(CheckpointError, match="another VAE than sd-vae-ft-ema.*looks like sdxl-vae or sdxl-vae-fp16-fix"):
+        build_tokenizer("sd-vae-ft-ema", weights=str(tmp_path / "sdxl"))
+    # a config that states no factor (diffusers exports before scaling_factor existed) is accepted
+    shutil.copytree(tmp_path / "sdxl", tmp_path / "legacy")
+    cfg = json.loads((tmp_path / "legacy" / "config.json").read_text())
+    del cfg["scaling_factor"], cfg["shift_factor"]
+    (tmp_path / "legacy" / "config.json").write_text(json.dumps(cfg))
+    assert build_tokenizer("sdxl-vae", weights=str(tmp_path / "legacy")).scale.item() == pytest.approx(0.13025)
+
+    dc = get_preset("dc-ae-f32c32")
+    m = _tiny(dc)
+    m.register_to_config(scaling_factor=0.41407)  # dc-ae-f32c32-sana-1.0's, same class and width
+    m.save_pretrained(tmp_path / "sana")
+    with pytest.raises(CheckpointError, match=r"scaling_factor 0\.41407.*if these really are dc-ae-f32c32's weights, "
+                                              r"set scaling_factor 0\.3189"):
+        build_tokenizer("dc-ae-f32c32", weights=str(tmp_path / "sana"))
+
+
+def test_e2e_vavae_config_statistics_are_checked_at_load(tmp_path):
+    """latents_mean/latents_std of the wrong length failed at the first encode with a broadcasting
+    RuntimeError; a zero std gave infinite latents without a word."""
+    good = dict(latents_mean=[0.0] * 32, latents_std=[1.0] * 32)
+    cases = {
+        "short": (dict(latents_mean=[0.0] * 16, latents_std=[1.0] * 16), "16 latents_mean and 16 latents_std entries for a VAE with 32"),
+        "zero": ({**good, "latents_std": [0.0] * 32}, "not positive and finite"),
+        "nan": ({**good, "latents_mean": [float("nan")] * 32}, "non-finite latents_mean"),
+    }
+    for name, (stats, message) in cases.items():
+        _kl(32, **stats).save_pretrained(tmp_path / name)
+        with pytest.raises(CheckpointError, match=message):
+            build_tokenizer("e2e-vavae", weights=str(tmp_path / name))
+    _kl(32, **good).save_pretrained(tmp_path / "good")
+    z = build_tokenizer("e2e-vavae", weights=str(tmp_path / "good")).encode(torch.rand(1, 3, 32, 32))
+    assert z.shape == (1, 32, 16, 16) and torch.isfinite(z).all()
+
+
+def test_dc_ae_parameter_count_is_that_of_the_released_config():
+    """dc-ae-f32c32-in-1.0's config from diffusers' scripts/convert_dcae_to_diffusers.py (the script that made
+    the -diffusers repositories); efficientvit's own DCAE of that name has the same count."""
+    res, vit = ["ResBlock"] * 3, ["EfficientViTBlock"] * 3
+    with torch.device("meta"):
+        m = diffusers.AutoencoderDC(
+            latent_channels=32, encoder_block_types=res + vit, decoder_block_types=res + vit,
+            encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024], decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+            encoder_layers_per_block=[0, 4, 8, 2, 2, 2], decoder_layers_per_block=[0, 5, 10, 2, 2, 2],
+            encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6,
+            decoder_norm_types=["batch_norm"] * 3 + ["rms_norm"] * 3, decoder_act_fns=["relu"] * 3 + ["silu"] * 3)
+    assert sum(p.numel() for p in m.parameters()) == get_preset("dc-ae-f32c32").params
+    assert TOKENIZERS.get("va-vae-f16d32").native_resolutions == (256,)  # trained at 256 only
 
 
 def test_ls_metadata_needs_no_weights_or_diffusers():

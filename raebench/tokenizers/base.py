@@ -67,6 +67,9 @@ class TokenizerSpec:
     description: str
     latent_shape_fn: Callable[[int], tuple[int, ...]]
     builder: Callable[..., Tokenizer]
+    #: resolutions the weights were trained at (an RAE decoder: the one it expects) or that their authors
+    #: publish numbers or models at; shown by ``ls``. Convolutional tokenizers (VAEs, the reference ones) run
+    #: at any size their factor divides.
     native_resolutions: tuple[int, ...] = (256,)
     params: int | None = None  # parameter count of what the tokenizer runs (encoder + decoder)
     weights: tuple[WeightsSource, ...] = ()

@@ -10,7 +10,9 @@ statistics (VA-VAE's ``latents_stats.pt``, E2E-VA-VAE's ``latents_mean``/``laten
 entries: shift = mean, scale = 1/std; FLUX.2's BatchNorm running statistics applied to the 2x2
 patchified latent, as diffusers' Flux2Pipeline does). Images enter diffusers in [-1, 1] and leave
 it in [-1, 1]; :meth:`DiffusersVAE.decode` maps back to [0, 1] without clamping (the tokenizer
-contract in ``base.py``).
+contract in ``base.py``). A ``--weights`` folder whose config.json states another ``scaling_factor`` or
+``shift_factor`` than a scalar preset's holds another VAE of the same class and width and is refused;
+``latents_mean``/``latents_std`` must give one finite value per channel, std > 0.
 
 Weights: ``--weights DIR`` (a diffusers folder holding ``config.json``; for VA-VAE a folder with the
 LDM checkpoint and ``latents_stats.pt``) > the Hugging Face cache > a download, all through
@@ -71,6 +73,9 @@ class VAEPreset:
     citation: str = ""
     aliases: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    #: resolutions the weights were trained at, or that their authors publish numbers or models at (``ls``);
+    #: every VAE here is convolutional and encodes any multiple of ``downsample``, others being extrapolation
+    resolutions: tuple[int, ...] = (256, 512)
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         s = resolution // self.downsample
@@ -90,6 +95,9 @@ _SD3_PARAMS = 83_819_683  # same blocks, 16 latent channels, no quant convs (SD3
 #: diffusers' AutoencoderKLFlux2 defaults, which FLUX.2-dev's vae/config.json matches as third parties quote it
 _FLUX2_PARAMS = 84_046_115
 _VAVAE_PARAMS = 69_836_067  # LDM ch=128, ch_mult (1, 1, 2, 2, 4), attention at 16x16, 32 latent channels
+#: AutoencoderDC with the dc-ae-f32c32-in-1.0 config of diffusers' scripts/convert_dcae_to_diffusers.py; the same
+#: count as efficientvit's own DCAE(dc_ae_f32c32("dc-ae-f32c32-in-1.0")) (widths 128..1024, depths 0,4,8,2,2,2 / 0,5,10,2,2,2)
+_DCAE_F32C32_PARAMS = 323_356_460
 
 _LDM_CITATION = "Rombach et al., High-Resolution Image Synthesis with Latent Diffusion Models, CVPR 2022 (arXiv:2112.10752)"
 
@@ -138,7 +146,7 @@ PRESETS: tuple[VAEPreset, ...] = (
     VAEPreset(
         "dc-ae-f32c32", "dc", (_hub("mit-han-lab/dc-ae-f32c32-in-1.0-diffusers"),), 32, 32,
         "Deep Compression Autoencoder f32c32 trained on ImageNet (in-1.0); 32x8x8 at 256 px.",
-        scale=0.3189,
+        scale=0.3189, params=_DCAE_F32C32_PARAMS,
         citation="Chen et al., Deep Compression Autoencoder for Efficient High-Resolution Diffusion Models, ICLR 2025 (arXiv:2410.10733)",
     ),
     VAEPreset(
@@ -152,13 +160,13 @@ PRESETS: tuple[VAEPreset, ...] = (
         32, 16,
         "VA-VAE f16d32 (LDM KL autoencoder aligned to DINOv2, LightningDiT); converted from the LDM "
         "checkpoint on load; per-channel statistics from latents_stats.pt.",
-        norm="stats-file", params=_VAVAE_PARAMS,
+        norm="stats-file", params=_VAVAE_PARAMS, resolutions=(256,),  # LightningDiT vavae/configs: resolution 256, ImageNet
         citation="Yao et al., Reconstruction vs. Generation: Taming Optimization Dilemma in Latent Diffusion Models, CVPR 2025 (arXiv:2501.01423)",
     ),
     VAEPreset(
         "e2e-vavae", "kl", (_hub("REPA-E/e2e-vavae-hf"),), 32, 16,
         "VA-VAE after end-to-end REPA-E tuning, diffusers format; per-channel latents_mean/std from its config.",
-        norm="config-stats", params=_VAVAE_PARAMS,
+        norm="config-stats", params=_VAVAE_PARAMS,  # tuned on ImageNet 256; REPA-E's T2I work also runs E2E-VAEs at 512
         citation="Leng et al., REPA-E: Unlocking VAE for End-to-End Tuning with Latent Diffusion Transformers, ICCV 2025 (arXiv:2504.10483)",
     ),
 )
@@ -311,6 +319,57 @@ def _weights_id(preset: VAEPreset, folder: Path, file: Path | None = None) -> st
     return f"local:{target.resolve().name}@{fingerprint_path(target)}"
 
 
+def _check_config_normalisation(preset: VAEPreset, folder: Path) -> None:
+    """A folder whose config.json *states* another ``scaling_factor``/``shift_factor`` holds another
+    VAE of the same class and width (SD3.5's for ``flux1-vae``, SDXL's for ``sd-vae-ft-*``): strict
+    loading cannot tell them apart, and the preset's constants would normalise its latents wrongly
+    under the preset's name. A config without the keys (older diffusers exports) is accepted."""
+    config = read_json_object(folder / DIFFUSERS_FILES[0])
+    stated = {k: config[k] for k in ("scaling_factor", "shift_factor") if k in config}
+    want = {"scaling_factor": preset.scale, "shift_factor": preset.shift}
+    bad = {k: v for k, v in stated.items() if not _same_constant(v, want[k])}
+    if not bad:
+        return
+    got = {**want, **{k: (0.0 if v is None else v) for k, v in stated.items()}}
+    twins = [p.name for p in PRESETS if p.norm == "scale" and p.kind == preset.kind and p.name != preset.name
+             and _same_constant(got["scaling_factor"], p.scale) and _same_constant(got["shift_factor"], p.shift)]
+    found = ", ".join(f"{k} {v!r}" for k, v in bad.items())
+    hint = f"it looks like {' or '.join(twins)} (pass that --tokenizer)" if twins else \
+        f"if these really are {preset.name}'s weights, set scaling_factor {preset.scale} and shift_factor {preset.shift} there"
+    raise CheckpointError(
+        f"{str(folder)!r} is another VAE than {preset.name}: its config.json gives {found}, where {preset.name}'s "
+        f"latents use scaling_factor {preset.scale} and shift_factor {preset.shift}; {hint}."
+    )
+
+
+def _same_constant(value: Any, expected: float) -> bool:
+    if value is None:  # diffusers writes shift_factor: null for "no shift"
+        value = 0.0
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(float(value) - expected) <= 1e-6
+
+
+def _config_stats(preset: VAEPreset, folder: Path, config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``latents_mean``/``latents_std`` of the config: one finite number per latent channel, std > 0
+    (a wrong-length list used to fail at the first encode with a broadcasting error; a zero std gave
+    infinite latents)."""
+    where = f"{str(folder)!r}/config.json"
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is None or std is None:
+        raise CheckpointError(f"{preset.name}: {where} lacks latents_mean/latents_std.")
+    c = config.latent_channels
+    try:
+        mean, std = torch.tensor(mean, dtype=torch.float64).flatten(), torch.tensor(std, dtype=torch.float64).flatten()
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{preset.name}: latents_mean/latents_std in {where} must be lists of numbers.") from None
+    if mean.numel() != c or std.numel() != c:
+        raise CheckpointError(f"{preset.name}: {where} has {mean.numel()} latents_mean and {std.numel()} latents_std "
+                              f"entries for a VAE with {c} latent channels.")
+    if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+        raise CheckpointError(f"{preset.name}: {where} has a non-finite latents_mean or a latents_std that is not "
+                              "positive and finite; latents divided by it would be meaningless.")
+    return mean.float(), std.float()
+
+
 def build_vae(preset: VAEPreset, weights: str | None = None, stats: str | None = None) -> DiffusersVAE:
     """Load ``preset``'s weights (``weights``: a local folder or file) and wrap them."""
     if preset.kind == "kl-ldm":
@@ -322,16 +381,11 @@ def build_vae(preset: VAEPreset, weights: str | None = None, stats: str | None =
     vae = load_diffusers_vae(preset.kind, folder, preset.latent_channels // (4 if preset.kind == "kl-flux2" else 1))
     wid = _weights_id(preset, folder)
     if preset.norm == "scale":
+        _check_config_normalisation(preset, folder)  # after the class and width checks, whose messages say more
         shift, scale = torch.tensor(preset.shift), torch.tensor(preset.scale)
-        cfg_scale = getattr(vae.config, "scaling_factor", None)
-        if cfg_scale is not None and abs(cfg_scale - preset.scale) > 1e-6:
-            log.debug("%s: config scaling_factor %s differs from the preset's %s (the preset wins)",
-                      preset.name, cfg_scale, preset.scale)
     elif preset.norm == "config-stats":
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is None or std is None:
-            raise CheckpointError(f"{preset.name}: {str(folder)!r}/config.json lacks latents_mean/latents_std.")
-        shift, scale = torch.tensor(mean), 1.0 / torch.tensor(std)
+        mean, std = _config_stats(preset, folder, vae.config)
+        shift, scale = mean, 1.0 / std
     elif preset.norm == "batchnorm":
         bn = vae.bn
         shift = bn.running_mean.detach().clone()
@@ -518,7 +572,7 @@ def _register(preset: VAEPreset) -> None:
             description=preset.description,
             latent_shape_fn=preset.latent_shape,
             builder=builder,
-            native_resolutions=(256, 512),
+            native_resolutions=preset.resolutions,
             params=preset.params,
             weights=preset.weights,
             aliases=preset.aliases,
