@@ -408,26 +408,48 @@ def test_ldm_attention_levels_follow_ldm_attention():
         torch.testing.assert_close(m2.encoder.down_blocks[2].attentions[0](h), ref, rtol=1e-4, atol=1e-5)
 
 
+def _vavae_shaped():
+    """VA-VAE's layout at the smallest widths: 5 levels (f16), attention in the last, 32 latent channels."""
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        block_out_channels=(32,) * 5, down_block_types=("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",),
+        up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=32)
+
+
 @torch.no_grad()
 def test_va_vae_loads_ldm_checkpoint_and_stats(tmp_path):
-    m = _vavae_like().eval()
-    ldm = _to_ldm(m.state_dict(), 3)
+    m = _vavae_shaped().eval()
+    ldm = _to_ldm(m.state_dict(), 5)
     ldm["loss.discriminator.main.0.weight"] = torch.zeros(1)  # training-only keys are dropped
     ldm["foundation_model.model.proj.weight"] = torch.zeros(1)
     torch.save({"state_dict": ldm, "epoch": 3}, tmp_path / "vavae-imagenet256-f16d32-dinov2.pt")
     g = torch.Generator().manual_seed(2)
-    mean, std = torch.randn(1, 8, 1, 1, generator=g), torch.rand(1, 8, 1, 1, generator=g) + 0.5
+    mean, std = torch.randn(1, 32, 1, 1, generator=g), torch.rand(1, 32, 1, 1, generator=g) + 0.5
     torch.save({"mean": mean, "std": std}, tmp_path / "latents_stats.pt")
     tok = build_tokenizer("va-vae-f16d32", weights=str(tmp_path))
     x = torch.rand(2, 3, 32, 32, generator=g)
     z = tok.encode(x)
+    assert z.shape == (2, 32, 2, 2)
     z_ref = (m.encode(x * 2 - 1).latent_dist.mode() - mean) / std
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(tok.decode(z), (m.decode(z_ref * std + mean).sample + 1) / 2, rtol=1e-5, atol=1e-5)
+    # five random-weight levels amplify the last-bit difference of z / (1 / std) and z * std to ~5e-5
+    torch.testing.assert_close(tok.decode(z), (m.decode(z_ref * std + mean).sample + 1) / 2, rtol=1e-4, atol=2e-4)
     for bad in (0.0, -1.0, float("nan")):  # every latent would be non-finite or flipped: refuse the file instead
         torch.save({"mean": mean, "std": std.clone().fill_(bad)}, tmp_path / "latents_stats.pt")
         with pytest.raises(CheckpointError, match="std that is not positive and finite"):
             build_tokenizer("va-vae-f16d32", weights=str(tmp_path))
+
+
+def test_va_vae_refuses_an_ldm_checkpoint_of_another_autoencoder(tmp_path):
+    """SD's kl-f8 in LDM format (4 channels, f8) with 4-channel statistics used to load as va-vae-f16d32 and
+    encode 4x32x32 latents under a name whose registry entry says 32x16x16."""
+    torch.manual_seed(0)
+    klf8 = diffusers.AutoencoderKL(block_out_channels=(32,) * 4, down_block_types=("DownEncoderBlock2D",) * 4,
+                                   up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4)
+    torch.save({"state_dict": _to_ldm(klf8.state_dict(), 4)}, tmp_path / "kl-f8.pt")
+    torch.save({"mean": torch.zeros(1, 4, 1, 1), "std": torch.ones(1, 4, 1, 1)}, tmp_path / "latents_stats.pt")
+    with pytest.raises(CheckpointError, match=r"4 latent channels at 1/8 resolution; va-vae-f16d32 has 32 at 1/16"):
+        build_tokenizer("va-vae-f16d32", weights=str(tmp_path))
 
 
 @dataclass

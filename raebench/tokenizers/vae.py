@@ -540,6 +540,12 @@ def _build_ldm(preset: VAEPreset, weights: str | None, stats: str | None) -> Dif
     if not stats_path.is_file():
         raise MissingWeightsError(f"{preset.name}: no {stats_src.filename!r} found; pass it with --stats FILE.")
     vae = load_ldm_vae(ckpt)
+    c, f = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
+    if (c, f) != (preset.latent_channels, preset.downsample):  # another autoencoder (SD's kl-f8: 4 channels, f8)
+        raise CheckpointError(
+            f"{str(ckpt)!r} is an autoencoder with {c} latent channels at 1/{f} resolution; {preset.name} has "
+            f"{preset.latent_channels} at 1/{preset.downsample} (expected {ckpt_src.filename!r} from {ckpt_src.repo_id!r})."
+        )
     mean, std = _load_stats(stats_path)
     if mean.numel() != vae.config.latent_channels or std.numel() != vae.config.latent_channels:
         raise CheckpointError(
