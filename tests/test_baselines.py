@@ -116,6 +116,10 @@ def test_adapter_matches_diffusers(preset, tmp_path):
     torch.testing.assert_close(tok.decode(z), rec_ref, rtol=1e-5, atol=1e-5)
     # the normalisation inverts exactly: decode sees the raw latents encode produced
     torch.testing.assert_close(tok.decode(z_ref), tok.reconstruct(x), rtol=1e-5, atol=1e-5)
+    # reconstruct = diffusers' own encode (posterior mode; DC-AE's deterministic latent) then decode, unnormalised
+    enc = m.encode(x * 2 - 1)
+    plain = (m.decode(enc.latent if preset.kind == "dc" else enc.latent_dist.mode()).sample + 1) / 2
+    torch.testing.assert_close(tok.reconstruct(x), plain, rtol=1e-5, atol=1e-5)
     assert tok.weights_id.startswith("local:") and tok.name == preset.name
 
 
