@@ -175,7 +175,7 @@ def test_a_vae_folder_that_does_not_fit_is_refused(tmp_path):
                                    build_tokenizer("sd-vae-ft-ema", weights=str(ok)).reconstruct(x), rtol=0, atol=0)
 
 
-def test_a_folder_of_another_vae_of_the_same_class_and_width_is_refused(tmp_path):
+def test_a_folder_of_another_vae_of_the_same_class_and_width_is_refused(tmp_path, caplog):
     """SD3.5's and FLUX.1's VAEs (or SD's and SDXL's) share class, width and every weight name, so strict
     loading accepts one for the other; their config.json scaling/shift factors differ, and the preset's
     constants would normalise the other's latents wrongly under the preset's name."""
@@ -206,6 +206,15 @@ def test_a_folder_of_another_vae_of_the_same_class_and_width_is_refused(tmp_path
     with pytest.raises(CheckpointError, match=r"scaling_factor 0\.41407.*if these really are dc-ae-f32c32's weights, "
                                               r"set scaling_factor 0\.3189"):
         build_tokenizer("dc-ae-f32c32", weights=str(tmp_path / "sana"))
+    # the released snapshot from the Hub (no --weights) is only warned about: the preset's constants are
+    # its authors' published ones, and refusing would lock users out of the released weights
+    import logging
+
+    from raebench.tokenizers.vae import _check_config_normalisation
+
+    with caplog.at_level(logging.WARNING, logger="raebench.tokenizers.vae"):
+        _check_config_normalisation(get_preset("flux1-vae"), tmp_path / "sd35" / "vae", refuse=False)
+    assert "states other constants than flux1-vae" in caplog.text and "the preset's constants are used" in caplog.text
 
 
 def test_e2e_vavae_config_statistics_are_checked_at_load(tmp_path):

@@ -319,7 +319,7 @@ def _weights_id(preset: VAEPreset, folder: Path, file: Path | None = None) -> st
     return f"local:{target.resolve().name}@{fingerprint_path(target)}"
 
 
-def _check_config_normalisation(preset: VAEPreset, folder: Path) -> None:
+def _check_config_normalisation(preset: VAEPreset, folder: Path, refuse: bool = True) -> None:
     """A folder whose config.json *states* another ``scaling_factor``/``shift_factor`` holds another
     VAE of the same class and width (SD3.5's for ``flux1-vae``, SDXL's for ``sd-vae-ft-*``): strict
     loading cannot tell them apart, and the preset's constants would normalise its latents wrongly
@@ -336,10 +336,12 @@ def _check_config_normalisation(preset: VAEPreset, folder: Path) -> None:
     found = ", ".join(f"{k} {v!r}" for k, v in bad.items())
     hint = f"it looks like {' or '.join(twins)} (pass that --tokenizer)" if twins else \
         f"if these really are {preset.name}'s weights, set scaling_factor {preset.scale} and shift_factor {preset.shift} there"
-    raise CheckpointError(
-        f"{str(folder)!r} is another VAE than {preset.name}: its config.json gives {found}, where {preset.name}'s "
-        f"latents use scaling_factor {preset.scale} and shift_factor {preset.shift}; {hint}."
-    )
+    msg = (f"{str(folder)!r} is another VAE than {preset.name}: its config.json gives {found}, where {preset.name}'s "
+           f"latents use scaling_factor {preset.scale} and shift_factor {preset.shift}")
+    if not refuse:  # the Hub's own snapshot: its authors' published constants are the preset's
+        log.warning("%s; the preset's constants are used.", msg.replace("is another VAE than", "states other constants than"))
+        return
+    raise CheckpointError(f"{msg}; {hint}.")
 
 
 def _same_constant(value: Any, expected: float) -> bool:
@@ -381,7 +383,9 @@ def build_vae(preset: VAEPreset, weights: str | None = None, stats: str | None =
     vae = load_diffusers_vae(preset.kind, folder, preset.latent_channels // (4 if preset.kind == "kl-flux2" else 1))
     wid = _weights_id(preset, folder)
     if preset.norm == "scale":
-        _check_config_normalisation(preset, folder)  # after the class and width checks, whose messages say more
+        # after the class and width checks, whose messages say more; a user's folder of another VAE is refused,
+        # the released snapshot only warned about (the preset's constants are checked in the authors' sources)
+        _check_config_normalisation(preset, folder, refuse=weights is not None)
         shift, scale = torch.tensor(preset.shift), torch.tensor(preset.scale)
     elif preset.norm == "config-stats":
         mean, std = _config_stats(preset, folder, vae.config)
