@@ -398,6 +398,28 @@ def test_keep_every_keeps_step_checkpoints_beside_last(tmp_path):
         tiny_cfg(tmp_path, keep_every=-1)
 
 
+def test_a_kill_between_last_and_its_kept_copy_is_made_good_on_resume(tmp_path, monkeypatch):
+    """A job killed after saving last.pt at a --keep-every step but before keeping it resumed past that
+    step, and step-NNNNNNN.pt was missing for good (a hole in the FID-vs-step curve)."""
+    import raebench.stage2.train as tr
+
+    toy_cache(tmp_path / "cache", n=64)
+    cfg = tiny_cfg(tmp_path, global_batch=16, epochs=4, ckpt_every=100, keep_every=2, max_steps=4)
+
+    def killed(last, kept):
+        raise KeyboardInterrupt  # the process dies right after last.pt of step 2 was renamed into place
+
+    monkeypatch.setattr(tr, "_keep_copy", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.undo()
+    ck = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ck.glob("*.pt")) == ["last.pt"]
+    assert train(cfg)["step"] == 4
+    steps = {p.name: torch.load(p, weights_only=True)["step"] for p in ck.glob("*.pt")}
+    assert steps == {"last.pt": 4, "step-0000002.pt": 2, "step-0000004.pt": 4}
+
+
 def test_keep_every_copies_where_hard_links_fail(tmp_path, monkeypatch):
     """On file systems without hard links the kept step file is a streamed copy, renamed into place."""
     import os

@@ -451,6 +451,9 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
             remove_orphan_temps(folder)
         _write_json(out / "config.json", {**_jsonable(cfg), "data_identity": data})
         truncate_csv(out / "log.csv", LOG_COLUMNS, step)
+        kept = ckpt_path.with_name(f"step-{step:07d}.pt")
+        if cfg.keep_every and step and step % cfg.keep_every == 0 and not kept.is_file():
+            _keep_copy(ckpt_path, kept)  # a job killed between saving last.pt and keeping it: last.pt is that step
         log.info("%s: %.2fM parameters, %d examples, %d steps/epoch, %d steps, shift %.3f", cfg.model,
                  count_params(model) / 1e6, n, spe, total, shift)
 
