@@ -140,6 +140,8 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
     from raebench.distributed import on_rank0
 
     if on_rank0(lambda: _finished(out, run, n)):  # re-running a finished job costs nothing (50k samples: GPU-hours)
+        if rank == 0 and parts.is_dir():  # of a job killed between writing the npz and removing its parts (we hold the lock)
+            shutil.rmtree(parts, ignore_errors=True)
         log.info("%s already holds these %d samples (same model, sampler, labels and seed); nothing to do "
                  "(delete it to sample again)", out, n)
         return out
