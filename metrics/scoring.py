@@ -312,15 +312,18 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
             if (k + 1) % save_every == 0:
                 checkpoint()
         return
-    # the cache decision is the same on every rank (same files); only rank 0 feeds cached features
-    cached = not ev.needs_reference_features and bool(ev._ref_cached)
-    if cached:
-        if rank == 0 and "references" not in pos:
+    # the cache decision is the same on every rank (same files); only rank 0 feeds cached features.
+    # pos["references"]: 0 once fed from the cache (on every rank), else the references streamed so far;
+    # a resumed run that streamed part of them continues streaming even if another job has since
+    # filled the cache (the cache serves their features by index): the saved states hold only those
+    done = pos.get("references")
+    if done is None and not ev.needs_reference_features and ev._ref_cached:
+        if rank == 0:
             ev.references_from_cache()
-            pos["references"] = 0
-    elif ev.needs_reference_features or pos.get("references"):
+        pos["references"] = 0
+    elif done != 0 and (done is not None or ev.needs_reference_features):
         lo, hi = shard(ref.n, rank, world)
-        start = pos.get("references", 0)
+        start = done or 0
         todo = list(range(lo, hi))[start:]
         for k, (ri, rimg) in enumerate(ref.batches(batch_size, todo, workers)):
             if rimg.shape[0]:

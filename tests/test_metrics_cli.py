@@ -303,6 +303,77 @@ def test_score_resumes_after_a_crash_with_the_uninterrupted_numbers(tmp_path, st
     assert out.n_candidates == n and not list((res / ".work").glob("*/rank0.pt"))
 
 
+def test_a_resume_past_part_of_the_references_ignores_a_cache_filled_meanwhile(tmp_path, stand_in_extractors,
+                                                                              make_images, monkeypatch):
+    """An unpaired score killed while streaming the references, then another score of the same
+    references (which fills the feature cache), then the re-run: the re-run skipped the rest of the
+    references (the cache made it take the cached branch, which feeds nothing to a resumed state), so
+    its FID used the first references only (FID 0.80 over 20 of 48 references instead of 0.62)."""
+    from raebench.evaluate import Evaluator as Ev
+    from raebench.metrics.scoring import score
+
+    monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache"))
+    save_pngs(make_images(8, 32, 32, seed=7), tmp_path / "ref")
+    cands = str(_npz(tmp_path / "cand.npz", make_images(6, 32, 32, seed=8)))
+    metrics = ("fid", "kid")
+    full = score(str(tmp_path / "ref"), cands, metrics, device="cpu", results_dir=str(tmp_path / "full"), batch_size=2,
+                 write=True)
+    for p in (tmp_path / "cache").rglob("*.npy"):
+        p.unlink()  # the crash below starts without cached reference features
+    real, calls = Ev.update_reference, []
+
+    def dies(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # 2 batches of 2 references saved (save_every=1)
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Ev, "update_reference", dies)
+    res = str(tmp_path / "crash")
+    with pytest.raises(KeyboardInterrupt):
+        score(str(tmp_path / "ref"), cands, metrics, device="cpu", results_dir=res, batch_size=2, save_every=1)
+    monkeypatch.setattr(Ev, "update_reference", real)
+    other = str(_npz(tmp_path / "other.npz", make_images(4, 32, 32, seed=9)))
+    score(str(tmp_path / "ref"), other, metrics, device="cpu", results_dir=str(tmp_path / "other"), batch_size=2)
+    assert list((tmp_path / "cache").rglob("*.npy"))  # the other job cached the reference features
+    out = score(str(tmp_path / "ref"), cands, metrics, device="cpu", results_dir=res, batch_size=2, save_every=1)
+    assert {r.metric: r.value for r in out.rows} == pytest.approx({r.metric: r.value for r in full.rows}, rel=1e-9)
+
+
+def test_a_resume_of_references_fed_from_a_cache_that_is_gone_does_not_count_them_twice(
+        tmp_path, stand_in_extractors, make_images, monkeypatch):
+    """A score that took its reference features from the cache, killed among the candidates, re-run
+    after the cache was cleared: the saved states hold every reference already; streaming them again
+    counted each twice."""
+    import shutil
+
+    from raebench.evaluate import Evaluator as Ev
+    from raebench.metrics.scoring import score
+
+    monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache"))
+    save_pngs(make_images(8, 32, 32, seed=7), tmp_path / "ref")
+    cands = str(_npz(tmp_path / "cand.npz", make_images(6, 32, 32, seed=8)))
+    full = score(str(tmp_path / "ref"), cands, ("fid",), device="cpu", results_dir=str(tmp_path / "full"), batch_size=2)
+    real, calls = Ev.update_candidates, []
+
+    def dies(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Ev, "update_candidates", dies)
+    res = str(tmp_path / "crash")
+    with pytest.raises(KeyboardInterrupt):  # references from the cache, then 1 batch of candidates saved
+        score(str(tmp_path / "ref"), cands, ("fid",), device="cpu", results_dir=res, batch_size=2, save_every=1)
+    monkeypatch.setattr(Ev, "update_candidates", real)
+    shutil.rmtree(tmp_path / "cache")
+    stand_in_extractors.calls.clear()
+    out = score(str(tmp_path / "ref"), cands, ("fid",), device="cpu", results_dir=res, batch_size=2, save_every=1)
+    assert stand_in_extractors.calls["inception"] == 4  # the remaining candidates only
+    assert out.rows[0].value == pytest.approx(full.rows[0].value, rel=1e-9)
+
+
 def test_score_reads_folders_with_workers_to_the_same_numbers(tmp_path, make_images):
     from raebench.metrics.scoring import score
 
