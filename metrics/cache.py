@@ -14,7 +14,9 @@ Files: ``<root>/<key>.npy`` plus ``<key>.json`` describing it. Rows are written 
 evaluation streams, into a memory-mapped temporary file (memory stays constant in N), which is
 fsynced and renamed onto its name only when every row was written (:class:`CacheWriter`); the JSON
 goes through :func:`raebench.results.atomic_write_bytes`. A crash or an incomplete run (a resumed
-or sharded evaluation) leaves no file under a valid name. The root is ``$RAEBENCH_CACHE/features``
+or sharded evaluation) leaves no file under a valid name; the temporary file of a writer killed
+outright (SIGKILL) is removed by the next writer in that folder (each live writer holds a lock on
+its own). The root is ``$RAEBENCH_CACHE/features``
 (default ``~/.cache/raebench/features``). A file that fails to load is ignored (and recomputed).
 """
 
@@ -83,14 +85,19 @@ class CacheWriter:
     file only if every row was written, ``abort`` removes it."""
 
     def __init__(self, path: Path, n: int, dim: int) -> None:
+        import fcntl
+
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_writers(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy.tmp", dir=path.parent)
-        os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held while this writer lives; the kernel drops it even on SIGKILL
+        self._fd = fd
         self.path, self.tmp = path, Path(tmp)
         self.rows = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(n, dim))
         self.written = np.zeros(n, dtype=bool)
-        # a run that dies before commit/abort still removes its temporary file
-        self._cleanup = weakref.finalize(self, self.tmp.unlink, missing_ok=True)
+        # a run that dies before commit/abort still removes its temporary file (not on SIGKILL:
+        # remove_dead_writers, run by the next writer, does it then)
+        self._cleanup = weakref.finalize(self, _discard, self.tmp, fd)
 
     def write(self, index: np.ndarray, values: np.ndarray) -> None:
         self.rows[index] = values
@@ -111,9 +118,48 @@ class CacheWriter:
             os.fsync(f.fileno())
         os.replace(self.tmp, self.path)
         self._cleanup.detach()
+        os.close(self._fd)
         atomic_write_bytes(self.path.with_suffix(".json"), json.dumps({**meta, "shape": shape}, indent=1).encode())
         return True
 
     def abort(self) -> None:
         self.rows = None
-        self.tmp.unlink(missing_ok=True)
+        self._cleanup()  # removes the file and releases its lock, once
+
+
+def _discard(tmp: Path, fd: int) -> None:
+    tmp.unlink(missing_ok=True)
+    os.close(fd)
+
+
+def remove_dead_writers(folder: Path) -> int:
+    """Remove the temporary arrays of writers that died without cleaning up (SIGKILL, OOM, power):
+    each live writer holds a lock on its file, so a file whose lock can be taken (and that is not
+    brand new, which its writer may not have locked yet) has no writer left.
+    Such files are as large as the arrays they were filling (50k x 2048 float32: 400 MB)."""
+    import fcntl
+    import time
+
+    removed = 0
+    for tmp in folder.glob(".*.npy.tmp"):
+        try:
+            if tmp.stat().st_mtime > time.time() - 60:  # created a moment ago: its writer may not hold the lock yet
+                continue
+            fd = os.open(tmp, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live writer
+            os.close(fd)
+            continue
+        try:
+            tmp.unlink()
+            removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d temporary feature file(s) of killed runs from %s", removed, folder)
+    return removed

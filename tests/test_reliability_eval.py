@@ -645,3 +645,35 @@ def test_published_numbers_never_sit_beside_other_weights(image_folder, tmp_path
     local = [i for i in table.index if i.startswith("sd-vae-ft-ema [local:w@")]
     assert len(local) == 1 and "sd-vae-ft-ema" in table.index  # measured (local) and reported (released) apart
     assert table.loc[local[0]].filter(like="reported").isna().all()
+
+
+def test_feature_cache_temporaries_of_killed_writers_are_removed(tmp_path):
+    """A reference-feature writer killed outright (SIGKILL: no finaliser runs) left its memory-mapped
+    temporary array (N x D float32: 400 MB for 50k Inception features) in the shared cache for good.
+    The next writer removes those whose lock is free; a live writer's file (locked) stays."""
+    import fcntl
+    import os
+    import time
+
+    from raebench.metrics.cache import FeatureCache
+
+    root = tmp_path / "features"
+    root.mkdir()
+    dead, live, fresh = (root / f".{k}.abc123.npy.tmp" for k in ("dead", "live", "fresh"))
+    for p in (dead, live, fresh):
+        p.write_bytes(b"\0" * 64)
+    old = time.time() - 3600
+    os.utime(dead, (old, old))
+    os.utime(live, (old, old))
+    held = os.open(live, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # its writer is still running
+    try:
+        w = FeatureCache(root).writer("k", 2, 3)
+        assert not dead.exists() and live.exists() and fresh.exists()  # fresh: its writer may not have locked it yet
+        w.write(np.arange(2), np.ones((2, 3), np.float32))
+        assert w.commit({}) and (root / "k.npy").is_file()
+        w2 = FeatureCache(root).writer("k2", 2, 3)
+        w2.abort()
+        assert sorted(p.name for p in root.iterdir()) == sorted([live.name, fresh.name, "k.json", "k.npy"])
+    finally:
+        os.close(held)
