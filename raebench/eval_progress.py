@@ -80,6 +80,11 @@ class WorkState:
                 f"Another evaluation with the same configuration is running on {str(self.dir)!r}; wait for it or "
                 "use another --results folder."
             ) from None
+        from raebench.results import remove_orphan_temps
+
+        # a save killed mid-write (SIGKILL) left its temporary file, as large as the metric states (features
+        # of every image so far); we hold this rank's lock, so no live writer owns one
+        remove_orphan_temps(self.dir, of=self.path.name)
         if self.path.name == "rank0.pt":
             note_stale_progress(self.dir.parent, self.dir.name)
 

@@ -677,3 +677,22 @@ def test_feature_cache_temporaries_of_killed_writers_are_removed(tmp_path):
         assert sorted(p.name for p in root.iterdir()) == sorted([live.name, fresh.name, "k.json", "k.npy"])
     finally:
         os.close(held)
+
+
+def test_a_progress_save_killed_mid_write_leaves_no_temporary_file(image_folder, tmp_path, monkeypatch):
+    """A SIGKILL inside the first progress save left .work/KEY/.rank0.pt.XXXX.tmp (as large as the
+    metric states: the features of every image so far); the re-run started afresh, finished, and
+    left that file and its folder behind for good (the save's own sweep removes only hour-old temps)."""
+    import raebench.evaluate as ev
+    from raebench.evaluate import EvalConfig, evaluate
+
+    cfg = EvalConfig(tokenizer="pixels", data=str(image_folder), resolution=16, batch_size=4, device="cpu",
+                     metrics=("psnr",), results_dir=str(tmp_path / "res"))
+    real, keys = ev.WorkState, []
+    monkeypatch.setattr(ev, "WorkState", lambda root, key, rank: keys.append(key) or real(root, key, rank))
+    evaluate(cfg)  # (learns the folder name of this configuration's progress)
+    work = tmp_path / "res" / ".work" / keys[0]
+    work.mkdir(parents=True)
+    (work / ".rank0.pt.ab12_x.tmp").write_bytes(b"half a checkpoint")  # what the killed save left
+    evaluate(cfg)
+    assert not (tmp_path / "res" / ".work").exists()
