@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from raebench.evaluate import EvalConfig, evaluate
 from raebench.results import load
@@ -124,3 +125,43 @@ def test_progress_of_runs_nobody_continues_is_reported_not_deleted(image_folder:
     notes = [r.getMessage() for r in caplog.records if "left unfinished" in r.getMessage()]
     assert len(notes) == 1 and notes[0].startswith("1 evaluation left unfinished") and "(2.0 MB" in notes[0], notes
     assert (old / "rank0.pt").exists() and (fresh / "rank0.pt").exists()
+
+
+def test_resume_saves_write_only_the_new_features(tmp_path: Path):
+    """A save writes the per-image features added since the previous one, not every feature again
+    (a full rewrite each time is O(N²) bytes over a run: ~50 GB for 50k images), and loads back whole."""
+    from raebench.eval_progress import WorkState
+
+    w = WorkState(tmp_path, "key", 0)
+    w.acquire()
+    batch = 64 * 256 * 4  # bytes of one (64, 256) float32 batch of features
+    feats, scores = [], []
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        feats.append(torch.randn(64, 256, generator=g))
+        scores.append(torch.rand(64, dtype=torch.float64, generator=g))
+        before = {p: p.stat().st_mtime_ns for p in w.dir.glob("*.pt")}
+        w.save({"done": 64 * (i + 1), "metrics": [{"cand": feats, "sum": torch.ones(3)}, {"values": scores, "n": i}]})
+        new = [p for p in w.dir.glob("*.pt") if before.get(p) != p.stat().st_mtime_ns]
+        assert sum(p.stat().st_size for p in new) < 1.5 * batch, [p.name for p in new]  # the main file and one segment
+    st = WorkState(tmp_path, "key", 0).load()
+    assert st["done"] == 6 * 64 and st["metrics"][1]["n"] == 5 and torch.equal(st["metrics"][0]["sum"], torch.ones(3))
+    assert all(torch.equal(a, b) for a, b in zip(st["metrics"][0]["cand"], feats, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(st["metrics"][1]["values"], scores, strict=True))
+
+    # a list that did not just grow (FID dropping its kept rows) starts over: one segment, the old ones removed
+    w.save({"done": 7 * 64, "metrics": [{"cand": [], "sum": torch.ones(3)}, {"values": scores, "n": 6}]})
+    assert len(list(w.dir.glob("rank0.seg-*.pt"))) == 1
+    st = WorkState(tmp_path, "key", 0).load()
+    assert st["metrics"][0]["cand"] == [] and len(st["metrics"][1]["values"]) == 6
+
+    # a resumed process appends to the segments it loaded; a missing segment means no resume at all
+    w2 = WorkState(tmp_path, "key", 0)
+    st = w2.load()
+    w2.save({**st, "metrics": [st["metrics"][0], {"values": st["metrics"][1]["values"] + [torch.zeros(64, dtype=torch.float64)], "n": 7}]})
+    assert len(list(w.dir.glob("rank0.seg-*.pt"))) == 2
+    assert len(WorkState(tmp_path, "key", 0).load()["metrics"][1]["values"]) == 7
+    sorted(w.dir.glob("rank0.seg-*.pt"))[0].unlink()
+    assert WorkState(tmp_path, "key", 0).load() is None
+    w.release(remove=True)
+    assert not (tmp_path / ".work").exists()
