@@ -227,19 +227,48 @@ def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 
 def _npz_batches(path: Path, batch_size: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Stream images ``lo..hi`` of ``arr_0`` (N, H, W, 3) uint8 from the zip member, ``batch_size`` at a time."""
-    with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
-        shape, fortran, _ = _read_header(f)
+    """Stream images ``lo..hi`` of ``arr_0`` (N, H, W, 3) uint8 from the zip member, ``batch_size`` at a time.
+
+    A stored member (``np.savez``, what ADM and ``raebench sample`` write) is read straight from the
+    file at image ``lo``: a zip member opened by ``zipfile`` seeks forward by reading and checksumming
+    everything before, 34 GB of a 39 GB 512-px sample file for the last of 8 ranks (or a resumed
+    run). A compressed member (``np.savez_compressed``) has to be read from its start."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("arr_0.npy")
+        with zf.open(info) as f:
+            shape, fortran, _ = _read_header(f)
+            header = f.tell()
         if fortran:
             raise DataError(f"{path.name}: arr_0 is stored in Fortran order; save it C-contiguous.")
+        start = _stored_data_offset(path, info)
         per = int(np.prod(shape[1:]))
         hi = shape[0] if hi is None else min(hi, shape[0])
-        if lo:
-            f.seek(f.tell() + lo * per)  # a zip member seeks forward by reading
-        for start in range(lo, hi, batch_size):
-            k = min(batch_size, hi - start)
-            buf = f.read(k * per)
-            if len(buf) != k * per:
-                raise DataError(f"{path.name}: arr_0 is truncated at image {start + len(buf) // per} of {shape[0]}.")
-            arr = np.frombuffer(buf, dtype=np.uint8).reshape(k, *shape[1:])
-            yield torch.arange(start, start + k), torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).contiguous()
+        with (open(path, "rb") if start is not None else zf.open(info)) as f:
+            if start is not None:
+                f.seek(start + header + lo * per)
+            else:
+                f.seek(header + lo * per)  # a compressed member seeks forward by reading
+            for first in range(lo, hi, batch_size):
+                k = min(batch_size, hi - first)
+                # never past the member's end in the raw file (the next member or the zip directory follows)
+                buf = f.read(k * per if start is None else max(0, min(k * per, start + info.file_size - f.tell())))
+                if len(buf) != k * per:
+                    raise DataError(f"{path.name}: arr_0 is truncated at image {first + len(buf) // per} of {shape[0]}.")
+                arr = np.frombuffer(buf, dtype=np.uint8).reshape(k, *shape[1:])
+                yield torch.arange(first, first + k), torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).contiguous()
+
+
+def _stored_data_offset(path: Path, info: zipfile.ZipInfo) -> int | None:
+    """Where the bytes of an uncompressed, unencrypted zip member start in the file (after its local
+    header), or None for any other member."""
+    import struct
+
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    with open(path, "rb") as raw:
+        raw.seek(info.header_offset)
+        local = raw.read(30)  # the local file header: signature ... name length, extra length
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        return None
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
