@@ -215,6 +215,35 @@ def save_npz_atomic(path: str | os.PathLike, **arrays) -> None:
         np.savez(tmp, **arrays)
 
 
+def save_npz_streamed_atomic(path: str | os.PathLike, key: str, shape: tuple[int, ...], dtype, chunks: Iterable,
+                             **arrays) -> None:
+    """``np.savez(path, **{key: concatenation of chunks}, **arrays)``, atomically, without the
+    concatenation in memory: ``chunks`` (arrays of ``shape[1:]`` rows, ``shape[0]`` rows in all) are
+    written one after the other into the ``key`` member, as ``np.savez`` lays it out (stored, npy
+    header version 1.0), so a 50k-image 512-px sample file (39 GB) needs one chunk of memory."""
+    import zipfile
+
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    with atomic_path(path, suffix=".npz") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            rows = 0
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                if chunk.shape[1:] != tuple(shape[1:]):
+                    raise ValueError(f"{key}: a chunk of shape {chunk.shape} does not fit {tuple(shape)}")
+                rows += chunk.shape[0]
+                f.write(chunk.data)
+            if rows != shape[0]:
+                raise ValueError(f"{key}: {rows} rows written, {shape[0]} announced")
+        for name, value in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:
