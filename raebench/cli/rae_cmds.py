@@ -127,9 +127,9 @@ def _write_reconstructions(
     from raebench import distributed
     from raebench.data import to_float, to_uint8
     from raebench.evaluate import _autocast
-    from raebench.results import atomic_write_bytes, remove_orphan_temps, save_npz_atomic
+    from raebench.results import atomic_write_bytes, remove_orphan_temps, save_npz_streamed_atomic
 
-    recs, refs, rows, nonfinite = [], [], [], []
+    rows, nonfinite, shape = [], [], None  # shape: (H, W, 3) of this rank's reconstructions
     rank, world = distributed.rank_world()
     staging = out / ".images.partial"  # this run's PNGs until it has finished
     if rank == 0:
@@ -143,23 +143,27 @@ def _write_reconstructions(
     skipped = list(data.images.skipped) if rank == 0 else []  # found while listing the folder
     for s in skipped:
         log.warning("skipped %s: %s", printable(s.path), s.reason)
-    for idx, ref, paths in _batches(data, resolution, batch_size, num_workers, device, on_progress, skipped):
-        with torch.no_grad(), _autocast(device, precision):
-            rec = tok.decode(tok.encode(to_float(ref))).float()
-        bad = ~torch.isfinite(rec.flatten(1)).all(1)
-        nonfinite += [p for p, b in zip(paths, bad.tolist()) if b]
-        u8 = to_uint8(torch.nan_to_num(rec, nan=0.0, posinf=0.0, neginf=0.0)).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
-        recs.append(u8)
-        if references:
-            refs.append(ref.permute(0, 2, 3, 1).cpu().numpy())
-        for i, a, p in zip(idx.tolist(), u8, paths):
-            if png:
-                Image.fromarray(a).save(staging / f"{i:06d}.png")
-            rows.append((i, p))
-    part = out / f".part-{rank}"
-    empty = np.zeros((0, resolution, resolution, 3), np.uint8)
-    save_npz_atomic(part.with_suffix(".npz"), rec=np.concatenate(recs) if recs else empty, ref=np.concatenate(refs) if refs else empty)
-    atomic_write_bytes(part.with_suffix(".json"), json.dumps({"rows": rows, "nonfinite": nonfinite,
+    # this rank's images go to raw uint8 files in the staging folder, (N, H, W, 3) row after row, as they
+    # come: memory holds one batch, not the shard (50k images at 256 px are 9.8 GB, again with --references)
+    part, raw = out / f".part-{rank}", staging / f"part-{rank}"
+    with open(raw.with_suffix(".rec"), "wb") as rec_file, open(raw.with_suffix(".ref"), "wb") as ref_file:
+        for idx, ref, paths in _batches(data, resolution, batch_size, num_workers, device, on_progress, skipped):
+            with torch.no_grad(), _autocast(device, precision):
+                rec = tok.decode(tok.encode(to_float(ref))).float()
+            bad = ~torch.isfinite(rec.flatten(1)).all(1)
+            nonfinite += [p for p, b in zip(paths, bad.tolist()) if b]
+            u8 = to_uint8(torch.nan_to_num(rec, nan=0.0, posinf=0.0, neginf=0.0)).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+            if shape is not None and u8.shape[1:] != shape:
+                raise RaebenchError(f"{tok.name} reconstructed images of {shape[:2]} and then of {u8.shape[1:3]} pixels.")
+            shape = u8.shape[1:]
+            rec_file.write(np.ascontiguousarray(u8).data)
+            if references:
+                ref_file.write(np.ascontiguousarray(ref.permute(0, 2, 3, 1).cpu().numpy()).data)
+            for i, a, p in zip(idx.tolist(), u8, paths):
+                if png:
+                    Image.fromarray(a).save(staging / f"{i:06d}.png")
+                rows.append((i, p))
+    atomic_write_bytes(part.with_suffix(".json"), json.dumps({"rows": rows, "nonfinite": nonfinite, "shape": shape,
                                                               "skipped": [(s.path, s.reason) for s in skipped]}).encode())
     if world > 1:
         td.barrier()
@@ -168,8 +172,8 @@ def _write_reconstructions(
     if not any(m["rows"] for m in meta):  # every rank sees it: all stop, nothing is written
         if world > 1:
             td.barrier()
-        for suffix in (".npz", ".json"):
-            part.with_suffix(suffix).unlink(missing_ok=True)
+        for f in (part.with_suffix(".json"), raw.with_suffix(".rec"), raw.with_suffix(".ref")):
+            f.unlink(missing_ok=True)
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         n_skip = sum(len(m["skipped"]) for m in meta)
@@ -178,11 +182,16 @@ def _write_reconstructions(
     if rank == 0:
         # files.csv goes first and comes back last: a folder without it is unfinished
         (out / "files.csv").unlink(missing_ok=True)
-        arrays = [np.load(p.with_suffix(".npz")) for p in shards]
-        rec_all = np.concatenate([a["rec"] for a in arrays])
-        save_npz_atomic(out / "reconstructions.npz", arr_0=rec_all)
+        shapes = {tuple(m["shape"]) for m in meta if m["rows"]}
+        if len(shapes) > 1:
+            raise RaebenchError(f"{tok.name} reconstructed images of several sizes across ranks: {sorted(shapes)}.")
+        (shape,) = shapes
+        n_all = sum(len(m["rows"]) for m in meta)
+        save_npz_streamed_atomic(out / "reconstructions.npz", "arr_0", (n_all, *shape), np.uint8,
+                                 _raw_chunks([staging / f"part-{r}.rec" for r in range(world)], shape))
         if references:
-            save_npz_atomic(out / "references.npz", arr_0=np.concatenate([a["ref"] for a in arrays]))
+            save_npz_streamed_atomic(out / "references.npz", "arr_0", (n_all, resolution, resolution, 3), np.uint8,
+                                     _raw_chunks([staging / f"part-{r}.ref" for r in range(world)], (resolution, resolution, 3)))
         else:
             (out / "references.npz").unlink(missing_ok=True)  # an earlier run's originals, not this run's
         (out / "images").mkdir(exist_ok=True)
@@ -203,13 +212,27 @@ def _write_reconstructions(
         csv.writer(buf, lineterminator="\n").writerows([("index", "source", "row"),
                                                         *((i, src, row) for row, (i, src) in enumerate(listed))])
         atomic_write_bytes(out / "files.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
-        summary = {"n": int(rec_all.shape[0]), "nonfinite": [p for m in meta for p in m["nonfinite"]], "out": str(out),
+        summary = {"n": n_all, "nonfinite": [p for m in meta for p in m["nonfinite"]], "out": str(out),
                    "skipped": skips}
     if world > 1:
         td.barrier()
-    for suffix in (".npz", ".json"):
-        part.with_suffix(suffix).unlink(missing_ok=True)
+    part.with_suffix(".json").unlink(missing_ok=True)  # the raw files went with the staging folder
     return summary
+
+
+#: bytes of images read at a time when the raw part files are merged into an npz
+RAW_CHUNK_BYTES = 64 << 20
+
+
+def _raw_chunks(files: list[Path], shape: tuple[int, ...]):
+    """The (n, *shape) uint8 images of raw files, in order, about ``RAW_CHUNK_BYTES`` at a time."""
+    per = int(np.prod(shape))
+    for path in files:
+        with open(path, "rb") as f:
+            while buf := f.read(max(1, RAW_CHUNK_BYTES // per) * per):
+                if len(buf) % per:
+                    raise RaebenchError(f"{str(path)!r} ends inside an image; the run was disturbed, run it again.")
+                yield np.frombuffer(buf, np.uint8).reshape(-1, *shape)
 
 
 def check_out_dir(out: Path) -> None:
