@@ -503,3 +503,26 @@ def test_default_workers_every_data_command_shares():
     assert default_workers(None, torch.device("cpu")) == 0  # workers would compete with the model's cores
     assert default_workers(None, torch.device("cuda")) == min(8, os.cpu_count() or 1)
     assert default_workers(3, torch.device("cuda")) == 3 and default_workers(2, torch.device("cpu")) == 2
+
+
+def test_long_listings_and_fingerprints_report_progress(tmp_path: Path, monkeypatch, caplog):
+    """Listing and fingerprinting 1.28M files takes minutes: they log how far they are, at most every
+    PROGRESS_SECONDS; short ones (every test folder) say nothing. The result does not change."""
+    import logging
+
+    import raebench.data as data_mod
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            (tmp_path / c / f"{i}.png").write_bytes(bytes(i + 1))
+    quiet = scan_folder(tmp_path)
+    with caplog.at_level(logging.INFO, logger="raebench.data"):
+        fp = quiet.fingerprint()
+    assert not caplog.records
+    monkeypatch.setattr(data_mod, "PROGRESS_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="raebench.data"):
+        images = scan_folder(tmp_path)
+        assert images.fingerprint() == fp and images.paths == quiet.paths
+    text = caplog.text
+    assert "image files so far" in text and "fingerprinting" in text and "of 6 files read" in text
