@@ -221,7 +221,7 @@ def _write_reconstructions(
 
 
 #: bytes of images read at a time when the raw part files are merged into an npz
-RAW_CHUNK_BYTES = 64 << 20
+RAW_CHUNK_BYTES = 16 << 20
 
 
 def _raw_chunks(files: list[Path], shape: tuple[int, ...]):
