@@ -61,7 +61,7 @@ class WorkState:
     Saves are incremental: the metric states' lists of tensors (per-image features and scores,
     which only grow by appending) go to segment files ``rank<R>.seg-<G>-<K>.pt`` holding just the
     elements added since the previous save, and ``rank<R>.pt`` holds the rest and names the
-    segments. Rewriting every feature at each save would write O(N²) bytes in all: ~50 GB over
+    segments. Rewriting every feature at each save would write O(N²) bytes in all: ~60 GB over
     a 50k-image evaluation with precision, density and KID at batch 64 (``bench/bench_scale.py
     resume``). A list that did not just grow (a FID side dropping its kept rows) starts a new
     generation G: one segment with every list whole, after which the old segments are removed.
