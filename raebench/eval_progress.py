@@ -99,6 +99,8 @@ class WorkState:
         # a save killed mid-write (SIGKILL) left its temporary file, as large as the metric states (features
         # of every image so far); we hold this rank's lock, so no live writer owns one
         remove_orphan_temps(self.dir, of=self.path.name)
+        for tmp in self.dir.glob(f".{self.path.stem}.seg-*.tmp"):  # and of this rank's segment files
+            tmp.unlink(missing_ok=True)
         if self.path.name == "rank0.pt":
             note_stale_progress(self.dir.parent, self.dir.name)
 

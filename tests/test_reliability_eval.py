@@ -694,6 +694,7 @@ def test_a_progress_save_killed_mid_write_leaves_no_temporary_file(image_folder,
     work = tmp_path / "res" / ".work" / keys[0]
     work.mkdir(parents=True)
     (work / ".rank0.pt.ab12_x.tmp").write_bytes(b"half a checkpoint")  # what the killed save left
+    (work / ".rank0.seg-0a1b2c3d-0.pt.cd34_y.tmp").write_bytes(b"half a segment")  # or of a features segment
     evaluate(cfg)
     assert not (tmp_path / "res" / ".work").exists()
 
