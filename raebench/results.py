@@ -83,15 +83,33 @@ COLUMNS = tuple(ResultRow.__dataclass_fields__)
 
 @lru_cache(maxsize=1)
 def git_hash() -> str:
-    """The raebench source tree's commit (``+dirty`` if modified), or '' outside a checkout."""
-    here = Path(__file__).resolve().parent.parent
+    """The raebench source tree's commit (``+dirty`` if modified), or '' outside a checkout (an
+    installed wheel); see :func:`source_commit`."""
+    return source_commit(Path(__file__))
+
+
+def source_commit(source: Path) -> str:
+    """The commit of the git checkout that tracks the file ``source`` (``+dirty`` if that checkout has
+    modified tracked files), or '' when no checkout tracks it.
+
+    Only a repository that tracks ``source`` itself counts: an installed raebench inside a virtual
+    environment inside the user's own project (``myproject/.venv/...``) would otherwise record the
+    project's commit. The caller's ``GIT_DIR`` and other ``GIT_*`` variables are ignored for the same
+    reason (they point git at another repository whatever ``-C`` says)."""
+    source = Path(source).resolve()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(source.parent), *args], capture_output=True, text=True, timeout=5,
+                              env=env)
+
     try:
-        h = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
-                           capture_output=True, text=True, timeout=5)
+        if git("ls-files", "--error-unmatch", "--", source.name).returncode != 0:
+            return ""  # not in a checkout, or in one that does not track this file
+        h = git("rev-parse", "--short=12", "HEAD")
         if h.returncode != 0:
             return ""
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
+        dirty = git("status", "--porcelain", "--untracked-files=no")
         return h.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return ""

@@ -102,3 +102,34 @@ def test_rows_with_unusable_key_values_are_skipped_with_a_warning_not_fatal(tmp_
     with open(path, "a") as f:
         f.write(json.dumps(ok) + "\n")
     assert 31.0 in load(tmp_path, latest=False)["value"].tolist()
+
+
+def test_git_hash_is_of_the_checkout_that_tracks_raebench_not_of_an_enclosing_project(tmp_path: Path, monkeypatch):
+    """raebench installed into ``myproject/.venv`` recorded myproject's commit (and its +dirty) as its own;
+    so did any raebench when the caller had ``GIT_DIR`` set to another repository."""
+    import subprocess
+
+    from raebench.results import source_commit
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(proj), "-c", "user.email=t@t", "-c", "user.name=t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    proj = tmp_path / "myproject"
+    installed = proj / ".venv" / "site" / "raebench" / "results.py"
+    installed.parent.mkdir(parents=True)
+    installed.write_text("# an installed copy\n")
+    (proj / ".gitignore").write_text(".venv/\n")
+    (proj / "train.py").write_text("print(1)\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "project")
+    assert source_commit(installed) == ""  # an installed raebench: no commit of its own
+    monkeypatch.setenv("GIT_DIR", str(proj / ".git"))
+    assert source_commit(Path(__file__).resolve().parent.parent / "raebench" / "results.py") != git("rev-parse", "--short=12", "HEAD")
+    monkeypatch.delenv("GIT_DIR")
+    git("add", "-f", str(installed))  # a vendored copy the project tracks: the project's commit is its source's
+    git("commit", "-qm", "vendor raebench")
+    assert source_commit(installed) == git("rev-parse", "--short=12", "HEAD")
+    (proj / "train.py").write_text("print(2)\n")
+    assert source_commit(installed).endswith("+dirty")
