@@ -482,7 +482,13 @@ _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
 
 
 def latex_escape(s: str) -> str:
-    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in str(s))
+    return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in _one_line(s))
+
+
+def _one_line(s) -> str:
+    """``s`` with line breaks as spaces: a Markdown table row ends at a newline, and a blank line in a
+    LaTeX cell is a paragraph break that stops the tabular (a local weights folder may hold either)."""
+    return " ".join(str(s).splitlines())
 
 
 def render(
@@ -519,7 +525,7 @@ def render(
             cells.append(s)
         body.append(([str(x) for x in labels], cells))
     if fmt == "md":
-        esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+        esc = lambda s: _one_line(s).replace("|", "\\|")  # noqa: E731
         lines = ["| " + " | ".join(map(esc, [*names, *cols])) + " |", "|" + "---|" * (len(names) + len(cols))]
         lines += ["| " + " | ".join(map(esc, [*labs, *cells])) + " |" for labs, cells in body]
         return "\n".join(lines) + "\n"

@@ -173,3 +173,13 @@ def test_gaps_over_other_image_sets_are_other_columns_never_ranked_together():
     assert sorted(cols) == ["gap open n=12 #fpO - in n=12 #fpI/psnr", "gap open n=12 #other - in n=12 #fpI/psnr"]
     df = _frame(both("f8", 20.0, 20.0) + both("f4", 21.0, 20.0))  # one protocol: the plain label, as before
     assert [c for c in pivot(df).columns if c.startswith("gap ")] == ["gap open - in/psnr"]
+
+
+def test_a_line_break_in_a_label_keeps_markdown_and_latex_rows_whole():
+    """A local weights folder named with a line break split its Markdown row in two and put a paragraph
+    break (a blank line) inside the LaTeX tabular."""
+    table = pd.DataFrame({"d/psnr": [1.0, 2.0]}, index=["sd-vae-ft-ema [local:my\nvae]", "b [local:x\n\ny|z]"])
+    md = render(table, "md", {"psnr": True})
+    assert md.splitlines()[2:] == ["| sd-vae-ft-ema [local:my vae] | 1.0000 |", "| b [local:x  y\\|z] | **2.0000** |"]
+    tex = render(table, "latex", {"psnr": True})
+    assert "\n\n" not in tex and r"b [local:x  y\textbar{}z] & \textbf{2.0000} \\" in tex
