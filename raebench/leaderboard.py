@@ -362,7 +362,10 @@ def compare_table(
     ``Δ <tok>`` (measured, vs the first tokenizer, on the same n and metric version only), ``best``
     (among measured cells, only when they share n and metric version; ties are all named, comma-separated),
     ``best (reported)`` (only when every reported cell of the row shares n, reference and variant status)
-    and ``protocol`` (the n, reference and source of each cell).
+    and ``protocol`` (the resolution, then the n, reference and source of each cell).
+
+    ``resolution``: the one compared; None takes the rows' only resolution (rows at several are an error,
+    as a tokenizer's cell would hold whichever was newest and be ranked against others at another).
 
     ``df``'s measured rows must come from one image list (``compare`` filters on the fingerprint); the n of
     a metric still differs between tokenizers whose reconstructions of some images were not finite
@@ -370,12 +373,17 @@ def compare_table(
     it loads before variants, then the best-ranked (the protocol counts the others).
     """
     d = _measured(df[df["tokenizer"].isin(tokenizers)])
-    if resolution is not None:
-        d = d[d["resolution"] == resolution]
     rep = reported if reported is not None else _reported(df)
     rep = rep[rep["tokenizer"].isin(tokenizers)] if rep is not None and not rep.empty else pd.DataFrame()
-    if resolution is not None and not rep.empty:
-        rep = rep[rep["resolution"] == resolution]
+    if resolution is None:  # a cell per tokenizer, dataset and metric holds one resolution's number
+        found = sorted({int(r) for r in pd.concat([d["resolution"], rep.get("resolution", pd.Series(dtype=float))])
+                        .dropna()})
+        if len(found) > 1:
+            raise ValueError(f"compare_table: rows at resolutions {found}; pass resolution= to compare one of them.")
+        resolution = found[0] if found else None
+    if resolution is not None:
+        d = d[d["resolution"] == resolution]
+        rep = rep[rep["resolution"] == resolution] if not rep.empty else rep
     rep = prefer_reported(rep, ("tokenizer", "dataset", "resolution", "metric")) if not rep.empty else rep
     if d.empty and rep.empty:
         return pd.DataFrame()
@@ -423,7 +431,7 @@ def compare_table(
         comparable = len(protos) == 1 and len(rcells) > 1 and h is not None
         rvals = pd.Series({r.tokenizer + REPORTED_SUFFIX: r.value for r in rcells.itertuples()}, dtype=float)
         best_rep.append(", ".join(_best(rvals, metric, h)) if comparable else "")
-        protocol.append(_protocol_text(cells, rcells, comparable))
+        protocol.append(_protocol_text(cells, rcells, comparable, resolution))
     t["best"] = best
     if not rep.empty:
         t["best (reported)"] = best_rep
@@ -431,8 +439,9 @@ def compare_table(
     return t
 
 
-def _protocol_text(meas: pd.DataFrame, rep: pd.DataFrame, comparable: bool) -> str:
-    parts = []
+def _protocol_text(meas: pd.DataFrame, rep: pd.DataFrame, comparable: bool, resolution: int | None = None) -> str:
+    # the resolution leads: CSV and Markdown exports carry no title, and every cell of the table shares it
+    parts = [f"{resolution} px"] if resolution is not None else []
     if not meas.empty:
         valued = meas[meas["value"].notna()]
         ns = sorted({int(n) for n in (valued if not valued.empty else meas)["n_images"]})
@@ -498,7 +507,8 @@ def render(
     bold: set[tuple] | None = None,
     caption: str | None = None,
 ) -> str:
-    """CSV, Markdown or LaTeX text of a table; md/latex bold the best cells.
+    """CSV, Markdown or LaTeX text of a table; md/latex bold the best cells and show ``caption`` (a line
+    above the Markdown table, a LaTeX ``table`` float's caption; CSV holds the table alone).
 
     ``bold``: explicit (row label, column) cells to embolden; default: the best of each column by
     :func:`best_per_column`. CSV carries raw numbers (full precision), never markup.
@@ -528,6 +538,8 @@ def render(
         esc = lambda s: _one_line(s).replace("|", "\\|")  # noqa: E731
         lines = ["| " + " | ".join(map(esc, [*names, *cols])) + " |", "|" + "---|" * (len(names) + len(cols))]
         lines += ["| " + " | ".join(map(esc, [*labs, *cells])) + " |" for labs, cells in body]
+        if caption:  # the dataset, n and resolution of a compare: a table without them cannot be cited
+            lines = [_one_line(caption), "", *lines]
         return "\n".join(lines) + "\n"
     lines = [r"\begin{tabular}{" + "l" * len(names) + "r" * len(cols) + "}", r"\toprule",
              " & ".join(latex_escape(c) for c in [*names, *cols]) + r" \\", r"\midrule"]

@@ -183,3 +183,21 @@ def test_a_line_break_in_a_label_keeps_markdown_and_latex_rows_whole():
     assert md.splitlines()[2:] == ["| sd-vae-ft-ema [local:my vae] | 1.0000 |", "| b [local:x  y\\|z] | **2.0000** |"]
     tex = render(table, "latex", {"psnr": True})
     assert "\n\n" not in tex and r"b [local:x  y\textbar{}z] & \textbf{2.0000} \\" in tex
+
+
+def test_compare_never_ranks_values_of_different_resolutions_and_names_the_resolution():
+    """Without a resolution, compare_table ranked one tokenizer's 512 px PSNR against another's 256 px
+    one as 'same images'; CSV and Markdown exports (no title) never said which resolution it was."""
+    meas = _frame([_row("a", "psnr", 20.0), _row("b", "psnr", 25.0), _row("a", "psnr", 30.0, resolution=512)])
+    with pytest.raises(ValueError, match=r"resolutions \[256, 512\]"):
+        compare_table(meas, ["a", "b"])
+    t = compare_table(meas, ["a", "b"], 256)
+    assert t.loc[("d", "psnr"), "best"] == "b" and t.loc[("d", "psnr"), "protocol"].startswith("256 px | measured")
+    one = compare_table(meas[meas["resolution"] == 256], ["a", "b"])  # the only resolution present
+    assert one.loc[("d", "psnr"), "Δ b"] == 5.0 and "256 px" in one.loc[("d", "psnr"), "protocol"]
+
+
+def test_markdown_export_keeps_the_caption():
+    """compare --format md dropped its title (dataset, n, resolution, what was computed now)."""
+    md = render(pd.DataFrame({"d/psnr": [1.0]}, index=["a"]), "md", {"psnr": True}, caption="compare on d (n=4) · 32px")
+    assert md.splitlines()[:3] == ["compare on d (n=4) · 32px", "", "|  | d/psnr |"]
