@@ -23,7 +23,8 @@ pair is its own column (``gap coco-val2017 n=50 - imagenet-val n=100/psnr``), ra
 
 A leaderboard row is one tokenizer; when a tokenizer was measured with several weights, precisions
 or (``score`` rows) candidate sets, each gets its own row, labelled with what differs
-(``sd-vae-ft-ema [local:/w2]``, ``pixels [bf16]``, ``reconstructions [cand #1a2b3c]``). A measured
+(``sd-vae-ft-ema [local:/w2]``, ``pixels [bf16]``, ``reconstructions [cand #1a2b3c]``); local weights
+and a precision other than fp32 are labelled always. A measured
 value that is NaN (an analysis with notes) shows as ``–``; its row and column stay.
 
 ``render`` writes CSV, Markdown or LaTeX (booktabs) with the best value per column in bold.
@@ -137,6 +138,8 @@ def _row_labels(d: pd.DataFrame) -> pd.Series:
         several = v.groupby(d["tokenizer"]).transform("nunique") > 1
         if col == "weights_id":  # a user's own weights are never the released ones that cards report
             several |= v.str.startswith("local:")
+        if col == "precision":  # a bf16 forward changes every latent: never unmarked beside fp32 rows
+            several |= ~v.isin(["fp32", ""])
         lab = lab.where(~several, lab + v.map(fmt))
     return lab
 

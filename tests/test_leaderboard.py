@@ -201,3 +201,10 @@ def test_markdown_export_keeps_the_caption():
     """compare --format md dropped its title (dataset, n, resolution, what was computed now)."""
     md = render(pd.DataFrame({"d/psnr": [1.0]}, index=["a"]), "md", {"psnr": True}, caption="compare on d (n=4) · 32px")
     assert md.splitlines()[:3] == ["compare on d (n=4) · 32px", "", "|  | d/psnr |"]
+
+
+def test_a_tokenizer_measured_only_in_bf16_is_labelled_so():
+    """A bf16-only tokenizer sat unmarked in the leaderboard, ranked beside fp32 ones (and beside the
+    published fp32 numbers of its bare name)."""
+    table = pivot(_frame([_row("a", "psnr", 20.0, precision="bf16"), _row("b", "psnr", 25.0)]), gaps=False)
+    assert list(table.index) == ["a [bf16]", "b"]
