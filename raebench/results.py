@@ -153,6 +153,24 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def device_name(device: str) -> str:
+    """The model of the GPU a row's ``device`` (``cuda``, ``cuda:1``, ``cuda:0 x8``) names, as CUDA reports
+    it (``NVIDIA H100 80GB HBM3``); '' for other devices or when CUDA cannot say. ``cuda:0`` alone does not
+    tell an H100 from an A100, whose float32 convolutions (and timings) differ."""
+    dev = str(device).split(" ")[0]
+    if not dev.startswith("cuda"):
+        return ""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return ""
+        index = int(dev.partition(":")[2]) if ":" in dev else torch.cuda.current_device()
+        return torch.cuda.get_device_name(index)
+    except Exception:  # noqa: BLE001 -- provenance must never fail the write of finished results
+        return ""
+
+
 _clock = threading.Lock()
 _last_ns = 0
 
@@ -308,6 +326,9 @@ def write_rows(rows: Iterable[ResultRow], results_dir: str | os.PathLike = DEFAU
             d["precision"] = d["extra"]["precision"]  # writers that record it only in extra
         if isinstance(d["extra"], dict) and r.source == "measured":
             d["extra"] = {**d["extra"], "packages": d["extra"].get("packages") or package_versions()}
+            gpu = d["extra"].get("device_name") or device_name(r.device)
+            if gpu:
+                d["extra"]["device_name"] = gpu
         for k, v in prov.items():
             if not d.get(k):
                 d[k] = v

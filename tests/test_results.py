@@ -150,3 +150,14 @@ def test_load_parses_each_run_file_once_and_sees_a_replaced_one(tmp_path: Path, 
     text = path.read_text().replace('"value": 1.0', '"value": 2.0')
     results.atomic_write_bytes(path, text.encode())  # never done to a run file; a new file must still be read
     assert sorted(load(tmp_path)["value"].tolist()) == [0.5, 2.0] and len(parsed) == 1
+
+
+def test_rows_measured_on_a_gpu_record_its_model(tmp_path: Path, monkeypatch):
+    """``device`` said only ``cuda:0``: an H100's numbers and an A100's looked alike."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"NVIDIA Test GPU {i}")
+    write_rows([_row("psnr", device="cuda:1 x2"), _row("ssim", device="cpu")], tmp_path)
+    extra = load(tmp_path).set_index("metric")["extra"]
+    assert extra["psnr"]["device_name"] == "NVIDIA Test GPU 1" and "device_name" not in extra["ssim"]
