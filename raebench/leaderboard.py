@@ -553,6 +553,30 @@ def render(
     return "\n".join(lines) + "\n"
 
 
+#: columns that hold whole numbers (a row of an older schema that lacks one turns the column to floats)
+_WHOLE_COLUMNS = ("resolution", "n_images", "seed", "skipped", "nonfinite", "schema_version", "written_ns")
+
+
+def rows_csv(*frames: pd.DataFrame | None) -> str:
+    """``leaderboard --format rows``: every row of ``frames`` (measured, then published) as one CSV line
+    with all its columns, ``extra`` as JSON; whole-number columns as integers (not ``5000.0``) and an
+    unknown n (published numbers that do not give one, stored as -1) as an empty cell."""
+    import json
+
+    rows = pd.concat([x for x in frames if x is not None and not x.empty], ignore_index=True)
+    if rows.empty:
+        return ""
+    rows = rows.assign(extra=rows["extra"].map(lambda e: json.dumps(e, sort_keys=True, default=str)))
+    for col in _WHOLE_COLUMNS:
+        if col in rows:
+            v = pd.to_numeric(rows[col], errors="coerce")
+            if (v.dropna() % 1 == 0).all():
+                rows[col] = v.astype("Int64")
+    if "n_images" in rows:
+        rows["n_images"] = rows["n_images"].where(pd.to_numeric(rows["n_images"], errors="coerce") >= 0)
+    return rows.to_csv(index=False)
+
+
 def compare_bold(table: pd.DataFrame) -> set[tuple]:
     """The cells that ``compare_table``'s ``best`` and ``best (reported)`` columns name."""
     out = set()

@@ -208,3 +208,17 @@ def test_a_tokenizer_measured_only_in_bf16_is_labelled_so():
     published fp32 numbers of its bare name)."""
     table = pivot(_frame([_row("a", "psnr", 20.0, precision="bf16"), _row("b", "psnr", 25.0)]), gaps=False)
     assert list(table.index) == ["a [bf16]", "b"]
+
+
+def test_rows_export_writes_whole_numbers_and_no_minus_one_images():
+    """``--format rows`` cited a published number 'on -1 images' (the unknown-n sentinel), and a row of
+    an older schema without a resolution turned every resolution and n into '256.0', '17.0'."""
+    import io
+
+    from raebench.leaderboard import rows_csv
+
+    meas = _frame([_row("a", "psnr", 20.0)]).assign(resolution=[None]).astype({"resolution": object})
+    meas = pd.concat([meas, _frame([_row("b", "psnr", 21.0)])], ignore_index=True)
+    text = rows_csv(meas, _frame([_reported("a", "fid", 0.6)]).assign(n_images=[-1]))  # a card that gives no n
+    back = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    assert back["resolution"].tolist() == ["", "256", "256"] and back["n_images"].tolist() == ["17", "17", ""]

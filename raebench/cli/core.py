@@ -372,13 +372,9 @@ def register(app: typer.Typer) -> None:
         if df.empty and (rep is None or rep.empty):
             raise RaebenchError(f"No results under {str(results)!r}; run `raebench eval` first.")
         if format == "rows":  # the citable record: one line per measurement (and published number) shown
-            import json
+            from raebench.leaderboard import rows_csv
 
-            import pandas as pd
-
-            rows = pd.concat([x for x in (df, rep) if x is not None and not x.empty], ignore_index=True)
-            rows = rows.assign(extra=rows["extra"].map(lambda e: json.dumps(e, sort_keys=True, default=str)))
-            text = rows.to_csv(index=False)
+            text = rows_csv(df, rep)
         else:
             table = pivot(df, reported=rep, gaps=gaps)
             text = render(table, format, _hib(table, df, rep))
