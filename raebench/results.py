@@ -101,7 +101,7 @@ def source_commit(source: Path) -> str:
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(source.parent), *args], capture_output=True, text=True, timeout=5,
-                              env=env)
+                              env=env, check=False)
 
     try:
         if git("ls-files", "--error-unmatch", "--", source.name).returncode != 0:
@@ -417,7 +417,8 @@ def _is_row(r) -> bool:
 def _fill_v1(df: pd.DataFrame) -> pd.DataFrame:
     """Columns that version-1 rows lack: precision and the candidates' fingerprint from ``extra``."""
     extra = [e if isinstance(e, dict) else {} for e in df["extra"].tolist()]
-    col = lambda name: df[name].tolist()  # noqa: E731  (lists: iterating pandas' string arrays is ~10x slower)
+    def col(name: str) -> list:  # a list: iterating pandas' string arrays is ~10x slower
+        return df[name].tolist()
 
     def text(v) -> str:
         return v if isinstance(v, str) else ""

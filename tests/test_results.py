@@ -138,7 +138,7 @@ def test_git_hash_is_of_the_checkout_that_tracks_raebench_not_of_an_enclosing_pr
 def test_load_parses_each_run_file_once_and_sees_a_replaced_one(tmp_path: Path, monkeypatch):
     """``compare`` loads the folder once per tokenizer: on a 100k-row folder each load re-parsed every
     file (~6 s of a 30 s compare of three weightless tokenizers on 4 images)."""
-    import raebench.results as results
+    from raebench import results
 
     path = write_rows([_row("psnr", 1.0)], tmp_path)
     write_rows([_row("ssim", 0.5)], tmp_path)
