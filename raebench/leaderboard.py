@@ -240,6 +240,27 @@ def pivot(df: pd.DataFrame, reported: pd.DataFrame | None = None, gaps: bool = T
     return table.sort_index(axis=0)[other + sorted(gap_cols)]
 
 
+def leaderboard_caption(df: pd.DataFrame) -> str | None:
+    """What every measured column shares and so no column label says: each dataset's n (where it
+    has one), the resolution, the seed and the precision (where the rows agree). Column labels name
+    only what tells columns apart, so without this line a Markdown/LaTeX export of a one-protocol
+    leaderboard could not be cited."""
+    m = _measured(df)
+    if m.empty:
+        return None
+    m = sort_newest_last(m).drop_duplicates([c for c in KEY_COLUMNS if c in m], keep="last")
+    sets = []
+    for name, g in m.groupby("dataset", sort=True):
+        ns = g["n_images"].dropna().unique()
+        sets.append(f"{name} ({_n(ns[0])})" if len(ns) == 1 else str(name))
+    parts = ["Measured on " + ", ".join(sets)]
+    for col, fmt in (("resolution", "{} px"), ("seed", "seed {}"), ("precision", "{}")):
+        if col in m and m[col].nunique(dropna=False) == 1 and pd.notna(m[col].iloc[0]):
+            v = m[col].iloc[0]
+            parts.append(fmt.format(int(v) if isinstance(v, float) and float(v).is_integer() else v))
+    return "; ".join(parts) + "; the best of each column in bold"
+
+
 # ---------------------------------------------------------------------------------------------
 # Domain gap
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def test_eval_compare_leaderboard(image_folder: Path, tmp_path: Path, capsys):
     assert set(table.index) == {"bicubic-f8", "bicubic-f16", "pixels"}
     assert table.loc["bicubic-f8", "images/psnr"] > table.loc["bicubic-f16", "images/psnr"]
     text = md.read_text()
-    assert text.startswith("| tokenizer |") and "**100.00**" in text  # pixels is best on PSNR
+    assert text.startswith("Measured on images (n=8); 64 px") and "\n| tokenizer |" in text and "**100.00**" in text  # pixels is best on PSNR
 
 
 def test_eval_default_dataset_runs_offline(tmp_path: Path, capsys):

@@ -222,3 +222,18 @@ def test_rows_export_writes_whole_numbers_and_no_minus_one_images():
     text = rows_csv(meas, _frame([_reported("a", "fid", 0.6)]).assign(n_images=[-1]))  # a card that gives no n
     back = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     assert back["resolution"].tolist() == ["", "256", "256"] and back["n_images"].tolist() == ["17", "17", ""]
+
+
+def test_the_caption_states_what_every_measured_column_shares():
+    """Column labels name only what tells columns apart; the md/latex caption says the rest (n per
+    dataset, resolution, seed, precision where the rows agree), so a one-protocol table can be cited."""
+    from raebench.leaderboard import leaderboard_caption
+
+    df = _frame([_row("pixels", "psnr", 40.0), _row("bicubic-f8", "psnr", 20.0),
+                 _row("pixels", "psnr", 30.0, dataset="open", n_images=12), _reported("pixels", "psnr", 41.0)])
+    assert leaderboard_caption(df) == ("Measured on d (n=17), open (n=12); 256 px; seed 0; fp32; "
+                                       "the best of each column in bold")
+    df = _frame([_row("pixels", "psnr", 40.0), _row("pixels", "psnr", 30.0, n_images=5, resolution=512, seed=1)])
+    assert leaderboard_caption(df) == "Measured on d; fp32; the best of each column in bold"  # n, px, seed differ: labels
+    md = render(pivot(df, gaps=False), "md", caption=leaderboard_caption(df))
+    assert md.startswith("Measured on d; fp32; the best") and "| tokenizer |" in md

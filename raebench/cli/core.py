@@ -376,8 +376,10 @@ def register(app: typer.Typer) -> None:
 
             text = rows_csv(df, rep)
         else:
+            from raebench.leaderboard import leaderboard_caption
+
             table = pivot(df, reported=rep, gaps=gaps)
-            text = render(table, format, _hib(table, df, rep))
+            text = render(table, format, _hib(table, df, rep), caption=leaderboard_caption(df) if not df.empty else None)
         if out:
             write_output(out, text)
         else:
