@@ -50,3 +50,17 @@ def test_an_installed_package_keeps_its_own_folders(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(site / "raebench" / "metrics" / "pixel.py"),
                                   str(site / "raebench" / "baselines" / "__init__.py"), "False"]
+
+
+def test_the_package_version_has_one_source():
+    """Rows record raebench.__version__; the distribution's version comes from it (a second literal
+    in pyproject.toml could drift, and a wheel's rows would then cite another version than pip shows)."""
+    import pytest
+
+    import raebench
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "raebench.__version__"}
+    assert raebench.__version__.count(".") >= 2
