@@ -26,7 +26,13 @@ def init(device: torch.device | str | None = None) -> tuple[int, int]:
     """Initialise the default process group if torchrun launched us; returns (rank, world).
 
     The backend follows ``device`` (NCCL for a CUDA device, gloo otherwise: ``--device cpu`` on a GPU
-    node gets gloo); "auto" or None means NCCL whenever CUDA is available.
+    node gets gloo); "auto" or None means NCCL whenever CUDA is available. With NCCL the rank's GPU
+    (``cuda:LOCAL_RANK``, or an explicit index) becomes the current device, which the object
+    collectives use, and is bound to the group (``device_id``), which ``barrier()`` uses: without it,
+    a barrier before any other collective guesses the GPU as global rank mod GPUs per node (another
+    GPU than this rank's under ``--nproc_per_node`` below the GPU count on several nodes) and warns
+    on every call. Binding also forms the NCCL communicator here, so a device string that cannot work
+    (:func:`local_device`, :func:`_check_local_gpu`) is refused first, in one sentence.
     """
     import datetime
 
@@ -34,14 +40,32 @@ def init(device: torch.device | str | None = None) -> tuple[int, int]:
         return 0, 1
     if not td.is_initialized():
         if isinstance(device, str):
+            device = local_device(device)  # refuses cuda:N for several ranks of a node first
             device = None if device == "auto" else torch.device(device)
         use_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        bind = {}
         if use_cuda:
-            torch.cuda.set_device(device if device is not None and device.index is not None
-                                  else int(os.environ.get("LOCAL_RANK", "0")))
+            index = device.index if device is not None and device.index is not None else _check_local_gpu()
+            torch.cuda.set_device(index)
+            bind["device_id"] = torch.device("cuda", index)
         timeout = datetime.timedelta(seconds=float(os.environ.get("RAEBENCH_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
-        td.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+        td.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout, **bind)
     return td.get_rank(), td.get_world_size()
+
+
+def _check_local_gpu() -> int:
+    """This rank's GPU index, ``LOCAL_RANK``, if the node shows that many GPUs; else one sentence
+    (torch's own error is "CUDA error: invalid device ordinal" from deep inside set_device)."""
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local >= count:
+        from raebench.errors import RaebenchError
+
+        if count == 0:
+            raise RaebenchError("--device cuda was asked for but this torch build sees no CUDA GPU; use --device cpu.")
+        raise RaebenchError(f"torchrun started local rank {local} but this process sees {count} GPU(s); give "
+                            f"--nproc_per_node {count} or fewer (one process per GPU), or, where each rank sees only "
+                            "its own GPU (CUDA_VISIBLE_DEVICES set per rank), --device cuda:0.")
+    return local
 
 
 def rank_world() -> tuple[int, int]:
@@ -77,7 +101,7 @@ def local_device(device: str) -> str:
     """
     if launched() and torch.cuda.is_available():
         if device in ("auto", "cuda"):
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            return f"cuda:{_check_local_gpu()}"
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         if device.startswith("cuda:") and per_node > 1 and torch.cuda.device_count() > 1:
             from raebench.errors import RaebenchError
