@@ -214,3 +214,17 @@ def test_official_config_preset_fallback_and_hub_paths(tmp_path, monkeypatch):
         official.resolve_official_path("facebook/dinov2-with-registers-base", tmp_path, what="encoder", kind="repo")
     assert seen[-1] == "hf://facebook/dinov2-with-registers-base"
     assert official._PRESET_RE.search("configs/decoder/ViTXL").group(1) == "XL"
+
+
+def test_stats_features_of_an_official_yaml_are_a_module_the_command_moves(tmp_path):
+    """`raebench stats --tokenizer-config` got ``tok.encode_features``, a bound method that the command's
+    ``fn.to(dev)`` (done for modules only) never moved: on a GPU the CPU encoder met CUDA images."""
+    from raebench.cli.rae_cmds import feature_extractor
+    from raebench.official import from_official_config
+
+    official_yaml(tmp_path / "rae.yaml", ORACLE)
+    fn, label = feature_extractor(tokenizer_config=str(tmp_path / "rae.yaml"))
+    assert isinstance(fn, torch.nn.Module) and label == "rae" and not fn.training
+    x = oracle_io()["image"]
+    with torch.no_grad():
+        assert torch.equal(fn(x), from_official_config(tmp_path / "rae.yaml").tokenizer.encode_features(x))

@@ -61,12 +61,15 @@ def feature_extractor(
     resolution: int = 256,
     encoder_input_size: int | None = None,
 ) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
-    """The raw-feature function whose statistics ``raebench stats`` computes, and a label for it."""
+    """The raw-feature function whose statistics ``raebench stats`` computes, and a label for it; an
+    ``nn.Module`` in every case, on the CPU (the caller moves it to the images' device)."""
     if tokenizer_config:
         from raebench.official import from_official_config
 
         tok = from_official_config(tokenizer_config).tokenizer
-        return tok.encode_features, Path(tokenizer_config).stem
+        # the encoder module (tok.encode_features is tok.encoder(x)), which the caller moves to its device: the
+        # bound method stayed on the CPU while the images went to the GPU
+        return tok.encoder, Path(tokenizer_config).stem
     if tokenizer:
         from raebench.tokenizers import get_tokenizer_spec
         from raebench.tokenizers.rae import RELEASES, build_release_encoder
