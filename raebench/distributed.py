@@ -48,9 +48,25 @@ def init(device: torch.device | str | None = None) -> tuple[int, int]:
             index = device.index if device is not None and device.index is not None else _check_local_gpu()
             torch.cuda.set_device(index)
             bind["device_id"] = torch.device("cuda", index)
-        timeout = datetime.timedelta(seconds=float(os.environ.get("RAEBENCH_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+        timeout = datetime.timedelta(seconds=_timeout_s())
         td.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout, **bind)
     return td.get_rank(), td.get_world_size()
+
+
+def _timeout_s() -> float:
+    """``$RAEBENCH_DIST_TIMEOUT_S`` (default :data:`DEFAULT_TIMEOUT_S`), or one sentence if it is not
+    a positive number of seconds (it was a ValueError traceback on every rank)."""
+    text = os.environ.get("RAEBENCH_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        from raebench.errors import RaebenchError
+
+        raise RaebenchError(f"RAEBENCH_DIST_TIMEOUT_S={text!r} is not a number of seconds; set it to e.g. 600, or "
+                            f"unset it (default {DEFAULT_TIMEOUT_S}).")
+    return seconds
 
 
 def _check_local_gpu() -> int:

@@ -90,3 +90,15 @@ def test_torch_barrier_takes_the_bound_device():
     src = inspect.getsource(td.barrier)
     bound, guess = src.find("bound_device_id"), src.find("using the device under current context")
     assert 0 < bound < guess, "torch.distributed.barrier no longer prefers init_process_group(device_id=...)"
+
+
+def test_the_collective_timeout_is_read_once_and_checked(fake_torchrun, monkeypatch):
+    monkeypatch.setenv("RAEBENCH_DIST_TIMEOUT_S", "90")
+    distributed.init("cpu")
+    assert fake_torchrun["init"][0]["timeout"].total_seconds() == 90
+    fake_torchrun["init"].clear()
+    for bad in ("abc", "0", "-5", "inf", "nan"):
+        monkeypatch.setenv("RAEBENCH_DIST_TIMEOUT_S", bad)
+        with pytest.raises(RaebenchError, match="RAEBENCH_DIST_TIMEOUT_S"):
+            distributed.init("cpu")
+    assert fake_torchrun["init"] == []
