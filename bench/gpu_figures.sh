@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The figures only a GPU gives, in one prepared call (random weights: nothing to download).
 #   bash bench/gpu_figures.sh [PART ...]   # from the repository root; log in ${OUT:-.}/gpu_figures.log
-# PARTs, in this order by default: check metrics knn cli ddp stage1 xl eval small xl-fp32 compile; also eval-large,
+# PARTs, in this order by default: check metrics knn cli ddp nccl stage1 xl eval small xl-fp32 compile; also eval-large,
 # xl-profile.
 # Needs torch with CUDA, transformers, safetensors, typer, rich, pandas, timm, einops, torchdiffeq,
 # setuptools and, for stage 1 (cli, ddp, stage1) and metrics, lpips (and torch-fidelity for metrics) on the
@@ -23,7 +23,7 @@ off="${RAE_OFFICIAL_SRC:-.official}"
 [ -e "$off" ] || off=none
 log="${OUT:-.}/gpu_figures.log"
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(check metrics knn cli ddp stage1 xl eval small xl-fp32 compile)
+[ ${#parts[@]} -gt 0 ] || parts=(check metrics knn cli ddp nccl stage1 xl eval small xl-fp32 compile)
 # both XL models with their AdamW states and EMAs peak at 91 GiB at batch 64 (H200): 32 on an 80 GB card
 gpu_mib="$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)"
 xlb=64; [ "${gpu_mib:-0}" -lt 100000 ] && xlb=32
@@ -44,6 +44,8 @@ xl=(--preset xl --device cuda --batch "$xlb" --steps 10 --threads 16)
         timeout 240 bash bench/cli_smoke.sh cuda ;;
       ddp) echo "== the same commands under torchrun (2 processes, NCCL, where 2 GPUs are visible): stage 1, stage 2 and resume, sample, eval"
         timeout 150 bash bench/cli_smoke.sh cuda ddp ;;
+      nccl) echo "== every data-parallel command, 2 processes (NCCL) against 1, tiny models (bench/check_nccl.sh; needs 2 GPUs)"
+        OUT="${OUT:-.}" timeout 480 bash bench/check_nccl.sh cuda ;;
       stage1) echo "== stage 1 recipe (DINOv2-B with registers + ViT-XL decoder, random weights), bf16, batch 64, all losses on"
         timeout 150 "$PY" bench/bench_stage1_step.py --device cuda --precision bf16 --batch 64 --steps 12 ;;
       xl) echo "== DiT-DH-XL training step, bf16 autocast, batch $xlb, eager: raebench vs official ($off)"
