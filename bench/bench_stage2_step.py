@@ -326,6 +326,10 @@ def _ddp_world1(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
         store = tempfile.mktemp(prefix="bench-ddp-")
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"file://{store}",
                                 rank=0, world_size=1)
+        import atexit
+
+        # torch warns "destroy_process_group() was not called" at exit otherwise (bench/logs/h100-*-call{1,2,4}.log)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[dev.index or 0] if dev.type == "cuda" else None,
         find_unused_parameters=False, **no_buffer_sync())
