@@ -284,6 +284,7 @@ def test_cuda_rng_state_is_this_ranks_gpu_only(monkeypatch):
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # a process that uses its GPU
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda st, device="cuda": restored.append(int(st[0])))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
@@ -364,3 +365,23 @@ def test_export_decoder_of_a_stage2_run_says_so(tmp_path):
     with pytest.raises(CheckpointError, match=r"is a stage-2 \(ditdh-tiny\) checkpoint; export-decoder exports the "
                                               r"decoder of a `raebench train stage1` run"):
         export_decoder(tmp_path / "run", tmp_path / "out")
+
+
+def test_rng_state_leaves_cuda_alone_in_a_process_that_does_not_use_it(monkeypatch):
+    """`--device cpu` on a GPU node: saving the random state must not open a CUDA context on GPU 0 in
+    every rank (torch.cuda.get_rng_state initialises CUDA); a process that uses its GPU saves it."""
+    from raebench.stage1.train import rng_state, set_rng_state
+
+    def no_cuda(*a, **k):
+        raise AssertionError("CUDA was touched")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", no_cuda)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", no_cuda)
+    st = rng_state()
+    assert "cuda" not in st
+    set_rng_state({**st, "cuda": torch.zeros(16, dtype=torch.uint8)})  # a GPU run's checkpoint resumed on the CPU
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.ones(3, dtype=torch.uint8))
+    assert rng_state()["cuda"].tolist() == [1, 1, 1]

@@ -163,7 +163,9 @@ def rng_state() -> dict:
         "numpy": [st[0], torch.from_numpy(st[1].astype(np.int64)), int(st[2]), int(st[3]), float(st[4])],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():  # this rank's GPU only: a resume may see another number of GPUs
+    # this rank's GPU only (a resume may see another number of GPUs), and only once this process uses
+    # CUDA: get_rng_state would otherwise open a context on GPU 0 in every rank of a --device cpu run
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -174,7 +176,7 @@ def set_rng_state(state: dict) -> None:
     name, arr, p, g, c = state["numpy"]
     np.random.set_state((name, arr.numpy().astype(np.uint32), p, g, c))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and torch.cuda.is_initialized():  # models on a GPU by now
         cuda = state["cuda"]
         if isinstance(cuda, (list, tuple)):  # checkpoints of earlier versions: one state per visible GPU
             cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else cuda[0]
