@@ -355,6 +355,11 @@ def load(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, latest: bool = Tr
                 records.extend(rows)
     df = pd.DataFrame.from_records(records, columns=list(COLUMNS)) if records else pd.DataFrame(columns=list(COLUMNS))
     if records:
+        newer = pd.to_numeric(df["schema_version"], errors="coerce") > SCHEMA_VERSION
+        if newer.any():  # columns this version does not know are dropped, and their meaning may have moved
+            log.warning("%d row(s) under %s were written by a newer raebench (schema %s; this one reads %d): "
+                        "upgrade raebench to read them fully.", int(newer.sum()), d,
+                        int(pd.to_numeric(df["schema_version"], errors="coerce").max()), SCHEMA_VERSION)
         df = _fill_v1(df)
         df = sort_newest_last(df)
         if latest:

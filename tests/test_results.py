@@ -161,3 +161,17 @@ def test_rows_measured_on_a_gpu_record_its_model(tmp_path: Path, monkeypatch):
     write_rows([_row("psnr", device="cuda:1 x2"), _row("ssim", device="cpu")], tmp_path)
     extra = load(tmp_path).set_index("metric")["extra"]
     assert extra["psnr"]["device_name"] == "NVIDIA Test GPU 1" and "device_name" not in extra["ssim"]
+
+
+def test_rows_of_a_newer_schema_load_with_a_warning(tmp_path: Path, caplog):
+    """A folder shared with a newer raebench: its rows still load (unknown columns dropped), and the
+    user is told that this version may not read them fully, instead of nothing."""
+    write_rows([_row(metric="psnr")], tmp_path)
+    newer = {**json.loads(json.dumps(_row(metric="ssim").__dict__)), "schema_version": SCHEMA_VERSION + 1, "new_column": 1}
+    (tmp_path / "runs" / "future.jsonl").write_text(json.dumps(newer) + "\n")
+    df = load(tmp_path)
+    assert sorted(df["metric"]) == ["psnr", "ssim"]
+    assert f"1 row(s) under {tmp_path / 'runs'} were written by a newer raebench (schema {SCHEMA_VERSION + 1}" in caplog.text
+    caplog.clear()
+    load(tmp_path / "missing")
+    assert "newer raebench" not in caplog.text
