@@ -179,18 +179,7 @@ def test_eval_resumes_after_the_weights_folder_moved(image_folder, tmp_path):
     from raebench.evaluate import EvalConfig, evaluate
     from raebench.tokenizers import build_tokenizer
 
-    class CrashAfter:
-        def __init__(self, tok, k):
-            self.tok, self.k, self.calls, self.name, self.weights_id = tok, k, 0, tok.name, tok.weights_id
-
-        def encode(self, x):
-            self.calls += 1
-            if self.calls == self.k:
-                raise RuntimeError("simulated crash")
-            return self.tok.encode(x)
-
-        def decode(self, z):
-            return self.tok.decode(z)
+    from test_distributed_eval import _CrashAfter as CrashAfter
 
     w = _tiny_vae(tmp_path / "a" / "vae", 0)
     base = dict(tokenizer="sd-vae-ft-ema", data=str(image_folder), resolution=32, batch_size=2, device="cpu",
