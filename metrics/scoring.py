@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raebench.errors import DataError, RaebenchError
+from raebench.preempt import STOP_SIGNALS, Preempted, StopOnSignal, signal_name
 from raebench.eval_progress import WorkState
 from raebench.metrics.sources import ImageSource, npz_images_shape, open_source
 
@@ -206,8 +207,20 @@ def score(
                        "upscaled": saved_upscaled + ref.upscaled + cand.upscaled, "seconds": time.perf_counter() - t0})
 
     try:
-        _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, checkpoint, save_every,
-                flags, default_workers(num_workers, dev))  # image folders decode in workers on a GPU, as in eval
+        # the stop signals only set a flag, read after each batch (only where there is progress to save)
+        with StopOnSignal(STOP_SIGNALS if work is not None else ()) as preempt:
+            def batch_done(k: int) -> None:  # after batch k (0-based) of a phase: the periodic save, or a stop
+                signum = preempt.local()
+                if (k + 1) % save_every == 0 or signum:
+                    checkpoint()
+                if signum:
+                    where = ", ".join(f"{n} {phase}" for phase, n in pos.items())
+                    raise Preempted(signum, f"stopped by {signal_name(signum)} after {where}"
+                                    f"{f' of rank {rank}' if world > 1 else ''}: progress saved; run the same command "
+                                    "to continue")
+
+            _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, batch_done,
+                    flags, default_workers(num_workers, dev))  # image folders decode in workers on a GPU, as in eval
         n_cand = count["n"]
         from raebench.data import Skip
 
@@ -278,10 +291,11 @@ def _score_key(ref: ImageSource, cand: ImageSource, ev, resolution: int | None, 
                                 "resolution": resolution, "options": options, "kind": "score"})
 
 
-def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, checkpoint,
-            save_every, flags, workers: int = 0) -> None:
+def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, batch_done,
+            flags, workers: int = 0) -> None:
     """Feed this rank's shard to ``ev`` from the positions in ``pos``; ``pos`` and the candidates
-    used, ``count["n"]``, are updated in place and saved by ``checkpoint`` every ``save_every`` batches."""
+    used, ``count["n"]``, are updated in place, and ``batch_done(k)`` after batch ``k`` of each phase
+    saves them every ``save_every`` batches (or on a stop signal)."""
     from raebench.checks import check_sizes
     from raebench.distributed import shard
 
@@ -309,8 +323,7 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
             pos["pairs"] = start + min((k + 1) * batch_size, len(mine))
             if on_progress:
                 on_progress("pairs", pos["pairs"], hi - lo)
-            if (k + 1) % save_every == 0:
-                checkpoint()
+            batch_done(k)
         return
     # the cache decision is the same on every rank (same files); only rank 0 feeds cached features.
     # pos["references"]: 0 once fed from the cache (on every rank), else the references streamed so far;
@@ -331,8 +344,7 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
             pos["references"] = start + min((k + 1) * batch_size, len(todo))
             if on_progress:
                 on_progress("references", pos["references"], hi - lo)
-            if (k + 1) % save_every == 0:
-                checkpoint()
+            batch_done(k)
     lo, hi = shard(cand.n, rank, world)
     start = pos.get("candidates", 0)
     todo = list(range(lo, hi))[start:]
@@ -343,8 +355,7 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
         pos["candidates"] = start + min((k + 1) * batch_size, len(todo))
         if on_progress:
             on_progress("candidates", pos["candidates"], hi - lo)
-        if (k + 1) % save_every == 0:
-            checkpoint()
+        batch_done(k)
 
 
 def _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain, resolution,

@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from raebench.errors import DataError
+from raebench.preempt import ignore_in_worker
 from raebench.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -552,6 +553,7 @@ def make_loader(
         pin_memory=pin_memory and k == 1,  # joined batches are written straight into page-locked memory
         persistent_workers=False,
         prefetch_factor=2 * k if num_workers > 0 else None,  # about two whole batches per worker in flight
+        worker_init_fn=ignore_in_worker,  # a SIGTERM to every process of the job stops the batch, not a worker
     )
     return loader if k == 1 else _Rebatched(loader, k, pin_memory)
 

@@ -31,6 +31,7 @@ from raebench.data import ImageDataset, ResolvedData, Skip, default_workers, mak
 from raebench.checks import check_domain, check_image_counts, check_run
 from raebench.errors import RaebenchError
 from raebench.eval_progress import WorkState
+from raebench.preempt import STOP_SIGNALS, Preempted, StopOnSignal, signal_name
 from raebench.results import ResultRow, check_writable, new_run_id, write_rows
 
 log = logging.getLogger(__name__)
@@ -645,35 +646,40 @@ def evaluate(
     workers = default_workers(cfg.num_workers, device)
     loader = make_loader(ds, cfg.batch_size, workers, pin_memory=device.type == "cuda",
                          indices=range(lo + done, hi))
-    try:
-        for i, batch in enumerate(loader):
-            skipped.extend(batch["skipped"])
-            upscaled.extend(batch["upscaled"])
-            if batch["image"].shape[0]:
-                ref = batch["image"].to(device, non_blocking=True)  # (N, 3, R, R) uint8
-                with torch.no_grad(), _autocast(device, cfg.precision):
-                    z = tok.encode(to_float(ref))
-                    rec = tok.decode(z)
-                z, rec = z.float(), rec.float()
-                if rec.shape != ref.shape:
-                    raise RaebenchError(
-                        f"{tok.name} reconstructs {tuple(ref.shape[-2:])} inputs as {tuple(rec.shape[-2:])} images; "
-                        f"its input size is fixed, so pass --resolution {rec.shape[-1]} (or a tokenizer built for "
-                        f"{ref.shape[-1]} px).")
-                ok = torch.isfinite(z.flatten(1)).all(1) & torch.isfinite(rec.flatten(1)).all(1)  # (N,)
-                if not bool(ok.all()):
-                    bad = (~ok).nonzero().flatten().tolist()
-                    nonfinite.extend(batch["path"][j] for j in bad)
-                    log.warning("%s: %d image(s) with NaN/Inf latents or reconstructions excluded", tok.name, len(bad))
-                # every original goes to the reference extractors (for the feature cache); only the
-                # finite reconstructions and their originals reach the metrics
-                ev.update(ref, to_uint8(rec[ok]), index=batch["index"], keep=ok)
-                n_used += int(ok.sum())
-            done += len(batch["skipped"]) + batch["image"].shape[0]
-            if on_progress:
-                on_progress(done, hi - lo)
-            if (i + 1) % save_every == 0:
-                checkpoint()
+    try:  # the stop signals only set a flag, read after each batch (only where there is progress to save)
+        with StopOnSignal(STOP_SIGNALS if work is not None else ()) as preempt:
+            for i, batch in enumerate(loader):
+                skipped.extend(batch["skipped"])
+                upscaled.extend(batch["upscaled"])
+                if batch["image"].shape[0]:
+                    ref = batch["image"].to(device, non_blocking=True)  # (N, 3, R, R) uint8
+                    with torch.no_grad(), _autocast(device, cfg.precision):
+                        z = tok.encode(to_float(ref))
+                        rec = tok.decode(z)
+                    z, rec = z.float(), rec.float()
+                    if rec.shape != ref.shape:
+                        raise RaebenchError(
+                            f"{tok.name} reconstructs {tuple(ref.shape[-2:])} inputs as {tuple(rec.shape[-2:])} images; "
+                            f"its input size is fixed, so pass --resolution {rec.shape[-1]} (or a tokenizer built for "
+                            f"{ref.shape[-1]} px).")
+                    ok = torch.isfinite(z.flatten(1)).all(1) & torch.isfinite(rec.flatten(1)).all(1)  # (N,)
+                    if not bool(ok.all()):
+                        bad = (~ok).nonzero().flatten().tolist()
+                        nonfinite.extend(batch["path"][j] for j in bad)
+                        log.warning("%s: %d image(s) with NaN/Inf latents or reconstructions excluded", tok.name, len(bad))
+                    # every original goes to the reference extractors (for the feature cache); only the
+                    # finite reconstructions and their originals reach the metrics
+                    ev.update(ref, to_uint8(rec[ok]), index=batch["index"], keep=ok)
+                    n_used += int(ok.sum())
+                done += len(batch["skipped"]) + batch["image"].shape[0]
+                if on_progress:
+                    on_progress(done, hi - lo)
+                signum = preempt.local()  # SIGTERM/SIGUSR1: this batch is done; save and stop (each rank on its own)
+                if (i + 1) % save_every == 0 or signum:
+                    checkpoint()
+                if signum:
+                    raise Preempted(signum, f"stopped by {signal_name(signum)} after {done} of {hi - lo} images"
+                                    f"{f' of rank {rank}' if world > 1 else ''}: progress saved; run the same command to continue")
     except BaseException:
         if work is not None:  # keep saved progress for a resume; a run that saved none leaves nothing
             work.release(remove=not work.path.exists())

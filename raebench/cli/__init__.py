@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from raebench.errors import RaebenchError, printable
+from raebench.preempt import Preempted
 
 app = typer.Typer(
     name="raebench",
@@ -53,6 +54,11 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one sentence, not a traceback."""
     try:
         code = app(args=argv, standalone_mode=False)
+    except Preempted as e:  # SIGTERM/SIGUSR1: the job saved its state; 128 + the signal, as a shell reports it
+        if e.show:
+            err_console.print(f"[yellow]{printable(str(e))}[/]", highlight=False, soft_wrap=True)
+        _leave_process_group()
+        sys.exit(e.exit_code)
     except RaebenchError as e:
         err_console.print(f"[bold red]error:[/] {printable(str(e))}", highlight=False, soft_wrap=True)
         _leave_process_group()

@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader
 from raebench import distributed
 from raebench.data import scan_folder, to_float, to_uint8
 from raebench.errors import DataError, MissingWeightsError, RaebenchError
+from raebench.preempt import Preempted, StopOnSignal, ignore_in_worker, signal_name
 from raebench.evaluate import resolve_device
 from raebench.results import atomic_write_bytes, provenance
 from raebench.stage1.config import RUN_ONLY_FIELDS, Stage1Config
@@ -442,6 +443,7 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
         TrainCrops(images.paths, cfg.resolution, cfg.crop_scale), batch_sampler=StepBatches(len(images.paths), cfg, step, stop, rank, world),
         num_workers=cfg.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
         prefetch_factor=2 if cfg.num_workers > 0 else None,
+        worker_init_fn=ignore_in_worker,  # a SIGTERM to every process of the job stops the step, not a worker
     )
     val_images = None
     if rank == 0 and (cfg.sample_every > 0 or cfg.val_every > 0):
@@ -449,137 +451,146 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
         val_images = load_eval_images(val_list.paths[: max(cfg.val_n, 8)], cfg.resolution)
     ema_tok = type(tok)(tok.encoder, ema, None)  # shares the frozen encoder; decodes with the EMA weights
 
-    batches = iter(loader)
-    t_last, logged_step = time.perf_counter(), step
-    while step < stop:
-        epoch = step // spe
-        use_lpips = lpips is not None and step >= p["lpips_start_step"]
-        use_gan = disc is not None and step >= p["gan_start_step"]
-        train_disc = disc is not None and step >= p["disc_start_step"]
+    with StopOnSignal() as preempt:  # the stop signals only set a flag, read after each step
+        batches = iter(loader)
+        t_last, logged_step = time.perf_counter(), step
+        while step < stop:
+            epoch = step // spe
+            use_lpips = lpips is not None and step >= p["lpips_start_step"]
+            use_gan = disc is not None and step >= p["gan_start_step"]
+            train_disc = disc is not None and step >= p["disc_start_step"]
 
-        # -- decoder update ------------------------------------------------------------------
-        opt.zero_grad(set_to_none=True)
-        sums = torch.zeros(9, dtype=torch.float64, device=device)  # l1, lpips, gan, lambda, total | d_loss, real, fake, acc
-        stash = []  # (clean latents, real images, positions) for the discriminator phase
-        for a in range(accum):
-            mb = next(batches)
-            # uint8 from the pinned batch, converted on the device: a quarter of the bytes, and an
-            # asynchronous copy (a float tensor made on the CPU is pageable, so its copy blocks)
-            x = to_float(mb["image"].to(device, non_blocking=True))  # (B, 3, R, R) in [0, 1]
-            with torch.no_grad(), autocast:
-                z = tok.encode_features(x).float()  # (B, C, h, w) raw features
-            gens = sample_generators(cfg.seed, NOISE, step, mb["pos"], device)
-            zn = torch.cat([add_noise(z[i:i + 1], cfg.noise_tau, cfg.noise_rule, g) for i, g in enumerate(gens)])
+            # -- decoder update ------------------------------------------------------------------
+            opt.zero_grad(set_to_none=True)
+            # l1, lpips, gan, lambda, total | d_loss, real, fake, acc | one stop flag per signal (preempt.mark)
+            sums = torch.zeros(9 + len(preempt.signals), dtype=torch.float64, device=device)
+            stash = []  # (clean latents, real images, positions) for the discriminator phase
+            for a in range(accum):
+                mb = next(batches)
+                # uint8 from the pinned batch, converted on the device: a quarter of the bytes, and an
+                # asynchronous copy (a float tensor made on the CPU is pageable, so its copy blocks)
+                x = to_float(mb["image"].to(device, non_blocking=True))  # (B, 3, R, R) in [0, 1]
+                with torch.no_grad(), autocast:
+                    z = tok.encode_features(x).float()  # (B, C, h, w) raw features
+                gens = sample_generators(cfg.seed, NOISE, step, mb["pos"], device)
+                zn = torch.cat([add_noise(z[i:i + 1], cfg.noise_tau, cfg.noise_rule, g) for i, g in enumerate(gens)])
+                if train_disc:
+                    stash.append((z, x, mb["pos"]))
+                sync = contextlib.nullcontext() if (a == accum - 1 or world == 1) else ddp.no_sync()
+                with sync:
+                    with autocast:
+                        rec = ddp(zn).float()
+                        l1 = (rec - x).abs().mean()
+                        lp = lpips(rec * 2 - 1, x * 2 - 1).mean() if use_lpips else l1.new_zeros(())
+                    rec_loss = l1 + cfg.lpips_weight * lp
+                    if use_gan:
+                        # the raw reconstruction, as the official trainer feeds the generator's GAN term (its
+                        # discriminator update below sees clamped, 8-bit-quantised reconstructions)
+                        fake = rec * 2 - 1
+                        fake = diff_augment(fake, sample_generators(cfg.seed, AUG_G, step, mb["pos"], device),
+                                            cfg.diffaug_translation, cfg.diffaug_color, cfg.diffaug_cutout)
+                        with autocast:
+                            g_loss = generator_loss(disc(fake).float())
+                        lam = adaptive_gan_backward(rec_loss, g_loss, tap, cfg.gan_weight, cfg.max_adaptive_weight, 1.0 / accum)
+                        loss = rec_loss + cfg.gan_weight * lam * g_loss
+                    else:
+                        g_loss = lam = l1.new_zeros(())
+                        loss = rec_loss
+                        (loss / accum).backward()
+                sums[:5] += torch.stack([l1, lp, g_loss, lam, loss]).detach().double()
+            lr_now = opt.param_groups[0]["lr"]
+            _checked_step(decoder, opt, cfg.clip_grad, "decoder", step, cfg)  # a non-finite gradient changes nothing
+            sched.step()
+            update_ema(ema, decoder, cfg.ema_decay)
+
+            # -- discriminator update --------------------------------------------------------------
+            dlr_now = float("nan")
             if train_disc:
-                stash.append((z, x, mb["pos"]))
-            sync = contextlib.nullcontext() if (a == accum - 1 or world == 1) else ddp.no_sync()
-            with sync:
-                with autocast:
-                    rec = ddp(zn).float()
-                    l1 = (rec - x).abs().mean()
-                    lp = lpips(rec * 2 - 1, x * 2 - 1).mean() if use_lpips else l1.new_zeros(())
-                rec_loss = l1 + cfg.lpips_weight * lp
-                if use_gan:
-                    # the raw reconstruction, as the official trainer feeds the generator's GAN term (its
-                    # discriminator update below sees clamped, 8-bit-quantised reconstructions)
-                    fake = rec * 2 - 1
-                    fake = diff_augment(fake, sample_generators(cfg.seed, AUG_G, step, mb["pos"], device),
+                dopt.zero_grad(set_to_none=True)
+                disc.heads.requires_grad_(True)
+                for a, (z, x, pos) in enumerate(stash):
+                    # as the official discriminator: fake, then real, in two train-mode forwards (two spectral-
+                    # norm power iterations per update, the real batch scored after the second); further
+                    # micro-batches of an accumulated step in eval mode, so the step count stays the same
+                    disc.train(a == 0)
+                    with torch.no_grad(), autocast:
+                        fake = quantize_8bit(tok.decode(z).float() * 2 - 1, straight_through=False)
+                    fake = diff_augment(fake, sample_generators(cfg.seed, AUG_FAKE, step, pos, device),
+                                        cfg.diffaug_translation, cfg.diffaug_color, cfg.diffaug_cutout)
+                    real = diff_augment(x * 2 - 1, sample_generators(cfg.seed, AUG_REAL, step, pos, device),
                                         cfg.diffaug_translation, cfg.diffaug_color, cfg.diffaug_cutout)
                     with autocast:
-                        g_loss = generator_loss(disc(fake).float())
-                    lam = adaptive_gan_backward(rec_loss, g_loss, tap, cfg.gan_weight, cfg.max_adaptive_weight, 1.0 / accum)
-                    loss = rec_loss + cfg.gan_weight * lam * g_loss
-                else:
-                    g_loss = lam = l1.new_zeros(())
-                    loss = rec_loss
-                    (loss / accum).backward()
-            sums[:5] += torch.stack([l1, lp, g_loss, lam, loss]).detach().double()
-        lr_now = opt.param_groups[0]["lr"]
-        _checked_step(decoder, opt, cfg.clip_grad, "decoder", step, cfg)  # a non-finite gradient changes nothing
-        sched.step()
-        update_ema(ema, decoder, cfg.ema_decay)
+                        logits_fake = disc(fake).float()
+                        logits_real = disc(real).float()
+                    d_loss = hinge_d_loss(logits_real, logits_fake)
+                    (d_loss / accum).backward()
+                    acc = (logits_real > logits_fake).float().mean()
+                    sums[5:9] += torch.stack([d_loss, logits_real.mean(), logits_fake.mean(), acc]).detach().double()
+                disc.eval()
+                disc.heads.requires_grad_(False)  # the decoder's GAN term only needs gradients to the image
+                _all_reduce_mean_([q.grad for q in disc_params if q.grad is not None], world)
+                dlr_now = dopt.param_groups[0]["lr"]
+                _checked_step(disc.heads, dopt, None, "discriminator", step, cfg)
+                dsched.step()
+                disc_updates += 1
+            step += 1
 
-        # -- discriminator update --------------------------------------------------------------
-        dlr_now = float("nan")
-        if train_disc:
-            dopt.zero_grad(set_to_none=True)
-            disc.heads.requires_grad_(True)
-            for a, (z, x, pos) in enumerate(stash):
-                # as the official discriminator: fake, then real, in two train-mode forwards (two spectral-
-                # norm power iterations per update, the real batch scored after the second); further
-                # micro-batches of an accumulated step in eval mode, so the step count stays the same
-                disc.train(a == 0)
-                with torch.no_grad(), autocast:
-                    fake = quantize_8bit(tok.decode(z).float() * 2 - 1, straight_through=False)
-                fake = diff_augment(fake, sample_generators(cfg.seed, AUG_FAKE, step, pos, device),
-                                    cfg.diffaug_translation, cfg.diffaug_color, cfg.diffaug_cutout)
-                real = diff_augment(x * 2 - 1, sample_generators(cfg.seed, AUG_REAL, step, pos, device),
-                                    cfg.diffaug_translation, cfg.diffaug_color, cfg.diffaug_cutout)
-                with autocast:
-                    logits_fake = disc(fake).float()
-                    logits_real = disc(real).float()
-                d_loss = hinge_d_loss(logits_real, logits_fake)
-                (d_loss / accum).backward()
-                acc = (logits_real > logits_fake).float().mean()
-                sums[5:9] += torch.stack([d_loss, logits_real.mean(), logits_fake.mean(), acc]).detach().double()
-            disc.eval()
-            disc.heads.requires_grad_(False)  # the decoder's GAN term only needs gradients to the image
-            _all_reduce_mean_([q.grad for q in disc_params if q.grad is not None], world)
-            dlr_now = dopt.param_groups[0]["lr"]
-            _checked_step(disc.heads, dopt, None, "discriminator", step, cfg)
-            dsched.step()
-            disc_updates += 1
-        step += 1
-
-        # -- bookkeeping -----------------------------------------------------------------------
-        if world > 1:
-            dist.all_reduce(sums)
-        m = (sums / (accum * world)).tolist()  # the step's one host-device sync
-        if not all(math.isfinite(v) for v in m[:5]):  # the same values on every rank: all stop together
-            hint = "lower lr or use --precision fp32" if cfg.precision == "bf16" else "lower lr or check the images"
-            raise RaebenchError(f"The decoder loss became non-finite at step {step}; {hint}.")
-        if rank == 0 and (step % cfg.log_every == 0 or step == stop):
-            now = time.perf_counter()
-            row = {
-                "step": step, "epoch": epoch, "images": step * cfg.global_batch, "lr": lr_now,
-                "disc_lr": dlr_now if train_disc else "", "l1": m[0], "lpips": m[1] if use_lpips else "",
-                "gan": m[2] if use_gan else "", "adaptive_weight": m[3] if use_gan else "",
-                "gan_weight_eff": cfg.gan_weight * m[3] if use_gan else 0.0, "total": m[4],
-                "disc_loss": m[5] if train_disc else "", "logits_real": m[6] if train_disc else "",
-                "logits_fake": m[7] if train_disc else "", "disc_acc": m[8] if train_disc else "",
-                "sec_per_step": (now - t_last) / (step - logged_step),
-            }
-            t_last, logged_step = now, step
-            runlog.write(row)
-            log.info("step %d/%d  l1 %.4f  lpips %s  gan %s  lr %.2e", step, total, m[0],
-                     f"{m[1]:.4f}" if use_lpips else "-", f"{m[2]:.4f} (x{m[3]:.3g})" if use_gan else "-", lr_now)
-        if rank == 0 and val_images is not None:
-            if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == stop):
-                shown = val_images[:8]
-                save_grid(run_dir / "samples" / f"step-{step:07d}.png", shown, reconstruct(ema_tok, shown, device, micro, autocast))
-            if cfg.val_every > 0 and (step % cfg.val_every == 0 or step == stop):
-                from raebench.metrics.pixel import psnr_per_image, ssim_per_image
-
-                ref = val_images[: cfg.val_n]
-                rec_u8 = reconstruct(ema_tok, ref, device, micro, autocast)
-                runlog.write({"step": step, "n": len(ref), "psnr": float(psnr_per_image(to_float(ref), to_float(rec_u8)).mean()),
-                              "ssim": float(ssim_per_image(to_float(ref), to_float(rec_u8)).mean())}, val=True)
-        if step % cfg.ckpt_every == 0 or step == stop:
-            rngs: list = [rng_state()]
+            # -- bookkeeping -----------------------------------------------------------------------
+            preempt.mark(sums[9:])  # SIGTERM/SIGUSR1 on any rank: every rank stops after this step, in the same all-reduce
             if world > 1:
-                rngs = [None] * world
-                dist.all_gather_object(rngs, rng_state())
-            if rank == 0:
-                save_atomic({
-                    "format": CHECKPOINT_FORMAT, "step": step, "disc_updates": disc_updates,
-                    "model": decoder.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "disc": disc.heads.state_dict() if disc is not None else {},
-                    "disc_opt": dopt.state_dict() if dopt is not None else {},
-                    "disc_sched": dsched.state_dict() if dsched is not None else {},
-                    "rng": rngs, "config": cfg.to_dict(), "data": data, "encoder_weights": encoder_id,
-                }, ckpt_path)
-            if world > 1:
-                dist.barrier()
+                dist.all_reduce(sums)
+            m = (sums / (accum * world)).tolist()  # the step's one host-device sync
+            signum = preempt.decide(m[9:])
+            if not all(math.isfinite(v) for v in m[:5]):  # the same values on every rank: all stop together
+                hint = "lower lr or use --precision fp32" if cfg.precision == "bf16" else "lower lr or check the images"
+                raise RaebenchError(f"The decoder loss became non-finite at step {step}; {hint}.")
+            if rank == 0 and (step % cfg.log_every == 0 or step == stop):
+                now = time.perf_counter()
+                row = {
+                    "step": step, "epoch": epoch, "images": step * cfg.global_batch, "lr": lr_now,
+                    "disc_lr": dlr_now if train_disc else "", "l1": m[0], "lpips": m[1] if use_lpips else "",
+                    "gan": m[2] if use_gan else "", "adaptive_weight": m[3] if use_gan else "",
+                    "gan_weight_eff": cfg.gan_weight * m[3] if use_gan else 0.0, "total": m[4],
+                    "disc_loss": m[5] if train_disc else "", "logits_real": m[6] if train_disc else "",
+                    "logits_fake": m[7] if train_disc else "", "disc_acc": m[8] if train_disc else "",
+                    "sec_per_step": (now - t_last) / (step - logged_step),
+                }
+                t_last, logged_step = now, step
+                runlog.write(row)
+                log.info("step %d/%d  l1 %.4f  lpips %s  gan %s  lr %.2e", step, total, m[0],
+                         f"{m[1]:.4f}" if use_lpips else "-", f"{m[2]:.4f} (x{m[3]:.3g})" if use_gan else "-", lr_now)
+            if rank == 0 and val_images is not None:
+                if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == stop):
+                    shown = val_images[:8]
+                    save_grid(run_dir / "samples" / f"step-{step:07d}.png", shown, reconstruct(ema_tok, shown, device, micro, autocast))
+                if cfg.val_every > 0 and (step % cfg.val_every == 0 or step == stop):
+                    from raebench.metrics.pixel import psnr_per_image, ssim_per_image
+
+                    ref = val_images[: cfg.val_n]
+                    rec_u8 = reconstruct(ema_tok, ref, device, micro, autocast)
+                    runlog.write({"step": step, "n": len(ref), "psnr": float(psnr_per_image(to_float(ref), to_float(rec_u8)).mean()),
+                                  "ssim": float(ssim_per_image(to_float(ref), to_float(rec_u8)).mean())}, val=True)
+            if step % cfg.ckpt_every == 0 or step == stop or signum:
+                rngs: list = [rng_state()]
+                if world > 1:
+                    rngs = [None] * world
+                    dist.all_gather_object(rngs, rng_state())
+                if rank == 0:
+                    save_atomic({
+                        "format": CHECKPOINT_FORMAT, "step": step, "disc_updates": disc_updates,
+                        "model": decoder.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "disc": disc.heads.state_dict() if disc is not None else {},
+                        "disc_opt": dopt.state_dict() if dopt is not None else {},
+                        "disc_sched": dsched.state_dict() if dsched is not None else {},
+                        "rng": rngs, "config": cfg.to_dict(), "data": data, "encoder_weights": encoder_id,
+                    }, ckpt_path)
+                if world > 1:
+                    dist.barrier()
+            if signum:
+                if rank == 0:
+                    runlog.close()
+                raise Preempted(signum, f"stopped by {signal_name(signum)} at step {step}: checkpoint saved; run the same "
+                                "command to continue", show=rank == 0)
 
     exported = None
     if rank == 0:

@@ -25,6 +25,7 @@ from torch import nn
 
 from raebench import distributed
 from raebench.errors import DataError
+from raebench.preempt import Preempted, StopOnSignal, signal_name
 
 log = logging.getLogger(__name__)
 
@@ -243,22 +244,28 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
     lat = np.load(out / "latents.npy", mmap_mode="r+")  # (N, V, C, H, W)
     loader = make_loader(ImageDataset(images, resolution), batch_size, indices=range(start, hi))
     where = None  # path -> index, built at the first unreadable image
-    for batch in loader:
-        done = [int(i) for i in batch["index"]]
-        if batch["skipped"]:  # counted and listed as eval does; their rows stay out of the cache (meta "skipped")
-            where = where or {p: i for i, p in enumerate(images.paths)}
-            for sk in batch["skipped"]:
-                skipped.append({"index": where[sk.path], "path": sk.path, "reason": sk.reason})
-                done.append(where[sk.path])
-        if len(batch["index"]):
-            x = to_float(batch["image"].to(dev))  # (B, 3, R, R): uint8 over the bus, 4x fewer bytes than float
-            with tf32(False):  # the cache holds full-float32 latents (then rounded to --dtype)
-                z = [tokenizer.encode(x)] + ([tokenizer.encode(x.flip(-1))] if flip else [])
-            lat[batch["index"].numpy()] = torch.stack(z, 1).float().cpu().numpy().astype(dtype)  # (B, V, C, H, W)
-            lat.flush()
-        _write_json(progress_path, {"next": max(done) + 1, "skipped": skipped})
-        if progress:
-            progress(max(done) + 1 - lo, hi - lo)
+    with StopOnSignal() as preempt:  # the stop signals only set a flag, read after each batch (each rank on its own)
+        for batch in loader:
+            done = [int(i) for i in batch["index"]]
+            if batch["skipped"]:  # counted and listed as eval does; their rows stay out of the cache (meta "skipped")
+                where = where or {p: i for i, p in enumerate(images.paths)}
+                for sk in batch["skipped"]:
+                    skipped.append({"index": where[sk.path], "path": sk.path, "reason": sk.reason})
+                    done.append(where[sk.path])
+            if len(batch["index"]):
+                x = to_float(batch["image"].to(dev))  # (B, 3, R, R): uint8 over the bus, 4x fewer bytes than float
+                with tf32(False):  # the cache holds full-float32 latents (then rounded to --dtype)
+                    z = [tokenizer.encode(x)] + ([tokenizer.encode(x.flip(-1))] if flip else [])
+                lat[batch["index"].numpy()] = torch.stack(z, 1).float().cpu().numpy().astype(dtype)  # (B, V, C, H, W)
+                lat.flush()
+            _write_json(progress_path, {"next": max(done) + 1, "skipped": skipped})
+            if progress:
+                progress(max(done) + 1 - lo, hi - lo)
+            signum = preempt.local()
+            if signum:  # each batch's latents and progress are already written: nothing more to save
+                raise Preempted(signum, f"stopped by {signal_name(signum)} after {max(done) + 1 - lo} of {hi - lo} "
+                                f"images{f' of rank {rank}' if world > 1 else ''}: progress saved; run the same "
+                                "command to continue")
     del lat
     _write_json(progress_path, {"next": hi, "skipped": skipped})  # read by rank 0 below (an empty shard too)
     if world > 1:

@@ -26,6 +26,7 @@ from torch import nn
 
 from raebench.distributed import rank_world
 from raebench.errors import CheckpointError, RaebenchError
+from raebench.preempt import Preempted, StopOnSignal, signal_name
 from raebench.results import save_npz_atomic
 
 log = logging.getLogger(__name__)
@@ -180,21 +181,27 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
         dist.barrier()
     num_batches = math.ceil(n / batch_size)
     mine = [b for b in range(num_batches) if b % world == rank]
-    for done, b in enumerate(mine, 1):
-        part = parts / f"b{b:07d}.npz"
-        if part.is_file():
-            continue
-        y = labels[b * batch_size:(b + 1) * batch_size]
-        g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        noise = torch.randn(len(y), *latent_shape, generator=g).to(device)  # (B, C, H, W)
-        with torch.random.fork_rng(devices=[]):  # stochastic samplers (SDE) draw from the global CPU RNG:
-            torch.manual_seed(seed * 1_000_003 + b + 7_919)  # seeded per batch, so reruns and resumes repeat
-            img = decode(sample_fn(noise, y.to(device)))  # (B, 3, H, W) float in [0, 1]
-        bad = int((~torch.isfinite(img).flatten(1).all(1)).sum())  # counted here, refused at the merge (all ranks)
-        save_npz_atomic(part, images=to_uint8(img, quantize).permute(0, 2, 3, 1).cpu().numpy(), labels=y.numpy(),
-                        nonfinite=np.array(bad))
-        if progress:
-            progress(done, len(mine))
+    with StopOnSignal() as preempt:  # the stop signals only set a flag, read after each batch (each rank on its own)
+        for done, b in enumerate(mine, 1):
+            part = parts / f"b{b:07d}.npz"
+            if part.is_file():
+                continue
+            y = labels[b * batch_size:(b + 1) * batch_size]
+            g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+            noise = torch.randn(len(y), *latent_shape, generator=g).to(device)  # (B, C, H, W)
+            with torch.random.fork_rng(devices=[]):  # stochastic samplers (SDE) draw from the global CPU RNG:
+                torch.manual_seed(seed * 1_000_003 + b + 7_919)  # seeded per batch, so reruns and resumes repeat
+                img = decode(sample_fn(noise, y.to(device)))  # (B, 3, H, W) float in [0, 1]
+            bad = int((~torch.isfinite(img).flatten(1).all(1)).sum())  # counted here, refused at the merge (all ranks)
+            save_npz_atomic(part, images=to_uint8(img, quantize).permute(0, 2, 3, 1).cpu().numpy(), labels=y.numpy(),
+                            nonfinite=np.array(bad))
+            if progress:
+                progress(done, len(mine))
+            signum = preempt.local()
+            if signum:  # every finished batch is already a part file: nothing more to save
+                raise Preempted(signum, f"stopped by {signal_name(signum)} after batch {done} of {len(mine)}"
+                                f"{f' of rank {rank}' if world > 1 else ''}: samples saved; run the same command "
+                                "to continue")
     if world > 1:
         dist.barrier()
     on_rank0(lambda: _merge(parts, out, run, n, num_batches))  # rank 0's error (non-finite samples) reaches every rank

@@ -45,6 +45,7 @@ from torch import nn
 
 from raebench import distributed
 from raebench.errors import DataError, RaebenchError, check_rates
+from raebench.preempt import Preempted, StopOnSignal, ignore_in_worker, signal_name
 from raebench.stage2.latents import LatentCache, OnTheFly, _write_json
 from raebench.stage2.models import MODELS, count_params
 from raebench.stage2.transport import Transport, shift_from_dims
@@ -478,34 +479,40 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
         _StepBatches(source, cfg.seed, cfg.global_batch), batch_size=None, sampler=keys, num_workers=cfg.num_workers,
         prefetch_factor=2 if cfg.num_workers > 0 else None, pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),  # the loader leaves torch's global RNG alone
+        worker_init_fn=ignore_in_worker,  # a SIGTERM to every process of the job stops the step, not a worker
     )
     per_rank = cfg.global_batch // world
-    for s, raw in loader:
-        assert s == step, (s, step)
-        x, y = source.prepare(raw, device)
-        t, noise, drop = step_draws(cfg, transport, step, rank * per_rank, len(y), source.latent_shape, device)
-        y = torch.where(drop, cfg.num_classes, y)  # the null class (never drawn when class_dropout is 0)
-        try:
-            total_loss = train_step(ddp, model, ema, opt, transport, x, y, cfg, autocast, draws=(t, noise))
-        except NonFiniteGradientError as e:
-            hint = "use --precision fp32, " if cfg.precision == "bf16" else ""
-            kept = (f"The checkpoint in {ckpt_path.parent} holds the last good state" if ckpt_path.is_file() else
-                    "No checkpoint was written yet (it failed before the first)")
-            raise RaebenchError(
-                f"Training stopped at step {step + 1}: {e} (loss {losses[-1] if losses else 'n/a'} at the previous "
-                f"step). {kept}; lower the learning rate, {hint}or check the latents for NaN/Inf.") from None
-        sched.step()
-        losses.append(total_loss)
-        step += 1
-        if step % cfg.log_every == 0 or step == stop:
-            _log_row(out / "log.csv", losses[-(step - logged):], step, spe, cfg, sched.get_last_lr()[0],
-                     time.perf_counter() - t_last, rank, world, device)
-            t_last, logged = time.perf_counter(), step
-        keep = bool(cfg.keep_every) and step % cfg.keep_every == 0
-        if step % cfg.ckpt_every == 0 or step == stop or keep:
-            _save(ckpt_path, model, ema, opt, sched, step, cfg, rank, world, data)
-            if keep and rank == 0:
-                _keep_copy(ckpt_path, ckpt_path.with_name(f"step-{step:07d}.pt"))
+    with StopOnSignal() as preempt:  # the stop signals only set a flag, read after each step
+        for s, raw in loader:
+            assert s == step, (s, step)
+            x, y = source.prepare(raw, device)
+            t, noise, drop = step_draws(cfg, transport, step, rank * per_rank, len(y), source.latent_shape, device)
+            y = torch.where(drop, cfg.num_classes, y)  # the null class (never drawn when class_dropout is 0)
+            try:
+                total_loss = train_step(ddp, model, ema, opt, transport, x, y, cfg, autocast, draws=(t, noise))
+            except NonFiniteGradientError as e:
+                hint = "use --precision fp32, " if cfg.precision == "bf16" else ""
+                kept = (f"The checkpoint in {ckpt_path.parent} holds the last good state" if ckpt_path.is_file() else
+                        "No checkpoint was written yet (it failed before the first)")
+                raise RaebenchError(
+                    f"Training stopped at step {step + 1}: {e} (loss {losses[-1] if losses else 'n/a'} at the previous "
+                    f"step). {kept}; lower the learning rate, {hint}or check the latents for NaN/Inf.") from None
+            sched.step()
+            losses.append(total_loss)
+            step += 1
+            if step % cfg.log_every == 0 or step == stop:
+                _log_row(out / "log.csv", losses[-(step - logged):], step, spe, cfg, sched.get_last_lr()[0],
+                         time.perf_counter() - t_last, rank, world, device)
+                t_last, logged = time.perf_counter(), step
+            keep = bool(cfg.keep_every) and step % cfg.keep_every == 0
+            signum = preempt.agree(device)  # SIGTERM/SIGUSR1 on any rank: every rank stops after this step
+            if step % cfg.ckpt_every == 0 or step == stop or keep or signum:
+                _save(ckpt_path, model, ema, opt, sched, step, cfg, rank, world, data)
+                if keep and rank == 0:
+                    _keep_copy(ckpt_path, ckpt_path.with_name(f"step-{step:07d}.pt"))
+            if signum:
+                raise Preempted(signum, f"stopped by {signal_name(signum)} at step {step}: checkpoint saved; run the same "
+                                "command to continue", show=rank == 0)
     return {"step": step, "losses": losses, "out": str(out)}
 
 
