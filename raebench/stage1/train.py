@@ -14,7 +14,8 @@ One linear loop (:func:`train`) per optimizer step:
    AdamW step. The official trainer wraps its discriminator in DDP but then updates the bare module,
    so each GPU trains its own copy on its share of the batch; raebench keeps one discriminator
    (gradients averaged), which single-GPU runs cannot tell apart;
-4. log (CSV, TensorBoard if installed, W&B if asked), sample grid, online PSNR/SSIM, checkpoint.
+4. log (CSV, TensorBoard if installed, W&B if asked), sample grid, online PSNR/SSIM, checkpoint
+   (also at the step where SIGTERM/SIGUSR1 stops the run: :mod:`raebench.preempt`).
 
 Fixes against the official stage-1 trainer: gradients are accumulated, not zeroed per micro-batch;
 checkpoints carry everything needed to continue (RNG states, both schedulers, the step) and are

@@ -14,7 +14,8 @@ Runs are resumable: everything lives in ``cfg.out`` (``config.json``, ``log.csv`
 ``checkpoints/last.pt``), and re-running the same command continues from the last checkpoint; a
 changed setting that alters the trajectory (anything but :data:`RUN_ONLY_FIELDS`) or other training
 data is refused. A checkpoint holds ``{model, ema, opt, sched, step, config, data, latent_shape}``
-and is written to a temporary file then renamed.
+and is written to a temporary file then renamed. SIGTERM or SIGUSR1 stops every rank after the same step with such a
+checkpoint (:mod:`raebench.preempt`).
 
 Every random draw of a step is a function of (seed, step, position in the global batch): the data
 order of (seed, epoch), the cache variant or flip, the time and the label dropout of (seed, step),
