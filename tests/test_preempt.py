@@ -22,8 +22,9 @@ from test_stage2_train import tiny_cfg, toy_cache
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def kill_during(monkeypatch, module, name: str, call: int, sig=signal.SIGTERM) -> None:
-    """``module.name`` sends ``sig`` to this process during its ``call``-th call (1-based), then returns as usual."""
+def kill_during(monkeypatch, module, name: str, call: int, sig=signal.SIGTERM) -> list:
+    """``module.name`` sends ``sig`` to this process during its ``call``-th call (1-based), then returns as usual;
+    returns the list that counts its calls."""
     real, calls = getattr(module, name), []
 
     def hooked(*a, **k):
@@ -33,6 +34,7 @@ def kill_during(monkeypatch, module, name: str, call: int, sig=signal.SIGTERM) -
         return real(*a, **k)
 
     monkeypatch.setattr(module, name, hooked)
+    return calls
 
 
 def test_handlers_are_restored_and_a_late_signal_is_not_swallowed():
@@ -188,8 +190,9 @@ def test_eval_sigterm_saves_progress_after_the_batch_and_the_rerun_gives_the_sam
         with pytest.raises(Preempted, match="stopped by SIGTERM after 4 of 8 images: progress saved") as e:
             evaluate(cfg, tokenizer=tok)
     assert e.value.exit_code == 143 and len(list((tmp_path / "res" / ".work").glob("*/rank0.pt"))) == 1
-    kill_during(monkeypatch, tok, "encode", 10**9)  # counts the calls
+    calls = kill_during(monkeypatch, tok, "encode", 10**9)  # counts the calls
     out = evaluate(cfg, tokenizer=tok)
+    assert len(calls) == 2  # only batches 3 and 4: the progress saved at the signal was resumed
     assert {r.metric: r.value for r in out.rows} == pytest.approx({r.metric: r.value for r in ref.rows}, rel=1e-12)
 
 
@@ -210,7 +213,9 @@ def test_score_sigterm_saves_progress_after_the_batch_and_the_rerun_gives_the_sa
         kill_during(m, Evaluator, "update", 3)
         with pytest.raises(Preempted, match="stopped by SIGTERM after 6 pairs: progress saved"):
             score(*args, device="cpu", results_dir=str(tmp_path / "res"), batch_size=2)
+    calls = kill_during(monkeypatch, Evaluator, "update", 10**9)  # counts the calls
     out = score(*args, device="cpu", results_dir=str(tmp_path / "res"), batch_size=2)
+    assert len(calls) == 1  # only the 4th pair batch: the progress saved at the signal was resumed
     assert {r.metric: r.value for r in out.rows} == {r.metric: r.value for r in full.rows}
 
 
