@@ -21,13 +21,24 @@ def work_key(ident: dict) -> str:
 STALE_PROGRESS_SECONDS = 86400
 
 
+#: the ``.work`` folders already reported on by this process (``compare`` evaluates one tokenizer after another)
+_noted: set[str] = set()
+
+
 def note_stale_progress(work_root, current: str) -> int:
-    """Warn (once per call) about other evaluations' progress under ``<results>/.work`` untouched for a
-    day: it is resumed only by the same command on the same data and weights, so after the data or
-    weights changed it is dead weight (at 50k images, hundreds of MB per metric). Nothing is
-    deleted; the warning says how much and how to reclaim it. Returns how many folders it counts."""
+    """Warn (once per process and folder: ``compare`` acquires one state per tokenizer) about other
+    evaluations' progress under ``<results>/.work`` untouched for a day: it is resumed only by the
+    same command on the same data and weights, so after the data or weights changed it is dead weight
+    (at 50k images, hundreds of MB per metric). Nothing is deleted; the warning says how much and how
+    to reclaim it. Returns how many folders it counts (0 when this process has already reported)."""
+    import os
     import time
     from pathlib import Path
+
+    root = os.path.realpath(work_root)
+    if root in _noted:
+        return 0
+    _noted.add(root)
 
     now, count, size, oldest = time.time(), 0, 0, None
     for d in Path(work_root).iterdir():

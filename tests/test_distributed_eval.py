@@ -108,6 +108,7 @@ def test_a_rank_removes_only_its_own_progress(tmp_path: Path):
 def test_progress_of_runs_nobody_continues_is_reported_not_deleted(image_folder: Path, tmp_path: Path, caplog):
     """Progress left in .work by runs whose data or weights changed is never resumed: the next
     evaluation says how much there is (untouched for a day), and deletes nothing."""
+    import dataclasses
     import logging
     import time
 
@@ -122,6 +123,7 @@ def test_progress_of_runs_nobody_continues_is_reported_not_deleted(image_folder:
                      metrics=("psnr",), results_dir=str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="raebench.eval_progress"):
         evaluate(cfg)
+        evaluate(dataclasses.replace(cfg, tokenizer="bicubic-f8"))  # as `compare` runs the next tokenizer: said once
     notes = [r.getMessage() for r in caplog.records if "left unfinished" in r.getMessage()]
     assert len(notes) == 1 and notes[0].startswith("1 evaluation left unfinished") and "(2.0 MB" in notes[0], notes
     assert (old / "rank0.pt").exists() and (fresh / "rank0.pt").exists()
