@@ -24,7 +24,7 @@ from PIL import Image
 
 from raebench.data import ImageDataset, ImageList, Skip, adm_center_crop, make_loader, scan_folder
 from raebench.errors import DataError
-from raebench.metrics.extractors import fingerprint_path
+from raebench.metrics.extractors import fingerprint_data_file
 
 
 ADM_STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -157,10 +157,10 @@ def open_source(path: str | os.PathLike, resolution: int | None = None) -> Image
     if p.is_file() and p.suffix.lower() == ".npz":
         shape = npz_images_shape(p)
         if shape is None:
-            return ImageSource(p, "npz", 0, f"npz:{fingerprint_path(p)}", [])
+            return ImageSource(p, "npz", 0, f"npz:{fingerprint_data_file(p)}", [])
         if resolution and shape[1:3] != (resolution, resolution):
             raise DataError(f"{p.name} holds {shape[1]}x{shape[2]} images; --resolution {resolution} cannot crop an .npz.")
-        return ImageSource(p, "npz", shape[0], f"npz:{fingerprint_path(p)}", [str(i) for i in range(shape[0])])
+        return ImageSource(p, "npz", shape[0], f"npz:{fingerprint_data_file(p)}", [str(i) for i in range(shape[0])])
     if p.is_dir():
         images = scan_folder(p)
         if not images.paths:
