@@ -291,6 +291,29 @@ def _score_key(ref: ImageSource, cand: ImageSource, ev, resolution: int | None, 
                                 "resolution": resolution, "options": options, "kind": "score"})
 
 
+def _saved_positions(done: int | None, world: int) -> list[int | None]:
+    """Every rank's saved reference position (one process: ``[done]``)."""
+    if world == 1:
+        return [done]
+    from raebench.distributed import from_rank0, gather_to_rank0
+
+    return from_rank0(gather_to_rank0(done))
+
+
+def _reference_plan(done: int | None, needs: bool, cached: bool, saved: list[int | None]) -> str:
+    """How this rank gets its references: ``"cache"`` (rank 0 feeds every cached feature), ``"stream"``
+    (from its saved position ``done``, or 0) or ``"done"``. ``saved`` is every rank's position (None: no
+    progress saved; 0: fed from the cache). The choice of the cache must be the same on every rank: a
+    rank killed before its first save must stream its share if another rank has saved a partial
+    stream, or rank 0 would feed every reference from a cache filled meanwhile while that rank
+    streams its share again (counted twice)."""
+    if done == 0:
+        return "done"
+    if done is None and not needs and cached and not any(d for d in saved if d is not None):
+        return "cache"
+    return "stream" if done is not None or needs or any(d for d in saved if d is not None) else "done"
+
+
 def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, batch_done,
             flags, workers: int = 0) -> None:
     """Feed this rank's shard to ``ev`` from the positions in ``pos``; ``pos`` and the candidates
@@ -330,11 +353,12 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
     # a resumed run that streamed part of them continues streaming even if another job has since
     # filled the cache (the cache serves their features by index): the saved states hold only those
     done = pos.get("references")
-    if done is None and not ev.needs_reference_features and ev._ref_cached:
+    plan = _reference_plan(done, ev.needs_reference_features, bool(ev._ref_cached), _saved_positions(done, world))
+    if plan == "cache":
         if rank == 0:
             ev.references_from_cache()
         pos["references"] = 0
-    elif done != 0 and (done is not None or ev.needs_reference_features):
+    elif plan == "stream":
         lo, hi = shard(ref.n, rank, world)
         start = done or 0
         todo = list(range(lo, hi))[start:]

@@ -421,3 +421,18 @@ def test_compare_reuses_only_rows_of_the_same_metric_networks_and_options(image_
     main(argv)
     out = capsys.readouterr().out
     assert "computed now: nothing" in out and "fid" in out
+
+
+def test_the_reference_plan_is_the_same_on_every_rank_after_a_hard_crash():
+    """Rank 0 killed before its first save, rank 1 saved half its references, another job filled the
+    cache meanwhile: rank 0 must stream its share (not feed every cached reference while rank 1
+    streams its own again: counted twice). One process and the ordinary cases are unchanged."""
+    from raebench.metrics.scoring import _reference_plan as plan
+
+    assert plan(None, False, True, [None, 5]) == "stream"  # rank 0: its share from 0
+    assert plan(5, False, True, [None, 5]) == "stream"  # rank 1: from 5
+    assert plan(None, False, True, [None, None]) == "cache"  # nothing saved anywhere: the cache serves
+    assert plan(None, False, True, [None, 0]) == "cache"  # rank 1 saved after the cache decision
+    assert plan(0, False, True, [None, 0]) == "done"
+    assert plan(None, True, False, [None]) == "stream"
+    assert plan(None, False, False, [None]) == "done"  # stored reference statistics: nothing to read
