@@ -72,6 +72,38 @@ def test_resume_matches_uninterrupted(tmp_path):
     assert not list((tmp_path / "b" / "checkpoints").glob("*.tmp"))
 
 
+def _log_rows(run) -> dict[int, tuple]:
+    import csv
+
+    with open(run / "log.csv", newline="") as f:
+        return {int(r["step"]): (r["epoch"], r["images"], r["lr"], r["loss"]) for r in csv.DictReader(f)}
+
+
+def test_log_rows_after_a_resume_average_the_same_steps(tmp_path):
+    """A checkpoint between two log rows (ckpt_every 3, log_every 2) keeps the losses since the last
+    row: the first row after the resume averages steps 9-10 as the uninterrupted run's, bit for bit
+    (it averaged step 10 alone). The row at the stop (step 9) is the stopped run's own."""
+    toy_cache(tmp_path / "cache", n=128)
+    base = dict(global_batch=32, epochs=3, ckpt_every=3, log_every=2, shift_base=16)
+    train(dataclasses.replace(tiny_cfg(tmp_path, **base), out=str(tmp_path / "a")))
+    part = dataclasses.replace(tiny_cfg(tmp_path, **base), out=str(tmp_path / "b"), max_steps=9)
+    assert train(part)["step"] == 9
+    assert train(dataclasses.replace(part, max_steps=None))["step"] == 12
+    a, b = _log_rows(tmp_path / "a"), _log_rows(tmp_path / "b")
+    assert sorted(a) == [2, 4, 6, 8, 10, 12] and sorted(b) == [2, 4, 6, 8, 9, 10, 12]
+    assert {s: b[s] for s in a} == a
+
+
+def test_pending_losses_resume_on_another_number_of_ranks():
+    from raebench.stage2.train import _pending_at_resume
+
+    saved = [[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]]  # 2 ranks, 3 steps since the last row
+    assert _pending_at_resume(saved, 13, 10, 1, 2) == [3.0, 4.0, 5.0]  # its own
+    assert _pending_at_resume(saved, 13, 10, 0, 1) == [2.0, 3.0, 4.0]  # each step's mean over the saved ranks
+    assert _pending_at_resume(saved, 13, 2, 0, 2) == [3.0]  # --log-every 2 now: the steps since row 12
+    assert _pending_at_resume(saved, 14, 2, 0, 2) == [] and _pending_at_resume(None, 13, 10, 0, 1) == []
+
+
 def test_one_training_job_per_run_folder(tmp_path):
     """A second job on a run folder in use is refused (it would overwrite the first's checkpoints);
     a half-written checkpoint of a killed job is removed when the folder is next used."""

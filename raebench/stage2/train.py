@@ -13,8 +13,10 @@ by a frozen tokenizer from an image folder (with random flips); both live in
 Runs are resumable: everything lives in ``cfg.out`` (``config.json``, ``log.csv``,
 ``checkpoints/last.pt``), and re-running the same command continues from the last checkpoint; a
 changed setting that alters the trajectory (anything but :data:`RUN_ONLY_FIELDS`) or other training
-data is refused. A checkpoint holds ``{model, ema, opt, sched, step, config, data, latent_shape}``
-and is written to a temporary file then renamed. SIGTERM or SIGUSR1 stops every rank after the same step with such a
+data is refused. A checkpoint holds ``{model, ema, opt, sched, step, config, data, latent_shape,
+log_pending}`` (``log_pending``: each rank's losses of the steps since the last ``log_every`` row, so
+the first row after a resume averages the same steps as an uninterrupted run's) and is written to a
+temporary file then renamed. SIGTERM or SIGUSR1 stops every rank after the same step with such a
 checkpoint (:mod:`raebench.preempt`).
 
 Every random draw of a step is a function of (seed, step, position in the global batch): the data
@@ -439,11 +441,12 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
     shift = shift_from_dims(math.prod(source.latent_shape), cfg.shift_base)
     transport = Transport(cfg.time_dist, cfg.time_mu, cfg.time_sigma, shift)
 
-    step = 0
+    step, pending = 0, []  # pending: this rank's losses of the steps since the last log_every row
     if ck is not None:
         resume_states(ck, ckpt_path, {"model": model, "ema": ema, "opt": opt, "sched": sched},
                       "delete it (or choose another --out) to start afresh.")
         step = int(ck["step"])
+        pending = _pending_at_resume(ck.get("log_pending"), step, cfg.log_every, rank, world)
         if rank == 0:
             log.info("resumed %s at step %d", out, step)
     del ck
@@ -474,7 +477,7 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
     model.eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     losses: list[float] = []
-    t_last, logged = time.perf_counter(), step
+    t_last, timed = time.perf_counter(), step
     keys = itertools.takewhile(lambda b: b[0] < stop, _batches(n, cfg, step, rank, world))
     loader = torch.utils.data.DataLoader(
         _StepBatches(source, cfg.seed, cfg.global_batch), batch_size=None, sampler=keys, num_workers=cfg.num_workers,
@@ -500,15 +503,18 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
                     f"step). {kept}; lower the learning rate, {hint}or check the latents for NaN/Inf.") from None
             sched.step()
             losses.append(total_loss)
+            pending.append(total_loss)
             step += 1
             if step % cfg.log_every == 0 or step == stop:
-                _log_row(out / "log.csv", losses[-(step - logged):], step, spe, cfg, sched.get_last_lr()[0],
-                         time.perf_counter() - t_last, rank, world, device)
-                t_last, logged = time.perf_counter(), step
+                _log_row(out / "log.csv", pending, step, spe, cfg, sched.get_last_lr()[0],
+                         (time.perf_counter() - t_last) / (step - timed), rank, world, device)
+                t_last, timed = time.perf_counter(), step
+                if step % cfg.log_every == 0:  # a row at the stop alone leaves the steps to the next row pending
+                    pending = []
             keep = bool(cfg.keep_every) and step % cfg.keep_every == 0
             signum = preempt.agree(device)  # SIGTERM/SIGUSR1 on any rank: every rank stops after this step
             if step % cfg.ckpt_every == 0 or step == stop or keep or signum:
-                _save(ckpt_path, model, ema, opt, sched, step, cfg, rank, world, data)
+                _save(ckpt_path, model, ema, opt, sched, step, cfg, rank, world, data, pending, device)
                 if keep and rank == 0:
                     _keep_copy(ckpt_path, ckpt_path.with_name(f"step-{step:07d}.pt"))
             if signum:
@@ -532,9 +538,22 @@ def _keep_copy(last: Path, kept: Path) -> None:
         os.replace(tmp, kept)
 
 
-def _log_row(path: Path, losses: list[float], step: int, spe: int, cfg: TrainConfig, lr: float, seconds: float,
+def _pending_at_resume(saved: list[list[float]] | None, step: int, log_every: int, rank: int, world: int) -> list[float]:
+    """This rank's losses of the steps since the last ``log_every`` row before ``step``, from a
+    checkpoint's ``log_pending`` (one list per rank that saved it): its own at the same number of
+    ranks; at another, each step's mean over the saved ranks (the same row value up to rounding).
+    Checkpoints without it (older raebench) give none: that row averages the steps after the resume."""
+    keep = step % log_every  # a changed --log-every: the steps since the last row of the new interval
+    if not saved or not keep:
+        return []
+    losses = [float(v) for v in saved[rank]] if len(saved) == world else [float(np.mean(v)) for v in zip(*saved)]
+    return losses[max(0, len(losses) - keep):]
+
+
+def _log_row(path: Path, losses: list[float], step: int, spe: int, cfg: TrainConfig, lr: float, sec_per_step: float,
              rank: int, world: int, device: torch.device) -> None:
-    """Append a row to ``log.csv`` (rank 0): the loss averaged over the steps since the last row and all ranks."""
+    """Append a row to ``log.csv`` (rank 0): the loss averaged over ``losses`` (the steps since the
+    last ``log_every`` row, resumed ones included) and all ranks."""
     import csv
 
     loss = torch.tensor(float(np.mean(losses)), dtype=torch.float64, device=device)
@@ -544,7 +563,7 @@ def _log_row(path: Path, losses: list[float], step: int, spe: int, cfg: TrainCon
     if rank != 0:
         return
     row = {"step": step, "epoch": step // spe, "images": step * cfg.global_batch, "lr": lr, "loss": float(loss),
-           "sec_per_step": seconds / len(losses)}
+           "sec_per_step": sec_per_step}
     with open(path, "a", newline="") as f:
         csv.DictWriter(f, LOG_COLUMNS).writerow(row)
     log.info("step %d  loss %.4f  lr %.2e  %.2f steps/s", step, row["loss"], lr, 1 / max(row["sec_per_step"], 1e-9))
@@ -554,12 +573,21 @@ def _jsonable(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def _save(path: Path, model, ema, opt, sched, step: int, cfg: TrainConfig, rank: int, world: int, data: dict) -> None:
+def _save(path: Path, model, ema, opt, sched, step: int, cfg: TrainConfig, rank: int, world: int, data: dict,
+          pending: list[float], device: torch.device) -> None:
+    log_pending = [list(pending)]  # every rank's: the next row averages them with the steps after a resume
+    if world > 1:
+        log_pending = [[] for _ in range(world)]
+        if pending:  # the same length on every rank
+            mine = torch.tensor(pending, dtype=torch.float64, device=device)
+            parts = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(parts, mine)
+            log_pending = [p.tolist() for p in parts]
     if rank == 0:
         from raebench.checkpoint import save_atomic
 
         save_atomic({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "ema": ema.state_dict(),
                      "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "config": _jsonable(cfg),
-                     "data": data, "latent_shape": data["latent_shape"]}, path)
+                     "data": data, "latent_shape": data["latent_shape"], "log_pending": log_pending}, path)
     if world > 1:
         dist.barrier()
