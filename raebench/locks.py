@@ -1,6 +1,6 @@
 """One writer per output: an exclusive, non-blocking lock on a run's folder or file.
 
-Two jobs writing the same training run, latent cache, sample file or reconstruction folder would
+Two jobs writing the same training run, latent cache, sample file, statistics file or reconstruction folder would
 overwrite each other's checkpoints or mix their parts, so the second one is refused with one
 sentence. The lock is ``flock`` on a small hidden file beside the output, named after the output's
 resolved path (``-o .``, a symlink or another spelling of the same folder lock the same file). The

@@ -106,3 +106,29 @@ def test_unknown_keys_in_a_stats_file_are_named(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         st = LatentStats.load(tmp_path / "stat.pt")
     assert "['std'], which are ignored" in caplog.text and torch.equal(st.var, torch.ones(4, 2, 2))
+
+
+def test_stats_command_removes_a_killed_saves_temporary_and_is_one_job_per_file(image_folder, tmp_path, monkeypatch,
+                                                                                capsys):
+    """A `stats` job killed inside its save left `.stat.pt.XXXX.tmp` beside the output for good (the
+    save's own sweep takes only hour-old files); the next job on that file removes it under the
+    file's lock, and a second job on a file in use is refused."""
+    from raebench.cli import rae_cmds
+    from raebench.locks import OutputLock
+    from _cli import run
+
+    monkeypatch.setattr(rae_cmds, "feature_extractor", lambda **kw: ((lambda x: x[:, :, :4, :4]), "identity"))
+    out = tmp_path / "stat.pt"
+    orphan = tmp_path / ".stat.pt.k1ll3d_x.tmp"
+    orphan.write_bytes(b"half a stats file")
+    argv = ["stats", "--encoder", "x", "--data", str(image_folder), "-r", "16", "--out", str(out), "--device", "cpu"]
+    held = OutputLock(out, "test job").acquire()
+    try:
+        code, _, err = run(argv, capsys)
+        assert code != 0 and "Another statistics job is writing" in err, err
+    finally:
+        held.release()
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert not orphan.exists() and torch.load(out, weights_only=True)["mean"].shape == (3, 4, 4)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".stat")) == [".stat.pt.lock"]

@@ -274,7 +274,9 @@ def register(app: typer.Typer) -> None:
         from raebench.cli.core import progress_bar
         from raebench.data import resolve_data, to_float
         from raebench.evaluate import resolve_device
+        from raebench.locks import exclusive
         from raebench.rae.stats import StatsAccumulator
+        from raebench.results import remove_orphan_temps
         from raebench.tf32 import tf32
 
         distributed.init(device)
@@ -286,26 +288,29 @@ def register(app: typer.Typer) -> None:
         if isinstance(fn, torch.nn.Module):
             fn = fn.to(dev)
         rd = resolve_data(data, dataset, limit, seed)
-        with torch.no_grad():  # the latent shape, so that a rank with an empty shard still reduces
-            acc = StatsAccumulator(tuple(fn(torch.zeros(1, 3, resolution, resolution, device=dev)).shape[1:]), dev)
-        with progress_bar(f"stats {label}") as bar:
-            for _, x, _ in _batches(rd, resolution, batch_size, num_workers, dev, bar):
-                with torch.no_grad(), tf32(False):  # exact statistics: full float32 on GPUs too
-                    xf = to_float(x)
-                    acc.update(fn(xf).float())
-                    if hflip:
-                        acc.update(fn(xf.flip(-1)).float())
-        acc.all_reduce()
-        if acc.count == 0:
-            raise RaebenchError(f"No readable image in {rd.name!r}; nothing to compute statistics from.")
-        if distributed.is_main():
-            st = acc.to_stats()
-            st.save(out)
-            v = st.var
-            console.print(
-                f"wrote {out}: mean/var of shape {tuple(st.shape)} over {acc.count} latents of {rd.name} "
-                f"(mean |mean| {st.mean.abs().mean():.4g}, mean var {v.mean():.4g})"
-            )
+        # one job per statistics file; the lock also makes any temporary file of this name a dead writer's
+        with exclusive(out, "statistics job", "choose another --out"):
+            with torch.no_grad():  # the latent shape, so that a rank with an empty shard still reduces
+                acc = StatsAccumulator(tuple(fn(torch.zeros(1, 3, resolution, resolution, device=dev)).shape[1:]), dev)
+            with progress_bar(f"stats {label}") as bar:
+                for _, x, _ in _batches(rd, resolution, batch_size, num_workers, dev, bar):
+                    with torch.no_grad(), tf32(False):  # exact statistics: full float32 on GPUs too
+                        xf = to_float(x)
+                        acc.update(fn(xf).float())
+                        if hflip:
+                            acc.update(fn(xf.flip(-1)).float())
+            acc.all_reduce()
+            if acc.count == 0:
+                raise RaebenchError(f"No readable image in {rd.name!r}; nothing to compute statistics from.")
+            if distributed.is_main():
+                st = acc.to_stats()
+                remove_orphan_temps(out.parent, of=out.name)  # of a job killed while saving
+                st.save(out)
+                v = st.var
+                console.print(
+                    f"wrote {out}: mean/var of shape {tuple(st.shape)} over {acc.count} latents of {rd.name} "
+                    f"(mean |mean| {st.mean.abs().mean():.4g}, mean var {v.mean():.4g})"
+                )
         distributed.finish()
 
     @app.command("reconstruct")
