@@ -141,6 +141,20 @@ def test_resume_checks_the_encoders_weights_not_its_path(assets, tmp_path):
         held.release()
 
 
+def test_temporaries_of_a_killed_job_are_removed_from_every_run_folder(assets, tmp_path):
+    """A job killed inside a sample-grid save or the decoder export left `.NAME.XXXX.tmp` in samples/
+    or decoder/ for good (only the run folder and checkpoints/ were swept); the next job removes them."""
+    run = tmp_path / "run"
+    orphans = [run / "samples" / ".step-0000002.png.k1ll3d_x.tmp", run / "decoder" / ".model.pt.k1ll3d_x.tmp",
+               run / "checkpoints" / ".last.pt.k1ll3d_x.tmp", run / ".log.csv.k1ll3d_x.tmp"]
+    for p in orphans:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a file")
+    cfg = _cfg(assets, epochs=1, lpips_weight=0.0, gan_weight=0.0, sample_every=0, max_steps=1)
+    assert train(cfg, run)["step"] == 1
+    assert [p for p in orphans if p.exists()] == []
+
+
 def test_torchrun_two_processes_match_one_process(assets, tmp_path):
     common = ["--preset", "tiny", "--data", assets["data"], "--encoder", assets["encoder"], "--epochs", "2",
               "--set", "gan_start_epoch=0.5", "--set", "disc_start_epoch=0.5", "--set", "sample_every=0",

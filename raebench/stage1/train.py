@@ -424,7 +424,8 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
             log.info("resumed %s at step %d/%d", run_dir, step, total)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        for folder in (run_dir, run_dir / "checkpoints"):  # half-written files of a killed job (we hold the lock)
+        # half-written files of a killed job (we hold the lock): checkpoints, logs, sample grids, an export
+        for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples", run_dir / "decoder"):
             remove_orphan_temps(folder)
         meta = {"config": cfg.to_dict(), "plan": p, "world_size": world, "device": str(device), **provenance()}
         atomic_write_bytes(run_dir / "config.json", json.dumps(meta, indent=2).encode())
