@@ -132,3 +132,12 @@ def test_compare_csv_holds_one_table_and_the_gaps_go_beside_it(image_folder: Pat
     assert list(gaps.columns[:2]) == ["pair", "metric"] and gaps.loc[0, "bicubic-f8"] == 0.0  # the same images
     code, text, err = run(["compare", "-t", "bicubic-f8", "-t", "pixels", *common, "--format", "csv"], capsys)
     assert code == 0 and "pair,metric" not in text and "give --out NAME.csv to also write them to NAME-gaps.csv" in " ".join(err.split())
+
+
+def test_score_help_says_how_paired_images_are_matched(capsys, monkeypatch):
+    """README: paired by file name between folders, by position when a side is an .npz; the help said
+    only "by name"."""
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run(["score", "--help"], capsys)
+    assert code == 0
+    assert "by name, or by position when a side is an .npz" in " ".join(out.split())

@@ -26,8 +26,10 @@ def register(app: typer.Typer) -> None:
         results: Path = typer.Option(Path("results"), "--results", help="Results folder."),
         write: bool = typer.Option(True, "--write/--no-write", help="Write result rows."),
     ) -> None:
-        """Score candidates against references: paired metrics match images by name, distribution metrics
-        compare the sets (gFID against an ADM reference batch uses its stored statistics)."""
+        """Score candidates against references: paired metrics match images, distribution metrics compare the sets.
+
+        Paired metrics match images by name, or by position when a side is an .npz; gFID against an ADM
+        reference batch uses its stored statistics (mu/sigma, mu_s/sigma_s)."""
         from raebench.cli.core import _split_metrics
 
         run_score(references, candidates, _split_metrics(metrics), name=name, domain=domain, resolution=resolution,
