@@ -276,3 +276,21 @@ def test_reconstruct_command(rae_app, oracle_tok, image_folder, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out / "images/000003.png")), arr[3])
     assert (out / "files.csv").read_text().splitlines()[0] == "index,source,row"
     assert not list(out.glob(".part-*"))
+
+
+def test_training_noise_is_added_to_the_raw_features_before_the_statistics(oracle_tok):
+    """The official ``RAE.encode``: z + sigma * eps on the encoder's features, then (z - mean) /
+    sqrt(var + 1e-5) with the stat.pt of the oracle. Noise added after the normalisation would be
+    sqrt(var) times smaller or larger per element, a different augmentation."""
+    tok, _ = oracle_tok
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    stat = torch.load(ORACLE / "stat.pt", weights_only=True)
+    with torch.no_grad():
+        got = tok.encode(x, noise_tau=0.8, noise_rule="uniform", generator=torch.Generator().manual_seed(7))
+        raw = tok.encode_features(x)
+    g = torch.Generator().manual_seed(7)  # the draws in add_noise's order: one sigma per sample, then eps
+    sigma = 0.8 * torch.rand(3, 1, 1, 1, generator=g)
+    eps = torch.randn(raw.shape, generator=g)
+    expected = (raw + sigma * eps - stat["mean"]) / torch.sqrt(stat["var"] + 1e-5)
+    assert (stat["var"].sqrt() - 1).abs().max() > 0.1  # so the order of noise and statistics matters here
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
