@@ -237,3 +237,24 @@ def test_option_values_outside_their_set_are_one_sentence_before_anything_loads(
             Evaluator(metrics, torch.device("cpu"), options=options)
     Evaluator(("fid", "fd-dinov2"), torch.device("cpu"), options={"inception": {"dtype": "float64"},
                                                                   "dinov2-l14": {"resize": "pil"}})
+
+
+def test_precision_recall_balls_end_exactly_at_their_radius():
+    """A candidate 1e-5 beyond the k-th-neighbour radius of the only reference ball near it is outside
+    (torch-fidelity's <= on the exact radius): any slack on the radius would count it. 1-D features:
+    the references' radii are 3, 2, 2, 3, 9 (k = 3), so the ball of 0 ends at -3 and -3.00003 is
+    outside every ball."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    ref = torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0]])
+    cand = torch.tensor([[-3.00003], [0.5], [-1.0], [5.0], [30.0]])
+    theirs = prc_features_to_metric(cand, ref, prc_neighborhood=3, prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+    pr = METRICS.get("precision").build()
+    pr.update(MetricBatch(None, None, {"inception": ({"pool": ref}, {"pool": cand})}))
+    out = pr.compute()
+    # inside: 0.5, -1 (the ball of 0, and more) and 5 (of 3 and 10); outside: -3.00003 and 30
+    assert out["precision"] == 0.6 and theirs["precision"] == pytest.approx(0.6, rel=1e-6)
+    assert out["recall"] == pytest.approx(theirs["recall"], rel=1e-12)
+    swapped = METRICS.get("precision").build()  # the same geometry seen from recall's side
+    swapped.update(MetricBatch(None, None, {"inception": ({"pool": cand}, {"pool": ref})}))
+    assert swapped.compute()["recall"] == 0.6

@@ -282,3 +282,29 @@ def test_ms_ssim_negative_contrast_terms_count_as_zero():
     ours = _mean_over_batches(METRICS.get("ms-ssim").build(), ref, cand, bs=2)["ms-ssim"]
     assert 0.3 < expected < 0.67  # the inverted channel counts as 0 in a mean of three
     assert ours == pytest.approx(expected, rel=1e-6)
+
+
+def test_ms_ssim_negative_fine_scale_terms_count_as_zero_not_by_magnitude():
+    """Inverted fine detail over a shared smooth image: the contrast-structure term of the finest
+    scale is negative while the coarsest scale's SSIM is positive, so only clamping that term to 0
+    (pytorch-msssim's relu) zeroes the channel; its magnitude (|cs|) or a clamp of the last scale
+    alone would not. One channel inverted, the others noisy but aligned."""
+    pytorch_msssim = pytest.importorskip("pytorch_msssim")
+    from raebench.metrics.msssim import _ssim_cs
+    from raebench.metrics.pixel import _gaussian_window
+
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(176.0, dtype=torch.float64), torch.arange(176.0, dtype=torch.float64), indexing="ij")
+    smooth = 128 + 70 * torch.sin(xx / 17 + torch.arange(3.0, dtype=torch.float64).view(3, 1, 1)) * torch.cos(yy / 23)
+    detail = torch.randn(2, 3, 176, 176, generator=g, dtype=torch.float64) * 20
+    ref = (smooth + detail).round().clamp(0, 255).to(torch.uint8)
+    flip = torch.tensor([-1.0, 0.5, 0.8], dtype=torch.float64).view(1, 3, 1, 1)  # channel 0: detail inverted
+    cand = (smooth + flip * detail).round().clamp(0, 255).to(torch.uint8)
+    a, b = ref.double() / 255, cand.double() / 255
+    _, cs_fine = _ssim_cs(a, b, _gaussian_window())
+    ssim_coarse, _ = _ssim_cs(*(torch.nn.functional.avg_pool2d(x, 16) for x in (a, b)), _gaussian_window())
+    assert bool((cs_fine[:, 0] < -0.5).all()) and bool((ssim_coarse[:, 0] > 0.9).all())  # the premise
+    expected = pytorch_msssim.ms_ssim(a, b, data_range=1.0, size_average=True).item()
+    ours = _mean_over_batches(METRICS.get("ms-ssim").build(), ref, cand, bs=1)["ms-ssim"]
+    assert 0.2 < expected < 0.67  # channel 0 counts as 0 in a mean of three
+    assert ours == pytest.approx(expected, rel=1e-6)
