@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,3 +143,29 @@ def test_dropout_configs_are_refused():
              "decoder_intermediate_size": 32, "hidden_dropout_prob": 0.1},
             latent_dim=8, patch_size=4, grid_size=3,
         )
+
+
+def _bilinear_half_pixel(z: np.ndarray, out: int) -> np.ndarray:
+    """(C, h, w) -> (C, out, out): bilinear with pixel centres at i + 0.5 (align_corners=False), the
+    source coordinate clamped at 0 and the last index, written out with numpy."""
+    def axis(n_in):
+        src = np.maximum((np.arange(out) + 0.5) * n_in / out - 0.5, 0.0)
+        i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+    r0, r1, fr = axis(z.shape[1])
+    c0, c1, fc = axis(z.shape[2])
+    rows = z[:, r0] * (1 - fr)[None, :, None] + z[:, r1] * fr[None, :, None]
+    return rows[:, :, c0] * (1 - fc) + rows[:, :, c1] * fc
+
+
+def test_other_token_grids_are_resampled_bilinearly_with_half_pixel_centres():
+    """The official ``interpolate_latent``: embedded tokens resized with bilinear, align_corners=False.
+    The embedding is affine and bilinear weights sum to 1, so resampling the latent first is the same."""
+    torch.manual_seed(0)
+    dec = RAEDecoder(TINY).eval()
+    for side in (5, 2):  # down- and upsampled to the decoder's 3 x 3 grid
+        z = torch.randn(2, 8, side, side, dtype=torch.float64)
+        z3 = torch.from_numpy(np.stack([_bilinear_half_pixel(x, 3) for x in z.numpy()]))
+        with torch.no_grad():
+            torch.testing.assert_close(dec(z.float()), dec(z3.float()), rtol=1e-5, atol=1e-5)
