@@ -301,11 +301,14 @@ def test_ridge_probe_matches_closed_form():
     t = np.eye(3)[y.numpy()]
     ac = a - a.mean(0)
     gram = ac.T @ ac
-    lam = al.RIDGE_REL_LAMBDA * np.trace(gram) / gram.shape[0] + 1e-12
+    lam = 1e-3 * np.trace(gram) / gram.shape[0] + 1e-12  # the documented lambda, not the module's constant
     w = np.linalg.solve(gram + lam * np.eye(4), ac.T @ t)
     pred = ((a - a.mean(0)) @ w + t.mean(0)).argmax(1)
     expected = float((pred == y.numpy()).mean())
     assert al.linear_probe(x, y, x, y, method="ridge", batchnorm=False) == expected
+    got_w, got_b = al._fit_ridge(x, y, 3)  # the accuracy alone barely depends on lambda: the weights do
+    np.testing.assert_allclose(got_w.numpy(), w, rtol=1e-9)
+    np.testing.assert_allclose(got_b.numpy(), t.mean(0) - a.mean(0) @ w, rtol=1e-9, atol=1e-12)
 
 
 def test_stratified_split_is_deterministic_and_per_class():
@@ -396,3 +399,20 @@ def test_one_large_constant_column_does_not_make_varying_features_constant():
     assert al.feature_issue(wide) is None
     assert al.linear_cka(wide, b) == pytest.approx(al.linear_cka(a, b), rel=1e-9)
     assert al.feature_issue(torch.full((5, 3), 2.0)) == "are the same for every image"  # still caught
+
+
+def test_defaults_are_the_published_recipes():
+    """Called with their defaults, kNN accuracy is DINO's (k = 20, temperature 0.07) and mutual kNN
+    and CKNNA the platonic-rep paper's (k = 10), against the brute-force definitions above with those
+    numbers written out: data chosen so that k = 10 or temperature 0.7 (kNN), k = 5 (mutual kNN,
+    CKNNA) give other values."""
+    tr_x, te_x = _feats(60, 3, 12), _feats(100, 3, 112)
+    tr_y = torch.randint(0, 4, (60,), generator=torch.Generator().manual_seed(12))
+    te_y = torch.randint(0, 4, (100,), generator=torch.Generator().manual_seed(13))
+    assert al.knn_accuracy(tr_x, tr_y, te_x, te_y) == brute_knn_accuracy(tr_x, tr_y, te_x, te_y, 20, 0.07)
+    assert len({brute_knn_accuracy(tr_x, tr_y, te_x, te_y, k, t) for k, t in ((20, 0.07), (10, 0.07), (20, 0.7))}) == 3
+    a = _feats(24, 6, 0)
+    b = a[:, :4] + 0.7 * _feats(24, 4, 10)
+    assert al.mutual_knn(a, b) == pytest.approx(brute_mutual_knn(a, b, 10), abs=1e-12)
+    assert al.cknna(a, b) == pytest.approx(brute_cknna(a, b, 10), rel=1e-9)
+    assert brute_mutual_knn(a, b, 10) != pytest.approx(brute_mutual_knn(a, b, 5), abs=1e-3)
