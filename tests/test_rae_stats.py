@@ -132,3 +132,17 @@ def test_stats_command_removes_a_killed_saves_temporary_and_is_one_job_per_file(
     assert code == 0, err
     assert not orphan.exists() and torch.load(out, weights_only=True)["mean"].shape == (3, 4, 4)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".stat")) == [".stat.pt.lock"]
+
+
+def test_normalise_and_denormalise_are_the_official_formulas_for_small_variances():
+    """The official RAE encode/decode: (z - mean) / sqrt(var + 1e-5) and z * sqrt(var + 1e-5) + mean,
+    written out in float64. Variances down to 1e-7 (nearly constant channels), where the eps is most
+    of the scale and dropping it on either side would move the latents by factors."""
+    g = torch.Generator().manual_seed(0)
+    var = 10.0 ** torch.empty(4, 2, 3).uniform_(-7, 1, generator=g)
+    mean = torch.randn(4, 2, 3, generator=g)
+    stats = LatentStats(mean, var)
+    x = torch.randn(5, 4, 2, 3, generator=g)
+    scale = torch.sqrt(var.double() + 1e-5)
+    torch.testing.assert_close(stats.normalize(x).double(), (x.double() - mean.double()) / scale, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.denormalize(x).double(), x.double() * scale + mean.double(), rtol=1e-5, atol=1e-6)
