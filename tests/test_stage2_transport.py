@@ -98,3 +98,16 @@ def test_loss_is_the_per_sample_mean_squared_velocity_error():
     got = Transport().loss_at(model, x0, y, t, noise)
     assert got.shape == (3,)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+def test_truncated_logit_normal_with_a_lower_bound_is_the_inverse_cdf_draw():
+    """The same inverse-CDF draw on [low, high] with low > 0 (training uses low = 0, where
+    ndtr(-inf) = 0 hides the lower end): U uniform on [ndtr(z_lo), ndtr(z_hi)], written with scipy."""
+    from scipy.special import expit, logit, ndtr, ndtri
+
+    n, mu, sigma, low, high = 2000, 0.3, 1.5, 0.2, 0.9
+    got = truncated_logit_normal(n, mu, sigma, low, high, generator=torch.Generator().manual_seed(5))
+    u = torch.rand(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64).numpy()
+    c_lo, c_hi = ndtr((logit(low) - mu) / sigma), ndtr((logit(high) - mu) / sigma)
+    want = expit(mu + sigma * ndtri(c_lo + (c_hi - c_lo) * u))
+    torch.testing.assert_close(got.double(), torch.from_numpy(want), rtol=1e-6, atol=1e-7)
