@@ -468,8 +468,8 @@ def test_keep_every_copies_where_hard_links_fail(tmp_path, monkeypatch):
 
 
 def test_cache_latents_saves_its_position_every_few_seconds_not_every_batch(tmp_path, image_folder, monkeypatch):
-    """Flushing the map and fsyncing the position after every batch cost ~25 ms per 32 images, as
-    much as a GPU encode of them: the position is saved every SAVE_SECONDS (and on errors and stop
+    """Flushing the map and fsyncing the position after every batch cost ~25 ms per 32 images on a
+    local disk, of the order of a GPU encode of them: the position is saved every SAVE_SECONDS (and on errors and stop
     signals, tested above); with SAVE_SECONDS = 0 it is saved after every batch."""
     import raebench.stage2.latents as lt
 

@@ -251,7 +251,7 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
     where = None  # path -> index, built at the first unreadable image
     # the position is saved (rows flushed first, then progress-R-of-W.json) at most every SAVE_SECONDS, on a
     # stop signal and on any exception: flushing the map and fsyncing the progress after every batch cost
-    # ~25 ms per 32 images here, as much as a GPU encode of them; a SIGKILL loses at most SAVE_SECONDS of work
+    # ~25 ms per 32 images on a local disk (not measured on a GPU node), of the order of a GPU encode of them; a SIGKILL loses at most SAVE_SECONDS of work
     reached, saved_at = None, time.monotonic()  # reached: the next index once every batch so far is in `lat`
 
     def save() -> None:
