@@ -251,14 +251,16 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
     where = None  # path -> index, built at the first unreadable image
     # the position is saved (rows flushed first, then progress-R-of-W.json) at most every SAVE_SECONDS, on a
     # stop signal and on any exception: flushing the map and fsyncing the progress after every batch cost
-    # ~25 ms per 32 images on a local disk (not measured on a GPU node), of the order of a GPU encode of them; a SIGKILL loses at most SAVE_SECONDS of work
-    reached, saved_at = None, time.monotonic()  # reached: the next index once every batch so far is in `lat`
+    # ~25 ms per 32 images on a local disk (not measured on a GPU node), of the order of a GPU encode of
+    # them; a SIGKILL loses at most SAVE_SECONDS of work. reached (reached_skips): the next index (and the
+    # skips) once every batch so far is in `lat`
+    reached, reached_skips, saved_at = None, [], time.monotonic()
 
     def save() -> None:
         nonlocal saved_at
         if reached is not None:
             lat.flush()
-            _write_json(progress_path, {"next": reached, "skipped": skipped})
+            _write_json(progress_path, {"next": reached, "skipped": reached_skips})
         saved_at = time.monotonic()
 
     with StopOnSignal() as preempt:  # the stop signals only set a flag, read after each batch (each rank on its own)
@@ -275,7 +277,7 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
                     with tf32(False):  # the cache holds full-float32 latents (then rounded to --dtype)
                         z = [tokenizer.encode(x)] + ([tokenizer.encode(x.flip(-1))] if flip else [])
                     lat[batch["index"].numpy()] = torch.stack(z, 1).float().cpu().numpy().astype(dtype)  # (B, V, C, H, W)
-                reached = max(done) + 1
+                reached, reached_skips = max(done) + 1, list(skipped)
                 signum = preempt.local()
                 if signum or time.monotonic() - saved_at >= SAVE_SECONDS:
                     save()
