@@ -168,8 +168,9 @@ def cache_latents(
     Under torchrun each rank encodes a contiguous shard of the images and writes its rows into the
     one memory-mapped ``latents.npy`` (the ranks must share one file system: run it on one node).
     Resumable: each rank flushes its rows and records its position in ``progress-R-of-W.json`` every
-    :data:`SAVE_SECONDS`, on a stop signal and on any error (a SIGKILL loses at most that much work); a re-run (with the same world size) continues where each rank stopped, and another
-    world size starts afresh. ``meta.json`` is marked complete only when every rank has finished; its
+    :data:`SAVE_SECONDS`, on a stop signal and on any error (a SIGKILL loses at most that much work);
+    a re-run (with the same world size) continues where each rank stopped, and another world size
+    starts afresh. ``meta.json`` is marked complete only when every rank has finished; its
     ``id`` is new for every fresh cache, so a run trained on it refuses to resume on another one.
     A complete cache of the same images and settings is returned as it is (nothing is encoded again).
     Two jobs on one ``out`` are refused, and so is a folder that holds a cache of other images or
