@@ -291,27 +291,32 @@ def _score_key(ref: ImageSource, cand: ImageSource, ev, resolution: int | None, 
                                 "resolution": resolution, "options": options, "kind": "score"})
 
 
-def _saved_positions(done: int | None, world: int) -> list[int | None]:
-    """Every rank's saved reference position (one process: ``[done]``)."""
+def _rank_views(done: int | None, needs: bool, cached: bool, world: int) -> list[tuple[int | None, bool, bool]]:
+    """Every rank's ``(saved reference position, needs reference features, reads them from the
+    cache)`` (one process: its own). Each rank looks at the feature cache when it gets here, so
+    another job that publishes the cache meanwhile can leave the ranks of one run seeing it or not."""
     if world == 1:
-        return [done]
+        return [(done, needs, cached)]
     from raebench.distributed import from_rank0, gather_to_rank0
 
-    return from_rank0(gather_to_rank0(done))
+    return [tuple(v) for v in from_rank0(gather_to_rank0((done, needs, cached)))]
 
 
-def _reference_plan(done: int | None, needs: bool, cached: bool, saved: list[int | None]) -> str:
+def _reference_plan(done: int | None, views: list[tuple[int | None, bool, bool]]) -> str:
     """How this rank gets its references: ``"cache"`` (rank 0 feeds every cached feature), ``"stream"``
-    (from its saved position ``done``, or 0) or ``"done"``. ``saved`` is every rank's position (None: no
-    progress saved; 0: fed from the cache). The choice of the cache must be the same on every rank: a
-    rank killed before its first save must stream its share if another rank has saved a partial
-    stream, or rank 0 would feed every reference from a cache filled meanwhile while that rank
-    streams its share again (counted twice)."""
+    (from its saved position ``done``, or 0) or ``"done"``. ``views`` is every rank's ``(position,
+    needs, cached)`` (position None: no progress saved; 0: fed from the cache). The choice of the
+    cache must be the same on every rank: a rank killed before its first save must stream its share
+    if another rank has saved a partial stream, or rank 0 would feed every reference from a cache
+    filled meanwhile while that rank streams its share again (counted twice); and the cache serves
+    the run only if every rank found it (a rank that looked before another job published it streams
+    its share, so the others stream theirs, served from the cache by index)."""
+    partial = any(d for d, _, _ in views if d is not None)
     if done == 0:
         return "done"
-    if done is None and not needs and cached and not any(d for d in saved if d is not None):
+    if done is None and not partial and all(c and not n for _, n, c in views):
         return "cache"
-    return "stream" if done is not None or needs or any(d for d in saved if d is not None) else "done"
+    return "stream" if done is not None or partial or any(n for _, n, _ in views) else "done"
 
 
 def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, batch_done,
@@ -348,12 +353,12 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
                 on_progress("pairs", pos["pairs"], hi - lo)
             batch_done(k)
         return
-    # the cache decision is the same on every rank (same files); only rank 0 feeds cached features.
+    # the cache decision is agreed by every rank (_reference_plan); only rank 0 feeds cached features.
     # pos["references"]: 0 once fed from the cache (on every rank), else the references streamed so far;
     # a resumed run that streamed part of them continues streaming even if another job has since
     # filled the cache (the cache serves their features by index): the saved states hold only those
     done = pos.get("references")
-    plan = _reference_plan(done, ev.needs_reference_features, bool(ev._ref_cached), _saved_positions(done, world))
+    plan = _reference_plan(done, _rank_views(done, ev.needs_reference_features, bool(ev._ref_cached), world))
     if plan == "cache":
         if rank == 0:
             ev.references_from_cache()

@@ -429,10 +429,23 @@ def test_the_reference_plan_is_the_same_on_every_rank_after_a_hard_crash():
     streams its own again: counted twice). One process and the ordinary cases are unchanged."""
     from raebench.metrics.scoring import _reference_plan as plan
 
-    assert plan(None, False, True, [None, 5]) == "stream"  # rank 0: its share from 0
-    assert plan(5, False, True, [None, 5]) == "stream"  # rank 1: from 5
-    assert plan(None, False, True, [None, None]) == "cache"  # nothing saved anywhere: the cache serves
-    assert plan(None, False, True, [None, 0]) == "cache"  # rank 1 saved after the cache decision
-    assert plan(0, False, True, [None, 0]) == "done"
-    assert plan(None, True, False, [None]) == "stream"
-    assert plan(None, False, False, [None]) == "done"  # stored reference statistics: nothing to read
+    hit, miss = (False, True), (True, False)  # (needs reference features, found them in the cache)
+    assert plan(None, [(None, *hit), (5, *hit)]) == "stream"  # rank 0: its share from 0
+    assert plan(5, [(None, *hit), (5, *hit)]) == "stream"  # rank 1: from 5
+    assert plan(None, [(None, *hit), (None, *hit)]) == "cache"  # nothing saved anywhere: the cache serves
+    assert plan(None, [(None, *hit), (0, *hit)]) == "cache"  # rank 1 saved after the cache decision
+    assert plan(0, [(None, *hit), (0, *hit)]) == "done"
+    assert plan(None, [(None, *miss)]) == "stream"
+    assert plan(None, [(None, False, False)]) == "done"  # stored reference statistics: nothing to read
+
+
+def test_the_reference_plan_agrees_when_the_ranks_saw_the_cache_at_different_times():
+    """Each rank looks at the feature cache when it reaches the references; another job publishing it
+    in between made rank 0 feed every cached reference while rank 1 streamed its share (counted
+    twice), or rank 1 take the cache (feeding nothing) while rank 0 streamed only its own share
+    (half the references missing). Every rank now streams its share (served by index where cached)."""
+    from raebench.metrics.scoring import _reference_plan as plan
+
+    hit, miss = (False, True), (True, False)
+    for views in ([(None, *hit), (None, *miss)], [(None, *miss), (None, *hit)]):
+        assert [plan(None, views), plan(None, views)] == ["stream", "stream"]
