@@ -483,3 +483,34 @@ def test_cache_latents_saves_its_position_every_few_seconds_not_every_batch(tmp_
     out = cache_latents(_MeanPool(), str(image_folder), tmp_path / "b", resolution=32, batch_size=1)
     assert sum(w.startswith("progress-") for w in writes) == 9  # after each of the 8 batches, and the final one
     assert np.array_equal(np.asarray(LatentCache(out).latents), np.asarray(LatentCache(ref).latents))
+
+
+def test_cache_latents_error_save_lists_only_the_skips_of_cached_batches(tmp_path, image_folder):
+    """An error in a batch that holds an unreadable image: the position saved is the start of that
+    batch, so its skip must not be saved with it (the resume reads that image again and listed it
+    twice in meta.json)."""
+    import json
+
+    from raebench.data import resolve_data
+
+    (image_folder / "cls_a" / "img_3_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    paths = resolve_data(data=str(image_folder)).images.paths
+    broken = [i for i, p in enumerate(paths) if p.endswith("img_3_broken.png")]
+    assert broken == [2]  # batch 1 of size 2: the broken image and one readable image
+
+    class _FailsInBatch1(_MeanPool):
+        calls = 0
+
+        def encode(self, x):  # call 0 probes the latent shape; batch j encodes in calls 1 + 2j and 2 + 2j
+            type(self).calls += 1
+            if type(self).calls == 4:
+                raise RuntimeError("encoder failed")
+            return super().encode(x)
+
+    with pytest.raises(RuntimeError, match="encoder failed"):
+        cache_latents(_FailsInBatch1(), str(image_folder), tmp_path / "c", resolution=32, batch_size=2)
+    saved = json.loads((tmp_path / "c" / "progress-0-of-1.json").read_text())
+    assert saved == {"next": 2, "skipped": []}
+    out = cache_latents(_MeanPool(), str(image_folder), tmp_path / "c", resolution=32, batch_size=2)
+    meta = json.loads((out / "meta.json").read_text())
+    assert [s["index"] for s in meta["skipped"]] == [2]
