@@ -340,6 +340,9 @@ def write_rows(rows: Iterable[ResultRow], results_dir: str | os.PathLike = DEFAU
     return path
 
 
+_warned_newer: set[tuple[str, int]] = set()  # (runs folder, rows) already warned about in this process
+
+
 def load(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, latest: bool = True) -> pd.DataFrame:
     """All result rows under ``results_dir`` as a DataFrame (columns ``COLUMNS``), oldest first.
 
@@ -356,7 +359,9 @@ def load(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, latest: bool = Tr
     df = pd.DataFrame.from_records(records, columns=list(COLUMNS)) if records else pd.DataFrame(columns=list(COLUMNS))
     if records:
         newer = pd.to_numeric(df["schema_version"], errors="coerce") > SCHEMA_VERSION
-        if newer.any():  # columns this version does not know are dropped, and their meaning may have moved
+        if newer.any() and (str(d), int(newer.sum())) not in _warned_newer:  # once per folder (compare loads it often)
+            _warned_newer.add((str(d), int(newer.sum())))
+            # columns this version does not know are dropped, and their meaning may have moved
             log.warning("%d row(s) under %s were written by a newer raebench (schema %s; this one reads %d): "
                         "upgrade raebench to read them fully.", int(newer.sum()), d,
                         int(pd.to_numeric(df["schema_version"], errors="coerce").max()), SCHEMA_VERSION)
