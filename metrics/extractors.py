@@ -148,6 +148,32 @@ def _digest_cache_file() -> Path:
     return raebench_cache() / "digests.json"
 
 
+def _digest_key(f: Path) -> str:
+    """A file version's identity in the digest cache: resolved path, device, inode, size, mtime, ctime."""
+    st = f.stat()
+    return f"{os.path.realpath(f)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+
+@contextlib.contextmanager
+def _digest_lock(cache_file: Path):
+    """An exclusive lock on ``<cache>.lock`` while one process hashes (released by the kernel even on
+    SIGKILL); where the cache folder cannot hold one (read-only, no flock), no lock."""
+    import fcntl
+
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(cache_file.with_name(cache_file.name + ".lock"), "a")
+    except OSError:
+        yield
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+
+
 def content_digest(path: str | os.PathLike) -> str:
     """sha256 of a file's whole content, hex. An earlier identity read only the first and last MiB,
     so a fine-tune that changed only middle tensors (same size, same safetensors header) kept the
@@ -164,32 +190,42 @@ def content_digest(path: str | os.PathLike) -> str:
 
     f = Path(path)
     st = f.stat()
-    key = f"{os.path.realpath(f)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+    key = _digest_key(f)
     if key in _DIGESTS:
         return _DIGESTS[key]
     cache_file = _digest_cache_file()
-    try:
-        stored = json.loads(cache_file.read_text())
-        stored = stored if isinstance(stored, dict) else {}
-    except (OSError, ValueError):
-        stored = {}
-    digest = stored.get(key)
-    if not (isinstance(digest, str) and len(digest) == 64):
-        if st.st_size > 256 << 20:
-            log.info("fingerprinting %s (%.1f GB; once: the digest is cached in %s)", f.name, st.st_size / 1e9, cache_file)
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while chunk := fh.read(8 << 20):
-                h.update(chunk)
-        digest = h.hexdigest()
-        stored[key] = digest
-        if len(stored) > _DIGEST_CACHE_ENTRIES:  # oldest entries first out (dicts keep insertion order)
-            stored = dict(list(stored.items())[-_DIGEST_CACHE_ENTRIES:])
+
+    def cached() -> tuple[dict, str | None]:
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(cache_file, json.dumps(stored).encode())
-        except OSError as e:  # a read-only home only costs hashing again next time
-            log.debug("digest cache %s not written: %s", cache_file, e)
+            stored = json.loads(cache_file.read_text())
+            stored = stored if isinstance(stored, dict) else {}
+        except (OSError, ValueError):
+            stored = {}
+        digest = stored.get(key)
+        return stored, digest if isinstance(digest, str) and len(digest) == 64 else None
+
+    stored, digest = cached()
+    if digest is None:
+        # one hasher at a time per cache: the ranks of a torchrun (or several jobs) asking for one new
+        # file wait for the first, then read its digest instead of each reading the whole file again
+        with _digest_lock(cache_file):
+            stored, digest = cached()
+            if digest is None:
+                if st.st_size > 256 << 20:
+                    log.info("fingerprinting %s (%.1f GB; once: the digest is cached in %s)", f.name, st.st_size / 1e9,
+                             cache_file)
+                h = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    while chunk := fh.read(8 << 20):
+                        h.update(chunk)
+                digest = h.hexdigest()
+                stored[key] = digest
+                if len(stored) > _DIGEST_CACHE_ENTRIES:  # oldest entries first out (dicts keep insertion order)
+                    stored = dict(list(stored.items())[-_DIGEST_CACHE_ENTRIES:])
+                try:
+                    atomic_write_bytes(cache_file, json.dumps(stored).encode())
+                except OSError as e:  # a read-only home only costs hashing again next time
+                    log.debug("digest cache %s not written: %s", cache_file, e)
     _DIGESTS[key] = digest
     return digest
 

@@ -235,6 +235,29 @@ def test_weights_fingerprint_covers_the_whole_file_and_caches_by_file_identity(t
     assert ex.content_digest(w) == hashlib.sha256(data).hexdigest()
 
 
+def test_processes_asking_for_one_new_digest_wait_for_the_first_hasher(tmp_path, monkeypatch):
+    """The ranks of a torchrun fingerprint the same multi-GB checkpoint at once: one hashes, the
+    others wait on the cache's lock and then read its digest instead of reading the file again."""
+    import json
+    import threading
+
+    import raebench.metrics.extractors as ex
+
+    monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ex, "_DIGESTS", {})
+    w = tmp_path / "w.bin"
+    w.write_bytes(b"x" * 1000)
+    cache, got = ex._digest_cache_file(), []
+    with ex._digest_lock(cache):  # another process is hashing this file
+        t = threading.Thread(target=lambda: got.append(ex.content_digest(w)))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and not got  # waits for it
+        cache.write_text(json.dumps({ex._digest_key(w): "ab" * 32}))  # its result
+    t.join(10)
+    assert got == ["ab" * 32]  # read from the cache, not hashed again
+
+
 def test_an_npz_of_samples_is_identified_without_reading_it_whole(tmp_path, monkeypatch):
     """Sample files are 10-40 GB and every torchrun rank opens them: their identity reads the size and
     the first and last MiB (as before the weights' identity covered whole files), never all of it."""
