@@ -148,9 +148,9 @@ def _digest_cache_file() -> Path:
     return raebench_cache() / "digests.json"
 
 
-def _digest_key(f: Path) -> str:
+def _digest_key(f: Path, st: os.stat_result | None = None) -> str:
     """A file version's identity in the digest cache: resolved path, device, inode, size, mtime, ctime."""
-    st = f.stat()
+    st = st or f.stat()
     return f"{os.path.realpath(f)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
 
@@ -190,7 +190,7 @@ def content_digest(path: str | os.PathLike) -> str:
 
     f = Path(path)
     st = f.stat()
-    key = _digest_key(f)
+    key = _digest_key(f, st)
     if key in _DIGESTS:
         return _DIGESTS[key]
     cache_file = _digest_cache_file()

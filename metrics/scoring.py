@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raebench.errors import DataError, RaebenchError
-from raebench.preempt import STOP_SIGNALS, Preempted, StopOnSignal, signal_name
+from raebench.preempt import STOP_SIGNALS, Preempted, StopOnSignal, of_rank
 from raebench.eval_progress import WorkState
 from raebench.metrics.sources import ImageSource, npz_images_shape, open_source
 
@@ -215,9 +215,7 @@ def score(
                     checkpoint()
                 if signum:
                     where = ", ".join(f"{n} {phase}" for phase, n in pos.items())
-                    raise Preempted(signum, f"stopped by {signal_name(signum)} after {where}"
-                                    f"{f' of rank {rank}' if world > 1 else ''}: progress saved; run the same command "
-                                    "to continue")
+                    raise Preempted.saved(signum, f"after {where}{of_rank(rank, world)}")
 
             _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, batch_done,
                     flags, default_workers(num_workers, dev))  # image folders decode in workers on a GPU, as in eval

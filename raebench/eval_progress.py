@@ -48,11 +48,11 @@ def note_stale_progress(work_root, current: str) -> int:
             files = [f.stat() for f in d.iterdir() if f.is_file()]
         except OSError:
             continue
-        if not files or now - max(f.st_mtime for f in files) < STALE_PROGRESS_SECONDS:
+        newest = max((f.st_mtime for f in files), default=now)
+        if now - newest < STALE_PROGRESS_SECONDS:
             continue
         count += 1
         size += sum(f.st_size for f in files)
-        newest = max(f.st_mtime for f in files)
         oldest = newest if oldest is None else min(oldest, newest)
     if count:
         log.warning("%d evaluation%s left unfinished in %s (%.1f MB, last saved %s or earlier) resume%s only when "

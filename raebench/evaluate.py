@@ -31,7 +31,7 @@ from raebench.data import ImageDataset, ResolvedData, Skip, default_workers, mak
 from raebench.checks import check_domain, check_image_counts, check_run
 from raebench.errors import RaebenchError
 from raebench.eval_progress import WorkState
-from raebench.preempt import STOP_SIGNALS, Preempted, StopOnSignal, signal_name
+from raebench.preempt import STOP_SIGNALS, Preempted, StopOnSignal, of_rank
 from raebench.results import ResultRow, check_writable, new_run_id, write_rows
 
 log = logging.getLogger(__name__)
@@ -678,8 +678,7 @@ def evaluate(
                 if (i + 1) % save_every == 0 or signum:
                     checkpoint()
                 if signum:
-                    raise Preempted(signum, f"stopped by {signal_name(signum)} after {done} of {hi - lo} images"
-                                    f"{f' of rank {rank}' if world > 1 else ''}: progress saved; run the same command to continue")
+                    raise Preempted.saved(signum, f"after {done} of {hi - lo} images{of_rank(rank, world)}")
     except BaseException:
         if work is not None:  # keep saved progress for a resume; a run that saved none leaves nothing
             work.release(remove=not work.path.exists())

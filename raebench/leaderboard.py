@@ -59,6 +59,11 @@ def _n(n) -> str:
     return "n=?" if n is None or (isinstance(n, (int, float)) and (n < 0 or math.isnan(n))) else f"n={int(n)}"
 
 
+def _newest(m: pd.DataFrame) -> pd.DataFrame:
+    """The newest stored row of each measurement (several when read with ``load(latest=False)``)."""
+    return sort_newest_last(m).drop_duplicates([c for c in KEY_COLUMNS if c in m], keep="last")
+
+
 def _measured(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["source"].fillna("measured") == "measured"] if "source" in df else df
 
@@ -221,7 +226,7 @@ def pivot(df: pd.DataFrame, reported: pd.DataFrame | None = None, gaps: bool = T
     parts = []
     with_n = set(m["dataset"]) if has_rep else set()  # published n beside ours: show both
     if not m.empty:
-        m = sort_newest_last(m).drop_duplicates([c for c in KEY_COLUMNS if c in m], keep="last")
+        m = _newest(m)
         m = m.assign(column=lambda d: _column_labels(d, False, with_n, multi_res), row=_row_labels)
         parts.append(_cells(m, "row"))
     if has_rep:
@@ -248,7 +253,7 @@ def leaderboard_caption(df: pd.DataFrame) -> str | None:
     m = _measured(df)
     if m.empty:
         return None
-    m = sort_newest_last(m).drop_duplicates([c for c in KEY_COLUMNS if c in m], keep="last")
+    m = _newest(m)
     sets = []
     for name, g in m.groupby("dataset", sort=True):
         ns = g["n_images"].dropna().unique()

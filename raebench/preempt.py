@@ -46,6 +46,18 @@ class Preempted(Exception):
         self.exit_code = 128 + self.signum
         self.show = show
 
+    @classmethod
+    def saved(cls, signum: int, where: str, kept: str = "progress", show: bool = True) -> "Preempted":
+        """The stop of a job whose resume state is saved: ``stopped by SIGTERM {where}: {kept} saved;
+        run the same command to continue``."""
+        return cls(signum, f"stopped by {signal_name(signum)} {where}: {kept} saved; run the same command to continue",
+                   show)
+
+
+def of_rank(rank: int, world: int) -> str:
+    """`` of rank R`` under torchrun (where each rank stops on its own), else nothing."""
+    return f" of rank {rank}" if world > 1 else ""
+
 
 def signal_name(signum: int) -> str:
     try:

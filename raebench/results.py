@@ -358,13 +358,13 @@ def load(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, latest: bool = Tr
                 records.extend(rows)
     df = pd.DataFrame.from_records(records, columns=list(COLUMNS)) if records else pd.DataFrame(columns=list(COLUMNS))
     if records:
-        newer = pd.to_numeric(df["schema_version"], errors="coerce") > SCHEMA_VERSION
-        if newer.any() and (str(d), int(newer.sum())) not in _warned_newer:  # once per folder (compare loads it often)
-            _warned_newer.add((str(d), int(newer.sum())))
+        schema = pd.to_numeric(df["schema_version"], errors="coerce")
+        n_newer = int((schema > SCHEMA_VERSION).sum())
+        if n_newer and (str(d), n_newer) not in _warned_newer:  # once per folder (compare loads it often)
+            _warned_newer.add((str(d), n_newer))
             # columns this version does not know are dropped, and their meaning may have moved
-            log.warning("%d row(s) under %s were written by a newer raebench (schema %s; this one reads %d): "
-                        "upgrade raebench to read them fully.", int(newer.sum()), d,
-                        int(pd.to_numeric(df["schema_version"], errors="coerce").max()), SCHEMA_VERSION)
+            log.warning("%d row(s) under %s were written by a newer raebench (schema %d; this one reads %d): "
+                        "upgrade raebench to read them fully.", n_newer, d, int(schema.max()), SCHEMA_VERSION)
         df = _fill_v1(df)
         df = sort_newest_last(df)
         if latest:

@@ -56,7 +56,7 @@ from torch.utils.data import DataLoader
 from raebench import distributed
 from raebench.data import scan_folder, to_float, to_uint8
 from raebench.errors import DataError, MissingWeightsError, RaebenchError
-from raebench.preempt import Preempted, StopOnSignal, ignore_in_worker, signal_name
+from raebench.preempt import Preempted, StopOnSignal, ignore_in_worker
 from raebench.evaluate import resolve_device
 from raebench.results import atomic_write_bytes, provenance
 from raebench.stage1.config import RUN_ONLY_FIELDS, Stage1Config
@@ -591,8 +591,7 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
             if signum:
                 if rank == 0:
                     runlog.close()
-                raise Preempted(signum, f"stopped by {signal_name(signum)} at step {step}: checkpoint saved; run the same "
-                                "command to continue", show=rank == 0)
+                raise Preempted.saved(signum, f"at step {step}", "checkpoint", show=rank == 0)
 
     exported = None
     if rank == 0:

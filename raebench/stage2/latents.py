@@ -26,7 +26,7 @@ from torch import nn
 
 from raebench import distributed
 from raebench.errors import DataError
-from raebench.preempt import Preempted, StopOnSignal, signal_name
+from raebench.preempt import Preempted, StopOnSignal, of_rank
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
     # skips) once every batch so far is in `lat`
     reached, reached_skips, saved_at = None, [], time.monotonic()
 
-    def save() -> None:
+    def save(lat: np.memmap) -> None:
         nonlocal saved_at
         if reached is not None:
             lat.flush()
@@ -281,15 +281,13 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
                 reached, reached_skips = max(done) + 1, list(skipped)
                 signum = preempt.local()
                 if signum or time.monotonic() - saved_at >= SAVE_SECONDS:
-                    save()
+                    save(lat)
                 if progress:
                     progress(reached - lo, hi - lo)
                 if signum:  # this batch's latents and the position are saved
-                    raise Preempted(signum, f"stopped by {signal_name(signum)} after {reached - lo} of {hi - lo} "
-                                    f"images{f' of rank {rank}' if world > 1 else ''}: progress saved; run the same "
-                                    "command to continue")
+                    raise Preempted.saved(signum, f"after {reached - lo} of {hi - lo} images{of_rank(rank, world)}")
         except BaseException:  # a crash, Ctrl-C, an unreadable batch: keep the batches already in `lat`
-            save()
+            save(lat)
             raise
     lat.flush()
     del lat

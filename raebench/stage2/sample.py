@@ -26,7 +26,7 @@ from torch import nn
 
 from raebench.distributed import rank_world
 from raebench.errors import CheckpointError, RaebenchError
-from raebench.preempt import Preempted, StopOnSignal, signal_name
+from raebench.preempt import Preempted, StopOnSignal, of_rank
 from raebench.results import save_npz_atomic
 
 log = logging.getLogger(__name__)
@@ -199,9 +199,7 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
                 progress(done, len(mine))
             signum = preempt.local()
             if signum:  # every finished batch is already a part file: nothing more to save
-                raise Preempted(signum, f"stopped by {signal_name(signum)} after batch {done} of {len(mine)}"
-                                f"{f' of rank {rank}' if world > 1 else ''}: samples saved; run the same command "
-                                "to continue")
+                raise Preempted.saved(signum, f"after batch {done} of {len(mine)}{of_rank(rank, world)}", "samples")
     if world > 1:
         dist.barrier()
     on_rank0(lambda: _merge(parts, out, run, n, num_batches))  # rank 0's error (non-finite samples) reaches every rank

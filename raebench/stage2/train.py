@@ -48,7 +48,7 @@ from torch import nn
 
 from raebench import distributed
 from raebench.errors import DataError, RaebenchError, check_rates
-from raebench.preempt import Preempted, StopOnSignal, ignore_in_worker, signal_name
+from raebench.preempt import Preempted, StopOnSignal, ignore_in_worker
 from raebench.stage2.latents import LatentCache, OnTheFly, _write_json
 from raebench.stage2.models import MODELS, count_params
 from raebench.stage2.transport import Transport, shift_from_dims
@@ -518,8 +518,7 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
                 if keep and rank == 0:
                     _keep_copy(ckpt_path, ckpt_path.with_name(f"step-{step:07d}.pt"))
             if signum:
-                raise Preempted(signum, f"stopped by {signal_name(signum)} at step {step}: checkpoint saved; run the same "
-                                "command to continue", show=rank == 0)
+                raise Preempted.saved(signum, f"at step {step}", "checkpoint", show=rank == 0)
     return {"step": step, "losses": losses, "out": str(out)}
 
 
