@@ -7,7 +7,10 @@
 #   ddp:     the same commands under torchrun with $NPROC processes (default 2 on the CPU: gloo; on CUDA
 #            the visible GPUs, at most 2: NCCL) -> train stage1, train stage2 and resume, sample, eval. With one
 #            process (one GPU) torchrun creates no process group: no NCCL, DDP or gathering runs then.
-#   bash bench/cli_smoke.sh [cuda|cpu] [stage1|stage2|ddp ...]   # stage1 stage2 by default; exits at the first failure
+#   preempt: train stage2 stopped by SIGTERM mid-run (exit 143, checkpoint at the step in progress), resumed
+#            by the same command, against one uninterrupted run (weights compared: equal on the CPU, within
+#            the device's nondeterministic reductions on a GPU).
+#   bash bench/cli_smoke.sh [cuda|cpu] [stage1|stage2|ddp|preempt ...]   # stage1 stage2 by default; exits at the first failure
 set -euo pipefail
 dev="${1:-cuda}"
 stages=("${@:2}")
@@ -69,6 +72,37 @@ stage2() {
   rb sample -c "$w/run32/checkpoints/last.pt" -n 8 --steps 5 --method sde --cfg-scale 2 -b 4 -o "$w/sde.npz" --device "$dev"
   rb sample -c "$w/run16/checkpoints/last.pt" -n 8 --steps 5 --method heun -b 8 -o "$w/heun.npz" --device "$dev"
   "$PY" -c "import numpy as np, sys; [print(f, np.load(f)['arr_0'].shape, np.load(f)['arr_1'].tolist()) for f in sys.argv[1:]]" "$w/sde.npz" "$w/heun.npz"
+}
+
+preempt() {
+  [ -d "$w/cache" ] || rb cache-latents -t pixels --data "$w/images" -o "$w/cache" -r 8 -b 8 --device "$dev"
+  local c=(train stage2 -p tiny --num-classes 2 -b 8 --device "$dev" --log-every 1 --latents "$w/cache"
+           --precision fp32 --epochs 150 --ckpt-every 1000)
+  rb "${c[@]}" -o "$w/whole" >/dev/null
+  echo "+ raebench ${c[*]} -o $w/stopped   (SIGTERM after 20 logged steps)"
+  "$PY" -m raebench "${c[@]}" -o "$w/stopped" >"$w/stopped.out" 2>&1 &
+  local pid=$! rc=0 t=0
+  until [ "$(cat "$w/stopped/log.csv" 2>/dev/null | wc -l)" -gt 20 ] || ! kill -0 "$pid" 2>/dev/null; do
+    sleep 0.05; t=$((t + 1)); [ "$t" -lt 4000 ] || { kill -KILL "$pid"; echo "no 20 steps in 200 s"; return 1; }
+  done
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" || rc=$?
+  tail -n 2 "$w/stopped.out"
+  [ "$rc" -eq 143 ] || { echo "exit $rc, expected 143 (stopped by SIGTERM; did it finish before the signal?)"; return 1; }
+  grep -q "stopped by SIGTERM at step" "$w/stopped.out"
+  rb "${c[@]}" -o "$w/stopped" >/dev/null
+  "$PY" - "$w" <<'PYEOF'
+import csv, sys, torch
+w = sys.argv[1]
+steps = [int(r["step"]) for r in csv.DictReader(open(f"{w}/stopped/log.csv"))]
+assert steps == list(range(1, 301)), (steps[:3], steps[-3:], len(steps))
+a, b = (torch.load(f"{w}/{r}/checkpoints/last.pt", map_location="cpu", weights_only=True) for r in ("whole", "stopped"))
+assert a["step"] == b["step"] == 300, (a["step"], b["step"])
+worst = max(((a[k][n].float() - b[k][n].float()).abs().max() / a[k][n].float().abs().max().clamp_min(1e-12)).item()
+            for k in ("model", "ema") for n in a[k])
+print(f"stopped and resumed vs uninterrupted, 300 steps: worst relative weight difference {worst:.2e}")
+assert worst < 1e-3, worst
+PYEOF
 }
 
 ddp() {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The figures only a GPU gives, in one prepared call (random weights: nothing to download).
 #   bash bench/gpu_figures.sh [PART ...]   # from the repository root; log in ${OUT:-.}/gpu_figures.log
-# PARTs, in this order by default: check metrics knn cli ddp nccl stage1 xl eval small xl-fp32 compile; also eval-large,
-# xl-profile.
+# PARTs, in this order by default: check metrics knn cli ddp nccl stage1 xl eval small xl-fp32 compile; also preempt,
+# eval-large, xl-profile.
 # Needs torch with CUDA, transformers, safetensors, typer, rich, pandas, timm, einops, torchdiffeq,
 # setuptools and, for stage 1 (cli, ddp, stage1) and metrics, lpips (and torch-fidelity for metrics) on the
 # machine (pure-Python wheels to carry where absent); raebench is installed (no dependencies, no index) into a
@@ -42,6 +42,8 @@ xl=(--preset xl --device cuda --batch "$xlb" --steps 10 --threads 16)
         timeout 150 "$PY" bench/bench_knn_device.py --device cuda --features 4000 10000 50000 --cpu-features 4000 ;;
       cli) echo "== the stage-2 command line end to end on the GPU (bench/cli_smoke.sh)"
         timeout 240 bash bench/cli_smoke.sh cuda ;;
+      preempt) echo "== train stage2 stopped by SIGTERM and resumed on the GPU vs one uninterrupted run (bench/cli_smoke.sh)"
+        timeout 120 bash bench/cli_smoke.sh cuda preempt ;;
       ddp) echo "== the same commands under torchrun (2 processes, NCCL, where 2 GPUs are visible): stage 1, stage 2 and resume, sample, eval"
         timeout 150 bash bench/cli_smoke.sh cuda ddp ;;
       nccl) echo "== every data-parallel command, 2 processes (NCCL) against 1, tiny models (bench/check_nccl.sh; needs 2 GPUs)"
@@ -61,7 +63,7 @@ xl=(--preset xl --device cuda --batch "$xlb" --steps 10 --threads 16)
       xl-fp32) echo "== DiT-DH-XL training step, fp32 (the fused paths), batch $((xlb / 2)), eager: raebench vs official ($off)"
         timeout 150 "$PY" bench/bench_stage2_step.py --official-src "$off" --preset xl --device cuda --batch $((xlb / 2)) --steps 5 --threads 16 ;;
       compile) echo "== DiT-DH-XL as in xl, both models torch.compile'd"
-        timeout 200 "$PY" bench/bench_stage2_step.py --official-src "$off" "${xl[@]}" --precision bf16 --compile ;;
+        timeout 420 "$PY" bench/bench_stage2_step.py --official-src "$off" "${xl[@]}" --precision bf16 --compile ;;
       *) echo "unknown part $part" ;;
     esac
   done
