@@ -391,3 +391,78 @@ def test_an_unmeasured_row_says_the_n_of_its_parts_measured_rows(image_folder: P
     assert {"robust", "interp", "spectrum", "probe", "align:random-proj"} <= set(seen)
     for part, ns in seen.items():
         assert ns == {_part_n(part, cfg, rep, 8)}, part
+
+
+PLOTTED = [a for a in FAST if a != "--no-plots"]
+FIGURES = {"alignment.png", "spectra.png", "robustness.png", "reconstructions.png", "interpolation.png"}
+
+
+def _figure_dirs(res: Path) -> dict[str, set[str]]:
+    return {d.name: {p.name for p in d.glob("*.png")} for d in (res / "analysis").iterdir() if d.name != "probes"}
+
+
+def test_a_run_killed_while_drawing_has_its_figures_drawn_by_the_rerun(image_folder: Path, tmp_path: Path, capsys,
+                                                                      monkeypatch):
+    """Killed after every row was stored, with two of the five figures drawn: the same command again
+    measures the parts behind the missing figures once more and draws them (its rows, equal to the
+    stored ones, make the new folder theirs), and a third run finds everything and does nothing.
+    Before, the re-run reused every row and drew nothing, leaving the incomplete folder silently."""
+    import raebench.analysis.plots as plots
+
+    res = tmp_path / "res"
+    base = ["analyze", "-t", "bicubic-f8", "--data", str(image_folder), *PLOTTED, "--results", str(res)]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    def unrendered(fig, path):  # figures are built, not rendered: most of the time (test_analysis_cli renders them)
+        plots.atomic_write_bytes(path, b"png")
+        return path
+
+    monkeypatch.setattr(plots, "_save", unrendered)
+    with monkeypatch.context() as m:
+        m.setattr(plots, "plot_alignment", killed)  # drawn third, after robustness.png and spectra.png
+        code, _, _ = run(base, capsys)
+    assert code != 0
+    first = load(res)
+    assert set(first["tokenizer"]) == {"bicubic-f8"}
+    (killed_dir, drawn), = _figure_dirs(res).items()
+    assert drawn == {"robustness.png", "spectra.png"}
+
+    before = _runs(res)
+    code, out, err = run(base, capsys)
+    assert code == 0, err
+    assert "figures" in err and killed_dir in " ".join(err.split())  # it says why it measured again
+    dirs = _figure_dirs(res)
+    (new_dir,) = set(dirs) - {killed_dir}
+    assert dirs[new_dir] == FIGURES
+    new = _new_rows(res, before)
+    # spectra.png was drawn before the kill: the spectrum rows stay those of the killed run
+    assert {part_of(m) for m in new["metric"]} == {"probe", "align:random-proj", "robust", "interp"}
+    old = first.set_index(["tokenizer", "metric"])["value"]
+    for t, m, v in zip(new["tokenizer"], new["metric"], new["value"]):  # the same images, the same numbers
+        assert v == pytest.approx(old[(t, m)], rel=1e-12, nan_ok=True)
+
+    before = _runs(res)
+    code, _, err = run(base, capsys)
+    assert code == 0, err
+    assert _runs(res) == before and "every row reused" in " ".join(err.split())
+    assert set(_figure_dirs(res)) == {killed_dir, new_dir}
+
+
+def test_figures_show_the_stored_probe_and_alignment_values_of_parts_not_measured_again(image_folder: Path,
+                                                                                       tmp_path: Path):
+    """A re-run that measures only a new σ draws the alignment bars from the stored rows; before, the
+    reports of the reused parts were empty and alignment.png labelled every stored value "NaN"."""
+    from raebench.analysis.config import AnalyzeConfig
+    from raebench.analysis.run import analyze
+
+    common = dict(tokenizers=("pixels", "bicubic-f8"), data=str(image_folder), references=("random-proj",),
+                  perceptual="rmse", mutual_k=3, knn_k=3, n_diag=2, interp_pairs=1, interp_steps=2, resolution=32,
+                  device="cpu", results_dir=str(tmp_path / "res"))
+    first = analyze(AnalyzeConfig(**common, sigmas=(1.0,), plots=False))
+    again = analyze(AnalyzeConfig(**common, sigmas=(0.5, 1.0), plots=False))
+    assert [r.computed for r in again.reports] == [("robust",), ("robust",)]
+    for a, b in zip(first.reports, again.reports):
+        assert b.probe == a.probe and b.probe
+        assert b.alignment == a.alignment and b.alignment

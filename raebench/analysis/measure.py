@@ -25,7 +25,7 @@ from raebench.analysis.diagnostics import (
     rmse_distance,
 )
 from raebench.analysis.diffusability import ProbeResult, diffusability_probe
-from raebench.analysis.reuse import ALIGN_METRICS, SPECTRUM_METRICS, higher_is_better, sigma_tag
+from raebench.analysis.reuse import ALIGN_METRICS, SPECTRUM_METRICS, higher_is_better, part_of, sigma_tag
 from raebench.analysis.spectrum import TOPK_ENERGY, SpectrumSummary
 from raebench.analysis.stream import Accumulator
 from raebench.data import Skip
@@ -154,6 +154,19 @@ def measure(cfg: AnalyzeConfig, acc: Accumulator, todo: set[str], y, n_classes, 
         except ValueError as e:
             rep.notes.append(f"diffusability probe is NaN: {e}")
     return rep
+
+
+def fill_from_rows(rep: TokenizerReport, rows: list[ResultRow]) -> None:
+    """Put the stored probe and alignment values of ``rows`` (parts not measured now) into ``rep``,
+    which the figures are drawn from; the other parts' figures need what rows do not hold."""
+    for r in rows:
+        part = part_of(r.metric)
+        if part == "probe":
+            rep.probe.setdefault("linear" if r.metric == "probe-linear-top1" else "knn", r.value)
+        elif part.startswith("align:"):
+            ref = part.split(":", 1)[1]
+            m = r.metric[len("align-"): -len(f"-{ref}")]
+            rep.alignment.setdefault(ref, {}).setdefault(m, r.value)
 
 
 def _spectrum_values(s: SpectrumSummary) -> dict[str, float]:

@@ -14,9 +14,19 @@ A part that is measured writes every row expected of it: one the data cannot giv
 with no image, fewer valid images than k, latents that do not vary) is written as NaN with a note
 saying why, so a re-run reuses it instead of measuring it again. Parts the listing itself rules out
 (no class subfolders, no diagnostic image) are not expected at all.
+
+Figures are drawn at the end of a run, into ``<results>/analysis/<run stamp>/``, from measurements
+that the rows do not hold (eigenvalue spectra, per-step interpolation distances, images). A run
+killed after storing its rows but before drawing every figure leaves them undrawn: a re-run that
+draws figures (:func:`undrawn_parts`) measures again each stored part whose run folder lacks a
+figure the part appears in (:data:`FIGURES`), writing its rows anew under its own stamp, so its
+folder holds the figures and the next re-run finds them.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pandas as pd
 
@@ -33,6 +43,18 @@ SPECTRUM_METRICS = (
 )
 INTERP_METRICS = ("step-mean", "step-relvar", "path-ratio")
 _PREFIX_PARTS = {"probe": "probe", "latent": "spectrum", "robust": "robust", "interp": "interp", "diffuse": "diffuse"}
+#: the PNGs (raebench.analysis.run._plot_all) a measured row of each part appears in; align:<ref> as probe
+FIGURES = {"probe": ("alignment.png",), "spectrum": ("spectra.png",), "robust": ("robustness.png", "reconstructions.png"),
+           "interp": ("interpolation.png",), "diffuse": ()}
+
+
+def run_file_id(stamp: str, tokenizer: str) -> str:
+    """The run id of one tokenizer's rows written by the analysis run ``stamp``."""
+    return f"{stamp}-{tokenizer}"
+
+
+def figures_of(part: str) -> tuple[str, ...]:
+    return FIGURES["probe"] if part.startswith("align:") else FIGURES[part]
 
 
 def sigma_tag(s: float) -> str:
@@ -124,3 +146,28 @@ def reusable_rows(stored: pd.DataFrame, expected: dict[str, list[tuple[str, str]
         return []
     recs = stored.to_dict("records")
     return [ResultRow(**{k: r[k] for k in COLUMNS}) for r in recs if (r["metric"], r["metric_version"]) in keep]
+
+
+def undrawn_parts(stored: pd.DataFrame, expected: dict[str, list[tuple[str, str]]], todo: set[str], tokenizer: str,
+                  analysis_dir: str | os.PathLike) -> dict[str, tuple[str, list[str]]]:
+    """part -> (run stamp, missing PNGs) for each stored part outside ``todo`` that the run which
+    wrote its rows did not draw in full (killed while drawing, or run with ``--no-plots``). Rows the
+    data could not give (``unmeasured``) appear in no figure and are not checked."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    if stored.empty:
+        return out
+    keys = list(zip(stored["metric"], stored["metric_version"]))
+    for part, rows in expected.items():
+        if part in todo or not figures_of(part):
+            continue
+        wanted = set(rows)
+        for key, run_id, extra in zip(keys, stored["run_id"], stored["extra"]):
+            if key not in wanted or (isinstance(extra, dict) and extra.get("unmeasured")):
+                continue
+            suffix = run_file_id("", tokenizer)
+            stamp = run_id[: -len(suffix)] if run_id.endswith(suffix) else run_id
+            missing = [f for f in figures_of(part) if not (Path(analysis_dir) / stamp / f).is_file()]
+            if missing:
+                out[part] = (stamp, missing)
+                break
+    return out

@@ -15,7 +15,9 @@ a metric version per row, so they show in ``compare`` and ``leaderboard``); figu
 config go to ``<results>/analysis/<run id>/``.
 
 Re-running computes only what is missing (:mod:`raebench.analysis.reuse`): a tokenizer whose rows are
-all stored is not encoded, and one with some parts missing writes only those. A part measured writes
+all stored is not encoded, and one with some parts missing writes only those; a stored part whose
+run did not draw its figures (killed while drawing) counts as missing when this run draws figures
+(:func:`raebench.analysis.reuse.undrawn_parts`). A part measured writes
 every row expected of it; a value the data cannot give (an empty test split, too few valid images for
 k, features or latents that do not vary) is a NaN row whose notes say why, never a confident number.
 Settings are checked (:func:`check_config`) before any data is read or any model loads.
@@ -43,8 +45,10 @@ from typing import Callable
 import torch
 
 from raebench.analysis.config import AnalyzeConfig, check_config, metric_versions
-from raebench.analysis.measure import TokenizerReport, measure, probe_key, result_rows
-from raebench.analysis.reuse import expected_rows, missing_parts, part_of, reusable_rows, stored_rows
+from raebench.analysis.measure import TokenizerReport, fill_from_rows, measure, probe_key, result_rows
+from raebench.analysis.reuse import (
+    expected_rows, missing_parts, part_of, reusable_rows, run_file_id, stored_rows, undrawn_parts,
+)
 from raebench.analysis.stream import Accumulator, Keep
 from raebench.data import ImageDataset, Skip, default_workers, make_loader, resolve_data
 from raebench.distributed import from_rank0
@@ -160,25 +164,37 @@ def _build_tokenizers(cfg: AnalyzeConfig, device: torch.device) -> list:
     return toks
 
 
-def _plan(cfg: AnalyzeConfig, toks: list, data, expected: dict, rank: int, world: int) -> tuple[list[set[str]], list[list]]:
+def _plan(cfg: AnalyzeConfig, toks: list, data, expected: dict, rank: int, world: int,
+          ) -> tuple[list[set[str]], list[list], list[list[str]]]:
     """Per tokenizer: the parts to measure (decided on rank 0, the same on every rank) and, on rank
-    0, the stored rows of the others."""
+    0, the stored rows of the others and notes on the parts measured again for their figures."""
     from raebench.results import load
 
     todo: list[set[str]] = []
     reused: list[list] = []
+    notes: list[list[str]] = []
     if rank == 0:
         df = None if cfg.recompute else load(cfg.results_dir)
         fp = data.images.fingerprint()
         for tok in toks:
+            notes.append([])
             if df is None:
                 todo.append(set(expected))
                 reused.append([])
                 continue
             have = stored_rows(df, tok.name, getattr(tok, "weights_id", "none"), data.name, fp, cfg.resolution, cfg.seed)
             todo.append(missing_parts(expected, have))
+            if cfg.write and cfg.plots:  # the figures of a run killed while drawing (reuse.undrawn_parts)
+                undrawn = undrawn_parts(have, expected, todo[-1], tok.name, Path(cfg.results_dir) / "analysis")
+                todo[-1] |= set(undrawn)
+                by_run: dict[str, set[str]] = {}
+                for stamp, files in undrawn.values():
+                    by_run.setdefault(stamp, set()).update(files)
+                notes[-1] += [f"measured {', '.join(sorted(p for p, (s, _) in undrawn.items() if s == stamp))} again: "
+                              f"run {stamp} stored these rows but not its figures {', '.join(sorted(files))}"
+                              for stamp, files in sorted(by_run.items())]
             reused.append(reusable_rows(have, expected, todo[-1]))
-    return from_rank0(todo), reused
+    return from_rank0(todo), reused, notes
 
 
 def _gather(payload: dict, rank: int, world: int) -> list[dict] | None:
@@ -245,7 +261,7 @@ def analyze(
     versions = metric_versions(cfg)
     n_classes = len(data.images.classes)
     expected = expected_rows(cfg, versions, ref_versions, n_classes, data.n, dist_name, dist_version)
-    todo, reused = _plan(cfg, toks, data, expected, rank, world)
+    todo, reused, plan_notes = _plan(cfg, toks, data, expected, rank, world)
     active = [i for i, parts in enumerate(todo) if parts]
     # a pass loads the references that some part needs: the alignment rows missing, every one for the probe's FD
     needs_all_refs = any("diffuse" in todo[i] for i in active)
@@ -308,6 +324,7 @@ def analyze(
                 rep = TokenizerReport(tok.name, getattr(tok, "weights_id", "none"), (),
                                       max((r.n_images for r in rows), default=0), 0, reused=rows)
                 rep.notes.append(f"every row reused from {cfg.results_dir!r} (--recompute measures again)")
+                fill_from_rows(rep, rows)
                 reports.append(rep)
                 continue
             acc = accs[i]
@@ -316,13 +333,15 @@ def analyze(
             if dist_reason and cfg.perceptual != "none":
                 rep.notes.append(f"LPIPS left out: {dist_reason}")
             rep.computed, rep.reused = tuple(sorted(todo[i])), reused[i]
+            rep.notes += plan_notes[i]
+            fill_from_rows(rep, rep.reused)  # the figures show the stored values of the parts not measured now
             rows = result_rows(cfg, rep, data, device, world, versions, dist_version, ref_versions, ref_ids, skipped,
                          time.perf_counter() - t0, {p: expected[p] for p in todo[i]})
             rep.rows = [r for r in rows if part_of(r.metric) in todo[i]]
             if rep.reused:  # said on screen, not stored in the new rows
                 rep.notes.append(f"reused stored rows for {', '.join(sorted(set(expected) - todo[i]))}")
             if cfg.write and active and rep.rows:  # stored as each tokenizer finishes: a crash loses only the one at work
-                write_rows(rep.rows, cfg.results_dir, f"{stamp}-{rep.name}")
+                write_rows(rep.rows, cfg.results_dir, run_file_id(stamp, rep.name))
             reports.append(rep)
     out_dir: Path | None = None
     plots: list[Path] = []
