@@ -416,3 +416,21 @@ def test_defaults_are_the_published_recipes():
     assert al.mutual_knn(a, b) == pytest.approx(brute_mutual_knn(a, b, 10), abs=1e-12)
     assert al.cknna(a, b) == pytest.approx(brute_cknna(a, b, 10), rel=1e-9)
     assert brute_mutual_knn(a, b, 10) != pytest.approx(brute_mutual_knn(a, b, 5), abs=1e-3)
+
+
+def test_probes_refuse_mismatched_labels_and_give_nan_for_non_finite_features():
+    """A NaN test feature gave kNN accuracy and the linear probe an arbitrary vote (a confident 1.0 and
+    0.5 in an audit); a label vector of another length an IndexError from inside the vote."""
+    x, y = _separable(6, 2, 3, 0)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    assert math.isnan(al.knn_accuracy(x, y, bad, y, k=3))
+    assert math.isnan(al.linear_probe(x, y, bad, y)) and math.isnan(al.linear_probe(bad, y, x, y))
+    assert math.isnan(al.linear_probe(x, y, bad * math.inf, y, method="ridge"))
+    for f in (lambda *a: al.knn_accuracy(*a, k=3), al.linear_probe):
+        with pytest.raises(ValueError, match="one label per sample"):
+            f(x, y[:-1], x, y)
+        with pytest.raises(ValueError, match="one label per sample"):
+            f(x, y, x, y[:-1])
+        with pytest.raises(ValueError, match="one D"):
+            f(x, y, x[:, :2], y)

@@ -247,3 +247,14 @@ def test_spectrum_zero_tokens_tight_norms_and_empty_batches():
         s = st.summary()
         assert s.token_norm_mean == pytest.approx(float(norms.mean()), rel=1e-14)
         assert s.token_norm_std == pytest.approx(float(norms.std()), rel=1e-6)
+
+
+def test_spectrum_refuses_non_finite_latents():
+    """One NaN entry poisoned every sum and summary() failed in eigvalsh with a convergence error."""
+    st = sp.LatentStats()
+    z = torch.randn(2, 3, 2, 2)
+    z[1, 2, 0, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        st.update(z)
+    st.update(torch.randn(2, 3, 2, 2))  # nothing of the refused batch was added
+    assert st.n == 8 and math.isfinite(st.summary().effective_rank)

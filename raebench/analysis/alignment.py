@@ -149,6 +149,14 @@ def stratified_split(labels: torch.Tensor, test_fraction: float = 0.5, seed: int
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_labels(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> None:
+    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"expected (N, D) training and test features of one D, got {tuple(train_x.shape)} and {tuple(test_x.shape)}")
+    if train_y.shape != (train_x.shape[0],) or test_y.shape != (test_x.shape[0],):
+        raise ValueError(f"expected one label per sample, got {tuple(train_y.shape)} labels for {train_x.shape[0]} training "
+                         f"and {tuple(test_y.shape)} for {test_x.shape[0]} test samples")
+
+
 def _fit_logistic_lbfgs(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise cross-entropy(x w + b) + l2/2 ||w||^2 with L-BFGS.
 
@@ -210,9 +218,13 @@ def linear_probe(
     """Top-1 accuracy in [0, 1] of a linear classifier fit on (train_x, train_y); see module doc.
 
     Labels are integers in [0, n_classes); classes absent from training can never be predicted.
+    NaN when either split holds a NaN/Inf feature (the fit, or the prediction, would be arbitrary).
     """
     if train_x.shape[0] == 0 or test_x.shape[0] == 0:
         raise ValueError("the linear probe needs at least one training and one test sample")
+    _check_labels(train_x, train_y, test_x, test_y)
+    if not (bool(torch.isfinite(train_x).all()) and bool(torch.isfinite(test_x).all())):
+        return math.nan
     xtr, xte = train_x.double(), test_x.double()
     if batchnorm:
         xtr, xte = batchnorm_no_affine(xtr, xte)
@@ -238,12 +250,14 @@ def knn_accuracy(
     temperature: float = KNN_TEMPERATURE,
     chunk: int = 1024,
 ) -> float:
-    """Temperature-weighted cosine kNN top-1 accuracy in [0, 1] (DINO's recipe; see module doc)."""
+    """Temperature-weighted cosine kNN top-1 accuracy in [0, 1] (DINO's recipe; see module doc);
+    NaN also when a test feature is NaN/Inf (its neighbours would be arbitrary)."""
     if train_x.shape[0] == 0 or test_x.shape[0] == 0:
         raise ValueError("kNN accuracy needs at least one training and one test sample")
     if k < 1:
         raise ValueError(f"kNN accuracy needs k >= 1, got {k}")
-    if feature_issue(train_x, directions=True):
+    _check_labels(train_x, train_y, test_x, test_y)
+    if feature_issue(train_x, directions=True) or not bool(torch.isfinite(test_x).all()):
         return math.nan
     tr = unit_rows(train_x)
     te = unit_rows(test_x)

@@ -106,6 +106,8 @@ class LatentStats:
         x = tokens_of(z.detach()).double()  # (T, C)
         if x.shape[0] == 0:  # an empty batch would set the shift to NaN
             return
+        if not bool(torch.isfinite(x).all()):  # one NaN would poison every sum (eigvalsh then fails to converge)
+            raise ValueError("latents with NaN/Inf entries cannot enter the spectrum; leave those images out")
         if self.shift is None:
             c = x.shape[1]
             self.shift = x.mean(0)
