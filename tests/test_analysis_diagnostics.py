@@ -258,3 +258,75 @@ def test_spectrum_refuses_non_finite_latents():
         st.update(z)
     st.update(torch.randn(2, 3, 2, 2))  # nothing of the refused batch was added
     assert st.n == 8 and math.isfinite(st.summary().effective_rank)
+
+
+def test_latent_fd_equals_scipy_on_tokens():
+    """diffuse-latent-fd: the Fréchet distance of Gaussian fits (unbiased covariance) of the C-channel
+    tokens, against scipy's sqrtm written here; N below and above the token dimension."""
+    import scipy.linalg
+
+    from raebench.analysis.diffusability import feature_fd
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 6):  # 4 tokens per latent: 4 and 24 tokens of 6 channels
+        a = torch.randn(n, 6, 2, 2, generator=g, dtype=torch.float64)
+        b = 1.3 * torch.randn(n + 2, 6, 2, 2, generator=g, dtype=torch.float64) + 0.2
+        x, y = sp.tokens_of(a).numpy(), sp.tokens_of(b).numpy()
+        ca, cb = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+        ref = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real)
+        assert feature_fd(sp.tokens_of(a), sp.tokens_of(b)) == pytest.approx(ref, rel=1e-7)
+
+
+def _u8(x: torch.Tensor) -> np.ndarray:
+    """The documented 8-bit conversion, in numpy: clamp to [0, 1], x·255 + 0.5 floored."""
+    return np.floor(np.clip(x.detach().float().numpy(), 0, 1) * np.float32(255) + np.float32(0.5))
+
+
+class _CurvedDecoder(_SharpDecoder):
+    def decode(self, z):
+        return (torch.tanh(3 * z) + 1) / 2
+
+
+def test_robustness_and_interpolation_equal_a_direct_computation(make_images):
+    """Every row of both diagnostics against its definition computed here for a decoder that is not
+    the identity (bicubic-f8): decodes, 8-bit rounding, PSNR and RMSE in numpy float64, the noise
+    drawn by the documented recipe (one torch.randn of the latents' shape, CPU generator seeded with
+    the seed). rel 1e-6: the library compares the 8-bit images after float32 division by 255."""
+    tok = build_tokenizer("bicubic-f8")
+    imgs = make_images(4, 32, 32)
+    z = tok.encode(imgs.float() / 255)
+    sigmas, std = (0.3, 2.0), 0.2
+    curve = dg.decoder_robustness(tok, imgs, z, sigmas, std, distance=dg.rmse_distance, distance_name="rmse", seed=5)
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+    ref, clean = imgs.double().numpy(), _u8(tok.decode(z)).astype(np.float64)
+
+    def psnr(a, b):
+        return float(np.mean([min(100.0, 10 * np.log10(255.0**2 / np.mean((x - y) ** 2))) for x, y in zip(a, b)]))
+
+    def rmse(a, b):
+        return np.sqrt(((a - b) / 255.0).reshape(len(a), -1).__pow__(2).mean(1))
+
+    assert curve.psnr_clean == pytest.approx(psnr(clean, ref), rel=1e-6)
+    for i, s in enumerate(sigmas):
+        noisy = _u8(tok.decode(z + s * std * eps)).astype(np.float64)
+        assert curve.psnr_vs_decode[i] == pytest.approx(psnr(noisy, clean), rel=1e-6)
+        assert curve.psnr_vs_image[i] == pytest.approx(psnr(noisy, ref), rel=1e-6)
+        assert curve.dist_vs_decode[i] == pytest.approx(rmse(noisy, clean).mean(), rel=1e-6)
+        assert curve.dist_vs_image[i] == pytest.approx(rmse(noisy, ref).mean(), rel=1e-6)
+
+    # a curved decoder, so the relative variance is not a difference of rounding errors (bicubic is linear in z)
+    tok = _CurvedDecoder()
+    z = tok.encode(imgs.float() / 255)
+    steps, pairs = 3, [(0, 2), (3, 1)]
+    res = dg.interpolation_smoothness(tok, z, pairs, steps=steps)
+    assert res.step_relvar > 1e-3
+    d, ends = [], []
+    for a, b in pairs:
+        path = [_u8(tok.decode((1 - k / steps) * z[a : a + 1] + k / steps * z[b : b + 1]))[0].astype(np.float64)
+                for k in range(steps + 1)]
+        d.append([rmse(path[k][None], path[k + 1][None])[0] for k in range(steps)])
+        ends.append(rmse(path[0][None], path[-1][None])[0])
+    v = np.array(d) * steps  # distance per unit t
+    assert res.step_mean == pytest.approx(v.mean(), rel=1e-6)
+    assert res.step_relvar == pytest.approx((v.var(1) / v.mean(1) ** 2).mean(), rel=1e-6)
+    assert res.path_ratio == pytest.approx((np.array(d).sum(1) / np.array(ends)).mean(), rel=1e-6)
