@@ -407,7 +407,7 @@ def test_a_run_killed_while_drawing_has_its_figures_drawn_by_the_rerun(image_fol
     measures the parts behind the missing figures once more and draws them (its rows, equal to the
     stored ones, make the new folder theirs), and a third run finds everything and does nothing.
     Before, the re-run reused every row and drew nothing, leaving the incomplete folder silently."""
-    import raebench.analysis.plots as plots
+    from raebench.analysis import plots
 
     res = tmp_path / "res"
     base = ["analyze", "-t", "bicubic-f8", "--data", str(image_folder), *PLOTTED, "--results", str(res)]
@@ -430,7 +430,7 @@ def test_a_run_killed_while_drawing_has_its_figures_drawn_by_the_rerun(image_fol
     assert drawn == {"robustness.png", "spectra.png"}
 
     before = _runs(res)
-    code, out, err = run(base, capsys)
+    code, _, err = run(base, capsys)
     assert code == 0, err
     assert "figures" in err and killed_dir in " ".join(err.split())  # it says why it measured again
     dirs = _figure_dirs(res)
@@ -457,9 +457,9 @@ def test_figures_show_the_stored_probe_and_alignment_values_of_parts_not_measure
     from raebench.analysis.config import AnalyzeConfig
     from raebench.analysis.run import analyze
 
-    common = dict(tokenizers=("pixels", "bicubic-f8"), data=str(image_folder), references=("random-proj",),
-                  perceptual="rmse", mutual_k=3, knn_k=3, n_diag=2, interp_pairs=1, interp_steps=2, resolution=32,
-                  device="cpu", results_dir=str(tmp_path / "res"))
+    common = {"tokenizers": ("pixels", "bicubic-f8"), "data": str(image_folder), "references": ("random-proj",),
+              "perceptual": "rmse", "mutual_k": 3, "knn_k": 3, "n_diag": 2, "interp_pairs": 1, "interp_steps": 2,
+              "resolution": 32, "device": "cpu", "results_dir": str(tmp_path / "res")}
     first = analyze(AnalyzeConfig(**common, sigmas=(1.0,), plots=False))
     again = analyze(AnalyzeConfig(**common, sigmas=(0.5, 1.0), plots=False))
     assert [r.computed for r in again.reports] == [("robust",), ("robust",)]

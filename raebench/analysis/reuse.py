@@ -164,8 +164,7 @@ def undrawn_parts(stored: pd.DataFrame, expected: dict[str, list[tuple[str, str]
         for key, run_id, extra in zip(keys, stored["run_id"], stored["extra"]):
             if key not in wanted or (isinstance(extra, dict) and extra.get("unmeasured")):
                 continue
-            suffix = run_file_id("", tokenizer)
-            stamp = run_id[: -len(suffix)] if run_id.endswith(suffix) else run_id
+            stamp = run_id.removesuffix(run_file_id("", tokenizer))
             missing = [f for f in figures_of(part) if not (Path(analysis_dir) / stamp / f).is_file()]
             if missing:
                 out[part] = (stamp, missing)
