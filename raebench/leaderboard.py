@@ -11,8 +11,9 @@ exactly one measurement; reported columns by reference (shown where one dataset/
 and by whether the number is for a variant the tokenizer does not load (``reported variant``). The
 resolution shows on every column when the table has several. ``best`` is computed within a column
 (leaderboard) or within the measured cells of a row that share n and metric version (compare), using
-the metric's ``higher_is_better``: ties are all best; there is none when the best is not finite, nor for
-spreads (``kid-std``, ``is-std``).
+the metric's ``higher_is_better``: ties are all best; there is none when the best is not finite, for
+spreads (``kid-std``, ``is-std``), for a lone value, nor when all values tie (bold marks a value that
+beat another).
 
 The domain gap (seed question: is a tokenizer stable outside its training set?) is, per tokenizer,
 metric and metric version, an open-domain value minus the in-domain value at the same resolution,
@@ -27,7 +28,9 @@ or (``score`` rows) candidate sets, each gets its own row, labelled with what di
 and a precision other than fp32 are labelled always. A measured
 value that is NaN (an analysis with notes) shows as ``–``; its row and column stay.
 
-``render`` writes CSV, Markdown or LaTeX (booktabs) with the best value per column in bold.
+``render`` writes CSV, Markdown or LaTeX (booktabs) with the best value per column in bold; labels and text
+show literally in Markdown and LaTeX, and CSV text cells that a spreadsheet would run as a formula get a
+leading ``'``.
 """
 
 from __future__ import annotations
@@ -111,12 +114,14 @@ def _is_spread(metric: str) -> bool:
 
 def _best(values: pd.Series, metric: str, h: bool | None) -> list:
     """Index labels of the best finite value of ``values`` (every one of them on ties); none for a
-    spread, a metric without a direction, or a best that is not finite (a column of inf)."""
+    spread, a metric without a direction, a best that is not finite (a column of inf), a lone value
+    (nothing to beat) or values that all tie (nothing told apart): bold marks a value that beat another."""
     s = pd.to_numeric(values, errors="coerce").dropna()
-    if h is None or s.empty or _is_spread(metric):
+    if h is None or len(s) < 2 or _is_spread(metric):
         return []
     b = s.max() if h else s.min()
-    return list(s.index[s == b]) if math.isfinite(b) else []
+    best = s.index[s == b]
+    return list(best) if math.isfinite(b) and len(best) < len(s) else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +268,7 @@ def leaderboard_caption(df: pd.DataFrame) -> str | None:
         if col in m and m[col].nunique(dropna=False) == 1 and pd.notna(m[col].iloc[0]):
             v = m[col].iloc[0]
             parts.append(fmt.format(int(v) if isinstance(v, float) and float(v).is_integer() else v))
-    return "; ".join(parts) + "; the best of each column in bold"
+    return "; ".join(parts) + "; the best of each column in bold where its values differ"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,8 +373,7 @@ def row_best(table: pd.DataFrame, hib: dict[str, bool | None]) -> set[tuple]:
     out = set()
     for label, row in table.iterrows():
         metric = label[table.index.names.index("metric")] if isinstance(label, tuple) else label
-        if row.notna().sum() > 1:
-            out |= {(label, col) for col in _best(row, metric, hib.get(metric))}
+        out |= {(label, col) for col in _best(row, metric, hib.get(metric))}
     return out
 
 
@@ -514,19 +518,50 @@ def best_per_column(table: pd.DataFrame, hib: dict[str, bool | None]) -> dict[st
     return best
 
 
+#: LaTeX's specials, and characters that OT1, LaTeX's default font encoding, prints as other glyphs
+#: (``<`` as ¡, ``>`` as ¿, a backtick as an opening quote)
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "|": r"\textbar{}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "<": r"\textless{}", ">": r"\textgreater{}", "`": r"\textasciigrave{}",
                   "Δ": r"$\Delta$", "–": "--", "−": "-"}
+
+#: characters with inline meaning in GitHub Markdown (emphasis, code, HTML and autolinks, strikethrough,
+#: entities, the cell separator), each shown literally with a backslash before it
+_MD_SPECIAL = frozenset("\\`*_<~&|")
 
 
 def latex_escape(s: str) -> str:
     return "".join(_LATEX_ESCAPES.get(ch, ch) for ch in _one_line(s))
 
 
+def md_escape(s: str) -> str:
+    r"""``s`` as literal text in a GitHub Markdown table cell (or paragraph): ``my_vae*v2`` or
+    ``C:\runs\x`` show as written, a ``|`` does not end the cell, and ``[a](b)`` is no link."""
+    return "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in _one_line(s)).replace("](", "]\\(")
+
+
 def _one_line(s) -> str:
     """``s`` with line breaks as spaces: a Markdown table row ends at a newline, and a blank line in a
     LaTeX cell is a paragraph break that stops the tabular (a local weights folder may hold either)."""
     return " ".join(str(s).splitlines())
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: a LaTeX text column whose longest cell is longer than this wraps (``compare``'s ``protocol``)
+WRAP_CHARS = 40
+_WRAPPED = r">{\raggedright\arraybackslash}p{0.35\linewidth}"  # needs \usepackage{array}
+
+
+def _latex_column(values: pd.Series) -> str:
+    """``r`` for numbers, ``l`` for short text, a ragged-right paragraph column for long text (a
+    citation-laden ``protocol`` in an ``l`` column ran off the page)."""
+    texts = [str(v) for v in values if not _is_number(v) and v is not None]
+    if not texts:
+        return "r"
+    return _WRAPPED if max(map(len, texts)) > WRAP_CHARS else "l"
 
 
 def render(
@@ -540,14 +575,18 @@ def render(
     above the Markdown table, a LaTeX ``table`` float's caption; CSV holds the table alone).
 
     ``bold``: explicit (row label, column) cells to embolden; default: the best of each column by
-    :func:`best_per_column`. CSV carries raw numbers (full precision), never markup.
+    :func:`best_per_column`. CSV carries raw numbers (full precision), never markup; its text cells
+    are defused against spreadsheet formulas (:func:`csv_text`). Markdown and LaTeX show every label
+    and text cell literally (:func:`md_escape`, :func:`latex_escape`); LaTeX needs ``booktabs`` and,
+    for a text column longer than :data:`WRAP_CHARS` (wrapped), ``array``.
     """
     if fmt == "csv":
-        return table.to_csv()
+        return csv_text(table)
     if fmt not in ("md", "latex"):
         raise ValueError(f"unknown format {fmt!r}; use csv, md or latex")
     if bold is None:
         bold = {(lab, col) for col, labs in best_per_column(table, hib or {}).items() for lab in labs}
+    esc = md_escape if fmt == "md" else latex_escape
     names = [n or "" for n in table.index.names]
     cols = [str(c) for c in table.columns]
     body = []
@@ -556,27 +595,60 @@ def render(
         cells = []
         for col in table.columns:
             v = row[col]
-            s = _fmt(v) if isinstance(v, (int, float)) or v is None else str(v)
-            if fmt == "latex":
-                s = latex_escape(s)
+            s = esc(_fmt(v) if _is_number(v) or v is None else str(v))
             if (label, col) in bold and s not in (MISSING, "--"):
                 s = f"**{s}**" if fmt == "md" else f"\\textbf{{{s}}}"
             cells.append(s)
-        body.append(([str(x) for x in labels], cells))
+        body.append(([esc(x) for x in labels], cells))
+    head = [esc(c) for c in [*names, *cols]]
     if fmt == "md":
-        esc = lambda s: _one_line(s).replace("|", "\\|")  # noqa: E731
-        lines = ["| " + " | ".join(map(esc, [*names, *cols])) + " |", "|" + "---|" * (len(names) + len(cols))]
-        lines += ["| " + " | ".join(map(esc, [*labs, *cells])) + " |" for labs, cells in body]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * (len(names) + len(cols))]
+        lines += ["| " + " | ".join([*labs, *cells]) + " |" for labs, cells in body]
         if caption:  # the dataset, n and resolution of a compare: a table without them cannot be cited
-            lines = [_one_line(caption), "", *lines]
+            lines = [md_escape(caption), "", *lines]
         return "\n".join(lines) + "\n"
-    lines = [r"\begin{tabular}{" + "l" * len(names) + "r" * len(cols) + "}", r"\toprule",
-             " & ".join(latex_escape(c) for c in [*names, *cols]) + r" \\", r"\midrule"]
-    lines += [" & ".join([*(latex_escape(x) for x in labs), *cells]) + r" \\" for labs, cells in body]
+    spec = "l" * len(names) + "".join(_latex_column(table[c]) for c in table.columns)
+    lines = [r"\begin{tabular}{" + spec + "}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
+    lines += [" & ".join([*labs, *cells]) + r" \\" for labs, cells in body]
     lines += [r"\bottomrule", r"\end{tabular}"]
     if caption:
         lines = [r"\begin{table}[t]", r"\centering", r"\caption{" + latex_escape(caption) + "}", *lines, r"\end{table}"]
     return "\n".join(lines) + "\n"
+
+
+#: how a CSV cell may start that spreadsheet programs run as a formula (OWASP, "CSV Injection")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def defuse_cell(v):
+    """``v`` with a ``'`` before it when it is text that a spreadsheet would run as a formula
+    (``=HYPERLINK(...)``, ``@SUM(...)``, ``-2+3``); numbers, and text that reads as one (``-1.5``,
+    ``-inf``), stay as they are."""
+    if not isinstance(v, str) or not v.startswith(_FORMULA_START):
+        return v
+    try:
+        float(v)
+        return v
+    except ValueError:
+        return "'" + v
+
+
+def csv_text(table: pd.DataFrame, index: bool = True) -> str:
+    """``table.to_csv()`` with every text cell, label and header passed through :func:`defuse_cell`;
+    number columns are written untouched (full precision, negatives as numbers)."""
+    t = table.copy()
+    for c in t.columns:
+        if not pd.api.types.is_numeric_dtype(t[c]):
+            t[c] = t[c].map(defuse_cell)
+    t.columns = [defuse_cell(c) for c in t.columns]
+    if index:
+        if isinstance(t.index, pd.MultiIndex):
+            t.index = pd.MultiIndex.from_tuples([tuple(defuse_cell(x) for x in lab) for lab in t.index],
+                                                names=t.index.names)
+        else:
+            t.index = pd.Index([defuse_cell(x) for x in t.index], name=t.index.name, dtype=t.index.dtype
+                               if pd.api.types.is_numeric_dtype(t.index) else object)
+    return t.to_csv(index=index)
 
 
 #: columns that hold whole numbers (a row of an older schema that lacks one turns the column to floats)
@@ -600,7 +672,7 @@ def rows_csv(*frames: pd.DataFrame | None) -> str:
                 rows[col] = v.astype("Int64")
     if "n_images" in rows:
         rows["n_images"] = rows["n_images"].where(pd.to_numeric(rows["n_images"], errors="coerce") >= 0)
-    return rows.to_csv(index=False)
+    return csv_text(rows, index=False)
 
 
 def compare_bold(table: pd.DataFrame) -> set[tuple]:

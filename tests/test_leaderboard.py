@@ -115,7 +115,7 @@ def test_measured_nan_rows_keep_their_tokenizer_row_and_column():
     assert "| a | – | – |" in render(table, "md", {"probe": True, "psnr": True})
     t = compare_table(meas, ["a", "b"], 256)
     assert {"a", "b"} <= set(t.columns) and ("d", "probe") in t.index
-    assert t.loc[("d", "psnr"), "best"] == "b" and t.loc[("d", "probe"), "best"] == ""
+    assert t.loc[("d", "psnr"), "best"] == "" and t.loc[("d", "probe"), "best"] == ""  # b's value is alone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_gaps_over_other_image_sets_are_other_columns_never_ranked_together():
     assert gaps == {"gap open n=12 - in n=12/psnr": {"f8": 0.0, "f4": 1.0},
                     "gap open n=4 - in n=12/psnr": {"f16": pytest.approx(2.2)}}
     best = best_per_column(table, {"psnr": True})
-    assert best["gap open n=12 - in n=12/psnr"] == ["f4"] and best["gap open n=4 - in n=12/psnr"] == ["f16"]
+    assert best["gap open n=12 - in n=12/psnr"] == ["f4"] and "gap open n=4 - in n=12/psnr" not in best  # alone
     gt = gap_table(domain_gap(df))
     assert set(gt.index.get_level_values("pair")) == {"open n=12 - in n=12", "open n=4 - in n=12"}
 
@@ -232,8 +232,75 @@ def test_the_caption_states_what_every_measured_column_shares():
     df = _frame([_row("pixels", "psnr", 40.0), _row("bicubic-f8", "psnr", 20.0),
                  _row("pixels", "psnr", 30.0, dataset="open", n_images=12), _reported("pixels", "psnr", 41.0)])
     assert leaderboard_caption(df) == ("Measured on d (n=17), open (n=12); 256 px; seed 0; fp32; "
-                                       "the best of each column in bold")
+                                       "the best of each column in bold where its values differ")
     df = _frame([_row("pixels", "psnr", 40.0), _row("pixels", "psnr", 30.0, n_images=5, resolution=512, seed=1)])
-    assert leaderboard_caption(df) == "Measured on d; fp32; the best of each column in bold"  # n, px, seed differ: labels
+    assert leaderboard_caption(df) == ("Measured on d; fp32; the best of each column in bold where its values "
+                                       "differ")  # n, px, seed differ: labels
     md = render(pivot(df, gaps=False), "md", caption=leaderboard_caption(df))
     assert md.startswith("Measured on d; fp32; the best") and "| tokenizer |" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# exports: literal text, formulas, wrapping, lone values
+# ---------------------------------------------------------------------------------------------
+
+
+def test_markdown_shows_labels_and_text_cells_literally():
+    """Only '|' was escaped: a weights folder ``my_vae*v2*`` rendered in italics, ``C:\\runs\\x`` lost its
+    backslashes' meaning, ``<b>`` became HTML, backticks code, ``~~s~~`` strikethrough, ``[l](u)`` a link."""
+    import html
+    import re
+
+    markdown_it = pytest.importorskip("markdown_it")  # rich's Markdown parser (GFM tables, strikethrough)
+    labels = ["my_vae*v2* [local:C:\\runs\\x]", "a`b`<b>x</b> ~~s~~ &amp; [l](u)", "p|q\\|r _s_"]
+    table = pd.DataFrame({"_d_/psnr": [1.0, 2.0, 3.0], "note": ["_a_", "*b*", "`c`"]}, index=labels)
+    text = render(table, "md", {"psnr": True}, caption="compare on my_set_ (n=4)")
+    out = markdown_it.MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(text)
+    cells = [html.unescape(c) for c in re.findall(r"<t[dh]>(.*?)</t[dh]>", out)]
+    assert cells == ["", "_d_/psnr", "note", labels[0], "1.0000", "_a_", labels[1], "2.0000", "*b*",
+                     labels[2], "<strong>3.0000</strong>", "`c`"]
+    assert out.startswith("<p>compare on my_set_ (n=4)</p>")
+
+
+def test_latex_escapes_every_special_and_wraps_long_text_columns():
+    """``<``, ``>`` and backticks printed as ¡, ¿ and a quote (OT1); a long ``protocol`` column was ``r``
+    and ran off the page."""
+    assert latex_escape("a&b%c$d#e_f{g}h~i^j\\k<l>m`n") == (
+        r"a\&b\%c\$d\#e\_f\{g\}h\textasciitilde{}i\textasciicircum{}j\textbackslash{}k\textless{}l"
+        r"\textgreater{}m\textasciigrave{}n")
+    t = pd.DataFrame({"a": [1.0, 2.0], "best": ["a", ""], "protocol": ["256 px | measured: same images, n=17 | "
+                                                                       "a reported: n=5000, ref: originals", "x"]},
+                     index=pd.MultiIndex.from_tuples([("d", "psnr"), ("d", "ssim")], names=["dataset", "metric"]))
+    tex = render(t, "latex", bold=set())
+    assert tex.splitlines()[0] == r"\begin{tabular}{llrl>{\raggedright\arraybackslash}p{0.35\linewidth}}"
+
+
+def test_csv_defuses_formulas_and_keeps_numbers():
+    """OWASP CSV injection: text cells, labels and headers starting with = + - @ get a leading ';
+    numbers (negative ones included) and text that reads as a number stay as they are."""
+    import io
+
+    from raebench.leaderboard import rows_csv
+
+    t = pd.DataFrame({"=x/psnr": [-1.5, 2.0], "note": ['=HYPERLINK("http://e")', "-2.5"]}, index=["@SUM(A1)", "+b"])
+    back = pd.read_csv(io.StringIO(render(t, "csv")), index_col=0, dtype={"note": str})
+    assert list(back.columns) == ["'=x/psnr", "note"] and list(back.index) == ["'@SUM(A1)", "'+b"]
+    assert back["'=x/psnr"].tolist() == [-1.5, 2.0] and back["note"].tolist() == ['\'=HYPERLINK("http://e")', "-2.5"]
+    rows = pd.read_csv(io.StringIO(rows_csv(_frame([_row("a", "psnr", -3.0, notes="-cmd|' /C calc'!A0")]))))
+    assert rows["value"].tolist() == [-3.0] and rows["notes"].tolist() == ["'-cmd|' /C calc'!A0"]
+
+
+def test_a_lone_value_or_a_column_of_ties_is_never_bold():
+    """A column with one value (a published number of one tokenizer, a run of one) was bold as if it had
+    beaten something; a column where every value ties was all bold."""
+    table = pd.DataFrame({"d/psnr": [25.0, NAN, NAN], "d/ssim": [0.5, 0.5, 0.5], "d/fid": [1.0, 1.0, 2.0],
+                          "e/fid": [INF, 3.0, NAN]}, index=["a", "b", "c"])
+    assert best_per_column(table, {"psnr": True, "ssim": True, "fid": False}) == {"d/fid": ["a", "b"], "e/fid": ["b"]}
+    board = pivot(_frame([_row("a", "psnr", 20.0), _row("b", "psnr", 25.0)]),
+                  reported=_frame([_reported("a", "psnr", 26.0)]), gaps=False)
+    md = render(board, "md", {"psnr": True})
+    assert "**25.00**" in md and "| 26.00 |" in md  # the published number stands alone in its column
+    t = compare_table(_frame([_row("a", "psnr", 20.0), _row("b", "psnr", 20.0)]), ["a", "b"], 256)
+    assert t.loc[("d", "psnr"), "best"] == "" and compare_bold(t) == set()
+    assert compare_table(_frame([_row("a", "psnr", 20.0)]), ["a"], 256).loc[("d", "psnr"), "best"] == ""
+
