@@ -304,3 +304,18 @@ def test_a_lone_value_or_a_column_of_ties_is_never_bold():
     assert t.loc[("d", "psnr"), "best"] == "" and compare_bold(t) == set()
     assert compare_table(_frame([_row("a", "psnr", 20.0)]), ["a"], 256).loc[("d", "psnr"), "best"] == ""
 
+
+def test_the_terminal_compare_table_keeps_bracketed_flags():
+    """rich read ``[variant]``, ``[secondary, not re-verified]`` and ``[bf16]`` as markup and dropped them."""
+    import io
+
+    from rich.console import Console
+
+    from raebench.cli.core import _rich_table
+
+    t = pd.DataFrame({"a [bf16]": [1.0], "protocol": ["a reported: n=5000 [secondary, variant]"]},
+                     index=pd.MultiIndex.from_tuples([("d", "psnr")], names=["dataset", "metric"]))
+    con = Console(file=io.StringIO(), width=200)
+    con.print(_rich_table(t, "compare on [x]", {(("d", "psnr"), "a [bf16]")}))
+    text = con.file.getvalue()
+    assert "[secondary, variant]" in text and "a [bf16]" in text and "compare on [x]" in text

@@ -174,21 +174,25 @@ def _hib_metrics(metrics) -> dict:
 
 
 def _rich_table(table, title: str, bold: set):
-    t = Table(title=title, show_lines=False)
+    """``table`` for the terminal, ``bold`` cells bold green. Every text is escaped: rich reads
+    ``[...]`` as markup, which swallowed ``[variant]``, ``[not re-verified]`` and ``[bf16]``."""
+    from rich.markup import escape
+
+    t = Table(title=escape(title), show_lines=False)
     names = [n or "" for n in table.index.names]
     for c in [*names, *map(str, table.columns)]:
-        t.add_column(c, justify="left" if c in (*names, "best", "best (reported)", "protocol") else "right",
+        t.add_column(escape(c), justify="left" if c in (*names, "best", "best (reported)", "protocol") else "right",
                      overflow="fold")
     for label, row in table.iterrows():
         labs = list(label) if isinstance(label, tuple) else [label]
         cells = []
         for c in table.columns:
             v = row[c]
-            s = _fmt(v) if isinstance(v, float) else str(v)
+            s = escape(_fmt(v) if isinstance(v, float) else str(v))
             if (label, c) in bold:
                 s = f"[bold green]{s}[/]"
             cells.append(s)
-        t.add_row(*map(str, labs), *cells)
+        t.add_row(*(escape(str(x)) for x in labs), *cells)
     return t
 
 
