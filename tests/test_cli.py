@@ -141,3 +141,25 @@ def test_score_help_says_how_paired_images_are_matched(capsys, monkeypatch):
     code, out, _ = run(["score", "--help"], capsys)
     assert code == 0
     assert "by name, or by position when a side is an .npz" in " ".join(out.split())
+
+
+def test_out_writes_through_a_symbolic_link(tmp_path: Path, capsys):
+    """The atomic rename of --out replaced a link (paper/table.md -> the shared copy) with a file of
+    its own and left the target stale; `>` and most tools write to the target."""
+    from raebench.results import ResultRow, write_rows
+
+    res = tmp_path / "res"
+    write_rows([ResultRow(tokenizer="pixels", weights_id="none", dataset="d", split="val", domain="in-domain",
+                          resolution=32, n_images=4, metric="psnr", value=30.0, higher_is_better=True,
+                          metric_version="v1")], res)
+    (tmp_path / "shared").mkdir()
+    target = tmp_path / "shared" / "board.md"
+    target.write_text("old\n")
+    link = tmp_path / "board.md"
+    link.symlink_to(target)
+    dangling = tmp_path / "new.md"
+    dangling.symlink_to(tmp_path / "shared" / "new-target.md")
+    for out in (link, dangling):
+        assert run(["leaderboard", "--format", "md", "--out", str(out), "--results", str(res)], capsys)[0] == 0
+        assert out.is_symlink() and "| pixels | 30.00 |" in out.resolve().read_text()
+    assert "| pixels | 30.00 |" in target.read_text()

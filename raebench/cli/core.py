@@ -71,14 +71,19 @@ def _fmt(v) -> str:
 
 
 def write_output(out: Path, text: str) -> None:
-    """Write an export atomically; a path that cannot be written is one sentence."""
+    """Write an export atomically; a path that cannot be written is one sentence. A symbolic link
+    is written through to its target (a dangling one creates it), as ``>`` does: the atomic rename
+    would otherwise replace the link itself with a file and leave its target as it was."""
+    import os
+
     from raebench.cli import console
     from raebench.results import atomic_write_bytes
 
     if out.is_dir():
         raise RaebenchError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'leaderboard.md')!r}.")
+    target = Path(os.path.realpath(out)) if out.is_symlink() else out
     try:
-        atomic_write_bytes(out, text.encode())
+        atomic_write_bytes(target, text.encode())
     except OSError as e:
         raise RaebenchError(f"Cannot write --out {str(out)!r} ({e.strerror or e}); give a writable file path.") from None
     console.print(f"wrote {out}")
