@@ -5,7 +5,9 @@ precision, dataset, resolution, seed, metric version and the data fingerprint (t
 see ``ImageList.fingerprint``) all match, so other weights, a bf16 run, a different ``--limit`` or a
 changed folder are recomputed, never mixed in silently; ``recompute=True`` reuses nothing. Each
 tokenizer is built (its weights loaded) before that decision, since its weights identity is known
-only then.
+only then. A results folder that cannot be written (a shared, read-only one) is fine while every row
+asked for is stored; the first tokenizer that needs a row computed stops ``compare`` with one sentence,
+before any evaluation.
 
 Beside the measured values the table shows what the tokenizers' baseline cards report
 (``raebench.baselines``), each in its own ``(reported)`` column with its n, reference and source in
@@ -120,7 +122,14 @@ def compare(
     stray = sorted(set(local) - set(names))
     if stray:
         raise RaebenchError(f"--weights given for {', '.join(stray)}, which is not among the compared tokenizers.")
-    check_writable(results_dir)  # before any model loads
+    try:
+        check_writable(results_dir)  # before any model loads
+        unwritable = None
+    except RaebenchError as e:
+        if recompute:
+            raise
+        unwritable = str(e)  # a shared read-only folder may hold every row asked for: fail only if one is missing
+    unwritable = from_rank0(unwritable)
     resolved = resolve_data(data, dataset, limit, seed)
     fp = resolved.images.fingerprint()
     computed = []
@@ -138,6 +147,10 @@ def compare(
             todo = metrics if recompute else missing_metrics(load(results_dir), name, wids[name], metrics, resolved.name,
                                                              fp, resolution, resolved.seed_of(seed), plan=plan)
             todo = from_rank0(todo)
+            if todo and unwritable:  # before any evaluation: nothing computed would be lost
+                raise RaebenchError(f"{name} needs {', '.join(todo)} computed (no stored row of these weights, images "
+                                    f"and settings), which cannot be stored: {unwritable[0].lower()}{unwritable[1:-1]} "
+                                    "(a writable copy of this folder keeps its rows).")
             if todo:
                 cb = (lambda d, t, n=name: on_progress(f"eval {n}", d, t)) if on_progress else None
                 evaluate(replace(cfg, metrics=todo), tokenizer=tok, on_progress=cb, data=resolved)

@@ -1,5 +1,6 @@
 """CLI end to end on tiny data: eval -> compare -> leaderboard; user errors are one sentence."""
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -163,3 +164,64 @@ def test_out_writes_through_a_symbolic_link(tmp_path: Path, capsys):
         assert run(["leaderboard", "--format", "md", "--out", str(out), "--results", str(res)], capsys)[0] == 0
         assert out.is_symlink() and "| pixels | 30.00 |" in out.resolve().read_text()
     assert "| pixels | 30.00 |" in target.read_text()
+
+
+def _compare_psnr(image_folder: Path, res: Path, *extra: str) -> list[str]:
+    return ["compare", "-t", "bicubic-f8", "-t", "pixels", "--data", str(image_folder), "-r", "32", "-m", "psnr",
+            "--results", str(res), "--device", "cpu", *extra]
+
+
+def test_compare_reads_a_read_only_results_folder_and_says_when_it_must_write(image_folder: Path, tmp_path: Path,
+                                                                             capsys, monkeypatch):
+    """A shared results folder on a read-only file system: compare refused it up front even when every
+    row was stored (nothing to write); now it shows the table, and when a row is missing it says so in
+    one sentence before any evaluation. Simulated for root, whom permissions do not stop: every file
+    creation under the folder fails with EROFS, as on a read-only mount."""
+    import errno
+    import os
+    import tempfile
+
+    res = tmp_path / "res"
+    assert run(_compare_psnr(image_folder, res), capsys)[0] == 0
+    files = sorted(p for p in res.rglob("*"))
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*a, dir=None, **kw):
+        if dir is not None and Path(dir).resolve().is_relative_to(res.resolve()):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_mkstemp(*a, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    code, out, err = run(_compare_psnr(image_folder, res), capsys)
+    assert code == 0, err
+    assert "computed now: nothing (all reused)" in " ".join(out.split())
+    code, out, err = run(_compare_psnr(image_folder, res, "--format", "md"), capsys)
+    assert code == 0 and "| images | psnr |" in out
+    assert run(["leaderboard", "--results", str(res)], capsys)[0] == 0
+    code, _, err = run(_compare_psnr(image_folder, res, "-t", "bicubic-f16"), capsys)
+    err = " ".join(err.split())
+    assert code == 2 and "bicubic-f16 needs psnr computed" in err and "Read-only file system" in err
+    assert "Traceback" not in err and "eval bicubic-f16" not in err  # nothing was evaluated
+    code, _, err = run(_compare_psnr(image_folder, res, "--recompute"), capsys)
+    assert code == 2 and "is not writable" in err
+    assert sorted(p for p in res.rglob("*")) == files
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_compare_reads_a_results_folder_without_write_permission(image_folder: Path, tmp_path: Path, capsys):
+    """The same with real permissions (`chmod -R a-w`, as shared results on a cluster)."""
+    import stat
+
+    res = tmp_path / "res"
+    assert run(_compare_psnr(image_folder, res), capsys)[0] == 0
+    dirs = [res, *(p for p in res.rglob("*") if p.is_dir())]
+    for d in dirs:
+        d.chmod(d.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        code, out, err = run(_compare_psnr(image_folder, res), capsys)
+        assert code == 0 and "nothing (all reused)" in " ".join(out.split()), err
+        code, _, err = run(_compare_psnr(image_folder, res, "-t", "bicubic-f16"), capsys)
+        assert code == 2 and "bicubic-f16 needs psnr computed" in " ".join(err.split())
+    finally:
+        for d in dirs:
+            d.chmod(d.stat().st_mode | stat.S_IWUSR)
