@@ -49,13 +49,14 @@ def _fmt(v, metric: str = "") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return MISSING
     if isinstance(v, float) and math.isinf(v):
-        return "inf"
+        return "inf" if v > 0 else "-inf"  # a Δ or gap against an infinite value keeps its sign
     if not isinstance(v, (int, float)):
         return str(v)
     a = abs(v)
-    if a != 0 and (a >= 1e5 or a < 1e-3):
+    # decided on the rounded value: 9.99996 reads 10.00 as 10.00001 does, 99999.996 as 1.000e+05
+    if a != 0 and (round(a, 2) >= 1e5 or a < 1e-3):
         return f"{v:.3e}"
-    return f"{v:.4f}" if a < 10 else f"{v:.2f}"
+    return f"{v:.4f}" if round(a, 4) < 10 else f"{v:.2f}"
 
 
 def _n(n) -> str:

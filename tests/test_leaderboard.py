@@ -319,3 +319,11 @@ def test_the_terminal_compare_table_keeps_bracketed_flags():
     con.print(_rich_table(t, "compare on [x]", {(("d", "psnr"), "a [bf16]")}))
     text = con.file.getvalue()
     assert "[secondary, variant]" in text and "a [bf16]" in text and "compare on [x]" in text
+
+
+def test_number_format_keeps_the_sign_of_infinity_and_one_precision_per_magnitude():
+    """A Δ against an infinite FID (-inf) read "inf"; 9.99996 read 10.0000 beside 10.00001's 10.00."""
+    from raebench.leaderboard import _fmt
+
+    assert [_fmt(v) for v in (INF, -INF, NAN, 9.99996, 10.00001, 9.99994, -12.345, 99999.996, 0.0005, 0.0)] == [
+        "inf", "-inf", "–", "10.00", "10.00", "9.9999", "-12.35", "1.000e+05", "5.000e-04", "0.0000"]
