@@ -11,9 +11,9 @@ exactly one measurement; reported columns by reference (shown where one dataset/
 and by whether the number is for a variant the tokenizer does not load (``reported variant``). The
 resolution shows on every column when the table has several. ``best`` is computed within a column
 (leaderboard) or within the measured cells of a row that share n and metric version (compare), using
-the metric's ``higher_is_better``: ties are all best; there is none when the best is not finite, for
-spreads (``kid-std``, ``is-std``), for a lone value, nor when all values tie (bold marks a value that
-beat another).
+the metric's ``higher_is_better``: ties (equal as shown) are all best; there is none when the best is
+not finite, for spreads (``kid-std``, ``is-std``), for a lone value, nor when all values tie (bold marks
+a value that beat another).
 
 The domain gap (seed question: is a tokenizer stable outside its training set?) is, per tokenizer,
 metric and metric version, an open-domain value minus the in-domain value at the same resolution,
@@ -116,12 +116,14 @@ def _is_spread(metric: str) -> bool:
 def _best(values: pd.Series, metric: str, h: bool | None) -> list:
     """Index labels of the best finite value of ``values`` (every one of them on ties); none for a
     spread, a metric without a direction, a best that is not finite (a column of inf), a lone value
-    (nothing to beat) or values that all tie (nothing told apart): bold marks a value that beat another."""
+    (nothing to beat) or values that all tie (nothing told apart): bold marks a value that beat another.
+    Ties are equal at the precision shown (:func:`_fmt`): of 25.1234 and 25.1249, both shown 25.12,
+    bolding one would mark a difference the table does not show (the CSV keeps full precision)."""
     s = pd.to_numeric(values, errors="coerce").dropna()
     if h is None or len(s) < 2 or _is_spread(metric):
         return []
     b = s.max() if h else s.min()
-    best = s.index[s == b]
+    best = s.index[s.map(_fmt) == _fmt(b)]
     return list(best) if math.isfinite(b) and len(best) < len(s) else []
 
 

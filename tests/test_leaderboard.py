@@ -268,8 +268,8 @@ def test_latex_escapes_every_special_and_wraps_long_text_columns():
     assert latex_escape("a&b%c$d#e_f{g}h~i^j\\k<l>m`n") == (
         r"a\&b\%c\$d\#e\_f\{g\}h\textasciitilde{}i\textasciicircum{}j\textbackslash{}k\textless{}l"
         r"\textgreater{}m\textasciigrave{}n")
-    t = pd.DataFrame({"a": [1.0, 2.0], "best": ["a", ""], "protocol": ["256 px | measured: same images, n=17 | "
-                                                                       "a reported: n=5000, ref: originals", "x"]},
+    long = "256 px | measured: same images, n=17 | a reported: n=5000, ref: originals"
+    t = pd.DataFrame({"a": [1.0, 2.0], "best": ["a", ""], "protocol": [long, "x"]},
                      index=pd.MultiIndex.from_tuples([("d", "psnr"), ("d", "ssim")], names=["dataset", "metric"]))
     tex = render(t, "latex", bold=set())
     assert tex.splitlines()[0] == r"\begin{tabular}{llrl>{\raggedright\arraybackslash}p{0.35\linewidth}}"
@@ -327,3 +327,13 @@ def test_number_format_keeps_the_sign_of_infinity_and_one_precision_per_magnitud
 
     assert [_fmt(v) for v in (INF, -INF, NAN, 9.99996, 10.00001, 9.99994, -12.345, 99999.996, 0.0005, 0.0)] == [
         "inf", "-inf", "–", "10.00", "10.00", "9.9999", "-12.35", "1.000e+05", "5.000e-04", "0.0000"]
+
+
+def test_values_equal_at_the_precision_shown_tie():
+    """25.1234 and 25.1249 both read 25.12, and only one was bold; compare named one of them best."""
+    table = pd.DataFrame({"d/psnr": [25.1234, 25.1249, 20.0], "d/fid": [12.341, 12.344, 13.0],
+                          "e/ssim": [0.91234, 0.91236, 0.5]}, index=["a", "b", "c"])
+    assert best_per_column(table, {"psnr": True, "fid": False, "ssim": True}) == {
+        "d/psnr": ["a", "b"], "d/fid": ["a", "b"], "e/ssim": ["b"]}  # 0.9123 < 0.9124 as shown
+    t = compare_table(_frame([_row("a", "psnr", 25.1234), _row("b", "psnr", 25.1249)]), ["a", "b"], 256)
+    assert t.loc[("d", "psnr"), "best"] == ""  # all tie as shown
