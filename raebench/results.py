@@ -188,16 +188,17 @@ def new_run_id() -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; when the block finishes, fsync it and rename it
     to ``path`` (a crash leaves the old file or the new one, never half); on error, remove it.
-    ``suffix`` lets writers that insist on an extension (``np.savez``) keep it."""
+    ``suffix`` lets writers that insist on an extension (``np.savez``) keep it. ``mode``: the new
+    file's permissions (default: 0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the other users
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)  # mkstemp's 0600 would hide results from others
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -280,9 +281,9 @@ def save_npz_streamed_atomic(path: str | os.PathLike, key: str, shape: tuple[int
                 np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=mode) as tmp:
         tmp.write_bytes(data)
 
 

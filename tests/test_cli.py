@@ -225,3 +225,18 @@ def test_compare_reads_a_results_folder_without_write_permission(image_folder: P
     finally:
         for d in dirs:
             d.chmod(d.stat().st_mode | stat.S_IWUSR)
+
+
+def test_out_keeps_the_permissions_of_the_file_it_replaces(tmp_path: Path, capsys):
+    """The atomic rename gave a `chmod 600` export the umask's mode (readable by all); `>` keeps it."""
+    from raebench.results import ResultRow, write_rows
+
+    res = tmp_path / "res"
+    write_rows([ResultRow(tokenizer="pixels", weights_id="none", dataset="d", split="val", domain="in-domain",
+                          resolution=32, n_images=4, metric="psnr", value=30.0, higher_is_better=True,
+                          metric_version="v1")], res)
+    out = tmp_path / "private.csv"
+    out.write_text("old\n")
+    out.chmod(0o600)
+    assert run(["leaderboard", "--format", "csv", "--out", str(out), "--results", str(res)], capsys)[0] == 0
+    assert "pixels" in out.read_text() and out.stat().st_mode & 0o777 == 0o600

@@ -71,9 +71,10 @@ def _fmt(v) -> str:
 
 
 def write_output(out: Path, text: str) -> None:
-    """Write an export atomically; a path that cannot be written is one sentence. A symbolic link
-    is written through to its target (a dangling one creates it), as ``>`` does: the atomic rename
-    would otherwise replace the link itself with a file and leave its target as it was."""
+    """Write an export atomically; a path that cannot be written is one sentence. As ``>`` does, a
+    symbolic link is written through to its target (a dangling one creates it), and a file that
+    exists keeps its permissions: the atomic rename would otherwise replace the link itself with a
+    file and leave its target as it was, and give a ``chmod 600`` file the umask's mode."""
     import os
 
     from raebench.cli import console
@@ -83,7 +84,11 @@ def write_output(out: Path, text: str) -> None:
         raise RaebenchError(f"--out {str(out)!r} is a folder; give a file name such as {str(out / 'leaderboard.md')!r}.")
     target = Path(os.path.realpath(out)) if out.is_symlink() else out
     try:
-        atomic_write_bytes(target, text.encode())
+        mode = target.stat().st_mode & 0o7777 if target.is_file() else None  # a private file stays private
+    except OSError:
+        mode = None
+    try:
+        atomic_write_bytes(target, text.encode(), mode=mode)
     except OSError as e:
         raise RaebenchError(f"Cannot write --out {str(out)!r} ({e.strerror or e}); give a writable file path.") from None
     console.print(f"wrote {out}")
