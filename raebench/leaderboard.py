@@ -560,7 +560,7 @@ _WRAPPED = r">{\raggedright\arraybackslash}p{0.35\linewidth}"  # needs \usepacka
 
 def _latex_column(values: pd.Series) -> str:
     """``r`` for numbers, ``l`` for short text, a ragged-right paragraph column for long text (a
-    citation-laden ``protocol`` in an ``l`` column ran off the page)."""
+    citation-laden ``protocol`` in an ``r`` column ran off the page)."""
     texts = [str(v) for v in values if not _is_number(v) and v is not None]
     if not texts:
         return "r"
