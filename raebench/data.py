@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import stat
 import warnings
 from dataclasses import dataclass, field
@@ -92,8 +93,8 @@ def load_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Im
     Grayscale, palette, RGBA (alpha dropped, as ADM/torchvision do), CMYK and 16-bit images are
     converted to 8-bit RGB. 16-bit samples (PNG, PGM/PPM, TIFF; grey or colour) keep their high byte,
     v >> 8, as Pillow does for colour and scikit-image's ``img_as_ubyte``; signed 8- and 16-bit TIFFs
-    convert as ``img_as_ubyte`` does (negatives to 0); float images are read as [0, 1] (NaN/Inf:
-    skipped); integer images of other depths (32-bit TIFF) are skipped, their white level undefined.
+    convert as ``img_as_ubyte`` does (negatives to 0); float images are read as [0, 1] (NaN/Inf or
+    values outside [-1, 1], e.g. a float TIFF of 0..255: skipped; negatives to 0, as ``img_as_ubyte``); integer images of other depths (32-bit TIFF) are skipped, their white level undefined.
     Raises ImageSkip with a short reason for anything unreadable: any exception while decoding
     except MemoryError (the machine, not the file), whose type the reason names.
     """
@@ -115,11 +116,17 @@ def load_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Im
                 raise ImageSkip("not a regular file")
             if st.st_size == 0:
                 raise ImageSkip("zero-byte file")
+            _let_pillow_open(max_pixels)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
                 # a file object, not the path: Pillow memory-maps what it opens by path, and that path
                 # decodes single-band TIFFs with orientation 5-8 at the rotated size (scrambled pixels)
-                im = Image.open(fh)
+                try:
+                    im = Image.open(fh)
+                except Image.DecompressionBombError as e:  # over 2x Pillow's limit, itself at least ours
+                    n = re.search(r"\((\d+) pixels\)", str(e))  # Pillow names the size, not the sides
+                    raise ImageSkip(f"{n[1] + ' pixels ' if n else ''}exceeds the pixel limit of {max_pixels} "
+                                    "(RAEBENCH_MAX_PIXELS)") from None
             with im:
                 w, h = im.size
                 if w * h > max_pixels:
@@ -137,6 +144,16 @@ def load_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Im
         raise
     except Exception as e:  # struct.error, TypeError, ... from malformed tags: this file, not the run
         raise ImageSkip(f"unreadable ({_kind(e)}: {str(e)[:80]})") from None
+
+
+def _let_pillow_open(max_pixels: int) -> None:
+    """Raise Pillow's decompression-bomb limit (an error above 2x ``Image.MAX_IMAGE_PIXELS``: 179 Mpx,
+    below our default 16384² = 268 Mpx) to ``max_pixels`` where that is higher, so that
+    RAEBENCH_MAX_PIXELS decides, as documented; never lowered, and a limit that someone switched off
+    (None) stays off. Only raised: concurrent callers cannot undo each other."""
+    pil = Image.MAX_IMAGE_PIXELS
+    if pil is not None and 2 * pil < max_pixels:
+        Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)
 
 
 def _kind(e: BaseException) -> str:
@@ -209,6 +226,9 @@ def _to_rgb8(im: Image.Image, sample: tuple[int | None, bool]) -> Image.Image:
         a = np.asarray(im).astype(np.float64)
         if not np.isfinite(a).all():
             raise ImageSkip("non-finite pixels (NaN or Inf in a float image)")
+        if a.min() < -1.0 or a.max() > 1.0:  # e.g. a float TIFF of 0..255: clipping would make it white
+            raise ImageSkip(f"float image with values in [{a.min():.4g}, {a.max():.4g}]; float images must "
+                            "hold [0, 1] (scikit-image's img_as_ubyte refuses values outside [-1, 1] too)")
         return Image.fromarray(np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8), mode="L").convert("RGB")
     if im.mode == "RGB":
         return im.copy()

@@ -526,3 +526,33 @@ def test_long_listings_and_fingerprints_report_progress(tmp_path: Path, monkeypa
         assert images.fingerprint() == fp and images.paths == quiet.paths
     text = caplog.text
     assert "image files so far" in text and "fingerprinting" in text and "of 6 files read" in text
+
+
+def test_float_images_outside_the_unit_range_are_skipped_not_clipped(tmp_path: Path):
+    """A float TIFF of 0..255 (what Pillow's convert("RGB") reads as such) was clipped to an all-white
+    image; values outside [-1, 1] are refused as img_as_ubyte refuses them, negatives go to 0."""
+    from skimage.util import img_as_ubyte
+
+    from raebench.data import ImageSkip
+
+    f = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(f * 255).save(tmp_path / "f255.tif")
+    with pytest.raises(ImageSkip, match=r"float image with values in \[0, 255\]"):
+        load_rgb(tmp_path / "f255.tif")
+    Image.fromarray(f - 0.5).save(tmp_path / "neg.tif")
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "neg.tif"))[..., 0], img_as_ubyte(f - 0.5))
+
+
+def test_pixel_limit_above_pillows_bomb_limit_is_honoured(tmp_path: Path, monkeypatch):
+    """A pixel limit above twice Pillow's MAX_IMAGE_PIXELS (179 Mpx, below the default 16384²) used to
+    be ignored: Pillow refused the file in Image.open first, so a 15000 x 15000 image was skipped by
+    default. Here Pillow's limit is scaled down to 100 (an error above 200 px) and the image has 400 px."""
+    from raebench.data import ImageSkip
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "big.png")
+    assert load_rgb(tmp_path / "big.png", max_pixels=1000).size == (20, 20)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    for limit in (150, 300):  # Pillow's refusal (150) and ours (300) name the same limit
+        with pytest.raises(ImageSkip, match=f"exceeds the pixel limit of {limit} \\(RAEBENCH_MAX_PIXELS\\)"):
+            load_rgb(tmp_path / "big.png", max_pixels=limit)
