@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,7 +233,21 @@ def _npz_batches(path: Path, batch_size: int, lo: int = 0, hi: int | None = None
     A stored member (``np.savez``, what ADM and ``raebench sample`` write) is read straight from the
     file at image ``lo``: a zip member opened by ``zipfile`` seeks forward by reading and checksumming
     everything before, 34 GB of a 39 GB 512-px sample file for the last of 8 ranks (or a resumed
-    run). A compressed member (``np.savez_compressed``) has to be read from its start."""
+    run). A compressed member (``np.savez_compressed``) has to be read from its start.
+
+    Damaged bytes are a :class:`DataError` instead of images, at the latest before the last batch is
+    yielded (so no result is computed from them): ``zipfile`` checks a compressed member's stream as
+    it reads and its CRC-32 at its end; a stored member read whole in one pass (``lo`` 0 to the last
+    image) is checked against its CRC-32 here. A stored member read in part (a shard of a torchrun,
+    or a resumed run) is not checksummed: that would read the rest of the file too."""
+    try:
+        yield from _npz_member_batches(path, batch_size, lo, hi)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # OSError is the disk's, not the file's: it propagates
+        raise DataError(f"{path.name}: arr_0 is corrupt ({type(e).__name__}: {str(e)[:80]}); "
+                        "write or copy the file again.") from None
+
+
+def _npz_member_batches(path: Path, batch_size: int, lo: int, hi: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     with zipfile.ZipFile(path) as zf:
         info = zf.getinfo("arr_0.npy")
         with zf.open(info) as f:
@@ -243,8 +258,13 @@ def _npz_batches(path: Path, batch_size: int, lo: int = 0, hi: int | None = None
         start = _stored_data_offset(path, info)
         per = int(np.prod(shape[1:]))
         hi = shape[0] if hi is None else min(hi, shape[0])
+        # a stored member read from its first to its last byte: its CRC-32 is checked as zipfile would
+        crc = zlib.crc32(b"") if start is not None and lo == 0 and header + hi * per == info.file_size else None
         with (open(path, "rb") if start is not None else zf.open(info)) as f:
             if start is not None:
+                if crc is not None:
+                    f.seek(start)
+                    crc = zlib.crc32(f.read(header))
                 f.seek(start + header + lo * per)
             else:
                 f.seek(header + lo * per)  # a compressed member seeks forward by reading
@@ -254,6 +274,10 @@ def _npz_batches(path: Path, batch_size: int, lo: int = 0, hi: int | None = None
                 buf = f.read(k * per if start is None else max(0, min(k * per, start + info.file_size - f.tell())))
                 if len(buf) != k * per:
                     raise DataError(f"{path.name}: arr_0 is truncated at image {first + len(buf) // per} of {shape[0]}.")
+                if crc is not None:
+                    crc = zlib.crc32(buf, crc)
+                    if first + k == hi and crc != info.CRC:
+                        raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
                 arr = np.frombuffer(buf, dtype=np.uint8).reshape(k, *shape[1:])
                 yield torch.arange(first, first + k), torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).contiguous()
 

@@ -333,3 +333,30 @@ def test_npz_paired_with_unpadded_numeric_file_names_is_noted(tmp_path, capsys, 
                         "-m", "psnr", "--device", "cpu", "--results", str(tmp_path / "res2")], capsys)
     row = load(tmp_path / "res2").iloc[0]
     assert code == 0 and row["notes"] == "" and row["value"] == pytest.approx(100.0), err
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "compressed"])
+def test_npz_with_damaged_image_bytes_is_one_sentence_not_a_number(save, tmp_path, capsys, make_images):
+    """Bytes of arr_0 damaged in place (same size): a stored member was read raw and scored (PSNR 86
+    instead of 100), a compressed one raised zipfile's BadZipFile as a traceback. Both are refused
+    before the last batch (the CRC-32 covers the whole member); a stored member read in part is not
+    checksummed."""
+    from raebench.metrics.sources import _npz_batches
+
+    imgs = make_images(6, 16, 16).permute(0, 2, 3, 1).numpy()
+    save(tmp_path / "ref.npz", arr_0=imgs)
+    save(tmp_path / "bad.npz", arr_0=imgs)
+    b = bytearray((tmp_path / "bad.npz").read_bytes())
+    b[b.index(b"arr_0.npy") + 200] ^= 0xFF  # inside the member's data (after the local header and .npy header)
+    (tmp_path / "bad.npz").write_bytes(bytes(b))
+    code, _, err = run(["score", "--references", str(tmp_path / "ref.npz"), "--candidates", str(tmp_path / "bad.npz"),
+                        "-m", "psnr", "--results", str(tmp_path / "res")], capsys)
+    assert code == 2 and "Traceback" not in err and "bad.npz: arr_0 is corrupt" in err, err
+    assert not (tmp_path / "res").exists() or not list((tmp_path / "res").glob("*.jsonl"))
+    got = []
+    with pytest.raises(RaebenchError, match="arr_0 is corrupt"):
+        for _, x in _npz_batches(tmp_path / "bad.npz", 4):
+            got.append(x)
+    assert len(got) == 1  # of 2: the error comes instead of the last
+    if save is np.savez:
+        assert len(list(_npz_batches(tmp_path / "bad.npz", 4, 2, 6))) == 1  # a partial read: unchecked (documented)
