@@ -275,3 +275,22 @@ def test_merge_streams_the_parts_into_the_npz(tmp_path):
         for name in want.namelist():
             assert got.read(name) == want.read(name), name
             assert got.getinfo(name).compress_type == zipfile.ZIP_STORED
+
+
+def test_save_grid_reads_only_the_samples_it_shows(tmp_path):
+    """--grid of a 50k-sample file loaded the whole arr_0 (9.8 GB at 256 px) to show 64 of them."""
+    import tracemalloc
+
+    from PIL import Image
+
+    imgs = np.random.default_rng(0).integers(0, 256, (400, 32, 32, 3), dtype=np.uint8)  # 1.2 MB
+    np.savez(tmp_path / "s.npz", arr_0=imgs, arr_1=np.zeros(400, np.int64))
+    tracemalloc.start()
+    try:
+        save_grid(tmp_path / "s.npz", tmp_path / "g.png", n=4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < imgs.nbytes // 4, peak
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert np.array_equal(grid[:32, :32], imgs[0]) and np.array_equal(grid[32:, 32:], imgs[3])
