@@ -373,6 +373,38 @@ def test_adm_crop_bounds_the_work_of_extreme_aspect_images(monkeypatch):
         monkeypatch.setattr(Image.Image, "resize", lambda self, s, *a, **k: (sizes.append(s), resize(self, s, *a, **k))[1])
 
 
+
+def test_train_crop_bounds_the_work_of_extreme_aspect_images(monkeypatch):
+    """Stage 1's random crop resized a 1 x 4096 strip whole at 256 px (384 x 1.57M: 28 s, 6 GB); now,
+    as the ADM crop, beyond 4:1 only the crop is resampled, from the same draws, within a few levels."""
+    import random
+
+    import raebench.data as data_mod
+    from raebench.data import random_resized_crop_train
+
+    rng = np.random.default_rng(0)
+    smooth = lambda h, w: Image.fromarray(np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(  # noqa: E731
+        (w, h), Image.BICUBIC)))
+    sizes = []
+    resize = Image.Image.resize
+    for h, w, size in ((4096, 1, 256), (1, 600, 16), (400, 13, 16), (37, 148, 16)):
+        im = smooth(h, w)
+        monkeypatch.setattr(Image.Image, "resize", lambda self, s, *a, **k: (sizes.append(s), resize(self, s, *a, **k))[1])
+        sizes.clear()
+        got = random_resized_crop_train(im, size, random.Random(3))
+        monkeypatch.setattr(Image.Image, "resize", resize)
+        assert got.shape == (size, size, 3)
+        if max(h, w) > 4000:  # too slow to resize whole here
+            assert max(a * b for a, b in sizes) <= size * size
+            continue
+        monkeypatch.setattr(data_mod, "EXTREME_ASPECT", 10**9)  # the plain path, as it always was
+        plain = random_resized_crop_train(im, size, random.Random(3))
+        monkeypatch.setattr(data_mod, "EXTREME_ASPECT", 4)
+        if max(h, w) <= 4 * min(h, w):
+            assert np.array_equal(got, plain)  # up to 4:1 nothing changes
+        else:
+            assert max(a * b for a, b in sizes) <= size * size and np.abs(got.astype(int) - plain).mean() < 1.0
+
 def test_scan_follows_symlinked_folders_once(tmp_path, make_images):
     from _metrics_helpers import save_pngs
 
