@@ -377,7 +377,8 @@ def scan_folder(root: str | os.PathLike, paths: Sequence[str] | None = None) -> 
     """List image files below ``root`` recursively (extensions case-insensitive), sorted.
 
     Class labels come from the first-level subfolders when every image lives in one; otherwise all
-    labels are -1. Symlinked folders are followed, each real folder once, in sorted order: the first
+    labels are -1. Hidden files and folders (a leading dot) and ``__MACOSX`` folders below the root are
+    not read (recorded as skipped). Symlinked folders are followed, each real folder once, in sorted order: the first
     name that reaches a folder lists it (and labels its images, so ``root/cls_x -> storage/cls_x``
     keeps class ``cls_x``). Recorded as skipped instead: a later way to a folder already listed (a
     cycle, a second link, or the real folder after a link to it), folders that cannot be listed,
@@ -404,6 +405,10 @@ def scan_folder(root: str | os.PathLike, paths: Sequence[str] | None = None) -> 
             dirnames.sort()
             for d in list(dirnames):
                 full = os.path.join(dirpath, d)
+                if _metadata(d):  # not data: as a class it would shift every label after it
+                    skipped.append(Skip(full, f"{_metadata(d)} folder, not read"))
+                    dirnames.remove(d)
+                    continue
                 real = os.path.realpath(full)
                 if real in seen:  # a cycle, a second link, or the real folder after a link to it
                     via = os.path.relpath(seen[real], rootp)
@@ -415,7 +420,7 @@ def scan_folder(root: str | os.PathLike, paths: Sequence[str] | None = None) -> 
             for f in filenames:
                 if Path(f).suffix.lower() in IMAGE_EXTENSIONS:
                     full = os.path.join(dirpath, f)
-                    reason = _not_a_file(full)
+                    reason = f"{_metadata(f)} file, not read" if _metadata(f) else _not_a_file(full)
                     if reason:
                         skipped.append(Skip(full, reason))
                     else:
@@ -432,6 +437,17 @@ def scan_folder(root: str | os.PathLike, paths: Sequence[str] | None = None) -> 
     else:
         classes, labels = [], [-1] * len(found)
     return ImageList(str(rootp), found, labels, classes, sorted(skipped, key=lambda s: s.path))
+
+
+def _metadata(name: str) -> str | None:
+    """Why a file or folder named ``name`` below the root is not data, or None: hidden names (a
+    leading dot: macOS's ``._photo.jpg`` AppleDouble files, ``.ipynb_checkpoints``, ``.Trash-1000``),
+    which clean-fid's glob leaves out too (torch-fidelity's os.walk and torchvision's ImageFolder
+    take them, and fail on an AppleDouble file), and the ``__MACOSX`` folder of archives made on a
+    Mac. As folders they would be classes, shifting the label of every class that sorts after them."""
+    if name.startswith("."):
+        return "hidden"
+    return "macOS archive metadata" if name == "__MACOSX" else None
 
 
 def relative(path: str, root: str | os.PathLike) -> str:

@@ -556,3 +556,22 @@ def test_pixel_limit_above_pillows_bomb_limit_is_honoured(tmp_path: Path, monkey
     for limit in (150, 300):  # Pillow's refusal (150) and ours (300) name the same limit
         with pytest.raises(ImageSkip, match=f"exceeds the pixel limit of {limit} \\(RAEBENCH_MAX_PIXELS\\)"):
             load_rgb(tmp_path / "big.png", max_pixels=limit)
+
+
+def test_hidden_and_macos_metadata_entries_are_not_data(tmp_path: Path):
+    """A __MACOSX or hidden class folder became class 0, so every real class's label moved by one
+    (stage-2 training, probes); macOS's ._x.jpg files were read and failed as "not an image". They
+    are listed as skipped, never read, and the classes are the real ones."""
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    for rel in ("n01/a.png", "n02/b.png", ".Trash-1000/x.png", "n01/.hidden.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(tmp_path / rel)
+    (tmp_path / "__MACOSX" / "n01").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "n01" / "._a.png").write_bytes(b"\0\x05\x16\x07" + bytes(60))  # AppleDouble
+    (tmp_path / "n02" / "._b.png").write_bytes(b"\0\x05\x16\x07" + bytes(60))
+    imgs = scan_folder(tmp_path)
+    assert imgs.classes == ["n01", "n02"] and imgs.labels == [0, 1]
+    assert [Path(p).name for p in imgs.paths] == ["a.png", "b.png"]
+    assert {os.path.relpath(s.path, tmp_path): s.reason for s in imgs.skipped} == {
+        ".Trash-1000": "hidden folder, not read", "__MACOSX": "macOS archive metadata folder, not read",
+        "n01/.hidden.png": "hidden file, not read", "n02/._b.png": "hidden file, not read"}
