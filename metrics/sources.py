@@ -12,6 +12,7 @@ share one size) or ADM-center-cropped to ``resolution`` when one is given.
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 import zlib
@@ -27,6 +28,8 @@ from raebench.data import ImageDataset, ImageList, Skip, adm_center_crop, make_l
 from raebench.errors import DataError
 from raebench.metrics.extractors import fingerprint_data_file
 
+
+log = logging.getLogger(__name__)
 
 ADM_STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 #: (mean, covariance) key pairs of an ADM reference batch
@@ -70,6 +73,10 @@ class ImageSource:
             try:
                 return json.loads(str(z[SETTINGS_KEY]))
             except (ValueError, TypeError):
+                return None
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # the images were checked; only the record is lost
+                log.warning("%s: its %s member is corrupt (%s); the rows are written without how the samples were made",
+                            self.path.name, SETTINGS_KEY, e)
                 return None
 
     def stats(self, keys: tuple[str, ...] = ADM_STATS_KEYS, widths: dict[str, int] | None = None) -> dict[str, np.ndarray]:

@@ -360,3 +360,24 @@ def test_npz_with_damaged_image_bytes_is_one_sentence_not_a_number(save, tmp_pat
     assert len(got) == 1  # of 2: the error comes instead of the last
     if save is np.savez:
         assert len(list(_npz_batches(tmp_path / "bad.npz", 4, 2, 6))) == 1  # a partial read: unchecked (documented)
+
+
+def test_npz_with_a_damaged_settings_member_scores_with_a_warning(tmp_path, capsys, make_images, caplog):
+    """raebench_settings (how `raebench sample` made the file) damaged in place: zipfile's BadZipFile
+    ended the command with a traceback after the scoring; the images are intact and checked, so the
+    rows are written without the record, with a warning."""
+    import json
+
+    imgs = make_images(4, 16, 16).permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "ref.npz", arr_0=imgs)
+    np.savez(tmp_path / "cand.npz", arr_0=imgs, raebench_settings=np.array(json.dumps({"model": "x" * 40})))
+    b = bytearray((tmp_path / "cand.npz").read_bytes())
+    i = b.index("xxxx".encode("utf-32-le"), b.index(b"raebench_settings.npy"))
+    b[i] = ord("y")
+    (tmp_path / "cand.npz").write_bytes(bytes(b))
+    code, _, err = run(["score", "--references", str(tmp_path / "ref.npz"), "--candidates", str(tmp_path / "cand.npz"),
+                        "-m", "psnr", "--results", str(tmp_path / "res")], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert "raebench_settings member is corrupt" in caplog.text + err
+    rows = load(tmp_path / "res")
+    assert len(rows) == 1 and "sampling" not in rows.iloc[0]["extra"]
