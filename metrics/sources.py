@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from raebench.data import ImageDataset, ImageList, Skip, adm_center_crop, make_loader, scan_folder
+from raebench.data import ImageDataset, ImageList, Skip, _kind, adm_center_crop, make_loader, scan_folder
 from raebench.errors import DataError
 from raebench.metrics.extractors import fingerprint_data_file
 
@@ -93,8 +93,8 @@ class ImageSource:
                 for k in keys:
                     if k in z.files:
                         out[k] = np.asarray(z[k])
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError, NotImplementedError) as e:
-            raise DataError(f"{self.path.name}: its statistics cannot be read ({type(e).__name__}: {str(e)[:80]}); "
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError, NotImplementedError) as e:
+            raise DataError(f"{self.path.name}: its statistics cannot be read ({_kind(e)}: {str(e)[:80]}); "
                             "store mu/sigma as plain float arrays.") from None
         widths = widths or {}
         for mean_key, cov_key in ADM_STATS_PAIRS:
@@ -250,7 +250,7 @@ def _npz_batches(path: Path, batch_size: int, lo: int = 0, hi: int | None = None
     try:
         yield from _npz_member_batches(path, batch_size, lo, hi)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # OSError is the disk's, not the file's: it propagates
-        raise DataError(f"{path.name}: arr_0 is corrupt ({type(e).__name__}: {str(e)[:80]}); "
+        raise DataError(f"{path.name}: arr_0 is corrupt ({_kind(e)}: {str(e)[:80]}); "
                         "write or copy the file again.") from None
 
 

@@ -381,3 +381,20 @@ def test_npz_with_a_damaged_settings_member_scores_with_a_warning(tmp_path, caps
     assert "raebench_settings member is corrupt" in caplog.text + err
     rows = load(tmp_path / "res")
     assert len(rows) == 1 and "sampling" not in rows.iloc[0]["extra"]
+
+
+def test_reference_statistics_with_a_damaged_deflate_stream_are_one_sentence(tmp_path, capsys, make_images, no_model_build):
+    """np.savez_compressed's mu with zeroed bytes raises zlib.error, which came out as a traceback."""
+    import zipfile
+
+    np.savez_compressed(tmp_path / "ref.npz", arr_0=make_images(3, 16, 16).permute(0, 2, 3, 1).numpy(),
+                        mu=np.random.default_rng(0).random(2048), sigma=np.eye(2048))
+    info = zipfile.ZipFile(tmp_path / "ref.npz").getinfo("mu.npy")
+    b = bytearray((tmp_path / "ref.npz").read_bytes())
+    start = info.header_offset + 30 + len("mu.npy") + 40
+    b[start:start + 64] = bytes(64)
+    (tmp_path / "ref.npz").write_bytes(bytes(b))
+    _npz_file(tmp_path / "cand.npz", make_images(3, 16, 16))
+    code, _, err = run(["score", "--references", str(tmp_path / "ref.npz"), "--candidates", str(tmp_path / "cand.npz"),
+                        "-m", "fid", "--results", str(tmp_path / "res")], capsys)
+    assert code == 2 and "Traceback" not in err and "ref.npz: its statistics cannot be read (zlib.error:" in err, err
