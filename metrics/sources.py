@@ -192,9 +192,9 @@ def npz_images_shape(path: Path) -> tuple[int, ...] | None:
             with zf.open(info) as f:
                 shape, _, dtype = _read_header(f)
                 header = f.tell()
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError, NotImplementedError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError, NotImplementedError) as e:
         # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks
-        raise DataError(f"{path.name} is not a readable .npz ({type(e).__name__}: {str(e)[:80]}); "
+        raise DataError(f"{path.name} is not a readable .npz ({_kind(e)}: {str(e)[:80]}); "
                         "it may be truncated or corrupt.") from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
         raise DataError(f"{path.name}: arr_0 must be (N, H, W, 3) uint8 images, got {dtype} {shape}.")

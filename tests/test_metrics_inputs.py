@@ -398,3 +398,21 @@ def test_reference_statistics_with_a_damaged_deflate_stream_are_one_sentence(tmp
     code, _, err = run(["score", "--references", str(tmp_path / "ref.npz"), "--candidates", str(tmp_path / "cand.npz"),
                         "-m", "fid", "--results", str(tmp_path / "res")], capsys)
     assert code == 2 and "Traceback" not in err and "ref.npz: its statistics cannot be read (zlib.error:" in err, err
+
+
+def test_npz_whose_compressed_images_cannot_even_start_is_one_sentence(tmp_path, capsys, make_images, no_model_build):
+    """The first bytes of a compressed arr_0 damaged: reading its .npy header raised zlib.error (a traceback)."""
+    import struct
+    import zipfile
+
+    np.savez_compressed(tmp_path / "cand.npz", arr_0=make_images(3, 16, 16).permute(0, 2, 3, 1).numpy())
+    info = zipfile.ZipFile(tmp_path / "cand.npz").getinfo("arr_0.npy")
+    b = bytearray((tmp_path / "cand.npz").read_bytes())
+    name_len, extra_len = struct.unpack("<HH", b[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    b[start:start + 16] = b"\xff" * 16
+    (tmp_path / "cand.npz").write_bytes(bytes(b))
+    _npz_file(tmp_path / "ref.npz", make_images(3, 16, 16))
+    code, _, err = run(["score", "--references", str(tmp_path / "ref.npz"), "--candidates", str(tmp_path / "cand.npz"),
+                        "-m", "psnr", "--results", str(tmp_path / "res")], capsys)
+    assert code == 2 and "Traceback" not in err and "cand.npz is not a readable .npz (zlib.error:" in err, err
