@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from raebench.data import ImageDataset, ImageList, Skip, _kind, adm_center_crop, make_loader, scan_folder
+from raebench.data import ImageDataset, ImageList, Skip, adm_center_crop, error_kind, make_loader, scan_folder
 from raebench.errors import DataError
 from raebench.metrics.extractors import fingerprint_data_file
 
@@ -94,7 +94,7 @@ class ImageSource:
                     if k in z.files:
                         out[k] = np.asarray(z[k])
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError, NotImplementedError) as e:
-            raise DataError(f"{self.path.name}: its statistics cannot be read ({_kind(e)}: {str(e)[:80]}); "
+            raise DataError(f"{self.path.name}: its statistics cannot be read ({error_kind(e)}: {str(e)[:80]}); "
                             "store mu/sigma as plain float arrays.") from None
         widths = widths or {}
         for mean_key, cov_key in ADM_STATS_PAIRS:
@@ -194,7 +194,7 @@ def npz_images_shape(path: Path) -> tuple[int, ...] | None:
                 header = f.tell()
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError, NotImplementedError) as e:
         # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks
-        raise DataError(f"{path.name} is not a readable .npz ({_kind(e)}: {str(e)[:80]}); "
+        raise DataError(f"{path.name} is not a readable .npz ({error_kind(e)}: {str(e)[:80]}); "
                         "it may be truncated or corrupt.") from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
         raise DataError(f"{path.name}: arr_0 must be (N, H, W, 3) uint8 images, got {dtype} {shape}.")
@@ -250,7 +250,7 @@ def _npz_batches(path: Path, batch_size: int, lo: int = 0, hi: int | None = None
     try:
         yield from _npz_member_batches(path, batch_size, lo, hi)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # OSError is the disk's, not the file's: it propagates
-        raise DataError(f"{path.name}: arr_0 is corrupt ({_kind(e)}: {str(e)[:80]}); "
+        raise DataError(f"{path.name}: arr_0 is corrupt ({error_kind(e)}: {str(e)[:80]}); "
                         "write or copy the file again.") from None
 
 

@@ -143,7 +143,7 @@ def load_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Im
     except MemoryError:
         raise
     except Exception as e:  # struct.error, TypeError, ... from malformed tags: this file, not the run
-        raise ImageSkip(f"unreadable ({_kind(e)}: {str(e)[:80]})") from None
+        raise ImageSkip(f"unreadable ({error_kind(e)}: {str(e)[:80]})") from None
 
 
 def _let_pillow_open(max_pixels: int) -> None:
@@ -156,7 +156,7 @@ def _let_pillow_open(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)
 
 
-def _kind(e: BaseException) -> str:
+def error_kind(e: BaseException) -> str:
     """An exception's type as a reader knows it: ``struct.error``, not ``error``; builtins bare."""
     t = type(e)
     return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
@@ -185,7 +185,7 @@ def _exif_transpose(im: Image.Image) -> Image.Image:
     try:
         orientation = im.getexif().get(0x0112, 1)
     except Exception as e:
-        raise ImageSkip(f"unreadable EXIF orientation ({_kind(e)}: {str(e)[:80]})") from None
+        raise ImageSkip(f"unreadable EXIF orientation ({error_kind(e)}: {str(e)[:80]})") from None
     method = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None  # others: as Pillow, none
     return im if method is None else im.transpose(method)
 
