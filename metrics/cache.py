@@ -18,6 +18,13 @@ or sharded evaluation) leaves no file under a valid name; the temporary file of 
 outright (SIGKILL) is removed by the next writer in that folder (each live writer holds a lock on
 its own). The root is ``$RAEBENCH_CACHE/features``
 (default ``~/.cache/raebench/features``). A file that fails to load is ignored (and recomputed).
+
+Jobs share the cache: several runs that extract the same reference features at once each write their
+own temporary file, and the first to finish publishes it; the others keep that file (a hard link
+never replaces an existing name) rather than replacing one that other jobs may be reading (on NFS a
+replaced file that another node has memory-mapped is gone under it). The cache only saves work: a
+cache folder that cannot be written (read-only, full, a file in the way) or a publication that
+fails costs a warning, never the evaluation.
 """
 
 from __future__ import annotations
@@ -32,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from raebench.results import atomic_write_bytes
-
+from raebench.locks import try_flock
+from raebench.results import _umask, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +83,14 @@ class FeatureCache:
             return None
         return arr
 
-    def writer(self, key: str, n: int, dim: int) -> "CacheWriter":
-        return CacheWriter(self.path(key), n, dim)
+    def writer(self, key: str, n: int, dim: int) -> CacheWriter | None:
+        """A writer for ``key``'s (n, dim) array, or None (with a warning) when the cache folder cannot
+        take one: the evaluation goes on without caching."""
+        try:
+            return CacheWriter(self.path(key), n, dim)
+        except OSError as e:
+            log.warning("reference features not cached: cannot write in %s (%s)", self.root, e.strerror or e)
+            return None
 
 
 class CacheWriter:
@@ -85,15 +98,20 @@ class CacheWriter:
     file only if every row was written, ``abort`` removes it."""
 
     def __init__(self, path: Path, n: int, dim: int) -> None:
-        import fcntl
-
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_dead_writers(path.parent)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy.tmp", dir=path.parent)
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held while this writer lives; the kernel drops it even on SIGKILL
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared cache from the other users
+            # held while this writer lives; the kernel drops it even on SIGKILL (where the file system cannot
+            # lock, remove_dead_writers takes every temporary file for a live writer's)
+            try_flock(fd, tmp, blocking=True, consequence=": temporary feature files of killed runs stay until removed by hand")
+            self.rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+        except BaseException:
+            _discard(Path(tmp), fd)
+            raise
         self._fd = fd
         self.path, self.tmp = path, Path(tmp)
-        self.rows = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(n, dim))
         self.written = np.zeros(n, dtype=bool)
         # a run that dies before commit/abort still removes its temporary file (not on SIGKILL:
         # remove_dead_writers, run by the next writer, does it then)
@@ -108,18 +126,43 @@ class CacheWriter:
         return bool(self.written.all())
 
     def commit(self, meta: dict) -> bool:
+        """Publish the array if every row was written; True when the cache holds it afterwards (this
+        writer's file, or an equal one another job published first). A failure is a warning."""
         if not self.complete:
             self.abort()
             return False
-        self.rows.flush()
         shape = list(self.rows.shape)
-        del self.rows
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            self.rows.flush()
+            self.rows = None  # unmapped
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            published = self._publish(tuple(shape))
+            if published:
+                atomic_write_bytes(self.path.with_suffix(".json"), json.dumps({**meta, "shape": shape}, indent=1).encode())
+        except OSError as e:
+            log.warning("reference features not cached in %s (%s)", self.path.parent, e.strerror or e)
+            self.abort()
+            return False
+        self._cleanup()  # this writer's temporary name (its file is published under a link, or redundant)
+        return True
+
+    def _publish(self, shape: tuple[int, ...]) -> bool:
+        """Give the temporary file the cache name unless a valid file of this shape is already there
+        (written by another job meanwhile, perhaps being read): a hard link never replaces a name.
+        True when this writer's file went under the name."""
+        try:
+            os.link(self.tmp, self.path)
+            return True
+        except FileExistsError:
+            try:
+                if np.load(self.path, mmap_mode="r").shape == shape:
+                    return False  # an equal array (same key) is there: leave it to its readers
+            except (OSError, ValueError):
+                pass  # unreadable: replace it
+        except OSError:  # no hard links on this file system
+            pass
         os.replace(self.tmp, self.path)
-        self._cleanup.detach()
-        os.close(self._fd)
-        atomic_write_bytes(self.path.with_suffix(".json"), json.dumps({**meta, "shape": shape}, indent=1).encode())
         return True
 
     def abort(self) -> None:

@@ -94,24 +94,27 @@ class WorkState:
         self._storages: list = []  # theirs, held so that no other tensor can be given those addresses meanwhile
 
     def acquire(self) -> None:
-        import fcntl
+        from raebench.locks import open_locked
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path.with_suffix(".lock"), "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        # without file locks (see raebench.locks), two identical evaluations started together share this
+        # progress (a resume may then restart from zero); their rows are whole and identical either way
+        self._lock, held = open_locked(self.path.with_suffix(".lock"),
+                                       ": start an evaluation only once at a time, or a resume may restart from zero")
+        if held is False:
             raise RaebenchError(
                 f"Another evaluation with the same configuration is running on {str(self.dir)!r}; wait for it or "
                 "use another --results folder."
-            ) from None
+            )
         from raebench.results import remove_orphan_temps
 
         # a save killed mid-write (SIGKILL) left its temporary file, as large as the metric states (features
-        # of every image so far); we hold this rank's lock, so no live writer owns one
-        remove_orphan_temps(self.dir, of=self.path.name)
-        for tmp in self.dir.glob(f".{self.path.stem}.seg-*.tmp"):  # and of this rank's segment files
-            tmp.unlink(missing_ok=True)
+        # of every image so far); we hold this rank's lock, so no live writer owns one (without a lock, an
+        # identical evaluation may be saving now: its files are left alone)
+        if held:
+            remove_orphan_temps(self.dir, of=self.path.name)
+            for tmp in self.dir.glob(f".{self.path.stem}.seg-*.tmp"):  # and of this rank's segment files
+                tmp.unlink(missing_ok=True)
         if self.path.name == "rank0.pt":
             note_stale_progress(self.dir.parent, self.dir.name)
 

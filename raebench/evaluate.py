@@ -309,7 +309,7 @@ class Evaluator:
         self.reference = reference
         self.cache = (FeatureCache() if cache is None else cache) if reference is not None else None
         self._ref_cached: dict[str, dict[str, np.ndarray]] = {}  # extractor -> output -> (N, D) memory map
-        self._ref_writers: dict[tuple[str, str], object] = {}  # (extractor, output) -> CacheWriter
+        self._ref_writers: dict[tuple[str, str], object] = {}  # (extractor, output) -> CacheWriter or None
         self.failed: dict[str, str] = {}  # metric -> why compute() could not give it a value
 
     # -- building ---------------------------------------------------------------------------------
@@ -405,10 +405,11 @@ class Evaluator:
             f = self.extractor(ext)(ref_u8)
             if self.cache is not None and index is not None:  # every row, kept or not, goes to the cache
                 for o in outs:
-                    w = self._ref_writers.get((ext, o))
-                    if w is None:
-                        w = self._ref_writers[(ext, o)] = self.cache.writer(self._cache_key(ext, o), self.reference.n, f[o].shape[1])
-                    w.write(index.cpu().numpy(), f[o].cpu().numpy())
+                    if (ext, o) not in self._ref_writers:  # None: the cache cannot take it (warned once)
+                        self._ref_writers[(ext, o)] = self.cache.writer(self._cache_key(ext, o), self.reference.n, f[o].shape[1])
+                    w = self._ref_writers[(ext, o)]
+                    if w is not None:
+                        w.write(index.cpu().numpy(), f[o].cpu().numpy())
             feats[ext] = f if keep is None else {o: v[keep.to(v.device)] for o, v in f.items()}
         return feats
 
@@ -470,6 +471,8 @@ class Evaluator:
         """Publish the reference features written to the cache if this run extracted all of them
         (not after a resume or on one shard of several); otherwise drop the partial files."""
         for (ext, o), w in self._ref_writers.items():
+            if w is None:
+                continue
             meta = {"reference": self.reference.id, "extractor": self.extractor(ext).identity, "output": o}
             if not w.commit(meta):
                 log.debug("reference %s/%s features not cached: this run did not see every image", ext, o)
