@@ -169,3 +169,32 @@ def test_an_evaluation_with_an_unwritable_cache_finishes(tmp_path: Path, monkeyp
                      metrics=("psnr", "fid"), results_dir=str(tmp_path / "res"))
     out = evaluate(cfg)
     assert {r.metric for r in out.rows} == {"psnr", "fid"} and "reference features not cached" in caplog.text
+
+
+def test_a_job_killed_by_sigkill_leaves_no_stale_lock(tmp_path: Path):
+    """The lock files stay behind a SIGKILL, but the kernel released their locks: the next job takes them
+    at once (no hang, no refusal)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from raebench.locks import OutputLock; from raebench.eval_progress import WorkState;"
+            "a = OutputLock(sys.argv[1], 'job').acquire(); b = WorkState(sys.argv[2], 'key', 0); b.acquire();"
+            "print('held', flush=True); time.sleep(60)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run"), str(tmp_path / "results")],
+                         stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with pytest.raises(RaebenchError, match="Another job is writing"):
+            OutputLock(tmp_path / "run", "job").acquire()
+        with pytest.raises(RaebenchError, match="Another evaluation"):
+            WorkState(tmp_path / "results", "key", 0).acquire()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert (tmp_path / ".run.lock").exists() and (tmp_path / "results" / ".work" / "key" / "rank0.lock").exists()
+    OutputLock(tmp_path / "run", "job").acquire().release()
+    w = WorkState(tmp_path / "results", "key", 0)
+    w.acquire()
+    w.release(remove=True)
