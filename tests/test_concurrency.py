@@ -198,3 +198,25 @@ def test_a_job_killed_by_sigkill_leaves_no_stale_lock(tmp_path: Path):
     w = WorkState(tmp_path / "results", "key", 0)
     w.acquire()
     w.release(remove=True)
+
+
+def test_an_analysis_still_drawing_is_not_taken_for_a_killed_one(tmp_path: Path):
+    """An analysis stores each tokenizer's rows as it finishes and draws the figures at its end; another
+    job of the array starting meanwhile took the missing figures for a killed run's, measured those parts
+    again and said that run "stored these rows but not its figures"."""
+    import pandas as pd
+
+    from raebench.analysis.reuse import drawing, run_file_id, undrawn_parts
+
+    stamp, analysis = "20261126T000000-abcd1234", tmp_path / "analysis"
+    stored = pd.DataFrame({"metric": ["latent-erank"], "metric_version": ["v1"], "run_id": [run_file_id(stamp, "tok")],
+                           "extra": [{}]})
+    expected = {"spectrum": [("latent-erank", "v1")]}
+    with drawing(analysis, stamp):  # the other job, at work
+        assert undrawn_parts(stored, expected, set(), "tok", analysis) == {}
+    assert not list(analysis.iterdir())  # its marker goes with it
+    assert undrawn_parts(stored, expected, set(), "tok", analysis) == {"spectrum": (stamp, ["spectra.png"])}
+
+    (analysis / f".{stamp}.live").write_text("")  # a killed run's marker: no lock held
+    assert undrawn_parts(stored, expected, set(), "tok", analysis) == {"spectrum": (stamp, ["spectra.png"])}
+    assert not list(analysis.iterdir())

@@ -20,12 +20,17 @@ that the rows do not hold (eigenvalue spectra, per-step interpolation distances,
 killed after storing its rows but before drawing every figure leaves them undrawn: a re-run that
 draws figures (:func:`undrawn_parts`) measures again each stored part whose run folder lacks a
 figure the part appears in (:data:`FIGURES`), writing its rows anew under its own stamp, so its
-folder holds the figures and the next re-run finds them.
+folder holds the figures and the next re-run finds them. A run still at work (another job of an
+array, storing rows as each tokenizer finishes and drawing at the end) is not a killed one: it holds
+a lock on ``analysis/.<stamp>.live`` until its figures are drawn (:func:`drawing`), and its parts
+are reused, not measured again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -51,6 +56,47 @@ FIGURES = {"probe": ("alignment.png",), "spectrum": ("spectra.png",), "robust": 
 def run_file_id(stamp: str, tokenizer: str) -> str:
     """The run id of one tokenizer's rows written by the analysis run ``stamp``."""
     return f"{stamp}-{tokenizer}"
+
+
+def _live_marker(analysis_dir: str | os.PathLike, stamp: str) -> Path:
+    return Path(analysis_dir) / f".{stamp}.live"
+
+
+@contextlib.contextmanager
+def drawing(analysis_dir: str | os.PathLike, stamp: str) -> Iterator[None]:
+    """Mark the run ``stamp`` as at work while it stores rows and draws figures (see
+    :func:`is_live`); the marker is removed at the end, and the kernel drops the lock of a killed run."""
+    from raebench.locks import open_locked
+
+    path = _live_marker(analysis_dir, stamp)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f, _ = open_locked(path, ": a concurrent analysis may measure again the parts whose figures this one is "
+                                 "still to draw")
+    except OSError:  # an unwritable folder fails at the first row, with its own sentence
+        f = None
+    try:
+        yield
+    finally:
+        if f is not None:
+            path.unlink(missing_ok=True)  # while holding it, as raebench.locks does
+            f.close()
+
+
+def is_live(analysis_dir: str | os.PathLike, stamp: str) -> bool:
+    """True while the analysis run ``stamp`` is at work (it holds the lock of :func:`drawing`); False
+    once it ended or was killed, and where the file system cannot tell (no locks)."""
+    from raebench.locks import try_flock
+
+    path = _live_marker(analysis_dir, stamp)
+    try:
+        with open(path, "rb") as f:
+            got = try_flock(f, path)
+            if got:  # its run was killed: the marker is litter (removed while locked, as raebench.locks does)
+                path.unlink(missing_ok=True)
+            return got is False
+    except OSError:  # no marker: the run ended (or predates markers)
+        return False
 
 
 def figures_of(part: str) -> tuple[str, ...]:
@@ -151,7 +197,8 @@ def reusable_rows(stored: pd.DataFrame, expected: dict[str, list[tuple[str, str]
 def undrawn_parts(stored: pd.DataFrame, expected: dict[str, list[tuple[str, str]]], todo: set[str], tokenizer: str,
                   analysis_dir: str | os.PathLike) -> dict[str, tuple[str, list[str]]]:
     """part -> (run stamp, missing PNGs) for each stored part outside ``todo`` that the run which
-    wrote its rows did not draw in full (killed while drawing, or run with ``--no-plots``). Rows the
+    wrote its rows did not draw in full (killed while drawing, or run with ``--no-plots``), unless that
+    run is still at work (:func:`is_live`). Rows the
     data could not give (``unmeasured``) appear in no figure and are not checked."""
     out: dict[str, tuple[str, list[str]]] = {}
     if stored.empty:
@@ -166,7 +213,7 @@ def undrawn_parts(stored: pd.DataFrame, expected: dict[str, list[tuple[str, str]
                 continue
             stamp = run_id.removesuffix(run_file_id("", tokenizer))
             missing = [f for f in figures_of(part) if not (Path(analysis_dir) / stamp / f).is_file()]
-            if missing:
+            if missing and not is_live(analysis_dir, stamp):  # a live run draws them at its end
                 out[part] = (stamp, missing)
                 break
     return out

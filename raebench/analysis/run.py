@@ -47,7 +47,7 @@ import torch
 from raebench.analysis.config import AnalyzeConfig, check_config, metric_versions
 from raebench.analysis.measure import TokenizerReport, fill_from_rows, measure, probe_key, result_rows
 from raebench.analysis.reuse import (
-    expected_rows, missing_parts, part_of, reusable_rows, run_file_id, stored_rows, undrawn_parts,
+    drawing, expected_rows, missing_parts, part_of, reusable_rows, run_file_id, stored_rows, undrawn_parts,
 )
 from raebench.analysis.stream import Accumulator, Keep
 from raebench.data import ImageDataset, Skip, default_workers, make_loader, resolve_data
@@ -316,6 +316,8 @@ def analyze(
     with contextlib.ExitStack() as stack:  # without --results writes, probe runs go to a temporary folder
         if world > 1:
             stack.enter_context(_solo())
+        if cfg.write and cfg.plots and active:  # at work until its figures are drawn (reuse.undrawn_parts)
+            stack.enter_context(drawing(Path(cfg.results_dir) / "analysis", stamp))
         probe_root = (Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="raebench-probe-")))
                       if cfg.diffusability and not cfg.write else Path(cfg.results_dir) / "analysis" / "probes")
         for i, tok in enumerate(toks):
@@ -343,17 +345,17 @@ def analyze(
             if cfg.write and active and rep.rows:  # stored as each tokenizer finishes: a crash loses only the one at work
                 write_rows(rep.rows, cfg.results_dir, run_file_id(stamp, rep.name))
             reports.append(rep)
-    out_dir: Path | None = None
-    plots: list[Path] = []
-    if cfg.write and active:
-        out_dir = Path(cfg.results_dir) / "analysis" / stamp
-        config = {**asdict(cfg), "dataset_resolved": data.name, "data_fingerprint": data.images.fingerprint(),
-                  "n_images": int(y.numel()), "perceptual_resolved": dist_name, "versions": versions,
-                  "reference_versions": ref_versions, "world_size": world,
-                  "computed": {rep.name: list(rep.computed) for rep in reports}}
-        atomic_write_bytes(out_dir / "config.json", json.dumps(config, indent=2, default=str).encode())
-        if cfg.plots:
-            plots = _plot_all(reports, out_dir, n_classes)
+        out_dir: Path | None = None
+        plots: list[Path] = []
+        if cfg.write and active:
+            out_dir = Path(cfg.results_dir) / "analysis" / stamp
+            config = {**asdict(cfg), "dataset_resolved": data.name, "data_fingerprint": data.images.fingerprint(),
+                      "n_images": int(y.numel()), "perceptual_resolved": dist_name, "versions": versions,
+                      "reference_versions": ref_versions, "world_size": world,
+                      "computed": {rep.name: list(rep.computed) for rep in reports}}
+            atomic_write_bytes(out_dir / "config.json", json.dumps(config, indent=2, default=str).encode())
+            if cfg.plots:
+                plots = _plot_all(reports, out_dir, n_classes)
     n_seen = int(y.numel()) if active else max((r.n_images for r in reports), default=0)
     return AnalyzeOutcome(reports, plots, out_dir, n_seen, time.perf_counter() - t0)
 
