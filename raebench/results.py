@@ -197,9 +197,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", mode: int | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    if mode is None:
+        mode = 0o666 & ~_umask()  # mkstemp's 0600 would hide results from the other users
     try:
-        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)  # mkstemp's 0600 would hide results from others
+        os.chmod(tmp, mode)
         yield Path(tmp)
+        os.chmod(tmp, mode)  # again: a writer may have replaced the file (safetensors' save_file makes it 0600)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

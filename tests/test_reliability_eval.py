@@ -445,6 +445,23 @@ def test_atomic_writes_get_the_umask_mode_and_clean_stale_temps(tmp_path):
     assert not stale.exists() and fresh.exists()  # another writer may still own the fresh one
 
 
+def test_atomic_safetensors_get_the_umask_mode(tmp_path):
+    """safetensors' save_file replaces the temporary file with a 0600 one: an exported decoder's
+    model.safetensors must still be readable by the others, as its model.pt and config.json are."""
+    import torch
+
+    from raebench.checkpoint import save_atomic
+
+    mask = os.umask(0o022)
+    try:
+        save_atomic({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+        save_atomic({"w": torch.zeros(2)}, tmp_path / "model.pt")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model.pt").stat().st_mode & 0o777 == 0o644
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI: one sentence, before any model loads
 # ---------------------------------------------------------------------------------------------
