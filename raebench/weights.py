@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +72,31 @@ def hf_cache_dir() -> Path:
         return Path(os.environ["HF_HUB_CACHE"])
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     return home / "hub"
+
+
+#: set by :func:`cache_only` to the command that has no flag for a local copy of its tokenizer
+_CACHE_ONLY: ContextVar[str | None] = ContextVar("raebench_weights_cache_only", default=None)
+
+
+@contextmanager
+def cache_only(command: str) -> Iterator[None]:
+    """Inside the block, a missing-weights error does not offer a local-path flag: ``command``
+    (``raebench cache-latents``, ``train stage2 --tokenizer``, ``sample``) names tokenizers without
+    any ``--weights``, so the Hugging Face cache is the only way to supply their files."""
+    token = _CACHE_ONLY.set(command)
+    try:
+        yield
+    finally:
+        _CACHE_ONLY.reset(token)
+
+
+def local_copy_hint(flag: str) -> str:
+    """The end of a missing-weights sentence: ``, or pass a local copy with FLAG``, or inside
+    :func:`cache_only` that the command reads the cache only."""
+    command = _CACHE_ONLY.get()
+    if command is None:
+        return f", or pass a local copy with {flag}"
+    return f"; `{command}` has no --weights option and reads tokenizer weights from that cache only"
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -160,5 +188,5 @@ def resolve(
         raise MissingWeightsError(
             f"{what} not found: {reason}; fetch {item} Hugging Face repo "
             f"{source.repo_id!r} (`{source.download_hint()}`) into the cache at {hf_cache_dir()} "
-            f"(set HF_HOME to move it), or pass a local copy with {flag}.{gated}"
+            f"(set HF_HOME to move it){local_copy_hint(flag)}.{gated}"
         ) from None

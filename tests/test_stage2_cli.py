@@ -98,3 +98,29 @@ def test_sample_from_official_yaml(tmp_path):
     res = CliRunner().invoke(cli.app, ["sample", "--config", str(tmp_path / "official.yaml"), "-n", "4",
                                        "-o", str(tmp_path / "x.npz"), "--quantize", "nearest"])
     assert res.exit_code != 0 and "--quantize takes round or truncate" in str(res.exception)
+
+
+@pytest.mark.parametrize("tokenizer", ["sd-vae-ft-ema", "rae-dinov2-b"])
+def test_missing_tokenizer_weights_name_no_flag_these_commands_lack(tmp_path, image_folder, monkeypatch, capsys,
+                                                                    tokenizer):
+    """cache-latents and train stage2 --tokenizer take no --weights: their missing-weights sentence must
+    not tell the user to pass one (eval, which has the flag, still offers it)."""
+    import huggingface_hub.constants as hc
+    from _cli import run as run_main
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for command, argv in [
+        ("raebench cache-latents", ["cache-latents", "-t", tokenizer, "--data", str(image_folder),
+                                    "-o", str(tmp_path / "cache"), "--device", "cpu"]),
+        ("raebench train stage2", ["train", "stage2", "-p", "tiny", "-t", tokenizer, "--data", str(image_folder),
+                                   "-o", str(tmp_path / "run"), "--device", "cpu"]),
+    ]:
+        code, _, err = run_main(argv, capsys)
+        assert code == 2 and "Traceback" not in err, err
+        msg = " ".join(err.split())
+        assert "pass a local copy" not in msg and f"`{command}` has no --weights option" in msg, msg
+        assert str(tmp_path / "hub") in msg
+    code, _, err = run_main(["eval", "-t", tokenizer, "--results", str(tmp_path / "res"), "--device", "cpu"], capsys)
+    assert code == 2 and "pass a local copy with --weights" in " ".join(err.split()), err

@@ -33,10 +33,13 @@ def _interval(text: Optional[str]) -> Optional[tuple[float, float]]:
     return lo, hi
 
 
-def _tokenizer(name: str, device):
+def _tokenizer(name: str, device, command: str):
+    """A tokenizer by name alone: these commands take no --weights, so its files must be in the cache."""
     from raebench.tokenizers.base import build_tokenizer
+    from raebench.weights import cache_only
 
-    return build_tokenizer(name).to(device)
+    with cache_only(command):
+        return build_tokenizer(name).to(device)
 
 
 def register(app: typer.Typer) -> None:
@@ -170,7 +173,7 @@ def register(app: typer.Typer) -> None:
                 raise RaebenchError("The run does not name its tokenizer; pass --tokenizer NAME to decode samples.")
             model.to(dev)
             guide = guide.to(dev) if guide is not None else None
-            tok, shape = _tokenizer(name, dev), info["latent_shape"]
+            tok, shape = _tokenizer(name, dev, "raebench sample"), info["latent_shape"]
             _check_decoder(tok, name, run_tok, tuple(shape))
             settings.update(tokenizer=name, tokenizer_weights=getattr(tok, "weights_id", "none"),
                             method=method_name or "euler", steps=steps or 50,
@@ -218,7 +221,7 @@ def register(app: typer.Typer) -> None:
 
         distributed.init(device)
         dev = resolve_device(distributed.local_device(device))
-        tok = _tokenizer(tokenizer, dev)
+        tok = _tokenizer(tokenizer, dev, "raebench cache-latents")
         with progress_bar("encoding (images of this rank)") as bar:
             path = cache_latents(tok, data, out, resolution, batch_size, flip, dtype, progress=bar)
         if distributed.is_main():

@@ -176,8 +176,11 @@ def open_source(cfg: TrainConfig, device: torch.device):
         return LatentCache(cfg.latents)
     if cfg.tokenizer and cfg.data:
         from raebench.tokenizers.base import build_tokenizer
+        from raebench.weights import cache_only
 
-        return OnTheFly(build_tokenizer(cfg.tokenizer).to(device), cfg.data, cfg.resolution, device)
+        with cache_only("raebench train stage2"):  # a tokenizer by name: no --weights for it
+            tok = build_tokenizer(cfg.tokenizer).to(device)
+        return OnTheFly(tok, cfg.data, cfg.resolution, device)
     raise RaebenchError("Give --latents DIR (from `raebench cache-latents`) or --tokenizer NAME with --data DIR.")
 
 

@@ -21,7 +21,7 @@ import torch
 
 from raebench.errors import MissingWeightsError, RaebenchError
 from raebench.tokenizers.base import TokenizerSpec, register_tokenizer
-from raebench.weights import WeightsSource, hf_cache_dir, hf_offline, resolve
+from raebench.weights import WeightsSource, hf_cache_dir, hf_offline, local_copy_hint, resolve
 
 RAE_REPO = "nyu-visionx/RAE-collections"
 RAE_CITATION = (
@@ -216,7 +216,7 @@ def build_rae(
         files = "; ".join(f"{s} (`{s.download_hint()}`)" for s, _ in missing)
         where = (f"--weights {str(wdir)!r} lacks them (it should hold {layout}) and they are not in the cache at "
                  f"{hf_cache_dir()}" if wdir is not None else
-                 f"put them in the cache at {hf_cache_dir()} or pass a local copy with --weights DIR holding {layout}")
+                 f"put them in the cache at {hf_cache_dir()}{local_copy_hint(f'--weights DIR holding {layout}')}")
         raise MissingWeightsError(
             f"{release.name} needs {len(missing)} file(s) that are not available "
             f"{'offline (HF_HUB_OFFLINE=1)' if hf_offline() else 'locally or by download'}: {files}; {where}."
