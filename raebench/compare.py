@@ -111,6 +111,7 @@ def compare(
     from raebench.errors import RaebenchError
     from raebench.results import check_writable
     from raebench.tokenizers import get_tokenizer_spec
+    from raebench.weights import named_flags
 
     if reported not in REPORTED_CHOICES:
         raise RaebenchError(f"--reported must be one of {', '.join(REPORTED_CHOICES)}, not {reported!r}.")
@@ -142,7 +143,8 @@ def compare(
             cfg = EvalConfig(tokenizer=name, metrics=metrics, data=data, dataset=dataset, resolution=resolution,
                              limit=limit, seed=seed, batch_size=batch_size, device=device, num_workers=num_workers,
                              results_dir=results_dir, weights=local.get(name))
-            tok = build_tokenizer_from_config(cfg, resolve_device(device))
+            with named_flags("raebench compare", name, ("--weights",)):  # its --weights reads NAME=DIR
+                tok = build_tokenizer_from_config(cfg, resolve_device(device))
             wids[name] = getattr(tok, "weights_id", "none")
             todo = metrics if recompute else missing_metrics(load(results_dir), name, wids[name], metrics, resolved.name,
                                                              fp, resolution, resolved.seed_of(seed), plan=plan)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -74,29 +74,47 @@ def hf_cache_dir() -> Path:
     return home / "hub"
 
 
-#: set by :func:`cache_only` to the command that has no flag for a local copy of its tokenizer
-_CACHE_ONLY: ContextVar[str | None] = ContextVar("raebench_weights_cache_only", default=None)
+#: how the running command spells the flags that supply a local copy (None: as the flag is given)
+_LOCAL_FLAGS: ContextVar[Callable[[str], str] | None] = ContextVar("raebench_local_flags", default=None)
 
 
 @contextmanager
-def cache_only(command: str) -> Iterator[None]:
-    """Inside the block, a missing-weights error does not offer a local-path flag: ``command``
-    (``raebench cache-latents``, ``train stage2 --tokenizer``, ``sample``) names tokenizers without
-    any ``--weights``, so the Hugging Face cache is the only way to supply their files."""
-    token = _CACHE_ONLY.set(command)
+def local_flags(spell: Callable[[str], str]) -> Iterator[None]:
+    """Inside the block, missing-weights sentences end with ``spell(flag)`` instead of
+    ``, or pass a local copy with FLAG``: for commands whose flags differ from the builders' (eval's
+    ``--weights DIR``), e.g. ``--weights NAME=PATH`` in compare/analyze, or none at all."""
+    token = _LOCAL_FLAGS.set(spell)
     try:
         yield
     finally:
-        _CACHE_ONLY.reset(token)
+        _LOCAL_FLAGS.reset(token)
+
+
+def cache_only(command: str):
+    """For commands that name a tokenizer without any ``--weights`` (``raebench cache-latents``,
+    ``train stage2 --tokenizer``, ``sample``): the Hugging Face cache is the only way to supply its files."""
+    return local_flags(lambda flag: f"; `{command}` has no --weights option and reads tokenizer weights from that cache only")
+
+
+def named_flags(command: str, name: str, options: tuple[str, ...]):
+    """For commands that take local weights per tokenizer as ``OPTION NAME=PATH``: ``options`` are the
+    ones ``command`` has (compare: --weights; analyze: --weights, --decoder, --stats)."""
+
+    def spell(flag: str) -> str:
+        option, _, what = flag.partition(" ")  # "--weights DIR holding ..." -> "--weights NAME=DIR holding ..."
+        if option in options:
+            return f", or pass a local copy with {option} {name}={what or 'PATH'}"
+        return (f"; `{command}` has no {option} option: put the file in that cache, or give {name}'s files "
+                f"with --weights {name}=DIR (the layout of their Hub repo)")
+
+    return local_flags(spell)
 
 
 def local_copy_hint(flag: str) -> str:
-    """The end of a missing-weights sentence: ``, or pass a local copy with FLAG``, or inside
-    :func:`cache_only` that the command reads the cache only."""
-    command = _CACHE_ONLY.get()
-    if command is None:
-        return f", or pass a local copy with {flag}"
-    return f"; `{command}` has no --weights option and reads tokenizer weights from that cache only"
+    """The end of a missing-weights sentence: ``, or pass a local copy with FLAG``, or the running
+    command's spelling of it (:func:`local_flags`)."""
+    spell = _LOCAL_FLAGS.get()
+    return f", or pass a local copy with {flag}" if spell is None else spell(flag)
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")

@@ -151,6 +151,44 @@ def test_missing_file_messages_point_at_the_users_mistake(tmp_path, monkeypatch)
         load_state(tmp_path / "flat")
 
 
+def test_missing_weights_name_the_options_of_the_running_command(tmp_path, monkeypatch, capsys):
+    """The hint after a missing file is spelled as the command takes local weights: eval `--decoder`,
+    analyze `--decoder NAME=PATH`, compare (no --decoder) its `--weights NAME=DIR`; never an option the
+    command lacks."""
+    import huggingface_hub.constants as hc
+    from _cli import run as run_main
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def text(p, data="{}"):
+        p.write_text(data)
+
+    # encoder and statistics in the cache, the decoder missing: a one-file sentence naming the decoder's flag
+    _fake_hub_file(tmp_path / "hub", "facebook/dinov2-with-registers-base",
+                   {"config.json": text, "model.safetensors": text, "preprocessor_config.json": text})
+    _fake_hub_file(tmp_path / "hub", "nyu-visionx/RAE-collections", {"stats/dinov2/wReg_base/imagenet1k/stat.pt": text})
+    res = str(tmp_path / "res")
+    for argv, hint in [
+        (["eval", "-t", "rae-dinov2-b", "--results", res], "or pass a local copy with --decoder."),
+        (["analyze", "-t", "rae-dinov2-b", "--reference", "none", "--results", res],
+         "or pass a local copy with --decoder rae-dinov2-b=PATH."),
+        (["compare", "-t", "rae-dinov2-b", "-t", "pixels", "--results", res],
+         "`raebench compare` has no --decoder option: put the file in that cache, or give rae-dinov2-b's files "
+         "with --weights rae-dinov2-b=DIR"),
+    ]:
+        code, _, err = run_main(argv + ["--device", "cpu"], capsys)
+        msg = " ".join(err.split())
+        assert code == 2 and "Traceback" not in err and "decoders/dinov2/wReg_base/ViTXL_n08/model.pt" in msg, err
+        assert hint in msg, (argv[0], msg)
+    # nothing cached: compare's --weights takes NAME=DIR
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    code, _, err = run_main(["compare", "-t", "rae-dinov2", "-t", "pixels", "--results", res, "--device", "cpu"], capsys)
+    assert code == 2 and "or pass a local copy with --weights rae-dinov2-b=DIR holding facebook/" in " ".join(err.split())
+
+
 def test_cli_eval_offline_fails_in_one_sentence(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "COLUMNS": "80"}
     env.pop("HF_HUB_CACHE", None)

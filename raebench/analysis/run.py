@@ -150,15 +150,18 @@ def _build_references(cfg: AnalyzeConfig, names: list[str], device: torch.device
 
 def _build_tokenizers(cfg: AnalyzeConfig, device: torch.device) -> list:
     from raebench.evaluate import EvalConfig, build_tokenizer_from_config
+    from raebench.weights import named_flags
 
     opts = {"weights": dict(cfg.weights), "decoder": dict(cfg.decoder), "stats": dict(cfg.stats)}
     for flag, given in opts.items():
         stray = sorted(set(given) - set(cfg.tokenizers))
         if stray:
             raise RaebenchError(f"--{flag} is given for {', '.join(stray)}, which is not among the analysed tokenizers (--tokenizer).")
-    toks = [build_tokenizer_from_config(EvalConfig(tokenizer=n, resolution=cfg.resolution,
-                                                   **{k: v.get(n) for k, v in opts.items()}), device)
-            for n in cfg.tokenizers]
+    toks = []
+    for n in cfg.tokenizers:
+        with named_flags("raebench analyze", n, ("--weights", "--decoder", "--stats")):  # NAME=PATH options
+            toks.append(build_tokenizer_from_config(EvalConfig(tokenizer=n, resolution=cfg.resolution,
+                                                               **{k: v.get(n) for k, v in opts.items()}), device))
     toks += [build_tokenizer_from_config(EvalConfig(tokenizer="official-config", tokenizer_config=c, resolution=cfg.resolution), device)
              for c in cfg.tokenizer_configs]
     return toks
