@@ -240,3 +240,29 @@ def test_out_keeps_the_permissions_of_the_file_it_replaces(tmp_path: Path, capsy
     out.chmod(0o600)
     assert run(["leaderboard", "--format", "csv", "--out", str(out), "--results", str(res)], capsys)[0] == 0
     assert "pixels" in out.read_text() and out.stat().st_mode & 0o777 == 0o600
+
+
+def test_progress_without_a_terminal_is_lines(image_folder: Path, tmp_path: Path, capsys):
+    """In a batch job's log rich draws its bar only when the work ends; there progress is a line every
+    PROGRESS_LINE_EVERY_S (with the time left) and one when each stage ends (compare: per tokenizer)."""
+    from raebench.cli.core import ProgressLines
+
+    now, lines = [0.0], []
+    p = ProgressLines("eval x", lines.append, every=30, clock=lambda: now[0])
+    for t, done in [(5, 10), (20, 20), (40, 30), (50, 40), (95, 50)]:
+        now[0] = t
+        p.update(done, 100)
+    p.finish()  # the last update was printed already: no repeat
+    now[0] = 100
+    p.update(5, 10, label="eval y")
+    now[0] = 101
+    p.finish()
+    assert lines == ["eval x: 30/100 (30 %) · 0:00:40 elapsed, ~0:02:02 left",  # 35 s for 20 since the first update
+                     "eval x: 50/100 (50 %) · 0:01:35 elapsed, ~0:01:52 left",
+                     "eval y: 5/10 (50 %) · 0:00:01 elapsed"]
+
+    res = str(tmp_path / "res")
+    code, _, err = run(["compare", "-t", "bicubic-f8", "-t", "pixels", "--data", str(image_folder), "-r", "32",
+                        "--results", res, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "eval bicubic-f8: 8/8 (100 %)" in err and "eval pixels: 8/8 (100 %)" in err, err

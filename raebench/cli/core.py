@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -26,16 +28,73 @@ def _progress() -> Progress:
     )
 
 
+#: without a terminal (a batch job's log, ``2> file``) rich draws a bar only when the work ends, so
+#: progress is a plain line this often instead
+PROGRESS_LINE_EVERY_S = 30.0
+
+
+def _hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class ProgressLines:
+    """Progress as a line every ``every`` seconds (and one when a stage ends), for logs:
+    ``eval rae-dinov2-b: 1200/50000 (2 %) · 0:10:00 elapsed, ~6:46:40 left``. A new label (the next
+    tokenizer of compare) starts a new count; nothing prints before the first update."""
+
+    def __init__(self, label: str, emit: Callable[[str], None], every: float = PROGRESS_LINE_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.label, self.emit, self.every, self.clock = label, emit, every, clock
+        self.t0 = clock()
+        self.first: tuple[float, int] | None = None  # (time, done) of the label's first update: the rate's origin
+        self.state: tuple[int, int] | None = None  # (done, total) of the last update
+        self.last_line = self.t0
+        self.pending = False  # an update not yet printed
+
+    def update(self, done: int, total: int, label: str | None = None) -> None:
+        now = self.clock()
+        if label and label != self.label:
+            self.finish()
+            self.label, self.t0, self.first, self.state = label, now, None, None
+        if self.first is None:
+            self.first = (now, done)
+        self.state, self.pending = (done, total), True
+        if now - self.last_line >= self.every:
+            self._line(now)
+
+    def finish(self) -> None:
+        if self.pending:
+            self._line(self.clock())
+
+    def _line(self, now: float) -> None:
+        done, total = self.state
+        text = f"{self.label}: {done}/{total}" + (f" ({100 * done // total} %)" if total else "")
+        text += f" · {_hms(now - self.t0)} elapsed"
+        t1, d1 = self.first
+        if d1 < done < total and now > t1:
+            text += f", ~{_hms((now - t1) / (done - d1) * (total - done))} left"
+        self.emit(text)
+        self.last_line, self.pending = now, False
+
+
 @contextlib.contextmanager
 def progress_bar(label: str) -> Iterator[Callable[..., None]]:
     """A progress bar on the main rank, as a callback ``update(done, total, label=None)`` (a new
     label replaces the description); on the other ranks the callback does nothing. The bar shows
     from the first update, so an error before any work (too few images, a missing weight) prints
-    as one sentence without a half-drawn bar."""
+    as one sentence without a half-drawn bar. Without a terminal, :class:`ProgressLines`."""
     from raebench import distributed
+    from raebench.cli import err_console
 
     if not distributed.is_main():
         yield lambda done, total, label=None: None
+        return
+    if not err_console.is_terminal:
+        lines = ProgressLines(label, lambda text: err_console.print(text, highlight=False, markup=False, soft_wrap=True))
+        try:
+            yield lines.update
+        finally:
+            lines.finish()
         return
     prog = _progress()
     task = prog.add_task(label, total=None)
@@ -118,22 +177,8 @@ def run_eval_with_progress(cfg, label: str):
         return evaluate(cfg, tokenizer=tok, data=data)
     # the bar starts with the first finished batch, so an error while building the metrics'
     # networks (a missing Inception file, say) prints as one sentence without a half-drawn bar
-    prog = _progress()
-    task = prog.add_task(label, total=None)
-    started = False
-
-    def cb(done: int, total: int) -> None:
-        nonlocal started
-        if not started:
-            prog.start()
-            started = True
-        prog.update(task, completed=done, total=total)
-
-    try:
+    with progress_bar(label) as cb:
         return evaluate(cfg, tokenizer=tok, on_progress=cb, data=data)
-    finally:
-        if started:
-            prog.stop()
 
 
 def _report_outcome(out) -> None:
