@@ -155,6 +155,20 @@ def test_lpips_needs_images_it_can_take(image_folder: Path, tmp_path: Path, rand
     assert code == 2 and "use --resolution" in " ".join(err.split()) and "Traceback" not in err
 
 
+def test_no_decoder_diagnostics_need_no_perceptual_network(image_folder: Path, tmp_path: Path, monkeypatch, capsys):
+    """--n-diag 0 computes nothing perceptual: the LPIPS network is not built, so its missing weights
+    are neither warned about nor noted on the rows (an explicit --perceptual is still checked)."""
+    monkeypatch.delenv("RAEBENCH_LPIPS_ALEX_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no AlexNet file
+    base = ["analyze", "-t", "pixels", "--data", str(image_folder), "-r", "32", "--reference", "none",
+            "--n-diag", "0", "--no-plots", "--device", "cpu", "--results", str(tmp_path / "res")]
+    code, out, err = run([*base, "--perceptual", "lpips-alex"], capsys)
+    assert code == 0 and "lpips" not in (out + err).lower(), out + err
+    assert not load(tmp_path / "res")["notes"].fillna("").str.contains("LPIPS").any()
+    code, out, err = run([*base, "--perceptual", "lpips"], capsys)
+    assert code == 2 and "Unknown --perceptual 'lpips'" in err
+
+
 def test_analyze_default_data_without_labels_or_reference_with_diffusability(tmp_path: Path, capsys):
     code, out, err = run(["analyze", "-t", "bicubic-f16", "-r", "32", "--limit", "4", "--reference", "none",
                           "--perceptual", "none", "--no-plots", "--n-diag", "2", "--interp-pairs", "1",

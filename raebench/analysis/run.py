@@ -233,7 +233,7 @@ def analyze(
 
     Under torchrun, ranks other than 0 return an outcome without reports (rank 0 has them all).
     """
-    from raebench.analysis.perceptual import build_distance
+    from raebench.analysis.perceptual import PERCEPTUAL_CHOICES, build_distance
     from raebench.distributed import rank_world, shard
     from raebench.evaluate import resolve_device
 
@@ -249,7 +249,12 @@ def analyze(
         raise RaebenchError(f"{data.name!r} has {data.n} images, fewer than one batch of the diffusability probe "
                             f"(--probe-batch-size {cfg.probe.batch_size}); lower it or leave out --diffusability.")
     device = resolve_device(cfg.device)
-    distance, dist_name, dist_version, dist_reason = build_distance(cfg.perceptual, device, cfg.resolution)
+    # the perceptual distance serves the decoder diagnostics only: with --n-diag 0 none is built, nor
+    # are its missing weights warned about (the choice is still checked)
+    if cfg.n_diag > 0 or cfg.perceptual not in PERCEPTUAL_CHOICES:
+        distance, dist_name, dist_version, dist_reason = build_distance(cfg.perceptual, device, cfg.resolution)
+    else:
+        distance, dist_name, dist_version, dist_reason = None, None, None, None
     toks = tokenizers if tokenizers is not None else _build_tokenizers(cfg, device)
     names = [t.name for t in toks]
     dup = sorted({n for n in names if names.count(n) > 1})
