@@ -280,7 +280,6 @@ class Evaluator:
         self.device = torch.device(device)
         self.options = parse_options(os.environ.get("RAEBENCH_METRIC_OPTIONS")) if options is None else options
         self.specs = [METRICS.get(m) for m in dict.fromkeys(metric_names)]
-        known = {s.name for s in self.specs} | {e for s in self.specs for e in s.extractors}
         for target, opts in self.options.items():
             if target not in METRICS and target not in EXTRACTORS:
                 names = METRICS.names() + EXTRACTORS.names()
@@ -289,8 +288,9 @@ class Evaluator:
                 raise RaebenchError(f"Option {target}.{next(iter(opts))}: no metric or extractor is named {target!r}.{hint} "
                                     f"Extractors: {', '.join(EXTRACTORS.names())}.")
             spec = METRICS.get(target) if target in METRICS else EXTRACTORS.get(target)
-            if spec.name not in known:
-                continue  # options for metrics not requested now are ignored (one env var serves many runs)
+            # keys and values are checked for every named target: a typo is an error even in a run that
+            # does not use that network (the options of metrics not requested now are then ignored, as one
+            # env var serves many runs)
             allowed = spec.options  # "device" only where listed: extractors always get the evaluation device
             bad = sorted(set(opts) - set(allowed))
             if bad:

@@ -266,3 +266,15 @@ def test_progress_without_a_terminal_is_lines(image_folder: Path, tmp_path: Path
                         "--results", res, "--device", "cpu"], capsys)
     assert code == 0, err
     assert "eval bicubic-f8: 8/8 (100 %)" in err and "eval pixels: 8/8 (100 %)" in err, err
+
+
+def test_option_typos_are_errors_also_for_networks_this_run_does_not_use(image_folder: Path, tmp_path: Path, capsys):
+    """`--option inception.dtpye=float64` in a psnr-only run was accepted without a word (options of
+    networks not used now are ignored, so a typo looked as if it had worked); valid ones still pass."""
+    base = ["eval", "-t", "pixels", "--data", str(image_folder), "-r", "32", "--device", "cpu", "--results", str(tmp_path)]
+    code, out, err = run([*base, "--option", "inception.dtpye=float64"], capsys)
+    assert code == 2 and "inception takes no option dtpye; it takes weights, dtype." in " ".join(err.split()), err
+    code, out, err = run([*base, "--option", "inception.dtype=float65"], capsys)
+    assert code == 2 and "dtype takes float32 or float64" in err, err
+    code, out, err = run([*base, "--option", "inception.dtype=float64"], capsys)
+    assert code == 0, err
