@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,13 +90,13 @@ def local_flags(spell: Callable[[str], str]) -> Iterator[None]:
         _LOCAL_FLAGS.reset(token)
 
 
-def cache_only(command: str):
+def cache_only(command: str) -> AbstractContextManager[None]:
     """For commands that name a tokenizer without any ``--weights`` (``raebench cache-latents``,
     ``train stage2 --tokenizer``, ``sample``): the Hugging Face cache is the only way to supply its files."""
     return local_flags(lambda flag: f"; `{command}` has no --weights option and reads tokenizer weights from that cache only")
 
 
-def named_flags(command: str, name: str, options: tuple[str, ...]):
+def named_flags(command: str, name: str, options: tuple[str, ...]) -> AbstractContextManager[None]:
     """For commands that take local weights per tokenizer as ``OPTION NAME=PATH``: ``options`` are the
     ones ``command`` has (compare: --weights; analyze: --weights, --decoder, --stats)."""
 
