@@ -1,8 +1,9 @@
 """Weights resolution shared by every model raebench loads.
 
-Order: an explicit local path (file or directory) > the Hugging Face cache (``HF_HOME`` /
-``HF_HUB_CACHE``; ``HF_HUB_OFFLINE=1`` means "cache only") > a download. When none works, the
-error is one sentence naming the repository/file and the flag or cache path that supplies it.
+Order: an explicit local path (file or directory) > the Hugging Face cache (``HF_HUB_CACHE``, else
+``HF_HOME``/hub, else ``$XDG_CACHE_HOME``/huggingface/hub; ``HF_HUB_OFFLINE=1`` means "cache only") >
+a download. When none works, the error is one sentence naming the repository/file and the flag or
+cache path that supplies it.
 
 A :class:`WeightsSource` is metadata: declaring one never touches the network, so registries can
 list sources without loading anything.
@@ -68,10 +69,18 @@ def hf_offline() -> bool:
 
 
 def hf_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    return home / "hub"
+    """The hub cache folder the Hub client reads and ``hf download`` fills: huggingface_hub's own
+    ``constants.HF_HUB_CACHE`` (``HF_HUB_CACHE`` > ``HF_HOME``/hub > ``$XDG_CACHE_HOME``/huggingface/hub >
+    ~/.cache/huggingface/hub, as read when huggingface_hub was imported), so that a message names the
+    folder that is searched, not one rebuilt from the environment of the moment."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hf_cache_move_hint() -> str:
+    """How to point the cache elsewhere: ``HF_HUB_CACHE`` wins over ``HF_HOME`` when it is set."""
+    return "set HF_HUB_CACHE to move it" if os.environ.get("HF_HUB_CACHE") else "set HF_HOME to move it"
 
 
 #: how the running command spells the flags that supply a local copy (None: as the flag is given)
@@ -206,5 +215,5 @@ def resolve(
         raise MissingWeightsError(
             f"{what} not found: {reason}; fetch {item} Hugging Face repo "
             f"{source.repo_id!r} (`{source.download_hint()}`) into the cache at {hf_cache_dir()} "
-            f"(set HF_HOME to move it){local_copy_hint(flag)}.{gated}"
+            f"({hf_cache_move_hint()}){local_copy_hint(flag)}.{gated}"
         ) from None
