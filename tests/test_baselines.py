@@ -453,6 +453,43 @@ def test_va_vae_loads_ldm_checkpoint_and_stats(tmp_path):
             build_tokenizer("va-vae-f16d32", weights=str(tmp_path))
 
 
+def test_va_vae_missing_files_are_named_together_and_following_the_message_loads_it(tmp_path, monkeypatch):
+    """Offline with an empty cache, va-vae-f16d32 named only its checkpoint; fetching that file as told
+    then failed on latents_stats.pt. Now one sentence names both with one `hf download` command; a
+    local checkpoint without the statistics beside it says how to put them there."""
+    import re
+
+    from raebench.errors import MissingWeightsError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _use_hf_home(monkeypatch, tmp_path / "hf")
+    with pytest.raises(MissingWeightsError) as e:
+        build_tokenizer("va-vae-f16d32")
+    msg = str(e.value)
+    cmd = "hf download hustvl/vavae-imagenet256-f16d32-dinov2 vavae-imagenet256-f16d32-dinov2.pt latents_stats.pt"
+    assert f"`{cmd}`" in msg and f"cache at {tmp_path / 'hf' / 'hub'} " in msg, msg
+    # follow it: the two files where `hf download` puts them (random weights of VA-VAE's layout)
+    m = _vavae_shaped().eval()
+    root = tmp_path / "hf" / "hub" / "models--hustvl--vavae-imagenet256-f16d32-dinov2"
+    snap = root / "snapshots" / ("b" * 40)
+    snap.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("b" * 40)
+    torch.save({"state_dict": _to_ldm(m.state_dict(), 5)}, snap / "vavae-imagenet256-f16d32-dinov2.pt")
+    with pytest.raises(MissingWeightsError, match=re.escape("`hf download hustvl/vavae-imagenet256-f16d32-dinov2 "
+                                                            "latents_stats.pt`")):
+        build_tokenizer("va-vae-f16d32")  # one file left: named alone, with its own flag
+    torch.save({"mean": torch.zeros(1, 32, 1, 1), "std": torch.ones(1, 32, 1, 1)}, snap / "latents_stats.pt")
+    assert build_tokenizer("va-vae-f16d32").encode(torch.rand(1, 3, 32, 32)).shape == (1, 32, 2, 2)
+    # a local checkpoint: its statistics belong beside it
+    local = tmp_path / "local"
+    local.mkdir()
+    (snap / "vavae-imagenet256-f16d32-dinov2.pt").rename(local / "vavae-imagenet256-f16d32-dinov2.pt")
+    with pytest.raises(MissingWeightsError, match=re.escape(
+            f"`hf download hustvl/vavae-imagenet256-f16d32-dinov2 latents_stats.pt --local-dir {local}`")):
+        build_tokenizer("va-vae-f16d32", weights=str(local / "vavae-imagenet256-f16d32-dinov2.pt"))
+
+
 def test_va_vae_refuses_an_ldm_checkpoint_of_another_autoencoder(tmp_path):
     """SD's kl-f8 in LDM format (4 channels, f8) with 4-channel statistics used to load as va-vae-f16d32 and
     encode 4x32x32 latents under a name whose registry entry says 32x16x16."""

@@ -36,7 +36,7 @@ from torch import nn
 from raebench.checkpoint import read_json_object, strict_from_pretrained
 from raebench.errors import CheckpointError, MissingWeightsError
 from raebench.tokenizers.base import Tokenizer, TokenizerSpec, register_tokenizer
-from raebench.weights import WeightsSource, resolve
+from raebench.weights import WeightsSource, hf_cache_dir, hf_cache_move_hint, hf_offline, resolve
 
 log = logging.getLogger(__name__)
 
@@ -526,8 +526,34 @@ def _load_stats(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
+def _require_hub_files(preset: VAEPreset) -> None:
+    """With no local path given, every missing Hub file of ``preset`` (an LDM checkpoint and its
+    statistics) is named in one sentence: one at a time, a user who fetched the checkpoint the first
+    message named was then told about the statistics."""
+    missing = []
+    for src, what, flag in zip(preset.weights, ("checkpoint", "latent statistics"), ("--weights", "--stats")):
+        try:
+            resolve(src, None, what=f"{preset.name} {what}", flag=flag)
+        except MissingWeightsError as e:
+            missing.append((src, e))
+    if len(missing) == 1:
+        raise missing[0][1]
+    if missing:
+        repos = {s.repo_id for s, _ in missing}
+        fetch = (f"`hf download {missing[0][0].repo_id} {' '.join(s.path_in_repo for s, _ in missing)}`"
+                 if len(repos) == 1 else " and ".join(f"`{s.download_hint()}`" for s, _ in missing))
+        raise MissingWeightsError(
+            f"{preset.name} needs {len(missing)} files that are not available "
+            f"{'offline (HF_HUB_OFFLINE=1)' if hf_offline() else 'locally or by download'}: "
+            f"{', '.join(str(s) for s, _ in missing)}; fetch them into the cache at {hf_cache_dir()} ({fetch}; "
+            f"{hf_cache_move_hint()}), or pass a folder holding them with --weights."
+        )
+
+
 def _build_ldm(preset: VAEPreset, weights: str | None, stats: str | None) -> DiffusersVAE:
     ckpt_src, stats_src = preset.weights
+    if weights is None and stats is None:
+        _require_hub_files(preset)
     ckpt = resolve(ckpt_src, weights, what=f"{preset.name} checkpoint", flag="--weights")
     if ckpt.is_dir():
         pts = sorted(p for p in ckpt.glob("*.pt") if p.name != stats_src.filename)
@@ -540,9 +566,12 @@ def _build_ldm(preset: VAEPreset, weights: str | None, stats: str | None) -> Dif
         stats = str(Path(weights) if Path(weights).is_dir() else Path(weights).parent)
     stats_path = resolve(stats_src, stats, what=f"{preset.name} latent statistics", flag="--stats")
     if stats_path.is_dir():
-        stats_path = stats_path / stats_src.filename
-    if not stats_path.is_file():
-        raise MissingWeightsError(f"{preset.name}: no {stats_src.filename!r} found; pass it with --stats FILE.")
+        folder, stats_path = stats_path, stats_path / stats_src.filename
+        if not stats_path.is_file():
+            raise MissingWeightsError(
+                f"{preset.name}: no {stats_src.filename!r} in {str(folder)!r}; put it there "
+                f"(`{stats_src.download_hint()} --local-dir {folder}`) or pass it with --stats FILE."
+            )
     vae = load_ldm_vae(ckpt)
     c, f = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
     if (c, f) != (preset.latent_channels, preset.downsample):  # another autoencoder (SD's kl-f8: 4 channels, f8)
