@@ -223,7 +223,8 @@ class MetricSpec:
     unit: str = ""
     aliases: tuple[str, ...] = ()
     #: other result names this metric emits (``kid`` -> ``kid-std``), with their higher_is_better
-    outputs: tuple[tuple[str, bool], ...] = ()
+    #: (None for a spread of the main value: no direction, no arrow, no best)
+    outputs: tuple[tuple[str, bool | None], ...] = ()
     #: extractor outputs read from each side, as ``"extractor/output"`` (``"inception/pool"``); the
     #: evaluator runs (or reads from its cache) only what some metric reads
     reference_inputs: tuple[str, ...] = ()

@@ -53,6 +53,6 @@ register_metric(
         name="is", higher_is_better=True, kind="distribution", version="is-tfinception-logits-nobias-10split-seed2020-v1",
         description="Inception Score of the candidates, 10 splits (torch-fidelity)",
         builder=lambda spec: InceptionScore(spec), extractors=("inception",), aliases=("inception-score",),
-        outputs=(("is-std", False),), candidate_inputs=("inception/logits",), min_images=IS_SPLITS,
+        outputs=(("is-std", None),), candidate_inputs=("inception/logits",), min_images=IS_SPLITS,
     )
 )

@@ -94,7 +94,7 @@ register_metric(
     MetricSpec(
         name="kid", higher_is_better=False, kind="distribution", version="kid-inception2048-poly3-100x1000-seed2020-v1",
         description="Kernel Inception Distance: cubic kernel, 100 subsets of 1000, torch-fidelity's sampling",
-        builder=lambda spec: KID(spec), extractors=("inception",), outputs=(("kid-std", False),),
+        builder=lambda spec: KID(spec), extractors=("inception",), outputs=(("kid-std", None),),
         reference_inputs=("inception/pool",), candidate_inputs=("inception/pool",), min_images=2,  # unbiased: m(m − 1)
     )
 )

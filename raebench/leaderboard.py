@@ -108,8 +108,9 @@ def prefer_reported(rep: pd.DataFrame, keys: Iterable[str] = REPORTED_KEY) -> pd
 
 
 def _is_spread(metric: str) -> bool:
-    """A spread of another metric (``kid-std``, ``is-std``): no best. The registry has no flag for it
-    (it registers them lower-is-better), so the ``-std`` suffix that every such output carries decides."""
+    """A spread of another metric (``kid-std``, ``is-std``): no best. The registry gives them no direction
+    (None) now, but rows stored before say lower-is-better, so the ``-std`` suffix that every such output
+    carries decides."""
     return str(metric).endswith("-std")
 
 

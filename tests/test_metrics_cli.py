@@ -5,6 +5,7 @@ ADM-style ``.npz`` files."""
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from _metrics_helpers import photo_crops, random_inception_weights, save_pngs, stand_in_extractors  # noqa: F401
@@ -42,6 +43,8 @@ def test_eval_cli_inception_lpips_and_reference_cache(tmp_path, monkeypatch):
     v = dict(zip(df["metric"], df["value"]))
     assert set(v) == {"psnr", "ssim", "fid", "kid", "kid-std", "lpips-alex"}
     assert all(np.isfinite(x) for x in v.values()) and v["fid"] > 0 and v["lpips-alex"] > 0
+    hib = dict(zip(df["metric"], df["higher_is_better"]))
+    assert hib["kid"] == False and hib["psnr"] == True and pd.isna(hib["kid-std"])  # noqa: E712 (numpy bools)
     row = df[df["metric"] == "kid"].iloc[0]
     assert "subset size 8" in row["notes"] and "inception" in row["extra"]["metric_weights"]
     assert sum(seen) == 16  # originals and reconstructions, once each

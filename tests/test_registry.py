@@ -66,3 +66,11 @@ def test_unknown_name_hints_only_at_listings_that_exist():
     assert "raebench ls" not in str(e.value)  # `raebench ls` has no stage-2 model listing
     with pytest.raises(UnknownNameError, match="Run `raebench ls tokenizers` to list them"):
         TOKENIZERS.get("no-such-tokenizer")
+
+
+def test_spreads_have_no_direction():
+    """kid-std and is-std are spreads of kid and is: no arrow in the eval/score tables, no best."""
+    from raebench.metrics.base import higher_is_better
+
+    assert higher_is_better("kid") is False and higher_is_better("is") is True
+    assert higher_is_better("kid-std") is None and higher_is_better("is-std") is None
