@@ -91,18 +91,12 @@ _LOCAL_FLAGS: ContextVar[Callable[[str], str] | None] = ContextVar("raebench_loc
 def local_flags(spell: Callable[[str], str]) -> Iterator[None]:
     """Inside the block, missing-weights sentences end with ``spell(flag)`` instead of
     ``, or pass a local copy with FLAG``: for commands whose flags differ from the builders' (eval's
-    ``--weights DIR``), e.g. ``--weights NAME=PATH`` in compare/analyze, or none at all."""
+    ``--weights DIR``), e.g. ``--weights NAME=PATH`` in compare/analyze."""
     token = _LOCAL_FLAGS.set(spell)
     try:
         yield
     finally:
         _LOCAL_FLAGS.reset(token)
-
-
-def cache_only(command: str) -> AbstractContextManager[None]:
-    """For commands that name a tokenizer without any ``--weights`` (``raebench cache-latents``,
-    ``train stage2 --tokenizer``, ``sample``): the Hugging Face cache is the only way to supply its files."""
-    return local_flags(lambda flag: f"; `{command}` has no --weights option and reads tokenizer weights from that cache only")
 
 
 def named_flags(command: str, name: str, options: tuple[str, ...]) -> AbstractContextManager[None]:

@@ -1,5 +1,8 @@
 """Stage-2 commands: ``train stage2``, ``sample`` and ``cache-latents``.
 
+Each takes the tokenizer's local files as ``eval`` does (``--weights``, ``--decoder``, ``--stats``;
+built by the same code); ``cache-latents`` and ``train stage2`` record the identity of those weights
+with the latents, and ``sample`` warns when it decodes with other ones.
 All three run under ``torchrun`` as well as alone (``train stage2`` with DDP; ``sample`` shards its
 batches over ranks). Library code lives in :mod:`raebench.stage2`; this module only parses flags.
 """
@@ -33,15 +36,6 @@ def _interval(text: Optional[str]) -> Optional[tuple[float, float]]:
     return lo, hi
 
 
-def _tokenizer(name: str, device, command: str):
-    """A tokenizer by name alone: these commands take no --weights, so its files must be in the cache."""
-    from raebench.tokenizers.base import build_tokenizer
-    from raebench.weights import cache_only
-
-    with cache_only(command):
-        return build_tokenizer(name).to(device)
-
-
 def register(app: typer.Typer) -> None:
     from raebench.cli import train_app
 
@@ -53,6 +47,9 @@ def register(app: typer.Typer) -> None:
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Encode --data on the fly with this tokenizer."),
         data: Optional[str] = typer.Option(None, "--data", help="Image folder with one subfolder per class."),
         resolution: Optional[int] = typer.Option(None, "--resolution", "-r", help="Image size for on-the-fly encoding with --tokenizer/--data (a cache has its own)."),
+        weights: Optional[str] = typer.Option(None, "--weights", help="With --tokenizer: local weights file/folder for the tokenizer (as eval's)."),
+        decoder: Optional[str] = typer.Option(None, "--decoder", help="With --tokenizer, RAE: a decoder checkpoint instead of the released one (recorded with the run; `sample` decodes with it)."),
+        stats: Optional[str] = typer.Option(None, "--stats", help="With --tokenizer, RAE: latent statistics file (stat.pt)."),
         num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Class count of the model (default: the preset's)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Global batch (all ranks, all accumulation steps)."),
         grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per step (splits the global batch for memory; same result)."),
@@ -74,11 +71,17 @@ def register(app: typer.Typer) -> None:
         from raebench.evaluate import resolve_device
         from raebench.stage2.train import preset as make_preset, train
 
-        if latents and (tokenizer or data):
-            given = " and ".join(f for f, v in (("--tokenizer", tokenizer), ("--data", data)) if v)
-            raise RaebenchError(f"--latents trains on the cached latents (their tokenizer and images), so {given} would "
-                                "be ignored; give either --latents DIR or --tokenizer NAME --data DIR.")
+        local = {"--weights": weights, "--decoder": decoder, "--stats": stats}
+        if latents and (tokenizer or data or any(local.values())):
+            given = " and ".join(f for f, v in (("--tokenizer", tokenizer), ("--data", data), *local.items()) if v)
+            raise RaebenchError(f"--latents trains on the cached latents (their tokenizer, weights and images), so "
+                                f"{given} would be ignored; give either --latents DIR or --tokenizer NAME --data DIR.")
+        if not tokenizer and any(local.values()):
+            given = " and ".join(f for f, v in local.items() if v)
+            raise RaebenchError(f"{given} give the files of the --tokenizer that encodes --data on the fly; add "
+                                "--tokenizer NAME (and --data DIR).")
         overrides = dict(out=str(out), latents=str(latents) if latents else None, tokenizer=tokenizer, data=data,
+                         weights=weights, decoder=decoder, stats=stats,
                          resolution=resolution, num_classes=num_classes, global_batch=batch_size, grad_accum=grad_accum,
                          epochs=epochs, max_steps=max_steps, lr=lr, precision=precision, seed=seed,
                          ckpt_every=ckpt_every, keep_every=keep_every, log_every=log_every, compile=compile_model or None)
@@ -98,6 +101,9 @@ def register(app: typer.Typer) -> None:
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="A raebench stage-2 run folder or its checkpoint."),
         config: Optional[Path] = typer.Option(None, "--config", help="An official RAE YAML (stage_1 + stage_2 blocks)."),
         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Decoder for --checkpoint (default: the run's)."),
+        weights: Optional[str] = typer.Option(None, "--weights", help="With --checkpoint: local weights file/folder for the tokenizer that decodes (as eval's)."),
+        decoder: Optional[str] = typer.Option(None, "--decoder", help="With --checkpoint, RAE: a decoder checkpoint instead of the released one."),
+        stats: Optional[str] = typer.Option(None, "--stats", help="With --checkpoint, RAE: latent statistics file (stat.pt)."),
         num: int = typer.Option(50_000, "--num", "-n", help="Number of samples."),
         label_sampling: str = typer.Option("equal", "--label-sampling", help="equal (exactly num/classes each) | random"),
         num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Sample labels 0 .. N-1 (default: every class of the model)."),
@@ -121,6 +127,7 @@ def register(app: typer.Typer) -> None:
         from raebench import distributed
         from raebench.cli import console
         from raebench.evaluate import resolve_device
+        from raebench.stage2.latents import build_tokenizer, weights_of
         from raebench.stage2.sample import class_labels, generate_npz, load_trained, save_grid, stage2_checkpoint
         from raebench.stage2.samplers import has_null_class, sample
 
@@ -134,6 +141,11 @@ def register(app: typer.Typer) -> None:
         _check_sampling_args(num, batch_size, steps, cfg_scale, num_classes, label_sampling, out, grid)
         if guide_checkpoint is not None and config is not None:
             raise RaebenchError("--guide-checkpoint goes with --checkpoint; an official YAML names its own guide.")
+        local = {"--tokenizer": tokenizer, "--weights": weights, "--decoder": decoder, "--stats": stats}
+        if config is not None and any(local.values()):
+            given = ", ".join(f for f, v in local.items() if v)
+            raise RaebenchError(f"{given} go with --checkpoint; an official YAML names its own tokenizer and weights "
+                                "(its stage_1 block).")
         if guide_checkpoint is not None and (cfg_scale is None or cfg_scale == 1.0):
             raise RaebenchError("--guide-checkpoint has no effect without --cfg-scale other than 1 (AutoGuidance "
                                 "strength); add e.g. --cfg-scale 1.5.")
@@ -173,9 +185,12 @@ def register(app: typer.Typer) -> None:
                 raise RaebenchError("The run does not name its tokenizer; pass --tokenizer NAME to decode samples.")
             model.to(dev)
             guide = guide.to(dev) if guide is not None else None
-            tok, shape = _tokenizer(name, dev, "raebench sample"), info["latent_shape"]
+            own = run_tok is not None and _canonical(name) == _canonical(run_tok)  # another one: at its released size
+            tok = build_tokenizer(name, dev, _encoded_at(info) if own else None, weights, decoder, stats)
+            shape = info["latent_shape"]
             _check_decoder(tok, name, run_tok, tuple(shape))
-            settings.update(tokenizer=name, tokenizer_weights=getattr(tok, "weights_id", "none"),
+            _check_decoder_weights(tok, run_tok, (info.get("data") or {}).get("tokenizer_weights"))
+            settings.update(tokenizer=name, tokenizer_weights=weights_of(tok),
                             method=method_name or "euler", steps=steps or 50,
                             cfg_scale=cfg_scale if cfg_scale is not None else 1.0,
                             cfg_interval=list(interval or (0.0, 1.0)))
@@ -211,17 +226,20 @@ def register(app: typer.Typer) -> None:
         flip: bool = typer.Option(True, "--flip/--no-flip", help="Also store each image's horizontal flip."),
         dtype: str = typer.Option("float16", "--dtype", help="float16 (half the disk; latents rounded to ~5e-4 relative) | float32 (exact, as the official on-the-fly encoding)"),
         device: str = typer.Option("auto", "--device", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
+        weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file/folder for the tokenizer (as eval's; recorded in meta.json)."),
+        decoder: Optional[str] = typer.Option(None, "--decoder", help="RAE: a decoder checkpoint instead of the released one (part of the weights recorded; `sample` decodes with it)."),
+        stats: Optional[str] = typer.Option(None, "--stats", help="RAE: latent statistics file (stat.pt)."),
     ) -> None:
         """Encode a dataset once (plus flips) so stage-2 training does not pay the encoder every step."""
         from raebench.cli import console
         from raebench.evaluate import resolve_device
-        from raebench.stage2.latents import cache_latents
+        from raebench.stage2.latents import build_tokenizer, cache_latents
 
         from raebench import distributed
 
         distributed.init(device)
         dev = resolve_device(distributed.local_device(device))
-        tok = _tokenizer(tokenizer, dev, "raebench cache-latents")
+        tok = build_tokenizer(tokenizer, dev, resolution, weights, decoder, stats)
         with progress_bar("encoding (images of this rank)") as bar:
             path = cache_latents(tok, data, out, resolution, batch_size, flip, dtype, progress=bar)
         if distributed.is_main():
@@ -335,8 +353,46 @@ def _check_decoder(tok, name: str, run_tok: str | None, latent_shape: tuple) -> 
     except Exception as e:  # noqa: BLE001 - any failure here means the decoder does not fit
         raise RaebenchError(f"--tokenizer {name} cannot decode the model's latents of shape {latent_shape}"
                             f"{f' (trained on {run_tok})' if run_tok else ''}: {type(e).__name__}: {first_line(e)}") from None
-    if run_tok and name != run_tok:
+    if run_tok and _canonical(name) != _canonical(run_tok):
         log.warning("decoding with %s, but the model was trained on latents of %s", name, run_tok)
+
+
+def _check_decoder_weights(tok, run_tok: Optional[str], trained_on: Optional[str]) -> None:
+    """The run's tokenizer must decode with the weights that encoded its latents (``tokenizer_weights``
+    recorded in the checkpoint): other weights are a warning, as another --tokenizer is; a run of an
+    older raebench records none (a one-line note)."""
+    from raebench.stage2.latents import weights_of
+
+    if run_tok is None or tok.name != _canonical(run_tok):
+        return  # another tokenizer altogether: _check_decoder has said so
+    now = weights_of(tok)
+    if trained_on is None:
+        log.info("the run does not record which weights of %s encoded its latents (an older raebench); decoding "
+                 "with %s", tok.name, now)
+    elif now != trained_on:
+        log.warning("decoding with %s weights %s, but the model was trained on latents encoded with %s: the samples "
+                    "decode latents with other weights than they were trained on (pass those with --weights, "
+                    "--decoder or --stats)", tok.name, now, trained_on)
+
+
+def _encoded_at(info: dict) -> Optional[int]:
+    """The resolution the run's tokenizer was built at to encode its latents, so that the decoding one
+    is built alike: the cache's or the run's image size when the run records the tokenizer's weights
+    (raebench built it at that size since then); None (its released size) for older runs."""
+    data, run = info.get("data") or {}, info["config"]
+    if "tokenizer_weights" not in data:
+        return None
+    return data.get("resolution") if run.latents else run.resolution
+
+
+def _canonical(name: str) -> str:
+    """A tokenizer's registry name (a run records the name it was given, an alias too); unknown names as they are."""
+    from raebench.tokenizers import get_tokenizer_spec
+
+    try:
+        return get_tokenizer_spec(name).name
+    except RaebenchError:  # a name this raebench does not know
+        return name
 
 
 def _cache_tokenizer(latents: Optional[str]) -> Optional[str]:

@@ -6,7 +6,9 @@ tokenizer, each image with its horizontal flip, into one memory-mapped ``latents
 :class:`OnTheFly` encodes decoded, cropped and randomly flipped images at every step instead. Both
 give the trainer ``fetch(idx, u)`` (the data-side random draw comes in as uniforms ``u``),
 ``prepare(raw, device)``, ``labels``, ``latent_shape`` and ``identity()`` (what a run records of its
-data, to refuse resuming on other data).
+data, to refuse resuming on other data). Both record the tokenizer's name and the identity of its
+weights (``tokenizer_weights``: the ``weights_id`` that ``eval`` records with its rows), so that
+``raebench sample`` can tell whether it decodes with the weights the latents came from.
 """
 
 from __future__ import annotations
@@ -29,6 +31,28 @@ from raebench.errors import DataError
 from raebench.preempt import Preempted, StopOnSignal, of_rank
 
 log = logging.getLogger(__name__)
+
+#: identity keys that older caches and runs do not record: absent, they are unknown, not different
+RECORDED_LATER = frozenset({"tokenizer_weights"})
+
+
+def build_tokenizer(name: str, device: torch.device, resolution: int | None = None, weights: str | None = None,
+                    decoder: str | None = None, stats: str | None = None) -> nn.Module:
+    """A registered tokenizer with ``eval``'s local-files options (``--weights``, ``--decoder``,
+    ``--stats``), built as ``eval`` builds it, at ``resolution`` (None: the first resolution its
+    weights were released at, as an older raebench built it here)."""
+    from raebench.evaluate import EvalConfig, build_tokenizer_from_config
+    from raebench.tokenizers import get_tokenizer_spec
+
+    if resolution is None:
+        resolution = get_tokenizer_spec(name).native_resolutions[0]
+    cfg = EvalConfig(tokenizer=name, resolution=resolution, weights=weights, decoder=decoder, stats=stats)
+    return build_tokenizer_from_config(cfg, device)
+
+
+def weights_of(tokenizer: nn.Module) -> str:
+    """The identity of a tokenizer's weights, as ``eval`` records it with its rows (``weights_id``)."""
+    return getattr(tokenizer, "weights_id", "none")
 
 
 class LatentCache:
@@ -77,7 +101,8 @@ class LatentCache:
 
     def identity(self) -> dict[str, Any]:
         """What a run records of its data, to refuse resuming on other data."""
-        keep = {k: self.meta[k] for k in ("id", "fingerprint", "tokenizer", "resolution") if k in self.meta}
+        keep = {k: self.meta[k] for k in ("id", "fingerprint", "tokenizer", "tokenizer_weights", "resolution")
+                if k in self.meta}  # an older cache records no tokenizer_weights
         return {"n": len(self), "latent_shape": list(self.latent_shape), **keep}
 
     def fetch(self, idx: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +131,7 @@ class OnTheFly:
         self.dataset = ImageDataset(self.images, resolution)
         self.tokenizer = tokenizer.eval().requires_grad_(False)
         self.tokenizer_name = getattr(tokenizer, "name", type(tokenizer).__name__)
+        self.tokenizer_weights = weights_of(tokenizer)
         self.labels = torch.tensor(self.images.labels)
         with torch.no_grad():
             self._shape = tuple(tokenizer.encode(torch.zeros(1, 3, resolution, resolution, device=device)).shape[1:])
@@ -123,7 +149,7 @@ class OnTheFly:
     def identity(self) -> dict[str, Any]:
         """What a run records of its data, to refuse resuming on other data."""
         return {"n": len(self), "latent_shape": list(self.latent_shape), "fingerprint": self.images.fingerprint(),
-                "tokenizer": self.tokenizer_name}
+                "tokenizer": self.tokenizer_name, "tokenizer_weights": self.tokenizer_weights}
 
     def fetch(self, idx: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded, cropped images, flipped where the uniform ``u`` (B,) is below 0.5: (B, 3, R, R) uint8, (B,)."""
@@ -199,12 +225,14 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
     meta_path = out / "meta.json"
     want = {"n": n, "variants": variants, "shape": list(shape), "resolution": resolution, "dtype": dtype,
             "fingerprint": images.fingerprint(), "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
-            "world": world}
+            "tokenizer_weights": weights_of(tokenizer), "world": world}
     progress_path = out / f"progress-{rank}-of-{world}.json"
     complete, meta = False, {}
     if rank == 0:  # a finished cache of these images and settings (at any world size) is kept as it is
         meta = _read_meta(meta_path) if meta_path.is_file() else {}
-        diff = [f"{k}: {meta.get(k)!r} -> {v!r}" for k, v in want.items() if k != "world" and meta.get(k) != v]
+        # a complete cache of an older raebench (no tokenizer_weights) is kept; an unfinished one starts afresh below
+        diff = [f"{k}: {meta.get(k)!r} -> {v!r}" for k, v in want.items()
+                if k != "world" and (k in meta or k not in RECORDED_LATER) and meta.get(k) != v]
         if meta and diff:
             state = "a complete" if meta.get("complete") else "an unfinished"
             raise DataError(f"{str(out)!r} holds {state} latent cache of other images or settings "

@@ -14,7 +14,9 @@ Runs are resumable: everything lives in ``cfg.out`` (``config.json``, ``log.csv`
 ``checkpoints/last.pt``), and re-running the same command continues from the last checkpoint; a
 changed setting that alters the trajectory (anything but :data:`RUN_ONLY_FIELDS`) or other training
 data is refused. A checkpoint holds ``{model, ema, opt, sched, step, config, data, latent_shape,
-log_pending}`` (``log_pending``: each rank's losses of the steps since the last ``log_every`` row, so
+log_pending}`` (``data``: the identity of the training data, with ``tokenizer_weights``, the weights
+that made the latents: a cache's, carried over from its ``meta.json``, or the on-the-fly
+tokenizer's; ``log_pending``: each rank's losses of the steps since the last ``log_every`` row, so
 the first row after a resume averages the same steps as an uninterrupted run's) and is written to a
 temporary file then renamed. SIGTERM or SIGUSR1 stops every rank after the same step with such a
 checkpoint (:mod:`raebench.preempt`).
@@ -49,7 +51,7 @@ from torch import nn
 from raebench import distributed
 from raebench.errors import DataError, RaebenchError, check_rates
 from raebench.preempt import Preempted, StopOnSignal, ignore_in_worker
-from raebench.stage2.latents import LatentCache, OnTheFly, _write_json
+from raebench.stage2.latents import RECORDED_LATER, LatentCache, OnTheFly, _write_json
 from raebench.stage2.models import MODELS, count_params
 from raebench.stage2.transport import Transport, shift_from_dims
 
@@ -65,6 +67,10 @@ class TrainConfig:
     latents: str | None = None  # a latent cache directory (raebench cache-latents)
     tokenizer: str | None = None  # ... or a tokenizer name plus an image folder, encoded on the fly
     data: str | None = None
+    # the on-the-fly tokenizer's local files, as eval's --weights/--decoder/--stats (None: the Hugging Face cache)
+    weights: str | None = None
+    decoder: str | None = None
+    stats: str | None = None
     resolution: int = 256
     num_classes: int = 1000
     class_dropout: float = 0.1
@@ -175,11 +181,9 @@ def open_source(cfg: TrainConfig, device: torch.device):
     if cfg.latents:
         return LatentCache(cfg.latents)
     if cfg.tokenizer and cfg.data:
-        from raebench.tokenizers.base import build_tokenizer
-        from raebench.weights import cache_only
+        from raebench.stage2.latents import build_tokenizer
 
-        with cache_only("raebench train stage2"):  # a tokenizer by name: no --weights for it
-            tok = build_tokenizer(cfg.tokenizer).to(device)
+        tok = build_tokenizer(cfg.tokenizer, device, cfg.resolution, cfg.weights, cfg.decoder, cfg.stats)
         return OnTheFly(tok, cfg.data, cfg.resolution, device)
     raise RaebenchError("Give --latents DIR (from `raebench cache-latents`) or --tokenizer NAME with --data DIR.")
 
@@ -366,19 +370,24 @@ def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
                     "there to sample only the first %d).", where, seen, num_classes, hi + 1, hi + 1)
 
 
-def compare_configs(saved: dict, cfg: TrainConfig, data_recorded: bool = False) -> list[str]:
+def compare_configs(saved: dict, cfg: TrainConfig, data_recorded: bool = False, weights_recorded: bool = False) -> list[str]:
     """Trajectory-changing differences between a saved run config and ``cfg``. With ``data_recorded``
     (the checkpoint holds the data's identity, compared by :func:`compare_data`), the paths of the
-    data may differ: the same cache by another path, or moved, is the same data."""
-    skip = RUN_ONLY_FIELDS | ({"latents", "data"} if data_recorded else set())
+    data may differ: the same cache by another path, or moved, is the same data; with
+    ``weights_recorded`` (it also holds the tokenizer's ``tokenizer_weights``), so may the paths of
+    the tokenizer's local files."""
+    skip = (RUN_ONLY_FIELDS | ({"latents", "data"} if data_recorded else set())
+            | ({"weights", "decoder", "stats"} if weights_recorded else set()))
     return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in _jsonable(cfg).items() if k not in skip and saved.get(k) != v]
 
 
 def compare_data(saved: dict | None, now: dict) -> list[str]:
-    """Differences between the data a run was trained on and ``now`` (old checkpoints record none)."""
+    """Differences between the data a run was trained on and ``now`` (old checkpoints record none;
+    a key of :data:`RECORDED_LATER` that ``saved`` lacks is unknown, not different)."""
     if saved is None:
         return []
-    return [f"data {k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    keys = (set(saved) | set(now)) - (RECORDED_LATER - set(saved))
+    return [f"data {k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(keys) if saved.get(k) != now.get(k)]
 
 
 LOG_COLUMNS = ("step", "epoch", "images", "lr", "loss", "sec_per_step")
@@ -426,7 +435,9 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
     stop = min(total, cfg.max_steps) if cfg.max_steps is not None else total
     ck = load_state(ckpt_path) if ckpt_path.is_file() else None
     if ck is not None:
-        diff = compare_configs(ck.get("config", {}), cfg, ck.get("data") is not None) + compare_data(ck.get("data"), data)
+        saved = ck.get("data")
+        recorded = saved is not None and "tokenizer_weights" in saved
+        diff = compare_configs(ck.get("config", {}), cfg, saved is not None, recorded) + compare_data(saved, data)
         if list(ck.get("latent_shape", data["latent_shape"])) != data["latent_shape"]:
             diff.append(f"latent shape: {ck['latent_shape']} -> {data['latent_shape']}")
         if diff:
@@ -435,6 +446,8 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
         if ck.get("format") != CHECKPOINT_FORMAT and rank == 0:
             log.warning("%s was written by an older raebench with other random draws; the resumed run will not "
                         "reproduce an uninterrupted one", ckpt_path)
+        if not recorded:  # its first steps were trained on latents of unrecorded weights: it stays unknown
+            data = {k: v for k, v in data.items() if k not in RECORDED_LATER}
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_for_training(cfg, source.latent_shape).to(device)
