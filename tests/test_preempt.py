@@ -256,3 +256,34 @@ def test_sample_and_cache_latents_stop_after_the_batch_and_resume(tmp_path, imag
             cache_latents(tok, str(image_folder), tmp_path / "split", resolution=32, batch_size=3, flip=False)
     cache_latents(tok, str(image_folder), tmp_path / "split", resolution=32, batch_size=3, flip=False)
     assert np.array_equal(np.load(tmp_path / "full" / "latents.npy"), np.load(tmp_path / "split" / "latents.npy"))
+
+
+def test_mark_and_decide_name_the_signal_each_rank_got():
+    # the slots of mark, summed over the ranks, tell decide which signal to stop on: SIGUSR1 on one rank is SIGUSR1
+    # for all (not slot 0's SIGTERM); with both, the first of STOP_SIGNALS
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))
+    try:
+        with StopOnSignal() as stop:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            slots = stop.mark(torch.zeros(2))
+            assert slots.tolist() == [0.0, 1.0]
+            assert StopOnSignal().decide(slots) == signal.SIGUSR1
+            assert StopOnSignal().decide([1, 1]) == signal.SIGTERM
+            assert StopOnSignal().decide(torch.zeros(2)) is None
+            assert stop.decide(slots) == signal.SIGUSR1
+        assert not seen  # acted on: leaving the block does not re-raise it
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_signal_during_a_failing_block_is_not_re_raised_over_the_error():
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))
+    try:
+        with pytest.raises(ValueError, match="boom"), StopOnSignal():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            raise ValueError("boom")
+        assert not seen  # the error is what the job reports; a re-raised SIGTERM would kill it before the traceback
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
