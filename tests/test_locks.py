@@ -50,3 +50,95 @@ def test_a_file_in_the_way_is_one_sentence(tmp_path: Path):
     (tmp_path / "afile").write_text("not a folder")
     with pytest.raises(RaebenchError, match=r"Cannot create the lock file .*afile/\.run\.lock.*choose an output you can write"):
         OutputLock(tmp_path / "afile" / "run", "training job").acquire()
+
+
+def test_eacces_from_flock_means_held_by_another_job(tmp_path: Path, monkeypatch):
+    # some file systems answer a held lock with EACCES instead of EWOULDBLOCK: that is "another job", not "cannot lock"
+    import errno
+    import fcntl
+
+    def flock(fd, op):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with pytest.raises(RaebenchError, match="Another training job is writing"):
+        OutputLock(tmp_path / "run", "training job").acquire()
+
+
+def test_cannot_lock_warns_once_per_folder(tmp_path: Path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from raebench.locks import try_flock
+
+    def flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr("raebench.locks._warned_unlockable", set())
+    (tmp_path / "b").mkdir()
+    for p in (tmp_path / "x", tmp_path / "y", tmp_path / "b" / "z"):
+        with open(p, "a") as f:
+            assert try_flock(f, p) is None
+    assert sum("cannot lock files" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_blocking_flock_waits_for_the_holder(tmp_path: Path):
+    # the feature cache's writer waits (briefly) for a liveness probe that holds its new file, instead of going on unlocked
+    import fcntl
+    import threading
+
+    from raebench.locks import try_flock
+
+    p = tmp_path / "f"
+    with open(p, "a") as holder, open(p, "a") as waiter:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        threading.Timer(0.2, lambda: fcntl.flock(holder, fcntl.LOCK_UN)).start()
+        assert try_flock(waiter, p, blocking=True) is True
+
+
+def test_a_refused_job_closes_the_lock_file_it_opened(tmp_path: Path):
+    import warnings
+
+    from raebench.locks import open_locked
+
+    with exclusive(tmp_path / "run", "training job"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert open_locked(lock_file(tmp_path / "run")) == (None, False)
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_the_lock_file_is_removed_while_still_held(tmp_path: Path, monkeypatch):
+    # unlinked after closing, another job could lock the old file in between and hold a lock on a removed file
+    import fcntl
+
+    path, seen = lock_file(tmp_path / "run"), []
+    real = Path.unlink
+
+    def unlink(self, *a, **k):
+        if self == path:
+            with open(path, "a") as other:
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    seen.append("taken by another job")
+                except BlockingIOError:
+                    seen.append("held")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with exclusive(tmp_path / "run", "training job"):
+        pass
+    assert seen == ["held"] and not path.exists()
+
+
+def test_other_ranks_of_torchrun_do_not_lock_before_the_group_is_up(tmp_path: Path, monkeypatch):
+    lock = OutputLock(tmp_path / "run", "training job").acquire()
+    try:
+        monkeypatch.setenv("RANK", "1")
+        with exclusive(tmp_path / "run", "training job"):  # rank 1 shares rank 0's output: not refused
+            pass
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(RaebenchError, match="Another"), exclusive(tmp_path / "run", "training job"):
+            pass
+    finally:
+        lock.release()
