@@ -176,3 +176,91 @@ def test_rows_of_a_newer_schema_load_with_a_warning(tmp_path: Path, caplog):
     load(tmp_path)  # compare loads the folder once per tokenizer: said once
     load(tmp_path / "missing")
     assert "newer raebench" not in caplog.text
+
+
+def test_a_run_file_rewritten_in_place_with_the_same_size_is_read_again(tmp_path: Path):
+    import os
+
+    path = write_rows([_row("psnr", 1.0)], tmp_path)
+    assert load(tmp_path)["value"].tolist() == [1.0]
+    text = path.read_bytes().replace(b'"value": 1.0', b'"value": 3.0')
+    st = path.stat()
+    with open(path, "r+b") as f:  # same inode, same size: only the modification time tells
+        f.write(text)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert load(tmp_path)["value"].tolist() == [3.0]
+
+
+def test_reported_rows_load_and_boolean_values_are_not_numbers(tmp_path: Path, caplog):
+    write_rows([_row("psnr", 1.0, source="reported")], tmp_path)
+    bad = {**json.loads((tmp_path / "runs").glob("*.jsonl").__next__().read_text()), "metric": "ssim", "value": True}
+    (tmp_path / "runs" / "z.jsonl").write_text(json.dumps(bad) + "\n")
+    df = load(tmp_path)
+    assert df["metric"].tolist() == ["psnr"] and df["source"].tolist() == ["reported"]
+    assert "ignoring 1 line(s)" in caplog.text
+
+
+def test_a_row_keeps_its_own_provenance_and_candidate_set(tmp_path: Path):
+    write_rows([_row(date="2020-01-01T00:00:00+00:00", git_hash="abc", candidates_fingerprint="cand1")], tmp_path)
+    r = load(tmp_path).iloc[0]
+    assert r["date"] == "2020-01-01T00:00:00+00:00" and r["git_hash"] == "abc"  # e.g. a reported number's date
+    assert r["candidates_fingerprint"] == "cand1"  # the column, even without extra["candidates_fingerprint"]
+
+
+def test_a_later_dated_version1_row_is_newer_than_an_older_version2_row(tmp_path: Path):
+    write_rows([_row(value=2.0, date="2026-01-01T00:00:00+00:00")], tmp_path)  # written_ns > 0
+    v1 = {k: v for k, v in _row(value=1.0, date="2026-06-01T00:00:00+00:00").__dict__.items()
+          if k not in ("precision", "candidates_fingerprint", "written_ns")}
+    (tmp_path / "runs" / "old.jsonl").write_text(json.dumps({**v1, "schema_version": 1, "run_id": "old"}) + "\n")
+    assert load(tmp_path)["value"].tolist() == [1.0]  # the date (seconds) decides first; written_ns only within one
+
+
+def test_write_order_is_strict_under_a_coarse_clock(tmp_path: Path, monkeypatch):
+    from raebench import results
+
+    monkeypatch.setattr(results.time, "time_ns", lambda: 1_000_000_000)
+    a, b = results._write_ns(), results._write_ns()
+    assert b > a
+
+
+def test_atomic_path_fsyncs_before_the_rename_and_removes_its_temporary_on_error(tmp_path: Path, monkeypatch):
+    import os
+
+    from raebench import results
+
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(results.os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(results.os, "replace", lambda a, b: calls.append("replace") or real_replace(a, b))
+    results.atomic_write_bytes(tmp_path / "f", b"x")
+    assert calls == ["fsync", "replace"] and (tmp_path / "f").read_bytes() == b"x"
+    with pytest.raises(ValueError), results.atomic_path(tmp_path / "g"):
+        raise ValueError("the writer failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_streamed_npz_refuses_wrong_row_counts_and_shapes_and_leaves_nothing(tmp_path: Path):
+    import numpy as np
+
+    from raebench.results import save_npz_streamed_atomic
+
+    save_npz_streamed_atomic(tmp_path / "ok.npz", "arr_0", (3, 2), np.uint8, [np.ones((2, 2)), np.zeros((1, 2))],
+                             labels=np.arange(3))
+    with np.load(tmp_path / "ok.npz") as z:
+        assert z["arr_0"].tolist() == [[1, 1], [1, 1], [0, 0]] and z["labels"].tolist() == [0, 1, 2]
+    for chunks, needle in (([np.ones((2, 2))], "2 rows written, 3 announced"),
+                           ([np.ones((4, 2))], "4 rows written, 3 announced"),
+                           ([np.ones((3, 3))], "does not fit")):
+        with pytest.raises(ValueError, match=needle):
+            save_npz_streamed_atomic(tmp_path / "bad.npz", "arr_0", (3, 2), np.uint8, chunks)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.npz"]
+
+
+def test_a_nearly_full_disk_is_refused_before_work(tmp_path: Path, monkeypatch):
+    from raebench import results
+    from raebench.errors import RaebenchError
+
+    monkeypatch.setattr(results, "os_free_bytes", lambda p: 1000)
+    with pytest.raises(RaebenchError, match="Only 1000 bytes free"):
+        check_writable(tmp_path, need_bytes=1 << 20)
+    check_writable(tmp_path, need_bytes=10)
