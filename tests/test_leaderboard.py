@@ -337,3 +337,24 @@ def test_values_equal_at_the_precision_shown_tie():
         "d/psnr": ["a", "b"], "d/fid": ["a", "b"], "e/ssim": ["b"]}  # 0.9123 < 0.9124 as shown
     t = compare_table(_frame([_row("a", "psnr", 25.1234), _row("b", "psnr", 25.1249)]), ["a", "b"], 256)
     assert t.loc[("d", "psnr"), "best"] == ""  # all tie as shown
+
+
+def test_number_format_boundaries_and_unknown_n():
+    from raebench.leaderboard import _fmt, _n
+
+    assert _fmt(0.001) == "0.0010" and _fmt(0.000999) == "9.990e-04"  # scientific only below 1e-3
+    assert _n(0) == "n=0" and _n(-1) == "n=?" and _n(None) == "n=?"
+
+
+def test_no_best_when_the_best_is_infinite():
+    # the documented rule: a best that is not finite bolds nothing (here a higher-is-better column with inf)
+    table = pd.DataFrame({"d/psnr": [INF, 20.0, 10.0]}, index=["a", "b", "c"])
+    assert best_per_column(table, {"psnr": True}) == {}
+
+
+def test_a_missing_cell_is_never_bold_and_delta_is_latex():
+    table = pd.DataFrame({"Δ b": [NAN, 1.0]}, index=["x", "y"])
+    md = render(table, "md", bold={("x", "Δ b"), ("y", "Δ b")})
+    assert "**–**" not in md and "**1.0000**" in md
+    assert r"$\Delta$ b" in render(table, "latex", bold=set())
+
