@@ -1,11 +1,101 @@
-"""raebench.weights: a missing-weight message names the cache folder that is searched, and following it works."""
+"""Weights: resolution of local folders and the Hub cache (raebench.weights; a missing-weight message names the
+cache folder that is searched, and following it works), and the weights identity's digest cache
+(raebench.metrics.extractors)."""
 
+import errno
+import fcntl
+import hashlib
+import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 
+import raebench.metrics.extractors as ex
 from raebench.errors import MissingWeightsError
-from raebench.weights import WeightsSource, resolve
+from raebench.weights import WeightsSource, _check_snapshot, hf_cache_dir, hf_cache_move_hint, hf_offline, resolve
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ex, "_DIGESTS", {})
+    return tmp_path / "cache" / "digests.json"
+
+
+def _file(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_a_damaged_cache_entry_is_hashed_again(tmp_path, cache):
+    w = _file(tmp_path / "w.bin", b"abc")
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({ex._digest_key(w): "ab"}))
+    assert ex.content_digest(w) == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_the_digest_cache_keeps_the_newest_entries(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr(ex, "_DIGEST_CACHE_ENTRIES", 2)
+    files = [_file(tmp_path / f"w{i}.bin", bytes([i])) for i in range(3)]
+    for f in files:
+        ex.content_digest(f)
+    assert list(json.loads(cache.read_text())) == [ex._digest_key(f) for f in files[1:]]
+
+
+def test_an_unwritable_or_unlockable_digest_cache_costs_only_hashing(tmp_path, cache, monkeypatch):
+    w = _file(tmp_path / "w.bin", b"abc")
+    cache.mkdir(parents=True)  # digests.json cannot be written (nor read)
+
+    def flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    assert ex.content_digest(w) == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_the_identity_ignores_the_file_name_and_tool_metadata(tmp_path, cache):
+    a = _file(tmp_path / "a" / "model.safetensors", b"weights")
+    b = _file(tmp_path / "b" / "renamed.safetensors", b"weights")
+    assert ex.fingerprint_path(a) == ex.fingerprint_path(b)
+    before = ex.fingerprint_path(a.parent)
+    _file(a.parent / ".cache" / "huggingface" / "model.safetensors.metadata", b"timestamp 123")
+    assert ex.fingerprint_path(a.parent) == before
+    _file(a.parent / "config.json", b"{}")
+    assert ex.fingerprint_path(a.parent) != before
+
+
+def test_a_local_folder_supplies_the_file_at_its_path_in_the_repo(tmp_path):
+    src = WeightsSource("org/repo", filename="model.safetensors", subfolder="decoder")
+    f = _file(tmp_path / "dl" / "decoder" / "model.safetensors", b"w")
+    assert resolve(src, tmp_path / "dl") == f
+    g = _file(tmp_path / "flat" / "model.safetensors", b"w")
+    assert resolve(src, tmp_path / "flat") == g
+
+
+def test_offline_and_cache_settings(monkeypatch, tmp_path):
+    for v, want in (("1", True), ("true", True), ("YES", True), ("on", True), ("0", False), ("", False)):
+        monkeypatch.setenv("HF_HUB_OFFLINE", v)
+        assert hf_offline() is want
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # what the Hub client searches
+    assert hf_cache_dir() == tmp_path / "hub-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert hf_cache_move_hint() == "set HF_HUB_CACHE to move it"  # it wins over HF_HOME
+    monkeypatch.delenv("HF_HUB_CACHE")
+    assert hf_cache_move_hint() == "set HF_HOME to move it"
+
+
+def test_a_snapshot_without_its_config_is_incomplete(tmp_path):
+    _file(tmp_path / "snap" / "model.safetensors", b"w")
+    with pytest.raises(FileNotFoundError, match="incomplete snapshot"):
+        _check_snapshot(tmp_path / "snap", ["config.json", "*.safetensors"], None)
+    _file(tmp_path / "snap" / "config.json", b"{}")
+    _check_snapshot(tmp_path / "snap", ["config.json", "*.safetensors"], None)
 
 
 def _place_as_hf_download(cache, repo: str, rel: str, data: bytes) -> None:
