@@ -575,3 +575,61 @@ def test_hidden_and_macos_metadata_entries_are_not_data(tmp_path: Path):
     assert {os.path.relpath(s.path, tmp_path): s.reason for s in imgs.skipped} == {
         ".Trash-1000": "hidden folder, not read", "__MACOSX": "macOS archive metadata folder, not read",
         "n01/.hidden.png": "hidden file, not read", "n02/._b.png": "hidden file, not read"}
+
+
+def test_max_pixels_setting_takes_only_positive_whole_numbers():
+    from raebench.data import _max_pixels
+
+    assert _max_pixels(None) == _max_pixels(" ") == 16384 * 16384 and _max_pixels("2.7e8") == 270_000_000
+    assert _max_pixels("0") is None and _max_pixels("-5") is None and _max_pixels("1.5") is None
+    assert _max_pixels("lots") is None
+
+
+def test_an_image_of_exactly_the_pixel_limit_is_read(tmp_path):
+    from raebench.data import ImageSkip, load_rgb
+
+    Image.new("RGB", (6, 4), (1, 2, 3)).save(tmp_path / "a.png")
+    assert load_rgb(tmp_path / "a.png", max_pixels=24).size == (6, 4)
+    with pytest.raises(ImageSkip, match="6x4 exceeds the pixel limit of 23"):
+        load_rgb(tmp_path / "a.png", max_pixels=23)
+
+
+def test_pillows_own_limit_is_raised_only_where_it_would_refuse_first(monkeypatch):
+    from raebench.data import _let_pillow_open
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses above 2x this
+    _let_pillow_open(150)
+    assert Image.MAX_IMAGE_PIXELS == 100  # never lowered
+    _let_pillow_open(301)
+    assert Image.MAX_IMAGE_PIXELS == 151
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    _let_pillow_open(10**12)
+    assert Image.MAX_IMAGE_PIXELS is None  # switched off stays off
+
+
+def test_a_float_image_below_minus_one_is_skipped(tmp_path):
+    from raebench.data import ImageSkip, load_rgb
+
+    tifffile.imwrite(tmp_path / "f.tif", np.array([[-2.0, 0.5]], np.float32))
+    with pytest.raises(ImageSkip, match="float image with values in"):
+        load_rgb(tmp_path / "f.tif")
+
+
+def test_relative_normalises_dot_parts_as_relpath():
+    from raebench.data import relative
+
+    for path in ("/r/a/./b.png", "/r/a//b.png", "/r/x/../a/b.png", "/r/a/b.png"):
+        assert relative(path, "/r") == os.path.relpath(path, "/r") == "a/b.png"
+
+
+def test_running_out_of_memory_is_not_an_unreadable_image(tmp_path, monkeypatch):
+    import raebench.data as data
+
+    Image.new("RGB", (2, 2)).save(tmp_path / "a.png")
+
+    def oom(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(data, "_exif_transpose", oom)
+    with pytest.raises(MemoryError):
+        data.load_rgb(tmp_path / "a.png")
