@@ -2,9 +2,11 @@
 and bf16 enter the rows' identity; ``raebench ls references`` loads nothing."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -466,3 +468,113 @@ def test_figures_show_the_stored_probe_and_alignment_values_of_parts_not_measure
     for a, b in zip(first.reports, again.reports):
         assert b.probe == a.probe and b.probe
         assert b.alignment == a.alignment and b.alignment
+
+
+# ---------------------------------------------------------------------------------------------
+# the reuse rules, without a model
+# ---------------------------------------------------------------------------------------------
+
+
+def _cfg(**kw):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"n_diag": 4, "sigmas": (0.1,), "interp_pairs": 1, "seed": 0, "diffusability": False, **kw})
+
+
+_VERSIONS = {k: f"{k}-v1" for k in ("probe", "knn", "mknn", "cknna", "cka", "spectrum", "robust", "interp", "diffuse")}
+
+
+def _stored(*specs):
+    from dataclasses import asdict
+
+    from raebench.results import ResultRow
+
+    rows = []
+    for metric, version, kw in specs:
+        base = dict(tokenizer="t", weights_id="w", dataset="d", split="all", domain="open-domain", resolution=32,
+                    n_images=4, metric=metric, value=1.0, higher_is_better=None, metric_version=version, seed=0,
+                    data_fingerprint="fp", run_id="20260101T000000-t")
+        rows.append(asdict(ResultRow(**{**base, **kw})))
+    return pd.DataFrame(rows)
+
+
+def test_directions_of_analysis_metrics():
+    from raebench.analysis.reuse import higher_is_better
+
+    assert higher_is_better("robust-psnr-vs-decode-s0.1") is True
+    assert higher_is_better("robust-lpips-vs-image-s0.1") is False
+    assert higher_is_better("interp-rmse-step-mean") is None and higher_is_better("interp-rmse-path-ratio") is False
+    assert higher_is_better("probe-knn-top1") is True and higher_is_better("diffuse-latent-fd") is False
+    assert higher_is_better("latent-erank") is None
+
+
+def test_parts_the_listing_rules_out_are_not_expected():
+    from raebench.analysis.reuse import expected_rows
+
+    assert "probe" not in expected_rows(_cfg(), _VERSIONS, {}, 1, 4, None, None)  # one class: no probe
+    assert "probe" in expected_rows(_cfg(), _VERSIONS, {}, 2, 4, None, None)
+    none = expected_rows(_cfg(n_diag=8), _VERSIONS, {}, 2, 0, None, None)  # --n-diag above the images listed
+    assert "robust" not in none and "interp" not in none
+
+
+def test_stored_rows_are_measured_rows_of_this_seed_and_reuse_skips_parts_to_measure():
+    from raebench.analysis.reuse import expected_rows, missing_parts, reusable_rows, stored_rows
+
+    df = _stored(("latent-erank", "spectrum-v1", {}), ("latent-std", "spectrum-v1", {"seed": 1}),
+                 ("latent-std", "spectrum-v1", {"source": "reported"}))
+    mine = stored_rows(df, "t", "w", "d", "fp", 32, 0)
+    assert mine["metric"].tolist() == ["latent-erank"]
+    expected = {"spectrum": [("latent-erank", "spectrum-v1")], "probe": [("probe-knn-top1", "knn-v1")]}
+    assert missing_parts(expected, mine) == {"probe"}
+    assert [r.metric for r in reusable_rows(mine, expected, set())] == ["latent-erank"]
+    assert reusable_rows(mine, expected, {"spectrum"}) == []  # measured again: its stored rows are not shown too
+    assert set(expected_rows(_cfg(), _VERSIONS, {}, 2, 4, None, None)) >= {"probe", "spectrum", "robust", "interp"}
+
+
+def test_unmeasured_rows_need_no_figure(tmp_path: Path):
+    from raebench.analysis.reuse import undrawn_parts
+
+    expected = {"spectrum": [("latent-erank", "spectrum-v1")]}
+    df = _stored(("latent-erank", "spectrum-v1", {"extra": {"unmeasured": True}}))
+    assert undrawn_parts(df, expected, set(), "t", tmp_path) == {}
+    df = _stored(("latent-erank", "spectrum-v1", {}))
+    assert undrawn_parts(df, expected, set(), "t", tmp_path) == {"spectrum": ("20260101T000000", ["spectra.png"])}
+
+
+def test_without_locks_no_run_is_taken_for_live(tmp_path: Path, monkeypatch):
+    import errno
+    import fcntl
+
+    from raebench.analysis.reuse import drawing, is_live
+
+    def flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    with drawing(tmp_path, "stamp"):
+        assert is_live(tmp_path, "stamp")
+        monkeypatch.setattr(fcntl, "flock", flock)
+        monkeypatch.setattr("raebench.locks._warned_unlockable", set())
+        assert not is_live(tmp_path, "stamp")  # cannot tell: its parts are checked for figures, as before markers
+
+
+def test_the_live_marker_is_removed_while_still_held(tmp_path: Path, monkeypatch):
+    import fcntl
+
+    from raebench.analysis.reuse import _live_marker, drawing
+
+    marker, seen, real = _live_marker(tmp_path, "stamp"), [], Path.unlink
+
+    def unlink(self, *a, **k):
+        if self == marker:
+            with open(marker, "a") as other:
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    seen.append("taken")
+                except BlockingIOError:
+                    seen.append("held")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with drawing(tmp_path, "stamp"):
+        pass
+    assert seen == ["held"] and not marker.exists()
