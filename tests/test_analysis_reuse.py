@@ -518,7 +518,12 @@ def test_parts_the_listing_rules_out_are_not_expected():
 
 
 def test_stored_rows_are_measured_rows_of_this_seed_and_reuse_skips_parts_to_measure():
-    from raebench.analysis.reuse import expected_rows, missing_parts, reusable_rows, stored_rows
+    from raebench.analysis.reuse import (
+        expected_rows,
+        missing_parts,
+        reusable_rows,
+        stored_rows,
+    )
 
     df = _stored(("latent-erank", "spectrum-v1", {}), ("latent-std", "spectrum-v1", {"seed": 1}),
                  ("latent-std", "spectrum-v1", {"source": "reported"}))

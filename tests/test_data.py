@@ -623,7 +623,7 @@ def test_relative_normalises_dot_parts_as_relpath():
 
 
 def test_running_out_of_memory_is_not_an_unreadable_image(tmp_path, monkeypatch):
-    import raebench.data as data
+    from raebench import data
 
     Image.new("RGB", (2, 2)).save(tmp_path / "a.png")
 

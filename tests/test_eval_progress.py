@@ -7,7 +7,6 @@ import os
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from raebench import eval_progress

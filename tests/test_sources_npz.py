@@ -5,10 +5,15 @@ import zipfile
 
 import numpy as np
 import pytest
+from raebench.metrics import sources
+from raebench.metrics.sources import (
+    ImageSource,
+    _stored_data_offset,
+    npz_images_shape,
+    open_source,
+)
 
 from raebench.errors import DataError
-from raebench.metrics import sources
-from raebench.metrics.sources import ImageSource, _stored_data_offset, npz_images_shape, open_source
 
 
 def _npz(path, images, **arrays):
