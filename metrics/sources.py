@@ -99,11 +99,12 @@ class ImageSource:
         widths = widths or {}
         for mean_key, cov_key in ADM_STATS_PAIRS:
             d = widths.get(mean_key)
+            why = " (the feature width of the metric that uses it)" if d is not None else ""
             if d is None and mean_key in out and out[mean_key].ndim == 1:
-                d = out[mean_key].shape[0]
+                d, why = out[mean_key].shape[0], f" (the width of {mean_key})"
             for k, ndim in ((mean_key, 1), (cov_key, 2)):
                 if k in out:
-                    out[k] = _checked_stat(self.path, k, out[k], ndim, d)
+                    out[k] = _checked_stat(self.path, k, out[k], ndim, d, why)
         return out
 
     def short_side(self) -> int | None:
@@ -209,16 +210,15 @@ def npz_images_shape(path: Path) -> tuple[int, ...] | None:
     return shape
 
 
-def _checked_stat(path: Path, key: str, a: np.ndarray, ndim: int, d: int | None) -> np.ndarray:
+def _checked_stat(path: Path, key: str, a: np.ndarray, ndim: int, d: int | None, why: str = "") -> np.ndarray:
     """``a`` (the statistic ``key`` of ``path``: a mean, ``ndim`` 1, or a covariance, 2) as float64
     if it holds finite real numbers in shape (d,) or (d, d) (d None: any width, square), else a
-    :class:`DataError`."""
+    :class:`DataError`; ``why`` says where d comes from."""
     if a.dtype == bool or not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
         raise DataError(f"{path.name}: {key} must hold real numbers, got dtype {a.dtype}.")
     width = d if d is not None else (a.shape[0] if a.ndim else None)
     if a.ndim != ndim or width is None or a.shape != (width,) * ndim:
         want = "x".join([str(d) if d is not None else "d"] * ndim)
-        why = " (the feature width of the metric that uses it)" if d is not None else ""
         raise DataError(f"{path.name}: {key} must have shape {want}{why}, got {'x'.join(map(str, a.shape)) or 'a scalar'}.")
     a = a.astype(np.float64)
     bad = int(a.size - np.isfinite(a).sum())

@@ -72,5 +72,5 @@ def test_statistics_must_be_real_numbers_of_one_width(tmp_path):
     with pytest.raises(DataError, match="mu must hold real numbers"):
         src.stats()
     src = ImageSource(_npz(tmp_path / "w.npz", imgs, mu=np.ones(3), sigma=np.eye(4)), "npz", 1, "x", ["0"])
-    with pytest.raises(DataError, match="sigma must have shape 3x3.*got 4x4"):
+    with pytest.raises(DataError, match=r"sigma must have shape 3x3 \(the width of mu\), got 4x4"):
         src.stats()
