@@ -287,3 +287,64 @@ def test_sample_compares_the_decoders_weights_with_the_runs(caplog):
 class _Tok:
     def __init__(self, name, weights_id):
         self.name, self.weights_id = name, weights_id
+
+
+def test_local_weights_are_compared_by_content_not_by_their_file_name(tmp_path, image_folder):
+    """A local weights identity carries the file's (or diffusers folder's) name as a readable label:
+    a renamed --decoder file of the same content is the same weights for a cache, a resumed run and
+    sample; other content is not."""
+    import pytest as _pt
+    import torch
+
+    from raebench.errors import DataError
+    from raebench.stage2.latents import cache_latents, same_weights
+    from raebench.stage2.train import compare_data
+
+    a = "local:mydec.pt@c7e3066b6b9c+enc:4aaba2c68c32+stats:33c55aeb9909"
+    renamed = "local:renamed.pt@c7e3066b6b9c+enc:4aaba2c68c32+stats:33c55aeb9909"
+    other = "local:mydec.pt@31e96cfa6543+enc:4aaba2c68c32+stats:33c55aeb9909"
+    assert same_weights(a, renamed) and not same_weights(a, other)
+    assert same_weights("diffusers:RAE-a@0123456789ab", "diffusers:RAE b@0123456789ab")
+    assert not same_weights("diffusers:x@0123456789ab", "local:x@0123456789ab")
+    assert not same_weights("nyu-visionx/RAE-collections:decoders/a/model.pt", "nyu-visionx/RAE-collections:decoders/b/model.pt")
+    assert not same_weights(a, None) and same_weights(None, None)
+    assert compare_data({"n": 1, "tokenizer_weights": a}, {"n": 1, "tokenizer_weights": renamed}) == []
+    assert compare_data({"n": 1, "tokenizer_weights": a}, {"n": 1, "tokenizer_weights": other})
+
+    class Pool(torch.nn.Module):
+        name = "pool"
+
+        def __init__(self, weights_id):
+            super().__init__()
+            self.weights_id = weights_id
+
+        def encode(self, x):
+            return torch.nn.functional.avg_pool2d(x, 8)
+
+    out = cache_latents(Pool(a), str(image_folder), tmp_path / "lat", resolution=16, batch_size=8)
+    before = (out / "meta.json").read_text()
+    cache_latents(Pool(renamed), str(image_folder), out, resolution=16, batch_size=8)  # kept as it is
+    assert (out / "meta.json").read_text() == before
+    with _pt.raises(DataError, match="tokenizer_weights"):
+        cache_latents(Pool(other), str(image_folder), out, resolution=16, batch_size=8)
+
+
+def test_sample_says_its_notes_on_the_main_rank_only(caplog, monkeypatch):
+    """Under torchrun every rank runs the checks: the note and the warnings are said once, by rank 0."""
+    import logging
+
+    from raebench import distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    with caplog.at_level(logging.INFO):
+        stage2_cmds._check_decoder_weights(_Tok("pixels", "none"), "pixels", None)
+        stage2_cmds._check_decoder_weights(_Tok("pixels", "local:a@0123456789ab"), "pixels", "none")
+        stage2_cmds._check_decoder(_PixelsTok(), "bicubic-f8", "pixels", (3, 4, 4))
+    assert not [r for r in caplog.records if r.name == stage2_cmds.log.name]
+
+
+def _PixelsTok():
+    from raebench.tokenizers.reference import PixelTokenizer
+
+    return PixelTokenizer()
+

@@ -353,23 +353,27 @@ def _check_decoder(tok, name: str, run_tok: str | None, latent_shape: tuple) -> 
     except Exception as e:  # noqa: BLE001 - any failure here means the decoder does not fit
         raise RaebenchError(f"--tokenizer {name} cannot decode the model's latents of shape {latent_shape}"
                             f"{f' (trained on {run_tok})' if run_tok else ''}: {type(e).__name__}: {first_line(e)}") from None
-    if run_tok and _canonical(name) != _canonical(run_tok):
+    from raebench import distributed
+
+    if run_tok and _canonical(name) != _canonical(run_tok) and distributed.is_main():  # once, not per rank
         log.warning("decoding with %s, but the model was trained on latents of %s", name, run_tok)
 
 
 def _check_decoder_weights(tok, run_tok: Optional[str], trained_on: Optional[str]) -> None:
     """The run's tokenizer must decode with the weights that encoded its latents (``tokenizer_weights``
-    recorded in the checkpoint): other weights are a warning, as another --tokenizer is; a run of an
-    older raebench records none (a one-line note)."""
-    from raebench.stage2.latents import weights_of
+    recorded in the checkpoint, compared by content: :func:`~raebench.stage2.latents.same_weights`): other
+    weights are a warning, as another --tokenizer is; a run of an older raebench records none (a
+    one-line note). Said by rank 0 only: under torchrun every rank runs this check."""
+    from raebench import distributed
+    from raebench.stage2.latents import same_weights, weights_of
 
-    if run_tok is None or tok.name != _canonical(run_tok):
-        return  # another tokenizer altogether: _check_decoder has said so
+    if run_tok is None or tok.name != _canonical(run_tok) or not distributed.is_main():
+        return  # another tokenizer altogether: _check_decoder has said so (other ranks: rank 0 says it once)
     now = weights_of(tok)
     if trained_on is None:
         log.info("the run does not record which weights of %s encoded its latents (an older raebench); decoding "
                  "with %s", tok.name, now)
-    elif now != trained_on:
+    elif not same_weights(now, trained_on):
         log.warning("decoding with %s weights %s, but the model was trained on latents encoded with %s: the samples "
                     "decode latents with other weights than they were trained on (pass those with --weights, "
                     "--decoder or --stats)", tok.name, now, trained_on)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -53,6 +54,19 @@ def build_tokenizer(name: str, device: torch.device, resolution: int | None = No
 def weights_of(tokenizer: nn.Module) -> str:
     """The identity of a tokenizer's weights, as ``eval`` records it with its rows (``weights_id``)."""
     return getattr(tokenizer, "weights_id", "none")
+
+
+#: the readable label in a local weights identity (``local:<file name>@<fingerprint>``,
+#: ``diffusers:<folder name>@<fingerprint>``): kept for leaderboards, but not part of the content
+_LOCAL_LABEL = re.compile(r"\b(local|diffusers):[^+]*?@(?=[0-9a-f]{12}(?:\+|$))")
+
+
+def same_weights(a: str | None, b: str | None) -> bool:
+    """Whether two ``tokenizer_weights`` name the same weights: local files by their content alone, so
+    a renamed ``--decoder`` file or diffusers-format folder with the same content is the same weights."""
+    if a is None or b is None:
+        return a == b
+    return a == b or _LOCAL_LABEL.sub(r"\1:@", a) == _LOCAL_LABEL.sub(r"\1:@", b)
 
 
 class LatentCache:
@@ -232,7 +246,7 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
         meta = _read_meta(meta_path) if meta_path.is_file() else {}
         # a complete cache of an older raebench (no tokenizer_weights) is kept; an unfinished one starts afresh below
         diff = [f"{k}: {meta.get(k)!r} -> {v!r}" for k, v in want.items()
-                if k != "world" and (k in meta or k not in RECORDED_LATER) and meta.get(k) != v]
+                if k != "world" and (k in meta or k not in RECORDED_LATER) and _differs(k, meta.get(k), v)]
         if meta and diff:
             state = "a complete" if meta.get("complete") else "an unfinished"
             raise DataError(f"{str(out)!r} holds {state} latent cache of other images or settings "
@@ -254,7 +268,7 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         remove_orphan_temps(out)  # of a killed job's progress and meta writes (we hold the lock)
-        fresh = any(meta.get(k) != v for k, v in want.items()) or not (out / "latents.npy").is_file()
+        fresh = any(_differs(k, meta.get(k), v) for k, v in want.items()) or not (out / "latents.npy").is_file()
         if fresh:
             for old in out.glob("progress-*.json"):
                 old.unlink()
@@ -348,6 +362,11 @@ def _shard_skips(path: Path) -> list[dict]:
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise DataError(f"{str(path)!r} is missing or damaged ({e}) after every rank finished; re-run "
                         "`raebench cache-latents` to finish the cache.") from None
+
+
+def _differs(key: str, old: Any, new: Any) -> bool:
+    """A setting of a cache differs (its tokenizer's weights by content: see :func:`same_weights`)."""
+    return not same_weights(old, new) if key == "tokenizer_weights" and old is not None else old != new
 
 
 def _read_meta(path: Path) -> dict:

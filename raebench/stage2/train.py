@@ -51,7 +51,13 @@ from torch import nn
 from raebench import distributed
 from raebench.errors import DataError, RaebenchError, check_rates
 from raebench.preempt import Preempted, StopOnSignal, ignore_in_worker
-from raebench.stage2.latents import RECORDED_LATER, LatentCache, OnTheFly, _write_json
+from raebench.stage2.latents import (
+    RECORDED_LATER,
+    LatentCache,
+    OnTheFly,
+    _write_json,
+    same_weights,
+)
 from raebench.stage2.models import MODELS, count_params
 from raebench.stage2.transport import Transport, shift_from_dims
 
@@ -383,11 +389,13 @@ def compare_configs(saved: dict, cfg: TrainConfig, data_recorded: bool = False, 
 
 def compare_data(saved: dict | None, now: dict) -> list[str]:
     """Differences between the data a run was trained on and ``now`` (old checkpoints record none;
-    a key of :data:`RECORDED_LATER` that ``saved`` lacks is unknown, not different)."""
+    a key of :data:`RECORDED_LATER` that ``saved`` lacks is unknown, not different; the tokenizer's
+    weights are compared by content, :func:`~raebench.stage2.latents.same_weights`)."""
     if saved is None:
         return []
     keys = (set(saved) | set(now)) - (RECORDED_LATER - set(saved))
-    return [f"data {k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(keys) if saved.get(k) != now.get(k)]
+    return [f"data {k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(keys)
+            if (not same_weights(saved.get(k), now.get(k)) if k == "tokenizer_weights" else saved.get(k) != now.get(k))]
 
 
 LOG_COLUMNS = ("step", "epoch", "images", "lr", "loss", "sec_per_step")
