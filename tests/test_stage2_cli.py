@@ -348,3 +348,20 @@ def _PixelsTok():
 
     return PixelTokenizer()
 
+
+def test_stage2_commands_build_the_tokenizer_at_their_resolution(tmp_path, image_folder, capsys):
+    """cache-latents and train stage2 --tokenizer build the tokenizer at --resolution, as eval does: a
+    size the tokenizer cannot encode is one sentence before any image is read (it was a ValueError
+    traceback from the first batch); pixels take any size."""
+    from _cli import run as run_main
+
+    for argv, tries in ((["cache-latents", "-t", "bicubic-f8", "-r", "4", "-o", str(tmp_path / "c")], "(try 8)."),
+                        (["train", "stage2", "-p", "tiny", "-t", "bicubic-f8", "-r", "12", "-o", str(tmp_path / "r")],
+                         "(try 8 or 16).")):
+        code, _, err = run_main(argv + ["--data", str(image_folder), "--device", "cpu"], capsys)
+        msg = " ".join(err.split())
+        assert code == 2 and "Traceback" not in err and "bicubic-f8 needs a resolution divisible by 8" in msg, msg
+        assert tries in msg, msg
+    code, _, err = run_main(["cache-latents", "-t", "pixels", "-r", "4", "-o", str(tmp_path / "p"), "--data",
+                             str(image_folder), "--device", "cpu"], capsys)
+    assert code == 0, err

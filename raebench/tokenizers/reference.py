@@ -33,8 +33,9 @@ class BicubicTokenizer(Tokenizer):
         self.factor = factor
         if resolution is not None and resolution % factor:
             lo, hi = resolution // factor * factor, -(-resolution // factor) * factor
+            tries = f"{lo} or {hi}" if lo else f"{hi}"  # below the factor: only the factor itself
             raise RaebenchError(f"bicubic-f{factor} needs a resolution divisible by {factor}; --resolution {resolution} "
-                                f"is not (try {lo or hi} or {hi}).")
+                                f"is not (try {tries}).")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
