@@ -256,3 +256,26 @@ def test_latents_with_a_tokenizer_or_data_is_refused(tmp_path):
                      str(tmp_path), "-o", str(tmp_path / "run"), "--device", "cpu"])
     assert "so --tokenizer and --data would be ignored; give either --latents DIR or --tokenizer NAME --data DIR" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_generate_npz_takes_a_renamed_decoder_file_as_the_same_weights(tmp_path):
+    """Samples and their parts record the tokenizer's weights (a local file's name is only a label):
+    a renamed --decoder file of the same content finishes or reuses them; other content is refused."""
+    y = class_labels(6, 3, seed=0)
+    a, renamed = "local:a.pt@0123456789ab+stats:aaaaaaaaaaaa", "local:b.pt@0123456789ab+stats:aaaaaaaaaaaa"
+    other = "local:a.pt@ba9876543210+stats:aaaaaaaaaaaa"
+    sample_fn, decode = fake_fns([])
+    sample_fn.crash = True  # parts of a killed job, resumed with the renamed file
+    with pytest.raises(KeyboardInterrupt):
+        generate_npz(sample_fn, decode, tmp_path / "s.npz", y, (4, 2, 2), batch_size=2, settings={"tokenizer_weights": a})
+    with pytest.raises(RaebenchError, match="tokenizer_weights"):
+        generate_npz(sample_fn, decode, tmp_path / "s.npz", y, (4, 2, 2), batch_size=2, settings={"tokenizer_weights": other})
+    calls = []
+    sample_fn, decode = fake_fns(calls)
+    generate_npz(sample_fn, decode, tmp_path / "s.npz", y, (4, 2, 2), batch_size=2, settings={"tokenizer_weights": renamed})
+    assert calls == [2]  # the two parts before the crash were kept
+    calls.clear()  # the finished file: nothing to do
+    generate_npz(sample_fn, decode, tmp_path / "s.npz", y, (4, 2, 2), batch_size=2, settings={"tokenizer_weights": a})
+    assert calls == []
+    with pytest.raises(RaebenchError, match="finished samples of other settings"):
+        generate_npz(sample_fn, decode, tmp_path / "s.npz", y, (4, 2, 2), batch_size=2, settings={"tokenizer_weights": other})

@@ -99,6 +99,19 @@ def _readable_part(part: Path) -> bool:
 _FILE_KEYS = ("n", "raebench_version", "git_hash")
 
 
+def _settings_diff(old: dict, run: dict) -> str:
+    """The settings that differ between saved samples and this run ("" when none); the tokenizer's
+    weights by content (:func:`~raebench.stage2.latents.same_weights`: a renamed --decoder file is the
+    same weights)."""
+    from raebench.stage2.latents import same_weights
+
+    def differs(k: str) -> bool:
+        a, b = old.get(k), run.get(k)
+        return not same_weights(a, b) if k == "tokenizer_weights" and isinstance(a, str) and isinstance(b, str) else a != b
+
+    return "; ".join(f"{k}: {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run)) if differs(k))
+
+
 def _finished(out: Path, run: dict, n: int) -> bool:
     """Whether ``out`` is this run's finished npz (True), absent (False); anything else is refused, so a
     finished file of other settings, or a file that is not ours, is never silently replaced."""
@@ -115,9 +128,9 @@ def _finished(out: Path, run: dict, n: int) -> bool:
         raise RaebenchError(f"--out {str(out)!r} exists and is not a sample file written by raebench sample; delete it "
                             "or choose another --out.")
     old = {k: v for k, v in saved.items() if k not in _FILE_KEYS}
-    if old == run and saved.get("n") == n:
+    diff = _settings_diff(old, run)
+    if not diff and saved.get("n") == n:
         return True
-    diff = "; ".join(f"{k}: {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run)) if old.get(k) != run.get(k))
     if saved.get("n") != n:
         diff = f"n: {saved.get('n')!r} -> {n!r}" + (f"; {diff}" if diff else "")
     raise RaebenchError(f"--out {str(out)!r} already holds finished samples of other settings ({diff}); delete it or "
@@ -165,9 +178,8 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
             log.warning("%s was written by an older raebench, which did not record the model and sampler settings; "
                         "resuming on the assumption that they are these", parts)
             old = run
-        if old != run and any(parts.glob("b*.npz")):
-            diff = "; ".join(f"{k}: {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run))
-                             if old.get(k) != run.get(k))
+        diff = _settings_diff(old, run)
+        if diff and any(parts.glob("b*.npz")):
             raise RaebenchError(f"{parts} holds samples of a sampling run with other settings ({diff}); re-run with "
                                 "those settings to finish it, or delete that folder (or choose another --out) to start afresh.")
         atomic_write_bytes(meta, json.dumps({"run": run, "n": n}).encode())
