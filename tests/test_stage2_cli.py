@@ -76,6 +76,10 @@ def test_sample_checks_a_tokenizer_other_than_the_runs(caplog):
     with pytest.raises(RaebenchError, match=r"--tokenizer vae cannot decode the model's latents of shape \(3, 4, 4\) "
                                             r"\(trained on pixels\): RuntimeError"):
         stage2_cmds._check_decoder(FourChannels(), "vae", "pixels", (3, 4, 4))
+    # a decoder that takes the latents but gives no RGB image (pixels on 32-channel latents) is refused too
+    with pytest.raises(RaebenchError, match=r"--tokenizer pixels turns the model's latents of shape \(32, 2, 2\) "
+                                            r"into \(32, 2, 2\), not RGB images \(trained on rae-dinov2-b\)"):
+        stage2_cmds._check_decoder(PixelTokenizer(), "pixels", "rae-dinov2-b", (32, 2, 2))
 
 
 def test_sample_from_official_yaml(tmp_path):

@@ -349,10 +349,14 @@ def _check_decoder(tok, name: str, run_tok: str | None, latent_shape: tuple) -> 
     dev = next(iter(tok.parameters()), torch.zeros(())).device
     try:
         with torch.no_grad():
-            tok.decode(torch.zeros(1, *latent_shape, device=dev))
+            img = tok.decode(torch.zeros(1, *latent_shape, device=dev))
     except Exception as e:  # noqa: BLE001 - any failure here means the decoder does not fit
         raise RaebenchError(f"--tokenizer {name} cannot decode the model's latents of shape {latent_shape}"
                             f"{f' (trained on {run_tok})' if run_tok else ''}: {type(e).__name__}: {first_line(e)}") from None
+    if img.ndim != 4 or img.shape[1] != 3:  # e.g. pixels "decodes" 32-channel latents into 32-channel images
+        raise RaebenchError(f"--tokenizer {name} turns the model's latents of shape {latent_shape} into "
+                            f"{tuple(img.shape[1:])}, not RGB images{f' (trained on {run_tok})' if run_tok else ''}; "
+                            "decode with the tokenizer the model was trained on.")
     from raebench import distributed
 
     if run_tok and _canonical(name) != _canonical(run_tok) and distributed.is_main():  # once, not per rank
