@@ -226,8 +226,11 @@ def test_sample_paths_and_null_class(trained, tmp_path):
                                          "-o", str(tmp_path / "s.npz"), "--device", "cpu"])
 
 
-def test_sample_refuses_resuming_with_other_settings(trained, tmp_path):
-    base = ["sample", "-c", str(trained), "-t", "pixels", "-n", "8", "-b", "2", "--steps", "2", "-o", str(tmp_path / "s.npz"),
+def test_sample_refuses_resuming_with_other_settings(tmp_path):
+    toy_cache(tmp_path / "rgb-cache", n=64, shape=(3, 2, 2))  # decodable by the 'pixels' tokenizer
+    train(preset("tiny", out=str(tmp_path / "rgb"), latents=str(tmp_path / "rgb-cache"), num_classes=4,
+                 global_batch=16, epochs=1, shift_base=16))
+    base = ["sample", "-c", str(tmp_path / "rgb"), "-t", "pixels", "-n", "8", "-b", "2", "--steps", "2", "-o", str(tmp_path / "s.npz"),
             "--device", "cpu"]
     parts = tmp_path / ".s.npz.parts"
     parts.mkdir()
