@@ -14,6 +14,7 @@ from conftest import ORACLE
 from raebench.analysis.reuse import part_of
 from raebench.results import load
 from _cli import run
+from _locking import lock_state_at_unlink
 
 FAST = ["--reference", "random-proj", "--perceptual", "rmse", "--no-plots", "--mutual-k", "3", "--knn-k", "3",
         "--n-diag", "2", "--interp-pairs", "1", "--interp-steps", "2", "--sigmas", "1", "-r", "32", "--device", "cpu"]
@@ -563,23 +564,10 @@ def test_without_locks_no_run_is_taken_for_live(tmp_path: Path, monkeypatch):
 
 
 def test_the_live_marker_is_removed_while_still_held(tmp_path: Path, monkeypatch):
-    import fcntl
-
     from raebench.analysis.reuse import _live_marker, drawing
 
-    marker, seen, real = _live_marker(tmp_path, "stamp"), [], Path.unlink
-
-    def unlink(self, *a, **k):
-        if self == marker:
-            with open(marker, "a") as other:
-                try:
-                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    seen.append("taken")
-                except BlockingIOError:
-                    seen.append("held")
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(Path, "unlink", unlink)
+    marker = _live_marker(tmp_path, "stamp")
+    seen = lock_state_at_unlink(monkeypatch, marker)
     with drawing(tmp_path, "stamp"):
         pass
     assert seen == ["held"] and not marker.exists()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from _locking import lock_state_at_unlink
 
 from raebench import eval_progress
 from raebench.eval_progress import WorkState, note_stale_progress, work_key
@@ -99,18 +100,6 @@ def test_a_feature_view_is_saved_without_its_whole_storage(tmp_path: Path):
 def test_the_progress_lock_file_is_removed_while_still_held(tmp_path: Path, monkeypatch):
     w = WorkState(tmp_path, "key", 0)
     w.acquire()
-    lock, seen, real = w.path.with_suffix(".lock"), [], Path.unlink
-
-    def unlink(self, *a, **k):
-        if self == lock:
-            with open(lock, "a") as other:
-                try:
-                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    seen.append("taken by another job")
-                except BlockingIOError:
-                    seen.append("held")
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(Path, "unlink", unlink)
+    seen = lock_state_at_unlink(monkeypatch, w.path.with_suffix(".lock"))
     w.release(remove=True)
     assert seen == ["held"]

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from _locking import lock_state_at_unlink
 
 from raebench.errors import RaebenchError
 from raebench.locks import OutputLock, exclusive, lock_file
@@ -110,22 +111,8 @@ def test_a_refused_job_closes_the_lock_file_it_opened(tmp_path: Path):
 
 def test_the_lock_file_is_removed_while_still_held(tmp_path: Path, monkeypatch):
     # unlinked after closing, another job could lock the old file in between and hold a lock on a removed file
-    import fcntl
-
-    path, seen = lock_file(tmp_path / "run"), []
-    real = Path.unlink
-
-    def unlink(self, *a, **k):
-        if self == path:
-            with open(path, "a") as other:
-                try:
-                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    seen.append("taken by another job")
-                except BlockingIOError:
-                    seen.append("held")
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(Path, "unlink", unlink)
+    path = lock_file(tmp_path / "run")
+    seen = lock_state_at_unlink(monkeypatch, path)
     with exclusive(tmp_path / "run", "training job"):
         pass
     assert seen == ["held"] and not path.exists()
