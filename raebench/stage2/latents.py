@@ -64,7 +64,7 @@ _LOCAL_LABEL = re.compile(r"\b(local|diffusers):[^+]*?@(?=[0-9a-f]{12}(?:\+|$))"
 def same_weights(a: str | None, b: str | None) -> bool:
     """Whether two ``tokenizer_weights`` name the same weights: local files by their content alone, so
     a renamed ``--decoder`` file or diffusers-format folder with the same content is the same weights."""
-    if a is None or b is None:
+    if not (isinstance(a, str) and isinstance(b, str)):  # None (not recorded) or anything else: as it is
         return a == b
     return a == b or _LOCAL_LABEL.sub(r"\1:@", a) == _LOCAL_LABEL.sub(r"\1:@", b)
 
@@ -246,7 +246,7 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
         meta = _read_meta(meta_path) if meta_path.is_file() else {}
         # a complete cache of an older raebench (no tokenizer_weights) is kept; an unfinished one starts afresh below
         diff = [f"{k}: {meta.get(k)!r} -> {v!r}" for k, v in want.items()
-                if k != "world" and (k in meta or k not in RECORDED_LATER) and _differs(k, meta.get(k), v)]
+                if k != "world" and (k in meta or k not in RECORDED_LATER) and setting_differs(k, meta.get(k), v)]
         if meta and diff:
             state = "a complete" if meta.get("complete") else "an unfinished"
             raise DataError(f"{str(out)!r} holds {state} latent cache of other images or settings "
@@ -268,7 +268,7 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         remove_orphan_temps(out)  # of a killed job's progress and meta writes (we hold the lock)
-        fresh = any(_differs(k, meta.get(k), v) for k, v in want.items()) or not (out / "latents.npy").is_file()
+        fresh = any(setting_differs(k, meta.get(k), v) for k, v in want.items()) or not (out / "latents.npy").is_file()
         if fresh:
             for old in out.glob("progress-*.json"):
                 old.unlink()
@@ -364,9 +364,10 @@ def _shard_skips(path: Path) -> list[dict]:
                         "`raebench cache-latents` to finish the cache.") from None
 
 
-def _differs(key: str, old: Any, new: Any) -> bool:
-    """A setting of a cache differs (its tokenizer's weights by content: see :func:`same_weights`)."""
-    return not same_weights(old, new) if key == "tokenizer_weights" and old is not None else old != new
+def setting_differs(key: str, old: Any, new: Any) -> bool:
+    """A recorded setting differs (a cache's, a run's data identity, a sample file's): the tokenizer's
+    weights by content (:func:`same_weights`), every other key by equality."""
+    return not same_weights(old, new) if key == "tokenizer_weights" else old != new
 
 
 def _read_meta(path: Path) -> dict:

@@ -103,13 +103,10 @@ def _settings_diff(old: dict, run: dict) -> str:
     """The settings that differ between saved samples and this run ("" when none); the tokenizer's
     weights by content (:func:`~raebench.stage2.latents.same_weights`: a renamed --decoder file is the
     same weights)."""
-    from raebench.stage2.latents import same_weights
+    from raebench.stage2.latents import setting_differs
 
-    def differs(k: str) -> bool:
-        a, b = old.get(k), run.get(k)
-        return not same_weights(a, b) if k == "tokenizer_weights" and isinstance(a, str) and isinstance(b, str) else a != b
-
-    return "; ".join(f"{k}: {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run)) if differs(k))
+    return "; ".join(f"{k}: {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run))
+                     if setting_differs(k, old.get(k), run.get(k)))
 
 
 def _finished(out: Path, run: dict, n: int) -> bool:

@@ -56,7 +56,7 @@ from raebench.stage2.latents import (
     LatentCache,
     OnTheFly,
     _write_json,
-    same_weights,
+    setting_differs,
 )
 from raebench.stage2.models import MODELS, count_params
 from raebench.stage2.transport import Transport, shift_from_dims
@@ -395,7 +395,7 @@ def compare_data(saved: dict | None, now: dict) -> list[str]:
         return []
     keys = (set(saved) | set(now)) - (RECORDED_LATER - set(saved))
     return [f"data {k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(keys)
-            if (not same_weights(saved.get(k), now.get(k)) if k == "tokenizer_weights" else saved.get(k) != now.get(k))]
+            if setting_differs(k, saved.get(k), now.get(k))]
 
 
 LOG_COLUMNS = ("step", "epoch", "images", "lr", "loss", "sec_per_step")

@@ -36,7 +36,7 @@ from torch import nn
 from raebench.checkpoint import read_json_object, strict_from_pretrained
 from raebench.errors import CheckpointError, MissingWeightsError
 from raebench.tokenizers.base import Tokenizer, TokenizerSpec, register_tokenizer
-from raebench.weights import WeightsSource, hf_cache_dir, hf_cache_move_hint, hf_offline, resolve
+from raebench.weights import WeightsSource, hf_cache_dir, hf_cache_move_hint, hf_offline, local_copy_hint, resolve
 
 log = logging.getLogger(__name__)
 
@@ -526,14 +526,14 @@ def _load_stats(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-def _require_hub_files(preset: VAEPreset) -> None:
-    """With no local path given, every missing Hub file of ``preset`` (an LDM checkpoint and its
-    statistics) is named in one sentence: one at a time, a user who fetched the checkpoint the first
-    message named was then told about the statistics."""
-    missing = []
+def _resolve_hub_files(preset: VAEPreset) -> tuple[Path, Path]:
+    """With no local path given: ``preset``'s LDM checkpoint and its statistics from the Hub cache (or
+    a download). Every missing one is named in one sentence: one at a time, a user who fetched the
+    checkpoint the first message named was then told about the statistics."""
+    found, missing = [], []
     for src, what, flag in zip(preset.weights, ("checkpoint", "latent statistics"), ("--weights", "--stats")):
         try:
-            resolve(src, None, what=f"{preset.name} {what}", flag=flag)
+            found.append(resolve(src, None, what=f"{preset.name} {what}", flag=flag))
         except MissingWeightsError as e:
             missing.append((src, e))
     if len(missing) == 1:
@@ -546,15 +546,15 @@ def _require_hub_files(preset: VAEPreset) -> None:
             f"{preset.name} needs {len(missing)} files that are not available "
             f"{'offline (HF_HUB_OFFLINE=1)' if hf_offline() else 'locally or by download'}: "
             f"{', '.join(str(s) for s, _ in missing)}; fetch them into the cache at {hf_cache_dir()} ({fetch}; "
-            f"{hf_cache_move_hint()}), or pass a folder holding them with --weights."
+            f"{hf_cache_move_hint()}){local_copy_hint('--weights DIR holding them')}."
         )
+    return found[0], found[1]
 
 
 def _build_ldm(preset: VAEPreset, weights: str | None, stats: str | None) -> DiffusersVAE:
     ckpt_src, stats_src = preset.weights
-    if weights is None and stats is None:
-        _require_hub_files(preset)
-    ckpt = resolve(ckpt_src, weights, what=f"{preset.name} checkpoint", flag="--weights")
+    hub = _resolve_hub_files(preset) if weights is None and stats is None else None
+    ckpt = hub[0] if hub else resolve(ckpt_src, weights, what=f"{preset.name} checkpoint", flag="--weights")
     if ckpt.is_dir():
         pts = sorted(p for p in ckpt.glob("*.pt") if p.name != stats_src.filename)
         if len(pts) != 1:
@@ -564,7 +564,7 @@ def _build_ldm(preset: VAEPreset, weights: str | None, stats: str | None) -> Dif
         ckpt = pts[0]
     if stats is None and weights is not None:  # a local checkpoint: its statistics sit beside it
         stats = str(Path(weights) if Path(weights).is_dir() else Path(weights).parent)
-    stats_path = resolve(stats_src, stats, what=f"{preset.name} latent statistics", flag="--stats")
+    stats_path = hub[1] if hub else resolve(stats_src, stats, what=f"{preset.name} latent statistics", flag="--stats")
     if stats_path.is_dir():
         folder, stats_path = stats_path, stats_path / stats_src.filename
         if not stats_path.is_file():
