@@ -28,6 +28,20 @@ def test_recipe_preset_holds_the_official_constants():
     assert (c.disc_backbone, c.disc_input_size, c.disc_patch, c.disc_key_blocks, c.disc_kernel_size) == (
         "vit_small_patch8_224.dino", 224, 8, (2, 5, 8, 11), 9)
     assert (c.diffaug_translation, c.diffaug_color, c.diffaug_cutout) == (0.125, True, 0.0)
+    assert c.train_pos_embed  # train_stage1.py's decoder.requires_grad_(True) unfreezes the sin-cos positions
+
+
+def test_a_run_from_before_train_pos_embed_resumes_with_fixed_positions_only():
+    """Runs written before the setting existed kept the positions fixed: resuming one with the new
+    default would change its trajectory, so it is refused; with train_pos_embed=false it resumes."""
+    from raebench.stage1.config import from_dict
+    from raebench.stage1.train import compare_configs
+
+    old = preset("tiny").to_dict()
+    del old["train_pos_embed"]
+    assert compare_configs(old, preset("tiny")) == ["train_pos_embed: False -> True"]
+    assert compare_configs(old, preset("tiny", train_pos_embed=False)) == []
+    assert from_dict(old).train_pos_embed is False
 
 
 def test_overrides_are_typed_and_typos_are_errors():

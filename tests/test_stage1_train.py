@@ -61,6 +61,21 @@ def test_l1_falls_by_a_third(assets, tmp_path):
     assert last <= 0.7 * first, (first, last)
 
 
+@pytest.mark.parametrize("train_pos_embed", [True, False])
+def test_the_decoder_positions_train_as_in_the_official_trainer(assets, tmp_path, train_pos_embed):
+    """train_stage1.py calls decoder.requires_grad_(True): the sin-cos positions, created frozen, are
+    trained (optimizer and EMA) with the rest of the decoder; train_pos_embed=false keeps them fixed."""
+    from raebench.rae.decoder import sincos_pos_embed
+
+    cfg = _cfg(assets, lpips_weight=0.0, gan_weight=0.0, sample_every=0, max_steps=2, train_pos_embed=train_pos_embed)
+    train(cfg, tmp_path / "run")
+    ck = load_state(tmp_path / "run" / "checkpoints" / "last.pt")
+    init = sincos_pos_embed(cfg.decoder_hidden, cfg.grid)[None]
+    for which in ("model", "ema"):
+        assert torch.equal(ck[which]["decoder_pos_embed"], init) is not train_pos_embed, which
+    assert len(ck["opt"]["state"]) == len(ck["model"]) - (not train_pos_embed)  # every parameter is optimised
+
+
 def test_lpips_and_gan_switch_on_at_their_steps_with_finite_losses(assets, tmp_path):
     # 2 steps/epoch: LPIPS from step 0, discriminator updates from epoch 1 (step 2), GAN from epoch 1.5 (step 3)
     cfg = _cfg(assets, epochs=3, disc_start_epoch=1, gan_start_epoch=1.5, precision="bf16", val_every=6, sample_every=6)

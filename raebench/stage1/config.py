@@ -1,7 +1,8 @@
 """Stage-1 run configuration: one frozen dataclass, presets by name, overrides by ``key=value``.
 
 The recipe is the official RAE one (``configs/stage1/training/DINOv2-B_decXL.yaml``, arXiv:2510.11690):
-frozen DINOv2-B with registers at 224 px, ViT-XL decoder, noise tau 0.8, L1 + LPIPS(VGG) + adaptive
+frozen DINOv2-B with registers at 224 px, ViT-XL decoder (every parameter trained, its sin-cos positions
+included, as ``train_stage1.py``'s ``decoder.requires_grad_(True)`` does), noise tau 0.8, L1 + LPIPS(VGG) + adaptive
 GAN with a frozen DINO ViT-S/8 discriminator, AdamW 2e-4 (betas 0.9/0.95, no weight decay) with a
 one-epoch warmup from zero and cosine decay to 2e-5, EMA 0.9978, 16 epochs, global batch 512.
 Every constant of a run lives in its preset; the schedule is given in epochs and converted to
@@ -43,6 +44,9 @@ class Stage1Config:
     decoder_patch: int = 16
     decoder_layer_norm_eps: float = 1e-12
     init_decoder: str | None = None  # start from these decoder weights (fine-tuning) instead of scratch
+    # the decoder's sin-cos positions start fixed, but the official trainer's decoder.requires_grad_(True)
+    # makes them trainable (and its optimizer and EMA take them); false keeps them at their sin-cos values
+    train_pos_embed: bool = True
     noise_tau: float = 0.8  # training noise on the encoder features: sigma ~ tau * U[0, 1) per sample
     noise_rule: str = "uniform"  # or "half-normal" (the paper's rule)
 
@@ -139,6 +143,10 @@ RUN_ONLY_FIELDS = frozenset(
     {"num_workers", "log_every", "sample_every", "val_every", "val_n", "ckpt_every", "max_steps", "wandb"}
 )
 
+#: The value a setting had in runs written before the setting was recorded in their config.json
+#: (runs before ``train_pos_embed`` kept the decoder's positions fixed).
+LEGACY_VALUES: dict[str, Any] = {"train_pos_embed": False}
+
 _RECIPE = Stage1Config()
 
 #: name -> config. ``dinov2-b-decxl`` is the official recipe; the others change the encoder or the
@@ -221,5 +229,5 @@ def preset(name: str, **overrides: Any) -> Stage1Config:
 def from_dict(d: dict[str, Any]) -> Stage1Config:
     """Inverse of :meth:`Stage1Config.to_dict` (tuples come back from JSON lists)."""
     names = {f.name for f in dataclasses.fields(Stage1Config)}
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in {**LEGACY_VALUES, **d}.items() if k in names}
     return Stage1Config(**kw)

@@ -59,7 +59,7 @@ from raebench.errors import DataError, MissingWeightsError, RaebenchError
 from raebench.preempt import Preempted, StopOnSignal, ignore_in_worker
 from raebench.evaluate import resolve_device
 from raebench.results import atomic_write_bytes, provenance
-from raebench.stage1.config import RUN_ONLY_FIELDS, Stage1Config
+from raebench.stage1.config import LEGACY_VALUES, RUN_ONLY_FIELDS, Stage1Config
 from raebench.stage1.data import AUG_FAKE, AUG_G, AUG_REAL, NOISE, StepBatches, TrainCrops, collate, load_eval_images, sample_generators
 from raebench.stage2.train import NonFiniteGradientError, clip_and_step, compare_data  # shared with stage 2
 
@@ -99,6 +99,8 @@ def build_trainable_rae(cfg: Stage1Config):
         mlp_dim=cfg.decoder_mlp, patch_size=cfg.decoder_patch, grid_size=cfg.grid, layer_norm_eps=cfg.decoder_layer_norm_eps,
     )
     dec = build_decoder(dcfg, init_decoder_file(cfg.init_decoder) if cfg.init_decoder else None)
+    # the official trainer calls decoder.requires_grad_(True), which also unfreezes the sin-cos positions
+    dec.decoder_pos_embed.requires_grad_(cfg.train_pos_embed)
     return RAETokenizer(enc, dec, None, noise_tau=cfg.noise_tau, noise_rule=cfg.noise_rule)
 
 
@@ -203,6 +205,7 @@ def compare_configs(saved: dict, cfg: Stage1Config, encoder_recorded: bool = Fal
     """Trajectory-changing differences between a saved run config and ``cfg``. With the encoder's
     weights recorded (``encoder_recorded``), its path or name is not compared: the weights are."""
     now = cfg.to_dict()
+    saved = {**LEGACY_VALUES, **saved}  # a setting added later has its old behaviour in older runs
     skip = RUN_ONLY_FIELDS | ({"encoder"} if encoder_recorded else set())
     return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items() if k not in skip and saved.get(k) != v]
 
