@@ -28,7 +28,7 @@ import torch
 from raebench.errors import DataError, RaebenchError
 from raebench.preempt import STOP_SIGNALS, Preempted, StopOnSignal, of_rank
 from raebench.eval_progress import WorkState
-from raebench.metrics.sources import ImageSource, npz_images_shape, open_source
+from raebench.metrics.sources import ImageSource, npz_images_shape, npz_members, open_source
 
 
 log = logging.getLogger(__name__)
@@ -165,12 +165,22 @@ def score(
         if pair_note and rank == 0:
             log.warning("%s", pair_note)
     if cand.n == 0:
-        why = "its arr_0 is empty" if cand.kind == "npz" and npz_images_shape(cand.path) else "an .npz needs arr_0"
+        why = "its arr_0 is empty" if cand.kind == "npz" and npz_images_shape(cand.path) else \
+            f"an .npz needs arr_0, (N, H, W, 3) uint8; its arrays: {', '.join(map(repr, npz_members(cand.path))) or 'none'}"
         raise DataError(f"{candidates!r} holds no images ({why}).")
     if ref.n == 0 and any(s.kind == "paired" for s in specs):
         raise DataError(f"{references!r} holds no images (an .npz needs arr_0); paired metrics "
                         f"({', '.join(s.name for s in specs if s.kind == 'paired')}) compare image to image.")
     stats = ref.stats(*_stats_wanted(specs))  # checked (dtype, shape, finite) before any model loads
+    cand_note = candidate_stats_note(cand, flags)
+    if cand_note and rank == 0:
+        log.warning("%s", cand_note)
+    if stats and rank == 0:  # a reference batch with some statistics: say which metrics read its images instead
+        for s in specs:
+            if s.reference_stats_keys and not _stats_used(s, stats):
+                missing = "/".join(k for k in s.reference_stats_keys if k not in stats)
+                log.warning("%s holds %s but no %s: %s is computed from its %d images, not from stored statistics",
+                            ref.path.name, "/".join(stats), missing, s.name, ref.n)
     unserved = [s.name for s in specs if s.reads_references(stats)]
     if ref.n == 0 and unserved:
         raise DataError(f"{references!r} holds no images (arr_0) and its statistics do not cover "
@@ -250,7 +260,7 @@ def score(
             return scorer
 
         outcome = _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain,
-                          resolution, dev, world, paired, stats, t0, write, rank, results_dir, pair_note)
+                          resolution, dev, world, paired, stats, t0, write, rank, results_dir, pair_note, cand_note)
         if world > 1:
             td.barrier()  # rank 0 has written the rows before any rank removes its resume state
     except BaseException:
@@ -260,6 +270,44 @@ def score(
     if work is not None:
         work.release(remove=True)
     return outcome
+
+
+def candidate_stats_note(cand: ImageSource, flags: tuple[str, str] = ("--references", "--candidates")) -> str:
+    """A warning for candidates in an ``.npz`` that also holds ADM statistics (``mu``/``sigma``...):
+    raebench scores candidates from their images only, where the ADM evaluator would take a sample
+    file's stored ``mu``/``sigma`` instead; such a file is most often the reference batch given on
+    the wrong side. "" when the candidates hold none."""
+    from raebench.metrics.sources import ADM_STATS_KEYS, npz_members
+
+    if cand.kind != "npz":
+        return ""
+    held = [k for k in ADM_STATS_KEYS if k in npz_members(cand.path)]
+    if not held:
+        return ""
+    return (f"{flags[1]} {cand.path.name} holds stored statistics ({', '.join(held)}), which are not used: candidates "
+            f"are scored from their images (the ADM evaluator would use a sample file's mu/sigma instead); if it is "
+            f"the reference batch, swap {flags[1]} and {flags[0]}")
+
+
+def _stats_used(spec, stats: dict) -> tuple[str, ...]:
+    """The stored-statistics keys that stand in for ``spec``'s reference features (() when none)."""
+    keys = tuple(spec.reference_stats_keys)
+    return keys if keys and set(keys) <= set(stats) else ()
+
+
+def stats_digest(stats: dict, keys: tuple[str, ...]) -> str:
+    """SHA-256 (16 hex digits) of the stored statistics ``keys`` as used (float64, C order), for
+    provenance: the ``.npz`` fingerprint covers only its size and first and last MiB."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for k in keys:
+        a = np.ascontiguousarray(stats[k], dtype=np.float64)
+        h.update(f"{k}:{a.shape}:".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def _stats_wanted(specs) -> tuple[tuple[str, ...], dict[str, int]]:
@@ -386,9 +434,10 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
 
 
 def _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain, resolution,
-            dev, world, paired, stats, t0, write, rank, results_dir, pair_note: str = "") -> ScoreOutcome:
+            dev, world, paired, stats, t0, write, rank, results_dir, pair_note: str = "",
+            cand_note: str = "") -> ScoreOutcome:
     from raebench.distributed import on_rank0
-    from raebench.metrics import higher_is_better
+    from raebench.metrics import METRICS, higher_is_better
     from raebench.results import ResultRow, new_run_id, write_rows
 
     if n_cand == 0:
@@ -400,24 +449,37 @@ def _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, c
 
     values, versions, notes, failed = on_rank0(final)  # the other ranks wait for rank 0's numbers
     if pair_note:  # on the rows of the metrics that compare image to image
-        from raebench.metrics import METRICS
-
         paired_names = {o for s in METRICS if s.kind == "paired" for o in (s.name, *(n for n, _ in s.outputs))}
         notes = {k: "; ".join(x for x in (v, pair_note if k in paired_names else "") if x) for k, v in notes.items()}
     if not values:
         raise RaebenchError(f"Nothing to write for {candidates!r}: {'; '.join(failed.values())}.")
+    # per result name, the stored statistics that stood in for its reference side: only those rows were
+    # computed from them (precision/recall of the same run read the reference batch's images)
+    spec_of = {o: s for s in METRICS for o in (s.name, *(n for n, _ in s.outputs))}
+    used = {k: _stats_used(spec_of[k], stats) if k in spec_of else () for k in values}
+    if cand_note:  # the rows where the ADM evaluator would have used the candidates' statistics
+        short = "the candidates' stored statistics were not used (the ADM evaluator would use them)"
+        notes = {k: "; ".join(x for x in (v, short if spec_of.get(k) is not None and spec_of[k].reference_stats_keys
+                                          else "") if x) for k, v in notes.items()}
     seconds = time.perf_counter() - t0
     run_id = new_run_id()
     res = resolution or _image_size(cand)
-    protocol = "paired" if paired else ("unpaired, stored reference statistics" if stats else "unpaired")
     sampling = cand.sampling_settings()  # how raebench sample made these candidates: model, sampler, guidance, seed
+
+    def provenance(k: str) -> dict:
+        protocol = "paired" if paired else "unpaired"
+        if not used[k]:
+            return {"protocol": protocol}
+        return {"protocol": f"{protocol}, stored reference statistics",
+                "reference_statistics": {"keys": list(used[k]), "sha256": stats_digest(stats, used[k])}}
+
     rows = [
         ResultRow(
             tokenizer=name or cand.name, weights_id="none", dataset=ref.name, split="all", domain=domain,
             resolution=res, n_images=n_cand, metric=k, value=v, higher_is_better=higher_is_better(k),
             metric_version=versions[k], data_fingerprint=ref.id, skipped=len(skipped), seconds=round(seconds, 3),
             device=str(dev) + (f" x{world}" if world > 1 else ""), notes=notes[k], run_id=run_id,
-            candidates_fingerprint=cand.id, extra={"protocol": protocol, "candidates": str(candidates), "candidates_fingerprint": cand.id,
+            candidates_fingerprint=cand.id, extra={**provenance(k), "candidates": str(candidates), "candidates_fingerprint": cand.id,
                    "references": str(references), "n_references": ref.n, "metric_weights": ev.weights_ids(),
                    "skipped_files": [f"{s.path}: {s.reason}" for s in skipped][:1000], "upscaled": len(upscaled),
                    **({"sampling": sampling} if sampling else {})},

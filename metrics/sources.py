@@ -173,12 +173,32 @@ def open_source(path: str | os.PathLike, resolution: int | None = None) -> Image
     if p.is_dir():
         images = scan_folder(p)
         if not images.paths:
+            shards = sorted(q.name for q in p.rglob("*.npz"))
+            if shards:  # per-rank sample files of another codebase
+                raise DataError(f"No image files under {str(p)!r}, but {len(shards)} .npz file(s) ({', '.join(shards[:3])}"
+                                f"{', ...' if len(shards) > 3 else ''}); raebench reads one .npz: concatenate the shards' "
+                                "arr_0 into one file (np.savez(OUT.npz, arr_0=...)) and pass that.")
             raise DataError(f"No image files under {str(p)!r}.")
         names = [os.path.splitext(os.path.relpath(q, images.root))[0] for q in images.paths]
         how = f"adm-center-crop@{resolution}" if resolution else "as-is"
         return ImageSource(p, "dir", len(images.paths), f"{images.fingerprint()}|{how}", names, resolution, images,
                            list(images.skipped))
+    if not p.exists():
+        raise DataError(f"{str(p)!r} does not exist; give a folder of images or an .npz file.")
+    if p.suffix.lower() == ".npy":
+        raise DataError(f"{str(p)!r} is an .npy array; raebench reads a folder of images or an .npz with arr_0 "
+                        "(N, H, W, 3) uint8: save it with np.savez(NAME.npz, arr_0=array).")
     raise DataError(f"{str(p)!r} is neither a folder of images nor an .npz file.")
+
+
+def npz_members(path: Path) -> list[str]:
+    """The array names an ``.npz`` holds (its zip members without ``.npy``), from the zip directory
+    alone; [] for a file that is not a readable zip (:func:`npz_images_shape` reports that one)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [n.removesuffix(".npy") for n in zf.namelist()]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return []
 
 
 def npz_images_shape(path: Path) -> tuple[int, ...] | None:
@@ -191,14 +211,17 @@ def npz_images_shape(path: Path) -> tuple[int, ...] | None:
                 return None
             info = zf.getinfo("arr_0.npy")
             with zf.open(info) as f:
-                shape, _, dtype = _read_header(f)
+                shape, fortran, dtype = _read_header(f)
                 header = f.tell()
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError, NotImplementedError) as e:
         # RuntimeError: an encrypted member; NotImplementedError: a compression method zipfile lacks
         raise DataError(f"{path.name} is not a readable .npz ({error_kind(e)}: {str(e)[:80]}); "
                         "it may be truncated or corrupt.") from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
-        raise DataError(f"{path.name}: arr_0 must be (N, H, W, 3) uint8 images, got {dtype} {shape}.")
+        raise DataError(f"{path.name}: arr_0 must be (N, H, W, 3) uint8 images, got {dtype} {shape}"
+                        f"{_layout_hint(dtype, shape)}.")
+    if fortran:  # streamed row by row, so refused here, before any model loads
+        raise DataError(f"{path.name}: arr_0 is stored in Fortran order; save it C-contiguous (np.ascontiguousarray).")
     if shape[0] < 0 or shape[1] < 1 or shape[2] < 1:
         raise DataError(f"{path.name}: arr_0 must hold images of at least 1x1 pixels, its header says "
                         f"{shape[0]} images of {shape[1]}x{shape[2]}.")
@@ -208,6 +231,24 @@ def npz_images_shape(path: Path) -> tuple[int, ...] | None:
         raise DataError(f"{path.name}: arr_0 claims {shape[0]} images of {shape[1]}x{shape[2]} but holds only {held}; "
                         "the file is truncated.")
     return shape
+
+
+def _layout_hint(dtype: np.dtype, shape: tuple[int, ...]) -> str:
+    """What to do about an ``arr_0`` that is not (N, H, W, 3) uint8 ("" when nothing specific),
+    from its header alone: the array is never read (an object array would need unpickling)."""
+    hints = []
+    if dtype.hasobject:
+        return "; an object array is refused (it would need unpickling): store the images as a uint8 array"
+    if len(shape) == 4 and shape[1] == 3 and shape[3] != 3:
+        hints.append("it looks channels-first (N, 3, H, W): store arr.transpose(0, 2, 3, 1)")
+    if np.issubdtype(dtype, np.floating):
+        hints.append("floats are not rescaled, as their range is not known: for [0, 1] store "
+                     "np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8), for [-1, 1] first x = (x + 1) / 2")
+    elif dtype != np.uint8 and np.issubdtype(dtype, np.integer):
+        hints.append("for values in 0..255 store arr.astype(np.uint8)")
+    if len(shape) == 4 and shape[3] in (1, 4) or len(shape) == 3:
+        hints.append("grey or RGBA images need converting to RGB")
+    return "; " + "; ".join(hints) if hints else ""
 
 
 def _checked_stat(path: Path, key: str, a: np.ndarray, ndim: int, d: int | None, why: str = "") -> np.ndarray:

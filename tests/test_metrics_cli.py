@@ -108,6 +108,37 @@ def test_score_unpaired_npz_with_adm_statistics(tmp_path, stand_in_extractors, m
         score(str(tmp_path / "stats_only.npz"), str(tmp_path / "samples.npz"), ("precision",), device="cpu", write=False)
 
 
+def test_each_row_says_whether_stored_statistics_made_it(tmp_path, stand_in_extractors, make_images, capsys):
+    """A reference batch with mu/sigma but no mu_s/sigma_s: only the fid row was computed from stored
+    statistics (and carries their digest); sfid and precision read its images. Candidates that hold
+    statistics (the reference batch on the wrong side, or a sample file the ADM evaluator would take
+    mu/sigma from) are scored from their images, with a warning and a note."""
+    from raebench.metrics.scoring import stats_digest
+
+    ref, cand = make_images(8, 32, 32, seed=3), make_images(6, 32, 32, seed=4)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(24, 30))
+    stats = {"mu": rng.normal(size=24), "sigma": a @ a.T / 30}  # the stand-in pool features are 24-d
+    _npz(tmp_path / "VIRTUAL_ref.npz", ref, **stats)
+    _npz(tmp_path / "samples.npz", cand, **stats)
+    main(["eval", "--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "VIRTUAL_ref.npz"),
+          "--metrics", "fid,sfid,precision", "--device", "cpu", "--batch-size", "4", "--results", str(tmp_path / "r")])
+    df = load(tmp_path / "r").set_index("metric")
+    fid = df.loc["fid", "extra"]
+    assert fid["protocol"] == "unpaired, stored reference statistics"
+    assert fid["reference_statistics"] == {"keys": ["mu", "sigma"], "sha256": stats_digest(stats, ("mu", "sigma"))}
+    for m in ("sfid", "precision", "recall"):
+        assert df.loc[m, "extra"]["protocol"] == "unpaired" and "reference_statistics" not in df.loc[m, "extra"]
+        assert df.loc[m, "extra"]["n_references"] == 8
+    assert (df["n_images"] == 6).all()
+    text = " ".join(capsys.readouterr().err.split())
+    assert "VIRTUAL_ref.npz holds mu/sigma but no mu_s/sigma_s: sfid is computed from its 8 images" in text
+    assert "--samples samples.npz holds stored statistics (mu, sigma), which are not used" in text
+    assert "swap --samples and --reference" in text
+    note = "the candidates' stored statistics were not used"
+    assert note in df.loc["fid", "notes"] and note in df.loc["sfid", "notes"] and note not in df.loc["precision", "notes"]
+
+
 @pytest.mark.filterwarnings("error:The given NumPy array is not writable")  # features from the mmap are copies
 def test_score_reference_cache_and_paired_errors(tmp_path, stand_in_extractors, make_images, monkeypatch):
     from raebench.metrics.scoring import score
