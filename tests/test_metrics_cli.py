@@ -131,7 +131,9 @@ def test_each_row_says_whether_stored_statistics_made_it(tmp_path, stand_in_extr
         assert df.loc[m, "extra"]["protocol"] == "unpaired" and "reference_statistics" not in df.loc[m, "extra"]
         assert df.loc[m, "extra"]["n_references"] == 8
     assert (df["n_images"] == 6).all()
-    text = " ".join(capsys.readouterr().err.split())
+    captured = capsys.readouterr()
+    assert "8 reference images (fid: the reference's stored statistics)" in " ".join(captured.out.split())
+    text = " ".join(captured.err.split())
     assert "VIRTUAL_ref.npz holds mu/sigma but no mu_s/sigma_s: sfid is computed from its 8 images" in text
     assert "--samples samples.npz holds stored statistics (mu, sigma), which are not used" in text
     assert "swap --samples and --reference" in text

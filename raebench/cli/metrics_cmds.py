@@ -62,8 +62,11 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
         out = score(references, candidates, names, on_progress=lambda label, d, t: bar(d, t, label), **kwargs)
     distributed.finish()
     r0 = out.rows[0]
+    # which rows the reference batch's stored mu/sigma made, rather than its images (the rows' extra says it too)
+    from_stats = [r.metric for r in out.rows if r.extra.get("reference_statistics")]
     t = Table(title=f"{r0.tokenizer} vs {r0.dataset} · {'paired' if out.paired else 'unpaired'} · "
-                    f"n={out.n_candidates} candidates, {out.n_references} references")
+                    f"n={out.n_candidates} candidates, {out.n_references} reference images"
+                    + (f" ({', '.join(from_stats)}: the reference's stored statistics)" if from_stats else ""))
     for c in ("metric", "value", "better", "notes"):
         t.add_column(c, justify="right" if c == "value" else "left")
     for r in out.rows:
