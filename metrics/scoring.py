@@ -28,7 +28,7 @@ import torch
 from raebench.errors import DataError, RaebenchError
 from raebench.preempt import STOP_SIGNALS, Preempted, StopOnSignal, of_rank
 from raebench.eval_progress import WorkState
-from raebench.metrics.sources import ImageSource, npz_images_shape, npz_members, open_source
+from raebench.metrics.sources import ADM_STATS_KEYS, ImageSource, npz_images_shape, npz_members, open_source
 
 
 log = logging.getLogger(__name__)
@@ -277,8 +277,6 @@ def candidate_stats_note(cand: ImageSource, flags: tuple[str, str] = ("--referen
     raebench scores candidates from their images only, where the ADM evaluator would take a sample
     file's stored ``mu``/``sigma`` instead; such a file is most often the reference batch given on
     the wrong side. "" when the candidates hold none."""
-    from raebench.metrics.sources import ADM_STATS_KEYS, npz_members
-
     if cand.kind != "npz":
         return ""
     held = [k for k in ADM_STATS_KEYS if k in npz_members(cand.path)]

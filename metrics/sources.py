@@ -246,7 +246,7 @@ def _layout_hint(dtype: np.dtype, shape: tuple[int, ...]) -> str:
                      "np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8), for [-1, 1] first x = (x + 1) / 2")
     elif dtype != np.uint8 and np.issubdtype(dtype, np.integer):
         hints.append("for values in 0..255 store arr.astype(np.uint8)")
-    if len(shape) == 4 and shape[3] in (1, 4) or len(shape) == 3:
+    if (len(shape) == 4 and shape[3] in (1, 4)) or len(shape) == 3:
         hints.append("grey or RGBA images need converting to RGB")
     return "; " + "; ".join(hints) if hints else ""
 
