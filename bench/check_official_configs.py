@@ -1,6 +1,6 @@
 """from_official_config vs the official RAE code on random tiny configurations (a correctness check).
 
-    python bench/check_official_configs.py [--official-src /tmp/rae-official] [--n 30] [--seed 0] [--keep DIR]
+    python bench/check_official_configs.py [--official-src /tmp/rae-official] [--n 40] [--seed 0] [--keep DIR]
 
 For each of ``--n`` random configurations the official code (``src/`` of the official RAE repository:
 a checkout, or a bare git mirror read with ``git archive``; copied into a temporary folder at run
@@ -8,16 +8,18 @@ time, never into raebench) builds the models, which are saved in the official fo
 
 - the encoder as a Hugging Face ``Dinov2WithRegistersModel`` folder + ``preprocessor_config.json``
   (random widths, depths, heads, patch 14 or 16, position-table size, layer-norm eps, SwiGLU or
-  GELU MLP, mean/std), the decoder as an official ViTMAE-style ``config.json`` + ``model.pt``
-  (built by the official ``stage1.RAE``), ``stat.pt`` (both entries, one of them, or none);
+  GELU MLP, mean/std; now and then the official MAEwNorm / SigLIP2wNorm classes instead), the
+  decoder as an official ViTMAE-style ``config.json`` + ``model.pt`` (built by the official
+  ``stage1.RAE``), ``stat.pt`` (both entries, one of them, or none), now and then a stage-1
+  training checkpoint as ``stage_1.ckpt``;
 - the stage-2 model (official ``DiTwDDTHead``: random hidden sizes, depths, heads, mlp_ratio,
   qk-norm, SwiGLU, RMSNorm, wo_shift, pos-embed, patch sizes, classes, label dropout; now and then
   the official ``LightningDiT``) as ``{'ema': sd}``, the official training checkpoint or a bare
   state dict, and now and then a smaller AutoGuidance guide;
 - an official-style sampling YAML (the layout of ``configs/stage2/sampling/*.yaml``, paths
-  ``models/...`` relative to the repository root): ODE euler / heun2 / dopri5, num_steps, CFG or
-  AutoGuidance scale and interval (``t-min`` or ``t_min``), time-shift dim and base, optional keys
-  left out now and then.
+  ``models/...`` relative to the repository root, or absolute): ODE euler / heun2 / dopri5 or SDE,
+  num_steps, CFG or AutoGuidance scale and interval (``t-min`` or ``t_min``), ``null_label``,
+  time-shift dim and base, optional keys left out now and then.
 
 The official objects come from the YAML through the official loaders (``instantiate_from_config``,
 ``stage1.RAE``) and the official ``src/sample_ddp.py`` logic (shift, ``create_transport``,
@@ -39,6 +41,7 @@ import atexit
 import collections
 import contextlib
 import functools
+import io
 import json
 import math
 import os
@@ -133,6 +136,8 @@ def random_config(rng: random.Random) -> dict:
     c["image"] = rng.choice([(c["input_size"],) * 2, (side, side), (side, rng.randrange(20, 90))])  # (H, W)
     c["batch"] = rng.randint(1, 4)
     c["normalize"] = rng.random() < 0.75
+    # now and then the official MAE or SigLIP2 encoder class (HF ViTMAEForPreTraining / SiglipModel folders)
+    c["encoder_cls"] = rng.choice(["Dinov2withNorm"] * 8 + ["MAEwNorm", "SigLIP2wNorm"])
     c["mean_std"] = rng.choice(["imagenet", "clip", "random"])
     c["noise_tau"] = rng.choice([0.0, 0.8])
     c["stats"] = rng.choice(["both"] * 12 + ["none"] * 3 + ["var"] * 4 + ["mean"])
@@ -218,7 +223,8 @@ def tags(c: dict) -> list[str]:
     out += [k for k in ("separate_config", "stage1_ckpt", "absolute_paths", "decoder_config_file", "null_label") if c[k]]
     out += ["image != encoder input"] if c["image"] != (c["input_size"],) * 2 else []
     out += ["YAML guided (scale > 1)"] if c["scale"] > 1 else []
-    out += ["normalize false"] if not c["normalize"] else []
+    out += ["normalize false"] if not c["normalize"] and c["encoder_cls"] == "Dinov2withNorm" else []
+    out += [c["encoder_cls"]]
     return out
 
 
@@ -228,7 +234,7 @@ def describe(c: dict) -> str:
            else f"Lightning h{d['hidden_size']} d{d['depth']} nh{d['num_heads']} p{d['patch_size']}")
     flags = "".join(k[0] if d.get(k) else "-" for k in ("use_qknorm", "use_swiglu", "use_rope", "use_rmsnorm", "wo_shift"))
     flags += ("P" if d.get("use_pos_embed") else "-") if "DDT" in c["dit_target"] else ""
-    return (f"enc h{e['hidden_size']} L{e['num_hidden_layers']} nh{e['num_attention_heads']} p{e['patch_size']} "
+    return (f"{c['encoder_cls'][:6]} h{e['hidden_size']} L{e['num_hidden_layers']} nh{e['num_attention_heads']} p{e['patch_size']} "
             f"reg{e['num_register_tokens']} in{c['input_size']} img{c['image']} norm{int(c['normalize'])} "
             f"stats:{c['stats']} | dec h{c['dec']['decoder_hidden_size']} L{c['dec']['decoder_num_hidden_layers']} "
             f"p{c['dec_patch']} {c['dec'].get('hidden_act', '(gelu)')} | {dit} mlp{d['mlp_ratio']} {flags} "
@@ -259,7 +265,24 @@ def write_repo(root: Path, c: dict, off, seed: int) -> Path:
 
     models = root / "models"
     torch.manual_seed(seed)
-    enc = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(**c["enc"]))
+    e = c["enc"]
+    if c["encoder_cls"] == "MAEwNorm":
+        enc = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(
+            hidden_size=e["hidden_size"], num_hidden_layers=e["num_hidden_layers"], patch_size=e["patch_size"],
+            num_attention_heads=e["num_attention_heads"], intermediate_size=e["hidden_size"] * e["mlp_ratio"],
+            image_size=e["patch_size"] * (e["image_size"] // e["patch_size"]), layer_norm_eps=e["layer_norm_eps"],
+            decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+            decoder_intermediate_size=32))
+    elif c["encoder_cls"] == "SigLIP2wNorm":
+        vision = dict(hidden_size=e["hidden_size"], num_hidden_layers=e["num_hidden_layers"],
+                      num_attention_heads=e["num_attention_heads"], intermediate_size=e["hidden_size"] * e["mlp_ratio"],
+                      patch_size=e["patch_size"], image_size=e["patch_size"] * (e["image_size"] // e["patch_size"]),
+                      layer_norm_eps=e["layer_norm_eps"])
+        text = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                    max_position_embeddings=8)
+        enc = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
+    else:
+        enc = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(**e))
     _randomise(enc, 0.02)
     enc.save_pretrained(models / "encoder")
     mean, std = MEAN_STD.get(c["mean_std"]) or ([round(random.Random(seed).uniform(0.3, 0.6), 4) for _ in range(3)],
@@ -280,10 +303,11 @@ def write_repo(root: Path, c: dict, off, seed: int) -> Path:
             shutil.copy(models / "encoder" / f, models / "encoder_config" / f)
         (models / "encoder" / "preprocessor_config.json").write_text(json.dumps(  # a decoy: not the one to read
             {"image_processor_type": "BitImageProcessor", "image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
-    stage1 = {"encoder_cls": "Dinov2withNorm",
+    stage1 = {"encoder_cls": c["encoder_cls"],
               "encoder_config_path": "models/encoder_config" if c["separate_config"] else "models/encoder",
               "encoder_input_size": c["input_size"],
-              "encoder_params": {"dinov2_path": "models/encoder", "normalize": c["normalize"]},
+              "encoder_params": ({"dinov2_path": "models/encoder", "normalize": c["normalize"]}
+                                 if c["encoder_cls"] == "Dinov2withNorm" else {"model_name": "models/encoder"}),
               "decoder_config_path": "models/decoder", "decoder_patch_size": c["dec_patch"],
               "noise_tau": c["noise_tau"], "reshape_to_2d": True}
     with cwd(root):  # the decoder weights: the official RAE's own decoder, randomised
@@ -607,7 +631,7 @@ def main() -> None:
     sys.exit(1 if counts["fail"] else 0)
 
 
-class _Quiet:
+class _Quiet(io.StringIO):
     """Swallows the official code's prints (it reports every file it loads)."""
 
     def write(self, s: str) -> int:
