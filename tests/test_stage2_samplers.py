@@ -47,6 +47,67 @@ def test_cfg_velocity_matches_official():
     assert (v - io["cfg_v"][:3]).abs().max() < 1e-5  # both official halves hold the guided velocity
 
 
+@needs_oracle
+def test_official_forward_with_cfg_method_matches_official():
+    """Scripts written against the official model call model.forward_with_cfg on the doubled batch."""
+    model, io = oracle_model(), oracle_io()
+    x, t, y = io["dit_x"], io["dit_t"], io["dit_y"]
+    with torch.no_grad():
+        v = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]),
+                                   torch.cat([y, torch.full_like(y, model.num_classes)]), 2.5, (0.2, 0.9))
+    assert v.shape == io["cfg_v"].shape and (v - io["cfg_v"]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="t_min < t_max"):
+        model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), 2.5, (0.9, 0.2))
+
+
+def _noisy(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def test_official_forward_with_autoguidance_method():
+    torch.manual_seed(0)
+    kw = dict(input_size=2, in_channels=8, depth=(1, 1), num_heads=(2, 2), num_classes=3)
+    model = _noisy(DiTDH(hidden_size=(32, 48), **kw))
+    guide = _noisy(DiTDH(hidden_size=(16, 16), **kw))
+    x, t, y = torch.randn(4, 8, 2, 2), torch.tensor([0.05, 0.3, 0.6, 0.95]), torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        v = model.forward_with_autoguidance(x, t, y, 2.0, guide.forward, (0.1, 0.9))
+        want = velocity_fn(model, y, 2.0, (0.1, 0.9), guide=guide)(x, t)
+        plain = model(x, t, y)
+    assert (v - want).abs().max() < 1e-6
+    assert torch.equal(v[[0, 3]], plain[[0, 3]]) and not torch.allclose(v[1:3], plain[1:3])  # outside: unguided
+
+
+def test_lightningdit_official_guidance_methods():
+    """The official LightningDiT's rule: [lo, hi) intervals where interval_cfg (> 1) or the conditional
+    velocity replaces cfg_scale, decided by the batch's first t."""
+    from raebench.stage2.models import LightningDiT
+
+    torch.manual_seed(0)
+    model = _noisy(LightningDiT(input_size=4, in_channels=8, hidden_size=32, depth=2, num_heads=2, num_classes=5))
+    guide = _noisy(LightningDiT(input_size=4, in_channels=8, hidden_size=32, depth=1, num_heads=2, num_classes=5))
+    x, y = torch.randn(2, 8, 4, 4), torch.tensor([1, 3])
+    x2, y2 = torch.cat([x, x]), torch.cat([y, torch.full_like(y, 5)])
+    with torch.no_grad():
+        cond, uncond = model(torch.cat([x, x]), torch.full((4,), 0.5), y2).chunk(2)
+
+        def cfg(t, *args):
+            return model.forward_with_cfg(x2, torch.full((4,), t), y2, 3.0, *args)
+
+        assert torch.allclose(cfg(0.5), torch.cat([uncond + 3 * (cond - uncond)] * 2), atol=1e-6)  # no interval
+        assert torch.equal(cfg(0.5, [(0.4, 0.6)]), torch.cat([cond, cond]))  # inside, interval_cfg 0: conditional
+        assert torch.equal(cfg(0.5, (0.4, 0.6)), cfg(0.5, [(0.4, 0.6)]))  # one pair = a list of one
+        assert torch.allclose(cfg(0.5, [(0.4, 0.6)], 1.5), torch.cat([uncond + 1.5 * (cond - uncond)] * 2), atol=1e-6)
+        assert torch.allclose(cfg(0.6, [(0.4, 0.6)]), cfg(0.6), atol=0)  # hi is excluded
+        v = model.forward_with_autoguidance(x2, torch.full((4,), 0.5), torch.cat([y, y]), 2.0, guide.forward)
+        want = velocity_fn(model, y, 2.0, (0.0, 1.0), guide=guide)(x, torch.full((2,), 0.5))
+    assert v.shape == (4, 8, 4, 4) and (v - torch.cat([want, want])).abs().max() < 1e-6
+
+
 def test_grid():
     g = time_grid(5, 1.0)
     assert g[0] == 1 and g[-1] == pytest.approx(1e-3, abs=1e-6) and len(g) == 5 and (g.diff() < 0).all()

@@ -448,6 +448,37 @@ class DiTDH(nn.Module):
             h = block(h, s_act, self.dec_feat_rope)  # (N, Lx, Dx)
         return _unpatchify(self.final_layer(h, s_act), self.x_patch, self.out_channels)  # (N, C, H, W)
 
+    # The official DiT-DH's guidance methods, with its call signature and semantics, for scripts written
+    # against the official model. raebench's samplers guide through samplers.velocity_fn (same numbers,
+    # checked in tests/test_stage2_samplers.py against the official outputs).
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         cfg_interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+        """Classifier-free guidance on the official doubled batch: x (2N, C, H, W) whose first half is used
+        for both halves, t (2N,), y (2N,) = [labels, null class]. Guided where t_min <= t <= t_max, the
+        conditional velocity elsewhere; both halves of the result hold it."""
+        half = x[: len(x) // 2]
+        cond, uncond = self.forward(torch.cat([half, half]), t, y).chunk(2)  # (N, C, H, W) each
+        lo, hi = cfg_interval
+        if not lo < hi:
+            raise ValueError(f"cfg_interval must be (t_min, t_max) with t_min < t_max, got {cfg_interval}")
+        th = t[: len(t) // 2]
+        inside = ((th >= lo) & (th <= hi)).view(-1, *([1] * (cond.dim() - 1)))
+        guided = torch.where(inside, uncond + cfg_scale * (cond - uncond), cond)
+        return torch.cat([guided, guided])
+
+    def forward_with_autoguidance(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                                  additional_model_forward, cfg_interval: tuple[float, float] = (0.0, 1.0)
+                                  ) -> torch.Tensor:
+        """AutoGuidance as the official DiT-DH: ``additional_model_forward(x, t, y)`` is the guide model's
+        forward; v_guide + scale * (v - v_guide) where t_min <= t <= t_max, v elsewhere (batch not doubled)."""
+        v, v_guide = self.forward(x, t, y), additional_model_forward(x, t, y)
+        lo, hi = cfg_interval
+        if not lo < hi:
+            raise ValueError(f"cfg_interval must be (t_min, t_max) with t_min < t_max, got {cfg_interval}")
+        inside = ((t >= lo) & (t <= hi)).view(-1, *([1] * (v.dim() - 1)))
+        return torch.where(inside, v_guide + cfg_scale * (v - v_guide), v)
+
 
 class LightningDiT(nn.Module):
     """LightningDiT: the plain DiT with the same block as DiT-DH (official ``LightningDiT`` names)."""
@@ -508,6 +539,45 @@ class LightningDiT(nn.Module):
             h = block(h, c_act, self.feat_rope)  # (N, L, D)
         out = _unpatchify(self.final_layer(h, c_act), self.patch, self.out_channels)  # (N, C', H, W)
         return out[:, : self.in_channels] if self.learn_sigma else out
+
+    # The official LightningDiT's guidance methods, with its signature and semantics (which differ from
+    # DiT-DH's): ``cfg_interval`` is a list of [t_lo, t_hi) intervals in which ``interval_cfg`` (when > 1)
+    # or the conditional velocity replaces ``cfg_scale``, and the batch's first t decides for all samples.
+    # One (t_lo, t_hi) pair is taken as a list of one (the official code fails on it); the default is no
+    # interval (the official default (-1e4, -1e4) fails the same way).
+
+    def _lightning_scale(self, t: torch.Tensor, cfg_scale: float, cfg_interval, interval_cfg: float) -> float | None:
+        """The scale the official rule applies at ``t[0]``; None means "the conditional velocity"."""
+        intervals = list(cfg_interval)
+        if len(intervals) == 2 and all(isinstance(v, (int, float)) for v in intervals):
+            intervals = [intervals]
+        t0 = float(t[0])
+        for lo, hi in intervals:
+            if lo <= t0 < hi:
+                return interval_cfg if interval_cfg > 1.0 else None
+        return cfg_scale
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         cfg_interval=(), interval_cfg: float = 0.0) -> torch.Tensor:
+        """Classifier-free guidance on the official doubled batch (x's first half used for both halves,
+        y = [labels, null class]); both halves of the result hold the guided velocity."""
+        half = x[: len(x) // 2]
+        cond, uncond = self.forward(torch.cat([half, half]), t, y).chunk(2)  # (N, C, H, W) each
+        scale = self._lightning_scale(t, cfg_scale, cfg_interval, interval_cfg)
+        guided = cond if scale is None else uncond + scale * (cond - uncond)
+        return torch.cat([guided, guided])
+
+    def forward_with_autoguidance(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                                  additional_model_forward, cfg_interval=(), interval_cfg: float = 0.0
+                                  ) -> torch.Tensor:
+        """AutoGuidance as the official LightningDiT: the doubled batch's first halves go through this model
+        and ``additional_model_forward`` (the guide); the guided velocity fills both halves."""
+        n = len(x) // 2
+        v, v_guide = self.forward(x[:n], t[:n], y[:n]), additional_model_forward(x[:n], t[:n], y[:n])
+        v_guide = v_guide[:, : self.in_channels]
+        scale = self._lightning_scale(t, cfg_scale, cfg_interval, interval_cfg)
+        guided = v if scale is None else v_guide + scale * (v - v_guide)
+        return torch.cat([guided, guided])
 
 
 # ----------------------------------------------------------------------------------------------
