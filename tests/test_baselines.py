@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from raebench.baselines import CardError, load_cards, parse_card, reported_frame, reported_rows
-from raebench.errors import CheckpointError
+from raebench.errors import CheckpointError, DataError
 from raebench.leaderboard import compare_table, domain_gap, pivot, render
 from raebench.results import ResultRow
 from raebench.tokenizers import TOKENIZERS, build_tokenizer
@@ -121,6 +121,45 @@ def test_adapter_matches_diffusers(preset, tmp_path):
     plain = (m.decode(enc.latent if preset.kind == "dc" else enc.latent_dist.mode()).sample + 1) / 2
     torch.testing.assert_close(tok.reconstruct(x), plain, rtol=1e-5, atol=1e-5)
     assert tok.weights_id.startswith("local:") and tok.name == preset.name
+    # the downsampling factor is the loaded config's (these tiny models have fewer levels than the releases)
+    assert tok.downsample == 32 // z.shape[-1]
+    # a side that is no multiple of it used to encode silently (33 px as 32 px) and decode to another size
+    with pytest.raises(DataError, match=f"multiples of {tok.downsample} .*not 33x32"):
+        tok.encode(torch.rand(1, 3, 33, 32))
+    with pytest.raises(DataError, match="RGB images"):  # grayscale/RGBA tensors: one sentence, not a conv error
+        tok.encode(torch.rand(1, 4, 32, 32))
+
+
+def test_weights_id_names_the_release_only_for_its_own_hub_snapshot(tmp_path):
+    """A --weights folder inside a Hub cache snapshot was labelled with the *preset's* repository whatever
+    the snapshot held (madebyollin's fp16-fix as stabilityai/sdxl-vae), as was any folder under a directory
+    called 'snapshots'; a `repo@` id means the released weights, beside which compare shows the card's
+    numbers. Only the preset's own snapshot gets it now; the rest are content fingerprints."""
+    from raebench.metrics.extractors import fingerprint_path
+    from raebench.tokenizers.vae import _hub_snapshot
+
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    m = _kl(scaling_factor=0.13025)
+    own = tmp_path / "hub" / "models--stabilityai--sdxl-vae" / "snapshots" / rev
+    other = tmp_path / "hub" / "models--madebyollin--sdxl-vae-fp16-fix" / "snapshots" / rev
+    mine = tmp_path / "runs" / "snapshots" / "my-finetune"
+    for folder in (own, other, mine):
+        m.save_pretrained(folder)
+    assert build_tokenizer("sdxl-vae", weights=str(own)).weights_id == f"stabilityai/sdxl-vae@{rev[:12]}"
+    fp = fingerprint_path(other)
+    assert build_tokenizer("sdxl-vae", weights=str(other)).weights_id == f"local:madebyollin/sdxl-vae-fp16-fix@{fp}"
+    assert build_tokenizer("sdxl-vae", weights=str(mine)).weights_id == f"local:my-finetune@{fp}"
+    # `hf download` leaves snapshot files as symlinks into blobs/: the file's snapshot is still found
+    blob = tmp_path / "hub" / "models--hustvl--x" / "blobs" / "abc"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"0")
+    link = tmp_path / "hub" / "models--hustvl--x" / "snapshots" / rev / "latents_stats.pt"
+    link.parent.mkdir(parents=True)
+    try:
+        link.symlink_to(blob)
+    except OSError:
+        pytest.skip("no symlinks here")
+    assert _hub_snapshot(link) == ("hustvl/x", rev)
 
 
 def test_a_vae_folder_that_does_not_fit_is_refused(tmp_path):
@@ -442,7 +481,7 @@ def test_va_vae_loads_ldm_checkpoint_and_stats(tmp_path):
     tok = build_tokenizer("va-vae-f16d32", weights=str(tmp_path))
     x = torch.rand(2, 3, 32, 32, generator=g)
     z = tok.encode(x)
-    assert z.shape == (2, 32, 2, 2)
+    assert z.shape == (2, 32, 2, 2) and tok.downsample == 16
     z_ref = (m.encode(x * 2 - 1).latent_dist.mode() - mean) / std
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
     # five random-weight levels amplify the last-bit difference of z / (1 / std) and z * std to ~5e-5

@@ -10,7 +10,8 @@ statistics (VA-VAE's ``latents_stats.pt``, E2E-VA-VAE's ``latents_mean``/``laten
 entries: shift = mean, scale = 1/std; FLUX.2's BatchNorm running statistics applied to the 2x2
 patchified latent, as diffusers' Flux2Pipeline does). Images enter diffusers in [-1, 1] and leave
 it in [-1, 1]; :meth:`DiffusersVAE.decode` maps back to [0, 1] without clamping (the tokenizer
-contract in ``base.py``). A ``--weights`` folder whose config.json states another ``scaling_factor`` or
+contract in ``base.py``); their sides must be multiples of the loaded config's downsampling factor
+(:meth:`DiffusersVAE._check_input`). A ``--weights`` folder whose config.json states another ``scaling_factor`` or
 ``shift_factor`` than a scalar preset's holds another VAE of the same class and width and is refused;
 ``latents_mean``/``latents_std`` must give one finite value per channel, std > 0.
 
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from raebench.checkpoint import read_json_object, strict_from_pretrained
-from raebench.errors import CheckpointError, MissingWeightsError
+from raebench.errors import CheckpointError, DataError, MissingWeightsError
 from raebench.tokenizers.base import Tokenizer, TokenizerSpec, register_tokenizer
 from raebench.weights import WeightsSource, hf_cache_dir, hf_cache_move_hint, hf_offline, local_copy_hint, resolve
 
@@ -205,6 +206,27 @@ class DiffusersVAE(Tokenizer):
         self.register_buffer("shift", _as_channels(shift))
         self.register_buffer("scale", _as_channels(scale))
         self.weights_id = weights_id
+        #: pixels per side of one normalised latent cell, from the loaded config (not the preset)
+        self.downsample = self._factor(vae)
+
+    @staticmethod
+    def _factor(vae: nn.Module) -> int:
+        return 2 ** (len(vae.config.block_out_channels) - 1)  # the last encoder block does not downsample
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """(N, 3, H, W) with H and W multiples of the downsampling factor. Other sides are not refused by
+        the convolutions: they drop the last rows/columns' share (34 px at f8 encodes as 32 px and
+        decodes to 32 px), so latents would silently stand for an image that was not given."""
+        f = self.downsample
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise DataError(f"{self.name} encodes (N, 3, H, W) RGB images in [0, 1], not a tensor of shape "
+                            f"{tuple(x.shape)} (convert grayscale or RGBA images to RGB first).")
+        h, w = x.shape[-2:]
+        if h % f or w % f:
+            lo, hi = (max(f, min(h, w) // f * f), -(-max(h, w) // f) * f)
+            raise DataError(f"{self.name} encodes images whose sides are multiples of {f} (its downsampling "
+                            f"factor), not {h}x{w}: crop or resize them to a multiple of {f} "
+                            f"(for square crops: --resolution {lo} or {hi}).")
 
     def _encode_raw(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(x).latent_dist.mode()  # deterministic: the posterior mean
@@ -213,6 +235,7 @@ class DiffusersVAE(Tokenizer):
         return self.vae.decode(z).sample
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         raw = self._encode_raw(x * 2.0 - 1.0)  # (N, C, H/f, W/f)
         return (raw - self.shift) * self.scale
 
@@ -224,6 +247,10 @@ class DiffusersVAE(Tokenizer):
 class DCAEVAE(DiffusersVAE):
     """AutoencoderDC: deterministic encoder (no posterior), ``.latent`` is the code."""
 
+    @staticmethod
+    def _factor(vae: nn.Module) -> int:
+        return 2 ** (len(vae.config.encoder_block_out_channels) - 1)  # diffusers' spatial_compression_ratio
+
     def _encode_raw(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(x).latent
 
@@ -231,6 +258,10 @@ class DCAEVAE(DiffusersVAE):
 class Flux2VAE(DiffusersVAE):
     """AutoencoderKLFlux2: the posterior mode is patchified 2x2 before its BatchNorm statistics apply,
     as in diffusers' Flux2Pipeline (``_patchify_latents`` then ``(z - bn_mean) / sqrt(bn_var + eps)``)."""
+
+    @staticmethod
+    def _factor(vae: nn.Module) -> int:
+        return 2 ** len(vae.config.block_out_channels)  # the VAE's 2**(levels - 1), times the 2x2 patches
 
     def _encode_raw(self, x: torch.Tensor) -> torch.Tensor:
         z = self.vae.encode(x).latent_dist.mode()  # (N, C, h, w)
@@ -303,20 +334,35 @@ def load_diffusers_vae(kind: str, folder: str | Path, latent_channels: int | Non
                                   torch_dtype=torch.float32)
 
 
+def _hub_snapshot(path: Path) -> tuple[str, str] | None:
+    """``(repo_id, revision)`` of the Hugging Face cache snapshot ``path`` lies in
+    (``.../models--owner--name/snapshots/<rev>/...``), else None. A file's own symlink into ``blobs/``
+    is not followed (only its folder is resolved), and a folder that merely happens to be called
+    ``snapshots`` is no snapshot."""
+    path = path.parent.resolve() / path.name if path.is_file() else path.resolve()
+    parts = path.parts
+    for i in range(1, len(parts) - 1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--") and parts[i - 1].count("--") == 2:
+            return parts[i - 1][len("models--"):].replace("--", "/"), parts[i + 1]
+    return None
+
+
 def _weights_id(preset: VAEPreset, folder: Path, file: Path | None = None) -> str:
-    """``repo@<snapshot hash>`` for hub copies; for --weights copies ``local:<name>@<fingerprint>`` of
-    the folder's (or ``file``'s) content, not its path: other weights written to the same place are
-    other weights (the name is kept for readable leaderboard labels)."""
+    """``repo@<snapshot hash>`` for a copy in the Hub cache of the preset's own repository. Any other
+    folder (``--weights``, a cached snapshot of another repository included) gets
+    ``local:<name>@<fingerprint>`` of the folder's (or ``file``'s) content, not its path: other weights
+    written to the same place are other weights. The name (the other repository's id, else the file or
+    folder name) keeps leaderboard labels readable. Only the preset's repository gets a ``repo@`` id:
+    it means the released weights, beside which ``compare`` shows the card's reported numbers."""
     from raebench.metrics.extractors import fingerprint_path
 
     src = preset.weights[0]
-    parts = folder.resolve().parts
-    if "snapshots" in parts:
-        i = parts.index("snapshots")
-        if i + 1 < len(parts):
-            return f"{src.repo_id}@{parts[i + 1][:12]}" + (f":{file.name}" if file is not None else "")
+    snap = _hub_snapshot(folder)
+    if snap is not None and snap[0] == src.repo_id:
+        return f"{src.repo_id}@{snap[1][:12]}" + (f":{file.name}" if file is not None else "")
     target = file if file is not None else folder
-    return f"local:{target.resolve().name}@{fingerprint_path(target)}"
+    name = snap[0] if snap is not None else target.resolve().name
+    return f"local:{name}@{fingerprint_path(target)}"
 
 
 def _check_config_normalisation(preset: VAEPreset, folder: Path, refuse: bool = True) -> None:
@@ -585,7 +631,7 @@ def _build_ldm(preset: VAEPreset, weights: str | None, stats: str | None) -> Dif
             f"{str(stats_path)!r} has {mean.numel()} channels, the checkpoint {vae.config.latent_channels}."
         )
     wid = _weights_id(preset, ckpt.parent, ckpt)
-    if wid.startswith("local:") or "snapshots" not in stats_path.resolve().parts:  # statistics from elsewhere
+    if wid.startswith("local:") or (_hub_snapshot(stats_path) or ("",))[0] != stats_src.repo_id:  # statistics from elsewhere
         from raebench.metrics.extractors import fingerprint_path
 
         wid += f"+stats:{fingerprint_path(stats_path)}"
