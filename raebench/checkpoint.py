@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,10 @@ def read_json_object(path: str | os.PathLike, error: type[Exception] = Checkpoin
     return obj
 
 
+#: diffusers' message for a tensor whose shape differs from the config's model (model_loading_utils)
+_DIFFUSERS_SHAPE = re.compile(r"because (\S+) expected shape torch\.Size\(\[([^\]]*)\]\), but got torch\.Size\(\[([^\]]*)\]\)")
+
+
 def strict_from_pretrained(
     cls: Any,
     folder: str | os.PathLike,
@@ -143,6 +148,13 @@ def strict_from_pretrained(
                 "(possibly code); use a safetensors copy."
             ) from None
         except Exception as e:  # OSError, ValueError (JSON), RuntimeError/ValueError (shapes), SafetensorError...
+            shape = _DIFFUSERS_SHAPE.search(str(e))
+            if shape:  # diffusers raises on the first mismatch, advising ignore_mismatched_sizes (random layers)
+                key, want, got = shape.groups()
+                raise CheckpointError(
+                    f"The weights in {str(folder)!r} do not fit {what} as its config.json describes it: {key} has "
+                    f"shape ({got}) in the file, ({want}) in the model that config builds (a config.json of other "
+                    "weights, or weights of another model size).") from e
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise CheckpointError(f"Cannot load {what} from {str(folder)!r} ({type(e).__name__}: {first}).") from e
     unexpected = [k for k in info.get("unexpected_keys") or () if not (unexpected_ok and unexpected_ok(k))]

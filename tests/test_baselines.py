@@ -192,7 +192,9 @@ def test_a_vae_folder_that_does_not_fit_is_refused(tmp_path):
     cases = [
         (variant("missing", lambda sd: sd.pop("decoder.conv_out.weight")), r"1 missing \(decoder\.conv_out\.weight\)"),
         (variant("unused", lambda sd: sd.update(extra=torch.zeros(2))), r"1 unused \(extra\)"),
-        (variant("shape", lambda sd: sd.update({"decoder.conv_out.bias": torch.zeros(5)})), "Cannot load a diffusers AutoencoderKL"),
+        (variant("shape", lambda sd: sd.update({"decoder.conv_out.bias": torch.zeros(5)})),
+         r"do not fit a diffusers AutoencoderKL as its config.json describes it: decoder.conv_out.bias has shape \(5\) in the file, \(3\) in the model"),
+        (variant("wider", cfg_edit=lambda c: c.update(block_out_channels=[32, 128])), r"as its config.json describes it: \S+ has shape"),
         (variant("deeper", cfg_edit=lambda c: c.update(layers_per_block=2)), r"\d+ missing \("),
         (variant("unet", cfg_edit=lambda c: c.update(_class_name="UNet2DModel")), "holds UNet2DModel weights"),
         (str(tmp_path / "badjson"), "is not a readable JSON file"),
