@@ -678,3 +678,15 @@ def test_flux_presets_parameter_count_and_gating():
         model = diffusers.AutoencoderKLFlux2()
     assert sum(p.numel() for p in model.parameters()) == get_preset("flux2-vae").params
     assert all(w.gated for w in get_preset("flux1-vae").weights)
+
+
+def test_a_pipeline_folder_points_at_its_vae_subfolder(tmp_path):
+    """A diffusers pipeline download (model_index.json, vae/, unet/) given to a preset without a subfolder was
+    told to give 'a diffusers folder'; the sentence now names the vae/ folder to pass."""
+    from raebench.errors import MissingWeightsError
+
+    _kl().save_pretrained(tmp_path / "pipe" / "vae")
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    with pytest.raises(MissingWeightsError, match=f"holds one in '{tmp_path / 'pipe' / 'vae'}'; pass that folder"):
+        build_tokenizer("sd-vae-ft-ema", weights=str(tmp_path / "pipe"))
+    assert build_tokenizer("sd-vae-ft-ema", weights=str(tmp_path / "pipe" / "vae")).encode(torch.rand(1, 3, 8, 8)).shape == (1, 4, 4, 4)

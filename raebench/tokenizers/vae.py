@@ -297,6 +297,11 @@ def _diffusers_dir(preset: VAEPreset, weights: str | None) -> Path:
     for cand in (path, path / (src.subfolder or "")):
         if (cand / "config.json").is_file():
             return cand
+    if (path / "vae" / "config.json").is_file():  # a pipeline folder (model_index.json, vae/, unet/, ...)
+        raise MissingWeightsError(
+            f"{preset.name}: {str(path)!r} is no VAE folder (it has no config.json) but holds one in "
+            f"{str(path / 'vae')!r}; pass that folder with --weights."
+        )
     raise MissingWeightsError(
         f"{preset.name}: no config.json in {str(path)!r}; give --weights a diffusers folder "
         f"(a download of {src.repo_id!r}{'/' + src.subfolder if src.subfolder else ''})."
