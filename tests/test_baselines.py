@@ -521,7 +521,18 @@ def test_va_vae_missing_files_are_named_together_and_following_the_message_loads
                                                             "latents_stats.pt`")):
         build_tokenizer("va-vae-f16d32")  # one file left: named alone, with its own flag
     torch.save({"mean": torch.zeros(1, 32, 1, 1), "std": torch.ones(1, 32, 1, 1)}, snap / "latents_stats.pt")
-    assert build_tokenizer("va-vae-f16d32").encode(torch.rand(1, 3, 32, 32)).shape == (1, 32, 2, 2)
+    tok = build_tokenizer("va-vae-f16d32")
+    assert tok.encode(torch.rand(1, 3, 32, 32)).shape == (1, 32, 2, 2)
+    from raebench.metrics.extractors import fingerprint_path
+
+    release = f"hustvl/vavae-imagenet256-f16d32-dinov2@{'b' * 12}:vavae-imagenet256-f16d32-dinov2.pt"
+    assert tok.weights_id == f"{release}+stats:{fingerprint_path(snap / 'latents_stats.pt')}"
+    # the released checkpoint with one's own statistics, kept in a folder that happens to be called 'snapshots'
+    # (they were left out of the identity: the released id then named other latents)
+    mine = tmp_path / "runs" / "snapshots" / "stats.pt"
+    mine.parent.mkdir(parents=True)
+    torch.save({"mean": torch.ones(1, 32, 1, 1), "std": torch.ones(1, 32, 1, 1)}, mine)
+    assert build_tokenizer("va-vae-f16d32", stats=str(mine)).weights_id == f"{release}+stats:{fingerprint_path(mine)}"
     # a local checkpoint: its statistics belong beside it
     local = tmp_path / "local"
     local.mkdir()

@@ -635,11 +635,12 @@ def _build_ldm(preset: VAEPreset, weights: str | None, stats: str | None) -> Dif
         raise CheckpointError(
             f"{str(stats_path)!r} has {mean.numel()} channels, the checkpoint {vae.config.latent_channels}."
         )
-    wid = _weights_id(preset, ckpt.parent, ckpt)
-    if wid.startswith("local:") or (_hub_snapshot(stats_path) or ("",))[0] != stats_src.repo_id:  # statistics from elsewhere
-        from raebench.metrics.extractors import fingerprint_path
+    # the statistics are always named by content: they may come from elsewhere than the checkpoint (--stats).
+    # (The test was "no 'snapshots' in the resolved path", which a Hub file, a symlink into blobs/, always
+    # passed and a user's file under any folder called 'snapshots' never did.)
+    from raebench.metrics.extractors import fingerprint_path
 
-        wid += f"+stats:{fingerprint_path(stats_path)}"
+    wid = f"{_weights_id(preset, ckpt.parent, ckpt)}+stats:{fingerprint_path(stats_path)}"
     return DiffusersVAE(vae, mean, 1.0 / std, wid)
 
 
