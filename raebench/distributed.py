@@ -136,6 +136,31 @@ def from_rank0(obj):
     return box[0]
 
 
+def refuse(message: str | None, cls: type | None = None) -> None:
+    """Raise ``cls(message)`` (default :class:`~raebench.errors.RaebenchError`) on every rank when rank 0's
+    ``message`` is not None; otherwise return. For refusals every rank would reach alike (a resume with other
+    settings): rank 0 decides, so no rank goes on while another stops, and the error is marked
+    :func:`~raebench.errors.on_every_rank`, so the CLI prints it once (rank 0) and every rank exits with
+    its status."""
+    from raebench.errors import RaebenchError, on_every_rank
+
+    message = from_rank0(message)
+    if message is not None:
+        raise on_every_rank((cls or RaebenchError)(message))
+
+
+def settle() -> None:
+    """A barrier before a rank exits on an error every rank raised alike, so that rank 0 has printed it
+    before any rank exits (torchrun stops the other ranks at the first exit). A failing barrier is
+    ignored: the job is stopping anyway."""
+    if world_size() == 1:
+        return
+    try:
+        td.barrier()
+    except Exception:  # noqa: BLE001 - a rank gone already: nothing to wait for
+        pass
+
+
 def gather_to_rank0(obj) -> list | None:
     """Every rank's ``obj`` in rank order on rank 0, None on the others (one process: ``[obj]``).
 
@@ -156,7 +181,8 @@ def on_rank0(fn):
     at 50k images cost minutes of CPU): the other ranks wait instead of repeating it, and do not
     rebuild the metric networks. Rank 0 raises what ``fn`` raised; the others get the same
     :class:`~raebench.errors.RaebenchError` class and sentence (a plain RaebenchError where the
-    class cannot be rebuilt from its message), or a RuntimeError naming any other exception. The
+    class cannot be rebuilt from its message), marked as raised by every rank (so that the CLI prints
+    it once, on rank 0), or a RuntimeError naming any other exception. The
     result is pickled inside the guard, so an unpicklable one is such an exception too: no rank
     waits out the collective timeout.
     """
@@ -164,7 +190,7 @@ def on_rank0(fn):
         return fn()
     import pickle
 
-    from raebench.errors import RaebenchError
+    from raebench.errors import RaebenchError, on_every_rank
 
     box: list = [None]
     if rank() == 0:
@@ -174,6 +200,8 @@ def on_rank0(fn):
             box[0] = ("ok", result)
         except BaseException as e:
             user = isinstance(e, RaebenchError)
+            if user:
+                on_every_rank(e)
             td.broadcast_object_list([("user" if user else "fail",
                                        (type(e).__module__, type(e).__qualname__, str(e)) if user
                                        else f"{type(e).__name__}: {e}")], src=0)
@@ -183,7 +211,7 @@ def on_rank0(fn):
     if kind == "ok":
         return value
     if kind == "user":
-        raise _rebuild_error(*value)
+        raise on_every_rank(_rebuild_error(*value))
     raise RuntimeError(f"rank 0 failed: {value}")
 
 

@@ -9,7 +9,19 @@ from __future__ import annotations
 
 
 class RaebenchError(Exception):
-    """An error whose message is meant for the user, not a traceback."""
+    """An error whose message is meant for the user, not a traceback.
+
+    ``every_rank``: every rank of a torchrun job raises this error alike (a decision made on rank 0 and
+    shared, :func:`raebench.distributed.refuse`); the CLI prints it on rank 0 alone, once, and every rank
+    exits with the same status."""
+
+    every_rank: bool = False
+
+
+def on_every_rank(e: RaebenchError) -> RaebenchError:
+    """``e`` marked as raised alike by every rank of the job (see :class:`RaebenchError`)."""
+    e.every_rank = True
+    return e
 
 
 class UnknownNameError(RaebenchError, KeyError):

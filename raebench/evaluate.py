@@ -627,7 +627,18 @@ def evaluate(
     nonfinite: list[str] = []
     done = n_used = 0
     if work is not None:
-        work.acquire()
+        try:
+            work.acquire()
+            busy = None
+        except RaebenchError as e:  # another job evaluates this configuration (holds this rank's progress)
+            busy = str(e)
+        if world > 1:  # one verdict for the job: any rank's progress busy stops every rank, rank 0 says so once
+            busy = next((m for m in distributed.gather_to_rank0(busy) or [] if m), None)
+        try:
+            distributed.refuse(busy)
+        except RaebenchError:
+            work.release(remove=False)
+            raise
         st = work.load()
         if st is not None and st.get("shard") == [lo, hi] and len(st["metrics"]) == len(ev.metrics):
             ev.merge(st["metrics"])

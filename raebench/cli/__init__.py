@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> None:
         _leave_process_group()
         sys.exit(e.exit_code)
     except RaebenchError as e:
-        err_console.print(f"[bold red]error:[/] {printable(str(e))}", highlight=False, soft_wrap=True)
+        from raebench import distributed
+
+        shared = getattr(e, "every_rank", False) and distributed.world_size() > 1
+        if not shared or distributed.rank() == 0:  # an error every rank raised alike: rank 0 says it, once
+            err_console.print(f"[bold red]error:[/] {printable(str(e))}", highlight=False, soft_wrap=True)
+        if shared:  # said before any rank exits: torchrun stops the other ranks at the first exit
+            distributed.settle()
         _leave_process_group()
         sys.exit(2)
     except KeyboardInterrupt:

@@ -412,9 +412,9 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
         diff = compare_configs(ck.get("config", {}), cfg, saved_enc is not None) + compare_data(ck.get("data"), data)
         if saved_enc is not None and saved_enc != encoder_id:
             diff.insert(0, f"encoder weights: {saved_enc} -> {encoder_id}")
-        if diff:
-            raise RaebenchError(f"{str(run_dir)!r} holds a run with other settings or data ({'; '.join(diff[:4])}); "
-                                "re-run with its settings and data, or start a new run with --name.")
+        # rank 0's verdict on every rank: each rank stops, rank 0 alone says why
+        distributed.refuse(f"{str(run_dir)!r} holds a run with other settings or data ({'; '.join(diff[:4])}); "
+                           "re-run with its settings and data, or start a new run with --name." if diff else None)
         states = {"model": decoder, "ema": ema, "opt": opt, "sched": sched}
         if disc is not None:
             states.update(disc=disc.heads, disc_opt=dopt, disc_sched=dsched)

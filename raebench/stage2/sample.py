@@ -134,10 +134,45 @@ def _finished(out: Path, run: dict, n: int) -> bool:
                         "choose another --out to sample with these.")
 
 
+def _prepare_parts(parts: Path, out: Path, run: dict, n: int, labels, seed, batch_size, latent_shape) -> None:
+    """On rank 0: the parts folder made (or its parts checked against ``run``, so parts of two runs are never
+    mixed), the temporaries of a killed job and damaged parts removed, ``run`` recorded in its meta.json."""
+    from raebench.results import atomic_write_bytes, remove_orphan_temps
+
+    parts.mkdir(parents=True, exist_ok=True)
+    remove_orphan_temps(parts)  # half-written parts of a killed job (we hold the lock)
+    remove_orphan_temps(out.parent, of=out.name)  # and its half-written final npz
+    meta = parts / "meta.json"
+    if not meta.is_file() and any(parts.glob("b*.npz")):
+        raise RaebenchError(f"{parts} holds sample parts without a record of their settings (meta.json), so they "
+                            "cannot be resumed safely; delete that folder to start afresh.")
+    saved = _read_parts_meta(meta) if meta.is_file() else {"run": run}
+    old = saved.get("run", {})
+    if "run" not in saved and "key" in saved and any(parts.glob("b*.npz")):  # parts of raebench before 0.1's run keys
+        legacy = {hashlib.sha256(labels.numpy().tobytes() + f"{seed}/{batch_size}/{shape}".encode()).hexdigest()[:16]
+                  for shape in (tuple(latent_shape), list(latent_shape))}  # as a checkpoint's list or a tuple
+        if saved["key"] not in legacy:
+            raise RaebenchError(f"{parts} holds samples written by an older raebench for other labels, seed, batch size "
+                                "or latent shape; re-run with those to finish it, or delete that folder to start afresh.")
+        log.warning("%s was written by an older raebench, which did not record the model and sampler settings; "
+                    "resuming on the assumption that they are these", parts)
+        old = run
+    diff = _settings_diff(old, run)
+    if diff and any(parts.glob("b*.npz")):
+        raise RaebenchError(f"{parts} holds samples of a sampling run with other settings ({diff}); re-run with "
+                            "those settings to finish it, or delete that folder (or choose another --out) to start afresh.")
+    atomic_write_bytes(meta, json.dumps({"run": run, "n": n}).encode())
+    damaged = [p for p in sorted(parts.glob("b*.npz")) if not _readable_part(p)]
+    for p in damaged:  # truncated by a full disk or a copy: sampled again, not discovered at the merge
+        p.unlink()
+    if damaged:
+        log.warning("%d damaged sample part(s) in %s will be sampled again: %s", len(damaged), parts,
+                    ", ".join(p.name for p in damaged[:5]))
+
+
 def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, seed, device, progress, settings,
               quantize) -> Path:
     from raebench.data import to_uint8
-    from raebench.results import atomic_write_bytes, remove_orphan_temps
 
     rank, world = rank_world()
     n = len(labels)
@@ -156,38 +191,8 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
         log.info("%s already holds these %d samples (same model, sampler, labels and seed); nothing to do "
                  "(delete it to sample again)", out, n)
         return out
-    if rank == 0:
-        parts.mkdir(parents=True, exist_ok=True)
-        remove_orphan_temps(parts)  # half-written parts of a killed job (we hold the lock)
-        remove_orphan_temps(out.parent, of=out.name)  # and its half-written final npz
-        meta = parts / "meta.json"
-        if not meta.is_file() and any(parts.glob("b*.npz")):
-            raise RaebenchError(f"{parts} holds sample parts without a record of their settings (meta.json), so they "
-                                "cannot be resumed safely; delete that folder to start afresh.")
-        saved = _read_parts_meta(meta) if meta.is_file() else {"run": run}
-        old = saved.get("run", {})
-        if "run" not in saved and "key" in saved and any(parts.glob("b*.npz")):  # parts of raebench before 0.1's run keys
-            legacy = {hashlib.sha256(labels.numpy().tobytes() + f"{seed}/{batch_size}/{shape}".encode()).hexdigest()[:16]
-                      for shape in (tuple(latent_shape), list(latent_shape))}  # as a checkpoint's list or a tuple
-            if saved["key"] not in legacy:
-                raise RaebenchError(f"{parts} holds samples written by an older raebench for other labels, seed, batch size "
-                                    "or latent shape; re-run with those to finish it, or delete that folder to start afresh.")
-            log.warning("%s was written by an older raebench, which did not record the model and sampler settings; "
-                        "resuming on the assumption that they are these", parts)
-            old = run
-        diff = _settings_diff(old, run)
-        if diff and any(parts.glob("b*.npz")):
-            raise RaebenchError(f"{parts} holds samples of a sampling run with other settings ({diff}); re-run with "
-                                "those settings to finish it, or delete that folder (or choose another --out) to start afresh.")
-        atomic_write_bytes(meta, json.dumps({"run": run, "n": n}).encode())
-        damaged = [p for p in sorted(parts.glob("b*.npz")) if not _readable_part(p)]
-        for p in damaged:  # truncated by a full disk or a copy: sampled again, not discovered at the merge
-            p.unlink()
-        if damaged:
-            log.warning("%d damaged sample part(s) in %s will be sampled again: %s", len(damaged), parts,
-                        ", ".join(p.name for p in damaged[:5]))
-    if world > 1:
-        dist.barrier()
+    # rank 0 checks and prepares the parts folder; its refusal stops every rank (said once, by rank 0)
+    on_rank0(lambda: _prepare_parts(parts, out, run, n, labels, seed, batch_size, latent_shape))
     num_batches = math.ceil(n / batch_size)
     mine = [b for b in range(num_batches) if b % world == rank]
     with StopOnSignal() as preempt:  # the stop signals only set a flag, read after each batch (each rank on its own)

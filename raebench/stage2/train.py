@@ -448,9 +448,9 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
         diff = compare_configs(ck.get("config", {}), cfg, saved is not None, recorded) + compare_data(saved, data)
         if list(ck.get("latent_shape", data["latent_shape"])) != data["latent_shape"]:
             diff.append(f"latent shape: {ck['latent_shape']} -> {data['latent_shape']}")
-        if diff:
-            raise RaebenchError(f"{str(out)!r} holds a run with other settings or data ({'; '.join(diff)}); re-run with "
-                                "its settings, or choose another --out to start afresh.")
+        # rank 0's verdict on every rank: each rank stops, rank 0 alone says why
+        distributed.refuse(f"{str(out)!r} holds a run with other settings or data ({'; '.join(diff)}); re-run with "
+                           "its settings, or choose another --out to start afresh." if diff else None)
         if ck.get("format") != CHECKPOINT_FORMAT and rank == 0:
             log.warning("%s was written by an older raebench with other random draws; the resumed run will not "
                         "reproduce an uninterrupted one", ckpt_path)
