@@ -74,6 +74,12 @@ JOB = textwrap.dedent('''
                             results_dir=root + "/res"))
     except RaebenchError as e:
         print(f"eval, rank {rank}: every_rank={getattr(e, 'every_rank', False)}: {e}", flush=True)
+    from raebench.stage2.latents import cache_latents
+    from test_stage2_train import _MeanPool as MeanPool
+    try:  # a latent cache of 32-px crops, asked for at 16 px
+        cache_latents(MeanPool(), images, root + "/latents", resolution=16, batch_size=2)
+    except RaebenchError as e:
+        print(f"cache, rank {rank}: every_rank={getattr(e, 'every_rank', False)}: {e}", flush=True)
     from raebench.cli import main  # a stage-2 run resumed with another learning rate
     main(["train", "stage2", "--preset", "tiny", "--latents", root + "/cache", "--out", root + "/run", "--num-classes",
           "4", "--batch-size", "8", "--max-steps", "1", "--lr", "5e-4", "--device", "cpu"])
@@ -83,7 +89,8 @@ JOB = textwrap.dedent('''
 @pytest.mark.slow
 def test_refusals_reach_every_rank_are_printed_once_and_every_rank_exits_2(tmp_path, image_folder):
     """Before, each rank printed a stage-2 resume refusal; rank 0 alone refused the parts of another
-    sampling run (rank 1 waited in a barrier until the job was killed); an evaluation busy on one rank
+    sampling run or a latent cache of other settings (the other rank waited in a collective until the job
+    was killed); an evaluation busy on one rank
     stopped that rank only (the other waited in a collective). Now every rank raises rank 0's verdict,
     marked so that the CLI prints it once, on rank 0, and every rank exits with status 2."""
     import torch
@@ -106,11 +113,16 @@ def test_refusals_reach_every_rank_are_printed_once_and_every_rank_exits_2(tmp_p
     toy_cache(tmp_path / "cache", n=32)
     train(preset("tiny", out=str(tmp_path / "run"), latents=str(tmp_path / "cache"), num_classes=4, global_batch=8,
                  max_steps=1))  # learning rate 1e-3
+    from raebench.stage2.latents import cache_latents
+    from test_stage2_train import _MeanPool as MeanPool
+
+    cache_latents(MeanPool(), image_folder, tmp_path / "latents", resolution=32, batch_size=4)
     (tmp_path / "job.py").write_text(JOB)
 
     r0, r1 = two_ranks([str(tmp_path / "job.py"), str(tmp_path), str(image_folder)])
     for rank, r in enumerate((r0, r1)):
-        for what, says in (("sample", "other settings (seed: 0 -> 1)"), ("eval", "Another evaluation")):
+        for what, says in (("sample", "other settings (seed: 0 -> 1)"), ("eval", "Another evaluation"),
+                           ("cache", "other images or settings (")):
             assert f"{what}, rank {rank}: every_rank=True: " in r.stdout and says in r.stdout, (rank, r.stdout, r.stderr)
         assert r.returncode == 2, (rank, r.stdout, r.stderr[-2000:])
     said = "holds a run with other settings or data (lr: "

@@ -241,7 +241,7 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
             "fingerprint": images.fingerprint(), "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__),
             "tokenizer_weights": weights_of(tokenizer), "world": world}
     progress_path = out / f"progress-{rank}-of-{world}.json"
-    complete, meta = False, {}
+    complete, meta, refusal = False, {}, None
     if rank == 0:  # a finished cache of these images and settings (at any world size) is kept as it is
         meta = _read_meta(meta_path) if meta_path.is_file() else {}
         # a complete cache of an older raebench (no tokenizer_weights) is kept; an unfinished one starts afresh below
@@ -249,15 +249,16 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
                 if k != "world" and (k in meta or k not in RECORDED_LATER) and setting_differs(k, meta.get(k), v)]
         if meta and diff:
             state = "a complete" if meta.get("complete") else "an unfinished"
-            raise DataError(f"{str(out)!r} holds {state} latent cache of other images or settings "
-                            f"({'; '.join(diff[:4])}); choose another --out, or delete that folder to replace it.")
-        complete = bool(meta.get("complete"))
+            refusal = (f"{str(out)!r} holds {state} latent cache of other images or settings "
+                       f"({'; '.join(diff[:4])}); choose another --out, or delete that folder to replace it.")
+        complete = bool(meta.get("complete")) and refusal is None
         if complete:
             try:
                 _open_latents(out / "latents.npy", meta)
             except DataError:
                 log.warning("%s is marked complete but its latents.npy is missing or damaged; encoding it again", out)
                 complete, meta = False, {}
+    distributed.refuse(refusal, DataError)  # on every rank (rank 0 says it, once), not rank 0 alone
     if world > 1:
         box = [complete]
         dist.broadcast_object_list(box, src=0)
