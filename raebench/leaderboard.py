@@ -9,7 +9,8 @@ columns are also apart by image list, split, seed and metric version (``default 
 ``default [fid-v1+dtype=float64]/fid``, each shown only where it tells columns apart), so a cell holds
 exactly one measurement; reported columns by reference (shown where one dataset/n/metric has several)
 and by whether the number is for a variant the tokenizer does not load (``reported variant``). The
-resolution shows on every column when the table has several. ``best`` is computed within a column
+resolution shows on every column when the table has several, and with ``explicit`` (the CSV export, which has
+no caption to state what columns share) every column names its resolution and n. ``best`` is computed within a column
 (leaderboard) or within the measured cells of a row that share n and metric version (compare), using
 the metric's ``higher_is_better``: ties (equal as shown) are all best; there is none when the best is
 not finite, for spreads (``kid-std``, ``is-std``), for a lone value, nor when all values tie (bold marks
@@ -220,20 +221,23 @@ def _cells(d: pd.DataFrame, index: str) -> pd.DataFrame:
     return d.pivot(index=index, columns="column", values="value")
 
 
-def pivot(df: pd.DataFrame, reported: pd.DataFrame | None = None, gaps: bool = True) -> pd.DataFrame:
+def pivot(df: pd.DataFrame, reported: pd.DataFrame | None = None, gaps: bool = True,
+          explicit: bool = False) -> pd.DataFrame:
     """Tokenizers as rows; one column per (protocol, metric); each cell one measurement.
 
     ``reported``: reported rows to add as their own columns (``... reported/metric``); rows of ``df``
     whose ``source`` is ``reported`` are used too. ``gaps``: append open-minus-in-domain columns.
-    Several stored rows of one measurement (``load(latest=False)``): the newest is shown.
+    ``explicit``: every column label names its resolution and n (gap columns: each side's n), for a CSV,
+    which has no caption to say what the columns share. Several stored rows of one measurement
+    (``load(latest=False)``): the newest is shown.
     """
     m = _measured(df)
     rep = pd.concat([x for x in (_reported(df), reported) if x is not None and not x.empty], ignore_index=True) \
         if (reported is not None and not reported.empty) or not _reported(df).empty else None
     has_rep = rep is not None and not rep.empty
-    multi_res = pd.concat([m["resolution"], rep["resolution"] if has_rep else None]).nunique() > 1
+    multi_res = explicit or pd.concat([m["resolution"], rep["resolution"] if has_rep else None]).nunique() > 1
     parts = []
-    with_n = set(m["dataset"]) if has_rep else set()  # published n beside ours: show both
+    with_n = set(m["dataset"]) if has_rep or explicit else set()  # published n beside ours: show both
     if not m.empty:
         m = _newest(m)
         m = m.assign(column=lambda d: _column_labels(d, False, with_n, multi_res), row=_row_labels)
@@ -242,7 +246,7 @@ def pivot(df: pd.DataFrame, reported: pd.DataFrame | None = None, gaps: bool = T
         rep = prefer_reported(rep)
         parts.append(_cells(rep.assign(column=_column_labels(rep, True, multi_res=multi_res)), "tokenizer"))
     if gaps and not m.empty:
-        g = gap_columns(m, multi_res)
+        g = gap_columns(m, multi_res, always_n=explicit)
         if not g.empty:
             parts.append(g)
     if not parts:
@@ -328,14 +332,15 @@ def _several_versions(g: pd.DataFrame) -> pd.Series:
     return g.groupby(["open", "in_domain", "resolution", "metric"])["metric_version"].transform("nunique") > 1
 
 
-def _gap_sides(g: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+def _gap_sides(g: pd.DataFrame, always_n: bool = False) -> tuple[pd.Series, pd.Series]:
     """The open and in-domain side labels of gap rows: the dataset, plus ``n=N`` where one pair, resolution,
-    metric and version has gaps over several image sets, and the image list's ``#fingerprint`` where
-    those share their n. Gaps over other images are other protocols: never one column or ranking."""
+    metric and version has gaps over several image sets (or ``always_n``), and the image list's
+    ``#fingerprint`` where those share their n. Gaps over other images are other protocols: never one
+    column or ranking."""
     key = [g["open"], g["in_domain"], g["resolution"], g["metric"], g["metric_version"]]
     n_o, n_i = g["open_n"].map(_n), g["in_n"].map(_n)
     proto = n_o + "|" + g["open_fingerprint"] + "|" + n_i + "|" + g["in_fingerprint"]
-    several = proto.groupby(key).transform("nunique") > 1
+    several = (proto.groupby(key).transform("nunique") > 1) | always_n
     collide = (proto.groupby([*key, n_o, n_i]).transform("nunique") > 1)  # same n, other image lists
     open_lab = g["open"].where(~several, g["open"] + " " + n_o)
     in_lab = g["in_domain"].where(~several, g["in_domain"] + " " + n_i)
@@ -344,10 +349,11 @@ def _gap_sides(g: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     return open_lab, in_lab
 
 
-def gap_columns(m: pd.DataFrame, multi_res: bool | None = None) -> pd.DataFrame:
+def gap_columns(m: pd.DataFrame, multi_res: bool | None = None, always_n: bool = False) -> pd.DataFrame:
     """:func:`domain_gap` as leaderboard columns ``gap <open>[ n=N] - <in>[ n=N][@res] [[version]]/<metric>``
     (tokenizers as rows; n where gaps of one pair and metric come from several image sets, see
-    :func:`_gap_sides`); ``multi_res``: whether the table shows several resolutions (default: the gaps have several)."""
+    :func:`_gap_sides`, or ``always_n``); ``multi_res``: whether the labels show the resolution (default:
+    the gaps have several)."""
     g = domain_gap(m)
     if g.empty:
         return pd.DataFrame()
@@ -355,7 +361,7 @@ def gap_columns(m: pd.DataFrame, multi_res: bool | None = None) -> pd.DataFrame:
         multi_res = g["resolution"].nunique() > 1
     res = ("@" + g["resolution"].astype(str)) if multi_res else ""
     version = (" [" + _text(g["metric_version"]) + "]").where(_several_versions(g), "")
-    open_lab, in_lab = _gap_sides(g)
+    open_lab, in_lab = _gap_sides(g, always_n)
     g = g.assign(column="gap " + open_lab + " - " + in_lab + res + version + "/" + g["metric"], value=g["gap"])
     return _cells(g, "tokenizer")
 

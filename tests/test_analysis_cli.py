@@ -136,7 +136,7 @@ def test_analyze_end_to_end(image_folder: Path, tmp_path: Path, tiny_vit_weights
     # the rows are ordinary results: the leaderboard pivots them with the eval metrics
     csv = tmp_path / "lb.csv"
     assert run(["leaderboard", "--format", "csv", "--out", str(csv), "--results", str(res)], capsys)[0] == 0
-    assert "images/align-cka-test-tiny-vit" in csv.read_text().splitlines()[0]
+    assert "/align-cka-test-tiny-vit" in csv.read_text().splitlines()[0]
 
 
 def test_lpips_needs_images_it_can_take(image_folder: Path, tmp_path: Path, random_alexnet_file: Path, monkeypatch, capsys):

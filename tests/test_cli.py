@@ -37,7 +37,9 @@ def test_eval_compare_leaderboard(image_folder: Path, tmp_path: Path, capsys):
     assert (measured["resolution"] == 64).all() and (measured["n_images"] == 8).all()
     table = pd.read_csv(csv, index_col=0)
     assert set(table.index) == {"bicubic-f8", "bicubic-f16", "pixels"}
-    assert table.loc["bicubic-f8", "images/psnr"] > table.loc["bicubic-f16", "images/psnr"]
+    # a CSV has no caption: each column names its resolution and n (the Markdown says them above the table)
+    assert list(table.columns) == ["images@64 n=8/psnr", "images@64 n=8/ssim"]
+    assert table.loc["bicubic-f8", "images@64 n=8/psnr"] > table.loc["bicubic-f16", "images@64 n=8/psnr"]
     text = md.read_text()
     assert text.startswith("Measured on images (n=8); 64 px") and "\n| tokenizer |" in text and "**100.00**" in text  # pixels is best on PSNR
 

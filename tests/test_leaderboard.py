@@ -143,6 +143,20 @@ def test_resolution_shows_on_every_column_when_the_table_has_several():
     assert list(table.columns) == ["d@256 n=17/fid", "d@512 n=5000 reported/fid"]
 
 
+def test_explicit_labels_name_resolution_and_n_on_every_column():
+    """A CSV export has no caption: a one-protocol table's measured columns said neither resolution nor n
+    (``d/psnr``), reported columns no resolution, gap columns neither: with ``explicit`` every label does."""
+    rows = [_row("a", "psnr", 20.0), _row("b", "psnr", 21.0),
+            _row("a", "psnr", 19.0, dataset="o", domain="open-domain", n_images=9, data_fingerprint="fp2"),
+            _row("b", "psnr", 18.0, dataset="o", domain="open-domain", n_images=9, data_fingerprint="fp2")]
+    rep = _frame([_reported("a", "psnr", 25.0)])
+    assert list(pivot(_frame(rows), reported=rep)) == ["d n=17/psnr", "d n=5000 reported/psnr", "o n=9/psnr",
+                                                       "gap o - d/psnr"]  # what the caption completes
+    assert list(pivot(_frame(rows), reported=rep, explicit=True)) == [
+        "d@256 n=17/psnr", "d@256 n=5000 reported/psnr", "o@256 n=9/psnr", "gap o n=9 - d n=17@256/psnr"]
+    assert list(pivot(_frame(rows[:2]), explicit=True)) == ["d@256 n=17/psnr"]
+
+
 def test_latex_escapes_the_bar():
     assert latex_escape("local:/w|a") == r"local:/w\textbar{}a"
     assert r"\textbar{}" in render(pd.DataFrame({"d/psnr": [1.0]}, index=["x|y"]), "latex", {"psnr": True})

@@ -437,7 +437,8 @@ def register(app: typer.Typer) -> None:
         else:
             from raebench.leaderboard import leaderboard_caption
 
-            table = pivot(df, reported=rep, gaps=gaps)
+            # a CSV has no caption: each of its columns names its resolution and n
+            table = pivot(df, reported=rep, gaps=gaps, explicit=format == "csv")
             text = render(table, format, _hib(table, df, rep), caption=leaderboard_caption(df) if not df.empty else None)
         if out:
             write_output(out, text)
