@@ -366,14 +366,17 @@ def gap_columns(m: pd.DataFrame, multi_res: bool | None = None, always_n: bool =
     return _cells(g, "tokenizer")
 
 
-def gap_table(gap: pd.DataFrame) -> pd.DataFrame:
-    """:func:`domain_gap` rows as (pair ``open - in``, metric[, metric_version where several]) x tokenizer."""
+def gap_table(gap: pd.DataFrame, explicit: bool = False) -> pd.DataFrame:
+    """:func:`domain_gap` rows as (pair ``open - in``, metric[, metric_version where several][, resolution
+    where several]) x tokenizer; ``explicit`` (an export: the gaps may use other images than the table
+    beside them): each side's n and the resolution always."""
     if gap is None or gap.empty:
         return pd.DataFrame()
-    open_lab, in_lab = _gap_sides(gap)
+    open_lab, in_lab = _gap_sides(gap, explicit)
     g = gap.assign(pair=open_lab + " - " + in_lab)  # n (and image list) where tokenizers' gaps use other images
     index = ["pair", "metric"] + [c for c, several in (("metric_version", _several_versions(g).any()),
-                                                       ("resolution", g["resolution"].nunique() > 1)) if several]
+                                                       ("resolution", explicit or g["resolution"].nunique() > 1))
+                                  if several]
     return g.pivot(index=index, columns="tokenizer", values="gap")
 
 

@@ -132,7 +132,8 @@ def test_compare_csv_holds_one_table_and_the_gaps_go_beside_it(image_folder: Pat
     table = pd.read_csv(out)
     assert not table.isna().all(axis=1).any() and "pair" not in table.columns.tolist() + table.iloc[:, 0].tolist()
     gaps = pd.read_csv(tmp_path / "cmp-gaps.csv")
-    assert list(gaps.columns[:2]) == ["pair", "metric"] and gaps.loc[0, "bicubic-f8"] == 0.0  # the same images
+    assert list(gaps.columns[:3]) == ["pair", "metric", "resolution"] and gaps.loc[0, "bicubic-f8"] == 0.0  # same images
+    assert gaps.loc[0, "pair"] == "images n=8 - imagenet-val n=8" and gaps.loc[0, "resolution"] == 32  # n and px said
     code, text, err = run(["compare", "-t", "bicubic-f8", "-t", "pixels", *common, "--format", "csv"], capsys)
     assert code == 0 and "pair,metric" not in text and "give --out NAME.csv to also write them to NAME-gaps.csv" in " ".join(err.split())
 

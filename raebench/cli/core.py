@@ -377,7 +377,7 @@ def register(app: typer.Typer) -> None:
         skipped = f", {res.unreadable} unreadable file(s) skipped" if res.unreadable else ""
         title = (f"compare on {res.dataset} (n={res.n_images}{skipped}) · {resolution}px · computed now: "
                  f"{', '.join(computed) or 'nothing (all reused)'}")
-        gtable = gap_table(gap)
+        gtable = gap_table(gap, explicit=bool(format))  # an export says each gap's n and resolution
         gbold = row_best(gtable, _hib_metrics(gtable.index.get_level_values("metric")) if not gtable.empty else {})
         if format:
             text = render(table, format, bold=compare_bold(table), caption=title)
