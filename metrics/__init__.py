@@ -8,6 +8,7 @@ from raebench.metrics.base import (
     MetricBatch,
     MetricSpec,
     higher_is_better,
+    network_keys,
     register_extractor,
     register_metric,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "MetricBatch",
     "MetricSpec",
     "higher_is_better",
+    "network_keys",
     "register_extractor",
     "register_metric",
 ]

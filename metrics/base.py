@@ -240,9 +240,10 @@ class MetricSpec:
     min_image_side: int = 1
     #: keys of an ADM reference batch ``.npz`` that can stand in for the reference features
     reference_stats_keys: tuple[str, ...] = ()
-    #: ``weights_path(weights=None)`` of a metric with a network of its own (LPIPS), resolved without
-    #: loading, so reuse can compare the weights recorded with stored rows; None: not compared
-    weights_path: Callable[..., Path] | None = None
+    #: ``weights_path(weights=None)`` of a metric with a network of its own (LPIPS, DreamSim), resolved
+    #: without loading, so reuse can compare the weights recorded with stored rows; None: not compared
+    #: (the resolver too may return None: files its builder will download, so nothing to compare yet)
+    weights_path: Callable[..., Path | None] | None = None
 
     def build(self, **options) -> Metric:
         return self.builder(self, **options)
@@ -297,6 +298,16 @@ def register_metric(spec: MetricSpec) -> MetricSpec:
 
 def register_extractor(spec: ExtractorSpec) -> ExtractorSpec:
     return EXTRACTORS.register(spec.name, spec)
+
+
+def network_keys(name: str) -> tuple[str, ...]:
+    """The keys under which a result row of ``name`` (``kid-std`` included) records the weights of the
+    networks behind it in ``extra.metric_weights``: its extractors and the metric itself (LPIPS, DreamSim);
+    () for a name that is no registered metric (analysis rows, published numbers)."""
+    for spec in METRICS:
+        if name == spec.name or any(out == name for out, _ in spec.outputs):
+            return (*spec.extractors, spec.name)
+    return ()
 
 
 def higher_is_better(name: str) -> bool | None:

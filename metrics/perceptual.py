@@ -193,18 +193,28 @@ def load_dreamsim(dreamsim_type: str, folder: Path, device: torch.device) -> tor
     return model.eval().requires_grad_(False)
 
 
+def dreamsim_weights(name: str, weights: str | None = None) -> Path | None:
+    """The folder the DreamSim metric ``name`` loads (its weights' identity is that folder's fingerprint,
+    as the metric records it), resolved without loading; None when files are missing that the dreamsim
+    package will download there. Missing files offline, or in a folder the user gave, are an error."""
+    dreamsim_type, required = DREAMSIM_VARIANTS[name]
+    folder = dreamsim_dir(weights)
+    missing = [f for f in required if not (folder / f).exists()]
+    if missing and (hf_offline() or local_weights("dreamsim", weights)):
+        hints = dict.fromkeys(_missing_file_hint(f, folder, dreamsim_type) for f in missing)  # ordered, unique
+        raise MissingWeightsError(
+            f"DreamSim ({dreamsim_type}) weights not found: {', '.join(map(repr, missing))} not in {folder}; "
+            f"{' and '.join(hints)}, or pass another folder with {weights_env('dreamsim')}=DIR."
+        )
+    return None if missing else folder
+
+
 class DreamSim(PairedMean):
     def __init__(self, spec: MetricSpec, device: str | torch.device = "cpu", weights: str | None = None):
         super().__init__(spec)
         dreamsim_type, required = DREAMSIM_VARIANTS[spec.name]
         folder = dreamsim_dir(weights)
-        missing = [f for f in required if not (folder / f).exists()]
-        if missing and (hf_offline() or local_weights("dreamsim", weights)):
-            hints = dict.fromkeys(_missing_file_hint(f, folder, dreamsim_type) for f in missing)  # ordered, unique
-            raise MissingWeightsError(
-                f"DreamSim ({dreamsim_type}) weights not found: {', '.join(map(repr, missing))} not in {folder}; "
-                f"{' and '.join(hints)}, or pass another folder with {weights_env('dreamsim')}=DIR."
-            )
+        dreamsim_weights(spec.name, weights)  # missing files offline (or in the user's folder): one sentence
         self.device = torch.device(device)
         try:
             self.model = shared_network(("dreamsim", dreamsim_type, str(folder), str(self.device)),
@@ -241,5 +251,6 @@ for _name, (_type, _) in DREAMSIM_VARIANTS.items():
             name=_name, higher_is_better=False, kind="paired", version=f"dreamsim-0.2-{_type}-pil224-v1",
             description=f"DreamSim distance (dreamsim package, {_type})",
             builder=lambda spec, **o: DreamSim(spec, **o), options=("device", "weights"),
+            weights_path=lambda weights=None, name=_name: dreamsim_weights(name, weights),
         )
     )

@@ -1,7 +1,8 @@
 """``raebench compare``: reuse rows that exist, compute only what is missing, tabulate.
 
 A stored row is reused when tokenizer, weights (the ``weights_id`` of the tokenizer built now), fp32
-precision, dataset, resolution, seed, metric version and the data fingerprint (the exact image list,
+precision, dataset, resolution, seed, metric version, the metric networks' weights (resolved without
+loading, :func:`raebench.evaluate.planned`) and the data fingerprint (the exact image list,
 see ``ImageList.fingerprint``) all match, so other weights, a bf16 run, a different ``--limit`` or a
 changed folder are recomputed, never mixed in silently; ``recompute=True`` reuses nothing. Each
 tokenizer is built (its weights loaded) before that decision, since its weights identity is known

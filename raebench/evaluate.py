@@ -203,8 +203,9 @@ def planned(metric_names, options: dict | None = None) -> Planned:
     def fingerprint(key: str, resolver, prefix: str = "") -> None:
         if key in weights:
             return
-        try:  # resolved (found or fetched), not loaded
-            weights[key] = prefix + fingerprint_path(resolver(options.get(key, {}).get("weights")))
+        try:  # resolved (found or fetched), not loaded; None: to be downloaded when the network is built
+            path = resolver(options.get(key, {}).get("weights"))
+            weights[key] = None if path is None else prefix + fingerprint_path(path)
         except MissingWeightsError as e:
             weights[key], missing[key] = None, str(e)
 

@@ -5,8 +5,9 @@ one protocol: dataset, resolution, number of images and source (measured here, o
 paper/model card), e.g. ``coco-val2017 n=5000 reported/psnr``; a measured run on 17 images and a
 published number on 5,000 land in different columns, with the n in the header (a measured column
 shows its n whenever another n exists for its dataset or the table has reported columns). Measured
-columns are also apart by image list, split, seed and metric version (``default seed=1/probe-knn-top1``,
-``default [fid-v1+dtype=float64]/fid``, each shown only where it tells columns apart), so a cell holds
+columns are also apart by image list, split, seed, metric version and the weights of the metric's networks
+(``default seed=1/probe-knn-top1``, ``default [fid-v1+dtype=float64]/fid``, ``default [networks #1a2b3c]/fid``,
+each shown only where it tells columns apart), so a cell holds
 exactly one measurement; reported columns by reference (shown where one dataset/n/metric has several)
 and by whether the number is for a variant the tokenizer does not load (``reported variant``). The
 resolution shows on every column when the table has several, and with ``explicit`` (the CSV export, which has
@@ -139,7 +140,14 @@ _VARIANTS = (("weights_id", lambda v: f" [{v}]"), ("precision", lambda v: f" [{v
 
 #: the parts of a measured column's key, besides dataset, resolution, n and image list; a label shows
 #: each where columns that agree on everything else differ in it
-_MEASURED_KEY = ("dataset", "split", "resolution", "n_images", "data_fingerprint", "metric", "metric_version", "seed")
+_MEASURED_KEY = ("dataset", "split", "resolution", "n_images", "data_fingerprint", "metric", "metric_version", "seed",
+                 "metric_networks")
+
+
+def _networks(v: pd.Series) -> pd.Series:
+    """How a label shows a ``metric_networks`` identity (see :func:`raebench.results.metric_networks`)."""
+    v = v.fillna("").astype(str)
+    return " [networks " + v.where(v == "", "#" + v.str[:6]).replace("", "unrecorded") + "]"
 
 
 def _row_labels(d: pd.DataFrame) -> pd.Series:
@@ -205,7 +213,8 @@ def _column_labels(d: pd.DataFrame, reported: bool, always_n: set[str] = frozens
         # the same dataset, resolution and n from different image lists: keep them apart, visibly
         fp = d.groupby([*key, "n_images"])["data_fingerprint"].transform("nunique")
         lab = lab.where(fp <= 1, lab + " #" + d["data_fingerprint"].astype(str).str[:6])
-    for col, fmt in (("seed", lambda v: " seed=" + v), ("metric_version", lambda v: " [" + v + "]")):
+    for col, fmt in (("seed", lambda v: " seed=" + v), ("metric_version", lambda v: " [" + v + "]"),
+                     ("metric_networks", _networks)):
         if col in d:
             lab = lab.where(~_differs(d, col, _MEASURED_KEY), lab + fmt(_text(d[col])))
     return lab + "/" + d["metric"].astype(str)
@@ -288,17 +297,23 @@ def leaderboard_caption(df: pd.DataFrame) -> str | None:
 _GAP_KEY = ["tokenizer", "resolution", "metric", "metric_version"]
 
 
+def _gap_key(m: pd.DataFrame) -> list[str]:
+    """:data:`_GAP_KEY`, and the metric networks' weights where rows carry them (:func:`raebench.results.load`)."""
+    return _GAP_KEY + (["metric_networks"] if "metric_networks" in m else [])
+
+
 def _largest_run(m: pd.DataFrame) -> pd.DataFrame:
-    """Per (tokenizer, dataset, resolution, metric, metric version): the newest row of the largest n."""
+    """Per (tokenizer, dataset, resolution, metric, metric version and networks): the newest row of the largest n."""
     m = sort_newest_last(m).sort_values("n_images", kind="stable")
-    return m.drop_duplicates(["dataset", *_GAP_KEY], keep="last")
+    return m.drop_duplicates(["dataset", *_gap_key(m)], keep="last")
 
 
 def domain_gap(df: pd.DataFrame, tokenizers: Iterable[str] | None = None, resolution: int | None = None) -> pd.DataFrame:
     """Long table of open-domain minus in-domain values (measured rows only, of one metric version).
 
     Columns: tokenizer, metric, resolution, open, in_domain, open_value, in_value, gap, open_n, in_n,
-    open_fingerprint, in_fingerprint, metric_version. Each side is the tokenizer's largest run; gaps
+    open_fingerprint, in_fingerprint, metric_version, metric_networks (both sides measured with the same
+    metric version and networks' weights). Each side is the tokenizer's largest run; gaps
     of tokenizers whose sides are other image sets (n or image list) are other protocols, which
     :func:`gap_columns` and :func:`gap_table` keep apart.
     """
@@ -308,14 +323,14 @@ def domain_gap(df: pd.DataFrame, tokenizers: Iterable[str] | None = None, resolu
     if resolution is not None:
         m = m[m["resolution"] == resolution]
     cols = ["tokenizer", "metric", "resolution", "open", "in_domain", "open_value", "in_value", "gap", "open_n", "in_n",
-            "open_fingerprint", "in_fingerprint", "metric_version"]
+            "open_fingerprint", "in_fingerprint", "metric_version", "metric_networks"]
     if m.empty or "domain" not in m:
         return pd.DataFrame(columns=cols)
     m = _largest_run(m.assign(tokenizer=_row_labels(m)))  # other weights/precision: their own gap
     ind, opn = m[m["domain"] == "in-domain"], m[m["domain"] == "open-domain"]
     if ind.empty or opn.empty:
         return pd.DataFrame(columns=cols)
-    j = opn.merge(ind, on=_GAP_KEY, suffixes=("_o", "_i"))
+    j = opn.merge(ind, on=_gap_key(m), suffixes=("_o", "_i"))  # one metric version and networks on both sides
     out = pd.DataFrame({
         "tokenizer": j["tokenizer"], "metric": j["metric"], "resolution": j["resolution"],
         "open": j["dataset_o"], "in_domain": j["dataset_i"], "open_value": j["value_o"], "in_value": j["value_i"],
@@ -323,13 +338,15 @@ def domain_gap(df: pd.DataFrame, tokenizers: Iterable[str] | None = None, resolu
         "open_fingerprint": _text(j["data_fingerprint_o"]) if "data_fingerprint_o" in j else "",
         "in_fingerprint": _text(j["data_fingerprint_i"]) if "data_fingerprint_i" in j else "",
         "metric_version": j["metric_version"],
+        "metric_networks": _text(j["metric_networks"]) if "metric_networks" in j else "",
     })
     return out.sort_values(["metric", "open", "tokenizer"]).reset_index(drop=True)
 
 
-def _several_versions(g: pd.DataFrame) -> pd.Series:
-    """Whether gap rows of one pair, resolution and metric come from several metric versions."""
-    return g.groupby(["open", "in_domain", "resolution", "metric"])["metric_version"].transform("nunique") > 1
+def _several_versions(g: pd.DataFrame, col: str = "metric_version") -> pd.Series:
+    """Whether gap rows of one pair, resolution and metric come from several metric versions (``col``:
+    or several of another column, ``metric_networks``)."""
+    return g.groupby(["open", "in_domain", "resolution", "metric"])[col].transform("nunique") > 1
 
 
 def _gap_sides(g: pd.DataFrame, always_n: bool = False) -> tuple[pd.Series, pd.Series]:
@@ -338,6 +355,8 @@ def _gap_sides(g: pd.DataFrame, always_n: bool = False) -> tuple[pd.Series, pd.S
     ``#fingerprint`` where those share their n. Gaps over other images are other protocols: never one
     column or ranking."""
     key = [g["open"], g["in_domain"], g["resolution"], g["metric"], g["metric_version"]]
+    if "metric_networks" in g:
+        key.append(g["metric_networks"])
     n_o, n_i = g["open_n"].map(_n), g["in_n"].map(_n)
     proto = n_o + "|" + g["open_fingerprint"] + "|" + n_i + "|" + g["in_fingerprint"]
     several = (proto.groupby(key).transform("nunique") > 1) | always_n
@@ -361,6 +380,7 @@ def gap_columns(m: pd.DataFrame, multi_res: bool | None = None, always_n: bool =
         multi_res = g["resolution"].nunique() > 1
     res = ("@" + g["resolution"].astype(str)) if multi_res else ""
     version = (" [" + _text(g["metric_version"]) + "]").where(_several_versions(g), "")
+    version = version + _networks(g["metric_networks"]).where(_several_versions(g, "metric_networks"), "")
     open_lab, in_lab = _gap_sides(g, always_n)
     g = g.assign(column="gap " + open_lab + " - " + in_lab + res + version + "/" + g["metric"], value=g["gap"])
     return _cells(g, "tokenizer")
@@ -375,6 +395,7 @@ def gap_table(gap: pd.DataFrame, explicit: bool = False) -> pd.DataFrame:
     open_lab, in_lab = _gap_sides(gap, explicit)
     g = gap.assign(pair=open_lab + " - " + in_lab)  # n (and image list) where tokenizers' gaps use other images
     index = ["pair", "metric"] + [c for c, several in (("metric_version", _several_versions(g).any()),
+                                                       ("metric_networks", _several_versions(g, "metric_networks").any()),
                                                        ("resolution", explicit or g["resolution"].nunique() > 1))
                                   if several]
     return g.pivot(index=index, columns="tokenizer", values="gap")
@@ -445,8 +466,10 @@ def compare_table(
     if not d.empty:
         # compare measured or reused each tokenizer's current metric version just now: its newest row
         d = sort_newest_last(d).drop_duplicates(["tokenizer", "dataset", "metric"], keep="last")
+        # what a Δ and a best need alike besides n: the metric version and the weights of its networks
+        d = d.assign(measured_as=_text(d["metric_version"]) + "|" + _text(d.get("metric_networks", pd.Series("", d.index))))
         meas, n_of, version_of = (d.pivot(index=["dataset", "metric"], columns="tokenizer", values=v)
-                                  for v in ("value", "n_images", "metric_version"))
+                                  for v in ("value", "n_images", "measured_as"))
     repv = pd.DataFrame(index=idx)
     if not rep.empty:
         repv = rep.pivot(index=["dataset", "metric"], columns="tokenizer", values="value")
@@ -470,7 +493,7 @@ def compare_table(
         h = hib.get(metric)
         cells = d[(d["dataset"] == dataset) & (d["metric"] == metric)] if not d.empty else d
         valued = cells[cells["value"].notna()] if not cells.empty else cells
-        ranked = valued.empty or (valued["n_images"].nunique() == 1 and valued["metric_version"].nunique() == 1)
+        ranked = valued.empty or (valued["n_images"].nunique() == 1 and valued["measured_as"].nunique() == 1)
         best.append(", ".join(_best(row[measured_cols], metric, h)) if ranked else "")
         rcells = rep[(rep["dataset"] == dataset) & (rep["metric"] == metric)] if not rep.empty else rep
         protos = {(r.n_images, r.reference, r.variant) for r in rcells.itertuples()}
@@ -499,6 +522,10 @@ def _protocol_text(meas: pd.DataFrame, rep: pd.DataFrame, comparable: bool, reso
         versions = sorted(set(valued["metric_version"].astype(str)))
         if len(versions) > 1:
             parts.append(f"measured with metric versions {', '.join(versions)}: not ranked")
+        nets = sorted(set(_text(valued["metric_networks"]))) if "metric_networks" in valued else []
+        if len(nets) > 1:
+            parts.append("measured with other weights of the metric networks ("
+                         + ", ".join(f"#{v[:6]}" if v else "unrecorded" for v in nets) + "): not ranked")
     for r in rep.itertuples() if not rep.empty else ():
         extra = r.extra if isinstance(r.extra, dict) else {}
         flags = [x for x, on in (("secondary", extra.get("secondary")), ("not re-verified", extra.get("verified") is False),

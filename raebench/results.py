@@ -6,7 +6,8 @@ same directory never touch the same file (rows are merged on read). Files that f
 half-written file from a filesystem without atomic rename) are skipped with a warning.
 
 One row per measurement (``KEY_COLUMNS``: tokenizer, weights, precision, data and candidate
-fingerprints, resolution, n, seed, metric and its version); the full column list is ``COLUMNS``.
+fingerprints, resolution, n, seed, metric and its version, and the weights of the metric's networks,
+``metric_networks``, which :func:`load` derives from ``extra.metric_weights``); the stored columns are ``COLUMNS``.
 ``SCHEMA_VERSION`` is stored in every row from day one. Version 2 added ``precision``,
 ``candidates_fingerprint`` (score rows) and ``written_ns`` (write order); :func:`load` fills them
 for version-1 rows from ``extra`` (``fp32``, ``""``, 0), so older files keep loading.
@@ -39,7 +40,7 @@ DEFAULT_RESULTS_DIR = "results"
 #: the identity of a measurement: rows equal on these describe the same number
 KEY_COLUMNS = (
     "tokenizer", "weights_id", "precision", "dataset", "split", "resolution", "n_images", "seed", "metric",
-    "metric_version", "data_fingerprint", "candidates_fingerprint",
+    "metric_version", "data_fingerprint", "candidates_fingerprint", "metric_networks",
 )
 #: newest last: the date (seconds), then the write time in ns (0 in version-1 rows), then the run id
 ORDER_COLUMNS = ("date", "written_ns", "run_id")
@@ -79,6 +80,31 @@ class ResultRow:
 
 
 COLUMNS = tuple(ResultRow.__dataclass_fields__)
+#: columns :func:`load` derives from the stored ones (not stored themselves): ``metric_networks``, see
+#: :func:`metric_networks`
+DERIVED_COLUMNS = ("metric_networks",)
+
+
+def metric_networks(metric: str, extra: Any) -> str:
+    """The identity of the weights of the networks behind a row of ``metric`` (Inception for FID, the
+    LPIPS or DreamSim weights, ...), as the row records them in ``extra.metric_weights``: 12 hex digits
+    of the identities recorded for that metric's own networks (:func:`raebench.metrics.network_keys`;
+    a run's other metrics' networks do not count), '' for a metric without networks, and for rows that
+    recorded none (published numbers, analysis rows, whose versions carry their weights)."""
+    import hashlib
+
+    recorded = extra.get("metric_weights") if isinstance(extra, dict) else None
+    if not isinstance(recorded, dict) or not recorded:
+        return ""
+    mine = {k: recorded[k] for k in _network_keys(metric) if k in recorded}
+    return hashlib.sha256(json.dumps(mine, sort_keys=True, default=str).encode()).hexdigest()[:12] if mine else ""
+
+
+@lru_cache(maxsize=None)
+def _network_keys(metric: str) -> tuple[str, ...]:
+    from raebench.metrics import network_keys
+
+    return network_keys(metric)
 
 
 @lru_cache(maxsize=1)
@@ -348,7 +374,8 @@ _warned_newer: set[tuple[str, int]] = set()  # (runs folder, rows) already warne
 
 
 def load(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, latest: bool = True) -> pd.DataFrame:
-    """All result rows under ``results_dir`` as a DataFrame (columns ``COLUMNS``), oldest first.
+    """All result rows under ``results_dir`` as a DataFrame (columns ``COLUMNS``, then ``DERIVED_COLUMNS``),
+    oldest first.
 
     ``latest=True`` keeps, for each measurement key (``KEY_COLUMNS``), only the newest row (by
     ``ORDER_COLUMNS``). Lines that are not JSON row objects are skipped with a warning.
@@ -360,7 +387,8 @@ def load(results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, latest: bool = Tr
             rows = _read_run_file(f)
             if rows is not None:
                 records.extend(rows)
-    df = pd.DataFrame.from_records(records, columns=list(COLUMNS)) if records else pd.DataFrame(columns=list(COLUMNS))
+    df = pd.DataFrame.from_records(records, columns=list(COLUMNS)) if records else \
+        pd.DataFrame(columns=[*COLUMNS, *DERIVED_COLUMNS])
     if records:
         schema = pd.to_numeric(df["schema_version"], errors="coerce")
         n_newer = int((schema > SCHEMA_VERSION).sum())
@@ -429,7 +457,8 @@ def _is_row(r) -> bool:
 
 
 def _fill_v1(df: pd.DataFrame) -> pd.DataFrame:
-    """Columns that version-1 rows lack: precision and the candidates' fingerprint from ``extra``."""
+    """Columns that version-1 rows lack (precision and the candidates' fingerprint, from ``extra``), and
+    the derived ``metric_networks``."""
     extra = [e if isinstance(e, dict) else {} for e in df["extra"].tolist()]
     def col(name: str) -> list:  # a list: iterating pandas' string arrays is ~10x slower
         return df[name].tolist()
@@ -438,6 +467,7 @@ def _fill_v1(df: pd.DataFrame) -> pd.DataFrame:
         return v if isinstance(v, str) else ""
 
     return df.assign(
+        metric_networks=[metric_networks(m, e) for m, e in zip(col("metric"), extra)],
         precision=[text(e.get("precision")) or text(p) or "fp32" for e, p in zip(extra, col("precision"))],
         candidates_fingerprint=[text(c) or text(e.get("candidates_fingerprint"))
                                 for e, c in zip(extra, col("candidates_fingerprint"))],

@@ -372,3 +372,29 @@ def test_a_missing_cell_is_never_bold_and_delta_is_latex():
     assert "**–**" not in md and "**1.0000**" in md
     assert r"$\Delta$ b" in render(table, "latex", bold=set())
 
+
+
+def test_rows_of_other_metric_networks_weights_are_never_one_column_or_ranking(tmp_path):
+    """FID of tokenizer a with one Inception's weights and of b with another's shared a column, and b was
+    bold against a; now each networks identity is its own column (labelled where it tells columns apart),
+    a gap pairs sides of one identity, and compare does not rank or subtract across identities."""
+    def row(tok, metric, value, inc, **kw):
+        return _row(tok, metric, value, extra={"metric_weights": {"inception": f"fid-v1||weights={inc}"}}, **kw)
+
+    write_rows([row("a", "fid", 5.0, "aaaa"), row("a", "psnr", 30.0, "aaaa"),
+                row("a", "fid", 6.0, "aaaa", dataset="o", domain="open-domain", data_fingerprint="fp2")], tmp_path)
+    write_rows([row("b", "fid", 7.0, "bbbb"), row("b", "psnr", 31.0, "bbbb"),
+                row("b", "fid", 9.0, "aaaa", dataset="o", domain="open-domain", data_fingerprint="fp2")], tmp_path)
+    df = load(tmp_path)
+    table = pivot(df)
+    fid = sorted(c for c in table.columns if c.startswith("d ") and c.endswith("/fid"))
+    assert len(fid) == 2 and all("[networks #" in c for c in fid), list(table.columns)
+    assert {table[c].dropna().index[0] for c in fid} == {"a", "b"}  # one tokenizer per column: nothing bold
+    assert not set(fid) & set(best_per_column(table, {"fid": False}))
+    assert table.loc["a", "d/psnr"] == 30.0 and table.loc["b", "d/psnr"] == 31.0  # PSNR has no networks: one column
+    gaps = domain_gap(df)
+    assert list(gaps[gaps["metric"] == "fid"]["tokenizer"]) == ["a"]  # b's sides used other Inception weights
+    t = compare_table(df[df["dataset"] == "d"], ["a", "b"])
+    assert t.loc[("d", "fid"), "best"] == "" and math.isnan(t.loc[("d", "fid"), "Δ b"])
+    assert "other weights of the metric networks" in t.loc[("d", "fid"), "protocol"]
+    assert t.loc[("d", "psnr"), "best"] == "b"

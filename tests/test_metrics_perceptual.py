@@ -308,3 +308,31 @@ def test_ms_ssim_negative_fine_scale_terms_count_as_zero_not_by_magnitude():
     ours = _mean_over_batches(METRICS.get("ms-ssim").build(), ref, cand, bs=1)["ms-ssim"]
     assert 0.2 < expected < 0.67  # channel 0 counts as 0 in a mean of three
     assert ours == pytest.approx(expected, rel=1e-6)
+
+
+def test_reuse_and_resume_compare_the_dreamsim_weights_recorded_with_a_row(tmp_path, monkeypatch):
+    """DreamSim had no spec-level weights resolver, so `compare` (and eval's resume key) reused DreamSim rows
+    measured with other DreamSim weights. The plan now fingerprints the folder the metric loads, as the
+    metric records it (its weights_id), without loading it; files the package will download leave nothing
+    to compare yet (no refusal online), and missing files offline are one sentence at start-up."""
+    from raebench.evaluate import planned
+    from raebench.metrics.extractors import fingerprint_path
+
+    name = "dreamsim-clip-b32"
+    for folder, content in (("a", b"1"), ("b", b"2")):
+        (tmp_path / folder).mkdir()
+        for f in ("clip_vitb32_pretrain.pth.tar", "clip_vitb32_single_lora"):
+            (tmp_path / folder / f).write_bytes(content)
+    plan = planned((name,), {name: {"weights": str(tmp_path / "a")}})
+    assert plan.weights[name] == fingerprint_path(tmp_path / "a") and not plan.missing
+    version = plan.versions[name]
+    assert plan.row_matches(name, version, {"metric_weights": {name: fingerprint_path(tmp_path / "a")}})
+    assert not plan.row_matches(name, version, {"metric_weights": {name: fingerprint_path(tmp_path / "b")}})
+
+    monkeypatch.delenv("RAEBENCH_DREAMSIM_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty default folder
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    plan = planned((name,), {})
+    assert plan.weights[name] is None and not plan.missing  # the package downloads them when it builds
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "clip_vitb32_pretrain.pth.tar" in planned((name,), {}).missing[name]

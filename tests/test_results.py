@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raebench.results import COLUMNS, SCHEMA_VERSION, ResultRow, check_writable, load, write_rows
+from raebench.results import COLUMNS, DERIVED_COLUMNS, SCHEMA_VERSION, ResultRow, check_writable, load, write_rows
 
 
 def _row(metric="psnr", value=1.0, tok="pixels", **kw) -> ResultRow:
@@ -18,7 +18,7 @@ def _row(metric="psnr", value=1.0, tok="pixels", **kw) -> ResultRow:
 def test_round_trip_with_provenance(tmp_path: Path):
     write_rows([_row("psnr", 30.5), _row("ssim", 0.9)], tmp_path)
     df = load(tmp_path)
-    assert list(df.columns) == list(COLUMNS)
+    assert list(df.columns) == [*COLUMNS, *DERIVED_COLUMNS]
     assert sorted(df["metric"]) == ["psnr", "ssim"]
     r = df.set_index("metric").loc["psnr"]
     assert r["value"] == 30.5 and r["schema_version"] == SCHEMA_VERSION
@@ -264,3 +264,22 @@ def test_a_nearly_full_disk_is_refused_before_work(tmp_path: Path, monkeypatch):
     with pytest.raises(RaebenchError, match="Only 1000 bytes free"):
         check_writable(tmp_path, need_bytes=1 << 20)
     check_writable(tmp_path, need_bytes=10)
+
+
+def test_the_metric_networks_weights_are_part_of_a_measurement(tmp_path: Path):
+    """Two FID rows that differ only in the Inception weights behind them (extra.metric_weights) used to be
+    one measurement: load() kept the newer and dropped the other. Now each metric's own networks are in the
+    key (``metric_networks``); a PSNR row does not depend on the run's Inception; rows that recorded no
+    networks (older or published rows) load with ''."""
+    def fid(value, weights, metric="fid"):
+        return _row(metric, value, extra={"metric_weights": {"inception": f"fid-v1||weights={weights}"}})
+
+    write_rows([fid(5.0, "aaaa"), fid(30.0, "aaaa", "psnr")], tmp_path)
+    write_rows([fid(7.0, "bbbb"), fid(31.0, "bbbb", "psnr")], tmp_path)
+    write_rows([_row("ssim", 0.5)], tmp_path)  # no metric_weights recorded
+    df = load(tmp_path)
+    assert sorted(df[df["metric"] == "fid"]["value"]) == [5.0, 7.0]  # both kept
+    assert list(df[df["metric"] == "psnr"]["value"]) == [31.0]  # the newer PSNR replaces the older
+    nets = dict(zip(df["value"], df["metric_networks"]))
+    assert len(nets[5.0]) == 12 and nets[5.0] != nets[7.0] and nets[30.0 if 30.0 in nets else 31.0] == ""
+    assert nets[0.5] == ""
