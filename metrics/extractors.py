@@ -154,11 +154,34 @@ def _digest_key(f: Path, st: os.stat_result | None = None) -> str:
     return f"{os.path.realpath(f)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
 
+#: seconds a job waits for another one fingerprinting the same new file before hashing it itself
+#: (``$RAEBENCH_DIGEST_WAIT_S``): the lock only saves work, so a holder that hangs (a stalled mount, a
+#: stopped job) must not stall every other job; 10 minutes hash ~60 GB at 100 MB/s
+DIGEST_WAIT_S = 600.0
+#: seconds between the lines that say a job is still waiting for that lock
+DIGEST_WAIT_LINE_S = 15.0
+
+
+def _digest_wait_s() -> float:
+    text = os.environ.get("RAEBENCH_DIGEST_WAIT_S", "")
+    try:
+        return max(0.0, float(text)) if text.strip() else DIGEST_WAIT_S
+    except ValueError:
+        log.warning("RAEBENCH_DIGEST_WAIT_S=%r is not a number of seconds; using %g", text, DIGEST_WAIT_S)
+        return DIGEST_WAIT_S
+
+
 @contextlib.contextmanager
-def _digest_lock(cache_file: Path):
+def _digest_lock(cache_file: Path, what: str = "a weights file"):
     """An exclusive lock on ``<cache>.lock`` while one process hashes (released by the kernel even on
-    SIGKILL); where the cache folder cannot hold one (read-only, no flock), no lock."""
+    SIGKILL); where the cache folder cannot hold one (read-only, no flock), no lock. Waiting for another
+    holder logs a line every :data:`DIGEST_WAIT_LINE_S` and ends after ``$RAEBENCH_DIGEST_WAIT_S``
+    (:data:`DIGEST_WAIT_S`): then this process hashes ``what`` itself, unlocked (the cache's writes are
+    atomic, so two hashers cost only time)."""
     import fcntl
+    import time
+
+    from raebench.locks import HELD_ERRNOS
 
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -167,10 +190,25 @@ def _digest_lock(cache_file: Path):
         yield
         return
     with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError:
-            pass
+        start = time.monotonic()
+        wait_s, next_line = _digest_wait_s(), start + DIGEST_WAIT_LINE_S
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in HELD_ERRNOS:
+                    break  # the file system cannot lock: hash without
+            now = time.monotonic()
+            if now - start >= wait_s:
+                log.warning("another process has held %s for %.0f s (RAEBENCH_DIGEST_WAIT_S) while fingerprinting; "
+                            "fingerprinting %s here instead", fh.name, now - start, what)
+                break
+            if now >= next_line:
+                log.info("waiting %.0f s for another process fingerprinting weights (lock %s) before "
+                         "fingerprinting %s; at most %.0f s, then here", now - start, fh.name, what, wait_s)
+                next_line += DIGEST_WAIT_LINE_S
+            time.sleep(min(0.1, max(0.0, wait_s - (now - start))))
         yield
 
 
@@ -208,7 +246,7 @@ def content_digest(path: str | os.PathLike) -> str:
     if digest is None:
         # one hasher at a time per cache: the ranks of a torchrun (or several jobs) asking for one new
         # file wait for the first, then read its digest instead of each reading the whole file again
-        with _digest_lock(cache_file):
+        with _digest_lock(cache_file, f"{f.name} ({st.st_size / 1e9:.1f} GB)"):
             stored, digest = cached()
             if digest is None:
                 if st.st_size > 256 << 20:

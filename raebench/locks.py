@@ -34,7 +34,7 @@ from raebench.errors import RaebenchError
 log = logging.getLogger(__name__)
 
 #: what a lock held by another process answers (flock with LOCK_NB: EWOULDBLOCK; some file systems EACCES)
-_HELD = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
+HELD_ERRNOS = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
 _warned_unlockable: set[str] = set()  # folders already warned about in this process
 
 
@@ -48,7 +48,7 @@ def try_flock(f: IO | int, path: str | os.PathLike, blocking: bool = False, cons
         fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         return True
     except OSError as e:
-        if e.errno in _HELD and not blocking:
+        if e.errno in HELD_ERRNOS and not blocking:
             return False
         folder = os.path.dirname(os.path.abspath(path))
         if folder not in _warned_unlockable:

@@ -141,3 +141,31 @@ def test_cache_hint_names_hf_hub_cache_when_it_is_the_setting_in_force(tmp_path,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MissingWeightsError, match=r"\(set HF_HUB_CACHE to move it\)"):
         resolve(WeightsSource("owner/name", allow_patterns=("config.json", "*.safetensors")), what="thing")
+
+
+def test_a_hung_digest_lock_holder_delays_a_job_boundedly_with_progress_lines(tmp_path, cache, monkeypatch, caplog):
+    """A job that held the digest cache's lock and hung (a stalled mount, a stopped job) blocked every other
+    job fingerprinting a new weights file forever, silently. Now the wait says so every
+    DIGEST_WAIT_LINE_S and ends after $RAEBENCH_DIGEST_WAIT_S: the job hashes the file itself."""
+    import logging
+    import threading
+
+    w = _file(tmp_path / "w.bin", b"abc")
+    cache.parent.mkdir(parents=True)
+    holder = open(cache.with_name(cache.name + ".lock"), "a")  # another open file: flock conflicts with it
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    monkeypatch.setenv("RAEBENCH_DIGEST_WAIT_S", "0.6")
+    monkeypatch.setattr(ex, "DIGEST_WAIT_LINE_S", 0.2, raising=False)
+    got = []
+    try:
+        with caplog.at_level(logging.INFO, logger=ex.__name__):
+            t = threading.Thread(target=lambda: got.append(ex.content_digest(w)), daemon=True)
+            t.start()
+            t.join(timeout=10)
+            assert not t.is_alive(), "still waiting for the lock's holder"
+    finally:
+        holder.close()
+    assert got == [hashlib.sha256(b"abc").hexdigest()]
+    text = " ".join(caplog.messages)
+    assert "waiting" in text and "fingerprinting w.bin (0.0 GB) here instead" in text
+    assert ex._digest_key(w) in json.loads(cache.read_text())  # and cached for the next job
