@@ -102,16 +102,25 @@ def resolve_url_file(url: str, local: str | None, *, what: str, env: str) -> Pat
     )
 
 
-def fingerprint_path(path: str | os.PathLike) -> str:
+def fingerprint_path(path: str | os.PathLike, patterns: tuple[str, ...] | None = None) -> str:
     """The identity of a weights file or folder: sha256 over each file's relative name, size and
     whole content (:func:`content_digest`), 12 hex digits. A file's own name does not count: the same
     weights under another name are the same weights. Reading a 1.2 GB checkpoint costs about a
-    second, once: digests are cached by file identity (see :func:`content_digest`)."""
+    second, once: digests are cached by file identity (see :func:`content_digest`).
+
+    ``patterns`` (a folder's): only the files whose relative path matches one (``fnmatch``), e.g. the
+    files a loader reads, so that a Hub snapshot and a copy holding other files too (a README, a
+    ``.bin`` beside the safetensors) are the same weights; a folder of exactly those files has the
+    identity it has without ``patterns``."""
+    import fnmatch
+
     p = Path(path)
     # files under dot-folders are tool metadata (`hf download --local-dir` writes .cache/huggingface/...,
     # with timestamps): the same weights must not get another identity for them
     files = (sorted(f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
              if p.is_dir() else [p])
+    if patterns is not None and p.is_dir():
+        files = [f for f in files if any(fnmatch.fnmatch(f.relative_to(p).as_posix(), pat) for pat in patterns)]
     h = hashlib.sha256()
     for f in files:
         size = f.stat().st_size

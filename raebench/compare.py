@@ -1,6 +1,7 @@
 """``raebench compare``: reuse rows that exist, compute only what is missing, tabulate.
 
-A stored row is reused when tokenizer, weights (the ``weights_id`` of the tokenizer built now), fp32
+A stored row is reused when tokenizer, weights (the ``weights_id`` of the tokenizer built now, by content:
+the Hub copy and a ``--weights`` copy of the same files are the same weights), fp32
 precision, dataset, resolution, seed, metric version, the metric networks' weights (resolved without
 loading, :func:`raebench.evaluate.planned`) and the data fingerprint (the exact image list,
 see ``ImageList.fingerprint``) all match, so other weights, a bf16 run, a different ``--limit`` or a
@@ -54,11 +55,12 @@ class CompareResult:
 
 def stored_rows(df: pd.DataFrame, tokenizer: str, weights_id: str, dataset: str, fingerprint: str, resolution: int,
                 seed: int, precision: str = "fp32") -> pd.DataFrame:
-    """The measured rows of ``df`` (``raebench.results.load``) of one tokenizer, weights, precision and image list."""
+    """The measured rows of ``df`` (``raebench.results.load``) of one tokenizer, weights (by content:
+    :func:`raebench.weights.same_weights`), precision and image list."""
     if df.empty:
         return df
     return df[
-        (df["tokenizer"] == tokenizer) & (df["weights_id"] == weights_id) & (df["precision"] == precision)
+        (df["tokenizer"] == tokenizer) & _same_weights(df["weights_id"], weights_id) & (df["precision"] == precision)
         & (df["dataset"] == dataset) & (df["resolution"] == resolution) & (df["seed"] == seed)
         & (df["data_fingerprint"] == fingerprint) & (df["source"].fillna("measured") == "measured")
     ]
@@ -164,9 +166,11 @@ def compare(
                     & (everything["seed"] == resolved.seed_of(seed)) & everything["metric"].isin(_result_names(metrics))
                     & (everything["precision"] == "fp32")] if not everything.empty else everything
     if not df.empty:  # each tokenizer's rows of the weights it has now, of the versions decided on (reported rows pass)
-        mine = df["tokenizer"].map(wids)
+        from raebench.weights import same_weights
+
+        mine = [same_weights(w, wids.get(t)) for t, w in zip(df["tokenizer"], df["weights_id"])]
         made_so = [plan.row_matches(m, v, e) for m, v, e in zip(df["metric"], df["metric_version"], df["extra"])]
-        df = df[(df["source"] == "reported") | ((df["weights_id"] == mine) & pd.Series(made_so, index=df.index))]
+        df = df[(df["source"] == "reported") | (pd.Series(mine, index=df.index) & pd.Series(made_so, index=df.index))]
     rep = None
     if reported != "none":
         from raebench.baselines import reported_frame
@@ -180,6 +184,12 @@ def compare(
     unreadable = int(pd.to_numeric(meas["skipped"], errors="coerce").max()) if not meas.empty else 0
     return CompareResult(compare_table(df, names, resolution, reported=rep), computed, gap, resolved.name, n_used,
                          unreadable)
+
+
+def _same_weights(ids: pd.Series, weights_id: str) -> pd.Series:
+    from raebench.weights import same_weights
+
+    return ids.map(lambda w: same_weights(w, weights_id)).astype(bool)
 
 
 def _result_names(metrics: tuple[str, ...]) -> list[str]:

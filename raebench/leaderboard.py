@@ -150,6 +150,34 @@ def _networks(v: pd.Series) -> pd.Series:
     return " [networks " + v.where(v == "", "#" + v.str[:6]).replace("", "unrecorded") + "]"
 
 
+def _one_id_per_weights(d: pd.DataFrame) -> pd.DataFrame:
+    """``d`` with the ``weights_id`` of rows that name the same weights (by content,
+    :func:`raebench.weights.same_weights`: the Hub copy and a ``--weights`` copy; an older row's Hub label)
+    made one per tokenizer: the released identity where there is one, else the newest row's. A tokenizer's
+    rows of the same weights are then one leaderboard row, one measurement per cell."""
+    from raebench.weights import LOCAL_LABELS, released_label, weights_key
+
+    if d.empty or "weights_id" not in d:
+        return d
+    d = sort_newest_last(d)
+    out = d["weights_id"].astype(str).tolist()
+    for _, idx in d.groupby("tokenizer", sort=False).groups.items():
+        ids = list(dict.fromkeys(d.loc[idx, "weights_id"].astype(str)))  # oldest first
+        key = {w: weights_key(w) for w in ids}
+        for w in ids:  # an older row's Hub label: the weights of the current identity with that label
+            for v in ids:
+                if released_label(v) == w:
+                    key[w] = key[v]
+        chosen: dict[str, str] = {}
+        for w in ids:  # the released identity first, else the newest
+            if key[w] not in chosen or not w.startswith(LOCAL_LABELS) or chosen[key[w]].startswith(LOCAL_LABELS):
+                chosen[key[w]] = w
+        for i in idx:
+            pos = d.index.get_loc(i)
+            out[pos] = chosen[key[out[pos]]]
+    return d.assign(weights_id=out)
+
+
 def _row_labels(d: pd.DataFrame) -> pd.Series:
     """The tokenizer of each row, plus its weights, precision or candidate set where that tokenizer
     has rows with several of them (one leaderboard row per measured thing, never a mixed cell)."""
@@ -248,7 +276,7 @@ def pivot(df: pd.DataFrame, reported: pd.DataFrame | None = None, gaps: bool = T
     parts = []
     with_n = set(m["dataset"]) if has_rep or explicit else set()  # published n beside ours: show both
     if not m.empty:
-        m = _newest(m)
+        m = _newest(_one_id_per_weights(m))
         m = m.assign(column=lambda d: _column_labels(d, False, with_n, multi_res), row=_row_labels)
         parts.append(_cells(m, "row"))
     if has_rep:
@@ -326,6 +354,7 @@ def domain_gap(df: pd.DataFrame, tokenizers: Iterable[str] | None = None, resolu
             "open_fingerprint", "in_fingerprint", "metric_version", "metric_networks"]
     if m.empty or "domain" not in m:
         return pd.DataFrame(columns=cols)
+    m = _one_id_per_weights(m)
     m = _largest_run(m.assign(tokenizer=_row_labels(m)))  # other weights/precision: their own gap
     ind, opn = m[m["domain"] == "in-domain"], m[m["domain"] == "open-domain"]
     if ind.empty or opn.empty:

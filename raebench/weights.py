@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -211,3 +212,54 @@ def resolve(
             f"{source.repo_id!r} (`{source.download_hint()}`) into the cache at {hf_cache_dir()} "
             f"({hf_cache_move_hint()}){local_copy_hint(flag)}.{gated}"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity of a tokenizer's weights (``weights_id``)
+# ---------------------------------------------------------------------------------------------
+
+#: ``<label>@<fingerprint>[+<part>:<fingerprint>...]``: a readable label (the Hub repo, snapshot and file;
+#: ``local:<name>``; ``diffusers:<name>``; ``official:<name>``), then the content fingerprints of the main
+#: weights and of its other parts (``enc``, ``stats``), 12 hex digits each (``fingerprint_path``)
+_CONTENT_ID = re.compile(r"^(?P<label>.*?)@(?P<content>[0-9a-f]{12}(?:\+[a-z]+:[0-9a-f]{12})*)$")
+#: labels of weights the user supplied (never the released ones that cards report)
+LOCAL_LABELS = ("local:", "diffusers:", "official:")
+
+
+def _parse(weights_id: str) -> tuple[str, str] | None:
+    m = _CONTENT_ID.match(weights_id) if isinstance(weights_id, str) else None
+    return (m["label"], m["content"]) if m else None
+
+
+def weights_key(weights_id: str) -> str:
+    """What identifies the weights themselves: the content part of ``weights_id`` (its fingerprints), so
+    the same files reached through the Hub cache, a ``--weights`` copy or a renamed file have one key;
+    an identity without fingerprints (``none``, ``random``, rows stored before 2026-11-27 for the released
+    weights, ``nyu-visionx/RAE-collections:decoders/...``) is its own key."""
+    parsed = _parse(weights_id)
+    if parsed is None:
+        return weights_id
+    # a diffusers-format RAE (one file) or an official YAML's files are put together otherwise than a Hub or
+    # local decoder with its encoder and statistics: the same bytes there are another tokenizer
+    kind = next((k for k in ("diffusers:", "official:") if parsed[0].startswith(k)), "")
+    return f"{kind}@{parsed[1]}"
+
+
+def released_label(weights_id: str) -> str | None:
+    """The Hub label of an identity with fingerprints (``stabilityai/sd-vae-ft-ema@0123456789ab``), which is
+    the whole identity that rows, checkpoints and caches recorded for those released weights before
+    identities carried content; None for other identities and for weights the user supplied."""
+    parsed = _parse(weights_id)
+    if parsed is None or not parsed[0] or parsed[0].startswith(LOCAL_LABELS):
+        return None
+    return parsed[0]
+
+
+def same_weights(a: str | None, b: str | None) -> bool:
+    """Whether two ``weights_id`` name the same weights: by content (:func:`weights_key`), so the Hub copy and a
+    local copy, or a renamed file, are the same weights; an identity recorded before identities carried
+    content for the released weights (a Hub label alone) is the same as a current one with that label,
+    as it was then."""
+    if not (isinstance(a, str) and isinstance(b, str)):  # None (not recorded) or anything else: as it is
+        return a == b
+    return a == b or weights_key(a) == weights_key(b) or released_label(a) == b or released_label(b) == a

@@ -100,6 +100,9 @@ def test_per_tokenizer_weights_are_part_of_the_identity(image_folder: Path, tmp_
                                   up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
                                   norm_num_groups=4)
     vae.save_pretrained(tmp_path / "w1")
+    vae.save_pretrained(tmp_path / "w1-copy")  # the same weights elsewhere
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.1)  # other weights: one tensor changed
     vae.save_pretrained(tmp_path / "w2")
     res = tmp_path / "res"
     base = ["analyze", "-t", "sd-vae-ft-ema", "-t", "pixels", "--data", str(image_folder), *FAST, "--results", str(res)]
@@ -110,6 +113,10 @@ def test_per_tokenizer_weights_are_part_of_the_identity(image_folder: Path, tmp_
     from raebench.metrics.extractors import fingerprint_path
 
     assert wid == {f"local:w1@{fingerprint_path(tmp_path / 'w1')}"}
+    before = _runs(res)
+    code, out, err = run([*base, "--weights", f"sd-vae-ft-ema={tmp_path / 'w1-copy'}"], capsys)  # the same weights
+    assert code == 0, err
+    assert _new_rows(res, before).empty  # reused: weights are compared by content, not by folder name
     before = _runs(res)
     code, out, err = run([*base, "--weights", f"sd-vae-ft-ema={tmp_path / 'w2'}"], capsys)  # other weights
     assert code == 0, err

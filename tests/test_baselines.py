@@ -354,7 +354,68 @@ def test_eval_offline_fails_in_one_sentence_then_runs_from_the_hf_cache(tmp_path
     code, out, err = _run(args, capsys)
     assert code == 0, err
     rows = [json.loads(line) for f in (tmp_path / "res" / "runs").glob("*.jsonl") for line in f.read_text().splitlines()]
-    assert {row["weights_id"] for row in rows} == {f"stabilityai/sd-vae-ft-ema@{snap_hash[:12]}"}
+    from raebench.metrics.extractors import fingerprint_path
+
+    content = fingerprint_path(weights.parent)  # the snapshot holds config.json and the safetensors only
+    assert {row["weights_id"] for row in rows} == {f"stabilityai/sd-vae-ft-ema@{snap_hash[:12]}@{content}"}
+
+
+def test_the_hub_copy_and_a_local_copy_of_the_same_weights_are_the_same_weights(tmp_path, capsys, monkeypatch):
+    """Weights reached through the Hub cache were identified by repo and snapshot, a --weights copy of the
+    same files by their content: compare measured them again, the leaderboard gave them two rows, and a
+    stage-2 run trained on one refused to resume on the other. Both identities now end with the content
+    fingerprint; rows stored with the Hub label alone (before) still count for today's Hub weights."""
+    import shutil
+
+    from raebench.leaderboard import pivot
+    from raebench.results import load
+    from raebench.stage2.latents import same_weights
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snap_hash = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--stabilityai--sd-vae-ft-ema"
+    _kl().save_pretrained(repo / "snapshots" / snap_hash)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(snap_hash)
+    _use_hf_home(monkeypatch, tmp_path / "hf")
+    copy = tmp_path / "my-vae"
+    shutil.copytree(repo / "snapshots" / snap_hash, copy)
+    (copy / "README.md").write_text("my notes")  # not read by the loader: not part of the identity
+    res = str(tmp_path / "res")
+    common = ["--data", str(_png_folder(tmp_path / "imgs")), "-r", "32", "-m", "psnr", "--results", res,
+              "--device", "cpu", "--reported", "none"]
+    code, out, err = _run(["compare", "-t", "sd-vae-ft-ema", *common], capsys)
+    assert code == 0 and "computed now: sd-vae-ft-ema" in out, err
+    hub_id = load(res)["weights_id"].iloc[0]
+    code, out, err = _run(["compare", "-t", "sd-vae-ft-ema", *common, "--weights", f"sd-vae-ft-ema={copy}"], capsys)
+    assert code == 0 and "computed now: nothing" in out, err  # the Hub copy's row serves the local copy
+    local_id = build_tokenizer("sd-vae-ft-ema", weights=str(copy)).weights_id
+    assert local_id.startswith("local:my-vae@") and local_id != hub_id and same_weights(hub_id, local_id)
+    assert not same_weights(hub_id, build_tokenizer("sd-vae-ft-ema", weights=str(_other_weights(tmp_path))).weights_id)
+
+    rows = load(res)  # a row measured from the copy (with --recompute) and the Hub's: one leaderboard row
+    code, out, err = _run(["compare", "-t", "sd-vae-ft-ema", *common, "--weights", f"sd-vae-ft-ema={copy}",
+                           "--recompute"], capsys)
+    assert code == 0, err
+    rows = load(res)
+    assert set(rows["weights_id"]) == {hub_id, local_id}
+    assert list(pivot(rows, gaps=False).index) == ["sd-vae-ft-ema"]  # the released label, no [local:...] row
+
+    # a row stored before identities carried content (the Hub label alone) is reused for today's Hub weights
+    legacy = f"stabilityai/sd-vae-ft-ema@{snap_hash[:12]}"
+    assert same_weights(legacy, hub_id) and not same_weights(legacy, local_id.replace("local:my-vae", "local:x"))
+    for f in (tmp_path / "res" / "runs").glob("*.jsonl"):
+        f.write_text(f.read_text().replace(hub_id, legacy).replace(local_id, legacy))
+    code, out, err = _run(["compare", "-t", "sd-vae-ft-ema", *common], capsys)
+    assert code == 0 and "computed now: nothing" in out, err
+    assert list(pivot(load(res), gaps=False).index) == ["sd-vae-ft-ema"]
+
+
+def _other_weights(tmp_path: Path) -> Path:
+    torch.manual_seed(1)
+    diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=D2, up_block_types=U2, layers_per_block=1,
+                            latent_channels=4).save_pretrained(tmp_path / "other")
+    return tmp_path / "other"
 
 
 def test_eval_and_compare_with_local_weights(tmp_path, capsys, monkeypatch):

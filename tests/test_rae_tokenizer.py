@@ -250,7 +250,22 @@ def test_eval_end_to_end_from_an_offline_cache(tmp_path, monkeypatch):
     rows = [json.loads(line) for f in (tmp_path / "res").rglob("*.jsonl") for line in f.read_text().splitlines()]
     assert {row["metric"] for row in rows} >= {"psnr", "ssim"}
     assert all(row["tokenizer"] == "rae-dinov2-b" and row["n_images"] == 2 for row in rows)
-    assert rows[0]["weights_id"] == f"{rae.RAE_REPO}:{r.decoder_file}"
+    # the released decoder by its repo path, then the content of decoder, encoder and statistics (as a
+    # --weights copy of the same files has it: the same weights, see raebench.weights.same_weights)
+    from raebench.weights import same_weights
+
+    wid = rows[0]["weights_id"]
+    assert re.fullmatch(re.escape(f"{rae.RAE_REPO}:{r.decoder_file}") + r"@[0-9a-f]{12}\+enc:[0-9a-f]{12}\+stats:[0-9a-f]{12}",
+                        wid), wid
+    assert same_weights(f"{rae.RAE_REPO}:{r.decoder_file}", wid)  # rows stored before: the released weights
+    import shutil  # a --weights copy of the same files (the layout of the Hub repos) is the same weights
+
+    snap = lambda repo: cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)  # noqa: E731
+    shutil.copytree(snap(r.encoder_repo), tmp_path / "w" / r.encoder_repo)
+    shutil.copytree(snap(rae.RAE_REPO), tmp_path / "w", dirs_exist_ok=True)
+    (tmp_path / "w" / r.encoder_repo / "README.md").write_text("notes")  # not loaded: not in the identity
+    local = rae.build_rae(rae.RELEASES["rae-dinov2-b"], weights=tmp_path / "w").weights_id
+    assert local.startswith("local:") and local != wid and same_weights(local, wid)
 
 
 # --- commands -------------------------------------------------------------------------------

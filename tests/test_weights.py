@@ -169,3 +169,18 @@ def test_a_hung_digest_lock_holder_delays_a_job_boundedly_with_progress_lines(tm
     text = " ".join(caplog.messages)
     assert "waiting" in text and "fingerprinting w.bin (0.0 GB) here instead" in text
     assert ex._digest_key(w) in json.loads(cache.read_text())  # and cached for the next job
+
+
+def test_weights_identities_compare_by_content_and_keep_older_hub_labels():
+    from raebench.weights import released_label, same_weights, weights_key
+
+    hub = "stabilityai/sd-vae-ft-ema@0123456789ab@b8f06c32ab1c"
+    assert weights_key(hub) == weights_key("local:my+vae@v2@b8f06c32ab1c") == "@b8f06c32ab1c"  # '+' and '@' in a name
+    assert same_weights(hub, "local:w@b8f06c32ab1c") and not same_weights(hub, "local:w@000000000000")
+    assert same_weights(hub, "stabilityai/sd-vae-ft-ema@0123456789ab")  # a row stored with the Hub label alone
+    assert not same_weights(hub, "stabilityai/sd-vae-ft-ema@fedcba987654")  # another snapshot, unfingerprinted
+    rae = "nyu-visionx/RAE-collections:decoders/a/model.pt@111111111111+enc:222222222222+stats:333333333333"
+    assert released_label(rae) == "nyu-visionx/RAE-collections:decoders/a/model.pt"
+    assert not same_weights(rae, "local:model.pt@111111111111")  # without its encoder and statistics: other
+    assert released_label("local:model.pt@111111111111") is None and not same_weights("local:model.pt", "local:model.pt@111111111111")
+    assert weights_key("none") == "none" and same_weights("none", "none") and not same_weights("none", "random")

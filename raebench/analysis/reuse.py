@@ -171,10 +171,14 @@ def expected_rows(
 
 def stored_rows(df: pd.DataFrame, tokenizer: str, weights_id: str, dataset: str, fingerprint: str, resolution: int,
                 seed: int) -> pd.DataFrame:
-    """The measured rows of ``df`` (``raebench.results.load``) for this tokenizer, weights and data."""
+    """The measured rows of ``df`` (``raebench.results.load``) for this tokenizer, weights (by content:
+    :func:`raebench.weights.same_weights`) and data."""
+    from raebench.weights import same_weights
+
     if df.empty:
         return df
-    return df[(df["tokenizer"] == tokenizer) & (df["weights_id"] == weights_id) & (df["dataset"] == dataset)
+    same = df["weights_id"].map(lambda w: same_weights(w, weights_id)).astype(bool)
+    return df[(df["tokenizer"] == tokenizer) & same & (df["dataset"] == dataset)
               & (df["data_fingerprint"] == fingerprint) & (df["resolution"] == resolution) & (df["seed"] == seed)
               & (df["source"].fillna("measured") == "measured")]
 

@@ -42,6 +42,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Hub files an encoder snapshot needs (configs and safetensors; MAE's repo also ships a .bin,
 #: which transformers reads with weights_only=True).
 HF_ENCODER_PATTERNS = ("*.json", "*.safetensors")
+#: the files of an encoder folder that make its identity: every file transformers may load (configs,
+#: safetensors, a pytorch_model.bin), not a README or other frameworks' weights (``fingerprint_path``)
+ENCODER_IDENTITY_PATTERNS = ("*.json", "*.safetensors", "*.bin")
 
 
 # ---------------------------------------------------------------------------------------------

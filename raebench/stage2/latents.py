@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 from raebench import distributed
 from raebench.errors import DataError
 from raebench.preempt import Preempted, StopOnSignal, of_rank
+from raebench.weights import same_weights  # noqa: F401 -- by content; callers import it from here too
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +54,6 @@ def build_tokenizer(name: str, device: torch.device, resolution: int | None = No
 def weights_of(tokenizer: nn.Module) -> str:
     """The identity of a tokenizer's weights, as ``eval`` records it with its rows (``weights_id``)."""
     return getattr(tokenizer, "weights_id", "none")
-
-
-#: the readable label in a local weights identity (``local:<file name>@<fingerprint>``,
-#: ``diffusers:<folder name>@<fingerprint>``): kept for leaderboards, but not part of the content
-_LOCAL_LABEL = re.compile(r"\b(local|diffusers):[^+]*?@(?=[0-9a-f]{12}(?:\+|$))")
-
-
-def same_weights(a: str | None, b: str | None) -> bool:
-    """Whether two ``tokenizer_weights`` name the same weights: local files by their content alone, so
-    a renamed ``--decoder`` file or diffusers-format folder with the same content is the same weights."""
-    if not (isinstance(a, str) and isinstance(b, str)):  # None (not recorded) or anything else: as it is
-        return a == b
-    return a == b or _LOCAL_LABEL.sub(r"\1:@", a) == _LOCAL_LABEL.sub(r"\1:@", b)
 
 
 class LatentCache:

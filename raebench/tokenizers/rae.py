@@ -159,7 +159,7 @@ def build_rae(
 ):
     """Resolve every file of ``release`` (local options first, then the Hub cache) and load it."""
     from raebench.rae.decoder import build_decoder, decoder_file, official_config, preset_config
-    from raebench.rae.encoders import load_hf_encoder
+    from raebench.rae.encoders import ENCODER_IDENTITY_PATTERNS, load_hf_encoder
     from raebench.rae.stats import LatentStats
     from raebench.rae.tokenizer import RAETokenizer
 
@@ -235,15 +235,12 @@ def build_rae(
     st = LatentStats.load(found["stats"])
     from raebench.metrics.extractors import fingerprint_path
 
-    # provenance: the released files by their repo path, every local file by a fingerprint of its
-    # content (never by its path: other weights copied to the same place are other weights)
-    weights_id = f"{RAE_REPO}:{release.decoder_file}" if decoder is None and weights is None else (
-        f"local:{dec_path.name}@{fingerprint_path(dec_path)}"
-    )
-    if encoder is not None:  # --encoder, or the encoder folder inside --weights DIR
-        weights_id += f"+enc:{fingerprint_path(found['encoder'])}"
-    if stats is not None or in_weights_dir(stat_src) is not None:
-        weights_id += f"+stats:{fingerprint_path(found['stats'])}"
+    # a label (the released decoder by its repo path, a local one by its file name), then the content of
+    # every part, wherever it came from (the Hub cache or a copy: the same files are the same weights; other
+    # weights copied to the same place are other weights); the encoder by the files that are loaded
+    label = f"{RAE_REPO}:{release.decoder_file}" if decoder is None and weights is None else f"local:{dec_path.name}"
+    weights_id = (f"{label}@{fingerprint_path(dec_path)}+enc:{fingerprint_path(found['encoder'], ENCODER_IDENTITY_PATTERNS)}"
+                  f"+stats:{fingerprint_path(found['stats'])}")
     tok = RAETokenizer(enc, dec, st, weights_id=weights_id)
     if device is not None:
         tok = tok.to(device)

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 #: only these files of a diffusers VAE folder are fetched and read (never pickled .bin weights)
 DIFFUSERS_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+#: the files of a diffusers folder that make its weights' identity: every file diffusers may read (configs,
+#: safetensors, shards included), not a README or a .bin beside them (``fingerprint_path``'s patterns)
+IDENTITY_PATTERNS = ("*.json", "*.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,21 +356,25 @@ def _hub_snapshot(path: Path) -> tuple[str, str] | None:
 
 
 def _weights_id(preset: VAEPreset, folder: Path, file: Path | None = None) -> str:
-    """``repo@<snapshot hash>`` for a copy in the Hub cache of the preset's own repository. Any other
-    folder (``--weights``, a cached snapshot of another repository included) gets
-    ``local:<name>@<fingerprint>`` of the folder's (or ``file``'s) content, not its path: other weights
-    written to the same place are other weights. The name (the other repository's id, else the file or
-    folder name) keeps leaderboard labels readable. Only the preset's repository gets a ``repo@`` id:
-    it means the released weights, beside which ``compare`` shows the card's reported numbers."""
+    """``<repo>@<snapshot hash>[:<file>]@<fingerprint>`` for a copy in the Hub cache of the preset's own
+    repository. Any other folder (``--weights``, a cached snapshot of another repository included) gets
+    ``local:<name>@<fingerprint>``. The label says where the weights came from: the name (the other
+    repository's id, else the file or folder name) keeps leaderboard labels readable, and only the preset's
+    repository gets a ``repo@`` label: it means the released weights, beside which ``compare`` shows the
+    card's reported numbers. The fingerprint of their content (``file``, or the folder's
+    :data:`IDENTITY_PATTERNS` files, not its path) says what they are: the same files through the Hub cache
+    or a copy are the same weights (:func:`raebench.weights.weights_key`), other files in the same place
+    are not."""
     from raebench.metrics.extractors import fingerprint_path
 
     src = preset.weights[0]
+    fp = fingerprint_path(file) if file is not None else fingerprint_path(folder, IDENTITY_PATTERNS)
     snap = _hub_snapshot(folder)
     if snap is not None and snap[0] == src.repo_id:
-        return f"{src.repo_id}@{snap[1][:12]}" + (f":{file.name}" if file is not None else "")
+        return f"{src.repo_id}@{snap[1][:12]}" + (f":{file.name}" if file is not None else "") + f"@{fp}"
     target = file if file is not None else folder
     name = snap[0] if snap is not None else target.resolve().name
-    return f"local:{name}@{fingerprint_path(target)}"
+    return f"local:{name}@{fp}"
 
 
 def _check_config_normalisation(preset: VAEPreset, folder: Path, refuse: bool = True) -> None:
