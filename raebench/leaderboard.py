@@ -24,7 +24,8 @@ negative gap is a loss outside the training domain; for FID a positive one is. E
 tokenizer's largest run; where tokenizers' gaps come from other image sets (n or image list), each set
 pair is its own column (``gap coco-val2017 n=50 - imagenet-val n=100/psnr``), ranked apart.
 
-A leaderboard row is one tokenizer; when a tokenizer was measured with several weights, precisions
+A leaderboard row is one tokenizer; when a tokenizer was measured with several weights (told apart by
+content: the Hub copy and a local copy of the same files are one row, under the released label), precisions
 or (``score`` rows) candidate sets, each gets its own row, labelled with what differs
 (``sd-vae-ft-ema [local:/w2]``, ``pixels [bf16]``, ``reconstructions [cand #1a2b3c]``); local weights
 and a precision other than fp32 are labelled always. A measured
