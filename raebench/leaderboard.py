@@ -156,7 +156,7 @@ def _one_id_per_weights(d: pd.DataFrame) -> pd.DataFrame:
     :func:`raebench.weights.same_weights`: the Hub copy and a ``--weights`` copy; an older row's Hub label)
     made one per tokenizer: the released identity where there is one, else the newest row's. A tokenizer's
     rows of the same weights are then one leaderboard row, one measurement per cell."""
-    from raebench.weights import LOCAL_LABELS, released_label, weights_key
+    from raebench.weights import LOCAL_LABELS, recorded_before, weights_key
 
     if d.empty or "weights_id" not in d:
         return d
@@ -167,7 +167,7 @@ def _one_id_per_weights(d: pd.DataFrame) -> pd.DataFrame:
         key = {w: weights_key(w) for w in ids}
         for w in ids:  # an older row's Hub label: the weights of the current identity with that label
             for v in ids:
-                if released_label(v) == w:
+                if w in recorded_before(v):
                     key[w] = key[v]
         chosen: dict[str, str] = {}
         for w in ids:  # the released identity first, else the newest

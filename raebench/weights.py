@@ -255,6 +255,17 @@ def released_label(weights_id: str) -> str | None:
     return parsed[0]
 
 
+def recorded_before(weights_id: str) -> tuple[str, ...]:
+    """What rows, checkpoints and caches recorded for the released weights ``weights_id`` names before
+    identities carried the main weights' content: its Hub label alone, or with its other parts
+    (``hustvl/...@<rev>:<file>+stats:<fingerprint>``)."""
+    label = released_label(weights_id)
+    if label is None:
+        return ()
+    parts = weights_id[len(label):].partition("+")
+    return (label, label + "+" + parts[2]) if parts[2] else (label,)
+
+
 def same_weights(a: str | None, b: str | None) -> bool:
     """Whether two ``weights_id`` name the same weights: by content (:func:`weights_key`), so the Hub copy and a
     local copy, or a renamed file, are the same weights; an identity recorded before identities carried
@@ -262,4 +273,4 @@ def same_weights(a: str | None, b: str | None) -> bool:
     as it was then."""
     if not (isinstance(a, str) and isinstance(b, str)):  # None (not recorded) or anything else: as it is
         return a == b
-    return a == b or weights_key(a) == weights_key(b) or released_label(a) == b or released_label(b) == a
+    return a == b or weights_key(a) == weights_key(b) or b in recorded_before(a) or a in recorded_before(b)

@@ -145,8 +145,8 @@ def test_weights_id_names_the_release_only_for_its_own_hub_snapshot(tmp_path):
     mine = tmp_path / "runs" / "snapshots" / "my-finetune"
     for folder in (own, other, mine):
         m.save_pretrained(folder)
-    assert build_tokenizer("sdxl-vae", weights=str(own)).weights_id == f"stabilityai/sdxl-vae@{rev[:12]}"
     fp = fingerprint_path(other)
+    assert build_tokenizer("sdxl-vae", weights=str(own)).weights_id == f"stabilityai/sdxl-vae@{rev[:12]}@{fp}"
     assert build_tokenizer("sdxl-vae", weights=str(other)).weights_id == f"local:madebyollin/sdxl-vae-fp16-fix@{fp}"
     assert build_tokenizer("sdxl-vae", weights=str(mine)).weights_id == f"local:my-finetune@{fp}"
     # `hf download` leaves snapshot files as symlinks into blobs/: the file's snapshot is still found
@@ -586,8 +586,15 @@ def test_va_vae_missing_files_are_named_together_and_following_the_message_loads
     assert tok.encode(torch.rand(1, 3, 32, 32)).shape == (1, 32, 2, 2)
     from raebench.metrics.extractors import fingerprint_path
 
-    release = f"hustvl/vavae-imagenet256-f16d32-dinov2@{'b' * 12}:vavae-imagenet256-f16d32-dinov2.pt"
+    release = (f"hustvl/vavae-imagenet256-f16d32-dinov2@{'b' * 12}:vavae-imagenet256-f16d32-dinov2.pt"
+               f"@{fingerprint_path(snap / 'vavae-imagenet256-f16d32-dinov2.pt')}")
     assert tok.weights_id == f"{release}+stats:{fingerprint_path(snap / 'latents_stats.pt')}"
+    from raebench.weights import same_weights  # as recorded before the checkpoint's own fingerprint was in it
+
+    before = f"hustvl/vavae-imagenet256-f16d32-dinov2@{'b' * 12}:vavae-imagenet256-f16d32-dinov2.pt"
+    assert same_weights(before, tok.weights_id)
+    assert same_weights(f"{before}+stats:{fingerprint_path(snap / 'latents_stats.pt')}", tok.weights_id)
+    assert not same_weights(f"{before}+stats:000000000000", tok.weights_id)
     # the released checkpoint with one's own statistics, kept in a folder that happens to be called 'snapshots'
     # (they were left out of the identity: the released id then named other latents)
     mine = tmp_path / "runs" / "snapshots" / "stats.pt"
