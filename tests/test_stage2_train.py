@@ -514,3 +514,33 @@ def test_cache_latents_error_save_lists_only_the_skips_of_cached_batches(tmp_pat
     out = cache_latents(_MeanPool(), str(image_folder), tmp_path / "c", resolution=32, batch_size=2)
     meta = json.loads((out / "meta.json").read_text())
     assert [s["index"] for s in meta["skipped"]] == [2]
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_positions_and_time_frequencies_train_as_in_the_official_trainer(tmp_path, freeze):
+    """The official src/train.py calls model.requires_grad_(True), which unfreezes the sin-cos positions
+    and the time embedding's Fourier frequencies W (its ``with torch.no_grad(): W = self.W`` does not
+    detach), so AdamW and the EMA update them; --freeze-embeddings keeps both fixed."""
+    toy_cache(tmp_path / "cache", n=64)
+    # adaLN-Zero: no gradient reaches them before the third step
+    cfg = tiny_cfg(tmp_path, global_batch=32, max_steps=3, shift_base=16, freeze_embeddings=freeze)
+    torch.manual_seed(cfg.seed)
+    init = build_for_training(cfg, (4, 2, 2)).state_dict()
+    train(cfg)
+    ck = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    for which in ("model", "ema"):
+        for name in ("pos_embed", "t_embedder.W"):
+            assert torch.equal(ck[which][name], init[name]) is freeze, (which, name)
+    n_params = len(list(build_for_training(cfg, (4, 2, 2)).parameters()))
+    assert len(ck["opt"]["state"]) == n_params - 2 * freeze  # every parameter is optimised unless frozen
+
+
+def test_a_run_from_before_freeze_embeddings_resumes_with_frozen_embeddings_only():
+    """Runs written before the setting kept the positions and time frequencies fixed: resuming one with
+    the new default would change its trajectory, so it is refused; --freeze-embeddings resumes it."""
+    from raebench.stage2.train import _jsonable, compare_configs
+
+    old = _jsonable(preset("tiny"))
+    del old["freeze_embeddings"]
+    assert compare_configs(old, preset("tiny")) == ["freeze_embeddings: True -> False"]
+    assert compare_configs(old, preset("tiny", freeze_embeddings=True)) == []

@@ -4,7 +4,8 @@ Recipe (fixed; every number is in :attr:`ProbeConfig.version`, so rows from diff
 mix). The stage-2 trainer (:func:`raebench.stage2.train.train`) trains a preset (default
 ``ditdh-s``, patch size 1) on the latents of ``probe_images`` images, unconditionally (one class;
 label dropout 0.1 as the recipe, the null class is never sampled): AdamW lr 2e-4 held constant,
-betas (0.9, 0.95), no weight decay, gradient clipping 1.0, EMA 0.999, logit-normal(0, 1) times
+betas (0.9, 0.95), no weight decay, gradient clipping 1.0, EMA 0.999, the sin-cos positions and
+time frequencies kept fixed (the stage-2 recipe trains them), logit-normal(0, 1) times
 shifted by ``s = max(1, sqrt(C·H·W / 4096))`` (t = 0 is data, t = 1 noise), batch ``batch_size``, for
 ``steps`` optimizer steps, fp32, seeded. Its run folder lives under
 ``<results>/analysis/probes/<key>`` (the key covers tokenizer, data, resolution and the recipe), so
@@ -129,6 +130,7 @@ def train_and_sample(latents: torch.Tensor, cfg: ProbeConfig, work_dir: str | Pa
         final_lr=cfg.lr, constant_epochs=epochs, decay_end_epoch=epochs, ema_decay=cfg.ema_decay, precision="fp32",
         shift_base=min(SHIFT_BASE, c * h * h),  # s = max(1, sqrt(C·H·W / 4096)): the transport needs s >= 1
         seed=cfg.seed, log_every=max(1, cfg.steps // 10), ckpt_every=max(1, cfg.steps // 4), max_steps=cfg.steps,
+        freeze_embeddings=True,  # the probe's fixed recipe (its version): positions and time frequencies fixed
         # latents in memory: loader workers would only copy them
         **({"num_workers": 0} if "num_workers" in TrainConfig.__dataclass_fields__ else {}),
     )

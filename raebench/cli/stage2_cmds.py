@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between rows of log.csv."),
         device: str = typer.Option("auto", "--device", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
         compile_model: bool = typer.Option(False, "--compile", help="torch.compile the DiT (first steps slower)."),
+        freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="Keep the sin-cos positions and the time embedding's frequencies fixed (the official trainer trains them; runs from before this option resume only with it)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
     ) -> None:
         """Train DiT-DH on RAE latents (official recipe presets; resumable; torchrun for DDP)."""
@@ -84,7 +85,8 @@ def register(app: typer.Typer) -> None:
                          weights=weights, decoder=decoder, stats=stats,
                          resolution=resolution, num_classes=num_classes, global_batch=batch_size, grad_accum=grad_accum,
                          epochs=epochs, max_steps=max_steps, lr=lr, precision=precision, seed=seed,
-                         ckpt_every=ckpt_every, keep_every=keep_every, log_every=log_every, compile=compile_model or None)
+                         ckpt_every=ckpt_every, keep_every=keep_every, log_every=log_every, compile=compile_model or None,
+                         freeze_embeddings=freeze_embeddings or None)
         cfg = make_preset(preset, **{k: v for k, v in overrides.items() if v is not None})
         if dry_run:
             console.print_json(json.dumps(dataclasses.asdict(cfg)))

@@ -315,7 +315,9 @@ class GaussianFourierEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * size, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        f = t[:, None] * self.W[None, :].detach() * 2 * math.pi  # (N, 256)
+        # W gets a gradient only where it requires one: the official trainer's model.requires_grad_(True)
+        # trains it (its `with torch.no_grad(): W = self.W` does not detach)
+        f = t[:, None] * self.W[None, :] * 2 * math.pi  # (N, 256)
         return self.mlp(torch.cat([torch.sin(f), torch.cos(f)], dim=-1))  # (N, D)
 
 

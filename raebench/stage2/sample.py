@@ -296,7 +296,7 @@ def load_trained(checkpoint: str | os.PathLike, key: str = "ema") -> tuple[nn.Mo
 
     from raebench.checkpoint import load_state
     from raebench.stage2.checkpoints import load_stage2_state
-    from raebench.stage2.train import TrainConfig, build_for_training
+    from raebench.stage2.train import LEGACY_VALUES, TrainConfig, build_for_training
     from raebench.stage2.transport import shift_from_dims
 
     checkpoint = stage2_checkpoint(checkpoint)
@@ -307,7 +307,7 @@ def load_trained(checkpoint: str | os.PathLike, key: str = "ema") -> tuple[nn.Mo
     if unknown:
         raise CheckpointError(f"The config in {str(checkpoint)!r} has settings this raebench does not know "
                               f"({', '.join(unknown)}); it was written by another version.")
-    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ck["config"].items()}
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in {**LEGACY_VALUES, **ck["config"]}.items()}
     cfg = TrainConfig(**fields)
     shape = tuple(ck["latent_shape"])
     model = load_stage2_state(build_for_training(cfg, shape), ck[key]).eval()

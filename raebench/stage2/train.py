@@ -3,6 +3,8 @@
 One frozen :class:`TrainConfig` per run; presets follow the official RAE recipe (AdamW 2e-4, betas
 (0.9, 0.95), no weight decay, constant LR for 40 epochs then linear to 2e-5 at epoch 800, global
 batch 1024, gradient clipping 1.0, EMA 0.9995, logit-normal(0, 1) times with the dimension shift,
+every parameter trained, the sin-cos positions and the time embedding's Fourier frequencies included
+(the official trainer's ``model.requires_grad_(True)``; ``freeze_embeddings`` keeps them fixed),
 fp32 as the official README recommends; ``--precision bf16`` for bf16 autocast).
 
 Latents come from a latent cache written once by :func:`cache_latents` (``raebench cache-latents``;
@@ -105,6 +107,9 @@ class TrainConfig:
     keep_every: int = 0  # also keep checkpoints/step-NNNNNNN.pt every N steps (0: only last.pt), e.g. for FID vs step
     max_steps: int | None = None  # stop early (the schedule still follows `epochs`)
     compile: bool = False  # torch.compile the model (as the official --compile); an execution setting
+    # keep the sin-cos positions and the time embedding's Fourier frequencies fixed; the official trainer's
+    # model.requires_grad_(True) unfreezes both, so the recipe trains them (AdamW and EMA)
+    freeze_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
@@ -127,6 +132,10 @@ class TrainConfig:
 
 #: Settings that may change between a run and its resumption (they do not change the trajectory).
 RUN_ONLY_FIELDS = frozenset({"out", "num_workers", "log_every", "ckpt_every", "keep_every", "max_steps", "compile"})
+
+#: The value a setting had in runs written before the setting was recorded in their config
+#: (runs before ``freeze_embeddings`` kept the positions and time frequencies fixed).
+LEGACY_VALUES: dict[str, Any] = {"freeze_embeddings": True}
 
 #: the official recipe for each DiT-DH size, LightningDiT of the same sizes for comparison, and a
 #: tiny preset for tests and smoke runs
@@ -384,6 +393,7 @@ def compare_configs(saved: dict, cfg: TrainConfig, data_recorded: bool = False, 
     the tokenizer's local files."""
     skip = (RUN_ONLY_FIELDS | ({"latents", "data"} if data_recorded else set())
             | ({"weights", "decoder", "stats"} if weights_recorded else set()))
+    saved = {**LEGACY_VALUES, **saved}  # a setting added later has its old behaviour in older runs
     return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in _jsonable(cfg).items() if k not in skip and saved.get(k) != v]
 
 
@@ -459,6 +469,8 @@ def _train(cfg: TrainConfig, device: str | torch.device = "cpu", source=None) ->
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_for_training(cfg, source.latent_shape).to(device)
+    if not cfg.freeze_embeddings:  # as the official trainer: every parameter trains, the fixed tables included
+        model.requires_grad_(True)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, spe, cfg))
