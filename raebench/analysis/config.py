@@ -76,8 +76,9 @@ def metric_versions(cfg: AnalyzeConfig) -> dict[str, str]:
         # for feature scales spanning ~6 decades; beyond, a warning says it stopped at its iteration cap)
         "probe": f"probe-{cfg.probe_method}-{bn}-l2{al.PROBE_L2:g}-meanpool-strat50-seed{cfg.seed}-v2",
         "knn": f"knn-cos-k{cfg.knn_k}-t{al.KNN_TEMPERATURE:g}-meanpool-strat50-seed{cfg.seed}-v1",
-        "mknn": f"mknn-k{cfg.mutual_k}-l2norm-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
-        "cknna": f"cknna-k{cfg.mutual_k}-hsicu-l2norm-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
+        # v2: neighbours with equal cosines (duplicate images) go to the lower index in both feature sets
+        "mknn": f"mknn-k{cfg.mutual_k}-l2norm-meanpool-max{cfg.align_images}-seed{cfg.seed}-v2",
+        "cknna": f"cknna-k{cfg.mutual_k}-hsicu-l2norm-meanpool-max{cfg.align_images}-seed{cfg.seed}-v2",
         "cka": f"cka-linear-{'debiased' if cfg.cka_debiased else 'biased'}-meanpool-max{cfg.align_images}-seed{cfg.seed}-v1",
         # v2: all-zero tokens count as near zero and stay out of the Hoyer mean (v1: dense, sparsity 0)
         "spectrum": f"latent-spectrum-tokens-f64-nz{NEAR_ZERO_REL:g}tokenrms-v2",

@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         knn_k: int = typer.Option(20, "--knn-k", help="Neighbours of the kNN classifier."),
         mutual_k: int = typer.Option(10, "--mutual-k", help="Neighbours of mutual-kNN and CKNNA."),
         cka_debiased: bool = typer.Option(False, "--cka-debiased", help="Debiased linear CKA (unbiased HSIC; N x N)."),
-        align_images: int = typer.Option(1024, "--align-images", help="Alignment metrics use a seeded subset of at most this many images."),
+        align_images: int = typer.Option(1024, "--align-images", help="Alignment metrics use a seeded subset of at most this many images (CKNNA and debiased CKA hold N x N float64 matrices: ~2 GB at 10000)."),
         sigmas: str = typer.Option("0.1,0.25,0.5,1", "--sigmas", help="Latent noise levels in (0, 100], relative to the latent's per-element std; each once."),
         n_diag: int = typer.Option(16, "--n-diag", help="Images used by the decoder diagnostics (0: none)."),
         interp_pairs: int = typer.Option(4, "--interp-pairs", help="Image pairs interpolated (0: none)."),
