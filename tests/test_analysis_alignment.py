@@ -447,6 +447,20 @@ def test_defaults_are_the_published_recipes():
     assert brute_mutual_knn(a, b, 10) != pytest.approx(brute_mutual_knn(a, b, 5), abs=1e-3)
 
 
+def test_knn_default_temperature_is_pinned_by_a_vote():
+    """One class-1 neighbour at cosine 1 against two class-0 neighbours at cosine 1 - gap: class 1 wins
+    iff exp(1/T) > 2 exp((1 - gap)/T), i.e. T < gap / ln 2. Gaps 0.049 and 0.048 put the switch at
+    T = 0.0707 and 0.0692, so only a default temperature in between (DINO's 0.07) gives these votes
+    (the recipe test above told 0.07 from 0.7, not from 0.1)."""
+    for gap, winner in ((0.049, 1), (0.048, 0)):
+        angle = math.acos(1 - gap)
+        train = torch.tensor([[1.0, 0.0], [math.cos(angle), math.sin(angle)], [math.cos(angle), -math.sin(angle)]],
+                             dtype=torch.float64)
+        test = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+        ytr = torch.tensor([1, 0, 0])
+        assert al.knn_accuracy(train, ytr, test, torch.tensor([winner])) == 1.0, gap
+
+
 def test_probes_refuse_mismatched_labels_and_give_nan_for_non_finite_features():
     """A NaN test feature gave kNN accuracy and the linear probe an arbitrary vote (a confident 1.0 and
     0.5 in an audit); a label vector of another length an IndexError from inside the vote."""
