@@ -205,6 +205,28 @@ def test_diffusability_probe_trains_with_the_stage2_trainer_and_resumes(make_ima
         diffusability_probe(tok, torch.zeros(8, 3, 80, 80), cfg, tmp_path / "big")
 
 
+def test_diffusability_probe_time_shift_is_rae_s(monkeypatch, tmp_path):
+    """The probe trains with RAE's time shift s = sqrt(C·H·W / 4096) (its configs: base 4096), and
+    s = 1 for latents under 4096 dimensions (the transport needs s >= 1)."""
+    import raebench.stage2.train as st
+    from raebench.analysis.diffusability import ProbeConfig, train_and_sample
+    from raebench.stage2.transport import shift_from_dims
+
+    seen = []
+
+    def fake_train(cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(st, "train", fake_train)
+    cfg = ProbeConfig(preset="ditdh-tiny", steps=1, batch_size=2)
+    for shape, shift in (((2, 16, 32, 32), 2.0), ((2, 3, 8, 8), 1.0)):  # 16·32·32 = 4·4096; 3·8·8 = 192
+        with pytest.raises(RuntimeError, match="stop"):
+            train_and_sample(torch.zeros(shape), cfg, tmp_path)
+        c, h = shape[1], shape[2]
+        assert shift_from_dims(c * h * h, seen[-1].shift_base) == pytest.approx(shift)
+
+
 def test_kept_latents_do_not_hold_their_batch(make_images):
     """The probe and diagnostic latents kept from a batch are their own tensors: a view would keep the
     whole batch's latents alive (on a GPU, ~16x the memory at batch 16)."""
