@@ -113,6 +113,8 @@ def test_analyze_end_to_end(image_folder: Path, tmp_path: Path, tiny_vit_weights
     assert vit["metric_version"].endswith(f"ref:test-tiny-vit-v1@weights:{_file_fingerprint(tiny_vit_weights)}")
     assert vit["extra"]["reference_weights"] == _file_fingerprint(tiny_vit_weights)
     assert "probe-linear-top1" in out and "bicubic-f8" in out
+    # the printed table says what its alignment values were computed on (its title's n is every image)
+    assert "alignment on 6 images" in out and "k = 3 on L2-normalised" in out and "DINOv2 ViT-L/14" in out
 
     # figures: every kind is written, and each is a real PNG of a sensible size
     out_dirs = list((res / "analysis").iterdir())

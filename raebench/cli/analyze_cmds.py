@@ -56,6 +56,29 @@ def _parse_sigmas(text: str) -> tuple[float, ...]:
     return sig
 
 
+def _provenance(cfg, shown: dict) -> list[str]:
+    """What the table's probe and alignment values were computed on (its title's n counts every
+    readable image; the alignment rows use a seeded subset): settings and reference encoders, as the
+    rows' metric versions record them."""
+    from raebench.analysis.references import REFERENCES
+
+    rows = [r for rs in shown.values() for r in rs]
+    lines = []
+    probe = [r for r in rows if r.metric.startswith("probe-")]
+    if probe:
+        lines.append(f"probe: token-mean pooled latents, seeded per-class 50/50 split; linear {cfg.probe_method} "
+                     f"({'with' if cfg.probe_batchnorm else 'without'} batchnorm), kNN k = {cfg.knn_k}")
+    align = [r for r in rows if r.metric.startswith("align-")]
+    if align:
+        ns = "/".join(str(n) for n in sorted({int(r.n_images) for r in align}))
+        refs = list(dict.fromkeys(r.extra.get("reference") for r in align if isinstance(r.extra, dict)))
+        described = "; ".join(f"{n}: {REFERENCES.get(n).description}" for n in refs if n in REFERENCES)
+        lines.append(f"alignment on {ns} images (seeded subset, --align-images {cfg.align_images}): token-mean pooled "
+                     f"latents; mutual-kNN and CKNNA k = {cfg.mutual_k} on L2-normalised features; linear CKA "
+                     f"{'debiased' if cfg.cka_debiased else 'biased'}" + (f"; {described}" if described else ""))
+    return lines
+
+
 def register(app: typer.Typer) -> None:
     @app.command("analyze")
     def analyze_cmd(
@@ -166,6 +189,8 @@ def register(app: typer.Typer) -> None:
                 hib = row.higher_is_better if row is not None and isinstance(row.higher_is_better, bool) else hib
             t.add_row(m, *cells, {True: "↑", False: "↓"}.get(hib, ""))
         console.print(t)
+        for line in _provenance(cfg, shown):
+            console.print(line, highlight=False, soft_wrap=True)
         for rep in out.reports:
             for note in rep.notes:
                 err_console.print(f"[yellow]{rep.name}:[/] {note}", highlight=False)
