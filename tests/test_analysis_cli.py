@@ -115,6 +115,8 @@ def test_analyze_end_to_end(image_folder: Path, tmp_path: Path, tiny_vit_weights
     assert "probe-linear-top1" in out and "bicubic-f8" in out
     # the printed table says what its alignment values were computed on (its title's n is every image)
     assert "alignment on 6 images" in out and "k = 3 on L2-normalised" in out and "DINOv2 ViT-L/14" in out
+    # 6 images with k = 3: unrelated features already share 3/5 of their neighbours, and the rows say so
+    assert "unrelated features score k / (N - 1) = 0.6" in per_tok.loc["align-mutual-knn-random-proj", "notes"]
 
     # figures: every kind is written, and each is a real PNG of a sensible size
     out_dirs = list((res / "analysis").iterdir())

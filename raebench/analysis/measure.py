@@ -32,6 +32,9 @@ from raebench.data import Skip
 from raebench.results import ResultRow
 
 
+MUTUAL_CHANCE_NOTE = 0.05  # a mutual-kNN chance level k / (N - 1) above this is said in the rows' notes
+
+
 @dataclass
 class TokenizerReport:
     """Everything measured for one tokenizer (what rows and plots are made from)."""
@@ -117,6 +120,10 @@ def measure(cfg: AnalyzeConfig, acc: Accumulator, todo: set[str], y, n_classes, 
                 rep.notes.append(f"alignment with {name} is NaN: {what} {why}")
             elif why := al.feature_issue(x, directions=True):
                 rep.notes.append(f"alignment with {name}: mutual-kNN and CKNNA are NaN: {what} {why}")
+    chance = cfg.mutual_k / (rep.n_align - 1) if rep.n_align > 1 else math.nan
+    if rep.alignment and chance > MUTUAL_CHANCE_NOTE:  # at N = k + 1 every feature set scores 1
+        rep.notes.append(f"mutual-kNN on {rep.n_align} images with k = {cfg.mutual_k}: unrelated features score "
+                         f"k / (N - 1) = {chance:.3g} in expectation (raise --align-images or lower --mutual-k)")
 
     # --- decoder diagnostics on the kept subset ----------------------------------------------------
     diag = acc.diag.payloads()
