@@ -15,9 +15,9 @@ quantity below is a function of those sums:
   a constant-magnitude vector, 1 for a one-hot one; scale invariant; needs C ≥ 2);
 * ``latent_std``: the root of the mean per-channel variance (the "per-element std" that the
   robustness σ grid is relative to);
-* near-zero fraction: elements with ``|x_c| < 0.05 · rms(x)``, relative to the RMS of their own
+* near-zero fraction: elements with ``|x_c| ≤ 0.05 · rms(x)``, relative to the RMS of their own
   token (scale invariant, and unlike a dataset-wide threshold known within one pass); large when a
-  few channels carry each token;
+  few channels carry each token (every element of an all-zero token counts);
 * token L2 norms (mean and std over tokens).
 
 Numerics: sums are taken of ``x − shift`` where ``shift`` is the first batch's channel mean, which
