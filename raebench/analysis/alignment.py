@@ -290,8 +290,8 @@ def knn_accuracy(
 ROW_CHUNK_ELEMENTS = 1 << 22  # rows of an (N, N) similarity handled at once: ~4M entries of temporaries
 
 
-def _row_chunks(n: int) -> range:
-    return range(0, n, max(1, ROW_CHUNK_ELEMENTS // max(n, 1)))
+def _rows_per_chunk(n: int) -> int:
+    return max(1, ROW_CHUNK_ELEMENTS // max(n, 1))
 
 
 def neighbour_mask(sim: torch.Tensor, k: int) -> torch.Tensor:
@@ -311,7 +311,7 @@ def knn_mask(feats: torch.Tensor, k: int) -> torch.Tensor:
     excluded, ties to the lower index (:func:`neighbour_mask`); computed in row chunks, so besides the
     mask only O(chunk · N) memory is used."""
     n = feats.shape[0]
-    step = _row_chunks(n).step
+    step = _rows_per_chunk(n)
     out = torch.empty(n, n, dtype=torch.bool, device=feats.device)
     for s in range(0, n, step):
         sim = feats[s : s + step] @ feats.T  # (B, N)
@@ -339,7 +339,7 @@ def mutual_knn(a: torch.Tensor, b: torch.Tensor, k: int = MUTUAL_K) -> float:
         return math.nan
     ua, ub = unit_rows(a), unit_rows(b.to(a.device))
     n = a.shape[0]
-    step = _row_chunks(n).step
+    step = _rows_per_chunk(n)
     overlap = 0
     for s in range(0, n, step):
         rows = torch.arange(min(step, n - s), device=ua.device)
@@ -356,7 +356,7 @@ def _hsic_zero_diagonal(kt: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
     m = kt.shape[0]
     if m < 4:
         raise ValueError(f"the unbiased HSIC needs at least 4 samples, got {m}")
-    step = _row_chunks(m).step
+    step = _rows_per_chunk(m)
     trace = sum((kt[s : s + step] * lt[:, s : s + step].T).sum() for s in range(0, m, step))  # tr(K̃ L̃)
     value = trace + kt.sum() * lt.sum() / ((m - 1) * (m - 2)) - 2.0 * (kt.sum(0) @ lt.sum(1)) / (m - 2)
     return value / (m * (m - 3))
