@@ -39,9 +39,9 @@ Definitions (stated once, here):
   slightly negative for unrelated features. Each feature set is first divided by its largest
   centred magnitude (CKA is scale invariant), so features of any scale give the same value.
 * **Memory and time** (float64 on the CPU; measured with 2 cores, D = 768 and 1024): mutual kNN
-  works in row chunks (no N×N matrix: 0.4 GB, 18 s at N = 10k); CKNNA holds two float64 and two bool
-  N×N matrices (18·N² bytes: 2.1 GB, 15 s at N = 10k); debiased CKA two float64 N×N kernels
-  (1.7 GB, 18 s); biased CKA only D×D matrices (0.2 GB, 2 s). Time grows as N², memory as N²
+  works in row chunks (no N×N matrix: 0.4 GB, ~20 s at N = 10k); CKNNA holds two float64 and two bool
+  N×N matrices (18·N² bytes: 2.1 GB, 15–30 s at N = 10k); debiased CKA two float64 N×N kernels
+  (1.7 GB, ~20 s); biased CKA only D×D matrices (0.2 GB, 2 s). Time grows as N², memory as N²
   (CKNNA, debiased CKA): N = 50k would need ~45 GB. ``raebench analyze`` scores a seeded subset of
   ``--align-images`` (default 1024: under a second each) images.
 * **Undefined values** (:func:`feature_issue`): a feature set with a NaN/Inf entry, fewer than two
