@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as td
 
+from raebench.errors import mark_ranks as _mark
+
 
 def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -139,26 +141,13 @@ def from_rank0(obj):
 def refuse(message: str | None, cls: type | None = None) -> None:
     """Raise ``cls(message)`` (default :class:`~raebench.errors.RaebenchError`) on every rank when rank 0's
     ``message`` is not None; otherwise return. For refusals every rank would reach alike (a resume with other
-    settings): rank 0 decides, so no rank goes on while another stops, and the error is marked
-    :func:`~raebench.errors.on_every_rank`, so the CLI prints it once (rank 0) and every rank exits with
-    its status."""
-    from raebench.errors import RaebenchError, on_every_rank
+    settings): rank 0 decides, so no rank goes on while another stops; the CLI prints the sentence once
+    (rank 0) and every rank exits with status 2."""
+    from raebench.errors import RaebenchError
 
     message = from_rank0(message)
     if message is not None:
-        raise on_every_rank((cls or RaebenchError)(message))
-
-
-def settle() -> None:
-    """A barrier before a rank exits on an error every rank raised alike, so that rank 0 has printed it
-    before any rank exits (torchrun stops the other ranks at the first exit). A failing barrier is
-    ignored: the job is stopping anyway."""
-    if world_size() == 1:
-        return
-    try:
-        td.barrier()
-    except Exception:  # noqa: BLE001 - a rank gone already: nothing to wait for
-        pass
+        raise _mark((cls or RaebenchError)(message), quiet=rank() != 0)
 
 
 def gather_to_rank0(obj) -> list | None:
@@ -181,16 +170,15 @@ def on_rank0(fn):
     at 50k images cost minutes of CPU): the other ranks wait instead of repeating it, and do not
     rebuild the metric networks. Rank 0 raises what ``fn`` raised; the others get the same
     :class:`~raebench.errors.RaebenchError` class and sentence (a plain RaebenchError where the
-    class cannot be rebuilt from its message), marked as raised by every rank (so that the CLI prints
-    it once, on rank 0), or a RuntimeError naming any other exception. The
-    result is pickled inside the guard, so an unpicklable one is such an exception too: no rank
-    waits out the collective timeout.
+    class cannot be rebuilt from its message; the CLI prints it on rank 0 only), or a RuntimeError
+    naming any other exception. The result is pickled inside the guard, so an unpicklable one is
+    such an exception too: no rank waits out the collective timeout.
     """
     if world_size() == 1:
         return fn()
     import pickle
 
-    from raebench.errors import RaebenchError, on_every_rank
+    from raebench.errors import RaebenchError
 
     box: list = [None]
     if rank() == 0:
@@ -200,19 +188,58 @@ def on_rank0(fn):
             box[0] = ("ok", result)
         except BaseException as e:
             user = isinstance(e, RaebenchError)
-            if user:
-                on_every_rank(e)
             td.broadcast_object_list([("user" if user else "fail",
                                        (type(e).__module__, type(e).__qualname__, str(e)) if user
                                        else f"{type(e).__name__}: {e}")], src=0)
+            if user:  # printed here; the other ranks raise it quietly and wait for this one to print it
+                _mark(e, quiet=False)
             raise
     td.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "ok":
         return value
     if kind == "user":
-        raise on_every_rank(_rebuild_error(*value))
+        raise _mark(_rebuild_error(*value), quiet=True)
     raise RuntimeError(f"rank 0 failed: {value}")
+
+
+def on_every_rank(fn):
+    """``fn()`` on every rank, then one exchange of the outcomes, so that a user error stops every
+    rank together and its sentence is printed once.
+
+    For set-up that every rank repeats alike and that holds no collective (arguments, checkpoints,
+    tokenizers): a rank that raised a :class:`~raebench.errors.RaebenchError` raises it, printed by
+    the lowest rank with that sentence (another sentence, e.g. of a file missing on one node only, is
+    printed too); a rank that did not raise gets the lowest failing rank's error, quiet. Any other
+    exception is re-raised on its rank (with its traceback) and the other ranks stop quietly. One
+    process: just ``fn()``.
+    """
+    if world_size() == 1:
+        return fn()
+    from raebench.errors import RaebenchError, first_line
+
+    result, err, mine = None, None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 - every rank must learn of it before any rank exits
+        err = e
+        mine = (("user", type(e).__module__, type(e).__qualname__, str(e)) if isinstance(e, RaebenchError)
+                else ("fail", f"{type(e).__name__}: {first_line(e)}"))
+    outcomes: list = [None] * world_size()
+    td.all_gather_object(outcomes, mine)
+    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+    if not failed:
+        return result
+    every_rank = all(o[0] == "user" for _, o in failed)  # else a rank exits with its traceback, not waiting
+    if err is not None and mine[0] != "user":
+        raise _mark(err, quiet=False, every_rank=False)
+    if err is not None:
+        quiet = next(r for r, o in failed if o == mine) != rank()
+    else:
+        r, o = failed[0]
+        err = _rebuild_error(*o[1:]) if o[0] == "user" else RaebenchError(f"rank {r} stopped: {o[1]}.")
+        quiet = True
+    raise _mark(err, quiet, every_rank)
 
 
 def _rebuild_error(module: str, qualname: str, message: str) -> Exception:

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 
 class RaebenchError(Exception):
-    """An error whose message is meant for the user, not a traceback.
-
-    ``every_rank``: every rank of a torchrun job raises this error alike (a decision made on rank 0 and
-    shared, :func:`raebench.distributed.refuse`); the CLI prints it on rank 0 alone, once, and every rank
-    exits with the same status."""
-
-    every_rank: bool = False
+    """An error whose message is meant for the user, not a traceback."""
 
 
-def on_every_rank(e: RaebenchError) -> RaebenchError:
-    """``e`` marked as raised alike by every rank of the job (see :class:`RaebenchError`)."""
-    e.every_rank = True
+#: attributes the CLI reads on an error (:func:`raebench.cli.main`), set by :func:`mark_ranks`:
+#: ``QUIET``, another rank of the torchrun job prints this sentence, so this one does not print it again;
+#: ``EVERY_RANK``, every rank of the job raises it together (a collective told them), so they wait for one
+#: another before exiting (torchrun would stop the printing rank before it printed) and all exit with status 2
+QUIET, EVERY_RANK = "_raebench_quiet", "_raebench_every_rank"
+
+
+def mark_ranks(e: BaseException, quiet: bool, every_rank: bool = True) -> BaseException:
+    """``e`` marked for the CLI under torchrun (see ``QUIET`` / ``EVERY_RANK``); returned for ``raise``."""
+    try:
+        setattr(e, QUIET, quiet)
+        setattr(e, EVERY_RANK, every_rank)
+    except AttributeError:  # an exception class with __slots__: printed by every rank, as without a mark
+        pass
     return e
 
 

@@ -50,7 +50,7 @@ JOB = textwrap.dedent('''
     import sys
     import torch
     from raebench import distributed
-    from raebench.errors import RaebenchError
+    from raebench.errors import EVERY_RANK, RaebenchError
 
     root, images = sys.argv[1], sys.argv[2]
     distributed.init("cpu")
@@ -60,7 +60,7 @@ JOB = textwrap.dedent('''
         generate_npz(lambda z, y: z, lambda z: torch.sigmoid(z[:, :3]), root + "/s.npz", torch.arange(4) % 2,
                      (3, 2, 2), batch_size=2, seed=1)
     except RaebenchError as e:
-        print(f"sample, rank {rank}: every_rank={getattr(e, 'every_rank', False)}: {e}", flush=True)
+        print(f"sample, rank {rank}: every_rank={getattr(e, EVERY_RANK, False)}: {e}", flush=True)
     import raebench.eval_progress as ep
     from raebench.evaluate import EvalConfig, evaluate
     acquire = ep.WorkState.acquire
@@ -73,13 +73,13 @@ JOB = textwrap.dedent('''
         evaluate(EvalConfig(tokenizer="pixels", data=images, resolution=16, device="cpu", metrics=("psnr",),
                             results_dir=root + "/res"))
     except RaebenchError as e:
-        print(f"eval, rank {rank}: every_rank={getattr(e, 'every_rank', False)}: {e}", flush=True)
+        print(f"eval, rank {rank}: every_rank={getattr(e, EVERY_RANK, False)}: {e}", flush=True)
     from raebench.stage2.latents import cache_latents
     from test_stage2_train import _MeanPool as MeanPool
     try:  # a latent cache of 32-px crops, asked for at 16 px
         cache_latents(MeanPool(), images, root + "/latents", resolution=16, batch_size=2)
     except RaebenchError as e:
-        print(f"cache, rank {rank}: every_rank={getattr(e, 'every_rank', False)}: {e}", flush=True)
+        print(f"cache, rank {rank}: every_rank={getattr(e, EVERY_RANK, False)}: {e}", flush=True)
     from raebench.cli import main  # a stage-2 run resumed with another learning rate
     main(["train", "stage2", "--preset", "tiny", "--latents", root + "/cache", "--out", root + "/run", "--num-classes",
           "4", "--batch-size", "8", "--max-steps", "1", "--lr", "5e-4", "--device", "cpu"])

@@ -205,6 +205,33 @@ except Exception as e:
     assert r == 0 and "pickle" in str(e).lower(), e
 else:
     sys.exit("no pickling error")
+# on_every_rank: set-up every rank runs; a user error stops all of them, printed by one (QUIET on the others)
+from raebench.distributed import on_every_rank
+from raebench.errors import EVERY_RANK, QUIET
+try:
+    distributed.on_rank0(lambda: (_ for _ in ()).throw(RaebenchError("rank 0 says it.")))
+except RaebenchError as e:
+    assert getattr(e, QUIET) == (r == 1) and getattr(e, EVERY_RANK), (r, vars(e))
+assert on_every_rank(lambda: r * 10) == r * 10
+try:  # on one rank only: that rank prints it, the other stops quietly with the same error
+    on_every_rank(lambda: (_ for _ in ()).throw(MissingWeightsError("only on rank 1.")) if r == 1 else r)
+except MissingWeightsError as e:
+    assert str(e) == "only on rank 1." and getattr(e, QUIET) == (r == 0) and getattr(e, EVERY_RANK), (r, e)
+else:
+    sys.exit("no MissingWeightsError")
+try:  # the same sentence on both: printed by rank 0
+    on_every_rank(lambda: (_ for _ in ()).throw(RaebenchError("both.")))
+except RaebenchError as e:
+    assert getattr(e, QUIET) == (r == 1), (r, vars(e))
+try:  # a crash: its traceback on its rank, the other stops quietly without waiting for it
+    on_every_rank(lambda: 1 / 0 if r == 0 else r)
+except ZeroDivisionError:
+    assert r == 0
+except RaebenchError as e:
+    assert r == 1 and getattr(e, QUIET) and not getattr(e, EVERY_RANK), vars(e)
+    assert "rank 0 stopped: ZeroDivisionError" in str(e), e
+else:
+    sys.exit("no error")
 got = distributed.gather_to_rank0({"rank": r})
 assert got == ([{"rank": 0}, {"rank": 1}] if r == 0 else None), (r, got)
 distributed.finish()

@@ -119,3 +119,36 @@ def test_ddp_wrapping_skips_buffer_sync_without_a_deprecation_warning(tmp_path):
     import inspect
     new = "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
     assert out.stdout.strip() == str([("forward_sync_buffers" if new else "broadcast_buffers", False)])
+
+
+def test_torchrun_sample_errors_are_printed_once_and_every_rank_exits_2(tmp_path, image_folder):
+    """A user error of `raebench sample` under torchrun (a missing checkpoint, met by every rank in its
+    set-up; an output another job holds, met by rank 0 alone) was printed by every rank, or by rank 0
+    while the other said that another rank stopped (exit 1); now it is printed once and every rank
+    exits with 2. The note on unequal class counts was printed by every rank too."""
+    import os
+    import re
+    from pathlib import Path
+
+    from test_stage2_cli import _pixels_run
+
+    from raebench.locks import OutputLock
+
+    ck = _pixels_run(tmp_path, image_folder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAEBENCH_DIST_TIMEOUT_S": "60",
+           "PYTHONPATH": str(Path(__file__).parents[1])}
+    held = OutputLock(tmp_path / "held.npz", "test job", "wait").acquire()
+    try:
+        for argv, says in ((["-c", str(tmp_path / "nowhere"), "-o", str(tmp_path / "s.npz")], "No stage-2 checkpoint at"),
+                           (["-c", str(ck), "-o", str(tmp_path / "held.npz")], "Another sampling job is writing")):
+            r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                "-m", "raebench", "sample", *argv, "-n", "3", "--steps", "2", "--device", "cpu"],
+                               env=env, capture_output=True, text=True, timeout=120)
+            err = " ".join(r.stderr.split())
+            assert r.returncode != 0 and err.count(says) == 1, r.stderr[-3000:]
+            assert "another rank of this torchrun job stopped" not in err, r.stderr[-3000:]
+            assert sorted(re.findall(r"exitcode\s+: (-?\d+)", r.stderr)) == ["2", "2"], r.stderr[-3000:]
+            if "held" in argv[-1]:  # this one got past the set-up
+                assert r.stdout.count("3 is not a multiple of 2 classes") == 1, r.stdout
+    finally:
+        held.release()

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from raebench.errors import RaebenchError, printable
+from raebench.errors import EVERY_RANK, QUIET, RaebenchError, printable
 from raebench.preempt import Preempted
 
 app = typer.Typer(
@@ -60,13 +60,10 @@ def main(argv: list[str] | None = None) -> None:
         _leave_process_group()
         sys.exit(e.exit_code)
     except RaebenchError as e:
-        from raebench import distributed
-
-        shared = getattr(e, "every_rank", False) and distributed.world_size() > 1
-        if not shared or distributed.rank() == 0:  # an error every rank raised alike: rank 0 says it, once
+        if not getattr(e, QUIET, False):  # under torchrun: printed by one rank, not by each
             err_console.print(f"[bold red]error:[/] {printable(str(e))}", highlight=False, soft_wrap=True)
-        if shared:  # said before any rank exits: torchrun stops the other ranks at the first exit
-            distributed.settle()
+        if getattr(e, EVERY_RANK, False):
+            _exit_together()
         _leave_process_group()
         sys.exit(2)
     except KeyboardInterrupt:
@@ -120,6 +117,22 @@ def _peer_failed(e: BaseException) -> bool:
     text = str(e)
     return isinstance(e, getattr(td, "DistBackendError", ())) or any(
         m in text for m in ("Connection closed by peer", "Connection reset by peer", "remote process exited"))
+
+
+def _exit_together() -> None:
+    """Every rank of the job is leaving with the same error (:mod:`raebench.distributed` marked it):
+    wait for all of them, so that torchrun, which stops the others once one rank exits, neither cuts
+    off the rank that prints the sentence nor turns the other ranks' exit code 2 into a SIGTERM."""
+    import signal
+
+    try:
+        import torch.distributed as td
+
+        if td.is_available() and td.is_initialized():
+            td.barrier()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # exiting anyway, with our own code
+    except Exception:  # noqa: BLE001 - exiting anyway; the error above is what the user needs
+        pass
 
 
 def _leave_process_group() -> None:

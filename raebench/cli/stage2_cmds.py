@@ -133,77 +133,83 @@ def register(app: typer.Typer) -> None:
         from raebench.stage2.sample import class_labels, generate_npz, load_trained, save_grid, stage2_checkpoint
         from raebench.stage2.samplers import has_null_class, sample
 
-        # every argument is checked before a model loads
-        if (checkpoint is None) == (config is None):
-            raise RaebenchError("Give exactly one of --checkpoint (raebench run) or --config (official YAML).")
-        if quantize not in ("round", "truncate"):
-            raise RaebenchError(f"--quantize takes round or truncate, not {quantize!r}.")
-        method_name = _method(method)
-        interval = _interval(cfg_interval)
-        _check_sampling_args(num, batch_size, steps, cfg_scale, num_classes, label_sampling, out, grid)
-        if guide_checkpoint is not None and config is not None:
-            raise RaebenchError("--guide-checkpoint goes with --checkpoint; an official YAML names its own guide.")
-        local = {"--tokenizer": tokenizer, "--weights": weights, "--decoder": decoder, "--stats": stats}
-        if config is not None and any(local.values()):
-            given = ", ".join(f for f, v in local.items() if v)
-            raise RaebenchError(f"{given} go with --checkpoint; an official YAML names its own tokenizer and weights "
-                                "(its stage_1 block).")
-        if guide_checkpoint is not None and (cfg_scale is None or cfg_scale == 1.0):
-            raise RaebenchError("--guide-checkpoint has no effect without --cfg-scale other than 1 (AutoGuidance "
-                                "strength); add e.g. --cfg-scale 1.5.")
-        source = config if config is not None else stage2_checkpoint(checkpoint)
-        guide_path = stage2_checkpoint(guide_checkpoint) if guide_checkpoint is not None else None
         distributed.init(device)
         dev = resolve_device(distributed.local_device(device))
-        settings = {"source": _file_id(source), "method": method_name, "steps": steps, "cfg_scale": cfg_scale,
-                    "cfg_interval": list(interval) if interval else None,
-                    "guide": _file_id(guide_path) if guide_path else None}
-        if config is not None:
-            from raebench.official import from_official_config
 
-            obj = from_official_config(config, device=dev)
-            obj.model.to(dev)
-            tok, shape = obj.tokenizer, tuple(obj.latent_size)
-            model_classes = obj.num_classes or obj.model.num_classes
-            classes = _classes(num_classes, model_classes)
-            settings.update(_official_settings(obj, method_name, steps, cfg_scale, interval))
+        def setup():
+            # every argument is checked before a model loads
+            if (checkpoint is None) == (config is None):
+                raise RaebenchError("Give exactly one of --checkpoint (raebench run) or --config (official YAML).")
+            if quantize not in ("round", "truncate"):
+                raise RaebenchError(f"--quantize takes round or truncate, not {quantize!r}.")
+            method_name = _method(method)
+            interval = _interval(cfg_interval)
+            _check_sampling_args(num, batch_size, steps, cfg_scale, num_classes, label_sampling, out, grid)
+            if guide_checkpoint is not None and config is not None:
+                raise RaebenchError("--guide-checkpoint goes with --checkpoint; an official YAML names its own guide.")
+            local = {"--tokenizer": tokenizer, "--weights": weights, "--decoder": decoder, "--stats": stats}
+            if config is not None and any(local.values()):
+                given = ", ".join(f for f, v in local.items() if v)
+                raise RaebenchError(f"{given} go with --checkpoint; an official YAML names its own tokenizer and weights "
+                                    "(its stage_1 block).")
+            if guide_checkpoint is not None and (cfg_scale is None or cfg_scale == 1.0):
+                raise RaebenchError("--guide-checkpoint has no effect without --cfg-scale other than 1 (AutoGuidance "
+                                    "strength); add e.g. --cfg-scale 1.5.")
+            source = config if config is not None else stage2_checkpoint(checkpoint)
+            guide_path = stage2_checkpoint(guide_checkpoint) if guide_checkpoint is not None else None
+            settings = {"source": _file_id(source), "method": method_name, "steps": steps, "cfg_scale": cfg_scale,
+                        "cfg_interval": list(interval) if interval else None,
+                        "guide": _file_id(guide_path) if guide_path else None}
+            if config is not None:
+                from raebench.official import from_official_config
 
-            def sample_fn(noise, y):
-                return obj.sample(noise, y, num_steps=steps, method=method_name, cfg_scale=cfg_scale, cfg_interval=interval)
-        else:
-            model, info = load_trained(source)
-            run = info["config"]
-            classes = _classes(num_classes, run.num_classes)
-            run_tok = run.tokenizer or _cache_tokenizer(run.latents)
-            guide = None
-            if guide_path is not None:
-                guide, g_info = load_trained(guide_path)
-                _check_guide(info, g_info, run_tok, guide_path)
-            elif cfg_scale is not None and cfg_scale != 1.0 and not has_null_class(model):
-                raise RaebenchError(f"{str(source)!r} was trained without label dropout (class_dropout 0), so it has no "
-                                    "null class and classifier-free guidance is impossible; sample without --cfg-scale.")
-            name = tokenizer or run_tok
-            if name is None:
-                raise RaebenchError("The run does not name its tokenizer; pass --tokenizer NAME to decode samples.")
-            model.to(dev)
-            guide = guide.to(dev) if guide is not None else None
-            own = run_tok is not None and _canonical(name) == _canonical(run_tok)  # another one: at its released size
-            tok = build_tokenizer(name, dev, _encoded_at(info) if own else None, weights, decoder, stats)
-            shape = info["latent_shape"]
-            _check_decoder(tok, name, run_tok, tuple(shape))
-            _check_decoder_weights(tok, run_tok, (info.get("data") or {}).get("tokenizer_weights"))
-            settings.update(tokenizer=name, tokenizer_weights=weights_of(tok),
-                            method=method_name or "euler", steps=steps or 50,
-                            cfg_scale=cfg_scale if cfg_scale is not None else 1.0,
-                            cfg_interval=list(interval or (0.0, 1.0)))
+                obj = from_official_config(config, device=dev)
+                obj.model.to(dev)
+                tok, shape = obj.tokenizer, tuple(obj.latent_size)
+                model_classes = obj.num_classes or obj.model.num_classes
+                classes = _classes(num_classes, model_classes)
+                settings.update(_official_settings(obj, method_name, steps, cfg_scale, interval))
 
-            def sample_fn(noise, y):
-                return sample(model, noise, y, num_steps=steps or 50, method=method_name or "euler", shift=info["shift"],
-                              cfg_scale=cfg_scale if cfg_scale is not None else 1.0,
-                              cfg_interval=interval or (0.0, 1.0), guide=guide)
+                def sample_fn(noise, y):
+                    return obj.sample(noise, y, num_steps=steps, method=method_name, cfg_scale=cfg_scale, cfg_interval=interval)
+            else:
+                model, info = load_trained(source)
+                run = info["config"]
+                classes = _classes(num_classes, run.num_classes)
+                run_tok = run.tokenizer or _cache_tokenizer(run.latents)
+                guide = None
+                if guide_path is not None:
+                    guide, g_info = load_trained(guide_path)
+                    _check_guide(info, g_info, run_tok, guide_path)
+                elif cfg_scale is not None and cfg_scale != 1.0 and not has_null_class(model):
+                    raise RaebenchError(f"{str(source)!r} was trained without label dropout (class_dropout 0), so it has no "
+                                        "null class and classifier-free guidance is impossible; sample without --cfg-scale.")
+                name = tokenizer or run_tok
+                if name is None:
+                    raise RaebenchError("The run does not name its tokenizer; pass --tokenizer NAME to decode samples.")
+                model.to(dev)
+                guide = guide.to(dev) if guide is not None else None
+                own = run_tok is not None and _canonical(name) == _canonical(run_tok)  # another one: at its released size
+                tok = build_tokenizer(name, dev, _encoded_at(info) if own else None, weights, decoder, stats)
+                shape = info["latent_shape"]
+                _check_decoder(tok, name, run_tok, tuple(shape))
+                _check_decoder_weights(tok, run_tok, (info.get("data") or {}).get("tokenizer_weights"))
+                settings.update(tokenizer=name, tokenizer_weights=weights_of(tok),
+                                method=method_name or "euler", steps=steps or 50,
+                                cfg_scale=cfg_scale if cfg_scale is not None else 1.0,
+                                cfg_interval=list(interval or (0.0, 1.0)))
 
+                def sample_fn(noise, y):
+                    return sample(model, noise, y, num_steps=steps or 50, method=method_name or "euler", shift=info["shift"],
+                                  cfg_scale=cfg_scale if cfg_scale is not None else 1.0,
+                                  cfg_interval=interval or (0.0, 1.0), guide=guide)
+
+            return sample_fn, tok, shape, classes, settings
+
+        # every rank checks and loads alike; an error stops all of them together, printed once
+        sample_fn, tok, shape, classes, settings = distributed.on_every_rank(setup)
         labels = class_labels(num, classes, label_sampling, seed)
-        if label_sampling == "equal" and num % classes:
+        if label_sampling == "equal" and num % classes and distributed.is_main():  # once, not per rank
             console.print(f"[yellow]{num} is not a multiple of {classes} classes: counts differ by one[/]")
         if allow_tf32:  # absent otherwise, so parts written before this option still resume
             settings["tf32"] = True

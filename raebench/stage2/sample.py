@@ -68,13 +68,18 @@ def generate_npz(
     or it is refused (parts of two runs are never mixed). ``quantize``: how decoded images become
     uint8, "round" (default) or "truncate" (the official RAE ``sample_ddp.py``; see :func:`raebench.data.to_uint8`).
     """
+    import contextlib
+
+    from raebench.distributed import on_rank0
     from raebench.locks import exclusive
 
     out = Path(out)
     if out.is_dir():
         raise RaebenchError(f"--out {str(out)!r} is a folder; give the .npz file to write.")
-    # one job per output: two would write the same parts and the first to finish would delete them
-    with exclusive(out, "sampling job", "choose another --out"):
+    # one job per output: two would write the same parts and the first to finish would delete them;
+    # rank 0 locks, and its refusal reaches every rank (they would wait for it in a collective)
+    with contextlib.ExitStack() as held:
+        on_rank0(lambda: held.enter_context(exclusive(out, "sampling job", "choose another --out")))
         return _generate(sample_fn, decode, out, labels, latent_shape, batch_size, seed, device, progress, settings,
                          quantize)
 
