@@ -114,7 +114,8 @@ def register(app: typer.Typer) -> None:
         guide_checkpoint: Optional[Path] = typer.Option(None, "--guide-checkpoint", help="AutoGuidance guide model."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: 50, or the YAML's: 50 for ODE, 250 for SDE)."),
         method: Optional[str] = typer.Option(None, "--method", help="euler | heun | adaptive (dopri5) | euler-maruyama (sde) | sde-heun. Default: euler, or the YAML's sampler."),
-        batch_size: int = typer.Option(32, "--batch-size", "-b", help="Samples per batch (per rank)."),
+        batch_size: int = typer.Option(32, "--batch-size", "-b", help="Samples per batch (per rank); with --seed it fixes the noise "
+                                    "draws (another size: other samples; any number of ranks: the same)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the labels and of every noise draw."),
         grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a PNG grid of the first 64 samples."),
         quantize: str = typer.Option("round", "--quantize", help="uint8 conversion: round (x*255+0.5, as DiT) | "

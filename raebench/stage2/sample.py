@@ -4,7 +4,8 @@ Output contract (the ADM evaluation suite's): ``arr_0`` uint8 (N, H, W, 3) image
 (N,) class labels (also stored as ``labels``), plus ``raebench_settings``: the model, tokenizer, sampler,
 guidance, seed and labels as a JSON string, which ``raebench score`` copies into its rows. Work is cut into global batches; batch ``b`` belongs to
 rank ``b % world`` and draws its noise from a generator seeded by (seed, b), so the result does not
-depend on the number of ranks and an interrupted run resumes batch by batch. Each finished batch is a
+depend on the number of ranks (it does on the batch size, which is recorded) and an interrupted run
+resumes batch by batch. Each finished batch is a
 part file written atomically; rank 0 merges the parts into the final npz (also atomically).
 """
 
