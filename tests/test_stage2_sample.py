@@ -294,3 +294,26 @@ def test_save_grid_reads_only_the_samples_it_shows(tmp_path):
     assert peak < imgs.nbytes // 4, peak
     grid = np.asarray(Image.open(tmp_path / "g.png"))
     assert np.array_equal(grid[:32, :32], imgs[0]) and np.array_equal(grid[32:, 32:], imgs[3])
+
+
+def test_sde_step_noise_is_no_batch_starting_noise(tmp_path):
+    """The stochastic samplers' step noise was seeded with batch b's noise seed + 7919, i.e. it was
+    the starting noise of batch b + 7919: in runs of more than 7,919 batches (50k samples at
+    --batch-size 6 or less) two samples shared a noise draw."""
+    from raebench.stage2.sample import _noise_generator
+
+    draws = []
+
+    def sde_like(noise, y):  # the first SDE step draws randn like x from the global CPU RNG
+        draws.append(torch.randn(noise.shape))
+        return noise
+
+    generate_npz(sde_like, lambda z: torch.sigmoid(z[:, :3]), tmp_path / "s.npz", class_labels(2, 2), (3, 2, 2),
+                 batch_size=1, seed=0)
+    starts = torch.stack([torch.randn(1, 3, 2, 2, generator=_noise_generator(0, b)) for b in range(10_000)])
+    for d in draws:
+        assert not (starts == d).flatten(1).all(1).any()
+    again = []
+    generate_npz(lambda z, y: again.append(torch.randn(z.shape)) or z, lambda z: torch.sigmoid(z[:, :3]),
+                 tmp_path / "t.npz", class_labels(2, 2), (3, 2, 2), batch_size=1, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(draws, again))  # still seeded per batch: reruns repeat

@@ -207,10 +207,9 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
             if part.is_file():
                 continue
             y = labels[b * batch_size:(b + 1) * batch_size]
-            g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-            noise = torch.randn(len(y), *latent_shape, generator=g).to(device)  # (B, C, H, W)
+            noise = torch.randn(len(y), *latent_shape, generator=_noise_generator(seed, b)).to(device)  # (B, C, H, W)
             with torch.random.fork_rng(devices=[]):  # stochastic samplers (SDE) draw from the global CPU RNG:
-                torch.manual_seed(seed * 1_000_003 + b + 7_919)  # seeded per batch, so reruns and resumes repeat
+                torch.manual_seed(_step_noise_seed(seed, b))  # seeded per batch, so reruns and resumes repeat
                 img = decode(sample_fn(noise, y.to(device)))  # (B, 3, H, W) float in [0, 1]
             bad = int((~torch.isfinite(img).flatten(1).all(1)).sum())  # counted here, refused at the merge (all ranks)
             save_npz_atomic(part, images=to_uint8(img, quantize).permute(0, 2, 3, 1).cpu().numpy(), labels=y.numpy(),
@@ -224,6 +223,20 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
         dist.barrier()
     on_rank0(lambda: _merge(parts, out, run, n, num_batches))  # rank 0's error (non-finite samples) reaches every rank
     return out
+
+
+def _noise_generator(seed: int, b: int) -> torch.Generator:
+    """The generator of batch ``b``'s starting noise."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + b)
+
+
+def _step_noise_seed(seed: int, b: int) -> int:
+    """The global RNG seed of batch ``b``'s stochastic sampler steps (SDE): hashed from (seed, b), so
+    that it is no batch's starting-noise seed. It was seed * 1_000_003 + b + 7_919, the starting-noise
+    seed of batch b + 7919: that batch started from the noise of batch b's first SDE step (runs of
+    more than 7,919 batches, e.g. 50k samples at --batch-size 6 or less)."""
+    hi, lo = np.random.SeedSequence([seed, b, 7_919]).generate_state(2, np.uint32)
+    return ((int(hi) << 32) | int(lo)) >> 1  # 63 bits
 
 
 def _merge(parts: Path, out: Path, run: dict, n: int, num_batches: int) -> None:
