@@ -369,3 +369,13 @@ def test_stage2_commands_build_the_tokenizer_at_their_resolution(tmp_path, image
     code, _, err = run_main(["cache-latents", "-t", "pixels", "-r", "4", "-o", str(tmp_path / "p"), "--data",
                              str(image_folder), "--device", "cpu"], capsys)
     assert code == 0, err
+
+
+def test_sample_refuses_a_grid_name_pillow_cannot_write_before_sampling(tmp_path, capsys):
+    """--grid without .png was a Pillow traceback ("unknown file extension") after all the sampling."""
+    from _cli import run as run_main
+
+    code, _, err = run_main(["sample", "-c", str(tmp_path / "no-run"), "-n", "2", "-o", str(tmp_path / "s.npz"),
+                             "--grid", str(tmp_path / "grid"), "--device", "cpu"], capsys)
+    msg = " ".join(err.split())
+    assert code == 2 and "--grid" in msg and "must end in .png" in msg and "Traceback" not in err, err

@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(32, "--batch-size", "-b", help="Samples per batch (per rank); with --seed it fixes the noise "
                                     "draws (another size: other samples; any number of ranks: the same)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the labels and of every noise draw."),
-        grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a PNG grid of the first 64 samples."),
+        grid: Optional[Path] = typer.Option(None, "--grid", help="Also write a grid of the first 64 samples to this .png file."),
         quantize: str = typer.Option("round", "--quantize", help="uint8 conversion: round (x*255+0.5, as DiT) | "
                                      "truncate (x*255, as the official RAE sample_ddp.py, which it reproduces byte for byte)."),
         device: str = typer.Option("auto", "--device", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
@@ -293,6 +293,8 @@ def _check_sampling_args(num: int, batch_size: int, steps: Optional[int], cfg_sc
     if grid is not None:
         if grid.is_dir():
             raise RaebenchError(f"--grid {str(grid)!r} is a folder; give the .png file to write.")
+        if grid.suffix.lower() != ".png":  # else Pillow refuses it with a traceback after all the sampling
+            raise RaebenchError(f"--grid {str(grid)!r} must end in .png (e.g. {grid.with_name(grid.name + '.png')}).")
         grid.parent.mkdir(parents=True, exist_ok=True)
 
 
