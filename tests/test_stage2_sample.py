@@ -317,3 +317,22 @@ def test_sde_step_noise_is_no_batch_starting_noise(tmp_path):
     generate_npz(lambda z, y: again.append(torch.randn(z.shape)) or z, lambda z: torch.sigmoid(z[:, :3]),
                  tmp_path / "t.npz", class_labels(2, 2), (3, 2, 2), batch_size=1, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(draws, again))  # still seeded per batch: reruns repeat
+
+
+def test_parts_of_another_count_or_labels_are_refused_naming_the_options(tmp_path):
+    """Parts of an interrupted run resumed with another --num (or label options) were refused as
+    "labels: 'c590673d...' -> '80893dd8...'", a digest that names no option."""
+    from raebench.errors import RaebenchError
+
+    calls = []
+    sample_fn, decode = fake_fns(calls)
+    sample_fn.crash = True
+    with pytest.raises(KeyboardInterrupt):
+        generate_npz(sample_fn, decode, tmp_path / "s.npz", class_labels(8, 2), (4, 2, 2), batch_size=2, seed=1)
+    with pytest.raises(RaebenchError, match=r"other settings \(n: 8 -> 6; labels \(a digest: other --num, "
+                                            r"--num-classes, --label-sampling or --seed\): '"):
+        generate_npz(sample_fn, decode, tmp_path / "s.npz", class_labels(6, 2), (4, 2, 2), batch_size=2, seed=1)
+    with pytest.raises(RaebenchError, match=r"other settings \(labels \(a digest: other --num, --num-classes, "
+                                            r"--label-sampling or --seed\): '[0-9a-f]+' -> '[0-9a-f]+'\)"):
+        generate_npz(sample_fn, decode, tmp_path / "s.npz", class_labels(8, 2, "random"), (4, 2, 2), batch_size=2,
+                     seed=1)

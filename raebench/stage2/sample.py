@@ -111,7 +111,8 @@ def _settings_diff(old: dict, run: dict) -> str:
     same weights)."""
     from raebench.stage2.latents import setting_differs
 
-    return "; ".join(f"{k}: {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run))
+    name = {"labels": "labels (a digest: other --num, --num-classes, --label-sampling or --seed)"}
+    return "; ".join(f"{name.get(k, k)}: {old.get(k)!r} -> {run.get(k)!r}" for k in sorted(set(old) | set(run))
                      if setting_differs(k, old.get(k), run.get(k)))
 
 
@@ -164,6 +165,8 @@ def _prepare_parts(parts: Path, out: Path, run: dict, n: int, labels, seed, batc
                     "resuming on the assumption that they are these", parts)
         old = run
     diff = _settings_diff(old, run)
+    if diff and saved.get("n") not in (None, n):  # the count, as for a finished file
+        diff = f"n: {saved['n']!r} -> {n!r}; {diff}"
     if diff and any(parts.glob("b*.npz")):
         raise RaebenchError(f"{parts} holds samples of a sampling run with other settings ({diff}); re-run with "
                             "those settings to finish it, or delete that folder (or choose another --out) to start afresh.")
