@@ -317,6 +317,8 @@ def test_sde_step_noise_is_no_batch_starting_noise(tmp_path):
     generate_npz(lambda z, y: again.append(torch.randn(z.shape)) or z, lambda z: torch.sigmoid(z[:, :3]),
                  tmp_path / "t.npz", class_labels(2, 2), (3, 2, 2), batch_size=1, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(draws, again))  # still seeded per batch: reruns repeat
+    generate_npz(sde_like, lambda z: torch.sigmoid(z[:, :3]), tmp_path / "u.npz", class_labels(2, 2), (3, 2, 2),
+                 batch_size=2, seed=-3)  # a negative --seed, as torch takes it
 
 
 def test_parts_of_another_count_or_labels_are_refused_naming_the_options(tmp_path):

@@ -238,7 +238,7 @@ def _step_noise_seed(seed: int, b: int) -> int:
     that it is no batch's starting-noise seed. It was seed * 1_000_003 + b + 7_919, the starting-noise
     seed of batch b + 7919: that batch started from the noise of batch b's first SDE step (runs of
     more than 7,919 batches, e.g. 50k samples at --batch-size 6 or less)."""
-    hi, lo = np.random.SeedSequence([seed, b, 7_919]).generate_state(2, np.uint32)
+    hi, lo = np.random.SeedSequence([seed % 2**64, b, 7_919]).generate_state(2, np.uint32)  # --seed may be < 0
     return ((int(hi) << 32) | int(lo)) >> 1  # 63 bits
 
 
