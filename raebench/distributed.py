@@ -163,22 +163,6 @@ def gather_to_rank0(obj) -> list | None:
     return out
 
 
-#: attributes the CLI reads on a RaebenchError (:func:`raebench.cli.main`): ``QUIET``, another rank
-#: prints this sentence, so this one does not print it again; ``EVERY_RANK``, every rank of the job
-#: raises it together (a collective told them), so they wait for one another before exiting (the
-#: printing rank is not stopped by torchrun before it printed) and all exit with the same code
-QUIET, EVERY_RANK = "_raebench_quiet", "_raebench_every_rank"
-
-
-def _mark(e: BaseException, quiet: bool, every_rank: bool = True) -> BaseException:
-    try:
-        setattr(e, QUIET, quiet)
-        setattr(e, EVERY_RANK, every_rank)
-    except AttributeError:  # an exception class with __slots__: printed by every rank as before
-        pass
-    return e
-
-
 def on_rank0(fn):
     """``fn()`` run on rank 0 alone, its result given to every rank (one process: just ``fn()``).
 
