@@ -214,12 +214,11 @@ def _fake_hub_file(cache, repo, files: dict) -> None:
         write(p)
 
 
-def test_eval_end_to_end_from_an_offline_cache(tmp_path, monkeypatch):
-    """`raebench eval --tokenizer rae-dinov2` with HF_HUB_OFFLINE=1 and the repos in the cache (tiny
-    random weights under the real repo names and file paths; the decoder preset is shrunk to match)."""
+def _fake_rae_hub(tmp_path, monkeypatch):
+    """rae-dinov2-b's encoder, decoder and statistics in an offline Hub cache (tiny random weights under
+    the real repo names and file paths; the decoder preset is shrunk to match): (release, cache)."""
     import huggingface_hub.constants as hc
 
-    from raebench.cli import main
     from raebench.rae import decoder as dec
     from raebench.rae.decoder import RAEDecoder, preset_config
     from raebench.tokenizers import rae
@@ -246,6 +245,16 @@ def test_eval_end_to_end_from_an_offline_cache(tmp_path, monkeypatch):
     })
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return r, cache
+
+
+def test_eval_end_to_end_from_an_offline_cache(tmp_path, monkeypatch):
+    """`raebench eval --tokenizer rae-dinov2` with HF_HUB_OFFLINE=1 and the repos in the cache (tiny
+    random weights under the real repo names and file paths; the decoder preset is shrunk to match)."""
+    from raebench.cli import main
+    from raebench.tokenizers import rae
+
+    r, cache = _fake_rae_hub(tmp_path, monkeypatch)
     main(["eval", "--tokenizer", "rae-dinov2", "--limit", "2", "--device", "cpu", "--results", str(tmp_path / "res")])
     rows = [json.loads(line) for f in (tmp_path / "res").rglob("*.jsonl") for line in f.read_text().splitlines()]
     assert {row["metric"] for row in rows} >= {"psnr", "ssim"}
@@ -266,6 +275,26 @@ def test_eval_end_to_end_from_an_offline_cache(tmp_path, monkeypatch):
     (tmp_path / "w" / r.encoder_repo / "README.md").write_text("notes")  # not loaded: not in the identity
     local = rae.build_rae(rae.RELEASES["rae-dinov2-b"], weights=tmp_path / "w").weights_id
     assert local.startswith("local:") and local != wid and same_weights(local, wid)
+
+
+def test_the_released_decoder_with_other_statistics_or_encoder_is_not_the_released_weights(tmp_path, monkeypatch):
+    """Rows recorded before identities carried content name the released RAE by its Hub label alone,
+    which then meant the released encoder and statistics too: a Hub decoder with a --stats or --encoder
+    of other content is neither those rows' weights nor released weights (no card numbers beside it)."""
+    from raebench.tokenizers import rae
+    from raebench.weights import released_label, same_weights
+
+    r, cache = _fake_rae_hub(tmp_path, monkeypatch)
+    released = rae.build_rae(rae.RELEASES["rae-dinov2-b"]).weights_id
+    assert same_weights(f"{rae.RAE_REPO}:{r.decoder_file}", released)
+    torch.save({"mean": torch.ones(32, 16, 16), "var": torch.ones(32, 16, 16)}, tmp_path / "other.pt")
+    own_stats = rae.build_rae(rae.RELEASES["rae-dinov2-b"], stats=tmp_path / "other.pt").weights_id
+    assert own_stats.startswith("local:") and released_label(own_stats) is None
+    assert not same_weights(f"{rae.RAE_REPO}:{r.decoder_file}", own_stats) and not same_weights(released, own_stats)
+    enc_dir = next((cache / f"models--{r.encoder_repo.replace('/', '--')}" / "snapshots").iterdir())
+    copy = rae.build_rae(rae.RELEASES["rae-dinov2-b"], encoder=enc_dir,  # the released encoder's files, given
+                         stats=cache / f"models--{rae.RAE_REPO.replace('/', '--')}" / "snapshots" / ("0" * 40) / r.stats_file)
+    assert copy.weights_id.startswith("local:") and same_weights(copy.weights_id, released)  # by content
 
 
 # --- commands -------------------------------------------------------------------------------

@@ -235,10 +235,13 @@ def build_rae(
     st = LatentStats.load(found["stats"])
     from raebench.metrics.extractors import fingerprint_path
 
-    # a label (the released decoder by its repo path, a local one by its file name), then the content of
-    # every part, wherever it came from (the Hub cache or a copy: the same files are the same weights; other
-    # weights copied to the same place are other weights); the encoder by the files that are loaded
-    label = f"{RAE_REPO}:{release.decoder_file}" if decoder is None and weights is None else f"local:{dec_path.name}"
+    # a label (the released files by the decoder's repo path; with any part given locally, the decoder's file
+    # name), then the content of every part, wherever it came from (the Hub cache or a copy: the same files are
+    # the same weights; other weights copied to the same place are other weights); the encoder by the files
+    # that are loaded. The repo label is the released tokenizer's: rows recorded before identities carried
+    # content name it alone (raebench.weights.recorded_before), meaning its encoder and statistics too
+    released = decoder is None and weights is None and encoder is None and stats is None
+    label = f"{RAE_REPO}:{release.decoder_file}" if released else f"local:{dec_path.name}"
     weights_id = (f"{label}@{fingerprint_path(dec_path)}+enc:{fingerprint_path(found['encoder'], ENCODER_IDENTITY_PATTERNS)}"
                   f"+stats:{fingerprint_path(found['stats'])}")
     tok = RAETokenizer(enc, dec, st, weights_id=weights_id)
