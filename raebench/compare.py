@@ -175,8 +175,11 @@ def compare(
     if reported != "none":
         from raebench.baselines import reported_frame
 
-        # "weights": published numbers are for the released weights, not for a --weights copy of other ones
-        shown = names if reported == "all" else [n for n in names if not wids.get(n, "").startswith("local:")]
+        from raebench.weights import LOCAL_LABELS
+
+        # "weights": published numbers are for the released weights, not for weights the user supplied (a
+        # --weights copy, a diffusers-format folder, an official YAML's files)
+        shown = names if reported == "all" else [n for n in names if not wids.get(n, "").startswith(LOCAL_LABELS)]
         rep = reported_frame(shown, include_variants=reported == "all")
     gap = domain_gap(everything, names, resolution) if not everything.empty else pd.DataFrame()
     meas = df[df["tokenizer"].isin(names) & (df["source"].fillna("measured") == "measured")] if not df.empty else df

@@ -189,7 +189,9 @@ def _row_labels(d: pd.DataFrame) -> pd.Series:
         v = d[col].fillna("").astype(str)
         several = v.groupby(d["tokenizer"]).transform("nunique") > 1
         if col == "weights_id":  # a user's own weights are never the released ones that cards report
-            several |= v.str.startswith("local:")
+            from raebench.weights import LOCAL_LABELS
+
+            several |= v.str.startswith(LOCAL_LABELS)
         if col == "precision":  # a bf16 forward changes every latent: never unmarked beside fp32 rows
             several |= ~v.isin(["fp32", ""])
         lab = lab.where(~several, lab + v.map(fmt))

@@ -398,3 +398,11 @@ def test_rows_of_other_metric_networks_weights_are_never_one_column_or_ranking(t
     assert t.loc[("d", "fid"), "best"] == "" and math.isnan(t.loc[("d", "fid"), "Δ b"])
     assert "other weights of the metric networks" in t.loc[("d", "fid"), "protocol"]
     assert t.loc[("d", "psnr"), "best"] == "b"
+
+
+@pytest.mark.parametrize("wid", ["local:x@0123456789ab", "diffusers:x@0123456789ab", "official:x@0123456789ab"])
+def test_weights_the_user_supplied_never_share_the_row_of_published_numbers(wid):
+    """A diffusers-format folder or an official YAML's files are the user's weights as a --weights copy is
+    (raebench.weights.LOCAL_LABELS): named in the row label, never beside the card's numbers."""
+    df = _frame([_row("rae-dinov2-b", "psnr", 20.0, weights_id=wid), _reported("rae-dinov2-b", "psnr", 18.0)])
+    assert list(pivot(df, gaps=False).index) == ["rae-dinov2-b", f"rae-dinov2-b [{wid}]"]
