@@ -769,3 +769,29 @@ def test_a_pipeline_folder_points_at_its_vae_subfolder(tmp_path):
     with pytest.raises(MissingWeightsError, match=f"holds one in '{tmp_path / 'pipe' / 'vae'}'; pass that folder"):
         build_tokenizer("sd-vae-ft-ema", weights=str(tmp_path / "pipe"))
     assert build_tokenizer("sd-vae-ft-ema", weights=str(tmp_path / "pipe" / "vae")).encode(torch.rand(1, 3, 8, 8)).shape == (1, 4, 4, 4)
+
+
+def test_a_full_download_of_the_repo_has_the_identity_of_the_files_the_hub_cache_fetched(tmp_path):
+    """Only config.json and diffusion_pytorch_model.safetensors are fetched and read (DIFFUSERS_FILES):
+    a `hf download --local-dir` of the whole repo also holds other safetensors and JSON files (sdxl-vae's
+    single-file sdxl_vae.safetensors, a fp16 variant), which diffusers does not load here; they must not
+    make the same weights other weights."""
+    import shutil
+
+    from raebench.tokenizers.vae import _weights_id
+    from raebench.weights import same_weights
+
+    snap = tmp_path / "hub" / "models--stabilityai--sdxl-vae" / "snapshots" / ("0" * 40)
+    _kl().save_pretrained(snap)
+    full = tmp_path / "sdxl-vae"
+    shutil.copytree(snap, full)
+    torch.save({}, full / "diffusion_pytorch_model.bin")
+    (full / "sdxl_vae.safetensors").write_bytes(b"another file format of the same weights")
+    (full / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"fp16 variant")
+    (full / "notes.json").write_text("{}")
+    preset = get_preset("sdxl-vae")
+    hub, local = _weights_id(preset, snap), _weights_id(preset, full)
+    assert hub.startswith("stabilityai/sdxl-vae@000000000000@") and local.startswith("local:sdxl-vae@")
+    assert same_weights(hub, local)
+    (full / "diffusion_pytorch_model.safetensors").write_bytes(b"other weights")
+    assert not same_weights(hub, _weights_id(preset, full))

@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 
 #: only these files of a diffusers VAE folder are fetched and read (never pickled .bin weights)
 DIFFUSERS_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
-#: the files of a diffusers folder that make its weights' identity: every file diffusers may read (configs,
-#: safetensors, shards included), not a README or a .bin beside them (``fingerprint_path``'s patterns)
-IDENTITY_PATTERNS = ("*.json", "*.safetensors")
+#: the files of a diffusers folder that make its weights' identity: those it is loaded from, not a README, a
+#: .bin or other safetensors beside them (a full download of sdxl-vae also holds its single-file
+#: ``sdxl_vae.safetensors``; repos hold fp16 variants), so that it is the Hub cache's copy (``fingerprint_path``'s patterns)
+IDENTITY_PATTERNS = DIFFUSERS_FILES
 
 
 # ---------------------------------------------------------------------------------------------
