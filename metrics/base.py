@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
+import os
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,9 +245,19 @@ class MetricSpec:
     #: without loading, so reuse can compare the weights recorded with stored rows; None: not compared
     #: (the resolver too may return None: files its builder will download, so nothing to compare yet)
     weights_path: Callable[..., Path | None] | None = None
+    #: the files of a ``weights_path`` folder that make the weights' identity (``fingerprint_path``'s
+    #: patterns; None: every file): DreamSim's variants share one folder, each loads its own files
+    weights_patterns: tuple[str, ...] | None = None
 
     def build(self, **options) -> Metric:
         return self.builder(self, **options)
+
+    def weights_identity(self, path: str | os.PathLike) -> str:
+        """The identity of the weights at ``path`` (a ``weights_path``), as rows record it in
+        ``extra.metric_weights``: the fingerprint of its :attr:`weights_patterns` files."""
+        from raebench.metrics.extractors import fingerprint_path
+
+        return fingerprint_path(path, self.weights_patterns)
 
     def reads_references(self, stats: Collection[str] = ()) -> bool:
         """Whether the metric reads reference features that stored statistics (the keys ``stats``

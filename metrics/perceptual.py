@@ -226,7 +226,7 @@ class DreamSim(PairedMean):
                 f"DreamSim ({dreamsim_type}) could not be loaded from {folder} ({type(e).__name__}: {str(e)[:160]}); "
                 f"its files: {', '.join(required)}; pass another folder with {weights_env('dreamsim')}=DIR."
             ) from None
-        self.weights_id = fingerprint_path(folder)
+        self.weights_id = spec.weights_identity(folder)  # its own files: the variants share the folder
 
     def per_image(self, ref_u8, cand_u8):
         a = resize_images(ref_u8, DREAMSIM_SIZE, "pil").to(self.device) / 255.0  # the package's PIL bicubic
@@ -245,12 +245,13 @@ for _net in ("vgg", "alex"):
             weights_path=lambda weights=None, net=_net: lpips_weights_path(f"lpips-{net}", net, weights),
         )
     )
-for _name, (_type, _) in DREAMSIM_VARIANTS.items():
+for _name, (_type, _files) in DREAMSIM_VARIANTS.items():
     register_metric(
         MetricSpec(
             name=_name, higher_is_better=False, kind="paired", version=f"dreamsim-0.2-{_type}-pil224-v1",
             description=f"DreamSim distance (dreamsim package, {_type})",
             builder=lambda spec, **o: DreamSim(spec, **o), options=("device", "weights"),
             weights_path=lambda weights=None, name=_name: dreamsim_weights(name, weights),
+            weights_patterns=tuple(p for f in _files for p in (f, f"{f}/*")),  # a file, or a folder's files
         )
     )

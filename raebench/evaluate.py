@@ -200,12 +200,12 @@ def planned(metric_names, options: dict | None = None) -> Planned:
     options = parse_options(os.environ.get("RAEBENCH_METRIC_OPTIONS")) if options is None else options
     versions, weights, keys, missing = {}, {}, {}, {}
 
-    def fingerprint(key: str, resolver, prefix: str = "") -> None:
+    def fingerprint(key: str, resolver, prefix: str = "", identity=fingerprint_path) -> None:
         if key in weights:
             return
         try:  # resolved (found or fetched), not loaded; None: to be downloaded when the network is built
             path = resolver(options.get(key, {}).get("weights"))
-            weights[key] = None if path is None else prefix + fingerprint_path(path)
+            weights[key] = None if path is None else prefix + identity(path)
         except MissingWeightsError as e:
             weights[key], missing[key] = None, str(e)
 
@@ -221,7 +221,7 @@ def planned(metric_names, options: dict | None = None) -> Planned:
                 fingerprint(e, es.weights_path, f"{es.version}|{variant}|weights=")
             mine.append(e)
         if spec.weights_path is not None:
-            fingerprint(spec.name, spec.weights_path)
+            fingerprint(spec.name, spec.weights_path, identity=spec.weights_identity)
             mine.append(spec.name)
         for name in (spec.name, *(o for o, _ in spec.outputs)):
             versions[name], keys[name] = "+".join([spec.version, *variants]), tuple(mine)

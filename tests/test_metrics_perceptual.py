@@ -336,3 +336,25 @@ def test_reuse_and_resume_compare_the_dreamsim_weights_recorded_with_a_row(tmp_p
     assert plan.weights[name] is None and not plan.missing  # the package downloads them when it builds
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert "clip_vitb32_pretrain.pth.tar" in planned((name,), {}).missing[name]
+
+
+def test_a_dreamsim_variants_identity_is_its_own_files_in_the_shared_folder(tmp_path):
+    """Every DreamSim variant loads from one folder (``$TORCH_HOME/hub/dreamsim``): its identity was the
+    fingerprint of the whole folder, so downloading another variant there made the rows measured before
+    other networks' rows (compare measured them again, the leaderboard split their columns by
+    metric_networks). Now it is the variant's own files, in the plan and as the metric records it."""
+    from raebench.evaluate import planned
+    from raebench.metrics import METRICS
+
+    name = "dreamsim-clip-b32"
+    (tmp_path / "clip_vitb32_single_lora").mkdir()
+    (tmp_path / "clip_vitb32_pretrain.pth.tar").write_bytes(b"1")
+    (tmp_path / "clip_vitb32_single_lora" / "adapter.bin").write_bytes(b"2")
+    before = planned((name,), {name: {"weights": str(tmp_path)}}).weights[name]
+    (tmp_path / "dino_vitb16_single_lora").mkdir()  # another variant, downloaded later
+    (tmp_path / "dino_vitb16_single_lora" / "adapter.bin").write_bytes(b"3")
+    (tmp_path / "dino_vitb16_pretrain.pth").write_bytes(b"4")
+    assert planned((name,), {name: {"weights": str(tmp_path)}}).weights[name] == before
+    assert METRICS.get(name).weights_identity(tmp_path) == before  # what a built DreamSim records
+    (tmp_path / "clip_vitb32_single_lora" / "adapter.bin").write_bytes(b"other")
+    assert planned((name,), {name: {"weights": str(tmp_path)}}).weights[name] != before
