@@ -318,6 +318,18 @@ def _png_folder(root: Path, n: int = 2) -> Path:
     return root
 
 
+def _hub_sd_vae_ft_ema(tmp_path: Path, monkeypatch) -> tuple[str, Path]:
+    """sd-vae-ft-ema's files in a Hugging Face cache laid out as `hf download` leaves it (refs/main ->
+    snapshots/<hash>/), used as the Hub cache: (snapshot hash, repo folder)."""
+    snap_hash = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--stabilityai--sd-vae-ft-ema"
+    _kl().save_pretrained(repo / "snapshots" / snap_hash)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(snap_hash)
+    _use_hf_home(monkeypatch, tmp_path / "hf")
+    return snap_hash, repo
+
+
 def _use_hf_home(monkeypatch, home: Path) -> None:
     """Point the Hub cache at ``home`` (huggingface_hub reads HF_HOME at import; its functions read
     ``constants.HF_HUB_CACHE`` at call time)."""
@@ -340,12 +352,7 @@ def test_eval_offline_fails_in_one_sentence_then_runs_from_the_hf_cache(tmp_path
     assert msg.rstrip(".").count(". ") == 0  # one sentence
 
     # a Hugging Face cache laid out as `hf download` leaves it: refs/main -> snapshots/<hash>/
-    snap_hash = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--stabilityai--sd-vae-ft-ema"
-    _kl().save_pretrained(repo / "snapshots" / snap_hash)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(snap_hash)
-    _use_hf_home(monkeypatch, tmp_path / "hf")
+    snap_hash, repo = _hub_sd_vae_ft_ema(tmp_path, monkeypatch)
     weights = repo / "snapshots" / snap_hash / "diffusion_pytorch_model.safetensors"
     weights.rename(weights.with_suffix(".away"))  # a partly fetched snapshot (config only) counts as missing
     code, out, err = _run(args, capsys)
@@ -372,12 +379,7 @@ def test_the_hub_copy_and_a_local_copy_of_the_same_weights_are_the_same_weights(
     from raebench.stage2.latents import same_weights
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    snap_hash = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--stabilityai--sd-vae-ft-ema"
-    _kl().save_pretrained(repo / "snapshots" / snap_hash)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(snap_hash)
-    _use_hf_home(monkeypatch, tmp_path / "hf")
+    snap_hash, repo = _hub_sd_vae_ft_ema(tmp_path, monkeypatch)
     copy = tmp_path / "my-vae"
     shutil.copytree(repo / "snapshots" / snap_hash, copy)
     (copy / "README.md").write_text("my notes")  # not read by the loader: not part of the identity
@@ -393,7 +395,7 @@ def test_the_hub_copy_and_a_local_copy_of_the_same_weights_are_the_same_weights(
     assert local_id.startswith("local:my-vae@") and local_id != hub_id and same_weights(hub_id, local_id)
     assert not same_weights(hub_id, build_tokenizer("sd-vae-ft-ema", weights=str(_other_weights(tmp_path))).weights_id)
 
-    rows = load(res)  # a row measured from the copy (with --recompute) and the Hub's: one leaderboard row
+    # a row measured from the copy (with --recompute) and the Hub's: one leaderboard row
     code, out, err = _run(["compare", "-t", "sd-vae-ft-ema", *common, "--weights", f"sd-vae-ft-ema={copy}",
                            "--recompute"], capsys)
     assert code == 0, err
