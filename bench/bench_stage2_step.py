@@ -183,6 +183,8 @@ def main() -> None:
         theirs = official.DiTwDDTHead(**params).to(dev)
         theirs.load_state_dict(ours.state_dict(), strict=True)
         models["official"] = theirs
+    for m in models.values():  # both trainers train every tensor, the sin-cos positions and the time embedding's
+        m.requires_grad_(True)  # frequencies included (the official src/train.py: model.requires_grad_(True))
 
     c, s = params["in_channels"], params["input_size"]
     x = torch.randn(args.batch, c, s, s, device=dev)
