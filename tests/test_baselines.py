@@ -652,17 +652,46 @@ def test_ldm_config_inference_for_the_real_va_vae_layout():
 # ---------------------------------------------------------------------------------------------
 
 
+def _arxiv_ids(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"arXiv:(\d{4}\.\d{4,5})", text))
+
+
 def test_every_vae_has_a_card_consistent_with_its_preset():
     cards = {c.tokenizer: c for c in load_cards()}
     for p in PRESETS:
         card = cards[p.name]
         assert list(card.latent["shape_at_256"]) == list(p.latent_shape(256))
         assert card.source["repo"] == p.weights[0].repo_id and card.source["subfolder"] == p.weights[0].subfolder
-        if p.norm == "scale":
+        if p.norm == "scale":  # both constants: (mode - shift) * scale
             assert str(p.scale) in card.latent["normalisation"]
+            assert not p.shift or str(p.shift) in card.latent["normalisation"], p.name
         assert card.citation and card.verified and card.gated == p.weights[0].gated
+        assert _arxiv_ids(p.citation) <= _arxiv_ids(card.citation), p.name  # the same paper
+        for r in card.reported:  # a number at a resolution the weights have (or are published at)
+            assert r.resolution in p.resolutions, (p.name, r.label, r.resolution)
     for name in ("rae-dinov2-b", "rae-siglip2-b", "rae-mae-b"):
         assert name in cards
+
+
+def test_every_rae_release_has_a_card_consistent_with_it():
+    """The RAE cards name the files the release loads, its latent shape at the release's own resolution
+    (hidden size x resolution/16 x resolution/16; the diffusers AutoencoderRAE docs list 768 x 32 x 32 for
+    the i512 decoder), the RAE paper, and report numbers only at that resolution."""
+    from raebench.tokenizers.rae import RAE_REPO, RELEASES
+
+    cards = {c.tokenizer: c for c in load_cards()}
+    for name, r in RELEASES.items():
+        card = cards[name]
+        assert card.source["repo"] == RAE_REPO and list(card.source["files"]) == [r.decoder_file, r.stats_file]
+        shape = card.latent.get(f"shape_at_{r.resolution}")
+        assert shape is not None and list(shape) == [r.hidden_size, r.grid, r.grid], name
+        if r.resolution != 256:
+            assert card.latent["shape_at_256"] is None  # no release at 256 px behind this card
+        assert _arxiv_ids(card.citation) == {"2510.11690"} and "2025" in card.citation
+        assert not card.gated
+        assert card.reported and all(x.resolution == r.resolution for x in card.reported)
 
 
 def test_reported_numbers_carry_their_protocol():
