@@ -336,7 +336,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of the --limit subset (recorded only when a subset is drawn)."),
         batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per batch."),
         device: str = typer.Option("auto", "--device", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
-        num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data-loading worker processes (0: in the main process)."),
+        num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data-loading worker processes (default: 0 on the CPU, min(8, cores) on a GPU; 0: in the main process)."),
         results: Path = typer.Option(Path("results"), "--results", help="Results folder."),
         reported: str = typer.Option("weights", "--reported", help="Published numbers to show: weights (for the weights loaded) | all (variants too) | none."),
         format: Optional[str] = typer.Option(None, "--format", "-f", help="Export instead of the terminal table: csv | md | latex."),
