@@ -238,3 +238,31 @@ def test_links_between_the_docs_resolve(doc):
         elif anchor and anchor not in _anchors(dest):
             bad.append(f"{target}: no heading with that anchor")
     assert not bad, bad
+
+
+def test_the_readme_names_every_registered_tokenizer_metric_dataset_and_preset():
+    from raebench.data import DATASETS
+    from raebench.metrics import METRICS
+    from raebench.stage1.config import PRESETS as STAGE1
+    from raebench.stage2.models import MODELS
+    from raebench.tokenizers import TOKENIZERS
+
+    readme, metrics_doc = _text("README.md"), _text("docs/metrics.md")
+
+    def named(name: str, text: str) -> bool:
+        return re.search(r"(?<![\w.-])" + re.escape(name) + r"(?![\w.-])", text) is not None
+
+    missing = [f"tokenizer {n}" for n in TOKENIZERS.names() if not named(n, readme)]
+    missing += [f"metric {n}" for n in METRICS.names() if not named(n, metrics_doc)]
+    missing += [f"metric alias {a}" for n in METRICS.names() for a in METRICS.aliases_of(n) if not named(a, metrics_doc)]
+    missing += [f"dataset {n}" for n in DATASETS.names() if not named(n, readme)]
+    missing += [f"stage-1 preset {n}" for n in STAGE1 if not named(n, readme)]
+    # stage 2: `ditdh-s/b/l/xl`, `lightningdit-s/b/l/xl` (the tiny test models aside)
+    sizes: dict[str, set[str]] = {}
+    for m in MODELS.names():
+        if not m.endswith("tiny"):
+            sizes.setdefault(m.rsplit("-", 1)[0], set()).add(m.rsplit("-", 1)[1])
+    for family, got in sizes.items():
+        if f"`{family}-{'/'.join(s for s in ('s', 'b', 'l', 'xl') if s in got)}`" not in readme:
+            missing.append(f"stage-2 models {family}-{sorted(got)}")
+    assert not missing, missing
