@@ -149,6 +149,10 @@ def test_missing_file_messages_point_at_the_users_mistake(tmp_path, monkeypatch)
         assert "--encoder" not in msg  # eval/compare/analyze have no such flag
     with pytest.raises(CheckpointError, match="is a folder; a checkpoint file is needed here"):
         load_state(tmp_path / "flat")
+    # README: --weights also takes the release in diffusers' format; a folder that is not there says so too
+    with pytest.raises(MissingWeightsError, match="does not exist") as e:
+        build_tokenizer("rae-dinov2", weights=str(tmp_path / "rae-b-diffusers"))
+    assert "diffusers' format (a download of nyu-visionx/RAE-dinov2-wReg-base-ViTXL-n08" in str(e.value)
 
 
 def test_missing_weights_name_the_options_of_the_running_command(tmp_path, monkeypatch, capsys):

@@ -186,7 +186,10 @@ def build_rae(
               f"(as in {RAE_REPO})")
     if wdir is not None and not wdir.is_dir():
         kind = "is a file" if wdir.exists() else "does not exist"
-        raise MissingWeightsError(f"The --weights folder {str(wdir)!r} {kind}; it should be a folder holding {layout}.")
+        alone = decoder is None and stats is None and encoder is None and release.diffusers_repo
+        other = (f", or the release in diffusers' format (a download of {release.diffusers_repo}: config.json and "
+                 "safetensors)") if alone else ""
+        raise MissingWeightsError(f"The --weights folder {str(wdir)!r} {kind}; it should be a folder holding {layout}{other}.")
     if encoder is None and wdir is not None and (wdir / release.encoder_repo).is_dir():
         encoder = wdir / release.encoder_repo
 
