@@ -266,3 +266,21 @@ def test_the_readme_names_every_registered_tokenizer_metric_dataset_and_preset()
         if f"`{family}-{'/'.join(s for s in ('s', 'b', 'l', 'xl') if s in got)}`" not in readme:
             missing.append(f"stage-2 models {family}-{sorted(got)}")
     assert not missing, missing
+
+
+def test_bench_readme_commands_name_existing_scripts_and_flags():
+    """`python bench/X.py --flag ...` in bench/README.md: the script exists and defines each flag."""
+    bad, seen = [], 0
+    for line in _fenced_lines(_text("bench/README.md")):
+        m = re.search(r"bench/([\w-]+\.(?:py|sh))(.*)", line.split("  #")[0])
+        if not m:
+            continue
+        seen += 1
+        script = ROOT / "bench" / m.group(1)
+        if not script.is_file():
+            bad.append(f"no bench/{m.group(1)}")
+            continue
+        source = script.read_text(encoding="utf-8")
+        bad += [f"bench/{m.group(1)} has no {flag}" for flag in re.findall(r"(?<![\w-])(--[a-zA-Z][\w-]*)", m.group(2))
+                if f'"{flag}"' not in source]
+    assert seen >= 10 and not bad, bad
