@@ -28,6 +28,7 @@ def test_cache_train_sample(tmp_path, image_folder):
     args = ["train", "stage2", "-p", "tiny", "--latents", str(cache), "-o", str(tmp_path / "run"), "--num-classes", "2",
             "-b", "4", "--epochs", "1", "--device", "cpu"]
     assert '"global_batch": 4' in run(args + ["--dry-run"])
+    assert '"num_workers": 2' in run(args + ["--num-workers", "2", "--dry-run"])  # tiny's own default is 0
     run(args)
     ck = tmp_path / "run" / "checkpoints" / "last.pt"
     assert ck.is_file()

@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
         keep_every: Optional[int] = typer.Option(None, "--keep-every", help="Also keep checkpoints/step-NNNNNNN.pt every N steps (default 0: only last.pt), e.g. to sample and score along training."),
         log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between rows of log.csv (the preset's by default: 100 in the recipe)."),
         device: str = typer.Option("auto", "--device", help="auto (CUDA if available) | cpu | cuda | cuda:N."),
+        num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Data-loading processes per rank (default 4: image decoding for on-the-fly latents, or latent-cache reads; may change on resume)."),
         compile_model: bool = typer.Option(False, "--compile", help="torch.compile the DiT (first steps slower)."),
         freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="Keep the sin-cos positions and the time embedding's frequencies fixed (the official trainer trains them; runs from before this option resume only with it)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
@@ -86,7 +87,7 @@ def register(app: typer.Typer) -> None:
                          resolution=resolution, num_classes=num_classes, global_batch=batch_size, grad_accum=grad_accum,
                          epochs=epochs, max_steps=max_steps, lr=lr, precision=precision, seed=seed,
                          ckpt_every=ckpt_every, keep_every=keep_every, log_every=log_every, compile=compile_model or None,
-                         freeze_embeddings=freeze_embeddings or None)
+                         num_workers=num_workers, freeze_embeddings=freeze_embeddings or None)
         cfg = make_preset(preset, **{k: v for k, v in overrides.items() if v is not None})
         if dry_run:
             console.print_json(json.dumps(dataclasses.asdict(cfg)))
