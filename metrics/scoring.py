@@ -404,8 +404,8 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
     done = pos.get("references")
     plan = _reference_plan(done, _rank_views(done, ev.needs_reference_features, bool(ev._ref_cached), world))
     if plan == "cache":
-        if rank == 0:
-            ev.references_from_cache()
+        if rank == 0:  # in the batches a streaming run feeds, so the float64 sums round alike
+            ev.references_from_cache(chunk=batch_size)
         pos["references"] = 0
     elif plan == "stream":
         lo, hi = shard(ref.n, rank, world)

@@ -456,8 +456,10 @@ class Evaluator:
         self._dispatch(None, cand_u8, {}, self._candidate_features(cand_u8))
 
     def references_from_cache(self, chunk: int = 4096) -> bool:
-        """Feed every cached reference feature to the metrics (unpaired scoring); False, and nothing
-        fed, unless the cache holds all that the metrics need."""
+        """Feed every cached reference feature to the metrics (unpaired scoring) in chunks of ``chunk``
+        rows; False, and nothing fed, unless the cache holds all that the metrics need. Chunks of the
+        run's batch size give the numbers of a run that extracted them, bit for bit (Fréchet sums are
+        taken about the first chunk's mean)."""
         if self.needs_reference_features or not self._ref_cached:
             return False
         for start in range(0, self.reference.n, chunk):

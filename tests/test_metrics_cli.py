@@ -159,6 +159,22 @@ def test_score_reference_cache_and_paired_errors(tmp_path, stand_in_extractors, 
         score(str(tmp_path / "ref"), str(tmp_path / "fewer"), ("psnr",), device="cpu", write=False)
 
 
+def test_score_from_the_reference_cache_equals_a_cold_run_bit_for_bit(tmp_path, stand_in_extractors, make_images,
+                                                                     monkeypatch):
+    """Cached reference features reach the metrics in the run's batches: FID's running sums are taken
+    about the first batch's mean, so one big chunk gave other float64 roundings (found by
+    bench/fuzz_kill_resume.py: a run killed after publishing the cache resumed 1 ulp off)."""
+    from raebench.metrics.scoring import score
+
+    monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache"))
+    save_pngs(make_images(7, 32, 32, seed=5), tmp_path / "ref")
+    save_pngs(make_images(6, 32, 32, seed=6), tmp_path / "cand")
+    cold, warm = (score(str(tmp_path / "ref"), str(tmp_path / "cand"), ("fid", "kid"), device="cpu", write=False,
+                        batch_size=2) for _ in range(2))
+    assert stand_in_extractors.calls["inception"] == 7 + 6 + 6  # the second run read the references from the cache
+    assert [r.value for r in warm.rows] == [r.value for r in cold.rows]
+
+
 def test_eval_excludes_nonfinite_reconstructions_but_caches_every_reference(tmp_path, stand_in_extractors, make_images):
     from raebench.evaluate import EvalConfig, evaluate
     from raebench.tokenizers.reference import BicubicTokenizer
