@@ -144,7 +144,7 @@ def score(
     from raebench.distributed import rank_world
     from raebench.evaluate import Evaluator, ReferenceSet, resolve_device
     from raebench.metrics import METRICS
-    from raebench.results import check_writable
+    from raebench.results import check_writable, new_run_id
 
     t0 = time.perf_counter()
     rank, world = rank_world()  # under torchrun: contiguous shards, states merged in rank order on every rank
@@ -199,6 +199,9 @@ def score(
     count = {"n": 0}  # candidates used so far (a dict: _stream updates it, checkpoint() saves it)
     saved_skips: list[tuple[str, str]] = []
     saved_upscaled: list[str] = []
+    # kept in the resume state, as eval does: a job killed between writing its rows and removing the
+    # state rewrites the same run file when resumed, instead of adding a duplicate run
+    run_id = new_run_id()
     if work is not None:
         work.acquire()
         st = work.load()
@@ -207,6 +210,7 @@ def score(
             pos, count["n"] = dict(st["pos"]), int(st["n_cand"])
             saved_skips, saved_upscaled = [tuple(x) for x in st["skipped"]], list(st["upscaled"])
             t0 -= float(st.get("seconds", 0.0))
+            run_id = str(st.get("run_id", run_id))
             log.info("resuming the scoring of %s: %s already done", candidates,
                      ", ".join(f"{n} {k}" for k, n in pos.items()))
 
@@ -214,7 +218,8 @@ def score(
         if work is not None:
             work.save({"world": world, "pos": pos, "n_cand": count["n"], "metrics": ev.states(),
                        "skipped": saved_skips + [(x.path, x.reason) for x in ref.skipped + cand.skipped],
-                       "upscaled": saved_upscaled + ref.upscaled + cand.upscaled, "seconds": time.perf_counter() - t0})
+                       "upscaled": saved_upscaled + ref.upscaled + cand.upscaled, "seconds": time.perf_counter() - t0,
+                       "run_id": run_id})
 
     try:
         # the stop signals only set a flag, read after each batch (only where there is progress to save)
@@ -260,7 +265,8 @@ def score(
             return scorer
 
         outcome = _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain,
-                          resolution, dev, world, paired, stats, t0, write, rank, results_dir, pair_note, cand_note)
+                          resolution, dev, world, paired, stats, t0, write, rank, results_dir, run_id, pair_note,
+                          cand_note)
         if world > 1:
             td.barrier()  # rank 0 has written the rows before any rank removes its resume state
     except BaseException:
@@ -432,11 +438,11 @@ def _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, o
 
 
 def _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, candidates, name, domain, resolution,
-            dev, world, paired, stats, t0, write, rank, results_dir, pair_note: str = "",
+            dev, world, paired, stats, t0, write, rank, results_dir, run_id: str, pair_note: str = "",
             cand_note: str = "") -> ScoreOutcome:
     from raebench.distributed import on_rank0
     from raebench.metrics import METRICS, higher_is_better
-    from raebench.results import ResultRow, new_run_id, write_rows
+    from raebench.results import ResultRow, write_rows
 
     if n_cand == 0:
         raise RaebenchError(f"Nothing to score: no readable candidate image in {candidates!r}.")
@@ -460,7 +466,6 @@ def _finish(make_scorer, ev, n_cand, skipped, upscaled, ref, cand, references, c
         notes = {k: "; ".join(x for x in (v, short if spec_of.get(k) is not None and spec_of[k].reference_stats_keys
                                           else "") if x) for k, v in notes.items()}
     seconds = time.perf_counter() - t0
-    run_id = new_run_id()
     res = resolution or _image_size(cand)
     sampling = cand.sampling_settings()  # how raebench sample made these candidates: model, sampler, guidance, seed
 

@@ -629,6 +629,9 @@ def evaluate(
     upscaled: list[str] = []
     nonfinite: list[str] = []
     done = n_used = 0
+    # the run's identity is kept in its resume state: a job killed after writing its rows but before
+    # removing that state rewrites the same run file when resumed, instead of adding a duplicate run
+    run_id = new_run_id()
     if work is not None:
         try:
             work.acquire()
@@ -649,6 +652,7 @@ def evaluate(
             skipped = [Skip(p, r) for p, r in st["skipped"]]
             upscaled, nonfinite = list(st["upscaled"]), list(st["nonfinite"])
             t0 -= float(st.get("seconds", 0.0))  # the row's seconds count the work before the crash too
+            run_id = str(st.get("run_id", run_id))
             log.info("resuming %s on %s: %d of %d images already evaluated", tok.name, data.name, done, hi - lo)
 
     def checkpoint() -> None:
@@ -656,7 +660,7 @@ def evaluate(
             work.save({
                 "shard": [lo, hi], "done": done, "n_used": n_used, "metrics": ev.states(),
                 "skipped": [(s.path, s.reason) for s in skipped], "upscaled": upscaled, "nonfinite": nonfinite,
-                "seconds": time.perf_counter() - t0,
+                "seconds": time.perf_counter() - t0, "run_id": run_id,
             })
 
     ds = ImageDataset(data.images, cfg.resolution)
@@ -740,7 +744,6 @@ def evaluate(
             work.release(remove=True)
         raise RaebenchError(f"Nothing to write for {tok.name!r} on {data.name!r}: {'; '.join(failed.values())}.")
     seconds = time.perf_counter() - t0
-    run_id = new_run_id()
     rows = [
         ResultRow(
             tokenizer=tok.name,

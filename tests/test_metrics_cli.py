@@ -501,3 +501,45 @@ def test_the_reference_plan_agrees_when_the_ranks_saw_the_cache_at_different_tim
     hit, miss = (False, True), (True, False)
     for views in ([(None, *hit), (None, *miss)], [(None, *miss), (None, *hit)]):
         assert [plan(None, views), plan(None, views)] == ["stream", "stream"]
+
+
+@pytest.mark.parametrize("job", ["eval", "score"])
+def test_a_kill_between_the_rows_and_the_state_removal_adds_no_second_run(tmp_path, stand_in_extractors, make_images,
+                                                                          image_folder, monkeypatch, job):
+    """SIGKILLed after its rows are written but before its resume state is removed (found by
+    bench/fuzz_kill_resume.py), the re-run of the same command resumes that state: it rewrites the
+    same run file (the run id is kept in the state) instead of adding a second run of the rows."""
+    from raebench.eval_progress import WorkState
+    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.metrics.scoring import score
+    from raebench.results import load
+
+    res = tmp_path / "res"
+    if job == "score":
+        save_pngs(make_images(6, 32, 32, seed=1), tmp_path / "ref")
+        save_pngs(make_images(6, 32, 32, seed=2), tmp_path / "cand")
+        run = lambda: score(str(tmp_path / "ref"), str(tmp_path / "cand"), ("psnr", "fid"), device="cpu",  # noqa: E731
+                            results_dir=str(res), batch_size=2, save_every=1)
+    else:
+        cfg = EvalConfig(tokenizer="pixels", data=str(image_folder), resolution=32, batch_size=2, device="cpu",
+                         metrics=("psnr", "fid"), results_dir=str(res))
+        run = lambda: evaluate(cfg, save_every=1)  # noqa: E731
+    release = WorkState.release
+
+    def killed(self, remove):  # the process dies here: its files stay, the kernel drops its lock
+        if remove:
+            self._lock.close()
+            raise KeyboardInterrupt
+        release(self, remove)
+
+    monkeypatch.setattr(WorkState, "release", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    first = load(res)
+    assert len(first) == 2 and list((res / ".work").glob("*/rank0.pt"))
+    monkeypatch.setattr(WorkState, "release", release)
+    run()
+    again = load(res)
+    assert len(list((res / "runs").glob("*.jsonl"))) == 1 and not (res / ".work").exists()
+    assert again["run_id"].tolist() == first["run_id"].tolist()
+    assert again["value"].tolist() == first["value"].tolist()
