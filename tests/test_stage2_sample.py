@@ -296,6 +296,36 @@ def test_save_grid_reads_only_the_samples_it_shows(tmp_path):
     assert np.array_equal(grid[:32, :32], imgs[0]) and np.array_equal(grid[32:, 32:], imgs[3])
 
 
+def test_a_grid_write_killed_midway_leaves_the_earlier_grid_whole(tmp_path, monkeypatch):
+    """The --grid PNG is written atomically: a job killed while writing it (SIGKILL: simulated by
+    dying after half the bytes) leaves the grid of the earlier run, never a truncated PNG."""
+    from PIL import Image
+
+    imgs = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", arr_0=imgs, arr_1=np.zeros(4, np.int64))
+    save_grid(tmp_path / "s.npz", tmp_path / "g.png")
+    before = (tmp_path / "g.png").read_bytes()
+    real = Image.Image.save
+
+    def dies(self, fp, *a, **k):
+        import io
+
+        buf = io.BytesIO()
+        real(self, buf, *a, **{"format": "PNG", **k})
+        data = buf.getvalue()
+        if hasattr(fp, "write"):
+            fp.write(data[: len(data) // 2])
+        else:
+            open(fp, "wb").write(data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        save_grid(tmp_path / "s.npz", tmp_path / "g.png")
+    assert (tmp_path / "g.png").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.png", "s.npz"]
+
+
 def test_sde_step_noise_is_no_batch_starting_noise(tmp_path):
     """The stochastic samplers' step noise was seeded with batch b's noise seed + 7919, i.e. it was
     the starting noise of batch b + 7919: in runs of more than 7,919 batches (50k samples at

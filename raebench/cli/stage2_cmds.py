@@ -222,7 +222,12 @@ def register(app: typer.Typer) -> None:
                          quantize=quantize)
         if distributed.is_main():
             if grid is not None:
-                save_grid(out, grid)
+                from raebench.locks import exclusive
+                from raebench.results import remove_orphan_temps
+
+                with exclusive(out, "sampling job", "choose another --out"):  # the grid belongs to this job
+                    remove_orphan_temps(grid.parent, of=grid.name)  # of a grid write killed earlier
+                    save_grid(out, grid)
             console.print(f"{num} samples in {out}")
         distributed.finish()
 

@@ -282,10 +282,14 @@ def _merge(parts: Path, out: Path, run: dict, n: int, num_batches: int) -> None:
 
 def save_grid(npz: str | os.PathLike, png: str | os.PathLike, n: int = 64) -> Path:
     """A PNG grid of the first ``n`` samples of an ADM npz; only their bytes are read (``np.load``
-    would read the whole arr_0: 9.8 GB for 50k samples at 256 px)."""
+    would read the whole arr_0: 9.8 GB for 50k samples at 256 px). Written atomically: a job killed
+    meanwhile leaves the earlier grid (or none), never a truncated PNG."""
+    import io
     import zipfile
 
     from PIL import Image
+
+    from raebench.results import atomic_write_bytes
 
     with zipfile.ZipFile(npz) as zf, zf.open("arr_0.npy") as f:
         version = np.lib.format.read_magic(f)
@@ -300,7 +304,9 @@ def save_grid(npz: str | os.PathLike, png: str | os.PathLike, n: int = 64) -> Pa
     for i, im in enumerate(arr):
         r, c = divmod(i, cols)
         grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
-    Image.fromarray(grid).save(png)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    atomic_write_bytes(png, buf.getvalue())
     return Path(png)
 
 
