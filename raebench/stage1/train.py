@@ -449,6 +449,9 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
         num_workers=cfg.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
         prefetch_factor=2 if cfg.num_workers > 0 else None,
         worker_init_fn=ignore_in_worker,  # a SIGTERM to every process of the job stops the step, not a worker
+        # iter() draws the workers' base seed: from a generator of its own, not the global one, which a
+        # checkpoint saves (a resumed run drew once more and saved another state than an uninterrupted run)
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     val_images = None
     if rank == 0 and (cfg.sample_every > 0 or cfg.val_every > 0):
