@@ -485,6 +485,28 @@ def test_cache_latents_saves_its_position_every_few_seconds_not_every_batch(tmp_
     assert np.array_equal(np.asarray(LatentCache(out).latents), np.asarray(LatentCache(ref).latents))
 
 
+def test_a_cache_killed_between_marking_complete_and_removing_its_positions_is_tidied(tmp_path, image_folder,
+                                                                                     monkeypatch):
+    """SIGKILLed after meta.json says complete but before the progress files go (found by
+    bench/fuzz_kill_resume.py), a re-run found the cache complete and returned, leaving them forever."""
+    from pathlib import Path
+
+    real_unlink = Path.unlink
+
+    def dies(self, *a, **k):  # the process dies at the first progress file it removes
+        if self.name.startswith("progress-"):
+            raise KeyboardInterrupt
+        return real_unlink(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", dies)
+    with pytest.raises(KeyboardInterrupt):
+        cache_latents(_MeanPool(), str(image_folder), tmp_path / "c", resolution=32, batch_size=4)
+    assert (tmp_path / "c" / "progress-0-of-1.json").is_file() and LatentCache(tmp_path / "c").meta["complete"]
+    monkeypatch.undo()
+    cache_latents(_MeanPool(), str(image_folder), tmp_path / "c", resolution=32, batch_size=4)
+    assert not list((tmp_path / "c").glob("progress-*"))
+
+
 def test_cache_latents_error_save_lists_only_the_skips_of_cached_batches(tmp_path, image_folder):
     """An error in a batch that holds an unreadable image: the position saved is the start of that
     batch, so its skip must not be saved with it (the resume reads that image again and listed it

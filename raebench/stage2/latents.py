@@ -251,6 +251,10 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
         dist.broadcast_object_list(box, src=0)
         complete = box[0]
     if complete:
+        if rank == 0:  # of a job killed after marking the cache complete, before removing them (we hold the lock)
+            for finished in out.glob("progress-*.json"):
+                finished.unlink()
+            remove_orphan_temps(out)
         log.info("%s already holds these latents (complete); nothing to encode", out)
         return out
     if rank == 0:
