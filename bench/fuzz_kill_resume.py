@@ -164,6 +164,11 @@ def jobs(work: Path) -> dict:
                                    str(t / "s.npz"), "--grid", str(t / "grid.png"), "--device", "cpu"],
                    ["."], None, None),
     }
+    # the same commands under torchrun, 2 processes (gloo on the CPU): per-rank states, the merge on rank 0
+    tr = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "raebench"]
+    for name in ("eval", "sample", "cache-latents"):
+        argv_of, *rest = table[name]
+        table[f"{name}-ddp"] = (lambda t, a=argv_of: tr + a(t)[3:], *rest)
     for name in ("eval-pixels-fid", "score", "eval-samples", "cache-latents"):
         argv_of, *rest = table[name]
         table[f"{name}-eager"] = (lambda t, a=argv_of: [PY, "-c", EAGER] + a(t)[3:], *rest)
@@ -460,16 +465,17 @@ def main() -> int:
                 problems += found
                 if results:
                     problems += readers(trial / results, env, compare_of(trial) if compare_of else None)
-            desc = ", ".join(f"{e['mode']}@{e['at']:.2f}s" + (f"({'done' if e.get('finished') is True else e.get('finished')})" if e.get("finished") else "") +
-                             (f"[{e['temp']}]" if e.get("temp") else "") for e in events)
+            desc = ", ".join(f"{e['mode']}@{e['at']:.2f}s" + (f"({'done' if e['finished'] is True else e['finished']})"
+                                                               if e.get("finished") else "")
+                             + (f"[{e['temp']}]" if e.get("temp") else "") for e in events)
             status = "ok" if not problems else "DEFECT"
             matrix[job][kills][0 if not problems else 1] += 1
             print(f"  {job} t{i:02d} kills={kills} [{desc}] resume {resume_s:.1f} s: {status}", flush=True)
             for pr in problems:
                 print(f"      - {pr}", flush=True)
+                defects.append((job, f"t{i:02d}", pr))
             for n in notes:
                 print(f"      . note: {n}", flush=True)
-                defects.append((job, f"t{i:02d}", pr))
             if not problems and not args.keep:
                 shutil.rmtree(trial, ignore_errors=True)
     print("\njob x kills: ok/defect")
