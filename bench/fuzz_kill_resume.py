@@ -183,8 +183,8 @@ def walk(root: Path, outputs) -> list[Path]:
         p = root / o
         if p.is_file():
             files.append(p)
-        elif p.is_dir():
-            files += [f for f in p.rglob("*") if f.is_file() or f.is_symlink()]
+        elif p.is_dir():  # os.walk: the job may remove folders while this walks them
+            files += [Path(d) / n for d, _, names in os.walk(p) for n in names]
     return sorted(set(files))
 
 
