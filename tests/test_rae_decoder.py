@@ -125,6 +125,27 @@ def test_save_official_round_trip(tmp_path):
     assert torch.equal(build_decoder(back, tmp_path / "dec/model.pt")(z), dec(z))
 
 
+def test_save_official_killed_midway_leaves_the_earlier_files_whole(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    dec = RAEDecoder(TINY)
+    save_official(dec, tmp_path / "dec")
+    before = (tmp_path / "dec/config.json").read_bytes()
+
+    def half_then_die(self, data, *a, **k):  # a write cut off halfway (a kill, a full disk)
+        with open(self, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_die)
+    monkeypatch.setattr(Path, "write_text", half_then_die)
+    with pytest.raises(OSError):
+        save_official(RAEDecoder(TINY), tmp_path / "dec")
+    monkeypatch.undo()
+    assert (tmp_path / "dec/config.json").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["config.json", "model.pt"]  # no temporary left
+
+
 def test_malformed_decoder_configs_are_checkpoint_errors(tmp_path):
     base = {"decoder_hidden_size": 16, "decoder_num_hidden_layers": 1, "decoder_num_attention_heads": 2,
             "decoder_intermediate_size": 32}

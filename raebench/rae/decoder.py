@@ -400,7 +400,9 @@ def save_official(decoder: RAEDecoder, directory: str | os.PathLike) -> Path:
     """Write ``config.json`` + ``model.pt`` (plain state dict) in the official layout; returns the folder."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(decoder.config.to_official(), indent=2))
+    from raebench.results import atomic_write_bytes  # both files atomic: a kill never leaves half of either
+
+    atomic_write_bytes(d / "config.json", json.dumps(decoder.config.to_official(), indent=2).encode())
     save_atomic({k: v.detach().cpu().contiguous() for k, v in decoder.state_dict().items()}, d / "model.pt")
     return d
 
