@@ -66,7 +66,6 @@ def build_fixtures(work: Path) -> None:
     code = r"""
 import json, sys, numpy as np, torch, torchvision
 from pathlib import Path
-from unittest import mock
 from PIL import Image
 w = Path(sys.argv[1])
 rng = np.random.default_rng(0)
@@ -78,14 +77,9 @@ for name, n in (("images", 48), ("refs", 12), ("cands", 12)):
 np.savez(w / "cands.npz", arr_0=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8))
 torch.manual_seed(0)
 torch.save(torchvision.models.alexnet().state_dict(), w / "alex.pth")
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None), \
-        mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}):
-    net = FeatureExtractorInceptionV3("init", ["2048"], feature_extractor_weights_path="unused")
-for m in net.modules():
-    if isinstance(m, torch.nn.Conv2d):
-        torch.nn.init.kaiming_normal_(m.weight)
-torch.save(net.state_dict(), w / "inception.pth")
+sys.path.insert(0, sys.argv[2])  # the tests' helper for random torch-fidelity Inception weights
+from _metrics_helpers import random_inception_weights
+random_inception_weights(w / "inception.pth")
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_size=8, image_size=32,
@@ -93,7 +87,7 @@ Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
 with open(w / "encoder" / "preprocessor_config.json", "w") as f:
     json.dump({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}, f)
 """
-    subprocess.run([PY, "-c", code, str(work)], check=True, env=env_for(work, work))
+    subprocess.run([PY, "-c", code, str(work), str(REPO / "tests")], check=True, env=env_for(work, work))
     # inputs other jobs start from: a latent cache (stage 2) and a stage-2 checkpoint (sample)
     run([PY, "-m", "raebench", "cache-latents", "-t", "pixels", "--data", str(work / "images"), "-o",
          str(work / "latents"), "-r", "8", "-b", "8", "--device", "cpu"], env_for(work, work))

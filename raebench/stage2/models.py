@@ -459,13 +459,11 @@ class DiTDH(nn.Module):
         """Classifier-free guidance on the official doubled batch: x (2N, C, H, W) whose first half is used
         for both halves, t (2N,), y (2N,) = [labels, null class]. Guided where t_min <= t <= t_max, the
         conditional velocity elsewhere; both halves of the result hold it."""
+        from raebench.stage2.samplers import _in_interval  # the samplers' interval rule (velocity_fn)
+
         half = x[: len(x) // 2]
         cond, uncond = self.forward(torch.cat([half, half]), t, y).chunk(2)  # (N, C, H, W) each
-        lo, hi = cfg_interval
-        if not lo < hi:
-            raise ValueError(f"cfg_interval must be (t_min, t_max) with t_min < t_max, got {cfg_interval}")
-        th = t[: len(t) // 2]
-        inside = ((th >= lo) & (th <= hi)).view(-1, *([1] * (cond.dim() - 1)))
+        inside = _in_interval(t[: len(t) // 2], cfg_interval, cond.dim())
         guided = torch.where(inside, uncond + cfg_scale * (cond - uncond), cond)
         return torch.cat([guided, guided])
 
@@ -474,12 +472,10 @@ class DiTDH(nn.Module):
                                   ) -> torch.Tensor:
         """AutoGuidance as the official DiT-DH: ``additional_model_forward(x, t, y)`` is the guide model's
         forward; v_guide + scale * (v - v_guide) where t_min <= t <= t_max, v elsewhere (batch not doubled)."""
+        from raebench.stage2.samplers import _in_interval
+
         v, v_guide = self.forward(x, t, y), additional_model_forward(x, t, y)
-        lo, hi = cfg_interval
-        if not lo < hi:
-            raise ValueError(f"cfg_interval must be (t_min, t_max) with t_min < t_max, got {cfg_interval}")
-        inside = ((t >= lo) & (t <= hi)).view(-1, *([1] * (v.dim() - 1)))
-        return torch.where(inside, v_guide + cfg_scale * (v - v_guide), v)
+        return torch.where(_in_interval(t, cfg_interval, v.dim()), v_guide + cfg_scale * (v - v_guide), v)
 
 
 class LightningDiT(nn.Module):
