@@ -2,14 +2,16 @@
 measurement (weights, precision, data, candidates), bounded image work, symlinked folders and
 one-sentence errors for flags, npz files and output paths."""
 
+import csv
 import hashlib
+import io
 
 import numpy as np
 import pytest
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from raebench.errors import DataError
+from raebench.errors import DataError, RaebenchError
 from raebench.metrics.scoring import score
 
 
@@ -586,9 +588,44 @@ def test_reconstruct_empty_stale_and_nonfinite(tmp_path, capsys, make_images, mo
             x[:, :, 0, 1] = float("nan")
             return x
 
-    summary = write_reconstructions(Inf(), resolve_data(str(tmp_path / "two")), tmp_path / "o2", resolution=16)
-    arr = np.load(tmp_path / "o2" / "reconstructions.npz")["arr_0"]
-    assert len(summary["nonfinite"]) == 2 and (arr[:, 0, :2] == 0).all()
+    with pytest.raises(RaebenchError, match=r"every reconstruction contained NaN/Inf \(2\)"):
+        write_reconstructions(Inf(), resolve_data(str(tmp_path / "two")), tmp_path / "o2", resolution=16)
+    assert not (tmp_path / "o2" / "reconstructions.npz").exists()
+
+
+def test_reconstruct_leaves_nonfinite_reconstructions_out_and_lists_them(tmp_path, capsys, make_images):
+    """A reconstruction holding NaN/Inf was written as black pixels into the PNGs and the npz, and
+    `score --references references.npz --candidates reconstructions.npz` then scored it against its
+    original unnoticed. Now it is left out of every output (the pairs stay aligned) and listed in
+    skipped.csv with its reason, as eval leaves it out of every metric."""
+    from _metrics_helpers import save_pngs
+
+    from raebench.cli.rae_cmds import NONFINITE_REASON, write_reconstructions
+    from raebench.data import resolve_data
+    from raebench.tokenizers.reference import PixelTokenizer
+
+    class NaNOnFirstOfBatch(PixelTokenizer):
+        def decode(self, z):
+            x = super().decode(z).clone()
+            x[0, 1, 2, 3] = float("nan")
+            return x
+
+    imgs = make_images(5, 16, 16, seed=3)
+    save_pngs(imgs, tmp_path / "five")
+    data = resolve_data(str(tmp_path / "five"))
+    out = tmp_path / "o"
+    summary = write_reconstructions(NaNOnFirstOfBatch(), data, out, resolution=16, batch_size=2, references=True)
+    rec = np.load(out / "reconstructions.npz")["arr_0"]
+    ref = np.load(out / "references.npz")["arr_0"]
+    bad = [data.images.paths[i] for i in (0, 2, 4)]  # the first image of each batch of 2
+    assert summary["nonfinite"] == bad and summary["n"] == 2
+    assert rec.shape == ref.shape == (2, 16, 16, 3)
+    assert (rec == ref).all()  # the pixel tokenizer reconstructs exactly: every row is its own original
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000001.png", "000003.png"]
+    rows = list(csv.reader(io.StringIO((out / "skipped.csv").read_text())))[1:]
+    assert rows == [[p, NONFINITE_REASON] for p in bad]
+    files = list(csv.reader(io.StringIO((out / "files.csv").read_text())))[1:]
+    assert [r[0] for r in files] == ["1", "3"]
 
 
 def test_a_killed_reconstruct_leaves_the_earlier_run_whole(tmp_path, make_images):

@@ -22,6 +22,9 @@ from raebench.errors import RaebenchError, printable
 
 log = logging.getLogger(__name__)
 
+#: the skipped.csv reason of an image whose reconstruction holds NaN/Inf
+NONFINITE_REASON = "its reconstruction contains NaN/Inf (left out of every output)"
+
 
 # ---------------------------------------------------------------------------------------------
 # Library functions behind the commands
@@ -119,7 +122,8 @@ def _write_reconstructions(
 ) -> dict:
     """Reconstruct ``data`` with ``tok``; write PNGs, ``reconstructions.npz`` (ADM: ``arr_0`` uint8 NHWC)
     and optionally ``references.npz`` (the cropped originals); unreadable files go to ``skipped.csv``
-    (path, reason). NaN/Inf pixels are written as 0 and the images listed. PNGs of an earlier run
+    (path, reason), and so do images whose reconstruction holds NaN/Inf (left out of every output,
+    listed in the summary's ``nonfinite``). PNGs of an earlier run
     into the same folder that this run did not write are removed. No readable image is an error
     (nothing is written). Returns a summary dict."""
     import shutil
@@ -128,7 +132,7 @@ def _write_reconstructions(
     from PIL import Image
 
     from raebench import distributed
-    from raebench.data import to_float, to_uint8
+    from raebench.data import Skip, to_float, to_uint8
     from raebench.evaluate import _autocast
     from raebench.results import atomic_write_bytes, remove_orphan_temps, save_npz_streamed_atomic
 
@@ -153,9 +157,20 @@ def _write_reconstructions(
         for idx, ref, paths in _batches(data, resolution, batch_size, num_workers, device, on_progress, skipped):
             with torch.no_grad(), _autocast(device, precision):
                 rec = tok.decode(tok.encode(to_float(ref))).float()
-            bad = ~torch.isfinite(rec.flatten(1)).all(1)
-            nonfinite += [p for p, b in zip(paths, bad.tolist()) if b]
-            u8 = to_uint8(torch.nan_to_num(rec, nan=0.0, posinf=0.0, neginf=0.0)).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+            # a NaN/Inf reconstruction has no 8-bit image: written as anything (black, say) it would be scored
+            # against its original by `score` unnoticed, so it is left out like an unreadable file (as eval does)
+            ok = torch.isfinite(rec.flatten(1)).all(1)  # (N,)
+            if not bool(ok.all()):
+                for p, good in zip(paths, ok.tolist()):
+                    if not good:
+                        nonfinite.append(p)
+                        skipped.append(Skip(p, NONFINITE_REASON))
+                        log.warning("left out %s: %s", printable(p), NONFINITE_REASON)
+                keep = ok.nonzero().flatten().tolist()
+                idx, ref, rec, paths = idx[keep], ref[ok], rec[ok], [paths[j] for j in keep]
+                if not keep:
+                    continue
+            u8 = to_uint8(rec).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
             if shape is not None and u8.shape[1:] != shape:
                 raise RaebenchError(f"{tok.name} reconstructed images of {shape[:2]} and then of {u8.shape[1:3]} pixels.")
             shape = u8.shape[1:]
@@ -180,7 +195,9 @@ def _write_reconstructions(
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         n_skip = sum(len(m["skipped"]) for m in meta)
-        raise RaebenchError(f"Nothing to reconstruct in {data.name!r}: no image was readable ({n_skip} skipped).")
+        n_bad = sum(len(m["nonfinite"]) for m in meta)
+        why = f"every reconstruction contained NaN/Inf ({n_bad})" if n_bad else "no image was readable"
+        raise RaebenchError(f"Nothing to reconstruct in {data.name!r}: {why} ({n_skip} skipped).")
     summary = {}
     if rank == 0:
         # files.csv goes first and comes back last: a folder without it is unfinished
@@ -361,7 +378,8 @@ def register(app: typer.Typer) -> None:
         if distributed.is_main():
             console.print(f"wrote {summary['n']} reconstructions of {rd.name} to {summary['out']}")
             if summary["nonfinite"]:
-                err_console.print(f"[red]{len(summary['nonfinite'])} reconstruction(s) contained NaN/Inf (those pixels written as 0).[/]")
+                err_console.print(f"[red]{len(summary['nonfinite'])} reconstruction(s) contained NaN/Inf and were left out "
+                                  "(counted among the skipped files).[/]")
             if summary["skipped"]:
                 err_console.print(f"[yellow]{len(summary['skipped'])} file(s) skipped[/] (listed in {out / 'skipped.csv'}).",
                                   highlight=False)
