@@ -410,6 +410,45 @@ def test_cache_latents_skips_lists_and_leaves_out_unreadable_images(tmp_path, im
     assert train(cfg)["step"] == 2
 
 
+class _NaNOrHuge(_MeanPool):
+    """NaN latents for images darker than ``dark``; latents past float16's range for those brighter than ``bright``."""
+
+    def encode(self, x):
+        z = super().encode(x).clone()
+        level = x.flatten(1).mean(1)  # (N,) the same for an image and its flip
+        z[level < self.dark] = float("nan")
+        z[level > self.bright] *= 1e6
+        return z
+
+
+def test_cache_latents_leaves_out_nan_and_float16_overflow_latents(tmp_path, image_folder):
+    """NaN latents, and latents past float16's range (stored as Inf), were written into the cache
+    silently; training on it stopped with a NaN gradient at whichever step first drew such a row.
+    Now those images are left out and listed with their reason in meta.json, as unreadable files are;
+    with --dtype float32 the large latents are kept."""
+    import json
+
+    from raebench.data import ImageDataset, scan_folder, to_float
+
+    images = scan_folder(image_folder)
+    ds = ImageDataset(images, 32)
+    level = sorted((float(to_float(ds[i]["image"]).mean()), images.paths[i]) for i in range(len(ds)))
+    enc = _NaNOrHuge()
+    enc.dark, enc.bright = (level[0][0] + level[1][0]) / 2, (level[-3][0] + level[-2][0]) / 2
+    out = cache_latents(enc, str(image_folder), tmp_path / "c16", resolution=32, batch_size=3)
+    meta = json.loads((out / "meta.json").read_text())
+    reasons = {s["path"]: s["reason"] for s in meta["skipped"]}
+    assert sorted(reasons) == sorted([level[0][1], level[-2][1], level[-1][1]])
+    assert reasons[level[0][1]] == "the tokenizer gave NaN/Inf latents"
+    assert "exceed the float16 range" in reasons[level[-1][1]] and "--dtype float32" in reasons[level[-1][1]]
+    cache = LatentCache(out)
+    x, _ = cache.fetch(torch.arange(len(cache)), torch.zeros(len(cache)))
+    assert len(cache) == 5 and bool(torch.isfinite(x).all())
+    kept = LatentCache(cache_latents(enc, str(image_folder), tmp_path / "c32", resolution=32, batch_size=3,
+                                     dtype="float32"))
+    assert [s["path"] for s in kept.meta["skipped"]] == [level[0][1]] and len(kept) == 7
+
+
 def test_keep_every_keeps_step_checkpoints_beside_last(tmp_path):
     """--keep-every N keeps checkpoints/step-NNNNNNN.pt (the official trainer keeps one per 10 epochs;
     last.pt alone allowed no FID-vs-step curve); each holds its own step, and sample loads it."""

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from raebench import distributed
-from raebench.errors import DataError
+from raebench.errors import DataError, printable
 from raebench.preempt import Preempted, StopOnSignal, of_rank
 from raebench.weights import same_weights  # noqa: F401 -- by content; callers import it from here too
 
@@ -201,7 +201,9 @@ def cache_latents(
     ``id`` is new for every fresh cache, so a run trained on it refuses to resume on another one.
     A complete cache of the same images and settings is returned as it is (nothing is encoded again).
     Two jobs on one ``out`` are refused, and so is a folder that holds a cache of other images or
-    settings (complete or not): it is never overwritten.
+    settings (complete or not): it is never overwritten. Images that cannot be read, and images whose
+    latents hold NaN/Inf as stored (the tokenizer's own, or values past float16's range), are left out
+    of the cache, counted and listed with their reason in ``meta.json`` (``skipped``).
     """
     from raebench.locks import exclusive
 
@@ -311,7 +313,11 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
                     x = to_float(batch["image"].to(dev))  # (B, 3, R, R): uint8 over the bus, 4x fewer bytes than float
                     with tf32(False):  # the cache holds full-float32 latents (then rounded to --dtype)
                         z = [tokenizer.encode(x)] + ([tokenizer.encode(x.flip(-1))] if flip else [])
-                    lat[batch["index"].numpy()] = torch.stack(z, 1).float().cpu().numpy().astype(dtype)  # (B, V, C, H, W)
+                    z32 = torch.stack(z, 1).float().cpu().numpy()  # (B, V, C, H, W)
+                    with np.errstate(over="ignore", invalid="ignore"):  # overflow is found and reported below
+                        rows = z32.astype(dtype)
+                    lat[batch["index"].numpy()] = rows
+                    skipped += _nonfinite_rows(z32, rows, batch["index"].tolist(), batch["path"], dtype)
                 reached, reached_skips = max(done) + 1, list(skipped)
                 signum = preempt.local()
                 if signum or time.monotonic() - saved_at >= SAVE_SECONDS:
@@ -332,16 +338,35 @@ def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, pr
     return out
 
 
+def _nonfinite_rows(z32: np.ndarray, rows: np.ndarray, index: list[int], paths: list[str], dtype: str) -> list[dict]:
+    """Skip entries of the images whose latents hold NaN/Inf as stored: the tokenizer's own NaN/Inf, or
+    values past the range of ``dtype`` (float16 ends at 65504). Training on such a row makes the loss
+    NaN and stops the run many steps later, so they are left out of the cache like unreadable files."""
+    ok = np.isfinite(rows.reshape(len(rows), -1)).all(1)  # (B,)
+    if ok.all():
+        return []
+    out = []
+    for j in np.flatnonzero(~ok).tolist():
+        if np.isfinite(z32[j]).all():
+            reason = (f"its latents exceed the {dtype} range (largest |value| {float(np.abs(z32[j]).max()):.3g}); "
+                      "use --dtype float32")
+        else:
+            reason = "the tokenizer gave NaN/Inf latents"
+        log.warning("left out of the cache: %s: %s", printable(paths[j]), reason)
+        out.append({"index": int(index[j]), "path": paths[j], "reason": reason})
+    return out
+
+
 def _finish_cache(out: Path, world: int, n: int, data, want: dict, meta: dict, meta_path: Path) -> None:
     """Rank 0, after every rank encoded its shard: the skip lists into meta.json, marked complete."""
     every = sorted((s for r in range(world) for s in _shard_skips(out / f"progress-{r}-of-{world}.json")),
                    key=lambda s: s["index"])
     if len(every) == n:
-        raise DataError(f"None of the {n} images of {data!r} could be read (first: {every[0]['path']}: "
+        raise DataError(f"None of the {n} images of {data!r} could be used (first: {every[0]['path']}: "
                         f"{every[0]['reason']}); nothing to cache.")
     if every:
-        log.warning("%d unreadable image(s) skipped and left out of the cache (listed in its meta.json), e.g. %s",
-                    len(every), "; ".join(f"{s['path']}: {s['reason']}" for s in every[:3]))
+        log.warning("%d image(s) skipped (unreadable, or NaN/Inf latents) and left out of the cache (listed in its "
+                    "meta.json), e.g. %s", len(every), "; ".join(f"{s['path']}: {s['reason']}" for s in every[:3]))
     _write_json(meta_path, {**want, "id": meta.get("id", uuid.uuid4().hex), "complete": True, "skipped": every})
     for finished in out.glob("progress-*.json"):
         finished.unlink()
