@@ -69,7 +69,13 @@ def to_uint8(x: torch.Tensor, mode: str = "round") -> torch.Tensor:
     """float [0, 1] -> uint8, clamped and rounded half up, as torchvision's ``save_image`` (and DiT's
     sampler) do: x * 255 + 0.5, floored. ``mode="truncate"``: x * 255 floored instead, as the official
     RAE scripts and ADM write samples (on average 0.5/255 darker); only ``raebench sample --quantize``
-    uses it, every metric input is rounded."""
+    uses it, every metric input is rounded. NaN/Inf have no 8-bit value (casting them is undefined,
+    0 on most CPUs): :class:`raebench.errors.NonFiniteError`; callers leave such images out first."""
+    if not bool(torch.isfinite(x).all()):
+        from raebench.errors import NonFiniteError
+
+        raise NonFiniteError(f"{int((~torch.isfinite(x)).flatten(1).any(1).sum()) if x.ndim > 1 else 1} image(s) hold "
+                             "NaN/Inf, which have no 8-bit value; leave them out (and count them) before converting.")
     x = x.detach().float().clamp(0.0, 1.0) * 255.0
     if mode == "round":
         x = x + 0.5

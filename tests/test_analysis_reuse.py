@@ -578,3 +578,30 @@ def test_the_live_marker_is_removed_while_still_held(tmp_path: Path, monkeypatch
     with drawing(tmp_path, "stamp"):
         pass
     assert seen == ["held"] and not marker.exists()
+
+
+def test_a_decoder_that_gives_nan_for_noisy_latents_makes_those_parts_nan_with_a_note(image_folder: Path, tmp_path: Path,
+                                                                                      capsys, monkeypatch):
+    """The robustness and interpolation probes decode latents the pass never saw (noisy, interpolated); a
+    decoder that turns them into NaN/Inf gave 8-bit images of whatever the cast made of NaN (0 on this CPU)
+    and a robustness PSNR computed from them. Now those parts are NaN rows with a note; the rest is measured."""
+    from raebench.tokenizers.reference import PixelTokenizer
+
+    real = PixelTokenizer.decode
+
+    def nan_off_the_pixel_grid(self, z):  # clean images are multiples of 1/255; noisy or mixed ones are not
+        x = real(self, z).clone()
+        x[((x * 255 - (x * 255).round()).abs().flatten(1).amax(1) > 1e-2)] = float("nan")
+        return x
+
+    monkeypatch.setattr(PixelTokenizer, "decode", nan_off_the_pixel_grid)
+    res = tmp_path / "res"
+    code, out, err = run(["analyze", "-t", "pixels", "--data", str(image_folder), *FAST, "--results", str(res)], capsys)
+    assert code == 0, err
+    df = load(res).set_index("metric")
+    for m in ("robust-psnr-vs-decode-s1", "robust-psnr-vs-image-s1", "interp-rmse-step-mean"):
+        assert np.isnan(df.loc[m, "value"]), m
+    notes = df.loc["robust-psnr-vs-decode-s1", "notes"]
+    assert "decoder robustness is NaN: the decoder gave NaN/Inf images" in notes
+    assert "interpolation is NaN: the decoder gave NaN/Inf images" in notes
+    assert np.isfinite(df.loc["align-cka-random-proj", "value"]) and np.isfinite(df.loc["latent-std", "value"])

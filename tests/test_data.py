@@ -51,6 +51,18 @@ def test_to_uint8_rounds_not_truncates():
     assert to_uint8(x).tolist() == [0, 1, 0, 255, 255, 0]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_to_uint8_refuses_nan_and_inf(bad):
+    """Casting NaN to uint8 is undefined (0 on this CPU, Inf clamped to 255): an 8-bit image made of a
+    NaN reconstruction looked like a black or white one. Every caller now leaves those images out first."""
+    from raebench.errors import NonFiniteError
+
+    x = torch.full((3, 3, 4, 4), 0.5)
+    x[1, 2, 3, 0] = bad
+    with pytest.raises(NonFiniteError, match=r"1 image\(s\) hold NaN/Inf"):
+        to_uint8(x)
+
+
 def test_scan_sorted_recursive_case_insensitive_with_labels(image_folder: Path):
     imgs = scan_folder(image_folder)
     rel = [os.path.relpath(p, image_folder) for p in imgs.paths]

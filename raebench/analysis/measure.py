@@ -29,6 +29,7 @@ from raebench.analysis.reuse import ALIGN_METRICS, SPECTRUM_METRICS, higher_is_b
 from raebench.analysis.spectrum import TOPK_ENERGY, SpectrumSummary
 from raebench.analysis.stream import Accumulator
 from raebench.data import Skip
+from raebench.errors import NonFiniteError
 from raebench.results import ResultRow
 
 
@@ -132,20 +133,28 @@ def measure(cfg: AnalyzeConfig, acc: Accumulator, todo: set[str], y, n_classes, 
             on_progress(f"diagnose {tok.name}", 0, 1)
         imgs = torch.stack([img for img, _ in diag])  # (K, 3, R, R) uint8
         z = torch.stack([lat for _, lat in diag])
+        # finite latents (the pass kept only those) that decode to NaN/Inf, e.g. with noise 100 times the
+        # latents' spread in bf16: the part is NaN with a note (to_uint8 refuses them), the others go on
         if "robust" in todo:
-            rep.robustness = decoder_robustness(
-                tok, imgs, z, cfg.sigmas, rep.spectrum.latent_std, distance=distance, distance_name=dist_name,
-                seed=cfg.seed, batch_size=cfg.batch_size, keep=6,
-            )
-            rep.grid = {k: v for k, v in rep.robustness.examples.items() if k != "original"}
-            if rep.robustness.note:
-                rep.notes.append(rep.robustness.note)
+            try:
+                rep.robustness = decoder_robustness(
+                    tok, imgs, z, cfg.sigmas, rep.spectrum.latent_std, distance=distance, distance_name=dist_name,
+                    seed=cfg.seed, batch_size=cfg.batch_size, keep=6,
+                )
+                rep.grid = {k: v for k, v in rep.robustness.examples.items() if k != "original"}
+                if rep.robustness.note:
+                    rep.notes.append(rep.robustness.note)
+            except NonFiniteError as e:
+                rep.notes.append(f"decoder robustness is NaN: the decoder gave NaN/Inf images ({e})")
         pairs = interpolation_pairs(z.shape[0], cfg.interp_pairs, cfg.seed)
         if pairs and "interp" in todo:
-            rep.interpolation = interpolation_smoothness(
-                tok, z, pairs, steps=cfg.interp_steps, distance=distance or rmse_distance,
-                distance_name=dist_name or "rmse", batch_size=cfg.batch_size,
-            )
+            try:
+                rep.interpolation = interpolation_smoothness(
+                    tok, z, pairs, steps=cfg.interp_steps, distance=distance or rmse_distance,
+                    distance_name=dist_name or "rmse", batch_size=cfg.batch_size,
+                )
+            except NonFiniteError as e:
+                rep.notes.append(f"interpolation is NaN: the decoder gave NaN/Inf images ({e})")
         if on_progress:
             on_progress(f"diagnose {tok.name}", 1, 1)
 
@@ -158,7 +167,7 @@ def measure(cfg: AnalyzeConfig, acc: Accumulator, todo: set[str], y, n_classes, 
         try:
             rep.diffusability = diffusability_probe(tok, torch.stack(probe_latents), cfg.probe, probe_dir, encs,
                                                     cfg.batch_size)
-        except ValueError as e:
+        except (ValueError, NonFiniteError) as e:
             rep.notes.append(f"diffusability probe is NaN: {e}")
     return rep
 

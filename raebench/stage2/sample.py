@@ -215,6 +215,8 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
                 torch.manual_seed(_step_noise_seed(seed, b))  # seeded per batch, so reruns and resumes repeat
                 img = decode(sample_fn(noise, y.to(device)))  # (B, 3, H, W) float in [0, 1]
             bad = int((~torch.isfinite(img).flatten(1).all(1)).sum())  # counted here, refused at the merge (all ranks)
+            # NaN/Inf have no 8-bit value: zeros here, never used (the merge refuses a run that has any)
+            img = torch.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0) if bad else img
             save_npz_atomic(part, images=to_uint8(img, quantize).permute(0, 2, 3, 1).cpu().numpy(), labels=y.numpy(),
                             nonfinite=np.array(bad))
             if progress:
