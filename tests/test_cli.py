@@ -281,3 +281,32 @@ def test_option_typos_are_errors_also_for_networks_this_run_does_not_use(image_f
     assert code == 2 and "dtype takes float32 or float64" in err, err
     code, out, err = run([*base, "--option", "inception.dtype=float64"], capsys)
     assert code == 0, err
+
+
+def test_tables_into_a_pipe_keep_names_and_numbers_whole(image_folder: Path, tmp_path: Path, capsys, monkeypatch):
+    """Into a pipe or a log rich fitted tables to 80 columns: `ls tokenizers` cut names to `rae-dino…`
+    and weights to `hf://face…`, `compare` split numbers over two lines. They are printed at their own width."""
+    from raebench.cli import console
+    from raebench.leaderboard import _fmt
+    from raebench.metrics import METRICS
+    from raebench.tokenizers import TOKENIZERS
+
+    monkeypatch.setattr(console, "_width", 80)
+    code, out, _ = run(["ls", "tokenizers"], capsys)
+    assert code == 0
+    for s in TOKENIZERS:
+        assert f" {s.name} " in out
+        for w in s.weights:
+            assert str(w) in out
+    code, out, _ = run(["ls", "metrics"], capsys)
+    assert code == 0 and all(f" {s.name} " in out for s in METRICS)
+    res = tmp_path / "res"
+    code, out, err = run(["compare", "-t", "bicubic-f8", "-t", "bicubic-f16", "-t", "pixels", "--data", str(image_folder),
+                          "-r", "32", "--device", "cpu", "--results", str(res)], capsys)
+    assert code == 0, err
+    df = load(res)
+    for metric in ("psnr", "ssim"):
+        values = [_fmt(df[(df.tokenizer == t) & (df.metric == metric)]["value"].iloc[0])
+                  for t in ("bicubic-f8", "bicubic-f16", "pixels")]
+        line = next(ln for ln in out.splitlines() if f" {metric} " in ln)
+        assert all(f" {v} " in line for v in values), (values, out)

@@ -30,6 +30,25 @@ app.add_typer(train_app, name="train")
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
+
+def print_table(table) -> None:
+    """Print a rich table on standard output. Into a pipe, a file or a job's log (not a terminal) it is
+    printed at its own width: rich would fit it to 80 columns there, cutting names to `rae-dino…` and
+    splitting numbers over two lines (`-2.382` / `0`). A terminal gets it fitted to the window."""
+    from rich.measure import Measurement
+
+    if not console.is_terminal:
+        need = Measurement.get(console, console.options.update(width=100_000), table).maximum
+        if need > console.width:
+            width = console.width
+            console.width = need
+            try:
+                console.print(table)
+            finally:
+                console.width = width
+            return
+    console.print(table)
+
 #: command modules under raebench.cli, each with register(app)
 MODULES = ("core", "rae_cmds", "stage2_cmds", "analyze_cmds", "stage1_cmds", "metrics_cmds")
 

@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
         from raebench.analysis.references import REFERENCES
         from raebench.analysis.config import AnalyzeConfig, check_config, probe_model
         from raebench.analysis.run import analyze
-        from raebench.cli import console, err_console
+        from raebench.cli import console, err_console, print_table
         from raebench.cli.core import _fmt, progress_bar
         from raebench.tokenizers import get_tokenizer_spec
 
@@ -188,7 +188,7 @@ def register(app: typer.Typer) -> None:
                 cells.append(_fmt(row.value) if row else "–")
                 hib = row.higher_is_better if row is not None and isinstance(row.higher_is_better, bool) else hib
             t.add_row(m, *cells, {True: "↑", False: "↓"}.get(hib, ""))
-        console.print(t)
+        print_table(t)
         for line in _provenance(cfg, shown):
             console.print(line, highlight=False, soft_wrap=True)
         for rep in out.reports:

@@ -182,7 +182,7 @@ def run_eval_with_progress(cfg, label: str):
 
 
 def _report_outcome(out) -> None:
-    from raebench.cli import console, err_console
+    from raebench.cli import err_console, print_table
 
     r0 = out.rows[0]
     t = Table(title=f"{r0.tokenizer} on {r0.dataset} ({r0.domain}) · {r0.resolution}px · n={out.n_images}")
@@ -194,7 +194,7 @@ def _report_outcome(out) -> None:
         t.add_column("notes")
     for r in out.rows:
         t.add_row(r.metric, _fmt(r.value), {True: "↑", False: "↓"}.get(r.higher_is_better, ""), *([r.notes] if notes else []))
-    console.print(t)
+    print_table(t)
     if out.skipped:
         err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record):")
         for s in out.skipped[:10]:
@@ -346,7 +346,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Measured values beside published ones (with their protocol), plus the open/in-domain gap."""
         from raebench import distributed
-        from raebench.cli import console, err_console
+        from raebench.cli import console, err_console, print_table
         from raebench.compare import compare
         from raebench.leaderboard import compare_bold, gap_table, render, row_best
 
@@ -398,9 +398,9 @@ def register(app: typer.Typer) -> None:
             else:
                 console.print(text, markup=False, highlight=False, soft_wrap=True)
             return
-        console.print(_rich_table(table, title, compare_bold(table)))
+        print_table(_rich_table(table, title, compare_bold(table)))
         if not gtable.empty:
-            console.print(_rich_table(gtable, "domain gap: open-domain minus in-domain (measured; largest n of each)",
+            print_table(_rich_table(gtable, "domain gap: open-domain minus in-domain (measured; largest n of each)",
                                       gbold))
 
     @app.command("leaderboard")
@@ -448,7 +448,7 @@ def register(app: typer.Typer) -> None:
     @app.command("ls")
     def ls_cmd(what: str = typer.Argument(..., help="tokenizers | metrics | datasets | references")) -> None:
         """List registered tokenizers, metrics, datasets or analysis reference encoders (no weights are loaded)."""
-        from raebench.cli import console
+        from raebench.cli import print_table
 
         what = what.lower().rstrip("s")
         if what == "tokenizer":
@@ -456,7 +456,8 @@ def register(app: typer.Typer) -> None:
 
             t = Table(title="tokenizers")
             for c in ("name", "family", "latent (at px)", "dims", "params", "resolutions", "weights"):
-                t.add_column(c)
+                # names whole, weights folded rather than cut to `hf://face…`
+                t.add_column(c, no_wrap=c == "name", overflow="fold" if c in ("weights", "version", "how to supply") else None)
             for s in TOKENIZERS:
                 px = 256 if 256 in s.native_resolutions else s.native_resolutions[0]  # one it accepts
                 shape = s.latent_shape(px)
@@ -472,7 +473,7 @@ def register(app: typer.Typer) -> None:
 
             t = Table(title="metrics")
             for c in ("name", "kind", "better", "version", "description"):
-                t.add_column(c)
+                t.add_column(c, no_wrap=c == "name", overflow="fold" if c in ("weights", "version", "how to supply") else None)
             for s in METRICS:
                 t.add_row(s.name, s.kind, "↑" if s.higher_is_better else "↓", s.version, s.description)
         elif what == "dataset":
@@ -480,7 +481,7 @@ def register(app: typer.Typer) -> None:
 
             t = Table(title="datasets")
             for c in ("name", "domain", "split", "description", "how to supply"):
-                t.add_column(c)
+                t.add_column(c, no_wrap=c == "name", overflow="fold" if c in ("weights", "version", "how to supply") else None)
             for s in DATASETS:
                 how = "bundled" if s.resolve_root else f"--dataset {s.name} --data DIR, or ${s.env_var}: {s.layout}"
                 t.add_row(s.name, s.domain, s.split, s.description, how)
@@ -502,4 +503,4 @@ def register(app: typer.Typer) -> None:
                 t.add_row(s.name, s.description, s.version, weights)
         else:
             raise RaebenchError(f"Unknown list {what!r}; use tokenizers, metrics, datasets or references.")
-        console.print(t)
+        print_table(t)

@@ -42,7 +42,7 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
               flags: tuple[str, str] = ("--references", "--candidates")) -> None:
     """Score with a progress bar and print the table (shared by ``score`` and ``eval --samples``)."""
     from raebench import distributed
-    from raebench.cli import console, err_console
+    from raebench.cli import err_console, print_table
     from raebench.cli.core import _fmt, not_computed_error, progress_bar
     from raebench.evaluate import parse_options
     from raebench.metrics.scoring import score
@@ -71,7 +71,7 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
         t.add_column(c, justify="right" if c == "value" else "left")
     for r in out.rows:
         t.add_row(r.metric, _fmt(r.value), {True: "↑", False: "↓"}.get(r.higher_is_better, ""), r.notes)
-    console.print(t)
+    print_table(t)
     if out.skipped:
         err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record).")
     err_console.print(f"{out.seconds:.1f} s · run {r0.run_id}" + ("" if write else " (not written)"), highlight=False)
