@@ -283,6 +283,13 @@ def test_option_typos_are_errors_also_for_networks_this_run_does_not_use(image_f
     assert code == 0, err
 
 
+def test_eval_help_shows_the_score_command_on_one_line(capsys, monkeypatch):
+    """typer keeps the docstring's line breaks: the command was split after `raebench`."""
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run(["eval", "--help"], capsys)
+    assert code == 0 and "`raebench score --references REF --candidates SAMPLES`" in out
+
+
 def test_tables_into_a_pipe_keep_names_and_numbers_whole(image_folder: Path, tmp_path: Path, capsys, monkeypatch):
     """Into a pipe or a log rich fitted tables to 80 columns: `ls tokenizers` cut names to `rae-dino…`
     and weights to `hf://face…`, `compare` split numbers over two lines. They are printed at their own width."""

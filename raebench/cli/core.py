@@ -277,8 +277,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Reconstruct a dataset with a tokenizer and score it (one pass, all metrics).
 
-        With --samples and --reference it scores generated samples instead, exactly as `raebench
-        score --references REF --candidates SAMPLES` (default metrics fid,sfid,is,precision)."""
+        With --samples and --reference it scores generated samples instead, exactly as
+        `raebench score --references REF --candidates SAMPLES` (default metrics fid,sfid,is,precision)."""
         from raebench import distributed
         from raebench.evaluate import EvalConfig
 
