@@ -317,3 +317,16 @@ def test_tables_into_a_pipe_keep_names_and_numbers_whole(image_folder: Path, tmp
                   for t in ("bicubic-f8", "bicubic-f16", "pixels")]
         line = next(ln for ln in out.splitlines() if f" {metric} " in ln)
         assert all(f" {v} " in line for v in values), (values, out)
+
+
+def test_ctrl_c_in_a_resuming_command_says_that_re_running_continues(image_folder: Path, tmp_path: Path, capsys,
+                                                                      monkeypatch):
+    import raebench.cli.core as core
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(core, "run_eval_with_progress", stop)
+    code, _, err = run(["eval", "-t", "pixels", "--data", str(image_folder), "--device", "cpu",
+                        "--results", str(tmp_path)], capsys)
+    assert code == 130 and "interrupted: run the same command to continue" in " ".join(err.split())

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         _leave_process_group()
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]")
+        err_console.print(f"[yellow]interrupted[/]{_resume_hint(argv)}", highlight=False)
         sys.exit(130)
     except SystemExit:
         raise
@@ -111,8 +111,21 @@ def main(argv: list[str] | None = None) -> None:
         raise
     if isinstance(code, int) and code:  # typer >= 0.29 returns Ctrl-C as exit code 130 instead of raising
         if code == 130:
-            err_console.print("[yellow]interrupted[/]")
+            err_console.print(f"[yellow]interrupted[/]{_resume_hint(argv)}", highlight=False)
         sys.exit(code)
+
+
+#: commands that keep their progress on disk, so that after Ctrl-C the same command continues
+RESUMING = ("eval", "compare", "score", "train", "sample", "cache-latents")
+
+
+def _resume_hint(argv: list[str] | None) -> str:
+    """After Ctrl-C, tell the user of a resuming command that re-running it continues (from the last
+    periodic save: eval and score save every 20 batches); a bare ``interrupted`` left them guessing."""
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    if words and words[0] in RESUMING:
+        return ": run the same command to continue from its last saved progress"
+    return ""
 
 
 def _storage_error(e: OSError) -> bool:
