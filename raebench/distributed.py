@@ -51,8 +51,26 @@ def init(device: torch.device | str | None = None) -> tuple[int, int]:
             torch.cuda.set_device(index)
             bind["device_id"] = torch.device("cuda", index)
         timeout = datetime.timedelta(seconds=_timeout_s())
-        td.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout, **bind)
+        try:
+            td.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout, **bind)
+        except td.DistError as e:
+            if "timed out" not in str(e).lower():
+                raise
+            raise _not_formed(e, timeout.total_seconds()) from e
     return td.get_rank(), td.get_world_size()
+
+
+def _not_formed(e: Exception, seconds: float) -> Exception:
+    """The rendezvous that forms the group timed out: one sentence (torch's is a traceback ending in
+    "Timed out after N seconds waiting for clients. 1/2 clients joined."). Under torchrun on one node
+    its agent stops every rank within a second of one dying, so this is a rank lost before joining
+    under a launcher without one (processes started by hand or by srun), or another node's rank."""
+    from raebench.errors import RaebenchError, first_line
+
+    return RaebenchError(f"rank {os.environ.get('RANK', '?')} waited {seconds:g} s (RAEBENCH_DIST_TIMEOUT_S) for the "
+                         f"other ranks of this job to join and gave up ({first_line(e)}): a rank died or never started "
+                         "(its own error, if it printed one, is in its log); check that every rank was launched with "
+                         "the same MASTER_ADDR/MASTER_PORT and WORLD_SIZE, then re-run the command on every rank.")
 
 
 def _timeout_s() -> float:

@@ -128,3 +128,21 @@ def test_refusals_reach_every_rank_are_printed_once_and_every_rank_exits_2(tmp_p
     said = "holds a run with other settings or data (lr: "
     assert " ".join(r0.stderr.split()).count(said) == 1, r0.stderr[-2000:]
     assert "error" not in r1.stderr, r1.stderr[-2000:]  # said once, by rank 0
+
+
+def test_a_rank_that_never_joins_gives_one_sentence_after_the_timeout(monkeypatch):
+    """Rank 0 of a 2-rank job whose rank 1 died before joining (no torchrun agent to stop it) waits
+    RAEBENCH_DIST_TIMEOUT_S in the rendezvous, then stops with a RaebenchError, not torch's traceback."""
+    import time
+
+    from raebench import distributed
+    from raebench.errors import RaebenchError
+
+    for k, v in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RAEBENCH_DIST_TIMEOUT_S": "1"}.items():
+        monkeypatch.setenv(k, v)
+    t0 = time.monotonic()
+    with pytest.raises(RaebenchError, match=r"rank 0 waited 1 s \(RAEBENCH_DIST_TIMEOUT_S\) for the other ranks"):
+        distributed.init("cpu")
+    assert time.monotonic() - t0 < 30
+    assert not distributed.td.is_initialized()
