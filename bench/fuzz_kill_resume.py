@@ -11,7 +11,9 @@ results folder of `eval`/`score` must still be read by `raebench leaderboard` an
 Kill moments, chosen per kill: `uniform` over the measured uninterrupted duration (start-up
 included), `late` (the last 15 %: final merges and writes), or `on-write` (as soon as a temporary
 file of an atomic write shows up in an output folder, after a random delay: checkpoint, npz, cache
-and results writes).
+and results writes); for torchrun jobs also `rank`: one worker SIGKILLed, not the launcher, whose
+agent must then stop the other rank and exit within RANK_EXIT_BOUND_S (not wait out the collective
+timeout). After every kill and every trial no process naming the trial folder may be left running.
 
     python bench/fuzz_kill_resume.py                      # every job, 12 trials each
     python bench/fuzz_kill_resume.py --jobs eval,sample --trials 20 --seed 3 --keep
@@ -160,7 +162,7 @@ def jobs(work: Path) -> dict:
     }
     # the same commands under torchrun, 2 processes (gloo on the CPU): per-rank states, the merge on rank 0
     tr = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "raebench"]
-    for name in ("eval", "sample", "cache-latents"):
+    for name in ("eval", "sample", "cache-latents", "stage1", "stage2"):
         argv_of, *rest = table[name]
         table[f"{name}-ddp"] = (lambda t, a=argv_of: tr + a(t)[3:], *rest)
     for name in ("eval-pixels-fid", "score", "eval-samples", "cache-latents"):
@@ -222,11 +224,51 @@ def kill_group(p):
     p.wait()
 
 
+def strays(trial: Path) -> list[str]:
+    """Live processes whose command line names the trial folder (a job's leftover: an orphaned
+    torchrun worker, a data-loader worker), as ``pid command``."""
+    mark, out = f"{trial}{os.sep}".encode(), []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except OSError:
+                continue
+            if mark in cmd:
+                out.append(f"{d} {cmd.replace(bytes(1), b' ').decode(errors='replace')[:160]}")
+    return out
+
+
+def workers(launcher: int) -> list[int]:
+    """torchrun's worker processes: the launcher's children with a RANK in their environment."""
+    out = []
+    for pid in descendants(launcher):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(bytes(1))
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == launcher and any(e.startswith(b"RANK=") for e in env):
+            out.append(pid)
+    return sorted(out)
+
+
+#: seconds torchrun may take to stop the job after one worker died: its agent polls the workers
+#: (every 0.1 s), SIGTERMs the others and SIGKILLs them after --shutdown-timeout (30 s by default)
+RANK_EXIT_BOUND_S = 60.0
+
+
 def killed_run(argv, env, trial: Path, outputs, duration: float, mode: str, rng: random.Random, log,
                results: str | None = None) -> dict:
-    """Run argv and SIGKILL its process group at a moment chosen by ``mode``; what happened."""
+    """Run argv and SIGKILL its process group at a moment chosen by ``mode``; what happened.
+
+    ``rank``: SIGKILL one torchrun worker (not the launcher) and let torchrun stop the rest; the
+    launcher must exit within :data:`RANK_EXIT_BOUND_S`, not wait out the collective timeout."""
     runs_before = len(list((trial / results / "runs").glob("*.jsonl"))) if results else 0
-    if mode == "uniform":
+    if mode in ("uniform", "rank"):
         at = rng.uniform(0, duration)
     elif mode == "late":
         at = duration * rng.uniform(0.85, 1.02)
@@ -242,6 +284,9 @@ def killed_run(argv, env, trial: Path, outputs, duration: float, mode: str, rng:
         if p.poll() is not None:
             return {"mode": mode, "at": round(now, 3), "finished": True, "rc": p.returncode}
         if at is not None and now >= at:
+            if mode == "rank" and len(workers(p.pid)) < 2:  # torchrun is still starting them
+                time.sleep(0.01)
+                continue
             break
         if at is None:
             if now > duration * 1.5:  # no write seen: kill anyway
@@ -255,6 +300,26 @@ def killed_run(argv, env, trial: Path, outputs, duration: float, mode: str, rng:
                 break
             continue
         time.sleep(0.002)
+    if mode == "rank":
+        ranks = workers(p.pid)
+        victim = rng.choice(ranks)
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        t1 = time.monotonic()
+        ev = {"mode": mode, "at": round(t1 - t0, 3), "finished": False, "temp": None, "rank": ranks.index(victim)}
+        try:
+            ev["rc"] = p.wait(timeout=RANK_EXIT_BOUND_S)
+            ev["exit_s"] = round(time.monotonic() - t1, 2)
+        except subprocess.TimeoutExpired:
+            ev["problem"] = f"torchrun still running {RANK_EXIT_BOUND_S:.0f} s after one rank was SIGKILLed"
+        kill_group(p)  # whatever torchrun left (nothing, when it works)
+        if ev.get("rc") == 0:  # the job had finished: the victim was exiting
+            ev["finished"] = True
+        elif results is not None and committed(trial / results, runs_before):
+            ev["finished"] = "committed"
+        return ev
     kill_group(p)
     ev = {"mode": mode, "at": round(time.monotonic() - t0, 3), "finished": False, "temp": seen_temp}
     if results is not None and committed(trial / results, runs_before):
@@ -437,6 +502,8 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="work folder, kept (default: a new temporary one, removed when "
                                                   "no defect was found)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--modes", default="uniform,uniform,late,on-write,rank",
+                    help="kill moments drawn from (repeats weigh); `rank` (one torchrun worker) for -ddp jobs only")
     ap.add_argument("--no-readers", action="store_true", help="skip leaderboard/compare after each kill")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="raebench-fuzz-"))
@@ -471,12 +538,23 @@ def main() -> int:
             argv = argv_of(trial)
             events, problems = [], []
             with open(trial / "run.out", "w") as log:
+                ddp = "torch.distributed.run" in argv
+                modes = [m for m in args.modes.split(",") if m != "rank" or ddp] or ["uniform"]
                 for k in range(kills):
-                    mode = rng.choice(["uniform", "uniform", "late", "on-write"])
+                    mode = rng.choice(modes)
                     ev = killed_run(argv, env, trial, outputs, duration, mode, rng, log, results)
                     events.append(ev)
                     if ev.get("finished") is True and ev["rc"] != 0:
                         problems.append(f"run {k + 1} exited {ev['rc']} before its kill")
+                    if ev.get("problem"):
+                        problems.append(f"kill {k + 1}: {ev['problem']}")
+                    if left := strays(trial):
+                        problems.append(f"after kill {k + 1}: processes left running: {left}")
+                        for line in left:  # so that they disturb neither the next run nor other trials
+                            try:
+                                os.kill(int(line.split()[0]), signal.SIGKILL)
+                            except ProcessLookupError:
+                                pass
                     if results and not args.no_readers:
                         problems += [f"after kill {k + 1}: {r}" for r in readers(trial / results, env)]
                 t1 = time.monotonic()
@@ -487,6 +565,8 @@ def main() -> int:
                     kill_group(p)
                     rc = "hang"
                 resume_s = time.monotonic() - t1
+            if left := strays(trial):
+                problems.append(f"processes left running after the completing run: {left}")
             notes = []
             if rc != 0:
                 problems.append(f"resume exited {rc}: {(trial / 'run.out').read_text()[-400:]!r}")
@@ -495,7 +575,9 @@ def main() -> int:
                 problems += found
                 if results:
                     problems += readers(trial / results, env, compare_of(trial) if compare_of else None)
-            desc = ", ".join(f"{e['mode']}@{e['at']:.2f}s" + (f"({'done' if e['finished'] is True else e['finished']})"
+            desc = ", ".join(f"{e['mode']}@{e['at']:.2f}s" + (f"(rank {e['rank']}; exit {e.get('exit_s', '-')} s)"
+                                                               if e["mode"] == "rank" else "")
+                             + (f"({'done' if e['finished'] is True else e['finished']})"
                                                                if e.get("finished") else "")
                              + (f"[{e['temp']}]" if e.get("temp") else "") for e in events)
             status = "ok" if not problems else "DEFECT"
