@@ -576,7 +576,7 @@ def main() -> int:
                 if results:
                     problems += readers(trial / results, env, compare_of(trial) if compare_of else None)
             desc = ", ".join(f"{e['mode']}@{e['at']:.2f}s" + (f"(rank {e['rank']}; exit {e.get('exit_s', '-')} s)"
-                                                               if e["mode"] == "rank" else "")
+                                                               if "rank" in e else "")
                              + (f"({'done' if e['finished'] is True else e['finished']})"
                                                                if e.get("finished") else "")
                              + (f"[{e['temp']}]" if e.get("temp") else "") for e in events)
