@@ -29,7 +29,7 @@ from typing import Callable
 import pandas as pd
 
 from raebench.data import resolve_data
-from raebench.distributed import from_rank0
+from raebench.distributed import from_rank0, rank_world
 from raebench.evaluate import EvalConfig, evaluate, planned
 from raebench.leaderboard import compare_table, domain_gap
 from raebench.metrics.base import sharing_networks
@@ -85,6 +85,94 @@ def missing_metrics(df: pd.DataFrame, tokenizer: str, weights_id: str, metrics: 
         if not ok:
             out.append(m)
     return tuple(out)
+
+
+@dataclass
+class EvalReuse:
+    """What ``raebench eval`` takes from the results folder instead of measuring (:func:`eval_reuse`)."""
+
+    todo: tuple[str, ...]  # metrics to measure now (all of them with recompute)
+    reused: tuple[str, ...]  # metrics whose stored rows stand
+    rows: pd.DataFrame  # those rows (newest per result name, kid-std and the like included), in the order asked
+    order: tuple[str, ...]  # every result name asked for, in order: the table's rows
+
+    @property
+    def runs(self) -> list[tuple[str, str]]:
+        """(run id, date) of the stored rows, oldest first."""
+        if self.rows.empty:
+            return []
+        return list(dict.fromkeys(zip(self.rows["run_id"], self.rows["date"])))
+
+
+def eval_reuse(cfg: EvalConfig, tok, data, recompute: bool = False) -> EvalReuse:
+    """Which metrics of ``cfg`` an ``eval`` re-run measures: those with no stored row of exactly this
+    measurement, by the rule of :func:`compare` (:func:`missing_metrics`: the built tokenizer's weights by
+    content, ``cfg.precision``, the data's name and fingerprint, resolution, seed, metric versions with
+    options, the metric networks' weights), and which stored rows stand for the others; ``recompute``:
+    every metric. Nothing is loaded but the results folder. Under torchrun rank 0 decides for all ranks.
+    An evaluation killed after writing its rows but before removing its resume state left that state:
+    when every row is reused it is removed (:func:`drop_finished_progress`)."""
+    import os
+
+    from raebench.evaluate import check_options, parse_options
+
+    metrics = tuple(dict.fromkeys(cfg.metrics))
+    options = parse_options(os.environ.get("RAEBENCH_METRIC_OPTIONS") if cfg.metric_options is None
+                            else list(cfg.metric_options))
+    check_options(options)  # a mistyped option is an error even when nothing is measured
+    plan = planned(metrics, options)
+    wid = getattr(tok, "weights_id", "none")
+    fp, seed = data.images.fingerprint(), data.seed_of(cfg.seed)
+    decided = None
+    if rank_world()[0] == 0:
+        df = load(cfg.results_dir)
+        todo = metrics if recompute else missing_metrics(df, tok.name, wid, metrics, data.name, fp, cfg.resolution, seed,
+                                                         cfg.precision, plan=plan)
+        reused = tuple(m for m in metrics if m not in todo)
+        have = stored_rows(df, tok.name, wid, data.name, fp, cfg.resolution, seed, cfg.precision) if reused else df.iloc[:0]
+        if not have.empty:  # the newest row of each result name of a reused metric, measured as a row made now would be
+            names = _result_names(reused)
+            ok = [m in names and plan.row_matches(m, v, e) for m, v, e in zip(have["metric"], have["metric_version"],
+                                                                               have["extra"])]
+            have = have[pd.Series(ok, index=have.index, dtype=bool)].drop_duplicates("metric", keep="last")
+        order = tuple(_result_names(metrics))
+        have = have.set_index("metric", drop=False).reindex([m for m in order if m in set(have["metric"])])
+        decided = (todo, reused, have.reset_index(drop=True), order)
+    todo, reused, have, order = from_rank0(decided)
+    out = EvalReuse(tuple(todo), tuple(reused), have, tuple(order))
+    if not out.todo:
+        drop_finished_progress(cfg, data, tok, plan, {r for r, _ in out.runs})
+    return out
+
+
+def drop_finished_progress(cfg: EvalConfig, data, tok, plan, run_ids: set[str]) -> None:
+    """Remove the resume state of this evaluation (every metric of ``cfg``) when it belongs to a finished
+    run, one whose rows are stored (``run_ids``): ``evaluate`` keeps its run id in that state, so a run
+    killed between writing its rows and removing the state is known by it. Rank 0's state decides (only
+    rank 0 writes rows, under its run id; a rank-0 state already gone means the rows were written). Any
+    other state, a ``--recompute`` killed mid-way say, is left for that command to resume; a state whose
+    evaluation is running (its lock held) is left alone."""
+    from raebench.checkpoint import load_state
+    from raebench.errors import CheckpointError, RaebenchError
+    from raebench.eval_progress import WorkState
+    from raebench.evaluate import resume_key
+
+    rank = rank_world()[0]
+    work = WorkState(cfg.results_dir, resume_key(cfg, data, tok, plan), rank)
+    finished = False
+    if rank == 0 and work.dir.is_dir():
+        try:  # the small skeleton file only: the metric states lie in segment files beside it
+            st = load_state(work.path) if work.path.exists() else {}
+            finished = not work.path.exists() or (isinstance(st, dict) and str(st.get("run_id")) in run_ids)
+        except CheckpointError:
+            finished = False
+    if not from_rank0(finished) or not work.dir.is_dir():
+        return
+    try:
+        work.acquire()
+    except RaebenchError:  # held by a job at work on it
+        return
+    work.release(remove=True)
 
 
 def compare(

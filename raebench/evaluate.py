@@ -254,6 +254,29 @@ def check_option_values(spec, opts: dict[str, str]) -> None:
             raise RaebenchError(f"Option {spec.name}.weights is empty; give the weights file or folder.")
 
 
+def check_options(options: dict[str, dict[str, str]]) -> None:
+    """Metric/extractor options (:func:`parse_options`) name known networks, keys and values: one sentence
+    before anything loads (also where every row asked for is stored and nothing is built)."""
+    from raebench.metrics import EXTRACTORS, METRICS
+
+    for target, opts in options.items():
+        if target not in METRICS and target not in EXTRACTORS:
+            names = METRICS.names() + EXTRACTORS.names()
+            close = difflib.get_close_matches(target, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RaebenchError(f"Option {target}.{next(iter(opts))}: no metric or extractor is named {target!r}.{hint} "
+                                f"Extractors: {', '.join(EXTRACTORS.names())}.")
+        spec = METRICS.get(target) if target in METRICS else EXTRACTORS.get(target)
+        # keys and values are checked for every named target: a typo is an error even in a run that
+        # does not use that network (the options of metrics not requested now are then ignored, as one
+        # env var serves many runs)
+        allowed = spec.options  # "device" only where listed: extractors always get the evaluation device
+        bad = sorted(set(opts) - set(allowed))
+        if bad:
+            raise RaebenchError(f"{target} takes no option {', '.join(bad)}; it takes {', '.join(allowed) or 'none'}.")
+        check_option_values(spec, opts)
+
+
 class Evaluator:
     """Builds the metrics and the extractors they share; streams batches through them.
 
@@ -275,28 +298,13 @@ class Evaluator:
         reference: ReferenceSet | None = None,
         cache=None,
     ):
-        from raebench.metrics import EXTRACTORS, METRICS
+        from raebench.metrics import METRICS
         from raebench.metrics.cache import FeatureCache
 
         self.device = torch.device(device)
         self.options = parse_options(os.environ.get("RAEBENCH_METRIC_OPTIONS")) if options is None else options
         self.specs = [METRICS.get(m) for m in dict.fromkeys(metric_names)]
-        for target, opts in self.options.items():
-            if target not in METRICS and target not in EXTRACTORS:
-                names = METRICS.names() + EXTRACTORS.names()
-                close = difflib.get_close_matches(target, names, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise RaebenchError(f"Option {target}.{next(iter(opts))}: no metric or extractor is named {target!r}.{hint} "
-                                    f"Extractors: {', '.join(EXTRACTORS.names())}.")
-            spec = METRICS.get(target) if target in METRICS else EXTRACTORS.get(target)
-            # keys and values are checked for every named target: a typo is an error even in a run that
-            # does not use that network (the options of metrics not requested now are then ignored, as one
-            # env var serves many runs)
-            allowed = spec.options  # "device" only where listed: extractors always get the evaluation device
-            bad = sorted(set(opts) - set(allowed))
-            if bad:
-                raise RaebenchError(f"{target} takes no option {', '.join(bad)}; it takes {', '.join(allowed) or 'none'}.")
-            check_option_values(spec, opts)
+        check_options(self.options)
         # which outputs of which extractor each side needs
         self.ref_needs: dict[str, set[str]] = {}
         self.cand_needs: dict[str, set[str]] = {}
@@ -588,6 +596,12 @@ def _run_key(cfg: EvalConfig, data: ResolvedData, tok, metric_versions: list[str
     })
 
 
+def resume_key(cfg: EvalConfig, data: ResolvedData, tok, plan: Planned) -> str:
+    """The ``results/.work`` folder name of this evaluation's resume state (:func:`_run_key`)."""
+    # options and the metric networks' weights are in the key: progress made with other ones is not resumed
+    return _run_key(cfg, data, tok, sorted(set(plan.versions.values())) + [json.dumps(plan.weights, sort_keys=True)])
+
+
 def evaluate(
     cfg: EvalConfig,
     tokenizer=None,
@@ -622,9 +636,7 @@ def evaluate(
     ev.check_weights(plan)
 
     lo, hi = shard(data.n, rank, world)
-    # options and the metric networks' weights are in the key: progress made with other ones is not resumed
-    key_versions = sorted(set(plan.versions.values())) + [json.dumps(plan.weights, sort_keys=True)]
-    work = WorkState(cfg.results_dir, _run_key(cfg, data, tok, key_versions), rank) if cfg.write else None
+    work = WorkState(cfg.results_dir, resume_key(cfg, data, tok, plan), rank) if cfg.write else None
     skipped: list[Skip] = list(data.images.skipped) if rank == 0 else []
     upscaled: list[str] = []
     nonfinite: list[str] = []

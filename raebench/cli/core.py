@@ -160,50 +160,90 @@ def not_computed_error(failed: dict[str, str], rows, written: bool) -> RaebenchE
                          f"{'were written' if written else 'are above (not written)'}.")
 
 
-def run_eval_with_progress(cfg, label: str):
+def run_eval_with_progress(cfg, label: str, recompute: bool = False):
+    """-> (the outcome of measuring the metrics with no stored row, or None when every row is stored,
+    :class:`raebench.compare.EvalReuse`): ``eval`` reuses stored rows as ``compare`` does."""
+    from dataclasses import replace
+
     from raebench import distributed
+    from raebench.compare import eval_reuse
     from raebench.data import resolve_data
     from raebench.evaluate import build_tokenizer_from_config, check_config, check_data_counts, evaluate, resolve_device
     from raebench.results import check_writable
 
     check_config(cfg)  # bad flags, too few images and an unwritable results folder fail before any model loads
+    unwritable = None
     if cfg.write:
-        check_writable(cfg.results_dir)
+        try:
+            check_writable(cfg.results_dir)
+        except RaebenchError as e:  # a shared read-only folder may hold every row asked for: fail only if one is missing
+            if recompute:
+                raise
+            unwritable = e
     data = resolve_data(cfg.data, cfg.dataset, cfg.limit, cfg.seed, cfg.domain)
     check_data_counts(cfg, data)
-    # build first: a missing weight is one sentence, without a half-drawn progress bar
+    # build first: a missing weight is one sentence, without a half-drawn progress bar; and the stored rows
+    # are of these weights by content, known only once they are found
     tok = build_tokenizer_from_config(cfg, resolve_device(cfg.device))
+    reuse = eval_reuse(cfg, tok, data, recompute=recompute)
+    if not reuse.todo:  # every row stored: no metric network loads, no image is read
+        return None, reuse
+    if unwritable is not None:
+        raise unwritable
+    cfg = replace(cfg, metrics=reuse.todo)
     if not distributed.is_main():
-        return evaluate(cfg, tokenizer=tok, data=data)
+        return evaluate(cfg, tokenizer=tok, data=data), reuse
     # the bar starts with the first finished batch, so an error while building the metrics'
     # networks (a missing Inception file, say) prints as one sentence without a half-drawn bar
     with progress_bar(label) as cb:
-        return evaluate(cfg, tokenizer=tok, on_progress=cb, data=data)
+        return evaluate(cfg, tokenizer=tok, on_progress=cb, data=data), reuse
 
 
-def _report_outcome(out) -> None:
+def _report_outcome(out, reuse=None) -> None:
+    """The table of one ``eval``: the rows measured now (``out``) and those reused (``reuse.rows``), in
+    the order asked, with a line saying which values are stored ones, of which run."""
     from raebench.cli import err_console, print_table
 
-    r0 = out.rows[0]
-    t = Table(title=f"{r0.tokenizer} on {r0.dataset} ({r0.domain}) · {r0.resolution}px · n={out.n_images}")
+    shown = {r.metric: (r.metric, r.value, r.higher_is_better, r.notes) for r in (out.rows if out else [])}
+    old = reuse.rows if reuse is not None else None
+    if old is not None and not old.empty:
+        for _, r in old.iterrows():
+            hib = None if r["higher_is_better"] is None or r["higher_is_better"] != r["higher_is_better"] else bool(r["higher_is_better"])
+            shown.setdefault(r["metric"], (r["metric"], float(r["value"]), hib, str(r["notes"] or "")))
+    order = list(reuse.order) if reuse is not None else []
+    rows = [shown[m] for m in order if m in shown] + [v for m, v in shown.items() if m not in order]
+    first = out.rows[0] if out else old.iloc[0]
+    n = out.n_images if out else int(old["n_images"].max())
+    t = Table(title=f"{first.tokenizer} on {first.dataset} ({first.domain}) · {first.resolution}px · n={n}")
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_column("better", justify="center")
-    notes = any(r.notes for r in out.rows)  # e.g. KID's subset size below 1000, FID's N < d
+    notes = any(r[3] for r in rows)  # e.g. KID's subset size below 1000, FID's N < d
     if notes:
         t.add_column("notes")
-    for r in out.rows:
-        t.add_row(r.metric, _fmt(r.value), {True: "↑", False: "↓"}.get(r.higher_is_better, ""), *([r.notes] if notes else []))
+    for metric, value, hib, note in rows:
+        t.add_row(metric, _fmt(value), {True: "↑", False: "↓"}.get(hib, ""), *([note] if notes else []))
     print_table(t)
-    if out.skipped:
+    if out and out.skipped:
         err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record):")
         for s in out.skipped[:10]:
             err_console.print(f"  {printable(s.path)}: {s.reason}", highlight=False)
         if len(out.skipped) > 10:
             err_console.print(f"  … and {len(out.skipped) - 10} more")
-    if out.nonfinite:
-        err_console.print(f"[red]{len(out.nonfinite)} image(s) gave NaN/Inf and were excluded from every metric.[/]")
-    err_console.print(f"{out.seconds:.1f} s · run {r0.run_id}", highlight=False)
+    elif not out and int(old["skipped"].max()):
+        err_console.print(f"[yellow]{int(old['skipped'].max())} file(s) were skipped[/] when these were measured "
+                          "(listed in the run record).")
+    nonfinite = out.nonfinite if out else int(old["nonfinite"].max())
+    if nonfinite:
+        err_console.print(f"[red]{len(nonfinite) if out else nonfinite} image(s) gave NaN/Inf and were excluded "
+                          "from every metric.[/]")
+    if out:
+        err_console.print(f"{out.seconds:.1f} s · run {first.run_id}", highlight=False)
+    if reuse is not None and reuse.reused:
+        runs = ", ".join(f"run {r} ({d})" for r, d in reuse.runs)
+        what = "these are stored values" if not out else f"{', '.join(reuse.reused)}: stored values"
+        err_console.print(f"{what} of {runs}, not measured again (same weights, data and settings); "
+                          "--recompute measures them again.", highlight=False)
 
 
 def _hib(table, *frames) -> dict:
@@ -272,6 +312,7 @@ def register(app: typer.Typer) -> None:
         decoder: Optional[str] = typer.Option(None, "--decoder", help="RAE: a decoder checkpoint to use instead of the released one."),
         stats: Optional[str] = typer.Option(None, "--stats", help="RAE: latent statistics file (stat.pt)."),
         option: Optional[list[str]] = typer.Option(None, "--option", help="Metric/extractor option NAME.KEY=VALUE, e.g. inception.dtype=float64 (repeatable; default $RAEBENCH_METRIC_OPTIONS)."),
+        recompute: bool = typer.Option(False, "--recompute", help="Measure every metric again instead of showing the rows stored for the same weights, data and settings."),
         samples: Optional[str] = typer.Option(None, "--samples", help="Generation mode: samples (.npz arr_0 or folder) to score against --reference."),
         reference: Optional[str] = typer.Option(None, "--reference", help="With --samples: an ADM reference batch .npz or an image folder."),
     ) -> None:
@@ -317,12 +358,12 @@ def register(app: typer.Typer) -> None:
             weights=weights, decoder=decoder, stats=stats, tokenizer_config=str(tokenizer_config) if tokenizer_config else None,
             metric_options=tuple(option) if option else None, **{k: v for k, v in unset.items() if v is not None},
         )
-        out = run_eval_with_progress(cfg, f"eval {tokenizer or tokenizer_config}")
+        out, reuse = run_eval_with_progress(cfg, f"eval {tokenizer or tokenizer_config}", recompute=recompute)
         main = distributed.is_main()
         if main:
-            _report_outcome(out)
+            _report_outcome(out, reuse)
         distributed.finish()
-        if main and out.failed:
+        if main and out is not None and out.failed:
             raise not_computed_error(out.failed, out.rows, written=cfg.write)
 
     @app.command("compare")
