@@ -171,6 +171,12 @@ def jobs(work: Path) -> dict:
     return table
 
 
+def reuses(job: str) -> bool:
+    """Whether a re-run of ``job`` once finished reuses its stored rows instead of measuring again (eval, not
+    eval --samples or score: README "Results")."""
+    return job.startswith("eval") and not job.startswith("eval-samples")
+
+
 # ---------------------------------------------------------------- running and killing
 
 def walk(root: Path, outputs) -> list[Path]:
@@ -329,7 +335,8 @@ def killed_run(argv, env, trial: Path, outputs, duration: float, mode: str, rng:
 
 def committed(results: Path, runs_before: int) -> bool:
     """Whether an eval/score killed just now had finished: a new run file, and no resume state left
-    (it removes that state last). A re-run then is a new measurement, and adds a run file."""
+    (it removes that state last). A re-run of score then is a new measurement, and adds a run file; one of
+    eval reuses the rows."""
     runs = len(list((results / "runs").glob("*.jsonl"))) if (results / "runs").is_dir() else 0
     work = [f for f in (results / ".work").rglob("*") if f.is_file() and not f.name.endswith(".lock")] \
         if (results / ".work").is_dir() else []
@@ -438,9 +445,9 @@ def compare_file(a: Path, b: Path) -> str | None:
 
 
 def compare_trees(ref: Path, trial: Path, outputs, runs: int = 1) -> tuple[list[str], list[str]]:
-    """(defects, notes): trial outputs against the reference's. ``runs``: result files expected (1, plus
-    one for each killed attempt that had finished before its kill: a finished eval re-run is a new
-    measurement)."""
+    """(defects, notes): trial outputs against the reference's. ``runs``: result files expected (1; for
+    score and eval --samples, plus one for each killed attempt that had finished before its kill: their
+    re-run is a new measurement, where a finished eval's re-run reuses its rows)."""
     ROOTS[:] = [str(ref), str(trial)]
     problems, notes = [], []
     rf = {norm(str(f.relative_to(ref))): f for f in walk(ref, outputs) if not f.name.endswith(".out")}
@@ -571,7 +578,10 @@ def main() -> int:
             if rc != 0:
                 problems.append(f"resume exited {rc}: {(trial / 'run.out').read_text()[-400:]!r}")
             else:
-                found, notes = compare_trees(ref, trial, outputs, 1 + sum(bool(e.get("finished")) for e in events))
+                # a re-run of a finished eval shows its stored rows (no new run file); score and eval --samples
+                # measure again, so a kill after they committed adds a run of the same rows
+                finished = sum(bool(e.get("finished")) for e in events)
+                found, notes = compare_trees(ref, trial, outputs, 1 if reuses(job) else 1 + finished)
                 problems += found
                 if results:
                     problems += readers(trial / results, env, compare_of(trial) if compare_of else None)

@@ -177,7 +177,7 @@ def run_eval_with_progress(cfg, label: str, recompute: bool = False):
         try:
             check_writable(cfg.results_dir)
         except RaebenchError as e:  # a shared read-only folder may hold every row asked for: fail only if one is missing
-            if recompute:
+            if recompute or not any((Path(cfg.results_dir) / "runs").glob("*.jsonl")):  # none stored: before any model
                 raise
             unwritable = e
     data = resolve_data(cfg.data, cfg.dataset, cfg.limit, cfg.seed, cfg.domain)
@@ -213,7 +213,7 @@ def _report_outcome(out, reuse=None) -> None:
     order = list(reuse.order) if reuse is not None else []
     rows = [shown[m] for m in order if m in shown] + [v for m, v in shown.items() if m not in order]
     first = out.rows[0] if out else old.iloc[0]
-    n = out.n_images if out else int(old["n_images"].max())
+    n = out.n_images if out else _most(old, "n_images")
     t = Table(title=f"{first.tokenizer} on {first.dataset} ({first.domain}) · {first.resolution}px · n={n}")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -230,10 +230,10 @@ def _report_outcome(out, reuse=None) -> None:
             err_console.print(f"  {printable(s.path)}: {s.reason}", highlight=False)
         if len(out.skipped) > 10:
             err_console.print(f"  … and {len(out.skipped) - 10} more")
-    elif not out and int(old["skipped"].max()):
-        err_console.print(f"[yellow]{int(old['skipped'].max())} file(s) were skipped[/] when these were measured "
+    elif not out and _most(old, "skipped"):
+        err_console.print(f"[yellow]{_most(old, 'skipped')} file(s) were skipped[/] when these were measured "
                           "(listed in the run record).")
-    nonfinite = out.nonfinite if out else int(old["nonfinite"].max())
+    nonfinite = out.nonfinite if out else _most(old, "nonfinite")
     if nonfinite:
         err_console.print(f"[red]{len(nonfinite) if out else nonfinite} image(s) gave NaN/Inf and were excluded "
                           "from every metric.[/]")
@@ -244,6 +244,13 @@ def _report_outcome(out, reuse=None) -> None:
         what = "these are stored values" if not out else f"{', '.join(reuse.reused)}: stored values"
         err_console.print(f"{what} of {runs}, not measured again (same weights, data and settings); "
                           "--recompute measures them again.", highlight=False)
+
+
+def _most(rows, column: str) -> int:
+    """The largest count in ``column`` of stored rows (0 where rows of older versions lack it)."""
+    import pandas as pd
+
+    return int(pd.to_numeric(rows[column], errors="coerce").fillna(0).max())
 
 
 def _hib(table, *frames) -> dict:
@@ -312,7 +319,7 @@ def register(app: typer.Typer) -> None:
         decoder: Optional[str] = typer.Option(None, "--decoder", help="RAE: a decoder checkpoint to use instead of the released one."),
         stats: Optional[str] = typer.Option(None, "--stats", help="RAE: latent statistics file (stat.pt)."),
         option: Optional[list[str]] = typer.Option(None, "--option", help="Metric/extractor option NAME.KEY=VALUE, e.g. inception.dtype=float64 (repeatable; default $RAEBENCH_METRIC_OPTIONS)."),
-        recompute: bool = typer.Option(False, "--recompute", help="Measure every metric again instead of showing the rows stored for the same weights, data and settings."),
+        recompute: bool = typer.Option(False, "--recompute", help="Measure every metric again instead of showing the rows stored for the same weights, data and settings (--samples always measures)."),
         samples: Optional[str] = typer.Option(None, "--samples", help="Generation mode: samples (.npz arr_0 or folder) to score against --reference."),
         reference: Optional[str] = typer.Option(None, "--reference", help="With --samples: an ADM reference batch .npz or an image folder."),
     ) -> None:
