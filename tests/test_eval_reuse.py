@@ -3,6 +3,7 @@ of `raebench compare`); missing metrics alone are measured; `--recompute` measur
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _cli import run
@@ -182,3 +183,31 @@ def test_a_run_killed_after_its_rows_is_reused_and_its_resume_state_removed(imag
     (res / "runs" / f"{st['run_id']}.jsonl").unlink()  # as if killed before writing its rows
     code, _, err = run(_eval(image_folder, res), capsys)
     assert code == 0 and "stored values" in err and list((res / ".work").glob("*/rank0.pt")), err
+
+
+
+@pytest.mark.parametrize("crop", [True, False])
+def test_a_score_row_named_like_the_tokenizer_is_not_reused(tmp_path, capsys, measured, crop):
+    """`score --name bicubic-f8` over the reference folder of an eval stores rows with the same tokenizer
+    name, weights ("none") and dataset; they measure another candidate set, so an eval of bicubic-f8 must
+    not take them for its own (with no crop, the rows' fingerprint and resolution are the eval's too)."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    res = tmp_path / "res"
+    code, _, err = run(["score", "--references", str(folder), "--candidates", str(folder), "-m", "psnr",
+                        "--name", "bicubic-f8", *(["-r", "32"] if crop else []), "--device", "cpu",
+                        "--results", str(res)], capsys)
+    assert code == 0, err
+    assert (load(res)["candidates_fingerprint"] != "").all()
+    measured.clear()  # score's own pass
+    code, _, err = run(_eval(folder, res, "-m", "psnr"), capsys)
+    assert code == 0, err
+    assert measured == [("psnr",)]  # measured, not the score row's PSNR of identical images (100 dB)
+    rows = load(res)
+    ours = rows[(rows["candidates_fingerprint"] == "") & (rows["metric"] == "psnr")]
+    assert len(ours) == 1 and ours["value"].iloc[0] < 50
