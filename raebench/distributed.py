@@ -41,23 +41,43 @@ def init(device: torch.device | str | None = None) -> tuple[int, int]:
     if not launched():
         return 0, 1
     if not td.is_initialized():
-        if isinstance(device, str):
-            device = local_device(device)  # refuses cuda:N for several ranks of a node first
-            device = None if device == "auto" else torch.device(device)
-        use_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-        bind = {}
-        if use_cuda:
-            index = device.index if device is not None and device.index is not None else _check_local_gpu()
-            torch.cuda.set_device(index)
-            bind["device_id"] = torch.device("cuda", index)
+        # every rank checks its device, then all compare (through torchrun's store: no group yet), so a
+        # device that cannot work is said once and stops every rank together (it was each rank's
+        # sentence or traceback, racing torchrun's stop of the others)
+        backend, bind = before_group(lambda: _plan(device))
         timeout = datetime.timedelta(seconds=_timeout_s())
-        try:
-            td.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout, **bind)
-        except td.DistError as e:
-            if "timed out" not in str(e).lower():
-                raise
-            raise _not_formed(e, timeout.total_seconds()) from e
+        before_group(lambda: _start_group(backend, timeout, bind))
     return td.get_rank(), td.get_world_size()
+
+
+def _plan(device: torch.device | str | None) -> tuple[str, dict]:
+    """The backend and the keywords binding this rank's GPU (see :func:`init`), or one sentence."""
+    from raebench.evaluate import resolve_device
+
+    _timeout_s()  # a bad $RAEBENCH_DIST_TIMEOUT_S is refused with the device's sentences, once
+    if isinstance(device, str):
+        device = local_device(device)  # refuses cuda:N for several ranks of a node first
+        device = None if device == "auto" else resolve_device(device)  # an unknown device, CUDA asked of a CPU build
+    use_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    bind = {}
+    if use_cuda:
+        index = device.index if device is not None and device.index is not None else _check_local_gpu()
+        torch.cuda.set_device(index)
+        bind["device_id"] = torch.device("cuda", index)
+    return ("nccl" if use_cuda else "gloo"), bind
+
+
+def _start_group(backend: str, timeout, bind: dict) -> None:
+    try:
+        td.init_process_group(backend=backend, timeout=timeout, **bind)
+    except Exception as e:  # noqa: BLE001 - torch's RuntimeError/ValueError from the backend, per rank
+        from raebench.errors import RaebenchError, first_line
+
+        if isinstance(e, td.DistError) and "timed out" in str(e).lower():
+            raise _not_formed(e, timeout.total_seconds()) from e
+        raise RaebenchError(f"torchrun's ranks could not form a {backend} process group ({first_line(e, 200)}); check "
+                            "the network settings (MASTER_ADDR, GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME) and --device."
+                            ) from e
 
 
 def _not_formed(e: Exception, seconds: float) -> Exception:
@@ -234,6 +254,35 @@ def on_every_rank(fn):
     """
     if world_size() == 1:
         return fn()
+
+    def gather(mine):
+        outcomes: list = [None] * world_size()
+        td.all_gather_object(outcomes, mine)
+        return outcomes
+
+    return _agree(fn, gather, rank())
+
+
+def before_group(fn):
+    """:func:`on_every_rank` before the process group exists (its device and the group itself), the
+    outcomes exchanged through torchrun's rendezvous store. Without torchrun: just ``fn()``."""
+    if not launched():
+        return fn()
+    rank_, world = _env_rank_world()
+
+    def gather(mine):
+        import pickle
+
+        store, key = _store(), f"outcome/{_next_key()}"
+        store.set(f"{key}/{rank_}", pickle.dumps(mine))
+        return [pickle.loads(store.get(f"{key}/{r}")) for r in range(world)]
+
+    return _agree(fn, gather, rank_)
+
+
+def _agree(fn, gather, my_rank: int):
+    """``fn()`` here, every rank's outcome through ``gather``, and the error every rank then raises
+    (see :func:`on_every_rank`)."""
     from raebench.errors import RaebenchError, first_line
 
     result, err, mine = None, None, None
@@ -243,21 +292,80 @@ def on_every_rank(fn):
         err = e
         mine = (("user", type(e).__module__, type(e).__qualname__, str(e)) if isinstance(e, RaebenchError)
                 else ("fail", f"{type(e).__name__}: {first_line(e)}"))
-    outcomes: list = [None] * world_size()
-    td.all_gather_object(outcomes, mine)
-    failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
+    failed = [(r, o) for r, o in enumerate(gather(mine)) if o is not None]
     if not failed:
         return result
     every_rank = all(o[0] == "user" for _, o in failed)  # else a rank exits with its traceback, not waiting
     if err is not None and mine[0] != "user":
         raise _mark(err, quiet=False, every_rank=False)
     if err is not None:
-        quiet = next(r for r, o in failed if o == mine) != rank()
+        quiet = next(r for r, o in failed if o == mine) != my_rank
     else:
         r, o = failed[0]
         err = _rebuild_error(*o[1:]) if o[0] == "user" else RaebenchError(f"rank {r} stopped: {o[1]}.")
         quiet = True
     raise _mark(err, quiet, every_rank)
+
+
+def _env_rank_world() -> tuple[int, int]:
+    """torchrun's RANK and WORLD_SIZE (a process group need not exist yet)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+_STORE: list = []  # the rendezvous store of this process, once connected (rank 0 may host it)
+_KEYS = [0]
+
+
+def _next_key() -> str:
+    """A key every rank computes alike (the same exchanges in the same order), new per exchange and
+    per torchrun restart (the agent's store outlives the ranks it restarts)."""
+    _KEYS[0] += 1
+    return f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_KEYS[0]}"
+
+
+def _store():
+    """torchrun's key-value store (``env://``: MASTER_ADDR/PORT), under a prefix of raebench's own. Rank 0
+    hosts it where torchrun's agent does not; init_process_group then shares that server (multi-tenant)."""
+    if not _STORE:
+        import datetime
+
+        from raebench.errors import RaebenchError
+
+        try:
+            seconds = _timeout_s()
+        except RaebenchError:  # refused by the set-up this store carries; wait as long as by default
+            seconds = DEFAULT_TIMEOUT_S
+        try:
+            store, _, _ = next(td.rendezvous("env://", timeout=datetime.timedelta(seconds=seconds)))
+        except td.DistError as e:  # rank 0 hosts the store and waits for every rank to connect
+            if "timed out" not in str(e).lower():
+                raise
+            raise _not_formed(e, seconds) from e
+        _STORE.append(td.PrefixStore("raebench", store))
+    return _STORE[0]
+
+
+#: seconds a rank leaving with an error every rank met waits for the others before it exits anyway
+MEET_BEFORE_EXIT_S = 60
+
+
+def meet_before_exit() -> None:
+    """Wait until every rank of the job got here (the ranks leave together with one error: see
+    ``raebench.cli._exit_together``): a barrier of the process group, or before one exists (a usage or
+    device error), a count in the rendezvous store, given up after :data:`MEET_BEFORE_EXIT_S`."""
+    if td.is_available() and td.is_initialized():
+        td.barrier()
+        return
+    if not launched():
+        return
+    import time
+
+    _, world = _env_rank_world()
+    store, key = _store(), f"leaving/{_next_key()}"
+    store.add(key, 1)
+    deadline = time.monotonic() + MEET_BEFORE_EXIT_S
+    while store.add(key, 0) < world and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _rebuild_error(module: str, qualname: str, message: str) -> Exception:

@@ -29,7 +29,24 @@ def fake_torchrun(monkeypatch):
     monkeypatch.setattr(td, "init_process_group", lambda **kw: calls["init"].append(kw))
     monkeypatch.setattr(td, "get_rank", lambda: 1)
     monkeypatch.setattr(td, "get_world_size", lambda: 2)
+    store = _OtherRankFine()
+    monkeypatch.setattr(distributed, "_store", lambda: store)  # the ranks' exchange before the group
     return calls
+
+
+class _OtherRankFine:
+    """torchrun's store as rank 1 sees it before the group forms: rank 0's set-up went fine."""
+
+    def __init__(self):
+        self.data = {}
+
+    def set(self, key, value):
+        self.data[key] = value
+
+    def get(self, key):
+        import pickle
+
+        return self.data.get(key, pickle.dumps(None))
 
 
 @pytest.mark.parametrize("device", ["auto", "cuda", torch.device("cuda"), torch.device("cuda", 1)])

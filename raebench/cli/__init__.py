@@ -13,6 +13,7 @@ import sys
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from raebench.errors import EVERY_RANK, QUIET, RaebenchError, printable
 from raebench.preempt import Preempted
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except RaebenchError as e:
         if not getattr(e, QUIET, False):  # under torchrun: printed by one rank, not by each
-            err_console.print(f"[bold red]error:[/] {printable(str(e))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(printable(str(e)))}", highlight=False, soft_wrap=True)
         if getattr(e, EVERY_RANK, False):
             _exit_together()
         _leave_process_group()
@@ -92,8 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except Exception as e:  # usage errors arrive here with standalone_mode=False
         if isinstance(e, _usage_errors()):
-            e.show()
-            sys.exit(e.exit_code)
+            _usage_error(e)
         if isinstance(e, _aborts()):
             sys.exit(1)
         if _peer_failed(e):  # the failing rank printed its own error: not a second traceback here
@@ -158,13 +158,29 @@ def _exit_together() -> None:
     import signal
 
     try:
-        import torch.distributed as td
+        from raebench import distributed
 
-        if td.is_available() and td.is_initialized():
-            td.barrier()
+        distributed.meet_before_exit()  # before a process group exists (usage, device): through torchrun's store
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # exiting anyway, with our own code
     except Exception:  # noqa: BLE001 - exiting anyway; the error above is what the user needs
         pass
+
+
+def _usage_error(e) -> None:
+    """A usage error (unknown option, bad value, missing argument): every rank of a torchrun job parses
+    the same arguments and meets the same one, so rank 0 prints it and every rank exits with its status
+    (2) together; one process prints it as click does."""
+    import os
+
+    from raebench import distributed
+
+    if not distributed.launched():
+        e.show()
+        sys.exit(e.exit_code)
+    if os.environ.get("RANK", "0") == "0":
+        e.show()
+    _exit_together()
+    sys.exit(e.exit_code)
 
 
 def _leave_process_group() -> None:

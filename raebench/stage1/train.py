@@ -351,8 +351,8 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
     from raebench.stage1.export import export_decoder
     from raebench.stage1.losses import LastLayerTap, adaptive_gan_backward, build_lpips, generator_loss, hinge_d_loss
 
+    distributed.init(str(device))  # an unusable device is refused here, said once under torchrun
     device = resolve_device(distributed.local_device(str(device)))
-    distributed.init(device)
     rank, world = distributed.rank_world()
     device = distributed.pin_cuda(device)  # --device cuda: the current GPU, with its index
     run_dir = Path(run_dir)
