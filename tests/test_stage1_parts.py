@@ -399,3 +399,28 @@ def test_rng_state_leaves_cuda_alone_in_a_process_that_does_not_use_it(monkeypat
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.ones(3, dtype=torch.uint8))
     assert rng_state()["cuda"].tolist() == [1, 1, 1]
+
+
+def test_random_backbone_warnings_are_said_by_rank_0_alone(monkeypatch, caplog):
+    """Under torchrun every rank builds the discriminator and LPIPS alike; the test-only warning about
+    their random weights was printed by each rank."""
+    import logging
+
+    from raebench import distributed
+    from raebench.stage1.config import preset
+    from raebench.stage1.discriminator import build_discriminator
+    from raebench.stage1.losses import build_lpips
+    from raebench.stage2.train import check_labels
+
+    def warned(rank: int) -> list[str]:
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            build_discriminator(preset("tiny"))
+            build_lpips("random")
+            check_labels(torch.tensor([0, 1, 0]), 4, "the cache")  # 2 of 4 classes: a note
+        return [r.getMessage() for r in caplog.records]
+
+    said = warned(0)
+    assert len(said) == 3 and "random weights" in said[0] and "examples of 2 of the model's 4" in said[2], said
+    assert warned(1) == []

@@ -183,6 +183,8 @@ def test_torchrun_two_processes_match_one_process(assets, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "`broadcast_buffers` is deprecated" not in proc.stderr, proc.stderr[-3000:]  # torch 2.14's FutureWarning
+    # what every rank meets alike is said once, by rank 0 (the random backbone's warning was said by each)
+    assert proc.stderr.count("random weights") == 1, proc.stderr[-3000:]
     cfg = _resume_cfg(assets, grad_accum=2)  # the same global batch of 4 as 2 micro-batches in one process
     train(cfg, tmp_path / "one")
     a = load_state(tmp_path / "one" / "checkpoints" / "last.pt")

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from raebench import distributed
 from raebench.errors import CheckpointError, RaebenchError
 from raebench.weights import WeightsSource, resolve
 
@@ -207,7 +208,7 @@ def build_discriminator(cfg) -> DinoDiscriminator:
                 f"shape mismatches {sorted(bad)[:3]}."
             )
         backbone.load_state_dict(sd)
-    else:
+    elif distributed.is_main():  # every rank builds it alike: said once under torchrun
         log.warning("discriminator backbone has random weights (disc_weights=random): for tests only")
     return DinoDiscriminator(backbone, cfg.disc_key_blocks, cfg.disc_kernel_size, cfg.disc_norm_eps, cfg.disc_input_size)
 

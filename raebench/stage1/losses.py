@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raebench import distributed
 from raebench.errors import CheckpointError, MissingWeightsError
 from raebench.weights import WeightsSource, resolve
 
@@ -75,7 +76,8 @@ def build_lpips(weights: str | os.PathLike | None = None) -> nn.Module:
                 ) from None
         _load_vgg_features(model.net, path)
     else:
-        log.warning("LPIPS backbone has random weights (lpips_weights=random): for tests only")
+        if distributed.is_main():  # every rank builds it alike: said once under torchrun
+            log.warning("LPIPS backbone has random weights (lpips_weights=random): for tests only")
         with torch.random.fork_rng(devices=[]):  # the same random backbone in every process and run
             torch.manual_seed(0)
             for m in model.net.modules():

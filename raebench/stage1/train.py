@@ -44,6 +44,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -439,6 +440,9 @@ def _train(cfg: Stage1Config, run_dir: str | os.PathLike, device: str = "auto") 
 
     ddp = PixelDecoder(tok)
     if world > 1:
+        if rank:  # torch warns once per process when a micro-batch of 1 gives the cls token's gradient a
+            # strided view (a copy into DDP's bucket): alike on every rank, so rank 0 alone says it
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         ddp = nn.parallel.DistributedDataParallel(
             ddp, device_ids=[device.index] if device.type == "cuda" else None, **distributed.no_buffer_sync()
         )

@@ -379,7 +379,8 @@ def check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
         raise DataError(f"{where} has labels up to {hi}, more than --num-classes {num_classes} covers; "
                         f"set --num-classes {hi + 1}.")
     seen = int(torch.unique(labels).numel())
-    if seen < num_classes:  # legal (a subset of a label space), but `sample` draws every class
+    if seen < num_classes and distributed.is_main():  # legal (a subset of a label space), but `sample` draws
+        # every class; every rank reads the same labels: said once under torchrun
         log.warning("%s has examples of %d of the model's %d classes (--num-classes); the others are never "
                     "trained, and `raebench sample --label-sampling equal` draws them all (pass --num-classes %d "
                     "there to sample only the first %d).", where, seen, num_classes, hi + 1, hi + 1)
