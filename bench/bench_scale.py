@@ -14,6 +14,12 @@
   of ``raebench reconstruct``'s writing of its npz files (fresh processes, ``ru_maxrss``).
 * ``reconstruct``: peak memory of ``raebench reconstruct --references --no-png`` (identity
   tokenizer) over N images, in a fresh process.
+* ``features``: precision/recall, density/coverage and KID asked together (three metrics that keep
+  both sides' Inception pool features whole), fed N random 2048-d features per side in batches as
+  the evaluator dispatches them (one batch object to every metric), saved every 20 batches as
+  ``WorkState`` does: peak RSS of that process (VmHWM) and what the features add to it, the bytes
+  the saves wrote, the resume files' size, and the peak RSS of a fresh process that loads them and
+  merges them into fresh metrics (a resume). The metrics' ``compute()`` is not run (N² on the CPU).
 * ``folder``: ``scan_folder`` and the data fingerprint over N small files, warm and cold (pages
   dropped with ``posix_fadvise``), per file.
 """
@@ -80,6 +86,79 @@ def _wchar() -> int:
     """Bytes this process has passed to write() so far (Linux /proc/self/io)."""
     with open("/proc/self/io") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("wchar"))
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def _features_feed(n: int, root: str, batch: int, save_every: int, metrics: tuple[str, ...]) -> dict:
+    """In a fresh process: ``metrics`` fed N random pool features per side, saved as eval saves them."""
+    from raebench.eval_progress import WorkState
+    from raebench.metrics import METRICS, MetricBatch
+
+    ms = [METRICS.get(m).build() for m in metrics]
+    work = WorkState(root, "bench", 0)
+    work.acquire()
+    g = torch.Generator().manual_seed(0)
+    base = _status_kib("VmRSS")
+    written, saves = 0, 0
+    for i, start in enumerate(range(0, n, batch)):
+        k = min(batch, n - start)
+        feats = {"inception": ({"pool": torch.randn(k, 2048, generator=g)}, {"pool": torch.randn(k, 2048, generator=g)})}
+        b = MetricBatch(reference=None, candidate=None, features=feats)  # one batch for every metric, as _dispatch
+        for m in ms:
+            m.update(b)
+        if (i + 1) % save_every == 0 or start + k == n:
+            before = _wchar()
+            work.save({"done": start + k, "metrics": [m.state() for m in ms]})
+            written += _wchar() - before
+            saves += 1
+    work.release(remove=False)
+    return {"n": n, "saves": saves, "peak_rss_MB": _status_kib("VmHWM") / 1024,
+            "features_rss_MB": (_status_kib("VmRSS") - base) / 1024, "written_MB": written / 2**20}
+
+
+def _features_resume(n: int, root: str, metrics: tuple[str, ...]) -> dict:
+    """In a fresh process: the saved state loaded and merged into fresh metrics (what a resume does)."""
+    from raebench.eval_progress import WorkState
+    from raebench.metrics import METRICS
+
+    ms = [METRICS.get(m).build() for m in metrics]
+    base = _status_kib("VmRSS")
+    work = WorkState(root, "bench", 0)
+    st = work.load()
+    assert st is not None and st["done"] == n
+    for m, s in zip(ms, st["metrics"]):
+        m.merge(s)
+    del st
+    # the resume files are memory-mapped: pages count in the RSS once read, as compute() reads them all
+    kept = {t.untyped_storage().data_ptr(): t for m in ms for v in m.state().values() if isinstance(v, list) for t in v}
+    for m in ms:
+        for v in m.state().values():
+            for t in v if isinstance(v, list) else ():
+                t.sum()
+    held = sum(t.untyped_storage().nbytes() for t in kept.values())
+    return {"resume_peak_rss_MB": _status_kib("VmHWM") / 1024, "resume_rss_MB": (_status_kib("VmRSS") - base) / 1024,
+            "resume_held_MB": held / 2**20}
+
+
+def bench_features(n: int, batch: int = 64, save_every: int = 20, metrics=("precision", "density", "kid")) -> dict:
+    import json
+
+    here = str(Path(__file__).resolve().parent)
+    with tempfile.TemporaryDirectory(prefix="raebench-features-") as root:
+        out = {}
+        for call in (f"_features_feed({n}, {root!r}, {batch}, {save_every}, {metrics!r})",
+                     f"_features_resume({n}, {root!r}, {metrics!r})"):
+            code = f"import json, sys\nsys.path.insert(0, {here!r})\nimport bench_scale as b\nprint(json.dumps(b.{call}))"
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+            if res.returncode:
+                raise RuntimeError(res.stderr)
+            out.update(json.loads(res.stdout.strip().splitlines()[-1]))
+        out["on_disk_MB"] = _dir_bytes(Path(root) / ".work") / 2**20
+    return out
 
 
 def _child(code: str) -> float:
@@ -173,7 +252,7 @@ def bench_folder(n: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("resume", "npz", "reconstruct", "folder"))
+    ap.add_argument("what", choices=("resume", "npz", "reconstruct", "folder", "features"))
     ap.add_argument("--n", type=int, nargs="+", default=[1280, 5120])
     ap.add_argument("--res", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
@@ -184,6 +263,8 @@ def main() -> None:
             r = bench_resume(n, args.batch)
         elif args.what == "npz":
             r = bench_npz(n, args.res, args.batch)
+        elif args.what == "features":
+            r = bench_features(n, args.batch)
         elif args.what == "reconstruct":
             r = bench_reconstruct(n, args.res, args.batch)
         else:
