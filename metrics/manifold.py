@@ -9,7 +9,8 @@ Density/coverage (Naeem et al. 2020, the prdc package's definition, k = 5), refe
     density  = 1/(k·M) Σ_j Σ_i 1[d(cand_j, ref_i) < r_i]
     coverage = 1/N Σ_i 1[min_j d(ref_i, cand_j) < r_i]
 
-Features are kept whole (float32, CPU); distances are computed in float64 blocks
+Features are kept whole (float32, CPU; one copy for every metric that reads them, KID included);
+distances are computed in float64 blocks
 (:mod:`raebench.metrics.neighbours`), never as an N × N matrix.
 """
 
@@ -22,7 +23,8 @@ from raebench.metrics.base import Metric, MetricBatch, MetricSpec, register_metr
 
 
 class _TwoSetFeatures(Metric):
-    """Keeps one extractor output of both sides whole (lists of (n, d) float32 CPU tensors)."""
+    """Keeps one extractor output of both sides whole (lists of (n, d) float32 CPU tensors), shared
+    with every other metric of the batch that keeps the same output (:meth:`MetricBatch.kept`)."""
 
     feature = "inception/pool"
 
@@ -38,11 +40,11 @@ class _TwoSetFeatures(Metric):
         self.cand: list = []
 
     def update(self, batch: MetricBatch) -> None:
-        ref, cand = batch.features.get(self.extractor, (None, None))
-        if ref is not None:
-            self.ref.append(ref[self.output].detach().to("cpu", copy=True))
-        if cand is not None:
-            self.cand.append(cand[self.output].detach().to("cpu", copy=True))
+        # the batch's one copy, shared with the other metrics that keep these features (MetricBatch.kept)
+        for kept, side in ((self.ref, 0), (self.cand, 1)):
+            x = batch.kept(self.extractor, self.output, side)
+            if x is not None:
+                kept.append(x)
 
     def _both(self):
         """(references, candidates) as (N, d) tensors on ``self.device``, each side holding

@@ -167,6 +167,42 @@ def test_evaluator_shards_merge_to_the_single_pass(stand_in_extractors, make_ima
         assert got[k] == pytest.approx(whole[k], rel=1e-6, abs=1e-9), k
 
 
+def test_metrics_reading_the_same_features_keep_one_copy_saved_once_and_resumed_shared(
+        stand_in_extractors, make_images, tmp_path):
+    from raebench.eval_progress import WorkState
+
+    knn = ("precision", "density", "kid")
+    ref, cand = make_images(40, 24, 24, seed=5), make_images(40, 24, 24, seed=6)
+
+    def saved(ev, key):  # a resume save of ev's states: (its segment's size, its WorkState)
+        work = WorkState(tmp_path, key, 0)
+        work.acquire()
+        work.save({"metrics": ev.states()})
+        (seg,) = work.dir.glob("rank0.seg-*.pt")
+        return seg.stat().st_size, work
+
+    def storages(e):  # per metric: the storage of every kept feature tensor, both sides in order
+        return [[t.untyped_storage().data_ptr() for t in m.ref + m.cand] for m in e.metrics]
+
+    ev = _run(ref, cand, 8, knn)
+    held = storages(ev)
+    assert held[0] == held[1] == held[2] and len(set(held[0])) == 10  # 5 batches x 2 sides, one copy
+    size, work = saved(ev, "all")
+    size_alone, alone_work = saved(_run(ref, cand, 8, ("precision",)), "alone")
+    alone_work.release(remove=True)
+    assert size < 1.3 * size_alone  # the features once, not three times
+    resumed = Evaluator(knn, torch.device("cpu"), options={})
+    resumed.merge(WorkState(tmp_path, "all", 0).load()["metrics"])
+    again = storages(resumed)
+    assert again[0] == again[1] == again[2]
+    work.release(remove=True)
+    # the same numbers, bit for bit, as each metric keeping features alone
+    alone = {k: v for m in knn for k, v in _run(ref, cand, 8, (m,)).compute()[0].items()}
+    for e in (ev, resumed):
+        got = e.compute()[0]
+        assert {k: got[k] for k in alone} == alone
+
+
 def test_evaluator_excludes_rows_and_one_sided_batches(stand_in_extractors, make_images):
     ref, cand = make_images(20, 24, 24, seed=5), make_images(20, 24, 24, seed=6)
     keep = torch.arange(20) % 3 != 0
