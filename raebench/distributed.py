@@ -193,11 +193,25 @@ def gather_to_rank0(obj) -> list | None:
 
     For state only rank 0 reads (metric states before :func:`on_rank0`): the other ranks do not
     receive and unpickle every rank's per-image features, as ``all_gather_object`` made them do.
+    ``obj`` travels as ``torch.save`` writes it (tensors, numbers, strings, containers; loaded with
+    ``weights_only``): a storage that several lists share (the Inception features precision, density
+    and KID keep together) is sent once and arrives shared, where pickle would send and rebuild one
+    copy per list.
     """
     if world_size() == 1:
         return [obj]
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     out: list | None = [None] * world_size() if rank() == 0 else None
-    td.gather_object(obj, out, dst=0)
+    td.gather_object(buf.getvalue(), out, dst=0)
+    del buf
+    if out is None:
+        return None
+    for i, data in enumerate(out):  # each rank's bytes dropped once loaded
+        out[i] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        del data
     return out
 
 

@@ -234,6 +234,15 @@ else:
     sys.exit("no error")
 got = distributed.gather_to_rank0({"rank": r})
 assert got == ([{"rank": 0}, {"rank": 1}] if r == 0 else None), (r, got)
+import torch
+kept = torch.full((3, 4), float(r))  # one tensor kept by three metrics' states: sent once, arrives shared
+# each state holds its own tensor object over that storage, as Metric.state() returns them (t.detach())
+got = distributed.gather_to_rank0([{"ref": [kept.detach()]}, {"ref": [kept.detach()]}, {"ref": [kept.detach()], "n": 3}])
+if r == 0:
+    for k, states in enumerate(got):
+        held = [st["ref"][0] for st in states]
+        assert all(torch.equal(t, torch.full((3, 4), float(k))) for t in held) and states[2]["n"] == 3, states
+        assert len({t.untyped_storage().data_ptr() for t in held}) == 1, "three copies"
 distributed.finish()
 sys.stdout.write(f"ok{r}\\n")  # one write: the two ranks share the pipe
 sys.stdout.flush()
