@@ -143,6 +143,11 @@ def jobs(work: Path) -> dict:
         "score": (lambda t: rb + ["score", "--references", str(work / "refs"), "--candidates", str(work / "cands"),
                                   "-m", "psnr,ssim,fid", "-b", "1", "--results", str(t / "res"), "--device", "cpu"],
                   ["res", "cache"], "res", None),
+        # three metrics that keep one shared copy of both sides' Inception features (MetricBatch.kept)
+        "score-knn": (lambda t: rb + ["score", "--references", str(work / "refs"), "--candidates", str(work / "cands"),
+                                      "-m", "precision,density,kid", "-b", "1", "--results", str(t / "res"),
+                                      "--device", "cpu"],
+                      ["res", "cache"], "res", None),
         "eval-samples": (lambda t: rb + ["eval", "--samples", str(work / "cands.npz"), "--reference",
                                          str(work / "refs"), "-r", "32", "-m", "fid,kid", "-b", "1", "--results",
                                          str(t / "res"), "--device", "cpu"],
@@ -165,7 +170,7 @@ def jobs(work: Path) -> dict:
     for name in ("eval", "sample", "cache-latents", "stage1", "stage2"):
         argv_of, *rest = table[name]
         table[f"{name}-ddp"] = (lambda t, a=argv_of: tr + a(t)[3:], *rest)
-    for name in ("eval-pixels-fid", "score", "eval-samples", "cache-latents"):
+    for name in ("eval-pixels-fid", "score", "score-knn", "eval-samples", "cache-latents"):
         argv_of, *rest = table[name]
         table[f"{name}-eager"] = (lambda t, a=argv_of: [PY, "-c", EAGER] + a(t)[3:], *rest)
     return table
