@@ -78,6 +78,12 @@ def test_ssim_rejects_too_small_images():
         ssim_per_image(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), backend="torch")
     with pytest.raises(ValueError):
         ssim_per_image(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
+    # the evaluator's own size check (min_image_side) is scikit-image's window: 2 * int(3.5 * 1.5 + 0.5) + 1 = 11
+    # taps for sigma 1.5; a 10 px image passes neither, an 11 px one both
+    assert METRICS.get("ssim").min_image_side == 11
+    structural_similarity(np.zeros((11, 11)), np.zeros((11, 11)), gaussian_weights=True, sigma=1.5, data_range=1.0)
+    with pytest.raises(ValueError):
+        structural_similarity(np.zeros((10, 10)), np.zeros((10, 10)), gaussian_weights=True, sigma=1.5, data_range=1.0)
 
 
 def test_state_merge_reproduces_single_pass():

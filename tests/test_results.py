@@ -283,3 +283,28 @@ def test_the_metric_networks_weights_are_part_of_a_measurement(tmp_path: Path):
     nets = dict(zip(df["value"], df["metric_networks"]))
     assert len(nets[5.0]) == 12 and nets[5.0] != nets[7.0] and nets[30.0 if 30.0 in nets else 31.0] == ""
     assert nets[0.5] == ""
+
+
+# Each column that identifies a measurement, with a second value for it. Written out here, not read
+# from KEY_COLUMNS: a column dropped from the key must make this test fail (bench/mutants.py checks it).
+_KEY_VARIANTS = {
+    "tokenizer": "other-tokenizer", "weights_id": "sha256:other", "precision": "bf16", "dataset": "other-data",
+    "split": "val", "resolution": 256, "n_images": 4, "seed": 1, "metric": "ssim", "metric_version": "v2",
+    "data_fingerprint": "fp-other", "candidates_fingerprint": "cand-other",
+}
+
+
+@pytest.mark.parametrize("column", sorted(_KEY_VARIANTS))
+def test_rows_differing_in_any_one_key_column_are_two_measurements(tmp_path: Path, column: str):
+    """latest=True keeps the newest row per measurement: two rows that differ only in one identifying
+    column (another seed, another data set, another metric version ...) are both kept, while a rerun of
+    the same measurement (the same key, another value) replaces the older row."""
+    base = _row(value=1.0)
+    other = _row(value=2.0)
+    setattr(other, column, _KEY_VARIANTS[column])
+    assert getattr(other, column) != getattr(base, column)
+    write_rows([base], tmp_path)
+    write_rows([other], tmp_path)
+    assert sorted(load(tmp_path)["value"]) == [1.0, 2.0], f"rows differing in {column} were merged into one"
+    write_rows([_row(value=3.0)], tmp_path)  # the same key as ``base``: a rerun replaces it
+    assert sorted(load(tmp_path)["value"]) == [2.0, 3.0]
