@@ -51,6 +51,20 @@ def test_to_uint8_rounds_not_truncates():
     assert to_uint8(x).tolist() == [0, 1, 0, 255, 255, 0]
 
 
+def test_to_uint8_equals_torchvisions_save_image():
+    """The whole range against torchvision's ``save_image`` (the quantisation DiT's sampler writes),
+    read back from its PNG: every level k/255 maps to k and random values agree exactly."""
+    from torchvision.utils import save_image
+
+    x = torch.cat([torch.arange(256) / 255.0, torch.rand(3 * 16 * 16 - 256, generator=torch.Generator().manual_seed(0))])
+    x = x.view(3, 16, 16)
+    buf = io.BytesIO()
+    save_image(x, buf, format="png")
+    ref = torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()).permute(2, 0, 1)
+    assert torch.equal(to_uint8(x), ref)
+    assert to_uint8(torch.arange(256) / 255.0).tolist() == list(range(256))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_to_uint8_refuses_nan_and_inf(bad):
     """Casting NaN to uint8 is undefined (0 on this CPU, Inf clamped to 255): an 8-bit image made of a
