@@ -241,6 +241,37 @@ def test_non_finite_samples_are_refused_not_written_as_black_images(tmp_path):
         assert not out.exists() and len(list((tmp_path / ".s.npz.parts").glob("b*.npz"))) == 3
 
 
+def test_non_finite_refusal_names_the_samples_their_labels_seed_and_what_to_try(tmp_path):
+    """The refusal said only how many samples were NaN; now it names the first few (position in the sample
+    file, class label, batch), the seed and batch size that draw them again, and what to try (a lower
+    --cfg-scale when guided, no --tf32 when it was on, the checkpoint)."""
+    import re
+
+    from raebench.errors import NonFiniteError
+
+    y = class_labels(12, 4, seed=0)
+    sample_fn, decode = fake_fns([])
+    nan_at = {1: [0, 2], 3: [1]}  # batch -> samples of it (batches of 3)
+
+    def nan_here(noise, labels):
+        z = sample_fn(noise, labels)
+        for i in nan_at.get(nan_here.calls, []):
+            z[i, 0, 0, 0] = float("nan")
+        nan_here.calls += 1
+        return z
+
+    nan_here.calls = 0
+    with pytest.raises(NonFiniteError) as e:
+        generate_npz(nan_here, decode, tmp_path / "s.npz", y, (4, 2, 2), batch_size=3, seed=5,
+                     settings={"cfg_scale": 4.0, "tf32": True})
+    msg = " ".join(str(e.value).split())
+    want = [(b * 3 + i, int(y[b * 3 + i]), b) for b, at in sorted(nan_at.items()) for i in at]
+    assert re.findall(r"sample #(\d+) \(class (\d+), batch (\d+)\)", msg) == [tuple(map(str, w)) for w in want], msg
+    assert msg.startswith("3 of 12 samples decoded to non-finite values"), msg
+    assert "--seed 5 --batch-size 3" in msg and "a lower --cfg-scale (this run: 4)" in msg and "drop --tf32" in msg, msg
+    assert "checking the checkpoint" in msg and not (tmp_path / "s.npz").exists()
+
+
 def test_merge_streams_the_parts_into_the_npz(tmp_path):
     """rank 0's merge holds one part at a time, not every sample (39 GB for 50k at 512 px), and writes
     the arrays np.savez would: the same member bytes."""

@@ -214,11 +214,13 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
             with torch.random.fork_rng(devices=[]):  # stochastic samplers (SDE) draw from the global CPU RNG:
                 torch.manual_seed(_step_noise_seed(seed, b))  # seeded per batch, so reruns and resumes repeat
                 img = decode(sample_fn(noise, y.to(device)))  # (B, 3, H, W) float in [0, 1]
-            bad = int((~torch.isfinite(img).flatten(1).all(1)).sum())  # counted here, refused at the merge (all ranks)
+            # which samples of the batch hold NaN/Inf: recorded here, refused at the merge (all ranks), where
+            # their indices and labels are named so that a user can look at them
+            at = (~torch.isfinite(img).flatten(1).all(1)).nonzero().flatten().cpu().numpy().astype(np.int64)
             # NaN/Inf have no 8-bit value: zeros here, never used (the merge refuses a run that has any)
-            img = torch.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0) if bad else img
+            img = torch.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0) if len(at) else img
             save_npz_atomic(part, images=to_uint8(img, quantize).permute(0, 2, 3, 1).cpu().numpy(), labels=y.numpy(),
-                            nonfinite=np.array(bad))
+                            nonfinite=np.array(len(at)), nonfinite_at=at)
             if progress:
                 progress(done, len(mine))
             signum = preempt.local()
@@ -251,18 +253,22 @@ def _merge(parts: Path, out: Path, run: dict, n: int, num_batches: int) -> None:
     # open files): labels, counts and the image shape first, then the images streamed into the npz,
     # so peak memory is one part, not the samples (39 GB for 50k at 512 px)
     labs, bad, first = [], 0, None  # first: (image shape, dtype)
+    where: list[tuple[int, int | None, int]] = []  # (batch, index in the run or None, label or None) of bad samples
     for b in range(num_batches):
         with np.load(parts / f"b{b:07d}.npz") as a:
             labs.append(a["labels"])
-            bad += int(a["nonfinite"]) if "nonfinite" in a.files else 0  # parts of raebench before the count: 0
+            k = int(a["nonfinite"]) if "nonfinite" in a.files else 0  # parts of raebench before the count: 0
+            bad += k
+            if k and len(where) < _NAMED:
+                at = a["nonfinite_at"] if "nonfinite_at" in a.files else None  # parts before the indices: the batch
+                where += ([(b, None, None)] if at is None else
+                          [(b, b * run["batch_size"] + int(i), int(a["labels"][i])) for i in at])
             if first is None:
                 first = a["images"].shape[1:], a["images"].dtype
     if bad:
         from raebench.errors import NonFiniteError
 
-        raise NonFiniteError(f"{bad} of {n} samples decoded to non-finite values (NaN/Inf): the model or the decoder "
-                             f"diverged, or a checkpoint is damaged. No sample file was written; the parts stay in "
-                             f"{parts} (delete that folder to sample again).")
+        raise NonFiniteError(_nonfinite_message(bad, n, where[:_NAMED], run, parts))
     labs = np.concatenate(labs).astype(np.int64)
     out.parent.mkdir(parents=True, exist_ok=True)
     from raebench.metrics.sources import SETTINGS_KEY
@@ -280,6 +286,28 @@ def _merge(parts: Path, out: Path, run: dict, n: int, num_batches: int) -> None:
                              **{SETTINGS_KEY: np.array(json.dumps(meta))})
     shutil.rmtree(parts, ignore_errors=True)
     log.debug("wrote %d samples to %s", n, out)
+
+
+#: how many non-finite samples the refusal names
+_NAMED = 5
+
+
+def _nonfinite_message(bad: int, n: int, where: list, run: dict, parts: Path) -> str:
+    """The refusal of a run with NaN/Inf samples: the first ones (index in the run, class label, batch), how
+    to draw them again, and what to try."""
+    named = ", ".join(f"some in batch {b}" if i is None else f"sample #{i} (class {y}, batch {b})" for b, i, y in where)
+    more = f" and {bad - len(where)} more" if bad > len(where) and all(i is not None for _, i, _ in where) else ""
+    tries = []
+    if isinstance(run.get("cfg_scale"), (int, float)) and run["cfg_scale"] > 1:
+        tries.append(f"a lower --cfg-scale (this run: {run['cfg_scale']:g})")
+    if run.get("tf32"):
+        tries.append("full float32 (drop --tf32)")
+    tries.append("checking the checkpoint and the decoder (a model that diverged in training, or a damaged file)")
+    return (f"{bad} of {n} samples decoded to non-finite values (NaN/Inf): {named}{more} (#: the position in the sample "
+            f"file, from 0). Batch b starts from "
+            f"noise seeded by (--seed, b), so the same command (--seed {run.get('seed')} --batch-size "
+            f"{run.get('batch_size')}, same --num and labels) draws them again. Try {'; '.join(tries)}. No sample file "
+            f"was written; the parts stay in {parts} (delete that folder to sample again).")
 
 
 def save_grid(npz: str | os.PathLike, png: str | os.PathLike, n: int = 64) -> Path:
