@@ -188,6 +188,36 @@ def refuse(message: str | None, cls: type | None = None) -> None:
         raise _mark((cls or RaebenchError)(message), quiet=rank() != 0)
 
 
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each of ``flags`` or-ed over every rank (one small all-reduce; one process: the flags). For loops whose
+    ranks must stop together: a rank that alone stopped would leave the others waiting in their next collective."""
+    if world_size() == 1:
+        return tuple(bool(f) for f in flags)
+    on = torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=on)
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
+def refuse_first(message: str | None, cls: type | None = None) -> None:
+    """Raise the lowest rank's ``message`` that is not None as ``cls`` (default
+    :class:`~raebench.errors.RaebenchError`) on every rank; return when no rank has one. Every rank must call
+    it (:func:`any_rank` tells them when): unlike :func:`refuse`, any rank may hold the reason (its shard of
+    the data). Printed once, by rank 0; every rank exits with status 2."""
+    from raebench.errors import RaebenchError
+
+    cls = cls or RaebenchError
+    if world_size() == 1:
+        if message is not None:
+            raise cls(message)
+        return
+    said: list = [None] * world_size()
+    td.all_gather_object(said, message)
+    first = next((m for m in said if m is not None), None)
+    if first is not None:
+        raise _mark(cls(first), quiet=rank() != 0)
+
+
 def gather_to_rank0(obj) -> list | None:
     """Every rank's ``obj`` in rank order on rank 0, None on the others (one process: ``[obj]``).
 

@@ -146,3 +146,50 @@ def test_normalise_and_denormalise_are_the_official_formulas_for_small_variances
     scale = torch.sqrt(var.double() + 1e-5)
     torch.testing.assert_close(stats.normalize(x).double(), (x.double() - mean.double()) / scale, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats.denormalize(x).double(), x.double() * scale + mean.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_stats_stops_at_the_first_batch_with_nan_latents_naming_the_image(image_folder, tmp_path, monkeypatch, capsys):
+    """An encoder giving NaN ran the whole pass and then failed with "Latent statistics hold a negative or
+    non-finite variance or mean"; now the pass stops at the first batch whose latents hold NaN/Inf, naming its
+    image, and writes nothing."""
+    from raebench.cli import rae_cmds
+    from raebench.data import resolve_data
+    from _cli import run
+
+    images = resolve_data(str(image_folder), None, None, 0).images
+    order = [str(p) for p in images.paths]
+    poisoned = 5  # the sixth image in data order: batch 2 of batches of 2
+    seen = []
+
+    def encoder(x):  # (B, 3, 16, 16) -> (B, 3, 4, 4); NaN for the poisoned image (recognised by its pixels)
+        seen.append(len(x))
+        z = x[:, :, :4, :4].clone()
+        z[(x.flatten(1) - ref.flatten()).abs().amax(1) < 1e-6] = float("nan")
+        return z
+
+    from raebench.data import ImageDataset, to_float
+
+    ref = to_float(ImageDataset(images, 16)[poisoned]["image"])
+    monkeypatch.setattr(rae_cmds, "feature_extractor", lambda **kw: (encoder, "nan-encoder"))
+    out = tmp_path / "stat.pt"
+    code, _, err = run(["stats", "--encoder", "x", "--data", str(image_folder), "-r", "16", "-b", "2", "--out", str(out),
+                        "--device", "cpu"], capsys)
+    err = " ".join(err.split())
+    assert code == 2 and "NaN/Inf latents for" in err and order[poisoned] in err.replace(" ", ""), err
+    assert "negative or non-finite" not in err and not out.exists()
+    assert seen == [1, 2, 2, 2], seen  # the probe of the latent shape, then batches 0-2 of 4: stopped at the third
+
+
+def test_accumulate_stats_stops_at_the_batch_with_non_finite_features():
+    from raebench.errors import NonFiniteError
+
+    x = torch.rand(2, 3, 4, 4)
+    seen = []
+
+    def features(t):
+        seen.append(t)
+        return t.clone().fill_(float("inf")) if len(seen) == 2 else t
+
+    with pytest.raises(NonFiniteError, match=r"batch 1 hold NaN/Inf \(image 0 of the batch; 2 of 2\)"):
+        accumulate_stats(features, [x, x, x])
+    assert len(seen) == 2

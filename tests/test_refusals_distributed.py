@@ -146,3 +146,38 @@ def test_a_rank_that_never_joins_gives_one_sentence_after_the_timeout(monkeypatc
         distributed.init("cpu")
     assert time.monotonic() - t0 < 30
     assert not distributed.td.is_initialized()
+
+
+STATS_JOB = textwrap.dedent('''
+    import atexit, sys
+    from raebench import distributed
+    from raebench.cli import main, rae_cmds
+    calls = []
+    def encoder(x):  # NaN latents for every image of rank 1's shard
+        calls.append(len(x))
+        z = x[:, :, :4, :4].clone()
+        if distributed.rank() == 1:
+            z[:] = float("nan")
+        return z
+    rae_cmds.feature_extractor = lambda **kw: (encoder, "nan-on-rank-1")
+    atexit.register(lambda: print(f"calls {calls}", flush=True))
+    main(["stats", "--encoder", "x", "--data", sys.argv[1], "-r", "16", "-b", "1", "--out", sys.argv[2], "--device", "cpu"])
+''')
+
+
+@pytest.mark.slow
+def test_stats_with_nan_latents_on_one_rank_stops_every_rank_at_that_batch_said_once(tmp_path, image_folder):
+    """Under torchrun, NaN latents on rank 1 went into the sums, and every rank failed at the end with "Latent
+    statistics hold a negative or non-finite variance or mean". Now both ranks stop at the first batch (rank 0
+    too, whose latents are finite), rank 0 prints the image once, and both exit with status 2."""
+    from raebench.data import resolve_data
+
+    paths = resolve_data(str(image_folder), None, None, 0).images.paths
+    (tmp_path / "job.py").write_text(STATS_JOB)
+    r0, r1 = two_ranks([str(tmp_path / "job.py"), str(image_folder), str(tmp_path / "stat.pt")])
+    for r in (r0, r1):
+        assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
+        assert "calls [1, 1]" in r.stdout, r.stdout  # the latent-shape probe, then one batch of one image
+    said = "".join(r0.stderr.split())
+    assert said.count("NaN/Inflatentsfor" + str(paths[4]).replace(" ", "")) == 1, r0.stderr[-2000:]  # rank 1's first
+    assert "error" not in r1.stderr and not (tmp_path / "stat.pt").exists(), r1.stderr[-2000:]

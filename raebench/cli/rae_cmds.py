@@ -55,6 +55,25 @@ def _batches(data, resolution: int, batch_size: int, num_workers: int | None, de
             on_progress(done, hi - lo)
 
 
+def _stats_batch(fn, acc, x: torch.Tensor, paths: list[str], hflip: bool) -> str | None:
+    """One batch of float images (and their mirrors with ``hflip``) into ``acc``; a batch whose latents hold
+    NaN/Inf is not added, and the refusal naming its first such image is returned (None when all are finite)."""
+    from raebench.rae.stats import nonfinite_rows
+
+    for mirrored in (False, True) if hflip else (False,):
+        z = fn(x.flip(-1) if mirrored else x).float()
+        bad = nonfinite_rows(z)
+        if bad:
+            return (f"The encoder gave NaN/Inf latents for {printable(str(paths[bad[0]]))}"
+                    f"{' (its mirror, --hflip)' if mirrored else ''}"
+                    f"{f' and {len(bad) - 1} other image(s) of its batch' if len(bad) > 1 else ''}, so the "
+                    "statistics would be NaN; stopped there and wrote nothing. Check the encoder's weights (a damaged "
+                    "or half-downloaded file gives NaN on every image) and its --resolution; if only some images do "
+                    "this, look at that one and leave such images out of --data.")
+        acc.update(z)
+    return None
+
+
 def feature_extractor(
     *,
     tokenizer: str | None = None,
@@ -310,12 +329,22 @@ def register(app: typer.Typer) -> None:
             with torch.no_grad():  # the latent shape, so that a rank with an empty shard still reduces
                 acc = StatsAccumulator(tuple(fn(torch.zeros(1, 3, resolution, resolution, device=dev)).shape[1:]), dev)
             with progress_bar(f"stats {label}") as bar:
-                for _, x, _ in _batches(rd, resolution, batch_size, num_workers, dev, bar):
-                    with torch.no_grad(), tf32(False):  # exact statistics: full float32 on GPUs too
-                        xf = to_float(x)
-                        acc.update(fn(xf).float())
-                        if hflip:
-                            acc.update(fn(xf.flip(-1)).float())
+                batches = _batches(rd, resolution, batch_size, num_workers, dev, bar)
+                # the ranks go batch by batch together, so that NaN/Inf latents on any rank stop every rank
+                # at that batch (one rank alone stopping would leave the others waiting in all_reduce)
+                while True:
+                    item = next(batches, None)
+                    bad = None
+                    if item is not None:
+                        with torch.no_grad(), tf32(False):  # exact statistics: full float32 on GPUs too
+                            bad = _stats_batch(fn, acc, to_float(item[1]), item[2], hflip)
+                    stop, running = distributed.any_rank(bad is not None, item is not None)
+                    if stop:
+                        from raebench.errors import NonFiniteError
+
+                        distributed.refuse_first(bad, NonFiniteError)
+                    if not running:
+                        break
             acc.all_reduce()
             if acc.count == 0:
                 raise RaebenchError(f"No readable image in {rd.name!r}; nothing to compute statistics from.")

@@ -163,6 +163,11 @@ class StatsAccumulator:
         self.count, self.sum, self.sumsq = int(state["count"]), state["sum"], state["sumsq"]
 
 
+def nonfinite_rows(z: torch.Tensor) -> list[int]:
+    """The indices of the latents of a (N, ...) batch that hold NaN or Inf (statistics over them would be NaN)."""
+    return (~torch.isfinite(z).flatten(1).all(1)).nonzero().flatten().tolist()
+
+
 def accumulate_stats(
     features: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterable[torch.Tensor],
@@ -174,12 +179,19 @@ def accumulate_stats(
 
     ``hflip`` also adds each image's mirror: the exact expectation of the official estimator's
     random horizontal flip, without its randomness. Under torch.distributed, call
-    :meth:`StatsAccumulator.all_reduce` afterwards.
+    :meth:`StatsAccumulator.all_reduce` afterwards. Features with NaN/Inf stop it at their batch
+    (:class:`~raebench.errors.NonFiniteError` naming the batch and image), not at the end with NaN statistics.
     """
+    from raebench.errors import NonFiniteError
+
     acc = accumulator if accumulator is not None else StatsAccumulator()
     with torch.no_grad():
-        for x in batches:
-            acc.update(features(x).float())
-            if hflip:
-                acc.update(features(x.flip(-1)).float())
+        for b, x in enumerate(batches):
+            for view in (x, x.flip(-1)) if hflip else (x,):
+                z = features(view).float()
+                bad = nonfinite_rows(z)
+                if bad:
+                    raise NonFiniteError(f"The features of batch {b} hold NaN/Inf (image {bad[0]} of the batch"
+                                         f"{', mirrored' if view is not x else ''}; {len(bad)} of {len(z)}).")
+                acc.update(z)
     return acc
