@@ -330,3 +330,19 @@ def test_ctrl_c_in_a_resuming_command_says_that_re_running_continues(image_folde
     code, _, err = run(["eval", "-t", "pixels", "--data", str(image_folder), "--device", "cpu",
                         "--results", str(tmp_path)], capsys)
     assert code == 130 and "interrupted: run the same command to continue" in " ".join(err.split())
+
+
+def test_a_peer_rank_stopping_is_reported_truly_when_it_printed_nothing(monkeypatch, capsys):
+    """A rank SIGKILLed (the OOM killer) prints nothing, yet the surviving rank said "its error is above"; now
+    it says the error is above if that rank printed one, and that torchrun's summary names the rank."""
+    import raebench.cli as cli
+
+    def collective_fails(**kw):
+        raise RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:29500")
+
+    monkeypatch.setattr(cli, "app", collective_fails)
+    monkeypatch.setattr(cli, "_peer_failed", lambda e: True)  # a process group of 2 whose other rank is gone
+    code, _, err = run(["eval"], capsys)
+    err = " ".join(err.split())
+    assert code == 1 and "another rank of this torchrun job stopped; its error, if it printed one, is above" in err, err
+    assert "torchrun's summary names the rank and its exit code" in err and "(its error is above)" not in err, err

@@ -97,8 +97,11 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, _aborts()):
             sys.exit(1)
         if _peer_failed(e):  # the failing rank printed its own error: not a second traceback here
-            err_console.print("[bold red]error:[/] another rank of this torchrun job stopped (its error is above); "
-                              "this rank stopped too.", highlight=False, soft_wrap=True)
+            # a rank killed outright (SIGKILL, the OOM killer) prints nothing: "its error is above" was false then
+            err_console.print("[bold red]error:[/] another rank of this torchrun job stopped; its error, if it printed "
+                              "one, is above (a rank killed outright, e.g. by the out-of-memory killer, prints none: "
+                              "torchrun's summary names the rank and its exit code); this rank stopped too.",
+                              highlight=False, soft_wrap=True)
             sys.exit(1)
         if isinstance(e, OSError) and _storage_error(e) and not logging.getLogger().isEnabledFor(logging.DEBUG):
             # a full disk or a vanished mount: one sentence (written results and resume state stay whole)
