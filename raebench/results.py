@@ -341,6 +341,11 @@ def os_free_bytes(path: Path) -> int | None:
         return None
 
 
+def run_file(results_dir: str | os.PathLike, run_id: str) -> Path:
+    """The file that holds the rows of run ``run_id`` under ``results_dir``."""
+    return Path(results_dir) / "runs" / f"{run_id}.jsonl"
+
+
 def write_rows(rows: Iterable[ResultRow], results_dir: str | os.PathLike = DEFAULT_RESULTS_DIR, run_id: str | None = None) -> Path:
     """Append rows as one new run file (atomic). Returns its path."""
     rows = list(rows)
@@ -363,7 +368,7 @@ def write_rows(rows: Iterable[ResultRow], results_dir: str | os.PathLike = DEFAU
             if not d.get(k):
                 d[k] = v
         lines.append(json.dumps(d, sort_keys=True, allow_nan=True))
-    path = Path(results_dir) / "runs" / f"{run_id}.jsonl"
+    path = run_file(results_dir, run_id)
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     # every run file has its own name, so its own writes clean nothing else: old temps of any run
     remove_orphan_temps(path.parent, older_than=STALE_TEMP_SECONDS)

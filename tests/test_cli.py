@@ -346,3 +346,23 @@ def test_a_peer_rank_stopping_is_reported_truly_when_it_printed_nothing(monkeypa
     err = " ".join(err.split())
     assert code == 1 and "another rank of this torchrun job stopped; its error, if it printed one, is above" in err, err
     assert "torchrun's summary names the rank and its exit code" in err and "(its error is above)" not in err, err
+
+
+def test_eval_prints_its_title_whole_and_names_the_run_file(image_folder: Path, tmp_path: Path, capsys):
+    """The title wrapped to the narrow table's width ("bicubic-f8 on imgs / (open-domain) · 256px · / n=400") and
+    the last line named the run id only; now the title is one line and the last line names the run's file."""
+    res = tmp_path / "res"
+    code, out, err = run(["eval", "-t", "bicubic-f8", "--data", str(image_folder), "-r", "32", "-m", "psnr",
+                          "--results", str(res), "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "bicubic-f8 on images (open-domain) · 32px · n=8" in out.splitlines(), out
+    files = list((res / "runs").glob("*.jsonl"))
+    assert len(files) == 1 and f"run {files[0].stem} → {files[0]}" in err, err
+    score = ["score", "--references", str(image_folder), "--candidates", str(image_folder), "-m", "psnr", "-r", "32",
+             "--device", "cpu", "--results", str(res)]
+    code, out, err = run(score, capsys)
+    assert code == 0, err
+    new = sorted(set((res / "runs").glob("*.jsonl")) - set(files))
+    assert len(new) == 1 and f"→ {new[0]}" in err and any(ln.startswith("images vs images · paired") for ln in out.splitlines())
+    code, _, err = run([*score, "--no-write"], capsys)
+    assert code == 0 and "(not written)" in err and "→" not in err, err

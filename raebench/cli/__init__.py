@@ -33,11 +33,14 @@ err_console = Console(stderr=True)
 
 
 def print_table(table) -> None:
-    """Print a rich table on standard output. Into a pipe, a file or a job's log (not a terminal) it is
+    """Print a rich table on standard output, its title on a line of its own above it. Into a pipe, a file or a job's log (not a terminal) it is
     printed at its own width: rich would fit it to 80 columns there, cutting names to `rae-dino…` and
     splitting numbers over two lines (`-2.382` / `0`). A terminal gets it fitted to the window."""
     from rich.measure import Measurement
 
+    if table.title is not None:  # its own line, whole: as the table's title rich wraps it to the table's width
+        console.print(table.title, style="table.title", highlight=False, soft_wrap=True)
+        table.title = None
     if not console.is_terminal:
         need = Measurement.get(console, console.options.update(width=100_000), table).maximum
         if need > console.width:

@@ -199,9 +199,10 @@ def run_eval_with_progress(cfg, label: str, recompute: bool = False):
         return evaluate(cfg, tokenizer=tok, on_progress=cb, data=data), reuse
 
 
-def _report_outcome(out, reuse=None) -> None:
+def _report_outcome(out, reuse=None, results_dir: str = "results", written: bool = True) -> None:
     """The table of one ``eval``: the rows measured now (``out``) and those reused (``reuse.rows``), in
-    the order asked, with a line saying which values are stored ones, of which run."""
+    the order asked, with a line saying which values are stored ones, of which run; the last line names
+    the run file of the rows measured now."""
     from raebench.cli import err_console, print_table
 
     shown = {r.metric: (r.metric, r.value, r.higher_is_better, r.notes) for r in (out.rows if out else [])}
@@ -238,7 +239,7 @@ def _report_outcome(out, reuse=None) -> None:
         err_console.print(f"[red]{len(nonfinite) if out else nonfinite} image(s) gave NaN/Inf and were excluded "
                           "from every metric.[/]")
     if out:
-        err_console.print(f"{out.seconds:.1f} s · run {first.run_id}", highlight=False)
+        err_console.print(run_line(out.seconds, first.run_id, results_dir, written), highlight=False, soft_wrap=True)
     if reuse is not None and reuse.reused:
         runs = ", ".join(f"run {r} ({d})" for r, d in reuse.runs)
         what = "these are stored values" if not out else f"{', '.join(reuse.reused)}: stored values"
@@ -251,6 +252,16 @@ def _most(rows, column: str) -> int:
     import pandas as pd
 
     return int(pd.to_numeric(rows[column], errors="coerce").fillna(0).max())
+
+
+def run_line(seconds: float, run_id: str, results_dir: str | Path, written: bool) -> str:
+    """The last line of eval and score: the time, the run id and the file its rows are in."""
+    from rich.markup import escape
+
+    from raebench.results import run_file
+
+    where = f" → {escape(printable(str(run_file(results_dir, run_id))))}" if written else " (not written)"
+    return f"{seconds:.1f} s · run {run_id}{where}"
 
 
 def _hib(table, *frames) -> dict:
@@ -368,7 +379,7 @@ def register(app: typer.Typer) -> None:
         out, reuse = run_eval_with_progress(cfg, f"eval {tokenizer or tokenizer_config}", recompute=recompute)
         main = distributed.is_main()
         if main:
-            _report_outcome(out, reuse)
+            _report_outcome(out, reuse, cfg.results_dir, cfg.write)
         distributed.finish()
         if main and out is not None and out.failed:
             raise not_computed_error(out.failed, out.rows, written=cfg.write)

@@ -43,7 +43,7 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
     """Score with a progress bar and print the table (shared by ``score`` and ``eval --samples``)."""
     from raebench import distributed
     from raebench.cli import err_console, print_table
-    from raebench.cli.core import _fmt, not_computed_error, progress_bar
+    from raebench.cli.core import _fmt, not_computed_error, progress_bar, run_line
     from raebench.evaluate import parse_options
     from raebench.metrics.scoring import score
 
@@ -74,6 +74,6 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
     print_table(t)
     if out.skipped:
         err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record).")
-    err_console.print(f"{out.seconds:.1f} s · run {r0.run_id}" + ("" if write else " (not written)"), highlight=False)
+    err_console.print(run_line(out.seconds, r0.run_id, results, write), highlight=False, soft_wrap=True)
     if out.failed:
         raise not_computed_error(out.failed, out.rows, written=write)
