@@ -366,3 +366,35 @@ def test_eval_prints_its_title_whole_and_names_the_run_file(image_folder: Path, 
     assert len(new) == 1 and f"→ {new[0]}" in err and any(ln.startswith("images vs images · paired") for ln in out.splitlines())
     code, _, err = run([*score, "--no-write"], capsys)
     assert code == 0 and "(not written)" in err and "→" not in err, err
+
+
+def test_compare_delta_has_the_decimals_of_the_values_it_subtracts():
+    """Δ was formatted by its own size: -2.3820 beside 76.41 and 74.03; now with the values' decimals (the
+    fewer of the two), and as before where a value is missing or shown in scientific notation."""
+    from raebench.cli.core import delta_text
+    from raebench.leaderboard import MISSING
+
+    nan = float("nan")
+    idx = pd.MultiIndex.from_tuples([("d", "psnr"), ("d", "ssim"), ("d", "x"), ("d", "kid"), ("d", "y")],
+                                    names=["dataset", "metric"])
+    a = [76.41, 0.81234, 9.99, 2e-5, nan]
+    b = [74.028, 0.80001, 12.3, 5e-4, 3.0]
+    t = pd.DataFrame({"a": a, "a (reported)": [80.0, nan, nan, nan, nan], "b": b,
+                      "Δ b": [y - x for x, y in zip(a, b)], "best": "", "protocol": ""}, index=idx)
+    shown = delta_text(t)
+    assert list(shown["Δ b"]) == ["-2.38", "-0.0123", "2.31", "4.800e-04", MISSING]
+    assert shown["b"].equals(t["b"]) and t["Δ b"].dtype == float  # the other columns and the input unchanged
+
+
+def test_compare_prints_delta_with_the_metric_s_decimals(image_folder: Path, tmp_path: Path, capsys):
+    res = tmp_path / "res"
+    argv = ["compare", "-t", "bicubic-f8", "-t", "bicubic-f16", "--data", str(image_folder), "-r", "32", "-m", "psnr",
+            "--reported", "none", "--device", "cpu", "--results", str(res)]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    df = load(res).set_index("tokenizer")["value"]
+    assert 10 <= df["bicubic-f16"] < df["bicubic-f8"] < 100 and df["bicubic-f8"] - df["bicubic-f16"] < 10, df
+    line = next(ln for ln in out.splitlines() if " psnr " in ln)
+    assert f" {df['bicubic-f16'] - df['bicubic-f8']:.2f} " in line, line  # was -x.xxxx beside xx.xx
+    code, text, err = run([*argv, "--format", "md"], capsys)
+    assert code == 0 and f" {df['bicubic-f16'] - df['bicubic-f8']:.2f} |" in text, text

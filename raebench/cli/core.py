@@ -129,6 +129,38 @@ def _fmt(v) -> str:
     return f(v)
 
 
+def _decimals(v) -> int | None:
+    """The decimals :func:`_fmt` shows ``v`` with; None for a value it shows otherwise (missing, inf, 1.2e-05)."""
+    s = _fmt(v)
+    if not isinstance(v, (int, float)) or "e" in s or not math.isfinite(v):
+        return None
+    return len(s.partition(".")[2])
+
+
+def delta_text(table):
+    """``table`` (:func:`raebench.leaderboard.compare_table`) with each ``Δ <tok>`` cell as text, shown with the
+    decimals of the two values it is the difference of (the fewer of the two): -2.38 beside 76.41 and 74.03,
+    where the value's own size gave -2.3820. For the terminal, Markdown and LaTeX; CSV keeps the numbers."""
+    import pandas as pd
+
+    from raebench.leaderboard import REPORTED_SUFFIX
+
+    plain = [c for c in table.columns if not str(c).startswith("Δ ") and not str(c).endswith(REPORTED_SUFFIX)
+             and c not in ("best", "best (reported)", "protocol")]
+    deltas = [c for c in table.columns if str(c).startswith("Δ ") and str(c)[2:] in table.columns]
+    if not plain or not deltas:
+        return table
+    base, out = plain[0], table.copy()  # Δ columns are against the first tokenizer's column
+    for c in deltas:
+        cells = []
+        for d, b, v in zip(table[c], table[base], table[str(c)[2:]]):
+            shown = [n for n in (_decimals(b), _decimals(v)) if n is not None]
+            ok = isinstance(d, (int, float)) and math.isfinite(d) and len(shown) == 2
+            cells.append(f"{d:.{min(shown)}f}" if ok else _fmt(d))
+        out[c] = pd.Series(cells, index=table.index, dtype=object)
+    return out
+
+
 def write_output(out: Path, text: str) -> None:
     """Write an export atomically; a path that cannot be written is one sentence. As ``>`` does, a
     symbolic link is written through to its target (a dangling one creates it), and a file that
@@ -438,8 +470,10 @@ def register(app: typer.Typer) -> None:
                  f"{', '.join(computed) or 'nothing (all reused)'}")
         gtable = gap_table(gap, explicit=bool(format))  # an export says each gap's n and resolution
         gbold = row_best(gtable, _hib_metrics(gtable.index.get_level_values("metric")) if not gtable.empty else {})
+        bold = compare_bold(table)  # on the numbers, before the Δ cells become text
+        shown = delta_text(table)
         if format:
-            text = render(table, format, bold=compare_bold(table), caption=title)
+            text = render(table if format == "csv" else shown, format, bold=bold, caption=title)
             gtext = render(gtable, format, bold=gbold, caption="open-domain minus in-domain (measured)") if not gtable.empty else ""
             if format == "csv" and gtext:  # one CSV file holds one table: the gaps go to a file of their own
                 if out:
@@ -457,7 +491,7 @@ def register(app: typer.Typer) -> None:
             else:
                 console.print(text, markup=False, highlight=False, soft_wrap=True)
             return
-        print_table(_rich_table(table, title, compare_bold(table)))
+        print_table(_rich_table(shown, title, bold))
         if not gtable.empty:
             print_table(_rich_table(gtable, "domain gap: open-domain minus in-domain (measured; largest n of each)",
                                       gbold))
