@@ -268,7 +268,7 @@ def test_non_finite_refusal_names_the_samples_their_labels_seed_and_what_to_try(
     want = [(b * 3 + i, int(y[b * 3 + i]), b) for b, at in sorted(nan_at.items()) for i in at]
     assert re.findall(r"sample #(\d+) \(class (\d+), batch (\d+)\)", msg) == [tuple(map(str, w)) for w in want], msg
     assert msg.startswith("3 of 12 samples decoded to non-finite values"), msg
-    assert "--seed 5 --batch-size 3" in msg and "a lower --cfg-scale (this run: 4)" in msg and "drop --tf32" in msg, msg
+    assert "--seed 5, --batch-size 3" in msg and "a lower --cfg-scale (this run: 4)" in msg and "drop --tf32" in msg, msg
     assert "checking the checkpoint" in msg and not (tmp_path / "s.npz").exists()
 
 

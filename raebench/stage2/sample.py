@@ -303,11 +303,11 @@ def _nonfinite_message(bad: int, n: int, where: list, run: dict, parts: Path) ->
     if run.get("tf32"):
         tries.append("full float32 (drop --tf32)")
     tries.append("checking the checkpoint and the decoder (a model that diverged in training, or a damaged file)")
-    return (f"{bad} of {n} samples decoded to non-finite values (NaN/Inf): {named}{more} (#: the position in the sample "
-            f"file, from 0). Batch b starts from "
-            f"noise seeded by (--seed, b), so the same command (--seed {run.get('seed')} --batch-size "
-            f"{run.get('batch_size')}, same --num and labels) draws them again. Try {'; '.join(tries)}. No sample file "
-            f"was written; the parts stay in {parts} (delete that folder to sample again).")
+    note = " (#: the position in the sample file, from 0)" if any(i is not None for _, i, _ in where) else ""
+    return (f"{bad} of {n} samples decoded to non-finite values (NaN/Inf): {named}{more}{note}. No sample file was "
+            f"written; the parts stay in {parts}: delete that folder to sample again; the same command (same --num, "
+            f"--seed {run.get('seed')}, --batch-size {run.get('batch_size')}) draws these samples again, as batch b "
+            f"starts from noise seeded by (--seed, b). Try {'; '.join(tries)}.")
 
 
 def save_grid(npz: str | os.PathLike, png: str | os.PathLike, n: int = 64) -> Path:
