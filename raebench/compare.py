@@ -151,7 +151,7 @@ def drop_finished_progress(cfg: EvalConfig, data, tok, plan, run_ids: set[str]) 
     killed between writing its rows and removing the state is known by it. Rank 0's state decides (only
     rank 0 writes rows, under its run id; a rank-0 state already gone means the rows were written). Any
     other state, a ``--recompute`` killed mid-way say, is left for that command to resume; a state whose
-    evaluation is running (its lock held) is left alone."""
+    evaluation is running (its lock held), or in a folder that cannot be written, is left alone."""
     from raebench.checkpoint import load_state
     from raebench.errors import CheckpointError, RaebenchError
     from raebench.eval_progress import WorkState
@@ -171,6 +171,8 @@ def drop_finished_progress(cfg: EvalConfig, data, tok, plan, run_ids: set[str]) 
     try:
         work.acquire()
     except RaebenchError:  # held by a job at work on it
+        return
+    except OSError:  # a read-only folder (which serves stored rows): the stale state stays, harmless
         return
     work.release(remove=True)
 

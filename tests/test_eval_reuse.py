@@ -211,3 +211,45 @@ def test_a_score_row_named_like_the_tokenizer_is_not_reused(tmp_path, capsys, me
     rows = load(res)
     ours = rows[(rows["candidates_fingerprint"] == "") & (rows["metric"] == "psnr")]
     assert len(ours) == 1 and ours["value"].iloc[0] < 50
+
+
+def test_a_read_only_folder_holding_a_finished_runs_resume_state_serves_stored_rows(image_folder, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A shared read-only results folder may keep the resume state of a run killed after writing its rows:
+    the re-run cannot remove that state (its lock file cannot be created), and still shows the stored rows
+    (it stopped with the file system's 'Read-only file system' error)."""
+    import errno
+
+    import raebench.results as results
+    from raebench.errors import RaebenchError
+    from raebench.eval_progress import WorkState
+
+    res = tmp_path / "res"
+    release = WorkState.release
+
+    def killed(self, remove):  # the process dies here: its files stay, the kernel drops its lock
+        if remove:
+            self._lock.close()
+            raise KeyboardInterrupt
+        release(self, remove)
+
+    monkeypatch.setattr(WorkState, "release", killed)
+    import raebench.evaluate as ev
+
+    evaluate = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: evaluate(*a, **{**k, "save_every": 1}))
+    assert run(_eval(image_folder, res, "-m", "psnr", "-b", "4"), capsys)[0] == 130
+    monkeypatch.setattr(WorkState, "release", release)
+    assert list((res / ".work").glob("*/rank0.pt"))
+
+    def read_only(d, *a, **k):
+        raise RaebenchError(f"Results folder {str(d)!r} is not writable (Read-only file system); pass another with --results.")
+
+    def no_lock(self):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.path.with_suffix(".lock")))
+
+    monkeypatch.setattr(results, "check_writable", read_only)
+    monkeypatch.setattr(WorkState, "acquire", no_lock)
+    code, _, err = run(_eval(image_folder, res, "-m", "psnr"), capsys)
+    assert code == 0 and "stored values" in err, err
+    assert list((res / ".work").glob("*/rank0.pt"))  # left as it was
