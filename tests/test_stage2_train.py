@@ -449,6 +449,25 @@ def test_cache_latents_leaves_out_nan_and_float16_overflow_latents(tmp_path, ima
     assert [s["path"] for s in kept.meta["skipped"]] == [level[0][1]] and len(kept) == 7
 
 
+def test_cache_latents_finds_exactly_the_rows_not_finite_as_stored():
+    """The rows left out are those whose stored values hold NaN/Inf: 65519 rounds to float16's 65504 (kept),
+    -70000 becomes -Inf (left out); float32 keeps both; an Inf or NaN anywhere in a row is found."""
+    import numpy as np
+
+    from raebench.stage2.latents import _nonfinite_rows
+
+    z = np.random.default_rng(0).random((6, 2, 4, 3, 3), dtype=np.float32)
+    z[1, 0, 0, 0, 0], z[2, 1, 3, 2, 2], z[3, 0, 1, 1, 1] = np.nan, 65519.0, -70000.0
+    z[4, 1, 3, 2, 2], z[5, 0, 0, 0, 0] = np.inf, -65504.0
+    paths = [f"{i}.png" for i in range(6)]
+    for dtype, left_out in (("float16", [1, 3, 4]), ("float32", [1, 4])):
+        with np.errstate(over="ignore", invalid="ignore"):
+            rows = z.astype(dtype)
+        got = _nonfinite_rows(z, rows, [10 + i for i in range(6)], paths, dtype)
+        assert [s["index"] for s in got] == [10 + i for i in left_out], (dtype, got)
+        assert [s["path"] for s in got] == [paths[i] for i in left_out]
+
+
 def test_keep_every_keeps_step_checkpoints_beside_last(tmp_path):
     """--keep-every N keeps checkpoints/step-NNNNNNN.pt (the official trainer keeps one per 10 epochs;
     last.pt alone allowed no FID-vs-step curve); each holds its own step, and sample loads it."""
