@@ -58,20 +58,18 @@ def _batches(data, resolution: int, batch_size: int, num_workers: int | None, de
 def _stats_batch(fn, acc, x: torch.Tensor, paths: list[str], hflip: bool) -> str | None:
     """One batch of float images (and their mirrors with ``hflip``) into ``acc``; a batch whose latents hold
     NaN/Inf is not added, and the refusal naming its first such image is returned (None when all are finite)."""
-    from raebench.rae.stats import nonfinite_rows
+    from raebench.rae.stats import add_batch
 
-    for mirrored in (False, True) if hflip else (False,):
-        z = fn(x.flip(-1) if mirrored else x).float()
-        bad = nonfinite_rows(z)
-        if bad:
-            return (f"The encoder gave NaN/Inf latents for {printable(str(paths[bad[0]]))}"
-                    f"{' (its mirror, --hflip)' if mirrored else ''}"
-                    f"{f' and {len(bad) - 1} other image(s) of its batch' if len(bad) > 1 else ''}, so the "
-                    "statistics would be NaN; stopped there and wrote nothing. Check the encoder's weights (a damaged "
-                    "or half-downloaded file gives NaN on every image) and its --resolution; if only some images do "
-                    "this, look at that one and leave such images out of --data.")
-        acc.update(z)
-    return None
+    found = add_batch(fn, acc, x, hflip)
+    if found is None:
+        return None
+    bad, mirrored, _ = found
+    return (f"The encoder gave NaN/Inf latents for {printable(str(paths[bad[0]]))}"
+            f"{' (its mirror, --hflip)' if mirrored else ''}"
+            f"{f' and {len(bad) - 1} other image(s) of its batch' if len(bad) > 1 else ''}, so the "
+            "statistics would be NaN; stopped there and wrote nothing. Check the encoder's weights (a damaged "
+            "or half-downloaded file gives NaN on every image) and its --resolution; if only some images do "
+            "this, look at that one and leave such images out of --data.")
 
 
 def feature_extractor(

@@ -168,6 +168,21 @@ def nonfinite_rows(z: torch.Tensor) -> list[int]:
     return (~torch.isfinite(z).flatten(1).all(1)).nonzero().flatten().tolist()
 
 
+def add_batch(
+    features: Callable[[torch.Tensor], torch.Tensor], acc: StatsAccumulator, x: torch.Tensor, hflip: bool = False
+) -> tuple[list[int], bool, int] | None:
+    """``features(x)`` (and of its mirror with ``hflip``) into ``acc``; None when every latent is finite. A view
+    whose latents hold NaN/Inf is not added and stops the batch: (its rows :func:`nonfinite_rows`, whether it is
+    the mirror, the batch size), for the caller's refusal (``accumulate_stats``, ``raebench stats``)."""
+    for mirrored in (False, True) if hflip else (False,):
+        z = features(x.flip(-1) if mirrored else x).float()
+        bad = nonfinite_rows(z)
+        if bad:
+            return bad, mirrored, len(z)
+        acc.update(z)
+    return None
+
+
 def accumulate_stats(
     features: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterable[torch.Tensor],
@@ -187,11 +202,9 @@ def accumulate_stats(
     acc = accumulator if accumulator is not None else StatsAccumulator()
     with torch.no_grad():
         for b, x in enumerate(batches):
-            for view in (x, x.flip(-1)) if hflip else (x,):
-                z = features(view).float()
-                bad = nonfinite_rows(z)
-                if bad:
-                    raise NonFiniteError(f"The features of batch {b} hold NaN/Inf (image {bad[0]} of the batch"
-                                         f"{', mirrored' if view is not x else ''}; {len(bad)} of {len(z)}).")
-                acc.update(z)
+            found = add_batch(features, acc, x, hflip)
+            if found:
+                bad, mirrored, n = found
+                raise NonFiniteError(f"The features of batch {b} hold NaN/Inf (image {bad[0]} of the batch"
+                                     f"{', mirrored' if mirrored else ''}; {len(bad)} of {n}).")
     return acc
