@@ -49,6 +49,22 @@ def _forbid_measuring(monkeypatch) -> None:
     monkeypatch.setattr(ev, "ImageDataset", boom)
 
 
+def _killed_after_rows():
+    """A WorkState.release that dies where the rows are written and the resume state is about to be removed:
+    its files stay, the kernel drops its lock."""
+    from raebench.eval_progress import WorkState
+
+    release = WorkState.release
+
+    def killed(self, remove):
+        if remove:
+            self._lock.close()
+            raise KeyboardInterrupt
+        release(self, remove)
+
+    return killed
+
+
 def test_a_finished_eval_re_run_shows_the_stored_rows_without_measuring(image_folder, tmp_path, capsys, monkeypatch):
     res = tmp_path / "res"
     code, out1, err = run(_eval(image_folder, res), capsys)
@@ -154,14 +170,7 @@ def test_a_run_killed_after_its_rows_is_reused_and_its_resume_state_removed(imag
     from raebench.eval_progress import WorkState
 
     res = tmp_path / "res"
-    release = WorkState.release
-
-    def killed(self, remove):  # the process dies here: its files stay, the kernel drops its lock
-        if remove:
-            self._lock.close()
-            raise KeyboardInterrupt
-        release(self, remove)
-
+    release, killed = WorkState.release, _killed_after_rows()
     monkeypatch.setattr(WorkState, "release", killed)
     import raebench.evaluate as ev
 
@@ -225,14 +234,7 @@ def test_a_read_only_folder_holding_a_finished_runs_resume_state_serves_stored_r
     from raebench.eval_progress import WorkState
 
     res = tmp_path / "res"
-    release = WorkState.release
-
-    def killed(self, remove):  # the process dies here: its files stay, the kernel drops its lock
-        if remove:
-            self._lock.close()
-            raise KeyboardInterrupt
-        release(self, remove)
-
+    release, killed = WorkState.release, _killed_after_rows()
     monkeypatch.setattr(WorkState, "release", killed)
     import raebench.evaluate as ev
 
