@@ -398,3 +398,14 @@ def test_compare_prints_delta_with_the_metric_s_decimals(image_folder: Path, tmp
     assert f" {df['bicubic-f16'] - df['bicubic-f8']:.2f} " in line, line  # was -x.xxxx beside xx.xx
     code, text, err = run([*argv, "--format", "md"], capsys)
     assert code == 0 and f" {df['bicubic-f16'] - df['bicubic-f8']:.2f} |" in text, text
+
+
+def test_table_titles_and_notes_are_text_not_rich_markup(image_folder: Path, tmp_path: Path, capsys):
+    """A candidate set named "[red]mine[/]" lost its brackets in score's title (rich read them as markup; an unmatched
+    "[/x]" raised a MarkupError); titles and notes are now escaped like compare's cells."""
+    res = tmp_path / "res"
+    for name in ("[red]mine[/]", "odd[/x]"):
+        code, out, err = run(["score", "--references", str(image_folder), "--candidates", str(image_folder), "-m", "psnr",
+                              "-r", "32", "--device", "cpu", "--results", str(res), "--name", name, "--no-write"], capsys)
+        assert code == 0, err
+        assert any(ln.startswith(f"{name} vs images · paired") for ln in out.splitlines()), out

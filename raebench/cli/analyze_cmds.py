@@ -176,10 +176,12 @@ def register(app: typer.Typer) -> None:
         shown = {rep.name: rep.rows + rep.reused for rep in out.reports}
         metrics = list(dict.fromkeys(r.metric for rows in shown.values() for r in rows))
         first = next((r for rows in shown.values() for r in rows), None)
-        t = Table(title=f"analyze · {first.dataset if first else ''} · {resolution}px · n={out.n_images}")
+        from rich.markup import escape  # a dataset or tokenizer named "[x]" is text, not rich markup
+
+        t = Table(title=escape(f"analyze · {first.dataset if first else ''} · {resolution}px · n={out.n_images}"))
         t.add_column("metric", no_wrap=True, min_width=max(map(len, metrics), default=6))
         for rep in out.reports:
-            t.add_column(rep.name, justify="right")
+            t.add_column(escape(rep.name), justify="right")
         t.add_column("better", justify="center")
         for m in metrics:
             cells, hib = [], None

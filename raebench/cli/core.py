@@ -247,7 +247,9 @@ def _report_outcome(out, reuse=None, results_dir: str = "results", written: bool
     rows = [shown[m] for m in order if m in shown] + [v for m, v in shown.items() if m not in order]
     first = out.rows[0] if out else old.iloc[0]
     n = out.n_images if out else _most(old, "n_images")
-    t = Table(title=f"{first.tokenizer} on {first.dataset} ({first.domain}) · {first.resolution}px · n={n}")
+    from rich.markup import escape  # a tokenizer or folder named "[x]" is text, not rich markup
+
+    t = Table(title=escape(f"{first.tokenizer} on {first.dataset} ({first.domain}) · {first.resolution}px · n={n}"))
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_column("better", justify="center")
@@ -255,7 +257,7 @@ def _report_outcome(out, reuse=None, results_dir: str = "results", written: bool
     if notes:
         t.add_column("notes")
     for metric, value, hib, note in rows:
-        t.add_row(metric, _fmt(value), {True: "↑", False: "↓"}.get(hib, ""), *([note] if notes else []))
+        t.add_row(metric, _fmt(value), {True: "↑", False: "↓"}.get(hib, ""), *([escape(note)] if notes else []))
     print_table(t)
     if out and out.skipped:
         err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record):")

@@ -64,13 +64,15 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
     r0 = out.rows[0]
     # which rows the reference batch's stored mu/sigma made, rather than its images (the rows' extra says it too)
     from_stats = [r.metric for r in out.rows if r.extra.get("reference_statistics")]
-    t = Table(title=f"{r0.tokenizer} vs {r0.dataset} · {'paired' if out.paired else 'unpaired'} · "
-                    f"n={out.n_candidates} candidates, {out.n_references} reference images"
-                    + (f" ({', '.join(from_stats)}: the reference's stored statistics)" if from_stats else ""))
+    from rich.markup import escape  # a set named "[x]" is text, not rich markup
+
+    t = Table(title=escape(f"{r0.tokenizer} vs {r0.dataset} · {'paired' if out.paired else 'unpaired'} · "
+                           f"n={out.n_candidates} candidates, {out.n_references} reference images"
+                           + (f" ({', '.join(from_stats)}: the reference's stored statistics)" if from_stats else "")))
     for c in ("metric", "value", "better", "notes"):
         t.add_column(c, justify="right" if c == "value" else "left")
     for r in out.rows:
-        t.add_row(r.metric, _fmt(r.value), {True: "↑", False: "↓"}.get(r.higher_is_better, ""), r.notes)
+        t.add_row(r.metric, _fmt(r.value), {True: "↑", False: "↓"}.get(r.higher_is_better, ""), escape(r.notes or ""))
     print_table(t)
     if out.skipped:
         err_console.print(f"[yellow]{len(out.skipped)} file(s) skipped[/] (listed in the run record).")
