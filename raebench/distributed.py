@@ -47,7 +47,35 @@ def init(device: torch.device | str | None = None) -> tuple[int, int]:
         backend, bind = before_group(lambda: _plan(device))
         timeout = datetime.timedelta(seconds=_timeout_s())
         before_group(lambda: _start_group(backend, timeout, bind))
+        _STARTED[:] = [_collectives()]
     return td.get_rank(), td.get_world_size()
+
+
+#: the count of collectives of the default group right after :func:`init` formed it (None: unknown)
+_STARTED: list = []
+
+
+def _collectives() -> int | None:
+    """How many collectives this rank's default group has run (its sequence number, which gloo and NCCL
+    advance on each collective, the object ones and barriers included), or None where the backend keeps none."""
+    try:
+        return td.distributed_c10d._get_default_group()._get_sequence_number_for_group()
+    except Exception:  # noqa: BLE001 - a backend without the counter: treated as past its first collective
+        return None
+
+
+def before_any_collective() -> bool:
+    """Whether this rank of a torchrun job has not yet met the other ranks in a collective: no process group
+    formed yet, or one formed by :func:`init` that ran none since. A user error raised then is most often
+    one of the checks every rank runs alike (arguments, names, files), and a rank that did not raise it
+    waits for this one in its first collective (or finishes a command that has none), so the ranks may
+    compare their errors before any exits (:func:`say_once`); past it a rank may fail alone while the
+    others finish, and would wait for them in vain."""
+    if not launched():
+        return False
+    if not _STARTED:
+        return not td.is_initialized()  # a group that raebench did not form: its history is unknown
+    return td.is_initialized() and _STARTED[0] is not None and _collectives() == _STARTED[0]
 
 
 def _plan(device: torch.device | str | None) -> tuple[str, dict]:
@@ -367,16 +395,17 @@ def _next_key() -> str:
     return f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{_KEYS[0]}"
 
 
-def _store():
+def _store(seconds: float | None = None):
     """torchrun's key-value store (``env://``: MASTER_ADDR/PORT), under a prefix of raebench's own. Rank 0
-    hosts it where torchrun's agent does not; init_process_group then shares that server (multi-tenant)."""
+    hosts it where torchrun's agent does not; init_process_group then shares that server (multi-tenant).
+    ``seconds``: how long connecting may wait (default ``RAEBENCH_DIST_TIMEOUT_S``)."""
     if not _STORE:
         import datetime
 
         from raebench.errors import RaebenchError
 
         try:
-            seconds = _timeout_s()
+            seconds = seconds or _timeout_s()
         except RaebenchError:  # refused by the set-up this store carries; wait as long as by default
             seconds = DEFAULT_TIMEOUT_S
         try:
@@ -410,6 +439,48 @@ def meet_before_exit() -> None:
     deadline = time.monotonic() + MEET_BEFORE_EXIT_S
     while store.add(key, 0) < world and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+#: seconds a rank that met a user error before any collective waits for the other ranks to report theirs
+SAY_ONCE_WAIT_S = 30
+
+
+def say_once(sentence: str, say) -> bool:
+    """A user error this rank met before any collective (:func:`before_any_collective`): the ranks compare
+    their sentences through torchrun's store, ``say()`` prints this rank's where no lower rank has the same
+    one (rank 0 at once), and once every rank printed what it prints they leave together: True. A rank
+    that does not report within :data:`SAY_ONCE_WAIT_S` (it did not meet an error, or met another kind)
+    makes this rank say its own sentence and return False (it exits alone, as before this exchange)."""
+    import time
+
+    rank_, world = _env_rank_world()
+    said = rank_ == 0
+    if said:
+        say()
+    try:
+        mine = sentence.encode("utf-8", "surrogateescape")  # a file name that is not UTF-8 stays as it is
+        store = _store(SAY_ONCE_WAIT_S)
+        key = f"exit/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # one per process: it exits next
+        store.set(f"{key}/{rank_}", mine)
+        store.add(f"{key}/n", 1)
+        deadline = time.monotonic() + SAY_ONCE_WAIT_S
+        while store.add(f"{key}/n", 0) < world and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if store.add(f"{key}/n", 0) >= world:
+            if not said and mine not in {store.get(f"{key}/{r}") for r in range(rank_)}:
+                say()  # another sentence than the lower ranks' (a file missing on this node only)
+            said = True
+            # no rank exits before every rank has printed: torchrun stops the others once one exits
+            store.add(f"{key}/said", 1)
+            deadline = time.monotonic() + MEET_BEFORE_EXIT_S
+            while store.add(f"{key}/said", 0) < world and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return True
+    except Exception:  # noqa: BLE001 - no store to compare through (its host rank gone): say it here
+        pass
+    if not said:
+        say()
+    return False
 
 
 def _rebuild_error(module: str, qualname: str, message: str) -> Exception:

@@ -30,7 +30,7 @@ def fake_torchrun(monkeypatch):
     monkeypatch.setattr(td, "get_rank", lambda: 1)
     monkeypatch.setattr(td, "get_world_size", lambda: 2)
     store = _OtherRankFine()
-    monkeypatch.setattr(distributed, "_store", lambda: store)  # the ranks' exchange before the group
+    monkeypatch.setattr(distributed, "_store", lambda seconds=None: store)  # the ranks' exchange before the group
     return calls
 
 

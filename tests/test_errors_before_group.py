@@ -1,7 +1,8 @@
 """Errors a torchrun job meets before its process group exists (a usage error, a device that cannot
-work, a group that cannot form) are said once, by the lowest rank that met them, and every rank exits
-with status 2 together. Before, every rank printed its own copy (a device string torch does not know:
-each rank's RuntimeError traceback), and torchrun's stop of the others made a rank's status -15.
+work, a group that cannot form), or before its first collective (a command's own argument checks: `eval`
+without --tokenizer, an unknown name), are said once, by the lowest rank that met them, and every rank
+exits with status 2 together. Before, every rank printed its own copy (a device string torch does not
+know: each rank's RuntimeError traceback), and torchrun's stop of the others made a rank's status -15.
 
 The ranks are simulated in one process: RANK/WORLD_SIZE set, the other rank's outcome put in the
 store by hand (the store is torchrun's, which the ranks share before any group exists)."""
@@ -49,8 +50,10 @@ def rank_of_two(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
     monkeypatch.delenv("RAEBENCH_DIST_TIMEOUT_S", raising=False)
-    monkeypatch.setattr(distributed, "_store", lambda: store)
+    monkeypatch.setattr(distributed, "_store", lambda seconds=None: store)
     monkeypatch.setattr(distributed, "_KEYS", [0])
+    monkeypatch.setattr(distributed, "_STARTED", [])
+    monkeypatch.setattr(distributed, "_collectives", lambda: 0)  # the fake group has run no collective
     monkeypatch.setattr(td, "is_initialized", lambda: bool(started))
     monkeypatch.setattr(td, "init_process_group", lambda **kw: started.append(kw))
     monkeypatch.setattr(td, "get_rank", lambda: int(os.environ["RANK"]))
@@ -181,6 +184,93 @@ def test_an_error_sentence_is_printed_as_written_not_as_rich_markup(monkeypatch,
     assert "Cannot read '/data/[draft] a.png'; fix it." in " ".join(capsys.readouterr().err.split())
 
 
+def _peer_said(store, rank, sentence, world=2):
+    """What another rank that met ``sentence`` left in the store (distributed.say_once) before this rank came."""
+    store.set(f"exit/0/{rank}", sentence.encode())
+    store.add("exit/0/n", 1)
+    store.add("exit/0/said", 1)
+
+
+GIVE_TOKENIZER = "Give --tokenizer NAME (see `raebench ls tokenizers`) or --tokenizer-config official.yaml."
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_argument_check_after_the_group_formed_is_said_once_and_every_rank_exits_2(rank_of_two, monkeypatch, capsys,
+                                                                                      rank):
+    """`eval` without --tokenizer: checked on every rank after the group formed, before any collective.
+    Each rank printed it (and torchrun's stop of the others made a rank's status -15)."""
+    import signal
+
+    from raebench.cli import main
+
+    set_rank, store, started = rank_of_two
+    set_rank(rank)
+    _other(store, 1 - rank, None)
+    _other(store, 1 - rank, None, n=2)
+    _peer_said(store, 1 - rank, GIVE_TOKENIZER)
+    monkeypatch.setattr(distributed, "meet_before_exit", lambda: pytest.fail("say_once met the other rank already"))
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the test process keeps its SIGTERM handler
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--device", "cpu"])
+    assert e.value.code == 2 and started and store.add("exit/0/said", 0) == 2
+    assert (GIVE_TOKENIZER in " ".join(capsys.readouterr().err.split())) == (rank == 0)
+
+
+def test_an_unknown_name_before_the_group_is_said_by_rank_0_only(rank_of_two, capsys):
+    """`score --name ''` is refused before `init`: no group, the ranks compare through torchrun's store."""
+    from raebench.cli import main
+
+    set_rank, store, started = rank_of_two
+    set_rank(1)
+    said = "--name '' must be non-empty printable text (no newlines or control characters)."
+    _peer_said(store, 0, said)
+    with pytest.raises(SystemExit) as e:
+        main(["score", "--ref", "r", "--cand", "c", "--name", "", "--device", "cpu"])
+    assert e.value.code == 2 and not started and "error:" not in capsys.readouterr().err
+
+
+def test_an_error_after_a_collective_is_not_compared(rank_of_two, monkeypatch, capsys):
+    """Past the first collective a rank may fail alone while the others finish: it says its error at once."""
+    from raebench.cli import main
+
+    set_rank, store, _ = rank_of_two
+    set_rank(1)
+    _other(store, 0, None)
+    _other(store, 0, None, n=2)
+    ran = iter([0, 3])  # after init; then 3 collectives later
+    monkeypatch.setattr(distributed, "_collectives", lambda: next(ran))
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--device", "cpu"])
+    assert e.value.code == 2 and GIVE_TOKENIZER in " ".join(capsys.readouterr().err.split())
+    assert not any(k.startswith("exit/") for k in store.data)
+
+
+def test_a_rank_that_does_not_report_leaves_the_others_to_say_their_own(rank_of_two, monkeypatch):
+    set_rank, store, _ = rank_of_two
+    set_rank(1)
+    monkeypatch.setattr(distributed, "SAY_ONCE_WAIT_S", 0.2)
+    said = []
+    assert distributed.say_once("only here.", lambda: said.append(1)) is False and said == [1]
+
+
+def test_another_sentence_than_the_lower_ranks_is_said_too(rank_of_two):
+    set_rank, store, _ = rank_of_two
+    set_rank(1)
+    _peer_said(store, 0, "Cannot read '/data' on rank 0.")
+    said = []
+    assert distributed.say_once("Cannot read '/data' on rank 1.", lambda: said.append(1)) is True and said == [1]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_help_is_printed_by_rank_0_only(rank_of_two, capsys, rank):
+    from raebench.cli import main
+
+    set_rank, _, _ = rank_of_two
+    set_rank(rank)
+    main(["eval", "--help"])
+    assert ("--tokenizer" in capsys.readouterr().out) == (rank == 0)
+
+
 @pytest.mark.slow
 def test_torchrun_usage_and_device_errors_are_printed_once_and_every_rank_exits_2(tmp_path):
     """End to end under torchrun's agent (which stops the other ranks once one exits)."""
@@ -188,7 +278,8 @@ def test_torchrun_usage_and_device_errors_are_printed_once_and_every_rank_exits_
            "PYTHONPATH": str(ROOT)}
     for argv, says in ((["eval", "--resolution", "abc"], "Invalid value for '--resolution'"),
                        (["score", "--references", str(tmp_path), "--candidates", str(tmp_path), "--device", "bogus"],
-                        "Unknown device 'bogus'")):
+                        "Unknown device 'bogus'"),
+                       (["eval", "--device", "cpu"], "Give --tokenizer NAME")):  # after the group formed
         r = subprocess.run(["timeout", "-k", "5", "150", sys.executable, "-m", "torch.distributed.run", "--standalone",
                             "--nproc_per_node=2", "-m", "raebench", *argv],
                            env=env, capture_output=True, text=True, timeout=170)

@@ -76,17 +76,26 @@ for _m in MODULES:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one sentence, not a traceback."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        with _help_on_rank0(argv):
+            code = app(args=argv, standalone_mode=False)
     except Preempted as e:  # SIGTERM/SIGUSR1: the job saved its state; 128 + the signal, as a shell reports it
         if e.show:
             err_console.print(f"[yellow]{printable(str(e))}[/]", highlight=False, soft_wrap=True)
         _leave_process_group()
         sys.exit(e.exit_code)
     except RaebenchError as e:
-        if not getattr(e, QUIET, False):  # under torchrun: printed by one rank, not by each
+        def say():
             err_console.print(f"[bold red]error:[/] {escape(printable(str(e)))}", highlight=False, soft_wrap=True)
-        if getattr(e, EVERY_RANK, False):
-            _exit_together()
+
+        # unmarked: may be a check every rank met alike before their first collective (said once then)
+        together = None if hasattr(e, EVERY_RANK) else _said_once(str(e), say)
+        if together:
+            _exit_together(met=True)
+        elif together is None:
+            if not getattr(e, QUIET, False):  # under torchrun: printed by one rank, not by each
+                say()
+            if getattr(e, EVERY_RANK, False):
+                _exit_together()
         _leave_process_group()
         sys.exit(2)
     except KeyboardInterrupt:
@@ -157,16 +166,51 @@ def _peer_failed(e: BaseException) -> bool:
         m in text for m in ("Connection closed by peer", "Connection reset by peer", "remote process exited"))
 
 
-def _exit_together() -> None:
+def _launched() -> bool:
+    """Whether torchrun started this process among several (read without importing torch)."""
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def _said_once(sentence: str, say) -> bool | None:
+    """An error raised before this torchrun rank's first collective: a check every rank runs alike (arguments,
+    names, files), said once by comparing the ranks' sentences (:func:`raebench.distributed.say_once`; True:
+    every rank met it). None outside torchrun or past the first collective (then a rank may fail alone)."""
+    if not _launched():
+        return None
+    from raebench import distributed
+
+    return distributed.say_once(sentence, say) if distributed.before_any_collective() else None
+
+
+def _help_on_rank0(argv: list[str] | None):
+    """Under torchrun every rank parses the same ``--help``; ranks other than 0 discard their copy."""
+    import contextlib
+    import io
+    import os
+
+    words = sys.argv[1:] if argv is None else argv
+    if _launched() and os.environ.get("RANK", "0") != "0" and "--help" in words:
+        return contextlib.redirect_stdout(io.StringIO())
+    return contextlib.nullcontext()
+
+
+def _exit_together(met: bool = False) -> None:
     """Every rank of the job is leaving with the same error (:mod:`raebench.distributed` marked it):
     wait for all of them, so that torchrun, which stops the others once one rank exits, neither cuts
-    off the rank that prints the sentence nor turns the other ranks' exit code 2 into a SIGTERM."""
+    off the rank that prints the sentence nor turns the other ranks' exit code 2 into a SIGTERM.
+    ``met``: they already waited for one another (:func:`raebench.distributed.say_once`)."""
     import signal
 
     try:
         from raebench import distributed
 
-        distributed.meet_before_exit()  # before a process group exists (usage, device): through torchrun's store
+        if not met:
+            distributed.meet_before_exit()  # before a process group exists (usage, device): through torchrun's store
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # exiting anyway, with our own code
     except Exception:  # noqa: BLE001 - exiting anyway; the error above is what the user needs
         pass
