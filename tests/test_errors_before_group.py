@@ -10,6 +10,7 @@ store by hand (the store is torchrun's, which the ranks share before any group e
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,9 @@ def rank_of_two(monkeypatch):
         monkeypatch.setenv("RANK", str(r))
         monkeypatch.setenv("LOCAL_RANK", str(r))
 
-    return set_rank, store, started
+    sigterm = signal.getsignal(signal.SIGTERM)
+    yield set_rank, store, started
+    signal.signal(signal.SIGTERM, sigterm)  # ignored by the CLI's exit together: later tests expect their own
 
 
 def _other(store, rank, outcome, n=1):
@@ -199,8 +202,6 @@ def test_an_argument_check_after_the_group_formed_is_said_once_and_every_rank_ex
                                                                                       rank):
     """`eval` without --tokenizer: checked on every rank after the group formed, before any collective.
     Each rank printed it (and torchrun's stop of the others made a rank's status -15)."""
-    import signal
-
     from raebench.cli import main
 
     set_rank, store, started = rank_of_two
@@ -209,7 +210,6 @@ def test_an_argument_check_after_the_group_formed_is_said_once_and_every_rank_ex
     _other(store, 1 - rank, None, n=2)
     _peer_said(store, 1 - rank, GIVE_TOKENIZER)
     monkeypatch.setattr(distributed, "meet_before_exit", lambda: pytest.fail("say_once met the other rank already"))
-    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the test process keeps its SIGTERM handler
     with pytest.raises(SystemExit) as e:
         main(["eval", "--device", "cpu"])
     assert e.value.code == 2 and started and store.add("exit/0/said", 0) == 2
