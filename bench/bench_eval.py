@@ -60,7 +60,8 @@ def random_rae(encoder: str = "small", decoder: str = "B"):
 
 def overhead(args) -> None:
     from raebench.data import ImageDataset, make_loader, scan_folder, to_float
-    from raebench.evaluate import EvalConfig, build_tokenizer_from_config, evaluate, resolve_device
+    from raebench.eval_config import EvalConfig, build_tokenizer_from_config, resolve_device
+    from raebench.evaluate import evaluate
 
     folder = _images(args.n, args.resolution)
     cfg = EvalConfig(tokenizer=args.tokenizer, metrics=tuple(args.metrics.split(",")), data=folder,
@@ -96,7 +97,8 @@ def overhead(args) -> None:
 
 
 def _child(args_json: str) -> None:
-    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.eval_config import EvalConfig
+    from raebench.evaluate import evaluate
 
     a = json.loads(args_json)
     evaluate(EvalConfig(**a))

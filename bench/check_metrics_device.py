@@ -76,7 +76,8 @@ def images(folder: Path, n: int, size: int) -> Path:
 
 
 def run(device: str, data: Path, results: Path, metrics: list[str], resolution: int, batch: int) -> dict[str, float]:
-    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.eval_config import EvalConfig
+    from raebench.evaluate import evaluate
 
     out = evaluate(EvalConfig(tokenizer="bicubic-f8", data=str(data), metrics=tuple(metrics), resolution=resolution,
                               batch_size=batch, device=device, results_dir=str(results)))

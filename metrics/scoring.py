@@ -142,7 +142,8 @@ def score(
     from raebench.checks import check_domain, check_image_counts, check_sizes
     from raebench.data import default_workers
     from raebench.distributed import rank_world
-    from raebench.evaluate import Evaluator, ReferenceSet, resolve_device
+    from raebench.eval_config import resolve_device
+    from raebench.evaluator import Evaluator, ReferenceSet
     from raebench.metrics import METRICS
     from raebench.results import check_writable, new_run_id
 

@@ -30,7 +30,8 @@ import pandas as pd
 
 from raebench.data import resolve_data
 from raebench.distributed import from_rank0, rank_world
-from raebench.evaluate import EvalConfig, evaluate, planned
+from raebench.eval_config import EvalConfig, planned
+from raebench.evaluate import evaluate
 from raebench.leaderboard import compare_table, domain_gap
 from raebench.metrics.base import sharing_networks
 from raebench.results import load
@@ -114,7 +115,7 @@ def eval_reuse(cfg: EvalConfig, tok, data, recompute: bool = False) -> EvalReuse
     when every row is reused it is removed (:func:`drop_finished_progress`)."""
     import os
 
-    from raebench.evaluate import check_options, parse_options
+    from raebench.eval_config import check_options, parse_options
 
     metrics = tuple(dict.fromkeys(cfg.metrics))
     options = parse_options(os.environ.get("RAEBENCH_METRIC_OPTIONS") if cfg.metric_options is None
@@ -200,7 +201,7 @@ def compare(
 
     ``weights``: tokenizer name -> local weights path (``--weights NAME=DIR``), as ``eval --weights``.
     """
-    from raebench.evaluate import build_tokenizer_from_config, resolve_device
+    from raebench.eval_config import build_tokenizer_from_config, resolve_device
     from raebench.errors import RaebenchError
     from raebench.results import check_writable
     from raebench.tokenizers import get_tokenizer_spec

@@ -80,7 +80,7 @@ def before_any_collective() -> bool:
 
 def _plan(device: torch.device | str | None) -> tuple[str, dict]:
     """The backend and the keywords binding this rank's GPU (see :func:`init`), or one sentence."""
-    from raebench.evaluate import resolve_device
+    from raebench.eval_config import resolve_device
 
     _timeout_s()  # a bad $RAEBENCH_DIST_TIMEOUT_S is refused with the device's sentences, once
     if isinstance(device, str):

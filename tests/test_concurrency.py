@@ -161,7 +161,8 @@ def test_processes_publishing_one_reference_set_at_once(tmp_path: Path):
 @pytest.mark.usefixtures("stand_in_extractors")
 def test_an_evaluation_with_an_unwritable_cache_finishes(tmp_path: Path, monkeypatch, image_folder, caplog):
     """``$RAEBENCH_CACHE`` with a file in the way (or read-only, or full): the pass raised NotADirectoryError."""
-    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.eval_config import EvalConfig
+    from raebench.evaluate import evaluate
 
     (tmp_path / "afile").write_text("")
     monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "afile"))

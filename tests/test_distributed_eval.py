@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from raebench.evaluate import EvalConfig, evaluate
+from raebench.eval_config import EvalConfig
+from raebench.evaluate import evaluate
 from raebench.results import load
 
 

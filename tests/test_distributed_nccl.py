@@ -54,7 +54,7 @@ def test_nccl_group_is_bound_to_the_rank_gpu(fake_torchrun, device):
     """The rank's GPU is the current device (object collectives) and the group's bound device
     (barrier: without it torch warns on every barrier and, before any other collective, guesses
     global rank mod GPUs per node); the device the command then computes on is the same GPU."""
-    from raebench.evaluate import resolve_device
+    from raebench.eval_config import resolve_device
 
     assert distributed.init(device) == (1, 2)
     (kw,) = fake_torchrun["init"]

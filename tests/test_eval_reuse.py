@@ -25,27 +25,28 @@ def _runs(res: Path) -> int:
 @pytest.fixture
 def measured(monkeypatch):
     """The metrics each evaluation built now (a list, appended to per Evaluator)."""
-    import raebench.evaluate as ev
+    from raebench.evaluator import Evaluator
 
     built: list[tuple[str, ...]] = []
-    init = ev.Evaluator.__init__
+    init = Evaluator.__init__
 
     def spy(self, metric_names, *a, **k):
         built.append(tuple(metric_names))
         init(self, metric_names, *a, **k)
 
-    monkeypatch.setattr(ev.Evaluator, "__init__", spy)
+    monkeypatch.setattr(Evaluator, "__init__", spy)
     return built
 
 
 def _forbid_measuring(monkeypatch) -> None:
     """Any metric network built or image decoded for the pass fails the test."""
     import raebench.evaluate as ev
+    from raebench.evaluator import Evaluator
 
     def boom(*a, **k):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(ev.Evaluator, "_build_all", boom)
+    monkeypatch.setattr(Evaluator, "_build_all", boom)
     monkeypatch.setattr(ev, "ImageDataset", boom)
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from raebench.errors import RaebenchError
-from raebench.evaluate import EvalConfig, evaluate
+from raebench.eval_config import EvalConfig
+from raebench.evaluate import evaluate
 from raebench.tokenizers.reference import BicubicTokenizer
 
 

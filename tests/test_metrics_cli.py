@@ -12,7 +12,7 @@ from _metrics_helpers import photo_crops, random_inception_weights, save_pngs, s
 
 from raebench.cli import main
 from raebench.errors import DataError
-from raebench.evaluate import Evaluator
+from raebench.evaluator import Evaluator
 from raebench.results import load
 
 
@@ -176,7 +176,8 @@ def test_score_from_the_reference_cache_equals_a_cold_run_bit_for_bit(tmp_path, 
 
 
 def test_eval_excludes_nonfinite_reconstructions_but_caches_every_reference(tmp_path, stand_in_extractors, make_images):
-    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.eval_config import EvalConfig
+    from raebench.evaluate import evaluate
     from raebench.tokenizers.reference import BicubicTokenizer
 
     class HalfNaN(BicubicTokenizer):
@@ -321,7 +322,7 @@ def test_score_resumes_after_a_crash_with_the_uninterrupted_numbers(tmp_path, st
                                                                     monkeypatch, paired):
     """Killed in the middle (paired batches, or the candidates after the references): the re-run
     continues from the saved position, at another batch size, and writes the uninterrupted numbers."""
-    from raebench.evaluate import Evaluator as Ev
+    from raebench.evaluator import Evaluator as Ev
     from raebench.metrics.scoring import score
 
     monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache-off"))
@@ -361,7 +362,7 @@ def test_a_resume_past_part_of_the_references_ignores_a_cache_filled_meanwhile(t
     references (which fills the feature cache), then the re-run: the re-run skipped the rest of the
     references (the cache made it take the cached branch, which feeds nothing to a resumed state), so
     its FID used the first references only (FID 0.80 over 20 of 48 references instead of 0.62)."""
-    from raebench.evaluate import Evaluator as Ev
+    from raebench.evaluator import Evaluator as Ev
     from raebench.metrics.scoring import score
 
     monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache"))
@@ -399,7 +400,7 @@ def test_a_resume_of_references_fed_from_a_cache_that_is_gone_does_not_count_the
     counted each twice."""
     import shutil
 
-    from raebench.evaluate import Evaluator as Ev
+    from raebench.evaluator import Evaluator as Ev
     from raebench.metrics.scoring import score
 
     monkeypatch.setenv("RAEBENCH_CACHE", str(tmp_path / "cache"))
@@ -510,7 +511,8 @@ def test_a_kill_between_the_rows_and_the_state_removal_adds_no_second_run(tmp_pa
     bench/fuzz_kill_resume.py), the re-run of the same command resumes that state: it rewrites the
     same run file (the run id is kept in the state) instead of adding a second run of the rows."""
     from raebench.eval_progress import WorkState
-    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.eval_config import EvalConfig
+    from raebench.evaluate import evaluate
     from raebench.metrics.scoring import score
     from raebench.results import load
 

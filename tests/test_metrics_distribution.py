@@ -6,7 +6,7 @@ import pytest
 import torch
 from _metrics_helpers import stand_in_extractors  # noqa: F401  (a fixture)
 
-from raebench.evaluate import Evaluator
+from raebench.evaluator import Evaluator
 from raebench.metrics import METRICS, MetricBatch
 from raebench.metrics import neighbours as nb
 from raebench.metrics.inception_score import inception_score

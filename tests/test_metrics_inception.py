@@ -10,7 +10,7 @@ import torch
 from _metrics_helpers import TensorDataset, blurred, photo_crops, random_inception_weights
 
 from raebench.errors import MissingWeightsError
-from raebench.evaluate import Evaluator
+from raebench.evaluator import Evaluator
 from raebench.metrics import EXTRACTORS
 
 

@@ -20,12 +20,18 @@ from raebench.results import load
 @pytest.fixture
 def no_model_build(monkeypatch):
     """Fail loudly if a tokenizer or a metric network gets built: these errors must come first."""
+    import raebench.eval_config as cfg
     import raebench.evaluate as ev
+    import raebench.evaluator as evr
 
     def refuse(*a, **k):
         raise AssertionError("a model was built before the error")
 
+    # each name where it is looked up: the CLI and score import from eval_config and evaluator,
+    # evaluate() holds its own references
+    monkeypatch.setattr(cfg, "build_tokenizer_from_config", refuse)
     monkeypatch.setattr(ev, "build_tokenizer_from_config", refuse)
+    monkeypatch.setattr(evr, "Evaluator", refuse)
     monkeypatch.setattr(ev, "Evaluator", refuse)
 
 

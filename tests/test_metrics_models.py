@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from _metrics_helpers import blurred, photo_crops
 
-from raebench.evaluate import Evaluator
+from raebench.evaluator import Evaluator
 from raebench.metrics import EXTRACTORS
 from raebench.metrics.frechet import frechet_distance
 
@@ -154,7 +154,7 @@ def test_every_missing_metric_weight_is_named_in_one_error(tmp_path, monkeypatch
     import os
 
     from raebench.errors import MissingWeightsError
-    from raebench.evaluate import Evaluator
+    from raebench.evaluator import Evaluator
 
     for k in list(os.environ):
         if k.startswith("RAEBENCH_") and k.endswith("_WEIGHTS") or k == "RAEBENCH_METRIC_OPTIONS":

@@ -315,7 +315,7 @@ def test_reuse_and_resume_compare_the_dreamsim_weights_recorded_with_a_row(tmp_p
     measured with other DreamSim weights. The plan now fingerprints the folder the metric loads, as the
     metric records it (its weights_id), without loading it; files the package will download leave nothing
     to compare yet (no refusal online), and missing files offline are one sentence at start-up."""
-    from raebench.evaluate import planned
+    from raebench.eval_config import planned
     from raebench.metrics.extractors import fingerprint_path
 
     name = "dreamsim-clip-b32"
@@ -343,7 +343,7 @@ def test_a_dreamsim_variants_identity_is_its_own_files_in_the_shared_folder(tmp_
     fingerprint of the whole folder, so downloading another variant there made the rows measured before
     other networks' rows (compare measured them again, the leaderboard split their columns by
     metric_networks). Now it is the variant's own files, in the plan and as the metric records it."""
-    from raebench.evaluate import planned
+    from raebench.eval_config import planned
     from raebench.metrics import METRICS
 
     name = "dreamsim-clip-b32"

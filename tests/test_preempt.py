@@ -178,7 +178,8 @@ def test_stage1_sigterm_saves_at_that_step_and_the_resume_equals_an_uninterrupte
 
 def test_eval_sigterm_saves_progress_after_the_batch_and_the_rerun_gives_the_same_numbers(image_folder, tmp_path,
                                                                                            monkeypatch):
-    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.eval_config import EvalConfig
+    from raebench.evaluate import evaluate
     from raebench.tokenizers import build_tokenizer
 
     base = dict(tokenizer="bicubic-f8", data=str(image_folder), resolution=32, batch_size=2, device="cpu")
@@ -200,7 +201,7 @@ def test_score_sigterm_saves_progress_after_the_batch_and_the_rerun_gives_the_sa
                                                                                             monkeypatch):
     from PIL import Image
 
-    from raebench.evaluate import Evaluator
+    from raebench.evaluator import Evaluator
     from raebench.metrics.scoring import score
 
     for name, seed in (("ref", 1), ("cand", 2)):

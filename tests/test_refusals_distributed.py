@@ -62,7 +62,8 @@ JOB = textwrap.dedent('''
     except RaebenchError as e:
         print(f"sample, rank {rank}: every_rank={getattr(e, EVERY_RANK, False)}: {e}", flush=True)
     import raebench.eval_progress as ep
-    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.eval_config import EvalConfig
+    from raebench.evaluate import evaluate
     acquire = ep.WorkState.acquire
     def busy(self):  # another job evaluates this configuration: it holds rank 1's progress
         if rank == 1:

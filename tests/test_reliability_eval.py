@@ -178,7 +178,8 @@ def test_eval_resumes_after_the_weights_folder_moved(image_folder, tmp_path):
     folder that was moved (same name, other parent) is continued, other weights are not."""
     import shutil
 
-    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.eval_config import EvalConfig
+    from raebench.evaluate import evaluate
     from raebench.tokenizers import build_tokenizer
 
     from test_distributed_eval import _CrashAfter as CrashAfter
@@ -472,11 +473,14 @@ def test_atomic_safetensors_get_the_umask_mode(tmp_path):
 @pytest.fixture
 def no_model_build(monkeypatch):
     """Fail loudly if a tokenizer gets built: these errors must come first."""
+    import raebench.eval_config as cfg
     import raebench.evaluate as ev
 
     def refuse(*a, **k):
         raise AssertionError("a tokenizer was built before the error")
 
+    # looked up in both: the CLI imports it from eval_config, evaluate() holds its own reference
+    monkeypatch.setattr(cfg, "build_tokenizer_from_config", refuse)
     monkeypatch.setattr(ev, "build_tokenizer_from_config", refuse)
 
 
@@ -692,7 +696,8 @@ def test_reconstruct_files_csv_maps_png_names_to_npz_rows(tmp_path, make_images)
 
 
 def test_a_failing_first_batch_leaves_no_work_folder(tmp_path, image_folder, monkeypatch):
-    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.eval_config import EvalConfig
+    from raebench.evaluate import evaluate
     from raebench.tokenizers.reference import PixelTokenizer
 
     class Broken(PixelTokenizer):
@@ -797,7 +802,8 @@ def test_a_progress_save_killed_mid_write_leaves_no_temporary_file(image_folder,
     metric states: the features of every image so far); the re-run started afresh, finished, and
     left that file and its folder behind for good (the save's own sweep removes only hour-old temps)."""
     import raebench.evaluate as ev
-    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.eval_config import EvalConfig
+    from raebench.evaluate import evaluate
 
     cfg = EvalConfig(tokenizer="pixels", data=str(image_folder), resolution=16, batch_size=4, device="cpu",
                      metrics=("psnr",), results_dir=str(tmp_path / "res"))

@@ -216,7 +216,8 @@ def test_every_loader_refuses_a_code_payload(loader, tmp_path: Path):
 def test_eval_resume_state_with_a_payload_is_ignored_not_run(image_folder: Path, tmp_path: Path):
     """<results>/.work/<key>/rank0.pt is read back on a re-run: a payload there is refused, the
     shard restarts from zero and the run completes with every image."""
-    from raebench.evaluate import EvalConfig, evaluate
+    from raebench.eval_config import EvalConfig
+    from raebench.evaluate import evaluate
     from raebench.tokenizers import build_tokenizer
 
     class Crash:

@@ -31,7 +31,7 @@ def test_tf32_is_set_inside_and_restored_after(cuda_flags):
 
 
 def test_metric_extractors_and_fp32_tokenizers_run_without_tf32(cuda_flags):
-    from raebench.evaluate import _autocast
+    from raebench.eval_config import _autocast
     from raebench.metrics.extractors import full_fp32
 
     torch.backends.cuda.matmul.fp32_precision = "tf32"  # a user script set the new API first

@@ -78,13 +78,13 @@ class _Precision:
         return getattr(self.__dict__["tok"], name)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        from raebench.evaluate import _autocast
+        from raebench.eval_config import _autocast
 
         with _autocast(self._device, self._precision):
             return self.tok.encode(x).float()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        from raebench.evaluate import _autocast
+        from raebench.eval_config import _autocast
 
         with _autocast(self._device, self._precision):
             return self.tok.decode(z).float()
@@ -149,7 +149,7 @@ def _build_references(cfg: AnalyzeConfig, names: list[str], device: torch.device
 
 
 def _build_tokenizers(cfg: AnalyzeConfig, device: torch.device) -> list:
-    from raebench.evaluate import EvalConfig, build_tokenizer_from_config
+    from raebench.eval_config import EvalConfig, build_tokenizer_from_config
     from raebench.weights import named_flags
 
     opts = {"weights": dict(cfg.weights), "decoder": dict(cfg.decoder), "stats": dict(cfg.stats)}
@@ -235,7 +235,7 @@ def analyze(
     """
     from raebench.analysis.perceptual import PERCEPTUAL_CHOICES, build_distance
     from raebench.distributed import rank_world, shard
-    from raebench.evaluate import resolve_device
+    from raebench.eval_config import resolve_device
 
     t0 = time.perf_counter()
     rank, world = rank_world()

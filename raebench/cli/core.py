@@ -200,7 +200,8 @@ def run_eval_with_progress(cfg, label: str, recompute: bool = False):
     from raebench import distributed
     from raebench.compare import eval_reuse
     from raebench.data import resolve_data
-    from raebench.evaluate import build_tokenizer_from_config, check_config, check_data_counts, evaluate, resolve_device
+    from raebench.eval_config import build_tokenizer_from_config, check_config, check_data_counts, resolve_device
+    from raebench.evaluate import evaluate
     from raebench.results import check_writable
 
     check_config(cfg)  # bad flags, too few images and an unwritable results folder fail before any model loads
@@ -373,7 +374,7 @@ def register(app: typer.Typer) -> None:
         With --samples and --reference it scores generated samples instead, exactly as
         `raebench score --references REF --candidates SAMPLES` (default metrics fid,sfid,is,precision)."""
         from raebench import distributed
-        from raebench.evaluate import EvalConfig
+        from raebench.eval_config import EvalConfig
 
         if samples or reference:
             if not (samples and reference):

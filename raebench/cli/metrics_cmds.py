@@ -44,7 +44,7 @@ def run_score(references: str, candidates: str, names: tuple[str, ...], *, name:
     from raebench import distributed
     from raebench.cli import err_console, print_table
     from raebench.cli.core import _fmt, not_computed_error, progress_bar, run_line
-    from raebench.evaluate import parse_options
+    from raebench.eval_config import parse_options
     from raebench.metrics.scoring import score
 
     if name is not None and (not name.strip() or not name.isprintable()):  # a row label in every table

@@ -150,7 +150,7 @@ def _write_reconstructions(
 
     from raebench import distributed
     from raebench.data import Skip, to_float, to_uint8
-    from raebench.evaluate import _autocast
+    from raebench.eval_config import _autocast
     from raebench.results import atomic_write_bytes, remove_orphan_temps, save_npz_streamed_atomic
 
     rows, nonfinite, shape = [], [], None  # shape: (H, W, 3) of this rank's reconstructions
@@ -307,7 +307,7 @@ def register(app: typer.Typer) -> None:
         from raebench.cli import console
         from raebench.cli.core import progress_bar
         from raebench.data import resolve_data, to_float
-        from raebench.evaluate import resolve_device
+        from raebench.eval_config import resolve_device
         from raebench.locks import exclusive
         from raebench.rae.stats import StatsAccumulator
         from raebench.results import remove_orphan_temps
@@ -382,7 +382,7 @@ def register(app: typer.Typer) -> None:
         from raebench.cli import console, err_console
         from raebench.cli.core import progress_bar
         from raebench.data import resolve_data
-        from raebench.evaluate import EvalConfig, build_tokenizer_from_config, check_config, resolve_device
+        from raebench.eval_config import EvalConfig, build_tokenizer_from_config, check_config, resolve_device
 
         distributed.init(device)
         if not tokenizer and not tokenizer_config:

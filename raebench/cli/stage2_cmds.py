@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         """Train DiT-DH on RAE latents (official recipe presets; resumable; torchrun for DDP)."""
         from raebench import distributed
         from raebench.cli import console
-        from raebench.evaluate import resolve_device
+        from raebench.eval_config import resolve_device
         from raebench.stage2.train import preset as make_preset, train
 
         local = {"--weights": weights, "--decoder": decoder, "--stats": stats}
@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
 
         from raebench import distributed
         from raebench.cli import console
-        from raebench.evaluate import resolve_device
+        from raebench.eval_config import resolve_device
         from raebench.stage2.latents import build_tokenizer, weights_of
         from raebench.stage2.sample import class_labels, generate_npz, load_trained, save_grid, stage2_checkpoint
         from raebench.stage2.samplers import has_null_class, sample
@@ -247,7 +247,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Encode a dataset once (plus flips) so stage-2 training does not pay the encoder every step."""
         from raebench.cli import console
-        from raebench.evaluate import resolve_device
+        from raebench.eval_config import resolve_device
         from raebench.stage2.latents import build_tokenizer, cache_latents
 
         from raebench import distributed

@@ -58,7 +58,7 @@ from raebench import distributed
 from raebench.data import scan_folder, to_float, to_uint8
 from raebench.errors import DataError, MissingWeightsError, RaebenchError
 from raebench.preempt import Preempted, StopOnSignal, ignore_in_worker
-from raebench.evaluate import resolve_device
+from raebench.eval_config import resolve_device
 from raebench.results import atomic_write_bytes, provenance
 from raebench.stage1.config import LEGACY_VALUES, RUN_ONLY_FIELDS, Stage1Config
 from raebench.stage1.data import AUG_FAKE, AUG_G, AUG_REAL, NOISE, StepBatches, TrainCrops, collate, load_eval_images, sample_generators

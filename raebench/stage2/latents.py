@@ -42,7 +42,7 @@ def build_tokenizer(name: str, device: torch.device, resolution: int | None = No
     """A registered tokenizer with ``eval``'s local-files options (``--weights``, ``--decoder``,
     ``--stats``), built as ``eval`` builds it, at ``resolution`` (None: the first resolution its
     weights were released at, as an older raebench built it here)."""
-    from raebench.evaluate import EvalConfig, build_tokenizer_from_config
+    from raebench.eval_config import EvalConfig, build_tokenizer_from_config
     from raebench.tokenizers import get_tokenizer_spec
 
     if resolution is None:
