@@ -21,7 +21,8 @@ import torch
 
 from raebench.baselines import CardError, load_cards, parse_card, reported_frame, reported_rows
 from raebench.errors import CheckpointError, DataError
-from raebench.leaderboard import compare_table, domain_gap, pivot, render
+from raebench.export import render
+from raebench.leaderboard import compare_table, domain_gap, pivot
 from raebench.results import ResultRow
 from raebench.tokenizers import TOKENIZERS, build_tokenizer
 from raebench.tokenizers.vae import PRESETS, convert_ldm_vae_state_dict, get_preset, ldm_vae_config

@@ -8,8 +8,8 @@ from dataclasses import asdict
 import pandas as pd
 import pytest
 
-from raebench.leaderboard import (best_per_column, compare_bold, compare_table, domain_gap, latex_escape, pivot,
-                                  render)
+from raebench.export import latex_escape, render
+from raebench.leaderboard import best_per_column, compare_bold, compare_table, domain_gap, pivot
 from raebench.results import ResultRow, load, write_rows
 
 NAN, INF = float("nan"), float("inf")
@@ -229,7 +229,7 @@ def test_rows_export_writes_whole_numbers_and_no_minus_one_images():
     an older schema without a resolution turned every resolution and n into '256.0', '17.0'."""
     import io
 
-    from raebench.leaderboard import rows_csv
+    from raebench.export import rows_csv
 
     meas = _frame([_row("a", "psnr", 20.0)]).assign(resolution=[None]).astype({"resolution": object})
     meas = pd.concat([meas, _frame([_row("b", "psnr", 21.0)])], ignore_index=True)
@@ -294,7 +294,7 @@ def test_csv_defuses_formulas_and_keeps_numbers():
     numbers (negative ones included) and text that reads as a number stay as they are."""
     import io
 
-    from raebench.leaderboard import rows_csv
+    from raebench.export import rows_csv
 
     t = pd.DataFrame({"=x/psnr": [-1.5, 2.0], "note": ['=HYPERLINK("http://e")', "-2.5"]}, index=["@SUM(A1)", "+b"])
     back = pd.read_csv(io.StringIO(render(t, "csv")), index_col=0, dtype={"note": str})

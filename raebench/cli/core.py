@@ -442,7 +442,8 @@ def register(app: typer.Typer) -> None:
         from raebench import distributed
         from raebench.cli import console, err_console, print_table
         from raebench.compare import compare
-        from raebench.leaderboard import compare_bold, gap_table, render, row_best
+        from raebench.export import render
+        from raebench.leaderboard import compare_bold, gap_table, row_best
 
         distributed.init(device)  # under torchrun each evaluation is sharded; rank 0 writes rows and prints
         device = distributed.local_device(device)
@@ -511,7 +512,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export results as a leaderboard: tokenizers x (dataset, n, source)/metric, best in bold."""
         from raebench.cli import console
-        from raebench.leaderboard import pivot, render
+        from raebench.export import render
+        from raebench.leaderboard import pivot
         from raebench.results import load
 
         if format not in ("csv", "md", "latex", "rows"):
@@ -527,7 +529,7 @@ def register(app: typer.Typer) -> None:
         if df.empty and (rep is None or rep.empty):
             raise RaebenchError(f"No results under {str(results)!r}; run `raebench eval` first.")
         if format == "rows":  # the citable record: one line per measurement (and published number) shown
-            from raebench.leaderboard import rows_csv
+            from raebench.export import rows_csv
 
             text = rows_csv(df, rep)
         else:
