@@ -14,7 +14,9 @@ import time
 
 import torch
 
-from raebench.data import ImageDataset, ImageList, make_loader, resolve_data
+from raebench.data import resolve_data
+from raebench.folders import ImageList
+from raebench.loaders import ImageDataset, make_loader
 
 
 def main() -> None:

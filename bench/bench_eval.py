@@ -59,7 +59,9 @@ def random_rae(encoder: str = "small", decoder: str = "B"):
 
 
 def overhead(args) -> None:
-    from raebench.data import ImageDataset, make_loader, scan_folder, to_float
+    from raebench.folders import scan_folder
+    from raebench.images import to_float
+    from raebench.loaders import ImageDataset, make_loader
     from raebench.eval_config import EvalConfig, build_tokenizer_from_config, resolve_device
     from raebench.evaluate import evaluate
 

@@ -35,7 +35,7 @@ def make_folders(n: int, res: int, root: Path) -> tuple[Path, Path]:
     """n photo crops and their bicubic-f8 reconstructions, as PNG folders with matching names."""
     from _metrics_helpers import photo_crops, save_pngs
 
-    from raebench.data import to_float, to_uint8
+    from raebench.images import to_float, to_uint8
     from raebench.tokenizers.reference import BicubicTokenizer
 
     ref = photo_crops(n, res, seed=0)

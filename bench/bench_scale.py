@@ -223,7 +223,7 @@ def bench_reconstruct(n: int, res: int, batch: int = 64) -> dict:
 
 
 def bench_folder(n: int) -> dict:
-    from raebench.data import scan_folder
+    from raebench.folders import scan_folder
 
     with tempfile.TemporaryDirectory(prefix="raebench-folder-") as root:
         payload = os.urandom(40000)

@@ -6,7 +6,7 @@ accumulator with ``update`` / ``compute`` / ``reset``. Expensive per-image featu
 every metric that names them in ``MetricSpec.extractors``.
 
 Inputs at this boundary are uint8 NCHW RGB tensors (what a PNG holds); a metric that wants floats
-converts them itself (the network metrics with :func:`raebench.data.to_float`, the pixel metrics to
+converts them itself (the network metrics with :func:`raebench.images.to_float`, the pixel metrics to
 float64).
 """
 

@@ -140,7 +140,7 @@ def score(
     min(8, cores) on a GPU, as eval).
     """
     from raebench.checks import check_domain, check_image_counts, check_sizes
-    from raebench.data import default_workers
+    from raebench.loaders import default_workers
     from raebench.distributed import rank_world
     from raebench.eval_config import resolve_device
     from raebench.evaluator import Evaluator, ReferenceSet
@@ -236,7 +236,7 @@ def score(
             _stream(ev, ref, cand, specs, paired, batch_size, rank, world, pos, count, on_progress, batch_done,
                     flags, default_workers(num_workers, dev))  # image folders decode in workers on a GPU, as in eval
         n_cand = count["n"]
-        from raebench.data import Skip
+        from raebench.folders import Skip
 
         skipped = [Skip(p, r) for p, r in saved_skips] + ref.skipped + cand.skipped
         upscaled = saved_upscaled + ref.upscaled + cand.upscaled

@@ -6,7 +6,7 @@ reference-batch format); a reference batch also holds ``mu``/``sigma`` (pool3 st
 evaluator does. ``arr_0`` is streamed from the zip member in batches (a 50k × 256² sample file is
 9.8 GB), never loaded whole.
 
-A folder is read recursively (``raebench.data.scan_folder``); images are used as they are (all must
+A folder is read recursively (``raebench.folders.scan_folder``); images are used as they are (all must
 share one size) or ADM-center-cropped to ``resolution`` when one is given.
 """
 
@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from raebench.data import ImageDataset, ImageList, Skip, adm_center_crop, error_kind, make_loader, scan_folder
+from raebench.folders import ImageList, Skip, scan_folder
+from raebench.images import adm_center_crop, error_kind
+from raebench.loaders import ImageDataset, make_loader
 from raebench.errors import DataError
 from raebench.metrics.extractors import fingerprint_data_file
 

@@ -27,7 +27,10 @@ import torch
 
 from raebench import distributed
 from raebench.distributed import rank_world, shard
-from raebench.data import ImageDataset, ResolvedData, Skip, default_workers, make_loader, resolve_data, to_float, to_uint8
+from raebench.data import ResolvedData, resolve_data
+from raebench.folders import Skip
+from raebench.images import to_float, to_uint8
+from raebench.loaders import ImageDataset, default_workers, make_loader
 from raebench.errors import RaebenchError
 from raebench.eval_config import (EvalConfig, Planned, _autocast, build_tokenizer_from_config, check_config,
                                   check_data_counts, parse_options, resolve_device)

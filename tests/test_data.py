@@ -12,17 +12,10 @@ import tifffile
 import torch
 from PIL import Image
 
-from raebench.data import (
-    DATASETS,
-    ImageDataset,
-    adm_center_crop,
-    collate,
-    load_rgb,
-    resolve_data,
-    scan_folder,
-    subset,
-    to_uint8,
-)
+from raebench.data import DATASETS, resolve_data
+from raebench.folders import scan_folder, subset
+from raebench.images import adm_center_crop, load_rgb, to_uint8
+from raebench.loaders import ImageDataset, collate
 from raebench.errors import DataError, UnknownNameError
 
 
@@ -219,9 +212,9 @@ def _tiff_with_mistyped_strip_offsets(grey: np.ndarray) -> bytes:
 
 
 def test_hostile_inputs_each_get_documented_handling(tmp_path: Path, monkeypatch):
-    import raebench.data as data_mod
+    import raebench.images as images_mod
 
-    monkeypatch.setattr(data_mod, "MAX_PIXELS", 50_000_000)
+    monkeypatch.setattr(images_mod, "MAX_PIXELS", 50_000_000)  # load_rgb's limit
     root = tmp_path / "hostile"
     expect = make_hostile_corpus(root)
     imgs = scan_folder(root)
@@ -244,7 +237,7 @@ def test_malformed_metadata_is_a_counted_skip_not_a_crash(tmp_path: Path):
     StripOffsets is typed ASCII (TypeError in load) each stopped the whole run. Now an EXIF block
     that cannot be parsed is a skip (the intended rotation is unknown), a readable orientation is
     applied whatever the other tags, and any other decoding error is a skip naming its type."""
-    from raebench.data import ImageSkip
+    from raebench.images import ImageSkip
 
     rgb = np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "a.png", exif=b"II*\x00")
@@ -279,7 +272,7 @@ def test_signed_and_non_finite_tiffs(tmp_path: Path):
     bytes; float images with NaN/Inf are skipped, with no numpy warning leaking."""
     from skimage.util import img_as_ubyte
 
-    from raebench.data import ImageSkip
+    from raebench.images import ImageSkip
 
     i16 = np.array([[-32768, -1, 0, 1], [127, 128, 255, 32767]], dtype=np.int16)
     i8 = np.array([[-128, -1, 0, 1], [2, 64, 100, 127]], dtype=np.int8)
@@ -300,7 +293,7 @@ def test_fifo_named_like_an_image_is_skipped_unopened(tmp_path: Path):
     and the loader each opened it). Only regular files are listed; the loader also refuses others."""
     import signal
 
-    from raebench.data import ImageSkip
+    from raebench.images import ImageSkip
 
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
     os.mkfifo(tmp_path / "x.png")
@@ -326,7 +319,7 @@ def test_fingerprint_of_ordinary_names_is_unchanged():
     non-UTF-8 names were supported, and must not move."""
     import tempfile
 
-    from raebench.data import ImageList
+    from raebench.folders import ImageList
 
     with tempfile.TemporaryDirectory() as d:  # a fixed root name does not matter: names are relative
         root = Path(d)
@@ -426,7 +419,7 @@ def test_sixteen_bit_depth_comes_from_the_format_not_the_pixels(tmp_path: Path):
     integer TIFFs have no white level and are skipped; float TIFFs are read as [0, 1]."""
     from skimage.util import img_as_ubyte
 
-    from raebench.data import ImageSkip
+    from raebench.images import ImageSkip
 
     for v in (200, 255, 256, 40000):
         (tmp_path / "d.pgm").write_bytes(b"P5\n4 4\n65535\n" + np.full((4, 4), v, ">u2").tobytes())
@@ -459,7 +452,7 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path):
 def test_worker_micro_batches_give_the_same_batches(tmp_path: Path, batch_size: int):
     """Several workers decode each batch together (micro-batches joined in order): the batches,
     skipped files and upscaled flags are exactly those of the single-process loader."""
-    from raebench.data import make_loader
+    from raebench.loaders import make_loader
 
     root = tmp_path / "mixed"
     make_hostile_corpus(root)
@@ -510,7 +503,7 @@ def test_stage1_train_resize_sizes_as_torchvision(monkeypatch):
 
     from torchvision.transforms.functional import _compute_resized_output_size
 
-    from raebench.data import random_resized_crop_train
+    from raebench.images import random_resized_crop_train
 
     sizes = []
     real = Image.Image.resize
@@ -524,7 +517,7 @@ def test_stage1_train_resize_sizes_as_torchvision(monkeypatch):
 
 
 def test_default_workers_every_data_command_shares():
-    from raebench.data import default_workers
+    from raebench.loaders import default_workers
 
     assert default_workers(None, torch.device("cpu")) == 0  # workers would compete with the model's cores
     assert default_workers(None, torch.device("cuda")) == min(8, os.cpu_count() or 1)
@@ -536,18 +529,18 @@ def test_long_listings_and_fingerprints_report_progress(tmp_path: Path, monkeypa
     PROGRESS_SECONDS; short ones (every test folder) say nothing. The result does not change."""
     import logging
 
-    import raebench.data as data_mod
+    import raebench.folders as folders_mod
 
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
         for i in range(3):
             (tmp_path / c / f"{i}.png").write_bytes(bytes(i + 1))
     quiet = scan_folder(tmp_path)
-    with caplog.at_level(logging.INFO, logger="raebench.data"):
+    with caplog.at_level(logging.INFO, logger="raebench.folders"):
         fp = quiet.fingerprint()
     assert not caplog.records
-    monkeypatch.setattr(data_mod, "PROGRESS_SECONDS", 0.0)
-    with caplog.at_level(logging.INFO, logger="raebench.data"):
+    monkeypatch.setattr(folders_mod, "PROGRESS_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="raebench.folders"):
         images = scan_folder(tmp_path)
         assert images.fingerprint() == fp and images.paths == quiet.paths
     text = caplog.text
@@ -559,7 +552,7 @@ def test_float_images_outside_the_unit_range_are_skipped_not_clipped(tmp_path: P
     image; values outside [-1, 1] are refused as img_as_ubyte refuses them, negatives go to 0."""
     from skimage.util import img_as_ubyte
 
-    from raebench.data import ImageSkip
+    from raebench.images import ImageSkip
 
     f = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     Image.fromarray(f * 255).save(tmp_path / "f255.tif")
@@ -573,7 +566,7 @@ def test_pixel_limit_above_pillows_bomb_limit_is_honoured(tmp_path: Path, monkey
     """A pixel limit above twice Pillow's MAX_IMAGE_PIXELS (179 Mpx, below the default 16384²) used to
     be ignored: Pillow refused the file in Image.open first, so a 15000 x 15000 image was skipped by
     default. Here Pillow's limit is scaled down to 100 (an error above 200 px) and the image has 400 px."""
-    from raebench.data import ImageSkip
+    from raebench.images import ImageSkip
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "big.png")
@@ -604,7 +597,7 @@ def test_hidden_and_macos_metadata_entries_are_not_data(tmp_path: Path):
 
 
 def test_max_pixels_setting_takes_only_positive_whole_numbers():
-    from raebench.data import _max_pixels
+    from raebench.images import _max_pixels
 
     assert _max_pixels(None) == _max_pixels(" ") == 16384 * 16384 and _max_pixels("2.7e8") == 270_000_000
     assert _max_pixels("0") is None and _max_pixels("-5") is None and _max_pixels("1.5") is None
@@ -612,7 +605,7 @@ def test_max_pixels_setting_takes_only_positive_whole_numbers():
 
 
 def test_an_image_of_exactly_the_pixel_limit_is_read(tmp_path):
-    from raebench.data import ImageSkip, load_rgb
+    from raebench.images import ImageSkip, load_rgb
 
     Image.new("RGB", (6, 4), (1, 2, 3)).save(tmp_path / "a.png")
     assert load_rgb(tmp_path / "a.png", max_pixels=24).size == (6, 4)
@@ -621,7 +614,7 @@ def test_an_image_of_exactly_the_pixel_limit_is_read(tmp_path):
 
 
 def test_pillows_own_limit_is_raised_only_where_it_would_refuse_first(monkeypatch):
-    from raebench.data import _let_pillow_open
+    from raebench.images import _let_pillow_open
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses above 2x this
     _let_pillow_open(150)
@@ -634,7 +627,7 @@ def test_pillows_own_limit_is_raised_only_where_it_would_refuse_first(monkeypatc
 
 
 def test_a_float_image_below_minus_one_is_skipped(tmp_path):
-    from raebench.data import ImageSkip, load_rgb
+    from raebench.images import ImageSkip, load_rgb
 
     tifffile.imwrite(tmp_path / "f.tif", np.array([[-2.0, 0.5]], np.float32))
     with pytest.raises(ImageSkip, match="float image with values in"):
@@ -642,20 +635,20 @@ def test_a_float_image_below_minus_one_is_skipped(tmp_path):
 
 
 def test_relative_normalises_dot_parts_as_relpath():
-    from raebench.data import relative
+    from raebench.folders import relative
 
     for path in ("/r/a/./b.png", "/r/a//b.png", "/r/x/../a/b.png", "/r/a/b.png"):
         assert relative(path, "/r") == os.path.relpath(path, "/r") == "a/b.png"
 
 
 def test_running_out_of_memory_is_not_an_unreadable_image(tmp_path, monkeypatch):
-    from raebench import data
+    from raebench import images
 
     Image.new("RGB", (2, 2)).save(tmp_path / "a.png")
 
     def oom(*a, **k):
         raise MemoryError
 
-    monkeypatch.setattr(data, "_exif_transpose", oom)
+    monkeypatch.setattr(images, "_exif_transpose", oom)
     with pytest.raises(MemoryError):
-        data.load_rgb(tmp_path / "a.png")
+        images.load_rgb(tmp_path / "a.png")

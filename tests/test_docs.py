@@ -191,7 +191,7 @@ def _env_table() -> dict[tuple[str, ...], str]:
 
 def test_the_readme_gives_each_variables_default_as_the_code_has_it(monkeypatch):
     from raebench import distributed
-    from raebench.data import _max_pixels
+    from raebench.images import _max_pixels
     from raebench.metrics import cache, extractors
 
     table = {name: default for names, default in _env_table().items() for name in names}

@@ -43,7 +43,9 @@ def test_nonfinite_images_are_excluded_and_counted(image_folder: Path, tmp_path:
 
 
 def clean_means(folder: Path):
-    from raebench.data import ImageDataset, scan_folder, to_float
+    from raebench.folders import scan_folder
+    from raebench.images import to_float
+    from raebench.loaders import ImageDataset
 
     ds = ImageDataset(scan_folder(folder), 32)
     tok = BicubicTokenizer(8)
@@ -101,7 +103,9 @@ def test_rows_equal_scikit_image_on_the_saved_8bit_reconstructions(image_folder:
     import numpy as np
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    from raebench.data import ImageDataset, scan_folder, to_float
+    from raebench.folders import scan_folder
+    from raebench.images import to_float
+    from raebench.loaders import ImageDataset
 
     out = evaluate(_cfg(image_folder, tmp_path, metrics=("psnr", "ssim")))
     ds, tok = ImageDataset(scan_folder(image_folder), 32), BicubicTokenizer(8)

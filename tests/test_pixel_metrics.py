@@ -7,7 +7,7 @@ from PIL import Image, ImageFilter
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from raebench.data import adm_center_crop
+from raebench.images import adm_center_crop
 from raebench.metrics import METRICS, MetricBatch
 from raebench.metrics.pixel import psnr_per_image, ssim_per_image
 

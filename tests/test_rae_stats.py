@@ -167,7 +167,8 @@ def test_stats_stops_at_the_first_batch_with_nan_latents_naming_the_image(image_
         z[(x.flatten(1) - ref.flatten()).abs().amax(1) < 1e-6] = float("nan")
         return z
 
-    from raebench.data import ImageDataset, to_float
+    from raebench.images import to_float
+    from raebench.loaders import ImageDataset
 
     ref = to_float(ImageDataset(images, 16)[poisoned]["image"])
     monkeypatch.setattr(rae_cmds, "feature_extractor", lambda **kw: (encoder, "nan-encoder"))

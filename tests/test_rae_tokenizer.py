@@ -322,7 +322,9 @@ def rae_app():
 
 @needs_oracle
 def test_stats_command_is_exact(rae_app, oracle_tok, image_folder, tmp_path):
-    from raebench.data import ImageDataset, resolve_data, to_float
+    from raebench.data import resolve_data
+    from raebench.images import to_float
+    from raebench.loaders import ImageDataset
 
     tok, yaml_path = oracle_tok
     out = tmp_path / "stat.pt"
@@ -340,7 +342,9 @@ def test_stats_command_is_exact(rae_app, oracle_tok, image_folder, tmp_path):
 
 @needs_oracle
 def test_reconstruct_command(rae_app, oracle_tok, image_folder, tmp_path):
-    from raebench.data import ImageDataset, resolve_data, to_float, to_uint8
+    from raebench.data import resolve_data
+    from raebench.images import to_float, to_uint8
+    from raebench.loaders import ImageDataset
 
     tok, yaml_path = oracle_tok
     out = tmp_path / "rec"

@@ -353,7 +353,7 @@ def _plain_adm(im, size):
 
 
 def test_adm_crop_bounds_the_work_of_extreme_aspect_images(monkeypatch):
-    from raebench.data import adm_center_crop
+    from raebench.images import adm_center_crop
 
     rng = np.random.default_rng(0)
     smooth = lambda h, w: np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(  # noqa: E731
@@ -382,8 +382,8 @@ def test_train_crop_bounds_the_work_of_extreme_aspect_images(monkeypatch):
     as the ADM crop, beyond 4:1 only the crop is resampled, from the same draws, within a few levels."""
     import random
 
-    import raebench.data as data_mod
-    from raebench.data import random_resized_crop_train
+    import raebench.images as images_mod
+    from raebench.images import random_resized_crop_train
 
     rng = np.random.default_rng(0)
     smooth = lambda h, w: Image.fromarray(np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(  # noqa: E731
@@ -400,9 +400,9 @@ def test_train_crop_bounds_the_work_of_extreme_aspect_images(monkeypatch):
         if max(h, w) > 4000:  # too slow to resize whole here
             assert max(a * b for a, b in sizes) <= size * size
             continue
-        monkeypatch.setattr(data_mod, "EXTREME_ASPECT", 10**9)  # the plain path, as it always was
+        monkeypatch.setattr(images_mod, "EXTREME_ASPECT", 10**9)  # the plain path, as it always was
         plain = random_resized_crop_train(im, size, random.Random(3))
-        monkeypatch.setattr(data_mod, "EXTREME_ASPECT", 4)
+        monkeypatch.setattr(images_mod, "EXTREME_ASPECT", 4)
         if max(h, w) <= 4 * min(h, w):
             assert np.array_equal(got, plain)  # up to 4:1 nothing changes
         else:
@@ -411,7 +411,7 @@ def test_train_crop_bounds_the_work_of_extreme_aspect_images(monkeypatch):
 def test_scan_follows_symlinked_folders_once(tmp_path, make_images):
     from _metrics_helpers import save_pngs
 
-    from raebench.data import scan_folder
+    from raebench.folders import scan_folder
 
     root = tmp_path / "root"
     save_pngs(make_images(2, 16, 16, seed=0), root / "a")
@@ -550,11 +550,14 @@ def test_unwritable_results_folder_is_reported_before_the_model(tmp_path, capsys
 
 
 def test_invalid_max_pixels_is_one_sentence(tmp_path, capsys, image_folder, monkeypatch):
-    import raebench.data as data_mod
+    import raebench.folders as folders_mod
+    import raebench.images as images_mod
 
     monkeypatch.setenv("RAEBENCH_MAX_PIXELS", "abc")
-    monkeypatch.setattr(data_mod, "MAX_PIXELS", data_mod._max_pixels("abc"))
-    assert data_mod._max_pixels("2.5e3") == 2500 and data_mod._max_pixels(None) == 16384 * 16384
+    # both where it is looked up: scan_folder refuses an invalid limit, load_rgb applies it
+    monkeypatch.setattr(folders_mod, "MAX_PIXELS", images_mod._max_pixels("abc"))
+    monkeypatch.setattr(images_mod, "MAX_PIXELS", images_mod._max_pixels("abc"))
+    assert images_mod._max_pixels("2.5e3") == 2500 and images_mod._max_pixels(None) == 16384 * 16384
     code, _, err = run(["eval", "-t", "pixels", "--data", str(image_folder), "--device", "cpu",
                         "--results", str(tmp_path / "r")], capsys)
     assert code == 2 and "RAEBENCH_MAX_PIXELS='abc' is not a positive whole number" in err, err

@@ -19,9 +19,9 @@ from _cli import run
 @pytest.fixture
 def hostile(tmp_path: Path, monkeypatch) -> tuple[Path, dict[str, str], int]:
     """(folder, {bad file name: expected reason}, number of usable images)."""
-    import raebench.data as data_mod
+    import raebench.images as images_mod
 
-    monkeypatch.setattr(data_mod, "MAX_PIXELS", 50_000_000)  # huge.png (112 Mpx) is over it, refused unread
+    monkeypatch.setattr(images_mod, "MAX_PIXELS", 50_000_000)  # huge.png (112 Mpx) is over it, refused unread
     root = tmp_path / "hostile"
     expect = make_hostile_corpus(root)
     rng = np.random.default_rng(1)

@@ -77,7 +77,7 @@ def test_load_trained_checkpoint(tmp_path):
 def test_quantize_truncate_is_the_official_conversion_and_keys_the_resume(tmp_path):
     """--quantize truncate writes x * 255 floored, the expression of the official sample_ddp.py;
     the default rounds; parts of one mode are never finished in the other."""
-    from raebench.data import to_uint8
+    from raebench.images import to_uint8
     from raebench.errors import RaebenchError
 
     x = torch.rand(2, 3, 5, 7) * 1.2 - 0.1

@@ -428,7 +428,9 @@ def test_cache_latents_leaves_out_nan_and_float16_overflow_latents(tmp_path, ima
     with --dtype float32 the large latents are kept."""
     import json
 
-    from raebench.data import ImageDataset, scan_folder, to_float
+    from raebench.folders import scan_folder
+    from raebench.images import to_float
+    from raebench.loaders import ImageDataset
 
     images = scan_folder(image_folder)
     ds = ImageDataset(images, 32)

@@ -2,7 +2,7 @@
 smoothness.
 
 Both decode latents and compare images the way the evaluator does: decoded images are clamped and
-rounded to uint8 (:func:`raebench.data.to_uint8`) before any score, PSNR is the project's per-image
+rounded to uint8 (:func:`raebench.images.to_uint8`) before any score, PSNR is the project's per-image
 8-bit PSNR (:func:`raebench.metrics.pixel.psnr_per_image`, mean over images), and a perceptual
 distance is any ``(uint8 (N,3,H,W), uint8 (N,3,H,W)) -> (N,)`` callable (LPIPS when available,
 :func:`rmse_distance` otherwise; its name is part of every metric name).
@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from raebench.data import to_float, to_uint8
+from raebench.images import to_float, to_uint8
 from raebench.metrics.pixel import psnr_per_image
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from raebench.analysis.spectrum import tokens_of
-from raebench.data import to_uint8
+from raebench.images import to_uint8
 
 log = logging.getLogger(__name__)
 

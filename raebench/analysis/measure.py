@@ -28,7 +28,7 @@ from raebench.analysis.diffusability import ProbeResult, diffusability_probe
 from raebench.analysis.reuse import ALIGN_METRICS, SPECTRUM_METRICS, higher_is_better, part_of, sigma_tag
 from raebench.analysis.spectrum import TOPK_ENERGY, SpectrumSummary
 from raebench.analysis.stream import Accumulator
-from raebench.data import Skip
+from raebench.folders import Skip
 from raebench.errors import NonFiniteError
 from raebench.results import ResultRow
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raebench.data import to_float
+from raebench.images import to_float
 from raebench.errors import CheckpointError, RaebenchError
 from raebench.registry import Registry
 from raebench.weights import WeightsSource, resolve

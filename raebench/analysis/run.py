@@ -50,7 +50,9 @@ from raebench.analysis.reuse import (
     drawing, expected_rows, missing_parts, part_of, reusable_rows, run_file_id, stored_rows, undrawn_parts,
 )
 from raebench.analysis.stream import Accumulator, Keep
-from raebench.data import ImageDataset, Skip, default_workers, make_loader, resolve_data
+from raebench.data import resolve_data
+from raebench.folders import Skip
+from raebench.loaders import ImageDataset, default_workers, make_loader
 from raebench.distributed import from_rank0
 from raebench.errors import MissingWeightsError, RaebenchError
 from raebench.results import atomic_write_bytes, check_writable, new_run_id, write_rows

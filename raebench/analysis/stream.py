@@ -16,7 +16,7 @@ import torch
 
 from raebench.analysis import alignment as al
 from raebench.analysis.spectrum import LatentStats
-from raebench.data import to_float
+from raebench.images import to_float
 
 
 class Keep:

@@ -34,9 +34,9 @@ NONFINITE_REASON = "its reconstruction contains NaN/Inf (left out of every outpu
 def _batches(data, resolution: int, batch_size: int, num_workers: int | None, device: torch.device, on_progress=None,
              skipped: list | None = None):
     """(indices, uint8 (N, 3, R, R) on ``device``, paths) for this rank's contiguous shard; unreadable
-    files are logged and, if given, appended to ``skipped`` (as :class:`raebench.data.Skip`)."""
+    files are logged and, if given, appended to ``skipped`` (as :class:`raebench.folders.Skip`)."""
     from raebench import distributed
-    from raebench.data import ImageDataset, default_workers, make_loader
+    from raebench.loaders import ImageDataset, default_workers, make_loader
     from raebench.distributed import shard
 
     lo, hi = shard(data.n, *distributed.rank_world())
@@ -149,7 +149,8 @@ def _write_reconstructions(
     from PIL import Image
 
     from raebench import distributed
-    from raebench.data import Skip, to_float, to_uint8
+    from raebench.folders import Skip
+    from raebench.images import to_float, to_uint8
     from raebench.eval_config import _autocast
     from raebench.results import atomic_write_bytes, remove_orphan_temps, save_npz_streamed_atomic
 
@@ -306,7 +307,8 @@ def register(app: typer.Typer) -> None:
         from raebench import distributed
         from raebench.cli import console
         from raebench.cli.core import progress_bar
-        from raebench.data import resolve_data, to_float
+        from raebench.data import resolve_data
+        from raebench.images import to_float
         from raebench.eval_config import resolve_device
         from raebench.locks import exclusive
         from raebench.rae.stats import StatsAccumulator

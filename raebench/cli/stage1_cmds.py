@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             out = {"run_dir": str(run_dir), "config": cfg.to_dict()}
             if cfg.data:
-                from raebench.data import scan_folder
+                from raebench.folders import scan_folder
                 from raebench.stage1.train import plan
 
                 try:

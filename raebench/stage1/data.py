@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from raebench.data import ImageSkip, adm_center_crop, load_rgb, random_resized_crop_train
+from raebench.images import ImageSkip, adm_center_crop, load_rgb, random_resized_crop_train
 from raebench.errors import DataError
 
 if TYPE_CHECKING:

@@ -55,7 +55,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from raebench import distributed
-from raebench.data import scan_folder, to_float, to_uint8
+from raebench.folders import scan_folder
+from raebench.images import to_float, to_uint8
 from raebench.errors import DataError, MissingWeightsError, RaebenchError
 from raebench.preempt import Preempted, StopOnSignal, ignore_in_worker
 from raebench.eval_config import resolve_device

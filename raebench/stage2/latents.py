@@ -124,7 +124,8 @@ class OnTheFly:
     """Encodes images of a folder with a frozen tokenizer at every step (random horizontal flips)."""
 
     def __init__(self, tokenizer: nn.Module, data: str, resolution: int, device: torch.device) -> None:
-        from raebench.data import ImageDataset, resolve_data
+        from raebench.data import resolve_data
+        from raebench.loaders import ImageDataset
 
         self.images = resolve_data(data=data).images
         if min(self.images.labels) < 0:
@@ -165,7 +166,7 @@ class OnTheFly:
 
     @torch.no_grad()
     def prepare(self, raw: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        from raebench.data import to_float
+        from raebench.images import to_float
 
         return self.tokenizer.encode(to_float(raw[0].to(device))).float(), raw[1].to(device)  # (B, C, H, W)
 
@@ -213,7 +214,9 @@ def cache_latents(
 
 
 def _cache_latents(tokenizer, data, out, resolution, batch_size, flip, dtype, progress) -> Path:
-    from raebench.data import ImageDataset, make_loader, resolve_data, to_float
+    from raebench.data import resolve_data
+    from raebench.images import to_float
+    from raebench.loaders import ImageDataset, make_loader
     from raebench.results import remove_orphan_temps
     from raebench.tf32 import tf32
 

@@ -67,7 +67,7 @@ def generate_npz(
     ``settings``: everything else that changes the samples (model, tokenizer, sampler, guidance), as
     JSON values; a resumed run must have the same ones, the labels, seed, batch size and latent shape,
     or it is refused (parts of two runs are never mixed). ``quantize``: how decoded images become
-    uint8, "round" (default) or "truncate" (the official RAE ``sample_ddp.py``; see :func:`raebench.data.to_uint8`).
+    uint8, "round" (default) or "truncate" (the official RAE ``sample_ddp.py``; see :func:`raebench.images.to_uint8`).
     """
     import contextlib
 
@@ -181,7 +181,7 @@ def _prepare_parts(parts: Path, out: Path, run: dict, n: int, labels, seed, batc
 
 def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, seed, device, progress, settings,
               quantize) -> Path:
-    from raebench.data import to_uint8
+    from raebench.images import to_uint8
 
     rank, world = rank_world()
     n = len(labels)
