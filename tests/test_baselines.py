@@ -25,7 +25,8 @@ from raebench.export import render
 from raebench.leaderboard import compare_table, domain_gap, pivot
 from raebench.results import ResultRow
 from raebench.tokenizers import TOKENIZERS, build_tokenizer
-from raebench.tokenizers.vae import PRESETS, convert_ldm_vae_state_dict, get_preset, ldm_vae_config
+from raebench.tokenizers.ldm_vae import convert_ldm_vae_state_dict, ldm_vae_config
+from raebench.tokenizers.vae_presets import PRESETS, get_preset
 from _cli import run as _run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

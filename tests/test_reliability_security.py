@@ -139,7 +139,7 @@ def va_vae_checkpoint(evil: Path, tmp: Path):
 
 
 def va_vae_stats(evil: Path, tmp: Path):
-    from raebench.tokenizers.vae import _load_stats
+    from raebench.tokenizers.ldm_vae import _load_stats
 
     _load_stats(evil)
 

@@ -20,14 +20,14 @@ LDM checkpoint and ``latents_stats.pt``) > the Hugging Face cache > a download, 
 :func:`raebench.weights.resolve`. Only safetensors are read for diffusers folders, the LDM checkpoint
 is read with ``torch.load(weights_only=True)``, and no remote code is ever executed. Registering and
 listing the presets imports neither diffusers nor any weights.
+
+The presets (metadata) are in :mod:`raebench.tokenizers.vae_presets`, the conversion of LDM-format
+checkpoints in :mod:`raebench.tokenizers.ldm_vae`; this module loads and wraps them, and registers them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,159 +37,12 @@ from torch import nn
 from raebench.checkpoint import read_json_object, strict_from_pretrained
 from raebench.errors import CheckpointError, DataError, MissingWeightsError
 from raebench.tokenizers.base import Tokenizer, TokenizerSpec, register_tokenizer
-from raebench.weights import WeightsSource, hf_cache_dir, hf_cache_move_hint, hf_offline, local_copy_hint, resolve
+from raebench.tokenizers.ldm_vae import _load_stats, load_ldm_vae
+from raebench.tokenizers.vae_presets import (DIFFUSERS_FILES, IDENTITY_PATTERNS, PRESETS, VAEPreset, _diffusers_class,
+                                             diffusers_has)
+from raebench.weights import hf_cache_dir, hf_cache_move_hint, hf_offline, local_copy_hint, resolve
 
 log = logging.getLogger(__name__)
-
-#: only these files of a diffusers VAE folder are fetched and read (never pickled .bin weights)
-DIFFUSERS_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
-#: the files of a diffusers folder that make its weights' identity: those it is loaded from, not a README, a
-#: .bin or other safetensors beside them (a full download of sdxl-vae also holds its single-file
-#: ``sdxl_vae.safetensors``; repos hold fp16 variants), so that it is the Hub cache's copy (``fingerprint_path``'s patterns)
-IDENTITY_PATTERNS = DIFFUSERS_FILES
-
-
-# ---------------------------------------------------------------------------------------------
-# Presets: metadata only (registering them loads nothing)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VAEPreset:
-    """One released VAE: where it lives, how to load it and how its latents are normalised.
-
-    ``kind``: ``kl`` (diffusers AutoencoderKL), ``kl-flux2`` (AutoencoderKLFlux2), ``dc``
-    (AutoencoderDC) or ``kl-ldm`` (an LDM-format AutoencoderKL checkpoint converted on load).
-    ``norm``: ``scale`` (scalar ``shift``/``scale``), ``config-stats`` (``latents_mean``/``latents_std``
-    in the model config), ``stats-file`` (a ``latents_stats.pt`` next to the checkpoint) or
-    ``batchnorm`` (FLUX.2's BatchNorm running statistics).
-    """
-
-    name: str
-    kind: str
-    weights: tuple[WeightsSource, ...]
-    latent_channels: int
-    downsample: int  # spatial factor from pixels to the normalised latent grid
-    description: str
-    norm: str = "scale"
-    scale: float = 1.0
-    shift: float = 0.0
-    params: int | None = None
-    citation: str = ""
-    aliases: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: resolutions the weights were trained at, or that their authors publish numbers or models at (``ls``);
-    #: every VAE here is convolutional and encodes any multiple of ``downsample``, others being extrapolation
-    resolutions: tuple[int, ...] = (256, 512)
-
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        s = resolution // self.downsample
-        return (self.latent_channels, s, s)
-
-
-def _hub(repo: str, subfolder: str | None = None, gated: bool = False, description: str = "") -> WeightsSource:
-    prefix = f"{subfolder}/" if subfolder else ""
-    return WeightsSource(
-        repo, subfolder=subfolder, allow_patterns=tuple(prefix + f for f in DIFFUSERS_FILES), gated=gated,
-        description=description,
-    )
-
-
-_SD_PARAMS = 83_653_863  # AutoencoderKL (128, 256, 512, 512) x2 layers, 4 latent channels, with quant convs
-_SD3_PARAMS = 83_819_683  # same blocks, 16 latent channels, no quant convs (SD3.5, FLUX.1)
-#: diffusers' AutoencoderKLFlux2 defaults, which FLUX.2-dev's vae/config.json matches as third parties quote it
-_FLUX2_PARAMS = 84_046_115
-_VAVAE_PARAMS = 69_836_067  # LDM ch=128, ch_mult (1, 1, 2, 2, 4), attention at 16x16, 32 latent channels
-#: AutoencoderDC with the dc-ae-f32c32-in-1.0 config of diffusers' scripts/convert_dcae_to_diffusers.py; the same
-#: count as efficientvit's own DCAE(dc_ae_f32c32("dc-ae-f32c32-in-1.0")) (widths 128..1024, depths 0,4,8,2,2,2 / 0,5,10,2,2,2)
-_DCAE_F32C32_PARAMS = 323_356_460
-
-_LDM_CITATION = "Rombach et al., High-Resolution Image Synthesis with Latent Diffusion Models, CVPR 2022 (arXiv:2112.10752)"
-
-PRESETS: tuple[VAEPreset, ...] = (
-    VAEPreset(
-        "sd-vae-ft-mse", "kl", (_hub("stabilityai/sd-vae-ft-mse"),), 4, 8,
-        "Stable Diffusion kl-f8 VAE, decoder fine-tuned with MSE emphasis (ft-MSE); 4x32x32 at 256 px.",
-        scale=0.18215, params=_SD_PARAMS, citation=_LDM_CITATION,
-    ),
-    VAEPreset(
-        "sd-vae-ft-ema", "kl", (_hub("stabilityai/sd-vae-ft-ema"),), 4, 8,
-        "Stable Diffusion kl-f8 VAE, decoder fine-tuned, EMA weights (ft-EMA; the VAE of DiT/SiT/REPA).",
-        scale=0.18215, params=_SD_PARAMS, citation=_LDM_CITATION,
-    ),
-    VAEPreset(
-        "sdxl-vae", "kl", (_hub("stabilityai/sdxl-vae"),), 4, 8,
-        "SDXL VAE (kl-f8, retrained); run it in fp32 or bf16, it overflows in fp16.",
-        scale=0.13025, params=_SD_PARAMS,
-        citation="Podell et al., SDXL, arXiv:2307.01952",
-    ),
-    VAEPreset(
-        "sdxl-vae-fp16-fix", "kl", (_hub("madebyollin/sdxl-vae-fp16-fix"),), 4, 8,
-        "SDXL VAE fine-tuned by madebyollin so that fp16 activations stay finite (same latent space).",
-        scale=0.13025, params=_SD_PARAMS,
-        citation="Podell et al., SDXL, arXiv:2307.01952; fp16 fix by madebyollin",
-    ),
-    VAEPreset(
-        "sd3.5-vae", "kl", (_hub("stabilityai/stable-diffusion-3.5-large", "vae", gated=True),), 16, 8,
-        "Stable Diffusion 3.5 VAE (16 channels, f8); gated repository.",
-        scale=1.5305, shift=0.0609, params=_SD3_PARAMS,
-        citation="Esser et al., Scaling Rectified Flow Transformers for High-Resolution Image Synthesis, ICML 2024",
-    ),
-    VAEPreset(
-        "flux1-vae", "kl", (_hub("black-forest-labs/FLUX.1-schnell", "vae", gated=True),), 16, 8,
-        "FLUX.1 VAE (16 channels, f8), from FLUX.1-schnell (Apache-2.0; the repository is gated since 2025).",
-        scale=0.3611, shift=0.1159, params=_SD3_PARAMS,
-        citation="Black Forest Labs, FLUX.1 (2024)",
-    ),
-    VAEPreset(
-        "flux2-vae", "kl-flux2", (_hub("black-forest-labs/FLUX.2-dev", "vae", gated=True),), 128, 16,
-        "FLUX.2 VAE: 32x32x32 at 256 px, 2x2-patchified to 128x16x16 and normalised by its BatchNorm "
-        "running statistics; gated repository.",
-        norm="batchnorm", params=_FLUX2_PARAMS,
-        citation="Black Forest Labs, FLUX.2 (2025)",
-    ),
-    VAEPreset(
-        "dc-ae-f32c32", "dc", (_hub("mit-han-lab/dc-ae-f32c32-in-1.0-diffusers"),), 32, 32,
-        "Deep Compression Autoencoder f32c32 trained on ImageNet (in-1.0); 32x8x8 at 256 px.",
-        scale=0.3189, params=_DCAE_F32C32_PARAMS,
-        citation="Chen et al., Deep Compression Autoencoder for Efficient High-Resolution Diffusion Models, ICLR 2025 (arXiv:2410.10733)",
-    ),
-    VAEPreset(
-        "va-vae-f16d32", "kl-ldm",
-        (
-            WeightsSource("hustvl/vavae-imagenet256-f16d32-dinov2", filename="vavae-imagenet256-f16d32-dinov2.pt",
-                          description="LDM-format checkpoint"),
-            WeightsSource("hustvl/vavae-imagenet256-f16d32-dinov2", filename="latents_stats.pt",
-                          description="per-channel latent mean/std"),
-        ),
-        32, 16,
-        "VA-VAE f16d32 (LDM KL autoencoder aligned to DINOv2, LightningDiT); converted from the LDM "
-        "checkpoint on load; per-channel statistics from latents_stats.pt.",
-        norm="stats-file", params=_VAVAE_PARAMS, resolutions=(256,),  # LightningDiT vavae/configs: resolution 256, ImageNet
-        citation="Yao et al., Reconstruction vs. Generation: Taming Optimization Dilemma in Latent Diffusion Models, CVPR 2025 (arXiv:2501.01423)",
-    ),
-    VAEPreset(
-        "e2e-vavae", "kl", (_hub("REPA-E/e2e-vavae-hf"),), 32, 16,
-        "VA-VAE after end-to-end REPA-E tuning, diffusers format; per-channel latents_mean/std from its config.",
-        norm="config-stats", params=_VAVAE_PARAMS,  # tuned on ImageNet 256; REPA-E's T2I work also runs E2E-VAEs at 512
-        citation="Leng et al., REPA-E: Unlocking VAE for End-to-End Tuning with Latent Diffusion Transformers, ICCV 2025 (arXiv:2504.10483)",
-    ),
-)
-
-
-def diffusers_has(module: str) -> bool:
-    """Whether the installed diffusers ships ``models/autoencoders/<module>.py`` (imports nothing)."""
-    spec = importlib.util.find_spec("diffusers")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    return any((Path(p) / "models" / "autoencoders" / f"{module}.py").exists() for p in spec.submodule_search_locations)
-
-
-def get_preset(name: str) -> VAEPreset:
-    for p in PRESETS:
-        if p.name == name:
-            return p
-    raise KeyError(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,16 +163,6 @@ def _diffusers_dir(preset: VAEPreset, weights: str | None) -> Path:
         f"{preset.name}: no config.json in {str(path)!r}; give --weights a diffusers folder "
         f"(a download of {src.repo_id!r}{'/' + src.subfolder if src.subfolder else ''})."
     )
-
-
-def _diffusers_class(kind: str):
-    import diffusers  # noqa: PLC0415 (heavy; only when a VAE is built)
-
-    name = {"kl": "AutoencoderKL", "kl-ldm": "AutoencoderKL", "kl-flux2": "AutoencoderKLFlux2", "dc": "AutoencoderDC"}[kind]
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise CheckpointError(f"The installed diffusers {diffusers.__version__} has no {name}; upgrade diffusers.")
-    return cls
 
 
 def load_diffusers_vae(kind: str, folder: str | Path, latent_channels: int | None = None) -> nn.Module:
@@ -459,132 +302,6 @@ def build_vae(preset: VAEPreset, weights: str | None = None, stats: str | None =
     return cls(vae, shift, scale, wid)
 
 
-# ---------------------------------------------------------------------------------------------
-# LDM-format AutoencoderKL checkpoints (VA-VAE): convert to diffusers on load
-# ---------------------------------------------------------------------------------------------
-
-_LDM_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-_ATTN_RENAMES = (("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0."))
-
-
-def ldm_vae_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Infer the diffusers AutoencoderKL config of an LDM KL checkpoint from its tensor shapes.
-
-    Levels with ``down.{i}.attn`` / ``up.{i}.attn`` weights become Attn*Block2D (LDM's
-    ``attn_resolutions``); GroupNorm uses 32 groups as in LDM's ``Normalize``.
-    """
-    levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
-    if not levels:
-        raise CheckpointError("not an LDM AutoencoderKL state dict: no encoder.down.* weights")
-    block_out = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in levels]
-    layers = len({m.group(1) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
-    attn_down = [any(k.startswith(f"encoder.down.{i}.attn.") for k in sd) for i in levels]
-    attn_up = [any(k.startswith(f"decoder.up.{i}.attn.") for k in sd) for i in levels]
-    latent = sd["quant_conv.weight"].shape[0] // 2 if "quant_conv.weight" in sd else sd["decoder.conv_in.weight"].shape[1]
-    return {
-        "in_channels": sd["encoder.conv_in.weight"].shape[1],
-        "out_channels": sd["decoder.conv_out.weight"].shape[0],
-        "block_out_channels": block_out,
-        "layers_per_block": layers,
-        "latent_channels": latent,
-        "down_block_types": ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn_down],
-        # diffusers lists decoder blocks from the lowest resolution up; LDM indexes them from the top
-        "up_block_types": ["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn_up)],
-        "use_quant_conv": "quant_conv.weight" in sd,
-        "use_post_quant_conv": "post_quant_conv.weight" in sd,
-        "norm_num_groups": 32,
-    }
-
-
-def _ldm_key_to_diffusers(key: str, num_levels: int) -> str:
-    k = key
-    k = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", k)
-    k = re.sub(r"^encoder\.down\.(\d+)\.attn\.", r"encoder.down_blocks.\1.attentions.", k)
-    k = re.sub(r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", k)
-    up = lambda m, what: f"decoder.up_blocks.{num_levels - 1 - int(m.group(1))}.{what}"  # noqa: E731
-    k = re.sub(r"^decoder\.up\.(\d+)\.block\.", lambda m: up(m, "resnets."), k)
-    k = re.sub(r"^decoder\.up\.(\d+)\.attn\.", lambda m: up(m, "attentions."), k)
-    k = re.sub(r"^decoder\.up\.(\d+)\.upsample\.", lambda m: up(m, "upsamplers.0."), k)
-    k = re.sub(r"^(encoder|decoder)\.mid\.block_(\d)\.", lambda m: f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}.", k)
-    k = re.sub(r"^(encoder|decoder)\.mid\.attn_1\.", r"\1.mid_block.attentions.0.", k)
-    k = k.replace(".norm_out.", ".conv_norm_out.").replace(".nin_shortcut.", ".conv_shortcut.")
-    if ".attentions." in k:
-        head, leaf = k.rsplit(".attentions.", 1)
-        idx, rest = leaf.split(".", 1)
-        for old, new in _ATTN_RENAMES:
-            if rest.startswith(old):
-                rest = new + rest[len(old):]
-                break
-        k = f"{head}.attentions.{idx}.{rest}"
-    return k
-
-
-def convert_ldm_vae_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """LDM AutoencoderKL weights -> (diffusers config, diffusers state dict).
-
-    Keys outside the autoencoder (``loss.*``, VA-VAE's foundation-model alignment heads) are dropped;
-    attention 1x1 convolutions become linear weights.
-    """
-    sd = {k: v for k, v in sd.items() if k.startswith(_LDM_PREFIXES)}
-    config = ldm_vae_config(sd)
-    n = len(config["block_out_channels"])
-    out = {}
-    for k, v in sd.items():
-        nk = _ldm_key_to_diffusers(k, n)
-        if ".attentions." in nk and nk.endswith(".weight") and v.ndim == 4:
-            v = v[:, :, 0, 0]  # (C, C, 1, 1) conv -> (C, C) linear
-        out[nk] = v
-    return config, out
-
-
-def _load_tensor_file(path: Path, what: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle with arbitrary objects: refuse rather than execute it
-        raise CheckpointError(
-            f"{what} {str(path)!r} cannot be read safely with torch.load(weights_only=True) "
-            f"({type(e).__name__}); re-save its tensors (state_dict) with torch.save or safetensors."
-        ) from None
-
-
-def load_ldm_vae(ckpt: str | Path) -> nn.Module:
-    """An LDM-format KL checkpoint (``{"state_dict": ...}`` or a bare state dict) as a diffusers AutoencoderKL.
-
-    The converted tensors must match the model exactly (same key set, same shapes), as in nanoGPT's
-    checkpoint import, so a wrong layout fails loudly instead of loading half a model.
-    """
-    obj = _load_tensor_file(Path(ckpt), "checkpoint")
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{str(ckpt)!r} holds no state dict.")
-    config, converted = convert_ldm_vae_state_dict(sd)
-    cls = _diffusers_class("kl-ldm")
-    vae = cls(**config)
-    expected = vae.state_dict()
-    missing, unexpected = sorted(set(expected) - set(converted)), sorted(set(converted) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{str(ckpt)!r} does not convert to a diffusers AutoencoderKL: {len(missing)} missing "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}) keys."
-        )
-    bad = [k for k in expected if expected[k].shape != converted[k].shape]
-    if bad:
-        raise CheckpointError(f"{str(ckpt)!r}: shape mismatch for {bad[:3]} after conversion.")
-    vae.load_state_dict(converted, strict=True)
-    return vae.float().eval()
-
-
-def _load_stats(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    obj = _load_tensor_file(path, "latent statistics")
-    if not (isinstance(obj, dict) and "mean" in obj and "std" in obj):
-        raise CheckpointError(f"{str(path)!r} should hold a dict with 'mean' and 'std' tensors (LightningDiT's latents_stats.pt).")
-    mean, std = torch.as_tensor(obj["mean"]).float().flatten(), torch.as_tensor(obj["std"]).float().flatten()
-    if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
-        raise CheckpointError(f"{str(path)!r} has a non-finite mean or a std that is not positive and finite; "
-                              "latents divided by it would be meaningless.")
-    return mean, std
-
-
 def _resolve_hub_files(preset: VAEPreset) -> tuple[Path, Path]:
     """With no local path given: ``preset``'s LDM checkpoint and its statistics from the Hub cache (or
     a download). Every missing one is named in one sentence: one at a time, a user who fetched the
@@ -688,7 +405,4 @@ for _preset in PRESETS:
     _register(_preset)
 
 
-__all__ = [
-    "PRESETS", "VAEPreset", "DiffusersVAE", "DCAEVAE", "Flux2VAE", "build_vae", "convert_ldm_vae_state_dict",
-    "ldm_vae_config", "load_ldm_vae", "load_diffusers_vae", "get_preset",
-]
+__all__ = ["DiffusersVAE", "DCAEVAE", "Flux2VAE", "build_vae", "load_diffusers_vae"]
