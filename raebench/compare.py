@@ -3,7 +3,7 @@
 A stored row is reused when tokenizer, weights (the ``weights_id`` of the tokenizer built now, by content:
 the Hub copy and a ``--weights`` copy of the same files are the same weights), fp32
 precision, dataset, resolution, seed, metric version, the metric networks' weights (resolved without
-loading, :func:`raebench.evaluate.planned`) and the data fingerprint (the exact image list,
+loading, :func:`raebench.eval_config.planned`) and the data fingerprint (the exact image list,
 see ``ImageList.fingerprint``) all match, so other weights, a bf16 run, a different ``--limit`` or a
 changed folder are recomputed, never mixed in silently; ``recompute=True`` reuses nothing. Each
 tokenizer is built (its weights loaded) before that decision, since its weights identity is known
@@ -70,7 +70,7 @@ def stored_rows(df: pd.DataFrame, tokenizer: str, weights_id: str, dataset: str,
 def missing_metrics(df: pd.DataFrame, tokenizer: str, weights_id: str, metrics: tuple[str, ...], dataset: str,
                     fingerprint: str, resolution: int, seed: int, precision: str = "fp32", plan=None) -> tuple[str, ...]:
     """The metrics of ``metrics`` with no stored row for exactly this measurement. ``plan``
-    (:func:`raebench.evaluate.planned`): the version a row made now would get (options included) and
+    (:func:`raebench.eval_config.planned`): the version a row made now would get (options included) and
     its metric networks' weights, which a stored row must match; default: the registered base version."""
     from raebench.metrics import METRICS
 
