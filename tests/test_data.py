@@ -68,6 +68,12 @@ def test_to_uint8_refuses_nan_and_inf(bad):
     x[1, 2, 3, 0] = bad
     with pytest.raises(NonFiniteError, match=r"1 image\(s\) hold NaN/Inf"):
         to_uint8(x)
+    x[2, 0, 0, 0] = bad
+    with pytest.raises(NonFiniteError, match=r"2 image\(s\) hold NaN/Inf"):
+        to_uint8(x)
+    with pytest.raises(NonFiniteError, match=r"^1 image\(s\) hold NaN/Inf"):  # one (C, H, W) image, not 3 channels
+        to_uint8(torch.full((3, 4, 4), bad))
+    assert to_uint8(torch.zeros(0, 3, 4, 4)).shape == (0, 3, 4, 4)
 
 
 def test_scan_sorted_recursive_case_insensitive_with_labels(image_folder: Path):
