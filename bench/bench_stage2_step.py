@@ -217,6 +217,11 @@ def main() -> None:
               f"largest gradient difference {worst:.1e} of the tensor's max")
     print(f"config {args.preset} {params}  batch {args.batch}  {args.precision}  compile {args.compile}  device {dev}  "
           f"threads {args.threads}  params {count_params(ours) / 1e6:.1f}M")
+    if dev.type == "cpu":  # the official model runs PyTorch's own (MKL) GEMMs; see raebench/stage2/cpu_gemm.py
+        from raebench.stage2 import cpu_gemm
+
+        print(f"raebench's float32 CPU GEMMs: {'oneDNN' if cpu_gemm.use_onednn() else 'PyTorch (MKL)'} "
+              f"(RAEBENCH_CPU_GEMM={os.environ.get('RAEBENCH_CPU_GEMM', 'auto')}; 'torch' compares like with like)")
 
     cuda = dev.type == "cuda"
     wall, cpu = timed(steps, args.steps, cuda)

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from raebench.registry import Registry
+from raebench.stage2 import cpu_gemm
+from raebench.stage2.cpu_gemm import Linear
 from raebench.stage2.fused import autocast_on, complex_viewable, fusable, gated_residual, linear_chunks, qkv_rope, rms_modulate, rms_modulate_residual, swiglu, wide
 
 
@@ -141,7 +143,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.patch == 1:  # a per-token linear map: skip the convolution machinery
             w = self.proj.weight.flatten(1)  # (D, C)
-            return F.linear(x.flatten(2).transpose(1, 2), w, self.proj.bias)  # (N, L, D)
+            return cpu_gemm.linear(x.flatten(2).transpose(1, 2), w, self.proj.bias)  # (N, L, D)
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, L, D)
 
 
@@ -153,13 +155,13 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.qkv = Linear(dim, 3 * dim, bias=True)
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim) if rms else nn.LayerNorm(self.head_dim)
             self.k_norm = RMSNorm(self.head_dim) if rms else nn.LayerNorm(self.head_dim)
         else:
             self.q_norm = self.k_norm = None
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: Rope2D | None = None) -> torch.Tensor:
         n, l, d = x.shape
@@ -189,8 +191,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden)
-        self.w3 = nn.Linear(hidden, dim)
+        self.w12 = Linear(dim, 2 * hidden)
+        self.w3 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.w12(x)  # (..., 2 * hidden)
@@ -205,8 +207,8 @@ class GeluMlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -275,7 +277,7 @@ class Block(nn.Module):
         # int(2/3 * hidden) (not hidden * 2 // 3): the float rounding fixes the checkpoint shapes
         self.mlp = SwiGLU(dim, int(2 / 3 * hidden)) if use_swiglu else GeluMlp(dim, hidden)
         self.wo_shift = wo_shift
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (4 if wo_shift else 6) * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, (4 if wo_shift else 6) * dim))
 
     def forward(self, x: torch.Tensor, c_act: torch.Tensor, rope: Rope2D | None = None) -> torch.Tensor:
         """``c_act`` is silu(condition): computed once by the model and shared by all its blocks."""
@@ -297,8 +299,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_dim: int, use_rmsnorm: bool) -> None:
         super().__init__()
         self.norm_final = _norm(dim, use_rmsnorm)
-        self.linear = nn.Linear(dim, out_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
         """``c_act`` is silu(condition), as for :class:`Block`."""
@@ -312,7 +314,7 @@ class GaussianFourierEmbedding(nn.Module):
     def __init__(self, dim: int, size: int = 256, scale: float = 1.0) -> None:
         super().__init__()
         self.W = nn.Parameter(torch.randn(size) * scale, requires_grad=False)
-        self.mlp = nn.Sequential(nn.Linear(2 * size, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(2 * size, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # W gets a gradient only where it requires one: the official trainer's model.requires_grad_(True)
@@ -409,7 +411,7 @@ class DiTDH(nn.Module):
 
         self.x_embedder = PatchEmbed(input_size, px, in_channels, d_dec)
         self.s_embedder = PatchEmbed(input_size, ps, in_channels, d_enc)
-        self.s_projector = nn.Linear(d_enc, d_dec) if d_enc != d_dec else nn.Identity()
+        self.s_projector = Linear(d_enc, d_dec) if d_enc != d_dec else nn.Identity()
         self.t_embedder = GaussianFourierEmbedding(d_enc)
         self.y_embedder = LabelEmbedder(num_classes, d_enc, class_dropout_prob)
         self.final_layer = FinalLayer(d_dec, px * px * in_channels, use_rmsnorm)
