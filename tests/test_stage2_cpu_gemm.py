@@ -47,6 +47,19 @@ def test_linear_equals_torch_forward_and_backward(gemm, monkeypatch):
 
 
 @onednn
+@pytest.mark.parametrize("shape", [(4, 0, 48), (0, 48), (48,)])
+def test_empty_and_one_dimensional_inputs(gemm, shape):
+    """oneDNN refuses an empty product (an empty batch's weight gradient): such inputs take torch's ops."""
+    gemm("onednn")
+    x = torch.randn(*shape, requires_grad=True)
+    w, b = torch.randn(8, 48, requires_grad=True), torch.randn(8, requires_grad=True)
+    y = cpu_gemm.linear(x, w, b)
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+
+
+@onednn
 def test_transposed_views_and_out(gemm):
     gemm("onednn")
     a, b = torch.randn(64, 32), torch.randn(64, 48)

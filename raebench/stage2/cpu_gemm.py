@@ -114,14 +114,14 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """``F.linear(x, w, b)``, by oneDNN where :func:`eligible`."""
-    if eligible(x) and w.dtype == torch.float32 and (b is None or b.dtype == torch.float32):
+    if eligible(x) and x.numel() and w.dtype == torch.float32 and (b is None or b.dtype == torch.float32):
         return _Linear.apply(x, w, b)
     return F.linear(x, w, b)
 
 
 def mm(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """``torch.mm(a, b)`` (2-D), by oneDNN where :func:`eligible` (``out`` is then copied into)."""
-    if eligible(a) and b.dtype == torch.float32:
+    if eligible(a) and a.numel() and b.numel() and b.dtype == torch.float32:  # oneDNN refuses empty products
         r = _onednn_linear(a, b.t(), None)
         return r if out is None else out.copy_(r)
     return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
