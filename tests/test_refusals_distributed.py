@@ -182,3 +182,44 @@ def test_stats_with_nan_latents_on_one_rank_stops_every_rank_at_that_batch_said_
     said = "".join(r0.stderr.split())
     assert said.count("NaN/Inflatentsfor" + str(paths[4]).replace(" ", "")) == 1, r0.stderr[-2000:]  # rank 1's first
     assert "error" not in r1.stderr and not (tmp_path / "stat.pt").exists(), r1.stderr[-2000:]
+
+
+EMPTY_STATS_JOB = textwrap.dedent('''
+    import sys
+    from raebench.cli import main, rae_cmds
+    rae_cmds.feature_extractor = lambda **kw: ((lambda x: x[:, :, :4, :4].clone()), "probe")
+    main(["stats", "--encoder", "x", "--data", sys.argv[1], "-r", "16", "-b", "1", "--out", sys.argv[2], "--device", "cpu"])
+''')
+
+
+@pytest.mark.slow
+def test_stats_with_no_readable_image_is_said_once(tmp_path):
+    """Every rank reaches "No readable image" alike after the all-reduce of the counts: it was printed by each
+    rank; now rank 0 says it and both exit with status 2."""
+    data = tmp_path / "broken"
+    data.mkdir()
+    for i in range(4):
+        (data / f"{i}.png").write_bytes(b"not a png")
+    (tmp_path / "job.py").write_text(EMPTY_STATS_JOB)
+    r0, r1 = two_ranks([str(tmp_path / "job.py"), str(data), str(tmp_path / "stat.pt")])
+    for r in (r0, r1):
+        assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
+    assert " ".join(r0.stderr.split()).count("No readable image in 'broken'") == 1, r0.stderr[-2000:]
+    assert "No readable image" not in r1.stderr, r1.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_reconstruct_with_no_readable_image_is_said_once(tmp_path):
+    """Every rank reads the same shard records and stops alike ("Nothing to reconstruct"): said once, exit 2."""
+    data = tmp_path / "broken"
+    data.mkdir()
+    for i in range(4):
+        (data / f"{i}.png").write_bytes(b"not a png")
+    job = tmp_path / "job.py"
+    job.write_text("import sys\nfrom raebench.cli import main\nmain(['reconstruct', '-t', 'bicubic-f8', '--data', "
+                   "sys.argv[1], '--out', sys.argv[2], '-r', '32', '--device', 'cpu'])\n")
+    r0, r1 = two_ranks([str(job), str(data), str(tmp_path / "out")])
+    for r in (r0, r1):
+        assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
+    assert " ".join(r0.stderr.split()).count("Nothing to reconstruct in 'broken'") == 1, r0.stderr[-2000:]
+    assert "Nothing to reconstruct" not in r1.stderr, r1.stderr[-2000:]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import typer
 
-from raebench.errors import RaebenchError, printable
+from raebench.errors import RaebenchError, mark_ranks, printable
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,8 @@ def _write_reconstructions(
         n_skip = sum(len(m["skipped"]) for m in meta)
         n_bad = sum(len(m["nonfinite"]) for m in meta)
         why = f"every reconstruction contained NaN/Inf ({n_bad})" if n_bad else "no image was readable"
-        raise RaebenchError(f"Nothing to reconstruct in {data.name!r}: {why} ({n_skip} skipped).")
+        raise mark_ranks(RaebenchError(f"Nothing to reconstruct in {data.name!r}: {why} ({n_skip} skipped)."),
+                         quiet=rank != 0)  # every rank read the same shard records: said once
     summary = {}
     if rank == 0:
         # files.csv goes first and comes back last: a folder without it is unfinished
@@ -346,8 +347,9 @@ def register(app: typer.Typer) -> None:
                     if not running:
                         break
             acc.all_reduce()
-            if acc.count == 0:
-                raise RaebenchError(f"No readable image in {rd.name!r}; nothing to compute statistics from.")
+            if acc.count == 0:  # the count is every rank's sum: all stop here alike, said once by rank 0
+                raise mark_ranks(RaebenchError(f"No readable image in {rd.name!r}; nothing to compute statistics "
+                                               "from."), quiet=distributed.rank() != 0)
             if distributed.is_main():
                 st = acc.to_stats()
                 remove_orphan_temps(out.parent, of=out.name)  # of a job killed while saving
