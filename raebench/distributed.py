@@ -263,8 +263,10 @@ def gather_to_rank0(obj) -> list | None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     out: list | None = [None] * world_size() if rank() == 0 else None
-    td.gather_object(buf.getvalue(), out, dst=0)
-    del buf
+    data = buf.getvalue()
+    del buf  # one copy fewer alive while gather_object pickles the bytes
+    td.gather_object(data, out, dst=0)
+    del data
     if out is None:
         return None
     for i, data in enumerate(out):  # each rank's bytes dropped once loaded
@@ -431,14 +433,20 @@ def meet_before_exit() -> None:
         return
     if not launched():
         return
+    _arrive_and_wait(_store(), f"leaving/{_next_key()}", MEET_BEFORE_EXIT_S)
+
+
+def _arrive_and_wait(store, key: str, seconds: float) -> bool:
+    """Count this rank in at ``key`` of the store and wait until every rank has, at most ``seconds``:
+    whether all came."""
     import time
 
     _, world = _env_rank_world()
-    store, key = _store(), f"leaving/{_next_key()}"
     store.add(key, 1)
-    deadline = time.monotonic() + MEET_BEFORE_EXIT_S
+    deadline = time.monotonic() + seconds
     while store.add(key, 0) < world and time.monotonic() < deadline:
         time.sleep(0.05)
+    return store.add(key, 0) >= world
 
 
 #: seconds a rank that met a user error before any collective waits for the other ranks to report theirs
@@ -451,9 +459,7 @@ def say_once(sentence: str, say) -> bool:
     one (rank 0 at once), and once every rank printed what it prints they leave together: True. A rank
     that does not report within :data:`SAY_ONCE_WAIT_S` (it did not meet an error, or met another kind)
     makes this rank say its own sentence and return False (it exits alone, as before this exchange)."""
-    import time
-
-    rank_, world = _env_rank_world()
+    rank_ = _env_rank_world()[0]
     said = rank_ == 0
     if said:
         say()
@@ -462,19 +468,12 @@ def say_once(sentence: str, say) -> bool:
         store = _store(SAY_ONCE_WAIT_S)
         key = f"exit/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"  # one per process: it exits next
         store.set(f"{key}/{rank_}", mine)
-        store.add(f"{key}/n", 1)
-        deadline = time.monotonic() + SAY_ONCE_WAIT_S
-        while store.add(f"{key}/n", 0) < world and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if store.add(f"{key}/n", 0) >= world:
+        if _arrive_and_wait(store, f"{key}/n", SAY_ONCE_WAIT_S):
             if not said and mine not in {store.get(f"{key}/{r}") for r in range(rank_)}:
                 say()  # another sentence than the lower ranks' (a file missing on this node only)
             said = True
             # no rank exits before every rank has printed: torchrun stops the others once one exits
-            store.add(f"{key}/said", 1)
-            deadline = time.monotonic() + MEET_BEFORE_EXIT_S
-            while store.add(f"{key}/said", 0) < world and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _arrive_and_wait(store, f"{key}/said", MEET_BEFORE_EXIT_S)
             return True
     except Exception:  # noqa: BLE001 - no store to compare through (its host rank gone): say it here
         pass

@@ -48,6 +48,11 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) / 255.0
 
 
+def nonfinite_rows(x: torch.Tensor) -> list[int]:
+    """The indices of the items of a (N, ...) batch (images, latents) that hold NaN or Inf."""
+    return (~torch.isfinite(x).flatten(1).all(1)).nonzero().flatten().tolist()
+
+
 def to_uint8(x: torch.Tensor, mode: str = "round") -> torch.Tensor:
     """float [0, 1] -> uint8, clamped and rounded half up, as torchvision's ``save_image`` (and DiT's
     sampler) do: x * 255 + 0.5, floored. ``mode="truncate"``: x * 255 floored instead, as the official

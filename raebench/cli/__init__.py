@@ -166,24 +166,14 @@ def _peer_failed(e: BaseException) -> bool:
         m in text for m in ("Connection closed by peer", "Connection reset by peer", "remote process exited"))
 
 
-def _launched() -> bool:
-    """Whether torchrun started this process among several (read without importing torch)."""
-    import os
-
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        return False
-
-
 def _said_once(sentence: str, say) -> bool | None:
     """An error raised before this torchrun rank's first collective: a check every rank runs alike (arguments,
     names, files), said once by comparing the ranks' sentences (:func:`raebench.distributed.say_once`; True:
     every rank met it). None outside torchrun or past the first collective (then a rank may fail alone)."""
-    if not _launched():
-        return None
     from raebench import distributed
 
+    if not distributed.launched():
+        return None
     return distributed.say_once(sentence, say) if distributed.before_any_collective() else None
 
 
@@ -193,8 +183,10 @@ def _help_on_rank0(argv: list[str] | None):
     import io
     import os
 
+    from raebench import distributed
+
     words = sys.argv[1:] if argv is None else argv
-    if _launched() and os.environ.get("RANK", "0") != "0" and "--help" in words:
+    if distributed.launched() and os.environ.get("RANK", "0") != "0" and "--help" in words:
         return contextlib.redirect_stdout(io.StringIO())
     return contextlib.nullcontext()
 

@@ -236,20 +236,21 @@ def _report_outcome(out, reuse=None, results_dir: str = "results", written: bool
     """The table of one ``eval``: the rows measured now (``out``) and those reused (``reuse.rows``), in
     the order asked, with a line saying which values are stored ones, of which run; the last line names
     the run file of the rows measured now."""
+    import pandas as pd
+    from rich.markup import escape  # a tokenizer or folder named "[x]" is text, not rich markup
+
     from raebench.cli import err_console, print_table
 
     shown = {r.metric: (r.metric, r.value, r.higher_is_better, r.notes) for r in (out.rows if out else [])}
     old = reuse.rows if reuse is not None else None
     if old is not None and not old.empty:
         for _, r in old.iterrows():
-            hib = None if r["higher_is_better"] is None or r["higher_is_better"] != r["higher_is_better"] else bool(r["higher_is_better"])
+            hib = None if pd.isna(r["higher_is_better"]) else bool(r["higher_is_better"])
             shown.setdefault(r["metric"], (r["metric"], float(r["value"]), hib, str(r["notes"] or "")))
     order = list(reuse.order) if reuse is not None else []
     rows = [shown[m] for m in order if m in shown] + [v for m, v in shown.items() if m not in order]
     first = out.rows[0] if out else old.iloc[0]
     n = out.n_images if out else _most(old, "n_images")
-    from rich.markup import escape  # a tokenizer or folder named "[x]" is text, not rich markup
-
     t = Table(title=escape(f"{first.tokenizer} on {first.dataset} ({first.domain}) · {first.resolution}px · n={n}"))
     t.add_column("metric")
     t.add_column("value", justify="right")

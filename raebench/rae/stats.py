@@ -22,6 +22,7 @@ from torch import nn
 
 from raebench.checkpoint import save_atomic
 from raebench.errors import CheckpointError
+from raebench.images import nonfinite_rows
 from raebench.rae.decoder import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -161,11 +162,6 @@ class StatsAccumulator:
 
     def load_state_dict(self, state: dict) -> None:
         self.count, self.sum, self.sumsq = int(state["count"]), state["sum"], state["sumsq"]
-
-
-def nonfinite_rows(z: torch.Tensor) -> list[int]:
-    """The indices of the latents of a (N, ...) batch that hold NaN or Inf (statistics over them would be NaN)."""
-    return (~torch.isfinite(z).flatten(1).all(1)).nonzero().flatten().tolist()
 
 
 def add_batch(

@@ -181,7 +181,7 @@ def _prepare_parts(parts: Path, out: Path, run: dict, n: int, labels, seed, batc
 
 def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, seed, device, progress, settings,
               quantize) -> Path:
-    from raebench.images import to_uint8
+    from raebench.images import nonfinite_rows, to_uint8
 
     rank, world = rank_world()
     n = len(labels)
@@ -216,7 +216,7 @@ def _generate(sample_fn, decode, out: Path, labels, latent_shape, batch_size, se
                 img = decode(sample_fn(noise, y.to(device)))  # (B, 3, H, W) float in [0, 1]
             # which samples of the batch hold NaN/Inf: recorded here, refused at the merge (all ranks), where
             # their indices and labels are named so that a user can look at them
-            at = (~torch.isfinite(img).flatten(1).all(1)).nonzero().flatten().cpu().numpy().astype(np.int64)
+            at = np.array(nonfinite_rows(img), dtype=np.int64)
             # NaN/Inf have no 8-bit value: zeros here, never used (the merge refuses a run that has any)
             img = torch.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0) if len(at) else img
             save_npz_atomic(part, images=to_uint8(img, quantize).permute(0, 2, 3, 1).cpu().numpy(), labels=y.numpy(),
