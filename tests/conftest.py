@@ -1,6 +1,7 @@
 """Shared test setup: offline hubs, deterministic CPU, small synthetic images."""
 
 import os
+import signal
 
 # Hub loaders retry for ~50 s before failing without a network; tests never download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,6 +41,16 @@ def _smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     img[(xx - cx) ** 2 + (yy - cy) ** 2 < r**2] *= rng.uniform(0.3, 0.9, size=3)
     img += rng.normal(0, 0.02, img.shape)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(autouse=True)
+def _sigterm_restored():
+    """The CLI's exit together (torchrun ranks leaving with one error) ignores SIGTERM in its process, which in
+    tests is pytest's own: restored after every test, or later tests inherit it (a multiprocessing pool's
+    workers then ignore the SIGTERM of Pool.terminate and its exit waits forever)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ store by hand (the store is torchrun's, which the ranks share before any group e
 import os
 import pickle
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,9 +63,7 @@ def rank_of_two(monkeypatch):
         monkeypatch.setenv("RANK", str(r))
         monkeypatch.setenv("LOCAL_RANK", str(r))
 
-    sigterm = signal.getsignal(signal.SIGTERM)
-    yield set_rank, store, started
-    signal.signal(signal.SIGTERM, sigterm)  # ignored by the CLI's exit together: later tests expect their own
+    yield set_rank, store, started  # SIGTERM, which the CLI's exit together ignores, is restored by conftest
 
 
 def _other(store, rank, outcome, n=1):
